@@ -1,0 +1,39 @@
+"""Model adapters, chosen by pipeline class: `load_adapter("id or path")` or `adapter_for(pipe)`."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import DiffusionPipeline
+
+from align_diffusion.models.base import PipelineAdapter, PromptEmbeds, Schedule
+from align_diffusion.models.flux import FluxAdapter
+from align_diffusion.models.sd3 import SD3Adapter
+from align_diffusion.models.stable_diffusion import StableDiffusionAdapter, StableDiffusionXLAdapter
+
+# Exact classes, not isinstance: img2img or inpainting subclasses have other call contracts.
+ADAPTERS: dict[type, type[PipelineAdapter]] = {
+    adapter.pipeline_class: adapter
+    for adapter in (SD3Adapter, FluxAdapter, StableDiffusionAdapter, StableDiffusionXLAdapter)
+}
+
+
+def adapter_for(pipe) -> PipelineAdapter:
+    """The adapter for a loaded pipeline; a clear error for pipelines this package does not support."""
+    adapter = ADAPTERS.get(type(pipe))
+    if adapter is None:
+        supported = ", ".join(sorted(cls.__name__ for cls in ADAPTERS))
+        raise ValueError(f"unsupported pipeline {type(pipe).__name__}; supported pipeline classes: {supported}")
+    return adapter(pipe)
+
+
+def load_adapter(model: str, dtype: torch.dtype = torch.float32, device: str | None = None) -> PipelineAdapter:
+    """`DiffusionPipeline.from_pretrained(model)` (hub id or local folder), in eval mode, wrapped in its adapter."""
+    pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype)
+    adapter = adapter_for(pipe)
+    if device is not None:
+        pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return adapter
+
+
+__all__ = ["ADAPTERS", "PipelineAdapter", "PromptEmbeds", "Schedule", "adapter_for", "load_adapter"]

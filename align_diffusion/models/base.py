@@ -1,0 +1,164 @@
+"""The adapter interface: one view of every supported diffusers pipeline for samplers, rewards and trainers.
+
+An adapter wraps a loaded pipeline and exposes what the methods of this package need: prompt encoding (with the
+unconditional branch for classifier-free guidance), the initial noise, the timestep schedule, the denoiser's guided
+prediction, x̂0, decoding, and the module LoRA attaches to. It reuses the pipeline's own encoders and helpers, so a
+sample drawn through an adapter matches the stock pipeline's `__call__`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
+
+from align_diffusion.sampling.steps import ddim_pred_x0_and_eps
+
+
+@dataclass
+class PromptEmbeds:
+    """Text conditioning for a batch of images: batch-first tensors keyed by the denoiser's argument names."""
+
+    cond: dict[str, torch.Tensor]
+    uncond: dict[str, torch.Tensor] | None = None  # present when guidance is classifier-free
+
+    def select(self, index) -> PromptEmbeds:
+        """The conditioning of the images at `index` (an int list, slice or bool mask)."""
+        pick = lambda tensors: {name: t[index] for name, t in tensors.items()}  # noqa: E731
+        return PromptEmbeds(pick(self.cond), None if self.uncond is None else pick(self.uncond))
+
+
+@dataclass
+class Schedule:
+    """The noise levels of one sampling run with `num_steps` steps."""
+
+    timesteps: torch.Tensor  # (T,) the denoiser's time input at each step, exactly as the stock pipeline passes it
+    sigmas: torch.Tensor | None = None  # flow models: (T + 1,) noise levels t, ending at 0
+    alphas_cumprod: torch.Tensor | None = None  # ε-models: (T,) ᾱ at each step
+    alphas_cumprod_prev: torch.Tensor | None = None  # ε-models: (T,) ᾱ each step lands on
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.timesteps)
+
+
+class PipelineAdapter:
+    """Base class; subclasses fill in the family-specific parts (see models/__init__.py for the list)."""
+
+    pipeline_class: type
+    is_flow: bool  # flow matching (velocity) rather than ε / v-prediction diffusion
+    default_steps: int
+    default_guidance: float
+
+    def __init__(self, pipe):
+        if not isinstance(pipe, self.pipeline_class):
+            raise TypeError(f"{type(self).__name__} wraps {self.pipeline_class.__name__}, got {type(pipe).__name__}")
+        self.pipe = pipe
+
+    # --- properties -------------------------------------------------------------------------------------------
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        """The module LoRA attaches to: the transformer or the UNet."""
+        return self.pipe.transformer if hasattr(self.pipe, "transformer") else self.pipe.unet
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipe._execution_device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.denoiser.dtype
+
+    @property
+    def prediction_type(self) -> str:
+        return "flow" if self.is_flow else self.pipe.scheduler.config.get("prediction_type", "epsilon")
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.pipe.vae_scale_factor
+
+    @property
+    def default_size(self) -> tuple[int, int]:
+        sample_size = getattr(self.pipe, "default_sample_size", None) or self.denoiser.config.sample_size
+        side = sample_size * self.vae_scale_factor
+        return side, side
+
+    def guidance_mode(self, guidance_scale: float) -> str:
+        """'cfg' (classifier-free, two branches), 'distilled' (guidance embedding) or 'none'."""
+        return "cfg" if guidance_scale > 1 else "none"
+
+    def check_size(self, height: int, width: int) -> None:
+        multiple = self.vae_scale_factor
+        if height <= 0 or width <= 0 or height % multiple or width % multiple:
+            raise ValueError(f"height and width must be positive multiples of {multiple}, got {height}×{width}")
+
+    # --- sampling pieces -------------------------------------------------------------------------------------
+    def encode_prompt(
+        self, prompts: list[str], guidance_scale: float, num_images_per_prompt: int = 1, negative_prompt=None
+    ) -> PromptEmbeds:
+        """Conditioning for len(prompts) × num_images_per_prompt images, prompt-major."""
+        raise NotImplementedError
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
+        """Shape of one image's latent, without the batch dim."""
+        channels = self.denoiser.config.in_channels
+        return channels, height // self.vae_scale_factor, width // self.vae_scale_factor
+
+    def initial_noise(self, generators: list[torch.Generator], height: int, width: int) -> torch.Tensor:
+        """x_T for one image per generator, float32; drawn as the stock pipeline draws it (in the model's dtype)."""
+        shape = (len(generators), *self.latent_shape(height, width))
+        return randn_tensor(shape, generator=generators, device=self.device, dtype=self.dtype).float()
+
+    def schedule(self, num_inference_steps: int, height: int, width: int) -> Schedule:
+        raise NotImplementedError
+
+    def predict(self, latents: torch.Tensor, timestep, embeds: PromptEmbeds, guidance_scale: float) -> torch.Tensor:
+        """The denoiser's guided prediction (float32) at `timestep` (a schedule entry, scalar or per-sample).
+
+        Grad flows when the caller enables it; the classifier-free combination is done in the model's dtype,
+        as in the stock pipelines.
+        """
+        model_input = latents.to(self.dtype)
+        if embeds.uncond is None:
+            return self.forward(model_input, timestep, embeds.cond, guidance_scale).float()
+        both = {name: torch.cat([embeds.uncond[name], embeds.cond[name]]) for name in embeds.cond}
+        pred_uncond, pred_cond = self.forward(torch.cat([model_input] * 2), timestep, both, guidance_scale).chunk(2)
+        return (pred_uncond + guidance_scale * (pred_cond - pred_uncond)).float()
+
+    def forward(self, latents, timestep, conditioning: dict, guidance_scale: float) -> torch.Tensor:
+        """One denoiser call on a batch in the model's dtype, as the stock pipeline makes it."""
+        raise NotImplementedError
+
+    def pred_x0(self, latents: torch.Tensor, prediction: torch.Tensor, schedule: Schedule, step_index: int):
+        """The clean-latent estimate x̂0 implied by `prediction` at step `step_index`."""
+        latents, prediction = latents.float(), prediction.float()
+        if self.is_flow:
+            return latents - schedule.sigmas[step_index] * prediction
+        alpha = schedule.alphas_cumprod[step_index]
+        return ddim_pred_x0_and_eps(prediction, latents, alpha, self.prediction_type)[0]
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1], float32, (batch, 3, H, W); grad flows when the caller enables it."""
+        vae = self.pipe.vae
+        images = vae.decode(self.unscale_latents(latents).to(vae.dtype), return_dict=False)[0]
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    def unscale_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents in the VAE's own space."""
+        config = self.pipe.vae.config
+        return latents / config.scaling_factor + (config.get("shift_factor") or 0.0)
+
+    @staticmethod
+    def to_pil(images: torch.Tensor) -> list[Image.Image]:
+        """[0, 1] image tensors to PIL, rounded as diffusers' image processor rounds them."""
+        pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
+        return [Image.fromarray(p.permute(1, 2, 0).cpu().numpy()) for p in pixels]
+
+
+def flow_schedule(pipe, **set_timesteps_kwargs) -> Schedule:
+    """Sigmas and timesteps from a copy of the pipeline's flow-matching scheduler, set as its pipeline sets them."""
+    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(device="cpu", **set_timesteps_kwargs)
+    return Schedule(timesteps=scheduler.timesteps, sigmas=scheduler.sigmas.float())

@@ -1,0 +1,96 @@
+"""Stable Diffusion 1.5 / 2.x and SDXL (incl. SD-Turbo / SDXL-Turbo): ε- or v-prediction UNets with CFG.
+
+Sampling uses DDIM built from the pipeline's own noise schedule (`DDIMScheduler.from_config`), whatever scheduler
+the pipeline ships with, so the DDIM-η family of steps has exact posterior means and log-probs. With η = 0 the
+result equals the stock pipeline run with a `DDIMScheduler`. Turbo models are sampled in one step with
+`guidance_scale=0` and a scheduler whose `timestep_spacing` is "trailing".
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+from align_diffusion.models.base import PipelineAdapter, PromptEmbeds, Schedule
+
+
+class StableDiffusionAdapter(PipelineAdapter):
+    pipeline_class = StableDiffusionPipeline
+    is_flow = False
+    default_steps = 50
+    default_guidance = 7.5
+
+    def encode_prompt(self, prompts, guidance_scale, num_images_per_prompt=1, negative_prompt=None):
+        cfg = self.guidance_mode(guidance_scale) == "cfg"
+        embeds, negative = self.pipe.encode_prompt(
+            prompts, self.device, num_images_per_prompt, cfg, negative_prompt=negative_prompt
+        )
+        return PromptEmbeds({"encoder_hidden_states": embeds}, {"encoder_hidden_states": negative} if cfg else None)
+
+    def schedule(self, num_inference_steps, height, width) -> Schedule:
+        ddim = DDIMScheduler.from_config(self.pipe.scheduler.config)
+        ddim.set_timesteps(num_inference_steps)
+        prev = ddim.timesteps - ddim.config.num_train_timesteps // num_inference_steps
+        alphas_prev = [ddim.alphas_cumprod[t] if t >= 0 else ddim.final_alpha_cumprod for t in prev.tolist()]
+        return Schedule(
+            timesteps=ddim.timesteps,
+            alphas_cumprod=ddim.alphas_cumprod[ddim.timesteps],
+            alphas_cumprod_prev=torch.stack([torch.as_tensor(a) for a in alphas_prev]),
+        )
+
+    def forward(self, latents, timestep, conditioning, guidance_scale):
+        return self.denoiser(
+            latents,
+            torch.as_tensor(timestep, device=latents.device),
+            timestep_cond=self.guidance_embedding(latents.shape[0], guidance_scale, latents),
+            added_cond_kwargs=self.added_conditions(conditioning, latents),
+            encoder_hidden_states=conditioning["encoder_hidden_states"],
+            return_dict=False,
+        )[0]
+
+    def guidance_embedding(self, batch, guidance_scale, latents):
+        """Guidance-scale conditioning of LCM-style UNets (time_cond_proj_dim); None for the others."""
+        dim = self.denoiser.config.time_cond_proj_dim
+        if dim is None:
+            return None
+        scale = torch.tensor(guidance_scale - 1).repeat(batch)
+        return self.pipe.get_guidance_scale_embedding(scale, embedding_dim=dim).to(latents)
+
+    def added_conditions(self, conditioning, latents):
+        return None
+
+    def unscale_latents(self, latents):
+        return latents / self.pipe.vae.config.scaling_factor
+
+
+class StableDiffusionXLAdapter(StableDiffusionAdapter):
+    pipeline_class = StableDiffusionXLPipeline
+    default_guidance = 5.0
+
+    def encode_prompt(self, prompts, guidance_scale, num_images_per_prompt=1, negative_prompt=None):
+        cfg = self.guidance_mode(guidance_scale) == "cfg"
+        embeds, negative, pooled, negative_pooled = self.pipe.encode_prompt(
+            prompt=prompts,
+            device=self.device,
+            num_images_per_prompt=num_images_per_prompt,
+            do_classifier_free_guidance=cfg,
+            negative_prompt=negative_prompt,
+        )
+        cond = {"encoder_hidden_states": embeds, "text_embeds": pooled}
+        uncond = {"encoder_hidden_states": negative, "text_embeds": negative_pooled} if cfg else None
+        return PromptEmbeds(cond, uncond)
+
+    def added_conditions(self, conditioning, latents):
+        """SDXL's micro-conditioning: original size, crop (0, 0) and target size, all the generated size."""
+        height, width = (side * self.vae_scale_factor for side in latents.shape[-2:])
+        time_ids = torch.tensor([[height, width, 0, 0, height, width]], device=latents.device, dtype=latents.dtype)
+        text_embeds = conditioning["text_embeds"]
+        return {"text_embeds": text_embeds, "time_ids": time_ids.repeat(text_embeds.shape[0], 1)}
+
+    def unscale_latents(self, latents):
+        config = self.pipe.vae.config
+        if config.get("latents_mean") is not None and config.get("latents_std") is not None:
+            mean = torch.tensor(config.latents_mean).view(1, -1, 1, 1).to(latents)
+            std = torch.tensor(config.latents_std).view(1, -1, 1, 1).to(latents)
+            return latents * std / config.scaling_factor + mean
+        return latents / config.scaling_factor

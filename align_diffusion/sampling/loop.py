@@ -1,0 +1,209 @@
+"""The sampling loop: prompts × images per prompt through any adapter with any sampler, returning a trajectory.
+
+Image k of a run (prompt-major order) owns one CPU `torch.Generator`; its initial noise and every SDE noise draw
+come from that generator alone, so an image does not depend on what else is in the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from align_diffusion.models.base import PipelineAdapter, PromptEmbeds, Schedule
+from align_diffusion.sampling.steps import (
+    StepOutput,
+    cps_step,
+    dance_sde_step,
+    ddim_step,
+    flow_ode_step,
+    flow_sde_step,
+)
+
+FLOW_SAMPLERS = ("ode", "flow-sde", "dance-sde", "cps")
+DIFFUSION_SAMPLERS = ("ode", "ddim")
+# Flow-GRPO's a = 0.7, DanceGRPO's η = 0.3, Flow-CPS's 0.8, and DDPM-like DDIM (η = 1).
+DEFAULT_NOISE_LEVEL = {"ode": 0.0, "flow-sde": 0.7, "dance-sde": 0.3, "cps": 0.8, "ddim": 1.0}
+
+
+@dataclass
+class Trajectory:
+    """Everything a trainer, a dense reward or a gallery needs from one sampling run of B images over T steps."""
+
+    prompts: list[str]  # (B,) the prompt of each image
+    latents: torch.Tensor  # (B, T + 1, ...) float32: the initial noise, then the state after each step
+    log_probs: torch.Tensor  # (B, T) log-prob of each transition; NaN where the step was deterministic
+    pred_x0: torch.Tensor  # (B, T, ...) float32: the model's x̂0 at each step
+    stochastic_steps: list[int]  # step indices that drew noise (and have log-probs)
+    schedule: Schedule
+    embeds: PromptEmbeds
+    sampler: str
+    noise_level: float
+    guidance_scale: float
+    images: torch.Tensor | None = None  # (B, 3, H, W) in [0, 1], when decoded
+
+    @property
+    def final_latents(self) -> torch.Tensor:
+        return self.latents[:, -1]
+
+
+def check_sampler(adapter: PipelineAdapter, sampler: str) -> None:
+    """Refuses a sampler that does not fit the model type, naming the ones that do."""
+    allowed = FLOW_SAMPLERS if adapter.is_flow else DIFFUSION_SAMPLERS
+    if sampler not in allowed:
+        kind = "a flow-matching" if adapter.is_flow else f"a diffusion ({adapter.prediction_type}) model"
+        raise ValueError(f"sampler {sampler!r} does not fit {kind} ({type(adapter.pipe).__name__}); use one of {allowed}")
+
+
+def take_step(
+    adapter: PipelineAdapter,
+    sampler: str,
+    prediction: torch.Tensor,
+    latents: torch.Tensor,
+    schedule: Schedule,
+    step_index: int,
+    noise_level: float,
+    noise: torch.Tensor | None = None,
+    prev_sample: torch.Tensor | None = None,
+) -> StepOutput:
+    """One step of `sampler` at `step_index`; `noise_level` 0 (or sampler "ode") is the deterministic step."""
+    if not adapter.is_flow:
+        eta = 0.0 if sampler == "ode" else noise_level
+        alpha, alpha_prev = schedule.alphas_cumprod[step_index], schedule.alphas_cumprod_prev[step_index]
+        return ddim_step(prediction, latents, alpha, alpha_prev, eta, adapter.prediction_type, noise, prev_sample)
+    sigma, sigma_next = schedule.sigmas[step_index], schedule.sigmas[step_index + 1]
+    if sampler == "ode":
+        return flow_ode_step(prediction, latents, sigma, sigma_next)
+    step = {"flow-sde": flow_sde_step, "dance-sde": dance_sde_step, "cps": cps_step}[sampler]
+    return step(prediction, latents, sigma, sigma_next, noise_level, noise=noise, prev_sample=prev_sample)
+
+
+def _step_noise(generators: list[torch.Generator], like: torch.Tensor) -> torch.Tensor:
+    """One standard normal draw per image from its own generator."""
+    draws = [torch.randn(like.shape[1:], generator=g, dtype=torch.float32) for g in generators]
+    return torch.stack(draws).to(like.device)
+
+
+@torch.no_grad()
+def sample(
+    adapter: PipelineAdapter,
+    prompts: list[str],
+    *,
+    num_images_per_prompt: int = 1,
+    num_inference_steps: int | None = None,
+    guidance_scale: float | None = None,
+    sampler: str = "ode",
+    noise_level: float | None = None,
+    noise_window: Iterable[int] | None = None,
+    generators: list[torch.Generator] | None = None,
+    seed: int = 0,
+    height: int | None = None,
+    width: int | None = None,
+    negative_prompt: str | list[str] | None = None,
+    decode: bool = True,
+    progress: bool = False,
+) -> Trajectory:
+    """Samples len(prompts) × num_images_per_prompt images and records the trajectory.
+
+    `generators` gives one CPU generator per image (default: image k seeded `seed + k`). `noise_window` lists
+    the step indices that draw SDE noise; the other steps take the deterministic step (default: all steps).
+    `noise_level` is the sampler's a, η or DDIM η (default: DEFAULT_NOISE_LEVEL[sampler]).
+    """
+    check_sampler(adapter, sampler)
+    noise_level = DEFAULT_NOISE_LEVEL[sampler] if noise_level is None else noise_level
+    num_inference_steps = num_inference_steps or adapter.default_steps
+    guidance_scale = adapter.default_guidance if guidance_scale is None else guidance_scale
+    default_height, default_width = adapter.default_size
+    height, width = height or default_height, width or default_width
+    adapter.check_size(height, width)
+    if num_inference_steps < 1 or num_images_per_prompt < 1:
+        raise ValueError("num_inference_steps and num_images_per_prompt must be at least 1")
+    if noise_level < 0:
+        raise ValueError(f"noise_level must be >= 0, got {noise_level}")
+    batch = len(prompts) * num_images_per_prompt
+    if generators is None:
+        generators = [torch.Generator("cpu").manual_seed(seed + k) for k in range(batch)]
+    if len(generators) != batch:
+        raise ValueError(f"got {len(generators)} generators for {batch} images")
+    window = set(range(num_inference_steps) if noise_window is None else noise_window)
+    if not window <= set(range(num_inference_steps)):
+        raise ValueError(f"noise_window indices must lie in [0, {num_inference_steps}), got {sorted(window)}")
+
+    embeds = adapter.encode_prompt(prompts, guidance_scale, num_images_per_prompt, negative_prompt)
+    schedule = adapter.schedule(num_inference_steps, height, width)
+    x = adapter.initial_noise(generators, height, width)
+    states, x0s, log_probs = [x], [], torch.full((batch, num_inference_steps), float("nan"), device=x.device)
+    stochastic = []
+    for i in tqdm(range(num_inference_steps), desc="sampling", disable=not progress, leave=False):
+        prediction = adapter.predict(x, schedule.timesteps[i], embeds, guidance_scale)
+        noisy = sampler != "ode" and i in window
+        noise = _step_noise(generators, x) if noisy and noise_level > 0 else None
+        out = take_step(adapter, sampler, prediction, x, schedule, i, noise_level if noisy else 0.0, noise)
+        if out.log_prob is not None:
+            log_probs[:, i] = out.log_prob
+            stochastic.append(i)
+        x = out.prev_sample
+        states.append(x)
+        x0s.append(out.pred_x0)
+    trajectory = Trajectory(
+        prompts=[p for p in prompts for _ in range(num_images_per_prompt)],
+        latents=torch.stack(states, dim=1),
+        log_probs=log_probs,
+        pred_x0=torch.stack(x0s, dim=1),
+        stochastic_steps=stochastic,
+        schedule=schedule,
+        embeds=embeds,
+        sampler=sampler,
+        noise_level=noise_level,
+        guidance_scale=guidance_scale,
+    )
+    if decode:
+        trajectory.images = adapter.decode(trajectory.final_latents)
+    return trajectory
+
+
+def step_log_prob(adapter: PipelineAdapter, trajectory: Trajectory, step_index: int, index=None) -> StepOutput:
+    """Re-scores the stored transition at `step_index` under the adapter's current weights (grad flows if enabled).
+
+    `index` optionally selects a subset of the trajectory's images.
+    """
+    if step_index not in trajectory.stochastic_steps:
+        raise ValueError(f"step {step_index} was deterministic; stochastic steps are {trajectory.stochastic_steps}")
+    embeds = trajectory.embeds if index is None else trajectory.embeds.select(index)
+    index = slice(None) if index is None else index
+    x = trajectory.latents[index, step_index]
+    prediction = adapter.predict(x, trajectory.schedule.timesteps[step_index], embeds, trajectory.guidance_scale)
+    return take_step(
+        adapter,
+        trajectory.sampler,
+        prediction,
+        x,
+        trajectory.schedule,
+        step_index,
+        trajectory.noise_level,
+        prev_sample=trajectory.latents[index, step_index + 1],
+    )
+
+
+@torch.no_grad()
+def ode_complete(
+    adapter: PipelineAdapter,
+    latents: torch.Tensor,
+    step_index: int,
+    embeds: PromptEmbeds,
+    schedule: Schedule,
+    guidance_scale: float,
+) -> torch.Tensor:
+    """Deterministic completion: runs the ODE (DDIM η = 0 for diffusion models) from state `step_index` to the end.
+
+    `latents` is the state before step `step_index` (step 0 starts from the initial noise); returns clean latents.
+    """
+    if not 0 <= step_index <= schedule.num_steps:
+        raise ValueError(f"step_index must lie in [0, {schedule.num_steps}], got {step_index}")
+    x = latents.float()
+    for i in range(step_index, schedule.num_steps):
+        prediction = adapter.predict(x, schedule.timesteps[i], embeds, guidance_scale)
+        x = take_step(adapter, "ode", prediction, x, schedule, i, 0.0).prev_sample
+    return x

@@ -1,0 +1,20 @@
+import pytest
+
+from align_diffusion.models import adapter_for
+from align_diffusion.models.tiny import FAMILIES, tiny_pipeline
+
+
+@pytest.fixture(scope="session", params=FAMILIES)
+def family(request):
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def tiny_pipes():
+    """One random-weight pipeline per family, built once per session."""
+    return {name: tiny_pipeline(name) for name in FAMILIES}
+
+
+@pytest.fixture
+def tiny_adapter(tiny_pipes, family):
+    return adapter_for(tiny_pipes[family])
