@@ -28,7 +28,11 @@ class StableDiffusionAdapter(PipelineAdapter):
         return PromptEmbeds({"encoder_hidden_states": embeds}, {"encoder_hidden_states": negative} if cfg else None)
 
     def schedule(self, num_inference_steps, height, width) -> Schedule:
-        ddim = DDIMScheduler.from_config(self.pipe.scheduler.config)
+        config = self.pipe.scheduler.config
+        if config.get("clip_sample", False) or config.get("thresholding", False):
+            raise ValueError("schedulers with clip_sample or thresholding are not supported: x̂0 must stay unclipped")
+        # DDIM's own default clips x̂0; schedulers that do not mention clipping (Euler, PNDM) never clip.
+        ddim = DDIMScheduler.from_config(config, clip_sample=False)
         ddim.set_timesteps(num_inference_steps)
         prev = ddim.timesteps - ddim.config.num_train_timesteps // num_inference_steps
         alphas_prev = [ddim.alphas_cumprod[t] if t >= 0 else ddim.final_alpha_cumprod for t in prev.tolist()]

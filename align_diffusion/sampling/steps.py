@@ -107,7 +107,11 @@ def dance_sde_step(
 
 def cps_step(v, x, sigma, sigma_next, noise_level: float, noise=None, prev_sample=None, reduce: str = "mean") -> StepOutput:
     """Coefficients-preserving sampling: x̂0 = x - t·v, x̂1 = x + (1-t)·v, s = t_next·sin(aπ/2),
-    mean = (1 - t_next)·x̂0 + √(t_next² - s²)·x̂1, std s."""
+    mean = (1 - t_next)·x̂0 + √(t_next² - s²)·x̂1, std s.
+
+    The noise share does not shrink with the step size, so the marginals are exact only when x̂0 is sharp; with a
+    spread-out posterior the sample variance shrinks as `noise_level` grows (tests/test_marginals.py measures it).
+    """
     v, x = v.float(), x.float()
     sigma, sigma_next = _per_sample(sigma, x), _per_sample(sigma_next, x)
     x0 = x - sigma * v

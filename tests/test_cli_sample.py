@@ -1,0 +1,112 @@
+"""`align-diffusion sample` end to end on tiny pipelines saved to disk, and the seed contract."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+from PIL import Image
+
+from align_diffusion.cli import main
+from align_diffusion.models import load_adapter
+from align_diffusion.models.tiny import tiny_pipeline
+
+PROMPTS = ["a red circle", "two blue squares"]
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """Tiny SD3 and SD pipelines saved as diffusers folders."""
+    paths = {}
+    for family in ("sd3", "sd"):
+        paths[family] = tmp_path_factory.mktemp(family)
+        tiny_pipeline(family).save_pretrained(paths[family])
+    return paths
+
+
+def read_png(path):
+    return torch.from_numpy(np.asarray(Image.open(path), dtype=np.float32) / 255).permute(2, 0, 1)
+
+
+def stock_image(model_dir, prompt, seed, steps, guidance):
+    pipe = load_adapter(str(model_dir)).pipe
+    generator = torch.Generator().manual_seed(seed)
+    return pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, height=32, width=32,
+                generator=generator, output_type="pt").images[0]
+
+
+@pytest.mark.parametrize("family,sampler", [("sd3", "ode"), ("sd", "ddim")])
+def test_sample_writes_images_and_metadata_and_keeps_the_seed_contract(saved, tmp_path, family, sampler):
+    out = tmp_path / "out"
+    main(["sample", "--model", str(saved[family]), "--prompt", *PROMPTS, "--num-images-per-prompt", "2",
+          "--steps", "4", "--guidance", "4.0", "--sampler", sampler, "--noise-level", "0", "--seed", "5",
+          "--height", "32", "--width", "32", "--batch-size", "3", "--out", str(out)])
+    records = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    assert [r["file"] for r in records] == [f"images/{k:05d}.png" for k in range(4)]
+    assert [r["prompt"] for r in records] == [PROMPTS[0]] * 2 + [PROMPTS[1]] * 2
+    assert [r["seed"] for r in records] == [5, 6, 7, 8]
+    assert all(r["sampler"] == sampler and r["steps"] == 4 and r["guidance"] == 4.0 for r in records)
+    assert all((r["height"], r["width"]) == (32, 32) for r in records)
+    for record in records:
+        expected = stock_image(saved[family], record["prompt"], record["seed"], 4, 4.0)
+        assert (read_png(out / record["file"]) - expected).abs().max() <= 2 / 255
+
+
+def test_console_script_runs_with_a_prompts_file(saved, tmp_path):
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text("a red circle\n\na green triangle\n")
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "align_diffusion", "sample", "--model", str(saved["sd3"]), "--prompts-file",
+         str(prompts_file), "--steps", "2", "--sampler", "flow-sde", "--height", "32", "--width", "32", "--out",
+         str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "wrote 2 images" in result.stdout
+    assert len(list((out / "images").glob("*.png"))) == 2
+
+
+def test_lora_folder_is_applied(saved, tmp_path):
+    # A LoRA written the way our trainer will write it: peft adapter on the transformer, saved with its metadata.
+    adapter = load_adapter(str(saved["sd3"]))
+    pipe = adapter.pipe
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    pipe.transformer.add_adapter(config)
+    lora_dir = tmp_path / "lora"
+    type(pipe).save_lora_weights(lora_dir, transformer_lora_layers=get_peft_model_state_dict(pipe.transformer),
+                                 transformer_lora_adapter_metadata=config.to_dict())
+    generator = torch.Generator().manual_seed(0)
+    expected = pipe("a red circle", num_inference_steps=3, height=32, width=32, generator=generator,
+                    output_type="pt").images[0]
+
+    plain, with_lora = tmp_path / "plain", tmp_path / "with_lora"
+    common = ["sample", "--model", str(saved["sd3"]), "--prompt", "a red circle", "--steps", "3", "--height", "32",
+              "--width", "32"]
+    main([*common, "--out", str(plain)])
+    main([*common, "--lora", str(lora_dir), "--out", str(with_lora)])
+    lora_image = read_png(with_lora / "images/00000.png")
+    assert (lora_image - expected).abs().max() <= 2 / 255
+    assert (lora_image - read_png(plain / "images/00000.png")).abs().max() > 2 / 255
+
+
+def test_bad_input_fails_before_sampling(saved, tmp_path):
+    common = ["sample", "--model", str(saved["sd3"]), "--prompt", "a", "--height", "32", "--width", "32"]
+    with pytest.raises(SystemExit, match="does not fit"):
+        main([*common, "--sampler", "ddim", "--out", str(tmp_path / "a")])
+    with pytest.raises(SystemExit, match="multiples of 2"):
+        main(["sample", "--model", str(saved["sd3"]), "--prompt", "a", "--height", "33", "--out", str(tmp_path / "b")])
+    with pytest.raises(SystemExit, match="--prompts-file"):
+        main(["sample", "--model", str(saved["sd3"]), "--prompts-file", str(tmp_path / "nope.txt"), "--out",
+              str(tmp_path / "c")])
+    with pytest.raises(SystemExit):  # argparse: steps must be positive
+        main([*common, "--steps", "0", "--out", str(tmp_path / "d")])
+    main([*common, "--steps", "1", "--out", str(tmp_path / "e")])
+    with pytest.raises(SystemExit, match="--overwrite"):
+        main([*common, "--steps", "1", "--out", str(tmp_path / "e")])
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
