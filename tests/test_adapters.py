@@ -85,3 +85,31 @@ def test_bad_sizes_are_refused(tiny_pipes):
     adapter = adapter_for(tiny_pipes["flux"])
     with pytest.raises(ValueError, match="multiples of 4"):
         sample(adapter, PROMPTS, num_inference_steps=2, height=30, width=32)
+
+
+def test_one_step_turbo_sampling_matches_stock(tiny_pipes):
+    # SD-Turbo / SDXL-Turbo: one step from t = 999 with trailing spacing and no guidance.
+    from diffusers import DDIMScheduler, StableDiffusionXLPipeline
+
+    components = dict(tiny_pipes["sdxl"].components)
+    components["scheduler"] = DDIMScheduler.from_config(components["scheduler"].config, timestep_spacing="trailing")
+    pipe = StableDiffusionXLPipeline(**components)
+    pipe.set_progress_bar_config(disable=True)
+    adapter = adapter_for(pipe)
+    trajectory = sample(adapter, PROMPTS, num_inference_steps=1, guidance_scale=0.0, height=32, width=32, seed=3)
+    assert trajectory.schedule.timesteps.tolist() == [999]
+    expected = stock_images(pipe, 0.0, seeds=[3, 4], steps=1)
+    assert (trajectory.images - expected).abs().max() <= 1e-4
+
+
+def test_prediction_carries_grad_to_the_denoiser_when_enabled(tiny_adapter):
+    embeds = tiny_adapter.encode_prompt(PROMPTS[:1], guidance_scale=3.0)
+    schedule = tiny_adapter.schedule(4, 32, 32)
+    latents = torch.randn(1, *tiny_adapter.latent_shape(32, 32))
+    with torch.no_grad():
+        assert not tiny_adapter.predict(latents, schedule.timesteps[1], embeds, 3.0).requires_grad
+    tiny_adapter.denoiser.zero_grad()
+    tiny_adapter.predict(latents, schedule.timesteps[1], embeds, 3.0).square().mean().backward()
+    grads = [p.grad for p in tiny_adapter.denoiser.parameters() if p.grad is not None]
+    assert grads and sum(g.abs().sum() for g in grads) > 0
+    tiny_adapter.denoiser.zero_grad(set_to_none=True)
