@@ -1,0 +1,168 @@
+"""ShapesEval: judges shapes-world images from their pixels against their prompts.
+
+Each pixel is explained as a blend of the background and one palette color (blurred edges are such blends);
+it takes that color when the blend is at least half color, the background below that, and no label when no
+blend explains it. Connected regions of one label are objects, classed by how much of their bounding box they
+fill (square ≈ 1, circle ≈ π/4, triangle ≈ 1/2, apex up). An image is strictly correct when it holds exactly the
+prompt's objects, with the stated relation, and nothing else; the graded score gives partial credit.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from align_diffusion.world.render import relation_holds
+from align_diffusion.world.spec import BACKGROUND, CANVAS, CATEGORIES, COLORS, Requirement, parse_prompt
+
+COLOR_NAMES = list(COLORS)
+MAX_RESIDUAL = 48.0  # RGB distance beyond which no background–color blend explains a pixel
+MIN_AREA = 20  # smaller regions are specks, ignored (the smallest legal triangle covers ~70 px)
+UNLABELED = len(COLORS)  # label of pixels no blend explains; BACKGROUND_LABEL for background
+BACKGROUND_LABEL = -1
+
+
+@dataclass(frozen=True)
+class Detected:
+    """An object found in an image; shape None when its outline fits no world shape, color None when unlabeled."""
+
+    shape: str | None
+    color: str | None
+    center: tuple[float, float]
+    area: int
+
+
+@dataclass(frozen=True)
+class Judgement:
+    strict: bool
+    graded: float
+    objects: tuple[Detected, ...]
+
+
+def as_pixels(image) -> np.ndarray:
+    """A (CANVAS, CANVAS, 3) float array in 0..255 from uint8 HWC arrays, PIL images or [0, 1] CHW tensors."""
+    if isinstance(image, torch.Tensor):
+        pixels = image.detach().float().cpu().clamp(0, 1).permute(1, 2, 0).numpy() * 255
+    else:
+        pixels = np.asarray(image, dtype=np.float32)
+    if pixels.shape != (CANVAS, CANVAS, 3):
+        raise ValueError(f"shapes-world images are {CANVAS}×{CANVAS} RGB, got an array of shape {pixels.shape}")
+    return pixels
+
+
+def label_pixels(pixels: np.ndarray) -> np.ndarray:
+    """(CANVAS, CANVAS) int labels: a palette index, BACKGROUND_LABEL, or UNLABELED."""
+    background = np.array(BACKGROUND, dtype=np.float32)
+    directions = np.array([COLORS[name] for name in COLOR_NAMES], dtype=np.float32) - background  # (K, 3)
+    offset = pixels.reshape(-1, 1, 3) - background  # (P, 1, 3)
+    alpha = np.clip((offset * directions).sum(-1) / (directions**2).sum(-1), 0, 1)  # (P, K)
+    residual = np.linalg.norm(offset - alpha[..., None] * directions, axis=-1)  # (P, K)
+    best = residual.argmin(axis=1)
+    rows = np.arange(len(best))
+    labels = np.where(alpha[rows, best] >= 0.5, best, BACKGROUND_LABEL)
+    labels = np.where(residual[rows, best] > MAX_RESIDUAL, UNLABELED, labels)
+    return labels.reshape(CANVAS, CANVAS)
+
+
+def _regions(labels: np.ndarray):
+    """4-connected regions of equal non-background label: yields (label, ys, xs)."""
+    seen = labels == BACKGROUND_LABEL
+    for start_y, start_x in zip(*np.nonzero(~seen)):
+        if seen[start_y, start_x]:
+            continue
+        label = labels[start_y, start_x]
+        stack, ys, xs = [(start_y, start_x)], [], []
+        seen[start_y, start_x] = True
+        while stack:
+            y, x = stack.pop()
+            ys.append(y)
+            xs.append(x)
+            for ny, nx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+                if 0 <= ny < CANVAS and 0 <= nx < CANVAS and not seen[ny, nx] and labels[ny, nx] == label:
+                    seen[ny, nx] = True
+                    stack.append((ny, nx))
+        yield label, np.array(ys), np.array(xs)
+
+
+def classify_shape(ys: np.ndarray, xs: np.ndarray) -> str | None:
+    """circle, square or triangle from a region's pixels; None for an outline that fits none."""
+    height, width = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
+    if not (9 <= max(height, width) <= 24 and 0.75 <= width / height <= 1.33):
+        return None
+    fill = len(ys) / (height * width)
+    if fill >= 0.88:
+        return "square"
+    if 0.66 <= fill < 0.88:
+        return "circle"
+    if 0.38 <= fill < 0.64:
+        rows = ys - ys.min()
+        top = (rows < height / 3).sum()
+        bottom = (rows >= 2 * height / 3).sum()
+        return "triangle" if bottom > 2 * top else None
+    return None
+
+
+def detect(image) -> list[Detected]:
+    """The objects in an image (specks below MIN_AREA ignored)."""
+    objects = []
+    for label, ys, xs in _regions(label_pixels(as_pixels(image))):
+        if len(ys) < MIN_AREA:
+            continue
+        color = None if label == UNLABELED else COLOR_NAMES[label]
+        shape = None if color is None else classify_shape(ys, xs)
+        objects.append(Detected(shape, color, (float(xs.mean()) + 0.5, float(ys.mean()) + 0.5), len(ys)))
+    return objects
+
+
+def _credit(wanted, found: Detected) -> float:
+    """1 for the right shape and color; 0.5 for one of the two named; a color-free request needs the shape."""
+    shape_ok = found.shape == wanted.shape
+    color_ok = shape_ok if wanted.color is None else found.color == wanted.color
+    return 0.5 * shape_ok + 0.5 * color_ok
+
+
+def judge(requirement: Requirement, objects: list[Detected]) -> Judgement:
+    """Strict correctness and graded score of detected objects against a requirement."""
+    wanted = requirement.objects
+    best_total, best_match = 0.0, None
+    # One-to-one assignment of detections to wanted objects (at most 4 wanted; the largest 8 detections).
+    candidates = sorted(objects, key=lambda o: -o.area)[:8]
+    padded = candidates + [None] * len(wanted)
+    for chosen in itertools.permutations(padded, len(wanted)):
+        total = sum(_credit(w, d) for w, d in zip(wanted, chosen) if d is not None)
+        if best_match is None or total > best_total:
+            best_total, best_match = total, chosen
+    all_found = all(d is not None and _credit(w, d) == 1 for w, d in zip(wanted, best_match))
+    relation_ok = True
+    if requirement.relation is not None:
+        relation_ok = all_found and relation_holds(best_match[0].center, best_match[1].center, requirement.relation)
+    extras = max(0, len(objects) - len(wanted))
+    graded = best_total / len(wanted) * (1.0 if relation_ok else 0.5) / (1 + extras)
+    strict = all_found and relation_ok and len(objects) == len(wanted)
+    return Judgement(strict, graded, tuple(objects))
+
+
+def score_image(prompt: str, image) -> Judgement:
+    return judge(parse_prompt(prompt), detect(image))
+
+
+def shapes_eval(prompts: list[str], images) -> dict:
+    """Per-category and overall strict accuracy (overall = mean over the categories present) and mean graded score."""
+    if len(prompts) != len(images):
+        raise ValueError(f"{len(prompts)} prompts for {len(images)} images")
+    strict, graded = defaultdict(list), []
+    for prompt, image in zip(prompts, images):
+        judgement = score_image(prompt, image)
+        strict[parse_prompt(prompt).category].append(judgement.strict)
+        graded.append(judgement.graded)
+    per_category = {c: float(np.mean(strict[c])) for c in CATEGORIES if strict[c]}
+    return {
+        "overall_strict": float(np.mean(list(per_category.values()))),
+        "per_category_strict": per_category,
+        "graded": float(np.mean(graded)),
+        "num_images": len(prompts),
+    }

@@ -1,0 +1,159 @@
+"""The shapes world: renderer properties from the spec, prompt grammar and splits, and ShapesEval."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw, ImageFilter
+
+from align_diffusion.world.evaluate import detect, score_image, shapes_eval
+from align_diffusion.world.prompts import all_prompts, is_held_out, split_prompts, splits
+from align_diffusion.world.render import render, render_prompt, sample_scene
+from align_diffusion.world.spec import BACKGROUND, CANVAS, COLORS, MAX_SIDE, MIN_SIDE, parse_prompt
+
+
+def test_renders_use_only_the_palette_and_respect_the_layout_rules():
+    allowed = {BACKGROUND, *COLORS.values()}
+    rng = random.Random(0)
+    prompts = [p for ps in all_prompts().values() for p in ps]
+    for k in range(300):
+        prompt = rng.choice(prompts)
+        objects = sample_scene(parse_prompt(prompt), random.Random(k))
+        image = render(objects)
+        assert image.shape == (CANVAS, CANVAS, 3) and image.dtype == np.uint8
+        assert {tuple(p) for p in image.reshape(-1, 3)} <= allowed
+        for obj in objects:
+            assert MIN_SIDE <= obj.side <= MAX_SIDE
+            assert 0 <= obj.x and obj.x + obj.side <= CANVAS and 0 <= obj.y and obj.y + obj.side <= CANVAS
+        for a, b in zip(objects, objects[1:] + objects[:1]):
+            if a is not b:  # boxes at least 2 px apart on some axis
+                assert (a.x + a.side + 2 <= b.x or b.x + b.side + 2 <= a.x
+                        or a.y + a.side + 2 <= b.y or b.y + b.side + 2 <= a.y)
+
+
+def test_triangle_points_up_with_a_flat_base():
+    image = render_prompt("a red triangle", seed=3)
+    ys, xs = np.nonzero((image == COLORS["red"]).all(-1))
+    top_row, bottom_row = xs[ys == ys.min()], xs[ys == ys.max()]
+    assert len(top_row) <= 2 and len(bottom_row) >= MIN_SIDE - 1
+    assert abs(np.ptp(ys) - np.ptp(xs)) <= 1  # width = height
+
+
+def test_position_renders_satisfy_the_relation_on_centroids():
+    image = render_prompt("a red square left of a blue circle", seed=1)
+    red_x = np.nonzero((image == COLORS["red"]).all(-1))[1].mean()
+    blue_x = np.nonzero((image == COLORS["blue"]).all(-1))[1].mean()
+    assert blue_x - red_x >= 8
+
+
+def test_render_is_deterministic_in_the_seed():
+    assert np.array_equal(render_prompt("three circles", 5), render_prompt("three circles", 5))
+    assert not np.array_equal(render_prompt("three circles", 5), render_prompt("three circles", 6))
+
+
+def test_grammar_parses_every_prompt_and_rejects_others():
+    prompts = all_prompts()
+    assert len(prompts["colors"]) == 18 and len(prompts["counting"]) == 9 and len(prompts["two_object"]) == 6
+    for category, items in prompts.items():
+        for prompt in items:
+            assert parse_prompt(prompt).category == category
+    for bad in ["a circle and a circle", "a red circle and a red square", "five circles", "A red circle", "a cat",
+                "a red circle above a red circle"]:
+        with pytest.raises(ValueError, match="not a shapes-world prompt"):
+            parse_prompt(bad)
+
+
+def test_test_split_holds_combinations_never_named_in_training():
+    parts = splits(seed=0)
+    train = {p for ps in parts["train"].values() for p in ps}
+    for category, prompts in parts["test"].items():
+        assert prompts, category
+        if category != "single_object":
+            assert all(is_held_out(p) and p not in train for p in prompts)
+    assert not any(is_held_out(p) for c, ps in parts["train"].items() if c != "single_object" for p in ps)
+    assert split_prompts("test", seed=0) == split_prompts("test", seed=0)
+    with pytest.raises(ValueError, match="split"):
+        split_prompts("dev")
+
+
+@pytest.fixture(scope="module")
+def test_renders():
+    prompts = split_prompts("test") * 4
+    return prompts, [render_prompt(p, 100 + k) for k, p in enumerate(prompts)]
+
+
+def test_shapes_eval_scores_clean_test_renders(test_renders):
+    prompts, images = test_renders
+    result = shapes_eval(prompts, images)
+    assert result["overall_strict"] >= 0.99 and result["graded"] >= 0.99
+    assert set(result["per_category_strict"]) == {"single_object", "colors", "counting", "two_object",
+                                                   "color_attr", "position"}
+
+
+def test_shapes_eval_survives_mild_blur_and_noise(test_renders):
+    prompts, images = test_renders
+    rng = np.random.default_rng(0)
+    degraded = [
+        np.clip(np.asarray(Image.fromarray(im).filter(ImageFilter.GaussianBlur(0.8)), np.float32)
+                + rng.normal(0, 10, im.shape), 0, 255)
+        for im in images
+    ]
+    assert shapes_eval(prompts, degraded)["overall_strict"] >= 0.95
+
+
+def test_shapes_eval_is_near_zero_for_shuffled_prompts(test_renders):
+    prompts, images = test_renders
+    shuffled = prompts[:]
+    random.Random(0).shuffle(shuffled)
+    assert shapes_eval(shuffled, images)["overall_strict"] <= 0.15
+
+
+def draw(shapes):
+    """Shapes drawn with PIL's own primitives, independent of our renderer."""
+    image = Image.new("RGB", (CANVAS, CANVAS), BACKGROUND)
+    pen = ImageDraw.Draw(image)
+    for shape, color, (x, y, side) in shapes:
+        box = (x, y, x + side - 1, y + side - 1)
+        if shape == "circle":
+            pen.ellipse(box, fill=COLORS[color])
+        elif shape == "square":
+            pen.rectangle(box, fill=COLORS[color])
+        else:
+            pen.polygon([(x + side / 2, y), (x, y + side - 1), (x + side - 1, y + side - 1)], fill=COLORS[color])
+    return image
+
+
+def test_detects_shapes_drawn_by_pil():
+    image = draw([("circle", "red", (4, 4, 16)), ("square", "blue", (30, 6, 14)), ("triangle", "yellow", (8, 40, 18))])
+    found = sorted((d.shape, d.color) for d in detect(image))
+    assert found == [("circle", "red"), ("square", "blue"), ("triangle", "yellow")]
+    assert score_image("a red circle above a yellow triangle", image).strict is False  # a blue square extra
+    two = draw([("circle", "red", (4, 4, 16)), ("triangle", "yellow", (8, 40, 18))])
+    assert score_image("a red circle above a yellow triangle", two).strict
+    assert not score_image("a red circle below a yellow triangle", two).strict
+
+
+def test_graded_scores_by_hand():
+    image = draw([("circle", "red", (10, 10, 16))])
+    assert score_image("a red circle", image).graded == 1.0
+    assert score_image("a blue circle", image).graded == 0.5  # right shape, wrong color
+    assert score_image("a square", image).graded == 0.0
+    assert score_image("two circles", image).graded == 0.5  # one of two found
+    pair = draw([("circle", "red", (4, 20, 16)), ("square", "blue", (40, 20, 16))])
+    assert score_image("a red circle left of a blue square", pair).graded == 1.0
+    assert score_image("a red circle right of a blue square", pair).graded == 0.5  # relation wrong
+    assert score_image("a red circle", pair).graded == 0.5  # one extra object halves the credit
+    blob = Image.new("RGB", (CANVAS, CANVAS), BACKGROUND)
+    ImageDraw.Draw(blob).rectangle((10, 10, 40, 14), fill=COLORS["red"])  # a bar: no world shape
+    assert score_image("a red square", blob).graded == 0.5 and not score_image("a red square", blob).strict
+
+
+def test_accepts_tensors_and_refuses_other_sizes():
+    image = render_prompt("a green square", seed=0)
+    tensor = torch.from_numpy(image).permute(2, 0, 1).float() / 255
+    assert score_image("a green square", tensor).strict
+    with pytest.raises(ValueError, match="64×64"):
+        score_image("a green square", np.zeros((32, 32, 3), np.uint8))
+    with pytest.raises(ValueError, match="prompts"):
+        shapes_eval(["a green square"], [])
