@@ -53,6 +53,79 @@ def add_sample_parser(subparsers) -> None:
     parser.set_defaults(run=run_sample)
 
 
+def add_eval_parser(subparsers) -> None:
+    parser = subparsers.add_parser("eval", help="score a model on a benchmark (ShapesEval on the shapes world)")
+    parser.add_argument("--model", required=True, help="diffusers model id or local folder")
+    parser.add_argument("--lora", type=Path, default=None, help="folder with a diffusers-format LoRA")
+    parser.add_argument("--benchmark", choices=["shapes"], default="shapes")
+    parser.add_argument("--split", choices=["train", "val", "test"], default="test")
+    parser.add_argument("--num-images-per-prompt", type=_positive_int, default=4)
+    parser.add_argument("--steps", type=_positive_int, default=None, help="denoising steps (default: the model's)")
+    parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
+    parser.add_argument("--sampler", choices=sorted(DEFAULT_NOISE_LEVEL), default="ode")
+    parser.add_argument("--noise-level", type=_non_negative_float, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=_positive_int, default=16)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--out", type=Path, required=True, help="JSON file for the results")
+    parser.set_defaults(run=run_eval)
+
+
+def load_for_command(args):
+    """The adapter for --model (with --lora applied), after the checks that need no model."""
+    from align_diffusion.models import load_adapter
+    from align_diffusion.sampling.loop import check_sampler
+
+    if args.lora is not None and not args.lora.is_dir():
+        raise SystemExit(f"--lora: no such folder {args.lora}")
+    adapter = load_adapter(str(args.model), dtype=DTYPES[args.dtype], device=args.device)
+    check_sampler(adapter, args.sampler)
+    if args.lora is not None:
+        adapter.pipe.load_lora_weights(str(args.lora))
+    return adapter
+
+
+def run_eval(args) -> None:
+    import json
+
+    from align_diffusion.world.benchmark import evaluate_shapes
+
+    if args.out.suffix != ".json":
+        raise SystemExit(f"--out: expected a .json file, got {args.out}")
+    adapter = load_for_command(args)
+    result = evaluate_shapes(
+        adapter, args.split, num_images_per_prompt=args.num_images_per_prompt, num_inference_steps=args.steps,
+        guidance_scale=args.guidance, sampler=args.sampler, noise_level=args.noise_level, seed=args.seed,
+        batch_size=args.batch_size,
+    )
+    result["settings"].update(model=str(args.model), lora=None if args.lora is None else str(args.lora))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    print(f"overall strict {result['overall_strict']:.3f}  graded {result['graded']:.3f}  ({result['num_images']} images)")
+    for category, accuracy in result["per_category_strict"].items():
+        print(f"  {category:<14} {accuracy:.3f}")
+
+
+def add_build_world_parser(subparsers) -> None:
+    from align_diffusion.world.build import ASSETS
+
+    parser = subparsers.add_parser("build-world", help="train every shapes-world asset from a seed (CPU, ~90 min)")
+    parser.add_argument("--out", type=Path, default=Path("assets/world"), help="folder for the assets")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--only", nargs="+", choices=ASSETS, default=list(ASSETS),
+                        help="rebuild only these assets (the others are loaded from --out)")
+    parser.add_argument("--quick", action="store_true", help="a few steps per asset: checks the plumbing only")
+    parser.set_defaults(run=run_build_world)
+
+
+def run_build_world(args) -> None:
+    from align_diffusion.world.build import QUICK_PLAN, BuildPlan, build_world
+
+    report = build_world(args.out, seed=args.seed, plan=QUICK_PLAN if args.quick else BuildPlan(), only=args.only)
+    print(f"built {', '.join(args.only)} in {report['total_seconds'] / 60:.1f} min; report in {args.out}/build_report.json")
+
+
 def read_prompts(args) -> list[str]:
     if args.prompt is not None:
         return args.prompt
@@ -65,22 +138,14 @@ def read_prompts(args) -> list[str]:
 
 
 def run_sample(args) -> None:
-    from align_diffusion.models import load_adapter
     from align_diffusion.sampling.folder import sample_to_folder
-    from align_diffusion.sampling.loop import check_sampler
 
     prompts = read_prompts(args)
     if (args.out / "metadata.jsonl").exists() and not args.overwrite:
         raise SystemExit(f"--out: {args.out} already holds samples; pass --overwrite to replace them")
-    if args.lora is not None and not args.lora.is_dir():
-        raise SystemExit(f"--lora: no such folder {args.lora}")
-
-    adapter = load_adapter(str(args.model), dtype=DTYPES[args.dtype], device=args.device)
-    check_sampler(adapter, args.sampler)
+    adapter = load_for_command(args)
     default_height, default_width = adapter.default_size
     adapter.check_size(args.height or default_height, args.width or default_width)
-    if args.lora is not None:
-        adapter.pipe.load_lora_weights(str(args.lora))
 
     records = sample_to_folder(
         adapter,
@@ -104,6 +169,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="align-diffusion", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_sample_parser(subparsers)
+    add_eval_parser(subparsers)
+    add_build_world_parser(subparsers)
     args = parser.parse_args(argv)
     try:
         args.run(args)

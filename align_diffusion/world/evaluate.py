@@ -151,18 +151,20 @@ def score_image(prompt: str, image) -> Judgement:
 
 
 def shapes_eval(prompts: list[str], images) -> dict:
-    """Per-category and overall strict accuracy (overall = mean over the categories present) and mean graded score."""
+    """Per-category and overall strict accuracy (overall = mean over the categories present), mean graded score,
+    and each image's own scores."""
     if len(prompts) != len(images):
         raise ValueError(f"{len(prompts)} prompts for {len(images)} images")
-    strict, graded = defaultdict(list), []
+    strict, per_image = defaultdict(list), []
     for prompt, image in zip(prompts, images):
         judgement = score_image(prompt, image)
         strict[parse_prompt(prompt).category].append(judgement.strict)
-        graded.append(judgement.graded)
+        per_image.append({"prompt": prompt, "strict": judgement.strict, "graded": judgement.graded})
     per_category = {c: float(np.mean(strict[c])) for c in CATEGORIES if strict[c]}
     return {
         "overall_strict": float(np.mean(list(per_category.values()))),
         "per_category_strict": per_category,
-        "graded": float(np.mean(graded)),
+        "graded": float(np.mean([record["graded"] for record in per_image])),
         "num_images": len(prompts),
+        "per_image": per_image,
     }

@@ -1,0 +1,76 @@
+"""The world build path end to end at a few steps per asset: every asset saves and reloads with its stock class."""
+
+import json
+
+import pytest
+import torch
+from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
+from transformers import AutoTokenizer, CLIPModel, Dinov2Model
+
+from align_diffusion.cli import main
+from align_diffusion.models import load_adapter
+from align_diffusion.sampling.loop import sample
+from align_diffusion.world.build import BuildPlan, build_world
+from align_diffusion.world.generators import CompactContextAttnProcessor, compact_context
+
+PLAN = BuildPlan(clip_steps=2, dino_steps=2, vae_steps=2, sd3_steps=2, sd_steps=2, dataset_size=64)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    out = tmp_path_factory.mktemp("world")
+    report = build_world(out, seed=0, plan=PLAN, log=lambda line: None)
+    return out, report
+
+
+def test_every_asset_loads_with_its_stock_class(world):
+    out, report = world
+    assert set(report["seconds"]) == {"clip", "dino", "vae", "sd3", "sd"}
+    clip, tokenizer = CLIPModel.from_pretrained(out / "clip"), AutoTokenizer.from_pretrained(out / "clip")
+    tokens = tokenizer(["a red circle left of a blue square"], padding="max_length", max_length=16,
+                       return_tensors="pt")
+    assert clip.get_text_features(input_ids=tokens.input_ids).pooler_output.shape[-1] == 128
+    assert Dinov2Model.from_pretrained(out / "dino")(pixel_values=torch.zeros(1, 3, 64, 64)).last_hidden_state.shape \
+        == (1, 65, 128)
+    for pipeline_class in (StableDiffusion3Pipeline, StableDiffusionPipeline):
+        pipe = pipeline_class.from_pretrained(out / ("sd3" if pipeline_class is StableDiffusion3Pipeline else "sd"))
+        image = pipe("a red circle", num_inference_steps=2, output_type="pt").images
+        assert image.shape == (1, 3, 64, 64)
+
+
+def test_generators_sample_through_the_adapters_at_the_world_size(world):
+    out, _ = world
+    for name in ("sd3", "sd"):
+        adapter = load_adapter(str(out / name))
+        assert adapter.default_size == (64, 64)
+        assert sample(adapter, ["two squares"], num_inference_steps=2).images.shape == (1, 3, 64, 64)
+
+
+def test_compact_context_attention_equals_full_attention(world):
+    out, _ = world
+    pipe = StableDiffusion3Pipeline.from_pretrained(out / "sd3")
+    embeds, _, pooled, _ = pipe.encode_prompt(["a red circle", "three triangles"], None, None,
+                                              do_classifier_free_guidance=False)
+    assert embeds.shape[1] == 16 + 256
+    compact, log_multiplicity = compact_context(embeds)
+    transformer = pipe.transformer
+    x, t = torch.randn(2, transformer.config.in_channels, 16, 16), torch.tensor([200.0, 800.0])
+    with torch.no_grad():
+        full = transformer(hidden_states=x, timestep=t, encoder_hidden_states=embeds, pooled_projections=pooled).sample
+        transformer.set_attn_processor(CompactContextAttnProcessor(log_multiplicity))
+        fast = transformer(hidden_states=x, timestep=t, encoder_hidden_states=compact,
+                           pooled_projections=pooled).sample
+    torch.testing.assert_close(fast, full, atol=1e-5, rtol=1e-5)
+
+
+def test_eval_command_writes_scores(world, tmp_path):
+    out, _ = world
+    result_file = tmp_path / "eval.json"
+    main(["eval", "--model", str(out / "sd3"), "--benchmark", "shapes", "--split", "val", "--num-images-per-prompt",
+          "1", "--steps", "2", "--out", str(result_file)])
+    result = json.loads(result_file.read_text())
+    assert set(result["per_category_strict"]) == {"single_object", "colors", "counting", "two_object",
+                                                   "color_attr", "position"}
+    assert 0 <= result["overall_strict"] <= 1 and 0 <= result["graded"] <= 1
+    assert result["settings"]["steps"] == 2 and result["num_images"] == len(result["per_image"])
+    assert [r["seed"] for r in result["per_image"]] == list(range(result["num_images"]))
