@@ -12,10 +12,9 @@ import statistics
 import time
 
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
 from align_diffusion.models import adapter_for
-from align_diffusion.models.tiny import clip_text_encoder, clip_tokenizer, t5_text_encoder, t5_tokenizer, vae
+from align_diffusion.models.tiny import tiny_pipeline
 from align_diffusion.sampling.loop import sample
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -28,23 +27,10 @@ parser.add_argument("--steps", type=int, default=20)
 parser.add_argument("--repeats", type=int, default=7)
 args = parser.parse_args()
 
-torch.manual_seed(0)
-pipe = StableDiffusion3Pipeline(
-    transformer=SD3Transformer2DModel(
-        sample_size=args.size // 8, patch_size=2, in_channels=16, out_channels=16, num_layers=args.layers,
-        attention_head_dim=64, num_attention_heads=args.heads, caption_projection_dim=64 * args.heads,
-        joint_attention_dim=32, pooled_projection_dim=32,
-    ),
-    scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-    vae=vae(latent_channels=16, block_out_channels=(32, 32, 32, 32), scaling_factor=1.5305, shift_factor=0.0609),
-    text_encoder=clip_text_encoder(16, with_projection=True, projection_dim=16),
-    tokenizer=clip_tokenizer(),
-    text_encoder_2=clip_text_encoder(16, with_projection=True, projection_dim=16),
-    tokenizer_2=clip_tokenizer(),
-    text_encoder_3=t5_text_encoder(32),
-    tokenizer_3=t5_tokenizer(),
+pipe = tiny_pipeline(
+    "sd3", num_layers=args.layers, num_heads=args.heads, head_dim=64, patch_size=2, sample_size=args.size // 8,
+    latent_channels=16, vae_channels=(32, 32, 32, 32),
 ).to(args.device)
-pipe.set_progress_bar_config(disable=True)
 adapter = adapter_for(pipe)
 prompts = ["a red circle left of a blue square"] * args.batch
 common = dict(num_inference_steps=args.steps, guidance_scale=7.0, height=args.size, width=args.size)

@@ -26,7 +26,9 @@ class PromptEmbeds:
 
     def select(self, index) -> PromptEmbeds:
         """The conditioning of the images at `index` (an int list, slice or bool mask)."""
-        pick = lambda tensors: {name: t[index] for name, t in tensors.items()}  # noqa: E731
+        def pick(tensors):
+            return {name: tensor[index] for name, tensor in tensors.items()}
+
         return PromptEmbeds(pick(self.cond), None if self.uncond is None else pick(self.uncond))
 
 

@@ -99,22 +99,26 @@ def vae(latent_channels: int, block_out_channels=(8, 8), scaling_factor=0.18215,
     )
 
 
-def tiny_sd3() -> StableDiffusion3Pipeline:
+def tiny_sd3(
+    num_layers: int = 2, num_heads: int = 2, head_dim: int = 8, patch_size: int = 1, sample_size: int = 16,
+    latent_channels: int = 4, vae_channels=(8, 8),
+) -> StableDiffusion3Pipeline:
+    """A random SD3 pipeline; the defaults are toy-sized, larger values serve speed measurements."""
     return StableDiffusion3Pipeline(
         transformer=SD3Transformer2DModel(
-            sample_size=16,
-            patch_size=1,
-            in_channels=4,
-            out_channels=4,
-            num_layers=2,
-            attention_head_dim=8,
-            num_attention_heads=2,
-            caption_projection_dim=16,
+            sample_size=sample_size,
+            patch_size=patch_size,
+            in_channels=latent_channels,
+            out_channels=latent_channels,
+            num_layers=num_layers,
+            attention_head_dim=head_dim,
+            num_attention_heads=num_heads,
+            caption_projection_dim=head_dim * num_heads,
             joint_attention_dim=32,
             pooled_projection_dim=32,
         ),
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        vae=vae(latent_channels=4, scaling_factor=1.5035, shift_factor=0.0609),
+        vae=vae(latent_channels, vae_channels, scaling_factor=1.5035, shift_factor=0.0609),
         text_encoder=clip_text_encoder(16, with_projection=True, projection_dim=16),
         tokenizer=clip_tokenizer(),
         text_encoder_2=clip_text_encoder(16, with_projection=True, projection_dim=16),
@@ -208,12 +212,13 @@ def tiny_sdxl() -> StableDiffusionXLPipeline:
 BUILDERS = {"sd3": tiny_sd3, "flux": tiny_flux, "sd": tiny_sd, "sdxl": tiny_sdxl}
 
 
-def tiny_pipeline(family: str, seed: int = 0):
-    """A random-weight pipeline of `family` (one of FAMILIES), deterministic in `seed`, in eval mode."""
+def tiny_pipeline(family: str, seed: int = 0, **sizes):
+    """A random-weight pipeline of `family` (one of FAMILIES), deterministic in `seed`, in eval mode; `sizes`
+    go to the family's builder."""
     if family not in BUILDERS:
         raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
     torch.manual_seed(seed)
-    pipe = BUILDERS[family]()
+    pipe = BUILDERS[family](**sizes)
     for component in pipe.components.values():
         if isinstance(component, torch.nn.Module):
             component.eval()

@@ -7,15 +7,17 @@ Both save and load with transformers' own `from_pretrained`, like the real model
 from __future__ import annotations
 
 import random
-import time
 
 import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import CLIPConfig, CLIPModel, Dinov2Config, Dinov2Model, PreTrainedTokenizerFast
 
-from align_diffusion.world.data import SPECIAL_TOKENS, WORDS, balanced_prompts, render_batch
-from align_diffusion.world.spec import COLORS, SHAPES
+from align_diffusion.world.data import SPECIAL_TOKENS, WORDS, balanced_prompts, render_batch, to_tensor
+from align_diffusion.world.fit import fit
+from align_diffusion.world.prompts import splits
+from align_diffusion.world.render import render, sample_scene
+from align_diffusion.world.spec import COLORS, SHAPES, parse_prompt
 
 MAX_TOKENS = 16  # the longest prompt has 9 words, plus start and end
 
@@ -48,35 +50,24 @@ def clip_config(tokenizer) -> CLIPConfig:
     return CLIPConfig(text_config=text, vision_config=vision, projection_dim=128)
 
 
-def clip_pixels(images: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] renders to the world CLIP's input: [0, 1] images normalized by 0.5 / 0.5 (i.e. unchanged)."""
-    return images
-
-
 def train_clip(steps: int, batch_size: int = 128, seed: int = 0, log=print) -> tuple[CLIPModel, PreTrainedTokenizerFast]:
     """Contrastive training on fresh renders of every world prompt (a reward model sees the whole world)."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
     tokenizer = world_tokenizer()
     model = CLIPModel(clip_config(tokenizer))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-3, total_steps=steps, pct_start=0.1)
-    start = time.time()
-    for step in range(steps):
+
+    def batch_loss():
         prompts = balanced_prompts("train", batch_size // 2, rng) + balanced_prompts("test", batch_size // 2, rng)
         images = render_batch(prompts, rng)
         tokens = tokenizer(prompts, padding="max_length", max_length=MAX_TOKENS, return_tensors="pt")
-        out = model(input_ids=tokens.input_ids, pixel_values=clip_pixels(images))
+        out = model(input_ids=tokens.input_ids, pixel_values=images)
         # Identical prompts in a batch are all positives for each other's images.
         same = torch.tensor([[a == b for b in prompts] for a in prompts], dtype=torch.float32)
         target = same / same.sum(1, keepdim=True)
-        loss = (F.cross_entropy(out.logits_per_image, target) + F.cross_entropy(out.logits_per_text, target)) / 2
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        if step % 50 == 0 or step == steps - 1:
-            log(f"clip step {step + 1}/{steps} loss {loss.item():.3f} ({time.time() - start:.0f}s)")
+        return (F.cross_entropy(out.logits_per_image, target) + F.cross_entropy(out.logits_per_text, target)) / 2
+
+    fit("clip", model.parameters(), steps, 1e-3, batch_loss, log)
     return model.eval(), tokenizer
 
 
@@ -95,42 +86,33 @@ def _object_counts(prompts_objects) -> torch.Tensor:
 
 def train_dino(steps: int, batch_size: int = 128, seed: int = 0, log=print) -> Dinov2Model:
     """Supervised on the world: from the CLS token and mean patch token, regress how many objects of each
-    (color, shape) kind an image holds, and from each patch token, which kind (or background) covers it."""
-    from align_diffusion.world.render import render, sample_scene
-    from align_diffusion.world.spec import parse_prompt
-
+    (color, shape) kind an image holds, and from each patch token, which kind (or background) covers it.
+    Images enter scaled to [-1, 1], as the renders come (the saved image processor does the same)."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
     model = Dinov2Model(dino_config())
     hidden = model.config.hidden_size
     count_head = torch.nn.Linear(2 * hidden, len(OBJECT_KINDS))
     patch_head = torch.nn.Linear(hidden, len(OBJECT_KINDS) + 1)
-    params = [*model.parameters(), *count_head.parameters(), *patch_head.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-3, total_steps=steps, pct_start=0.1)
-    start = time.time()
-    for step in range(steps):
+
+    def batch_loss():
         prompts = balanced_prompts("train", batch_size, rng)
         scenes = [sample_scene(parse_prompt(p), random.Random(rng.getrandbits(32))) for p in prompts]
-        images = torch.stack([torch.from_numpy(render(s)) for s in scenes]).permute(0, 3, 1, 2).float() / 255
+        images = to_tensor([render(scene) for scene in scenes])
         counts = _object_counts([[(o.color, o.shape) for o in s] for s in scenes])
         patch_labels = torch.full((batch_size, 8, 8), len(OBJECT_KINDS), dtype=torch.long)
         for b, scene in enumerate(scenes):
             for obj in scene:
                 covered = torch.from_numpy(obj.mask()).float().reshape(8, 8, 8, 8).mean((1, 3)) > 0.3
                 patch_labels[b][covered] = OBJECT_KINDS.index((obj.color, obj.shape))
-        tokens = model(pixel_values=(images - 0.5) / 0.5).last_hidden_state
+        tokens = model(pixel_values=images).last_hidden_state
         cls, patches = tokens[:, 0], tokens[:, 1:]
         count_loss = F.mse_loss(count_head(torch.cat([cls, patches.mean(1)], -1)), counts)
-        patch_loss = F.cross_entropy(patch_head(patches).reshape(-1, len(OBJECT_KINDS) + 1), patch_labels.reshape(-1))
-        loss = count_loss + patch_loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        if step % 50 == 0 or step == steps - 1:
-            log(f"dino step {step + 1}/{steps} count {count_loss.item():.3f} patch {patch_loss.item():.3f} "
-                f"({time.time() - start:.0f}s)")
+        patch_logits = patch_head(patches).reshape(-1, len(OBJECT_KINDS) + 1)
+        return count_loss + F.cross_entropy(patch_logits, patch_labels.reshape(-1))
+
+    params = [*model.parameters(), *count_head.parameters(), *patch_head.parameters()]
+    fit("dino", params, steps, 1e-3, batch_loss, log)
     return model.eval()
 
 
@@ -139,8 +121,6 @@ def clip_prompt_accuracy(model: CLIPModel, tokenizer, split: str = "test", image
                          seed: int = 1) -> float:
     """How often the CLIP ranks an image's own prompt first among 6 candidates, one per category (the others
     drawn from the same split)."""
-    from align_diffusion.world.prompts import splits
-
     rng = random.Random(seed)
     by_category = splits()[split]
     correct = total = 0
@@ -150,7 +130,7 @@ def clip_prompt_accuracy(model: CLIPModel, tokenizer, split: str = "test", image
             candidates = [prompt] + others
             images = render_batch([prompt] * images_per_prompt, rng)
             tokens = tokenizer(candidates, padding="max_length", max_length=MAX_TOKENS, return_tensors="pt")
-            logits = model(input_ids=tokens.input_ids, pixel_values=clip_pixels(images)).logits_per_image
+            logits = model(input_ids=tokens.input_ids, pixel_values=images).logits_per_image
             correct += (logits.argmax(1) == 0).sum().item()
             total += images_per_prompt
     return correct / total

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import math
 import random
-import time
 
 import torch
 import torch.nn.functional as F
@@ -34,16 +33,14 @@ from transformers import (
 
 from align_diffusion.world.data import WORDS, balanced_prompts, render_batch
 from align_diffusion.world.encoders import MAX_TOKENS
+from align_diffusion.world.fit import fit
 from align_diffusion.world.spec import BACKGROUND
 
 CFG_DROPOUT = 0.1  # share of training prompts replaced by "" so classifier-free guidance works
 BACKGROUND_PIXEL = torch.tensor(BACKGROUND).view(1, 3, 1, 1) / 127.5 - 1
 
 
-def _optimizer(params, lr, steps):
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.05)
-    return optimizer, schedule
+GENERATOR_FIT = dict(weight_decay=0.0, warmup=0.05, max_grad_norm=1.0, log_every=100)
 
 
 LATENT_CHANNELS = 8
@@ -59,9 +56,8 @@ def train_vae(steps: int, batch_size: int = 32, seed: int = 0, log=print) -> Aut
         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
         norm_num_groups=16, sample_size=64, mid_block_add_attention=False,
     )
-    optimizer, schedule = _optimizer(vae.parameters(), 2e-3, steps)
-    start = time.time()
-    for step in range(steps):
+
+    def batch_loss():
         images = render_batch(balanced_prompts("train", batch_size, rng), rng)
         posterior = vae.encode(images).latent_dist
         recon = vae.decode(posterior.sample()).sample
@@ -69,13 +65,9 @@ def train_vae(steps: int, batch_size: int = 32, seed: int = 0, log=print) -> Aut
         # Objects cover a few percent of the canvas: weight their pixels up so colors and edges come out exact.
         weight = 1 + 9 * (images - BACKGROUND_PIXEL).abs().amax(1, keepdim=True).gt(0.05).float()
         error = (recon - images).abs()
-        loss = (weight * (error + error**2)).mean() + 1e-6 * kl
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        if step % 50 == 0 or step == steps - 1:
-            log(f"vae step {step + 1}/{steps} loss {loss.item():.4f} ({time.time() - start:.0f}s)")
+        return (weight * (error + error**2)).mean() + 1e-6 * kl
+
+    fit("vae", vae.parameters(), steps, 2e-3, batch_loss, log, weight_decay=0.0, warmup=0.05)
     vae.eval()
     # Latent statistics set the scaling the pipelines apply, as for the real models.
     with torch.no_grad():
@@ -218,9 +210,8 @@ def train_sd3(pipe: StableDiffusion3Pipeline, steps: int, batch_size: int = 64, 
     transformer = pipe.transformer.train()
     default_processors = transformer.attn_processors
     transformer.set_attn_processor(CompactContextAttnProcessor(log_multiplicity))
-    optimizer, schedule = _optimizer(transformer.parameters(), lr, steps)
-    start = time.time()
-    for step in range(steps):
+
+    def batch_loss():
         pick = torch.randint(0, len(latents), (batch_size,))
         ids = torch.where(torch.rand(batch_size) < CFG_DROPOUT, index[""], prompt_ids[pick])
         x0, noise = latents[pick], torch.randn_like(latents[pick])
@@ -228,14 +219,9 @@ def train_sd3(pipe: StableDiffusion3Pipeline, steps: int, batch_size: int = 64, 
         x_t = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * noise
         v = transformer(hidden_states=x_t, timestep=t * 1000, encoder_hidden_states=embeds[ids],
                         pooled_projections=pooled[ids]).sample
-        loss = F.mse_loss(v, noise - x0)
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        if step % 100 == 0 or step == steps - 1:
-            log(f"sd3 step {step + 1}/{steps} loss {loss.item():.4f} ({time.time() - start:.0f}s)")
+        return F.mse_loss(v, noise - x0)
+
+    fit("sd3", transformer.parameters(), steps, lr, batch_loss, log, **GENERATOR_FIT)
     transformer.set_attn_processor(default_processors)
     transformer.eval()
     return pipe
@@ -254,22 +240,16 @@ def train_sd(pipe: StableDiffusionPipeline, steps: int, batch_size: int = 64, da
     prompt_ids = torch.tensor([index[p] for p in prompts])
     alphas_cumprod = pipe.scheduler.alphas_cumprod
     unet = pipe.unet.train()
-    optimizer, schedule = _optimizer(unet.parameters(), lr, steps)
-    start = time.time()
-    for step in range(steps):
+
+    def batch_loss():
         pick = torch.randint(0, len(latents), (batch_size,))
         ids = torch.where(torch.rand(batch_size) < CFG_DROPOUT, index[""], prompt_ids[pick])
         x0, noise = latents[pick], torch.randn_like(latents[pick])
         t = torch.randint(0, len(alphas_cumprod), (batch_size,))
         alpha = alphas_cumprod[t].view(-1, 1, 1, 1)
         x_t = alpha.sqrt() * x0 + (1 - alpha).sqrt() * noise
-        loss = F.mse_loss(unet(x_t, t, encoder_hidden_states=embeds[ids]).sample, noise)
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        if step % 100 == 0 or step == steps - 1:
-            log(f"sd step {step + 1}/{steps} loss {loss.item():.4f} ({time.time() - start:.0f}s)")
+        return F.mse_loss(unet(x_t, t, encoder_hidden_states=embeds[ids]).sample, noise)
+
+    fit("sd", unet.parameters(), steps, lr, batch_loss, log, **GENERATOR_FIT)
     unet.eval()
     return pipe
