@@ -53,25 +53,6 @@ def add_sample_parser(subparsers) -> None:
     parser.set_defaults(run=run_sample)
 
 
-def add_eval_parser(subparsers) -> None:
-    parser = subparsers.add_parser("eval", help="score a model on a benchmark (ShapesEval on the shapes world)")
-    parser.add_argument("--model", required=True, help="diffusers model id or local folder")
-    parser.add_argument("--lora", type=Path, default=None, help="folder with a diffusers-format LoRA")
-    parser.add_argument("--benchmark", choices=["shapes"], default="shapes")
-    parser.add_argument("--split", choices=["train", "val", "test"], default="test")
-    parser.add_argument("--num-images-per-prompt", type=_positive_int, default=4)
-    parser.add_argument("--steps", type=_positive_int, default=None, help="denoising steps (default: the model's)")
-    parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
-    parser.add_argument("--sampler", choices=sorted(DEFAULT_NOISE_LEVEL), default="ode")
-    parser.add_argument("--noise-level", type=_non_negative_float, default=None)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=_positive_int, default=16)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    parser.add_argument("--out", type=Path, required=True, help="JSON file for the results")
-    parser.set_defaults(run=run_eval)
-
-
 def load_for_command(args):
     """The adapter for --model (with --lora applied), after the checks that need no model."""
     from align_diffusion.models import load_adapter
@@ -84,46 +65,6 @@ def load_for_command(args):
     if args.lora is not None:
         adapter.pipe.load_lora_weights(str(args.lora))
     return adapter
-
-
-def run_eval(args) -> None:
-    import json
-
-    from align_diffusion.world.benchmark import evaluate_shapes
-
-    if args.out.suffix != ".json":
-        raise SystemExit(f"--out: expected a .json file, got {args.out}")
-    adapter = load_for_command(args)
-    result = evaluate_shapes(
-        adapter, args.split, num_images_per_prompt=args.num_images_per_prompt, num_inference_steps=args.steps,
-        guidance_scale=args.guidance, sampler=args.sampler, noise_level=args.noise_level, seed=args.seed,
-        batch_size=args.batch_size,
-    )
-    result["settings"].update(model=str(args.model), lora=None if args.lora is None else str(args.lora))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
-    print(f"overall strict {result['overall_strict']:.3f}  graded {result['graded']:.3f}  ({result['num_images']} images)")
-    for category, accuracy in result["per_category_strict"].items():
-        print(f"  {category:<14} {accuracy:.3f}")
-
-
-def add_build_world_parser(subparsers) -> None:
-    from align_diffusion.world.build import ASSETS
-
-    parser = subparsers.add_parser("build-world", help="train every shapes-world asset from a seed (CPU, ~90 min)")
-    parser.add_argument("--out", type=Path, default=Path("assets/world"), help="folder for the assets")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--only", nargs="+", choices=ASSETS, default=list(ASSETS),
-                        help="rebuild only these assets (the others are loaded from --out)")
-    parser.add_argument("--quick", action="store_true", help="a few steps per asset: checks the plumbing only")
-    parser.set_defaults(run=run_build_world)
-
-
-def run_build_world(args) -> None:
-    from align_diffusion.world.build import QUICK_PLAN, BuildPlan, build_world
-
-    report = build_world(args.out, seed=args.seed, plan=QUICK_PLAN if args.quick else BuildPlan(), only=args.only)
-    print(f"built {', '.join(args.only)} in {report['total_seconds'] / 60:.1f} min; report in {args.out}/build_report.json")
 
 
 def read_prompts(args) -> list[str]:
@@ -163,6 +104,65 @@ def run_sample(args) -> None:
         extra_metadata={"model": str(args.model), "lora": None if args.lora is None else str(args.lora)},
     )
     print(f"wrote {len(records)} images to {args.out}")
+
+
+def add_eval_parser(subparsers) -> None:
+    parser = subparsers.add_parser("eval", help="score a model on a benchmark (ShapesEval on the shapes world)")
+    parser.add_argument("--model", required=True, help="diffusers model id or local folder")
+    parser.add_argument("--lora", type=Path, default=None, help="folder with a diffusers-format LoRA")
+    parser.add_argument("--benchmark", choices=["shapes"], default="shapes")
+    parser.add_argument("--split", choices=["train", "val", "test"], default="test")
+    parser.add_argument("--num-images-per-prompt", type=_positive_int, default=4)
+    parser.add_argument("--steps", type=_positive_int, default=None, help="denoising steps (default: the model's)")
+    parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
+    parser.add_argument("--sampler", choices=sorted(DEFAULT_NOISE_LEVEL), default="ode")
+    parser.add_argument("--noise-level", type=_non_negative_float, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=_positive_int, default=16)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--out", type=Path, required=True, help="JSON file for the results")
+    parser.set_defaults(run=run_eval)
+
+
+def run_eval(args) -> None:
+    import json
+
+    from align_diffusion.world.benchmark import evaluate_shapes
+
+    if args.out.suffix != ".json":
+        raise SystemExit(f"--out: expected a .json file, got {args.out}")
+    adapter = load_for_command(args)
+    result = evaluate_shapes(
+        adapter, args.split, num_images_per_prompt=args.num_images_per_prompt, num_inference_steps=args.steps,
+        guidance_scale=args.guidance, sampler=args.sampler, noise_level=args.noise_level, seed=args.seed,
+        batch_size=args.batch_size,
+    )
+    result["settings"].update(model=str(args.model), lora=None if args.lora is None else str(args.lora))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    print(f"overall strict {result['overall_strict']:.3f}  graded {result['graded']:.3f}  ({result['num_images']} images)")
+    for category, accuracy in result["per_category_strict"].items():
+        print(f"  {category:<14} {accuracy:.3f}")
+
+
+def add_build_world_parser(subparsers) -> None:
+    from align_diffusion.world.build import ASSETS
+
+    parser = subparsers.add_parser("build-world", help="train the shapes-world assets from a seed")
+    parser.add_argument("--out", type=Path, default=Path("assets/world"), help="folder for the assets")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--only", nargs="+", choices=ASSETS, default=list(ASSETS),
+                        help="rebuild only these assets (the others are loaded from --out)")
+    parser.add_argument("--quick", action="store_true", help="a few steps per asset: checks the plumbing only")
+    parser.set_defaults(run=run_build_world)
+
+
+def run_build_world(args) -> None:
+    from align_diffusion.world.build import QUICK_PLAN, BuildPlan, build_world
+
+    report = build_world(args.out, seed=args.seed, plan=QUICK_PLAN if args.quick else BuildPlan(), only=args.only)
+    print(f"built {', '.join(args.only)} in {report['total_seconds'] / 60:.1f} min; report in {args.out}/build_report.json")
 
 
 def main(argv: list[str] | None = None) -> None:
