@@ -72,5 +72,5 @@ def test_eval_command_writes_scores(world, tmp_path):
     assert set(result["per_category_strict"]) == {"single_object", "colors", "counting", "two_object",
                                                    "color_attr", "position"}
     assert 0 <= result["overall_strict"] <= 1 and 0 <= result["graded"] <= 1
-    assert result["settings"]["steps"] == 2 and result["num_images"] == len(result["per_image"])
+    assert result["settings"]["num_inference_steps"] == 2 and result["num_images"] == len(result["per_image"])
     assert [r["seed"] for r in result["per_image"]] == list(range(result["num_images"]))

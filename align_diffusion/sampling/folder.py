@@ -7,13 +7,14 @@ finished. Image k (prompt-major) is seeded `seed + k` whatever the batch size.
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from align_diffusion.models.base import PipelineAdapter
-from align_diffusion.sampling.loop import DEFAULT_NOISE_LEVEL, sample
+from align_diffusion.sampling.loop import resolve_settings, sample
 
 
 def sample_to_folder(
@@ -34,11 +35,7 @@ def sample_to_folder(
     progress: bool = True,
 ) -> list[dict]:
     """Writes every image and its metadata to `out_dir`; returns the metadata records."""
-    steps = num_inference_steps or adapter.default_steps
-    guidance = adapter.default_guidance if guidance_scale is None else guidance_scale
-    noise_level = DEFAULT_NOISE_LEVEL[sampler] if noise_level is None else noise_level
-    default_height, default_width = adapter.default_size
-    height, width = height or default_height, width or default_width
+    settings = resolve_settings(adapter, sampler, num_inference_steps, guidance_scale, noise_level, height, width)
     jobs = [(prompt, seed + k) for k, prompt in enumerate(p for p in prompts for _ in range(num_images_per_prompt))]
 
     images_dir = Path(out_dir) / "images"
@@ -53,12 +50,8 @@ def sample_to_folder(
                 adapter,
                 [prompt for prompt, _ in batch],
                 generators=[torch.Generator("cpu").manual_seed(image_seed) for _, image_seed in batch],
-                num_inference_steps=steps,
-                guidance_scale=guidance,
                 sampler=sampler,
-                noise_level=noise_level,
-                height=height,
-                width=width,
+                **asdict(settings),
             )
             for offset, ((prompt, image_seed), image) in enumerate(zip(batch, adapter.to_pil(trajectory.images))):
                 file = f"images/{start + offset:05d}.png"
@@ -68,11 +61,11 @@ def sample_to_folder(
                     "prompt": prompt,
                     "seed": image_seed,
                     "sampler": sampler,
-                    "noise_level": noise_level,
-                    "steps": steps,
-                    "guidance": guidance,
-                    "height": height,
-                    "width": width,
+                    "noise_level": settings.noise_level,
+                    "steps": settings.num_inference_steps,
+                    "guidance": settings.guidance_scale,
+                    "height": settings.height,
+                    "width": settings.width,
                     **(extra_metadata or {}),
                 }
                 metadata.write(json.dumps(record) + "\n")

@@ -7,7 +7,7 @@ come from that generator alone, so an image does not depend on what else is in t
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -86,6 +86,32 @@ def _step_noise(generators: list[torch.Generator], like: torch.Tensor) -> torch.
     return torch.stack(draws).to(like.device)
 
 
+@dataclass
+class Settings:
+    """A run's sampling settings with every default filled in from the model and the sampler."""
+
+    num_inference_steps: int
+    guidance_scale: float
+    noise_level: float
+    height: int
+    width: int
+
+
+def resolve_settings(
+    adapter: PipelineAdapter, sampler: str, num_inference_steps=None, guidance_scale=None, noise_level=None,
+    height=None, width=None,
+) -> Settings:
+    """Fills unset settings with the model family's (steps, guidance, size) and the sampler's (noise level)."""
+    default_height, default_width = adapter.default_size
+    return Settings(
+        num_inference_steps=num_inference_steps or adapter.default_steps,
+        guidance_scale=adapter.default_guidance if guidance_scale is None else guidance_scale,
+        noise_level=DEFAULT_NOISE_LEVEL[sampler] if noise_level is None else noise_level,
+        height=height or default_height,
+        width=width or default_width,
+    )
+
+
 @torch.no_grad()
 def sample(
     adapter: PipelineAdapter,
@@ -112,11 +138,8 @@ def sample(
     `noise_level` is the sampler's a, η or DDIM η (default: DEFAULT_NOISE_LEVEL[sampler]).
     """
     check_sampler(adapter, sampler)
-    noise_level = DEFAULT_NOISE_LEVEL[sampler] if noise_level is None else noise_level
-    num_inference_steps = num_inference_steps or adapter.default_steps
-    guidance_scale = adapter.default_guidance if guidance_scale is None else guidance_scale
-    default_height, default_width = adapter.default_size
-    height, width = height or default_height, width or default_width
+    settings = resolve_settings(adapter, sampler, num_inference_steps, guidance_scale, noise_level, height, width)
+    num_inference_steps, guidance_scale, noise_level, height, width = astuple(settings)
     adapter.check_size(height, width)
     if num_inference_steps < 1 or num_images_per_prompt < 1:
         raise ValueError("num_inference_steps and num_images_per_prompt must be at least 1")

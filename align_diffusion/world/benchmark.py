@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import torch
 from tqdm.auto import tqdm
 
 from align_diffusion.models.base import PipelineAdapter
-from align_diffusion.sampling.loop import DEFAULT_NOISE_LEVEL, sample
+from align_diffusion.sampling.loop import resolve_settings, sample
 from align_diffusion.world.evaluate import shapes_eval
 from align_diffusion.world.prompts import split_prompts
 
@@ -26,19 +28,16 @@ def evaluate_shapes(
 ) -> dict:
     """ShapesEval of `adapter`'s samples for every prompt of `split`; image k is seeded `seed + k`."""
     prompts = [p for p in split_prompts(split) for _ in range(num_images_per_prompt)]
-    steps = num_inference_steps or adapter.default_steps
-    guidance = adapter.default_guidance if guidance_scale is None else guidance_scale
-    noise_level = DEFAULT_NOISE_LEVEL[sampler] if noise_level is None else noise_level
+    settings = resolve_settings(adapter, sampler, num_inference_steps, guidance_scale, noise_level)
     images = []
     for start in tqdm(range(0, len(prompts), batch_size), desc=f"shapes {split}", disable=not progress):
         batch = prompts[start : start + batch_size]
         generators = [torch.Generator("cpu").manual_seed(seed + start + k) for k in range(len(batch))]
-        images.append(sample(adapter, batch, generators=generators, num_inference_steps=steps,
-                             guidance_scale=guidance, sampler=sampler, noise_level=noise_level).images.cpu())
+        images.append(sample(adapter, batch, generators=generators, sampler=sampler, **asdict(settings)).images.cpu())
     images = torch.cat(images)
     result = shapes_eval(prompts, images)
-    result["settings"] = {"split": split, "num_images_per_prompt": num_images_per_prompt, "steps": steps,
-                          "guidance": guidance, "sampler": sampler, "noise_level": noise_level, "seed": seed}
+    result["settings"] = {"split": split, "num_images_per_prompt": num_images_per_prompt, "sampler": sampler,
+                          "seed": seed, **asdict(settings)}
     for k, record in enumerate(result["per_image"]):
         record["seed"] = seed + k
     return result
