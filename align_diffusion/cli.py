@@ -141,7 +141,8 @@ def run_eval(args) -> None:
     result["settings"].update(model=str(args.model), lora=None if args.lora is None else str(args.lora))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
-    print(f"overall strict {result['overall_strict']:.3f}  graded {result['graded']:.3f}  ({result['num_images']} images)")
+    print(f"overall strict {result['overall_strict']:.3f}  graded {result['graded']:.3f}  "
+          f"({result['num_images']} images)")
     for category, accuracy in result["per_category_strict"].items():
         print(f"  {category:<14} {accuracy:.3f}")
 
@@ -159,10 +160,11 @@ def add_build_world_parser(subparsers) -> None:
 
 
 def run_build_world(args) -> None:
-    from align_diffusion.world.build import QUICK_PLAN, BuildPlan, build_world
+    from align_diffusion.world.build import QUICK_PLAN, build_world
 
-    report = build_world(args.out, seed=args.seed, plan=QUICK_PLAN if args.quick else BuildPlan(), only=args.only)
-    print(f"built {', '.join(args.only)} in {report['total_seconds'] / 60:.1f} min; report in {args.out}/build_report.json")
+    report = build_world(args.out, seed=args.seed, plan=QUICK_PLAN if args.quick else None, only=args.only)
+    minutes = report["total_seconds"] / 60
+    print(f"built {', '.join(args.only)} in {minutes:.1f} min; report in {args.out}/build_report.json")
 
 
 def main(argv: list[str] | None = None) -> None:

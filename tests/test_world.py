@@ -1,5 +1,6 @@
 """The shapes world: renderer properties from the spec, prompt grammar and splits, and ShapesEval."""
 
+import itertools
 import random
 
 import numpy as np
@@ -26,10 +27,9 @@ def test_renders_use_only_the_palette_and_respect_the_layout_rules():
         for obj in objects:
             assert MIN_SIDE <= obj.side <= MAX_SIDE
             assert 0 <= obj.x and obj.x + obj.side <= CANVAS and 0 <= obj.y and obj.y + obj.side <= CANVAS
-        for a, b in zip(objects, objects[1:] + objects[:1]):
-            if a is not b:  # boxes at least 2 px apart on some axis
-                assert (a.x + a.side + 2 <= b.x or b.x + b.side + 2 <= a.x
-                        or a.y + a.side + 2 <= b.y or b.y + b.side + 2 <= a.y)
+        for a, b in itertools.combinations(objects, 2):  # boxes at least 2 px apart on some axis
+            assert (a.x + a.side + 2 <= b.x or b.x + b.side + 2 <= a.x
+                    or a.y + a.side + 2 <= b.y or b.y + b.side + 2 <= a.y)
 
 
 def test_triangle_points_up_with_a_flat_base():

@@ -54,7 +54,8 @@ def check_sampler(adapter: PipelineAdapter, sampler: str) -> None:
     allowed = FLOW_SAMPLERS if adapter.is_flow else DIFFUSION_SAMPLERS
     if sampler not in allowed:
         kind = "a flow-matching" if adapter.is_flow else f"a diffusion ({adapter.prediction_type}) model"
-        raise ValueError(f"sampler {sampler!r} does not fit {kind} ({type(adapter.pipe).__name__}); use one of {allowed}")
+        pipeline = type(adapter.pipe).__name__
+        raise ValueError(f"sampler {sampler!r} does not fit {kind} ({pipeline}); use one of {allowed}")
 
 
 def take_step(

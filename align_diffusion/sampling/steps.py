@@ -105,7 +105,9 @@ def dance_sde_step(
     return _finish(mean, std, x - sigma * v, noise, prev_sample, reduce)
 
 
-def cps_step(v, x, sigma, sigma_next, noise_level: float, noise=None, prev_sample=None, reduce: str = "mean") -> StepOutput:
+def cps_step(
+    v, x, sigma, sigma_next, noise_level: float, noise=None, prev_sample=None, reduce: str = "mean"
+) -> StepOutput:
     """Coefficients-preserving sampling: x̂0 = x - t·v, x̂1 = x + (1-t)·v, s = t_next·sin(aπ/2),
     mean = (1 - t_next)·x̂0 + √(t_next² - s²)·x̂1, std s.
 

@@ -13,7 +13,6 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
 from diffusers import AutoencoderKL
 from transformers import AutoTokenizer, BitImageProcessor, CLIPImageProcessor, CLIPModel
 
@@ -48,14 +47,15 @@ class BuildPlan:
 QUICK_PLAN = BuildPlan(clip_steps=20, dino_steps=10, vae_steps=20, sd3_steps=20, sd_steps=20, dataset_size=512)
 
 
-def build_world(out: str | Path, seed: int = 0, plan: BuildPlan = BuildPlan(), only=ASSETS, log=print) -> dict:
-    """Trains and saves the assets named in `only` under `out`; returns a report of times and metrics."""
+def build_world(out: str | Path, seed: int = 0, plan: BuildPlan | None = None, only=ASSETS, log=print) -> dict:
+    """Trains and saves the assets named in `only` under `out` (default plan: `BuildPlan()`); returns a report of
+    times and metrics."""
+    plan = plan or BuildPlan()
     unknown = set(only) - set(ASSETS)
     if unknown:
         raise ValueError(f"unknown assets {sorted(unknown)}; choose from {ASSETS}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
     report = {"seed": seed, "plan": asdict(plan), "seconds": {}}
     start = time.time()
 

@@ -50,7 +50,9 @@ def clip_config(tokenizer) -> CLIPConfig:
     return CLIPConfig(text_config=text, vision_config=vision, projection_dim=128)
 
 
-def train_clip(steps: int, batch_size: int = 128, seed: int = 0, log=print) -> tuple[CLIPModel, PreTrainedTokenizerFast]:
+def train_clip(
+    steps: int, batch_size: int = 128, seed: int = 0, log=print
+) -> tuple[CLIPModel, PreTrainedTokenizerFast]:
     """Contrastive training on fresh renders of every world prompt (a reward model sees the whole world)."""
     torch.manual_seed(seed)
     rng = random.Random(seed)

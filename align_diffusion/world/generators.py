@@ -106,7 +106,8 @@ class CompactContextAttnProcessor(torch.nn.Module):
         def heads(x):
             return x.view(batch, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
 
-        query, key, value = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)), heads(attn.to_v(hidden_states))
+        query, key = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states))
+        value = heads(attn.to_v(hidden_states))
         if attn.norm_q is not None:
             query, key = attn.norm_q(query), attn.norm_k(key)
         context_query = heads(attn.add_q_proj(encoder_hidden_states))
@@ -154,7 +155,8 @@ def world_sd3_pipeline(vae, clip: CLIPModel, tokenizer, layers: int = 6, heads: 
     width = clip.config.text_config.hidden_size
     t5, t5_tokenizer = silent_t5(2 * width)
     transformer = SD3Transformer2DModel(
-        sample_size=16, patch_size=2, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS, num_layers=layers, attention_head_dim=64,
+        sample_size=16, patch_size=2, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS, num_layers=layers,
+        attention_head_dim=64,
         num_attention_heads=heads, joint_attention_dim=2 * width, caption_projection_dim=64 * heads,
         pooled_projection_dim=2 * clip.config.projection_dim, pos_embed_max_size=16,
     )
@@ -168,7 +170,8 @@ def world_sd3_pipeline(vae, clip: CLIPModel, tokenizer, layers: int = 6, heads: 
 def world_sd_pipeline(vae, clip: CLIPModel, tokenizer) -> StableDiffusionPipeline:
     _, plain = text_towers(clip)
     unet = UNet2DConditionModel(
-        sample_size=16, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS, block_out_channels=(64, 128), layers_per_block=1,
+        sample_size=16, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS, block_out_channels=(64, 128),
+        layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=clip.config.text_config.hidden_size, attention_head_dim=32, norm_num_groups=32,
