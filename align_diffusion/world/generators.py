@@ -197,6 +197,13 @@ def _dataset(pipe, count: int, batch_size: int, rng: random.Random, log, shift: 
     return prompts, torch.cat(latents)
 
 
+def _draw(latents, prompt_ids, empty_id: int, batch_size: int):
+    """A random batch of training latents with their prompt ids (CFG_DROPOUT of them the empty prompt) and noise."""
+    pick = torch.randint(0, len(latents), (batch_size,))
+    ids = torch.where(torch.rand(batch_size) < CFG_DROPOUT, empty_id, prompt_ids[pick])
+    return ids, latents[pick], torch.randn_like(latents[pick])
+
+
 def train_sd3(pipe: StableDiffusion3Pipeline, steps: int, batch_size: int = 64, dataset_size: int = 40000,
               lr: float = 5e-4, seed: int = 0, log=print) -> StableDiffusion3Pipeline:
     """Rectified-flow training (logit-normal t, velocity target ε - x0) with CFG dropout."""
@@ -215,9 +222,7 @@ def train_sd3(pipe: StableDiffusion3Pipeline, steps: int, batch_size: int = 64, 
     transformer.set_attn_processor(CompactContextAttnProcessor(log_multiplicity))
 
     def batch_loss():
-        pick = torch.randint(0, len(latents), (batch_size,))
-        ids = torch.where(torch.rand(batch_size) < CFG_DROPOUT, index[""], prompt_ids[pick])
-        x0, noise = latents[pick], torch.randn_like(latents[pick])
+        ids, x0, noise = _draw(latents, prompt_ids, index[""], batch_size)
         t = torch.sigmoid(torch.randn(batch_size))
         x_t = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * noise
         v = transformer(hidden_states=x_t, timestep=t * 1000, encoder_hidden_states=embeds[ids],
@@ -245,9 +250,7 @@ def train_sd(pipe: StableDiffusionPipeline, steps: int, batch_size: int = 64, da
     unet = pipe.unet.train()
 
     def batch_loss():
-        pick = torch.randint(0, len(latents), (batch_size,))
-        ids = torch.where(torch.rand(batch_size) < CFG_DROPOUT, index[""], prompt_ids[pick])
-        x0, noise = latents[pick], torch.randn_like(latents[pick])
+        ids, x0, noise = _draw(latents, prompt_ids, index[""], batch_size)
         t = torch.randint(0, len(alphas_cumprod), (batch_size,))
         alpha = alphas_cumprod[t].view(-1, 1, 1, 1)
         x_t = alpha.sqrt() * x0 + (1 - alpha).sqrt() * noise
