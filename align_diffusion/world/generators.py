@@ -197,8 +197,15 @@ def _dataset(pipe, count: int, batch_size: int, rng: random.Random, log, shift: 
     return prompts, torch.cat(latents)
 
 
+def _prompt_table(prompts: list[str]) -> tuple[list[str], torch.Tensor]:
+    """The distinct prompts (the empty one last, for CFG dropout) and each training image's index into them."""
+    unique = sorted(set(prompts)) + [""]
+    index = {p: i for i, p in enumerate(unique)}
+    return unique, torch.tensor([index[p] for p in prompts])
+
+
 def _draw(latents, prompt_ids, empty_id: int, batch_size: int):
-    """A random batch of training latents with their prompt ids (CFG_DROPOUT of them the empty prompt) and noise."""
+    """A random batch of training latents with their prompt ids (CFG_DROPOUT of them `empty_id`) and noise."""
     pick = torch.randint(0, len(latents), (batch_size,))
     ids = torch.where(torch.rand(batch_size) < CFG_DROPOUT, empty_id, prompt_ids[pick])
     return ids, latents[pick], torch.randn_like(latents[pick])
@@ -210,19 +217,17 @@ def train_sd3(pipe: StableDiffusion3Pipeline, steps: int, batch_size: int = 64, 
     torch.manual_seed(seed)
     rng = random.Random(seed)
     prompts, latents = _dataset(pipe, dataset_size, 256, rng, log, shift=True)
-    unique = sorted(set(prompts)) + [""]
+    unique, prompt_ids = _prompt_table(prompts)
     with torch.no_grad():
         embeds, _, pooled, _ = pipe.encode_prompt(unique, None, None, do_classifier_free_guidance=False)
     embeds, log_multiplicity = compact_context(embeds)
-    index = {p: i for i, p in enumerate(unique)}
-    prompt_ids = torch.tensor([index[p] for p in prompts])
 
     transformer = pipe.transformer.train()
     default_processors = transformer.attn_processors
     transformer.set_attn_processor(CompactContextAttnProcessor(log_multiplicity))
 
     def batch_loss():
-        ids, x0, noise = _draw(latents, prompt_ids, index[""], batch_size)
+        ids, x0, noise = _draw(latents, prompt_ids, len(unique) - 1, batch_size)
         t = torch.sigmoid(torch.randn(batch_size))
         x_t = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * noise
         v = transformer(hidden_states=x_t, timestep=t * 1000, encoder_hidden_states=embeds[ids],
@@ -241,16 +246,14 @@ def train_sd(pipe: StableDiffusionPipeline, steps: int, batch_size: int = 64, da
     torch.manual_seed(seed)
     rng = random.Random(seed)
     prompts, latents = _dataset(pipe, dataset_size, 256, rng, log, shift=False)
-    unique = sorted(set(prompts)) + [""]
+    unique, prompt_ids = _prompt_table(prompts)
     with torch.no_grad():
-        embeds, _ = pipe.encode_prompt(unique, "cpu", 1, False)
-    index = {p: i for i, p in enumerate(unique)}
-    prompt_ids = torch.tensor([index[p] for p in prompts])
+        embeds, _ = pipe.encode_prompt(unique, pipe.device, 1, False)
     alphas_cumprod = pipe.scheduler.alphas_cumprod
     unet = pipe.unet.train()
 
     def batch_loss():
-        ids, x0, noise = _draw(latents, prompt_ids, index[""], batch_size)
+        ids, x0, noise = _draw(latents, prompt_ids, len(unique) - 1, batch_size)
         t = torch.randint(0, len(alphas_cumprod), (batch_size,))
         alpha = alphas_cumprod[t].view(-1, 1, 1, 1)
         x_t = alpha.sqrt() * x0 + (1 - alpha).sqrt() * noise

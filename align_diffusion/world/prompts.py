@@ -7,6 +7,7 @@ ordered shape pairs and (relation, shape, shape) triples. Training images may st
 
 from __future__ import annotations
 
+import functools
 import itertools
 import random
 
@@ -65,12 +66,14 @@ def is_held_out(prompt: str) -> bool:
     return False
 
 
+@functools.cache
 def splits(seed: int = 0) -> dict[str, dict[str, list[str]]]:
     """{"train" | "val" | "test": {category: prompts}}, deterministic in `seed`.
 
     train: every prompt that names no held-out combination. val: a sample of those (the training distribution,
     for monitoring). test: held-out prompts, at most TEST_PROMPTS_PER_CATEGORY per category; single_object has no
-    combination to hold out, so its three prompts appear in every split.
+    combination to hold out, so its three prompts appear in every split. Cached (training draws from it every
+    step): treat the result as read-only.
     """
     rng = random.Random(seed)
     result = {"train": {}, "val": {}, "test": {}}
