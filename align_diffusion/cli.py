@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -167,12 +168,54 @@ def run_build_world(args) -> None:
     print(f"built {', '.join(args.only)} in {minutes:.1f} min; report in {args.out}/build_report.json")
 
 
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be in 0..65535 (0 picks a free port), got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def add_serve_reward_parser(subparsers) -> None:
+    from align_diffusion.rewards.remote import TOKEN_ENV
+
+    parser = subparsers.add_parser("serve-reward", help="serve a reward over HTTP for `remote:URL` clients")
+    parser.add_argument("--reward", required=True, help="reward spec, e.g. shapes, pickscore, clip:PATH")
+    parser.add_argument("--host", default="127.0.0.1", help="interface to bind (the token travels in clear)")
+    parser.add_argument("--port", type=_port, default=8000, help="0 picks a free port")
+    parser.add_argument("--token", default=None,
+                        help=f"bearer token clients must send (default: ${TOKEN_ENV}, which keeps it out of ps)")
+    parser.add_argument("--max-body-mb", type=_positive_float, default=64, help="largest request body accepted")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.set_defaults(run=run_serve_reward)
+
+
+def run_serve_reward(args) -> None:
+    from align_diffusion.rewards.remote import TOKEN_ENV
+    from align_diffusion.rewards.server import serve
+    from align_diffusion.rewards.spec import load_reward
+
+    token = args.token or os.environ.get(TOKEN_ENV)
+    if not token:
+        raise SystemExit(f"align-diffusion serve-reward: no token; pass --token or set {TOKEN_ENV}")
+    reward = load_reward(args.reward, device=args.device, dtype=DTYPES[args.dtype])
+    serve(reward, args.host, args.port, token=token, max_body_bytes=int(args.max_body_mb * 2**20))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="align-diffusion", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_sample_parser(subparsers)
     add_eval_parser(subparsers)
     add_build_world_parser(subparsers)
+    add_serve_reward_parser(subparsers)
     args = parser.parse_args(argv)
     try:
         args.run(args)

@@ -1,0 +1,72 @@
+"""The one reward interface: a batch of images with their prompts in, one float per image out.
+
+Images come as a (B, 3, H, W) tensor in [0, 1] or a list of PIL images. A reward that cannot score an image
+returns NaN for it (callers count and mask those) or raises; it never substitutes a default score. Flags say
+what a caller may do with a reward: backpropagate through it, must pass reference images, may train it, or must
+save its state with a checkpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+class RewardError(RuntimeError):
+    """A reward could not score a batch at all (a missing model file, an unreachable server, ...)."""
+
+
+def images_to_tensor(images) -> torch.Tensor:
+    """(B, 3, H, W) float in [0, 1] from such a tensor (returned as is, so gradients flow) or a list of PIL images."""
+    if isinstance(images, torch.Tensor):
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
+        return images
+    if not isinstance(images, Sequence) or not all(isinstance(image, Image.Image) for image in images):
+        raise TypeError("images must be a (B, 3, H, W) tensor in [0, 1] or a list of PIL images")
+    arrays = [np.asarray(image.convert("RGB"), dtype=np.float32) / 255 for image in images]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+
+
+def images_to_pil(images) -> list[Image.Image]:
+    if isinstance(images, torch.Tensor):
+        pixels = (images_to_tensor(images).detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
+        return [Image.fromarray(array) for array in pixels.permute(0, 2, 3, 1).cpu().numpy()]
+    return [image.convert("RGB") for image in images]
+
+
+class Reward(torch.nn.Module):
+    """Base class: subclasses implement `score(images, prompts, metadata)` on a (B, 3, H, W) tensor in [0, 1]."""
+
+    differentiable: bool = False  # gradients reach the pixels through `score`
+    needs_reference: bool = False  # metadata must carry reference images
+    trainable: bool = False  # has parameters a trainer may update (e.g. the adversarial DINO head)
+    stateful: bool = False  # keeps state that a checkpoint must save (`state_dict`)
+
+    def __init__(self, name: str):
+        super().__init__()
+        self.name = name
+
+    def forward(self, images, prompts: Sequence[str], metadata: Sequence[dict] | None = None) -> torch.Tensor:
+        """Rewards (B,) float32; NaN where an image could not be scored."""
+        images = images_to_tensor(images)
+        prompts = list(prompts)
+        if len(prompts) != len(images):
+            raise ValueError(f"{self.name}: {len(prompts)} prompts for {len(images)} images")
+        if metadata is not None and len(metadata) != len(images):
+            raise ValueError(f"{self.name}: {len(metadata)} metadata entries for {len(images)} images")
+        if not self.differentiable:
+            images = images.detach()
+        rewards = self.score(images, prompts, metadata)
+        if rewards.shape != (len(images),):
+            raise RewardError(f"{self.name} returned shape {tuple(rewards.shape)} for {len(images)} images")
+        return rewards.float()
+
+    def score(self, images: torch.Tensor, prompts: list[str], metadata: Sequence[dict] | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.name!r})"

@@ -1,0 +1,135 @@
+"""CLIP-family preference rewards: CLIPScore and PickScore (transformers `CLIPModel`), HPSv2 / v2.1 (an open_clip
+model plus a weights file) and the LAION aesthetic predictor (CLIP ViT-L/14 image embedding and an MLP head).
+
+All are differentiable: images go through `TorchImageTransform`, never PIL.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoProcessor, CLIPModel
+
+from align_diffusion.rewards.base import Reward
+from align_diffusion.rewards.preprocess import TorchImageTransform
+
+PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"
+PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+HPS_ARCH = "ViT-H-14"
+AESTHETIC_CLIP = "openai/clip-vit-large-patch14"
+
+
+class _TransformersClip(Reward):
+    """Cosine similarity of a transformers CLIP model's normalized image and text embeddings, times `scale`."""
+
+    differentiable = True
+
+    def __init__(self, name: str, model: str, processor: str | None, device=None, dtype=torch.float32):
+        super().__init__(name)
+        self.model = CLIPModel.from_pretrained(model, dtype=dtype).to(device).eval().requires_grad_(False)
+        loaded = AutoProcessor.from_pretrained(processor or model)
+        self.tokenizer, image_processor = loaded.tokenizer, loaded.image_processor
+        self.transform = TorchImageTransform.from_processor(image_processor)
+        self.max_length = self.model.config.text_config.max_position_embeddings
+
+    def cosine(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        device, dtype = self.model.device, self.model.dtype
+        pixels = self.transform(images.to(device, torch.float32)).to(dtype)
+        tokens = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=self.max_length,
+                                return_tensors="pt").to(device)
+        image_embeds = F.normalize(self.model.get_image_features(pixel_values=pixels).pooler_output.float(), dim=-1)
+        text_embeds = F.normalize(self.model.get_text_features(**tokens).pooler_output.float(), dim=-1)
+        return (image_embeds * text_embeds).sum(-1)
+
+
+class ClipScore(_TransformersClip):
+    """CLIPScore (Hessel et al. 2021): 2.5 · max(cos(image, prompt), 0). Spec `clip:ID_OR_PATH`."""
+
+    def __init__(self, model: str, processor: str | None = None, device=None, dtype=torch.float32):
+        super().__init__("clip", model, processor, device, dtype)
+
+    def score(self, images, prompts, metadata):
+        return 2.5 * self.cosine(images, prompts).clamp(min=0)
+
+
+class PickScore(_TransformersClip):
+    """PickScore (Kirstain et al. 2023): the model's logit scale times the cosine. Spec `pickscore[:ID_OR_PATH]`;
+    the published model reads images with the CLIP-ViT-H-14 processor, used when `model` is the default."""
+
+    def __init__(self, model: str = PICKSCORE_MODEL, processor: str | None = None, device=None,
+                 dtype=torch.float32):
+        if processor is None and model == PICKSCORE_MODEL:
+            processor = PICKSCORE_PROCESSOR
+        super().__init__("pickscore", model, processor, device, dtype)
+
+    def score(self, images, prompts, metadata):
+        return self.model.logit_scale.exp().float() * self.cosine(images, prompts)
+
+
+class HPSv2(Reward):
+    """HPSv2 / v2.1 (Wu et al. 2023): an open_clip model (ViT-H-14 as published) with fine-tuned weights from a
+    file; reward = cosine of the normalized image and text features. Spec `hpsv2:WEIGHTS` or
+    `hpsv2:ARCH:WEIGHTS` (ARCH an open_clip model name, e.g. one registered with `open_clip.add_model_config`)."""
+
+    differentiable = True
+
+    def __init__(self, weights: str | Path, arch: str = HPS_ARCH, device=None, dtype=torch.float32):
+        import open_clip
+
+        super().__init__("hpsv2")
+        if not Path(weights).is_file():
+            raise FileNotFoundError(f"hpsv2: weights file {weights} not found")
+        model = open_clip.create_model(arch, pretrained=None)
+        checkpoint = torch.load(weights, map_location="cpu", weights_only=True)
+        model.load_state_dict(checkpoint.get("state_dict", checkpoint))
+        self.model = model.to(device, dtype).eval().requires_grad_(False)
+        self.tokenizer = open_clip.get_tokenizer(arch)
+        self.transform = TorchImageTransform.from_open_clip(model.visual)
+
+    def score(self, images, prompts, metadata):
+        parameter = next(self.model.parameters())
+        pixels = self.transform(images.to(parameter.device, torch.float32)).to(parameter.dtype)
+        image_features = F.normalize(self.model.encode_image(pixels).float(), dim=-1)
+        text_features = F.normalize(self.model.encode_text(self.tokenizer(prompts).to(parameter.device)).float(),
+                                    dim=-1)
+        return (image_features * text_features).sum(-1)
+
+
+class AestheticHead(torch.nn.Module):
+    """The LAION aesthetic predictor's MLP (keys `layers.0` … `layers.7` as in its published weights)."""
+
+    def __init__(self, in_features: int):
+        super().__init__()
+        self.layers = torch.nn.Sequential(
+            torch.nn.Linear(in_features, 1024), torch.nn.Dropout(0.2), torch.nn.Linear(1024, 128),
+            torch.nn.Dropout(0.2), torch.nn.Linear(128, 64), torch.nn.Dropout(0.1), torch.nn.Linear(64, 16),
+            torch.nn.Linear(16, 1),
+        )
+
+    def forward(self, embeddings):
+        return self.layers(embeddings)
+
+
+class Aesthetic(Reward):
+    """LAION aesthetic score: MLP head on the L2-normalized CLIP image embedding. Spec `aesthetic:HEAD` (CLIP
+    ViT-L/14) or `aesthetic:CLIP_ID_OR_PATH:HEAD`."""
+
+    differentiable = True
+
+    def __init__(self, head: str | Path, clip: str = AESTHETIC_CLIP, device=None, dtype=torch.float32):
+        super().__init__("aesthetic")
+        if not Path(head).is_file():
+            raise FileNotFoundError(f"aesthetic: head weights file {head} not found")
+        self.model = CLIPModel.from_pretrained(clip, dtype=dtype).to(device).eval().requires_grad_(False)
+        self.transform = TorchImageTransform.from_processor(AutoProcessor.from_pretrained(clip).image_processor)
+        state = torch.load(head, map_location="cpu", weights_only=True)
+        self.head = AestheticHead(state["layers.0.weight"].shape[1])
+        self.head.load_state_dict(state)
+        self.head.to(device).eval().requires_grad_(False)
+
+    def score(self, images, prompts, metadata):
+        pixels = self.transform(images.to(self.model.device, torch.float32)).to(self.model.dtype)
+        embeddings = F.normalize(self.model.get_image_features(pixel_values=pixels).pooler_output.float(), dim=-1)
+        return self.head(embeddings).squeeze(-1)

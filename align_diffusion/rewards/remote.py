@@ -1,0 +1,124 @@
+"""A reward scored by a reward server (server.py) over HTTP. Spec `remote:URL`, e.g. `remote:http://127.0.0.1:8000`.
+
+The token comes from the constructor or the ALIGN_DIFFUSION_REWARD_TOKEN environment variable. Connection errors,
+timeouts and 5xx answers are retried with exponential backoff; a 4xx answer, a malformed response or the last
+failed attempt raises RewardError. There is no default score: either every image gets its server's score (NaN where
+the server could not score it) or the call raises.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import io
+import json
+import logging
+import math
+import os
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+
+import torch
+
+from align_diffusion.rewards.base import Reward, RewardError, images_to_pil
+
+logger = logging.getLogger(__name__)
+
+TOKEN_ENV = "ALIGN_DIFFUSION_REWARD_TOKEN"
+
+# No proxy: the bearer token must go to the server named in the URL, not to whatever http_proxy names.
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def encode_png(image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=1)  # encoding time matters more than bytes on a local link
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def parse_rewards(payload: bytes, batch_size: int, url: str) -> torch.Tensor:
+    """(B,) float32 from a /score answer, null → NaN; RewardError unless it holds exactly B numbers or nulls."""
+    try:
+        rewards = json.loads(payload)["rewards"]
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+        rewards = None
+    ok = isinstance(rewards, list) and len(rewards) == batch_size and all(
+        value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)) for value in rewards
+    )
+    if not ok:
+        raise RewardError(f"reward server {url} gave a malformed answer for {batch_size} images: {payload[:200]!r}")
+    return torch.tensor([math.nan if value is None else float(value) for value in rewards], dtype=torch.float32)
+
+
+def _error_message(error: urllib.error.HTTPError) -> str:
+    """The server's {"error": ...} text, or the start of whatever body came with the status."""
+    try:
+        body = error.read()
+    except (OSError, http.client.HTTPException):
+        return error.reason
+    try:
+        return str(json.loads(body)["error"])
+    except (ValueError, KeyError, TypeError):
+        return body[:200].decode(errors="replace") or str(error.reason)
+
+
+class RemoteReward(Reward):
+    """The score of a reward server at `url`. `timeout` is in seconds per socket operation, `attempts` counts
+    the first try, `backoff` is the first wait between attempts (doubled after each)."""
+
+    differentiable = False  # only numbers come back
+
+    def __init__(self, url: str, token: str | None = None, *, timeout: float = 60.0, attempts: int = 3,
+                 backoff: float = 0.5):
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(f"remote reward URL must look like http://HOST:PORT, got {url!r}")
+        token = token or os.environ.get(TOKEN_ENV)
+        if not token:
+            raise ValueError(f"remote reward {url}: no token; pass token= or set {TOKEN_ENV}")
+        if attempts < 1:
+            raise ValueError(f"attempts must be at least 1, got {attempts}")
+        super().__init__(f"remote:{url}")
+        self.url = url.rstrip("/")
+        self.token = token
+        self.timeout = timeout
+        self.attempts = attempts
+        self.backoff = backoff
+
+    def score(self, images, prompts, metadata):
+        request = {"prompts": prompts, "images": [encode_png(image) for image in images_to_pil(images)]}
+        if metadata is not None:
+            request["metadata"] = list(metadata)
+        try:
+            body = json.dumps(request, allow_nan=False).encode()
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{self.name}: metadata must be plain JSON to reach a reward server: {error}") from None
+        return parse_rewards(self.post(body), len(prompts), self.url)
+
+    def post(self, body: bytes) -> bytes:
+        """The body of a 200 answer to POST /score, after up to `attempts` tries."""
+        request = urllib.request.Request(
+            f"{self.url}/score", data=body, method="POST",
+            headers={"Content-Type": "application/json", "Authorization": f"Bearer {self.token}"},
+        )
+        for attempt in range(1, self.attempts + 1):
+            try:
+                with _OPENER.open(request, timeout=self.timeout) as response:
+                    return response.read()
+            except urllib.error.HTTPError as error:
+                cause = f"HTTP {error.code}: {_error_message(error)}"
+                if error.code == 413:
+                    raise RewardError(f"reward server {self.url} refused a {len(body)}-byte batch ({cause}); "
+                                      "send smaller batches or raise the server's --max-body-mb") from None
+                if error.code < 500:
+                    raise RewardError(f"reward server {self.url}: {cause}") from None
+            except (OSError, http.client.HTTPException) as error:  # URLError, timeouts, resets, cut answers
+                cause = f"{type(error).__name__}: {error}"
+            if attempt < self.attempts:
+                delay = self.backoff * 2 ** (attempt - 1)
+                logger.warning("reward server %s, attempt %d of %d failed (%s); retrying in %.2f s",
+                               self.url, attempt, self.attempts, cause, delay)
+                time.sleep(delay)
+        raise RewardError(f"reward server {self.url} failed after {self.attempts} attempts: {cause}")

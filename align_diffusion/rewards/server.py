@@ -1,0 +1,218 @@
+"""Serve any reward over HTTP, so that a trainer on one machine can score with a model loaded on another.
+
+Standard library only. `POST /score` takes `{"prompts": [...], "images": [base64 PNG, ...], "metadata": [...]}`
+(metadata optional) with `Authorization: Bearer TOKEN` and answers `{"rewards": [...]}`, NaN sent as null.
+`GET /health` answers `{"status": "ok", "reward": NAME}` without a token. Errors answer `{"error": MESSAGE}`:
+401 bad token, 400 bad request (or input the reward refuses with ValueError), 404 unknown path, 411 no
+Content-Length, 413 body too large, 500 the reward raised anything else.
+
+The token travels in clear over plain HTTP: keep the default 127.0.0.1 and reach the server through an SSH tunnel
+(or put a TLS proxy in front) rather than binding a public interface.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import io
+import json
+import logging
+import math
+import socket
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import torch
+from PIL import Image
+
+from align_diffusion.rewards.base import Reward, images_to_tensor
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_BODY_BYTES = 64 * 2**20
+MAX_IMAGE_PIXELS = 4096 * 4096  # a small PNG can inflate to gigabytes; refuse from the header before decoding
+
+
+class RequestError(Exception):
+    """A request the server refuses; `status` is the HTTP code."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def decode_image(text) -> Image.Image:
+    """An RGB PIL image from a base64-encoded PNG (or any format PIL reads); RequestError 400 if it is not one."""
+    if not isinstance(text, str):
+        raise RequestError(400, f"images must be base64 strings, got {type(text).__name__}")
+    try:
+        data = base64.b64decode(text, validate=True)
+        image = Image.open(io.BytesIO(data))
+        if image.width * image.height > MAX_IMAGE_PIXELS:
+            raise RequestError(400, f"image of {image.width}x{image.height} exceeds {MAX_IMAGE_PIXELS} pixels")
+        return image.convert("RGB")
+    except (binascii.Error, OSError, ValueError, Image.DecompressionBombError) as error:
+        raise RequestError(400, f"undecodable image: {error}") from None
+
+
+def parse_score_request(body: bytes) -> tuple[torch.Tensor, list[str], list[dict] | None]:
+    """(images (B, 3, H, W), prompts, metadata) from a /score body; RequestError 400 on anything malformed."""
+    try:
+        request = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise RequestError(400, f"body is not JSON: {error}") from None
+    if not isinstance(request, dict):
+        raise RequestError(400, "body must be a JSON object")
+    missing = [key for key in ("prompts", "images") if key not in request]
+    if missing:
+        raise RequestError(400, f"missing keys: {missing}")
+    prompts, encoded, metadata = request["prompts"], request["images"], request.get("metadata")
+    if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+        raise RequestError(400, "prompts must be a list of strings")
+    if not isinstance(encoded, list):
+        raise RequestError(400, "images must be a list of base64 strings")
+    if len(prompts) != len(encoded):
+        raise RequestError(400, f"{len(prompts)} prompts for {len(encoded)} images")
+    if not prompts:
+        raise RequestError(400, "empty batch")
+    if metadata is not None:
+        if not isinstance(metadata, list) or not all(isinstance(m, dict) for m in metadata):
+            raise RequestError(400, "metadata must be a list of objects")
+        if len(metadata) != len(prompts):
+            raise RequestError(400, f"{len(metadata)} metadata entries for {len(prompts)} images")
+    images = [decode_image(text) for text in encoded]
+    sizes = {image.size for image in images}
+    if len(sizes) > 1:
+        raise RequestError(400, f"images of different sizes in one batch: {sorted(sizes)}")
+    return images_to_tensor(images), prompts, metadata
+
+
+class RewardServer(ThreadingHTTPServer):
+    """A threading HTTP server around one reward; `url` is where it listens."""
+
+    daemon_threads = True  # a request stuck in a reward must not block shutdown
+    request_queue_size = 64  # the default backlog of 5 drops connections under a few busy clients
+
+    def __init__(self, reward: Reward, address: tuple[str, int], token: str, max_body_bytes: int):
+        if not token:
+            raise ValueError("the reward server needs a non-empty token")
+        if max_body_bytes < 1:
+            raise ValueError(f"max_body_bytes must be positive, got {max_body_bytes}")
+        super().__init__(address, RewardRequestHandler)
+        self.reward = reward
+        self.token = token.encode()
+        self.max_body_bytes = max_body_bytes
+        self.score_lock = threading.Lock()  # models are not thread-safe; decoding runs outside it
+
+    def handle_error(self, request, client_address):
+        logger.warning("request from %s failed", client_address[0], exc_info=sys.exc_info())
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def score(self, images: torch.Tensor, prompts: list[str], metadata) -> list[float | None]:
+        with self.score_lock, torch.no_grad():
+            rewards = self.reward(images, prompts, metadata)
+        values = rewards.detach().cpu().double().tolist()
+        if any(math.isinf(v) for v in values):
+            raise ValueError(f"reward {self.reward.name} returned an infinite score: {values}")
+        return [None if math.isnan(v) else v for v in values]
+
+
+class RewardRequestHandler(BaseHTTPRequestHandler):
+    server: RewardServer
+    timeout = 60  # seconds a client may take to send its request before the connection is dropped
+
+    def do_GET(self):
+        if self.path != "/health":
+            return self.reject(404, f"unknown path {self.path}")
+        self.send_json(200, {"status": "ok", "reward": self.server.reward.name,
+                             "max_body_bytes": self.server.max_body_bytes})
+
+    def do_POST(self):
+        if self.path != "/score":
+            return self.reject(404, f"unknown path {self.path}")
+        if not self.authorized():
+            return self.reject(401, "missing or wrong token")
+        length = self.headers.get("Content-Length")
+        if length is None:
+            return self.reject(411, "Content-Length required")
+        try:
+            length = int(length)
+        except ValueError:
+            return self.reject(400, f"bad Content-Length {length!r}")
+        if length < 0:
+            return self.reject(400, f"bad Content-Length {length}")
+        if length > self.server.max_body_bytes:
+            return self.reject(413, f"body of {length} bytes exceeds the server's {self.server.max_body_bytes}")
+        body = self.rfile.read(length)
+        if len(body) < length:
+            return self.send_json(400, {"error": f"body ended after {len(body)} of {length} bytes"})
+        try:
+            images, prompts, metadata = parse_score_request(body)
+        except RequestError as error:
+            return self.send_json(error.status, {"error": str(error)})
+        try:
+            rewards = self.server.score(images, prompts, metadata)
+        except ValueError as error:  # the reward refused this input (e.g. a prompt outside its grammar)
+            return self.send_json(400, {"error": f"reward {self.server.reward.name} refused the batch: {error}"})
+        except Exception as error:
+            logger.exception("reward %s failed on a batch of %d", self.server.reward.name, len(prompts))
+            return self.send_json(500, {"error": f"reward {self.server.reward.name} failed: {error!r}"})
+        self.send_json(200, {"rewards": rewards})
+
+    def authorized(self) -> bool:
+        scheme, _, token = self.headers.get("Authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.server.token)
+
+    def reject(self, status: int, message: str) -> None:
+        """Answer an error before reading the body, then close the connection without losing the answer."""
+        self.send_json(status, {"error": message})
+        self.close_connection = True
+        # Closing a socket with unread bytes makes the kernel send a reset, which can destroy the answer before
+        # the client reads it: signal the end of the answer, then discard what the client sends, for a bounded time.
+        try:
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_WR)
+            self.connection.settimeout(0.2)
+            deadline = time.monotonic() + 2.0
+            while time.monotonic() < deadline and self.connection.recv(65536):
+                pass
+        except OSError:
+            pass
+
+    def send_json(self, status: int, payload: dict) -> None:
+        data = json.dumps(payload, allow_nan=False).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format, *args):
+        logger.debug("%s %s", self.address_string(), format % args)
+
+
+def make_server(reward: Reward, host: str = "127.0.0.1", port: int = 0, *, token: str,
+                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> RewardServer:
+    """A server bound to (host, port) and not yet serving: run `serve_forever()` (in a thread, for tests).
+    Port 0 picks a free port; read it from `server.url` or `server.server_address`."""
+    return RewardServer(reward, (host, port), token, max_body_bytes)
+
+
+def serve(reward: Reward, host: str = "127.0.0.1", port: int = 8000, *, token: str,
+          max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
+    """Serve `reward` until interrupted, printing the URL clients pass as `remote:URL`."""
+    server = make_server(reward, host, port, token=token, max_body_bytes=max_body_bytes)
+    print(f"serving reward {reward.name} on {server.url} (POST /score, GET /health); Ctrl-C stops", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()

@@ -1,0 +1,46 @@
+"""Rewards computed without a learned model: JPEG compressibility (DDPO) and the shapes world's ShapesEval."""
+
+from __future__ import annotations
+
+import io
+
+import torch
+
+from align_diffusion.rewards.base import Reward, images_to_pil
+from align_diffusion.world.evaluate import score_image
+from align_diffusion.world.spec import parse_prompt
+
+
+class JpegCompressibility(Reward):
+    """Minus the JPEG size in kilobytes at `quality` (DDPO's compressibility reward). Spec `jpeg`."""
+
+    def __init__(self, quality: int = 95):
+        super().__init__("jpeg")
+        self.quality = quality
+
+    def score(self, images, prompts, metadata):
+        sizes = []
+        for image in images_to_pil(images):
+            buffer = io.BytesIO()
+            image.save(buffer, format="JPEG", quality=self.quality)
+            sizes.append(buffer.tell() / 1000)
+        return -torch.tensor(sizes)
+
+
+class ShapesReward(Reward):
+    """ShapesEval on shapes-world images: the graded partial-credit score in [0, 1] (spec `shapes`) or strict
+    correctness 0 / 1 (spec `shapes:strict`). Prompts outside the world's grammar raise."""
+
+    def __init__(self, mode: str = "graded"):
+        if mode not in ("graded", "strict"):
+            raise ValueError(f"shapes reward mode must be 'graded' or 'strict', got {mode!r}")
+        super().__init__("shapes" if mode == "graded" else "shapes:strict")
+        self.mode = mode
+
+    def score(self, images, prompts, metadata):
+        for prompt in prompts:
+            parse_prompt(prompt)
+        judgements = [score_image(prompt, image) for prompt, image in zip(prompts, images.cpu())]
+        if self.mode == "strict":
+            return torch.tensor([float(j.strict) for j in judgements])
+        return torch.tensor([j.graded for j in judgements])

@@ -1,0 +1,140 @@
+"""Reward specs: the short strings that name rewards on the command line and in configs.
+
+A spec is one or more comma-separated terms `NAME[:ARG][=WEIGHT]`, e.g. `shapes`, `clip:assets/world/clip`,
+`pickscore`, `shapes=1.0,artifact:DIR=0.2`. One unweighted term loads that reward; anything else loads a
+`WeightedRewards` whose score is the weighted sum (transforms.py has the normalizing alternatives).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from align_diffusion.rewards.base import Reward
+
+
+@dataclass(frozen=True)
+class RewardTerm:
+    name: str
+    arg: str | None
+    weight: float
+
+
+def _split_pair(arg: str | None, what: str) -> list[str]:
+    """`A:B` → [A, B]; `B` → [B]."""
+    if not arg:
+        raise ValueError(f"this reward needs {what}")
+    return arg.split(":", 1)
+
+
+def _clip(arg, device, dtype):
+    from align_diffusion.rewards.clip import ClipScore
+
+    return ClipScore(_split_pair(arg, "a model id or path: clip:ID_OR_PATH")[0], device=device, dtype=dtype)
+
+
+def _pickscore(arg, device, dtype):
+    from align_diffusion.rewards.clip import PickScore
+
+    return PickScore(arg, device=device, dtype=dtype) if arg else PickScore(device=device, dtype=dtype)
+
+
+def _hpsv2(arg, device, dtype):
+    from align_diffusion.rewards.clip import HPSv2
+
+    parts = _split_pair(arg, "a weights file: hpsv2:WEIGHTS or hpsv2:ARCH:WEIGHTS")
+    return HPSv2(parts[-1], *parts[:-1], device=device, dtype=dtype)
+
+
+def _aesthetic(arg, device, dtype):
+    from align_diffusion.rewards.clip import Aesthetic
+
+    parts = _split_pair(arg, "a head weights file: aesthetic:HEAD or aesthetic:CLIP_ID_OR_PATH:HEAD")
+    return Aesthetic(parts[-1], *parts[:-1], device=device, dtype=dtype)
+
+
+def _jpeg(arg, device, dtype):
+    from align_diffusion.rewards.simple import JpegCompressibility
+
+    return JpegCompressibility(int(arg)) if arg else JpegCompressibility()
+
+
+def _shapes(arg, device, dtype):
+    from align_diffusion.rewards.simple import ShapesReward
+
+    return ShapesReward(arg or "graded")
+
+
+def _remote(arg, device, dtype):
+    from align_diffusion.rewards.remote import RemoteReward
+
+    if not arg:
+        raise ValueError("remote needs a URL: remote:http://HOST:PORT")
+    return RemoteReward(arg)
+
+
+LOADERS: dict[str, Callable[[str | None, torch.device | None, torch.dtype], Reward]] = {
+    "clip": _clip,
+    "pickscore": _pickscore,
+    "hpsv2": _hpsv2,
+    "aesthetic": _aesthetic,
+    "jpeg": _jpeg,
+    "shapes": _shapes,
+    "remote": _remote,
+}
+
+
+def parse_spec(spec: str) -> list[RewardTerm]:
+    """Terms of a spec; ValueError naming the bad term for unknown names, bad weights or repeated rewards."""
+    if not spec or not spec.strip():
+        raise ValueError("empty reward spec")
+    terms = []
+    for text in spec.split(","):
+        text = text.strip()
+        weight = 1.0
+        head, sep, tail = text.rpartition("=")
+        if sep:
+            try:
+                weight = float(tail)
+            except ValueError:
+                raise ValueError(f"reward term {text!r}: weight {tail!r} is not a number") from None
+            text = head
+        name, _, arg = text.partition(":")
+        if name not in LOADERS:
+            raise ValueError(f"reward term {text!r}: unknown reward {name!r}; choose from {sorted(LOADERS)}")
+        terms.append(RewardTerm(name, arg or None, weight))
+    keys = [(t.name, t.arg) for t in terms]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"reward spec {spec!r} names the same reward twice")
+    return terms
+
+
+class WeightedRewards(Reward):
+    """Several rewards scored together; `score` is their weighted sum, `score_each` gives each one."""
+
+    def __init__(self, rewards: list[Reward], weights: list[float]):
+        super().__init__(",".join(f"{r.name}={w:g}" for r, w in zip(rewards, weights)))
+        self.rewards = torch.nn.ModuleList(rewards)
+        self.weights = list(weights)
+        self.differentiable = all(r.differentiable for r in rewards)
+        self.needs_reference = any(r.needs_reference for r in rewards)
+        self.trainable = any(r.trainable for r in rewards)
+        self.stateful = any(r.stateful for r in rewards)
+
+    def score_each(self, images, prompts, metadata=None) -> dict[str, torch.Tensor]:
+        return {r.name: r(images, prompts, metadata) for r in self.rewards}
+
+    def score(self, images, prompts, metadata):
+        each = self.score_each(images, prompts, metadata)
+        return sum(w * scores.to(images.device) for w, scores in zip(self.weights, each.values()))
+
+
+def load_reward(spec: str, device=None, dtype: torch.dtype = torch.float32) -> Reward:
+    """The reward a spec names (see the module docstring)."""
+    terms = parse_spec(spec)
+    rewards = [LOADERS[t.name](t.arg, device, dtype) for t in terms]
+    if len(terms) == 1 and terms[0].weight == 1.0:
+        return rewards[0]
+    return WeightedRewards(rewards, [t.weight for t in terms])

@@ -1,0 +1,443 @@
+"""The reward server and RemoteReward against real servers on 127.0.0.1: scores, errors, retries, failures, load."""
+
+import base64
+import contextlib
+import http.client
+import io
+import json
+import math
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from align_diffusion.cli import main
+from align_diffusion.rewards.base import Reward, RewardError
+from align_diffusion.rewards.remote import TOKEN_ENV, RemoteReward
+from align_diffusion.rewards.server import make_server
+from align_diffusion.rewards.simple import ShapesReward
+from align_diffusion.rewards.spec import load_reward
+from align_diffusion.world.render import render_prompt
+
+TOKEN = "test-token"
+PROMPTS = ["a red circle", "two squares", "a green triangle left of a red square",
+           "a yellow circle and a blue square", "a triangle"]
+
+
+class MeanReward(Reward):
+    """Mean pixel value; NaN where the prompt is "nan". Cheap enough for the load test."""
+
+    def __init__(self):
+        super().__init__("mean")
+
+    def score(self, images, prompts, metadata):
+        rewards = images.mean(dim=(1, 2, 3))
+        return torch.where(torch.tensor([p == "nan" for p in prompts]), math.nan, rewards)
+
+
+class StallReward(Reward):
+    """Signals `entered`, then blocks until `release` is set."""
+
+    def __init__(self):
+        super().__init__("stall")
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def score(self, images, prompts, metadata):
+        self.entered.set()
+        self.release.wait(timeout=30)
+        return torch.zeros(len(images))
+
+
+class FlakyReward(Reward):
+    """Raises on its first `failures` calls, then scores 1."""
+
+    def __init__(self, failures: int):
+        super().__init__("flaky")
+        self.failures, self.calls = failures, 0
+
+    def score(self, images, prompts, metadata):
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise RuntimeError(f"model crashed on call {self.calls}")
+        return torch.ones(len(images))
+
+
+class OverlapReward(Reward):
+    """Records how many calls run at once: the server must never score on two threads together."""
+
+    def __init__(self):
+        super().__init__("overlap")
+        self.inside, self.most, self.lock = 0, 0, threading.Lock()
+
+    def score(self, images, prompts, metadata):
+        with self.lock:
+            self.inside += 1
+            self.most = max(self.most, self.inside)
+        time.sleep(0.05)
+        with self.lock:
+            self.inside -= 1
+        return torch.zeros(len(images))
+
+
+@contextlib.contextmanager
+def serving(reward, **kwargs):
+    server = make_server(reward, token=TOKEN, **kwargs)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+@pytest.fixture(scope="module")
+def shapes_server():
+    with serving(ShapesReward()) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def mean_server():
+    with serving(MeanReward()) as server:
+        yield server
+
+
+def world_images():
+    return [Image.fromarray(render_prompt(prompt, seed)) for seed, prompt in enumerate(PROMPTS)]
+
+
+def png_base64(image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def request(server, method, path, body=b"", headers=None):
+    """(status, parsed JSON answer) of one raw HTTP request."""
+    host, port = server.server_address[:2]
+    connection = http.client.HTTPConnection(host, port, timeout=10)
+    try:
+        connection.request(method, path, body=body, headers=headers or {})
+        response = connection.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        connection.close()
+
+
+def score_body(prompts, images, **extra) -> bytes:
+    return json.dumps({"prompts": prompts, "images": [png_base64(i) for i in images], **extra}).encode()
+
+
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def test_remote_scores_equal_local_scores(shapes_server):
+    images, local = world_images(), ShapesReward()
+    remote = RemoteReward(shapes_server.url, TOKEN)
+    shuffled = PROMPTS[1:] + PROMPTS[:1]  # mismatched prompts give scores other than 1
+    for prompts in (PROMPTS, shuffled):
+        expected = local(images, prompts)
+        assert torch.equal(remote(images, prompts), expected)
+    assert not torch.all(local(images, shuffled) == 1)
+    as_tensor = torch.stack([torch.from_numpy(np.array(i)).permute(2, 0, 1) / 255 for i in images])
+    assert torch.equal(remote(as_tensor, PROMPTS), local(as_tensor, PROMPTS))
+
+
+def test_health_needs_no_token(shapes_server):
+    status, answer = request(shapes_server, "GET", "/health")
+    assert status == 200 and answer["status"] == "ok" and answer["reward"] == "shapes"
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {TOKEN}"},
+                                     {"Authorization": TOKEN}])
+def test_score_without_the_right_token_is_401(shapes_server, headers):
+    status, answer = request(shapes_server, "POST", "/score", score_body(PROMPTS[:1], world_images()[:1]), headers)
+    assert status == 401 and "token" in answer["error"]
+
+
+def test_client_with_a_wrong_token_fails_at_once(shapes_server):
+    remote = RemoteReward(shapes_server.url, "wrong", attempts=3, backoff=5)
+    start = time.monotonic()
+    with pytest.raises(RewardError, match="401"):
+        remote(world_images(), PROMPTS)
+    assert time.monotonic() - start < 4  # no backoff: 4xx is not retried
+
+
+def bad_bodies():
+    image = png_base64(world_images()[0])
+    return {
+        "not json": b"{prompts: ",
+        "not an object": b"[1, 2]",
+        "missing images": json.dumps({"prompts": ["a red circle"]}).encode(),
+        "mismatched lengths": json.dumps({"prompts": ["a red circle", "a triangle"], "images": [image]}).encode(),
+        "non-string prompt": json.dumps({"prompts": [3], "images": [image]}).encode(),
+        "not base64": json.dumps({"prompts": ["a red circle"], "images": ["%%%"]}).encode(),
+        "not an image": json.dumps({"prompts": ["a red circle"],
+                                    "images": [base64.b64encode(b"no png here").decode()]}).encode(),
+        "metadata length": json.dumps({"prompts": ["a red circle"], "images": [image], "metadata": [{}, {}]}).encode(),
+    }
+
+
+@pytest.mark.parametrize("case", list(bad_bodies()))
+def test_malformed_requests_are_400(shapes_server, case):
+    status, answer = request(shapes_server, "POST", "/score", bad_bodies()[case], AUTH)
+    assert status == 400 and answer["error"]
+
+
+def test_unknown_paths_are_404(shapes_server):
+    assert request(shapes_server, "GET", "/nope")[0] == 404
+    assert request(shapes_server, "POST", "/scores", b"{}", AUTH)[0] == 404
+
+
+def test_oversized_body_is_413_before_it_is_sent():
+    with serving(MeanReward(), max_body_bytes=10_000) as server:
+        host, port = server.server_address[:2]
+        connection = http.client.HTTPConnection(host, port, timeout=5)
+        connection.putrequest("POST", "/score")
+        connection.putheader("Authorization", f"Bearer {TOKEN}")
+        connection.putheader("Content-Length", str(10**9))
+        connection.endheaders()  # headers only: a server waiting for the body would time this out
+        response = connection.getresponse()
+        assert response.status == 413 and "exceeds" in json.loads(response.read())["error"]
+        connection.close()
+
+
+def test_client_sees_413_for_a_batch_over_the_limit():
+    rng = np.random.default_rng(0)
+    noise = [Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)) for _ in range(16)]
+    with serving(MeanReward(), max_body_bytes=50_000) as server:
+        remote = RemoteReward(server.url, TOKEN, attempts=1)
+        with pytest.raises(RewardError, match="413"):
+            remote(noise, ["x"] * 16)
+        assert remote(noise[:1], ["x"]).shape == (1,)  # a small batch still goes through
+
+
+def test_nan_travels_as_null_and_back(mean_server):
+    images = [Image.new("RGB", (8, 8), (value, value, value)) for value in (0, 51, 255)]
+    status, answer = request(mean_server, "POST", "/score", score_body(["a", "nan", "b"], images), AUTH)
+    assert status == 200 and answer["rewards"] == [0.0, None, 1.0]
+    rewards = RemoteReward(mean_server.url, TOKEN)(images, ["a", "nan", "b"])
+    assert rewards[0] == 0 and math.isnan(rewards[1]) and rewards[2] == 1
+
+
+def test_metadata_reaches_the_reward():
+    seen = []
+
+    class Recorder(MeanReward):
+        def score(self, images, prompts, metadata):
+            seen.append(metadata)
+            return super().score(images, prompts, metadata)
+
+    with serving(Recorder()) as server:
+        RemoteReward(server.url, TOKEN)([Image.new("RGB", (8, 8))] * 2, ["a", "b"], [{"seed": 1}, {"seed": 2}])
+    assert seen == [[{"seed": 1}, {"seed": 2}]]
+
+
+def test_a_failing_reward_is_500_and_the_client_raises():
+    with serving(FlakyReward(failures=10)) as server:
+        status, answer = request(server, "POST", "/score", score_body(["a"], [Image.new("RGB", (8, 8))]), AUTH)
+        assert status == 500 and "model crashed on call 1" in answer["error"]
+        with pytest.raises(RewardError, match="after 2 attempts.*model crashed on call 3"):
+            RemoteReward(server.url, TOKEN, attempts=2, backoff=0.01)([Image.new("RGB", (8, 8))], ["a"])
+
+
+def test_input_the_reward_refuses_is_400_and_not_retried():
+    from align_diffusion.rewards.simple import ShapesReward
+
+    with serving(ShapesReward()) as server:
+        body = score_body(["a photo of a cat"], [Image.new("RGB", (64, 64))])
+        status, answer = request(server, "POST", "/score", body, AUTH)
+        assert status == 400 and "refused" in answer["error"]
+        started = time.monotonic()
+        with pytest.raises(RewardError, match="HTTP 400"):
+            RemoteReward(server.url, TOKEN, attempts=3, backoff=1.0)([Image.new("RGB", (64, 64))], ["a photo of a cat"])
+        assert time.monotonic() - started < 1.0  # no backoff waits
+
+
+def test_client_retries_a_failed_attempt_and_then_succeeds():
+    reward = FlakyReward(failures=1)
+    with serving(reward) as server:
+        rewards = RemoteReward(server.url, TOKEN, attempts=3, backoff=0.01)([Image.new("RGB", (8, 8))] * 2, ["a"] * 2)
+    assert rewards.tolist() == [1.0, 1.0] and reward.calls == 2
+
+
+class Scripted:
+    """A stand-in server that answers each request with the next (status, body) of a script and counts requests."""
+
+    def __init__(self, script):
+        self.script, self.hits = list(script), 0
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                self.rfile.read(int(self.headers["Content-Length"]))
+                status, body = outer.script[min(outer.hits, len(outer.script) - 1)]
+                outer.hits += 1
+                data = body if isinstance(body, bytes) else json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_503_then_success_is_retried():
+    scripted = Scripted([(503, {"error": "busy"}), (200, {"rewards": [0.25, None]})])
+    try:
+        rewards = RemoteReward(scripted.url, TOKEN, attempts=3, backoff=0.01)([Image.new("RGB", (8, 8))] * 2, ["a"] * 2)
+    finally:
+        scripted.close()
+    assert scripted.hits == 2 and rewards[0] == 0.25 and math.isnan(rewards[1])
+
+
+@pytest.mark.parametrize("status,body", [
+    (200, {"scores": [1, 2]}),
+    (200, {"rewards": [1.0]}),
+    (200, {"rewards": ["1.0", 2.0]}),
+    (200, {"rewards": [True, 2.0]}),
+    (200, {"rewards": {"0": 1.0, "1": 2.0}}),
+    (200, b"<html>not json</html>"),
+    (400, {"error": "nope"}),
+])
+def test_malformed_answers_and_4xx_raise_without_retry(status, body):
+    scripted = Scripted([(status, body)])
+    try:
+        with pytest.raises(RewardError, match=scripted.url):
+            RemoteReward(scripted.url, TOKEN, attempts=3, backoff=0.01)([Image.new("RGB", (8, 8))] * 2, ["a"] * 2)
+    finally:
+        scripted.close()
+    assert scripted.hits == 1
+
+
+def test_client_times_out_on_a_stalled_server():
+    reward = StallReward()
+    with serving(reward) as server:
+        remote = RemoteReward(server.url, TOKEN, timeout=0.5, attempts=2, backoff=0.05)
+        start = time.monotonic()
+        try:
+            with pytest.raises(RewardError, match="after 2 attempts.*(timed out|TimeoutError)"):
+                remote([Image.new("RGB", (8, 8))], ["a"])
+        finally:
+            reward.release.set()
+        assert reward.entered.is_set() and time.monotonic() - start < 5
+
+
+KILLABLE_SERVER = f"""
+import threading, torch
+from align_diffusion.rewards.base import Reward
+from align_diffusion.rewards.server import make_server
+
+class Hang(Reward):
+    def score(self, images, prompts, metadata):
+        print("scoring", flush=True)
+        threading.Event().wait()
+
+server = make_server(Hang("hang"), token={TOKEN!r})
+print(server.url, flush=True)
+server.serve_forever()
+"""
+
+
+def test_server_killed_mid_batch_raises_and_returns_nothing():
+    process = subprocess.Popen([sys.executable, "-c", KILLABLE_SERVER], cwd=Path(__file__).parents[1],
+                               stdout=subprocess.PIPE, text=True)
+    outcome = {}
+
+    def call():
+        try:
+            outcome["rewards"] = RemoteReward(url, TOKEN, timeout=20, attempts=2, backoff=0.05)(
+                [Image.new("RGB", (8, 8))] * 4, ["a"] * 4)
+        except RewardError as error:
+            outcome["error"] = error
+
+    try:
+        url = process.stdout.readline().strip()
+        assert url.startswith("http://127.0.0.1:")
+        client = threading.Thread(target=call)
+        client.start()
+        assert process.stdout.readline().strip() == "scoring"
+        process.kill()
+        client.join(timeout=10)
+        assert not client.is_alive()
+    finally:
+        process.kill()
+        process.wait()
+    assert "rewards" not in outcome and url in str(outcome["error"])
+
+
+def test_scoring_is_serialized_across_requests():
+    reward = OverlapReward()
+    with serving(reward) as server:
+        remote = RemoteReward(server.url, TOKEN)
+        threads = [threading.Thread(target=remote, args=([Image.new("RGB", (8, 8))], ["a"])) for _ in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=10)
+    assert reward.most == 1
+
+
+def test_load_2000_requests_from_8_threads_without_error(mean_server):
+    images = [Image.new("RGB", (8, 8), (value, value, value)) for value in range(256)]
+    errors, correct, per_thread = [], [], 250
+
+    def worker(offset):
+        remote = RemoteReward(mean_server.url, TOKEN, attempts=1)  # no retries: every failure counts
+        for k in range(per_thread):
+            value = (offset * per_thread + k) % 256
+            try:
+                rewards = remote([images[value]], ["a"])
+            except RewardError as error:
+                errors.append(repr(error))
+                continue
+            if rewards.tolist() == [pytest.approx(value / 255)]:
+                correct.append(value)
+            else:
+                errors.append(f"request {value}: got {rewards.tolist()}")
+
+    threads = [threading.Thread(target=worker, args=(offset,)) for offset in range(8)]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    seconds = time.perf_counter() - start
+    print(f"\nreward server load test: {8 * per_thread} requests from 8 threads in {seconds:.2f} s, "
+          f"{8 * per_thread / seconds:.0f} requests/s")
+    assert errors == [] and len(correct) == 8 * per_thread  # any other exception ends a worker early
+
+
+def test_remote_spec_reads_the_token_from_the_environment(monkeypatch):
+    monkeypatch.setenv(TOKEN_ENV, "from-env")
+    reward = load_reward("remote:http://127.0.0.1:8000")
+    assert isinstance(reward, RemoteReward) and reward.token == "from-env" and not reward.differentiable
+    monkeypatch.delenv(TOKEN_ENV)
+    with pytest.raises(ValueError, match=TOKEN_ENV):
+        load_reward("remote:http://127.0.0.1:8000")
+    with pytest.raises(ValueError, match="http://HOST:PORT"):
+        RemoteReward("127.0.0.1:8000", "t")
+
+
+def test_serve_reward_refuses_to_start_without_a_token(monkeypatch):
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    with pytest.raises(SystemExit, match=f"no token; pass --token or set {TOKEN_ENV}"):
+        main(["serve-reward", "--reward", "shapes", "--port", "0"])

@@ -1,0 +1,191 @@
+"""The reward interface and the standard rewards, on the world CLIP and tiny random open_clip / head weights."""
+
+import io
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from transformers import AutoProcessor, CLIPModel
+
+from align_diffusion.rewards.base import Reward, images_to_tensor
+from align_diffusion.rewards.clip import Aesthetic, AestheticHead, ClipScore, HPSv2, PickScore
+from align_diffusion.rewards.preprocess import TorchImageTransform
+from align_diffusion.rewards.simple import JpegCompressibility, ShapesReward
+from align_diffusion.rewards.spec import WeightedRewards, load_reward, parse_spec
+from align_diffusion.world.evaluate import score_image
+from align_diffusion.world.render import render_prompt
+
+WORLD_CLIP = "assets/world/clip"
+PROMPTS = ["a red circle", "a blue square and a green triangle", "three triangles"]
+
+
+def world_images(size=None) -> list[Image.Image]:
+    images = [Image.fromarray(render_prompt(p, seed)) for seed, p in enumerate(PROMPTS)]
+    return [image.resize(size, Image.BICUBIC) for image in images] if size else images
+
+
+@pytest.fixture(scope="module")
+def tiny_open_clip(tmp_path_factory):
+    """A tiny open_clip architecture registered under a test name, and a random weights file for it."""
+    import open_clip
+
+    folder = tmp_path_factory.mktemp("open_clip")
+    config = {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 48, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+    }
+    (folder / "tiny-hps-test.json").write_text(json.dumps(config))
+    open_clip.add_model_config(folder / "tiny-hps-test.json")
+    torch.manual_seed(0)
+    model = open_clip.create_model("tiny-hps-test", pretrained=None)
+    torch.save({"state_dict": model.state_dict()}, folder / "hps.pt")
+    return "tiny-hps-test", folder / "hps.pt"
+
+
+def test_images_to_tensor_accepts_pil_and_rejects_bad_shapes():
+    images = world_images()
+    tensor = images_to_tensor(images)
+    assert tensor.shape == (3, 3, 64, 64) and tensor.min() >= 0 and tensor.max() <= 1
+    np.testing.assert_array_equal((tensor[0].permute(1, 2, 0).numpy() * 255).round(), np.asarray(images[0]))
+    with pytest.raises(ValueError, match="shape"):
+        images_to_tensor(torch.zeros(2, 64, 64))
+    with pytest.raises(TypeError):
+        images_to_tensor(["not an image"])
+
+
+def test_reward_checks_lengths():
+    with pytest.raises(ValueError, match="2 prompts for 3 images"):
+        ShapesReward()(world_images(), PROMPTS[:2])
+
+
+def test_shapes_reward_matches_shapes_eval_and_refuses_foreign_prompts():
+    images = world_images()
+    graded = ShapesReward()(images, PROMPTS)
+    strict = ShapesReward("strict")(images, PROMPTS)
+    assert strict.tolist() == [1.0, 1.0, 1.0] and graded.tolist() == [1.0, 1.0, 1.0]
+    shuffled = PROMPTS[1:] + PROMPTS[:1]
+    expected = [score_image(p, image) for p, image in zip(shuffled, images)]
+    assert ShapesReward()(images, shuffled).tolist() == pytest.approx([j.graded for j in expected])
+    assert ShapesReward("strict")(images, shuffled).tolist() == [0.0, 0.0, 0.0]
+    with pytest.raises(ValueError):
+        ShapesReward()(images[:1], ["a photo of a cat"])
+
+
+def test_jpeg_compressibility_is_minus_kilobytes():
+    images = world_images()
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    rewards = JpegCompressibility()(images + [noise], PROMPTS + ["noise"])
+    buffer = io.BytesIO()
+    images[0].save(buffer, format="JPEG", quality=95)
+    assert rewards[0].item() == pytest.approx(-buffer.tell() / 1000)
+    assert rewards[3] < rewards[:3].min()  # noise compresses worst
+
+
+def test_torch_transform_matches_processor():
+    """The differentiable preprocessing against the transformers processor's PIL path (resize + crop)."""
+    processor = AutoProcessor.from_pretrained(WORLD_CLIP).image_processor
+    transform = TorchImageTransform.from_processor(processor)
+    images = world_images((96, 80))  # not square, larger than 64: both the resize and the crop act
+    expected = processor(images=images, return_tensors="pt").pixel_values
+    actual = transform(images_to_tensor(images))
+    assert actual.shape == expected.shape == (3, 3, 64, 64)
+    # Bicubic resampling differs in detail between PIL and torch; in [-1, 1] units the mean gap stays small.
+    assert (actual - expected).abs().mean() < 0.02
+
+
+def _processor_cosine(model, processor, images, prompts):
+    inputs = processor(text=prompts, images=images, return_tensors="pt", padding="max_length", truncation=True,
+                       max_length=model.config.text_config.max_position_embeddings)
+    with torch.no_grad():
+        image = F.normalize(model.get_image_features(pixel_values=inputs.pixel_values).pooler_output, dim=-1)
+        text = F.normalize(model.get_text_features(input_ids=inputs.input_ids,
+                                                   attention_mask=inputs.attention_mask).pooler_output, dim=-1)
+    return (image * text).sum(-1)
+
+
+def check_differentiable(reward: Reward, images: torch.Tensor, prompts):
+    pixels = images.clone().requires_grad_(True)
+    scores = reward(pixels, prompts)
+    scores.sum().backward()
+    assert torch.isfinite(pixels.grad).all() and pixels.grad.abs().sum() > 0
+    return scores.detach()
+
+
+def test_clip_and_pickscore_on_world_clip():
+    model = CLIPModel.from_pretrained(WORLD_CLIP).eval()
+    processor = AutoProcessor.from_pretrained(WORLD_CLIP)
+    images = world_images((80, 80))
+    reference = _processor_cosine(model, processor, images, PROMPTS)
+
+    clip = ClipScore(WORLD_CLIP)
+    scores = check_differentiable(clip, images_to_tensor(images), PROMPTS)
+    np.testing.assert_allclose(scores, 2.5 * reference.clamp(min=0), atol=0.005)
+    assert (scores > 0.5).all()  # the world CLIP agrees with its own world
+
+    pick = PickScore(WORLD_CLIP)
+    scores = check_differentiable(pick, images_to_tensor(images), PROMPTS)
+    np.testing.assert_allclose(scores, model.logit_scale.exp().item() * reference, rtol=0.005)
+    # Matched prompts beat mismatched ones.
+    mismatched = pick(images_to_tensor(images), PROMPTS[1:] + PROMPTS[:1])
+    assert (scores > mismatched).all()
+
+
+def test_hpsv2_open_clip_weights_file(tiny_open_clip):
+    import open_clip
+
+    arch, weights = tiny_open_clip
+    reward = HPSv2(weights, arch)
+    images = world_images((96, 96))
+    scores = check_differentiable(reward, images_to_tensor(images), PROMPTS)
+    # PIL path: open_clip's own eval transform and tokenizer on a freshly loaded copy of the weights.
+    model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=str(weights))
+    with torch.no_grad():
+        image = F.normalize(model.encode_image(torch.stack([preprocess(i) for i in images])), dim=-1)
+        text = F.normalize(model.encode_text(open_clip.get_tokenizer(arch)(PROMPTS)), dim=-1)
+    np.testing.assert_allclose(scores, (image * text).sum(-1), atol=0.02)
+    with pytest.raises(FileNotFoundError, match="hpsv2"):
+        HPSv2(weights.parent / "missing.pt", arch)
+
+
+def test_aesthetic_head_on_clip_embedding(tmp_path):
+    model = CLIPModel.from_pretrained(WORLD_CLIP).eval()
+    torch.manual_seed(0)
+    head = AestheticHead(model.config.projection_dim)
+    torch.save(head.state_dict(), tmp_path / "head.pth")
+    reward = Aesthetic(tmp_path / "head.pth", clip=WORLD_CLIP)
+    images = world_images((72, 72))
+    scores = check_differentiable(reward, images_to_tensor(images), PROMPTS)
+    processor = AutoProcessor.from_pretrained(WORLD_CLIP).image_processor
+    with torch.no_grad():
+        pixels = processor(images=images, return_tensors="pt").pixel_values
+        expected = head.eval()(F.normalize(model.get_image_features(pixel_values=pixels).pooler_output, dim=-1))
+    np.testing.assert_allclose(scores, expected.squeeze(-1), atol=1e-3)
+
+
+def test_spec_parsing_and_weighted_sum():
+    assert [(t.name, t.arg, t.weight) for t in parse_spec("shapes=1.0,clip:assets/world/clip=0.25")] == [
+        ("shapes", None, 1.0), ("clip", "assets/world/clip", 0.25)]
+    assert parse_spec("remote:http://127.0.0.1:8000")[0].arg == "http://127.0.0.1:8000"
+    for bad, message in [("", "empty"), ("nope", "unknown reward 'nope'"), ("shapes=heavy", "not a number"),
+                         ("shapes,shapes", "twice")]:
+        with pytest.raises(ValueError, match=message):
+            parse_spec(bad)
+    with pytest.raises(ValueError, match="needs"):
+        load_reward("hpsv2")
+
+    assert isinstance(load_reward("shapes"), ShapesReward)
+    combined = load_reward(f"shapes:strict=2.0,jpeg=-0.5,clip:{WORLD_CLIP}=0.1")
+    assert isinstance(combined, WeightedRewards) and not combined.differentiable
+    images = world_images()
+    each = combined.score_each(images, PROMPTS)
+    expected = 2.0 * each["shapes:strict"] - 0.5 * each["jpeg"] + 0.1 * each["clip"]
+    total = combined(images, PROMPTS)
+    np.testing.assert_allclose(total, expected, rtol=1e-6)
+    assert math.isclose(total[0].item(), 2.0 - 0.5 * each["jpeg"][0].item() + 0.1 * each["clip"][0].item(),
+                        rel_tol=1e-6)
+    assert load_reward(f"clip:{WORLD_CLIP}=0.5,pickscore:{WORLD_CLIP}").differentiable
