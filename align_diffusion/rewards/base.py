@@ -44,7 +44,7 @@ class Reward(torch.nn.Module):
     differentiable: bool = False  # gradients reach the pixels through `score`
     needs_reference: bool = False  # metadata must carry reference images
     trainable: bool = False  # has parameters a trainer may update (e.g. the adversarial DINO head)
-    stateful: bool = False  # keeps state that a checkpoint must save (`state_dict`)
+    stateful: bool = False  # keeps state that a checkpoint must save (`reward_state`)
 
     def __init__(self, name: str):
         super().__init__()
@@ -67,6 +67,14 @@ class Reward(torch.nn.Module):
 
     def score(self, images: torch.Tensor, prompts: list[str], metadata: Sequence[dict] | None) -> torch.Tensor:
         raise NotImplementedError
+
+    def reward_state(self) -> dict:
+        """What a checkpoint saves for a stateful reward (trained weights, optimizer, schedule counters)."""
+        return {}
+
+    def load_reward_state(self, state: dict) -> None:
+        if state:
+            raise ValueError(f"{self.name} keeps no state, but a checkpoint holds some for it")
 
     def __repr__(self):
         return f"{type(self).__name__}({self.name!r})"

@@ -67,6 +67,12 @@ def _shapes(arg, device, dtype):
     return ShapesReward(arg or "graded")
 
 
+def _adv_dino(arg, device, dtype):
+    from align_diffusion.rewards.adversarial import AdversarialDino
+
+    return AdversarialDino(_split_pair(arg, "a Dinov2 backbone: adv-dino:ID_OR_PATH")[0], device=device, dtype=dtype)
+
+
 def _remote(arg, device, dtype):
     from align_diffusion.rewards.remote import RemoteReward
 
@@ -82,6 +88,7 @@ LOADERS: dict[str, Callable[[str | None, torch.device | None, torch.dtype], Rewa
     "aesthetic": _aesthetic,
     "jpeg": _jpeg,
     "shapes": _shapes,
+    "adv-dino": _adv_dino,
     "remote": _remote,
 }
 

@@ -1,0 +1,117 @@
+"""The adversarial DINO reward of Adv-GRPO ("The Image as Its Own Reward"): a frozen Dinov2-format backbone and a
+small head trained, as a discriminator, to score reference images above generated ones.
+
+The head Linear(d→512)–GELU–Linear(512→1) is shared by the CLS token and the patch tokens, all L2-normalized;
+reward = 0.7·head(CLS) + 0.3·mean head(patches). Training uses `num_patches` random patch tokens per image and the
+hinge loss relu(1 − r(reference)) + relu(1 + r(generated)); scoring uses every patch token, so it is
+deterministic. The head updates on its own schedule (`AdversarialSchedule`) while the policy trains against it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoImageProcessor, Dinov2Model
+
+from align_diffusion.rewards.base import Reward, images_to_tensor
+from align_diffusion.rewards.preprocess import TorchImageTransform
+
+CLS_WEIGHT = 0.7
+
+
+@dataclass
+class AdversarialSchedule:
+    """When the head updates: every `every` rounds, or (with `on_overtake`) in any round where the generated
+    images' mean reward exceeds the references'. `rounds` counts the rounds seen so far."""
+
+    every: int = 1
+    on_overtake: bool = True
+    rounds: int = 0
+
+    def __post_init__(self):
+        if self.every < 1:
+            raise ValueError(f"the adversarial head's update interval must be at least 1, got {self.every}")
+
+    def should_update(self, generated_mean: float, reference_mean: float) -> bool:
+        """Advances one round; True when the head should train in it."""
+        self.rounds += 1
+        return self.rounds % self.every == 0 or (self.on_overtake and generated_mean > reference_mean)
+
+
+class AdversarialDino(Reward):
+    """Spec `adv-dino:BACKBONE` (a Dinov2Model id or path with its image processor)."""
+
+    differentiable = True
+    trainable = True
+    stateful = True
+
+    def __init__(self, backbone: str, *, num_patches: int = 16, lr: float = 1e-4,
+                 schedule: AdversarialSchedule | None = None, seed: int = 0, device=None, dtype=torch.float32):
+        super().__init__("adv-dino")
+        self.backbone = Dinov2Model.from_pretrained(backbone, dtype=dtype).to(device).eval().requires_grad_(False)
+        self.transform = TorchImageTransform.from_processor(AutoImageProcessor.from_pretrained(backbone))
+        width = self.backbone.config.hidden_size
+        generator = torch.Generator().manual_seed(seed)
+        self.head = torch.nn.Sequential(torch.nn.Linear(width, 512), torch.nn.GELU(), torch.nn.Linear(512, 1))
+        for layer in (self.head[0], self.head[2]):  # seeded init, so two runs with one seed train identically
+            bound = 1 / layer.in_features**0.5
+            layer.weight.data = torch.empty_like(layer.weight).uniform_(-bound, bound, generator=generator)
+            layer.bias.data = torch.empty_like(layer.bias).uniform_(-bound, bound, generator=generator)
+        self.head.to(device)
+        self.optimizer = torch.optim.Adam(self.head.parameters(), lr=lr, betas=(0.5, 0.999))
+        self.schedule = schedule or AdversarialSchedule()
+        self.num_patches = num_patches
+        self.patch_generator = generator
+
+    def features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """L2-normalized CLS (B, d) and patch tokens (B, N, d) of the frozen backbone."""
+        device = next(self.head.parameters()).device
+        pixels = self.transform(images.to(device, torch.float32)).to(self.backbone.dtype)
+        tokens = F.normalize(self.backbone(pixel_values=pixels).last_hidden_state.float(), dim=-1)
+        return tokens[:, 0], tokens[:, 1:]
+
+    def head_reward(self, cls: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+        return CLS_WEIGHT * self.head(cls).squeeze(-1) + (1 - CLS_WEIGHT) * self.head(patches).squeeze(-1).mean(-1)
+
+    def score(self, images, prompts, metadata):
+        return self.head_reward(*self.features(images))
+
+    def _random_patches(self, patches: torch.Tensor) -> torch.Tensor:
+        count = min(self.num_patches, patches.shape[1])
+        pick = torch.stack([torch.randperm(patches.shape[1], generator=self.patch_generator)[:count]
+                            for _ in range(len(patches))]).to(patches.device)
+        return torch.gather(patches, 1, pick.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
+
+    def train_step(self, generated, references) -> float:
+        """One hinge-loss update of the head: references are positives, generated images negatives."""
+        with torch.no_grad():
+            real_cls, real_patches = self.features(images_to_tensor(references))
+            fake_cls, fake_patches = self.features(images_to_tensor(generated).detach())
+        real = self.head_reward(real_cls, self._random_patches(real_patches))
+        fake = self.head_reward(fake_cls, self._random_patches(fake_patches))
+        loss = F.relu(1 - real).mean() + F.relu(1 + fake).mean()
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+        return loss.item()
+
+    def maybe_update(self, generated, references, generated_rewards: torch.Tensor, steps: int = 1) -> list[float]:
+        """A round of co-training: `steps` head updates when the schedule says so (given the generated images'
+        rewards this round and the references' current scores); returns the losses (empty when skipped)."""
+        with torch.no_grad():
+            reference_mean = self(references, [""] * len(references)).mean().item()
+        if not self.schedule.should_update(torch.nanmean(generated_rewards.float()).item(), reference_mean):
+            return []
+        return [self.train_step(generated, references) for _ in range(steps)]
+
+    def reward_state(self) -> dict:
+        return {"head": self.head.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "schedule": asdict(self.schedule), "patch_generator": self.patch_generator.get_state()}
+
+    def load_reward_state(self, state: dict) -> None:
+        self.head.load_state_dict(state["head"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule = AdversarialSchedule(**state["schedule"])
+        self.patch_generator.set_state(state["patch_generator"])

@@ -1,0 +1,78 @@
+"""The adversarial DINO reward on the world's DINO-format encoder: formula, gradients, schedule, training, state."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoImageProcessor, Dinov2Model
+
+from align_diffusion.rewards.adversarial import AdversarialDino, AdversarialSchedule
+from align_diffusion.rewards.spec import load_reward
+from align_diffusion.world.prompts import split_prompts
+from align_diffusion.world.render import render_prompt
+
+DINO = "assets/world/dino"
+
+
+def renders(prompts, seed=0) -> torch.Tensor:
+    arrays = np.stack([render_prompt(p, seed + k) for k, p in enumerate(prompts)])
+    return torch.from_numpy(arrays).permute(0, 3, 1, 2).float() / 255
+
+
+def smeared(images: torch.Tensor) -> torch.Tensor:
+    """A generator-like failure: blurred, noisy, desaturated scenes."""
+    blurred = F.avg_pool2d(images, 5, 1, 2)
+    noise = 0.08 * torch.randn(images.shape, generator=torch.Generator().manual_seed(1))
+    return (0.7 * blurred + 0.3 * blurred.mean(1, keepdim=True) + noise).clamp(0, 1)
+
+
+def test_reward_is_the_stated_mix_of_cls_and_patch_scores():
+    reward = load_reward(f"adv-dino:{DINO}")
+    assert isinstance(reward, AdversarialDino) and reward.trainable and reward.stateful
+    images = renders(["a red circle", "three squares"])
+    backbone = Dinov2Model.from_pretrained(DINO).eval()
+    pixels = AutoImageProcessor.from_pretrained(DINO)(images=list((images * 255).round().byte().permute(0, 2, 3, 1)
+                                                                  .numpy()), return_tensors="pt").pixel_values
+    with torch.no_grad():
+        tokens = F.normalize(backbone(pixel_values=pixels).last_hidden_state, dim=-1)
+        expected = 0.7 * reward.head(tokens[:, 0]).squeeze(-1) + 0.3 * reward.head(tokens[:, 1:]).squeeze(-1).mean(1)
+    pixels_in = images.clone().requires_grad_(True)
+    scores = reward(pixels_in, ["", ""])
+    scores.sum().backward()
+    assert torch.isfinite(pixels_in.grad).all() and pixels_in.grad.abs().sum() > 0
+    np.testing.assert_allclose(scores.detach(), expected, atol=1e-4)
+
+
+def test_schedule_every_k_and_overtake_trigger():
+    every_three = AdversarialSchedule(every=3, on_overtake=False)
+    assert [every_three.should_update(1.0, 0.0) for _ in range(7)] == [False, False, True, False, False, True, False]
+    triggered = AdversarialSchedule(every=100, on_overtake=True)
+    assert [triggered.should_update(g, 0.5) for g in (0.1, 0.6, 0.5, 0.9)] == [False, True, False, True]
+    with pytest.raises(ValueError, match="at least 1"):
+        AdversarialSchedule(every=0)
+
+
+def test_training_moves_the_margin_and_state_round_trips():
+    prompts = split_prompts("train")[:16]
+    references, generated = renders(prompts), smeared(renders(prompts, seed=100))
+    reward = AdversarialDino(DINO, lr=1e-3)
+    with torch.no_grad():
+        before = (reward(references, prompts) - reward(generated, prompts)).mean()
+    losses = [reward.train_step(generated, references) for _ in range(10)]
+    with torch.no_grad():
+        after = (reward(references, prompts) - reward(generated, prompts)).mean()
+    assert losses[-1] < losses[0] and after > before
+
+    restored = AdversarialDino(DINO, lr=1e-3, seed=7)
+    restored.load_reward_state(reward.reward_state())
+    torch.testing.assert_close(restored(references, prompts), reward(references, prompts))
+    assert restored.train_step(generated, references) == pytest.approx(reward.train_step(generated, references))
+
+
+def test_maybe_update_follows_the_schedule():
+    reward = AdversarialDino(DINO, schedule=AdversarialSchedule(every=2, on_overtake=False))
+    images = renders(["a red circle", "a blue square"])
+    low = torch.full((2,), -10.0)
+    assert reward.maybe_update(images, images, low) == []
+    assert len(reward.maybe_update(images, images, low, steps=3)) == 3
+    assert reward.schedule.rounds == 2
