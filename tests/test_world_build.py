@@ -26,6 +26,7 @@ def world(tmp_path_factory):
 def test_every_asset_loads_with_its_stock_class(world):
     out, report = world
     assert set(report["seconds"]) == {"clip", "dino", "vae", "sd3", "sd"}
+    assert 0 <= report["vae_reconstruction_strict"] <= 1
     clip, tokenizer = CLIPModel.from_pretrained(out / "clip"), AutoTokenizer.from_pretrained(out / "clip")
     tokens = tokenizer(["a red circle left of a blue square"], padding="max_length", max_length=16,
                        return_tensors="pt")
@@ -54,7 +55,8 @@ def test_compact_context_attention_equals_full_attention(world):
     assert embeds.shape[1] == 16 + 256
     compact, log_multiplicity = compact_context(embeds)
     transformer = pipe.transformer
-    x, t = torch.randn(2, transformer.config.in_channels, 16, 16), torch.tensor([200.0, 800.0])
+    side = transformer.config.sample_size
+    x, t = torch.randn(2, transformer.config.in_channels, side, side), torch.tensor([200.0, 800.0])
     with torch.no_grad():
         full = transformer(hidden_states=x, timestep=t, encoder_hidden_states=embeds, pooled_projections=pooled).sample
         transformer.set_attn_processor(CompactContextAttnProcessor(log_multiplicity))

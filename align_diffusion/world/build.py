@@ -13,17 +13,23 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
 from diffusers import AutoencoderKL
 from transformers import AutoTokenizer, BitImageProcessor, CLIPImageProcessor, CLIPModel
 
+from align_diffusion.world.data import to_tensor
 from align_diffusion.world.encoders import clip_prompt_accuracy, train_clip, train_dino
+from align_diffusion.world.evaluate import shapes_eval
 from align_diffusion.world.generators import (
+    encode_dataset,
     train_sd,
     train_sd3,
     train_vae,
     world_sd3_pipeline,
     world_sd_pipeline,
 )
+from align_diffusion.world.prompts import split_prompts
+from align_diffusion.world.render import render_prompt
 
 ASSETS = ("clip", "dino", "vae", "sd3", "sd")
 # Both encoders read 64×64 images scaled to [-1, 1]: (x / 255 - 0.5) / 0.5.
@@ -33,18 +39,28 @@ IMAGE_PROCESSING = dict(size={"shortest_edge": 64}, crop_size={"height": 64, "wi
 
 @dataclass
 class BuildPlan:
-    """Training steps per asset. Alone on 2 CPU cores a CLIP step takes ~0.8 s, a DINO step ~0.5 s and a VAE
-    step ~0.75 s (assets/README.md has the measured builds)."""
+    """Training steps per asset. Alone on 2 CPU cores a CLIP step takes ~0.8 s, a DINO step ~0.5 s, a VAE step
+    ~0.7 s, an SD3 step ~0.85 s and an SD step ~3.1 s (assets/README.md has the measured builds)."""
 
     clip_steps: int = 400
     dino_steps: int = 300
-    vae_steps: int = 1000
-    sd3_steps: int = 1500
-    sd_steps: int = 1200
+    vae_steps: int = 1200
+    sd3_steps: int = 2000
+    sd_steps: int = 1500
     dataset_size: int = 40000
 
 
 QUICK_PLAN = BuildPlan(clip_steps=20, dino_steps=10, vae_steps=20, sd3_steps=20, sd_steps=20, dataset_size=512)
+
+
+@torch.no_grad()
+def vae_reconstruction_strict(vae: AutoencoderKL, per_prompt: int = 4) -> float:
+    """ShapesEval strict accuracy of the VAE's reconstructions of test-split renders: a ceiling for the
+    generators trained on its latents."""
+    prompts = [p for p in split_prompts("test") for _ in range(per_prompt)]
+    images = to_tensor([render_prompt(p, seed) for seed, p in enumerate(prompts)])
+    reconstructions = vae.decode(vae.encode(images).latent_dist.mode()).sample
+    return shapes_eval(prompts, (reconstructions / 2 + 0.5).clamp(0, 1))["overall_strict"]
 
 
 def build_world(out: str | Path, seed: int = 0, plan: BuildPlan | None = None, only=ASSETS, log=print) -> dict:
@@ -80,14 +96,17 @@ def build_world(out: str | Path, seed: int = 0, plan: BuildPlan | None = None, o
         vae = train_vae(plan.vae_steps, seed=seed, log=log)
         vae.save_pretrained(out / "vae")
         done("vae")
-    vae = AutoencoderKL.from_pretrained(out / "vae").eval() if {"sd3", "sd"} & set(only) else None
+    if {"sd3", "sd"} & set(only):
+        vae = AutoencoderKL.from_pretrained(out / "vae").eval()
+        report["vae_reconstruction_strict"] = vae_reconstruction_strict(vae)
+        dataset = encode_dataset(vae, plan.dataset_size, seed=seed, log=log)
     if "sd3" in only:
         pipe = world_sd3_pipeline(vae, clip, tokenizer)
-        train_sd3(pipe, plan.sd3_steps, dataset_size=plan.dataset_size, seed=seed, log=log).save_pretrained(out / "sd3")
+        train_sd3(pipe, plan.sd3_steps, dataset, seed=seed, log=log).save_pretrained(out / "sd3")
         done("sd3")
     if "sd" in only:
         pipe = world_sd_pipeline(vae, clip, tokenizer)
-        train_sd(pipe, plan.sd_steps, dataset_size=plan.dataset_size, seed=seed, log=log).save_pretrained(out / "sd")
+        train_sd(pipe, plan.sd_steps, dataset, seed=seed, log=log).save_pretrained(out / "sd")
         done("sd")
     report["total_seconds"] = round(time.time() - start, 1)
     (out / "build_report.json").write_text(json.dumps(report, indent=1))

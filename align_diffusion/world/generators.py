@@ -43,16 +43,12 @@ BACKGROUND_PIXEL = torch.tensor(BACKGROUND).view(1, 3, 1, 1) / 127.5 - 1
 GENERATOR_FIT = dict(weight_decay=0.0, warmup=0.05, max_grad_norm=1.0, log_every=100)
 
 
-LATENT_CHANNELS = 8
-
-
-def train_vae(steps: int, batch_size: int = 32, seed: int = 0, log=print) -> AutoencoderKL:
+def train_vae(steps: int, batch_size: int = 32, lr: float = 2e-3, seed: int = 0, log=print) -> AutoencoderKL:
     """64×64 renders to 16×16×8 latents; L1 + MSE reconstruction with a small KL term."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=LATENT_CHANNELS, block_out_channels=(16, 32, 32),
-        layers_per_block=1,
+        in_channels=3, out_channels=3, latent_channels=8, block_out_channels=(16, 32, 32), layers_per_block=1,
         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
         norm_num_groups=16, sample_size=64, mid_block_add_attention=False,
     )
@@ -62,12 +58,15 @@ def train_vae(steps: int, batch_size: int = 32, seed: int = 0, log=print) -> Aut
         posterior = vae.encode(images).latent_dist
         recon = vae.decode(posterior.sample()).sample
         kl = posterior.kl().mean() / images[0].numel()
-        # Objects cover a few percent of the canvas: weight their pixels up so colors and edges come out exact.
-        weight = 1 + 9 * (images - BACKGROUND_PIXEL).abs().amax(1, keepdim=True).gt(0.05).float()
+        # Objects cover a few percent of the canvas and ShapesEval classes them by outline: weight object pixels
+        # up, and their edges (corners, apexes) more, so colors and outlines come out exact.
+        objects = (images - BACKGROUND_PIXEL).abs().amax(1, keepdim=True).gt(0.05).float()
+        edges = F.max_pool2d(objects, 3, 1, 1) + F.max_pool2d(-objects, 3, 1, 1)
+        weight = 1 + 9 * objects + 20 * edges
         error = (recon - images).abs()
         return (weight * (error + error**2)).mean() + 1e-6 * kl
 
-    fit("vae", vae.parameters(), steps, 2e-3, batch_loss, log, weight_decay=0.0, warmup=0.05)
+    fit("vae", vae.parameters(), steps, lr, batch_loss, log, weight_decay=0.0, warmup=0.05)
     vae.eval()
     # Latent statistics set the scaling the pipelines apply, as for the real models.
     with torch.no_grad():
@@ -150,15 +149,22 @@ def silent_t5(d_model: int) -> tuple[T5EncoderModel, T5Tokenizer]:
     return encoder.eval(), T5Tokenizer(vocab=pieces, extra_ids=0)
 
 
-def world_sd3_pipeline(vae, clip: CLIPModel, tokenizer, layers: int = 6, heads: int = 3) -> StableDiffusion3Pipeline:
+def _latent_side(vae: AutoencoderKL) -> int:
+    return vae.config.sample_size // 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def world_sd3_pipeline(vae, clip: CLIPModel, tokenizer, layers: int = 6, heads: int = 3,
+                       patch_size: int = 2) -> StableDiffusion3Pipeline:
+    """An SD3 transformer over the VAE's latents: 64 image tokens (2×2 patches of the 16×16 latent)."""
     with_projection, _ = text_towers(clip)
     width = clip.config.text_config.hidden_size
     t5, t5_tokenizer = silent_t5(2 * width)
+    side, channels = _latent_side(vae), vae.config.latent_channels
     transformer = SD3Transformer2DModel(
-        sample_size=16, patch_size=2, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS, num_layers=layers,
-        attention_head_dim=64,
-        num_attention_heads=heads, joint_attention_dim=2 * width, caption_projection_dim=64 * heads,
-        pooled_projection_dim=2 * clip.config.projection_dim, pos_embed_max_size=16,
+        sample_size=side, patch_size=patch_size, in_channels=channels, out_channels=channels, num_layers=layers,
+        attention_head_dim=64, num_attention_heads=heads, joint_attention_dim=2 * width,
+        caption_projection_dim=64 * heads, pooled_projection_dim=2 * clip.config.projection_dim,
+        pos_embed_max_size=side // patch_size,
     )
     return StableDiffusion3Pipeline(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0), vae=vae,
@@ -169,9 +175,10 @@ def world_sd3_pipeline(vae, clip: CLIPModel, tokenizer, layers: int = 6, heads: 
 
 def world_sd_pipeline(vae, clip: CLIPModel, tokenizer) -> StableDiffusionPipeline:
     _, plain = text_towers(clip)
+    channels = vae.config.latent_channels
     unet = UNet2DConditionModel(
-        sample_size=16, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS, block_out_channels=(64, 128),
-        layers_per_block=1,
+        sample_size=_latent_side(vae), in_channels=channels, out_channels=channels,
+        block_out_channels=(64, 128), layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=clip.config.text_config.hidden_size, attention_head_dim=32, norm_num_groups=32,
@@ -183,16 +190,13 @@ def world_sd_pipeline(vae, clip: CLIPModel, tokenizer) -> StableDiffusionPipelin
 
 
 @torch.no_grad()
-def _dataset(pipe, count: int, batch_size: int, rng: random.Random, log, shift: bool):
-    """Renders `count` training images and encodes them to the latents the pipeline denoises (SD3 shifts them
-    by the VAE's shift_factor before scaling; SD only scales)."""
+def encode_dataset(vae: AutoencoderKL, count: int, seed: int = 0, batch_size: int = 256, log=print):
+    """`count` renders of training prompts and their VAE latents (posterior samples, before any shift or scaling);
+    both generators train on the same set."""
+    rng = random.Random(seed)
     prompts = balanced_prompts("train", count, rng)
-    config = pipe.vae.config
-    latents = []
-    for start in range(0, count, batch_size):
-        images = render_batch(prompts[start : start + batch_size], rng)
-        z = pipe.vae.encode(images).latent_dist.sample()
-        latents.append((z - (config.shift_factor if shift else 0.0)) * config.scaling_factor)
+    latents = [vae.encode(render_batch(prompts[start : start + batch_size], rng)).latent_dist.sample()
+               for start in range(0, count, batch_size)]
     log(f"encoded {count} training images")
     return prompts, torch.cat(latents)
 
@@ -211,12 +215,13 @@ def _draw(latents, prompt_ids, empty_id: int, batch_size: int):
     return ids, latents[pick], torch.randn_like(latents[pick])
 
 
-def train_sd3(pipe: StableDiffusion3Pipeline, steps: int, batch_size: int = 64, dataset_size: int = 40000,
-              lr: float = 5e-4, seed: int = 0, log=print) -> StableDiffusion3Pipeline:
-    """Rectified-flow training (logit-normal t, velocity target ε - x0) with CFG dropout."""
+def train_sd3(pipe: StableDiffusion3Pipeline, steps: int, dataset, batch_size: int = 64, lr: float = 1e-3,
+              seed: int = 0, log=print) -> StableDiffusion3Pipeline:
+    """Rectified-flow training (logit-normal t, velocity target ε - x0) with CFG dropout on an `encode_dataset`
+    set, its latents shifted and scaled as the SD3 pipeline does."""
     torch.manual_seed(seed)
-    rng = random.Random(seed)
-    prompts, latents = _dataset(pipe, dataset_size, 256, rng, log, shift=True)
+    prompts, latents = dataset
+    latents = (latents - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor
     unique, prompt_ids = _prompt_table(prompts)
     with torch.no_grad():
         embeds, _, pooled, _ = pipe.encode_prompt(unique, None, None, do_classifier_free_guidance=False)
@@ -240,12 +245,13 @@ def train_sd3(pipe: StableDiffusion3Pipeline, steps: int, batch_size: int = 64, 
     return pipe
 
 
-def train_sd(pipe: StableDiffusionPipeline, steps: int, batch_size: int = 64, dataset_size: int = 40000,
-             lr: float = 5e-4, seed: int = 0, log=print) -> StableDiffusionPipeline:
-    """ε-prediction training on the DDPM noise schedule, with CFG dropout."""
+def train_sd(pipe: StableDiffusionPipeline, steps: int, dataset, batch_size: int = 64, lr: float = 5e-4,
+             seed: int = 0, log=print) -> StableDiffusionPipeline:
+    """ε-prediction training on the DDPM noise schedule, with CFG dropout, on an `encode_dataset` set scaled as
+    the SD pipeline does (no shift)."""
     torch.manual_seed(seed)
-    rng = random.Random(seed)
-    prompts, latents = _dataset(pipe, dataset_size, 256, rng, log, shift=False)
+    prompts, latents = dataset
+    latents = latents * pipe.vae.config.scaling_factor
     unique, prompt_ids = _prompt_table(prompts)
     with torch.no_grad():
         embeds, _ = pipe.encode_prompt(unique, pipe.device, 1, False)
