@@ -209,6 +209,31 @@ def run_serve_reward(args) -> None:
     serve(reward, args.host, args.port, token=token, max_body_bytes=int(args.max_body_mb * 2**20))
 
 
+def add_train_reward_parser(subparsers) -> None:
+    parser = subparsers.add_parser("train-reward", help="train a learned reward")
+    parser.add_argument("kind", choices=["artifact"], help="artifact: the artifact classifier (1 − P(artifact))")
+    parser.add_argument("--data", type=Path, required=True,
+                        help='JSONL of {"file": ..., "label": 0|1} (1 = has artifacts) or a folder with clean/ and '
+                             "artifact/")
+    parser.add_argument("--out", type=Path, required=True, help="folder for the trained reward (spec artifact:OUT)")
+    parser.add_argument("--backbone", default="facebook/dinov2-small", help="frozen vision backbone, id or path")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--holdout", type=float, default=0.2, help="share of images held out for the accuracy")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.set_defaults(run=run_train_reward)
+
+
+def run_train_reward(args) -> None:
+    from align_diffusion.rewards.artifact import ArtifactTraining, train_artifact_reward
+
+    settings = ArtifactTraining(steps=args.steps, holdout=args.holdout, seed=args.seed)
+    result = train_artifact_reward(args.data, args.out, args.backbone, settings, device=args.device)
+    print(f"saved to {args.out} (spec artifact:{args.out}); train accuracy {result['train_accuracy']:.3f} on "
+          f"{result['train_images']} images")
+    print(f"held-out accuracy {result['heldout_accuracy']:.3f} on {result['heldout_images']} images")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="align-diffusion", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", required=True)
@@ -216,6 +241,7 @@ def main(argv: list[str] | None = None) -> None:
     add_eval_parser(subparsers)
     add_build_world_parser(subparsers)
     add_serve_reward_parser(subparsers)
+    add_train_reward_parser(subparsers)
     args = parser.parse_args(argv)
     try:
         args.run(args)

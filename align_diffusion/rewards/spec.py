@@ -73,6 +73,12 @@ def _adv_dino(arg, device, dtype):
     return AdversarialDino(_split_pair(arg, "a Dinov2 backbone: adv-dino:ID_OR_PATH")[0], device=device, dtype=dtype)
 
 
+def _artifact(arg, device, dtype):
+    from align_diffusion.rewards.artifact import ArtifactReward
+
+    return ArtifactReward(_split_pair(arg, "a trained folder: artifact:DIR")[0], device=device, dtype=dtype)
+
+
 def _remote(arg, device, dtype):
     from align_diffusion.rewards.remote import RemoteReward
 
@@ -89,6 +95,7 @@ LOADERS: dict[str, Callable[[str | None, torch.device | None, torch.dtype], Rewa
     "jpeg": _jpeg,
     "shapes": _shapes,
     "adv-dino": _adv_dino,
+    "artifact": _artifact,
     "remote": _remote,
 }
 

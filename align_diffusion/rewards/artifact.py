@@ -1,0 +1,196 @@
+"""The artifact reward model ("Understanding Reward Hacking in Text-to-Image Reinforcement Learning"): a frozen
+vision backbone and a small trained head that gives P(artifact); reward = 1 − P(artifact). Added with a small
+weight to another reward, it penalizes the noise, grids, over-saturation and fragments that reward hacking breeds.
+
+A trained reward is a folder: `head.safetensors` and `artifact_reward.json` (backbone id or path, feature size).
+Spec `artifact:DIR`. `train_artifact_reward` fits the head on labelled images (1 = has artifacts).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from transformers import AutoImageProcessor, AutoModel
+
+from align_diffusion.rewards.base import Reward, images_to_tensor
+from align_diffusion.rewards.preprocess import TorchImageTransform
+
+CONFIG_FILE = "artifact_reward.json"
+HEAD_FILE = "head.safetensors"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+class FrozenBackbone(torch.nn.Module):
+    """A transformers vision model (Dinov2, CLIP vision, ViT …) read as [CLS, mean patch] features, frozen."""
+
+    def __init__(self, backbone: str, device=None, dtype=torch.float32):
+        super().__init__()
+        model = AutoModel.from_pretrained(backbone, dtype=dtype)
+        self.model = (getattr(model, "vision_model", None) or model).to(device).eval().requires_grad_(False)
+        self.transform = TorchImageTransform.from_processor(AutoImageProcessor.from_pretrained(backbone))
+        self.features = 2 * self.model.config.hidden_size
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        parameter = next(self.model.parameters())
+        pixels = self.transform(images.to(parameter.device, torch.float32)).to(parameter.dtype)
+        tokens = self.model(pixel_values=pixels).last_hidden_state.float()
+        return torch.cat([tokens[:, 0], tokens[:, 1:].mean(1)], dim=-1)
+
+
+def artifact_head(features: int) -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.LayerNorm(features), torch.nn.Linear(features, 256), torch.nn.GELU(),
+                               torch.nn.Linear(256, 1))
+
+
+class ArtifactReward(Reward):
+    """1 − P(artifact) from a folder written by `train_artifact_reward`. Differentiable."""
+
+    differentiable = True
+
+    def __init__(self, folder: str | Path, device=None, dtype=torch.float32):
+        super().__init__("artifact")
+        folder = Path(folder)
+        if not (folder / CONFIG_FILE).is_file():
+            raise FileNotFoundError(f"artifact: {folder} holds no {CONFIG_FILE} (train one with "
+                                    "`align-diffusion train-reward artifact`)")
+        config = json.loads((folder / CONFIG_FILE).read_text())
+        self.backbone = FrozenBackbone(config["backbone"], device, dtype)
+        self.head = artifact_head(self.backbone.features)
+        self.head.load_state_dict(load_file(folder / HEAD_FILE))
+        self.head.to(device).eval().requires_grad_(False)
+
+    def artifact_probability(self, images) -> torch.Tensor:
+        return torch.sigmoid(self.head(self.backbone(images_to_tensor(images))).squeeze(-1))
+
+    def score(self, images, prompts, metadata):
+        return 1 - self.artifact_probability(images)
+
+
+def read_labelled_images(data: str | Path) -> list[tuple[Path, int]]:
+    """(file, label) pairs from a JSONL file of {"file", "label"} (paths relative to the file's folder) or from a
+    folder with `clean/` (label 0) and `artifact/` (label 1) subfolders."""
+    data = Path(data)
+    if data.is_dir():
+        pairs = []
+        for label, name in ((0, "clean"), (1, "artifact")):
+            folder = data / name
+            if not folder.is_dir():
+                raise ValueError(f"{data} must hold `clean/` and `artifact/` subfolders (missing {name}/)")
+            pairs += [(path, label) for path in sorted(folder.iterdir()) if path.suffix.lower() in IMAGE_SUFFIXES]
+    elif data.is_file():
+        pairs = []
+        for number, line in enumerate(data.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                label = record["label"]
+                path = data.parent / record["file"]
+            except (json.JSONDecodeError, KeyError, TypeError) as error:
+                raise ValueError(f"{data}:{number}: expected {{\"file\": ..., \"label\": 0 or 1}} ({error})") from None
+            if label not in (0, 1):
+                raise ValueError(f"{data}:{number}: label must be 0 (clean) or 1 (artifact), got {label!r}")
+            if not path.is_file():
+                raise ValueError(f"{data}:{number}: image {path} not found")
+            pairs.append((path, label))
+    else:
+        raise ValueError(f"artifact data {data} is neither a JSONL file nor a folder")
+    labels = {label for _, label in pairs}
+    if labels != {0, 1}:
+        raise ValueError(f"artifact data {data} needs both clean and artifact images, found labels {sorted(labels)}")
+    return pairs
+
+
+@dataclass
+class ArtifactTraining:
+    steps: int = 300
+    batch_size: int = 64
+    lr: float = 1e-3
+    holdout: float = 0.2  # share of images kept out of training to report accuracy on
+    seed: int = 0
+
+
+def train_artifact_reward(data, out: str | Path, backbone: str, settings: ArtifactTraining | None = None,
+                          device=None, log=print) -> dict:
+    """Fits the head on `data` (see `read_labelled_images`), saves the reward under `out` and returns
+    {"train_accuracy", "heldout_accuracy", "train_images", "heldout_images"}."""
+    settings = settings or ArtifactTraining()
+    if not 0 < settings.holdout < 1:
+        raise ValueError(f"holdout must lie in (0, 1), got {settings.holdout}")
+    pairs = read_labelled_images(data)
+    random.Random(settings.seed).shuffle(pairs)
+    held = max(1, round(settings.holdout * len(pairs)))
+    torch.manual_seed(settings.seed)
+    backbone_model = FrozenBackbone(backbone, device)
+    with torch.no_grad():
+        features = torch.cat([backbone_model(images_to_tensor([Image.open(p).convert("RGB") for p, _ in chunk]))
+                              for chunk in _chunks(pairs, 64)])
+    labels = torch.tensor([label for _, label in pairs], dtype=torch.float32, device=features.device)
+    train_x, train_y, test_x, test_y = features[held:], labels[held:], features[:held], labels[:held]
+    head = artifact_head(backbone_model.features).to(features.device)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=settings.lr)
+    generator = torch.Generator().manual_seed(settings.seed)
+    for step in range(settings.steps):
+        pick = torch.randint(0, len(train_x), (settings.batch_size,), generator=generator)
+        loss = F.binary_cross_entropy_with_logits(head(train_x[pick]).squeeze(-1), train_y[pick])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step % 100 == 0 or step == settings.steps - 1:
+            log(f"artifact head step {step + 1}/{settings.steps} loss {loss.item():.4f}")
+    head.eval()
+    with torch.no_grad():
+        def accuracy(x, y):
+            return float(((head(x).squeeze(-1) > 0).float() == y).float().mean())
+
+        result = {"train_accuracy": accuracy(train_x, train_y), "heldout_accuracy": accuracy(test_x, test_y),
+                  "train_images": len(train_x), "heldout_images": len(test_x)}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous().cpu() for k, v in head.state_dict().items()}, out / HEAD_FILE)
+    (out / CONFIG_FILE).write_text(json.dumps({"backbone": str(backbone), **result}, indent=1))
+    return result
+
+
+def _chunks(items, size):
+    return [items[start : start + size] for start in range(0, len(items), size)]
+
+
+def corrupt(image: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
+    """A typical generator artifact applied to a uint8 HWC render."""
+    x = image.astype(np.float32)
+    if kind == "noise":
+        x = x + rng.normal(0, rng.uniform(20, 50), x.shape)
+    elif kind == "blocking":
+        block = int(rng.choice([4, 8]))
+        small = x[::block, ::block]
+        x = np.repeat(np.repeat(small, block, 0), block, 1)[: x.shape[0], : x.shape[1]]
+    elif kind == "grid":
+        period = int(rng.choice([4, 6, 8]))
+        x[::period] += rng.uniform(40, 90)
+        x[:, ::period] += rng.uniform(40, 90)
+    elif kind == "oversaturation":
+        mean = x.mean(-1, keepdims=True)
+        x = mean + rng.uniform(2.0, 3.5) * (x - mean) + rng.uniform(20, 60)
+    elif kind == "smear":
+        shift = int(rng.integers(3, 8))
+        axis = int(rng.integers(0, 2))
+        x = sum(np.roll(x, k, axis=axis) for k in range(shift)) / shift
+    elif kind == "fragments":
+        for _ in range(int(rng.integers(4, 10))):
+            y0, x0 = rng.integers(0, x.shape[0] - 4, 2)
+            x[y0 : y0 + int(rng.integers(2, 5)), x0 : x0 + int(rng.integers(2, 5))] = rng.uniform(30, 240, 3)
+    else:
+        raise ValueError(f"unknown corruption {kind!r}; choose from {CORRUPTIONS}")
+    return np.clip(x, 0, 255).round().astype(np.uint8)
+
+
+CORRUPTIONS = ("noise", "blocking", "grid", "oversaturation", "smear", "fragments")

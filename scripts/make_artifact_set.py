@@ -1,0 +1,66 @@
+"""Curates the shapes world's artifact set: clean renders versus images with typical generator artifacts.
+
+    python scripts/make_artifact_set.py --out data/artifact-world --generator assets/world/sd3
+    align-diffusion train-reward artifact --data data/artifact-world --out assets/world/artifact \\
+        --backbone assets/world/dino
+
+`clean/` holds renders of train-split prompts; `artifact/` holds renders corrupted by the trained kinds and the
+base generator's own failures (samples in which ShapesEval finds a region that is no world shape or no palette
+color). `unseen/` holds renders corrupted by the held-out kinds only, to check the reward on artifacts it never saw.
+"""
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from align_diffusion.models import load_adapter
+from align_diffusion.rewards.artifact import CORRUPTIONS, corrupt
+from align_diffusion.sampling.loop import sample
+from align_diffusion.world.evaluate import detect
+from align_diffusion.world.prompts import split_prompts
+from align_diffusion.world.render import render_prompt
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--out", type=Path, required=True)
+parser.add_argument("--generator", default="assets/world/sd3", help="base model whose failures join artifact/")
+parser.add_argument("--count", type=int, default=400, help="clean renders; as many corrupted ones")
+parser.add_argument("--samples", type=int, default=200, help="base-model samples to draw failures from")
+parser.add_argument("--held-out-kinds", nargs="+", default=["smear", "grid"], choices=CORRUPTIONS)
+parser.add_argument("--seed", type=int, default=0)
+args = parser.parse_args()
+
+trained_kinds = [kind for kind in CORRUPTIONS if kind not in args.held_out_kinds]
+rng = np.random.default_rng(args.seed)
+prompts = split_prompts("train")
+for name in ("clean", "artifact", "unseen"):
+    (args.out / name).mkdir(parents=True, exist_ok=True)
+
+
+def pick_prompt():
+    return prompts[int(rng.integers(len(prompts)))]
+
+
+for k in range(args.count):
+    Image.fromarray(render_prompt(pick_prompt(), args.seed * 100_000 + k)).save(args.out / "clean" / f"{k:05d}.png")
+    render = render_prompt(pick_prompt(), args.seed * 100_000 + args.count + k)
+    kind = trained_kinds[k % len(trained_kinds)]
+    Image.fromarray(corrupt(render, kind, rng)).save(args.out / "artifact" / f"{kind}-{k:05d}.png")
+    render = render_prompt(pick_prompt(), args.seed * 100_000 + 2 * args.count + k)
+    kind = args.held_out_kinds[k % len(args.held_out_kinds)]
+    Image.fromarray(corrupt(render, kind, rng)).save(args.out / "unseen" / f"{kind}-{k:05d}.png")
+
+adapter = load_adapter(args.generator)
+sample_prompts = [pick_prompt() for _ in range(args.samples)]
+failures = 0
+for start in range(0, args.samples, 32):
+    batch = sample_prompts[start : start + 32]
+    generators = [torch.Generator().manual_seed(args.seed * 100_000 + start + k) for k in range(len(batch))]
+    for image in adapter.to_pil(sample(adapter, batch, generators=generators).images):
+        if any(obj.shape is None or obj.color is None for obj in detect(np.asarray(image))):
+            image.save(args.out / "artifact" / f"generated-{failures:05d}.png")
+            failures += 1
+print(f"wrote {args.count} clean, {args.count} corrupted ({', '.join(trained_kinds)}) and {failures} generated "
+      f"failures to {args.out}; {args.count} unseen-kind images ({', '.join(args.held_out_kinds)}) in unseen/")

@@ -1,0 +1,65 @@
+"""The artifact reward model: data reading, training through the command line, and what the trained reward says."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from align_diffusion.cli import main
+from align_diffusion.rewards.artifact import CORRUPTIONS, corrupt, read_labelled_images
+from align_diffusion.rewards.spec import load_reward
+from align_diffusion.world.prompts import split_prompts
+from align_diffusion.world.render import render_prompt
+
+DINO = "assets/world/dino"
+HELD_OUT_KINDS = ("smear", "grid")
+
+
+def write_set(folder, count, seed=0):
+    """clean/ renders and artifact/ renders corrupted by the trained kinds; returns unseen-kind images."""
+    rng = np.random.default_rng(seed)
+    prompts = split_prompts("train")
+    trained = [kind for kind in CORRUPTIONS if kind not in HELD_OUT_KINDS]
+    (folder / "clean").mkdir(parents=True)
+    (folder / "artifact").mkdir()
+    for k in range(count):
+        Image.fromarray(render_prompt(prompts[k * 7 % len(prompts)], k)).save(folder / "clean" / f"{k}.png")
+        render = render_prompt(prompts[k * 11 % len(prompts)], 10_000 + k)
+        kind = trained[k % len(trained)]
+        Image.fromarray(corrupt(render, kind, rng)).save(folder / "artifact" / f"{kind}-{k}.png")
+    unseen = [corrupt(render_prompt(prompts[k * 13 % len(prompts)], 20_000 + k), HELD_OUT_KINDS[k % 2], rng)
+              for k in range(40)]
+    clean = [render_prompt(prompts[k * 17 % len(prompts)], 30_000 + k) for k in range(40)]
+    return [Image.fromarray(a) for a in clean], [Image.fromarray(a) for a in unseen]
+
+
+def test_reading_labelled_images(tmp_path):
+    write_set(tmp_path / "set", 3)
+    pairs = read_labelled_images(tmp_path / "set")
+    assert sorted(label for _, label in pairs) == [0, 0, 0, 1, 1, 1]
+    lines = [json.dumps({"file": f"set/clean/{k}.png", "label": 0}) for k in range(2)]
+    lines.append(json.dumps({"file": "set/artifact/noise-0.png", "label": 1}))
+    (tmp_path / "labels.jsonl").write_text("\n".join(lines) + "\n")
+    assert [label for _, label in read_labelled_images(tmp_path / "labels.jsonl")] == [0, 0, 1]
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"file": "set/clean/0.png", "label": "good"}))
+    with pytest.raises(ValueError, match="bad.jsonl:1: label"):
+        read_labelled_images(tmp_path / "bad.jsonl")
+    (tmp_path / "one-class.jsonl").write_text(lines[0])
+    with pytest.raises(ValueError, match="both clean and artifact"):
+        read_labelled_images(tmp_path / "one-class.jsonl")
+
+
+def test_train_reward_command_saves_a_reward_the_spec_loads(tmp_path, capsys):
+    clean, unseen = write_set(tmp_path / "set", 40)
+    main(["train-reward", "artifact", "--data", str(tmp_path / "set"), "--out", str(tmp_path / "rm"),
+          "--backbone", DINO, "--steps", "50", "--device", "cpu"])
+    last_line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last_line.startswith("held-out accuracy ") and last_line.endswith("on 16 images")
+    reward = load_reward(f"artifact:{tmp_path / 'rm'}")
+    with torch.no_grad():
+        scores = reward(clean + unseen, [""] * (len(clean) + len(unseen)))
+    assert scores.shape == (80,) and ((scores >= 0) & (scores <= 1)).all()
+    with pytest.raises(FileNotFoundError, match="train-reward"):
+        load_reward(f"artifact:{tmp_path / 'set'}")
