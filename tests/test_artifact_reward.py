@@ -9,6 +9,7 @@ from PIL import Image
 
 from align_diffusion.cli import main
 from align_diffusion.rewards.artifact import CORRUPTIONS, corrupt, read_labelled_images
+from align_diffusion.rewards.base import images_to_tensor
 from align_diffusion.rewards.spec import load_reward
 from align_diffusion.world.prompts import split_prompts
 from align_diffusion.world.render import render_prompt
@@ -61,5 +62,8 @@ def test_train_reward_command_saves_a_reward_the_spec_loads(tmp_path, capsys):
     with torch.no_grad():
         scores = reward(clean + unseen, [""] * (len(clean) + len(unseen)))
     assert scores.shape == (80,) and ((scores >= 0) & (scores <= 1)).all()
+    pixels = images_to_tensor(clean[:4]).requires_grad_(True)
+    reward(pixels, [""] * 4).sum().backward()
+    assert torch.isfinite(pixels.grad).all() and pixels.grad.abs().sum() > 0
     with pytest.raises(FileNotFoundError, match="train-reward"):
         load_reward(f"artifact:{tmp_path / 'set'}")
