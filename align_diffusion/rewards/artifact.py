@@ -2,7 +2,7 @@
 vision backbone and a small trained head that gives P(artifact); reward = 1 − P(artifact). Added with a small
 weight to another reward, it penalizes the noise, grids, over-saturation and fragments that reward hacking breeds.
 
-A trained reward is a folder: `head.safetensors` and `artifact_reward.json` (backbone id or path, feature size).
+A trained reward is a folder: `head.safetensors` and `artifact_reward.json` (backbone id or path, accuracies).
 Spec `artifact:DIR`. `train_artifact_reward` fits the head on labelled images (1 = has artifacts).
 """
 
