@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from transformers import AutoImageProcessor, AutoModel
 
 from align_diffusion.cli import main
 from align_diffusion.rewards.artifact import CORRUPTIONS, corrupt, read_labelled_images
@@ -65,5 +66,12 @@ def test_train_reward_command_saves_a_reward_the_spec_loads(tmp_path, capsys):
     pixels = images_to_tensor(clean[:4]).requires_grad_(True)
     reward(pixels, [""] * 4).sum().backward()
     assert torch.isfinite(pixels.grad).all() and pixels.grad.abs().sum() > 0
+    # The torch path against the backbone's own image processor on PIL images.
+    model = AutoModel.from_pretrained(DINO).eval()
+    inputs = AutoImageProcessor.from_pretrained(DINO)(images=clean[:4], return_tensors="pt")
+    with torch.no_grad():
+        tokens = model(**inputs).last_hidden_state
+        expected = 1 - torch.sigmoid(reward.head(torch.cat([tokens[:, 0], tokens[:, 1:].mean(1)], -1)).squeeze(-1))
+    torch.testing.assert_close(scores[:4], expected, atol=1e-4, rtol=0)
     with pytest.raises(FileNotFoundError, match="train-reward"):
         load_reward(f"artifact:{tmp_path / 'set'}")
