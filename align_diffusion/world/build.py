@@ -40,7 +40,7 @@ IMAGE_PROCESSING = dict(size={"shortest_edge": 64}, crop_size={"height": 64, "wi
 @dataclass
 class BuildPlan:
     """Training steps per asset. Alone on 2 CPU cores a CLIP step takes ~0.8 s, a DINO step ~0.5 s, a VAE step
-    ~0.7 s, an SD3 step ~0.85 s and an SD step ~3.1 s (assets/README.md has the measured builds)."""
+    ~0.7 s, an SD3 step ~0.85 s and an SD step ~0.6 s (assets/README.md has the measured builds)."""
 
     clip_steps: int = 400
     dino_steps: int = 300
