@@ -86,11 +86,15 @@ class AdversarialDino(Reward):
 
     def train_step(self, generated, references) -> float:
         """One hinge-loss update of the head: references are positives, generated images negatives."""
-        with torch.no_grad():
-            real_cls, real_patches = self.features(images_to_tensor(references))
-            fake_cls, fake_patches = self.features(images_to_tensor(generated).detach())
-        real = self.head_reward(real_cls, self._random_patches(real_patches))
-        fake = self.head_reward(fake_cls, self._random_patches(fake_patches))
+        return self._update(self._frozen_features(references), self._frozen_features(generated))
+
+    @torch.no_grad()
+    def _frozen_features(self, images):
+        return self.features(images_to_tensor(images).detach())
+
+    def _update(self, real_features, fake_features) -> float:
+        real = self.head_reward(real_features[0], self._random_patches(real_features[1]))
+        fake = self.head_reward(fake_features[0], self._random_patches(fake_features[1]))
         loss = F.relu(1 - real).mean() + F.relu(1 + fake).mean()
         self.optimizer.zero_grad()
         loss.backward()
@@ -99,12 +103,15 @@ class AdversarialDino(Reward):
 
     def maybe_update(self, generated, references, generated_rewards: torch.Tensor, steps: int = 1) -> list[float]:
         """A round of co-training: `steps` head updates when the schedule says so (given the generated images'
-        rewards this round and the references' current scores); returns the losses (empty when skipped)."""
+        rewards this round and the references' current scores); returns the losses (empty when skipped).
+        The frozen backbone runs once per image set, however many steps."""
+        real_features = self._frozen_features(references)
         with torch.no_grad():
-            reference_mean = self(references, [""] * len(references)).mean().item()
+            reference_mean = self.head_reward(*real_features).mean().item()
         if not self.schedule.should_update(torch.nanmean(generated_rewards.float()).item(), reference_mean):
             return []
-        return [self.train_step(generated, references) for _ in range(steps)]
+        fake_features = self._frozen_features(generated)
+        return [self._update(real_features, fake_features) for _ in range(steps)]
 
     def reward_state(self) -> dict:
         return {"head": self.head.state_dict(), "optimizer": self.optimizer.state_dict(),

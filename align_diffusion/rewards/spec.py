@@ -22,17 +22,21 @@ class RewardTerm:
     weight: float
 
 
-def _split_pair(arg: str | None, what: str) -> list[str]:
-    """`A:B` → [A, B]; `B` → [B]."""
+def _required(arg: str | None, what: str) -> str:
     if not arg:
         raise ValueError(f"this reward needs {what}")
-    return arg.split(":", 1)
+    return arg
+
+
+def _split_pair(arg: str | None, what: str) -> list[str]:
+    """`A:B` → [A, B]; `B` → [B]."""
+    return _required(arg, what).split(":", 1)
 
 
 def _clip(arg, device, dtype):
     from align_diffusion.rewards.clip import ClipScore
 
-    return ClipScore(_split_pair(arg, "a model id or path: clip:ID_OR_PATH")[0], device=device, dtype=dtype)
+    return ClipScore(_required(arg, "a model id or path: clip:ID_OR_PATH"), device=device, dtype=dtype)
 
 
 def _pickscore(arg, device, dtype):
@@ -70,13 +74,13 @@ def _shapes(arg, device, dtype):
 def _adv_dino(arg, device, dtype):
     from align_diffusion.rewards.adversarial import AdversarialDino
 
-    return AdversarialDino(_split_pair(arg, "a Dinov2 backbone: adv-dino:ID_OR_PATH")[0], device=device, dtype=dtype)
+    return AdversarialDino(_required(arg, "a Dinov2 backbone: adv-dino:ID_OR_PATH"), device=device, dtype=dtype)
 
 
 def _artifact(arg, device, dtype):
     from align_diffusion.rewards.artifact import ArtifactReward
 
-    return ArtifactReward(_split_pair(arg, "a trained folder: artifact:DIR")[0], device=device, dtype=dtype)
+    return ArtifactReward(_required(arg, "a trained folder: artifact:DIR"), device=device, dtype=dtype)
 
 
 def _remote(arg, device, dtype):
