@@ -234,6 +234,33 @@ def run_train_reward(args) -> None:
     print(f"held-out accuracy {result['heldout_accuracy']:.3f} on {result['heldout_images']} images")
 
 
+def add_train_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "train", help="fine-tune a model toward rewards (Flow-GRPO); `accelerate launch -m align_diffusion train` "
+        "for several processes"
+    )
+    parser.add_argument("config", type=Path, nargs="?", default=None,
+                        help="YAML config (configs/*.yaml); omitted: every default")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. sampling.noise_level=0.5")
+    parser.set_defaults(run=run_train)
+
+
+def run_train(args) -> None:
+    from align_diffusion.training.config import ConfigError, load_config
+    from align_diffusion.training.grpo import train
+
+    if args.config is not None and "=" in str(args.config):  # only overrides given
+        args.overrides, args.config = [str(args.config), *args.overrides], None
+    if args.config is not None and not args.config.is_file():
+        raise SystemExit(f"align-diffusion train: no such config file {args.config}")
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as error:
+        raise SystemExit(f"align-diffusion train: bad config: {error}") from None
+    folder = train(config)
+    print(f"trained weights in {folder}; metrics in {config.output_dir}/metrics.jsonl")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="align-diffusion", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", required=True)
@@ -242,6 +269,7 @@ def main(argv: list[str] | None = None) -> None:
     add_build_world_parser(subparsers)
     add_serve_reward_parser(subparsers)
     add_train_reward_parser(subparsers)
+    add_train_parser(subparsers)
     args = parser.parse_args(argv)
     try:
         args.run(args)

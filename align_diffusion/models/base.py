@@ -58,6 +58,9 @@ class PipelineAdapter:
         if not isinstance(pipe, self.pipeline_class):
             raise TypeError(f"{type(self).__name__} wraps {self.pipeline_class.__name__}, got {type(pipe).__name__}")
         self.pipe = pipe
+        # What `forward` calls instead of the denoiser, when set: a trainer's distributed wrapper of it (so
+        # gradients synchronize) or a frozen reference copy.
+        self.forward_module: torch.nn.Module | None = None
 
     # --- properties -------------------------------------------------------------------------------------------
     @property
@@ -132,6 +135,10 @@ class PipelineAdapter:
     def forward(self, latents, timestep, conditioning: dict, guidance_scale: float) -> torch.Tensor:
         """One denoiser call on a batch in the model's dtype, as the stock pipeline makes it."""
         raise NotImplementedError
+
+    def call_denoiser(self, *args, **kwargs):
+        module = self.denoiser if self.forward_module is None else self.forward_module
+        return module(*args, **kwargs)
 
     def pred_x0(self, latents: torch.Tensor, prediction: torch.Tensor, schedule: Schedule, step_index: int):
         """The clean-latent estimate x̂0 implied by `prediction` at step `step_index`."""

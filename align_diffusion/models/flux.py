@@ -64,7 +64,7 @@ class FluxAdapter(PipelineAdapter):
         if self.denoiser.config.guidance_embeds:
             guidance = torch.full([batch], guidance_scale, device=latents.device, dtype=torch.float32)
         timestep = torch.as_tensor(timestep, device=latents.device).expand(batch).to(latents.dtype)
-        packed_pred = self.denoiser(
+        packed_pred = self.call_denoiser(
             hidden_states=packed,
             timestep=timestep / 1000,
             guidance=guidance,

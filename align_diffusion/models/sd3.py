@@ -53,4 +53,4 @@ class SD3Adapter(PipelineAdapter):
 
     def forward(self, latents, timestep, conditioning, guidance_scale):
         timestep = torch.as_tensor(timestep, device=latents.device).expand(latents.shape[0])
-        return self.denoiser(hidden_states=latents, timestep=timestep, **conditioning, return_dict=False)[0]
+        return self.call_denoiser(hidden_states=latents, timestep=timestep, **conditioning, return_dict=False)[0]

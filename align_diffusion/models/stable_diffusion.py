@@ -43,7 +43,7 @@ class StableDiffusionAdapter(PipelineAdapter):
         )
 
     def forward(self, latents, timestep, conditioning, guidance_scale):
-        return self.denoiser(
+        return self.call_denoiser(
             latents,
             torch.as_tensor(timestep, device=latents.device),
             timestep_cond=self.guidance_embedding(latents.shape[0], guidance_scale, latents),

@@ -1,0 +1,66 @@
+"""Resumable checkpoints: `output_dir/checkpoints/step-NNNNNN/`, each written to a temporary folder first and
+renamed into place, so an interrupted save never leaves a half-written checkpoint that `latest` would pick up."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+CHECKPOINTS = "checkpoints"
+PREFIX = "step-"
+TEMPORARY = ".partial"
+
+
+def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
+    return Path(output_dir) / CHECKPOINTS / f"{PREFIX}{step:06d}"
+
+
+def completed_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Finished checkpoints, oldest first."""
+    root = Path(output_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and TEMPORARY not in p.name]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+
+
+def resolve_resume(resume_from: str | None, output_dir: str | Path) -> Path | None:
+    """The checkpoint folder `resume_from` names ('latest': the newest in output_dir, None if there is none)."""
+    if resume_from is None:
+        return None
+    if resume_from == "latest":
+        found = completed_checkpoints(output_dir)
+        return found[-1] if found else None
+    path = Path(resume_from)
+    if not (path / "trainer_state.json").is_file():
+        raise FileNotFoundError(f"resume_from: {path} is not a checkpoint (no trainer_state.json)")
+    return path
+
+
+def partial_dir(output_dir: str | Path, step: int) -> Path:
+    """The temporary folder the checkpoint of `step` is written to."""
+    return checkpoint_dir(output_dir, step).with_name(f"{PREFIX}{step:06d}{TEMPORARY}")
+
+
+def begin(partial: Path) -> None:
+    """Empties the temporary folder (a crash may have left one)."""
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+
+
+def commit(partial: Path, trainer_state: dict, keep: int) -> Path:
+    """Writes trainer_state.json last, renames the folder into place and prunes all but the newest `keep`."""
+    (partial / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
+    final = partial.with_name(partial.name.removesuffix(TEMPORARY))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(partial, final)
+    for old in completed_checkpoints(final.parent.parent)[:-keep]:
+        shutil.rmtree(old)
+    return final
+
+
+def read_trainer_state(checkpoint: Path) -> dict:
+    return json.loads((checkpoint / "trainer_state.json").read_text())

@@ -1,0 +1,267 @@
+"""Typed trainer configs, mirrored by the YAML files in `configs/`.
+
+A YAML file gives any subset of the fields, nested by section (`sampling: {noise_level: 0.7}`); command-line
+overrides use dotted keys (`sampling.noise_level=0.5`, values parsed as YAML). Unknown keys and values of the wrong
+type fail with the key named; `validate` checks what can be checked before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from align_diffusion.rewards.spec import parse_spec
+from align_diffusion.rewards.transforms import METHODS as ADVANTAGE_METHODS
+from align_diffusion.sampling.loop import DIFFUSION_SAMPLERS, FLOW_SAMPLERS
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the field."""
+
+
+def _help(text: str, default=dataclasses.MISSING, factory=dataclasses.MISSING):
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata={"help": text})
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class SamplingConfig:
+    sampler: str = _help("rollout sampler: flow-sde, dance-sde or cps for flow models, ddim for ε-models", "flow-sde")
+    noise_level: float | None = _help("the sampler's a / η (default: the sampler's own)", None)
+    num_steps: int = _help("denoising steps of a training rollout", 10)
+    noise_window: list[int] | None = _help("[start, end) of the steps that draw SDE noise (default: all)", None)
+    guidance_scale: float = _help("guidance of rollouts and the trained policy (1 = no CFG)", 4.5)
+    height: int | None = _help("image height (default: the model's)", None)
+    width: int | None = _help("image width (default: the model's)", None)
+    batch_size: int = _help("images per denoiser call while sampling", 16)
+
+
+@dataclass
+class GRPOConfig:
+    group_size: int = _help("images per prompt; advantages are computed within each group", 8)
+    batch_size: int = _help("images per training step over all processes (a multiple of group_size)", 32)
+    train_batch_size: int = _help("images per forward/backward pass (gradients accumulate over them)", 8)
+    timestep_fraction: float = _help("share of the stochastic steps trained on per image (1 = all)", 1.0)
+    updates_per_step: int = _help("optimizer steps per batch (1 keeps training on-policy)", 1)
+    clip_range: float = _help("PPO ratio clip ε", 1e-4)
+    adv_clip_max: float = _help("advantages are clipped to ±this", 5.0)
+    kl_beta: float = _help("weight of the KL to the reference model (the adapter disabled)", 0.04)
+    advantage: str = _help("zscore, global_std or bnpo", "zscore")
+    ratio_warn: float = _help("warn when the on-policy ratio drifts from 1 by more than this", 1e-3)
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = _help("train a LoRA (false: full fine-tuning of the denoiser)", True)
+    rank: int = _help("LoRA rank r", 32)
+    alpha: float = _help("LoRA alpha (scale alpha / r)", 64.0)
+    target_modules: list[str] = _help(
+        "module names LoRA wraps", factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"]
+    )
+
+
+@dataclass
+class OptimConfig:
+    lr: float = _help("AdamW learning rate", 3e-4)
+    weight_decay: float = _help("AdamW weight decay", 1e-4)
+    betas: list[float] = _help("AdamW betas", factory=lambda: [0.9, 0.999])
+    warmup_steps: int = _help("linear warm-up steps, then constant", 0)
+    max_grad_norm: float | None = _help("gradient-norm clip (null: none)", 1.0)
+    ema_decay: float = _help("EMA of the trained weights, used for eval and export (0: off)", 0.0)
+    mixed_precision: str = _help("no, fp16 or bf16 (autocast; trained weights stay float32)", "no")
+    gradient_checkpointing: bool = _help("recompute activations in the backward pass", False)
+
+
+@dataclass
+class EvalConfig:
+    every: int = _help("evaluate every this many steps, and at the start and the end (0: never)", 10)
+    prompts: str = _help("prompt source: shapes:SPLIT or a text file with one prompt per line", "shapes:test")
+    num_images_per_prompt: int = _help("images per eval prompt", 2)
+    num_steps: int = _help("ODE steps at eval", 40)
+    seed: int = _help("image k of an eval is seeded seed + k", 10_000)
+    shapes_eval: bool = _help("score eval images with ShapesEval (shapes-world prompts only)", False)
+
+
+@dataclass
+class TrainConfig:
+    model: str = _help("hub id or folder of a supported diffusers pipeline", "assets/world/sd3")
+    output_dir: str = _help("where config, metrics, checkpoints and the LoRA go", "outputs/grpo")
+    max_steps: int = _help("training steps (one batch of rollouts each)", 100)
+    seed: int = _help("seeds prompts, rollouts and timestep subsets", 0)
+    prompts: str = _help("training prompts: shapes:SPLIT or a text file with one prompt per line", "shapes:train")
+    reward: str = _help("reward spec, e.g. 'shapes' or 'pickscore=1.0,jpeg=0.1'", "shapes")
+    dtype: str = _help("model weights dtype: float32, float16 or bfloat16", "float32")
+    device: str | None = _help("device (default: accelerate's)", None)
+    async_rewards: bool = _help("score a chunk in a thread while the next chunk samples", True)
+    checkpoint_every: int = _help("save a resumable checkpoint every this many steps (0: only at the end)", 10)
+    checkpoints_kept: int = _help("how many recent checkpoints to keep", 2)
+    resume_from: str | None = _help("a checkpoint folder, or 'latest' in output_dir", None)
+    log_with: list[str] = _help("trackers: tensorboard, wandb", factory=lambda: ["tensorboard"])
+    sampling: SamplingConfig = _help("rollouts", factory=SamplingConfig)
+    grpo: GRPOConfig = _help("the GRPO objective", factory=GRPOConfig)
+    lora: LoraConfig = _help("the trained adapter", factory=LoraConfig)
+    optim: OptimConfig = _help("the optimizer", factory=OptimConfig)
+    eval: EvalConfig = _help("periodic evaluation", factory=EvalConfig)
+
+
+# --- loading --------------------------------------------------------------------------------------------------
+
+
+def _check_type(value, hint, key: str):
+    """`value` as the annotated type (ints widen to floats); ConfigError naming `key` otherwise."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _check_type(value, inner, key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_check_type(item, args[0], f"{key}[{i}]") for i, item in enumerate(value)]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is int and isinstance(value, bool) or not isinstance(value, hint):
+        raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls, values: dict, prefix: str = ""):
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"unknown key {prefix}{unknown[0]}; valid keys here: {', '.join(sorted(names))}")
+    kwargs = {}
+    for name, value in values.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _check_type(value, hint, prefix + name)
+    return cls(**kwargs)
+
+
+def apply_override(values: dict, override: str) -> None:
+    """Sets `a.b=value` (value parsed as YAML) in a nested dict."""
+    key, sep, text = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {override!r} is not key=value")
+    *parents, leaf = key.split(".")
+    node = values
+    for parent in parents:
+        node = node.setdefault(parent, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key}: {parent} is not a section")
+    node[leaf] = yaml.safe_load(text)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
+    """A TrainConfig from a YAML file (or the defaults) and dotted `key=value` overrides, validated."""
+    values = {}
+    if path is not None:
+        values = yaml.safe_load(Path(path).read_text()) or {}
+    for override in overrides:
+        apply_override(values, override)
+    config = _build(TrainConfig, values)
+    validate(config)
+    return config
+
+
+def to_dict(config: TrainConfig) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def save_config(config: TrainConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+# --- validation ------------------------------------------------------------------------------------------------
+
+
+def _model_is_flow(model: str) -> bool | None:
+    """Whether a pipeline folder / cached hub id is a flow model, from its model_index.json (None if unknown)."""
+    from diffusers import DiffusionPipeline
+
+    from align_diffusion.models import ADAPTERS
+
+    try:
+        class_name = DiffusionPipeline.load_config(model)["_class_name"]
+    except (OSError, KeyError, ValueError):
+        return None
+    adapters = {cls.__name__: adapter for cls, adapter in ADAPTERS.items()}
+    if class_name not in adapters:
+        raise ConfigError(f"model: unsupported pipeline {class_name}; supported: {', '.join(sorted(adapters))}")
+    return adapters[class_name].is_flow
+
+
+def validate(config: TrainConfig, num_processes: int = 1) -> None:
+    """Every check that needs no weights; ConfigError naming the field."""
+    positive = {
+        "max_steps": config.max_steps, "grpo.group_size": config.grpo.group_size,
+        "grpo.batch_size": config.grpo.batch_size, "grpo.train_batch_size": config.grpo.train_batch_size,
+        "grpo.updates_per_step": config.grpo.updates_per_step, "sampling.num_steps": config.sampling.num_steps,
+        "sampling.batch_size": config.sampling.batch_size, "lora.rank": config.lora.rank,
+        "eval.num_steps": config.eval.num_steps, "eval.num_images_per_prompt": config.eval.num_images_per_prompt,
+        "checkpoints_kept": config.checkpoints_kept,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key} must be at least 1, got {value}")
+    grpo = config.grpo
+    if grpo.group_size < 2:
+        raise ConfigError(f"grpo.group_size must be at least 2 (advantages compare images of a prompt), got "
+                          f"{grpo.group_size}")
+    if grpo.batch_size % grpo.group_size:
+        raise ConfigError(f"grpo.group_size {grpo.group_size} does not divide grpo.batch_size {grpo.batch_size}")
+    if grpo.batch_size % num_processes:
+        raise ConfigError(f"grpo.batch_size {grpo.batch_size} is not a multiple of the {num_processes} processes")
+    local = grpo.batch_size // num_processes
+    if local % grpo.train_batch_size:
+        raise ConfigError(f"grpo.train_batch_size {grpo.train_batch_size} does not divide the "
+                          f"{local} images per process")
+    if (local // grpo.train_batch_size) % grpo.updates_per_step:
+        raise ConfigError(f"grpo.updates_per_step {grpo.updates_per_step} does not divide the "
+                          f"{local // grpo.train_batch_size} micro-batches per process")
+    if not 0 < grpo.timestep_fraction <= 1:
+        raise ConfigError(f"grpo.timestep_fraction must lie in (0, 1], got {grpo.timestep_fraction}")
+    if grpo.advantage not in ADVANTAGE_METHODS:
+        raise ConfigError(f"grpo.advantage must be one of {ADVANTAGE_METHODS}, got {grpo.advantage!r}")
+    for key, value in {"grpo.clip_range": grpo.clip_range, "grpo.adv_clip_max": grpo.adv_clip_max,
+                       "grpo.kl_beta": grpo.kl_beta, "optim.lr": config.optim.lr}.items():
+        if value < 0:
+            raise ConfigError(f"{key} must be >= 0, got {value}")
+    if not 0 <= config.optim.ema_decay < 1:
+        raise ConfigError(f"optim.ema_decay must lie in [0, 1), got {config.optim.ema_decay}")
+    if config.optim.mixed_precision not in ("no", "fp16", "bf16"):
+        raise ConfigError(f"optim.mixed_precision must be no, fp16 or bf16, got {config.optim.mixed_precision!r}")
+    if config.dtype not in ("float32", "float16", "bfloat16"):
+        raise ConfigError(f"dtype must be float32, float16 or bfloat16, got {config.dtype!r}")
+    if not config.lora.enabled and config.dtype != "float32":
+        raise ConfigError("dtype: full fine-tuning needs float32 weights (use a LoRA for half-precision models)")
+    for tracker in config.log_with:
+        if tracker not in ("tensorboard", "wandb"):
+            raise ConfigError(f"log_with: unknown tracker {tracker!r}; use tensorboard and/or wandb")
+    window = config.sampling.noise_window
+    if window is not None and (len(window) != 2 or not 0 <= window[0] < window[1] <= config.sampling.num_steps):
+        raise ConfigError(f"sampling.noise_window must be [start, end) within the {config.sampling.num_steps} "
+                          f"steps, got {window}")
+    try:
+        parse_spec(config.reward)
+    except ValueError as error:
+        raise ConfigError(f"reward: {error}") from None
+    is_flow = _model_is_flow(config.model)
+    allowed = {True: FLOW_SAMPLERS, False: DIFFUSION_SAMPLERS, None: FLOW_SAMPLERS + DIFFUSION_SAMPLERS}[is_flow]
+    allowed = tuple(s for s in allowed if s != "ode")  # GRPO needs a stochastic sampler
+    if config.sampling.sampler not in allowed:
+        kind = {True: "a flow model", False: "a diffusion (ε) model", None: "any model"}[is_flow]
+        raise ConfigError(f"sampling.sampler {config.sampling.sampler!r} does not fit {kind}; use one of {allowed}")

@@ -1,0 +1,523 @@
+"""Flow-GRPO: fine-tune a text-to-image model toward rewards with group-relative policy optimization.
+
+Each training step draws `batch_size / group_size` prompts, samples `group_size` images of each with a stochastic
+sampler (Flow-SDE / CPS / Dance-SDE for flow models, DDIM-η for ε-models) while recording every transition's
+log-prob, scores the images, turns rewards into group advantages, and then, for a subset of the stochastic steps,
+recomputes each transition's log-prob under the current weights and descends
+
+    loss = E[max(-A·r, -A·clip(r, 1 - ε, 1 + ε))] + β·KL,   r = exp(log p_θ - log p_old),
+
+where KL is the closed-form KL between the Gaussian steps of the policy and of the reference model (the denoiser
+with its LoRA disabled; a frozen copy for full fine-tuning): ‖μ_θ - μ_ref‖² / (2σ²), averaged over dimensions
+like the log-probs. With one optimizer step per batch every ratio is 1 on the first pass (`ratio` statistics are
+logged every step to check it).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from align_diffusion.models import PipelineAdapter, PromptEmbeds, load_adapter
+from align_diffusion.rewards import load_reward
+from align_diffusion.rewards.spec import WeightedRewards
+from align_diffusion.rewards.transforms import group_advantages
+from align_diffusion.sampling.loop import Trajectory, sample, step_log_prob
+from align_diffusion.training import checkpoint
+from align_diffusion.training.config import TrainConfig, save_config, to_dict, validate
+from align_diffusion.training.lora import add_lora, export_lora
+from align_diffusion.training.prompts import PromptSource
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+# --- the objective -----------------------------------------------------------------------------------------------
+
+
+def clipped_policy_loss(log_prob, old_log_prob, advantages, clip_range: float, adv_clip_max: float):
+    """Per-image PPO loss max(-A·r, -A·clip(r, 1 ± ε)) with A clipped to ±adv_clip_max; also returns r."""
+    advantages = advantages.clamp(-adv_clip_max, adv_clip_max)
+    ratio = torch.exp(log_prob - old_log_prob)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)
+    return torch.maximum(unclipped, clipped), ratio
+
+
+def gaussian_kl(mean, ref_mean, std) -> torch.Tensor:
+    """Per-image KL(N(mean, σ²) ‖ N(ref_mean, σ²)) = (mean - ref_mean)² / (2σ²), averaged over dimensions."""
+    dims = tuple(range(1, mean.ndim))
+    return ((mean - ref_mean) ** 2).mean(dim=dims) / (2 * torch.as_tensor(std).reshape(-1) ** 2)
+
+
+# --- pieces of the loop ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Rollouts:
+    """One process's share of a step's images, their trajectories concatenated."""
+
+    trajectory: Trajectory
+    rewards: torch.Tensor  # (B_local,) combined reward; NaN where a reward could not score an image
+    each: dict[str, torch.Tensor]  # each reward's own scores
+
+
+def _cat_embeds(parts: list[PromptEmbeds]) -> PromptEmbeds:
+    def cat(dicts):
+        return {name: torch.cat([d[name] for d in dicts]) for name in dicts[0]}
+
+    uncond = None if parts[0].uncond is None else cat([p.uncond for p in parts])
+    return PromptEmbeds(cat([p.cond for p in parts]), uncond)
+
+
+def _cat_trajectories(parts: list[Trajectory]) -> Trajectory:
+    first = parts[0]
+    return Trajectory(
+        prompts=[p for t in parts for p in t.prompts],
+        latents=torch.cat([t.latents for t in parts]),
+        log_probs=torch.cat([t.log_probs for t in parts]),
+        pred_x0=torch.cat([t.pred_x0 for t in parts]),
+        stochastic_steps=first.stochastic_steps,
+        schedule=first.schedule,
+        embeds=_cat_embeds([t.embeds for t in parts]),
+        sampler=first.sampler,
+        noise_level=first.noise_level,
+        guidance_scale=first.guidance_scale,
+        images=torch.cat([t.images for t in parts]),
+    )
+
+
+def score(reward, images, prompts) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The combined reward and each term's scores, on the CPU."""
+    with torch.no_grad():
+        if isinstance(reward, WeightedRewards):
+            each = {name: s.cpu() for name, s in reward.score_each(images, prompts).items()}
+            total = sum(w * s for w, s in zip(reward.weights, each.values()))
+            return total, each
+        scores = reward(images, prompts).cpu()
+        return scores, {reward.name: scores}
+
+
+class EMA:
+    """Exponential moving average of the trained parameters."""
+
+    def __init__(self, params: list[torch.nn.Parameter], decay: float):
+        self.params, self.decay = params, decay
+        self.shadow = [p.detach().clone() for p in params]
+
+    @torch.no_grad()
+    def update(self):
+        for shadow, param in zip(self.shadow, self.params):
+            shadow.lerp_(param.detach(), 1 - self.decay)
+
+    @contextmanager
+    def applied(self):
+        """The EMA weights swapped in for the duration."""
+        saved = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for param, shadow in zip(self.params, self.shadow):
+                param.copy_(shadow)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for param, value in zip(self.params, saved):
+                    param.copy_(value)
+
+
+# --- the trainer -------------------------------------------------------------------------------------------------
+
+
+class GRPOTrainer:
+    """Holds the model, reward, optimizer and state of one run; `train()` runs it."""
+
+    def __init__(self, config: TrainConfig, accelerator: Accelerator | None = None):
+        self.config = config
+        self.output_dir = Path(config.output_dir)
+        trackers = [t for t in config.log_with if t != "wandb" or _wandb_installed()]
+        self.accelerator = accelerator or Accelerator(
+            mixed_precision=config.optim.mixed_precision, log_with=trackers or None, project_dir=str(self.output_dir),
+            cpu=config.device == "cpu",
+        )
+        validate(config, self.accelerator.num_processes)
+        set_seed(config.seed)
+        self.prompts = PromptSource(config.prompts)
+        self.eval_prompts = PromptSource(config.eval.prompts)
+
+        device = config.device or self.accelerator.device
+        self.adapter: PipelineAdapter = load_adapter(config.model, dtype=DTYPES[config.dtype], device=str(device))
+        self.reward = load_reward(config.reward, device=device)
+        if self.reward.needs_reference:
+            raise ValueError(f"reward {self.reward.name} needs reference images, which this trainer does not provide")
+        denoiser = self.adapter.denoiser
+        if config.lora.enabled:
+            self.params = add_lora(self.adapter, config.lora.rank, config.lora.alpha, config.lora.target_modules)
+            self.reference = None
+        else:
+            self.reference = copy.deepcopy(denoiser).requires_grad_(False).eval()
+            self.params = [p for p in denoiser.parameters()]
+            denoiser.requires_grad_(True)
+        if config.optim.gradient_checkpointing:
+            denoiser.enable_gradient_checkpointing()
+        optimizer = torch.optim.AdamW(self.params, lr=config.optim.lr, betas=tuple(config.optim.betas),
+                                      weight_decay=config.optim.weight_decay)
+        warmup = config.optim.warmup_steps
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
+        self.num_micro = config.grpo.batch_size // self.accelerator.num_processes // config.grpo.train_batch_size
+        self.model, self.optimizer, self.lr_schedule = self.accelerator.prepare(denoiser, optimizer, schedule)
+        self.adapter.forward_module = self.model  # the distributed wrapper, when there is one, syncs gradients
+        self.accelerator.register_save_state_pre_hook(self._save_trained_only)
+        self.accelerator.register_load_state_pre_hook(self._load_trained_only)
+        self.ema = EMA(self.params, config.optim.ema_decay) if config.optim.ema_decay > 0 else None
+        self.step = 0
+
+    # --- checkpoints: only the trained weights, not the frozen base model ---------------------------------------
+    def trained_state(self) -> dict[str, torch.Tensor]:
+        denoiser = self.adapter.denoiser
+        return {n: p.detach().cpu().contiguous() for n, p in denoiser.named_parameters() if p.requires_grad}
+
+    def _save_trained_only(self, models, weights, output_dir):
+        weights.clear()
+        if self.accelerator.is_main_process:
+            save_file(self.trained_state(), str(Path(output_dir) / "trained.safetensors"))
+            if self.ema is not None:
+                names = list(self.trained_state())
+                save_file({n: s.cpu().contiguous() for n, s in zip(names, self.ema.shadow)},
+                          str(Path(output_dir) / "ema.safetensors"))
+            state = self.reward.reward_state()
+            if state:
+                torch.save(state, Path(output_dir) / "reward_state.pt")
+
+    def _load_trained_only(self, models, input_dir):
+        models.clear()
+        trained = load_file(str(Path(input_dir) / "trained.safetensors"))
+        named = dict(self.adapter.denoiser.named_parameters())
+        unexpected = set(trained) - set(named)
+        if unexpected:
+            raise ValueError(f"checkpoint {input_dir} holds weights this model lacks: {sorted(unexpected)[:3]}")
+        with torch.no_grad():
+            for name, value in trained.items():
+                named[name].copy_(value)
+        if self.ema is not None:
+            ema = load_file(str(Path(input_dir) / "ema.safetensors"))
+            for shadow, name in zip(self.ema.shadow, self.trained_state()):
+                shadow.copy_(ema[name])
+        reward_state = Path(input_dir) / "reward_state.pt"
+        if reward_state.exists():
+            self.reward.load_reward_state(torch.load(reward_state, weights_only=False))
+
+    def save_checkpoint(self) -> None:
+        partial = checkpoint.partial_dir(self.output_dir, self.step)
+        if self.accelerator.is_main_process:
+            checkpoint.begin(partial)
+        self.accelerator.wait_for_everyone()
+        self.accelerator.save_state(str(partial))
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            checkpoint.commit(partial, {"step": self.step, "data_position": self.step}, self.config.checkpoints_kept)
+        self.accelerator.wait_for_everyone()
+
+    def maybe_resume(self) -> None:
+        path = checkpoint.resolve_resume(self.config.resume_from, self.output_dir)
+        if path is None:
+            return
+        self.accelerator.load_state(str(path))
+        self.step = checkpoint.read_trainer_state(path)["step"]
+        metrics_file = self.output_dir / "metrics.jsonl"
+        if self.accelerator.is_main_process and metrics_file.exists():
+            # Rows logged after the checkpoint belong to steps that will run again.
+            rows = [line for line in metrics_file.read_text().splitlines() if json.loads(line)["step"] <= self.step]
+            metrics_file.write_text("".join(row + "\n" for row in rows))
+        self.log(f"resumed from {path} at step {self.step}")
+
+    # --- small helpers ------------------------------------------------------------------------------------------
+    def log(self, message: str) -> None:
+        if self.accelerator.is_main_process:
+            tqdm.write(message)
+
+    @contextmanager
+    def reference_model(self):
+        """The adapter predicts with the reference weights inside this block."""
+        if self.reference is None:
+            self.adapter.denoiser.disable_adapters()
+            try:
+                yield
+            finally:
+                self.adapter.denoiser.enable_adapters()
+        else:
+            self.adapter.forward_module = self.reference
+            try:
+                yield
+            finally:
+                self.adapter.forward_module = self.model
+
+    def image_seeds(self, step: int, count: int, offset: int = 0) -> list[int]:
+        """Seeds of images offset … offset + count of step `step`: distinct for every (seed, step, image)."""
+        base = (self.config.seed * 1_000_003 + step) * self.config.grpo.batch_size
+        return [base + offset + k for k in range(count)]
+
+    # --- one step ------------------------------------------------------------------------------------------------
+    def rollout(self, step: int) -> Rollouts:
+        """Samples this process's share of the step's images and scores them (scoring overlaps sampling)."""
+        config, sampling = self.config, self.config.sampling
+        prompts = self.prompts.draw(config.seed, step, config.grpo.batch_size // config.grpo.group_size)
+        per_image = [p for p in prompts for _ in range(config.grpo.group_size)]
+        local = config.grpo.batch_size // self.accelerator.num_processes
+        start = self.accelerator.process_index * local
+        window = None if sampling.noise_window is None else range(*sampling.noise_window)
+        parts, futures = [], []
+        executor = ThreadPoolExecutor(max_workers=1) if config.async_rewards else None
+        self.adapter.denoiser.eval()
+        with self.accelerator.autocast():
+            for offset in range(start, start + local, sampling.batch_size):
+                count = min(sampling.batch_size, start + local - offset)
+                chunk_prompts = per_image[offset : offset + count]
+                generators = [torch.Generator().manual_seed(s) for s in self.image_seeds(step, count, offset)]
+                part = sample(
+                    self.adapter, chunk_prompts, sampler=sampling.sampler, noise_level=sampling.noise_level,
+                    num_inference_steps=sampling.num_steps, guidance_scale=sampling.guidance_scale,
+                    noise_window=window, generators=generators, height=sampling.height, width=sampling.width,
+                )
+                parts.append(part)
+                if executor is None:
+                    futures.append(_done(score(self.reward, part.images, chunk_prompts)))
+                else:
+                    futures.append(executor.submit(score, self.reward, part.images, chunk_prompts))
+        results = [f.result() for f in futures]
+        if executor is not None:
+            executor.shutdown()
+        each = {name: torch.cat([r[1][name] for r in results]) for name in results[0][1]}
+        return Rollouts(_cat_trajectories(parts), torch.cat([r[0] for r in results]), each)
+
+    def advantages(self, rollouts: Rollouts) -> tuple[torch.Tensor, dict]:
+        """Group advantages over the whole step (all processes), and this process's slice of them."""
+        config = self.config.grpo
+        device = self.accelerator.device
+        rewards = self.accelerator.gather(rollouts.rewards.to(device)).cpu()
+        group_ids = torch.arange(len(rewards)) // config.group_size
+        result = group_advantages(rewards, group_ids, config.advantage)
+        local = len(rollouts.rewards)
+        start = self.accelerator.process_index * local
+        stats = {
+            "reward_mean": _nanmean(rewards), "reward_std": _nanstd(rewards),
+            "nan_rewards": int(torch.isnan(rewards).sum()),
+            "zero_std_fraction": result.num_zero_variance_groups / (len(rewards) // config.group_size),
+            "advantage_abs_mean": _nanmean(result.advantages.abs()),
+            "advantage_std": _nanstd(result.advantages),
+        }
+        for name, scores in rollouts.each.items():
+            gathered = self.accelerator.gather(scores.to(device)).cpu()
+            stats[f"reward/{name}_mean"], stats[f"reward/{name}_std"] = _nanmean(gathered), _nanstd(gathered)
+        return result.advantages[start : start + local].float(), stats
+
+    def train_timesteps(self, step: int, stochastic: list[int]) -> list[int]:
+        """The stochastic steps trained on this step: a random subset of size ⌈fraction · count⌉."""
+        count = max(1, math.ceil(self.config.grpo.timestep_fraction * len(stochastic)))
+        order = torch.randperm(len(stochastic), generator=torch.Generator().manual_seed(self.config.seed + step))
+        return sorted(stochastic[i] for i in order[:count].tolist())
+
+    def update(self, rollouts: Rollouts, advantages: torch.Tensor, step: int) -> dict:
+        """`updates_per_step` optimizer steps over the rollouts; returns loss, KL, ratio and clip statistics."""
+        config = self.config.grpo
+        trajectory = rollouts.trajectory
+        timesteps = self.train_timesteps(step, trajectory.stochastic_steps)
+        valid = ~torch.isnan(advantages)
+        micro_per_update = self.num_micro // config.updates_per_step
+        terms = micro_per_update * len(timesteps)
+        ratios, clipped, kls, losses, grad_norms = [], [], [], [], []
+        first_ratio = None
+        self.adapter.denoiser.train()
+        for update in range(config.updates_per_step):
+            for micro in range(micro_per_update):
+                first = (update * micro_per_update + micro) * config.train_batch_size
+                index = torch.arange(first, first + config.train_batch_size)
+                mask = valid[index].float()
+                adv = torch.nan_to_num(advantages[index]).to(self.accelerator.device)
+                for term, j in enumerate(timesteps):
+                    last = micro == micro_per_update - 1 and term == len(timesteps) - 1
+                    sync = nullcontext() if last else self.accelerator.no_sync(self.model)
+                    with sync, self.accelerator.autocast():
+                        out = step_log_prob(self.adapter, trajectory, j, index)
+                        old = trajectory.log_probs[index, j].to(out.log_prob)
+                        policy, ratio = clipped_policy_loss(out.log_prob, old, adv, config.clip_range,
+                                                            config.adv_clip_max)
+                        loss_per_image = policy
+                        if config.kl_beta > 0:
+                            with torch.no_grad(), self.reference_model():
+                                ref = step_log_prob(self.adapter, trajectory, j, index)
+                            kl = gaussian_kl(out.mean, ref.mean, out.std)
+                            loss_per_image = policy + config.kl_beta * kl
+                            kls.append(kl.detach())
+                        mask_device = mask.to(loss_per_image.device)
+                        loss = (loss_per_image * mask_device).sum() / max(1.0, float(mask.sum())) / terms
+                        self.accelerator.backward(loss)
+                    ratios.append(ratio.detach()[mask.bool()])
+                    if first_ratio is None:
+                        first_ratio = ratios[-1]
+                    clipped.append(((ratio.detach() - 1).abs() > config.clip_range)[mask.bool()].float())
+                    losses.append(loss.detach() * terms)
+            norm = None
+            if self.config.optim.max_grad_norm is not None:
+                norm = self.accelerator.clip_grad_norm_(self.params, self.config.optim.max_grad_norm)
+            else:
+                norm = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in self.params if p.grad is not None))
+            grad_norms.append(float(norm))
+            self.optimizer.step()
+            self.lr_schedule.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.ema is not None:
+                self.ema.update()
+        ratio = torch.cat(ratios) if ratios else torch.ones(1)
+        stats = {
+            "loss": float(torch.stack(losses).mean()),
+            "kl": float(torch.cat(kls).mean()) if kls else 0.0,
+            "clip_fraction": float(torch.cat(clipped).mean()) if clipped else 0.0,
+            "ratio_mean": float(ratio.mean()), "ratio_min": float(ratio.min()), "ratio_max": float(ratio.max()),
+            "first_ratio_max_deviation": float((first_ratio - 1).abs().max()) if first_ratio is not None else 0.0,
+            "grad_norm": sum(grad_norms) / len(grad_norms),
+            "lr": self.lr_schedule.get_last_lr()[0],
+            "train_timesteps": len(timesteps),
+        }
+        deviation = stats["first_ratio_max_deviation"]
+        if deviation > config.ratio_warn:
+            warnings.warn(f"step {step}: the first ratio deviates from 1 by {deviation:.2e} (> grpo.ratio_warn "
+                          f"{config.ratio_warn}): rollouts and training disagree (dtype, batch composition or "
+                          "stale weights)", stacklevel=2)
+        return stats
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """ODE samples of the eval prompts at eval steps with fixed seeds: reward means and, optionally, ShapesEval."""
+        config = self.config.eval
+        prompts = self.eval_prompts.all()
+        per_image = [p for p in prompts for _ in range(config.num_images_per_prompt)]
+        self.adapter.denoiser.eval()
+        images = []
+        with self.ema.applied() if self.ema is not None else nullcontext(), self.accelerator.autocast():
+            for start in range(0, len(per_image), self.config.sampling.batch_size):
+                chunk = per_image[start : start + self.config.sampling.batch_size]
+                generators = [torch.Generator().manual_seed(config.seed + start + k) for k in range(len(chunk))]
+                images.append(sample(
+                    self.adapter, chunk, sampler="ode", num_inference_steps=config.num_steps,
+                    guidance_scale=self.config.sampling.guidance_scale, generators=generators,
+                    height=self.config.sampling.height, width=self.config.sampling.width,
+                ).images)
+        images = torch.cat(images)
+        total, each = score(self.reward, images, per_image)
+        result = {"eval/reward_mean": _nanmean(total)}
+        result.update({f"eval/{name}_mean": _nanmean(s) for name, s in each.items()})
+        if config.shapes_eval:
+            from align_diffusion.world.evaluate import shapes_eval
+
+            report = shapes_eval(per_image, images)
+            result["eval/shapes_strict"] = report["overall_strict"]
+            result["eval/shapes_graded"] = report["graded"]
+            result.update({f"eval/shapes_{c}": v for c, v in report["per_category_strict"].items()})
+        return result
+
+    # --- the loop ------------------------------------------------------------------------------------------------
+    def train(self) -> Path:
+        """Runs until `max_steps`; returns the folder of the exported LoRA (or full pipeline)."""
+        config, accelerator = self.config, self.accelerator
+        if accelerator.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            save_config(config, self.output_dir / "config.yaml")
+        accelerator.init_trackers("grpo", config=_flat(to_dict(config)))
+        self.maybe_resume()
+        metrics_file = self.output_dir / "metrics.jsonl"
+        eval_every = config.eval.every
+        if eval_every and self.step == 0:
+            self.record(metrics_file, {"step": 0, **self.evaluate()})
+        bar = tqdm(range(self.step, config.max_steps), initial=self.step, total=config.max_steps, desc="grpo",
+                   disable=not accelerator.is_main_process)
+        for step in bar:
+            started = time.time()
+            rollouts = self.rollout(step)
+            advantages, stats = self.advantages(rollouts)
+            stats.update(self.update(rollouts, advantages, step))
+            self.step = step + 1
+            stats = {"step": self.step, **stats, "seconds": round(time.time() - started, 2)}
+            if eval_every and (self.step % eval_every == 0 or self.step == config.max_steps):
+                stats.update(self.evaluate())
+            self.record(metrics_file, stats)
+            bar.set_postfix(reward=f"{stats['reward_mean']:.3f}", kl=f"{stats['kl']:.2e}")
+            if self.step == config.max_steps or (config.checkpoint_every and self.step % config.checkpoint_every == 0):
+                self.save_checkpoint()
+        result = self.export()
+        accelerator.end_training()
+        return result
+
+    def record(self, metrics_file: Path, stats: dict) -> None:
+        if self.accelerator.is_main_process:
+            with metrics_file.open("a") as f:
+                f.write(json.dumps(stats) + "\n")
+            self.accelerator.log({k: v for k, v in stats.items() if k != "step"}, step=stats["step"])
+
+    def export(self) -> Path:
+        """The trained weights (EMA ones when EMA is on) as a diffusers LoRA folder, or the full pipeline."""
+        folder = self.output_dir / ("lora" if self.config.lora.enabled else "pipeline")
+        if not self.accelerator.is_main_process:
+            return folder
+        with self.ema.applied() if self.ema is not None else nullcontext():
+            if self.config.lora.enabled:
+                export_lora(self.adapter, folder)
+            else:
+                self.adapter.pipe.save_pretrained(folder)
+        self.log(f"saved {folder}")
+        return folder
+
+
+def train(config: TrainConfig) -> Path:
+    return GRPOTrainer(config).train()
+
+
+# --- utilities ----------------------------------------------------------------------------------------------------
+
+
+def _done(value) -> Future:
+    future = Future()
+    future.set_result(value)
+    return future
+
+
+def _nanmean(x: torch.Tensor) -> float:
+    return float(x[~torch.isnan(x)].float().mean()) if (~torch.isnan(x)).any() else float("nan")
+
+
+def _nanstd(x: torch.Tensor) -> float:
+    x = x[~torch.isnan(x)].float()
+    return float(x.std(unbiased=False)) if len(x) else float("nan")
+
+
+def _flat(values: dict, prefix: str = "") -> dict:
+    """Nested config as flat scalar key–values, for trackers' hyperparameter tables."""
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat
+
+
+def _wandb_installed() -> bool:
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        warnings.warn("log_with names wandb, which is not installed; logging to the other trackers", stacklevel=3)
+        return False
+    return True
+
+

@@ -1,0 +1,221 @@
+"""The Flow-GRPO trainer: its loss on hand-worked values, config errors, the on-policy ratio, LoRA export into
+the stock pipeline, exact resume, and two CPU processes against one."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from align_diffusion.cli import main
+from align_diffusion.models import load_adapter
+from align_diffusion.models.tiny import tiny_pipeline
+from align_diffusion.training.config import ConfigError, load_config
+from align_diffusion.training.grpo import GRPOTrainer, clipped_policy_loss, gaussian_kl
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    paths = {}
+    for family in ("sd3", "sd"):
+        paths[family] = tmp_path_factory.mktemp(family)
+        tiny_pipeline(family).save_pretrained(paths[family])
+    return paths
+
+
+@pytest.fixture(scope="module")
+def prompt_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
+    path.write_text("a red circle\ntwo blue squares\na green triangle\n")
+    return path
+
+
+def tiny_overrides(model, prompt_file, output_dir, **extra):
+    """A run small enough for a test: 2 prompts × 4 images, 3 SDE steps, JPEG reward, no eval or trackers."""
+    values = {
+        "model": model, "output_dir": output_dir, "prompts": prompt_file, "eval.prompts": prompt_file,
+        "reward": "jpeg", "max_steps": 2, "grpo.group_size": 4, "grpo.batch_size": 8, "grpo.train_batch_size": 4,
+        "sampling.num_steps": 3, "sampling.guidance_scale": 2.0, "sampling.batch_size": 8, "eval.every": 0,
+        "log_with": "[]", "lora.rank": 4, "lora.alpha": 8, "optim.lr": 1e-2, "async_rewards": "false",
+        "checkpoint_every": 1, "device": "cpu",
+    }
+    values.update(extra)
+    return [f"{key}={value}" for key, value in values.items()]
+
+
+def metrics(output_dir) -> list[dict]:
+    return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+# --- the objective on hand-worked values -------------------------------------------------------------------------
+
+
+def test_clipped_policy_loss_hand_worked():
+    log_prob = torch.tensor([0.0, math.log(1.5), math.log(0.5), 0.0])
+    old = torch.zeros(4)
+    advantages = torch.tensor([1.0, 1.0, -2.0, 10.0])
+    loss, ratio = clipped_policy_loss(log_prob, old, advantages, clip_range=0.2, adv_clip_max=5.0)
+    # ratios 1, 1.5, 0.5, 1; max(-A r, -A clip(r, 0.8, 1.2)); the last advantage is clipped to 5.
+    assert torch.allclose(ratio, torch.tensor([1.0, 1.5, 0.5, 1.0]))
+    assert torch.allclose(loss, torch.tensor([-1.0, -1.2, 1.6, -5.0]))
+
+
+def test_clipped_policy_loss_gradient_is_zero_outside_the_clip():
+    log_prob = torch.tensor([math.log(1.5), math.log(1.1)], requires_grad=True)
+    loss, _ = clipped_policy_loss(log_prob, torch.zeros(2), torch.ones(2), clip_range=0.2, adv_clip_max=5.0)
+    loss.sum().backward()
+    # d(-r)/d log p = -r inside the clip range; the clipped branch has no gradient.
+    assert torch.allclose(log_prob.grad, torch.tensor([0.0, -1.1]))
+
+
+def test_gaussian_kl_hand_worked():
+    mean = torch.tensor([[1.0, 2.0], [0.0, 0.0]])
+    ref = torch.zeros(2, 2)
+    # ((1 + 4) / 2) / (2 · 0.25) = 5; identical means give 0.
+    assert torch.allclose(gaussian_kl(mean, ref, torch.tensor(0.5)), torch.tensor([5.0, 0.0]))
+    # Against the closed form KL of diagonal Gaussians summed over dims, divided by the dimension count.
+    p = torch.distributions.Normal(mean[0], 0.5)
+    q = torch.distributions.Normal(ref[0], 0.5)
+    assert torch.isclose(gaussian_kl(mean[:1], ref[:1], torch.tensor(0.5))[0],
+                         torch.distributions.kl_divergence(p, q).mean())
+
+
+# --- configs fail before any compute -----------------------------------------------------------------------------
+
+
+def test_unknown_key_is_named(saved):
+    with pytest.raises(ConfigError, match="grpo.clip_rnage"):
+        load_config(None, [f"model={saved['sd3']}", "grpo.clip_rnage=0.2"])
+
+
+def test_group_size_must_divide_the_batch(saved):
+    with pytest.raises(ConfigError, match="grpo.group_size 3 does not divide grpo.batch_size 8"):
+        load_config(None, [f"model={saved['sd3']}", "grpo.group_size=3", "grpo.batch_size=8"])
+
+
+def test_sampler_must_fit_the_model(saved):
+    with pytest.raises(ConfigError, match="sampling.sampler 'ddim' does not fit a flow model"):
+        load_config(None, [f"model={saved['sd3']}", "sampling.sampler=ddim"])
+    with pytest.raises(ConfigError, match="sampling.sampler 'flow-sde' does not fit a diffusion"):
+        load_config(None, [f"model={saved['sd']}"])
+
+
+def test_wrong_type_is_named(saved):
+    with pytest.raises(ConfigError, match="optim.lr: expected float"):
+        load_config(None, [f"model={saved['sd3']}", "optim.lr=fast"])
+
+
+def test_yaml_file_and_overrides(saved, tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(f"# align-diffusion train {path}\nmodel: {saved['sd3']}\ngrpo:\n  group_size: 4\n")
+    config = load_config(path, ["grpo.batch_size=16", "sampling.noise_window=[1, 3]"])
+    assert (config.grpo.group_size, config.grpo.batch_size, config.sampling.noise_window) == (4, 16, [1, 3])
+
+
+def test_cli_reports_bad_config_without_traceback(saved):
+    with pytest.raises(SystemExit, match="bad config: grpo.group_size 3 does not divide"):
+        main(["train", f"model={saved['sd3']}", "grpo.group_size=3", "grpo.batch_size=8"])
+
+
+def test_shipped_configs_load():
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        assert path.read_text().startswith("# "), f"{path.name} must start with the command that runs it"
+        if "shapes" in path.name:
+            load_config(path)
+
+
+# --- the loop ----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained(saved, prompt_file, tmp_path_factory):
+    """Two steps on the tiny SD3 pipeline with a LoRA, a checkpoint after each."""
+    out = tmp_path_factory.mktemp("run")
+    config = load_config(None, tiny_overrides(saved["sd3"], prompt_file, out))
+    trainer = GRPOTrainer(config)
+    trainer.train()
+    return trainer, out
+
+
+def test_first_ratio_is_one_and_metrics_are_complete(trained):
+    _, out = trained
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [1, 2]
+    for row in rows:
+        assert row["first_ratio_max_deviation"] <= 1e-5
+        for key in ("reward_mean", "reward_std", "advantage_abs_mean", "zero_std_fraction", "kl", "clip_fraction",
+                    "ratio_mean", "grad_norm", "lr", "seconds", "reward/jpeg_mean"):
+            assert key in row
+    assert rows[0]["kl"] == 0  # a fresh LoRA is the reference model
+    assert rows[1]["kl"] > 0
+
+
+def test_lora_round_trip_into_the_stock_pipeline(trained, saved):
+    trainer, out = trained
+    lora = load_file(str(out / "lora" / "pytorch_lora_weights.safetensors"))
+    assert any(value.abs().sum() > 0 for key, value in lora.items() if "lora_B" in key)
+    generator = torch.Generator().manual_seed(3)
+    kwargs = dict(num_inference_steps=3, guidance_scale=2.0, height=32, width=32, output_type="pt")
+    ours = trainer.adapter.pipe("a red circle", generator=generator, **kwargs).images
+    stock = load_adapter(str(saved["sd3"])).pipe
+    plain = stock("a red circle", generator=torch.Generator().manual_seed(3), **kwargs).images
+    stock.load_lora_weights(str(out / "lora"))
+    reloaded = stock("a red circle", generator=torch.Generator().manual_seed(3), **kwargs).images
+    assert (reloaded - ours).abs().max() <= 1e-4
+    assert (plain - ours).abs().max() > 1e-3  # the LoRA changed the model
+
+
+def test_resume_gives_identical_weights(trained, saved, prompt_file, tmp_path):
+    _, straight = trained
+    first = tmp_path / "halves"
+    GRPOTrainer(load_config(None, tiny_overrides(saved["sd3"], prompt_file, first, max_steps=1))).train()
+    GRPOTrainer(load_config(None, tiny_overrides(saved["sd3"], prompt_file, first, resume_from="latest"))).train()
+    a = load_file(str(straight / "checkpoints" / "step-000002" / "trained.safetensors"))
+    b = load_file(str(first / "checkpoints" / "step-000002" / "trained.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert [r["step"] for r in metrics(first)] == [1, 2]
+
+
+def test_checkpoints_are_pruned_and_never_partial(trained):
+    _, out = trained
+    names = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert names == ["step-000001", "step-000002"]
+    assert json.loads((out / "checkpoints" / "step-000002" / "trainer_state.json").read_text())["step"] == 2
+
+
+def test_ddim_rollouts_on_an_epsilon_model(saved, prompt_file, tmp_path):
+    overrides = tiny_overrides(saved["sd"], prompt_file, tmp_path, max_steps=1, **{"sampling.sampler": "ddim"})
+    GRPOTrainer(load_config(None, overrides)).train()
+    row = metrics(tmp_path)[0]
+    assert row["first_ratio_max_deviation"] <= 1e-5
+    assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_two_cpu_processes_match_one(saved, prompt_file, tmp_path):
+    single = tmp_path / "single"
+    GRPOTrainer(load_config(None, tiny_overrides(saved["sd3"], prompt_file, single, max_steps=2))).train()
+    double = tmp_path / "double"
+    # On a machine without GPUs `--multi_gpu` starts CPU processes joined by gloo (accelerate's `--cpu` alone
+    # starts one process unless MPI is set up).
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "-m", "align_diffusion", "train", *tiny_overrides(saved["sd3"], prompt_file, double, max_steps=2)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=280)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (double / "checkpoints" / "step-000002" / "random_states_1.pkl").is_file()  # two processes ran
+    a = load_file(str(single / "checkpoints" / "step-000002" / "trained.safetensors"))
+    b = load_file(str(double / "checkpoints" / "step-000002" / "trained.safetensors"))
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-5, rtol=1e-4), key
+    single_rows, double_rows = metrics(single), metrics(double)
+    assert [r["reward_mean"] for r in single_rows] == pytest.approx([r["reward_mean"] for r in double_rows])
