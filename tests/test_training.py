@@ -219,3 +219,21 @@ def test_two_cpu_processes_match_one(saved, prompt_file, tmp_path):
         assert torch.allclose(a[key], b[key], atol=1e-5, rtol=1e-4), key
     single_rows, double_rows = metrics(single), metrics(double)
     assert [r["reward_mean"] for r in single_rows] == pytest.approx([r["reward_mean"] for r in double_rows])
+
+
+def test_ema_bf16_and_checkpointing_run_and_export_the_ema_weights(saved, prompt_file, tmp_path):
+    # A separate process: accelerate fixes the mixed-precision mode once per process.
+    overrides = tiny_overrides(saved["sd3"], prompt_file, tmp_path, max_steps=1, **{
+        "optim.ema_decay": 0.5, "optim.mixed_precision": "bf16", "optim.gradient_checkpointing": "true"})
+    result = subprocess.run([sys.executable, "-m", "align_diffusion", "train", *overrides], capture_output=True,
+                            text=True, timeout=280)
+    assert result.returncode == 0, result.stderr[-3000:]
+    trained = load_file(str(tmp_path / "checkpoints" / "step-000001" / "trained.safetensors"))
+    ema = load_file(str(tmp_path / "checkpoints" / "step-000001" / "ema.safetensors"))
+    exported = load_file(str(tmp_path / "lora" / "pytorch_lora_weights.safetensors"))
+    moved = 0
+    for name, value in ema.items():
+        key = "transformer." + name.replace(".default.", ".")
+        torch.testing.assert_close(exported[key], value)
+        moved += int(not torch.equal(value, trained[name]))
+    assert moved > 0  # the EMA lags the trained weights, and the export holds the EMA
