@@ -1,11 +1,16 @@
-"""The shipped shapes-world encoders load offline with their stock transformers classes and do their job."""
+"""The shipped shapes-world models load offline with their stock diffusers / transformers classes and do their
+job."""
 
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
+from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
 from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel, Dinov2Model
+
+from align_diffusion.models import adapter_for
+from align_diffusion.sampling.loop import sample
 
 from align_diffusion.world.data import to_tensor
 from align_diffusion.world.encoders import clip_prompt_accuracy
@@ -37,3 +42,18 @@ def test_world_dino_loads_and_tells_scenes_apart():
     same = torch.block_diag(torch.ones(8, 8), torch.ones(8, 8)).bool() & ~torch.eye(16, dtype=torch.bool)
     different = ~torch.block_diag(torch.ones(8, 8), torch.ones(8, 8)).bool()
     assert similarity[same].mean() > similarity[different].mean() + 0.1
+
+
+@pytest.mark.parametrize("name, pipeline_class, sampler", [
+    ("sd3", StableDiffusion3Pipeline, "ode"), ("sd", StableDiffusionPipeline, "ddim"),
+])
+def test_generator_loads_with_its_stock_pipeline_and_our_sampler_matches_it(name, pipeline_class, sampler):
+    pipe = pipeline_class.from_pretrained(WORLD / name)
+    prompts = ["a red circle left of a blue square", "three triangles"]
+    stock = pipe(prompts, num_inference_steps=10, guidance_scale=2.0, output_type="pt",
+                 generator=[torch.Generator().manual_seed(k) for k in range(2)]).images
+    ours = sample(adapter_for(pipe), prompts, num_inference_steps=10, guidance_scale=2.0, sampler=sampler,
+                  noise_level=0.0).images
+    assert stock.shape == (2, 3, 64, 64)
+    torch.testing.assert_close(ours, stock, atol=1e-4, rtol=0)
+

@@ -11,7 +11,9 @@ from align_diffusion.cli import main
 from align_diffusion.models import load_adapter
 from align_diffusion.sampling.loop import sample
 from align_diffusion.world.build import BuildPlan, build_world
-from align_diffusion.world.generators import CompactContextAttnProcessor, compact_context
+from align_diffusion.models.tiny import vae as tiny_vae
+from align_diffusion.models.sd3 import CompactContextAttnProcessor, compact_zero_context
+from align_diffusion.world.generators import standardize_latents
 
 PLAN = BuildPlan(clip_steps=2, dino_steps=2, vae_steps=2, sd3_steps=2, sd_steps=2, dataset_size=64)
 
@@ -53,7 +55,8 @@ def test_compact_context_attention_equals_full_attention(world):
     embeds, _, pooled, _ = pipe.encode_prompt(["a red circle", "three triangles"], None, None,
                                               do_classifier_free_guidance=False)
     assert embeds.shape[1] == 16 + 256
-    compact, log_multiplicity = compact_context(embeds)
+    (compact,), (log_multiplicity,) = compact_zero_context(embeds)
+    assert compact.shape[1] == 16 + 1
     transformer = pipe.transformer
     side = transformer.config.sample_size
     x, t = torch.randn(2, transformer.config.in_channels, side, side), torch.tensor([200.0, 800.0])
@@ -76,3 +79,21 @@ def test_eval_command_writes_scores(world, tmp_path):
     assert 0 <= result["overall_strict"] <= 1 and 0 <= result["graded"] <= 1
     assert result["settings"]["num_inference_steps"] == 2 and result["num_images"] == len(result["per_image"])
     assert [r["seed"] for r in result["per_image"]] == list(range(result["num_images"]))
+
+
+@torch.no_grad()
+def test_standardized_vae_is_the_same_autoencoder_with_standard_latents():
+    torch.manual_seed(0)
+    vae = tiny_vae(latent_channels=4).eval()
+    torch.nn.init.normal_(vae.quant_conv.bias, std=2.0)  # latents far from zero mean, as after training
+    images = torch.rand(16, 3, 32, 32) * 2 - 1
+    latents = vae.encode(images).latent_dist.mode()
+    standard_vae, standard = standardize_latents(vae, latents)
+    torch.testing.assert_close(standard.mean((0, 2, 3)), torch.zeros(4), atol=1e-5, rtol=0)
+    torch.testing.assert_close(standard.std((0, 2, 3)), torch.ones(4), atol=1e-5, rtol=0)
+    posterior = standard_vae.encode(images).latent_dist
+    torch.testing.assert_close(posterior.mode(), standard, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(standard_vae.decode(standard).sample, vae.decode(latents).sample, atol=1e-4, rtol=0)
+    scale = latents.std((0, 2, 3)).view(1, -1, 1, 1)
+    torch.testing.assert_close(posterior.std, vae.encode(images).latent_dist.std / scale, atol=1e-5, rtol=1e-4)
+    assert standard_vae.config.scaling_factor == 1.0 and standard_vae.config.shift_factor is None

@@ -22,6 +22,7 @@ from align_diffusion.world.encoders import clip_prompt_accuracy, train_clip, tra
 from align_diffusion.world.evaluate import shapes_eval
 from align_diffusion.world.generators import (
     encode_dataset,
+    standardize_latents,
     train_sd,
     train_sd3,
     train_vae,
@@ -105,8 +106,9 @@ def build_world(out: str | Path, seed: int = 0, plan: BuildPlan | None = None, o
         train_sd3(pipe, plan.sd3_steps, dataset, seed=seed, log=log).save_pretrained(out / "sd3")
         done("sd3")
     if "sd" in only:
-        pipe = world_sd_pipeline(vae, clip, tokenizer)
-        train_sd(pipe, plan.sd_steps, dataset, seed=seed, log=log).save_pretrained(out / "sd")
+        sd_vae, sd_latents = standardize_latents(vae, dataset[1])
+        pipe = world_sd_pipeline(sd_vae, clip, tokenizer)
+        train_sd(pipe, plan.sd_steps, (dataset[0], sd_latents), seed=seed, log=log).save_pretrained(out / "sd")
         done("sd")
     report["total_seconds"] = round(time.time() - start, 1)
     (out / "build_report.json").write_text(json.dumps(report, indent=1))

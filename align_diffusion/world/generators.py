@@ -8,7 +8,6 @@ sees exactly the embeddings inference will produce.
 from __future__ import annotations
 
 import copy
-import math
 import random
 
 import torch
@@ -31,12 +30,17 @@ from transformers import (
     T5Tokenizer,
 )
 
+from align_diffusion.models.sd3 import CONTEXT_BIAS, SD3Adapter, compact_attention
 from align_diffusion.world.data import WORDS, balanced_prompts, render_batch
-from align_diffusion.world.encoders import MAX_TOKENS
 from align_diffusion.world.fit import fit
 from align_diffusion.world.spec import BACKGROUND
 
 CFG_DROPOUT = 0.1  # share of training prompts replaced by "" so classifier-free guidance works
+# SD3's timestep shift, used both to draw training times and by the saved scheduler. On 16×16 latents the layout
+# is decided at high noise (t > 0.7); the unshifted logit-normal spends 4% of training above t = 0.85, and
+# samples from such a model come out blank or misshapen although its one-step denoising below t = 0.5 is exact.
+FLOW_SHIFT = 3.0
+MIN_SNR_GAMMA = 5.0
 BACKGROUND_PIXEL = torch.tensor(BACKGROUND).view(1, 3, 1, 1) / 127.5 - 1
 
 
@@ -87,57 +91,6 @@ def text_towers(clip: CLIPModel):
     return with_projection.eval(), plain.eval()
 
 
-class CompactContextAttnProcessor(torch.nn.Module):
-    """Joint attention in which each context token stands for `multiplicity` identical tokens.
-
-    SD3 without T5 appends 256 all-zero T5 tokens to every prompt; the context stream has no positions, so those
-    tokens stay identical through every block. Keeping one of them and adding log(256) to its attention logit
-    gives the same outputs at a fraction of the cost. Used for training only; the saved model is stock SD3.
-    """
-
-    def __init__(self, log_multiplicity: torch.Tensor):
-        super().__init__()
-        self.log_multiplicity = log_multiplicity  # (context_tokens,)
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
-        batch, image_tokens = hidden_states.shape[:2]
-
-        def heads(x):
-            return x.view(batch, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
-
-        query, key = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states))
-        value = heads(attn.to_v(hidden_states))
-        if attn.norm_q is not None:
-            query, key = attn.norm_q(query), attn.norm_k(key)
-        context_query = heads(attn.add_q_proj(encoder_hidden_states))
-        context_key = heads(attn.add_k_proj(encoder_hidden_states))
-        context_value = heads(attn.add_v_proj(encoder_hidden_states))
-        if attn.norm_added_q is not None:
-            context_query, context_key = attn.norm_added_q(context_query), attn.norm_added_k(context_key)
-        query = torch.cat([query, context_query], dim=2)
-        key = torch.cat([key, context_key], dim=2)
-        value = torch.cat([value, context_value], dim=2)
-        bias = torch.cat([torch.zeros(image_tokens), self.log_multiplicity]).to(query)
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias.expand(1, 1, 1, -1))
-        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * query.shape[-1])
-        sample_out, context_out = out[:, :image_tokens], out[:, image_tokens:]
-        if not attn.context_pre_only:
-            context_out = attn.to_add_out(context_out)
-        return attn.to_out[1](attn.to_out[0](sample_out)), context_out
-
-
-def compact_context(prompt_embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Collapses the trailing run of all-zero T5 tokens to one; returns (embeds, log-multiplicity per token)."""
-    zero_tokens = (prompt_embeds == 0).all(-1).all(0)
-    first_zero = MAX_TOKENS
-    if not zero_tokens[first_zero:].all():
-        raise ValueError("expected SD3 embeddings with all-zero T5 tokens after the CLIP tokens")
-    repeats = prompt_embeds.shape[1] - first_zero
-    log_multiplicity = torch.zeros(first_zero + 1)
-    log_multiplicity[-1] = math.log(repeats)
-    return prompt_embeds[:, : first_zero + 1], log_multiplicity
-
-
 def silent_t5(d_model: int) -> tuple[T5EncoderModel, T5Tokenizer]:
     """A one-layer T5 whose final norm has zero weight, so it outputs exact zeros: SD3 run without T5, as the SD3
     pipeline itself does when `text_encoder_3` is None, but in a folder the stock `from_pretrained` loads whole."""
@@ -167,10 +120,31 @@ def world_sd3_pipeline(vae, clip: CLIPModel, tokenizer, layers: int = 6, heads: 
         pos_embed_max_size=side // patch_size,
     )
     return StableDiffusion3Pipeline(
-        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0), vae=vae,
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=FLOW_SHIFT), vae=vae,
         text_encoder=with_projection, tokenizer=tokenizer, text_encoder_2=with_projection, tokenizer_2=tokenizer,
         text_encoder_3=t5, tokenizer_3=t5_tokenizer,
     )
+
+
+@torch.no_grad()
+def standardize_latents(vae: AutoencoderKL, latents: torch.Tensor) -> tuple[AutoencoderKL, torch.Tensor]:
+    """A copy of the VAE whose latents have zero mean and unit std per channel, and `latents` mapped into it.
+
+    The SD pipeline applies only a scaling factor, no shift; our VAE's channel means sit 1-2 std from zero, and
+    with SD's noise schedule (ᾱ_T ≈ 0.005) that offset leaks into x_T during training but never at sampling. The
+    affine map z' = (z - m) / s is folded into the VAE's 1×1 quant convs, so the result is a stock AutoencoderKL.
+    """
+    mean, std = latents.mean((0, 2, 3)), latents.std((0, 2, 3))
+    vae = copy.deepcopy(vae)
+    channels = len(mean)
+    quant, post = vae.quant_conv, vae.post_quant_conv  # quant outputs [mean, logvar]; post reads a sample
+    quant.weight[:channels] /= std.view(-1, 1, 1, 1)
+    quant.bias[:channels] = (quant.bias[:channels] - mean) / std
+    quant.bias[channels:] -= 2 * std.log()
+    post.bias += post.weight[:, :, 0, 0] @ mean
+    post.weight *= std.view(1, -1, 1, 1)
+    vae.register_to_config(scaling_factor=1.0, shift_factor=None)
+    return vae, (latents - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
 
 
 def world_sd_pipeline(vae, clip: CLIPModel, tokenizer) -> StableDiffusionPipeline:
@@ -218,38 +192,40 @@ def _draw(latents, prompt_ids, empty_id: int, batch_size: int):
 
 def train_sd3(pipe: StableDiffusion3Pipeline, steps: int, dataset, batch_size: int = 64, lr: float = 1e-3,
               seed: int = 0, log=print) -> StableDiffusion3Pipeline:
-    """Rectified-flow training (logit-normal t, velocity target ε - x0) with CFG dropout on an `encode_dataset`
-    set, its latents shifted and scaled as the SD3 pipeline does."""
+    """Rectified-flow training (velocity target ε - x0; t uniform, then shifted by FLOW_SHIFT as the sampler's
+    times are) with CFG dropout on an `encode_dataset` set, its latents shifted and scaled as the SD3 pipeline does."""
     torch.manual_seed(seed)
     prompts, latents = dataset
     latents = (latents - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor
     unique, prompt_ids = _prompt_table(prompts)
+    # The adapter's conditioning: the silent T5's zero tokens compacted to one (see models/sd3.py).
     with torch.no_grad():
-        embeds, _, pooled, _ = pipe.encode_prompt(unique, None, None, do_classifier_free_guidance=False)
-    embeds, log_multiplicity = compact_context(embeds)
-
+        embeds = SD3Adapter(pipe).encode_prompt(unique, guidance_scale=1.0).cond
+    if CONTEXT_BIAS not in embeds:
+        raise ValueError("expected SD3 embeddings with all-zero T5 tokens after the CLIP tokens")
     transformer = pipe.transformer.train()
-    default_processors = transformer.attn_processors
-    transformer.set_attn_processor(CompactContextAttnProcessor(log_multiplicity))
 
     def batch_loss():
         ids, x0, noise = _draw(latents, prompt_ids, len(unique) - 1, batch_size)
-        t = torch.sigmoid(torch.randn(batch_size))
+        u = torch.rand(batch_size)
+        t = FLOW_SHIFT * u / (1 + (FLOW_SHIFT - 1) * u)
         x_t = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * noise
-        v = transformer(hidden_states=x_t, timestep=t * 1000, encoder_hidden_states=embeds[ids],
-                        pooled_projections=pooled[ids]).sample
+        with compact_attention(transformer, embeds[CONTEXT_BIAS][ids]):
+            v = transformer(hidden_states=x_t, timestep=t * 1000,
+                            encoder_hidden_states=embeds["encoder_hidden_states"][ids],
+                            pooled_projections=embeds["pooled_projections"][ids]).sample
         return F.mse_loss(v, noise - x0)
 
     fit("sd3", transformer.parameters(), steps, lr, batch_loss, log, **GENERATOR_FIT)
-    transformer.set_attn_processor(default_processors)
     transformer.eval()
     return pipe
 
 
 def train_sd(pipe: StableDiffusionPipeline, steps: int, dataset, batch_size: int = 64, lr: float = 5e-4,
              seed: int = 0, log=print) -> StableDiffusionPipeline:
-    """ε-prediction training on the DDPM noise schedule, with CFG dropout, on an `encode_dataset` set scaled as
-    the SD pipeline does (no shift)."""
+    """ε-prediction training on the DDPM noise schedule with min-SNR-5 loss weights (Hang et al. 2023: without
+    them the many easy low-noise steps dominate and the layout-deciding noisy steps train slowly), with CFG
+    dropout, on an `encode_dataset` set scaled as the SD pipeline does (no shift: see `standardize_latents`)."""
     torch.manual_seed(seed)
     prompts, latents = dataset
     latents = latents * pipe.vae.config.scaling_factor
@@ -264,7 +240,10 @@ def train_sd(pipe: StableDiffusionPipeline, steps: int, dataset, batch_size: int
         t = torch.randint(0, len(alphas_cumprod), (batch_size,))
         alpha = alphas_cumprod[t].view(-1, 1, 1, 1)
         x_t = alpha.sqrt() * x0 + (1 - alpha).sqrt() * noise
-        return F.mse_loss(unet(x_t, t, encoder_hidden_states=embeds[ids]).sample, noise)
+        snr = alpha / (1 - alpha)
+        weight = snr.clamp(max=MIN_SNR_GAMMA) / snr
+        error = (unet(x_t, t, encoder_hidden_states=embeds[ids]).sample - noise) ** 2
+        return (weight * error).mean()
 
     fit("sd", unet.parameters(), steps, lr, batch_loss, log, **GENERATOR_FIT)
     unet.eval()
