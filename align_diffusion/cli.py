@@ -211,27 +211,85 @@ def run_serve_reward(args) -> None:
 
 def add_train_reward_parser(subparsers) -> None:
     parser = subparsers.add_parser("train-reward", help="train a learned reward")
-    parser.add_argument("kind", choices=["artifact"], help="artifact: the artifact classifier (1 − P(artifact))")
-    parser.add_argument("--data", type=Path, required=True,
-                        help='JSONL of {"file": ..., "label": 0|1} (1 = has artifacts) or a folder with clean/ and '
-                             "artifact/")
-    parser.add_argument("--out", type=Path, required=True, help="folder for the trained reward (spec artifact:OUT)")
-    parser.add_argument("--backbone", default="facebook/dinov2-small", help="frozen vision backbone, id or path")
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--holdout", type=float, default=0.2, help="share of images held out for the accuracy")
+    parser.add_argument("kind", choices=["artifact", "noise-aware"],
+                        help="artifact: the artifact classifier (1 − P(artifact)); noise-aware: a student of a "
+                             "CLIP-family reward that scores intermediate x̂0s by their outcome (TTSnap)")
+    parser.add_argument("--out", type=Path, required=True, help="folder for the trained reward")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="optimizer steps (artifact, default 300) or per curriculum stage (noise-aware, 60)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    artifact = parser.add_argument_group("artifact")
+    artifact.add_argument("--data", type=Path, default=None,
+                          help='JSONL of {"file": ..., "label": 0|1} (1 = has artifacts) or a folder with clean/ '
+                               "and artifact/")
+    artifact.add_argument("--backbone", default="facebook/dinov2-small", help="frozen vision backbone, id or path")
+    artifact.add_argument("--holdout", type=float, default=0.2, help="share of images held out for the accuracy")
+    noise_aware = parser.add_argument_group("noise-aware")
+    noise_aware.add_argument("--model", default="assets/world/sd3", help="the generator whose trajectories it reads")
+    noise_aware.add_argument("--teacher", default="clip:assets/world/clip",
+                             help="teacher reward spec (clip:, pickscore:)")
+    noise_aware.add_argument("--prompts", default="shapes:train", help="training prompts: shapes:SPLIT or a file")
+    noise_aware.add_argument("--eval-prompts", default="shapes:test", help="held-out prompts for the Spearman metric")
+    noise_aware.add_argument("--train-images", type=int, default=512, help="training trajectories")
+    noise_aware.add_argument("--images-per-eval-prompt", type=int, default=4)
+    noise_aware.add_argument("--num-inference-steps", type=int, default=10)
+    noise_aware.add_argument("--guidance", type=float, default=2.0)
+    noise_aware.add_argument("--prune-step", type=int, default=2,
+                             help="the earliest step the student must score (the curriculum ends there)")
     parser.set_defaults(run=run_train_reward)
 
 
 def run_train_reward(args) -> None:
+    if args.kind == "artifact":
+        run_train_artifact(args)
+    else:
+        run_train_noise_aware(args)
+
+
+def run_train_artifact(args) -> None:
     from align_diffusion.rewards.artifact import ArtifactTraining, train_artifact_reward
 
-    settings = ArtifactTraining(steps=args.steps, holdout=args.holdout, seed=args.seed)
+    if args.data is None:
+        raise SystemExit("align-diffusion train-reward artifact: --data is required")
+    settings = ArtifactTraining(steps=args.steps or 300, holdout=args.holdout, seed=args.seed)
     result = train_artifact_reward(args.data, args.out, args.backbone, settings, device=args.device)
     print(f"saved to {args.out} (spec artifact:{args.out}); train accuracy {result['train_accuracy']:.3f} on "
           f"{result['train_images']} images")
     print(f"held-out accuracy {result['heldout_accuracy']:.3f} on {result['heldout_images']} images")
+
+
+def run_train_noise_aware(args) -> None:
+    from align_diffusion.models import load_adapter
+    from align_diffusion.rewards import noise_aware
+    from align_diffusion.rewards.spec import load_reward, parse_spec
+    from align_diffusion.training.prompts import PromptSource
+
+    (term,) = parse_spec(args.teacher)
+    if term.name not in ("clip", "pickscore") or term.arg is None:
+        raise SystemExit("align-diffusion train-reward noise-aware: --teacher must be clip:PATH or pickscore:PATH")
+    adapter = load_adapter(args.model, device=args.device)
+    teacher = load_reward(args.teacher, device=args.device)
+    if not 0 <= args.prune_step < args.num_inference_steps:
+        raise SystemExit(f"--prune-step must lie in [0, {args.num_inference_steps})")
+    settings = noise_aware.NoiseAwareTraining(steps_per_stage=args.steps or 60, earliest_step=args.prune_step,
+                                              seed=args.seed)
+    collect = dict(num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance)
+    train_prompts = PromptSource(args.prompts).draw(args.seed, 0, args.train_images)
+    train = noise_aware.collect(adapter, teacher, train_prompts, 1, seed=args.seed, **collect)
+    held_out = noise_aware.collect(adapter, teacher, PromptSource(args.eval_prompts).all(),
+                                   args.images_per_eval_prompt, seed=args.seed + 10**6, **collect)
+    before = noise_aware.step_agreement(teacher, held_out)
+    student = noise_aware.distill(teacher, train, settings)
+    after = noise_aware.step_agreement(student, held_out)
+    report = noise_aware.report_dict(settings, before, after, model=args.model, teacher=args.teacher,
+                                     held_out_images=len(held_out.prompts))
+    noise_aware.save_student(student, term.arg, args.out, report)
+    print("step  spearman(teacher on x̂0, teacher final)  spearman(student on x̂0, teacher final)")
+    for step, (b, a) in enumerate(zip(before, after)):
+        print(f"{step:>4}  {b:>38.3f}  {a:>38.3f}")
+    print(f"saved to {args.out} (spec {term.name}:{args.out})")
+    print(f"prune step {args.prune_step}: spearman {before[args.prune_step]:.3f} -> {after[args.prune_step]:.3f}")
 
 
 def add_train_parser(subparsers) -> None:

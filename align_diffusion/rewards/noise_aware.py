@@ -1,0 +1,130 @@
+"""Noise-aware rewards (TTSnap): a student copy of a reward model that scores the decoded x̂0 of an intermediate
+denoising step, trained to predict what the teacher will say about the finished image.
+
+Early x̂0s are blurred averages of the images the state can still become, and a reward trained on clean images
+ranks them poorly; pruning seeds early needs a reward that ranks them by their outcome. Self-distillation: for
+sampled trajectories, the student's score of x̂0_t regresses (MSE) onto the teacher's score of the final image,
+with a curriculum from the last (low-noise) steps to the earliest ones. The metric, per step, is the Spearman rank
+correlation between a score of x̂0_t and the teacher's score of the final image, over held-out trajectories.
+
+Teachers are the transformers-CLIP rewards (`clip:`, `pickscore:`); the student is saved as a CLIP model folder, so
+`clip:OUT` (or `pickscore:OUT`) loads it as a reward like any other.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from align_diffusion.models.base import PipelineAdapter
+from align_diffusion.rewards.clip import _TransformersClip
+from align_diffusion.sampling.loop import sample
+
+REPORT_FILE = "noise_aware.json"
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman rank correlation (ties broken by order; scores here are continuous)."""
+    ranks_a = a.argsort().argsort().double()
+    ranks_b = b.argsort().argsort().double()
+    return float(torch.corrcoef(torch.stack([ranks_a, ranks_b]))[0, 1])
+
+
+@dataclass
+class Rollouts:
+    prompts: list[str]
+    x0_images: torch.Tensor  # (B, T, 3, H, W) decoded x̂0 per step, in [0, 1]
+    teacher_final: torch.Tensor  # (B,) the teacher's score of each finished image
+
+
+@torch.no_grad()
+def collect(adapter: PipelineAdapter, teacher, prompts: list[str], num_images_per_prompt: int,
+            num_inference_steps: int, guidance_scale: float, seed: int, batch_size: int = 32) -> Rollouts:
+    """ODE trajectories of the prompts, their decoded x̂0 per step and the teacher's final scores."""
+    per_image = [p for p in prompts for _ in range(num_images_per_prompt)]
+    x0s, finals = [], []
+    for start in tqdm(range(0, len(per_image), batch_size), desc="trajectories", leave=False):
+        chunk = per_image[start : start + batch_size]
+        generators = [torch.Generator().manual_seed(seed + start + k) for k in range(len(chunk))]
+        trajectory = sample(adapter, chunk, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                            generators=generators)
+        steps = trajectory.pred_x0.shape[1]
+        decoded = adapter.decode(trajectory.pred_x0.flatten(0, 1)).view(len(chunk), steps, 3,
+                                                                          *trajectory.images.shape[-2:])
+        x0s.append(decoded)
+        finals.append(teacher(trajectory.images, chunk).cpu())
+    return Rollouts(per_image, torch.cat(x0s), torch.cat(finals))
+
+
+def step_agreement(reward, rollouts: Rollouts, batch_size: int = 64) -> list[float]:
+    """Per step t, Spearman(reward(x̂0_t), teacher(final))."""
+    result = []
+    with torch.no_grad():
+        for t in range(rollouts.x0_images.shape[1]):
+            scores = torch.cat([
+                reward(rollouts.x0_images[start : start + batch_size, t],
+                       rollouts.prompts[start : start + batch_size]).cpu()
+                for start in range(0, len(rollouts.prompts), batch_size)
+            ])
+            result.append(spearman(scores, rollouts.teacher_final))
+    return result
+
+
+@dataclass
+class NoiseAwareTraining:
+    steps_per_stage: int = 60
+    batch_size: int = 64
+    lr: float = 1e-4
+    earliest_step: int = 0  # the curriculum runs from the last step down to this one
+    seed: int = 0
+
+
+def distill(teacher: _TransformersClip, rollouts: Rollouts, settings: NoiseAwareTraining, log=print):
+    """A student copy of `teacher` trained to score x̂0_t like the teacher scores the final image."""
+    if not isinstance(teacher, _TransformersClip):
+        raise ValueError(f"noise-aware distillation takes a CLIP-family teacher (clip:, pickscore:), got "
+                         f"{teacher.name}")
+    student = copy.deepcopy(teacher)
+    student.model.vision_model.requires_grad_(True)
+    student.model.visual_projection.requires_grad_(True)
+    params = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(settings.seed)
+    num_images, num_steps = rollouts.x0_images.shape[:2]
+    if not 0 <= settings.earliest_step < num_steps:
+        raise ValueError(f"earliest_step must lie in [0, {num_steps}), got {settings.earliest_step}")
+    target_scale = rollouts.teacher_final.std().clamp(min=1e-6)
+    stages = list(range(num_steps - 1, settings.earliest_step - 1, -1))
+    for stage, first_step in enumerate(stages):
+        student.train()
+        for _ in range(settings.steps_per_stage):
+            images = torch.randint(0, num_images, (settings.batch_size,), generator=generator)
+            steps = torch.randint(first_step, num_steps, (settings.batch_size,), generator=generator)
+            scores = student(rollouts.x0_images[images, steps], [rollouts.prompts[i] for i in images.tolist()])
+            target = rollouts.teacher_final[images].to(scores)
+            loss = (((scores - target) / target_scale) ** 2).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        log(f"stage {stage + 1}/{len(stages)}: steps {first_step}..{num_steps - 1}, loss {loss.item():.4f}")
+    return student.eval().requires_grad_(False)
+
+
+def save_student(student: _TransformersClip, teacher_path: str, out: str | Path, report: dict) -> None:
+    """The student's CLIP model with the teacher's tokenizer and processor, and the metrics report."""
+    from transformers import AutoProcessor
+
+    out = Path(out)
+    student.model.save_pretrained(out)
+    AutoProcessor.from_pretrained(teacher_path).save_pretrained(out)
+    (out / REPORT_FILE).write_text(json.dumps(report, indent=1))
+
+
+def report_dict(settings: NoiseAwareTraining, before: list[float], after: list[float], **extra) -> dict:
+    return {"settings": asdict(settings), "spearman_teacher_on_x0": before, "spearman_student_on_x0": after,
+            **extra}

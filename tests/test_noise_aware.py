@@ -1,0 +1,56 @@
+"""Noise-aware rewards: the Spearman metric against scipy, and a distilled student that learns to rank blurred
+images by the teacher's score of their sharp versions, saved as a CLIP folder that `clip:OUT` loads."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy.stats import spearmanr
+
+from align_diffusion.rewards.noise_aware import NoiseAwareTraining, Rollouts, distill, save_student, spearman
+from align_diffusion.rewards.noise_aware import step_agreement
+from align_diffusion.rewards.spec import load_reward
+from align_diffusion.world.data import to_tensor
+from align_diffusion.world.render import render_prompt
+
+WORLD_CLIP = Path(__file__).resolve().parents[1] / "assets" / "world" / "clip"
+
+
+def test_spearman_matches_scipy():
+    generator = torch.Generator().manual_seed(0)
+    a, b = torch.randn(50, generator=generator), torch.randn(50, generator=generator)
+    b = a + 0.7 * b
+    assert spearman(a, b) == pytest.approx(spearmanr(a.numpy(), b.numpy()).statistic, abs=1e-12)
+    assert spearman(a, -a) == pytest.approx(-1.0)
+
+
+def test_rejects_a_teacher_that_is_not_clip():
+    rollouts = Rollouts(["a circle"], torch.zeros(1, 2, 3, 64, 64), torch.zeros(1))
+    with pytest.raises(ValueError, match="CLIP-family teacher"):
+        distill(load_reward("jpeg"), rollouts, NoiseAwareTraining())
+
+
+def test_student_learns_to_rank_blurred_images_by_their_sharp_scores(tmp_path):
+    """Two 'steps': a heavy blur (early) and the sharp image (last). The teacher scores sharp renders; the
+    student must rank the blurred ones as the teacher ranks their sharp versions."""
+    teacher = load_reward(f"clip:{WORLD_CLIP}")
+    # Same color, different shapes: blurred, a circle, a square and a triangle look alike to the teacher.
+    prompts = ["a red circle", "a red square", "a red triangle"]
+    per_image = [prompts[k % 3] for k in range(96)]
+    shown = [prompts[(k + (k // 3) % 3) % 3] for k in range(96)]  # a third of the images match their prompt
+    sharp = to_tensor([render_prompt(p, k) for k, p in enumerate(shown)]) / 2 + 0.5
+    blurred = F.avg_pool2d(F.avg_pool2d(sharp, 9, 1, 4), 9, 1, 4)
+    with torch.no_grad():
+        final = teacher(sharp, per_image)
+    rollouts = Rollouts(per_image, torch.stack([blurred, sharp], dim=1), final)
+    train, held_out = (Rollouts(per_image[s], rollouts.x0_images[s], final[s]) for s in (slice(0, 64), slice(64, 96)))
+    before = step_agreement(teacher, held_out)
+    student = distill(teacher, train, NoiseAwareTraining(steps_per_stage=40, batch_size=32, lr=3e-4),
+                      log=lambda line: None)
+    after = step_agreement(student, held_out)
+    assert after[0] > before[0] + 0.1, (before, after)
+    save_student(student, str(WORLD_CLIP), tmp_path, {"before": before, "after": after})
+    reloaded = load_reward(f"clip:{tmp_path}")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(blurred[:4], per_image[:4]), student(blurred[:4], per_image[:4]))
