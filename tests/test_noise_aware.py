@@ -46,7 +46,7 @@ def test_student_learns_to_rank_blurred_images_by_their_sharp_scores(tmp_path):
     rollouts = Rollouts(per_image, torch.stack([blurred, sharp], dim=1), final)
     train, held_out = (Rollouts(per_image[s], rollouts.x0_images[s], final[s]) for s in (slice(0, 64), slice(64, 96)))
     before = step_agreement(teacher, held_out)
-    student = distill(teacher, train, NoiseAwareTraining(steps_per_stage=40, batch_size=32, lr=3e-4),
+    student = distill(teacher, train, NoiseAwareTraining(steps_per_stage=30, batch_size=16, lr=3e-4),
                       log=lambda line: None)
     after = step_agreement(student, held_out)
     assert after[0] > before[0] + 0.1, (before, after)
