@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
+from diffusers import StableDiffusion3Pipeline
 from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel, Dinov2Model
 
 from align_diffusion.models import adapter_for
@@ -44,16 +44,12 @@ def test_world_dino_loads_and_tells_scenes_apart():
     assert similarity[same].mean() > similarity[different].mean() + 0.1
 
 
-@pytest.mark.parametrize("name, pipeline_class, sampler", [
-    ("sd3", StableDiffusion3Pipeline, "ode"), ("sd", StableDiffusionPipeline, "ddim"),
-])
-def test_generator_loads_with_its_stock_pipeline_and_our_sampler_matches_it(name, pipeline_class, sampler):
-    pipe = pipeline_class.from_pretrained(WORLD / name)
+def test_sd3_generator_loads_with_its_stock_pipeline_and_our_sampler_matches_it():
+    pipe = StableDiffusion3Pipeline.from_pretrained(WORLD / "sd3")
     prompts = ["a red circle left of a blue square", "three triangles"]
     stock = pipe(prompts, num_inference_steps=10, guidance_scale=2.0, output_type="pt",
                  generator=[torch.Generator().manual_seed(k) for k in range(2)]).images
-    ours = sample(adapter_for(pipe), prompts, num_inference_steps=10, guidance_scale=2.0, sampler=sampler,
-                  noise_level=0.0).images
+    ours = sample(adapter_for(pipe), prompts, num_inference_steps=10, guidance_scale=2.0).images
     assert stock.shape == (2, 3, 64, 64)
     torch.testing.assert_close(ours, stock, atol=1e-4, rtol=0)
 
