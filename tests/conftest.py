@@ -18,3 +18,13 @@ def tiny_pipes():
 @pytest.fixture
 def tiny_adapter(tiny_pipes, family):
     return adapter_for(tiny_pipes[family])
+
+
+@pytest.fixture(scope="session")
+def saved(tmp_path_factory):
+    """Tiny SD3 and SD pipelines saved as diffusers folders."""
+    paths = {}
+    for name in ("sd3", "sd"):
+        paths[name] = tmp_path_factory.mktemp(name)
+        tiny_pipeline(name).save_pretrained(paths[name])
+    return paths

@@ -13,19 +13,8 @@ from PIL import Image
 
 from align_diffusion.cli import main
 from align_diffusion.models import load_adapter
-from align_diffusion.models.tiny import tiny_pipeline
 
 PROMPTS = ["a red circle", "two blue squares"]
-
-
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    """Tiny SD3 and SD pipelines saved as diffusers folders."""
-    paths = {}
-    for family in ("sd3", "sd"):
-        paths[family] = tmp_path_factory.mktemp(family)
-        tiny_pipeline(family).save_pretrained(paths[family])
-    return paths
 
 
 def read_png(path):

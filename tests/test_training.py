@@ -14,20 +14,10 @@ from safetensors.torch import load_file
 
 from align_diffusion.cli import main
 from align_diffusion.models import load_adapter
-from align_diffusion.models.tiny import tiny_pipeline
 from align_diffusion.training.config import ConfigError, load_config
 from align_diffusion.training.grpo import GRPOTrainer, clipped_policy_loss, gaussian_kl
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    paths = {}
-    for family in ("sd3", "sd"):
-        paths[family] = tmp_path_factory.mktemp(family)
-        tiny_pipeline(family).save_pretrained(paths[family])
-    return paths
 
 
 @pytest.fixture(scope="module")
