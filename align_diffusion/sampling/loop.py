@@ -188,6 +188,18 @@ def sample(
     return trajectory
 
 
+def sample_images(adapter: PipelineAdapter, prompts: list[str], *, seed: int = 0, batch_size: int = 16,
+                  desc: str | None = None, **sample_kwargs) -> torch.Tensor:
+    """Decoded images (on the CPU), one per prompt, sampled `batch_size` at a time; image k seeded `seed + k`,
+    so the result does not depend on `batch_size`. A progress bar when `desc` is given."""
+    images = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=desc is None):
+        batch = prompts[start : start + batch_size]
+        generators = [torch.Generator("cpu").manual_seed(seed + start + k) for k in range(len(batch))]
+        images.append(sample(adapter, batch, generators=generators, **sample_kwargs).images.cpu())
+    return torch.cat(images)
+
+
 def step_log_prob(adapter: PipelineAdapter, trajectory: Trajectory, step_index: int, index=None) -> StepOutput:
     """Re-scores the stored transition at `step_index` under the adapter's current weights (grad flows if enabled).
 

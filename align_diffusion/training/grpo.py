@@ -35,7 +35,7 @@ from align_diffusion.models import PipelineAdapter, PromptEmbeds, load_adapter
 from align_diffusion.rewards import load_reward
 from align_diffusion.rewards.spec import WeightedRewards
 from align_diffusion.rewards.transforms import group_advantages
-from align_diffusion.sampling.loop import Trajectory, sample, step_log_prob
+from align_diffusion.sampling.loop import Trajectory, sample, sample_images, step_log_prob
 from align_diffusion.training import checkpoint
 from align_diffusion.training.config import TrainConfig, save_config, to_dict, validate
 from align_diffusion.training.lora import add_lora, export_lora
@@ -185,16 +185,19 @@ class GRPOTrainer:
 
     # --- checkpoints: only the trained weights, not the frozen base model ---------------------------------------
     def trained_state(self) -> dict[str, torch.Tensor]:
+        """The trained parameters by name, in `self.params` order (the EMA's order too)."""
         denoiser = self.adapter.denoiser
         return {n: p.detach().cpu().contiguous() for n, p in denoiser.named_parameters() if p.requires_grad}
+
+    def trained_names(self) -> list[str]:
+        return [n for n, p in self.adapter.denoiser.named_parameters() if p.requires_grad]
 
     def _save_trained_only(self, models, weights, output_dir):
         weights.clear()
         if self.accelerator.is_main_process:
             save_file(self.trained_state(), str(Path(output_dir) / "trained.safetensors"))
             if self.ema is not None:
-                names = list(self.trained_state())
-                save_file({n: s.cpu().contiguous() for n, s in zip(names, self.ema.shadow)},
+                save_file({n: s.cpu().contiguous() for n, s in zip(self.trained_names(), self.ema.shadow)},
                           str(Path(output_dir) / "ema.safetensors"))
             state = self.reward.reward_state()
             if state:
@@ -212,7 +215,7 @@ class GRPOTrainer:
                 named[name].copy_(value)
         if self.ema is not None:
             ema = load_file(str(Path(input_dir) / "ema.safetensors"))
-            for shadow, name in zip(self.ema.shadow, self.trained_state()):
+            for shadow, name in zip(self.ema.shadow, self.trained_names()):
                 shadow.copy_(ema[name])
         reward_state = Path(input_dir) / "reward_state.pt"
         if reward_state.exists():
@@ -404,17 +407,13 @@ class GRPOTrainer:
         prompts = self.eval_prompts.all()
         per_image = [p for p in prompts for _ in range(config.num_images_per_prompt)]
         self.adapter.denoiser.eval()
-        images = []
         with self.ema.applied() if self.ema is not None else nullcontext(), self.accelerator.autocast():
-            for start in range(0, len(per_image), self.config.sampling.batch_size):
-                chunk = per_image[start : start + self.config.sampling.batch_size]
-                generators = [torch.Generator().manual_seed(config.seed + start + k) for k in range(len(chunk))]
-                images.append(sample(
-                    self.adapter, chunk, sampler="ode", num_inference_steps=config.num_steps,
-                    guidance_scale=self.config.sampling.guidance_scale, generators=generators,
-                    height=self.config.sampling.height, width=self.config.sampling.width,
-                ).images)
-        images = torch.cat(images)
+            images = sample_images(
+                self.adapter, per_image, seed=config.seed, batch_size=self.config.sampling.batch_size,
+                sampler="ode", num_inference_steps=config.num_steps,
+                guidance_scale=self.config.sampling.guidance_scale, height=self.config.sampling.height,
+                width=self.config.sampling.width,
+            )
         total, each = score(self.reward, images, per_image)
         result = {"eval/reward_mean": _nanmean(total)}
         result.update({f"eval/{name}_mean": _nanmean(s) for name, s in each.items()})

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-import torch
-from tqdm.auto import tqdm
-
 from align_diffusion.models.base import PipelineAdapter
-from align_diffusion.sampling.loop import resolve_settings, sample
+from align_diffusion.sampling.loop import resolve_settings, sample_images
 from align_diffusion.world.evaluate import shapes_eval
 from align_diffusion.world.prompts import split_prompts
 
@@ -29,12 +26,8 @@ def evaluate_shapes(
     """ShapesEval of `adapter`'s samples for every prompt of `split`; image k is seeded `seed + k`."""
     prompts = [p for p in split_prompts(split) for _ in range(num_images_per_prompt)]
     settings = resolve_settings(adapter, sampler, num_inference_steps, guidance_scale, noise_level)
-    images = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc=f"shapes {split}", disable=not progress):
-        batch = prompts[start : start + batch_size]
-        generators = [torch.Generator("cpu").manual_seed(seed + start + k) for k in range(len(batch))]
-        images.append(sample(adapter, batch, generators=generators, sampler=sampler, **asdict(settings)).images.cpu())
-    images = torch.cat(images)
+    images = sample_images(adapter, prompts, seed=seed, batch_size=batch_size,
+                           desc=f"shapes {split}" if progress else None, sampler=sampler, **asdict(settings))
     result = shapes_eval(prompts, images)
     result["settings"] = {"split": split, "num_images_per_prompt": num_images_per_prompt, "sampler": sampler,
                           "seed": seed, **asdict(settings)}
