@@ -50,6 +50,8 @@ def add_sample_parser(subparsers) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--reward", default=None,
+                        help="reward spec to score every image with (shown on the review page), e.g. shapes")
     parser.add_argument("--overwrite", action="store_true", help="replace the samples already in --out")
     parser.set_defaults(run=run_sample)
 
@@ -80,11 +82,13 @@ def read_prompts(args) -> list[str]:
 
 
 def run_sample(args) -> None:
+    from align_diffusion.rewards.spec import load_reward
     from align_diffusion.sampling.folder import sample_to_folder
 
     prompts = read_prompts(args)
     if (args.out / "metadata.jsonl").exists() and not args.overwrite:
         raise SystemExit(f"--out: {args.out} already holds samples; pass --overwrite to replace them")
+    reward = load_reward(args.reward, device=args.device, dtype=DTYPES[args.dtype]) if args.reward else None
     adapter = load_for_command(args)
     default_height, default_width = adapter.default_size
     adapter.check_size(args.height or default_height, args.width or default_width)
@@ -102,9 +106,10 @@ def run_sample(args) -> None:
         guidance_scale=args.guidance,
         height=args.height,
         width=args.width,
+        reward=reward,
         extra_metadata={"model": str(args.model), "lora": None if args.lora is None else str(args.lora)},
     )
-    print(f"wrote {len(records)} images to {args.out}")
+    print(f"wrote {len(records)} images to {args.out}; review page {args.out / 'index.html'}")
 
 
 def add_eval_parser(subparsers) -> None:
@@ -122,7 +127,9 @@ def add_eval_parser(subparsers) -> None:
     parser.add_argument("--batch-size", type=_positive_int, default=16)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    parser.add_argument("--out", type=Path, required=True, help="JSON file for the results")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="folder for eval.json (the scores), the samples and their review page index.html")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier evaluation in --out")
     parser.set_defaults(run=run_eval)
 
 
@@ -131,19 +138,20 @@ def run_eval(args) -> None:
 
     from align_diffusion.world.benchmark import evaluate_shapes
 
-    if args.out.suffix != ".json":
-        raise SystemExit(f"--out: expected a .json file, got {args.out}")
+    if args.out.suffix == ".json":
+        raise SystemExit(f"--out: expected a folder (for eval.json, the samples, index.html), got {args.out}")
+    if (args.out / "eval.json").exists() and not args.overwrite:
+        raise SystemExit(f"--out: {args.out} already holds an evaluation; pass --overwrite to replace it")
     adapter = load_for_command(args)
     result = evaluate_shapes(
         adapter, args.split, num_images_per_prompt=args.num_images_per_prompt, num_inference_steps=args.steps,
         guidance_scale=args.guidance, sampler=args.sampler, noise_level=args.noise_level, seed=args.seed,
-        batch_size=args.batch_size,
+        batch_size=args.batch_size, out_dir=args.out,
     )
     result["settings"].update(model=str(args.model), lora=None if args.lora is None else str(args.lora))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
+    (args.out / "eval.json").write_text(json.dumps(result, indent=1))
     print(f"overall strict {result['overall_strict']:.3f}  graded {result['graded']:.3f}  "
-          f"({result['num_images']} images)")
+          f"({result['num_images']} images; review page {args.out / 'index.html'})")
     for category, accuracy in result["per_category_strict"].items():
         print(f"  {category:<14} {accuracy:.3f}")
 
@@ -319,6 +327,34 @@ def run_train(args) -> None:
     print(f"trained weights in {folder}; metrics in {config.output_dir}/metrics.jsonl")
 
 
+def add_gallery_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "gallery", help="(re)build the review page of a sample, eval or steer folder, or of a training run")
+    parser.add_argument("dir", type=Path, help="a folder with metadata.jsonl, or a training run's output_dir")
+    parser.add_argument("--compare", type=Path, default=None,
+                        help="a second sample folder: also build a side-by-side page pairing images by prompt and seed")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="file for the side-by-side page (default DIR/compare-<name of DIR2>.html)")
+    parser.set_defaults(run=run_gallery)
+
+
+def run_gallery(args) -> None:
+    from align_diffusion.gallery import build_comparison, build_gallery, build_run_page
+
+    if (args.dir / "metrics.jsonl").is_file():
+        if args.compare is not None:
+            raise SystemExit("--compare: compares two sample folders, and DIR is a training run")
+        print(f"wrote {build_run_page(args.dir)}")
+        return
+    if not (args.dir / "metadata.jsonl").is_file():
+        raise SystemExit(f"{args.dir}: neither a sample folder (metadata.jsonl) nor a training run (metrics.jsonl)")
+    print(f"wrote {build_gallery(args.dir)}")
+    if args.compare is not None:
+        if not (args.compare / "metadata.jsonl").is_file():
+            raise SystemExit(f"--compare: {args.compare} is not a sample folder (no metadata.jsonl)")
+        print(f"wrote {build_comparison(args.dir, args.compare, args.out)}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="align-diffusion", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", required=True)
@@ -328,6 +364,7 @@ def main(argv: list[str] | None = None) -> None:
     add_serve_reward_parser(subparsers)
     add_train_reward_parser(subparsers)
     add_train_parser(subparsers)
+    add_gallery_parser(subparsers)
     args = parser.parse_args(argv)
     try:
         args.run(args)

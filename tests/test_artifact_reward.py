@@ -45,7 +45,7 @@ def test_reading_labelled_images(tmp_path):
     lines.append(json.dumps({"file": "set/artifact/noise-0.png", "label": 1}))
     (tmp_path / "labels.jsonl").write_text("\n".join(lines) + "\n")
     assert [label for _, label in read_labelled_images(tmp_path / "labels.jsonl")] == [0, 0, 1]
-    (tmp_path / "bad.jsonl").write_text(json.dumps({"file": "set/clean/0.png", "label": "good"}))
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"file": "set/clean/0.png", "label": "fine"}))
     with pytest.raises(ValueError, match="bad.jsonl:1: label"):
         read_labelled_images(tmp_path / "bad.jsonl")
     (tmp_path / "one-class.jsonl").write_text(lines[0])

@@ -13,6 +13,7 @@ from PIL import Image
 
 from align_diffusion.cli import main
 from align_diffusion.models import load_adapter
+from align_diffusion.rewards import load_reward
 
 PROMPTS = ["a red circle", "two blue squares"]
 
@@ -58,6 +59,26 @@ def test_console_script_runs_with_a_prompts_file(saved, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "wrote 2 images" in result.stdout
     assert len(list((out / "images").glob("*.png"))) == 2
+    assert (out / "index.html").read_text().count('class="card"') == 2
+
+
+def test_sample_scores_each_reward_term(saved, tmp_path):
+    out = tmp_path / "out"
+    prompts = ["a red circle", "two squares"]  # shapes-world prompts, which the shapes reward requires
+    main(["sample", "--model", str(saved["sd3"]), "--prompt", *prompts, "--steps", "2", "--height", "64",
+          "--width", "64", "--reward", "jpeg,shapes=0.5", "--out", str(out)])
+    records = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    reward = load_reward("jpeg,shapes=0.5")
+    images = [Image.open(out / r["file"]) for r in records]
+    each = reward.score_each(images, prompts)
+    for k, record in enumerate(records):
+        assert record["rewards"].keys() == {"jpeg", "shapes"}
+        assert record["rewards"]["shapes"] == pytest.approx(float(each["shapes"][k]))
+        # Scored before the PNG round trip, so JPEG size may differ by the quantization alone.
+        assert record["rewards"]["jpeg"] == pytest.approx(float(each["jpeg"][k]), abs=0.05)
+    with pytest.raises(SystemExit, match="unknown reward"):
+        main(["sample", "--model", str(saved["sd3"]), "--prompt", "a", "--reward", "nope", "--out",
+              str(tmp_path / "other")])
 
 
 def test_lora_folder_is_applied(saved, tmp_path):

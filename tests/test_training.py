@@ -182,12 +182,24 @@ def test_checkpoints_are_pruned_and_never_partial(trained):
     assert json.loads((out / "checkpoints" / "step-000002" / "trainer_state.json").read_text())["step"] == 2
 
 
-def test_ddim_rollouts_on_an_epsilon_model(saved, prompt_file, tmp_path):
-    overrides = tiny_overrides(saved["sd"], prompt_file, tmp_path, max_steps=1, **{"sampling.sampler": "ddim"})
+def test_ddim_rollouts_on_an_epsilon_model_and_eval_galleries(saved, prompt_file, tmp_path):
+    overrides = tiny_overrides(saved["sd"], prompt_file, tmp_path, max_steps=1, **{
+        "sampling.sampler": "ddim", "eval.every": 1, "eval.num_images_per_prompt": 1, "eval.num_steps": 2})
     GRPOTrainer(load_config(None, overrides)).train()
-    row = metrics(tmp_path)[0]
-    assert row["first_ratio_max_deviation"] <= 1e-5
+    rows = metrics(tmp_path)
+    assert rows[1]["first_ratio_max_deviation"] <= 1e-5
     assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    # Each evaluation leaves its samples, scored, with a review page; the run page links them and the plots.
+    for row in rows:
+        folder = tmp_path / "eval" / f"step-{row['step']:06d}"
+        records = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+        assert [r["prompt"] for r in records] == prompt_file.read_text().split("\n")[:3]
+        assert [r["seed"] for r in records] == [10_000, 10_001, 10_002]
+        assert sum(r["rewards"]["jpeg"] for r in records) / 3 == pytest.approx(row["eval/reward_mean"])
+        assert (folder / "index.html").is_file()
+    run_page = (tmp_path / "index.html").read_text()
+    for target in ("plots/reward.png", "eval/step-000000/index.html", "eval/step-000001/compare-step-000000.html"):
+        assert f'"{target}"' in run_page and (tmp_path / target).is_file()
 
 
 def test_two_cpu_processes_match_one(saved, prompt_file, tmp_path):

@@ -8,6 +8,7 @@ from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
 from transformers import AutoTokenizer, CLIPModel, Dinov2Model
 
 from align_diffusion.cli import main
+from align_diffusion.gallery import read_records
 from align_diffusion.models import load_adapter
 from align_diffusion.sampling.loop import sample
 from align_diffusion.world.build import BuildPlan, build_world
@@ -70,15 +71,22 @@ def test_compact_context_attention_equals_full_attention(world):
 
 def test_eval_command_writes_scores(world, tmp_path):
     out, _ = world
-    result_file = tmp_path / "eval.json"
     main(["eval", "--model", str(out / "sd3"), "--benchmark", "shapes", "--split", "val", "--num-images-per-prompt",
-          "1", "--steps", "2", "--out", str(result_file)])
-    result = json.loads(result_file.read_text())
+          "1", "--steps", "2", "--out", str(tmp_path / "eval")])
+    result = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert set(result["per_category_strict"]) == {"single_object", "colors", "counting", "two_object",
                                                    "color_attr", "position"}
     assert 0 <= result["overall_strict"] <= 1 and 0 <= result["graded"] <= 1
     assert result["settings"]["num_inference_steps"] == 2 and result["num_images"] == len(result["per_image"])
     assert [r["seed"] for r in result["per_image"]] == list(range(result["num_images"]))
+    # The samples and their review page, each image with its verdict.
+    records = read_records(tmp_path / "eval")
+    assert [(r["prompt"], r["shapes_strict"], r["rewards"]["shapes"]) for r in records] == [
+        (r["prompt"], r["strict"], r["graded"]) for r in result["per_image"]]
+    assert all((tmp_path / "eval" / r["file"]).is_file() for r in records)
+    assert (tmp_path / "eval" / "index.html").read_text().count('class="card"') == len(records)
+    with pytest.raises(SystemExit, match="already holds an evaluation"):
+        main(["eval", "--model", str(out / "sd3"), "--out", str(tmp_path / "eval")])
 
 
 @torch.no_grad()

@@ -74,9 +74,13 @@ class ArtifactReward(Reward):
         return 1 - self.artifact_probability(images)
 
 
+REVIEW_LABELS = {"good": 0, "artifact": 1}  # labels exported by a review page (align_diffusion.gallery)
+
+
 def read_labelled_images(data: str | Path) -> list[tuple[Path, int]]:
     """(file, label) pairs from a JSONL file of {"file", "label"} (paths relative to the file's folder) or from a
-    folder with `clean/` (label 0) and `artifact/` (label 1) subfolders."""
+    folder with `clean/` (label 0) and `artifact/` (label 1) subfolders. A JSONL label is 0 or 1, or a review page's
+    label: good (0), artifact (1) or bad (left out: wrong content says nothing about artifacts)."""
     data = Path(data)
     if data.is_dir():
         pairs = []
@@ -96,8 +100,12 @@ def read_labelled_images(data: str | Path) -> list[tuple[Path, int]]:
                 path = data.parent / record["file"]
             except (json.JSONDecodeError, KeyError, TypeError) as error:
                 raise ValueError(f"{data}:{number}: expected {{\"file\": ..., \"label\": 0 or 1}} ({error})") from None
+            if label == "bad":
+                continue
+            label = REVIEW_LABELS.get(label, label) if isinstance(label, str) else label
             if label not in (0, 1):
-                raise ValueError(f"{data}:{number}: label must be 0 (clean) or 1 (artifact), got {label!r}")
+                raise ValueError(f"{data}:{number}: label must be 0 (clean) or 1 (artifact), or good / artifact / "
+                                 f"bad, got {label!r}")
             if not path.is_file():
                 raise ValueError(f"{data}:{number}: image {path} not found")
             pairs.append((path, label))

@@ -156,3 +156,14 @@ def load_reward(spec: str, device=None, dtype: torch.dtype = torch.float32) -> R
     if len(terms) == 1 and terms[0].weight == 1.0:
         return rewards[0]
     return WeightedRewards(rewards, [t.weight for t in terms])
+
+
+def score_terms(reward: Reward, images, prompts) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The combined reward and each term's scores (one term: the reward itself), on the CPU, without gradients."""
+    with torch.no_grad():
+        if isinstance(reward, WeightedRewards):
+            each = {name: s.cpu() for name, s in reward.score_each(images, prompts).items()}
+            total = sum(w * s for w, s in zip(reward.weights, each.values()))
+            return total, each
+        scores = reward(images, prompts).cpu()
+        return scores, {reward.name: scores}

@@ -1,20 +1,58 @@
-"""Sampling many prompts to a folder: `images/00000.png …` plus one `metadata.jsonl` line per image.
+"""Sample folders: `images/00000.png …` plus one `metadata.jsonl` line per image, and `index.html` to review them.
 
 Each image is written, then its metadata line appended and flushed, so an interrupted run keeps every image it
-finished. Image k (prompt-major) is seeded `seed + k` whatever the batch size.
+finished. Image k (prompt-major) is seeded `seed + k` whatever the batch size. A record holds `file`, `prompt`,
+`seed`, the settings, optionally `rewards` ({name: score or null}) and `shapes_strict` (ShapesEval's verdict).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
 from align_diffusion.models.base import PipelineAdapter
+from align_diffusion.rewards.base import Reward
 from align_diffusion.sampling.loop import resolve_settings, sample
+
+
+class SampleFolder:
+    """Writes images and their metadata records into a new sample folder, one image at a time."""
+
+    def __init__(self, out_dir: str | Path):
+        self.root = Path(out_dir)
+        (self.root / "images").mkdir(parents=True, exist_ok=True)
+        self._metadata = open(self.root / "metadata.jsonl", "w")
+        self.records: list[dict] = []
+
+    def add(self, image: Image.Image, record: dict) -> dict:
+        file = f"images/{len(self.records):05d}.png"
+        image.save(self.root / file)
+        record = {"file": file, **record}
+        self._metadata.write(json.dumps(record) + "\n")
+        self._metadata.flush()
+        self.records.append(record)
+        return record
+
+    def close(self) -> None:
+        self._metadata.close()
+
+    def __enter__(self) -> SampleFolder:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def reward_record(each: dict[str, torch.Tensor], index: int) -> dict[str, float | None]:
+    """Image `index`'s score under each reward term, NaN (unscorable) as None so the metadata stays valid JSON."""
+    scores = {name: float(values[index]) for name, values in each.items()}
+    return {name: None if math.isnan(value) else value for name, value in scores.items()}
 
 
 def sample_to_folder(
@@ -31,33 +69,31 @@ def sample_to_folder(
     guidance_scale: float | None = None,
     height: int | None = None,
     width: int | None = None,
+    reward: Reward | None = None,
     extra_metadata: dict | None = None,
     progress: bool = True,
 ) -> list[dict]:
-    """Writes every image and its metadata to `out_dir`; returns the metadata records."""
+    """Writes every image and its metadata (with each reward term's score when `reward` is given) to `out_dir`,
+    then the review page; returns the metadata records."""
+    from align_diffusion.gallery import build_gallery
+    from align_diffusion.rewards.spec import score_terms
+
     settings = resolve_settings(adapter, sampler, num_inference_steps, guidance_scale, noise_level, height, width)
     jobs = [(prompt, seed + k) for k, prompt in enumerate(p for p in prompts for _ in range(num_images_per_prompt))]
-
-    images_dir = Path(out_dir) / "images"
-    images_dir.mkdir(parents=True, exist_ok=True)
-    records = []
-    with open(Path(out_dir) / "metadata.jsonl", "w") as metadata, tqdm(
-        total=len(jobs), desc="images", disable=not progress
-    ) as bar:
+    with SampleFolder(out_dir) as folder, tqdm(total=len(jobs), desc="images", disable=not progress) as bar:
         for start in range(0, len(jobs), batch_size):
             batch = jobs[start : start + batch_size]
+            batch_prompts = [prompt for prompt, _ in batch]
             trajectory = sample(
                 adapter,
-                [prompt for prompt, _ in batch],
+                batch_prompts,
                 generators=[torch.Generator("cpu").manual_seed(image_seed) for _, image_seed in batch],
                 sampler=sampler,
                 **asdict(settings),
             )
-            for offset, ((prompt, image_seed), image) in enumerate(zip(batch, adapter.to_pil(trajectory.images))):
-                file = f"images/{start + offset:05d}.png"
-                image.save(Path(out_dir) / file)
-                record = {
-                    "file": file,
+            each = score_terms(reward, trajectory.images, batch_prompts)[1] if reward is not None else None
+            for k, ((prompt, image_seed), image) in enumerate(zip(batch, adapter.to_pil(trajectory.images))):
+                folder.add(image, {
                     "prompt": prompt,
                     "seed": image_seed,
                     "sampler": sampler,
@@ -66,10 +102,9 @@ def sample_to_folder(
                     "guidance": settings.guidance_scale,
                     "height": settings.height,
                     "width": settings.width,
+                    **({"rewards": reward_record(each, k)} if each is not None else {}),
                     **(extra_metadata or {}),
-                }
-                metadata.write(json.dumps(record) + "\n")
-                metadata.flush()
-                records.append(record)
+                })
             bar.update(len(batch))
-    return records
+    build_gallery(out_dir)
+    return folder.records

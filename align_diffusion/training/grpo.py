@@ -31,10 +31,12 @@ from accelerate.utils import set_seed
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from align_diffusion.gallery.run import build_run_page, eval_folder
 from align_diffusion.models import PipelineAdapter, PromptEmbeds, load_adapter
 from align_diffusion.rewards import load_reward
-from align_diffusion.rewards.spec import WeightedRewards
+from align_diffusion.rewards.spec import score_terms
 from align_diffusion.rewards.transforms import group_advantages
+from align_diffusion.sampling.folder import SampleFolder, reward_record
 from align_diffusion.sampling.loop import Trajectory, sample, sample_images, step_log_prob
 from align_diffusion.training import checkpoint
 from align_diffusion.training.config import TrainConfig, save_config, to_dict, validate
@@ -97,17 +99,6 @@ def _cat_trajectories(parts: list[Trajectory]) -> Trajectory:
         guidance_scale=first.guidance_scale,
         images=torch.cat([t.images for t in parts]),
     )
-
-
-def score(reward, images, prompts) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The combined reward and each term's scores, on the CPU."""
-    with torch.no_grad():
-        if isinstance(reward, WeightedRewards):
-            each = {name: s.cpu() for name, s in reward.score_each(images, prompts).items()}
-            total = sum(w * s for w, s in zip(reward.weights, each.values()))
-            return total, each
-        scores = reward(images, prompts).cpu()
-        return scores, {reward.name: scores}
 
 
 class EMA:
@@ -295,9 +286,9 @@ class GRPOTrainer:
                 )
                 parts.append(part)
                 if executor is None:
-                    futures.append(_done(score(self.reward, part.images, chunk_prompts)))
+                    futures.append(_done(score_terms(self.reward, part.images, chunk_prompts)))
                 else:
-                    futures.append(executor.submit(score, self.reward, part.images, chunk_prompts))
+                    futures.append(executor.submit(score_terms, self.reward, part.images, chunk_prompts))
         results = [f.result() for f in futures]
         if executor is not None:
             executor.shutdown()
@@ -414,9 +405,11 @@ class GRPOTrainer:
                 guidance_scale=self.config.sampling.guidance_scale, height=self.config.sampling.height,
                 width=self.config.sampling.width,
             )
-        total, each = score(self.reward, images, per_image)
+        total, each = score_terms(self.reward, images, per_image)
         result = {"eval/reward_mean": _nanmean(total)}
         result.update({f"eval/{name}_mean": _nanmean(s) for name, s in each.items()})
+        records = [{"prompt": p, "seed": config.seed + k, "rewards": reward_record(each, k)}
+                   for k, p in enumerate(per_image)]
         if config.shapes_eval:
             from align_diffusion.world.evaluate import shapes_eval
 
@@ -424,6 +417,12 @@ class GRPOTrainer:
             result["eval/shapes_strict"] = report["overall_strict"]
             result["eval/shapes_graded"] = report["graded"]
             result.update({f"eval/shapes_{c}": v for c, v in report["per_category_strict"].items()})
+            for record, judged in zip(records, report["per_image"]):
+                record["shapes_strict"] = judged["strict"]
+        if self.accelerator.is_main_process:
+            with SampleFolder(eval_folder(self.output_dir, self.step)) as folder:
+                for image, record in zip(self.adapter.to_pil(images), records):
+                    folder.add(image, record)
         return result
 
     # --- the loop ------------------------------------------------------------------------------------------------
@@ -439,6 +438,8 @@ class GRPOTrainer:
         eval_every = config.eval.every
         if eval_every and self.step == 0:
             self.record(metrics_file, {"step": 0, **self.evaluate()})
+            if accelerator.is_main_process:
+                build_run_page(self.output_dir)
         bar = tqdm(range(self.step, config.max_steps), initial=self.step, total=config.max_steps, desc="grpo",
                    disable=not accelerator.is_main_process)
         for step in bar:
@@ -451,6 +452,8 @@ class GRPOTrainer:
             if eval_every and (self.step % eval_every == 0 or self.step == config.max_steps):
                 stats.update(self.evaluate())
             self.record(metrics_file, stats)
+            if "eval/reward_mean" in stats and accelerator.is_main_process:
+                build_run_page(self.output_dir)
             bar.set_postfix(reward=f"{stats['reward_mean']:.3f}", kl=f"{stats['kl']:.2e}")
             if self.step == config.max_steps or (config.checkpoint_every and self.step % config.checkpoint_every == 0):
                 self.save_checkpoint()

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import asdict
+from pathlib import Path
 
+from align_diffusion.gallery import build_gallery
 from align_diffusion.models.base import PipelineAdapter
+from align_diffusion.sampling.folder import SampleFolder
 from align_diffusion.sampling.loop import resolve_settings, sample_images
 from align_diffusion.world.evaluate import shapes_eval
 from align_diffusion.world.prompts import split_prompts
@@ -21,9 +24,11 @@ def evaluate_shapes(
     noise_level: float | None = None,
     seed: int = 0,
     batch_size: int = 16,
+    out_dir: str | Path | None = None,
     progress: bool = True,
 ) -> dict:
-    """ShapesEval of `adapter`'s samples for every prompt of `split`; image k is seeded `seed + k`."""
+    """ShapesEval of `adapter`'s samples for every prompt of `split`; image k is seeded `seed + k`. With `out_dir`,
+    the samples are also written there as a sample folder with their verdicts, and its review page."""
     prompts = [p for p in split_prompts(split) for _ in range(num_images_per_prompt)]
     settings = resolve_settings(adapter, sampler, num_inference_steps, guidance_scale, noise_level)
     images = sample_images(adapter, prompts, seed=seed, batch_size=batch_size,
@@ -33,4 +38,10 @@ def evaluate_shapes(
                           "seed": seed, **asdict(settings)}
     for k, record in enumerate(result["per_image"]):
         record["seed"] = seed + k
+    if out_dir is not None:
+        with SampleFolder(out_dir) as folder:
+            for image, record in zip(adapter.to_pil(images), result["per_image"]):
+                folder.add(image, {"prompt": record["prompt"], "seed": record["seed"],
+                                   "shapes_strict": record["strict"], "rewards": {"shapes": record["graded"]}})
+        build_gallery(out_dir, title=f"ShapesEval {split}: strict {result['overall_strict']:.3f}")
     return result

@@ -1,0 +1,220 @@
+"""Review pages: `index.html` for a sample folder, and a side-by-side page comparing two folders.
+
+A page is one self-contained static file: inline CSS and JavaScript, no network, images referenced by relative
+paths. The cards are rendered here with every piece of user text HTML-escaped; the page's script only filters,
+sorts and collects reviewer labels (good / artifact / bad), exported as JSONL lines {file, prompt, label}.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from html import escape
+from importlib.resources import files
+from pathlib import Path
+from urllib.parse import quote
+
+LABELS = ("good", "artifact", "bad")
+CORRECT = "correct"  # the value name of ShapesEval's strict verdict (1 or 0)
+
+
+def read_records(folder: str | Path) -> list[dict]:
+    """The metadata records of a sample folder, in page order."""
+    metadata = Path(folder) / "metadata.jsonl"
+    if not metadata.is_file():
+        raise FileNotFoundError(f"{folder} is not a sample folder: no metadata.jsonl")
+    records = []
+    for number, line in enumerate(metadata.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        record = json.loads(line)
+        if not {"file", "prompt"} <= record.keys():
+            raise ValueError(f"{metadata}:{number}: a record needs 'file' and 'prompt', got {sorted(record)}")
+        records.append(record)
+    return records
+
+
+def safe_filename(text: str, max_length: int = 80) -> str:
+    """`text` reduced to letters, digits, '.', '_' and '-' (never empty, never hidden), for names built from user
+    text."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._")[:max_length]
+    return name or "untitled"
+
+
+def record_values(record: dict) -> dict[str, float | None]:
+    """The numbers a card can be sorted and filtered by: each reward, and the verdict as 1 / 0."""
+    values = dict(record.get("rewards") or {})
+    if "shapes_strict" in record:
+        values[CORRECT] = float(record["shapes_strict"])
+    return values
+
+
+def build_gallery(folder: str | Path, title: str | None = None, links: dict[str, str] | None = None) -> Path:
+    """(Re)writes `folder/index.html` from its `metadata.jsonl`; `links` (text → relative URL) go in the header."""
+    folder = Path(folder)
+    records = read_records(folder)
+    values = [record_values(r) for r in records]
+    cards = [
+        _card(k, record["prompt"], record.get("seed"), value, [_figure(record["file"], None)], _scores_table(value))
+        for k, (record, value) in enumerate(zip(records, values))
+    ]
+    summary = _summary(len(records), "images", values)
+    page = _page(title or folder.resolve().name, "single", summary, "", _names(values), cards, links or {})
+    out = folder / "index.html"
+    out.write_text(page)
+    return out
+
+
+def build_comparison(folder_a: str | Path, folder_b: str | Path, out: str | Path | None = None,
+                     title: str | None = None) -> Path:
+    """A side-by-side page of two sample folders, pairing images by (prompt, seed), with each score's difference
+    B − A per pair; written to `out` (default `folder_a/compare-<name of folder_b>.html`)."""
+    folder_a, folder_b = Path(folder_a), Path(folder_b)
+    out = Path(out) if out is not None else folder_a / f"compare-{safe_filename(folder_b.resolve().name)}.html"
+    name_a, name_b = folder_a.resolve().name, folder_b.resolve().name
+    records_b = {(r["prompt"], r.get("seed")): r for r in read_records(folder_b)}
+    cards, values, unmatched = [], [], 0
+    for record_a in read_records(folder_a):
+        record_b = records_b.get((record_a["prompt"], record_a.get("seed")))
+        if record_b is None:
+            unmatched += 1
+            continue
+        a, b = record_values(record_a), record_values(record_b)
+        value = {}
+        for name in dict.fromkeys([*a, *b]):
+            value[f"{name} (A)"], value[f"{name} (B)"] = a.get(name), b.get(name)
+            both = a.get(name) is not None and b.get(name) is not None
+            value[f"Δ {name}"] = b[name] - a[name] if both else None
+        figures = [
+            _figure(_relative(folder_a / record_a["file"], out.parent), f"A: {name_a}"),
+            _figure(_relative(folder_b / record_b["file"], out.parent), f"B: {name_b}"),
+        ]
+        cards.append(_card(len(cards), record_a["prompt"], record_a.get("seed"), value, figures,
+                           _comparison_table(a, b)))
+        values.append(value)
+    if not cards:
+        raise ValueError(f"{folder_a} and {folder_b} share no (prompt, seed) pair")
+    summary = _summary(len(cards), "pairs", values)
+    note = f"A = {name_a}, B = {name_b}; pairs matched by prompt and seed"
+    note += f"; {unmatched} images of A have no partner in B" if unmatched else ""
+    page = _page(title or f"{name_a} vs {name_b}", "compare", summary, note, _names(values), cards, {})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(page)
+    return out
+
+
+def stylesheet() -> str:
+    return _static("gallery.css")
+
+
+def _static(name: str) -> str:
+    return (files("align_diffusion.gallery") / "static" / name).read_text()
+
+
+# --- HTML pieces -----------------------------------------------------------------------------------------------
+def _relative(path: Path, start: Path) -> str:
+    return Path(os.path.relpath(path.resolve(), start.resolve())).as_posix()
+
+
+def _names(values: list[dict]) -> list[str]:
+    return list(dict.fromkeys(name for value in values for name in value))
+
+
+def _format(value: float | None, signed: bool = False) -> str:
+    return "–" if value is None else f"{value:+.3f}" if signed else f"{value:.3f}"
+
+
+def _summary(count: int, noun: str, values: list[dict]) -> str:
+    parts = [f"{count} {noun}"]
+    for name in _names(values):
+        present = [v[name] for v in values if v.get(name) is not None]
+        if present:
+            parts.append(f"{name} mean {sum(present) / len(present):.3f}")
+    return " · ".join(parts)
+
+
+def _figure(file: str, caption: str | None) -> str:
+    buttons = "".join(f'<button type="button" data-label="{label}">{label}</button>' for label in LABELS)
+    caption_html = f"<figcaption>{escape(caption)}</figcaption>" if caption else ""
+    return (f'<figure data-file="{escape(file)}"><img src="{escape(quote(file))}" alt="{escape(file)}" '
+            f'loading="lazy">{caption_html}<div class="labels">{buttons}</div></figure>')
+
+
+def _verdict(value: float | None) -> str:
+    if value is None:
+        return ""
+    return '<span class="correct">✓ correct</span>' if value else '<span class="wrong">✗ wrong</span>'
+
+
+def _card(index: int, prompt: str, seed, values: dict, figures: list[str], table: str) -> str:
+    seed_text = "" if seed is None else f"seed {escape(str(seed))}"
+    verdict = _verdict(values.get(CORRECT))
+    meta = " · ".join(part for part in (seed_text, verdict) if part)
+    return (f'<article class="card" data-index="{index}" data-prompt="{escape(prompt)}" '
+            f'data-seed="{escape(str(seed if seed is not None else ""))}" data-values="{escape(json.dumps(values))}">'
+            f'<div class="pair">{"".join(figures)}</div><p class="prompt">{escape(prompt)}</p>'
+            f'<p class="meta">{meta}</p>{table}</article>')
+
+
+def _scores_table(values: dict) -> str:
+    rows = "".join(f"<tr><th>{escape(name)}</th><td>{_format(v)}</td></tr>"
+                   for name, v in values.items() if name != CORRECT)
+    return f'<table class="scores">{rows}</table>' if rows else ""
+
+
+def _comparison_table(a: dict, b: dict) -> str:
+    rows = []
+    for name in dict.fromkeys([*a, *b]):
+        va, vb = a.get(name), b.get(name)
+        delta = vb - va if va is not None and vb is not None else None
+        trend = "" if not delta else ' class="up"' if delta > 0 else ' class="down"'
+        rows.append(f"<tr><th>{escape(name)}</th><td>{_format(va)}</td><td>{_format(vb)}</td>"
+                    f"<td{trend}>{_format(delta, signed=True)}</td></tr>")
+    header = "<tr><th></th><td>A</td><td>B</td><td>B − A</td></tr>"
+    return f'<table class="scores">{header}{"".join(rows)}</table>'
+
+
+def _page(title: str, mode: str, summary: str, note: str, names: list[str], cards: list[str],
+          links: dict[str, str]) -> str:
+    sort_options = ['<option data-key="index">page order</option>', '<option data-key="prompt">prompt</option>',
+                    '<option data-key="seed">seed</option>']
+    for name in names:
+        sort_options += [f'<option data-key="{escape(name)}" data-order="desc">{escape(name)} ↓</option>',
+                         f'<option data-key="{escape(name)}" data-order="asc">{escape(name)} ↑</option>']
+    value_options = '<option value="">(score)</option>' + "".join(
+        f'<option value="{escape(name)}">{escape(name)}</option>' for name in names)
+    nav = "".join(f'<a href="{escape(quote(url))}">{escape(text)}</a>' for text, url in links.items())
+    return f"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{escape(title)}</title>
+<style>
+{stylesheet()}</style>
+</head>
+<body data-mode="{mode}">
+<header>
+<h1>{escape(title)}</h1>
+<p class="summary">{escape(summary)}</p>
+{f'<p class="note">{escape(note)}</p>' if note else ""}
+{f"<nav>{nav}</nav>" if nav else ""}
+<div class="controls">
+<label>prompt contains <input id="filter-prompt" type="search"></label>
+<label>sort by <select id="sort">{"".join(sort_options)}</select></label>
+<label>show where <select id="filter-value">{value_options}</select></label>
+<label>≥ <input id="filter-min" type="number" step="any"></label>
+<label>≤ <input id="filter-max" type="number" step="any"></label>
+<span id="shown"></span>
+<button type="button" id="export">export labels (<span id="label-count">0</span>)</button>
+</div>
+</header>
+<main id="grid">
+{chr(10).join(cards)}
+</main>
+<script>
+{_static("gallery.js")}</script>
+</body>
+</html>
+"""

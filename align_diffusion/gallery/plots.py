@@ -1,0 +1,60 @@
+"""PNG plots for review pages: reward and accuracy against step for training runs, and any x–y curves (reward
+against budget for steering comparisons)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on training machines
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_curves(series: dict[str, tuple[list[float], list[float]]], path: str | Path, *, xlabel: str, ylabel: str,
+                title: str) -> Path:
+    """One line per series name (x values, y values) in one PNG at `path`."""
+    figure, axes = plt.subplots(figsize=(6, 3.6), dpi=100)
+    for name, (xs, ys) in series.items():
+        axes.plot(xs, ys, marker="o" if len(xs) <= 30 else None, markersize=3, label=name)
+    axes.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    axes.grid(alpha=0.3)
+    if len(series) > 1:
+        axes.legend(fontsize=8)
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    plt.close(figure)
+    return path
+
+
+def _series(metrics: list[dict], keys: dict[str, str]) -> dict[str, tuple[list, list]]:
+    """label → (steps, values) for each metric key present in at least one row."""
+    series = {}
+    for label, key in keys.items():
+        rows = [(row["step"], row[key]) for row in metrics if row.get(key) is not None]
+        if rows:
+            series[label] = ([step for step, _ in rows], [value for _, value in rows])
+    return series
+
+
+def plot_training(metrics: list[dict], out_dir: str | Path) -> list[Path]:
+    """`reward.png` (train and eval reward means, each term's when there are several) and, when the run scored
+    ShapesEval, `accuracy.png` (strict accuracy overall and per category, graded score) in `out_dir`."""
+    names = sorted({key for row in metrics for key in row})
+    terms = [key for key in names if key.startswith("reward/") and key.endswith("_mean")]
+    reward_keys = {"train reward": "reward_mean", "eval reward": "eval/reward_mean"}
+    if len(terms) > 1:
+        reward_keys.update({f"train {key[len('reward/'):-len('_mean')]}": key for key in terms})
+    paths = []
+    rewards = _series(metrics, reward_keys)
+    if rewards:
+        paths.append(plot_curves(rewards, Path(out_dir) / "reward.png", xlabel="step", ylabel="reward",
+                                 title="reward"))
+    categories = [key for key in names if key.startswith("eval/shapes_") and key != "eval/shapes_mean"]
+    accuracy = _series(metrics, {key[len("eval/shapes_"):]: key for key in categories})
+    if accuracy:
+        paths.append(plot_curves(accuracy, Path(out_dir) / "accuracy.png", xlabel="step", ylabel="ShapesEval",
+                                 title="ShapesEval on the eval prompts"))
+    return paths

@@ -1,0 +1,72 @@
+"""The review page of a training run: `OUTPUT_DIR/index.html` with the reward and accuracy plots, one row per
+evaluation linking its gallery, and a side-by-side page of each evaluation against the first (base vs trained)."""
+
+from __future__ import annotations
+
+import json
+from html import escape
+from pathlib import Path
+from urllib.parse import quote
+
+from align_diffusion.gallery.page import build_comparison, build_gallery, stylesheet
+from align_diffusion.gallery.plots import plot_training
+
+EVAL_DIR = "eval"  # OUTPUT_DIR/eval/step-NNNNNN/ holds the samples of each evaluation
+
+
+def eval_folder(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / EVAL_DIR / f"step-{step:06d}"
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    metrics = Path(run_dir) / "metrics.jsonl"
+    if not metrics.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a training run: no metrics.jsonl")
+    return [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+
+
+def build_run_page(run_dir: str | Path) -> Path:
+    """(Re)writes the run's plots, its evaluations' galleries and comparisons, and `run_dir/index.html`."""
+    run_dir = Path(run_dir)
+    metrics = read_metrics(run_dir)
+    plots = plot_training(metrics, run_dir / "plots")
+    folders = sorted(p.parent for p in (run_dir / EVAL_DIR).glob("step-*/metadata.jsonl"))
+    links = {}
+    for folder in folders:
+        build_gallery(folder, title=f"{run_dir.resolve().name} — {folder.name}", links={"run": "../../index.html"})
+        links[folder.name] = [("gallery", f"{EVAL_DIR}/{folder.name}/index.html")]
+        if folder != folders[0]:
+            comparison = build_comparison(folders[0], folder, out=folder / f"compare-{folders[0].name}.html")
+            links[folder.name].append((f"vs {folders[0].name}", comparison.relative_to(run_dir).as_posix()))
+
+    columns = {"eval reward": "eval/reward_mean", "strict": "eval/shapes_strict", "graded": "eval/shapes_graded"}
+    evaluated = [row for row in metrics if "eval/reward_mean" in row]
+    columns = {label: key for label, key in columns.items() if any(key in row for row in evaluated)}
+    rows = []
+    for row in evaluated:
+        cells = "".join(f"<td>{row[key]:.3f}</td>" if row.get(key) is not None else "<td>–</td>"
+                        for key in columns.values())
+        anchors = " ".join(f'<a href="{escape(quote(url))}">{escape(text)}</a>'
+                           for text, url in links.get(f"step-{row['step']:06d}", []))
+        rows.append(f"<tr><td>{row['step']}</td>{cells}<td>{anchors}</td></tr>")
+    header = "".join(f"<th>{escape(label)}</th>" for label in columns)
+    images = "".join(f'<a href="{escape(quote(p.relative_to(run_dir).as_posix()))}"><img src="'
+                     f'{escape(quote(p.relative_to(run_dir).as_posix()))}" alt="{escape(p.stem)}"></a>' for p in plots)
+    title = escape(run_dir.resolve().name)
+    trained = max((row["step"] for row in metrics), default=0)
+    page = f"""<!doctype html>
+<html lang="en">
+<head><meta charset="utf-8"><title>{title}</title><style>
+{stylesheet()}</style></head>
+<body>
+<header><h1>{title}</h1><p class="summary">training run · {trained} steps · {len(evaluated)} evaluations</p></header>
+<div class="plots">{images}</div>
+<table class="runs"><tr><th>step</th>{header}<th>samples</th></tr>
+{chr(10).join(rows)}
+</table>
+</body>
+</html>
+"""
+    out = run_dir / "index.html"
+    out.write_text(page)
+    return out

@@ -1,0 +1,267 @@
+"""Review pages in real headless Chromium: cards, sorting, filtering, the side-by-side mode, label export and
+HTML escaping; and the label file read back as artifact data and as preference pairs."""
+
+import json
+import math
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import Select
+
+from align_diffusion.cli import main
+from align_diffusion.gallery import build_comparison, build_gallery, safe_filename
+from align_diffusion.gallery.labels import preference_pairs
+from align_diffusion.gallery.browser import headless_chromium
+from align_diffusion.rewards.artifact import read_labelled_images
+from align_diffusion.sampling.folder import reward_record
+
+HOSTILE = '<script>window.pwned = 1</script><b>bold</b> "quoted" & \'single\''
+# (prompt, seed, shapes score, verdict); one score missing, one hostile prompt.
+RECORDS_A = [
+    ("a red circle", 0, 0.25, False),
+    ("a blue square", 1, 1.0, True),
+    ("a red circle", 2, None, None),
+    (HOSTILE, 3, 0.5, False),
+    ("two green triangles", 4, 0.75, True),
+]
+RECORDS_B = [  # the same prompts and seeds except seed 4, plus one image A lacks
+    ("a red circle", 0, 0.5, True),
+    ("a blue square", 1, 0.25, False),
+    ("a red circle", 2, 0.125, False),
+    (HOSTILE, 3, 0.5, False),
+    ("a white circle", 9, 1.0, True),
+]
+
+
+def make_folder(root: Path, records, file_names=None) -> Path:
+    (root / "images").mkdir(parents=True)
+    lines = []
+    for k, (prompt, seed, score, verdict) in enumerate(records):
+        file = f"images/{file_names[k] if file_names else f'{k:05d}.png'}"
+        Image.new("RGB", (64, 64), (40 * k, 100, 200 - 30 * k)).save(root / file)
+        record = {"file": file, "prompt": prompt, "seed": seed, "rewards": {"shapes": score}}
+        if verdict is not None:
+            record["shapes_strict"] = verdict
+        lines.append(json.dumps(record) + "\n")
+    (root / "metadata.jsonl").write_text("".join(lines))
+    return root
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    downloads = tmp_path_factory.mktemp("downloads")
+    driver = headless_chromium(download_dir=downloads)
+    driver.downloads = downloads
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture
+def folders(tmp_path):
+    # One file name with a space and a '#', which must be URL-quoted in the page.
+    a = make_folder(tmp_path / "base run", RECORDS_A, ["00000.png", "00001.png", "a #2.png", "00003.png", "00004.png"])
+    b = make_folder(tmp_path / "trained", RECORDS_B)
+    return a, b
+
+
+def open_page(browser, path: Path):
+    browser.get(path.resolve().as_uri())
+    browser.execute_script("localStorage.clear()")
+    browser.refresh()
+
+
+def visible_cards(browser):
+    return [card for card in browser.find_elements(By.CSS_SELECTOR, ".card") if card.is_displayed()]
+
+
+def card_order(browser) -> list[int]:
+    return [int(card.get_attribute("data-index")) for card in visible_cards(browser)]
+
+
+def choose_sort(browser, text: str) -> None:
+    Select(browser.find_element(By.ID, "sort")).select_by_visible_text(text)
+
+
+def test_cards_images_and_escaping(browser, folders, tmp_path):
+    a, _ = folders
+    open_page(browser, build_gallery(a))
+    cards = visible_cards(browser)
+    assert len(cards) == len(RECORDS_A)
+    assert browser.find_element(By.ID, "shown").text == f"{len(RECORDS_A)} of {len(RECORDS_A)} shown"
+    # Every image loaded, the one with a space and '#' in its name included.
+    widths = browser.execute_script("return Array.from(document.images).map(i => i.complete && i.naturalWidth)")
+    assert widths == [64] * len(RECORDS_A)
+    # The hostile prompt is text: shown verbatim, its script never ran, no element came out of it.
+    hostile = cards[3]
+    assert hostile.find_element(By.CSS_SELECTOR, ".prompt").text == HOSTILE
+    assert hostile.get_attribute("data-prompt") == HOSTILE
+    assert browser.execute_script("return window.pwned") is None
+    assert browser.find_elements(By.CSS_SELECTOR, ".card b") == []
+    assert len(browser.find_elements(By.TAG_NAME, "script")) == 1  # the page's own
+    # Verdicts and scores as recorded.
+    assert "✓ correct" in cards[1].text and "✗ wrong" in cards[0].text
+    assert "–" in cards[2].find_element(By.CSS_SELECTOR, ".scores").text  # the missing score
+    shot = tmp_path / "gallery.png"
+    assert browser.save_screenshot(str(shot))
+    assert Image.open(shot).size[0] > 0
+
+
+def test_sorting_and_filtering(browser, folders):
+    a, _ = folders
+    open_page(browser, build_gallery(a))
+    choose_sort(browser, "shapes ↓")
+    # Scores 0.25, 1.0, None, 0.5, 0.75: descending, the missing one last.
+    assert card_order(browser) == [1, 4, 3, 0, 2]
+    choose_sort(browser, "shapes ↑")
+    assert card_order(browser) == [0, 3, 4, 1, 2]
+    choose_sort(browser, "seed")
+    assert card_order(browser) == [0, 1, 2, 3, 4]
+    choose_sort(browser, "prompt")
+    assert card_order(browser) == [3, 1, 0, 2, 4]  # '<' before letters; equal prompts in page order
+
+    choose_sort(browser, "page order")
+    browser.find_element(By.ID, "filter-prompt").send_keys("red circle")
+    assert card_order(browser) == [0, 2]
+    browser.find_element(By.ID, "filter-prompt").clear()
+    browser.execute_script("document.getElementById('filter-prompt').dispatchEvent(new Event('input'))")
+    Select(browser.find_element(By.ID, "filter-value")).select_by_visible_text("shapes")
+    browser.find_element(By.ID, "filter-min").send_keys("0.5")
+    assert card_order(browser) == [1, 3, 4]  # the card without a score is not shown
+    browser.find_element(By.ID, "filter-max").send_keys("0.8")
+    assert card_order(browser) == [3, 4]
+    assert browser.find_element(By.ID, "shown").text == "2 of 5 shown"
+    Select(browser.find_element(By.ID, "filter-value")).select_by_visible_text("correct")
+    assert card_order(browser) == []  # correct is 0 or 1, never within [0.5, 0.8]
+
+
+def test_compare_mode_pairs_by_prompt_and_seed(browser, folders):
+    a, b = folders
+    page = build_comparison(a, b)
+    assert page == a / "compare-trained.html"
+    open_page(browser, page)
+    cards = visible_cards(browser)
+    assert len(cards) == 4  # seed 4 has no partner in B; B's seed 9 has none in A
+    assert "1 images of A have no partner in B" in browser.find_element(By.CSS_SELECTOR, ".note").text
+    images = [img.get_attribute("src") for img in cards[0].find_elements(By.TAG_NAME, "img")]
+    assert "base%20run/images/00000.png" in images[0] and "trained/images/00000.png" in images[1]
+    widths = browser.execute_script("return Array.from(document.images).map(i => i.complete && i.naturalWidth)")
+    assert widths == [64] * 8
+    # B − A per pair, from the recorded scores: 0.25, -0.75, missing (A has no score), 0.
+    deltas = [json.loads(card.get_attribute("data-values"))["Δ shapes"] for card in cards]
+    assert deltas == [0.25, -0.75, None, 0.0]
+    assert "+0.250" in cards[0].text and "-0.750" in cards[1].text
+    choose_sort(browser, "Δ shapes ↓")
+    assert card_order(browser) == [0, 3, 1, 2]
+    choose_sort(browser, "Δ correct ↑")
+    assert card_order(browser)[0] == 1  # the pair that went from correct to wrong
+
+
+def wait_for_download(folder: Path, name: str, timeout: float = 20) -> Path:
+    path = folder / name
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if path.is_file() and not list(folder.glob("*.crdownload")):
+            return path
+        time.sleep(0.1)
+    raise AssertionError(f"{name} was not downloaded into {folder}: {list(folder.iterdir())}")
+
+
+def label(browser, card, name: str, side: int = 0) -> None:
+    figure = card.find_elements(By.TAG_NAME, "figure")[side]
+    figure.find_element(By.CSS_SELECTOR, f'button[data-label="{name}"]').click()
+
+
+def test_label_export_feeds_the_artifact_reward_and_preference_pairs(browser, folders):
+    a, _ = folders
+    open_page(browser, build_gallery(a))
+    cards = visible_cards(browser)
+    label(browser, cards[0], "good")
+    label(browser, cards[1], "artifact")
+    label(browser, cards[2], "bad")
+    label(browser, cards[3], "good")
+    label(browser, cards[3], "good")  # a second click takes the label off
+    label(browser, cards[4], "good")
+    assert browser.find_element(By.ID, "label-count").text == "4"
+    browser.refresh()  # labels survive a reload
+    assert browser.find_element(By.ID, "label-count").text == "4"
+    assert "label-artifact" in visible_cards(browser)[1].find_element(By.TAG_NAME, "figure").get_attribute("class")
+
+    for old in browser.downloads.glob("labels*.jsonl"):
+        old.unlink()
+    browser.find_element(By.ID, "export").click()
+    exported = wait_for_download(browser.downloads, "labels.jsonl")
+    rows = [json.loads(line) for line in exported.read_text().splitlines()]
+    assert [(row["prompt"], row["label"]) for row in rows] == [
+        ("a red circle", "good"), ("a blue square", "artifact"), ("a red circle", "bad"),
+        ("two green triangles", "good")]
+    assert [Path(row["file"]) for row in rows] == [(a / "images" / name).resolve()
+                                                   for name in ("00000.png", "00001.png", "a #2.png", "00004.png")]
+
+    # As the artifact reward's data: good is clean (0), artifact is 1, bad is left out.
+    assert read_labelled_images(exported) == [(a / "images" / "00000.png", 0), (a / "images" / "00001.png", 1),
+                                              (a / "images" / "00004.png", 0)]
+    # As preference pairs: the good red circle over the bad one.
+    assert preference_pairs(exported) == [{"prompt": "a red circle", "chosen": (a / "images" / "00000.png").resolve(),
+                                           "rejected": (a / "images" / "a #2.png").resolve()}]
+
+
+def test_labels_on_a_compare_page_name_each_side(browser, folders):
+    a, b = folders
+    open_page(browser, build_comparison(a, b))
+    card = visible_cards(browser)[1]
+    label(browser, card, "good", side=0)
+    label(browser, card, "bad", side=1)
+    for old in browser.downloads.glob("labels*.jsonl"):
+        old.unlink()
+    browser.find_element(By.ID, "export").click()
+    rows = [json.loads(line) for line in wait_for_download(browser.downloads, "labels.jsonl").read_text().splitlines()]
+    assert [(Path(r["file"]), r["label"]) for r in rows] == [((a / "images/00001.png").resolve(), "good"),
+                                                             ((b / "images/00001.png").resolve(), "bad")]
+    assert preference_pairs(browser.downloads / "labels.jsonl")[0]["rejected"] == (b / "images/00001.png").resolve()
+
+
+def test_run_page_links_plots_and_evaluations(browser, tmp_path):
+    run = tmp_path / "run"
+    rows = [{"step": 0, "eval/reward_mean": 0.3, "eval/shapes_strict": 0.1, "eval/shapes_graded": 0.3}]
+    rows += [{"step": s, "reward_mean": 0.2 + 0.01 * s} for s in range(1, 5)]
+    rows[-1].update({"eval/reward_mean": 0.5, "eval/shapes_strict": 0.4, "eval/shapes_graded": 0.5})
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    make_folder(run / "eval" / "step-000000", RECORDS_A)
+    make_folder(run / "eval" / "step-000004", RECORDS_A)
+    main(["gallery", str(run)])
+    open_page(browser, run / "index.html")
+    assert [img.get_attribute("alt") for img in browser.find_elements(By.CSS_SELECTOR, ".plots img")] == [
+        "reward", "accuracy"]
+    assert browser.execute_script("return Array.from(document.images).map(i => i.naturalWidth > 0)") == [True] * 2
+    table = browser.find_element(By.CSS_SELECTOR, "table.runs").text.splitlines()
+    assert table[1].startswith("0 0.300 0.100 0.300") and table[2].startswith("4 0.500 0.400 0.500")
+    links = [a.get_attribute("href") for a in browser.find_elements(By.CSS_SELECTOR, "table.runs a")]
+    assert len(links) == 3  # two galleries and step 4 against step 0
+    for link in links:
+        browser.get(link)
+        assert len(visible_cards(browser)) == len(RECORDS_A)
+
+
+def test_gallery_command_and_file_names(folders, tmp_path, capsys):
+    a, b = folders
+    out = tmp_path / "pages" / "side by side.html"
+    main(["gallery", str(a), "--compare", str(b), "--out", str(out)])
+    assert (a / "index.html").is_file() and out.is_file()
+    assert f"wrote {out}" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="neither a sample folder"):
+        main(["gallery", str(tmp_path)])
+    for hostile in ["../../etc/passwd", "<script>alert(1)</script>", "", "..", "a/b\\c:d*e?f"]:
+        name = safe_filename(hostile)
+        assert name and "/" not in name and "\\" not in name and not name.startswith(".")
+        assert set(name) <= set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+
+
+def test_missing_scores_stay_missing_in_the_metadata():
+    record = reward_record({"shapes": torch.tensor([0.5, math.nan])}, 1)
+    assert record == {"shapes": None}
+    assert json.loads(json.dumps(record)) == {"shapes": None}
