@@ -1,0 +1,34 @@
+"""Screenshot a review page in headless Chromium (for docs/): `python scripts/screenshot_gallery.py PAGE OUT.png`."""
+
+import argparse
+from pathlib import Path
+
+from align_diffusion.gallery.browser import headless_chromium
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("page", type=Path, help="an index.html or compare-*.html")
+    parser.add_argument("out", type=Path, help="PNG file")
+    parser.add_argument("--width", type=int, default=1280)
+    parser.add_argument("--height", type=int, default=900, help="window height (the part of the page captured)")
+    parser.add_argument("--sort", default=None, help="sort menu option to pick first, e.g. 'Δ shapes ↓'")
+    args = parser.parse_args()
+    browser = headless_chromium(width=args.width, height=args.height)
+    try:
+        browser.get(args.page.resolve().as_uri())
+        if args.sort:
+            from selenium.webdriver.support.ui import Select
+
+            Select(browser.find_element("id", "sort")).select_by_visible_text(args.sort)
+        browser.execute_script("document.querySelectorAll('img').forEach(i => i.loading = 'eager')")
+        browser.execute_script("return Promise.all(Array.from(document.images).map(i => i.decode().catch(() => 0)))")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        browser.save_screenshot(str(args.out))
+    finally:
+        browser.quit()
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
