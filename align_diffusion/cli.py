@@ -327,6 +327,128 @@ def run_train(args) -> None:
     print(f"trained weights in {folder}; metrics in {config.output_dir}/metrics.jsonl")
 
 
+# Method options of `steer` (argument name = the method's keyword) and the methods each applies to.
+STEER_OPTIONS = {
+    "num_candidates": ("best-of-n",),
+    "num_particles": ("fk",),
+    "potential": ("fk",),
+    "lam": ("fk",),
+    "resample_start": ("fk",),
+    "resample_interval": ("fk",),
+    "resample_end": ("fk",),
+    "resampling": ("fk",),
+    "adaptive_threshold": ("fk",),
+    "num_seeds": ("ttsnap",),
+    "prune_steps": ("ttsnap",),
+    "keep": ("ttsnap",),
+    "iterations": ("reno",),
+    "lr": ("reno",),
+    "reg_weight": ("reno",),
+    "grad_clip": ("reno",),
+    "sampler": ("best-of-n", "fk", "ttsnap"),
+    "noise_level": ("best-of-n", "fk", "ttsnap"),
+}
+
+
+def add_steer_parser(subparsers) -> None:
+    from align_diffusion.steering import METHODS
+    from align_diffusion.steering.fk import POTENTIALS, RESAMPLING
+
+    parser = subparsers.add_parser("steer", help="steer sampling toward a reward: best-of-n, fk, reno, ttsnap")
+    parser.add_argument("--method", choices=METHODS, required=True)
+    parser.add_argument("--model", required=True, help="diffusers model id or local folder")
+    prompts = parser.add_mutually_exclusive_group(required=True)
+    prompts.add_argument("--prompt", nargs="+", action="extend", help="one or more prompts")
+    prompts.add_argument("--prompts-file", type=Path, help="text file with one prompt per line")
+    parser.add_argument("--reward", required=True, help="reward spec (ReNO: differentiable terms only)")
+    parser.add_argument("--budget", type=_positive_int, default=None,
+                        help="model evaluations per prompt (one image through one step); sets the method's size")
+    parser.add_argument("--seed", type=int, default=0, help="prompt j's first candidate uses seed + j")
+    parser.add_argument("--steps", type=_positive_int, default=None,
+                        help="denoising steps (default: the model's; ReNO: 4)")
+    parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
+    parser.add_argument("--height", type=_positive_int, default=None)
+    parser.add_argument("--width", type=_positive_int, default=None)
+    parser.add_argument("--lora", type=Path, default=None, help="folder with a diffusers-format LoRA")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--shapes-eval", action="store_true",
+                        help="add ShapesEval's verdict of each image (shapes-world prompts only)")
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
+    sampling = parser.add_argument_group("sampler (best-of-n, fk, ttsnap)")
+    sampling.add_argument("--sampler", choices=sorted(DEFAULT_NOISE_LEVEL), default=None,
+                          help="default: ode; fk: flow-sde for flow models, ddim for ε-models")
+    sampling.add_argument("--noise-level", type=_non_negative_float, default=None)
+    group = parser.add_argument_group("best-of-n")
+    group.add_argument("--num-candidates", type=_positive_int, default=None, help="N (default 4, or from --budget)")
+    group = parser.add_argument_group("fk")
+    group.add_argument("--num-particles", type=_positive_int, default=None, help="k (default 4, or from --budget)")
+    group.add_argument("--potential", choices=POTENTIALS, default=None, help="default max")
+    group.add_argument("--lam", type=float, default=None, help="tilt λ (default 10)")
+    group.add_argument("--resample-start", type=int, default=None, help="first scored step (default 0)")
+    group.add_argument("--resample-interval", type=_positive_int, default=None, help="default 5")
+    group.add_argument("--resample-end", type=int, default=None, help="last scheduled step (default: the last step)")
+    group.add_argument("--resampling", choices=RESAMPLING, default=None, help="default multinomial")
+    group.add_argument("--adaptive-threshold", type=float, default=None,
+                       help="resample only when ESS < threshold · k (default: at every scored step)")
+    group = parser.add_argument_group("ttsnap")
+    group.add_argument("--num-seeds", type=_positive_int, default=None, help="N (default 16, or from --budget)")
+    group.add_argument("--prune-steps", type=int, nargs="+", default=None, help="default 2 6 11")
+    group.add_argument("--keep", type=float, nargs="+", default=None, help="fraction kept per prune step (0.4 0.4 0.5)")
+    group.add_argument("--prune-reward", default=None,
+                       help="noise-aware reward spec ranking x̂0 at prune steps (default: --reward)")
+    group = parser.add_argument_group("reno")
+    group.add_argument("--iterations", type=int, default=None, help="default 50, or from --budget")
+    group.add_argument("--lr", type=float, default=None, help="SGD learning rate (default 5)")
+    group.add_argument("--reg-weight", type=float, default=None, help="noise-norm regularizer weight (0.01)")
+    group.add_argument("--grad-clip", type=float, default=None, help="gradient norm clip per image (0.1)")
+    group.add_argument("--no-checkpointing", action="store_true", help="keep activations instead of recomputing")
+    group.add_argument("--autocast", choices=["bfloat16", "float16"], default=None, help="mixed precision")
+    group.add_argument("--batch-size", type=_positive_int, default=16, help="prompts optimized together")
+    parser.set_defaults(run=run_steer)
+
+
+def run_steer(args) -> None:
+    from align_diffusion.rewards.spec import load_reward
+    from align_diffusion.steering import steer, steer_to_folder
+
+    options = {}
+    for dest, methods in STEER_OPTIONS.items():
+        value = getattr(args, dest)
+        if value is None:
+            continue
+        if args.method not in methods:
+            raise SystemExit(f"--{dest.replace('_', '-')} applies to {' and '.join(methods)}, not {args.method}")
+        options[dest] = value
+    if args.prune_reward is not None and args.method != "ttsnap":
+        raise SystemExit(f"--prune-reward applies to ttsnap, not {args.method}")
+    if args.method == "reno":
+        options.update(gradient_checkpointing=not args.no_checkpointing, reno_batch_size=args.batch_size,
+                       autocast_dtype=None if args.autocast is None else DTYPES[args.autocast])
+    elif args.no_checkpointing or args.autocast:
+        raise SystemExit(f"--no-checkpointing and --autocast apply to reno, not {args.method}")
+    options.update({key: value for key, value in (("num_inference_steps", args.steps),
+                                                  ("guidance_scale", args.guidance), ("height", args.height),
+                                                  ("width", args.width)) if value is not None})
+    prompts = read_prompts(args)
+    if (args.out / "metadata.jsonl").exists() and not args.overwrite:
+        raise SystemExit(f"--out: {args.out} already holds results; pass --overwrite to replace them")
+    reward = load_reward(args.reward, device=args.device, dtype=DTYPES[args.dtype])
+    prune_reward = None if args.prune_reward is None else load_reward(args.prune_reward, device=args.device,
+                                                                      dtype=DTYPES[args.dtype])
+    args.sampler = options.get("sampler", "ode")  # what load_for_command checks against the model
+    adapter = load_for_command(args)
+    results = steer(adapter, prompts, reward, args.method, budget=args.budget, seed=args.seed,
+                    prune_reward=prune_reward, **options)
+    records = steer_to_folder(results, args.out, reward_name=args.reward, shapes_eval=args.shapes_eval,
+                              extra_metadata={"model": str(args.model), "budget_per_prompt": args.budget})
+    spent = sum(r["budget"]["model_evals"] for r in records)
+    mean = sum(r["rewards"][args.reward] for r in records) / len(records)
+    print(f"wrote {len(records)} images to {args.out} (mean reward {mean:.4f}, {spent} model evaluations); "
+          f"review page {args.out / 'index.html'}")
+
+
 def add_gallery_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "gallery", help="(re)build the review page of a sample, eval or steer folder, or of a training run")
@@ -364,6 +486,7 @@ def main(argv: list[str] | None = None) -> None:
     add_serve_reward_parser(subparsers)
     add_train_reward_parser(subparsers)
     add_train_parser(subparsers)
+    add_steer_parser(subparsers)
     add_gallery_parser(subparsers)
     args = parser.parse_args(argv)
     try:

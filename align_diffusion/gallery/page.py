@@ -56,7 +56,8 @@ def build_gallery(folder: str | Path, title: str | None = None, links: dict[str,
     records = read_records(folder)
     values = [record_values(r) for r in records]
     cards = [
-        _card(k, record["prompt"], record.get("seed"), value, [_figure(record["file"], None)], _scores_table(value))
+        _card(k, record["prompt"], record.get("seed"), value, [_figure(record["file"], None)], _scores_table(value),
+              _steering_detail(record))
         for k, (record, value) in enumerate(zip(records, values))
     ]
     summary = _summary(len(records), "images", values)
@@ -147,10 +148,19 @@ def _verdict(value: float | None) -> str:
     return '<span class="correct">✓ correct</span>' if value else '<span class="wrong">✗ wrong</span>'
 
 
-def _card(index: int, prompt: str, seed, values: dict, figures: list[str], table: str) -> str:
+def _steering_detail(record: dict) -> str:
+    """What a steering method chose and spent, for records written by `steer`."""
+    if "budget" not in record:
+        return ""
+    budget = record["budget"]
+    return escape(f"{record.get('method', '')} winner {record.get('winner')} · {budget['model_evals']} model evals · "
+                  f"{budget['reward_evals']} reward evals · {budget['seconds']:.1f} s")
+
+
+def _card(index: int, prompt: str, seed, values: dict, figures: list[str], table: str, detail: str = "") -> str:
     seed_text = "" if seed is None else f"seed {escape(str(seed))}"
     verdict = _verdict(values.get(CORRECT))
-    meta = " · ".join(part for part in (seed_text, verdict) if part)
+    meta = " · ".join(part for part in (seed_text, verdict, detail) if part)
     return (f'<article class="card" data-index="{index}" data-prompt="{escape(prompt)}" '
             f'data-seed="{escape(str(seed if seed is not None else ""))}" data-values="{escape(json.dumps(values))}">'
             f'<div class="pair">{"".join(figures)}</div><p class="prompt">{escape(prompt)}</p>'

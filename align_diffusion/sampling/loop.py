@@ -81,7 +81,7 @@ def take_step(
     return step(prediction, latents, sigma, sigma_next, noise_level, noise=noise, prev_sample=prev_sample)
 
 
-def _step_noise(generators: list[torch.Generator], like: torch.Tensor) -> torch.Tensor:
+def step_noise(generators: list[torch.Generator], like: torch.Tensor) -> torch.Tensor:
     """One standard normal draw per image from its own generator."""
     draws = [torch.randn(like.shape[1:], generator=g, dtype=torch.float32) for g in generators]
     return torch.stack(draws).to(like.device)
@@ -163,7 +163,7 @@ def sample(
     for i in tqdm(range(num_inference_steps), desc="sampling", disable=not progress, leave=False):
         prediction = adapter.predict(x, schedule.timesteps[i], embeds, guidance_scale)
         noisy = sampler != "ode" and i in window
-        noise = _step_noise(generators, x) if noisy and noise_level > 0 else None
+        noise = step_noise(generators, x) if noisy and noise_level > 0 else None
         out = take_step(adapter, sampler, prediction, x, schedule, i, noise_level if noisy else 0.0, noise)
         if out.log_prob is not None:
             log_probs[:, i] = out.log_prob

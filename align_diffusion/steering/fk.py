@@ -1,0 +1,167 @@
+"""Feynman–Kac steering (Singhal et al., 2025): k particles of one prompt run through a stochastic sampler and are
+resampled by reward potentials along the way; the final pick is the particle with the best reward.
+
+At each step of the resampling schedule (start, start + interval, … up to end, plus the last step) every
+particle's x̂0 is decoded and scored, r_s. Potentials, in log space with tilt λ, over a particle's lineage:
+
+    max         λ · max over scored steps s ≤ t of r_s
+    sum         λ · Σ_{s ≤ t} r_s
+    difference  λ · (r_t − r_prev), 0 at the first scored step, so the product over steps telescopes to
+                exp(λ · (r_last − r_first))
+
+Particles are resampled (multinomial or systematic) in proportion to their weights. With adaptive resampling they
+are resampled only when the effective sample size 1 / Σ W_i² of the normalized weights falls below
+threshold · k; otherwise the weights are carried to the next scored step and multiplied by its potentials. The last
+step's score is the clean reward of the finished images; no resampling follows it.
+
+A deterministic sampler would leave resampled copies identical forever, so it is refused for k > 1.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from align_diffusion.models.base import PipelineAdapter
+from align_diffusion.rewards.base import Reward
+from align_diffusion.sampling.loop import check_sampler, resolve_settings
+from align_diffusion.steering.candidates import (
+    Budget,
+    SteeringResult,
+    Timer,
+    best_index,
+    candidate_generators,
+    denoise_step,
+    score_candidates,
+)
+
+POTENTIALS = ("max", "sum", "difference")
+RESAMPLING = ("multinomial", "systematic")
+
+
+def resampling_steps(num_inference_steps: int, start: int, interval: int, end: int | None) -> list[int]:
+    """The step indices whose x̂0 is scored: start, start + interval, … ≤ end (default: the last step), and the
+    last step."""
+    last = num_inference_steps - 1
+    end = last if end is None else end
+    if not 0 <= start <= last or interval < 1 or end < start:
+        raise ValueError(f"resampling schedule start={start}, interval={interval}, end={end} does not fit "
+                         f"{num_inference_steps} steps (0 <= start <= end, interval >= 1)")
+    return sorted({*range(start, min(end, last) + 1, interval), last})
+
+
+def log_potential(history: torch.Tensor, potential: str, lam: float) -> torch.Tensor:
+    """log G_t per particle from its lineage's scores so far, `history` (k, s) with the current step last."""
+    if potential == "max":
+        return lam * history.max(dim=1).values
+    if potential == "sum":
+        return lam * history.sum(dim=1)
+    if potential == "difference":
+        if history.shape[1] == 1:
+            return torch.zeros(len(history))
+        return lam * (history[:, -1] - history[:, -2])
+    raise ValueError(f"potential must be one of {POTENTIALS}, got {potential!r}")
+
+
+def effective_sample_size(log_weights: torch.Tensor) -> float:
+    """1 / Σ W_i² of the normalized weights (k for uniform weights, 1 when one particle holds all)."""
+    weights = torch.softmax(log_weights.double(), dim=0)
+    return float(1 / (weights**2).sum())
+
+
+def resample_indices(log_weights: torch.Tensor, scheme: str, generator: torch.Generator) -> torch.Tensor:
+    """k ancestor indices drawn in proportion to the weights."""
+    k = len(log_weights)
+    weights = torch.softmax(log_weights.double(), dim=0)
+    if scheme == "multinomial":
+        return torch.multinomial(weights, k, replacement=True, generator=generator)
+    if scheme == "systematic":
+        positions = (torch.rand((), generator=generator, dtype=torch.float64) + torch.arange(k)) / k
+        cumulative = weights.cumsum(0)
+        cumulative[-1] = 1.0  # guard against rounding below the last position
+        return torch.searchsorted(cumulative, positions)
+    raise ValueError(f"resampling must be one of {RESAMPLING}, got {scheme!r}")
+
+
+@torch.no_grad()
+def fk_steering(
+    adapter: PipelineAdapter,
+    prompt: str,
+    reward: Reward,
+    *,
+    num_particles: int = 4,
+    potential: str = "max",
+    lam: float = 10.0,
+    resample_start: int = 0,
+    resample_interval: int = 5,
+    resample_end: int | None = None,
+    resampling: str = "multinomial",
+    adaptive_threshold: float | None = None,
+    index: int = 0,
+    seed: int = 0,
+    sampler: str | None = None,
+    noise_level: float | None = None,
+    num_inference_steps: int | None = None,
+    guidance_scale: float | None = None,
+    height: int | None = None,
+    width: int | None = None,
+) -> SteeringResult:
+    """FK steering of `prompt` (prompt number `index` of a run) with `num_particles` particles; see the module
+    docstring. `sampler` defaults to Flow-SDE for flow models and DDIM (η = 1) for ε-models."""
+    sampler = sampler or ("flow-sde" if adapter.is_flow else "ddim")
+    check_sampler(adapter, sampler)
+    settings = resolve_settings(adapter, sampler, num_inference_steps, guidance_scale, noise_level, height, width)
+    if num_particles < 1:
+        raise ValueError(f"FK steering needs at least 1 particle, got {num_particles}")
+    if num_particles > 1 and (sampler == "ode" or settings.noise_level == 0):
+        raise ValueError(f"FK steering with {num_particles} particles needs a stochastic sampler (flow-sde, "
+                         "dance-sde, cps, or ddim with noise_level > 0): resampled copies of a deterministic "
+                         "sampler stay identical, so the particles would collapse onto a few images")
+    if potential not in POTENTIALS:
+        raise ValueError(f"potential must be one of {POTENTIALS}, got {potential!r}")
+    if resampling not in RESAMPLING:
+        raise ValueError(f"resampling must be one of {RESAMPLING}, got {resampling!r}")
+    if adaptive_threshold is not None and not 0 < adaptive_threshold <= 1:
+        raise ValueError(f"adaptive_threshold must lie in (0, 1], got {adaptive_threshold}")
+    steps = settings.num_inference_steps
+    scored_steps = resampling_steps(steps, resample_start, resample_interval, resample_end)
+
+    budget = Budget()
+    generators = candidate_generators(seed, index, num_particles)
+    resampler = torch.Generator("cpu").manual_seed(seed + index)
+    history = torch.zeros(num_particles, 0)  # each particle's lineage scores at the scored steps so far
+    log_weights = torch.zeros(num_particles)  # carried between scored steps that skip resampling
+    ess, resampled, lineage = [], [], torch.arange(num_particles)
+    with Timer(budget):
+        embeds = adapter.encode_prompt([prompt], settings.guidance_scale, num_particles)
+        schedule = adapter.schedule(steps, settings.height, settings.width)
+        x = adapter.initial_noise(generators, settings.height, settings.width)
+        for i in range(steps):
+            out = denoise_step(adapter, x, i, schedule, embeds, settings.guidance_scale, sampler,
+                               settings.noise_level, generators, budget)
+            x = out.prev_sample
+            if i not in scored_steps:
+                continue
+            last = i == steps - 1
+            images = adapter.decode(x if last else out.pred_x0)
+            scores = score_candidates(reward, images, prompt, budget)
+            history = torch.cat([history, scores[:, None]], dim=1)
+            if last:
+                break
+            log_weights = log_weights + log_potential(history, potential, lam)
+            log_weights = torch.nan_to_num(log_weights, nan=-math.inf)  # an unscorable particle dies
+            ess.append(effective_sample_size(log_weights))
+            if adaptive_threshold is not None and ess[-1] >= adaptive_threshold * num_particles:
+                resampled.append(False)
+                log_weights = log_weights - torch.logsumexp(log_weights, 0)
+                continue
+            ancestors = resample_indices(log_weights, resampling, resampler)
+            x, history, lineage = x[ancestors], history[ancestors], lineage[ancestors]
+            log_weights = torch.zeros(num_particles)
+            resampled.append(True)
+        final = history[:, -1]
+        winner = best_index(final)
+    return SteeringResult(prompt, seed + index, "fk", images[winner].cpu(), float(final[winner]), winner, budget, {
+        "candidate_rewards": final.tolist(), "scored_steps": scored_steps, "ess": ess, "resampled": resampled,
+        "ancestors": lineage.tolist()})

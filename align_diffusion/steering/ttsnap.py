@@ -1,0 +1,115 @@
+"""TTSnap: denoise N seeds of a prompt in parallel and prune them early, ranked by a noise-aware reward of their
+decoded x̂0, so the budget goes to the seeds that look promising; the survivors finish and the clean reward picks
+the best.
+
+At each prune step (e.g. steps 2, 6, 11 of 20), after that step's model call, the alive candidates are scored and
+the top max(1, round(α · n)) of n kept (α: that step's keep fraction, rounded half up). The noise-aware reward is a
+student trained by `align-diffusion train-reward noise-aware` (spec `clip:DIR`); any reward works, scored on x̂0.
+Budget: each alive candidate costs one model evaluation per step, so pruning buys seeds: `seeds_for_budget` gives
+the largest N whose cost fits a best-of-N budget.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from align_diffusion.models.base import PipelineAdapter
+from align_diffusion.rewards.base import Reward
+from align_diffusion.sampling.loop import check_sampler, resolve_settings
+from align_diffusion.steering.candidates import (
+    Budget,
+    SteeringResult,
+    Timer,
+    best_index,
+    candidate_generators,
+    denoise_step,
+    score_candidates,
+)
+
+
+def kept(count: int, fraction: float) -> int:
+    """How many of `count` candidates a prune step keeps: max(1, round(fraction · count)), halves rounded up."""
+    return max(1, math.floor(fraction * count + 0.5))
+
+
+def check_schedule(prune_steps: list[int], keep: list[float], num_inference_steps: int) -> None:
+    if len(prune_steps) != len(keep):
+        raise ValueError(f"TTSnap needs one keep fraction per prune step, got steps {prune_steps} and keep {keep}")
+    if sorted(set(prune_steps)) != list(prune_steps) or not all(0 <= s < num_inference_steps for s in prune_steps):
+        raise ValueError(f"prune steps must be increasing step indices in [0, {num_inference_steps}), "
+                         f"got {prune_steps}")
+    if not all(0 < fraction <= 1 for fraction in keep):
+        raise ValueError(f"keep fractions must lie in (0, 1], got {keep}")
+
+
+def model_evals(num_seeds: int, prune_steps: list[int], keep: list[float], num_inference_steps: int) -> int:
+    """Denoiser evaluations of a TTSnap run: the alive candidates summed over the steps."""
+    alive, total, schedule = num_seeds, 0, dict(zip(prune_steps, keep))
+    for step in range(num_inference_steps):
+        total += alive
+        if step in schedule:
+            alive = kept(alive, schedule[step])
+    return total
+
+
+def seeds_for_budget(budget: int, prune_steps: list[int], keep: list[float], num_inference_steps: int) -> int:
+    """The largest number of seeds whose model evaluations fit in `budget` (at least 1)."""
+    seeds = 1
+    while model_evals(seeds + 1, prune_steps, keep, num_inference_steps) <= budget:
+        seeds += 1
+    return seeds
+
+
+@torch.no_grad()
+def ttsnap(
+    adapter: PipelineAdapter,
+    prompt: str,
+    reward: Reward,
+    prune_reward: Reward,
+    *,
+    num_seeds: int = 16,
+    prune_steps: list[int] = (2, 6, 11),
+    keep: list[float] = (0.4, 0.4, 0.5),
+    index: int = 0,
+    seed: int = 0,
+    sampler: str = "ode",
+    noise_level: float | None = None,
+    num_inference_steps: int | None = None,
+    guidance_scale: float | None = None,
+    height: int | None = None,
+    width: int | None = None,
+) -> SteeringResult:
+    """TTSnap on `prompt` (prompt number `index` of a run); see the module docstring. `winner` is the seed's
+    candidate number (0 … num_seeds − 1)."""
+    check_sampler(adapter, sampler)
+    settings = resolve_settings(adapter, sampler, num_inference_steps, guidance_scale, noise_level, height, width)
+    prune_steps, keep = list(prune_steps), list(keep)
+    check_schedule(prune_steps, keep, settings.num_inference_steps)
+    if num_seeds < 1:
+        raise ValueError(f"TTSnap needs at least 1 seed, got {num_seeds}")
+    budget = Budget()
+    generators = candidate_generators(seed, index, num_seeds)
+    alive = torch.arange(num_seeds)  # candidate numbers still running
+    survivors = []
+    with Timer(budget):
+        embeds = adapter.encode_prompt([prompt], settings.guidance_scale, num_seeds)
+        schedule = adapter.schedule(settings.num_inference_steps, settings.height, settings.width)
+        x = adapter.initial_noise(generators, settings.height, settings.width)
+        for i in range(settings.num_inference_steps):
+            out = denoise_step(adapter, x, i, schedule, embeds.select(alive), settings.guidance_scale, sampler,
+                               settings.noise_level, [generators[c] for c in alive], budget)
+            x = out.prev_sample
+            if i in prune_steps:
+                scores = score_candidates(prune_reward, adapter.decode(out.pred_x0), prompt, budget)
+                count = kept(len(alive), keep[prune_steps.index(i)])
+                order = torch.nan_to_num(scores, nan=float("-inf")).argsort(descending=True, stable=True)[:count]
+                order = order.sort().values
+                x, alive = x[order], alive[order]
+                survivors.append(alive.tolist())
+        images = adapter.decode(x).cpu()
+        final = score_candidates(reward, images, prompt, budget)
+        best = best_index(final)
+    return SteeringResult(prompt, seed + index, "ttsnap", images[best], float(final[best]), int(alive[best]), budget,
+                          {"candidate_rewards": final.tolist(), "survivors": survivors})

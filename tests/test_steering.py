@@ -1,0 +1,252 @@
+"""Steering: ReNO's regularizer and best iterate, FK's potentials, weights, schedule and resampling, TTSnap's pruning
+and pick, best-of-N, exact budgets (denoiser images counted by a hook), and the `steer` command."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from align_diffusion.cli import main
+from align_diffusion.models import adapter_for
+from align_diffusion.rewards.base import Reward
+from align_diffusion.sampling.loop import sample
+from align_diffusion.steering import best_of_n, fk_steering, reno, steer, ttsnap
+from align_diffusion.steering.candidates import SEED_STRIDE
+from align_diffusion.steering.fk import (
+    effective_sample_size,
+    log_potential,
+    resample_indices,
+    resampling_steps,
+)
+from align_diffusion.steering.reno import noise_norm_regularizer
+from align_diffusion.steering.ttsnap import kept, model_evals, seeds_for_budget
+
+SIZE = dict(height=32, width=32)
+GUIDANCE = 3.0
+
+
+class Darkness(Reward):
+    """1 − mean intensity: prefers dark images; differentiable; counts its calls."""
+
+    differentiable = True
+
+    def __init__(self):
+        super().__init__("darkness")
+        self.calls = []
+
+    def score(self, images, prompts, metadata):
+        self.calls.append(len(images))
+        return 1 - images.mean((1, 2, 3))
+
+
+@pytest.fixture
+def adapter(tiny_pipes):
+    return adapter_for(tiny_pipes["sd3"])
+
+
+@pytest.fixture
+def denoised_images(adapter):
+    """Images through the denoiser (a CFG pair counted once), counted by a hook on the real module."""
+    counted = []
+
+    def hook(module, args, kwargs):
+        counted.append(len(kwargs["hidden_states"]) // 2)  # guidance > 1: conditional and unconditional halves
+
+    handle = adapter.denoiser.register_forward_pre_hook(hook, with_kwargs=True)
+    yield counted
+    handle.remove()
+
+
+# --- ReNO --------------------------------------------------------------------------------------------------------
+
+
+def test_noise_norm_regularizer_value_and_gradient():
+    d = 64
+    noise = torch.full((1, 4, 4, 4), 0.5, requires_grad=True)  # ‖ε‖² = 64 · 0.25 = 16
+    value = noise_norm_regularizer(noise)
+    assert value.item() == pytest.approx(0.5 * 16 - (d - 1) * math.log(4.0))
+    value.sum().backward()
+    assert torch.allclose(noise.grad, noise.detach() * (1 - (d - 1) / 16))
+    on_shell = torch.randn(3, d)
+    on_shell = (on_shell / on_shell.norm(dim=1, keepdim=True) * math.sqrt(d - 1)).requires_grad_(True)
+    noise_norm_regularizer(on_shell).sum().backward()
+    assert on_shell.grad.abs().max() < 1e-4  # the minimum sits at ‖ε‖² = d − 1
+
+
+def test_reno_returns_the_best_iterate_and_batches_like_single_prompts(adapter, denoised_images):
+    prompts = ["a red circle", "two squares"]
+    options = dict(iterations=4, num_inference_steps=2, guidance_scale=GUIDANCE, lr=5.0, **SIZE)
+    results = reno(adapter, prompts, Darkness(), **options)
+    for result in results:
+        trace = result.details["rewards_per_iteration"]
+        assert len(trace) == 5 and result.reward == pytest.approx(max(trace))
+        assert result.reward >= trace[0] and trace[result.winner] == pytest.approx(result.reward)
+        assert result.reward > trace[0]  # gradient ascent found darker noise
+        rescored = Darkness()(result.image[None], [result.prompt])
+        assert rescored.item() == pytest.approx(result.reward, abs=1e-5)
+        assert result.budget.model_evals == 5 * 2 and result.budget.reward_evals == 5
+    # Two images, five forward passes of two steps, and the four backward passes recompute the two steps
+    # (gradient checkpointing); the budget counts the forward passes.
+    assert sum(denoised_images) == 2 * 5 * 2 + 2 * 4 * 2
+    # Iteration 0 is the plain two-step sample of each prompt's seed.
+    plain = sample(adapter, prompts, num_inference_steps=2, guidance_scale=GUIDANCE, **SIZE).images
+    for result, image in zip(results, plain):
+        assert result.details["rewards_per_iteration"][0] == pytest.approx(1 - image.mean().item(), abs=1e-5)
+    # Per-image clipping and momentum: the batch gives what each prompt alone gives.
+    alone = reno(adapter, prompts[1:], Darkness(), first_index=1, **options)[0]
+    assert alone.details["rewards_per_iteration"] == pytest.approx(results[1].details["rewards_per_iteration"],
+                                                                   abs=1e-4)
+
+
+def test_reno_refuses_rewards_without_gradients(adapter):
+    class Opaque(Darkness):
+        differentiable = False
+
+    with pytest.raises(ValueError, match="differentiable"):
+        reno(adapter, ["a"], Opaque(), iterations=1, **SIZE)
+
+
+# --- FK steering -------------------------------------------------------------------------------------------------
+
+
+def test_potentials_hand_worked_and_the_difference_telescopes():
+    history = torch.tensor([[0.1, 0.5, 0.3, 0.9], [0.4, 0.2, 0.8, 0.1]])
+    assert torch.allclose(log_potential(history, "max", 2.0), torch.tensor([1.8, 1.6]))
+    assert torch.allclose(log_potential(history, "sum", 2.0), torch.tensor([3.6, 3.0]))
+    assert torch.allclose(log_potential(history, "difference", 2.0), torch.tensor([1.2, -1.4]))
+    product = sum(log_potential(history[:, : s + 1], "difference", 2.0) for s in range(history.shape[1]))
+    assert torch.allclose(product, 2.0 * (history[:, -1] - history[:, 0]))  # exp(λ (r_last − r_first))
+
+
+def test_effective_sample_size_and_resampling():
+    assert effective_sample_size(torch.zeros(4)) == pytest.approx(4)
+    assert effective_sample_size(torch.tensor([0.0, -1e9, -1e9, -1e9])) == pytest.approx(1)
+    weights = torch.tensor([0.5, 0.25, 0.125, 0.125])
+    for seed in range(20):
+        counts = torch.bincount(resample_indices(weights.log(), "systematic", torch.Generator().manual_seed(seed)),
+                                minlength=4)
+        # Systematic resampling gives each particle floor or ceil of k · W copies: 2, 1, 0–1, 0–1.
+        assert counts[0] == 2 and counts[1] == 1 and counts.sum() == 4
+    draws = resample_indices(weights.log(), "multinomial", torch.Generator().manual_seed(0))
+    assert draws.shape == (4,) and draws.max() < 4
+
+
+def test_schedule_of_scored_steps():
+    assert resampling_steps(10, 1, 3, 8) == [1, 4, 7, 9]
+    assert resampling_steps(10, 0, 5, None) == [0, 5, 9]
+    with pytest.raises(ValueError, match="does not fit"):
+        resampling_steps(10, 12, 3, None)
+
+
+def test_fk_with_no_tilt_keeps_uniform_weights(adapter):
+    result = fk_steering(adapter, "a red circle", Darkness(), num_particles=4, lam=0.0, num_inference_steps=6,
+                         resample_interval=2, guidance_scale=GUIDANCE, **SIZE)
+    assert result.details["ess"] == pytest.approx([4.0, 4.0, 4.0])
+
+
+def test_fk_scores_exactly_on_the_schedule_and_counts_the_budget(adapter, denoised_images):
+    reward = Darkness()
+    result = fk_steering(adapter, "a red circle", reward, num_particles=3, num_inference_steps=10, resample_start=1,
+                         resample_interval=3, resample_end=8, guidance_scale=GUIDANCE, **SIZE)
+    assert result.details["scored_steps"] == [1, 4, 7, 9]
+    assert reward.calls == [3, 3, 3, 3]
+    assert result.budget.reward_evals == 12
+    assert result.budget.model_evals == sum(denoised_images) == 30
+    assert result.reward == max(result.details["candidate_rewards"])
+
+
+def test_fk_adaptive_resampling_carries_weights(adapter):
+    result = fk_steering(adapter, "a red circle", Darkness(), num_particles=4, lam=0.0, num_inference_steps=6,
+                         resample_interval=2, adaptive_threshold=0.5, guidance_scale=GUIDANCE, **SIZE)
+    assert result.details["resampled"] == [False, False, False]  # uniform weights never fall below the threshold
+    assert sorted(result.details["ancestors"]) == [0, 1, 2, 3]
+
+
+def test_fk_toward_dark_images_concentrates_the_particles(adapter):
+    options = dict(num_particles=6, num_inference_steps=8, resample_interval=2, guidance_scale=GUIDANCE, **SIZE)
+    free = fk_steering(adapter, "a red circle", Darkness(), lam=0.0, **options)
+    tilted = fk_steering(adapter, "a red circle", Darkness(), lam=1e4, **options)
+    assert len(set(tilted.details["ancestors"])) == 1  # one lineage took over
+    assert len(set(free.details["ancestors"])) > 1
+    mean = lambda result: sum(result.details["candidate_rewards"]) / 6  # noqa: E731
+    assert mean(tilted) > mean(free)
+
+
+def test_fk_refuses_a_deterministic_sampler(adapter):
+    with pytest.raises(ValueError, match="stochastic sampler"):
+        fk_steering(adapter, "a", Darkness(), num_particles=4, sampler="ode", **SIZE)
+
+
+# --- TTSnap and best-of-N ----------------------------------------------------------------------------------------
+
+
+def test_kept_counts_and_budgets_hand_worked():
+    assert [kept(16, 0.4), kept(6, 0.4), kept(2, 0.5), kept(5, 0.5), kept(1, 0.1), kept(3, 0.1)] == [6, 2, 1, 3, 1, 1]
+    # 16 seeds, 5 steps, pruned after steps 1, 2, 3: 16 + 16 + 6 + 2 + 1.
+    assert model_evals(16, [1, 2, 3], [0.4, 0.4, 0.5], 5) == 41
+    # 20 steps pruned after 2, 6, 11: 3N + 4·k1 + 5·k2 + 8·k3; N = 13 costs 39 + 20 + 10 + 8 = 77, N = 14 costs 84.
+    assert model_evals(13, [2, 6, 11], [0.4, 0.4, 0.5], 20) == 77
+    assert seeds_for_budget(80, [2, 6, 11], [0.4, 0.4, 0.5], 20) == 13
+
+
+def test_ttsnap_prunes_by_the_x0_reward_and_picks_the_clean_best(adapter, denoised_images):
+    prune, clean = Darkness(), Darkness()
+    result = ttsnap(adapter, "a red circle", clean, prune, num_seeds=16, prune_steps=[1, 2, 3], keep=[0.5, 0.5, 1.0],
+                    num_inference_steps=5, guidance_scale=GUIDANCE, **SIZE)
+    assert [len(s) for s in result.details["survivors"]] == [8, 4, 4]
+    assert prune.calls == [16, 8, 4] and clean.calls == [4]
+    assert result.budget.model_evals == sum(denoised_images) == 16 + 16 + 8 + 4 + 4
+    assert result.budget.reward_evals == 32
+    # Reference: the same seeds through the plain sampler; the first prune keeps the 8 darkest x̂0s of step 1.
+    generators = [torch.Generator().manual_seed(c * SEED_STRIDE) for c in range(16)]
+    trajectory = sample(adapter, ["a red circle"] * 16, generators=generators, num_inference_steps=5,
+                        guidance_scale=GUIDANCE, **SIZE)
+    x0_scores = Darkness()(adapter.decode(trajectory.pred_x0[:, 1]), ["a red circle"] * 16)
+    assert result.details["survivors"][0] == sorted(x0_scores.argsort(descending=True)[:8].tolist())
+    finals = Darkness()(trajectory.images, ["a red circle"] * 16)
+    survivors = result.details["survivors"][-1]
+    assert result.winner == survivors[int(finals[survivors].argmax())]
+    assert result.reward == pytest.approx(finals[result.winner].item(), abs=1e-5)
+
+
+def test_best_of_n_picks_the_best_and_its_first_candidate_is_the_plain_sample(adapter, denoised_images):
+    result = best_of_n(adapter, "two squares", Darkness(), num_candidates=5, index=3, seed=7, num_inference_steps=3,
+                       guidance_scale=GUIDANCE, batch_size=2, **SIZE)
+    assert result.budget.model_evals == sum(denoised_images) == 15 and result.budget.reward_evals == 5
+    scores = result.details["candidate_rewards"]
+    assert result.winner == scores.index(max(scores))
+    plain = sample(adapter, ["two squares"], seed=10, num_inference_steps=3, guidance_scale=GUIDANCE, **SIZE)
+    assert scores[0] == pytest.approx(Darkness()(plain.images, ["two squares"]).item(), abs=1e-6)
+
+
+def test_budgets_set_each_methods_size(adapter):
+    options = dict(num_inference_steps=4, guidance_scale=GUIDANCE, progress=False, **SIZE)
+    (bon,) = steer(adapter, ["a"], Darkness(), "best-of-n", budget=13, **options)
+    assert len(bon.details["candidate_rewards"]) == 3
+    (fk,) = steer(adapter, ["a"], Darkness(), "fk", budget=8, **options)
+    assert fk.budget.model_evals == 8
+    (snap,) = steer(adapter, ["a"], Darkness(), "ttsnap", budget=12, prune_steps=[0], keep=[0.5], **options)
+    # N seeds cost N + 3 · round(N / 2): 4 seeds cost 10, 5 would cost 14.
+    assert snap.budget.model_evals == 10 and len(snap.details["survivors"][0]) == 2
+    with pytest.raises(ValueError, match="either a budget or num_candidates"):
+        steer(adapter, ["a"], Darkness(), "best-of-n", budget=8, num_candidates=2, **options)
+    with pytest.raises(ValueError, match="less than one"):
+        steer(adapter, ["a"], Darkness(), "fk", budget=3, **options)
+
+
+def test_steer_command_writes_a_reviewable_folder(saved, tmp_path):
+    out = tmp_path / "steered"
+    main(["steer", "--method", "best-of-n", "--model", str(saved["sd3"]), "--prompt", "a red circle", "two squares",
+          "--reward", "jpeg", "--budget", "6", "--steps", "2", "--height", "32", "--width", "32", "--out", str(out)])
+    records = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in records] == ["a red circle", "two squares"] and [r["seed"] for r in records] == [0, 1]
+    for record in records:
+        assert record["budget"]["model_evals"] == 6 and record["budget"]["reward_evals"] == 3
+        assert record["rewards"]["jpeg"] == max(record["details"]["candidate_rewards"])
+        assert (out / record["file"]).is_file()
+    page = (out / "index.html").read_text()
+    assert page.count('class="card"') == 2 and "6 model evals" in page
+    with pytest.raises(SystemExit, match="--potential applies to fk"):
+        main(["steer", "--method", "ttsnap", "--model", str(saved["sd3"]), "--prompt", "a", "--reward", "jpeg",
+              "--potential", "max", "--out", str(tmp_path / "other")])
