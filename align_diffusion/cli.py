@@ -327,6 +327,38 @@ def run_train(args) -> None:
     print(f"trained weights in {folder}; metrics in {config.output_dir}/metrics.jsonl")
 
 
+def add_calibrate_noise_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "calibrate-noise", help="DenseGRPO's per-step noise calibration ψ(t): write a noise table for a config")
+    parser.add_argument("config", type=Path, help="the training config whose model, reward, prompts and sampler to use")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, as for train")
+    parser.add_argument("--rounds", type=_positive_int, default=5, help="calibration rounds (one rollout batch each)")
+    parser.add_argument("--eps1", type=_non_negative_float, default=0.1,
+                        help="balance tolerance: |n₊ − n₋| ≤ eps1 · (n₊ + n₋) raises ψ(t)")
+    parser.add_argument("--eps2", type=_positive_float, default=0.05, help="the step ψ(t) moves by per round")
+    parser.add_argument("--out", type=Path, required=True, help="JSON noise table (for sampling.noise_table)")
+    parser.set_defaults(run=run_calibrate_noise)
+
+
+def run_calibrate_noise(args) -> None:
+    from align_diffusion.training.config import ConfigError, load_config
+    from align_diffusion.training.grpo import GRPOTrainer
+    from align_diffusion.training.noise_table import write_table
+
+    if not args.config.is_file():
+        raise SystemExit(f"align-diffusion calibrate-noise: no such config file {args.config}")
+    try:
+        config = load_config(args.config, ["log_with=[]", *args.overrides])
+    except ConfigError as error:
+        raise SystemExit(f"align-diffusion calibrate-noise: bad config: {error}") from None
+    if config.grpo.dense is None:
+        config.grpo.dense = "ode"
+    levels = GRPOTrainer(config).calibrate_noise(args.rounds, args.eps1, args.eps2)
+    write_table(args.out, levels, config=str(args.config), overrides=args.overrides, rounds=args.rounds,
+                eps1=args.eps1, eps2=args.eps2)
+    print(f"wrote {args.out}: ψ = {[round(v, 4) for v in levels]}")
+
+
 # Method options of `steer` (argument name = the method's keyword) and the methods each applies to.
 STEER_OPTIONS = {
     "num_candidates": ("best-of-n",),
@@ -486,6 +518,7 @@ def main(argv: list[str] | None = None) -> None:
     add_serve_reward_parser(subparsers)
     add_train_reward_parser(subparsers)
     add_train_parser(subparsers)
+    add_calibrate_noise_parser(subparsers)
     add_steer_parser(subparsers)
     add_gallery_parser(subparsers)
     args = parser.parse_args(argv)

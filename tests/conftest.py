@@ -28,3 +28,11 @@ def saved(tmp_path_factory):
         paths[name] = tmp_path_factory.mktemp(name)
         tiny_pipeline(name).save_pretrained(paths[name])
     return paths
+
+
+@pytest.fixture(scope="session")
+def prompt_file(tmp_path_factory):
+    """Three prompts in a text file, for training runs."""
+    path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
+    path.write_text("a red circle\ntwo blue squares\na green triangle\n")
+    return path

@@ -16,32 +16,9 @@ from align_diffusion.cli import main
 from align_diffusion.models import load_adapter
 from align_diffusion.training.config import ConfigError, load_config
 from align_diffusion.training.grpo import GRPOTrainer, clipped_policy_loss, gaussian_kl
+from training_helpers import metrics, tiny_overrides
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def prompt_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
-    path.write_text("a red circle\ntwo blue squares\na green triangle\n")
-    return path
-
-
-def tiny_overrides(model, prompt_file, output_dir, **extra):
-    """A run small enough for a test: 2 prompts × 4 images, 3 SDE steps, JPEG reward, no eval or trackers."""
-    values = {
-        "model": model, "output_dir": output_dir, "prompts": prompt_file, "eval.prompts": prompt_file,
-        "reward": "jpeg", "max_steps": 2, "grpo.group_size": 4, "grpo.batch_size": 8, "grpo.train_batch_size": 4,
-        "sampling.num_steps": 3, "sampling.guidance_scale": 2.0, "sampling.batch_size": 8, "eval.every": 0,
-        "log_with": "[]", "lora.rank": 4, "lora.alpha": 8, "optim.lr": 1e-2, "async_rewards": "false",
-        "checkpoint_every": 1, "device": "cpu",
-    }
-    values.update(extra)
-    return [f"{key}={value}" for key, value in values.items()]
-
-
-def metrics(output_dir) -> list[dict]:
-    return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
 # --- the objective on hand-worked values -------------------------------------------------------------------------

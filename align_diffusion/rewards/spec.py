@@ -148,6 +148,13 @@ class WeightedRewards(Reward):
         each = self.score_each(images, prompts, metadata)
         return sum(w * scores.to(images.device) for w, scores in zip(self.weights, each.values()))
 
+    def reward_state(self) -> dict:
+        return {str(k): r.reward_state() for k, r in enumerate(self.rewards) if r.stateful}
+
+    def load_reward_state(self, state: dict) -> None:
+        for key, term_state in state.items():
+            self.rewards[int(key)].load_reward_state(term_state)
+
 
 def load_reward(spec: str, device=None, dtype: torch.dtype = torch.float32) -> Reward:
     """The reward a spec names (see the module docstring)."""

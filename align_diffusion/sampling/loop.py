@@ -6,7 +6,7 @@ come from that generator alone, so an image does not depend on what else is in t
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import astuple, dataclass
 
 import torch
@@ -40,9 +40,12 @@ class Trajectory:
     schedule: Schedule
     embeds: PromptEmbeds
     sampler: str
-    noise_level: float
+    noise_level: float | list[float]  # one level for every step, or one per step
     guidance_scale: float
     images: torch.Tensor | None = None  # (B, 3, H, W) in [0, 1], when decoded
+
+    def level_at(self, step_index: int) -> float:
+        return self.noise_level[step_index] if isinstance(self.noise_level, list) else self.noise_level
 
     @property
     def final_latents(self) -> torch.Tensor:
@@ -93,7 +96,7 @@ class Settings:
 
     num_inference_steps: int
     guidance_scale: float
-    noise_level: float
+    noise_level: float | list[float]
     height: int
     width: int
 
@@ -122,9 +125,10 @@ def sample(
     num_inference_steps: int | None = None,
     guidance_scale: float | None = None,
     sampler: str = "ode",
-    noise_level: float | None = None,
+    noise_level: float | Sequence[float] | None = None,
     noise_window: Iterable[int] | None = None,
     generators: list[torch.Generator] | None = None,
+    latents: torch.Tensor | None = None,
     seed: int = 0,
     height: int | None = None,
     width: int | None = None,
@@ -134,9 +138,11 @@ def sample(
 ) -> Trajectory:
     """Samples len(prompts) × num_images_per_prompt images and records the trajectory.
 
-    `generators` gives one CPU generator per image (default: image k seeded `seed + k`). `noise_window` lists
+    `generators` gives one CPU generator per image (default: image k seeded `seed + k`); it draws the image's
+    initial noise unless `latents` gives it (then only the SDE noise comes from the generator). `noise_window` lists
     the step indices that draw SDE noise; the other steps take the deterministic step (default: all steps).
-    `noise_level` is the sampler's a, η or DDIM η (default: DEFAULT_NOISE_LEVEL[sampler]).
+    `noise_level` is the sampler's a, η or DDIM η (default: DEFAULT_NOISE_LEVEL[sampler]), or one per step
+    (a noise table such as DenseGRPO's calibrated ψ(t)).
     """
     check_sampler(adapter, sampler)
     settings = resolve_settings(adapter, sampler, num_inference_steps, guidance_scale, noise_level, height, width)
@@ -144,7 +150,12 @@ def sample(
     adapter.check_size(height, width)
     if num_inference_steps < 1 or num_images_per_prompt < 1:
         raise ValueError("num_inference_steps and num_images_per_prompt must be at least 1")
-    if noise_level < 0:
+    if not isinstance(noise_level, (int, float)):
+        noise_level = [float(level) for level in noise_level]
+        if len(noise_level) != num_inference_steps:
+            raise ValueError(f"got {len(noise_level)} noise levels for {num_inference_steps} steps")
+    levels = noise_level if isinstance(noise_level, list) else [noise_level] * num_inference_steps
+    if min(levels) < 0:
         raise ValueError(f"noise_level must be >= 0, got {noise_level}")
     batch = len(prompts) * num_images_per_prompt
     if generators is None:
@@ -157,14 +168,19 @@ def sample(
 
     embeds = adapter.encode_prompt(prompts, guidance_scale, num_images_per_prompt, negative_prompt)
     schedule = adapter.schedule(num_inference_steps, height, width)
-    x = adapter.initial_noise(generators, height, width)
+    if latents is None:
+        x = adapter.initial_noise(generators, height, width)
+    elif latents.shape != (batch, *adapter.latent_shape(height, width)):
+        raise ValueError(f"latents of shape {tuple(latents.shape)} do not fit {batch} images of {height}×{width}")
+    else:
+        x = latents.to(adapter.device, torch.float32)
     states, x0s, log_probs = [x], [], torch.full((batch, num_inference_steps), float("nan"), device=x.device)
     stochastic = []
     for i in tqdm(range(num_inference_steps), desc="sampling", disable=not progress, leave=False):
         prediction = adapter.predict(x, schedule.timesteps[i], embeds, guidance_scale)
         noisy = sampler != "ode" and i in window
-        noise = step_noise(generators, x) if noisy and noise_level > 0 else None
-        out = take_step(adapter, sampler, prediction, x, schedule, i, noise_level if noisy else 0.0, noise)
+        noise = step_noise(generators, x) if noisy and levels[i] > 0 else None
+        out = take_step(adapter, sampler, prediction, x, schedule, i, levels[i] if noisy else 0.0, noise)
         if out.log_prob is not None:
             log_probs[:, i] = out.log_prob
             stochastic.append(i)
@@ -218,7 +234,7 @@ def step_log_prob(adapter: PipelineAdapter, trajectory: Trajectory, step_index: 
         x,
         trajectory.schedule,
         step_index,
-        trajectory.noise_level,
+        trajectory.level_at(step_index),
         prev_sample=trajectory.latents[index, step_index + 1],
     )
 

@@ -99,10 +99,13 @@ def reno(
             prediction = adapter.predict(x, schedule.timesteps[i], embeds, settings.guidance_scale)
             return take_step(adapter, "ode", prediction, x, schedule, i, 0.0).prev_sample
 
+        def stage(function, *args):  # recomputed in the backward pass when checkpointing, to save memory
+            return checkpoint(function, *args, use_reentrant=False) if gradient_checkpointing else function(*args)
+
         def render(x):
             for i in range(settings.num_inference_steps):
-                x = checkpoint(denoise, x, i, use_reentrant=False) if gradient_checkpointing else denoise(x, i)
-            return checkpoint(adapter.decode, x, use_reentrant=False) if gradient_checkpointing else adapter.decode(x)
+                x = stage(denoise, x, i)
+            return stage(adapter.decode, x)
 
         best_reward = torch.full((batch,), float("-inf"))
         best_image = [None] * batch
@@ -111,7 +114,7 @@ def reno(
         for iteration in tqdm(range(iterations + 1), desc="reno", disable=not progress):
             with autocast:
                 images = render(noise)
-                scores = reward(images, prompts)
+                scores = stage(reward, images, prompts)
             for budget in budgets:
                 budget.model_evals += settings.num_inference_steps
                 budget.reward_evals += 1

@@ -8,6 +8,8 @@ import os
 import shutil
 from pathlib import Path
 
+import torch
+
 CHECKPOINTS = "checkpoints"
 PREFIX = "step-"
 TEMPORARY = ".partial"
@@ -64,3 +66,11 @@ def commit(partial: Path, trainer_state: dict, keep: int) -> Path:
 
 def read_trainer_state(checkpoint: Path) -> dict:
     return json.loads((checkpoint / "trainer_state.json").read_text())
+
+
+def atomic_torch_save(value, path: str | Path) -> None:
+    """torch.save to a temporary name, then a rename: `path` is either absent or complete."""
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    torch.save(value, partial)
+    os.replace(partial, path)

@@ -19,6 +19,9 @@ import yaml
 from align_diffusion.rewards.spec import parse_spec
 from align_diffusion.rewards.transforms import METHODS as ADVANTAGE_METHODS
 from align_diffusion.sampling.loop import DIFFUSION_SAMPLERS, FLOW_SAMPLERS
+from align_diffusion.training.noise_table import read_table
+
+TRAINABLE_REWARDS = ("adv-dino",)  # reward specs whose model co-trains against references
 
 
 class ConfigError(ValueError):
@@ -41,6 +44,9 @@ class SamplingConfig:
     height: int | None = _help("image height (default: the model's)", None)
     width: int | None = _help("image width (default: the model's)", None)
     batch_size: int = _help("images per denoiser call while sampling", 16)
+    shared_noise: bool = _help("the images of a group start from the same initial noise (DanceGRPO)", False)
+    noise_table: str | None = _help("JSON file with one noise level per step, replacing noise_level (DenseGRPO's "
+                                    "ψ(t), written by `align-diffusion calibrate-noise`)", None)
 
 
 @dataclass
@@ -55,6 +61,12 @@ class GRPOConfig:
     kl_beta: float = _help("weight of the KL to the reference model (the adapter disabled)", 0.04)
     advantage: str = _help("zscore, global_std or bnpo", "zscore")
     ratio_warn: float = _help("warn when the on-policy ratio drifts from 1 by more than this", 1e-3)
+    best_worst_only: bool = _help("train only on the best and the worst image of each group (DanceGRPO)", False)
+    dense: str | None = _help("per-step advantages from step rewards: 'ode' (ODE completions, DenseGRPO) or 'x0' "
+                              "(decoded x̂0, cheaper); null: one advantage per image", None)
+    value_weight: float = _help("λ of the value-anchored term λ·(R − value_anchor) added to every advantage "
+                                "(VGPO-style; 0: off)", 0.0)
+    value_anchor: float = _help("the anchor of the value-anchored term", 0.0)
 
 
 @dataclass
@@ -90,7 +102,18 @@ class EvalConfig:
 
 
 @dataclass
+class GDROConfig:
+    num_groups: int = _help("prompts of the offline set, generated once by the base model", 64)
+    group_size: int = _help("images per prompt in the offline set", 8)
+    groups_per_step: int = _help("groups per optimizer step", 4)
+    tau: float = _help("temperature of the target distribution softmax(reward / tau)", 0.1)
+    beta: float = _help("scale of the implicit reward −beta·(error of the model − error of the reference)", 1000.0)
+    sft_weight: float = _help("weight of the denoising loss on each group's best image (the regularizer)", 0.1)
+
+
+@dataclass
 class TrainConfig:
+    algorithm: str = _help("grpo (online, the GRPO family) or gdro (offline, over groups generated once)", "grpo")
     model: str = _help("hub id or folder of a supported diffusers pipeline", "assets/world/sd3")
     output_dir: str = _help("where config, metrics, checkpoints and the LoRA go", "outputs/grpo")
     max_steps: int = _help("training steps (one batch of rollouts each)", 100)
@@ -104,11 +127,15 @@ class TrainConfig:
     checkpoints_kept: int = _help("how many recent checkpoints to keep", 2)
     resume_from: str | None = _help("a checkpoint folder, or 'latest' in output_dir", None)
     log_with: list[str] = _help("trackers: tensorboard, wandb", factory=lambda: ["tensorboard"])
+    references: str | None = _help("reference images for a trainable reward (adv-dino, Adv-GRPO): 'shapes' renders "
+                                   "the prompts, or a folder of images", None)
+    reward_updates: int = _help("updates of a trainable reward per step when its schedule fires", 1)
     sampling: SamplingConfig = _help("rollouts", factory=SamplingConfig)
     grpo: GRPOConfig = _help("the GRPO objective", factory=GRPOConfig)
     lora: LoraConfig = _help("the trained adapter", factory=LoraConfig)
     optim: OptimConfig = _help("the optimizer", factory=OptimConfig)
     eval: EvalConfig = _help("periodic evaluation", factory=EvalConfig)
+    gdro: GDROConfig = _help("the offline GDRO objective (algorithm: gdro)", factory=GDROConfig)
 
 
 # --- loading --------------------------------------------------------------------------------------------------
@@ -217,6 +244,16 @@ def validate(config: TrainConfig, num_processes: int = 1) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key} must be at least 1, got {value}")
+    if config.algorithm not in ("grpo", "gdro"):
+        raise ConfigError(f"algorithm must be grpo or gdro, got {config.algorithm!r}")
+    gdro = config.gdro
+    for key, value, least in (("gdro.num_groups", gdro.num_groups, 1), ("gdro.group_size", gdro.group_size, 2),
+                              ("gdro.groups_per_step", gdro.groups_per_step, 1)):
+        if value < least:
+            raise ConfigError(f"{key} must be at least {least}, got {value}")
+    if not gdro.tau > 0 or gdro.beta <= 0 or gdro.sft_weight < 0:
+        raise ConfigError(f"gdro: tau and beta must be > 0 and sft_weight >= 0, got tau={gdro.tau}, "
+                          f"beta={gdro.beta}, sft_weight={gdro.sft_weight}")
     grpo = config.grpo
     if grpo.group_size < 2:
         raise ConfigError(f"grpo.group_size must be at least 2 (advantages compare images of a prompt), got "
@@ -255,13 +292,31 @@ def validate(config: TrainConfig, num_processes: int = 1) -> None:
     if window is not None and (len(window) != 2 or not 0 <= window[0] < window[1] <= config.sampling.num_steps):
         raise ConfigError(f"sampling.noise_window must be [start, end) within the {config.sampling.num_steps} "
                           f"steps, got {window}")
+    if grpo.dense not in (None, "ode", "x0"):
+        raise ConfigError(f"grpo.dense must be ode, x0 or null, got {grpo.dense!r}")
+    if grpo.dense is not None and grpo.value_weight:
+        raise ConfigError("grpo.value_weight: the value-anchored term applies to one advantage per image, not to "
+                          "dense per-step advantages")
+    if config.reward_updates < 0:
+        raise ConfigError(f"reward_updates must be >= 0, got {config.reward_updates}")
+    if config.sampling.noise_table is not None:
+        if config.sampling.noise_level is not None:
+            raise ConfigError("sampling.noise_table replaces sampling.noise_level; set only one")
+        try:
+            read_table(config.sampling.noise_table, config.sampling.num_steps)
+        except ValueError as error:
+            raise ConfigError(f"sampling.noise_table: {error}") from None
     try:
-        parse_spec(config.reward)
+        terms = parse_spec(config.reward)
     except ValueError as error:
         raise ConfigError(f"reward: {error}") from None
+    if any(term.name in TRAINABLE_REWARDS for term in terms) and config.references is None:
+        raise ConfigError("references: the reward trains against reference images (adv-dino); set references to "
+                          "'shapes' or an image folder")
     is_flow = _model_is_flow(config.model)
     allowed = {True: FLOW_SAMPLERS, False: DIFFUSION_SAMPLERS, None: FLOW_SAMPLERS + DIFFUSION_SAMPLERS}[is_flow]
-    allowed = tuple(s for s in allowed if s != "ode")  # GRPO needs a stochastic sampler
+    if config.algorithm == "grpo":
+        allowed = tuple(s for s in allowed if s != "ode")  # GRPO needs a stochastic sampler
     if config.sampling.sampler not in allowed:
         kind = {True: "a flow model", False: "a diffusion (ε) model", None: "any model"}[is_flow]
         raise ConfigError(f"sampling.sampler {config.sampling.sampler!r} does not fit {kind}; use one of {allowed}")

@@ -11,6 +11,11 @@ where KL is the closed-form KL between the Gaussian steps of the policy and of t
 with its LoRA disabled; a frozen copy for full fine-tuning): ‖μ_θ - μ_ref‖² / (2σ²), averaged over dimensions
 like the log-probs. With one optimizer step per batch every ratio is 1 on the first pass (`ratio` statistics are
 logged every step to check it).
+
+The GRPO variants are options of this one loop: DanceGRPO (`sampling.sampler: dance-sde`, `sampling.shared_noise`,
+`grpo.best_worst_only`, `grpo.timestep_fraction`), DenseGRPO (`grpo.dense`: per-step advantages from step rewards;
+`sampling.noise_table`: the calibrated ψ(t)), Adv-GRPO (a trainable `adv-dino` reward co-trained against
+`references`), value-anchored (`grpo.value_weight`) and Beta-normalized (`grpo.advantage: bnpo`) advantages.
 """
 
 from __future__ import annotations
@@ -37,13 +42,17 @@ from align_diffusion.rewards import load_reward
 from align_diffusion.rewards.spec import score_terms
 from align_diffusion.rewards.transforms import group_advantages
 from align_diffusion.sampling.folder import SampleFolder, reward_record
-from align_diffusion.sampling.loop import Trajectory, sample, sample_images, step_log_prob
+from align_diffusion.sampling.loop import DEFAULT_NOISE_LEVEL, Trajectory, sample, sample_images, step_log_prob
 from align_diffusion.training import checkpoint
+from align_diffusion.rewards.dense import dense_step_rewards
+from align_diffusion.training.advantages import best_worst_mask, dense_advantages
 from align_diffusion.training.config import TrainConfig, save_config, to_dict, validate
 from align_diffusion.training.lora import add_lora, export_lora
-from align_diffusion.training.prompts import PromptSource
+from align_diffusion.training.noise_table import calibrate_step, read_table
+from align_diffusion.training.prompts import PromptSource, ReferenceSource
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+SHARED_NOISE_STREAM = 2**40  # seed offset of the groups' shared initial noise, apart from every image's own stream
 
 
 # --- the objective -----------------------------------------------------------------------------------------------
@@ -74,6 +83,8 @@ class Rollouts:
     trajectory: Trajectory
     rewards: torch.Tensor  # (B_local,) combined reward; NaN where a reward could not score an image
     each: dict[str, torch.Tensor]  # each reward's own scores
+    prompts: list[str]  # the prompt of every image of the step, all processes
+    step_deltas: torch.Tensor | None = None  # (B_local, T) step rewards ΔR_t, with grpo.dense
 
 
 def _cat_embeds(parts: list[PromptEmbeds]) -> PromptEmbeds:
@@ -152,6 +163,10 @@ class GRPOTrainer:
         self.reward = load_reward(config.reward, device=device)
         if self.reward.needs_reference:
             raise ValueError(f"reward {self.reward.name} needs reference images, which this trainer does not provide")
+        self.trainable_rewards = [r for r in getattr(self.reward, "rewards", [self.reward]) if r.trainable]
+        self.references = ReferenceSource(config.references) if config.references else None
+        table = config.sampling.noise_table
+        self.noise_levels = read_table(table, config.sampling.num_steps) if table else config.sampling.noise_level
         denoiser = self.adapter.denoiser
         if config.lora.enabled:
             self.params = add_lora(self.adapter, config.lora.rank, config.lora.alpha, config.lora.target_modules)
@@ -266,25 +281,32 @@ class GRPOTrainer:
     def rollout(self, step: int) -> Rollouts:
         """Samples this process's share of the step's images and scores them (scoring overlaps sampling)."""
         config, sampling = self.config, self.config.sampling
-        prompts = self.prompts.draw(config.seed, step, config.grpo.batch_size // config.grpo.group_size)
-        per_image = [p for p in prompts for _ in range(config.grpo.group_size)]
+        group = config.grpo.group_size
+        prompts = self.prompts.draw(config.seed, step, config.grpo.batch_size // group)
+        per_image = [p for p in prompts for _ in range(group)]
         local = config.grpo.batch_size // self.accelerator.num_processes
         start = self.accelerator.process_index * local
         window = None if sampling.noise_window is None else range(*sampling.noise_window)
-        parts, futures = [], []
-        executor = ThreadPoolExecutor(max_workers=1) if config.async_rewards else None
+        parts, futures, deltas = [], [], []
+        # Dense step rewards score completions with the reward in this thread: no second thread beside it.
+        overlap = config.async_rewards and config.grpo.dense is None
+        executor = ThreadPoolExecutor(max_workers=1) if overlap else None
         self.adapter.denoiser.eval()
         with self.accelerator.autocast():
             for offset in range(start, start + local, sampling.batch_size):
                 count = min(sampling.batch_size, start + local - offset)
                 chunk_prompts = per_image[offset : offset + count]
                 generators = [torch.Generator().manual_seed(s) for s in self.image_seeds(step, count, offset)]
+                latents = self.shared_noise(step, offset, count) if sampling.shared_noise else None
                 part = sample(
-                    self.adapter, chunk_prompts, sampler=sampling.sampler, noise_level=sampling.noise_level,
+                    self.adapter, chunk_prompts, sampler=sampling.sampler, noise_level=self.noise_levels,
                     num_inference_steps=sampling.num_steps, guidance_scale=sampling.guidance_scale,
-                    noise_window=window, generators=generators, height=sampling.height, width=sampling.width,
+                    noise_window=window, generators=generators, latents=latents, height=sampling.height,
+                    width=sampling.width,
                 )
                 parts.append(part)
+                if config.grpo.dense is not None:
+                    deltas.append(dense_step_rewards(self.adapter, part, self.reward, mode=config.grpo.dense).deltas)
                 if executor is None:
                     futures.append(_done(score_terms(self.reward, part.images, chunk_prompts)))
                 else:
@@ -293,7 +315,19 @@ class GRPOTrainer:
         if executor is not None:
             executor.shutdown()
         each = {name: torch.cat([r[1][name] for r in results]) for name in results[0][1]}
-        return Rollouts(_cat_trajectories(parts), torch.cat([r[0] for r in results]), each)
+        return Rollouts(_cat_trajectories(parts), torch.cat([r[0] for r in results]), each, per_image,
+                        torch.cat(deltas) if deltas else None)
+
+    def shared_noise(self, step: int, offset: int, count: int) -> torch.Tensor:
+        """Initial noise of images offset … offset + count where each group shares its first image's noise, drawn
+        from a stream of its own (the images' generators then give only the SDE noise)."""
+        group, sampling = self.config.grpo.group_size, self.config.sampling
+        height = sampling.height or self.adapter.default_size[0]
+        width = sampling.width or self.adapter.default_size[1]
+        leaders = [(offset + k) // group * group for k in range(count)]
+        generators = [torch.Generator().manual_seed(self.image_seeds(step, 1, leader)[0] + SHARED_NOISE_STREAM)
+                      for leader in leaders]
+        return self.adapter.initial_noise(generators, height, width)
 
     def advantages(self, rollouts: Rollouts) -> tuple[torch.Tensor, dict]:
         """Group advantages over the whole step (all processes), and this process's slice of them."""
@@ -301,20 +335,65 @@ class GRPOTrainer:
         device = self.accelerator.device
         rewards = self.accelerator.gather(rollouts.rewards.to(device)).cpu()
         group_ids = torch.arange(len(rewards)) // config.group_size
-        result = group_advantages(rewards, group_ids, config.advantage)
+        num_groups = len(rewards) // config.group_size
+        if config.dense is not None:  # (B, T): each step normalized within its group
+            deltas = self.accelerator.gather(rollouts.step_deltas.to(device)).cpu()
+            advantages, zero = dense_advantages(deltas, group_ids, config.advantage)
+            zero_fraction = zero / (num_groups * deltas.shape[1])
+        else:
+            result = group_advantages(rewards, group_ids, config.advantage, absolute_weight=config.value_weight,
+                                      anchor=config.value_anchor)
+            advantages, zero_fraction = result.advantages, result.num_zero_variance_groups / num_groups
+        if config.best_worst_only:
+            advantages = advantages.clone()
+            advantages[~best_worst_mask(rewards, group_ids)] = float("nan")  # masked out of the loss
         local = len(rollouts.rewards)
         start = self.accelerator.process_index * local
         stats = {
             "reward_mean": _nanmean(rewards), "reward_std": _nanstd(rewards),
             "nan_rewards": int(torch.isnan(rewards).sum()),
-            "zero_std_fraction": result.num_zero_variance_groups / (len(rewards) // config.group_size),
-            "advantage_abs_mean": _nanmean(result.advantages.abs()),
-            "advantage_std": _nanstd(result.advantages),
+            "zero_std_fraction": zero_fraction,
+            "advantage_abs_mean": _nanmean(advantages.abs()),
+            "advantage_std": _nanstd(advantages),
         }
         for name, scores in rollouts.each.items():
             gathered = self.accelerator.gather(scores.to(device)).cpu()
             stats[f"reward/{name}_mean"], stats[f"reward/{name}_std"] = _nanmean(gathered), _nanstd(gathered)
-        return result.advantages[start : start + local].float(), stats
+        return advantages[start : start + local].float(), stats
+
+    def calibrate_noise(self, rounds: int, eps1: float, eps2: float) -> list[float]:
+        """DenseGRPO's ψ(t) (see `training/noise_table.py`): `rounds` calibration rounds of this run's rollouts,
+        starting from its noise levels; returns one level per step. Needs `grpo.dense`."""
+        if self.config.grpo.dense is None:
+            raise ValueError("noise calibration reads step rewards: set grpo.dense to ode or x0")
+        steps = self.config.sampling.num_steps
+        levels = self.noise_levels
+        if not isinstance(levels, list):
+            levels = [DEFAULT_NOISE_LEVEL[self.config.sampling.sampler] if levels is None else levels] * steps
+        for round_index in range(rounds):
+            self.noise_levels = levels
+            rollouts = self.rollout(round_index)
+            deltas = self.accelerator.gather(rollouts.step_deltas.to(self.accelerator.device)).cpu()
+            levels = calibrate_step(levels, deltas, eps1, eps2)
+            self.log(f"round {round_index + 1}/{rounds}: ψ = [{', '.join(f'{v:.3f}' for v in levels)}]")
+        return levels
+
+    def update_trainable_rewards(self, rollouts: Rollouts, step: int) -> dict:
+        """A co-training round of each trainable reward (Adv-GRPO): the step's images of every process against
+        references for its prompts, on the reward's own schedule; every process makes the same update."""
+        if not self.trainable_rewards:
+            return {}
+        device = self.accelerator.device
+        images = self.accelerator.gather(rollouts.trajectory.images.to(device))
+        references = self.references.draw(rollouts.prompts, self.config.seed, step).to(device)
+        stats = {}
+        for reward in self.trainable_rewards:
+            scores = self.accelerator.gather(rollouts.each[reward.name].to(device))
+            losses = reward.maybe_update(images, references, scores, steps=self.config.reward_updates)
+            stats[f"reward/{reward.name}_updated"] = int(bool(losses))
+            if losses:
+                stats[f"reward/{reward.name}_loss"] = sum(losses) / len(losses)
+        return stats
 
     def train_timesteps(self, step: int, stochastic: list[int]) -> list[int]:
         """The stochastic steps trained on this step: a random subset of size ⌈fraction · count⌉."""
@@ -327,6 +406,8 @@ class GRPOTrainer:
         config = self.config.grpo
         trajectory = rollouts.trajectory
         timesteps = self.train_timesteps(step, trajectory.stochastic_steps)
+        if advantages.ndim == 1:  # one advantage per image: the same for each of its steps
+            advantages = advantages[:, None].expand(-1, trajectory.log_probs.shape[1])
         valid = ~torch.isnan(advantages)
         micro_per_update = self.num_micro // config.updates_per_step
         terms = micro_per_update * len(timesteps)
@@ -337,9 +418,9 @@ class GRPOTrainer:
             for micro in range(micro_per_update):
                 first = (update * micro_per_update + micro) * config.train_batch_size
                 index = torch.arange(first, first + config.train_batch_size)
-                mask = valid[index].float()
-                adv = torch.nan_to_num(advantages[index]).to(self.accelerator.device)
                 for term, j in enumerate(timesteps):
+                    mask = valid[index, j].float()
+                    adv = torch.nan_to_num(advantages[index, j]).to(self.accelerator.device)
                     last = micro == micro_per_update - 1 and term == len(timesteps) - 1
                     sync = nullcontext() if last else self.accelerator.no_sync(self.model)
                     with sync, self.accelerator.autocast():
@@ -425,6 +506,14 @@ class GRPOTrainer:
                     folder.add(image, record)
         return result
 
+    def training_step(self, step: int) -> dict:
+        """Rollouts, advantages, the policy update and the trainable rewards' round; returns the step's stats."""
+        rollouts = self.rollout(step)
+        advantages, stats = self.advantages(rollouts)
+        stats.update(self.update(rollouts, advantages, step))
+        stats.update(self.update_trainable_rewards(rollouts, step))
+        return stats
+
     # --- the loop ------------------------------------------------------------------------------------------------
     def train(self) -> Path:
         """Runs until `max_steps`; returns the folder of the exported LoRA (or full pipeline)."""
@@ -432,7 +521,7 @@ class GRPOTrainer:
         if accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             save_config(config, self.output_dir / "config.yaml")
-        accelerator.init_trackers("grpo", config=_flat(to_dict(config)))
+        accelerator.init_trackers(config.algorithm, config=_flat(to_dict(config)))
         self.maybe_resume()
         metrics_file = self.output_dir / "metrics.jsonl"
         eval_every = config.eval.every
@@ -440,13 +529,11 @@ class GRPOTrainer:
             self.record(metrics_file, {"step": 0, **self.evaluate()})
             if accelerator.is_main_process:
                 build_run_page(self.output_dir)
-        bar = tqdm(range(self.step, config.max_steps), initial=self.step, total=config.max_steps, desc="grpo",
+        bar = tqdm(range(self.step, config.max_steps), initial=self.step, total=config.max_steps, desc=config.algorithm,
                    disable=not accelerator.is_main_process)
         for step in bar:
             started = time.time()
-            rollouts = self.rollout(step)
-            advantages, stats = self.advantages(rollouts)
-            stats.update(self.update(rollouts, advantages, step))
+            stats = self.training_step(step)
             self.step = step + 1
             stats = {"step": self.step, **stats, "seconds": round(time.time() - started, 2)}
             if eval_every and (self.step % eval_every == 0 or self.step == config.max_steps):
@@ -454,7 +541,7 @@ class GRPOTrainer:
             self.record(metrics_file, stats)
             if "eval/reward_mean" in stats and accelerator.is_main_process:
                 build_run_page(self.output_dir)
-            bar.set_postfix(reward=f"{stats['reward_mean']:.3f}", kl=f"{stats['kl']:.2e}")
+            bar.set_postfix({key: f"{stats[key]:.3g}" for key in ("reward_mean", "loss", "kl") if key in stats})
             if self.step == config.max_steps or (config.checkpoint_every and self.step % config.checkpoint_every == 0):
                 self.save_checkpoint()
         result = self.export()
@@ -482,6 +569,11 @@ class GRPOTrainer:
 
 
 def train(config: TrainConfig) -> Path:
+    """Runs the trainer `config.algorithm` names (grpo, or the offline gdro)."""
+    if config.algorithm == "gdro":
+        from align_diffusion.training.gdro import GDROTrainer
+
+        return GDROTrainer(config).train()
     return GRPOTrainer(config).train()
 
 

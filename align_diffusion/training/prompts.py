@@ -1,13 +1,19 @@
 """Where training and eval prompts come from: `shapes:SPLIT` (the shapes world, category-balanced) or a text file
-with one prompt per line. Draws are a function of (seed, step) alone, so a resumed run sees the same prompts."""
+with one prompt per line; and reference images for trainable rewards. Draws are a function of (seed, step) alone,
+so a resumed run sees the same prompts and references."""
 
 from __future__ import annotations
 
 import random
 from pathlib import Path
 
+import numpy as np
+import torch
+from PIL import Image
+
 from align_diffusion.world.data import balanced_prompts
 from align_diffusion.world.prompts import split_prompts
+from align_diffusion.world.render import render_prompt
 
 SHAPES_PREFIX = "shapes:"
 
@@ -35,3 +41,27 @@ class PromptSource:
         if self.shapes_split is not None:
             return balanced_prompts(self.shapes_split, count, rng)
         return [rng.choice(self.prompts) for _ in range(count)]
+
+
+class ReferenceSource:
+    """Reference images for trainable rewards (Adv-GRPO's discriminator): `shapes` renders each prompt correctly
+    (the shapes world), a folder gives images drawn from it. Draws are a function of (seed, step) alone."""
+
+    def __init__(self, spec: str):
+        self.spec = spec
+        self.folder = None if spec == "shapes" else Path(spec)
+        if self.folder is not None:
+            suffixes = {".png", ".jpg", ".jpeg", ".webp"}
+            self.files = sorted(p for p in self.folder.glob("*") if p.suffix.lower() in suffixes) \
+                if self.folder.is_dir() else []
+            if not self.files:
+                raise ValueError(f"references: {spec!r} is neither 'shapes' nor a folder holding images")
+
+    def draw(self, prompts: list[str], seed: int, step: int) -> torch.Tensor:
+        """(len(prompts), 3, H, W) images in [0, 1]: renders of the prompts, or random images of the folder."""
+        rng = random.Random(seed * 1_000_003 + step)
+        if self.folder is None:
+            arrays = [render_prompt(prompt, rng.randrange(2**31)) for prompt in prompts]
+        else:
+            arrays = [np.asarray(Image.open(rng.choice(self.files)).convert("RGB")) for _ in prompts]
+        return torch.stack([torch.from_numpy(a.copy()).permute(2, 0, 1).float() / 255 for a in arrays])

@@ -1,0 +1,42 @@
+"""DenseGRPO's per-timestep noise calibration ψ(t): a noise level for every sampling step, tuned so that each step's
+exploration yields step rewards of both signs.
+
+One round samples groups with the current levels, computes the step rewards ΔR_t of every trajectory, and for each
+step t counts the positive and the negative ones: where they balance (|n₊ − n₋| ≤ ε1 · (n₊ + n₋)) the step can afford
+more noise and ψ(t) rises by ε2; elsewhere it falls by ε2 (never below 0). The table is a JSON file
+{"noise_levels": [ψ(0), …, ψ(T−1)], …} that `sampling.noise_table` makes the trainer's sampler read.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+
+def calibrate_step(levels: list[float], deltas: torch.Tensor, eps1: float, eps2: float) -> list[float]:
+    """One calibration update of the per-step levels from step rewards `deltas` (B, T)."""
+    if deltas.shape[1] != len(levels):
+        raise ValueError(f"{deltas.shape[1]} steps of step rewards for {len(levels)} noise levels")
+    updated = []
+    for level, column in zip(levels, deltas.T):
+        positive, negative = int((column > 0).sum()), int((column < 0).sum())
+        balanced = abs(positive - negative) <= eps1 * (positive + negative)
+        updated.append(max(0.0, level + eps2 if balanced else level - eps2))
+    return updated
+
+
+def write_table(path: str | Path, levels: list[float], **provenance) -> None:
+    Path(path).write_text(json.dumps({"noise_levels": levels, **provenance}, indent=1))
+
+
+def read_table(path: str | Path, num_steps: int) -> list[float]:
+    """The levels of a noise table, checked against the number of sampling steps."""
+    try:
+        levels = json.loads(Path(path).read_text())["noise_levels"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as error:
+        raise ValueError(f"noise table {path}: expected a JSON file with a 'noise_levels' list ({error!r})") from None
+    if len(levels) != num_steps or not all(isinstance(v, (int, float)) and v >= 0 for v in levels):
+        raise ValueError(f"noise table {path}: needs {num_steps} non-negative levels (one per step), got {levels}")
+    return [float(v) for v in levels]

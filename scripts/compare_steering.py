@@ -1,0 +1,129 @@
+"""Every steering method on one prompt set at matched budgets: a table and plots of reward and ShapesEval accuracy
+against the budget (denoiser evaluations per prompt).
+
+    python scripts/compare_steering.py --out outputs/steering          # the shapes world, test split, 4 seeds each
+
+Plain sampling is best-of-1. Best-of-N, FK and TTSnap run at each multiple of one sample's steps (`--budgets`);
+ReNO runs its own iteration count on a few-step sampler, and its budget is reported as spent. Each run is a sample
+folder with its review page under `--out`; `results.json`, `results.md`, `reward.png` and `accuracy.png` sum up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from align_diffusion.gallery.plots import plot_curves
+from align_diffusion.models import load_adapter
+from align_diffusion.rewards import load_reward
+from align_diffusion.steering import steer, steer_to_folder
+from align_diffusion.training.prompts import PromptSource
+from align_diffusion.world.evaluate import shapes_eval
+from align_diffusion.world.spec import parse_prompt
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="assets/world/sd3")
+    parser.add_argument("--prompts", default="shapes:test", help="shapes:SPLIT or a file with one prompt per line")
+    parser.add_argument("--seeds-per-prompt", type=int, default=4, help="each prompt is steered this many times")
+    parser.add_argument("--reward", default="clip:assets/world/clip", help="the reward every method steers toward")
+    parser.add_argument("--prune-reward", default=None, help="TTSnap's x̂0 reward (default: --reward)")
+    parser.add_argument("--steps", type=int, default=20, help="denoising steps of one sample")
+    parser.add_argument("--guidance", type=float, default=2.0)
+    parser.add_argument("--budgets", type=int, nargs="+", default=[4, 8], help="multiples of one sample's cost")
+    parser.add_argument("--methods", nargs="+", default=["best-of-n", "fk", "ttsnap", "reno"])
+    parser.add_argument("--reno-iterations", type=int, default=50)
+    parser.add_argument("--reno-steps", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("outputs/steering"))
+    return parser.parse_args()
+
+
+def is_world_prompt(prompt: str) -> bool:
+    try:
+        parse_prompt(prompt)
+    except ValueError:
+        return False
+    return True
+
+
+def main() -> None:
+    args = parse_args()
+    prompts = [p for _ in range(args.seeds_per_prompt) for p in PromptSource(args.prompts).all()]
+    shapes = all(is_world_prompt(p) for p in prompts)  # then ShapesEval judges every image
+    adapter = load_adapter(args.model)
+    reward = load_reward(args.reward)
+    prune_reward = load_reward(args.prune_reward) if args.prune_reward else None
+    common = dict(num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed, progress=True)
+
+    runs = [("plain", "best-of-n", 1, {})]
+    for multiple in args.budgets:
+        for method in args.methods:
+            if method != "reno":
+                runs.append((f"{method}-x{multiple}", method, multiple, {}))
+    if "reno" in args.methods:
+        runs.append((f"reno-{args.reno_iterations}it", "reno", None, dict(
+            iterations=args.reno_iterations, num_inference_steps=args.reno_steps)))
+
+    rows = []
+    for name, method, multiple, options in runs:
+        started = time.time()
+        budget = None if multiple is None else multiple * args.steps
+        results = steer(adapter, prompts, reward, method, budget=budget, prune_reward=prune_reward,
+                        **{**common, **options})
+        records = steer_to_folder(results, args.out / name, reward_name="reward", shapes_eval=shapes)
+        row = {
+            "run": name, "method": method, "budget_multiple": multiple,
+            "model_evals_per_prompt": sum(r["budget"]["model_evals"] for r in records) / len(records),
+            "reward_evals_per_prompt": sum(r["budget"]["reward_evals"] for r in records) / len(records),
+            "reward_mean": sum(r["rewards"]["reward"] for r in records) / len(records),
+            "seconds_per_prompt": (time.time() - started) / len(records),
+        }
+        if shapes:
+            from PIL import Image
+
+            images = [Image.open(args.out / name / r["file"]) for r in records]
+            report = shapes_eval([r["prompt"] for r in records], images)
+            row.update(strict=report["overall_strict"], graded=report["graded"],
+                       per_category=report["per_category_strict"])
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "per_category"}), flush=True)
+        (args.out / "results.json").write_text(json.dumps({"settings": vars(args) | {"out": str(args.out)},
+                                                           "prompts": len(prompts), "rows": rows}, indent=1))
+    write_table(rows, args.out / "results.md", shapes)
+    write_plots(rows, args.out, shapes)
+
+
+def write_table(rows: list[dict], path: Path, shapes: bool) -> None:
+    header = "| run | model evals / prompt | reward evals / prompt | reward | s / prompt |"
+    header += " strict | graded |" if shapes else ""
+    lines = [header, "|" + " --- |" * (header.count("|") - 1)]
+    for row in rows:
+        line = (f"| {row['run']} | {row['model_evals_per_prompt']:.0f} | {row['reward_evals_per_prompt']:.0f} | "
+                f"{row['reward_mean']:.4f} | {row['seconds_per_prompt']:.2f} |")
+        line += f" {row['strict']:.3f} | {row['graded']:.3f} |" if shapes else ""
+        lines.append(line)
+    path.write_text("\n".join(lines) + "\n")
+    print(path.read_text())
+
+
+def write_plots(rows: list[dict], out: Path, shapes: bool) -> None:
+    plain = rows[0]
+    for key, label, file in [("reward_mean", "reward", "reward.png"), ("strict", "ShapesEval strict", "accuracy.png")]:
+        if key == "strict" and not shapes:
+            continue
+        series = {}
+        for method in dict.fromkeys(row["method"] for row in rows[1:]):
+            points = [plain] + [row for row in rows[1:] if row["method"] == method]
+            if method == "reno":
+                points = [row for row in rows if row["method"] == "reno"]
+            series[method] = ([p["model_evals_per_prompt"] for p in points], [p[key] for p in points])
+        plot_curves(series, out / file, xlabel="model evaluations per prompt", ylabel=label,
+                    title=f"{label} against budget")
+
+
+if __name__ == "__main__":
+    main()

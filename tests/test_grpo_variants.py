@@ -1,0 +1,181 @@
+"""The GRPO variants on the one trainer, and GDRO: hand-worked advantages and losses, ψ(t) calibration, and short
+runs of each variant on the tiny SD3 pipeline."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from safetensors.torch import load_file
+from training_helpers import metrics, tiny_overrides
+
+from align_diffusion.cli import main
+from align_diffusion.rewards.dense import dense_step_rewards
+from align_diffusion.training.advantages import best_worst_mask, dense_advantages
+from align_diffusion.training.config import ConfigError, load_config
+from align_diffusion.training.gdro import GROUPS_FILE, gdro_loss
+from align_diffusion.training.grpo import GRPOTrainer, train
+from align_diffusion.training.noise_table import calibrate_step, read_table, write_table
+
+# --- hand-worked values ------------------------------------------------------------------------------------------
+
+
+def test_best_worst_mask_hand_worked():
+    rewards = torch.tensor([0.1, 0.5, 0.3, float("nan"), 2.0, 2.0, 1.0, 3.0])
+    groups = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    assert best_worst_mask(rewards, groups).tolist() == [True, True, False, False, False, False, True, True]
+
+
+def test_dense_advantages_normalize_each_step_within_each_group():
+    deltas = torch.tensor([[1.0, 0.0], [3.0, 4.0], [2.0, -1.0], [2.0, 1.0]])
+    advantages, zero = dense_advantages(deltas, torch.tensor([0, 0, 1, 1]))
+    # Step 0: group 0 has mean 2, std 1; group 1 does not vary. Step 1: means 2 and 0, stds 2 and 1.
+    assert torch.allclose(advantages, torch.tensor([[-1.0, -1.0], [1.0, 1.0], [0.0, -1.0], [0.0, 1.0]]))
+    assert zero == 1
+
+
+def test_noise_calibration_moves_in_the_documented_direction():
+    deltas = torch.tensor([[0.2, 0.3, 0.0, 0.1], [-0.1, 0.2, 0.0, 0.2], [0.3, 0.1, 0.0, -0.1], [-0.2, 0.4, 0.0, 0.3]])
+    # Step 0 balances (2 up, 2 down) and step 2 never moves (no signal either way): more noise there. Step 1 only
+    # gains and step 3 gains 3 : 1, beyond eps1 = 0.25: less noise, never below 0.
+    assert calibrate_step([0.5, 0.5, 0.5, 0.05], deltas, eps1=0.25, eps2=0.1) == pytest.approx([0.6, 0.4, 0.6, 0.0])
+    # A wider tolerance (|3 − 1| ≤ 0.5 · 4) counts step 3 as balanced.
+    assert calibrate_step([0.5] * 4, deltas, eps1=0.5, eps2=0.1)[3] == pytest.approx(0.6)
+
+
+def test_gdro_loss_hand_worked_and_its_pairwise_limit_is_diffusion_dpo():
+    implicit, rewards = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0.0, 1.0, 2.0])
+    target = [math.exp(r) / sum(math.exp(x) for x in (0, 1, 2)) for r in (0, 1, 2)]
+    log_softmax = [i - math.log(sum(math.exp(x) for x in (1, 2, 3))) for i in (1, 2, 3)]
+    assert gdro_loss(implicit, rewards, tau=1.0).item() == pytest.approx(-sum(t * ls for t, ls in
+                                                                               zip(target, log_softmax)))
+    # Two images, τ → 0: −log σ(r̂_w − r̂_l) with r̂ = −β (e_θ − e_ref), Diffusion-DPO's loss.
+    beta = 50.0
+    e_model, e_ref = torch.tensor([0.30, 0.20], dtype=torch.float64), torch.tensor([0.25, 0.26], dtype=torch.float64)
+    implicit = -beta * (e_model - e_ref)
+    pairwise = gdro_loss(implicit, torch.tensor([0.2, 0.9], dtype=torch.float64), tau=1e-4)
+    dpo = -F.logsigmoid(-beta * ((e_model[1] - e_ref[1]) - (e_model[0] - e_ref[0])))
+    assert pairwise.item() == pytest.approx(dpo.item(), rel=1e-9)
+    # An unscored image is left out: the winner (implicit 0) against the loser (implicit 1), −log σ(0 − 1).
+    assert gdro_loss(torch.tensor([0.0, 5.0, 1.0]), torch.tensor([1.0, float("nan"), 0.0]), 1e-4).item() == \
+        pytest.approx(-F.logsigmoid(torch.tensor(-1.0)).item())
+    with pytest.raises(ValueError, match="two scored"):
+        gdro_loss(torch.zeros(2), torch.tensor([1.0, float("nan")]), 1.0)
+
+
+def test_noise_table_is_checked_against_the_steps(saved, prompt_file, tmp_path):
+    table = tmp_path / "table.json"
+    write_table(table, [0.5, 0.5])
+    assert read_table(table, 2) == [0.5, 0.5]
+    with pytest.raises(ConfigError, match="sampling.noise_table"):
+        load_config(None, tiny_overrides(saved["sd3"], prompt_file, tmp_path, **{"sampling.noise_table": table}))
+    with pytest.raises(ConfigError, match="grpo.dense"):
+        load_config(None, tiny_overrides(saved["sd3"], prompt_file, tmp_path, **{"grpo.dense": "sde"}))
+    with pytest.raises(ConfigError, match="references"):
+        load_config(None, tiny_overrides(saved["sd3"], prompt_file, tmp_path, reward="adv-dino:x"))
+
+
+# --- the variants run --------------------------------------------------------------------------------------------
+
+
+def test_dance_grpo_shares_noise_within_groups_and_trains_on_best_and_worst(saved, prompt_file, tmp_path):
+    overrides = tiny_overrides(saved["sd3"], prompt_file, tmp_path, max_steps=1, **{
+        "sampling.sampler": "dance-sde", "sampling.shared_noise": "true", "grpo.best_worst_only": "true",
+        "grpo.timestep_fraction": 0.5})
+    trainer = GRPOTrainer(load_config(None, overrides))
+    rollouts = trainer.rollout(0)
+    start = rollouts.trajectory.latents[:, 0]
+    for group in range(2):
+        members = start[4 * group : 4 * group + 4]
+        assert all(torch.equal(members[0], m) for m in members)
+    assert not torch.equal(start[0], start[4])
+    images = rollouts.trajectory.images
+    assert (images[0] - images[1]).abs().max() > 1e-4  # the SDE noise is each image's own
+    advantages, _ = trainer.advantages(rollouts)
+    kept = ~torch.isnan(advantages)
+    assert kept.tolist() == best_worst_mask(rollouts.rewards, torch.arange(8) // 4).tolist()
+    trainer.train()
+    row = metrics(tmp_path)[0]
+    assert row["first_ratio_max_deviation"] <= 1e-5 and row["train_timesteps"] == 2
+
+
+def test_dense_grpo_gives_each_step_its_group_normalized_advantage(saved, prompt_file, tmp_path):
+    overrides = tiny_overrides(saved["sd3"], prompt_file, tmp_path, max_steps=1, **{"grpo.dense": "ode"})
+    trainer = GRPOTrainer(load_config(None, overrides))
+    rollouts = trainer.rollout(0)
+    advantages, stats = trainer.advantages(rollouts)
+    assert advantages.shape == (8, 3)
+    reference = dense_step_rewards(trainer.adapter, rollouts.trajectory, trainer.reward, mode="ode").deltas
+    expected, _ = dense_advantages(reference, torch.arange(8) // 4)
+    torch.testing.assert_close(advantages, expected.float())
+    trainer.train()
+    assert metrics(tmp_path)[0]["first_ratio_max_deviation"] <= 1e-5
+
+
+def test_noise_table_sets_each_steps_level_and_log_probs_follow(saved, prompt_file, tmp_path):
+    table = tmp_path / "table.json"
+    write_table(table, [0.9, 0.4, 0.0])
+    overrides = tiny_overrides(saved["sd3"], prompt_file, tmp_path, max_steps=1,
+                               **{"sampling.noise_table": table})
+    trainer = GRPOTrainer(load_config(None, overrides))
+    trajectory = trainer.rollout(0).trajectory
+    assert trajectory.stochastic_steps == [0, 1]  # level 0 makes the last step deterministic
+    assert [trajectory.level_at(i) for i in range(3)] == [0.9, 0.4, 0.0]
+    trainer.train()
+    assert metrics(tmp_path)[0]["first_ratio_max_deviation"] <= 1e-5  # recomputed with each step's level
+
+
+def test_calibrate_noise_command_writes_a_table(saved, prompt_file, tmp_path, capsys):
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": str(saved["sd3"]), "prompts": str(prompt_file), "output_dir": str(tmp_path / "run"),
+        "reward": "jpeg", "device": "cpu", "async_rewards": False,
+        "sampling": {"num_steps": 3, "batch_size": 8, "guidance_scale": 2.0},
+        "grpo": {"group_size": 4, "batch_size": 8, "train_batch_size": 4}, "lora": {"rank": 4, "alpha": 8}}))
+    out = tmp_path / "psi.json"
+    main(["calibrate-noise", str(config), "--rounds", "1", "--eps2", "0.05", "--out", str(out)])
+    levels = read_table(out, 3)
+    # One round from Flow-SDE's a = 0.7: each step's level moved by exactly eps2, up or down.
+    assert all(level == pytest.approx(0.75) or level == pytest.approx(0.65) for level in levels)
+    assert json.loads(out.read_text())["rounds"] == 1
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_adv_grpo_co_trains_the_dino_head_and_checkpoints_it(saved, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\ntwo squares\n")
+    overrides = tiny_overrides(saved["sd3"], prompts, tmp_path / "run", max_steps=2, **{
+        "reward": "adv-dino:assets/world/dino", "references": "shapes", "sampling.height": 64,
+        "sampling.width": 64})
+    trainer = GRPOTrainer(load_config(None, overrides))
+    head_before = {k: v.clone() for k, v in trainer.reward.head.state_dict().items()}
+    trainer.train()
+    rows = metrics(tmp_path / "run")
+    assert all(row["reward/adv-dino_updated"] == 1 for row in rows)  # every round by default (every = 1)
+    assert all(math.isfinite(row["reward/adv-dino_loss"]) for row in rows)
+    saved_state = torch.load(tmp_path / "run" / "checkpoints" / "step-000002" / "reward_state.pt", weights_only=False)
+    for key, value in trainer.reward.head.state_dict().items():
+        assert torch.equal(saved_state["head"][key], value)
+    assert any(not torch.equal(head_before[k], v) for k, v in trainer.reward.head.state_dict().items())
+
+
+def test_gdro_generates_once_then_trains_offline(saved, prompt_file, tmp_path):
+    overrides = tiny_overrides(saved["sd3"], prompt_file, tmp_path, max_steps=2, **{
+        "algorithm": "gdro", "sampling.sampler": "ode", "gdro.num_groups": 2, "gdro.group_size": 3,
+        "gdro.groups_per_step": 2, "gdro.beta": 10.0})
+    train(load_config(None, overrides))
+    groups = torch.load(tmp_path / GROUPS_FILE, weights_only=False)
+    assert groups["latents"].shape[:2] == (2, 3) and groups["rewards"].shape == (2, 3)
+    rows = metrics(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(math.isfinite(r["ranking_loss"]) and 0 <= r["implicit_top1_accuracy"] <= 1 for r in rows)
+    lora = load_file(str(tmp_path / "lora" / "pytorch_lora_weights.safetensors"))
+    assert any(value.abs().sum() > 0 for key, value in lora.items() if "lora_B" in key)
+    # A second run reuses the set; a set of another shape is refused rather than silently mixed.
+    modified = (tmp_path / GROUPS_FILE).stat().st_mtime_ns
+    train(load_config(None, overrides + ["resume_from=latest", "max_steps=3"]))
+    assert (tmp_path / GROUPS_FILE).stat().st_mtime_ns == modified
+    with pytest.raises(ValueError, match="move it away"):
+        train(load_config(None, overrides + ["gdro.group_size=2", "max_steps=4", "resume_from=latest"]))
