@@ -216,3 +216,15 @@ def test_ema_bf16_and_checkpointing_run_and_export_the_ema_weights(saved, prompt
         torch.testing.assert_close(exported[key], value)
         moved += int(not torch.equal(value, trained[name]))
     assert moved > 0  # the EMA lags the trained weights, and the export holds the EMA
+
+
+def test_max_minutes_stops_with_a_checkpoint_and_an_export(saved, prompt_file, tmp_path):
+    overrides = tiny_overrides(saved["sd3"], prompt_file, tmp_path, max_steps=5, max_minutes=1e-6,
+                               checkpoint_every=0)
+    GRPOTrainer(load_config(None, overrides)).train()
+    rows = metrics(tmp_path)
+    assert [r["step"] for r in rows] == [1]  # the first step already took longer than the budget
+    assert rows[0]["train_minutes"] == pytest.approx(rows[0]["seconds"] / 60, abs=1e-3)
+    state = json.loads((tmp_path / "checkpoints" / "step-000001" / "trainer_state.json").read_text())
+    assert state["train_seconds"] == pytest.approx(rows[0]["seconds"], abs=0.01)
+    assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").is_file()

@@ -117,6 +117,8 @@ class TrainConfig:
     model: str = _help("hub id or folder of a supported diffusers pipeline", "assets/world/sd3")
     output_dir: str = _help("where config, metrics, checkpoints and the LoRA go", "outputs/grpo")
     max_steps: int = _help("training steps (one batch of rollouts each)", 100)
+    max_minutes: float | None = _help("also stop once training steps (evaluations excluded) took this many "
+                                      "wall-clock minutes, for runs compared at equal time", None)
     seed: int = _help("seeds prompts, rollouts and timestep subsets", 0)
     prompts: str = _help("training prompts: shapes:SPLIT or a text file with one prompt per line", "shapes:train")
     reward: str = _help("reward spec, e.g. 'shapes' or 'pickscore=1.0,jpeg=0.1'", "shapes")
@@ -155,6 +157,11 @@ def _check_type(value, hint, key: str):
         return [_check_type(item, args[0], f"{key}[{i}]") for i, item in enumerate(value)]
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if hint is int and isinstance(value, bool) or not isinstance(value, hint):
         raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}")
     return value
@@ -244,6 +251,8 @@ def validate(config: TrainConfig, num_processes: int = 1) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key} must be at least 1, got {value}")
+    if config.max_minutes is not None and config.max_minutes <= 0:
+        raise ConfigError(f"max_minutes must be > 0, got {config.max_minutes}")
     if config.algorithm not in ("grpo", "gdro"):
         raise ConfigError(f"algorithm must be grpo or gdro, got {config.algorithm!r}")
     gdro = config.gdro

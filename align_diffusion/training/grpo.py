@@ -188,6 +188,7 @@ class GRPOTrainer:
         self.accelerator.register_load_state_pre_hook(self._load_trained_only)
         self.ema = EMA(self.params, config.optim.ema_decay) if config.optim.ema_decay > 0 else None
         self.step = 0
+        self.train_seconds = 0.0  # wall-clock seconds of training steps (evaluations excluded)
 
     # --- checkpoints: only the trained weights, not the frozen base model ---------------------------------------
     def trained_state(self) -> dict[str, torch.Tensor]:
@@ -235,7 +236,8 @@ class GRPOTrainer:
         self.accelerator.save_state(str(partial))
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
-            checkpoint.commit(partial, {"step": self.step, "data_position": self.step}, self.config.checkpoints_kept)
+            checkpoint.commit(partial, {"step": self.step, "data_position": self.step,
+                                        "train_seconds": self.train_seconds}, self.config.checkpoints_kept)
         self.accelerator.wait_for_everyone()
 
     def maybe_resume(self) -> None:
@@ -243,7 +245,8 @@ class GRPOTrainer:
         if path is None:
             return
         self.accelerator.load_state(str(path))
-        self.step = checkpoint.read_trainer_state(path)["step"]
+        state = checkpoint.read_trainer_state(path)
+        self.step, self.train_seconds = state["step"], state.get("train_seconds", 0.0)
         metrics_file = self.output_dir / "metrics.jsonl"
         if self.accelerator.is_main_process and metrics_file.exists():
             # Rows logged after the checkpoint belong to steps that will run again.
@@ -535,15 +538,24 @@ class GRPOTrainer:
             started = time.time()
             stats = self.training_step(step)
             self.step = step + 1
-            stats = {"step": self.step, **stats, "seconds": round(time.time() - started, 2)}
-            if eval_every and (self.step % eval_every == 0 or self.step == config.max_steps):
+            seconds = time.time() - started
+            self.train_seconds += seconds
+            out_of_time = config.max_minutes is not None and self.train_seconds >= 60 * config.max_minutes
+            last = self.step == config.max_steps or out_of_time
+            stats = {"step": self.step, **stats, "seconds": round(seconds, 2),
+                     "train_minutes": round(self.train_seconds / 60, 3)}
+            if eval_every and (self.step % eval_every == 0 or last):
                 stats.update(self.evaluate())
             self.record(metrics_file, stats)
             if "eval/reward_mean" in stats and accelerator.is_main_process:
                 build_run_page(self.output_dir)
             bar.set_postfix({key: f"{stats[key]:.3g}" for key in ("reward_mean", "loss", "kl") if key in stats})
-            if self.step == config.max_steps or (config.checkpoint_every and self.step % config.checkpoint_every == 0):
+            if last or (config.checkpoint_every and self.step % config.checkpoint_every == 0):
                 self.save_checkpoint()
+            if out_of_time:
+                self.log(f"stopping after step {self.step}: {self.train_seconds / 60:.1f} training minutes reached "
+                         f"max_minutes {config.max_minutes}")
+                break
         result = self.export()
         accelerator.end_training()
         return result
