@@ -66,8 +66,8 @@ class GDROTrainer(GRPOTrainer):
         latents, rewards = [], []
         self.adapter.denoiser.eval()
         for number, prompt in enumerate(prompts):
-            generators = [torch.Generator().manual_seed(self.image_seeds(number, 1, k)[0])
-                          for k in range(gdro.group_size)]
+            first = (config.seed * 1_000_003 + number) * gdro.group_size  # distinct for every (seed, group, image)
+            generators = [torch.Generator().manual_seed(first + k) for k in range(gdro.group_size)]
             with torch.no_grad():
                 group = sample(self.adapter, [prompt] * gdro.group_size, sampler=sampling.sampler,
                                noise_level=self.noise_levels, num_inference_steps=sampling.num_steps,
