@@ -10,26 +10,33 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from align_diffusion.world.evaluate import detect, score_image, shapes_eval
 from align_diffusion.world.prompts import all_prompts, is_held_out, split_prompts, splits
-from align_diffusion.world.render import render, render_prompt, sample_scene
+from align_diffusion.world.generators import GENERATOR_LAYOUT
+from align_diffusion.world.render import Layout, render, render_prompt, sample_scene
 from align_diffusion.world.spec import BACKGROUND, CANVAS, COLORS, MAX_SIDE, MIN_SIDE, parse_prompt
 
 
-def test_renders_use_only_the_palette_and_respect_the_layout_rules():
+@pytest.mark.parametrize("layout", [Layout(), GENERATOR_LAYOUT], ids=["spec", "generators"])
+def test_renders_use_only_the_palette_and_respect_the_layout_rules(layout):
     allowed = {BACKGROUND, *COLORS.values()}
     rng = random.Random(0)
     prompts = [p for ps in all_prompts().values() for p in ps]
+    sides = set()
     for k in range(300):
         prompt = rng.choice(prompts)
-        objects = sample_scene(parse_prompt(prompt), random.Random(k))
+        objects = sample_scene(parse_prompt(prompt), random.Random(k), layout=layout)
         image = render(objects)
         assert image.shape == (CANVAS, CANVAS, 3) and image.dtype == np.uint8
         assert {tuple(p) for p in image.reshape(-1, 3)} <= allowed
+        assert score_image(prompt, image).strict
         for obj in objects:
-            assert MIN_SIDE <= obj.side <= MAX_SIDE
+            assert MIN_SIDE <= layout.min_side <= obj.side <= layout.max_side <= MAX_SIDE
+            assert obj.x % layout.grid == 0 and obj.y % layout.grid == 0
+            sides.add(obj.side)
             assert 0 <= obj.x and obj.x + obj.side <= CANVAS and 0 <= obj.y and obj.y + obj.side <= CANVAS
         for a, b in itertools.combinations(objects, 2):  # boxes at least 2 px apart on some axis
             assert (a.x + a.side + 2 <= b.x or b.x + b.side + 2 <= a.x
                     or a.y + a.side + 2 <= b.y or b.y + b.side + 2 <= a.y)
+    assert sides == set(range(layout.min_side, layout.max_side + 1))
 
 
 def test_triangle_points_up_with_a_flat_base():

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from align_diffusion.world.prompts import splits
-from align_diffusion.world.render import render_prompt
+from align_diffusion.world.render import Layout, render_prompt
 from align_diffusion.world.spec import CATEGORIES, COLORS, NUMBERS, RELATIONS, SHAPES
 
 SPECIAL_TOKENS = ["<|startoftext|>", "<|endoftext|>", "<|unk|>"]
@@ -29,6 +29,6 @@ def to_tensor(images: list[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
-def render_batch(prompts: list[str], rng: random.Random) -> torch.Tensor:
+def render_batch(prompts: list[str], rng: random.Random, layout: Layout = Layout()) -> torch.Tensor:
     """One fresh render per prompt, in [-1, 1]."""
-    return to_tensor([render_prompt(p, rng.getrandbits(32)) for p in prompts])
+    return to_tensor([render_prompt(p, rng.getrandbits(32), layout) for p in prompts])

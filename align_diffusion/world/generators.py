@@ -33,6 +33,7 @@ from transformers import (
 from align_diffusion.models.sd3 import CONTEXT_BIAS, SD3Adapter, compact_attention
 from align_diffusion.world.data import WORDS, balanced_prompts, render_batch
 from align_diffusion.world.fit import fit
+from align_diffusion.world.render import Layout
 from align_diffusion.world.spec import BACKGROUND
 
 CFG_DROPOUT = 0.1  # share of training prompts replaced by "" so classifier-free guidance works
@@ -42,6 +43,10 @@ CFG_DROPOUT = 0.1  # share of training prompts replaced by "" so classifier-free
 FLOW_SHIFT = 3.0
 MIN_SNR_GAMMA = 5.0
 BACKGROUND_PIXEL = torch.tensor(BACKGROUND).view(1, 3, 1, 1) / 127.5 - 1
+# The generators' training scenes: 16 px objects with corners on an 8 px grid, so each object covers exactly
+# 2×2 transformer tokens (4×4 latent cells). Still correct world images, but far fewer layouts to learn: with the
+# spec's full range of sizes and positions a 2000-step model drew soft, blob-like outlines (assets/README.md).
+GENERATOR_LAYOUT = Layout(min_side=16, max_side=16, grid=8)
 
 
 GENERATOR_FIT = dict(weight_decay=0.0, warmup=0.05, max_grad_norm=1.0, log_every=100)
@@ -166,12 +171,14 @@ def world_sd_pipeline(vae, clip: CLIPModel, tokenizer) -> StableDiffusionPipelin
 
 @torch.no_grad()
 def encode_dataset(vae: AutoencoderKL, count: int, seed: int = 0, batch_size: int = 256, log=print):
-    """`count` renders of training prompts and their VAE latents (posterior samples, before any shift or scaling);
-    both generators train on the same set."""
+    """`count` renders of training prompts in GENERATOR_LAYOUT and their VAE latents (posterior samples, before
+    any shift or scaling); both generators train on the same set."""
     rng = random.Random(seed)
     prompts = balanced_prompts("train", count, rng)
-    latents = [vae.encode(render_batch(prompts[start : start + batch_size], rng)).latent_dist.sample()
-               for start in range(0, count, batch_size)]
+    latents = [
+        vae.encode(render_batch(prompts[start : start + batch_size], rng, GENERATOR_LAYOUT)).latent_dist.sample()
+        for start in range(0, count, batch_size)
+    ]
     log(f"encoded {count} training images")
     return prompts, torch.cat(latents)
 

@@ -75,17 +75,28 @@ def relation_holds(a, b, relation: str, min_offset: float = MIN_RELATION_OFFSET)
     return offset >= min_offset
 
 
-def sample_scene(requirement: Requirement, rng: random.Random, max_tries: int = 1000) -> list[Placed]:
+@dataclass(frozen=True)
+class Layout:
+    """Where sample_scene may put objects: sides drawn from [min_side, max_side], box corners on multiples of
+    `grid` pixels. The default is the whole spec; the generators train on a narrower, still correct layout."""
+
+    min_side: int = MIN_SIDE
+    max_side: int = MAX_SIDE
+    grid: int = 1
+
+
+def sample_scene(requirement: Requirement, rng: random.Random, max_tries: int = 1000,
+                 layout: Layout = Layout()) -> list[Placed]:
     """A random layout holding exactly the required objects (any color where none is named)."""
     for _ in range(max_tries):
         objects: list[Placed] = []
         for wanted in requirement.objects:
-            side = rng.randint(MIN_SIDE, MAX_SIDE)
+            side = rng.randint(layout.min_side, layout.max_side)
             candidate = Placed(
                 wanted.shape,
                 wanted.color or rng.choice(list(COLORS)),
-                rng.randint(0, CANVAS - side),
-                rng.randint(0, CANVAS - side),
+                rng.randrange(0, CANVAS - side + 1, layout.grid),
+                rng.randrange(0, CANVAS - side + 1, layout.grid),
                 side,
             )
             if not all(_apart(candidate, other) for other in objects):
@@ -100,6 +111,6 @@ def sample_scene(requirement: Requirement, rng: random.Random, max_tries: int = 
     raise RuntimeError(f"no layout found for {requirement} in {max_tries} tries")
 
 
-def render_prompt(prompt: str, seed: int) -> np.ndarray:
+def render_prompt(prompt: str, seed: int, layout: Layout = Layout()) -> np.ndarray:
     """A correct image for `prompt`, deterministic in `seed`."""
-    return render(sample_scene(parse_prompt(prompt), random.Random(seed)))
+    return render(sample_scene(parse_prompt(prompt), random.Random(seed), layout=layout))
