@@ -41,12 +41,12 @@ IMAGE_PROCESSING = dict(size={"shortest_edge": 64}, crop_size={"height": 64, "wi
 @dataclass
 class BuildPlan:
     """Training steps per asset. Alone on 2 CPU cores a CLIP step takes ~0.8 s, a DINO step ~0.5 s, a VAE step
-    ~0.7 s, an SD3 step ~0.85 s and an SD step ~0.6 s (assets/README.md has the measured builds)."""
+    ~0.7 s, an SD3 step ~0.5 s and an SD step ~0.6 s (assets/README.md has the measured builds)."""
 
     clip_steps: int = 400
     dino_steps: int = 300
     vae_steps: int = 1200
-    sd3_steps: int = 2000
+    sd3_steps: int = 4000
     sd_steps: int = 1500
     dataset_size: int = 40000
 
@@ -102,8 +102,10 @@ def build_world(out: str | Path, seed: int = 0, plan: BuildPlan | None = None, o
         report["vae_reconstruction_strict"] = vae_reconstruction_strict(vae)
         dataset = encode_dataset(vae, plan.dataset_size, seed=seed, log=log)
     if "sd3" in only:
-        pipe = world_sd3_pipeline(vae, clip, tokenizer)
-        train_sd3(pipe, plan.sd3_steps, dataset, seed=seed, log=log).save_pretrained(out / "sd3")
+        pipe = train_sd3(world_sd3_pipeline(vae, clip, tokenizer), plan.sd3_steps, dataset, seed=seed, log=log)
+        # Stored in float16 to keep the assets small; `from_pretrained` loads it back as float32.
+        pipe.transformer.to(torch.float16)
+        pipe.save_pretrained(out / "sd3")
         done("sd3")
     if "sd" in only:
         sd_vae, sd_latents = standardize_latents(vae, dataset[1])
