@@ -29,7 +29,7 @@ def test_renders_use_only_the_palette_and_respect_the_layout_rules(layout):
         assert {tuple(p) for p in image.reshape(-1, 3)} <= allowed
         assert score_image(prompt, image).strict
         for obj in objects:
-            assert MIN_SIDE <= layout.min_side <= obj.side <= layout.max_side <= MAX_SIDE
+            assert layout.min_side <= obj.side <= layout.max_side
             assert obj.x % layout.grid == 0 and obj.y % layout.grid == 0
             sides.add(obj.side)
             assert 0 <= obj.x and obj.x + obj.side <= CANVAS and 0 <= obj.y and obj.y + obj.side <= CANVAS
@@ -37,6 +37,13 @@ def test_renders_use_only_the_palette_and_respect_the_layout_rules(layout):
             assert (a.x + a.side + 2 <= b.x or b.x + b.side + 2 <= a.x
                     or a.y + a.side + 2 <= b.y or b.y + b.side + 2 <= a.y)
     assert sides == set(range(layout.min_side, layout.max_side + 1))
+
+
+@pytest.mark.parametrize("fields", [dict(min_side=MIN_SIDE - 1), dict(max_side=MAX_SIDE + 1),
+                                    dict(min_side=18, max_side=14), dict(grid=0)])
+def test_layouts_outside_the_spec_are_refused(fields):
+    with pytest.raises(ValueError, match="Layout"):
+        Layout(**fields)
 
 
 def test_triangle_points_up_with_a_flat_base():

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
+from safetensors.torch import load_file
 from transformers import AutoTokenizer, CLIPModel, Dinov2Model
 
 from align_diffusion.cli import main
@@ -36,6 +37,10 @@ def test_every_asset_loads_with_its_stock_class(world):
     assert clip.get_text_features(input_ids=tokens.input_ids).pooler_output.shape[-1] == 128
     assert Dinov2Model.from_pretrained(out / "dino")(pixel_values=torch.zeros(1, 3, 64, 64)).last_hidden_state.shape \
         == (1, 65, 128)
+    # The SD3 transformer is stored in float16 (asset size) and loads back as float32.
+    stored = load_file(out / "sd3" / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert {tensor.dtype for tensor in stored.values()} == {torch.float16}
+    assert StableDiffusion3Pipeline.from_pretrained(out / "sd3").transformer.dtype == torch.float32
     for pipeline_class in (StableDiffusion3Pipeline, StableDiffusionPipeline):
         pipe = pipeline_class.from_pretrained(out / ("sd3" if pipeline_class is StableDiffusion3Pipeline else "sd"))
         image = pipe("a red circle", num_inference_steps=2, output_type="pt").images

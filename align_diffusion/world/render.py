@@ -84,6 +84,13 @@ class Layout:
     max_side: int = MAX_SIDE
     grid: int = 1
 
+    def __post_init__(self):
+        if not MIN_SIDE <= self.min_side <= self.max_side <= MAX_SIDE:
+            raise ValueError(f"Layout sides must satisfy {MIN_SIDE} <= min_side <= max_side <= {MAX_SIDE}, got "
+                             f"min_side={self.min_side}, max_side={self.max_side}")
+        if self.grid < 1:
+            raise ValueError(f"Layout grid must be >= 1 pixel, got {self.grid}")
+
 
 def sample_scene(requirement: Requirement, rng: random.Random, max_tries: int = 1000,
                  layout: Layout = Layout()) -> list[Placed]:
