@@ -224,7 +224,7 @@ def add_train_reward_parser(subparsers) -> None:
                              "CLIP-family reward that scores intermediate x̂0s by their outcome (TTSnap)")
     parser.add_argument("--out", type=Path, required=True, help="folder for the trained reward")
     parser.add_argument("--steps", type=int, default=None,
-                        help="optimizer steps (artifact, default 300) or per curriculum stage (noise-aware, 60)")
+                        help="optimizer steps (artifact, default 3000) or per curriculum stage (noise-aware, 60)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     artifact = parser.add_argument_group("artifact")
@@ -233,6 +233,9 @@ def add_train_reward_parser(subparsers) -> None:
                                "and artifact/")
     artifact.add_argument("--backbone", default="facebook/dinov2-small", help="frozen vision backbone, id or path")
     artifact.add_argument("--holdout", type=float, default=0.2, help="share of images held out for the accuracy")
+    artifact.add_argument("--unseen", type=Path, default=None,
+                          help="folder of artifact images of kinds left out of --data: reports how often they score "
+                               "below held-out clean images")
     noise_aware = parser.add_argument_group("noise-aware")
     noise_aware.add_argument("--model", default="assets/world/sd3", help="the generator whose trajectories it reads")
     noise_aware.add_argument("--teacher", default="clip:assets/world/clip",
@@ -260,10 +263,14 @@ def run_train_artifact(args) -> None:
 
     if args.data is None:
         raise SystemExit("align-diffusion train-reward artifact: --data is required")
-    settings = ArtifactTraining(steps=args.steps or 300, holdout=args.holdout, seed=args.seed)
-    result = train_artifact_reward(args.data, args.out, args.backbone, settings, device=args.device)
+    settings = ArtifactTraining(steps=args.steps or ArtifactTraining.steps, holdout=args.holdout, seed=args.seed)
+    result = train_artifact_reward(args.data, args.out, args.backbone, settings, device=args.device,
+                                   unseen=args.unseen)
     print(f"saved to {args.out} (spec artifact:{args.out}); train accuracy {result['train_accuracy']:.3f} on "
           f"{result['train_images']} images")
+    if args.unseen is not None:
+        print(f"unseen kinds: {result['unseen_below_clean']:.3f} of (clean, unseen) pairs rank the unseen image "
+              f"lower ({result['unseen_images']} unseen images)")
     print(f"held-out accuracy {result['heldout_accuracy']:.3f} on {result['heldout_images']} images")
 
 

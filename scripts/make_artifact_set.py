@@ -4,9 +4,11 @@
     align-diffusion train-reward artifact --data data/artifact-world --out assets/world/artifact \\
         --backbone assets/world/dino
 
-`clean/` holds renders of train-split prompts; `artifact/` holds renders corrupted by the trained kinds and the
-base generator's own failures (samples in which ShapesEval finds a region that is no world shape or no palette
-color). `unseen/` holds renders corrupted by the held-out kinds only, to check the reward on artifacts it never saw.
+`clean/` holds renders of train-split prompts and the base generator's samples in which ShapesEval finds only world
+shapes in palette colors (so the head learns artifacts, not "generated" against "rendered"); `artifact/` holds
+renders corrupted by the trained kinds and the generator's failures (samples with a region that is no world shape
+or no palette color). `unseen/` holds renders corrupted by the held-out kinds only, to check the reward on
+artifacts it never saw.
 """
 
 import argparse
@@ -25,9 +27,10 @@ from align_diffusion.world.render import render_prompt
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--out", type=Path, required=True)
-parser.add_argument("--generator", default="assets/world/sd3", help="base model whose failures join artifact/")
-parser.add_argument("--count", type=int, default=400, help="clean renders; as many corrupted ones")
-parser.add_argument("--samples", type=int, default=200, help="base-model samples to draw failures from")
+parser.add_argument("--generator", default="assets/world/sd3",
+                    help="base model whose failures join artifact/ and whose clean samples join clean/")
+parser.add_argument("--count", type=int, default=1800, help="clean renders; as many corrupted ones")
+parser.add_argument("--samples", type=int, default=800, help="base-model samples, sorted into clean/ and artifact/")
 parser.add_argument("--held-out-kinds", nargs="+", default=["smear", "grid"], choices=CORRUPTIONS)
 parser.add_argument("--seed", type=int, default=0)
 args = parser.parse_args()
@@ -54,7 +57,7 @@ for k in range(args.count):
 
 adapter = load_adapter(args.generator)
 sample_prompts = [pick_prompt() for _ in range(args.samples)]
-failures = 0
+failures = passes = 0
 for start in range(0, args.samples, 32):
     batch = sample_prompts[start : start + 32]
     generators = [torch.Generator().manual_seed(args.seed * 100_000 + start + k) for k in range(len(batch))]
@@ -62,5 +65,9 @@ for start in range(0, args.samples, 32):
         if any(obj.shape is None or obj.color is None for obj in detect(np.asarray(image))):
             image.save(args.out / "artifact" / f"generated-{failures:05d}.png")
             failures += 1
-print(f"wrote {args.count} clean, {args.count} corrupted ({', '.join(trained_kinds)}) and {failures} generated "
-      f"failures to {args.out}; {args.count} unseen-kind images ({', '.join(args.held_out_kinds)}) in unseen/")
+        else:
+            image.save(args.out / "clean" / f"generated-{passes:05d}.png")
+            passes += 1
+print(f"wrote {args.count} renders and {passes} clean samples to clean/, {args.count} corrupted renders "
+      f"({', '.join(trained_kinds)}) and {failures} failed samples to artifact/, in {args.out}; {args.count} "
+      f"unseen-kind images ({', '.join(args.held_out_kinds)}) in unseen/")

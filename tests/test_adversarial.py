@@ -76,3 +76,26 @@ def test_maybe_update_follows_the_schedule():
     assert reward.maybe_update(images, images, low) == []
     assert len(reward.maybe_update(images, images, low, steps=3)) == 3
     assert reward.schedule.rounds == 2
+
+
+def test_trained_head_tells_clean_renders_from_the_world_generators_samples():
+    """The acceptance bar: after training at the paper's lr on 64 renders against 64 base-model samples, the sign
+    of the reward classifies 64 held-out renders and 64 held-out samples (of other prompts) with accuracy ≥ 0.8."""
+    from align_diffusion.models import load_adapter
+    from align_diffusion.sampling.loop import sample
+
+    prompts = split_prompts("train")
+    chosen = [prompts[i] for i in np.random.default_rng(0).integers(0, len(prompts), 128)]
+    adapter = load_adapter("assets/world/sd3")
+    generators = [torch.Generator().manual_seed(k) for k in range(128)]
+    samples = torch.cat([sample(adapter, chosen[start : start + 64], generators=generators[start : start + 64]).images
+                         for start in (0, 64)])
+    references = renders(chosen, seed=50_000)
+    reward = AdversarialDino(DINO)
+    assert reward.optimizer.defaults["lr"] == 1e-4 and reward.optimizer.defaults["betas"] == (0.5, 0.999)
+    for _ in range(10):
+        reward.maybe_update(samples[:64], references[:64], torch.full((64,), float("nan")), steps=250)
+    with torch.no_grad():
+        on_renders, on_samples = reward(references[64:], chosen[64:]), reward(samples[64:], chosen[64:])
+    accuracy = ((on_renders > 0).float().mean() + (on_samples < 0).float().mean()) / 2
+    assert accuracy >= 0.8

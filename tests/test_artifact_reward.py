@@ -1,6 +1,7 @@
 """The artifact reward model: data reading, training through the command line, and what the trained reward says."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -55,10 +56,17 @@ def test_reading_labelled_images(tmp_path):
 
 def test_train_reward_command_saves_a_reward_the_spec_loads(tmp_path, capsys):
     clean, unseen = write_set(tmp_path / "set", 40)
+    (tmp_path / "unseen").mkdir()
+    for k, image in enumerate(unseen[:8]):
+        image.save(tmp_path / "unseen" / f"{k}.png")
     main(["train-reward", "artifact", "--data", str(tmp_path / "set"), "--out", str(tmp_path / "rm"),
-          "--backbone", DINO, "--steps", "50", "--device", "cpu"])
-    last_line = capsys.readouterr().out.strip().splitlines()[-1]
-    assert last_line.startswith("held-out accuracy ") and last_line.endswith("on 16 images")
+          "--backbone", DINO, "--steps", "50", "--device", "cpu", "--unseen", str(tmp_path / "unseen")])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1].startswith("held-out accuracy ") and lines[-1].endswith("on 16 images")
+    assert lines[-2].startswith("unseen kinds: ") and lines[-2].endswith("(8 unseen images)")
+    # A backbone given as a folder is saved relative to the reward, so the pair can move together.
+    config = json.loads((tmp_path / "rm" / "artifact_reward.json").read_text())
+    assert not Path(config["backbone"]).is_absolute() and (tmp_path / "rm" / config["backbone"]).is_dir()
     reward = load_reward(f"artifact:{tmp_path / 'rm'}")
     with torch.no_grad():
         scores = reward(clean + unseen, [""] * (len(clean) + len(unseen)))
@@ -70,8 +78,36 @@ def test_train_reward_command_saves_a_reward_the_spec_loads(tmp_path, capsys):
     model = AutoModel.from_pretrained(DINO).eval()
     inputs = AutoImageProcessor.from_pretrained(DINO)(images=clean[:4], return_tensors="pt")
     with torch.no_grad():
-        tokens = model(**inputs).last_hidden_state
-        expected = 1 - torch.sigmoid(reward.head(torch.cat([tokens[:, 0], tokens[:, 1:].mean(1)], -1)).squeeze(-1))
+        hidden = model(**inputs, output_hidden_states=True).hidden_states
+        features = torch.cat([torch.cat([h[:, 0], h[:, 1:].mean(1), h[:, 1:].std(1), h[:, 1:].amax(1)], -1)
+                              for h in hidden], -1)
+        expected = 1 - torch.sigmoid(reward.head(features).squeeze(-1))
     torch.testing.assert_close(scores[:4], expected, atol=1e-4, rtol=0)
     with pytest.raises(FileNotFoundError, match="train-reward"):
         load_reward(f"artifact:{tmp_path / 'set'}")
+
+
+def test_every_corruption_changes_a_render_and_stays_an_image():
+    render = render_prompt("a red circle and a blue square", 3)
+    for kind in CORRUPTIONS:
+        corrupted = corrupt(render, kind, np.random.default_rng(0))
+        assert corrupted.dtype == np.uint8 and corrupted.shape == render.shape
+        assert np.abs(corrupted.astype(int) - render).sum() > 0, kind
+    with pytest.raises(ValueError, match="unknown corruption"):
+        corrupt(render, "sepia", np.random.default_rng(0))
+
+
+def test_shipped_world_head_ranks_clean_renders_above_kinds_it_never_saw():
+    """assets/world/artifact was trained without smear and grid (scripts/make_artifact_set.py): renders of test
+    prompts must still score above smeared and gridded renders in most pairs."""
+    reward = load_reward("artifact:assets/world/artifact")
+    rng = np.random.default_rng(1)
+    prompts = split_prompts("test")
+    clean = [Image.fromarray(render_prompt(prompts[k % len(prompts)], 40_000 + k)) for k in range(64)]
+    unseen = [corrupt(render_prompt(prompts[k % len(prompts)], 50_000 + k), HELD_OUT_KINDS[k % 2], rng)
+              for k in range(64)]
+    unseen = [Image.fromarray(array) for array in unseen]
+    with torch.no_grad():
+        clean_scores = reward(clean, [""] * len(clean))
+        unseen_scores = reward(unseen, [""] * len(unseen))
+    assert (unseen_scores[None] < clean_scores[:, None]).float().mean() >= 0.8

@@ -9,6 +9,7 @@ Spec `artifact:DIR`. `train_artifact_reward` fits the head on labelled images (1
 from __future__ import annotations
 
 import json
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,25 +30,45 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 class FrozenBackbone(torch.nn.Module):
-    """A transformers vision model (Dinov2, CLIP vision, ViT …) read as [CLS, mean patch] features, frozen."""
+    """A transformers vision model (Dinov2, CLIP vision, ViT …), frozen, read at every layer as [CLS, mean patch,
+    std patch]: artifacts are low-level statistics that the last layer of a semantic encoder has learnt to ignore."""
 
     def __init__(self, backbone: str, device=None, dtype=torch.float32):
         super().__init__()
         model = AutoModel.from_pretrained(backbone, dtype=dtype)
         self.model = (getattr(model, "vision_model", None) or model).to(device).eval().requires_grad_(False)
         self.transform = TorchImageTransform.from_processor(AutoImageProcessor.from_pretrained(backbone))
-        self.features = 2 * self.model.config.hidden_size
+        self.features = 4 * (self.model.config.num_hidden_layers + 1) * self.model.config.hidden_size
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         parameter = next(self.model.parameters())
         pixels = self.transform(images.to(parameter.device, torch.float32)).to(parameter.dtype)
-        tokens = self.model(pixel_values=pixels).last_hidden_state.float()
-        return torch.cat([tokens[:, 0], tokens[:, 1:].mean(1)], dim=-1)
+        hidden = self.model(pixel_values=pixels, output_hidden_states=True).hidden_states
+        return torch.cat([torch.cat([h[:, 0], h[:, 1:].mean(1), h[:, 1:].std(1), h[:, 1:].amax(1)], -1).float() for h in hidden], -1)
+
+
+class Standardize(torch.nn.Module):
+    """Feature-wise (x − mean) / std with the training set's statistics, kept as buffers in the head's weights."""
+
+    def __init__(self, features: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(features))
+        self.register_buffer("std", torch.ones(features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
 
 
 def artifact_head(features: int) -> torch.nn.Module:
-    return torch.nn.Sequential(torch.nn.LayerNorm(features), torch.nn.Linear(features, 256), torch.nn.GELU(),
+    return torch.nn.Sequential(Standardize(features), torch.nn.Linear(features, 256), torch.nn.GELU(),
                                torch.nn.Linear(256, 1))
+
+
+def resolve_backbone(folder: Path, backbone: str) -> str:
+    """A backbone saved as a path relative to the reward's folder (so a shipped reward moves with its encoder),
+    else the id or path as written."""
+    relative = folder / backbone
+    return str(relative) if relative.is_dir() else backbone
 
 
 class ArtifactReward(Reward):
@@ -62,7 +83,7 @@ class ArtifactReward(Reward):
             raise FileNotFoundError(f"artifact: {folder} holds no {CONFIG_FILE} (train one with "
                                     "`align-diffusion train-reward artifact`)")
         config = json.loads((folder / CONFIG_FILE).read_text())
-        self.backbone = FrozenBackbone(config["backbone"], device, dtype)
+        self.backbone = FrozenBackbone(resolve_backbone(folder, config["backbone"]), device, dtype)
         self.head = artifact_head(self.backbone.features)
         self.head.load_state_dict(load_file(folder / HEAD_FILE))
         self.head.to(device).eval().requires_grad_(False)
@@ -119,17 +140,20 @@ def read_labelled_images(data: str | Path) -> list[tuple[Path, int]]:
 
 @dataclass
 class ArtifactTraining:
-    steps: int = 300
+    steps: int = 3000
     batch_size: int = 64
-    lr: float = 1e-3
+    lr: float = 3e-4
+    weight_decay: float = 1e-2
     holdout: float = 0.2  # share of images kept out of training to report accuracy on
     seed: int = 0
 
 
 def train_artifact_reward(data, out: str | Path, backbone: str, settings: ArtifactTraining | None = None,
-                          device=None, log=print) -> dict:
+                          device=None, unseen: str | Path | None = None, log=print) -> dict:
     """Fits the head on `data` (see `read_labelled_images`), saves the reward under `out` and returns
-    {"train_accuracy", "heldout_accuracy", "train_images", "heldout_images"}."""
+    {"train_accuracy", "heldout_accuracy", "train_images", "heldout_images"}. With `unseen`, a folder of artifact
+    images of kinds left out of `data`, also "unseen_below_clean": the share of (held-out clean image, unseen image)
+    pairs in which the unseen image gets the lower reward (0.5 is chance)."""
     settings = settings or ArtifactTraining()
     if not 0 < settings.holdout < 1:
         raise ValueError(f"holdout must lie in (0, 1), got {settings.holdout}")
@@ -138,13 +162,13 @@ def train_artifact_reward(data, out: str | Path, backbone: str, settings: Artifa
     held = max(1, round(settings.holdout * len(pairs)))
     torch.manual_seed(settings.seed)
     backbone_model = FrozenBackbone(backbone, device)
-    with torch.no_grad():
-        features = torch.cat([backbone_model(images_to_tensor([Image.open(p).convert("RGB") for p, _ in chunk]))
-                              for chunk in _chunks(pairs, 64)])
+    features = _features(backbone_model, [path for path, _ in pairs])
     labels = torch.tensor([label for _, label in pairs], dtype=torch.float32, device=features.device)
     train_x, train_y, test_x, test_y = features[held:], labels[held:], features[:held], labels[:held]
     head = artifact_head(backbone_model.features).to(features.device)
-    optimizer = torch.optim.AdamW(head.parameters(), lr=settings.lr)
+    head[0].mean.copy_(train_x.mean(0))
+    head[0].std.copy_(train_x.std(0).clamp(min=1e-6))
+    optimizer = torch.optim.AdamW(head.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     generator = torch.Generator().manual_seed(settings.seed)
     for step in range(settings.steps):
         pick = torch.randint(0, len(train_x), (settings.batch_size,), generator=generator)
@@ -152,7 +176,7 @@ def train_artifact_reward(data, out: str | Path, backbone: str, settings: Artifa
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        if step % 100 == 0 or step == settings.steps - 1:
+        if step % 500 == 0 or step == settings.steps - 1:
             log(f"artifact head step {step + 1}/{settings.steps} loss {loss.item():.4f}")
     head.eval()
     with torch.no_grad():
@@ -161,15 +185,27 @@ def train_artifact_reward(data, out: str | Path, backbone: str, settings: Artifa
 
         result = {"train_accuracy": accuracy(train_x, train_y), "heldout_accuracy": accuracy(test_x, test_y),
                   "train_images": len(train_x), "heldout_images": len(test_x)}
+        if unseen is not None:
+            unseen_files = sorted(p for p in Path(unseen).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            if not unseen_files:
+                raise ValueError(f"unseen folder {unseen} holds no images")
+            clean_logits = head(test_x[test_y == 0]).squeeze(-1)
+            unseen_logits = head(_features(backbone_model, unseen_files)).squeeze(-1)
+            result["unseen_below_clean"] = float((unseen_logits[None] > clean_logits[:, None]).float().mean())
+            result["unseen_images"] = len(unseen_files)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous().cpu() for k, v in head.state_dict().items()}, out / HEAD_FILE)
+    if Path(backbone).is_dir():
+        backbone = os.path.relpath(Path(backbone).resolve(), out.resolve())
     (out / CONFIG_FILE).write_text(json.dumps({"backbone": str(backbone), **result}, indent=1))
     return result
 
 
-def _chunks(items, size):
-    return [items[start : start + size] for start in range(0, len(items), size)]
+@torch.no_grad()
+def _features(backbone: FrozenBackbone, files: list[Path]) -> torch.Tensor:
+    return torch.cat([backbone(images_to_tensor([Image.open(path).convert("RGB") for path in files[start : start + 64]]))
+                      for start in range(0, len(files), 64)])
 
 
 def corrupt(image: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
@@ -192,6 +228,13 @@ def corrupt(image: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarra
         shift = int(rng.integers(3, 8))
         axis = int(rng.integers(0, 2))
         x = sum(np.roll(x, k, axis=axis) for k in range(shift)) / shift
+    elif kind == "posterize":
+        levels = int(rng.integers(3, 6))
+        x = np.round(x / 255 * (levels - 1)) / (levels - 1) * 255
+    elif kind == "ghost":
+        shift = rng.integers(4, 12, 2) * rng.choice([-1, 1], 2)
+        background = np.median(x.reshape(-1, 3), axis=0)  # so the faint copy adds only the objects
+        x = x + rng.uniform(0.3, 0.6) * (np.roll(x, tuple(shift), axis=(0, 1)) - background)
     elif kind == "fragments":
         for _ in range(int(rng.integers(4, 10))):
             y0, x0 = rng.integers(0, x.shape[0] - 4, 2)
@@ -201,4 +244,4 @@ def corrupt(image: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarra
     return np.clip(x, 0, 255).round().astype(np.uint8)
 
 
-CORRUPTIONS = ("noise", "blocking", "grid", "oversaturation", "smear", "fragments")
+CORRUPTIONS = ("noise", "blocking", "grid", "oversaturation", "smear", "fragments", "posterize", "ghost")
