@@ -10,10 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from align_diffusion.cli import main
 from align_diffusion.models import load_adapter
+from align_diffusion.rewards.spec import load_reward
 from align_diffusion.training.config import ConfigError, load_config
 from align_diffusion.training.grpo import GRPOTrainer, clipped_policy_loss, gaussian_kl
 from training_helpers import metrics, tiny_overrides
@@ -161,7 +163,8 @@ def test_checkpoints_are_pruned_and_never_partial(trained):
 
 def test_ddim_rollouts_on_an_epsilon_model_and_eval_galleries(saved, prompt_file, tmp_path):
     overrides = tiny_overrides(saved["sd"], prompt_file, tmp_path, max_steps=1, **{
-        "sampling.sampler": "ddim", "eval.every": 1, "eval.num_images_per_prompt": 1, "eval.num_steps": 2})
+        "sampling.sampler": "ddim", "eval.every": 1, "eval.num_images_per_prompt": 1, "eval.num_steps": 2,
+        "eval.rewards": "clip:assets/world/clip"})
     GRPOTrainer(load_config(None, overrides)).train()
     rows = metrics(tmp_path)
     assert rows[1]["first_ratio_max_deviation"] <= 1e-5
@@ -173,6 +176,12 @@ def test_ddim_rollouts_on_an_epsilon_model_and_eval_galleries(saved, prompt_file
         assert [r["prompt"] for r in records] == prompt_file.read_text().split("\n")[:3]
         assert [r["seed"] for r in records] == [10_000, 10_001, 10_002]
         assert sum(r["rewards"]["jpeg"] for r in records) / 3 == pytest.approx(row["eval/reward_mean"])
+        # The watched reward scores the samples (saved as 8-bit PNGs, hence the tolerance) and stays out of the
+        # trained total.
+        saved_images = [Image.open(folder / r["file"]) for r in records]
+        watched = load_reward("clip:assets/world/clip")(saved_images, [r["prompt"] for r in records])
+        assert [r["rewards"]["clip"] for r in records] == pytest.approx(watched.tolist(), abs=1e-3)
+        assert row["eval/clip_mean"] == pytest.approx(watched.mean().item(), abs=1e-3)
         assert (folder / "index.html").is_file()
     run_page = (tmp_path / "index.html").read_text()
     for target in ("plots/reward.png", "eval/step-000000/index.html", "eval/step-000001/compare-step-000000.html"):

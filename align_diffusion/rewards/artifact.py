@@ -30,8 +30,8 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 class FrozenBackbone(torch.nn.Module):
-    """A transformers vision model (Dinov2, CLIP vision, ViT …), frozen, read at every layer as [CLS, mean patch,
-    std patch]: artifacts are low-level statistics that the last layer of a semantic encoder has learnt to ignore."""
+    """A transformers vision model (Dinov2, CLIP vision, ViT …), frozen, read at every layer as [CLS, mean, std and
+    max of the patch tokens]: artifacts are low-level statistics that a semantic encoder's last layer ignores."""
 
     def __init__(self, backbone: str, device=None, dtype=torch.float32):
         super().__init__()
@@ -44,7 +44,8 @@ class FrozenBackbone(torch.nn.Module):
         parameter = next(self.model.parameters())
         pixels = self.transform(images.to(parameter.device, torch.float32)).to(parameter.dtype)
         hidden = self.model(pixel_values=pixels, output_hidden_states=True).hidden_states
-        return torch.cat([torch.cat([h[:, 0], h[:, 1:].mean(1), h[:, 1:].std(1), h[:, 1:].amax(1)], -1).float() for h in hidden], -1)
+        return torch.cat([torch.cat([h[:, 0], h[:, 1:].mean(1), h[:, 1:].std(1), h[:, 1:].amax(1)], -1).float()
+                          for h in hidden], -1)
 
 
 class Standardize(torch.nn.Module):
@@ -158,6 +159,10 @@ def train_artifact_reward(data, out: str | Path, backbone: str, settings: Artifa
     if not 0 < settings.holdout < 1:
         raise ValueError(f"holdout must lie in (0, 1), got {settings.holdout}")
     pairs = read_labelled_images(data)
+    if unseen is not None:
+        unseen_files = sorted(p for p in Path(unseen).glob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not unseen_files:
+            raise ValueError(f"unseen: {unseen} holds no images")
     random.Random(settings.seed).shuffle(pairs)
     held = max(1, round(settings.holdout * len(pairs)))
     torch.manual_seed(settings.seed)
@@ -186,9 +191,6 @@ def train_artifact_reward(data, out: str | Path, backbone: str, settings: Artifa
         result = {"train_accuracy": accuracy(train_x, train_y), "heldout_accuracy": accuracy(test_x, test_y),
                   "train_images": len(train_x), "heldout_images": len(test_x)}
         if unseen is not None:
-            unseen_files = sorted(p for p in Path(unseen).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-            if not unseen_files:
-                raise ValueError(f"unseen folder {unseen} holds no images")
             clean_logits = head(test_x[test_y == 0]).squeeze(-1)
             unseen_logits = head(_features(backbone_model, unseen_files)).squeeze(-1)
             result["unseen_below_clean"] = float((unseen_logits[None] > clean_logits[:, None]).float().mean())

@@ -99,6 +99,8 @@ class EvalConfig:
     num_steps: int = _help("ODE steps at eval", 40)
     seed: int = _help("image k of an eval is seeded seed + k", 10_000)
     shapes_eval: bool = _help("score eval images with ShapesEval (shapes-world prompts only)", False)
+    rewards: str | None = _help("reward spec also scored on eval images and never trained on, e.g. "
+                                "artifact:assets/world/artifact to watch for reward hacking", None)
 
 
 @dataclass

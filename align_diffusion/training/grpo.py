@@ -164,6 +164,7 @@ class GRPOTrainer:
         if self.reward.needs_reference:
             raise ValueError(f"reward {self.reward.name} needs reference images, which this trainer does not provide")
         self.trainable_rewards = [r for r in getattr(self.reward, "rewards", [self.reward]) if r.trainable]
+        self.watched_reward = load_reward(config.eval.rewards, device=device) if config.eval.rewards else None
         self.references = ReferenceSource(config.references) if config.references else None
         table = config.sampling.noise_table
         self.noise_levels = read_table(table, config.sampling.num_steps) if table else config.sampling.noise_level
@@ -490,6 +491,8 @@ class GRPOTrainer:
                 width=self.config.sampling.width,
             )
         total, each = score_terms(self.reward, images, per_image)
+        if self.watched_reward is not None:  # a term of the trained reward keeps its own scores
+            each = {**score_terms(self.watched_reward, images, per_image)[1], **each}
         result = {"eval/reward_mean": _nanmean(total)}
         result.update({f"eval/{name}_mean": _nanmean(s) for name, s in each.items()})
         records = [{"prompt": p, "seed": config.seed + k, "rewards": reward_record(each, k)}
