@@ -164,7 +164,7 @@ def test_checkpoints_are_pruned_and_never_partial(trained):
 def test_ddim_rollouts_on_an_epsilon_model_and_eval_galleries(saved, prompt_file, tmp_path):
     overrides = tiny_overrides(saved["sd"], prompt_file, tmp_path, max_steps=1, **{
         "sampling.sampler": "ddim", "eval.every": 1, "eval.num_images_per_prompt": 1, "eval.num_steps": 2,
-        "eval.rewards": "clip:assets/world/clip"})
+        "eval.rewards": "artifact:assets/world/artifact"})
     GRPOTrainer(load_config(None, overrides)).train()
     rows = metrics(tmp_path)
     assert rows[1]["first_ratio_max_deviation"] <= 1e-5
@@ -179,13 +179,20 @@ def test_ddim_rollouts_on_an_epsilon_model_and_eval_galleries(saved, prompt_file
         # The watched reward scores the samples (saved as 8-bit PNGs, hence the tolerance) and stays out of the
         # trained total.
         saved_images = [Image.open(folder / r["file"]) for r in records]
-        watched = load_reward("clip:assets/world/clip")(saved_images, [r["prompt"] for r in records])
-        assert [r["rewards"]["clip"] for r in records] == pytest.approx(watched.tolist(), abs=1e-3)
-        assert row["eval/clip_mean"] == pytest.approx(watched.mean().item(), abs=1e-3)
+        watched = load_reward("artifact:assets/world/artifact")(saved_images, [r["prompt"] for r in records])
+        assert [r["rewards"]["artifact"] for r in records] == pytest.approx(watched.tolist(), abs=1e-3)
+        assert row["eval/artifact_mean"] == pytest.approx(watched.mean().item(), abs=1e-3)
         assert (folder / "index.html").is_file()
     run_page = (tmp_path / "index.html").read_text()
     for target in ("plots/reward.png", "eval/step-000000/index.html", "eval/step-000001/compare-step-000000.html"):
         assert f'"{target}"' in run_page and (tmp_path / target).is_file()
+    # Watching a reward leaves the run as it was without it.
+    unwatched = tmp_path / "unwatched"
+    GRPOTrainer(load_config(None, [o for o in overrides if not o.startswith(("eval.rewards=", "output_dir="))]
+                            + [f"output_dir={unwatched}"])).train()
+    watched_lora = load_file(str(tmp_path / "lora" / "pytorch_lora_weights.safetensors"))
+    unwatched_lora = load_file(str(unwatched / "lora" / "pytorch_lora_weights.safetensors"))
+    assert all(torch.equal(watched_lora[key], unwatched_lora[key]) for key in watched_lora)
 
 
 def test_two_cpu_processes_match_one(saved, prompt_file, tmp_path):
