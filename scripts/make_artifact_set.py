@@ -2,7 +2,7 @@
 
     python scripts/make_artifact_set.py --out data/artifact-world --generator assets/world/sd3
     align-diffusion train-reward artifact --data data/artifact-world --out assets/world/artifact \\
-        --backbone assets/world/dino
+        --backbone assets/world/dino --unseen data/artifact-world/unseen
 
 `clean/` holds renders of train-split prompts and the base generator's samples in which ShapesEval finds only world
 shapes in palette colors (so the head learns artifacts, not "generated" against "rendered"); `artifact/` holds
@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
 from align_diffusion.models import load_adapter
 from align_diffusion.rewards.artifact import CORRUPTIONS, corrupt
@@ -58,7 +59,7 @@ for k in range(args.count):
 adapter = load_adapter(args.generator)
 sample_prompts = [pick_prompt() for _ in range(args.samples)]
 failures = passes = 0
-for start in range(0, args.samples, 32):
+for start in tqdm(range(0, args.samples, 32), desc="base-model samples"):
     batch = sample_prompts[start : start + 32]
     generators = [torch.Generator().manual_seed(args.seed * 100_000 + start + k) for k in range(len(batch))]
     for image in adapter.to_pil(sample(adapter, batch, generators=generators).images):

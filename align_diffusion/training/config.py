@@ -100,7 +100,8 @@ class EvalConfig:
     seed: int = _help("image k of an eval is seeded seed + k", 10_000)
     shapes_eval: bool = _help("score eval images with ShapesEval (shapes-world prompts only)", False)
     rewards: str | None = _help("reward spec also scored on eval images and never trained on, e.g. "
-                                "artifact:assets/world/artifact to watch for reward hacking", None)
+                                "artifact:assets/world/artifact to watch for reward hacking; a term named like a "
+                                "term of `reward` is reported by that one", None)
 
 
 @dataclass
