@@ -189,3 +189,12 @@ def test_spec_parsing_and_weighted_sum():
     assert math.isclose(total[0].item(), 2.0 - 0.5 * each["jpeg"][0].item() + 0.1 * each["clip"][0].item(),
                         rel_tol=1e-6)
     assert load_reward(f"clip:{WORLD_CLIP}=0.5,pickscore:{WORLD_CLIP}").differentiable
+
+
+def test_loading_a_reward_leaves_the_global_rng_alone():
+    """The artifact head draws init weights before its checkpoint overwrites them; a seeded run must not notice."""
+    torch.manual_seed(0)
+    expected = torch.rand(4)
+    torch.manual_seed(0)
+    load_reward("shapes,artifact:assets/world/artifact=0.5")
+    torch.testing.assert_close(torch.rand(4), expected, rtol=0, atol=0)

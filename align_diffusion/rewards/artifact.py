@@ -205,9 +205,10 @@ def train_artifact_reward(data, out: str | Path, backbone: str, settings: Artifa
 
 
 @torch.no_grad()
-def _features(backbone: FrozenBackbone, files: list[Path]) -> torch.Tensor:
-    return torch.cat([backbone(images_to_tensor([Image.open(path).convert("RGB") for path in files[start : start + 64]]))
-                      for start in range(0, len(files), 64)])
+def _features(backbone: FrozenBackbone, files: list[Path], batch_size: int = 64) -> torch.Tensor:
+    batches = [files[start : start + batch_size] for start in range(0, len(files), batch_size)]
+    return torch.cat([backbone(images_to_tensor([Image.open(path).convert("RGB") for path in batch]))
+                      for batch in batches])
 
 
 def corrupt(image: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:

@@ -157,9 +157,11 @@ class WeightedRewards(Reward):
 
 
 def load_reward(spec: str, device=None, dtype: torch.dtype = torch.float32) -> Reward:
-    """The reward a spec names (see the module docstring)."""
+    """The reward a spec names (see the module docstring). Loading leaves torch's global RNG as it was (models draw
+    init weights before their checkpoints overwrite them), so adding a reward never shifts a seeded run's noise."""
     terms = parse_spec(spec)
-    rewards = [LOADERS[t.name](t.arg, device, dtype) for t in terms]
+    with torch.random.fork_rng(devices=[]):
+        rewards = [LOADERS[t.name](t.arg, device, dtype) for t in terms]
     if len(terms) == 1 and terms[0].weight == 1.0:
         return rewards[0]
     return WeightedRewards(rewards, [t.weight for t in terms])

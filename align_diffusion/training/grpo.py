@@ -164,10 +164,7 @@ class GRPOTrainer:
         if self.reward.needs_reference:
             raise ValueError(f"reward {self.reward.name} needs reference images, which this trainer does not provide")
         self.trainable_rewards = [r for r in getattr(self.reward, "rewards", [self.reward]) if r.trainable]
-        self.watched_reward = None
-        if config.eval.rewards:  # loading draws random init weights, and watching must not alter the run
-            with torch.random.fork_rng(devices=[]):
-                self.watched_reward = load_reward(config.eval.rewards, device=device)
+        self.watched_reward = load_reward(config.eval.rewards, device=device) if config.eval.rewards else None
         self.references = ReferenceSource(config.references) if config.references else None
         table = config.sampling.noise_table
         self.noise_levels = read_table(table, config.sampling.num_steps) if table else config.sampling.noise_level
