@@ -69,3 +69,31 @@ def test_x0_mode_costs_no_model_calls(trajectory_and_adapter):
     assert torch.equal(dense.deltas.sum(1), dense.rewards[:, -1] - dense.rewards[:, 0])
     with pytest.raises(ValueError, match="mode"):
         dense_step_rewards(adapter, trajectory, Brightness(), mode="sde")
+
+
+def test_completions_stop_at_the_last_stochastic_step(trajectory_and_adapter):
+    _, adapter = trajectory_and_adapter
+    reward = Brightness()
+    windowed = sample(adapter, ["a red circle", "two squares"], num_inference_steps=STEPS, guidance_scale=3.0,
+                      sampler="flow-sde", noise_window=range(2), height=32, width=32)
+    calls, handle = count_denoiser_calls(adapter)
+    try:
+        dense = dense_step_rewards(adapter, windowed, reward)
+    finally:
+        handle.remove()
+    assert dense.model_calls == len(calls) == STEPS  # two completions, batched, still one call per step
+    for step in range(STEPS):  # from state 2 on, the separate completion is the sample's own ODE tail
+        clean = ode_complete(adapter, windowed.latents[:, step], step, windowed.embeds, windowed.schedule,
+                             windowed.guidance_scale)
+        expected = reward(adapter.decode(clean), windowed.prompts).double()
+        torch.testing.assert_close(dense.rewards[:, step], expected, atol=1e-5, rtol=0)
+    assert torch.equal(dense.rewards[:, 2], dense.rewards[:, -1]) and not dense.deltas[:, 2:].any()
+
+    deterministic = sample(adapter, ["a red circle"], num_inference_steps=STEPS, guidance_scale=3.0, height=32,
+                           width=32)
+    calls, handle = count_denoiser_calls(adapter)
+    try:
+        dense = dense_step_rewards(adapter, deterministic, reward)
+    finally:
+        handle.remove()
+    assert dense.model_calls == len(calls) == 0 and not dense.deltas.any()

@@ -5,9 +5,11 @@ R_t is the reward of the image the state before step t leads to: its determinist
 model calls). R_T is the reward of the sample itself. Step t earns ΔR_t = R_{t+1} − R_t, so the steps' rewards
 sum to R_T − R_0.
 
-The T ODE completions are batched: the completion that starts at step t joins the batch at iteration t, so at
+The ODE completions are batched: the completion that starts at step t joins the batch at iteration t, so at
 every iteration all running completions sit at the same step and one denoiser call serves them all. T calls in
-total instead of T (T + 1) / 2 (more when `max_batch` splits a call).
+total instead of T (T + 1) / 2 (more when `max_batch` splits a call). Only states up to the last stochastic step
+need one: every later step is the ODE step, so the completion from any later state is the sample itself
+(R_t = R_T there, and those steps earn 0). A noise window on the first steps thus saves most of the cost.
 """
 
 from __future__ import annotations
@@ -29,14 +31,14 @@ class DenseRewards:
 
 
 @torch.no_grad()
-def _ode_completions(adapter: PipelineAdapter, trajectory: Trajectory, max_batch: int | None):
-    """Clean latents of the ODE completion from every state 0 … T − 1: (T, B, ...), and the calls it took."""
+def _ode_completions(adapter: PipelineAdapter, trajectory: Trajectory, count: int, max_batch: int | None):
+    """Clean latents of the ODE completion from each state 0 … count − 1: (count, B, ...), and the calls it took."""
     schedule, batch = trajectory.schedule, len(trajectory.prompts)
-    steps = schedule.num_steps
     running = trajectory.latents[:, :0].transpose(0, 1)  # (0, B, ...): no completion has started yet
     calls = 0
-    for step in range(steps):
-        running = torch.cat([running, trajectory.latents[:, step].unsqueeze(0)])  # the completion from `step`
+    for step in range(schedule.num_steps if count else 0):
+        if step < count:
+            running = torch.cat([running, trajectory.latents[:, step].unsqueeze(0)])  # the completion from `step`
         flat = running.flatten(0, 1)
         embeds = trajectory.embeds.select(torch.arange(batch).repeat(len(running)))
         chunk = max_batch or len(flat)
@@ -57,13 +59,17 @@ def dense_step_rewards(adapter: PipelineAdapter, trajectory: Trajectory, reward:
     if mode not in ("ode", "x0"):
         raise ValueError(f"dense reward mode must be 'ode' or 'x0', got {mode!r}")
     prompts = trajectory.prompts
+    steps = trajectory.schedule.num_steps
     if mode == "ode":
-        clean, calls = _ode_completions(adapter, trajectory, max_batch)
+        completed = max(trajectory.stochastic_steps) + 1 if trajectory.stochastic_steps else 0
+        clean, calls = _ode_completions(adapter, trajectory, completed, max_batch)
     else:
         clean, calls = trajectory.pred_x0.transpose(0, 1), 0
     with torch.no_grad():
         final = trajectory.images if trajectory.images is not None else adapter.decode(trajectory.final_latents)
+        final_reward = reward(final, prompts)
         per_step = [reward(adapter.decode(latents), prompts) for latents in clean]
+        per_step += [final_reward] * (steps + 1 - len(per_step))  # the sample's own reward from `completed` on
         # float64, so the deltas of float32 scores telescope exactly: Σ_t ΔR_t = R_T − R_0.
-        rewards = torch.stack(per_step + [reward(final, prompts)], dim=1).double()
+        rewards = torch.stack(per_step, dim=1).double()
     return DenseRewards(rewards, rewards[:, 1:] - rewards[:, :-1], calls)
