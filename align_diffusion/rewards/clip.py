@@ -68,24 +68,16 @@ class PickScore(_TransformersClip):
         return self.model.logit_scale.exp().float() * self.cosine(images, prompts)
 
 
-class HPSv2(Reward):
-    """HPSv2 / v2.1 (Wu et al. 2023): an open_clip model (ViT-H-14 as published) with fine-tuned weights from a
-    file; reward = cosine of the normalized image and text features. Spec `hpsv2:WEIGHTS` or
-    `hpsv2:ARCH:WEIGHTS` (ARCH an open_clip model name, e.g. one registered with `open_clip.add_model_config`)."""
+class OpenClipScore(Reward):
+    """Cosine of an open_clip model's normalized image and text features: HPSv2's score for any open_clip model
+    (benchmarks use it on random-weight architectures)."""
 
     differentiable = True
 
-    def __init__(self, weights: str | Path, arch: str = HPS_ARCH, device=None, dtype=torch.float32):
-        import open_clip
-
-        super().__init__("hpsv2")
-        if not Path(weights).is_file():
-            raise FileNotFoundError(f"hpsv2: weights file {weights} not found")
-        model = open_clip.create_model(arch, pretrained=None)
-        checkpoint = torch.load(weights, map_location="cpu", weights_only=True)
-        model.load_state_dict(checkpoint.get("state_dict", checkpoint))
+    def __init__(self, name: str, model, tokenizer, device=None, dtype=torch.float32):
+        super().__init__(name)
         self.model = model.to(device, dtype).eval().requires_grad_(False)
-        self.tokenizer = open_clip.get_tokenizer(arch)
+        self.tokenizer = tokenizer
         self.transform = TorchImageTransform.from_open_clip(model.visual)
 
     def score(self, images, prompts, metadata):
@@ -95,6 +87,22 @@ class HPSv2(Reward):
         text_features = F.normalize(self.model.encode_text(self.tokenizer(prompts).to(parameter.device)).float(),
                                     dim=-1)
         return (image_features * text_features).sum(-1)
+
+
+class HPSv2(OpenClipScore):
+    """HPSv2 / v2.1 (Wu et al. 2023): an open_clip model (ViT-H-14 as published) with fine-tuned weights from a
+    file; reward = cosine of the normalized image and text features. Spec `hpsv2:WEIGHTS` or
+    `hpsv2:ARCH:WEIGHTS` (ARCH an open_clip model name, e.g. one registered with `open_clip.add_model_config`)."""
+
+    def __init__(self, weights: str | Path, arch: str = HPS_ARCH, device=None, dtype=torch.float32):
+        import open_clip
+
+        if not Path(weights).is_file():
+            raise FileNotFoundError(f"hpsv2: weights file {weights} not found")
+        model = open_clip.create_model(arch, pretrained=None)
+        checkpoint = torch.load(weights, map_location="cpu", weights_only=True)
+        model.load_state_dict(checkpoint.get("state_dict", checkpoint))
+        super().__init__("hpsv2", model, open_clip.get_tokenizer(arch), device, dtype)
 
 
 class AestheticHead(torch.nn.Module):

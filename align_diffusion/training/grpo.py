@@ -143,9 +143,11 @@ class EMA:
 
 
 class GRPOTrainer:
-    """Holds the model, reward, optimizer and state of one run; `train()` runs it."""
+    """Holds the model, reward, optimizer and state of one run; `train()` runs it. `adapter`, when given, is the
+    model to train instead of loading `config.model` (benchmarks build random-weight architectures in memory)."""
 
-    def __init__(self, config: TrainConfig, accelerator: Accelerator | None = None):
+    def __init__(self, config: TrainConfig, accelerator: Accelerator | None = None,
+                 adapter: PipelineAdapter | None = None):
         self.config = config
         self.output_dir = Path(config.output_dir)
         trackers = [t for t in config.log_with if t != "wandb" or _wandb_installed()]
@@ -159,7 +161,8 @@ class GRPOTrainer:
         self.eval_prompts = PromptSource(config.eval.prompts)
 
         device = config.device or self.accelerator.device
-        self.adapter: PipelineAdapter = load_adapter(config.model, dtype=DTYPES[config.dtype], device=str(device))
+        self.adapter: PipelineAdapter = adapter or load_adapter(config.model, dtype=DTYPES[config.dtype],
+                                                                device=str(device))
         self.reward = load_reward(config.reward, device=device)
         if self.reward.needs_reference:
             raise ValueError(f"reward {self.reward.name} needs reference images, which this trainer does not provide")

@@ -1,0 +1,72 @@
+"""Feynman–Kac steering with k particles against a plain batch of k samples, SD3.5-Medium-sized, random weights.
+
+Both run the same Flow-SDE sampler with CFG for the same steps at the same size. The plain batch samples k images
+and scores them once (what best-of-k costs); FK steering also decodes x̂0 and scores it every `--interval` steps,
+then resamples the particles. The overhead is the ratio of the two times (target: within 1.15×). Each method runs
+once untimed first.
+
+    python benchmarks/gpu/fk_vs_batch.py --out results/fk.json
+    python benchmarks/gpu/fk_vs_batch.py --toy --device cpu --resolution 32 --out /tmp/fk_toy.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+
+from architectures import sd35_medium, vit_h14_reward
+from measure import default_device, measured, write_report
+
+from align_diffusion.sampling.loop import sample
+from align_diffusion.steering.fk import fk_steering, resampling_steps
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--toy", action="store_true", help="toy-width transformer and reward (CPU smoke runs)")
+parser.add_argument("--device", default=default_device())
+parser.add_argument("--particles", type=int, default=4)
+parser.add_argument("--steps", type=int, default=28)
+parser.add_argument("--interval", type=int, default=5, help="FK scores x̂0 and resamples every this many steps")
+parser.add_argument("--guidance", type=float, default=4.5)
+parser.add_argument("--resolution", type=int, default=1024)
+parser.add_argument("--repeats", type=int, default=2, help="timed runs of each (median reported)")
+parser.add_argument("--out", required=True, help="JSON report")
+args = parser.parse_args()
+
+dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
+adapter = sd35_medium(args.device, dtype, toy=args.toy)
+reward = vit_h14_reward(args.device, dtype, toy=args.toy)
+prompt = "a photo of a red fox in the snow"
+common = dict(num_inference_steps=args.steps, guidance_scale=args.guidance, height=args.resolution,
+              width=args.resolution)
+
+
+def plain_batch():
+    trajectory = sample(adapter, [prompt] * args.particles, sampler="flow-sde", **common)
+    return reward(trajectory.images, [prompt] * args.particles)
+
+
+def steered():
+    return fk_steering(adapter, prompt, reward, num_particles=args.particles, resample_interval=args.interval,
+                       **common)
+
+
+def timed(run) -> dict:
+    with torch.no_grad():
+        run()
+        rows = []
+        for _ in range(args.repeats):
+            with measured(args.device) as row:
+                run()
+            rows.append(row)
+    return {key: statistics.median(row[key] for row in rows) for key in rows[0]}
+
+
+plain, fk = timed(plain_batch), timed(steered)
+write_report(args.out, "fk_vs_batch", args.device, {
+    "toy": args.toy, "particles": args.particles, "interval": args.interval, "repeats": args.repeats, **common,
+}, {
+    "plain_batch": plain, "fk": fk, "fk_over_plain": fk["seconds"] / plain["seconds"],
+    "fk_scored_steps": resampling_steps(args.steps, 0, args.interval, None),
+})

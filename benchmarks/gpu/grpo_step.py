@@ -1,0 +1,152 @@
+"""One Flow-GRPO step of the shipped GPU preset on a full-size random-weight architecture: rollouts, then training.
+
+The trainer is ours (`GRPOTrainer` with the preset's config), given the architecture built in memory instead of
+loading weights. For each attention backend and gradient-checkpointing setting it reports rollout images per second
+(the preset's SDE steps with CFG, decoding and the JPEG reward included), training seconds per image (the log-prob
+recompute forward and backward at every stochastic step, the reference forward for the KL, the optimizer step),
+peak memory of each phase, and the train step's model FLOPs utilization: the FLOPs torch counts in the update
+(recomputation under checkpointing not counted) over its time, against the device's dense bf16 peak.
+
+    python benchmarks/gpu/grpo_step.py --arch sd35-medium --out results/grpo_sd35m.json
+    python benchmarks/gpu/grpo_step.py --arch flux-dev --group 2 --micro-batch 1 --checkpointing on \\
+        --out results/grpo_flux.json          # does a micro-batch fit, and at what peak memory
+    python benchmarks/gpu/grpo_step.py --toy --device cpu --out /tmp/grpo_toy.json    # CPU, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import statistics
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded; config validation must not try
+
+import torch  # noqa: E402
+
+from architectures import ARCHITECTURES, parameter_count  # noqa: E402
+from measure import bf16_peak_tflops, counted_flops, default_device, measured, write_report  # noqa: E402
+
+from align_diffusion.training.config import load_config, to_dict  # noqa: E402
+from align_diffusion.training.grpo import GRPOTrainer  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+PRESETS = {"sd35-medium": "configs/sd35m_grpo_geneval.yaml", "flux-dev": "configs/flux_dev_grpo_pickscore.yaml"}
+FIT_GIB = 79.0  # what an 80 GB card leaves to one process, roughly, after the CUDA context
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--arch", choices=sorted(PRESETS), default="sd35-medium")
+parser.add_argument("--toy", action="store_true", help="the same blocks at toy width (CPU smoke runs)")
+parser.add_argument("--device", default=default_device())
+parser.add_argument("--group", type=int, default=24, help="images of the step: one group")
+parser.add_argument("--micro-batch", type=int, default=8, help="images per forward/backward pass")
+parser.add_argument("--rollout-batch", type=int, default=None, help="images per sampling call (default: --group)")
+parser.add_argument("--resolution", type=int, default=512)
+parser.add_argument("--checkpointing", choices=("off", "on", "both"), default="both")
+parser.add_argument("--attention", choices=("sdpa", "xformers", "both"), default="sdpa")
+parser.add_argument("--repeats", type=int, default=1, help="timed steps per setting (median reported)")
+parser.add_argument("--peak-tflops", type=float, default=None, help="the device's bf16 peak (default: known table)")
+parser.add_argument("--out", required=True, help="JSON report")
+args = parser.parse_args()
+
+dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
+precision = "'no'" if args.device == "cpu" else "bf16"  # quoted: YAML reads a bare no as false
+adapter = ARCHITECTURES[args.arch](args.device, dtype, toy=args.toy)
+overrides = [
+    f"model={args.arch} (random weights)", "prompts=shapes:train", "eval.prompts=shapes:test", "eval.every=0",
+    "reward=jpeg", f"grpo.group_size={args.group}", f"grpo.batch_size={args.group}",
+    f"grpo.train_batch_size={args.micro_batch}", f"sampling.batch_size={args.rollout_batch or args.group}",
+    f"sampling.height={args.resolution}", f"sampling.width={args.resolution}", f"device={args.device}",
+    f"output_dir={tempfile.mkdtemp(prefix='grpo_bench_')}", "log_with=[]",
+    f"dtype={'float32' if dtype == torch.float32 else 'bfloat16'}",
+    f"optim.mixed_precision={precision}",
+]
+config = load_config(REPO / PRESETS[args.arch], overrides)
+trainer = GRPOTrainer(config, adapter=adapter)
+denoiser = adapter.denoiser
+step_numbers = itertools.count()
+
+
+def one_step() -> tuple[dict, dict, int]:
+    """Rollouts and the update of one training step, each measured; also the number of trained timesteps."""
+    step = next(step_numbers)
+    with measured(args.device) as rollout:
+        rollouts = trainer.rollout(step)
+    advantages, _ = trainer.advantages(rollouts)
+    with measured(args.device) as update:
+        stats = trainer.update(rollouts, advantages, step)
+    return rollout, update, stats["train_timesteps"]
+
+
+def update_flops() -> float:
+    """Model FLOPs of one update: one trained timestep counted (checkpointing off), times the timesteps trained."""
+    step = next(step_numbers)
+    rollouts = trainer.rollout(step)
+    advantages, _ = trainer.advantages(rollouts)
+    fraction = config.grpo.timestep_fraction
+    config.grpo.timestep_fraction = 1e-9  # trains exactly one timestep
+    denoiser.disable_gradient_checkpointing()
+    try:
+        with counted_flops() as counted:
+            trainer.update(rollouts, advantages, step)
+    finally:
+        config.grpo.timestep_fraction = fraction
+    return counted["flops"] * len(trainer.train_timesteps(0, rollouts.trajectory.stochastic_steps))
+
+
+def median(rows: list[dict], key: str) -> float | None:
+    values = [row[key] for row in rows if key in row]
+    return statistics.median(values) if values else None
+
+
+def measure_setting(backend: str, checkpoint: bool) -> dict:
+    """`--repeats` timed steps with this gradient-checkpointing setting; out of memory is a result too."""
+    if checkpoint:
+        denoiser.enable_gradient_checkpointing()
+    else:
+        denoiser.disable_gradient_checkpointing()
+    setting = {"attention": backend, "gradient_checkpointing": checkpoint}
+    rollouts, updates = [], []
+    try:
+        for _ in range(args.repeats):
+            rollout, update, setting["train_timesteps"] = one_step()
+            rollouts.append(rollout)
+            updates.append(update)
+    except torch.OutOfMemoryError as error:
+        torch.cuda.empty_cache()
+        return {**setting, "error": f"out of memory: {str(error).splitlines()[0]}"}
+    rollout_seconds, update_seconds = median(rollouts, "seconds"), median(updates, "seconds")
+    setting.update({
+        "rollout_seconds": rollout_seconds, "rollout_images_per_second": args.group / rollout_seconds,
+        "update_seconds": update_seconds, "train_seconds_per_image": update_seconds / args.group,
+        "update_tflops_per_second": flops / update_seconds / 1e12,
+        "mfu": flops / update_seconds / (peak * 1e12) if peak else None,
+        "rollout_peak_allocated_gib": median(rollouts, "peak_allocated_gib"),
+        "update_peak_allocated_gib": median(updates, "peak_allocated_gib"),
+        "update_peak_reserved_gib": median(updates, "peak_reserved_gib"),
+    })
+    if args.device.startswith("cuda"):
+        reserved = max(median(rollouts, "peak_reserved_gib"), setting["update_peak_reserved_gib"])
+        setting["fits_80gb"] = reserved <= FIT_GIB
+    return setting
+
+
+peak = args.peak_tflops or bf16_peak_tflops(args.device)
+run = {"arch": args.arch, "toy": args.toy, "group": args.group, "micro_batch": args.micro_batch,
+       "resolution": args.resolution, "dtype": str(dtype), "peak_tflops": peak, "repeats": args.repeats,
+       "preset": PRESETS[args.arch], "trainer_config": to_dict(config)}
+flops = update_flops()  # its rollout and update also warm up kernels and the allocator
+results = {"parameters": parameter_count(denoiser), "trained_parameters": sum(p.numel() for p in trainer.params),
+           "update_tflop": flops / 1e12, "settings": []}
+for backend in ["sdpa", "xformers"] if args.attention == "both" else [args.attention]:
+    if backend == "xformers":
+        try:
+            denoiser.enable_xformers_memory_efficient_attention()
+        except (ImportError, ModuleNotFoundError, ValueError) as error:
+            results["settings"].append({"attention": backend, "error": str(error)})
+            continue
+    for checkpoint in {"off": [False], "on": [True], "both": [False, True]}[args.checkpointing]:
+        results["settings"].append(measure_setting(backend, checkpoint))
+        write_report(args.out, "grpo_step", args.device, run, results)  # after each setting: a timeout keeps them

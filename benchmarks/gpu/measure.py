@@ -1,0 +1,88 @@
+"""Timing, peak memory, FLOP counts and the JSON report shared by the GPU benchmarks."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+# Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, by a substring of the device name.
+BF16_PEAK_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.1, "A10G": 70.0, "L4": 121.0}
+PACKAGES = ("torch", "diffusers", "transformers", "accelerate", "peft", "open_clip_torch", "xformers")
+GIB = 2**30
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def bf16_peak_tflops(device: str) -> float | None:
+    """The device's dense bf16 peak, or None when the table does not know it (pass --peak-tflops then)."""
+    name = device_name(device)
+    return next((peak for key, peak in BF16_PEAK_TFLOPS.items() if key in name), None)
+
+
+def environment(device: str) -> dict:
+    versions = {}
+    for package in PACKAGES:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    return {"device": device_name(device), "device_type": device.split(":")[0], "versions": versions,
+            "cuda": torch.version.cuda, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+@contextlib.contextmanager
+def measured(device: str):
+    """Yields a dict that receives `seconds` (wall clock, device synchronized) and, on CUDA, the peak allocated and
+    reserved memory in GiB reached inside the block."""
+    result = {}
+    synchronize(device)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    yield result
+    synchronize(device)
+    result["seconds"] = time.perf_counter() - start
+    if device.startswith("cuda"):
+        result["peak_allocated_gib"] = torch.cuda.max_memory_allocated(device) / GIB
+        result["peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / GIB
+
+
+@contextlib.contextmanager
+def counted_flops():
+    """Yields a dict that receives `flops`: the matmul, convolution and attention FLOPs run inside the block,
+    forward and backward, as torch's FlopCounterMode counts them."""
+    result = {}
+    counter = FlopCounterMode(display=False)
+    with counter:
+        yield result
+    result["flops"] = counter.get_total_flops()
+
+
+def write_report(path: str | Path, benchmark: str, device: str, config: dict, results) -> dict:
+    """{benchmark, environment, config, results} as JSON at `path` (folders created); returns it."""
+    report = {"benchmark": benchmark, "environment": environment(device), "config": config, "results": results}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+    return report
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,0 +1,58 @@
+"""ReNO's cost per iteration: one-step SD-Turbo-sized UNet at 512², a ViT-H-14-sized open_clip reward, both random
+weights, in half precision with gradient checkpointing, through our `reno`.
+
+An iteration renders every prompt's image from its noise (one UNet step, VAE decode), scores it, and backpropagates
+to the noise. The first call (compilation, allocator warm-up) is not timed. The paper's anchor: 20–50 s for 50
+iterations with four rewards on an A100.
+
+    python benchmarks/gpu/reno_step.py --out results/reno.json
+    python benchmarks/gpu/reno_step.py --toy --device cpu --out /tmp/reno_toy.json
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from architectures import parameter_count, sd_turbo, vit_h14_reward
+from measure import default_device, measured, write_report
+
+from align_diffusion.steering.reno import reno
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--toy", action="store_true", help="toy-width UNet and reward (CPU smoke runs)")
+parser.add_argument("--device", default=default_device())
+parser.add_argument("--dtype", choices=sorted(DTYPES), default="float16")
+parser.add_argument("--resolution", type=int, default=512)
+parser.add_argument("--prompts", type=int, default=1, help="prompts optimized together in one batch")
+parser.add_argument("--iterations", type=int, default=20)
+parser.add_argument("--no-checkpointing", action="store_true")
+parser.add_argument("--out", required=True, help="JSON report")
+args = parser.parse_args()
+
+dtype = DTYPES[args.dtype]
+adapter = sd_turbo(args.device, dtype, toy=args.toy)
+reward = vit_h14_reward(args.device, dtype, toy=args.toy)
+prompts = ["a photo of a red fox in the snow"] * args.prompts
+options = dict(num_inference_steps=1, guidance_scale=0.0, height=args.resolution, width=args.resolution,
+               gradient_checkpointing=not args.no_checkpointing)
+
+reno(adapter, prompts, reward, iterations=1, **options)
+with measured(args.device) as timed:
+    results = reno(adapter, prompts, reward, iterations=args.iterations, **options)
+# `iterations` gradient steps, and one more render to score the last iterate.
+seconds_per_iteration = timed["seconds"] / (args.iterations + 1)
+write_report(args.out, "reno", args.device, {
+    "toy": args.toy, "dtype": args.dtype, "resolution": args.resolution, "prompts": args.prompts,
+    "iterations": args.iterations, **options,
+}, {
+    "unet_parameters": parameter_count(adapter.denoiser), "reward_parameters": parameter_count(reward),
+    "seconds": timed["seconds"], "seconds_per_iteration": seconds_per_iteration,
+    "seconds_for_50_iterations": 51 * seconds_per_iteration,
+    "peak_allocated_gib": timed.get("peak_allocated_gib"), "peak_reserved_gib": timed.get("peak_reserved_gib"),
+    "best_iteration": results[0].winner,
+    "reward_first_last": [results[0].details["rewards_per_iteration"][k] for k in (0, -1)],
+})
