@@ -114,6 +114,18 @@ def test_dense_grpo_gives_each_step_its_group_normalized_advantage(saved, prompt
     assert metrics(tmp_path)[0]["first_ratio_max_deviation"] <= 1e-5
 
 
+def test_dense_grpo_with_a_noise_window_counts_only_the_noisy_steps(saved, prompt_file, tmp_path):
+    overrides = tiny_overrides(saved["sd3"], prompt_file, tmp_path, max_steps=1,
+                               **{"grpo.dense": "ode", "sampling.noise_window": "[0, 2]"})
+    trainer = GRPOTrainer(load_config(None, overrides))
+    rollouts = trainer.rollout(0)
+    advantages, stats = trainer.advantages(rollouts)
+    assert rollouts.trajectory.stochastic_steps == [0, 1] and not advantages[:, 2].any()
+    expected, zero = dense_advantages(rollouts.step_deltas[:, :2], torch.arange(8) // 4)
+    torch.testing.assert_close(advantages[:, :2], expected.float())
+    assert stats["zero_std_fraction"] == zero / (2 * 2)  # 2 groups × 2 noisy steps; the ODE step is not counted
+
+
 def test_noise_table_sets_each_steps_level_and_log_probs_follow(saved, prompt_file, tmp_path):
     table = tmp_path / "table.json"
     write_table(table, [0.9, 0.4, 0.0])

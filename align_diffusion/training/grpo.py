@@ -161,8 +161,9 @@ class GRPOTrainer:
         self.eval_prompts = PromptSource(config.eval.prompts)
 
         device = config.device or self.accelerator.device
-        self.adapter: PipelineAdapter = adapter or load_adapter(config.model, dtype=DTYPES[config.dtype],
-                                                                device=str(device))
+        if adapter is None:
+            adapter = load_adapter(config.model, dtype=DTYPES[config.dtype], device=str(device))
+        self.adapter: PipelineAdapter = adapter
         self.reward = load_reward(config.reward, device=device)
         if self.reward.needs_reference:
             raise ValueError(f"reward {self.reward.name} needs reference images, which this trainer does not provide")
@@ -343,10 +344,12 @@ class GRPOTrainer:
         rewards = self.accelerator.gather(rollouts.rewards.to(device)).cpu()
         group_ids = torch.arange(len(rewards)) // config.group_size
         num_groups = len(rewards) // config.group_size
-        if config.dense is not None:  # (B, T): each step normalized within its group
+        if config.dense is not None:  # (B, T): each stochastic step normalized within its group, 0 elsewhere
             deltas = self.accelerator.gather(rollouts.step_deltas.to(device)).cpu()
-            advantages, zero = dense_advantages(deltas, group_ids, config.advantage)
-            zero_fraction = zero / (num_groups * deltas.shape[1])
+            stochastic = rollouts.trajectory.stochastic_steps
+            advantages = torch.zeros_like(deltas)
+            advantages[:, stochastic], zero = dense_advantages(deltas[:, stochastic], group_ids, config.advantage)
+            zero_fraction = zero / (num_groups * max(1, len(stochastic)))
         else:
             result = group_advantages(rewards, group_ids, config.advantage, absolute_weight=config.value_weight,
                                       anchor=config.value_anchor)
