@@ -179,7 +179,7 @@ def vit_h14_reward(device: str, dtype: torch.dtype, toy: bool = False) -> OpenCl
             open_clip.set_model_preprocess_cfg(model, dict(size=32, mean=open_clip.OPENAI_DATASET_MEAN,
                                                            std=open_clip.OPENAI_DATASET_STD))
         else:
-            model = open_clip.create_model("ViT-H-14", pretrained=None)
+            model = open_clip.create_model("ViT-H-14", pretrained=None, device=device)
     return OpenClipScore("vit-h-14", model, open_clip.get_tokenizer("ViT-H-14"), device, dtype)
 
 
