@@ -1,6 +1,6 @@
 """Saves a random-weight tiny pipeline of one family as a diffusers folder (offline; deterministic in --seed).
 
-    python scripts/make_tiny_pipeline.py --family sd3 --out assets/tiny-sd3
+    python scripts/make_tiny_pipeline.py --family sd3 --out tiny-sd3
 """
 
 import argparse

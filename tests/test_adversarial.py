@@ -30,7 +30,7 @@ def test_reward_is_the_stated_mix_of_cls_and_patch_scores():
     reward = load_reward(f"adv-dino:{DINO}")
     assert isinstance(reward, AdversarialDino) and reward.trainable and reward.stateful
     images = renders(["a red circle", "three squares"])
-    backbone = Dinov2Model.from_pretrained(DINO).eval()
+    backbone = Dinov2Model.from_pretrained(DINO, dtype=torch.float32).eval()  # stored in float16
     pixels = AutoImageProcessor.from_pretrained(DINO)(images=list((images * 255).round().byte().permute(0, 2, 3, 1)
                                                                   .numpy()), return_tensors="pt").pixel_values
     with torch.no_grad():

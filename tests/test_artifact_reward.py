@@ -75,7 +75,7 @@ def test_train_reward_command_saves_a_reward_the_spec_loads(tmp_path, capsys):
     reward(pixels, [""] * 4).sum().backward()
     assert torch.isfinite(pixels.grad).all() and pixels.grad.abs().sum() > 0
     # The torch path against the backbone's own image processor on PIL images.
-    model = AutoModel.from_pretrained(DINO).eval()
+    model = AutoModel.from_pretrained(DINO, dtype=torch.float32).eval()  # stored in float16
     inputs = AutoImageProcessor.from_pretrained(DINO)(images=clean[:4], return_tensors="pt")
     with torch.no_grad():
         hidden = model(**inputs, output_hidden_states=True).hidden_states

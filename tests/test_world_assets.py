@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from diffusers import StableDiffusion3Pipeline
+from diffusers import DDIMScheduler, StableDiffusion3Pipeline, StableDiffusionPipeline
 from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel, Dinov2Model
 
 from align_diffusion.models import adapter_for
@@ -33,7 +33,7 @@ def test_world_clip_picks_the_right_prompt_among_six():
 
 
 def test_world_dino_loads_and_tells_scenes_apart():
-    model = Dinov2Model.from_pretrained(WORLD / "dino").eval()
+    model = Dinov2Model.from_pretrained(WORLD / "dino", dtype=torch.float32).eval()  # stored in float16
     prompts = ["a red circle", "four squares"]
     renders = to_tensor([render_prompt(p, seed) for p in prompts for seed in range(8)])
     with torch.no_grad():
@@ -53,3 +53,16 @@ def test_sd3_generator_loads_with_its_stock_pipeline_and_our_sampler_matches_it(
     assert stock.shape == (2, 3, 64, 64)
     torch.testing.assert_close(ours, stock, atol=1e-4, rtol=0)
 
+
+
+def test_sd_generator_loads_with_its_stock_pipeline_and_our_ddim_sampler_matches_it():
+    pipe = StableDiffusionPipeline.from_pretrained(WORLD / "sd")
+    assert isinstance(pipe.scheduler, DDIMScheduler) and pipe.scheduler.config.prediction_type == "epsilon"
+    assert pipe.unet.dtype == torch.float32  # stored in float16
+    prompts = ["a red circle left of a blue square", "three triangles"]
+    stock = pipe(prompts, num_inference_steps=10, guidance_scale=2.0, eta=0.0, output_type="pt",
+                 generator=[torch.Generator().manual_seed(k) for k in range(2)]).images
+    ours = sample(adapter_for(pipe), prompts, sampler="ddim", noise_level=0.0, num_inference_steps=10,
+                  guidance_scale=2.0).images
+    assert stock.shape == (2, 3, 64, 64)
+    torch.testing.assert_close(ours, stock, atol=1e-4, rtol=0)

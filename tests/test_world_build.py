@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
+from diffusers import DDIMScheduler, StableDiffusion3Pipeline, StableDiffusionPipeline
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, CLIPModel, Dinov2Model
 
@@ -15,7 +15,7 @@ from align_diffusion.sampling.loop import sample
 from align_diffusion.world.build import BuildPlan, build_world
 from align_diffusion.models.tiny import vae as tiny_vae
 from align_diffusion.models.sd3 import CompactContextAttnProcessor, compact_zero_context
-from align_diffusion.world.generators import standardize_latents
+from align_diffusion.world.generators import FLOW_SHIFT, flow_matched_timesteps, standardize_latents
 
 PLAN = BuildPlan(clip_steps=2, dino_steps=2, vae_steps=2, sd3_steps=2, sd_steps=2, dataset_size=64)
 
@@ -35,12 +35,15 @@ def test_every_asset_loads_with_its_stock_class(world):
     tokens = tokenizer(["a red circle left of a blue square"], padding="max_length", max_length=16,
                        return_tensors="pt")
     assert clip.get_text_features(input_ids=tokens.input_ids).pooler_output.shape[-1] == 128
-    assert Dinov2Model.from_pretrained(out / "dino")(pixel_values=torch.zeros(1, 3, 64, 64)).last_hidden_state.shape \
-        == (1, 65, 128)
-    # The SD3 transformer is stored in float16 (asset size) and loads back as float32.
-    stored = load_file(out / "sd3" / "transformer" / "diffusion_pytorch_model.safetensors")
-    assert {tensor.dtype for tensor in stored.values()} == {torch.float16}
+    # The DINO encoder and both denoisers are stored in float16 (asset size); the denoisers load back as float32.
+    assert {t.dtype for t in load_file(out / "dino" / "model.safetensors").values()} == {torch.float16}
+    dino = Dinov2Model.from_pretrained(out / "dino", dtype=torch.float32)
+    assert dino(pixel_values=torch.zeros(1, 3, 64, 64)).last_hidden_state.shape == (1, 65, 128)
+    for denoiser in ("sd3/transformer", "sd/unet"):
+        stored = load_file(out / denoiser / "diffusion_pytorch_model.safetensors")
+        assert {tensor.dtype for tensor in stored.values()} == {torch.float16}
     assert StableDiffusion3Pipeline.from_pretrained(out / "sd3").transformer.dtype == torch.float32
+    assert StableDiffusionPipeline.from_pretrained(out / "sd").unet.dtype == torch.float32
     for pipeline_class in (StableDiffusion3Pipeline, StableDiffusionPipeline):
         pipe = pipeline_class.from_pretrained(out / ("sd3" if pipeline_class is StableDiffusion3Pipeline else "sd"))
         image = pipe("a red circle", num_inference_steps=2, output_type="pt").images
@@ -110,3 +113,20 @@ def test_standardized_vae_is_the_same_autoencoder_with_standard_latents():
     scale = latents.std((0, 2, 3)).view(1, -1, 1, 1)
     torch.testing.assert_close(posterior.std, vae.encode(images).latent_dist.std / scale, atol=1e-5, rtol=1e-4)
     assert standard_vae.config.scaling_factor == 1.0 and standard_vae.config.shift_factor is None
+
+
+def test_sd_training_noise_levels_are_the_sd3_generators():
+    """Shifted-uniform flow times s = 3u / (1 + 2u) have log-SNR 2 log((1 - s) / s): the median (u = 1/2, s = 3/4)
+    is 2 log(1/3), and flow times beyond the last DDPM step's noise level, s* = σ / (α + σ), all land on that step:
+    u > s* / (3 - 2 s*)."""
+    alphas_cumprod = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear").alphas_cumprod
+    torch.manual_seed(0)
+    steps = flow_matched_timesteps(alphas_cumprod, 200_000)
+    log_snr = (alphas_cumprod / (1 - alphas_cumprod)).log()[steps]
+    assert FLOW_SHIFT == 3.0
+    assert abs(log_snr.median().item() - 2 * torch.log(torch.tensor(1 / 3)).item()) < 0.02
+    alpha, sigma = alphas_cumprod[-1].sqrt(), (1 - alphas_cumprod[-1]).sqrt()
+    noisiest = sigma / (alpha + sigma)
+    expected_last = 1 - noisiest / (3 - 2 * noisiest)
+    assert abs((steps == len(alphas_cumprod) - 1).float().mean().item() - expected_last.item()) < 0.005
+    assert steps.min() >= 0

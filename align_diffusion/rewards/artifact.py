@@ -185,6 +185,10 @@ def train_artifact_reward(data, out: str | Path, backbone: str, settings: Artifa
             log(f"artifact head step {step + 1}/{settings.steps} loss {loss.item():.4f}")
     head.eval()
     with torch.no_grad():
+        # The linear weights are stored in float16 (half the size); the accuracies below are the stored head's.
+        for layer in (head[1], head[3]):
+            layer.weight.copy_(layer.weight.half())
+
         def accuracy(x, y):
             return float(((head(x).squeeze(-1) > 0).float() == y).float().mean())
 
@@ -197,7 +201,8 @@ def train_artifact_reward(data, out: str | Path, backbone: str, settings: Artifa
             result["unseen_images"] = len(unseen_files)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous().cpu() for k, v in head.state_dict().items()}, out / HEAD_FILE)
+    save_file({k: (v.half() if k.endswith("weight") else v).contiguous().cpu() for k, v in head.state_dict().items()},
+              out / HEAD_FILE)
     if Path(backbone).is_dir():
         backbone = os.path.relpath(Path(backbone).resolve(), out.resolve())
     (out / CONFIG_FILE).write_text(json.dumps({"backbone": str(backbone), **result}, indent=1))

@@ -41,13 +41,14 @@ IMAGE_PROCESSING = dict(size={"shortest_edge": 64}, crop_size={"height": 64, "wi
 @dataclass
 class BuildPlan:
     """Training steps per asset. Alone on 2 CPU cores a CLIP step takes ~0.8 s, a DINO step ~0.5 s, a VAE step
-    ~0.7 s, an SD3 step ~0.5 s and an SD step ~0.6 s (assets/README.md has the measured builds)."""
+    ~0.7 s, an SD3 step 0.5–1.3 s and an SD step 0.6–1.3 s (the machines of different sessions differed by that
+    much; assets/README.md has the measured builds)."""
 
     clip_steps: int = 400
     dino_steps: int = 300
     vae_steps: int = 1200
     sd3_steps: int = 4000
-    sd_steps: int = 1500
+    sd_steps: int = 2000
     dataset_size: int = 40000
 
 
@@ -90,7 +91,8 @@ def build_world(out: str | Path, seed: int = 0, plan: BuildPlan | None = None, o
     else:
         clip, tokenizer = CLIPModel.from_pretrained(out / "clip").eval(), AutoTokenizer.from_pretrained(out / "clip")
     if "dino" in only:
-        train_dino(plan.dino_steps, seed=seed, log=log).save_pretrained(out / "dino")
+        # float16 on disk to keep the assets small; its readers (the DINO and artifact rewards) ask for a dtype.
+        train_dino(plan.dino_steps, seed=seed, log=log).half().save_pretrained(out / "dino")
         BitImageProcessor(**IMAGE_PROCESSING).save_pretrained(out / "dino")
         done("dino")
     if "vae" in only:
@@ -110,7 +112,9 @@ def build_world(out: str | Path, seed: int = 0, plan: BuildPlan | None = None, o
     if "sd" in only:
         sd_vae, sd_latents = standardize_latents(vae, dataset[1])
         pipe = world_sd_pipeline(sd_vae, clip, tokenizer)
-        train_sd(pipe, plan.sd_steps, (dataset[0], sd_latents), seed=seed, log=log).save_pretrained(out / "sd")
+        train_sd(pipe, plan.sd_steps, (dataset[0], sd_latents), seed=seed, log=log)
+        pipe.unet.to(torch.float16)  # as the SD3 transformer: float16 on disk, float32 when loaded
+        pipe.save_pretrained(out / "sd")
         done("sd")
     report["total_seconds"] = round(time.time() - start, 1)
     (out / "build_report.json").write_text(json.dumps(report, indent=1))

@@ -41,7 +41,6 @@ CFG_DROPOUT = 0.1  # share of training prompts replaced by "" so classifier-free
 # is decided at high noise (t > 0.7), where the unshifted logit-normal spends 4% of training above t = 0.85 and
 # shifted-uniform times spend 35%; with it, blank samples became rare (outlines are still soft: assets/README.md).
 FLOW_SHIFT = 3.0
-MIN_SNR_GAMMA = 5.0
 BACKGROUND_PIXEL = torch.tensor(BACKGROUND).view(1, 3, 1, 1) / 127.5 - 1
 # The generators' training scenes: 16 px objects with corners on an 8 px grid, so each object covers exactly
 # 2×2 transformer tokens (4×4 latent cells). Still correct world images, but far fewer layouts to learn: with the
@@ -163,8 +162,9 @@ def world_sd_pipeline(vae, clip: CLIPModel, tokenizer) -> StableDiffusionPipelin
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=clip.config.text_config.hidden_size, attention_head_dim=32, norm_num_groups=32,
     )
+    # "trailing" spacing: sampling starts at the last training step, the one x_T ~ N(0, I) stands for.
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1)
+                              set_alpha_to_one=False, steps_offset=1, timestep_spacing="trailing")
     return StableDiffusionPipeline(vae=vae, text_encoder=plain, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
@@ -228,11 +228,23 @@ def train_sd3(pipe: StableDiffusion3Pipeline, steps: int, dataset, batch_size: i
     return pipe
 
 
-def train_sd(pipe: StableDiffusionPipeline, steps: int, dataset, batch_size: int = 64, lr: float = 5e-4,
+def flow_matched_timesteps(alphas_cumprod: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """DDPM timesteps at the noise levels the SD3 generator trains on: shifted-uniform flow times, each mapped to
+    the DDPM step of nearest log-SNR (flow times noisier than the schedule's last step map to that step)."""
+    u = torch.rand(batch_size)
+    t = FLOW_SHIFT * u / (1 + (FLOW_SHIFT - 1) * u)
+    flow_log_snr = 2 * torch.log((1 - t) / t)
+    ddpm_log_snr = (alphas_cumprod / (1 - alphas_cumprod)).log()  # decreasing in the timestep
+    return torch.searchsorted(-ddpm_log_snr, -flow_log_snr).clamp(max=len(alphas_cumprod) - 1)
+
+
+def train_sd(pipe: StableDiffusionPipeline, steps: int, dataset, batch_size: int = 64, lr: float = 1e-3,
              seed: int = 0, log=print) -> StableDiffusionPipeline:
-    """ε-prediction training on the DDPM noise schedule with min-SNR-5 loss weights (Hang et al. 2023: without
-    them the many easy low-noise steps dominate and the layout-deciding noisy steps train slowly), with CFG
-    dropout, on an `encode_dataset` set scaled as the SD pipeline does (no shift: see `standardize_latents`)."""
+    """ε-prediction training with the SD3 generator's objective: its noise levels (`flow_matched_timesteps`) and
+    its loss, the rectified-flow velocity error of the velocity the predicted ε implies, (1 + σ/α)·(ε̂ − ε). Plain
+    ε-loss (with or without min-SNR weights) gives the noisiest steps, where the layout is decided, almost no weight
+    in x̂0 terms (assets/README.md); this one weighs x̂0 errors there ~1. CFG dropout as for SD3; latents scaled as
+    the SD pipeline does (no shift: see `standardize_latents`)."""
     torch.manual_seed(seed)
     prompts, latents = dataset
     latents = latents * pipe.vae.config.scaling_factor
@@ -244,13 +256,12 @@ def train_sd(pipe: StableDiffusionPipeline, steps: int, dataset, batch_size: int
 
     def batch_loss():
         ids, x0, noise = _draw(latents, prompt_ids, len(unique) - 1, batch_size)
-        t = torch.randint(0, len(alphas_cumprod), (batch_size,))
-        alpha = alphas_cumprod[t].view(-1, 1, 1, 1)
-        x_t = alpha.sqrt() * x0 + (1 - alpha).sqrt() * noise
-        snr = alpha / (1 - alpha)
-        weight = snr.clamp(max=MIN_SNR_GAMMA) / snr
-        error = (unet(x_t, t, encoder_hidden_states=embeds[ids]).sample - noise) ** 2
-        return (weight * error).mean()
+        t = flow_matched_timesteps(alphas_cumprod, batch_size)
+        alpha = alphas_cumprod[t].sqrt().view(-1, 1, 1, 1)
+        sigma = (1 - alphas_cumprod[t]).sqrt().view(-1, 1, 1, 1)
+        x_t = alpha * x0 + sigma * noise
+        epsilon = unet(x_t, t, encoder_hidden_states=embeds[ids]).sample
+        return (((1 + sigma / alpha) * (epsilon - noise)) ** 2).mean()
 
     fit("sd", unet.parameters(), steps, lr, batch_loss, log, **GENERATOR_FIT)
     unet.eval()
