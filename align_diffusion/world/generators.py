@@ -230,7 +230,8 @@ def train_sd3(pipe: StableDiffusion3Pipeline, steps: int, dataset, batch_size: i
 
 def flow_matched_timesteps(alphas_cumprod: torch.Tensor, batch_size: int) -> torch.Tensor:
     """DDPM timesteps at the noise levels the SD3 generator trains on: shifted-uniform flow times, each mapped to
-    the DDPM step of nearest log-SNR (flow times noisier than the schedule's last step map to that step)."""
+    the first DDPM step at least as noisy (log-SNR at or below the flow time's; flow times noisier than the
+    schedule's last step map to that step)."""
     u = torch.rand(batch_size)
     t = FLOW_SHIFT * u / (1 + (FLOW_SHIFT - 1) * u)
     flow_log_snr = 2 * torch.log((1 - t) / t)
