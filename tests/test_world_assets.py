@@ -54,7 +54,6 @@ def test_sd3_generator_loads_with_its_stock_pipeline_and_our_sampler_matches_it(
     torch.testing.assert_close(ours, stock, atol=1e-4, rtol=0)
 
 
-
 def test_sd_generator_loads_with_its_stock_pipeline_and_our_ddim_sampler_matches_it():
     pipe = StableDiffusionPipeline.from_pretrained(WORLD / "sd")
     assert isinstance(pipe.scheduler, DDIMScheduler) and pipe.scheduler.config.prediction_type == "epsilon"

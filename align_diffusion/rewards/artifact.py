@@ -184,11 +184,10 @@ def train_artifact_reward(data, out: str | Path, backbone: str, settings: Artifa
         if step % 500 == 0 or step == settings.steps - 1:
             log(f"artifact head step {step + 1}/{settings.steps} loss {loss.item():.4f}")
     head.eval()
+    # Stored with float16 linear weights (half the size); loaded back now, so the accuracies are the stored head's.
+    stored = {k: (v.half() if k.endswith("weight") else v).contiguous().cpu() for k, v in head.state_dict().items()}
+    head.load_state_dict(stored)
     with torch.no_grad():
-        # The linear weights are stored in float16 (half the size); the accuracies below are the stored head's.
-        for layer in (head[1], head[3]):
-            layer.weight.copy_(layer.weight.half())
-
         def accuracy(x, y):
             return float(((head(x).squeeze(-1) > 0).float() == y).float().mean())
 
@@ -201,8 +200,7 @@ def train_artifact_reward(data, out: str | Path, backbone: str, settings: Artifa
             result["unseen_images"] = len(unseen_files)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: (v.half() if k.endswith("weight") else v).contiguous().cpu() for k, v in head.state_dict().items()},
-              out / HEAD_FILE)
+    save_file(stored, out / HEAD_FILE)
     if Path(backbone).is_dir():
         backbone = os.path.relpath(Path(backbone).resolve(), out.resolve())
     (out / CONFIG_FILE).write_text(json.dumps({"backbone": str(backbone), **result}, indent=1))

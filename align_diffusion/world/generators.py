@@ -197,6 +197,12 @@ def _draw(latents, prompt_ids, empty_id: int, batch_size: int):
     return ids, latents[pick], torch.randn_like(latents[pick])
 
 
+def shifted_flow_times(batch_size: int) -> torch.Tensor:
+    """Training times of the SD3 generator: uniform, then shifted by FLOW_SHIFT as the sampler's times are."""
+    u = torch.rand(batch_size)
+    return FLOW_SHIFT * u / (1 + (FLOW_SHIFT - 1) * u)
+
+
 def train_sd3(pipe: StableDiffusion3Pipeline, steps: int, dataset, batch_size: int = 64, lr: float = 1e-3,
               seed: int = 0, log=print) -> StableDiffusion3Pipeline:
     """Rectified-flow training (velocity target ε - x0; t uniform, then shifted by FLOW_SHIFT as the sampler's
@@ -214,8 +220,7 @@ def train_sd3(pipe: StableDiffusion3Pipeline, steps: int, dataset, batch_size: i
 
     def batch_loss():
         ids, x0, noise = _draw(latents, prompt_ids, len(unique) - 1, batch_size)
-        u = torch.rand(batch_size)
-        t = FLOW_SHIFT * u / (1 + (FLOW_SHIFT - 1) * u)
+        t = shifted_flow_times(batch_size)
         x_t = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * noise
         with compact_attention(transformer, embeds[CONTEXT_BIAS][ids]):
             v = transformer(hidden_states=x_t, timestep=t * 1000,
@@ -232,8 +237,7 @@ def flow_matched_timesteps(alphas_cumprod: torch.Tensor, batch_size: int) -> tor
     """DDPM timesteps at the noise levels the SD3 generator trains on: shifted-uniform flow times, each mapped to
     the first DDPM step at least as noisy (log-SNR at or below the flow time's; flow times noisier than the
     schedule's last step map to that step)."""
-    u = torch.rand(batch_size)
-    t = FLOW_SHIFT * u / (1 + (FLOW_SHIFT - 1) * u)
+    t = shifted_flow_times(batch_size)
     flow_log_snr = 2 * torch.log((1 - t) / t)
     ddpm_log_snr = (alphas_cumprod / (1 - alphas_cumprod)).log()  # decreasing in the timestep
     return torch.searchsorted(-ddpm_log_snr, -flow_log_snr).clamp(max=len(alphas_cumprod) - 1)
