@@ -4,6 +4,7 @@ the stock pipeline, exact resume, and two CPU processes against one."""
 import json
 import math
 import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from safetensors.torch import load_file
 from align_diffusion.cli import main
 from align_diffusion.models import load_adapter
 from align_diffusion.rewards.spec import load_reward
+from align_diffusion.sampling.loop import step_log_prob
 from align_diffusion.training.config import ConfigError, load_config
 from align_diffusion.training.grpo import GRPOTrainer, clipped_policy_loss, gaussian_kl
 from training_helpers import metrics, tiny_overrides
@@ -244,3 +246,28 @@ def test_max_minutes_stops_with_a_checkpoint_and_an_export(saved, prompt_file, t
     state = json.loads((tmp_path / "checkpoints" / "step-000001" / "trainer_state.json").read_text())
     assert state["train_seconds"] == pytest.approx(rows[0]["seconds"], abs=0.01)
     assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_gradient_signal_script_measures_the_policy_gradient_without_moving_the_weights(saved, prompt_file, tmp_path):
+    """scripts/gradient_signal.py: each captured gradient is the hand-written GRPO loss's gradient at the
+    unchanged starting weights (lr 0), and independent batches give different gradients."""
+    measure = runpy.run_path(str(REPO / "scripts" / "gradient_signal.py"))["measure"]
+    overrides = tiny_overrides(saved["sd3"], prompt_file, tmp_path, **{"grpo.kl_beta": 0, "optim.max_grad_norm":
+                                                                       "null", "checkpoint_every": 0})
+    trainer, gradients = measure(None, overrides, 3)
+    reference = GRPOTrainer(load_config(None, [*overrides, "optim.lr=0"]))
+    assert all(torch.equal(a, b) for a, b in zip(trainer.trained_state().values(),
+                                                 reference.trained_state().values()))
+    rollouts = reference.rollout(0)
+    advantages, _ = reference.advantages(rollouts)
+    steps = rollouts.trajectory.stochastic_steps
+    loss = 0
+    for j in steps:
+        log_prob = step_log_prob(reference.adapter, rollouts.trajectory, j).log_prob
+        ratio = torch.exp(log_prob - rollouts.trajectory.log_probs[:, j])
+        loss = loss - (advantages.clamp(-5, 5) * ratio).mean() / len(steps)
+    loss.backward()
+    by_hand = torch.cat([p.grad.flatten().double() for p in reference.params])
+    assert len(gradients) == 3 and float(by_hand.norm()) > 0
+    assert torch.allclose(gradients[0], by_hand, rtol=1e-4, atol=1e-9 * float(by_hand.abs().max()))
+    assert not torch.allclose(gradients[1], gradients[0])
