@@ -10,6 +10,8 @@ per-image share s), which is what `--batches` at two `grpo.batch_size` values me
 command's dotted key=value pairs.
 """
 
+from __future__ import annotations
+
 import argparse
 import itertools
 import math
@@ -20,7 +22,7 @@ from align_diffusion.training.config import load_config
 from align_diffusion.training.grpo import GRPOTrainer
 
 
-def measure(config_path: str, overrides: list[str], batches: int) -> tuple[GRPOTrainer, list[torch.Tensor]]:
+def measure(config_path: str | None, overrides: list[str], batches: int) -> tuple[GRPOTrainer, list[torch.Tensor]]:
     """The trainer (its weights never moved) and the flattened policy gradient of each of `batches` batches."""
     config = load_config(config_path, [*overrides, "optim.lr=0", "eval.every=0", "log_with=[]"])
     trainer = GRPOTrainer(config)
