@@ -41,7 +41,7 @@ IMAGE_PROCESSING = dict(size={"shortest_edge": 64}, crop_size={"height": 64, "wi
 @dataclass
 class BuildPlan:
     """Training steps per asset. Alone on 2 CPU cores a CLIP step takes ~0.8 s, a DINO step ~0.5 s, a VAE step
-    ~0.7 s, an SD3 step 0.5–1.3 s and an SD step 0.6–1.3 s (the machines of different sessions differed by that
+    ~0.7 s, an SD3 step 0.5–1.6 s and an SD step 0.6–1.3 s (the machines of different sessions differed by that
     much; assets/README.md has the measured builds)."""
 
     clip_steps: int = 400
