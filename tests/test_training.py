@@ -261,11 +261,11 @@ def test_gradient_signal_script_measures_the_policy_gradient_without_moving_the_
     rollouts = reference.rollout(0)
     advantages, _ = reference.advantages(rollouts)
     steps = rollouts.trajectory.stochastic_steps
-    loss = 0
+    clip, loss = reference.config.grpo.adv_clip_max, 0
     for j in steps:
         log_prob = step_log_prob(reference.adapter, rollouts.trajectory, j).log_prob
         ratio = torch.exp(log_prob - rollouts.trajectory.log_probs[:, j])
-        loss = loss - (advantages.clamp(-5, 5) * ratio).mean() / len(steps)
+        loss = loss - (advantages.clamp(-clip, clip) * ratio).mean() / len(steps)
     loss.backward()
     by_hand = torch.cat([p.grad.flatten().double() for p in reference.params])
     assert len(gradients) == 3 and float(by_hand.norm()) > 0
