@@ -150,10 +150,11 @@ def run_eval(args) -> None:
     )
     result["settings"].update(model=str(args.model), lora=None if args.lora is None else str(args.lora))
     (args.out / "eval.json").write_text(json.dumps(result, indent=1))
-    print(f"overall strict {result['overall_strict']:.3f}  graded {result['graded']:.3f}  "
-          f"({result['num_images']} images; review page {args.out / 'index.html'})")
+    print(f"overall strict {result['overall_strict']:.3f} ± {result['overall_strict_se']:.3f}  graded "
+          f"{result['graded']:.3f}  ({result['num_images']} images, ± one binomial standard error; review page "
+          f"{args.out / 'index.html'})")
     for category, accuracy in result["per_category_strict"].items():
-        print(f"  {category:<14} {accuracy:.3f}")
+        print(f"  {category:<14} {accuracy:.3f} ± {result['per_category_strict_se'][category]:.3f}")
 
 
 def add_build_world_parser(subparsers) -> None:

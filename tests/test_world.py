@@ -105,6 +105,20 @@ def test_shapes_eval_scores_clean_test_renders(test_renders):
                                                    "color_attr", "position"}
 
 
+def test_shapes_eval_standard_errors_hand_worked():
+    blank = render([])
+    prompts = ["a circle"] * 4 + ["a red square"] * 2
+    images = [render_prompt("a circle", 0), render_prompt("a circle", 1), render_prompt("a circle", 2), blank,
+              render_prompt("a red square", 3), blank]
+    result = shapes_eval(prompts, images)
+    assert result["per_category_strict"] == {"single_object": 0.75, "colors": 0.5}
+    # √(0.75 · 0.25 / 4) and √(0.5 · 0.5 / 2); overall: the mean of the two, so √(se₁² + se₂²) / 2.
+    assert result["per_category_strict_se"]["single_object"] == pytest.approx(0.2165064, abs=1e-6)
+    assert result["per_category_strict_se"]["colors"] == pytest.approx(0.3535534, abs=1e-6)
+    assert result["overall_strict"] == pytest.approx(0.625)
+    assert result["overall_strict_se"] == pytest.approx(0.2072890, abs=1e-6)
+
+
 def test_shapes_eval_survives_mild_blur_and_noise(test_renders):
     prompts, images = test_renders
     rng = np.random.default_rng(0)

@@ -53,7 +53,7 @@ def plot_training(metrics: list[dict], out_dir: str | Path) -> list[Path]:
         paths.append(plot_curves(rewards, Path(out_dir) / "reward.png", xlabel="step", ylabel="reward",
                                  title="reward"))
     categories = [key for key in names if key.startswith("eval/shapes_") and key not in (
-        "eval/shapes_mean", "eval/shapes_strict", "eval/shapes_graded")]
+        "eval/shapes_mean", "eval/shapes_strict", "eval/shapes_strict_se", "eval/shapes_graded")]
     overall = {"strict (overall)": "eval/shapes_strict", "graded": "eval/shapes_graded"}
     accuracy = _series(metrics, {**overall, **{key[len("eval/shapes_"):]: key for key in categories}})
     if accuracy:

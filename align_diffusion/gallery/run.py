@@ -39,7 +39,8 @@ def build_run_page(run_dir: str | Path) -> Path:
             comparison = build_comparison(folders[0], folder, out=folder / f"compare-{folders[0].name}.html")
             links[folder.name].append((f"vs {folders[0].name}", comparison.relative_to(run_dir).as_posix()))
 
-    columns = {"eval reward": "eval/reward_mean", "strict": "eval/shapes_strict", "graded": "eval/shapes_graded"}
+    columns = {"eval reward": "eval/reward_mean", "strict": "eval/shapes_strict",
+               "strict s.e.": "eval/shapes_strict_se", "graded": "eval/shapes_graded"}
     evaluated = [row for row in metrics if "eval/reward_mean" in row]
     columns = {label: key for label, key in columns.items() if any(key in row for row in evaluated)}
     rows = []

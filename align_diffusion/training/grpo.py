@@ -508,6 +508,7 @@ class GRPOTrainer:
 
             report = shapes_eval(per_image, images)
             result["eval/shapes_strict"] = report["overall_strict"]
+            result["eval/shapes_strict_se"] = report["overall_strict_se"]
             result["eval/shapes_graded"] = report["graded"]
             result.update({f"eval/shapes_{c}": v for c, v in report["per_category_strict"].items()})
             for record, judged in zip(records, report["per_image"]):

@@ -151,8 +151,12 @@ def score_image(prompt: str, image) -> Judgement:
 
 
 def shapes_eval(prompts: list[str], images) -> dict:
-    """Per-category and overall strict accuracy (overall = mean over the categories present), mean graded score,
-    and each image's own scores."""
+    """Per-category and overall strict accuracy (overall = mean over the categories present) with their standard
+    errors, mean graded score, and each image's own scores.
+
+    The standard errors are binomial, √(p(1 − p)/n) per category, with images counted as independent; images of one
+    prompt are not, so read them as a lower bound when telling a change from the noise.
+    """
     if len(prompts) != len(images):
         raise ValueError(f"{len(prompts)} prompts for {len(images)} images")
     strict, per_image = defaultdict(list), []
@@ -161,9 +165,12 @@ def shapes_eval(prompts: list[str], images) -> dict:
         strict[parse_prompt(prompt).category].append(judgement.strict)
         per_image.append({"prompt": prompt, "strict": judgement.strict, "graded": judgement.graded})
     per_category = {c: float(np.mean(strict[c])) for c in CATEGORIES if strict[c]}
+    per_category_se = {c: float(np.sqrt(p * (1 - p) / len(strict[c]))) for c, p in per_category.items()}
     return {
         "overall_strict": float(np.mean(list(per_category.values()))),
+        "overall_strict_se": float(np.sqrt(sum(se**2 for se in per_category_se.values())) / len(per_category)),
         "per_category_strict": per_category,
+        "per_category_strict_se": per_category_se,
         "graded": float(np.mean([record["graded"] for record in per_image])),
         "num_images": len(prompts),
         "per_image": per_image,
