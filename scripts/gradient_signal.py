@@ -52,8 +52,9 @@ def main() -> None:
                             for a, b in itertools.combinations(gradients, 2)])
     # Pairs share batches, so their spread understates the error; the batch count is the honest n.
     standard_error = float(cosines.std()) / math.sqrt(args.batches)
+    pairwise = ", ".join(f"{c:.3f}" for c in cosines.tolist())
     print(f"{trainer.config.grpo.batch_size} images a batch, {len(cosines)} pairs: mean cosine "
-          f"{float(cosines.mean()):.4f} ± {standard_error:.4f}; pairwise {', '.join(f'{c:.3f}' for c in cosines.tolist())}")
+          f"{float(cosines.mean()):.4f} ± {standard_error:.4f}; pairwise {pairwise}")
 
 
 if __name__ == "__main__":
