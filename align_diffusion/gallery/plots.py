@@ -10,6 +10,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display on training machines
 import matplotlib.pyplot as plt  # noqa: E402
 
+from align_diffusion.world.spec import CATEGORIES  # noqa: E402
+
 
 def plot_curves(series: dict[str, tuple[list[float], list[float]]], path: str | Path, *, xlabel: str, ylabel: str,
                 title: str) -> Path:
@@ -52,10 +54,8 @@ def plot_training(metrics: list[dict], out_dir: str | Path) -> list[Path]:
     if rewards:
         paths.append(plot_curves(rewards, Path(out_dir) / "reward.png", xlabel="step", ylabel="reward",
                                  title="reward"))
-    categories = [key for key in names if key.startswith("eval/shapes_") and key not in (
-        "eval/shapes_mean", "eval/shapes_strict", "eval/shapes_strict_se", "eval/shapes_graded")]
     overall = {"strict (overall)": "eval/shapes_strict", "graded": "eval/shapes_graded"}
-    accuracy = _series(metrics, {**overall, **{key[len("eval/shapes_"):]: key for key in categories}})
+    accuracy = _series(metrics, {**overall, **{category: f"eval/shapes_{category}" for category in CATEGORIES}})
     if accuracy:
         paths.append(plot_curves(accuracy, Path(out_dir) / "accuracy.png", xlabel="step", ylabel="ShapesEval",
                                  title="ShapesEval on the eval prompts"))
