@@ -39,13 +39,15 @@ from align_diffusion.world.spec import BACKGROUND
 CFG_DROPOUT = 0.1  # share of training prompts replaced by "" so classifier-free guidance works
 # SD3's timestep shift, used both to draw training times and by the saved scheduler. On 16×16 latents the layout
 # is decided at high noise (t > 0.7), where the unshifted logit-normal spends 4% of training above t = 0.85 and
-# shifted-uniform times spend 35%; with it, blank samples became rare (outlines are still soft: assets/README.md).
+# shifted-uniform times spend 35%; with it, blank samples became rare (assets/README.md).
 FLOW_SHIFT = 3.0
 BACKGROUND_PIXEL = torch.tensor(BACKGROUND).view(1, 3, 1, 1) / 127.5 - 1
-# The generators' training scenes: 16 px objects with corners on an 8 px grid, so each object covers exactly
-# 2×2 transformer tokens (4×4 latent cells). Still correct world images, but far fewer layouts to learn: with the
-# spec's full range of sizes and positions a 2000-step model drew soft, blob-like outlines (assets/README.md).
-GENERATOR_LAYOUT = Layout(min_side=16, max_side=16, grid=8)
+# The generators' training scenes: 14 px objects with corners on a 16 px grid, so each object lies inside one
+# block of 2×2 transformer tokens (4×4 latent cells) and neighbours keep the spec's 2 px gap. Still correct world
+# images, but few layouts to learn: with the spec's full range of sizes and positions a 2000-step model drew soft,
+# blob-like outlines, and on an 8 px grid, where objects straddle token blocks, it often failed to commit to one
+# object (assets/README.md).
+GENERATOR_LAYOUT = Layout(min_side=14, max_side=14, grid=16)
 
 
 GENERATOR_FIT = dict(weight_decay=0.0, warmup=0.05, max_grad_norm=1.0, log_every=100)
