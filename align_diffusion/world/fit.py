@@ -1,12 +1,23 @@
 """The optimization loop every world model trains with: AdamW, one-cycle learning rate, optional grad-norm
-clipping, and a progress line every `log_every` steps."""
+clipping, optional bfloat16 autocast, and a progress line every `log_every` steps."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterable
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+
+@contextlib.contextmanager
+def bf16_autocast():
+    """CPU bfloat16 autocast. Its matmuls and convolutions run on the CPU's AMX units where it has them (~2.5×
+    faster on the build machines); attention takes the math kernel, because the fused CPU kernel's bfloat16
+    backward is ~5× slower than float32 at the world's sizes (64–100 tokens)."""
+    with torch.autocast("cpu", torch.bfloat16), sdpa_kernel(SDPBackend.MATH):
+        yield
 
 
 def fit(
@@ -20,14 +31,17 @@ def fit(
     warmup: float = 0.1,
     max_grad_norm: float | None = None,
     log_every: int = 50,
+    bf16: bool = False,
 ) -> None:
-    """Runs `steps` optimizer steps on the loss `batch_loss()` returns for a fresh batch."""
+    """Runs `steps` optimizer steps on the loss `batch_loss()` returns for a fresh batch; with `bf16` the loss is
+    computed under CPU bfloat16 autocast (float32 weights and optimizer state)."""
     params = list(params)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=warmup)
     start = time.time()
     for step in range(steps):
-        loss = batch_loss()
+        with bf16_autocast() if bf16 else contextlib.nullcontext():
+            loss = batch_loss()
         optimizer.zero_grad()
         loss.backward()
         if max_grad_norm is not None:

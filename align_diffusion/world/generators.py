@@ -53,8 +53,9 @@ GENERATOR_LAYOUT = Layout(min_side=14, max_side=14, grid=16)
 GENERATOR_FIT = dict(weight_decay=0.0, warmup=0.05, max_grad_norm=1.0, log_every=100)
 
 
-def train_vae(steps: int, batch_size: int = 32, lr: float = 2e-3, seed: int = 0, log=print) -> AutoencoderKL:
-    """64×64 renders to 16×16×8 latents; L1 + MSE reconstruction with a small KL term."""
+def train_vae(steps: int, batch_size: int = 32, lr: float = 2e-3, seed: int = 0, log=print,
+              bf16: bool = False) -> AutoencoderKL:
+    """64×64 renders to 16×16×8 latents; L1 + MSE reconstruction with a small KL term (`bf16`: see `fit`)."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
     vae = AutoencoderKL(
@@ -76,7 +77,7 @@ def train_vae(steps: int, batch_size: int = 32, lr: float = 2e-3, seed: int = 0,
         error = (recon - images).abs()
         return (weight * (error + error**2)).mean() + 1e-6 * kl
 
-    fit("vae", vae.parameters(), steps, lr, batch_loss, log, weight_decay=0.0, warmup=0.05)
+    fit("vae", vae.parameters(), steps, lr, batch_loss, log, weight_decay=0.0, warmup=0.05, bf16=bf16)
     vae.eval()
     # Latent statistics set the scaling the pipelines apply, as for the real models.
     with torch.no_grad():
@@ -206,9 +207,10 @@ def shifted_flow_times(batch_size: int) -> torch.Tensor:
 
 
 def train_sd3(pipe: StableDiffusion3Pipeline, steps: int, dataset, batch_size: int = 64, lr: float = 1e-3,
-              seed: int = 0, log=print) -> StableDiffusion3Pipeline:
+              seed: int = 0, log=print, bf16: bool = False) -> StableDiffusion3Pipeline:
     """Rectified-flow training (velocity target ε - x0; t uniform, then shifted by FLOW_SHIFT as the sampler's
-    times are) with CFG dropout on an `encode_dataset` set, its latents shifted and scaled as the SD3 pipeline does."""
+    times are) with CFG dropout on an `encode_dataset` set, its latents shifted and scaled as the SD3 pipeline does
+    (`bf16`: see `fit`)."""
     torch.manual_seed(seed)
     prompts, latents = dataset
     latents = (latents - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor
@@ -230,7 +232,7 @@ def train_sd3(pipe: StableDiffusion3Pipeline, steps: int, dataset, batch_size: i
                             pooled_projections=embeds["pooled_projections"][ids]).sample
         return F.mse_loss(v, noise - x0)
 
-    fit("sd3", transformer.parameters(), steps, lr, batch_loss, log, **GENERATOR_FIT)
+    fit("sd3", transformer.parameters(), steps, lr, batch_loss, log, bf16=bf16, **GENERATOR_FIT)
     transformer.eval()
     return pipe
 
