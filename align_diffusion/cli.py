@@ -167,7 +167,8 @@ def add_build_world_parser(subparsers) -> None:
                         help="rebuild only these assets (the others are loaded from --out)")
     plans = parser.add_mutually_exclusive_group()
     plans.add_argument("--fast", action="store_true",
-                       help="bfloat16 autocast for the VAE and SD3, half the SD steps: ~30%% less time, weaker generators")
+                       help="bfloat16 autocast for the VAE and SD3, half the SD steps: ~30%% less time, "
+                            "weaker generators")
     plans.add_argument("--quick", action="store_true", help="a few steps per asset: checks the plumbing only")
     parser.set_defaults(run=run_build_world)
 
