@@ -165,18 +165,14 @@ def add_build_world_parser(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", nargs="+", choices=ASSETS, default=list(ASSETS),
                         help="rebuild only these assets (the others are loaded from --out)")
-    plans = parser.add_mutually_exclusive_group()
-    plans.add_argument("--fast", action="store_true",
-                       help="bfloat16 autocast for the VAE and SD3, half the SD steps: ~30%% less time, "
-                            "weaker generators")
-    plans.add_argument("--quick", action="store_true", help="a few steps per asset: checks the plumbing only")
+    parser.add_argument("--quick", action="store_true", help="a few steps per asset: checks the plumbing only")
     parser.set_defaults(run=run_build_world)
 
 
 def run_build_world(args) -> None:
-    from align_diffusion.world.build import FAST_PLAN, QUICK_PLAN, build_world
+    from align_diffusion.world.build import QUICK_PLAN, build_world
 
-    plan = QUICK_PLAN if args.quick else FAST_PLAN if args.fast else None
+    plan = QUICK_PLAN if args.quick else None
     report = build_world(args.out, seed=args.seed, plan=plan, only=args.only)
     minutes = report["total_seconds"] / 60
     print(f"built {', '.join(args.only)} in {minutes:.1f} min; report in {args.out}/build_report.json")

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, StableDiffusion3Pipeline, StableDiffusionPipeline
+from diffusers import DDIMScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline, StableDiffusionPipeline
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, CLIPModel, Dinov2Model
 
@@ -15,10 +15,11 @@ from align_diffusion.sampling.loop import sample
 from align_diffusion.world.build import BuildPlan, build_world
 from align_diffusion.world.fit import fit
 from align_diffusion.models.tiny import vae as tiny_vae
-from align_diffusion.models.sd3 import CompactContextAttnProcessor, compact_zero_context
+from align_diffusion.models.sd3 import CompactContextAttnProcessor, compact_attention, compact_zero_context
 from align_diffusion.world.generators import FLOW_SHIFT, flow_matched_timesteps, standardize_latents
 
-PLAN = BuildPlan(clip_steps=2, dino_steps=2, vae_steps=2, sd3_steps=2, sd_steps=2, dataset_size=64, bf16=True)
+# Compiling would take minutes here; test_compiled_transformer_follows_the_compact_attention_swaps covers it.
+PLAN = BuildPlan(clip_steps=2, dino_steps=2, vae_steps=2, sd3_steps=2, sd_steps=2, dataset_size=64, torch_compile=False)
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +76,35 @@ def test_compact_context_attention_equals_full_attention(world):
         fast = transformer(hidden_states=x, timestep=t, encoder_hidden_states=compact,
                            pooled_projections=pooled).sample
     torch.testing.assert_close(fast, full, atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_transformer_follows_the_compact_attention_swaps(world):
+    """`train_sd3(torch_compile=True)` swaps the compact-context processor in around a compiled transformer at every
+    step: the compiled forward must use it with the bias it carries now, and drop it once swapped back out."""
+    out, _ = world
+    pipe = StableDiffusion3Pipeline.from_pretrained(out / "sd3")
+    embeds, _, pooled, _ = pipe.encode_prompt(["a red circle", "three triangles"], None, None,
+                                              do_classifier_free_guidance=False)
+    (compact,), (log_multiplicity,) = compact_zero_context(embeds)
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel.from_config(pipe.transformer.config, num_layers=1).eval()
+    compiled = torch.compile(transformer)
+    side = transformer.config.sample_size
+    x, t = torch.randn(2, transformer.config.in_channels, side, side), torch.tensor([200.0, 800.0])
+    outputs = []
+    with torch.no_grad():
+        for bias in (log_multiplicity, torch.zeros_like(log_multiplicity)):
+            with compact_attention(transformer, bias):
+                eager = transformer(hidden_states=x, timestep=t, encoder_hidden_states=compact,
+                                    pooled_projections=pooled).sample
+                fast = compiled(hidden_states=x, timestep=t, encoder_hidden_states=compact,
+                                pooled_projections=pooled).sample
+            torch.testing.assert_close(fast, eager, atol=1e-5, rtol=1e-5)
+            outputs.append(eager)
+        full = transformer(hidden_states=x, timestep=t, encoder_hidden_states=embeds, pooled_projections=pooled).sample
+        torch.testing.assert_close(compiled(hidden_states=x, timestep=t, encoder_hidden_states=embeds,
+                                            pooled_projections=pooled).sample, full, atol=1e-5, rtol=1e-5)
+    assert (outputs[0] - outputs[1]).abs().max() > 1e-2  # the bias matters, so the first check can tell
 
 
 def test_eval_command_writes_scores(world, tmp_path):

@@ -40,24 +40,23 @@ IMAGE_PROCESSING = dict(size={"shortest_edge": 64}, crop_size={"height": 64, "wi
 
 @dataclass
 class BuildPlan:
-    """Training steps per asset. Alone on 2 CPU cores a CLIP step takes ~0.8 s, a DINO step ~0.5 s, a VAE step
-    ~0.7 s, an SD3 step 0.5–1.6 s and an SD step 0.6–1.3 s (the machines of different sessions differed by that
-    much; assets/README.md has the measured builds). `bf16` trains the VAE and the SD3 generator under bfloat16
-    autocast (`fit`)."""
+    """Training steps per asset, and how the VAE and the SD3 generator train: under bfloat16 autocast (`bf16`, see
+    `fit`) with their losses `torch.compile`d (`torch_compile`; needs a C++ compiler, and pays off only over
+    hundreds of steps). The default plan is the one the shipped assets come from; assets/README.md has its measured
+    build (per-step times differ by up to 2× between the machines of different sessions)."""
 
     clip_steps: int = 400
     dino_steps: int = 300
     vae_steps: int = 1200
     sd3_steps: int = 4000
-    sd_steps: int = 2000
+    sd_steps: int = 1500
     dataset_size: int = 40000
-    bf16: bool = False
+    bf16: bool = True
+    torch_compile: bool = True
 
 
-# The shipped assets come from the default plan; this one trades generator quality for ~30% less build time
-# (measured builds in assets/README.md).
-FAST_PLAN = BuildPlan(sd_steps=1000, bf16=True)
-QUICK_PLAN = BuildPlan(clip_steps=20, dino_steps=10, vae_steps=20, sd3_steps=20, sd_steps=20, dataset_size=512)
+QUICK_PLAN = BuildPlan(clip_steps=20, dino_steps=10, vae_steps=20, sd3_steps=20, sd_steps=20, dataset_size=512,
+                       torch_compile=False)
 
 
 @torch.no_grad()
@@ -101,7 +100,7 @@ def build_world(out: str | Path, seed: int = 0, plan: BuildPlan | None = None, o
         BitImageProcessor(**IMAGE_PROCESSING).save_pretrained(out / "dino")
         done("dino")
     if "vae" in only:
-        vae = train_vae(plan.vae_steps, seed=seed, log=log, bf16=plan.bf16)
+        vae = train_vae(plan.vae_steps, seed=seed, log=log, bf16=plan.bf16, torch_compile=plan.torch_compile)
         vae.save_pretrained(out / "vae")
         done("vae")
     if {"sd3", "sd"} & set(only):
@@ -110,7 +109,7 @@ def build_world(out: str | Path, seed: int = 0, plan: BuildPlan | None = None, o
         dataset = encode_dataset(vae, plan.dataset_size, seed=seed, log=log)
     if "sd3" in only:
         pipe = train_sd3(world_sd3_pipeline(vae, clip, tokenizer), plan.sd3_steps, dataset, seed=seed, log=log,
-                         bf16=plan.bf16)
+                         bf16=plan.bf16, torch_compile=plan.torch_compile)
         # Stored in float16 to keep the assets small; `from_pretrained` loads it back as float32.
         pipe.transformer.to(torch.float16)
         pipe.save_pretrained(out / "sd3")

@@ -53,9 +53,10 @@ GENERATOR_LAYOUT = Layout(min_side=14, max_side=14, grid=16)
 GENERATOR_FIT = dict(weight_decay=0.0, warmup=0.05, max_grad_norm=1.0, log_every=100)
 
 
-def train_vae(steps: int, batch_size: int = 32, lr: float = 2e-3, seed: int = 0, log=print,
-              bf16: bool = False) -> AutoencoderKL:
-    """64×64 renders to 16×16×8 latents; L1 + MSE reconstruction with a small KL term (`bf16`: see `fit`)."""
+def train_vae(steps: int, batch_size: int = 32, lr: float = 2e-3, seed: int = 0, log=print, bf16: bool = False,
+              torch_compile: bool = False) -> AutoencoderKL:
+    """64×64 renders to 16×16×8 latents; L1 + MSE reconstruction with a small KL term (`bf16`: see `fit`;
+    `torch_compile`: the loss runs `torch.compile`d, rendering excluded)."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
     vae = AutoencoderKL(
@@ -64,8 +65,7 @@ def train_vae(steps: int, batch_size: int = 32, lr: float = 2e-3, seed: int = 0,
         norm_num_groups=16, sample_size=64, mid_block_add_attention=False,
     )
 
-    def batch_loss():
-        images = render_batch(balanced_prompts("train", batch_size, rng), rng)
+    def reconstruction_loss(images):
         posterior = vae.encode(images).latent_dist
         recon = vae.decode(posterior.sample()).sample
         kl = posterior.kl().mean() / images[0].numel()
@@ -76,6 +76,11 @@ def train_vae(steps: int, batch_size: int = 32, lr: float = 2e-3, seed: int = 0,
         weight = 1 + 9 * objects + 20 * edges
         error = (recon - images).abs()
         return (weight * (error + error**2)).mean() + 1e-6 * kl
+
+    loss = torch.compile(reconstruction_loss) if torch_compile else reconstruction_loss
+
+    def batch_loss():
+        return loss(render_batch(balanced_prompts("train", batch_size, rng), rng))
 
     fit("vae", vae.parameters(), steps, lr, batch_loss, log, weight_decay=0.0, warmup=0.05, bf16=bf16)
     vae.eval()
@@ -207,10 +212,11 @@ def shifted_flow_times(batch_size: int) -> torch.Tensor:
 
 
 def train_sd3(pipe: StableDiffusion3Pipeline, steps: int, dataset, batch_size: int = 64, lr: float = 1e-3,
-              seed: int = 0, log=print, bf16: bool = False) -> StableDiffusion3Pipeline:
+              seed: int = 0, log=print, bf16: bool = False, torch_compile: bool = False) -> StableDiffusion3Pipeline:
     """Rectified-flow training (velocity target ε - x0; t uniform, then shifted by FLOW_SHIFT as the sampler's
     times are) with CFG dropout on an `encode_dataset` set, its latents shifted and scaled as the SD3 pipeline does
-    (`bf16`: see `fit`)."""
+    (`bf16`: see `fit`; `torch_compile`: the transformer runs `torch.compile`d, ~1.45× faster a step on 2 cores in
+    bfloat16 after ~2.5 min compiling)."""
     torch.manual_seed(seed)
     prompts, latents = dataset
     latents = (latents - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor
@@ -221,15 +227,16 @@ def train_sd3(pipe: StableDiffusion3Pipeline, steps: int, dataset, batch_size: i
     if CONTEXT_BIAS not in embeds:
         raise ValueError("expected SD3 embeddings with all-zero T5 tokens after the CLIP tokens")
     transformer = pipe.transformer.train()
+    forward = torch.compile(transformer) if torch_compile else transformer
 
     def batch_loss():
         ids, x0, noise = _draw(latents, prompt_ids, len(unique) - 1, batch_size)
         t = shifted_flow_times(batch_size)
         x_t = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * noise
         with compact_attention(transformer, embeds[CONTEXT_BIAS][ids]):
-            v = transformer(hidden_states=x_t, timestep=t * 1000,
-                            encoder_hidden_states=embeds["encoder_hidden_states"][ids],
-                            pooled_projections=embeds["pooled_projections"][ids]).sample
+            v = forward(hidden_states=x_t, timestep=t * 1000,
+                        encoder_hidden_states=embeds["encoder_hidden_states"][ids],
+                        pooled_projections=embeds["pooled_projections"][ids]).sample
         return F.mse_loss(v, noise - x0)
 
     fit("sd3", transformer.parameters(), steps, lr, batch_loss, log, bf16=bf16, **GENERATOR_FIT)
