@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+import torch._inductor.config as inductor_config
 from diffusers import DDIMScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline, StableDiffusionPipeline
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, CLIPModel, Dinov2Model
@@ -105,6 +106,13 @@ def test_compiled_transformer_follows_the_compact_attention_swaps(world):
         torch.testing.assert_close(compiled(hidden_states=x, timestep=t, encoder_hidden_states=embeds,
                                             pooled_projections=pooled).sample, full, atol=1e-5, rtol=1e-5)
     assert (outputs[0] - outputs[1]).abs().max() > 1e-2  # the bias matters, so the first check can tell
+
+
+def test_build_without_a_cpp_compiler_fails_before_training(tmp_path, monkeypatch):
+    monkeypatch.setattr(inductor_config.cpp, "cxx", ("no-such-c++-compiler",))
+    with pytest.raises(RuntimeError, match="torch_compile needs a C\\+\\+ compiler"):
+        build_world(tmp_path, plan=BuildPlan(torch_compile=True), only=["vae"], log=lambda line: None)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_eval_command_writes_scores(world, tmp_path):

@@ -69,6 +69,18 @@ def vae_reconstruction_strict(vae: AutoencoderKL, per_prompt: int = 4) -> float:
     return shapes_eval(prompts, (reconstructions / 2 + 0.5).clamp(0, 1))["overall_strict"]
 
 
+def check_cpp_compiler() -> None:
+    """Fails before any training when `torch.compile` has no C++ compiler to build its CPU kernels with."""
+    from torch._inductor.cpp_builder import get_cpp_compiler
+    from torch._inductor.exc import InvalidCxxCompiler
+
+    try:
+        get_cpp_compiler()
+    except InvalidCxxCompiler as error:
+        raise RuntimeError(f"BuildPlan.torch_compile needs a C++ compiler ({error}); install g++, or build with "
+                           "BuildPlan(torch_compile=False)") from error
+
+
 def build_world(out: str | Path, seed: int = 0, plan: BuildPlan | None = None, only=ASSETS, log=print) -> dict:
     """Trains and saves the assets named in `only` under `out` (default plan: `BuildPlan()`); returns a report of
     times and metrics."""
@@ -76,6 +88,8 @@ def build_world(out: str | Path, seed: int = 0, plan: BuildPlan | None = None, o
     unknown = set(only) - set(ASSETS)
     if unknown:
         raise ValueError(f"unknown assets {sorted(unknown)}; choose from {ASSETS}")
+    if plan.torch_compile and {"vae", "sd3"} & set(only):
+        check_cpp_compiler()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     report = {"seed": seed, "plan": asdict(plan), "seconds": {}}
