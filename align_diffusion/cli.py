@@ -172,8 +172,7 @@ def add_build_world_parser(subparsers) -> None:
 def run_build_world(args) -> None:
     from align_diffusion.world.build import QUICK_PLAN, build_world
 
-    plan = QUICK_PLAN if args.quick else None
-    report = build_world(args.out, seed=args.seed, plan=plan, only=args.only)
+    report = build_world(args.out, seed=args.seed, plan=QUICK_PLAN if args.quick else None, only=args.only)
     minutes = report["total_seconds"] / 60
     print(f"built {', '.join(args.only)} in {minutes:.1f} min; report in {args.out}/build_report.json")
 

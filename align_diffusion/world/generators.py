@@ -215,8 +215,8 @@ def train_sd3(pipe: StableDiffusion3Pipeline, steps: int, dataset, batch_size: i
               seed: int = 0, log=print, bf16: bool = False, torch_compile: bool = False) -> StableDiffusion3Pipeline:
     """Rectified-flow training (velocity target ε - x0; t uniform, then shifted by FLOW_SHIFT as the sampler's
     times are) with CFG dropout on an `encode_dataset` set, its latents shifted and scaled as the SD3 pipeline does
-    (`bf16`: see `fit`; `torch_compile`: the transformer runs `torch.compile`d, 1.3–1.45× faster a step on 2 cores in
-    bfloat16 after 2–2.5 min compiling)."""
+    (`bf16`: see `fit`; `torch_compile`: the transformer runs `torch.compile`d; measured step times in
+    assets/README.md)."""
     torch.manual_seed(seed)
     prompts, latents = dataset
     latents = (latents - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor
