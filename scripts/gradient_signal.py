@@ -39,14 +39,38 @@ def measure(config_path: str | None, overrides: list[str], batches: int) -> tupl
     return trainer, gradients
 
 
+def cosines_by_module(trainer: GRPOTrainer, gradients: list[torch.Tensor]) -> dict[str, tuple[float, float]]:
+    """{LoRA target module: (mean pairwise cosine of the gradients restricted to its parameters, its mean share of
+    the gradient's squared norm)}."""
+    targets = trainer.config.lora.target_modules
+    columns: dict[str, list[int]] = {target: [] for target in targets}
+    offset = 0
+    for name, param in zip(trainer.trained_names(), trainer.params):
+        target = next(t for t in targets if f".{t}.lora_" in f".{name}")
+        columns[target].extend(range(offset, offset + param.numel()))
+        offset += param.numel()
+    stacked = torch.stack(gradients)
+    result = {}
+    for target, indices in columns.items():
+        restricted = stacked[:, indices]
+        cosines = [float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+                   for a, b in itertools.combinations(restricted, 2)]
+        share = float((restricted.square().sum(1) / stacked.square().sum(1)).mean())
+        result[target] = (sum(cosines) / len(cosines), share)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, as for align-diffusion train")
     parser.add_argument("--batches", type=int, default=6, help="independent batches (at least 2)")
+    parser.add_argument("--by-module", action="store_true", help="also the cosine within each LoRA target module")
     args = parser.parse_args()
     if args.batches < 2:
         parser.error("--batches must be at least 2")
+    if args.by_module and not load_config(args.config, args.overrides).lora.enabled:
+        parser.error("--by-module needs a LoRA (lora.enabled: true)")
     trainer, gradients = measure(args.config, args.overrides, args.batches)
     cosines = torch.tensor([float(torch.nn.functional.cosine_similarity(a, b, dim=0))
                             for a, b in itertools.combinations(gradients, 2)])
@@ -55,6 +79,9 @@ def main() -> None:
     pairwise = ", ".join(f"{c:.3f}" for c in cosines.tolist())
     print(f"{trainer.config.grpo.batch_size} images a batch, {len(cosines)} pairs: mean cosine "
           f"{float(cosines.mean()):.4f} ± {standard_error:.4f}; pairwise {pairwise}")
+    if args.by_module:
+        for target, (cosine, share) in cosines_by_module(trainer, gradients).items():
+            print(f"  {target:12s} mean cosine {cosine:+.4f}, share of the squared norm {share:.3f}")
 
 
 if __name__ == "__main__":

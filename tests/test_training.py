@@ -273,3 +273,19 @@ def test_gradient_signal_script_measures_the_policy_gradient_without_moving_the_
     # 1.3e-6 of the largest one (7e-8 of it beyond rtol)
     assert torch.allclose(gradients[0], by_hand, rtol=1e-4, atol=1e-6 * float(by_hand.abs().max()))
     assert not torch.allclose(gradients[1], gradients[0])
+
+    # --by-module on gradients built by hand: parallel on to_q's parameters, independent everywhere else
+    cosines_by_module = runpy.run_path(str(REPO / "scripts" / "gradient_signal.py"))["cosines_by_module"]
+    in_to_q = torch.cat([torch.full((p.numel(),), ".to_q.lora_" in name)
+                         for name, p in zip(trainer.trained_names(), trainer.params)])
+    generator = torch.Generator().manual_seed(0)
+    shared = torch.randn(len(in_to_q), generator=generator, dtype=torch.float64)
+    built = [torch.where(in_to_q, scale * shared, torch.randn(len(in_to_q), generator=generator, dtype=torch.float64))
+             for scale in (1.0, 2.0, 3.0)]
+    by_module = cosines_by_module(trainer, built)
+    assert set(by_module) == {"to_q", "to_k", "to_v", "to_out.0"}
+    assert by_module["to_q"][0] == pytest.approx(1.0)
+    assert all(abs(cosine) < 0.2 for target, (cosine, _) in by_module.items() if target != "to_q")
+    to_q_share = [float(g[in_to_q].square().sum() / g.square().sum()) for g in built]
+    assert by_module["to_q"][1] == pytest.approx(sum(to_q_share) / 3)
+    assert sum(share for _, share in by_module.values()) == pytest.approx(1.0)
