@@ -251,7 +251,8 @@ def test_max_minutes_stops_with_a_checkpoint_and_an_export(saved, prompt_file, t
 def test_gradient_signal_script_measures_the_policy_gradient_without_moving_the_weights(saved, prompt_file, tmp_path):
     """scripts/gradient_signal.py: each captured gradient is the hand-written GRPO loss's gradient at the
     unchanged starting weights (lr 0), and independent batches give different gradients."""
-    measure = runpy.run_path(str(REPO / "scripts" / "gradient_signal.py"))["measure"]
+    script = runpy.run_path(str(REPO / "scripts" / "gradient_signal.py"))
+    measure, cosines_by_module = script["measure"], script["cosines_by_module"]
     overrides = tiny_overrides(saved["sd3"], prompt_file, tmp_path, **{"grpo.kl_beta": 0, "optim.max_grad_norm":
                                                                        "null", "checkpoint_every": 0})
     trainer, gradients = measure(None, overrides, 3)
@@ -275,7 +276,6 @@ def test_gradient_signal_script_measures_the_policy_gradient_without_moving_the_
     assert not torch.allclose(gradients[1], gradients[0])
 
     # --by-module on gradients built by hand: parallel on to_q's parameters, independent everywhere else
-    cosines_by_module = runpy.run_path(str(REPO / "scripts" / "gradient_signal.py"))["cosines_by_module"]
     in_to_q = torch.cat([torch.full((p.numel(),), ".to_q.lora_" in name)
                          for name, p in zip(trainer.trained_names(), trainer.params)])
     generator = torch.Generator().manual_seed(0)
