@@ -39,6 +39,11 @@ def measure(config_path: str | None, overrides: list[str], batches: int) -> tupl
     return trainer, gradients
 
 
+def pairwise_cosines(vectors) -> list[float]:
+    """The cosine of every pair of `vectors`."""
+    return [float(torch.nn.functional.cosine_similarity(a, b, dim=0)) for a, b in itertools.combinations(vectors, 2)]
+
+
 def cosines_by_module(trainer: GRPOTrainer, gradients: list[torch.Tensor]) -> dict[str, tuple[float, float]]:
     """{LoRA target module: (mean pairwise cosine of the gradients restricted to its parameters, its mean share of
     the gradient's squared norm)}."""
@@ -50,13 +55,12 @@ def cosines_by_module(trainer: GRPOTrainer, gradients: list[torch.Tensor]) -> di
         columns[target].extend(range(offset, offset + param.numel()))
         offset += param.numel()
     stacked = torch.stack(gradients)
+    squared_norms = stacked.square().sum(1)
     result = {}
     for target, indices in columns.items():
         restricted = stacked[:, indices]
-        cosines = [float(torch.nn.functional.cosine_similarity(a, b, dim=0))
-                   for a, b in itertools.combinations(restricted, 2)]
-        share = float((restricted.square().sum(1) / stacked.square().sum(1)).mean())
-        result[target] = (sum(cosines) / len(cosines), share)
+        cosines = pairwise_cosines(restricted)
+        result[target] = (sum(cosines) / len(cosines), float((restricted.square().sum(1) / squared_norms).mean()))
     return result
 
 
@@ -72,8 +76,7 @@ def main() -> None:
     if args.by_module and not load_config(args.config, args.overrides).lora.enabled:
         parser.error("--by-module needs a LoRA (lora.enabled: true)")
     trainer, gradients = measure(args.config, args.overrides, args.batches)
-    cosines = torch.tensor([float(torch.nn.functional.cosine_similarity(a, b, dim=0))
-                            for a, b in itertools.combinations(gradients, 2)])
+    cosines = torch.tensor(pairwise_cosines(gradients))
     # Pairs share batches, so their spread understates the error; the batch count is the honest n.
     standard_error = float(cosines.std()) / math.sqrt(args.batches)
     pairwise = ", ".join(f"{c:.3f}" for c in cosines.tolist())

@@ -275,9 +275,10 @@ def test_gradient_signal_script_measures_the_policy_gradient_without_moving_the_
     assert torch.allclose(gradients[0], by_hand, rtol=1e-4, atol=1e-6 * float(by_hand.abs().max()))
     assert not torch.allclose(gradients[1], gradients[0])
 
-    # --by-module on gradients built by hand: parallel on to_q's parameters, independent everywhere else
-    in_to_q = torch.cat([torch.full((p.numel(),), ".to_q.lora_" in name)
-                         for name, p in zip(trainer.trained_names(), trainer.params)])
+    # --by-module on gradients built by hand: parallel on the parameters of peft's to_q layers, independent elsewhere
+    to_q_params = {id(p) for name, module in trainer.adapter.denoiser.named_modules() if name.endswith(".to_q")
+                   for p in module.parameters() if p.requires_grad}
+    in_to_q = torch.cat([torch.full((p.numel(),), id(p) in to_q_params) for p in trainer.params])
     generator = torch.Generator().manual_seed(0)
     shared = torch.randn(len(in_to_q), generator=generator, dtype=torch.float64)
     built = [torch.where(in_to_q, scale * shared, torch.randn(len(in_to_q), generator=generator, dtype=torch.float64))
