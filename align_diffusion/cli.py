@@ -155,6 +155,9 @@ def run_eval(args) -> None:
           f"{args.out / 'index.html'})")
     for category, accuracy in result["per_category_strict"].items():
         print(f"  {category:<14} {accuracy:.3f} ± {result['per_category_strict_se'][category]:.3f}")
+    if len(result["pass_at_k"]) > 1:
+        print("  pass@k, best of k by a perfect judge: "
+              + "  ".join(f"k={k} {v['overall']:.3f}" for k, v in result["pass_at_k"].items()))
 
 
 def add_build_world_parser(subparsers) -> None:

@@ -119,6 +119,24 @@ def test_shapes_eval_standard_errors_hand_worked():
     assert result["overall_strict_se"] == pytest.approx(0.2072890, abs=1e-6)
 
 
+def test_pass_at_k_hand_worked():
+    blank = render([])
+    # "a circle": 1 of 4 correct; "a square": 3 of 4; "a red square": 0 of 4 (colors).
+    prompts = ["a circle"] * 4 + ["a square"] * 4 + ["a red square"] * 4
+    images = [render_prompt("a circle", 0), blank, blank, blank,
+              render_prompt("a square", 1), render_prompt("a square", 2), render_prompt("a square", 3), blank,
+              blank, blank, blank, blank]
+    result = shapes_eval(prompts, images)["pass_at_k"]
+    assert list(result) == ["1", "2", "4"]
+    # pass@2 of one prompt: 1 − C(n − c, 2) / C(4, 2) = 1 − 3/6 for c = 1, 1 − 0/6 for c = 3.
+    assert result["1"]["per_category"] == {"single_object": pytest.approx(0.5), "colors": 0.0}
+    assert result["2"]["per_category"] == {"single_object": pytest.approx(0.75), "colors": 0.0}
+    assert result["4"]["per_category"] == {"single_object": pytest.approx(1.0), "colors": 0.0}
+    assert result["2"]["overall"] == pytest.approx(0.375)
+    # The fewest images of any prompt bound k.
+    assert list(shapes_eval(prompts[:7], images[:7])["pass_at_k"]) == ["1", "2"]
+
+
 def test_shapes_eval_survives_mild_blur_and_noise(test_renders):
     prompts, images = test_renders
     rng = np.random.default_rng(0)

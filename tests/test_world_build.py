@@ -125,6 +125,8 @@ def test_eval_command_writes_scores(world, tmp_path):
     assert 0 <= result["overall_strict"] <= 1 and 0 <= result["graded"] <= 1
     assert result["settings"]["num_inference_steps"] == 2 and result["num_images"] == len(result["per_image"])
     assert [r["seed"] for r in result["per_image"]] == list(range(result["num_images"]))
+    assert list(result["pass_at_k"]) == ["1"]  # one image per prompt: pass@1 is the strict accuracy
+    assert result["pass_at_k"]["1"]["overall"] == pytest.approx(result["overall_strict"])
     # The samples and their review page, each image with its verdict.
     records = read_records(tmp_path / "eval")
     assert [(r["prompt"], r["shapes_strict"], r["rewards"]["shapes"]) for r in records] == [

@@ -10,6 +10,7 @@ prompt's objects, with the stated relation, and nothing else; the graded score g
 from __future__ import annotations
 
 import itertools
+import math
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -152,7 +153,7 @@ def score_image(prompt: str, image) -> Judgement:
 
 def shapes_eval(prompts: list[str], images) -> dict:
     """Per-category and overall strict accuracy (overall = mean over the categories present) with their standard
-    errors, mean graded score, and each image's own scores.
+    errors, mean graded score, pass@k (see `pass_at_k`), and each image's own scores.
 
     The standard errors are binomial, √(p(1 − p)/n) per category, with images counted as independent; images of one
     prompt are not, so read them as a lower bound when telling a change from the noise.
@@ -173,5 +174,32 @@ def shapes_eval(prompts: list[str], images) -> dict:
         "per_category_strict_se": per_category_se,
         "graded": float(np.mean([record["graded"] for record in per_image])),
         "num_images": len(prompts),
+        "pass_at_k": pass_at_k(per_image),
         "per_image": per_image,
     }
+
+
+def pass_at_k(per_image: list[dict]) -> dict[str, dict]:
+    """{k: {"overall": …, "per_category": {…}}}: the chance that at least one of k samples of a prompt is strictly
+    correct, for k = 1, 2, 4, … up to the fewest images any prompt has, estimated without bias from n ≥ k samples
+    with c correct as 1 − C(n − c, k) / C(n, k) (Chen et al. 2021), averaged over a category's prompts and then
+    over the categories. What best-of-k selection by a perfect judge would reach: the headroom that reward
+    fine-tuning can turn into single samples.
+    """
+    samples = defaultdict(lambda: [0, 0])  # prompt -> [images, strictly correct]
+    for record in per_image:
+        samples[record["prompt"]][0] += 1
+        samples[record["prompt"]][1] += record["strict"]
+    fewest = min(n for n, _ in samples.values())
+    by_category = defaultdict(list)
+    for prompt, counts in samples.items():
+        by_category[parse_prompt(prompt).category].append(counts)
+    result = {}
+    for k in (2**i for i in range(fewest.bit_length())):
+        per_category = {
+            category: float(np.mean([1 - math.comb(n - c, k) / math.comb(n, k) for n, c in by_category[category]]))
+            for category in CATEGORIES
+            if category in by_category
+        }
+        result[str(k)] = {"overall": float(np.mean(list(per_category.values()))), "per_category": per_category}
+    return result
