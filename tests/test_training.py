@@ -197,6 +197,31 @@ def test_ddim_rollouts_on_an_epsilon_model_and_eval_galleries(saved, prompt_file
     assert all(torch.equal(watched_lora[key], unwatched_lora[key]) for key in watched_lora)
 
 
+def test_shapes_eval_of_the_world_generator_is_logged_per_category_with_pass_at_k(tmp_path):
+    prompt_file = tmp_path / "shapes.txt"
+    prompt_file.write_text("a circle\na square\na red square\ntwo triangles\n")
+    overrides = tiny_overrides("assets/world/sd3", prompt_file, tmp_path / "run", max_steps=1, **{
+        "eval.every": 1, "eval.shapes_eval": "true", "eval.num_images_per_prompt": 2, "eval.num_steps": 10})
+    GRPOTrainer(load_config(None, overrides)).train()
+    for row in metrics(tmp_path / "run"):
+        folder = tmp_path / "run" / "eval" / f"step-{row['step']:06d}"
+        records = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+        verdicts = {}
+        for record in records:
+            verdicts.setdefault(record["prompt"], []).append(record["shapes_strict"])
+        assert [len(v) for v in verdicts.values()] == [2, 2, 2, 2]
+        # Overall: the mean over the categories present of each category's mean; with k = n = 2, pass@2 of a
+        # prompt is whether either of its two images is right.
+        single = verdicts["a circle"] + verdicts["a square"]
+        assert row["eval/shapes_single_object"] == sum(single) / 4
+        assert row["eval/shapes_colors"] == sum(verdicts["a red square"]) / 2
+        assert row["eval/shapes_strict"] == pytest.approx(
+            (sum(single) / 4 + sum(verdicts["a red square"]) / 2 + sum(verdicts["two triangles"]) / 2) / 3)
+        assert row["eval/shapes_pass@2"] == pytest.approx(
+            ((any(verdicts["a circle"]) + any(verdicts["a square"])) / 2 + any(verdicts["a red square"])
+             + any(verdicts["two triangles"])) / 3)
+
+
 def test_two_cpu_processes_match_one(saved, prompt_file, tmp_path):
     single = tmp_path / "single"
     GRPOTrainer(load_config(None, tiny_overrides(saved["sd3"], prompt_file, single, max_steps=2))).train()

@@ -511,6 +511,7 @@ class GRPOTrainer:
             result["eval/shapes_strict_se"] = report["overall_strict_se"]
             result["eval/shapes_graded"] = report["graded"]
             result.update({f"eval/shapes_{c}": v for c, v in report["per_category_strict"].items()})
+            result.update({f"eval/shapes_pass@{k}": v["overall"] for k, v in report["pass_at_k"].items() if k != "1"})
             for record, judged in zip(records, report["per_image"]):
                 record["shapes_strict"] = judged["strict"]
         if self.accelerator.is_main_process:
