@@ -226,9 +226,11 @@ def test_labels_on_a_compare_page_name_each_side(browser, folders):
 
 def test_run_page_links_plots_and_evaluations(browser, tmp_path):
     run = tmp_path / "run"
-    rows = [{"step": 0, "eval/reward_mean": 0.3, "eval/shapes_strict": 0.1, "eval/shapes_graded": 0.3}]
+    rows = [{"step": 0, "eval/reward_mean": 0.3, "eval/shapes_strict": 0.1, "eval/shapes_graded": 0.3,
+             "eval/shapes_pass@4": 0.35, "eval/shapes_pass@2": 0.25}]
     rows += [{"step": s, "reward_mean": 0.2 + 0.01 * s} for s in range(1, 5)]
-    rows[-1].update({"eval/reward_mean": 0.5, "eval/shapes_strict": 0.4, "eval/shapes_graded": 0.5})
+    rows[-1].update({"eval/reward_mean": 0.5, "eval/shapes_strict": 0.4, "eval/shapes_graded": 0.5,
+                     "eval/shapes_pass@2": 0.45, "eval/shapes_pass@4": 0.55})
     run.mkdir()
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     make_folder(run / "eval" / "step-000000", RECORDS_A)
@@ -239,7 +241,9 @@ def test_run_page_links_plots_and_evaluations(browser, tmp_path):
         "reward", "accuracy"]
     assert browser.execute_script("return Array.from(document.images).map(i => i.naturalWidth > 0)") == [True] * 2
     table = browser.find_element(By.CSS_SELECTOR, "table.runs").text.splitlines()
-    assert table[1].startswith("0 0.300 0.100 0.300") and table[2].startswith("4 0.500 0.400 0.500")
+    assert table[0].startswith("step eval reward strict pass@2 pass@4 graded")
+    assert table[1].startswith("0 0.300 0.100 0.250 0.350 0.300")
+    assert table[2].startswith("4 0.500 0.400 0.450 0.550 0.500")
     links = [a.get_attribute("href") for a in browser.find_elements(By.CSS_SELECTOR, "table.runs a")]
     assert len(links) == 3  # two galleries and step 4 against step 0
     for link in links:

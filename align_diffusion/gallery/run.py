@@ -39,9 +39,12 @@ def build_run_page(run_dir: str | Path) -> Path:
             comparison = build_comparison(folders[0], folder, out=folder / f"compare-{folders[0].name}.html")
             links[folder.name].append((f"vs {folders[0].name}", comparison.relative_to(run_dir).as_posix()))
 
-    columns = {"eval reward": "eval/reward_mean", "strict": "eval/shapes_strict",
-               "strict s.e.": "eval/shapes_strict_se", "graded": "eval/shapes_graded"}
     evaluated = [row for row in metrics if "eval/reward_mean" in row]
+    pass_at_k = sorted({key for row in evaluated for key in row if key.startswith("eval/shapes_pass@")},
+                       key=lambda key: int(key.rpartition("@")[2]))
+    columns = {"eval reward": "eval/reward_mean", "strict": "eval/shapes_strict",
+               "strict s.e.": "eval/shapes_strict_se", **{key.rpartition("_")[2]: key for key in pass_at_k},
+               "graded": "eval/shapes_graded"}
     columns = {label: key for label, key in columns.items() if any(key in row for row in evaluated)}
     rows = []
     for row in evaluated:
