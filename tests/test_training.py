@@ -20,6 +20,7 @@ from align_diffusion.rewards.spec import load_reward
 from align_diffusion.sampling.loop import step_log_prob
 from align_diffusion.training.config import ConfigError, load_config
 from align_diffusion.training.grpo import GRPOTrainer, clipped_policy_loss, gaussian_kl
+from align_diffusion.world.evaluate import score_image
 from training_helpers import metrics, tiny_overrides
 
 REPO = Path(__file__).resolve().parents[1]
@@ -206,6 +207,9 @@ def test_shapes_eval_of_the_world_generator_is_logged_per_category_with_pass_at_
     for row in metrics(tmp_path / "run"):
         folder = tmp_path / "run" / "eval" / f"step-{row['step']:06d}"
         records = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+        # The saved verdicts are ShapesEval's on the saved samples.
+        assert [r["shapes_strict"] for r in records] == [
+            score_image(r["prompt"], Image.open(folder / r["file"]).convert("RGB")).strict for r in records]
         verdicts = {}
         for record in records:
             verdicts.setdefault(record["prompt"], []).append(record["shapes_strict"])
