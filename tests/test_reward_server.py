@@ -6,6 +6,7 @@ import http.client
 import io
 import json
 import math
+import struct
 import subprocess
 import sys
 import threading
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFile
 
 from align_diffusion.cli import main
 from align_diffusion.rewards.base import Reward, RewardError
@@ -67,6 +68,16 @@ class FlakyReward(Reward):
         if self.calls <= self.failures:
             raise RuntimeError(f"model crashed on call {self.calls}")
         return torch.ones(len(images))
+
+
+class InfiniteReward(Reward):
+    """Scores every image +inf: a broken model, not a bad request."""
+
+    def __init__(self):
+        super().__init__("infinite")
+
+    def score(self, images, prompts, metadata):
+        return torch.full((len(images),), math.inf)
 
 
 class OverlapReward(Reward):
@@ -193,6 +204,47 @@ def test_malformed_requests_are_400(shapes_server, case):
     assert status == 400 and answer["error"]
 
 
+def png_with_short_idat() -> bytes:
+    """A PNG whose IDAT chunk declares 1 byte of its 20: PIL then reads data as a chunk header, a SyntaxError."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (10, 200, 30)).save(buffer, format="PNG")
+    data = bytearray(buffer.getvalue())
+    idat = data.find(b"IDAT")
+    data[idat - 4 : idat] = struct.pack(">I", 1)
+    return bytes(data)
+
+
+def test_a_png_that_pil_rejects_with_syntax_error_is_400(shapes_server):
+    with pytest.raises(SyntaxError, match="broken PNG"):
+        Image.open(io.BytesIO(png_with_short_idat())).convert("RGB")
+    body = json.dumps({"prompts": ["a red circle"], "images": [base64.b64encode(png_with_short_idat()).decode()]})
+    status, answer = request(shapes_server, "POST", "/score", body.encode(), AUTH)
+    assert status == 400 and "undecodable image: broken PNG" in answer["error"]
+
+
+class CrashingImageFile(ImageFile.ImageFile):
+    """An image format whose reader fails with an error PIL's own plugins never raise."""
+
+    format = "CRASHTEST"
+
+    def _open(self):
+        raise ZeroDivisionError("reader bug")
+
+
+@pytest.fixture
+def crashing_image_format():
+    Image.register_open(CrashingImageFile.format, CrashingImageFile, lambda prefix: prefix.startswith(b"CRASH"))
+    yield b"CRASH" + bytes(32)
+    Image.ID.remove(CrashingImageFile.format)
+    del Image.OPEN[CrashingImageFile.format]
+
+
+def test_an_unforeseen_decoding_failure_is_answered_500(shapes_server, crashing_image_format):
+    body = json.dumps({"prompts": ["a red circle"], "images": [base64.b64encode(crashing_image_format).decode()]})
+    status, answer = request(shapes_server, "POST", "/score", body.encode(), AUTH)
+    assert status == 500 and "reader bug" in answer["error"]
+
+
 def test_unknown_paths_are_404(shapes_server):
     assert request(shapes_server, "GET", "/nope")[0] == 404
     assert request(shapes_server, "POST", "/scores", b"{}", AUTH)[0] == 404
@@ -247,6 +299,14 @@ def test_a_failing_reward_is_500_and_the_client_raises():
         status, answer = request(server, "POST", "/score", score_body(["a"], [Image.new("RGB", (8, 8))]), AUTH)
         assert status == 500 and "model crashed on call 1" in answer["error"]
         with pytest.raises(RewardError, match="after 2 attempts.*model crashed on call 3"):
+            RemoteReward(server.url, TOKEN, attempts=2, backoff=0.01)([Image.new("RGB", (8, 8))], ["a"])
+
+
+def test_an_infinite_score_is_a_server_failure_500():
+    with serving(InfiniteReward()) as server:
+        status, answer = request(server, "POST", "/score", score_body(["a"], [Image.new("RGB", (8, 8))]), AUTH)
+        assert status == 500 and "infinite score" in answer["error"]
+        with pytest.raises(RewardError, match="after 2 attempts.*infinite score"):
             RemoteReward(server.url, TOKEN, attempts=2, backoff=0.01)([Image.new("RGB", (8, 8))], ["a"])
 
 

@@ -9,13 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from transformers import AutoProcessor, CLIPModel
+from transformers import AutoProcessor, CLIPImageProcessor, CLIPModel
 
-from align_diffusion.rewards.base import Reward, images_to_tensor
+from align_diffusion.rewards.base import Reward, images_to_pil, images_to_tensor
 from align_diffusion.rewards.clip import Aesthetic, AestheticHead, ClipScore, HPSv2, PickScore
 from align_diffusion.rewards.preprocess import TorchImageTransform
 from align_diffusion.rewards.simple import JpegCompressibility, ShapesReward
-from align_diffusion.rewards.spec import WeightedRewards, load_reward, parse_spec
+from align_diffusion.rewards.spec import WeightedRewards, load_reward, parse_spec, score_terms
 from align_diffusion.world.evaluate import score_image
 from align_diffusion.world.render import render_prompt
 
@@ -58,6 +58,22 @@ def test_images_to_tensor_accepts_pil_and_rejects_bad_shapes():
         images_to_tensor(["not an image"])
 
 
+def test_images_to_tensor_refuses_integer_and_out_of_range_tensors():
+    images = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="dtype torch.uint8"):
+        images_to_tensor((images * 255).round().to(torch.uint8))
+    one_bright_pixel = images.clone()
+    one_bright_pixel[1, 2, 7, 7] = 1.01
+    for outside in (images * 2 - 1, images * 255, one_bright_pixel):
+        with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+            images_to_tensor(outside)
+    with pytest.raises(ValueError, match="dtype"):
+        JpegCompressibility()(torch.zeros(1, 3, 8, 8, dtype=torch.uint8), ["a"])
+    noisy = images.clone()
+    noisy[0, 0, 0, :2] = torch.tensor([-5e-4, 1 + 5e-4])  # rounding noise of a decoder still passes
+    assert images_to_tensor(noisy) is noisy
+
+
 def test_reward_checks_lengths():
     with pytest.raises(ValueError, match="2 prompts for 3 images"):
         ShapesReward()(world_images(), PROMPTS[:2])
@@ -96,6 +112,18 @@ def test_torch_transform_matches_processor():
     assert actual.shape == expected.shape == (3, 3, 64, 64)
     # Bicubic resampling differs in detail between PIL and torch; in [-1, 1] units the mean gap stays small.
     assert (actual - expected).abs().mean() < 0.02
+
+
+def test_torch_transform_truncates_the_long_side_like_clip_processor():
+    """1024x768 → 298x224 (224 · 1024 / 768 = 298.7, truncated as transformers does; rounding gives 299)."""
+    processor = CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})
+    transform = TorchImageTransform.from_processor(processor)
+    coarse = torch.rand(1, 3, 128, 96, generator=torch.Generator().manual_seed(0))
+    images = images_to_pil(F.interpolate(coarse, size=(1024, 768), mode="bilinear"))  # smooth: PIL ≈ torch bicubic
+    expected = processor(images=images, return_tensors="pt").pixel_values
+    actual = transform(images_to_tensor(images))
+    assert actual.shape == expected.shape == (1, 3, 224, 224)
+    assert (actual - expected).abs().mean() < 0.01 and (actual - expected).abs().max() < 0.05
 
 
 def _processor_cosine(model, processor, images, prompts):
@@ -189,6 +217,58 @@ def test_spec_parsing_and_weighted_sum():
     assert math.isclose(total[0].item(), 2.0 - 0.5 * each["jpeg"][0].item() + 0.1 * each["clip"][0].item(),
                         rel_tol=1e-6)
     assert load_reward(f"clip:{WORLD_CLIP}=0.5,pickscore:{WORLD_CLIP}").differentiable
+
+
+def jpeg_kilobytes(image: Image.Image, quality: int) -> float:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality)
+    return buffer.tell() / 1000
+
+
+def test_terms_of_one_reward_type_each_count():
+    images = world_images()
+    combined = load_reward("jpeg:5=1,jpeg:95=0.5")
+    at_5 = torch.tensor([-jpeg_kilobytes(image, 5) for image in images])
+    at_95 = torch.tensor([-jpeg_kilobytes(image, 95) for image in images])
+    assert not torch.equal(at_5, at_95)
+    torch.testing.assert_close(combined(images, PROMPTS), at_5 + 0.5 * at_95)
+    total, each = score_terms(combined, images, PROMPTS)
+    torch.testing.assert_close(total, at_5 + 0.5 * at_95)
+    assert each.keys() == {"jpeg:5", "jpeg:95"} and combined.name == "jpeg:5=1,jpeg:95=0.5"
+    torch.testing.assert_close(each["jpeg:5"], at_5)
+    torch.testing.assert_close(each["jpeg:95"], at_95)
+    # Names that do not collide stay the keys (metrics read `reward/jpeg_mean`, `reward/shapes_mean`).
+    assert score_terms(load_reward("jpeg:5,shapes=0.5"), images, PROMPTS)[1].keys() == {"jpeg", "shapes"}
+    assert score_terms(load_reward("jpeg,jpeg:5=2"), images, PROMPTS)[1].keys() == {"jpeg", "jpeg:5"}
+
+
+def test_spec_arguments_may_hold_equals_signs():
+    assert [(t.name, t.arg, t.weight) for t in parse_spec("remote:http://h:8000/?a=b,clip:/a/b=c=0.2")] == [
+        ("remote", "http://h:8000/?a=b", 1.0), ("clip", "/a/b=c", 0.2)]
+    assert parse_spec("clip:/a/b=c")[0].arg == "/a/b=c"
+    assert parse_spec("shapes:strict=-2")[0].weight == -2.0
+
+
+@pytest.mark.parametrize("spec", ["shapes=nan", "shapes=inf", "jpeg:50=-inf"])
+def test_spec_weights_must_be_finite(spec):
+    with pytest.raises(ValueError, match=f"reward term '{spec}': weight .* is not finite"):
+        parse_spec(spec)
+
+
+@pytest.mark.parametrize("spec", ["jpeg:abc", "jpeg:0", "jpeg:96", "jpeg:-5", "jpeg:2.5"])
+def test_jpeg_quality_must_be_from_1_to_95(spec):
+    with pytest.raises(ValueError, match=f"reward term '{spec}': JPEG quality must be an integer from 1 to 95"):
+        load_reward(spec)
+
+
+def test_jpeg_quality_bounds_are_accepted():
+    assert load_reward("jpeg:1").quality == 1 and load_reward("jpeg:95").quality == 95
+
+
+def test_hpsv2_arch_may_hold_a_colon():
+    """open_clip names hub models `hf-hub:ORG/NAME`: the weights file is what follows the last ':'."""
+    with pytest.raises(FileNotFoundError, match="weights file /no/such/hps.pt not found"):
+        load_reward("hpsv2:hf-hub:org/x:/no/such/hps.pt")
 
 
 def test_loading_a_reward_leaves_the_global_rng_alone():

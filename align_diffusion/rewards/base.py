@@ -19,11 +19,21 @@ class RewardError(RuntimeError):
     """A reward could not score a batch at all (a missing model file, an unreachable server, ...)."""
 
 
+RANGE_TOLERANCE = 1e-3  # rounding noise past 0 and 1 passes; [-1, 1] or 0…255 pixels overshoot by far more
+
+
 def images_to_tensor(images) -> torch.Tensor:
-    """(B, 3, H, W) float in [0, 1] from such a tensor (returned as is, so gradients flow) or a list of PIL images."""
+    """(B, 3, H, W) float in [0, 1] from such a tensor (returned as is, so gradients flow) or a list of PIL images;
+    ValueError for a tensor of another shape, an integer dtype or values outside [0, 1]."""
     if isinstance(images, torch.Tensor):
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
+        if not images.is_floating_point():
+            raise ValueError(f"expected float images in [0, 1], got dtype {images.dtype}")
+        pixels = images.detach()
+        if ((pixels < -RANGE_TOLERANCE) | (pixels > 1 + RANGE_TOLERANCE)).any():
+            raise ValueError(f"expected images in [0, 1], got values from {pixels.min().item():.4g} to "
+                             f"{pixels.max().item():.4g}")
         return images
     if not isinstance(images, Sequence) or not all(isinstance(image, Image.Image) for image in images):
         raise TypeError("images must be a (B, 3, H, W) tensor in [0, 1] or a list of PIL images")

@@ -37,8 +37,9 @@ class TorchImageTransform:
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [0, 1] to normalized model input; differentiable."""
         height, width = images.shape[-2:]
-        scale = self.resize / min(height, width)
-        new_size = (max(self.resize, round(height * scale)), max(self.resize, round(width * scale)))
+        short, long = sorted((height, width))
+        long_resized = int(self.resize * long / short)  # truncated, as transformers and torchvision do
+        new_size = (self.resize, long_resized) if height <= width else (long_resized, self.resize)
         if new_size != (height, width):
             images = F.interpolate(images, size=new_size, mode="bicubic", align_corners=False, antialias=True)
         crop_height, crop_width = self.crop

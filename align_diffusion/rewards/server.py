@@ -4,7 +4,8 @@ Standard library only. `POST /score` takes `{"prompts": [...], "images": [base64
 (metadata optional) with `Authorization: Bearer TOKEN` and answers `{"rewards": [...]}`, NaN sent as null.
 `GET /health` answers `{"status": "ok", "reward": NAME}` without a token. Errors answer `{"error": MESSAGE}`:
 401 bad token, 400 bad request (or input the reward refuses with ValueError), 404 unknown path, 411 no
-Content-Length, 413 body too large, 500 the reward raised anything else.
+Content-Length, 413 body too large, 500 the reward raised anything else (an infinite score included) or the
+request failed to parse in a way the server did not foresee.
 
 The token travels in clear over plain HTTP: keep the default 127.0.0.1 and reach the server through an SSH tunnel
 (or put a TLS proxy in front) rather than binding a public interface.
@@ -20,6 +21,7 @@ import json
 import logging
 import math
 import socket
+import struct
 import sys
 import threading
 import time
@@ -28,7 +30,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import torch
 from PIL import Image
 
-from align_diffusion.rewards.base import Reward, images_to_tensor
+from align_diffusion.rewards.base import Reward, RewardError, images_to_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +56,9 @@ def decode_image(text) -> Image.Image:
         if image.width * image.height > MAX_IMAGE_PIXELS:
             raise RequestError(400, f"image of {image.width}x{image.height} exceeds {MAX_IMAGE_PIXELS} pixels")
         return image.convert("RGB")
-    except (binascii.Error, OSError, ValueError, Image.DecompressionBombError) as error:
+    # PIL's decoders report broken files with SyntaxError, EOFError or struct.error as well as OSError.
+    except (binascii.Error, OSError, ValueError, Image.DecompressionBombError, SyntaxError, EOFError,
+            struct.error) as error:
         raise RequestError(400, f"undecodable image: {error}") from None
 
 
@@ -120,7 +124,7 @@ class RewardServer(ThreadingHTTPServer):
             rewards = self.reward(images, prompts, metadata)
         values = rewards.detach().cpu().double().tolist()
         if any(math.isinf(v) for v in values):
-            raise ValueError(f"reward {self.reward.name} returned an infinite score: {values}")
+            raise RewardError(f"reward {self.reward.name} returned an infinite score: {values}")
         return [None if math.isnan(v) else v for v in values]
 
 
@@ -157,6 +161,9 @@ class RewardRequestHandler(BaseHTTPRequestHandler):
             images, prompts, metadata = parse_score_request(body)
         except RequestError as error:
             return self.send_json(error.status, {"error": str(error)})
+        except Exception as error:  # a failure decode_image does not know of: answer it rather than hang up
+            logger.exception("could not read a /score request")
+            return self.send_json(500, {"error": f"could not read the request: {error!r}"})
         try:
             rewards = self.server.score(images, prompts, metadata)
         except ValueError as error:  # the reward refused this input (e.g. a prompt outside its grammar)

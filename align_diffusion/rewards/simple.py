@@ -12,9 +12,12 @@ from align_diffusion.world.spec import parse_prompt
 
 
 class JpegCompressibility(Reward):
-    """Minus the JPEG size in kilobytes at `quality` (DDPO's compressibility reward). Spec `jpeg`."""
+    """Minus the JPEG size in kilobytes at `quality` (DDPO's compressibility reward). Spec `jpeg` or `jpeg:QUALITY`."""
 
     def __init__(self, quality: int = 95):
+        # PIL's quality scale ends at 95 (above it, parts of the compression are switched off); libjpeg reads 0 as 1.
+        if not 1 <= quality <= 95:
+            raise ValueError(f"JPEG quality must be an integer from 1 to 95, got {quality!r}")
         super().__init__("jpeg")
         self.quality = quality
 

@@ -1,12 +1,15 @@
 """Reward specs: the short strings that name rewards on the command line and in configs.
 
 A spec is one or more comma-separated terms `NAME[:ARG][=WEIGHT]`, e.g. `shapes`, `clip:assets/world/clip`,
-`pickscore`, `shapes=1.0,artifact:DIR=0.2`. One unweighted term loads that reward; anything else loads a
-`WeightedRewards` whose score is the weighted sum (transforms.py has the normalizing alternatives).
+`pickscore`, `shapes=1.0,artifact:DIR=0.2`. The text after a term's last '=' is its weight when it is a number;
+otherwise the '=' belongs to the argument (`remote:http://host/?a=b`), so an argument that itself ends in `=NUMBER`
+needs an explicit weight. One unweighted term loads that reward; anything else loads a `WeightedRewards` whose
+score is the weighted sum (transforms.py has the normalizing alternatives).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -21,6 +24,11 @@ class RewardTerm:
     arg: str | None
     weight: float
 
+    @property
+    def text(self) -> str:
+        """The term as written, without its weight: `jpeg:50`."""
+        return self.name if self.arg is None else f"{self.name}:{self.arg}"
+
 
 def _required(arg: str | None, what: str) -> str:
     if not arg:
@@ -29,8 +37,8 @@ def _required(arg: str | None, what: str) -> str:
 
 
 def _split_pair(arg: str | None, what: str) -> list[str]:
-    """`A:B` → [A, B]; `B` → [B]."""
-    return _required(arg, what).split(":", 1)
+    """`A:B` → [A, B]; `B` → [B]. B, a file, follows the last ':', since A may hold one (`hf-hub:org/model`)."""
+    return _required(arg, what).rsplit(":", 1)
 
 
 def _clip(arg, device, dtype):
@@ -62,7 +70,13 @@ def _aesthetic(arg, device, dtype):
 def _jpeg(arg, device, dtype):
     from align_diffusion.rewards.simple import JpegCompressibility
 
-    return JpegCompressibility(int(arg)) if arg else JpegCompressibility()
+    if arg is None:
+        return JpegCompressibility()
+    try:
+        quality = int(arg)
+    except ValueError:
+        raise ValueError(f"JPEG quality must be an integer from 1 to 95, got {arg!r}") from None
+    return JpegCompressibility(quality)
 
 
 def _shapes(arg, device, dtype):
@@ -104,21 +118,29 @@ LOADERS: dict[str, Callable[[str | None, torch.device | None, torch.dtype], Rewa
 }
 
 
+def _split_weight(text: str) -> tuple[str, float]:
+    """`TERM=WEIGHT` → (TERM, WEIGHT); `TERM` → (TERM, 1.0), also when an argument holds the last '='."""
+    head, sep, tail = text.rpartition("=")
+    if not sep:
+        return text, 1.0
+    try:
+        weight = float(tail)
+    except ValueError:
+        if ":" in head:
+            return text, 1.0
+        raise ValueError(f"reward term {text!r}: weight {tail!r} is not a number") from None
+    if not math.isfinite(weight):
+        raise ValueError(f"reward term {text!r}: weight {tail!r} is not finite")
+    return head, weight
+
+
 def parse_spec(spec: str) -> list[RewardTerm]:
     """Terms of a spec; ValueError naming the bad term for unknown names, bad weights or repeated rewards."""
     if not spec or not spec.strip():
         raise ValueError("empty reward spec")
     terms = []
     for text in spec.split(","):
-        text = text.strip()
-        weight = 1.0
-        head, sep, tail = text.rpartition("=")
-        if sep:
-            try:
-                weight = float(tail)
-            except ValueError:
-                raise ValueError(f"reward term {text!r}: weight {tail!r} is not a number") from None
-            text = head
+        text, weight = _split_weight(text.strip())
         name, _, arg = text.partition(":")
         if name not in LOADERS:
             raise ValueError(f"reward term {text!r}: unknown reward {name!r}; choose from {sorted(LOADERS)}")
@@ -130,19 +152,24 @@ def parse_spec(spec: str) -> list[RewardTerm]:
 
 
 class WeightedRewards(Reward):
-    """Several rewards scored together; `score` is their weighted sum, `score_each` gives each one."""
+    """Several rewards scored together; `score` is their weighted sum, `score_each` gives each one under its key
+    (by default the reward's name; `load_reward` keys rewards whose names collide by their term, `jpeg:50`)."""
 
-    def __init__(self, rewards: list[Reward], weights: list[float]):
-        super().__init__(",".join(f"{r.name}={w:g}" for r, w in zip(rewards, weights)))
+    def __init__(self, rewards: list[Reward], weights: list[float], keys: list[str] | None = None):
+        keys = [r.name for r in rewards] if keys is None else list(keys)
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"weighted rewards need distinct keys, got {keys}")
+        super().__init__(",".join(f"{key}={w:g}" for key, w in zip(keys, weights)))
         self.rewards = torch.nn.ModuleList(rewards)
         self.weights = list(weights)
+        self.keys = keys
         self.differentiable = all(r.differentiable for r in rewards)
         self.needs_reference = any(r.needs_reference for r in rewards)
         self.trainable = any(r.trainable for r in rewards)
         self.stateful = any(r.stateful for r in rewards)
 
     def score_each(self, images, prompts, metadata=None) -> dict[str, torch.Tensor]:
-        return {r.name: r(images, prompts, metadata) for r in self.rewards}
+        return {key: r(images, prompts, metadata) for key, r in zip(self.keys, self.rewards)}
 
     def score(self, images, prompts, metadata):
         each = self.score_each(images, prompts, metadata)
@@ -156,15 +183,24 @@ class WeightedRewards(Reward):
             self.rewards[int(key)].load_reward_state(term_state)
 
 
+def _load_term(term: RewardTerm, device, dtype: torch.dtype) -> Reward:
+    try:
+        return LOADERS[term.name](term.arg, device, dtype)
+    except ValueError as error:
+        raise ValueError(f"reward term {term.text!r}: {error}") from error
+
+
 def load_reward(spec: str, device=None, dtype: torch.dtype = torch.float32) -> Reward:
     """The reward a spec names (see the module docstring). Loading leaves torch's global RNG as it was (models draw
     init weights before their checkpoints overwrite them), so adding a reward never shifts a seeded run's noise."""
     terms = parse_spec(spec)
     with torch.random.fork_rng(devices=[]):
-        rewards = [LOADERS[t.name](t.arg, device, dtype) for t in terms]
+        rewards = [_load_term(t, device, dtype) for t in terms]
     if len(terms) == 1 and terms[0].weight == 1.0:
         return rewards[0]
-    return WeightedRewards(rewards, [t.weight for t in terms])
+    names = [r.name for r in rewards]
+    keys = [r.name if names.count(r.name) == 1 else t.text for r, t in zip(rewards, terms)]
+    return WeightedRewards(rewards, [t.weight for t in terms], keys)
 
 
 def score_terms(reward: Reward, images, prompts) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
