@@ -13,6 +13,8 @@ from training_helpers import metrics, tiny_overrides
 
 from align_diffusion.cli import main
 from align_diffusion.rewards.dense import dense_step_rewards
+from align_diffusion.rewards.transforms import group_advantages
+from align_diffusion.sampling.loop import step_log_prob
 from align_diffusion.training.advantages import best_worst_mask, dense_advantages
 from align_diffusion.training.config import ConfigError, load_config
 from align_diffusion.training.gdro import GROUPS_FILE, gdro_loss
@@ -99,6 +101,46 @@ def test_dance_grpo_shares_noise_within_groups_and_trains_on_best_and_worst(save
     trainer.train()
     row = metrics(tmp_path)[0]
     assert row["first_ratio_max_deviation"] <= 1e-5 and row["train_timesteps"] == 2
+
+
+def test_best_worst_images_weigh_the_same_whatever_micro_batch_they_fall_in(saved, prompt_file, tmp_path):
+    """One image per micro-batch: the update's gradient is that of the mean loss over the kept (best and worst)
+    images, not over the micro-batches, so the masked-out ones do not dilute it."""
+    overrides = tiny_overrides(saved["sd3"], prompt_file, tmp_path, max_steps=1, **{
+        "grpo.best_worst_only": "true", "grpo.train_batch_size": 1, "grpo.kl_beta": 0, "optim.max_grad_norm": "null",
+        "optim.lr": 0})
+    trainer = GRPOTrainer(load_config(None, overrides))
+    gradients = []
+    trainer.optimizer.optimizer.register_step_pre_hook(
+        lambda optimizer, *_: gradients.append(torch.cat([p.grad.flatten().double() for p in trainer.params])))
+    rollouts = trainer.rollout(0)
+    advantages, _ = trainer.advantages(rollouts)
+    trainer.update(rollouts, advantages, 0)
+
+    kept = ~torch.isnan(advantages)
+    assert int(kept.sum()) == 4  # the best and the worst of each of the two groups of 4
+    steps = rollouts.trajectory.stochastic_steps
+    clip, loss = trainer.config.grpo.adv_clip_max, 0
+    for j in steps:
+        log_prob = step_log_prob(trainer.adapter, rollouts.trajectory, j, torch.nonzero(kept).flatten()).log_prob
+        ratio = torch.exp(log_prob - rollouts.trajectory.log_probs[kept, j])
+        loss = loss - (advantages[kept].clamp(-clip, clip) * ratio).mean() / len(steps)
+    loss.backward()
+    by_hand = torch.cat([p.grad.flatten().double() for p in trainer.params])
+    assert float(by_hand.norm()) > 0
+    assert torch.allclose(gradients[0], by_hand, rtol=1e-4, atol=1e-6 * float(by_hand.abs().max()))
+
+
+def test_bnpo_maps_the_configured_reward_range_to_the_unit_interval(saved, prompt_file, tmp_path):
+    """JPEG rewards are negative; with grpo.reward_range = [-20, 0] BNPO sees (R + 20) / 20."""
+    overrides = tiny_overrides(saved["sd3"], prompt_file, tmp_path, max_steps=1, **{
+        "grpo.advantage": "bnpo", "grpo.reward_range": "[-20, 0]"})
+    trainer = GRPOTrainer(load_config(None, overrides))
+    rollouts = trainer.rollout(0)
+    assert float(rollouts.rewards.max()) < 0
+    advantages, _ = trainer.advantages(rollouts)
+    mapped = group_advantages((rollouts.rewards + 20) / 20, torch.arange(8) // 4, "bnpo").advantages
+    torch.testing.assert_close(advantages, mapped.float())
 
 
 def test_dense_grpo_gives_each_step_its_group_normalized_advantage(saved, prompt_file, tmp_path):

@@ -4,6 +4,7 @@ the stock pipeline, exact resume, and two CPU processes against one."""
 import json
 import math
 import os
+import re
 import runpy
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from align_diffusion.cli import main
 from align_diffusion.models import load_adapter
 from align_diffusion.rewards.spec import load_reward
 from align_diffusion.sampling.loop import step_log_prob
-from align_diffusion.training.config import ConfigError, load_config
+from align_diffusion.training.config import ConfigError, load_config, validate
 from align_diffusion.training.grpo import GRPOTrainer, clipped_policy_loss, gaussian_kl
 from align_diffusion.world.evaluate import score_image
 from training_helpers import metrics, tiny_overrides
@@ -82,6 +83,38 @@ def test_sampler_must_fit_the_model(saved):
 def test_wrong_type_is_named(saved):
     with pytest.raises(ConfigError, match="optim.lr: expected float"):
         load_config(None, [f"model={saved['sd3']}", "optim.lr=fast"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("sampling.noise_level=0", "sampling.noise_level: GRPO trains on stochastic steps"),
+    ("sampling.noise_level=.nan", "sampling.noise_level must be a finite number"),
+    ("optim.warmup_steps=-2", "optim.warmup_steps must be >= 0"),
+    ("optim.max_grad_norm=-1", "optim.max_grad_norm must be > 0"),
+    ("optim.max_grad_norm=0", "optim.max_grad_norm must be > 0"),
+    ("optim.betas=[0.9]", "optim.betas must be two numbers"),
+    ("optim.betas=[0.9, 1.5]", "optim.betas must be two numbers"),
+    ("lora.alpha=0", "lora.alpha must be > 0"),
+    ("grpo.clip_range=.nan", "grpo.clip_range must be a finite number"),
+    ("gdro.beta=.nan", "gdro: tau and beta must be finite"),
+    ("grpo.reward_range=[1, 0]", "grpo.reward_range must be"),
+])
+def test_out_of_range_values_are_named(saved, override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, [f"model={saved['sd3']}", override])
+
+
+def test_combinations_that_cannot_run_are_named(saved, tmp_path):
+    table = tmp_path / "psi.json"
+    table.write_text(json.dumps({"noise_levels": [0.0, 0.0, 0.5, 0.5]}))
+    with pytest.raises(ConfigError, match=re.escape("sampling.noise_table: GRPO trains on stochastic steps, and every "
+                                                    "noise level within the noise window [0, 2) is 0")):
+        load_config(None, [f"model={saved['sd3']}", f"sampling.noise_table={table}", "sampling.num_steps=4",
+                           "sampling.noise_window=[0, 2]"])
+    load_config(None, [f"model={saved['sd3']}", f"sampling.noise_table={table}", "sampling.num_steps=4"])
+    with pytest.raises(ConfigError, match="grpo.advantage: bnpo normalizes rewards within grpo.reward_range"):
+        load_config(None, [f"model={saved['sd3']}", "grpo.advantage=bnpo", "grpo.dense=x0"])
+    with pytest.raises(ConfigError, match="algorithm: gdro runs in one process, got 2"):
+        validate(load_config(None, [f"model={saved['sd3']}", "algorithm=gdro"]), num_processes=2)
 
 
 def test_yaml_file_and_overrides(saved, tmp_path):
@@ -155,6 +188,9 @@ def test_resume_gives_identical_weights(trained, saved, prompt_file, tmp_path):
     for key in a:
         assert torch.equal(a[key], b[key]), key
     assert [r["step"] for r in metrics(first)] == [1, 2]
+    with pytest.raises(ConfigError, match="already holds a run; continue it with resume_from=latest"):
+        GRPOTrainer(load_config(None, tiny_overrides(saved["sd3"], prompt_file, first, max_steps=3))).train()
+    assert [r["step"] for r in metrics(first)] == [1, 2]
 
 
 def test_checkpoints_are_pruned_and_never_partial(trained):
@@ -227,14 +263,16 @@ def test_shapes_eval_of_the_world_generator_is_logged_per_category_with_pass_at_
 
 
 def test_two_cpu_processes_match_one(saved, prompt_file, tmp_path):
+    warmup = {"optim.warmup_steps": 3}  # the warm-up must advance once per optimizer step, whatever the processes
     single = tmp_path / "single"
-    GRPOTrainer(load_config(None, tiny_overrides(saved["sd3"], prompt_file, single, max_steps=2))).train()
+    GRPOTrainer(load_config(None, tiny_overrides(saved["sd3"], prompt_file, single, max_steps=2, **warmup))).train()
     double = tmp_path / "double"
     # On a machine without GPUs `--multi_gpu` starts CPU processes joined by gloo (accelerate's `--cpu` alone
     # starts one process unless MPI is set up).
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "-m", "align_diffusion", "train", *tiny_overrides(saved["sd3"], prompt_file, double, max_steps=2)]
+               "-m", "align_diffusion", "train", *tiny_overrides(saved["sd3"], prompt_file, double, max_steps=2,
+                                                                  **warmup)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=280)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -245,6 +283,9 @@ def test_two_cpu_processes_match_one(saved, prompt_file, tmp_path):
         assert torch.allclose(a[key], b[key], atol=1e-5, rtol=1e-4), key
     single_rows, double_rows = metrics(single), metrics(double)
     assert [r["reward_mean"] for r in single_rows] == pytest.approx([r["reward_mean"] for r in double_rows])
+    lr = load_config(None, tiny_overrides(saved["sd3"], prompt_file, single)).optim.lr
+    for rows in (single_rows, double_rows):  # optimizer step s (from 0) uses the warm-up factor (s + 1) / (3 + 1)
+        assert [r["lr"] for r in rows] == pytest.approx([lr * 1 / 4, lr * 2 / 4])
 
 
 def test_ema_bf16_and_checkpointing_run_and_export_the_ema_weights(saved, prompt_file, tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ import yaml
 
 from align_diffusion.rewards.spec import parse_spec
 from align_diffusion.rewards.transforms import METHODS as ADVANTAGE_METHODS
-from align_diffusion.sampling.loop import DIFFUSION_SAMPLERS, FLOW_SAMPLERS
+from align_diffusion.sampling.loop import DEFAULT_NOISE_LEVEL, DIFFUSION_SAMPLERS, FLOW_SAMPLERS
 from align_diffusion.training.noise_table import read_table
 
 TRAINABLE_REWARDS = ("adv-dino",)  # reward specs whose model co-trains against references
@@ -60,6 +61,8 @@ class GRPOConfig:
     adv_clip_max: float = _help("advantages are clipped to ±this", 5.0)
     kl_beta: float = _help("weight of the KL to the reference model (the adapter disabled)", 0.04)
     advantage: str = _help("zscore, global_std or bnpo", "zscore")
+    reward_range: list[float] = _help("[low, high] the combined reward lies in; bnpo maps it to [0, 1]",
+                                      factory=lambda: [0.0, 1.0])
     ratio_warn: float = _help("warn when the on-policy ratio drifts from 1 by more than this", 1e-3)
     best_worst_only: bool = _help("train only on the best and the worst image of each group (DanceGRPO)", False)
     dense: str | None = _help("per-step advantages from step rewards: 'ode' (ODE completions, DenseGRPO) or 'x0' "
@@ -263,8 +266,8 @@ def validate(config: TrainConfig, num_processes: int = 1) -> None:
                               ("gdro.groups_per_step", gdro.groups_per_step, 1)):
         if value < least:
             raise ConfigError(f"{key} must be at least {least}, got {value}")
-    if not gdro.tau > 0 or gdro.beta <= 0 or gdro.sft_weight < 0:
-        raise ConfigError(f"gdro: tau and beta must be > 0 and sft_weight >= 0, got tau={gdro.tau}, "
+    if not (0 < gdro.tau < math.inf and 0 < gdro.beta < math.inf and 0 <= gdro.sft_weight < math.inf):
+        raise ConfigError(f"gdro: tau and beta must be finite and > 0 and sft_weight >= 0, got tau={gdro.tau}, "
                           f"beta={gdro.beta}, sft_weight={gdro.sft_weight}")
     grpo = config.grpo
     if grpo.group_size < 2:
@@ -272,6 +275,8 @@ def validate(config: TrainConfig, num_processes: int = 1) -> None:
                           f"{grpo.group_size}")
     if grpo.batch_size % grpo.group_size:
         raise ConfigError(f"grpo.group_size {grpo.group_size} does not divide grpo.batch_size {grpo.batch_size}")
+    if config.algorithm == "gdro" and num_processes > 1:
+        raise ConfigError(f"algorithm: gdro runs in one process, got {num_processes}")
     if grpo.batch_size % num_processes:
         raise ConfigError(f"grpo.batch_size {grpo.batch_size} is not a multiple of the {num_processes} processes")
     local = grpo.batch_size // num_processes
@@ -285,14 +290,29 @@ def validate(config: TrainConfig, num_processes: int = 1) -> None:
         raise ConfigError(f"grpo.timestep_fraction must lie in (0, 1], got {grpo.timestep_fraction}")
     if grpo.advantage not in ADVANTAGE_METHODS:
         raise ConfigError(f"grpo.advantage must be one of {ADVANTAGE_METHODS}, got {grpo.advantage!r}")
+    if grpo.advantage == "bnpo" and grpo.dense is not None:
+        raise ConfigError("grpo.advantage: bnpo normalizes rewards within grpo.reward_range, and dense step rewards "
+                          "are signed differences; use zscore or global_std with grpo.dense")
+    if len(grpo.reward_range) != 2 or not grpo.reward_range[0] < grpo.reward_range[1]:
+        raise ConfigError(f"grpo.reward_range must be [low, high] with low < high, got {grpo.reward_range}")
     for key, value in {"grpo.clip_range": grpo.clip_range, "grpo.adv_clip_max": grpo.adv_clip_max,
-                       "grpo.kl_beta": grpo.kl_beta, "optim.lr": config.optim.lr}.items():
-        if value < 0:
-            raise ConfigError(f"{key} must be >= 0, got {value}")
-    if not 0 <= config.optim.ema_decay < 1:
-        raise ConfigError(f"optim.ema_decay must lie in [0, 1), got {config.optim.ema_decay}")
-    if config.optim.mixed_precision not in ("no", "fp16", "bf16"):
-        raise ConfigError(f"optim.mixed_precision must be no, fp16 or bf16, got {config.optim.mixed_precision!r}")
+                       "grpo.kl_beta": grpo.kl_beta, "optim.lr": config.optim.lr,
+                       "optim.weight_decay": config.optim.weight_decay}.items():
+        if not 0 <= value < math.inf:  # also refuses NaN
+            raise ConfigError(f"{key} must be a finite number >= 0, got {value}")
+    optim = config.optim
+    if optim.warmup_steps < 0:
+        raise ConfigError(f"optim.warmup_steps must be >= 0, got {optim.warmup_steps}")
+    if optim.max_grad_norm is not None and not 0 < optim.max_grad_norm < math.inf:
+        raise ConfigError(f"optim.max_grad_norm must be > 0 (null: no clipping), got {optim.max_grad_norm}")
+    if len(optim.betas) != 2 or not all(0 <= b < 1 for b in optim.betas):
+        raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {optim.betas}")
+    if not 0 < config.lora.alpha < math.inf:
+        raise ConfigError(f"lora.alpha must be > 0 (the LoRA's scale is alpha / rank), got {config.lora.alpha}")
+    if not 0 <= optim.ema_decay < 1:
+        raise ConfigError(f"optim.ema_decay must lie in [0, 1), got {optim.ema_decay}")
+    if optim.mixed_precision not in ("no", "fp16", "bf16"):
+        raise ConfigError(f"optim.mixed_precision must be no, fp16 or bf16, got {optim.mixed_precision!r}")
     if config.dtype not in ("float32", "float16", "bfloat16"):
         raise ConfigError(f"dtype must be float32, float16 or bfloat16, got {config.dtype!r}")
     if not config.lora.enabled and config.dtype != "float32":
@@ -311,13 +331,21 @@ def validate(config: TrainConfig, num_processes: int = 1) -> None:
                           "dense per-step advantages")
     if config.reward_updates < 0:
         raise ConfigError(f"reward_updates must be >= 0, got {config.reward_updates}")
-    if config.sampling.noise_table is not None:
-        if config.sampling.noise_level is not None:
+    sampling = config.sampling
+    if sampling.noise_table is not None:
+        if sampling.noise_level is not None:
             raise ConfigError("sampling.noise_table replaces sampling.noise_level; set only one")
         try:
-            read_table(config.sampling.noise_table, config.sampling.num_steps)
+            levels = read_table(sampling.noise_table, sampling.num_steps)
         except ValueError as error:
             raise ConfigError(f"sampling.noise_table: {error}") from None
+        key = "sampling.noise_table"
+    else:
+        if sampling.noise_level is not None and not 0 <= sampling.noise_level < math.inf:
+            raise ConfigError(f"sampling.noise_level must be a finite number >= 0, got {sampling.noise_level}")
+        level = DEFAULT_NOISE_LEVEL.get(sampling.sampler, 0.0) if sampling.noise_level is None else sampling.noise_level
+        levels = [level] * sampling.num_steps
+        key = "sampling.noise_level"
     try:
         terms = parse_spec(config.reward)
     except ValueError as error:
@@ -332,3 +360,7 @@ def validate(config: TrainConfig, num_processes: int = 1) -> None:
     if config.sampling.sampler not in allowed:
         kind = {True: "a flow model", False: "a diffusion (ε) model", None: "any model"}[is_flow]
         raise ConfigError(f"sampling.sampler {config.sampling.sampler!r} does not fit {kind}; use one of {allowed}")
+    start, end = window if window is not None else (0, sampling.num_steps)
+    if config.algorithm == "grpo" and not any(level > 0 for level in levels[start:end]):
+        raise ConfigError(f"{key}: GRPO trains on stochastic steps, and every noise level within the noise window "
+                          f"[{start}, {end}) is 0")

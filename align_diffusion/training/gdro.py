@@ -44,9 +44,7 @@ class GDROTrainer(GRPOTrainer):
     """The offline trainer: the GRPO trainer's model, optimizer, checkpoints and eval, with GDRO's step."""
 
     def __init__(self, config, accelerator=None):
-        super().__init__(config, accelerator)
-        if self.accelerator.num_processes > 1:
-            raise ValueError("the GDRO trainer runs in one process")
+        super().__init__(config, accelerator)  # its validation refuses several processes
         self.groups = None
 
     # --- the offline set ---------------------------------------------------------------------------------------
@@ -132,6 +130,7 @@ class GDROTrainer(GRPOTrainer):
             regularizer.append(error[best].item())
             accuracy.append(float(int(implicit.detach().argmax()) == best))
         norm = self.accelerator.clip_grad_norm_(self.params, self.config.optim.max_grad_norm or float("inf"))
+        lr = self.lr_schedule.get_last_lr()[0]  # the rate this step used
         self.optimizer.step()
         self.lr_schedule.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -143,5 +142,5 @@ class GDROTrainer(GRPOTrainer):
             "best_error": sum(regularizer) / len(regularizer),
             "implicit_top1_accuracy": sum(accuracy) / len(accuracy),
             "grad_norm": float(norm),
-            "lr": self.lr_schedule.get_last_lr()[0],
+            "lr": lr,
         }

@@ -39,14 +39,14 @@ from tqdm.auto import tqdm
 from align_diffusion.gallery.run import build_run_page, eval_folder
 from align_diffusion.models import PipelineAdapter, PromptEmbeds, load_adapter
 from align_diffusion.rewards import load_reward
-from align_diffusion.rewards.spec import score_terms
+from align_diffusion.rewards.spec import WeightedRewards, score_terms
 from align_diffusion.rewards.transforms import group_advantages
 from align_diffusion.sampling.folder import SampleFolder, reward_record
 from align_diffusion.sampling.loop import DEFAULT_NOISE_LEVEL, Trajectory, sample, sample_images, step_log_prob
 from align_diffusion.training import checkpoint
 from align_diffusion.rewards.dense import dense_step_rewards
 from align_diffusion.training.advantages import best_worst_mask, dense_advantages
-from align_diffusion.training.config import TrainConfig, save_config, to_dict, validate
+from align_diffusion.training.config import ConfigError, TrainConfig, save_config, to_dict, validate
 from align_diffusion.training.lora import add_lora, export_lora
 from align_diffusion.training.noise_table import calibrate_step, read_table
 from align_diffusion.training.prompts import PromptSource, ReferenceSource
@@ -154,6 +154,7 @@ class GRPOTrainer:
         self.accelerator = accelerator or Accelerator(
             mixed_precision=config.optim.mixed_precision, log_with=trackers or None, project_dir=str(self.output_dir),
             cpu=config.device == "cpu",
+            step_scheduler_with_optimizer=False,  # else it steps once per process for each optimizer step
         )
         validate(config, self.accelerator.num_processes)
         set_seed(config.seed)
@@ -167,7 +168,9 @@ class GRPOTrainer:
         self.reward = load_reward(config.reward, device=device)
         if self.reward.needs_reference:
             raise ValueError(f"reward {self.reward.name} needs reference images, which this trainer does not provide")
-        self.trainable_rewards = [r for r in getattr(self.reward, "rewards", [self.reward]) if r.trainable]
+        terms = zip(self.reward.keys, self.reward.rewards) if isinstance(self.reward, WeightedRewards) else [
+            (self.reward.name, self.reward)]
+        self.trainable_rewards = {key: reward for key, reward in terms if reward.trainable}
         self.watched_reward = load_reward(config.eval.rewards, device=device) if config.eval.rewards else None
         self.references = ReferenceSource(config.references) if config.references else None
         table = config.sampling.noise_table
@@ -352,7 +355,7 @@ class GRPOTrainer:
             zero_fraction = zero / (num_groups * max(1, len(stochastic)))
         else:
             result = group_advantages(rewards, group_ids, config.advantage, absolute_weight=config.value_weight,
-                                      anchor=config.value_anchor)
+                                      anchor=config.value_anchor, reward_range=tuple(config.reward_range))
             advantages, zero_fraction = result.advantages, result.num_zero_variance_groups / num_groups
         if config.best_worst_only:
             advantages = advantages.clone()
@@ -397,12 +400,12 @@ class GRPOTrainer:
         images = self.accelerator.gather(rollouts.trajectory.images.to(device))
         references = self.references.draw(rollouts.prompts, self.config.seed, step).to(device)
         stats = {}
-        for reward in self.trainable_rewards:
-            scores = self.accelerator.gather(rollouts.each[reward.name].to(device))
+        for key, reward in self.trainable_rewards.items():
+            scores = self.accelerator.gather(rollouts.each[key].to(device))
             losses = reward.maybe_update(images, references, scores, steps=self.config.reward_updates)
-            stats[f"reward/{reward.name}_updated"] = int(bool(losses))
+            stats[f"reward/{key}_updated"] = int(bool(losses))
             if losses:
-                stats[f"reward/{reward.name}_loss"] = sum(losses) / len(losses)
+                stats[f"reward/{key}_loss"] = sum(losses) / len(losses)
         return stats
 
     def train_timesteps(self, step: int, stochastic: list[int]) -> list[int]:
@@ -420,11 +423,16 @@ class GRPOTrainer:
             advantages = advantages[:, None].expand(-1, trajectory.log_probs.shape[1])
         valid = ~torch.isnan(advantages)
         micro_per_update = self.num_micro // config.updates_per_step
-        terms = micro_per_update * len(timesteps)
-        ratios, clipped, kls, losses, grad_norms = [], [], [], [], []
+        images_per_update = micro_per_update * config.train_batch_size
+        processes = self.accelerator.num_processes
+        ratios, clipped, kls, losses, grad_norms, rates = [], [], [], [], [], []
         first_ratio = None
         self.adapter.denoiser.train()
         for update in range(config.updates_per_step):
+            # Each trained step averages over the update's valid images of all processes (the gradients are
+            # averaged over processes, hence the factor), whatever micro-batch they fall in.
+            update_valid = valid[update * images_per_update : (update + 1) * images_per_update][:, timesteps]
+            counts = self.accelerator.reduce(update_valid.sum(0).float().to(self.accelerator.device), "sum").cpu()
             for micro in range(micro_per_update):
                 first = (update * micro_per_update + micro) * config.train_batch_size
                 index = torch.arange(first, first + config.train_batch_size)
@@ -445,20 +453,21 @@ class GRPOTrainer:
                             kl = gaussian_kl(out.mean, ref.mean, out.std)
                             loss_per_image = policy + config.kl_beta * kl
                             kls.append(kl.detach())
-                        mask_device = mask.to(loss_per_image.device)
-                        loss = (loss_per_image * mask_device).sum() / max(1.0, float(mask.sum())) / terms
+                        masked_sum = (loss_per_image * mask.to(loss_per_image.device)).sum()
+                        loss = masked_sum * processes / max(1.0, float(counts[term])) / len(timesteps)
                         self.accelerator.backward(loss)
                     ratios.append(ratio.detach()[mask.bool()])
                     if first_ratio is None:
                         first_ratio = ratios[-1]
                     clipped.append(((ratio.detach() - 1).abs() > config.clip_range)[mask.bool()].float())
-                    losses.append(loss.detach() * terms)
+                    losses.append(masked_sum.detach() / max(1.0, float(mask.sum())))
             norm = None
             if self.config.optim.max_grad_norm is not None:
                 norm = self.accelerator.clip_grad_norm_(self.params, self.config.optim.max_grad_norm)
             else:
                 norm = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in self.params if p.grad is not None))
             grad_norms.append(float(norm))
+            rates.append(self.lr_schedule.get_last_lr()[0])
             self.optimizer.step()
             self.lr_schedule.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -472,7 +481,7 @@ class GRPOTrainer:
             "ratio_mean": float(ratio.mean()), "ratio_min": float(ratio.min()), "ratio_max": float(ratio.max()),
             "first_ratio_max_deviation": float((first_ratio - 1).abs().max()) if first_ratio is not None else 0.0,
             "grad_norm": sum(grad_norms) / len(grad_norms),
-            "lr": self.lr_schedule.get_last_lr()[0],
+            "lr": sum(rates) / len(rates),  # the rates the step's updates used
             "train_timesteps": len(timesteps),
         }
         deviation = stats["first_ratio_max_deviation"]
@@ -532,6 +541,11 @@ class GRPOTrainer:
     def train(self) -> Path:
         """Runs until `max_steps`; returns the folder of the exported LoRA (or full pipeline)."""
         config, accelerator = self.config, self.accelerator
+        earlier = checkpoint.completed_checkpoints(self.output_dir) or (self.output_dir / "metrics.jsonl").exists()
+        if config.resume_from is None and earlier:  # its checkpoints would be pruned and its metrics mixed in
+            raise ConfigError(f"output_dir {self.output_dir} already holds a run; continue it with "
+                              "resume_from=latest, or choose another output_dir")
+        accelerator.wait_for_everyone()  # every process has looked before the main one writes
         if accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             save_config(config, self.output_dir / "config.yaml")
