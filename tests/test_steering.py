@@ -9,7 +9,7 @@ import torch
 
 from align_diffusion.cli import main
 from align_diffusion.models import adapter_for
-from align_diffusion.rewards.base import Reward
+from align_diffusion.rewards.base import Reward, RewardError
 from align_diffusion.sampling.loop import sample
 from align_diffusion.steering import best_of_n, fk_steering, reno, steer, ttsnap
 from align_diffusion.steering.candidates import SEED_STRIDE
@@ -38,6 +38,20 @@ class Darkness(Reward):
     def score(self, images, prompts, metadata):
         self.calls.append(len(images))
         return 1 - images.mean((1, 2, 3))
+
+
+class PartlyUnscorable(Darkness):
+    """Darkness that cannot score chosen images of chosen calls: `failing` maps a call number (from 1) to the
+    indices of the images in that call that get NaN."""
+
+    def __init__(self, failing: dict[int, list[int]]):
+        super().__init__()
+        self.failing = failing
+
+    def score(self, images, prompts, metadata):
+        scores = super().score(images, prompts, metadata)
+        scores[self.failing.get(len(self.calls), [])] = float("nan")
+        return scores
 
 
 @pytest.fixture
@@ -163,14 +177,43 @@ def test_fk_adaptive_resampling_carries_weights(adapter):
     assert sorted(result.details["ancestors"]) == [0, 1, 2, 3]
 
 
-def test_fk_toward_dark_images_concentrates_the_particles(adapter):
+def test_fk_toward_dark_images_keeps_the_darkest_lineage_and_reports_its_candidate(adapter):
     options = dict(num_particles=6, num_inference_steps=8, resample_interval=2, guidance_scale=GUIDANCE, **SIZE)
     free = fk_steering(adapter, "a red circle", Darkness(), lam=0.0, **options)
-    tilted = fk_steering(adapter, "a red circle", Darkness(), lam=1e4, **options)
-    assert len(set(tilted.details["ancestors"])) == 1  # one lineage took over
     assert len(set(free.details["ancestors"])) > 1
-    mean = lambda result: sum(result.details["candidate_rewards"]) / 6  # noqa: E731
-    assert mean(tilted) > mean(free)
+    # The step-0 x̂0s differ by about 1e-4 here, so λ = 1e6 makes the first resampling keep only the darkest.
+    tilted = fk_steering(adapter, "a red circle", Darkness(), lam=1e6, **options)
+    generators = [torch.Generator().manual_seed(c * SEED_STRIDE) for c in range(6)]
+    trajectory = sample(adapter, ["a red circle"] * 6, generators=generators, num_inference_steps=8,
+                        guidance_scale=GUIDANCE, **SIZE)
+    darkest = int(Darkness()(adapter.decode(trajectory.pred_x0[:, 0]), ["a red circle"] * 6).argmax())
+    assert tilted.details["ancestors"] == [darkest] * 6
+    # `winner` is the candidate whose noise began the winning lineage, as best-of-N and TTSnap report it, not the
+    # particle slot that finished best.
+    assert tilted.winner == darkest
+    assert tilted.reward == max(tilted.details["candidate_rewards"])
+
+
+def test_fk_resampling_draws_are_not_a_copy_of_a_particles_noise(adapter):
+    # Two steps scored at 0 and 1 resample once, at step 0, among equal weights: one multinomial draw.
+    options = dict(num_particles=6, lam=0.0, num_inference_steps=2, resample_interval=5, index=2, seed=5,
+                   guidance_scale=GUIDANCE, **SIZE)
+    result = fk_steering(adapter, "a red circle", Darkness(), **options)
+    uniform = torch.softmax(torch.zeros(6, dtype=torch.float64), 0)
+    for c in range(6):
+        particle_stream = torch.Generator().manual_seed(5 + 2 + c * SEED_STRIDE)
+        assert result.details["ancestors"] != torch.multinomial(uniform, 6, replacement=True,
+                                                                generator=particle_stream).tolist()
+    again = fk_steering(adapter, "a red circle", Darkness(), **options)
+    assert again.details["ancestors"] == result.details["ancestors"] and torch.equal(again.image, result.image)
+
+
+def test_fk_raises_when_no_particle_keeps_a_finite_weight(adapter):
+    # Particle 0 is unscorable at step 0 (its weight carried, ESS 3 of 4), the other three at step 1.
+    reward = PartlyUnscorable({1: [0], 2: [1, 2, 3]})
+    with pytest.raises(RewardError, match="'a red circle' with a finite weight at step 1"):
+        fk_steering(adapter, "a red circle", reward, num_particles=4, adaptive_threshold=0.5, resample_interval=1,
+                    num_inference_steps=4, guidance_scale=GUIDANCE, **SIZE)
 
 
 def test_fk_refuses_a_deterministic_sampler(adapter):
@@ -218,6 +261,22 @@ def test_best_of_n_picks_the_best_and_its_first_candidate_is_the_plain_sample(ad
     assert result.winner == scores.index(max(scores))
     plain = sample(adapter, ["two squares"], seed=10, num_inference_steps=3, guidance_scale=GUIDANCE, **SIZE)
     assert scores[0] == pytest.approx(Darkness()(plain.images, ["two squares"]).item(), abs=1e-6)
+
+
+def test_best_of_n_raises_only_when_no_candidate_of_the_prompt_is_scored(adapter):
+    options = dict(num_candidates=3, batch_size=2, num_inference_steps=2, guidance_scale=GUIDANCE, **SIZE)
+    result = best_of_n(adapter, "two squares", PartlyUnscorable({2: [0]}), **options)  # the second batch fails
+    scores = result.details["candidate_rewards"]
+    assert math.isnan(scores[2]) and result.winner == scores.index(max(scores[:2]))
+    with pytest.raises(RewardError, match="any of the 3 candidates"):
+        best_of_n(adapter, "two squares", PartlyUnscorable({1: [0, 1], 2: [0]}), **options)
+
+
+def test_ttsnap_refuses_a_budget_below_one_run(adapter):
+    assert seeds_for_budget(19, [2, 6, 11], [0.4, 0.4, 0.5], 20) == 0
+    with pytest.raises(ValueError, match="budget of 3 model evaluations is less than one ttsnap run of 4 steps"):
+        steer(adapter, ["a"], Darkness(), "ttsnap", budget=3, num_inference_steps=4, prune_steps=[1], keep=[0.5],
+              progress=False, **SIZE)
 
 
 def test_budgets_set_each_methods_size(adapter):

@@ -42,7 +42,7 @@ def best_of_n(
     budget = Budget()
     generators = candidate_generators(seed, index, num_candidates)
     with Timer(budget):
-        images, scores = [], []
+        images = []
         for start in range(0, num_candidates, batch_size):
             part = generators[start : start + batch_size]
             batch = sample(adapter, [prompt] * len(part), generators=part, sampler=sampler,
@@ -51,8 +51,8 @@ def best_of_n(
                            height=settings.height, width=settings.width).images
             budget.model_evals += len(part) * settings.num_inference_steps
             images.append(batch.cpu())
-            scores.append(score_candidates(reward, batch, prompt, budget))
-        images, scores = torch.cat(images), torch.cat(scores)
+        images = torch.cat(images)
+        scores = score_candidates(reward, images, prompt, budget, batch_size)
         winner = best_index(scores)
     return SteeringResult(prompt, seed + index, "best-of-n", images[winner], float(scores[winner]), winner, budget,
                           {"candidate_rewards": scores.tolist()})

@@ -42,7 +42,7 @@ class SteeringResult:
     method: str
     image: torch.Tensor  # (3, H, W) in [0, 1]
     reward: float  # the clean reward of `image`
-    winner: int  # which candidate, particle slot or iteration gave `image`
+    winner: int  # which candidate (numbered as in the module docstring) or ReNO iteration gave `image`
     budget: Budget
     details: dict = field(default_factory=dict)  # method-specific diagnostics (candidate rewards, ESS, …)
 
@@ -87,10 +87,14 @@ def denoise_step(
     return take_step(adapter, sampler, prediction, x, schedule, step_index, noise_level if stochastic else 0.0, noise)
 
 
-def score_candidates(reward: Reward, images: torch.Tensor, prompt: str, budget: Budget) -> torch.Tensor:
-    """The reward of each candidate image (CPU, float32), counted in `budget`. An image the reward cannot score
-    (NaN) never wins; when none can be scored the reward's failure is raised, not papered over."""
-    scores = reward(images, [prompt] * len(images)).detach().float().cpu()
+def score_candidates(reward: Reward, images: torch.Tensor, prompt: str, budget: Budget,
+                     batch_size: int | None = None) -> torch.Tensor:
+    """The reward of each of a prompt's candidate images (CPU, float32), `batch_size` at a time (default: all at
+    once), counted in `budget`. An image the reward cannot score (NaN) never wins; when none of the prompt's
+    candidates can be scored the reward's failure is raised, not papered over."""
+    batch_size = batch_size or len(images)
+    scores = torch.cat([reward(part, [prompt] * len(part)).detach().float().cpu()
+                        for part in images.split(batch_size)])
     budget.reward_evals += len(images)
     if torch.isnan(scores).all():
         raise RewardError(f"{reward.name} could not score any of the {len(images)} candidates of {prompt!r}")

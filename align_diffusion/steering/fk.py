@@ -24,9 +24,10 @@ import math
 import torch
 
 from align_diffusion.models.base import PipelineAdapter
-from align_diffusion.rewards.base import Reward
+from align_diffusion.rewards.base import Reward, RewardError
 from align_diffusion.sampling.loop import check_sampler, resolve_settings
 from align_diffusion.steering.candidates import (
+    SEED_STRIDE,
     Budget,
     SteeringResult,
     Timer,
@@ -108,7 +109,9 @@ def fk_steering(
     width: int | None = None,
 ) -> SteeringResult:
     """FK steering of `prompt` (prompt number `index` of a run) with `num_particles` particles; see the module
-    docstring. `sampler` defaults to Flow-SDE for flow models and DDIM (η = 1) for ε-models."""
+    docstring. `sampler` defaults to Flow-SDE for flow models and DDIM (η = 1) for ε-models. `winner` is the
+    candidate number of the particle whose starting noise began the winning lineage; the details' `candidate_rewards`
+    and `ancestors` (each slot's starting candidate) list the final particle slots."""
     sampler = sampler or ("flow-sde" if adapter.is_flow else "ddim")
     check_sampler(adapter, sampler)
     settings = resolve_settings(adapter, sampler, num_inference_steps, guidance_scale, noise_level, height, width)
@@ -129,7 +132,9 @@ def fk_steering(
 
     budget = Budget()
     generators = candidate_generators(seed, index, num_particles)
-    resampler = torch.Generator("cpu").manual_seed(seed + index)
+    # Candidate −1's seed, which no particle's noise uses: seeded like particle 0, the resampling draws would be a
+    # copy of its noise stream.
+    resampler = torch.Generator("cpu").manual_seed(seed + index - SEED_STRIDE)
     history = torch.zeros(num_particles, 0)  # each particle's lineage scores at the scored steps so far
     log_weights = torch.zeros(num_particles)  # carried between scored steps that skip resampling
     ess, resampled, lineage = [], [], torch.arange(num_particles)
@@ -151,6 +156,9 @@ def fk_steering(
                 break
             log_weights = log_weights + log_potential(history, potential, lam)
             log_weights = torch.nan_to_num(log_weights, nan=-math.inf)  # an unscorable particle dies
+            if not torch.isfinite(log_weights).any():
+                raise RewardError(f"{reward.name} left no particle of {prompt!r} with a finite weight at step {i}: "
+                                  "each was unscorable (NaN) here or at an earlier scored step")
             ess.append(effective_sample_size(log_weights))
             if adaptive_threshold is not None and ess[-1] >= adaptive_threshold * num_particles:
                 resampled.append(False)
@@ -161,7 +169,8 @@ def fk_steering(
             log_weights = torch.zeros(num_particles)
             resampled.append(True)
         final = history[:, -1]
-        winner = best_index(final)
-    return SteeringResult(prompt, seed + index, "fk", images[winner].cpu(), float(final[winner]), winner, budget, {
-        "candidate_rewards": final.tolist(), "scored_steps": scored_steps, "ess": ess, "resampled": resampled,
-        "ancestors": lineage.tolist()})
+        best = best_index(final)
+    details = {"candidate_rewards": final.tolist(), "scored_steps": scored_steps, "ess": ess, "resampled": resampled,
+               "ancestors": lineage.tolist()}
+    return SteeringResult(prompt, seed + index, "fk", images[best].cpu(), float(final[best]), int(lineage[best]),
+                          budget, details)

@@ -55,8 +55,8 @@ def model_evals(num_seeds: int, prune_steps: list[int], keep: list[float], num_i
 
 
 def seeds_for_budget(budget: int, prune_steps: list[int], keep: list[float], num_inference_steps: int) -> int:
-    """The largest number of seeds whose model evaluations fit in `budget` (at least 1)."""
-    seeds = 1
+    """The largest number of seeds whose model evaluations fit in `budget` (0 when one unpruned run does not)."""
+    seeds = 0
     while model_evals(seeds + 1, prune_steps, keep, num_inference_steps) <= budget:
         seeds += 1
     return seeds
