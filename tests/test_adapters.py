@@ -1,10 +1,14 @@
 """Our sampling loop against the stock diffusers pipelines, family by family."""
 
+import copy
+
 import pytest
 import torch
-from diffusers import StableDiffusionImg2ImgPipeline
+from diffusers import StableDiffusion3Pipeline, StableDiffusionImg2ImgPipeline, StableDiffusionXLPipeline
 
 from align_diffusion.models import adapter_for, load_adapter
+from align_diffusion.models.sd3 import CONTEXT_BIAS
+from align_diffusion.models.tiny import tiny_pipeline
 from align_diffusion.sampling.loop import sample
 
 PROMPTS = ["a red circle", "two blue squares"]
@@ -113,3 +117,56 @@ def test_prediction_carries_grad_to_the_denoiser_when_enabled(tiny_adapter):
     grads = [p.grad for p in tiny_adapter.denoiser.parameters() if p.grad is not None]
     assert grads and sum(g.abs().sum() for g in grads) > 0
     tiny_adapter.denoiser.zero_grad(set_to_none=True)
+
+
+def test_sd35_dual_attention_without_t5_matches_stock():
+    # Without T5 the adapter compacts the all-zero T5 context; SD3.5's image-only attention (attn2) has no context.
+    pipe = tiny_pipeline("sd3", dual_attention_layers=(0,))
+    pipe = StableDiffusion3Pipeline(**{**pipe.components, "text_encoder_3": None, "tokenizer_3": None})
+    pipe.set_progress_bar_config(disable=True)
+    adapter = adapter_for(pipe)
+    assert CONTEXT_BIAS in adapter.encode_prompt(PROMPTS, 4.5).cond
+    trajectory = sample(adapter, PROMPTS, num_inference_steps=3, guidance_scale=4.5, height=32, width=32, seed=7)
+    expected = stock_images(pipe, 4.5, seeds=[7, 8], steps=3)
+    assert (trajectory.images - expected).abs().max() <= 1e-4
+
+
+def test_lcm_unet_takes_guidance_as_its_embedding_like_stock():
+    # A UNet with time_cond_proj_dim gets the guidance scale as an embedding, and the stock pipeline runs no CFG.
+    adapter = adapter_for(tiny_pipeline("sd", time_cond_proj_dim=8))
+    assert adapter.guidance_mode(7.5) == "distilled"
+    trajectory = sample(adapter, PROMPTS, num_inference_steps=4, guidance_scale=7.5, height=32, width=32, seed=7)
+    assert trajectory.embeds.uncond is None
+    expected = stock_images(adapter.pipe, 7.5, seeds=[7, 8], steps=4)
+    assert (trajectory.images - expected).abs().max() <= 1e-4
+
+
+def test_sdxl_float16_vae_with_force_upcast_decodes_in_float32_like_stock(tiny_pipes):
+    components = dict(tiny_pipes["sdxl"].components)
+    components["vae"] = copy.deepcopy(components["vae"]).half()
+    assert components["vae"].config.force_upcast
+    pipe = StableDiffusionXLPipeline(**components)
+    pipe.set_progress_bar_config(disable=True)
+    adapter = adapter_for(pipe)
+    trajectory = sample(adapter, PROMPTS, num_inference_steps=2, guidance_scale=4.5, height=32, width=32, seed=7)
+    assert pipe.vae.dtype == torch.float16
+    expected = stock_images(pipe, 4.5, seeds=[7, 8], steps=2)
+    assert (trajectory.images - expected).abs().max() <= 1e-4
+    in_float16 = pipe.vae.decode(adapter.unscale_latents(trajectory.final_latents).half(), return_dict=False)[0]
+    assert ((in_float16.float() / 2 + 0.5).clamp(0, 1) - expected).abs().max() > 1e-4  # the check tells them apart
+    latents = trajectory.final_latents.clone().requires_grad_()
+    adapter.decode(latents).mean().backward()
+    assert torch.isfinite(latents.grad).all() and latents.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("family", ["sd3", "sd", "sdxl"])
+def test_per_sample_timesteps_under_cfg_equal_the_shared_timestep(tiny_pipes, family):
+    adapter = adapter_for(tiny_pipes[family])
+    embeds = adapter.encode_prompt(PROMPTS, guidance_scale=3.0)
+    assert embeds.uncond is not None
+    timestep = adapter.schedule(4, 32, 32).timesteps[1]
+    latents = torch.randn(2, *adapter.latent_shape(32, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        shared = adapter.predict(latents, timestep, embeds, 3.0)
+        per_sample = adapter.predict(latents, timestep.repeat(2), embeds, 3.0)
+    torch.testing.assert_close(per_sample, shared, atol=1e-6, rtol=0)

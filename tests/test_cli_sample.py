@@ -14,6 +14,7 @@ from PIL import Image
 from align_diffusion.cli import main
 from align_diffusion.models import load_adapter
 from align_diffusion.rewards import load_reward
+from align_diffusion.sampling.folder import SampleFolder, sample_to_folder
 
 PROMPTS = ["a red circle", "two blue squares"]
 
@@ -120,3 +121,27 @@ def test_bad_input_fails_before_sampling(saved, tmp_path):
     with pytest.raises(SystemExit, match="--overwrite"):
         main([*common, "--steps", "1", "--out", str(tmp_path / "e")])
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_overwrite_leaves_only_the_new_samples(saved, tmp_path):
+    out = tmp_path / "out"
+    common = ["sample", "--model", str(saved["sd3"]), "--steps", "1", "--height", "32", "--width", "32", "--out",
+              str(out)]
+    main([*common, "--prompt", *PROMPTS, "--num-images-per-prompt", "2"])
+    (out / "notes.txt").write_text("mine")
+    (out / "images" / "keep.jpg").write_bytes(b"mine")
+    with SampleFolder(out):  # an interrupted rerun shows no stale images or review page
+        assert sorted(p.name for p in (out / "images").iterdir()) == ["keep.jpg"]
+        assert not (out / "index.html").exists()
+    main([*common, "--prompt", PROMPTS[0], "--overwrite"])
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["00000.png", "keep.jpg"]
+    assert len((out / "metadata.jsonl").read_text().splitlines()) == 1
+    assert (out / "index.html").read_text().count('class="card"') == 1
+    assert (out / "notes.txt").read_text() == "mine"
+    adapter = load_adapter(str(saved["sd3"]))  # from Python as from the command line: replaced only when asked
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        sample_to_folder(adapter, PROMPTS[:1], out, num_inference_steps=1, height=32, width=32, progress=False)
+    assert len((out / "metadata.jsonl").read_text().splitlines()) == 1
+    sample_to_folder(adapter, PROMPTS, out, num_inference_steps=1, height=32, width=32, progress=False,
+                     overwrite=True)
+    assert len((out / "metadata.jsonl").read_text().splitlines()) == len(PROMPTS)

@@ -9,7 +9,7 @@ from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 from torch.distributions import Normal
 
 from align_diffusion.models import adapter_for
-from align_diffusion.sampling.loop import sample, step_log_prob
+from align_diffusion.sampling.loop import check_noise_level, sample, step_log_prob
 from align_diffusion.sampling.steps import (
     cps_step,
     dance_sde_step,
@@ -185,3 +185,47 @@ def test_sampler_that_does_not_fit_the_model_is_refused(tiny_pipes):
         sample(adapter_for(tiny_pipes["sd"]), ["a"], sampler="flow-sde", num_inference_steps=2)
     with pytest.raises(ValueError, match="ddim"):
         sample(adapter_for(tiny_pipes["flux"]), ["a"], sampler="ddim", num_inference_steps=2, height=32, width=32)
+
+
+@pytest.mark.parametrize("sampler,levels,message", [
+    ("cps", 3.0, r"cps noise level a must lie in \[0, 1\], got 3.0"),
+    ("flow-sde", [0.7, 0.7, float("nan")], "finite number >= 0, got nan at step 2"),
+    ("dance-sde", -0.1, "finite number >= 0"),
+    ("ddim", 5.0, "DDIM η = 5.0 at step 0 makes σ² exceed 1 - ᾱ_prev"),
+])
+def test_invalid_noise_levels_are_refused_before_any_model_call(tiny_pipes, sampler, levels, message):
+    adapter = adapter_for(tiny_pipes["sd" if sampler == "ddim" else "sd3"])
+    calls = []
+    hook = adapter.denoiser.register_forward_pre_hook(lambda *args: calls.append(1))
+    try:
+        with pytest.raises(ValueError, match=message):
+            sample(adapter, ["a red circle"], num_inference_steps=3, sampler=sampler, noise_level=levels, height=32,
+                   width=32, decode=False)
+    finally:
+        hook.remove()
+    assert not calls
+
+
+def test_ddim_eta_is_refused_exactly_where_the_step_breaks(tiny_pipes):
+    # σ² ≤ 1 - ᾱ_prev holds for every η ≤ 1; above 1 it depends on the step.
+    schedule = adapter_for(tiny_pipes["sd"]).schedule(4, 32, 32)
+    eps, x, noise = inputs(9)
+    for eta in (0.5, 1.0, 1.05, 1.2, 3.0):  # with 4 steps, 1.05 and 1.2 fit some steps and not others
+        for i in range(schedule.num_steps):
+            out = ddim_step(eps, x, schedule.alphas_cumprod[i], schedule.alphas_cumprod_prev[i], eta, noise=noise)
+            breaks = bool(out.prev_sample.isnan().any())
+            assert not breaks or eta > 1
+            try:
+                check_noise_level("ddim", eta, schedule, i)
+                refused = False
+            except ValueError:
+                refused = True
+            assert refused == breaks, (eta, i)
+
+
+def test_zero_steps_or_size_is_refused_not_replaced_by_the_default(tiny_pipes):
+    adapter = adapter_for(tiny_pipes["sd3"])
+    with pytest.raises(ValueError, match="num_inference_steps.*at least 1"):
+        sample(adapter, ["a"], num_inference_steps=0, height=32, width=32)
+    with pytest.raises(ValueError, match="positive multiples"):
+        sample(adapter, ["a"], num_inference_steps=2, height=0, width=32)

@@ -129,6 +129,9 @@ class PipelineAdapter:
         if embeds.uncond is None:
             return self.forward(model_input, timestep, embeds.cond, guidance_scale).float()
         both = {name: torch.cat([embeds.uncond[name], embeds.cond[name]]) for name in embeds.cond}
+        timestep = torch.as_tensor(timestep)
+        if timestep.ndim:  # per-sample timesteps go with both halves of the doubled batch
+            timestep = torch.cat([timestep] * 2)
         pred_uncond, pred_cond = self.forward(torch.cat([model_input] * 2), timestep, both, guidance_scale).chunk(2)
         return (pred_uncond + guidance_scale * (pred_cond - pred_uncond)).float()
 
@@ -150,9 +153,13 @@ class PipelineAdapter:
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1], float32, (batch, 3, H, W); grad flows when the caller enables it."""
-        vae = self.pipe.vae
+        vae = self.decoding_vae()
         images = vae.decode(self.unscale_latents(latents).to(vae.dtype), return_dict=False)[0]
         return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    def decoding_vae(self) -> torch.nn.Module:
+        """The VAE `decode` runs: the pipeline's own."""
+        return self.pipe.vae
 
     def unscale_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents in the VAE's own space."""

@@ -71,9 +71,15 @@ def compact_zero_context(*embeds: torch.Tensor) -> tuple[list[torch.Tensor], lis
 
 @contextlib.contextmanager
 def compact_attention(transformer, log_multiplicity: torch.Tensor):
-    """The transformer attends with CompactContextAttnProcessor inside the block; its own processors after."""
+    """The transformer's joint attention modules attend with CompactContextAttnProcessor inside the block; its own
+    processors after. The image-only attention of SD3.5's dual attention blocks (`attn2`) keeps its processor."""
     saved = transformer.attn_processors
-    transformer.set_attn_processor(CompactContextAttnProcessor(log_multiplicity))
+    compact = CompactContextAttnProcessor(log_multiplicity)
+    processors = {}
+    for name, processor in saved.items():
+        attention = transformer.get_submodule(name.removesuffix(".processor"))
+        processors[name] = compact if getattr(attention, "add_q_proj", None) is not None else processor
+    transformer.set_attn_processor(processors)
     try:
         yield
     finally:

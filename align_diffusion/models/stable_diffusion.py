@@ -8,6 +8,8 @@ result equals the stock pipeline run with a `DDIMScheduler`. Turbo models are sa
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
@@ -19,6 +21,12 @@ class StableDiffusionAdapter(PipelineAdapter):
     is_flow = False
     default_steps = 50
     default_guidance = 7.5
+
+    def guidance_mode(self, guidance_scale):
+        # As the stock pipelines: a UNet with a guidance-scale embedding (LCM, time_cond_proj_dim) runs no CFG.
+        if self.denoiser.config.time_cond_proj_dim is not None:
+            return "distilled"
+        return super().guidance_mode(guidance_scale)
 
     def encode_prompt(self, prompts, guidance_scale, num_images_per_prompt=1, negative_prompt=None):
         cfg = self.guidance_mode(guidance_scale) == "cfg"
@@ -90,6 +98,17 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
         time_ids = torch.tensor([[height, width, 0, 0, height, width]], device=latents.device, dtype=latents.dtype)
         text_embeds = conditioning["text_embeds"]
         return {"text_embeds": text_embeds, "time_ids": time_ids.repeat(text_embeds.shape[0], 1)}
+
+    def decoding_vae(self):
+        """A float32 copy of a float16 VAE whose config sets force_upcast (it overflows in float16), else the VAE.
+
+        The stock pipeline decodes such a VAE in float32 too, casting it in place and back; a copy gives the same
+        images and keeps the weights a graph built through `decode` saved for backward.
+        """
+        vae = self.pipe.vae
+        if vae.dtype == torch.float16 and vae.config.force_upcast:
+            return copy.deepcopy(vae).float()
+        return vae
 
     def unscale_latents(self, latents):
         config = self.pipe.vae.config

@@ -101,9 +101,10 @@ def vae(latent_channels: int, block_out_channels=(8, 8), scaling_factor=0.18215,
 
 def tiny_sd3(
     num_layers: int = 2, num_heads: int = 2, head_dim: int = 8, patch_size: int = 1, sample_size: int = 16,
-    latent_channels: int = 4, vae_channels=(8, 8),
+    latent_channels: int = 4, vae_channels=(8, 8), dual_attention_layers=(),
 ) -> StableDiffusion3Pipeline:
-    """A random SD3 pipeline; the defaults are toy-sized, larger values serve speed measurements."""
+    """A random SD3 pipeline; the defaults are toy-sized, larger values serve speed measurements.
+    `dual_attention_layers` makes it SD3.5-style (image-only attention added in those blocks)."""
     return StableDiffusion3Pipeline(
         transformer=SD3Transformer2DModel(
             sample_size=sample_size,
@@ -116,6 +117,7 @@ def tiny_sd3(
             caption_projection_dim=head_dim * num_heads,
             joint_attention_dim=32,
             pooled_projection_dim=32,
+            dual_attention_layers=dual_attention_layers,
         ),
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
         vae=vae(latent_channels, vae_channels, scaling_factor=1.5035, shift_factor=0.0609),
@@ -158,7 +160,8 @@ def ddim_scheduler() -> DDIMScheduler:
     )
 
 
-def tiny_sd() -> StableDiffusionPipeline:
+def tiny_sd(time_cond_proj_dim: int | None = None) -> StableDiffusionPipeline:
+    """A random SD pipeline; `time_cond_proj_dim` gives its UNet LCM's guidance-scale embedding."""
     return StableDiffusionPipeline(
         unet=UNet2DConditionModel(
             sample_size=8,
@@ -171,6 +174,7 @@ def tiny_sd() -> StableDiffusionPipeline:
             cross_attention_dim=32,
             attention_head_dim=4,
             norm_num_groups=4,
+            time_cond_proj_dim=time_cond_proj_dim,
         ),
         scheduler=ddim_scheduler(),
         vae=vae(latent_channels=4),
@@ -212,13 +216,13 @@ def tiny_sdxl() -> StableDiffusionXLPipeline:
 BUILDERS = {"sd3": tiny_sd3, "flux": tiny_flux, "sd": tiny_sd, "sdxl": tiny_sdxl}
 
 
-def tiny_pipeline(family: str, seed: int = 0, **sizes):
-    """A random-weight pipeline of `family` (one of FAMILIES), deterministic in `seed`, in eval mode; `sizes`
-    go to the family's builder."""
+def tiny_pipeline(family: str, seed: int = 0, **options):
+    """A random-weight pipeline of `family` (one of FAMILIES), deterministic in `seed`, in eval mode; `options`
+    (sizes, variants) go to the family's builder."""
     if family not in BUILDERS:
         raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
     torch.manual_seed(seed)
-    pipe = BUILDERS[family](**sizes)
+    pipe = BUILDERS[family](**options)
     for component in pipe.components.values():
         if isinstance(component, torch.nn.Module):
             component.eval()

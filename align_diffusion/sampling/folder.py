@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict
 from pathlib import Path
 
@@ -21,12 +22,24 @@ from align_diffusion.rewards.base import Reward
 from align_diffusion.sampling.loop import resolve_settings, sample
 
 
+IMAGE_NAME = re.compile(r"\d{5,}\.png")  # the names `SampleFolder.add` gives
+
+
 class SampleFolder:
-    """Writes images and their metadata records into a new sample folder, one image at a time."""
+    """Writes images and their metadata records into a sample folder, one image at a time.
+
+    A run replaces what an earlier run wrote to the folder (its images, metadata and review page) before writing
+    anything, so a smaller or interrupted run never shows stale images; other files in the folder stay.
+    """
 
     def __init__(self, out_dir: str | Path):
         self.root = Path(out_dir)
-        (self.root / "images").mkdir(parents=True, exist_ok=True)
+        images = self.root / "images"
+        images.mkdir(parents=True, exist_ok=True)
+        for path in images.iterdir():
+            if IMAGE_NAME.fullmatch(path.name):
+                path.unlink()
+        (self.root / "index.html").unlink(missing_ok=True)
         self._metadata = open(self.root / "metadata.jsonl", "w")
         self.records: list[dict] = []
 
@@ -72,11 +85,16 @@ def sample_to_folder(
     reward: Reward | None = None,
     extra_metadata: dict | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> list[dict]:
     """Writes every image and its metadata (with each reward term's score when `reward` is given) to `out_dir`,
-    then the review page; returns the metadata records."""
+    then the review page; returns the metadata records. Samples already in `out_dir` are replaced only with
+    `overwrite`."""
     from align_diffusion.gallery import build_gallery
     from align_diffusion.rewards.spec import score_terms
+
+    if (Path(out_dir) / "metadata.jsonl").exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} already holds samples; pass overwrite=True to replace them")
 
     settings = resolve_settings(adapter, sampler, num_inference_steps, guidance_scale, noise_level, height, width)
     jobs = [(prompt, seed + k) for k, prompt in enumerate(p for p in prompts for _ in range(num_images_per_prompt))]

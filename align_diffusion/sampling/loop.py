@@ -6,6 +6,7 @@ come from that generator alone, so an image does not depend on what else is in t
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import astuple, dataclass
 
@@ -18,6 +19,7 @@ from align_diffusion.sampling.steps import (
     cps_step,
     dance_sde_step,
     ddim_step,
+    ddim_variance,
     flow_ode_step,
     flow_sde_step,
 )
@@ -26,6 +28,8 @@ FLOW_SAMPLERS = ("ode", "flow-sde", "dance-sde", "cps")
 DIFFUSION_SAMPLERS = ("ode", "ddim")
 # Flow-GRPO's a = 0.7, DanceGRPO's η = 0.3, Flow-CPS's 0.8, and DDPM-like DDIM (η = 1).
 DEFAULT_NOISE_LEVEL = {"ode": 0.0, "flow-sde": 0.7, "dance-sde": 0.3, "cps": 0.8, "ddim": 1.0}
+# The largest level valid at every step (see `check_noise_level`; DDIM's η may exceed 1 at some steps only).
+LARGEST_NOISE_LEVEL = {"ode": 0.0, "flow-sde": math.inf, "dance-sde": math.inf, "cps": 1.0, "ddim": 1.0}
 
 
 @dataclass
@@ -61,6 +65,23 @@ def check_sampler(adapter: PipelineAdapter, sampler: str) -> None:
         raise ValueError(f"sampler {sampler!r} does not fit {kind} ({pipeline}); use one of {allowed}")
 
 
+def check_noise_level(sampler: str, level: float, schedule: Schedule, step_index: int) -> None:
+    """Refuses a noise level at which `sampler`'s step at `step_index` is undefined: NaN, infinite or negative;
+    for CPS an a above 1 (its noise share sin(aπ/2) turns back, then negative); for DDIM an η whose σ² exceeds
+    1 - ᾱ_prev (the mean's square root would be of a negative number)."""
+    if not 0 <= level < math.inf:
+        raise ValueError(f"noise level must be a finite number >= 0, got {level} at step {step_index}")
+    if sampler == "cps" and level > LARGEST_NOISE_LEVEL["cps"]:
+        raise ValueError(f"cps noise level a must lie in [0, 1], got {level} at step {step_index}")
+    if sampler == "ddim":
+        alpha, alpha_prev = schedule.alphas_cumprod[step_index], schedule.alphas_cumprod_prev[step_index]
+        variance = ddim_variance(alpha, alpha_prev)
+        if 1 - alpha_prev - (level * variance**0.5) ** 2 < 0:
+            largest = float(((1 - alpha_prev) / variance) ** 0.5)
+            raise ValueError(f"DDIM η = {level} at step {step_index} makes σ² exceed 1 - ᾱ_prev; η may be at most "
+                             f"{largest:.4g} there (η <= 1 fits every step)")
+
+
 def take_step(
     adapter: PipelineAdapter,
     sampler: str,
@@ -73,6 +94,7 @@ def take_step(
     prev_sample: torch.Tensor | None = None,
 ) -> StepOutput:
     """One step of `sampler` at `step_index`; `noise_level` 0 (or sampler "ode") is the deterministic step."""
+    check_noise_level(sampler, noise_level, schedule, step_index)
     if not adapter.is_flow:
         eta = 0.0 if sampler == "ode" else noise_level
         alpha, alpha_prev = schedule.alphas_cumprod[step_index], schedule.alphas_cumprod_prev[step_index]
@@ -108,11 +130,11 @@ def resolve_settings(
     """Fills unset settings with the model family's (steps, guidance, size) and the sampler's (noise level)."""
     default_height, default_width = adapter.default_size
     return Settings(
-        num_inference_steps=num_inference_steps or adapter.default_steps,
+        num_inference_steps=adapter.default_steps if num_inference_steps is None else num_inference_steps,
         guidance_scale=adapter.default_guidance if guidance_scale is None else guidance_scale,
         noise_level=DEFAULT_NOISE_LEVEL[sampler] if noise_level is None else noise_level,
-        height=height or default_height,
-        width=width or default_width,
+        height=default_height if height is None else height,
+        width=default_width if width is None else width,
     )
 
 
@@ -155,8 +177,6 @@ def sample(
         if len(noise_level) != num_inference_steps:
             raise ValueError(f"got {len(noise_level)} noise levels for {num_inference_steps} steps")
     levels = noise_level if isinstance(noise_level, list) else [noise_level] * num_inference_steps
-    if min(levels) < 0:
-        raise ValueError(f"noise_level must be >= 0, got {noise_level}")
     batch = len(prompts) * num_images_per_prompt
     if generators is None:
         generators = [torch.Generator("cpu").manual_seed(seed + k) for k in range(batch)]
@@ -166,8 +186,10 @@ def sample(
     if not window <= set(range(num_inference_steps)):
         raise ValueError(f"noise_window indices must lie in [0, {num_inference_steps}), got {sorted(window)}")
 
-    embeds = adapter.encode_prompt(prompts, guidance_scale, num_images_per_prompt, negative_prompt)
     schedule = adapter.schedule(num_inference_steps, height, width)
+    for i, level in enumerate(levels):  # every step's level, before the first model call
+        check_noise_level(sampler, level, schedule, i)
+    embeds = adapter.encode_prompt(prompts, guidance_scale, num_images_per_prompt, negative_prompt)
     if latents is None:
         x = adapter.initial_noise(generators, height, width)
     elif latents.shape != (batch, *adapter.latent_shape(height, width)):

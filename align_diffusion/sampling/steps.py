@@ -108,7 +108,7 @@ def dance_sde_step(
 def cps_step(
     v, x, sigma, sigma_next, noise_level: float, noise=None, prev_sample=None, reduce: str = "mean"
 ) -> StepOutput:
-    """Coefficients-preserving sampling: x̂0 = x - t·v, x̂1 = x + (1-t)·v, s = t_next·sin(aπ/2),
+    """Coefficients-preserving sampling: x̂0 = x - t·v, x̂1 = x + (1-t)·v, s = t_next·sin(aπ/2) with a in [0, 1],
     mean = (1 - t_next)·x̂0 + √(t_next² - s²)·x̂1, std s.
 
     The noise share does not shrink with the step size, so the marginals are exact only when x̂0 is sharp; with a
@@ -136,6 +136,11 @@ def ddim_pred_x0_and_eps(model_output, x, alpha_prod_t, prediction_type: str):
     raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
 
 
+def ddim_variance(alpha_prod_t, alpha_prod_t_prev):
+    """DDPM's posterior variance between cumulative alphas ᾱ_t and ᾱ_prev: the DDIM step's σ² at η = 1."""
+    return (1 - alpha_prod_t_prev) / (1 - alpha_prod_t) * (1 - alpha_prod_t / alpha_prod_t_prev)
+
+
 def ddim_step(
     model_output,
     x,
@@ -148,11 +153,13 @@ def ddim_step(
     reduce: str = "mean",
 ) -> StepOutput:
     """DDIM step with stochasticity η: posterior mean √ᾱ_prev·x̂0 + √(1 - ᾱ_prev - σ²)·ε̂ and std
-    σ = η·√((1 - ᾱ_prev)/(1 - ᾱ_t)·(1 - ᾱ_t/ᾱ_prev)); η = 0 is diffusers' DDIMScheduler step."""
+    σ = η·√((1 - ᾱ_prev)/(1 - ᾱ_t)·(1 - ᾱ_t/ᾱ_prev)); η = 0 is diffusers' DDIMScheduler step.
+
+    The mean needs σ² ≤ 1 - ᾱ_prev, which every η ≤ 1 meets (since ᾱ_t ≤ ᾱ_prev ≤ 1) and a larger η at some steps.
+    """
     model_output, x = model_output.float(), x.float()
     alpha_prod_t, alpha_prod_t_prev = _per_sample(alpha_prod_t, x), _per_sample(alpha_prod_t_prev, x)
     x0, eps = ddim_pred_x0_and_eps(model_output, x, alpha_prod_t, prediction_type)
-    variance = (1 - alpha_prod_t_prev) / (1 - alpha_prod_t) * (1 - alpha_prod_t / alpha_prod_t_prev)
-    std = eta * variance**0.5
+    std = eta * ddim_variance(alpha_prod_t, alpha_prod_t_prev) ** 0.5
     mean = alpha_prod_t_prev**0.5 * x0 + (1 - alpha_prod_t_prev - std**2) ** 0.5 * eps
     return _finish(mean, std, x0, noise, prev_sample, reduce)

@@ -10,20 +10,23 @@ more noise and ψ(t) rises by ε2; elsewhere it falls by ε2 (never below 0). Th
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
 
 
-def calibrate_step(levels: list[float], deltas: torch.Tensor, eps1: float, eps2: float) -> list[float]:
-    """One calibration update of the per-step levels from step rewards `deltas` (B, T)."""
+def calibrate_step(levels: list[float], deltas: torch.Tensor, eps1: float, eps2: float,
+                   largest: float = math.inf) -> list[float]:
+    """One calibration update of the per-step levels from step rewards `deltas` (B, T), kept within [0, largest]
+    (the sampler's largest valid level)."""
     if deltas.shape[1] != len(levels):
         raise ValueError(f"{deltas.shape[1]} steps of step rewards for {len(levels)} noise levels")
     updated = []
     for level, column in zip(levels, deltas.T):
         positive, negative = int((column > 0).sum()), int((column < 0).sum())
         balanced = abs(positive - negative) <= eps1 * (positive + negative)
-        updated.append(max(0.0, level + eps2 if balanced else level - eps2))
+        updated.append(min(largest, max(0.0, level + eps2 if balanced else level - eps2)))
     return updated
 
 
