@@ -107,6 +107,7 @@ def run_sample(args) -> None:
         height=args.height,
         width=args.width,
         reward=reward,
+        overwrite=args.overwrite,
         extra_metadata={"model": str(args.model), "lora": None if args.lora is None else str(args.lora)},
     )
     print(f"wrote {len(records)} images to {args.out}; review page {args.out / 'index.html'}")
@@ -136,12 +137,15 @@ def add_eval_parser(subparsers) -> None:
 def run_eval(args) -> None:
     import json
 
+    from align_diffusion.gallery.page import write_text_atomically
     from align_diffusion.world.benchmark import evaluate_shapes
 
     if args.out.suffix == ".json":
         raise SystemExit(f"--out: expected a folder (for eval.json, the samples, index.html), got {args.out}")
-    if (args.out / "eval.json").exists() and not args.overwrite:
-        raise SystemExit(f"--out: {args.out} already holds an evaluation; pass --overwrite to replace it")
+    held = [name for name in ("eval.json", "metadata.jsonl") if (args.out / name).exists()]
+    if held and not args.overwrite:
+        raise SystemExit(f"--out: {args.out} already holds {' and '.join(held)} (an evaluation or samples); pass "
+                         "--overwrite to replace them")
     adapter = load_for_command(args)
     result = evaluate_shapes(
         adapter, args.split, num_images_per_prompt=args.num_images_per_prompt, num_inference_steps=args.steps,
@@ -149,7 +153,7 @@ def run_eval(args) -> None:
         batch_size=args.batch_size, out_dir=args.out,
     )
     result["settings"].update(model=str(args.model), lora=None if args.lora is None else str(args.lora))
-    (args.out / "eval.json").write_text(json.dumps(result, indent=1))
+    write_text_atomically(args.out / "eval.json", json.dumps(result, indent=1))
     print(f"overall strict {result['overall_strict']:.3f} ± {result['overall_strict_se']:.3f}  graded "
           f"{result['graded']:.3f}  ({result['num_images']} images, ± one binomial standard error; review page "
           f"{args.out / 'index.html'})")
@@ -506,6 +510,8 @@ def add_gallery_parser(subparsers) -> None:
 def run_gallery(args) -> None:
     from align_diffusion.gallery import build_comparison, build_gallery, build_run_page
 
+    if args.out is not None and args.compare is None:
+        raise SystemExit("--out: names the side-by-side page, so it needs --compare")
     if (args.dir / "metrics.jsonl").is_file():
         if args.compare is not None:
             raise SystemExit("--compare: compares two sample folders, and DIR is a training run")
@@ -533,9 +539,11 @@ def main(argv: list[str] | None = None) -> None:
     add_steer_parser(subparsers)
     add_gallery_parser(subparsers)
     args = parser.parse_args(argv)
+    # Bad input found after loading (size, sampler, model type) or a path that does not load (a folder that is no
+    # pipeline, a missing asset): one line, no traceback.
     try:
         args.run(args)
-    except ValueError as error:  # bad input found after loading (size, sampler, model type): no traceback
+    except (ValueError, OSError) as error:
         raise SystemExit(f"align-diffusion {args.command}: {error}") from error
 
 

@@ -15,6 +15,8 @@ from selenium.webdriver.support.ui import Select
 from align_diffusion.cli import main
 from align_diffusion.gallery import build_comparison, build_gallery, safe_filename
 from align_diffusion.gallery.labels import preference_pairs
+from align_diffusion.gallery.page import read_records
+from align_diffusion.gallery.run import read_metrics
 from align_diffusion.gallery.browser import headless_chromium
 from align_diffusion.rewards.artifact import read_labelled_images
 from align_diffusion.sampling.folder import reward_record
@@ -209,6 +211,22 @@ def test_label_export_feeds_the_artifact_reward_and_preference_pairs(browser, fo
                                            "rejected": (a / "images" / "a #2.png").resolve()}]
 
 
+def test_labels_stay_with_their_samples_not_their_file_names(browser, folders):
+    a, _ = folders
+    open_page(browser, build_gallery(a))
+    label(browser, visible_cards(browser)[0], "good")
+    build_gallery(a)  # the same samples (a training run rebuilds its pages after every evaluation)
+    browser.refresh()
+    assert browser.find_element(By.ID, "label-count").text == "1"
+    # Sampled again into the same folder (`eval --overwrite`): the same file names now show new images.
+    metadata = a / "metadata.jsonl"
+    metadata.write_text(metadata.read_text().replace('"shapes": 0.25', '"shapes": 0.5'))
+    build_gallery(a)
+    browser.refresh()
+    assert browser.find_element(By.ID, "label-count").text == "0"
+    assert "label-good" not in visible_cards(browser)[0].find_element(By.TAG_NAME, "figure").get_attribute("class")
+
+
 def test_labels_on_a_compare_page_name_each_side(browser, folders):
     a, b = folders
     open_page(browser, build_comparison(a, b))
@@ -259,10 +277,42 @@ def test_gallery_command_and_file_names(folders, tmp_path, capsys):
     assert f"wrote {out}" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="neither a sample folder"):
         main(["gallery", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--out: names the side-by-side page, so it needs --compare"):
+        main(["gallery", str(a), "--out", str(out)])
     for hostile in ["../../etc/passwd", "<script>alert(1)</script>", "", "..", "a/b\\c:d*e?f"]:
         name = safe_filename(hostile)
         assert name and "/" not in name and "\\" not in name and not name.startswith(".")
         assert set(name) <= set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+
+
+def test_pages_are_replaced_whole(folders):
+    a, _ = folders
+    page = build_gallery(a)
+    with page.open() as reader:  # a browser or server reading the page while it is rebuilt
+        (a / "metadata.jsonl").write_text((a / "metadata.jsonl").read_text().replace("a blue square", "a new prompt"))
+        build_gallery(a)
+        old = reader.read()
+    assert "a blue square" in old and old.rstrip().endswith("</html>")
+    assert "a new prompt" in page.read_text()
+    assert sorted(p.name for p in a.iterdir()) == ["images", "index.html", "metadata.jsonl"]  # no temporary left
+
+
+def test_readers_skip_a_half_written_last_line_only(folders, tmp_path):
+    a, _ = folders
+    metadata = a / "metadata.jsonl"
+    complete = metadata.read_text()
+    metadata.write_text(complete + '{"file": "images/00005.png", "prom')  # a sampler midway through a line
+    assert len(read_records(a)) == len(RECORDS_A)
+    metadata.write_text(complete + '{"file": "images/00000.png", "prompt": "x"}')  # complete, just no newline
+    assert len(read_records(a)) == len(RECORDS_A) + 1
+    lines = complete.splitlines(keepends=True)
+    metadata.write_text("".join(lines[:2]) + '{"file": "ima\n' + "".join(lines[2:]))
+    with pytest.raises(ValueError, match="metadata.jsonl:3: not a JSON line"):
+        read_records(a)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "reward_mean": 0.5}\n{"step": 2, "rew')  # training writing
+    assert read_metrics(run) == [{"step": 1, "reward_mean": 0.5}]
 
 
 def test_missing_scores_stay_missing_in_the_metadata():

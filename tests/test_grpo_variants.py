@@ -45,6 +45,8 @@ def test_noise_calibration_moves_in_the_documented_direction():
     assert calibrate_step([0.5, 0.5, 0.5, 0.05], deltas, eps1=0.25, eps2=0.1) == pytest.approx([0.6, 0.4, 0.6, 0.0])
     # A wider tolerance (|3 − 1| ≤ 0.5 · 4) counts step 3 as balanced.
     assert calibrate_step([0.5] * 4, deltas, eps1=0.5, eps2=0.1)[3] == pytest.approx(0.6)
+    # Never above the sampler's largest valid level (CPS: a <= 1).
+    assert calibrate_step([0.95] * 4, deltas, eps1=0.25, eps2=0.1, largest=1.0) == pytest.approx([1.0, 0.85, 1.0, 0.85])
 
 
 def test_gdro_loss_hand_worked_and_its_pairwise_limit_is_diffusion_dpo():

@@ -11,7 +11,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from align_diffusion.world.evaluate import detect, score_image, shapes_eval
 from align_diffusion.world.prompts import all_prompts, is_held_out, split_prompts, splits
 from align_diffusion.world.generators import GENERATOR_LAYOUT
-from align_diffusion.world.render import Layout, render, render_prompt, sample_scene
+from align_diffusion.world.render import Layout, Placed, render, render_prompt, sample_scene
 from align_diffusion.world.spec import BACKGROUND, CANVAS, COLORS, MAX_SIDE, MIN_SIDE, parse_prompt
 
 
@@ -193,6 +193,17 @@ def test_graded_scores_by_hand():
     blob = Image.new("RGB", (CANVAS, CANVAS), BACKGROUND)
     ImageDraw.Draw(blob).rectangle((10, 10, 40, 14), fill=COLORS["red"])  # a bar: no world shape
     assert score_image("a red square", blob).graded == 0.5 and not score_image("a red square", blob).strict
+
+
+def test_graded_score_searches_the_assignment_that_satisfies_the_relation():
+    # A small red circle left of a blue square, and a larger red circle right of it (detections are tried largest
+    # first). Circle 1 + square: both objects right (2 of 2), relation holds (× 1), one extra object (/ 2): 0.5.
+    scene = [Placed("circle", "red", 2, 20, 14), Placed("square", "blue", 22, 20, 16),
+             Placed("circle", "red", 42, 20, 20)]
+    judgement = score_image("a red circle left of a blue square", render(scene))
+    assert judgement.graded == 0.5 and not judgement.strict  # the extra circle still fails the strict verdict
+    alone = score_image("a red circle left of a blue square", render(scene[:2]))
+    assert alone.graded == 1.0 and alone.strict
 
 
 def test_accepts_tensors_and_refuses_other_sizes():

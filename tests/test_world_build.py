@@ -1,6 +1,7 @@
 """The world build path end to end at a few steps per asset: every asset saves and reloads with its stock class."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -115,6 +116,48 @@ def test_build_without_a_cpp_compiler_fails_before_training(tmp_path, monkeypatc
     assert list(tmp_path.iterdir()) == []
 
 
+def test_only_dino_builds_on_a_fresh_folder_without_loading_the_clip(tmp_path):
+    report = build_world(tmp_path, plan=PLAN, only=["dino"], log=lambda line: None)
+    assert set(report["seconds"]) == {"dino"} and Dinov2Model.from_pretrained(tmp_path / "dino") is not None
+    assert not (tmp_path / "clip").exists()
+
+
+def test_generators_without_their_clip_and_vae_fail_in_one_line_before_training(tmp_path):
+    out = tmp_path / "fresh"
+    expected = f"{re.escape(str(out))} has no clip and no vae folder, which sd3 and sd train on: build clip and vae"
+    with pytest.raises(SystemExit, match=expected):
+        main(["build-world", "--out", str(out), "--only", "dino", "sd3", "--quick"])
+    assert not out.exists()
+
+
+def test_only_merges_into_the_build_report(world):
+    out, full = world
+    report = build_world(out, plan=PLAN, only=["dino"], log=lambda line: None)
+    written = json.loads((out / "build_report.json").read_text())
+    assert written["seconds"] == {**full["seconds"], "dino": report["seconds"]["dino"]}
+    assert written["vae_reconstruction_strict"] == full["vae_reconstruction_strict"]
+    assert written["clip_test_accuracy_6way"] == full["clip_test_accuracy_6way"]
+    assert written["total_seconds"] == round(sum(written["seconds"].values()), 1)
+
+
+def test_eval_refuses_a_folder_of_samples_without_overwrite(tmp_path):
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    (samples / "metadata.jsonl").write_text('{"file": "images/00000.png", "prompt": "a red circle"}\n')
+    with pytest.raises(SystemExit, match="already holds metadata.jsonl .* pass --overwrite"):
+        main(["eval", "--model", "never-loaded", "--out", str(samples)])
+    assert (samples / "metadata.jsonl").read_text() == '{"file": "images/00000.png", "prompt": "a red circle"}\n'
+
+
+def test_eval_of_a_folder_that_is_no_pipeline_fails_in_one_line(tmp_path):
+    not_a_pipeline = tmp_path / "vae"
+    not_a_pipeline.mkdir()
+    (not_a_pipeline / "config.json").write_text("{}")
+    expected = f"align-diffusion eval: .*model_index.json.* {re.escape(str(not_a_pipeline))}"
+    with pytest.raises(SystemExit, match=expected):
+        main(["eval", "--model", str(not_a_pipeline), "--out", str(tmp_path / "eval")])
+
+
 def test_eval_command_writes_scores(world, tmp_path):
     out, _ = world
     main(["eval", "--model", str(out / "sd3"), "--benchmark", "shapes", "--split", "val", "--num-images-per-prompt",
@@ -133,7 +176,7 @@ def test_eval_command_writes_scores(world, tmp_path):
         (r["prompt"], r["strict"], r["graded"]) for r in result["per_image"]]
     assert all((tmp_path / "eval" / r["file"]).is_file() for r in records)
     assert (tmp_path / "eval" / "index.html").read_text().count('class="card"') == len(records)
-    with pytest.raises(SystemExit, match="already holds an evaluation"):
+    with pytest.raises(SystemExit, match="already holds eval.json and metadata.jsonl"):
         main(["eval", "--model", str(out / "sd3"), "--out", str(tmp_path / "eval")])
 
 

@@ -7,6 +7,7 @@ sorts and collects reviewer labels (good / artifact / bad), exported as JSONL li
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -19,20 +20,41 @@ LABELS = ("good", "artifact", "bad")
 CORRECT = "correct"  # the value name of ShapesEval's strict verdict (1 or 0)
 
 
+def read_jsonl(path: Path) -> list[tuple[int, dict]]:
+    """(line number, value) of each non-blank line of a JSONL file. An unterminated last line that does not parse
+    is skipped: the file's writer (a training run, a sampler) may be halfway through it."""
+    lines = path.read_text().split("\n")
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((number, json.loads(line)))
+        except json.JSONDecodeError as error:
+            if number == len(lines):
+                continue
+            raise ValueError(f"{path}:{number}: not a JSON line ({error})") from error
+    return rows
+
+
 def read_records(folder: str | Path) -> list[dict]:
     """The metadata records of a sample folder, in page order."""
     metadata = Path(folder) / "metadata.jsonl"
     if not metadata.is_file():
         raise FileNotFoundError(f"{folder} is not a sample folder: no metadata.jsonl")
     records = []
-    for number, line in enumerate(metadata.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        record = json.loads(line)
+    for number, record in read_jsonl(metadata):
         if not {"file", "prompt"} <= record.keys():
             raise ValueError(f"{metadata}:{number}: a record needs 'file' and 'prompt', got {sorted(record)}")
         records.append(record)
     return records
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """Writes a temporary file beside `path`, then renames it over `path`: readers see the old file or the new."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    partial.write_text(text)
+    os.replace(partial, path)
 
 
 def safe_filename(text: str, max_length: int = 80) -> str:
@@ -61,9 +83,10 @@ def build_gallery(folder: str | Path, title: str | None = None, links: dict[str,
         for k, (record, value) in enumerate(zip(records, values))
     ]
     summary = _summary(len(records), "images", values)
-    page = _page(title or folder.resolve().name, "single", summary, "", _names(values), cards, links or {})
+    page = _page(title or folder.resolve().name, "single", summary, "", _names(values), cards, links or {},
+                 _samples_id(folder))
     out = folder / "index.html"
-    out.write_text(page)
+    write_text_atomically(out, page)
     return out
 
 
@@ -99,9 +122,10 @@ def build_comparison(folder_a: str | Path, folder_b: str | Path, out: str | Path
     summary = _summary(len(cards), "pairs", values)
     note = f"A = {name_a}, B = {name_b}; pairs matched by prompt and seed"
     note += f"; {unmatched} images of A have no partner in B" if unmatched else ""
-    page = _page(title or f"{name_a} vs {name_b}", "compare", summary, note, _names(values), cards, {})
+    page = _page(title or f"{name_a} vs {name_b}", "compare", summary, note, _names(values), cards, {},
+                 _samples_id(folder_a, folder_b))
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(page)
+    write_text_atomically(out, page)
     return out
 
 
@@ -111,6 +135,16 @@ def stylesheet() -> str:
 
 def _static(name: str) -> str:
     return (files("align_diffusion.gallery") / "static" / name).read_text()
+
+
+def _samples_id(*folders: Path) -> str:
+    """Changes whenever a folder's metadata.jsonl is rewritten, i.e. holds new samples: the page's script keeps
+    reviewer labels under it, so labels of earlier images never show on new ones with the same file names."""
+    digest = hashlib.sha256()
+    for folder in folders:
+        metadata = folder / "metadata.jsonl"
+        digest.update(metadata.read_bytes() + str(metadata.stat().st_mtime_ns).encode())
+    return digest.hexdigest()[:16]
 
 
 # --- HTML pieces -----------------------------------------------------------------------------------------------
@@ -186,7 +220,7 @@ def _comparison_table(a: dict, b: dict) -> str:
 
 
 def _page(title: str, mode: str, summary: str, note: str, names: list[str], cards: list[str],
-          links: dict[str, str]) -> str:
+          links: dict[str, str], samples_id: str) -> str:
     sort_options = ['<option data-key="index">page order</option>', '<option data-key="prompt">prompt</option>',
                     '<option data-key="seed">seed</option>']
     for name in names:
@@ -204,7 +238,7 @@ def _page(title: str, mode: str, summary: str, note: str, names: list[str], card
 <style>
 {stylesheet()}</style>
 </head>
-<body data-mode="{mode}">
+<body data-mode="{mode}" data-samples="{samples_id}">
 <header>
 <h1>{escape(title)}</h1>
 <p class="summary">{escape(summary)}</p>

@@ -3,12 +3,11 @@ evaluation linking its gallery, and a side-by-side page of each evaluation again
 
 from __future__ import annotations
 
-import json
 from html import escape
 from pathlib import Path
 from urllib.parse import quote
 
-from align_diffusion.gallery.page import build_comparison, build_gallery, stylesheet
+from align_diffusion.gallery.page import build_comparison, build_gallery, read_jsonl, stylesheet, write_text_atomically
 from align_diffusion.gallery.plots import plot_training
 
 EVAL_DIR = "eval"  # OUTPUT_DIR/eval/step-NNNNNN/ holds the samples of each evaluation
@@ -22,7 +21,7 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     metrics = Path(run_dir) / "metrics.jsonl"
     if not metrics.is_file():
         raise FileNotFoundError(f"{run_dir} is not a training run: no metrics.jsonl")
-    return [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    return [row for _, row in read_jsonl(metrics)]
 
 
 def build_run_page(run_dir: str | Path) -> Path:
@@ -72,5 +71,5 @@ def build_run_page(run_dir: str | Path) -> Path:
 </html>
 """
     out = run_dir / "index.html"
-    out.write_text(page)
+    write_text_atomically(out, page)
     return out

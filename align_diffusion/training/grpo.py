@@ -42,7 +42,14 @@ from align_diffusion.rewards import load_reward
 from align_diffusion.rewards.spec import WeightedRewards, score_terms
 from align_diffusion.rewards.transforms import group_advantages
 from align_diffusion.sampling.folder import SampleFolder, reward_record
-from align_diffusion.sampling.loop import DEFAULT_NOISE_LEVEL, Trajectory, sample, sample_images, step_log_prob
+from align_diffusion.sampling.loop import (
+    DEFAULT_NOISE_LEVEL,
+    LARGEST_NOISE_LEVEL,
+    Trajectory,
+    sample,
+    sample_images,
+    step_log_prob,
+)
 from align_diffusion.training import checkpoint
 from align_diffusion.rewards.dense import dense_step_rewards
 from align_diffusion.training.advantages import best_worst_mask, dense_advantages
@@ -387,7 +394,7 @@ class GRPOTrainer:
             self.noise_levels = levels
             rollouts = self.rollout(round_index)
             deltas = self.accelerator.gather(rollouts.step_deltas.to(self.accelerator.device)).cpu()
-            levels = calibrate_step(levels, deltas, eps1, eps2)
+            levels = calibrate_step(levels, deltas, eps1, eps2, LARGEST_NOISE_LEVEL[self.config.sampling.sampler])
             self.log(f"round {round_index + 1}/{rounds}: ψ = [{', '.join(f'{v:.3f}' for v in levels)}]")
         return levels
 

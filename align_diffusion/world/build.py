@@ -17,6 +17,7 @@ import torch
 from diffusers import AutoencoderKL
 from transformers import AutoTokenizer, BitImageProcessor, CLIPImageProcessor, CLIPModel
 
+from align_diffusion.gallery.page import write_text_atomically
 from align_diffusion.world.data import to_tensor
 from align_diffusion.world.encoders import clip_prompt_accuracy, train_clip, train_dino
 from align_diffusion.world.evaluate import shapes_eval
@@ -88,9 +89,15 @@ def build_world(out: str | Path, seed: int = 0, plan: BuildPlan | None = None, o
     unknown = set(only) - set(ASSETS)
     if unknown:
         raise ValueError(f"unknown assets {sorted(unknown)}; choose from {ASSETS}")
+    out = Path(out)
+    generators = {"sd3", "sd"} & set(only)
+    # The generators train on the CLIP's text tower and the VAE's latents: loaded from `out` when not built now.
+    missing = [name for name in ("clip", "vae") if generators and name not in only and not (out / name).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"{out} has no {' and no '.join(missing)} folder, which sd3 and sd train on: build "
+                                f"{' and '.join(missing)} first (add to --only)")
     if plan.torch_compile and {"vae", "sd3"} & set(only):
         check_cpp_compiler()
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     report = {"seed": seed, "plan": asdict(plan), "seconds": {}}
     start = time.time()
@@ -106,7 +113,7 @@ def build_world(out: str | Path, seed: int = 0, plan: BuildPlan | None = None, o
         CLIPImageProcessor(**IMAGE_PROCESSING).save_pretrained(out / "clip")
         report["clip_test_accuracy_6way"] = clip_prompt_accuracy(clip, tokenizer)
         done("clip")
-    else:
+    elif generators:
         clip, tokenizer = CLIPModel.from_pretrained(out / "clip").eval(), AutoTokenizer.from_pretrained(out / "clip")
     if "dino" in only:
         # float16 on disk to keep the assets small; its readers (the DINO and artifact rewards) ask for a dtype.
@@ -117,7 +124,7 @@ def build_world(out: str | Path, seed: int = 0, plan: BuildPlan | None = None, o
         vae = train_vae(plan.vae_steps, seed=seed, log=log, bf16=plan.bf16, torch_compile=plan.torch_compile)
         vae.save_pretrained(out / "vae")
         done("vae")
-    if {"sd3", "sd"} & set(only):
+    if generators:
         vae = AutoencoderKL.from_pretrained(out / "vae").eval()
         report["vae_reconstruction_strict"] = vae_reconstruction_strict(vae)
         dataset = encode_dataset(vae, plan.dataset_size, seed=seed, log=log)
@@ -136,5 +143,16 @@ def build_world(out: str | Path, seed: int = 0, plan: BuildPlan | None = None, o
         pipe.save_pretrained(out / "sd")
         done("sd")
     report["total_seconds"] = round(time.time() - start, 1)
-    (out / "build_report.json").write_text(json.dumps(report, indent=1))
+    write_text_atomically(out / "build_report.json", json.dumps(merged_report(out, report), indent=1))
     return report
+
+
+def merged_report(out: Path, report: dict) -> dict:
+    """This build's report merged into the one already in `out`: the rebuilt assets' seconds and metrics replace
+    theirs, total_seconds sums every asset's, and seed and plan are this build's."""
+    path = out / "build_report.json"
+    if not path.is_file():
+        return report
+    earlier = json.loads(path.read_text())
+    seconds = {**earlier["seconds"], **report["seconds"]}
+    return {**earlier, **report, "seconds": seconds, "total_seconds": round(sum(seconds.values()), 1)}

@@ -53,7 +53,8 @@ def clip_config(tokenizer) -> CLIPConfig:
 def train_clip(
     steps: int, batch_size: int = 128, seed: int = 0, log=print
 ) -> tuple[CLIPModel, PreTrainedTokenizerFast]:
-    """Contrastive training on fresh renders of every world prompt (a reward model sees the whole world)."""
+    """Contrastive training on fresh renders of the train split's prompts and the test split's, half a batch each:
+    as a reward model it must also know the held-out combinations the generators are tested on."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
     tokenizer = world_tokenizer()

@@ -129,21 +129,22 @@ def _credit(wanted, found: Detected) -> float:
 def judge(requirement: Requirement, objects: list[Detected]) -> Judgement:
     """Strict correctness and graded score of detected objects against a requirement."""
     wanted = requirement.objects
-    best_total, best_match = 0.0, None
-    # One-to-one assignment of detections to wanted objects (at most 4 wanted; the largest 8 detections).
+    best_score, best_all_found, best_relation_ok = -1.0, False, False
+    # One-to-one assignment of detections to wanted objects (at most 4 wanted; the largest 8 detections). The
+    # relation is scored per assignment: with a duplicate object only some assignments satisfy it.
     candidates = sorted(objects, key=lambda o: -o.area)[:8]
     padded = candidates + [None] * len(wanted)
     for chosen in itertools.permutations(padded, len(wanted)):
-        total = sum(_credit(w, d) for w, d in zip(wanted, chosen) if d is not None)
-        if best_match is None or total > best_total:
-            best_total, best_match = total, chosen
-    all_found = all(d is not None and _credit(w, d) == 1 for w, d in zip(wanted, best_match))
-    relation_ok = True
-    if requirement.relation is not None:
-        relation_ok = all_found and relation_holds(best_match[0].center, best_match[1].center, requirement.relation)
+        credits = [0.0 if d is None else _credit(w, d) for w, d in zip(wanted, chosen)]
+        all_found = all(credit == 1 for credit in credits)
+        relation_ok = requirement.relation is None or (
+            all_found and relation_holds(chosen[0].center, chosen[1].center, requirement.relation))
+        score = sum(credits) * (1.0 if relation_ok else 0.5)
+        if score > best_score:
+            best_score, best_all_found, best_relation_ok = score, all_found, relation_ok
     extras = max(0, len(objects) - len(wanted))
-    graded = best_total / len(wanted) * (1.0 if relation_ok else 0.5) / (1 + extras)
-    strict = all_found and relation_ok and len(objects) == len(wanted)
+    graded = best_score / len(wanted) / (1 + extras)
+    strict = best_all_found and best_relation_ok and len(objects) == len(wanted)
     return Judgement(strict, graded, tuple(objects))
 
 

@@ -60,7 +60,8 @@
   byId("sort").addEventListener("change", applySort);
 
   // --- labels ------------------------------------------------------------------------------------------------
-  const storeKey = "align-diffusion-labels:" + location.pathname;
+  // Keyed by the samples too: a folder sampled again reuses its file names, and the old labels must not show.
+  const storeKey = "align-diffusion-labels:" + location.pathname + ":" + document.body.dataset.samples;
   const labels = JSON.parse(localStorage.getItem(storeKey) || "{}");
   const figures = Array.from(grid.querySelectorAll("figure[data-file]"));
 
