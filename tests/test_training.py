@@ -288,6 +288,27 @@ def test_two_cpu_processes_match_one(saved, prompt_file, tmp_path):
         assert [r["lr"] for r in rows] == pytest.approx([lr * 1 / 4, lr * 2 / 4])
 
 
+def test_deepspeed_zero2_config_trains_like_one_plain_process(trained, saved, prompt_file, tmp_path):
+    """The shipped ZeRO-2 config, on one CPU process: DeepSpeed steps its optimizer inside the backward that ends an
+    update, so the trainer's micro-batch and timestep accumulation must hold it back until then. (Accelerate runs
+    DeepSpeed on the CPU as one process per launch, so several processes need GPUs.)"""
+    _, straight = trained
+    out = tmp_path / "zero2"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(REPO / "configs" / "accelerate" / "deepspeed_zero2.yaml"), "--num_processes", "1",
+               "--mixed_precision", "no", "-m", "align_diffusion", "train",
+               *[o for o in tiny_overrides(saved["sd3"], prompt_file, out) if o != "device=cpu"]]
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            timeout=280)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (out / "checkpoints" / "step-000002" / "pytorch_model").is_dir()  # DeepSpeed's own checkpoint: it ran
+    a = load_file(str(straight / "checkpoints" / "step-000002" / "trained.safetensors"))
+    b = load_file(str(out / "checkpoints" / "step-000002" / "trained.safetensors"))
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-6, rtol=1e-5), key
+    assert [r["grad_norm"] for r in metrics(out)] == pytest.approx([r["grad_norm"] for r in metrics(straight)])
+
+
 def test_ema_bf16_and_checkpointing_run_and_export_the_ema_weights(saved, prompt_file, tmp_path):
     # A separate process: accelerate fixes the mixed-precision mode once per process.
     overrides = tiny_overrides(saved["sd3"], prompt_file, tmp_path, max_steps=1, **{

@@ -197,6 +197,15 @@ class GRPOTrainer:
         warmup = config.optim.warmup_steps
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
         self.num_micro = config.grpo.batch_size // self.accelerator.num_processes // config.grpo.train_batch_size
+        deepspeed = self.accelerator.state.deepspeed_plugin
+        if deepspeed is not None:
+            # No dataloader tells DeepSpeed the micro-batch. The trainer accumulates over micro-batches itself
+            # (`accumulating`), so DeepSpeed's own accumulation is 1; the run's config sets the clipping.
+            deepspeed.deepspeed_config.update(
+                train_micro_batch_size_per_gpu=config.grpo.train_batch_size, gradient_accumulation_steps=1,
+                train_batch_size=config.grpo.train_batch_size * self.accelerator.num_processes,
+                gradient_clipping=config.optim.max_grad_norm or 0.0,
+            )
         self.model, self.optimizer, self.lr_schedule = self.accelerator.prepare(denoiser, optimizer, schedule)
         self.adapter.forward_module = self.model  # the distributed wrapper, when there is one, syncs gradients
         self.accelerator.register_save_state_pre_hook(self._save_trained_only)
@@ -273,6 +282,21 @@ class GRPOTrainer:
     def log(self, message: str) -> None:
         if self.accelerator.is_main_process:
             tqdm.write(message)
+
+    @contextmanager
+    def accumulating(self, last: bool):
+        """A backward inside this block adds to the gradients; only the update's last one exchanges them between
+        processes (DDP) and lets DeepSpeed, which steps its optimizer inside that backward, step."""
+        if last:
+            yield
+            return
+        state = self.accelerator.gradient_state
+        with self.accelerator.no_sync(self.model):
+            state._set_sync_gradients(False)  # what accelerate's DeepSpeed backward reads
+            try:
+                yield
+            finally:
+                state._set_sync_gradients(True)
 
     @contextmanager
     def reference_model(self):
@@ -447,8 +471,7 @@ class GRPOTrainer:
                     mask = valid[index, j].float()
                     adv = torch.nan_to_num(advantages[index, j]).to(self.accelerator.device)
                     last = micro == micro_per_update - 1 and term == len(timesteps) - 1
-                    sync = nullcontext() if last else self.accelerator.no_sync(self.model)
-                    with sync, self.accelerator.autocast():
+                    with self.accumulating(last), self.accelerator.autocast():
                         out = step_log_prob(self.adapter, trajectory, j, index)
                         old = trajectory.log_probs[index, j].to(out.log_prob)
                         policy, ratio = clipped_policy_loss(out.log_prob, old, adv, config.clip_range,
