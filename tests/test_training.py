@@ -193,6 +193,14 @@ def test_resume_gives_identical_weights(trained, saved, prompt_file, tmp_path):
     assert [r["step"] for r in metrics(first)] == [1, 2]
 
 
+def test_resume_refuses_a_checkpoint_that_lacks_weights_this_run_trains(trained, saved, prompt_file, tmp_path):
+    _, out = trained
+    overrides = tiny_overrides(saved["sd3"], prompt_file, tmp_path, resume_from=out / "checkpoints" / "step-000001",
+                               **{"lora.target_modules": "[to_q,to_k,to_v,to_out.0,add_q_proj]"})
+    with pytest.raises(ValueError, match=r"lacks weights this run trains: .*add_q_proj"):
+        GRPOTrainer(load_config(None, overrides)).train()
+
+
 def test_checkpoints_are_pruned_and_never_partial(trained):
     _, out = trained
     names = sorted(p.name for p in (out / "checkpoints").iterdir())

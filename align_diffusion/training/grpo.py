@@ -241,6 +241,10 @@ class GRPOTrainer:
         unexpected = set(trained) - set(named)
         if unexpected:
             raise ValueError(f"checkpoint {input_dir} holds weights this model lacks: {sorted(unexpected)[:3]}")
+        missing = set(self.trained_names()) - set(trained)
+        if missing:
+            raise ValueError(f"checkpoint {input_dir} lacks weights this run trains: {sorted(missing)[:3]} (was "
+                             "lora.target_modules changed?)")
         with torch.no_grad():
             for name, value in trained.items():
                 named[name].copy_(value)
