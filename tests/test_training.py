@@ -317,6 +317,20 @@ def test_deepspeed_zero2_config_trains_like_one_plain_process(trained, saved, pr
     assert [r["grad_norm"] for r in metrics(out)] == pytest.approx([r["grad_norm"] for r in metrics(straight)])
 
 
+def test_processes_the_launcher_started_but_accelerate_did_not_join_are_refused(saved, prompt_file, tmp_path):
+    """`accelerate launch` with an FSDP config on the CPU (device unset) starts two processes that each think they
+    are alone; both would run the whole job into one output_dir."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(REPO / "configs" / "accelerate" / "fsdp.yaml"), "--num_processes", "2", "--mixed_precision", "no",
+               "-m", "align_diffusion", "train",
+               *[o for o in tiny_overrides(saved["sd3"], prompt_file, tmp_path) if o != "device=cpu"]]
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            timeout=280)
+    assert result.returncode != 0
+    assert "the launcher started 2 processes, but accelerate joined 1" in result.stderr
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
 def test_ema_bf16_and_checkpointing_run_and_export_the_ema_weights(saved, prompt_file, tmp_path):
     # A separate process: accelerate fixes the mixed-precision mode once per process.
     overrides = tiny_overrides(saved["sd3"], prompt_file, tmp_path, max_steps=1, **{

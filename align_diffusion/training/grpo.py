@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import time
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -163,6 +164,11 @@ class GRPOTrainer:
             cpu=config.device == "cpu",
             step_scheduler_with_optimizer=False,  # else it steps once per process for each optimizer step
         )
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched != self.accelerator.num_processes:  # each would run the whole job into the same output_dir
+            raise RuntimeError(f"the launcher started {launched} processes, but accelerate joined "
+                               f"{self.accelerator.num_processes} (DeepSpeed and FSDP join processes on GPUs; on the "
+                               "CPU set device=cpu or launch with --multi_gpu, which join them by gloo)")
         validate(config, self.accelerator.num_processes)
         set_seed(config.seed)
         self.prompts = PromptSource(config.prompts)
