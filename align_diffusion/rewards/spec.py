@@ -30,21 +30,27 @@ class RewardTerm:
         return self.name if self.arg is None else f"{self.name}:{self.arg}"
 
 
-def _required(arg: str | None, what: str) -> str:
-    if not arg:
-        raise ValueError(f"this reward needs {what}")
-    return arg
+# What the rewards that cannot load without an argument need; `parse_spec` refuses a term without one, so their
+# loaders below can count on it.
+ARGUMENT_NEEDED = {
+    "clip": "a model id or path: clip:ID_OR_PATH",
+    "hpsv2": "a weights file: hpsv2:WEIGHTS or hpsv2:ARCH:WEIGHTS",
+    "aesthetic": "a head weights file: aesthetic:HEAD or aesthetic:CLIP_ID_OR_PATH:HEAD",
+    "adv-dino": "a Dinov2 backbone: adv-dino:ID_OR_PATH",
+    "artifact": "a trained folder: artifact:DIR",
+    "remote": "a URL: remote:http://HOST:PORT",
+}
 
 
-def _split_pair(arg: str | None, what: str) -> list[str]:
+def _split_pair(arg: str) -> list[str]:
     """`A:B` → [A, B]; `B` → [B]. B, a file, follows the last ':', since A may hold one (`hf-hub:org/model`)."""
-    return _required(arg, what).rsplit(":", 1)
+    return arg.rsplit(":", 1)
 
 
 def _clip(arg, device, dtype):
     from align_diffusion.rewards.clip import ClipScore
 
-    return ClipScore(_required(arg, "a model id or path: clip:ID_OR_PATH"), device=device, dtype=dtype)
+    return ClipScore(arg, device=device, dtype=dtype)
 
 
 def _pickscore(arg, device, dtype):
@@ -56,14 +62,14 @@ def _pickscore(arg, device, dtype):
 def _hpsv2(arg, device, dtype):
     from align_diffusion.rewards.clip import HPSv2
 
-    parts = _split_pair(arg, "a weights file: hpsv2:WEIGHTS or hpsv2:ARCH:WEIGHTS")
+    parts = _split_pair(arg)
     return HPSv2(parts[-1], *parts[:-1], device=device, dtype=dtype)
 
 
 def _aesthetic(arg, device, dtype):
     from align_diffusion.rewards.clip import Aesthetic
 
-    parts = _split_pair(arg, "a head weights file: aesthetic:HEAD or aesthetic:CLIP_ID_OR_PATH:HEAD")
+    parts = _split_pair(arg)
     return Aesthetic(parts[-1], *parts[:-1], device=device, dtype=dtype)
 
 
@@ -88,20 +94,18 @@ def _shapes(arg, device, dtype):
 def _adv_dino(arg, device, dtype):
     from align_diffusion.rewards.adversarial import AdversarialDino
 
-    return AdversarialDino(_required(arg, "a Dinov2 backbone: adv-dino:ID_OR_PATH"), device=device, dtype=dtype)
+    return AdversarialDino(arg, device=device, dtype=dtype)
 
 
 def _artifact(arg, device, dtype):
     from align_diffusion.rewards.artifact import ArtifactReward
 
-    return ArtifactReward(_required(arg, "a trained folder: artifact:DIR"), device=device, dtype=dtype)
+    return ArtifactReward(arg, device=device, dtype=dtype)
 
 
 def _remote(arg, device, dtype):
     from align_diffusion.rewards.remote import RemoteReward
 
-    if not arg:
-        raise ValueError("remote needs a URL: remote:http://HOST:PORT")
     return RemoteReward(arg)
 
 
@@ -135,7 +139,8 @@ def _split_weight(text: str) -> tuple[str, float]:
 
 
 def parse_spec(spec: str) -> list[RewardTerm]:
-    """Terms of a spec; ValueError naming the bad term for unknown names, bad weights or repeated rewards."""
+    """Terms of a spec; ValueError naming the bad term for unknown names, missing arguments, bad weights or
+    repeated rewards."""
     if not spec or not spec.strip():
         raise ValueError("empty reward spec")
     terms = []
@@ -144,6 +149,8 @@ def parse_spec(spec: str) -> list[RewardTerm]:
         name, _, arg = text.partition(":")
         if name not in LOADERS:
             raise ValueError(f"reward term {text!r}: unknown reward {name!r}; choose from {sorted(LOADERS)}")
+        if name in ARGUMENT_NEEDED and not arg:
+            raise ValueError(f"reward term {text!r}: needs {ARGUMENT_NEEDED[name]}")
         terms.append(RewardTerm(name, arg or None, weight))
     keys = [(t.name, t.arg) for t in terms]
     if len(set(keys)) != len(keys):
