@@ -48,8 +48,9 @@ SD_TURBO = dict(
     up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
     cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True,
 )
-VAE_FULL = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2)
-VAE_TOY = dict(block_out_channels=(8, 8), layers_per_block=1)
+# The SD, SD3 and FLUX VAEs (vae/config.json) share these sizes; a toy's groups must divide its channels.
+VAE_FULL = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32)
+VAE_TOY = dict(block_out_channels=(8, 8), layers_per_block=1, norm_num_groups=4)
 
 TOY_SD3 = dict(
     sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
@@ -122,7 +123,7 @@ def vae(latent_channels: int, toy: bool, **config) -> AutoencoderKL:
     blocks = len(sizes["block_out_channels"])
     return AutoencoderKL(
         down_block_types=("DownEncoderBlock2D",) * blocks, up_block_types=("UpDecoderBlock2D",) * blocks,
-        latent_channels=latent_channels, norm_num_groups=min(sizes["block_out_channels"]), **sizes, **config,
+        latent_channels=latent_channels, **sizes, **config,
     )
 
 

@@ -4,8 +4,11 @@ The trainer is ours (`GRPOTrainer` with the preset's config), given the architec
 loading weights. For each attention backend and gradient-checkpointing setting it reports rollout images per second
 (the preset's SDE steps with CFG, decoding and the JPEG reward included), training seconds per image (the log-prob
 recompute forward and backward at every stochastic step, the reference forward for the KL, the optimizer step),
-peak memory of each phase, and the train step's model FLOPs utilization: the FLOPs torch counts in the update
-(recomputation under checkpointing not counted) over its time, against the device's dense bf16 peak.
+peak allocated and reserved memory of each phase (each measured from an emptied allocator cache), and the train
+step's model FLOPs utilization: the update's FLOPs as torch counts them, over its time, against the device's dense
+bf16 peak. The FLOPs are counted once, before the timed settings, with PyTorch SDPA and checkpointing off (so no
+recomputation is counted), on one trained timestep: every trained timestep runs the same passes. A setting's
+`gradient_checkpointing` is the denoiser's state while it was timed (`trainer_config` keeps the preset's value).
 
     python benchmarks/gpu/grpo_step.py --arch sd35-medium --out results/grpo_sd35m.json
     python benchmarks/gpu/grpo_step.py --arch flux-dev --group 2 --micro-batch 1 --checkpointing on \\
@@ -16,6 +19,7 @@ peak memory of each phase, and the train step's model FLOPs utilization: the FLO
 from __future__ import annotations
 
 import argparse
+import gc
 import itertools
 import os
 import statistics
@@ -27,12 +31,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded; config va
 import torch  # noqa: E402
 
 from architectures import ARCHITECTURES, parameter_count  # noqa: E402
-from measure import bf16_peak_tflops, counted_flops, default_device, measured, write_report  # noqa: E402
+from measure import bf16_peak, counted_flops, default_device, device_name, measured, write_report  # noqa: E402
 
 from align_diffusion.training.config import load_config, to_dict  # noqa: E402
 from align_diffusion.training.grpo import GRPOTrainer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 PRESETS = {"sd35-medium": "configs/sd35m_grpo_geneval.yaml", "flux-dev": "configs/flux_dev_grpo_pickscore.yaml"}
 FIT_GIB = 79.0  # what an 80 GB card leaves to one process, roughly, after the CUDA context
 
@@ -40,6 +45,7 @@ parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.R
 parser.add_argument("--arch", choices=sorted(PRESETS), default="sd35-medium")
 parser.add_argument("--toy", action="store_true", help="the same blocks at toy width (CPU smoke runs)")
 parser.add_argument("--device", default=default_device())
+parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bfloat16 on GPU, float32 on CPU")
 parser.add_argument("--group", type=int, default=24, help="images of the step: one group")
 parser.add_argument("--micro-batch", type=int, default=8, help="images per forward/backward pass")
 parser.add_argument("--rollout-batch", type=int, default=None, help="images per sampling call (default: --group)")
@@ -51,8 +57,8 @@ parser.add_argument("--peak-tflops", type=float, default=None, help="the device'
 parser.add_argument("--out", required=True, help="JSON report")
 args = parser.parse_args()
 
-dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
-precision = "'no'" if args.device == "cpu" else "bf16"  # quoted: YAML reads a bare no as false
+dtype = DTYPES[args.dtype or ("float32" if args.device == "cpu" else "bfloat16")]
+precision = "bf16" if dtype == torch.bfloat16 else "'no'"  # quoted: YAML reads a bare no as false
 adapter = ARCHITECTURES[args.arch](args.device, dtype, toy=args.toy)
 overrides = [
     f"model={args.arch} (random weights)", "prompts=shapes:train", "eval.prompts=shapes:test", "eval.every=0",
@@ -80,8 +86,9 @@ def one_step() -> tuple[dict, dict, int]:
     return rollout, update, stats["train_timesteps"]
 
 
-def update_flops() -> float:
-    """Model FLOPs of one update: one trained timestep counted (checkpointing off), times the timesteps trained."""
+def update_flops() -> tuple[float, dict]:
+    """Model FLOPs of one update, in all and by op: one trained timestep counted (checkpointing off), times the
+    timesteps trained."""
     step = next(step_numbers)
     rollouts = trainer.rollout(step)
     advantages, _ = trainer.advantages(rollouts)
@@ -93,7 +100,8 @@ def update_flops() -> float:
             trainer.update(rollouts, advantages, step)
     finally:
         config.grpo.timestep_fraction = fraction
-    return counted["flops"] * len(trainer.train_timesteps(0, rollouts.trajectory.stochastic_steps))
+    timesteps = len(trainer.train_timesteps(0, rollouts.trajectory.stochastic_steps))
+    return counted["flops"] * timesteps, {op: n * timesteps for op, n in counted["flops_by_op"].items()}
 
 
 def median(rows: list[dict], key: str) -> float | None:
@@ -107,16 +115,19 @@ def measure_setting(backend: str, checkpoint: bool) -> dict:
         denoiser.enable_gradient_checkpointing()
     else:
         denoiser.disable_gradient_checkpointing()
-    setting = {"attention": backend, "gradient_checkpointing": checkpoint}
-    rollouts, updates = [], []
+    setting = {"attention": backend, "gradient_checkpointing": denoiser.is_gradient_checkpointing}
+    rollouts, updates, failure = [], [], None
     try:
         for _ in range(args.repeats):
             rollout, update, setting["train_timesteps"] = one_step()
             rollouts.append(rollout)
             updates.append(update)
     except torch.OutOfMemoryError as error:
+        failure = f"out of memory: {str(error).splitlines()[0]}"
+    if failure:  # out of the except block: its traceback no longer holds the step's tensors, which can be freed
+        gc.collect()
         torch.cuda.empty_cache()
-        return {**setting, "error": f"out of memory: {str(error).splitlines()[0]}"}
+        return {**setting, "error": failure}
     rollout_seconds, update_seconds = median(rollouts, "seconds"), median(updates, "seconds")
     setting.update({
         "rollout_seconds": rollout_seconds, "rollout_images_per_second": args.group / rollout_seconds,
@@ -124,22 +135,28 @@ def measure_setting(backend: str, checkpoint: bool) -> dict:
         "update_tflops_per_second": flops / update_seconds / 1e12,
         "mfu": flops / update_seconds / (peak * 1e12) if peak else None,
         "rollout_peak_allocated_gib": median(rollouts, "peak_allocated_gib"),
+        "rollout_peak_reserved_gib": median(rollouts, "peak_reserved_gib"),
         "update_peak_allocated_gib": median(updates, "peak_allocated_gib"),
         "update_peak_reserved_gib": median(updates, "peak_reserved_gib"),
     })
     if args.device.startswith("cuda"):
-        reserved = max(median(rollouts, "peak_reserved_gib"), setting["update_peak_reserved_gib"])
-        setting["fits_80gb"] = reserved <= FIT_GIB
+        # Allocated: what the tensors need; reserved adds the caching allocator's fragmentation.
+        for kind in ("allocated", "reserved"):
+            most = max(setting[f"rollout_peak_{kind}_gib"], setting[f"update_peak_{kind}_gib"])
+            setting[f"fits_80gb_{kind}"] = most <= FIT_GIB
     return setting
 
 
-peak = args.peak_tflops or bf16_peak_tflops(args.device)
+matched = bf16_peak(device_name(args.device))  # (table entry, TFLOP/s), or None
+peak = args.peak_tflops or (matched[1] if matched else None)
 run = {"arch": args.arch, "toy": args.toy, "group": args.group, "micro_batch": args.micro_batch,
-       "resolution": args.resolution, "dtype": str(dtype), "peak_tflops": peak, "repeats": args.repeats,
+       "resolution": args.resolution, "dtype": str(dtype), "peak_tflops": peak,
+       "peak_table_match": list(matched) if matched else None, "repeats": args.repeats,
        "preset": PRESETS[args.arch], "trainer_config": to_dict(config)}
-flops = update_flops()  # its rollout and update also warm up kernels and the allocator
+flops, flops_by_op = update_flops()  # its rollout and update also warm up kernels and the allocator
 results = {"parameters": parameter_count(denoiser), "trained_parameters": sum(p.numel() for p in trainer.params),
-           "update_tflop": flops / 1e12, "settings": []}
+           "update_flops": flops, "update_flops_by_op": flops_by_op, "settings": []}
+write_report(args.out, "grpo_step", args.device, run, results)  # then after each setting: a timeout keeps them
 for backend in ["sdpa", "xformers"] if args.attention == "both" else [args.attention]:
     if backend == "xformers":
         try:
@@ -149,4 +166,4 @@ for backend in ["sdpa", "xformers"] if args.attention == "both" else [args.atten
             continue
     for checkpoint in {"off": [False], "on": [True], "both": [False, True]}[args.checkpointing]:
         results["settings"].append(measure_setting(backend, checkpoint))
-        write_report(args.out, "grpo_step", args.device, run, results)  # after each setting: a timeout keeps them
+        write_report(args.out, "grpo_step", args.device, run, results)

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib.metadata
 import json
 import platform
+import re
 import time
 from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-# Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, by a substring of the device name.
-BF16_PEAK_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.1, "A10G": 70.0, "L4": 121.0}
+# Dense bf16 tensor-core peaks (TFLOP/s): half of the "with sparsity" BFLOAT16 Tensor Core figures on NVIDIA's data
+# sheets (A100: its dense figure). Matched as whole words of the device name, the more specific names first: an
+# "NVIDIA H100 PCIe" also holds "H100", and "NVIDIA H100 80GB HBM3" is the SXM board.
+BF16_PEAK_TFLOPS = {"H100 PCIe": 756.5, "H100 NVL": 835.5, "H100": 989.5, "H200 NVL": 835.5, "H200": 989.5,
+                    "A100": 312.0}
 PACKAGES = ("torch", "diffusers", "transformers", "accelerate", "peft", "open_clip_torch", "xformers")
 GIB = 2**30
 
@@ -24,10 +29,10 @@ def device_name(device: str) -> str:
     return platform.processor() or platform.machine() or "cpu"
 
 
-def bf16_peak_tflops(device: str) -> float | None:
-    """The device's dense bf16 peak, or None when the table does not know it (pass --peak-tflops then)."""
-    name = device_name(device)
-    return next((peak for key, peak in BF16_PEAK_TFLOPS.items() if key in name), None)
+def bf16_peak(name: str) -> tuple[str, float] | None:
+    """The table's (entry, dense bf16 peak) for a device name, or None when it does not know the device."""
+    return next(((key, peak) for key, peak in BF16_PEAK_TFLOPS.items()
+                 if re.search(rf"\b{re.escape(key)}\b", name, re.IGNORECASE)), None)
 
 
 def environment(device: str) -> dict:
@@ -53,6 +58,10 @@ def measured(device: str):
     result = {}
     synchronize(device)
     if device.startswith("cuda"):
+        # Resetting the peaks sets them to what is held now, cached blocks of earlier work included: free those
+        # first, so the reserved peak is this block's own.
+        gc.collect()
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     yield result
@@ -66,12 +75,13 @@ def measured(device: str):
 @contextlib.contextmanager
 def counted_flops():
     """Yields a dict that receives `flops`: the matmul, convolution and attention FLOPs run inside the block,
-    forward and backward, as torch's FlopCounterMode counts them."""
+    forward and backward, as torch's FlopCounterMode counts them, and `flops_by_op`: {op name: FLOPs}."""
     result = {}
     counter = FlopCounterMode(display=False)
     with counter:
         yield result
     result["flops"] = counter.get_total_flops()
+    result["flops_by_op"] = {str(op): count for op, count in counter.get_flop_counts().get("Global", {}).items()}
 
 
 def write_report(path: str | Path, benchmark: str, device: str, config: dict, results) -> dict:
