@@ -5,6 +5,7 @@ import json
 import math
 
 import pytest
+import scipy.stats
 import torch
 import torch.nn.functional as F
 import yaml
@@ -13,7 +14,6 @@ from training_helpers import metrics, tiny_overrides
 
 from align_diffusion.cli import main
 from align_diffusion.rewards.dense import dense_step_rewards
-from align_diffusion.rewards.transforms import group_advantages
 from align_diffusion.sampling.loop import step_log_prob
 from align_diffusion.training.advantages import best_worst_mask, dense_advantages
 from align_diffusion.training.config import ConfigError, load_config
@@ -22,6 +22,15 @@ from align_diffusion.training.grpo import GRPOTrainer, train
 from align_diffusion.training.noise_table import calibrate_step, read_table, write_table
 
 # --- hand-worked values ------------------------------------------------------------------------------------------
+
+
+def zscore_by_hand(values: torch.Tensor, group_size: int, eps: float = 1e-6) -> tuple[torch.Tensor, int]:
+    """GRPO's advantages written out: each group of `group_size` consecutive rows normalized column by column,
+    (x − mean) / population std, and 0 where the std is at most eps (group_advantages' documented 1e-6); also the
+    number of (group, column) pairs that did not vary."""
+    x = values.double().reshape(len(values) // group_size, group_size, -1)
+    mean, std = x.mean(dim=1, keepdim=True), x.std(dim=1, unbiased=False, keepdim=True)
+    return torch.where(std > eps, (x - mean) / std, 0.0).reshape(values.shape), int((std <= eps).sum())
 
 
 def test_best_worst_mask_hand_worked():
@@ -99,7 +108,13 @@ def test_dance_grpo_shares_noise_within_groups_and_trains_on_best_and_worst(save
     assert (images[0] - images[1]).abs().max() > 1e-4  # the SDE noise is each image's own
     advantages, _ = trainer.advantages(rollouts)
     kept = ~torch.isnan(advantages)
-    assert kept.tolist() == best_worst_mask(rollouts.rewards, torch.arange(8) // 4).tolist()
+    by_group = rollouts.rewards.view(2, 4)
+    expected = torch.zeros(2, 4, dtype=torch.bool)
+    expected[torch.arange(2), by_group.argmax(1)] = True
+    expected[torch.arange(2), by_group.argmin(1)] = True
+    assert int(expected.sum()) == 4 and kept.tolist() == expected.flatten().tolist()
+    # The kept images keep their advantage within the whole group.
+    torch.testing.assert_close(advantages[kept], zscore_by_hand(rollouts.rewards, 4)[0][kept].float())
     trainer.train()
     row = metrics(tmp_path)[0]
     assert row["first_ratio_max_deviation"] <= 1e-5 and row["train_timesteps"] == 2
@@ -141,8 +156,18 @@ def test_bnpo_maps_the_configured_reward_range_to_the_unit_interval(saved, promp
     rollouts = trainer.rollout(0)
     assert float(rollouts.rewards.max()) < 0
     advantages, _ = trainer.advantages(rollouts)
-    mapped = group_advantages((rollouts.rewards + 20) / 20, torch.arange(8) // 4, "bnpo").advantages
-    torch.testing.assert_close(advantages, mapped.float())
+    # BNPO written out: u = (R + 20) / 20, p its group mean; Beta(a, b) fitted to the p's by moments (unbiased
+    # variance) gives α = max(1 + a/3, 1), β = max(1 + b/3, 1); advantage (u − p) / f(p; α, β) · 8/π, with f
+    # scipy's Beta density.
+    u = ((rollouts.rewards.double() + 20) / 20).view(2, 4)
+    p = u.mean(1)
+    m, v = float(p.mean()), float(p.var())
+    k = m * (1 - m) / v - 1
+    alpha, beta = max(1 + k * m / 3, 1.0), max(1 + k * (1 - m) / 3, 1.0)
+    density = torch.tensor(scipy.stats.beta.pdf(p.numpy(), alpha, beta))
+    expected = (8 / math.pi) * (u - p[:, None]) / density[:, None]
+    # The group means nearly agree (α, β ~ 1e6), so the advantages are ~1e-6: compared relatively.
+    torch.testing.assert_close(advantages, expected.flatten().float(), rtol=1e-5, atol=0)
 
 
 def test_dense_grpo_gives_each_step_its_group_normalized_advantage(saved, prompt_file, tmp_path):
@@ -152,8 +177,10 @@ def test_dense_grpo_gives_each_step_its_group_normalized_advantage(saved, prompt
     advantages, stats = trainer.advantages(rollouts)
     assert advantages.shape == (8, 3)
     reference = dense_step_rewards(trainer.adapter, rollouts.trajectory, trainer.reward, mode="ode").deltas
-    expected, _ = dense_advantages(reference, torch.arange(8) // 4)
+    assert rollouts.trajectory.stochastic_steps == [0, 1, 2]
+    expected, zero = zscore_by_hand(reference, 4)
     torch.testing.assert_close(advantages, expected.float())
+    assert stats["zero_std_fraction"] == zero / (2 * 3)
     trainer.train()
     assert metrics(tmp_path)[0]["first_ratio_max_deviation"] <= 1e-5
 
@@ -165,7 +192,7 @@ def test_dense_grpo_with_a_noise_window_counts_only_the_noisy_steps(saved, promp
     rollouts = trainer.rollout(0)
     advantages, stats = trainer.advantages(rollouts)
     assert rollouts.trajectory.stochastic_steps == [0, 1] and not advantages[:, 2].any()
-    expected, zero = dense_advantages(rollouts.step_deltas[:, :2], torch.arange(8) // 4)
+    expected, zero = zscore_by_hand(rollouts.step_deltas[:, :2], 4)
     torch.testing.assert_close(advantages[:, :2], expected.float())
     assert stats["zero_std_fraction"] == zero / (2 * 2)  # 2 groups × 2 noisy steps; the ODE step is not counted
 
@@ -226,6 +253,12 @@ def test_gdro_generates_once_then_trains_offline(saved, prompt_file, tmp_path):
     assert groups["latents"].shape[:2] == (2, 3) and groups["rewards"].shape == (2, 3)
     rows = metrics(tmp_path)
     assert [r["step"] for r in rows] == [1, 2]
+    # Step 1 is measured before its update, with the fresh LoRA (B = 0) equal to the reference: every implicit
+    # reward is 0, softmax(r̂) is uniform and the cross-entropy from any target is log(group_size). The all-zero
+    # implicit rewards rank image 0 first (argmax takes the first), so top-1 is right where image 0 is the best.
+    assert rows[0]["ranking_loss"] == pytest.approx(math.log(3), abs=1e-6)
+    assert rows[0]["implicit_top1_accuracy"] == sum(float(int(r.argmax()) == 0) for r in groups["rewards"]) / 2
+    assert abs(rows[1]["ranking_loss"] - math.log(3)) > 1e-5  # the first update moved the LoRA
     assert all(math.isfinite(r["ranking_loss"]) and 0 <= r["implicit_top1_accuracy"] <= 1 for r in rows)
     lora = load_file(str(tmp_path / "lora" / "pytorch_lora_weights.safetensors"))
     assert any(value.abs().sum() > 0 for key, value in lora.items() if "lora_B" in key)

@@ -137,13 +137,25 @@ def test_effective_sample_size_and_resampling():
     assert effective_sample_size(torch.zeros(4)) == pytest.approx(4)
     assert effective_sample_size(torch.tensor([0.0, -1e9, -1e9, -1e9])) == pytest.approx(1)
     weights = torch.tensor([0.5, 0.25, 0.125, 0.125])
+    cumulative = [0.5, 0.75, 0.875, 1.0]
     for seed in range(20):
-        counts = torch.bincount(resample_indices(weights.log(), "systematic", torch.Generator().manual_seed(seed)),
-                                minlength=4)
+        indices = resample_indices(weights.log(), "systematic", torch.Generator().manual_seed(seed))
+        counts = torch.bincount(indices, minlength=4)
         # Systematic resampling gives each particle floor or ceil of k · W copies: 2, 1, 0–1, 0–1.
         assert counts[0] == 2 and counts[1] == 1 and counts.sum() == 4
-    draws = resample_indices(weights.log(), "multinomial", torch.Generator().manual_seed(0))
-    assert draws.shape == (4,) and draws.max() < 4
+        # Written out: one uniform u (the generator's first float64 draw), positions (u + i) / k, and each position
+        # takes the first particle whose cumulative weight reaches it.
+        u = torch.rand((), generator=torch.Generator().manual_seed(seed), dtype=torch.float64).item()
+        assert indices.tolist() == [next(j for j, c in enumerate(cumulative) if c >= (u + i) / 4) for i in range(4)]
+    # Multinomial: torch.multinomial's draws from the same seed, and over many draws the weights' frequencies.
+    for seed in range(20):
+        draws = resample_indices(weights.log(), "multinomial", torch.Generator().manual_seed(seed))
+        stock = torch.multinomial(weights.double(), 4, replacement=True, generator=torch.Generator().manual_seed(seed))
+        assert draws.tolist() == stock.tolist()
+    generator = torch.Generator().manual_seed(0)
+    many = torch.cat([resample_indices(weights.log(), "multinomial", generator) for _ in range(2000)])
+    frequencies = torch.bincount(many, minlength=4) / len(many)  # 8000 draws: standard errors of at most 0.006
+    assert torch.allclose(frequencies, weights, atol=0.025)
 
 
 def test_schedule_of_scored_steps():

@@ -150,14 +150,20 @@ def trained(saved, prompt_file, tmp_path_factory):
 
 
 def test_first_ratio_is_one_and_metrics_are_complete(trained):
-    _, out = trained
+    trainer, out = trained
     rows = metrics(out)
     assert [r["step"] for r in rows] == [1, 2]
+    lr = trainer.config.optim.lr
+    assert lr == 1e-2 and trainer.config.optim.warmup_steps == 0  # tiny_overrides' rate, no warm-up
     for row in rows:
         assert row["first_ratio_max_deviation"] <= 1e-5
         for key in ("reward_mean", "reward_std", "advantage_abs_mean", "zero_std_fraction", "kl", "clip_fraction",
                     "ratio_mean", "grad_norm", "lr", "seconds", "reward/jpeg_mean"):
             assert key in row
+        assert row["reward_mean"] == row["reward/jpeg_mean"]  # JPEG is the only reward term, weight 1
+        # One update per step: every ratio is taken before the weights move, so none is clipped.
+        assert row["clip_fraction"] == 0 and row["ratio_mean"] == pytest.approx(1, abs=1e-5)
+        assert row["lr"] == lr  # no warm-up: the configured rate
     assert rows[0]["kl"] == 0  # a fresh LoRA is the reference model
     assert rows[1]["kl"] > 0
 
@@ -333,20 +339,32 @@ def test_processes_the_launcher_started_but_accelerate_did_not_join_are_refused(
 
 def test_ema_bf16_and_checkpointing_run_and_export_the_ema_weights(saved, prompt_file, tmp_path):
     # A separate process: accelerate fixes the mixed-precision mode once per process.
-    overrides = tiny_overrides(saved["sd3"], prompt_file, tmp_path, max_steps=1, **{
-        "optim.ema_decay": 0.5, "optim.mixed_precision": "bf16", "optim.gradient_checkpointing": "true"})
+    # decay 0.75 rather than 0.5, so that the old and the new weights' shares cannot be swapped unnoticed
+    overrides = tiny_overrides(saved["sd3"], prompt_file, tmp_path / "run", max_steps=1, **{
+        "optim.ema_decay": 0.75, "optim.mixed_precision": "bf16", "optim.gradient_checkpointing": "true"})
     result = subprocess.run([sys.executable, "-m", "align_diffusion", "train", *overrides], capture_output=True,
                             text=True, timeout=280)
     assert result.returncode == 0, result.stderr[-3000:]
-    trained = load_file(str(tmp_path / "checkpoints" / "step-000001" / "trained.safetensors"))
-    ema = load_file(str(tmp_path / "checkpoints" / "step-000001" / "ema.safetensors"))
-    exported = load_file(str(tmp_path / "lora" / "pytorch_lora_weights.safetensors"))
-    moved = 0
+    out = tmp_path / "run"
+    trained = load_file(str(out / "checkpoints" / "step-000001" / "trained.safetensors"))
+    ema = load_file(str(out / "checkpoints" / "step-000001" / "ema.safetensors"))
+    exported = load_file(str(out / "lora" / "pytorch_lora_weights.safetensors"))
+    # The LoRA the run started from: the same seed gives the same draw (mixed precision and checkpointing do not
+    # touch the initialization, and this process keeps accelerate's default precision).
+    initial = GRPOTrainer(load_config(None, tiny_overrides(saved["sd3"], prompt_file, tmp_path / "init"))
+                          ).trained_state()
+    assert ema.keys() == trained.keys() == initial.keys()
     for name, value in ema.items():
         key = "transformer." + name.replace(".default.", ".")
         torch.testing.assert_close(exported[key], value)
-        moved += int(not torch.equal(value, trained[name]))
-    assert moved > 0  # the EMA lags the trained weights, and the export holds the EMA
+        # One EMA step from the initial weights: 0.75 · initial + 0.25 · trained. B starts at 0, so exactly a
+        # quarter of the trained B. A barely moves in the first step (no gradient reaches it while B = 0; only the
+        # weight decay shrinks it), so A's check is of the starting point: from 0 it would be off by ~0.19.
+        if "lora_B" in name:
+            assert not initial[name].any() and trained[name].any(), name
+            assert torch.equal(value, 0.25 * trained[name]), name
+        else:
+            torch.testing.assert_close(value, 0.75 * initial[name] + 0.25 * trained[name], rtol=0, atol=1e-7)
 
 
 def test_max_minutes_stops_with_a_checkpoint_and_an_export(saved, prompt_file, tmp_path):
