@@ -157,6 +157,12 @@ def test_sdxl_float16_vae_with_force_upcast_decodes_in_float32_like_stock(tiny_p
     latents = trajectory.final_latents.clone().requires_grad_()
     adapter.decode(latents).mean().backward()
     assert torch.isfinite(latents.grad).all() and latents.grad.abs().sum() > 0
+    assert adapter.decoding_vae() is adapter.decoding_vae()  # copied once, not at every decode
+    replaced = copy.deepcopy(pipe.vae)  # a VAE swapped in is copied anew
+    with torch.no_grad():
+        replaced.decoder.conv_out.bias.add_(0.5)
+    pipe.vae = replaced
+    assert torch.equal(adapter.decoding_vae().decoder.conv_out.bias, replaced.decoder.conv_out.bias.float())
 
 
 @pytest.mark.parametrize("family", ["sd3", "sd", "sdxl"])

@@ -103,12 +103,17 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
         """A float32 copy of a float16 VAE whose config sets force_upcast (it overflows in float16), else the VAE.
 
         The stock pipeline decodes such a VAE in float32 too, casting it in place and back; a copy gives the same
-        images and keeps the weights a graph built through `decode` saved for backward.
+        images and keeps the weights a graph built through `decode` saved for backward. The copy is made once per
+        VAE (the VAE is frozen here), not at every decode of a ReNO or FK loop.
         """
         vae = self.pipe.vae
-        if vae.dtype == torch.float16 and vae.config.force_upcast:
-            return copy.deepcopy(vae).float()
-        return vae
+        if not (vae.dtype == torch.float16 and vae.config.force_upcast):
+            return vae
+        source, upcast = getattr(self, "_float32_vae", (None, None))
+        if source is not vae:
+            source, upcast = vae, copy.deepcopy(vae).float()
+            self._float32_vae = (source, upcast)
+        return upcast
 
     def unscale_latents(self, latents):
         config = self.pipe.vae.config
