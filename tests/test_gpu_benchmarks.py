@@ -61,7 +61,7 @@ def test_full_size_vae_has_the_published_32_norm_groups(monkeypatch):
 @pytest.fixture(scope="module")
 def grpo_report(tmp_path_factory):
     return run_benchmark("grpo_step.py", tmp_path_factory.mktemp("grpo"), "--group", "4", "--micro-batch", "2",
-                         "--resolution", "32")
+                         "--resolution", "32", "--profile", "3")
 
 
 def test_grpo_step_benchmark_runs_the_preset_at_toy_size(grpo_report):
@@ -75,6 +75,12 @@ def test_grpo_step_benchmark_runs_the_preset_at_toy_size(grpo_report):
         assert "error" not in setting
         assert setting["train_timesteps"] == 10  # the preset's 10 SDE steps, each trained
         assert setting["rollout_images_per_second"] > 0 and setting["train_seconds_per_image"] > 0
+    profile = results["profile"]
+    assert 0 < profile["busy_seconds"] and profile["busy_fraction"] == profile["busy_seconds"] / profile["seconds"]
+    assert len(profile["top_ops"]) == 3 and profile["top_kernels"] == []  # no kernels on the CPU
+    shares = [op["share_of_busy"] for op in profile["top_ops"]]
+    assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1
+    assert any("scaled_dot_product" in op["name"] or "mm" in op["name"] for op in profile["top_ops"])
 
 
 def test_update_flops_equal_a_whole_update_counted(grpo_report, monkeypatch, tmp_path):

@@ -9,10 +9,13 @@ step's model FLOPs utilization: the update's FLOPs as torch counts them, over it
 bf16 peak. The FLOPs are counted once, before the timed settings, with PyTorch SDPA and checkpointing off (so no
 recomputation is counted), on one trained timestep: every trained timestep runs the same passes. A setting's
 `gradient_checkpointing` is the denoiser's state while it was timed (`trainer_config` keeps the preset's value).
+With `--profile TOP` it also profiles one trained timestep's update: the device's busy fraction of it and the
+TOP ops and kernels by device time, to show where a low MFU goes.
 
     python benchmarks/gpu/grpo_step.py --arch sd35-medium --out results/grpo_sd35m.json
     python benchmarks/gpu/grpo_step.py --arch flux-dev --group 2 --micro-batch 1 --checkpointing on \\
         --out results/grpo_flux.json          # does a micro-batch fit, and at what peak memory
+    python benchmarks/gpu/grpo_step.py --arch sd35-medium --profile 15 --out results/grpo_sd35m.json  # and why
     python benchmarks/gpu/grpo_step.py --toy --device cpu --out /tmp/grpo_toy.json    # CPU, seconds
 """
 
@@ -29,6 +32,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded; config validation must not try
 
 import torch  # noqa: E402
+from torch.autograd import DeviceType  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from architectures import ARCHITECTURES, parameter_count  # noqa: E402
 from measure import bf16_peak, counted_flops, default_device, device_name, measured, write_report  # noqa: E402
@@ -53,6 +58,8 @@ parser.add_argument("--resolution", type=int, default=512)
 parser.add_argument("--checkpointing", choices=("off", "on", "both"), default="both")
 parser.add_argument("--attention", choices=("sdpa", "xformers", "both"), default="sdpa")
 parser.add_argument("--repeats", type=int, default=1, help="timed steps per setting (median reported)")
+parser.add_argument("--profile", type=int, default=0, metavar="TOP",
+                    help="also profile one trained timestep (checkpointing off) and report its TOP ops by device time")
 parser.add_argument("--peak-tflops", type=float, default=None, help="the device's bf16 peak (default: known table)")
 parser.add_argument("--out", required=True, help="JSON report")
 args = parser.parse_args()
@@ -102,6 +109,41 @@ def update_flops() -> tuple[float, dict]:
         config.grpo.timestep_fraction = fraction
     timesteps = len(trainer.train_timesteps(0, rollouts.trajectory.stochastic_steps))
     return counted["flops"] * timesteps, {op: n * timesteps for op, n in counted["flops_by_op"].items()}
+
+
+def profiled_update(top: int) -> dict:
+    """One trained timestep's update (checkpointing off) under torch.profiler: its wall seconds, the device's busy
+    time (the kernels' summed time: low against wall time means the host does not launch kernels fast enough), and
+    the `top` ops by the time of the kernels each launched, and the `top` kernels (on the CPU: ops by own CPU time)."""
+    step = next(step_numbers)
+    rollouts = trainer.rollout(step)
+    advantages, _ = trainer.advantages(rollouts)
+    fraction = config.grpo.timestep_fraction
+    config.grpo.timestep_fraction = 1e-9  # trains exactly one timestep
+    denoiser.disable_gradient_checkpointing()
+    on_cuda = args.device.startswith("cuda")
+    try:
+        with measured(args.device) as timed, profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]
+                                                     if on_cuda else [ProfilerActivity.CPU]) as profiler:
+            trainer.update(rollouts, advantages, step)
+    finally:
+        config.grpo.timestep_fraction = fraction
+    events = profiler.key_averages()
+    ops = [event for event in events if event.device_type == DeviceType.CPU]
+    kernels = [event for event in events if event.device_type == DeviceType.CUDA]
+    if on_cuda:
+        seconds = lambda event: event.self_device_time_total / 1e6  # noqa: E731
+        busy_seconds = sum(map(seconds, kernels))
+    else:
+        seconds = lambda event: event.self_cpu_time_total / 1e6  # noqa: E731
+        busy_seconds = sum(map(seconds, ops))
+
+    def ranked(rows):
+        return [{"name": row.key, "calls": row.count, "seconds": seconds(row),
+                 "share_of_busy": seconds(row) / busy_seconds} for row in sorted(rows, key=seconds, reverse=True)[:top]]
+
+    return {"seconds": timed["seconds"], "busy_seconds": busy_seconds, "busy_fraction": busy_seconds / timed["seconds"],
+            "top_ops": ranked(ops), "top_kernels": ranked(kernels)}
 
 
 def median(rows: list[dict], key: str) -> float | None:
@@ -167,3 +209,6 @@ for backend in ["sdpa", "xformers"] if args.attention == "both" else [args.atten
     for checkpoint in {"off": [False], "on": [True], "both": [False, True]}[args.checkpointing]:
         results["settings"].append(measure_setting(backend, checkpoint))
         write_report(args.out, "grpo_step", args.device, run, results)
+if args.profile:
+    results["profile"] = profiled_update(args.profile)
+    write_report(args.out, "grpo_step", args.device, run, results)
