@@ -92,6 +92,8 @@ class OptimConfig:
     ema_decay: float = _help("EMA of the trained weights, used for eval and export (0: off)", 0.0)
     mixed_precision: str = _help("no, fp16 or bf16 (autocast; trained weights stay float32)", "no")
     gradient_checkpointing: bool = _help("recompute activations in the backward pass", False)
+    compile: bool = _help("torch.compile the denoiser's repeated blocks: faster steps on GPU once the first ones "
+                          "have compiled (minutes)", False)
 
 
 @dataclass

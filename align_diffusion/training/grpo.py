@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from align_diffusion.gallery.run import build_run_page, eval_folder
 from align_diffusion.models import PipelineAdapter, PromptEmbeds, load_adapter
+from align_diffusion.models.base import compile_repeated_blocks
 from align_diffusion.rewards import load_reward
 from align_diffusion.rewards.spec import WeightedRewards, score_terms
 from align_diffusion.rewards.transforms import group_advantages
@@ -198,6 +199,8 @@ class GRPOTrainer:
             denoiser.requires_grad_(True)
         if config.optim.gradient_checkpointing:
             denoiser.enable_gradient_checkpointing()
+        if config.optim.compile:
+            compile_repeated_blocks(denoiser)
         optimizer = torch.optim.AdamW(self.params, lr=config.optim.lr, betas=tuple(config.optim.betas),
                                       weight_decay=config.optim.weight_decay)
         warmup = config.optim.warmup_steps

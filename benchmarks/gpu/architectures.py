@@ -187,5 +187,11 @@ def vit_h14_reward(device: str, dtype: torch.dtype, toy: bool = False) -> OpenCl
 ARCHITECTURES = {"sd35-medium": sd35_medium, "flux-dev": flux_dev, "sd-turbo": sd_turbo}
 
 
+def to_channels_last(adapter) -> None:
+    """The denoiser and the VAE in channels-last memory layout, which cuDNN's convolutions run faster on GPU."""
+    for module in (adapter.denoiser, adapter.pipe.vae):
+        module.to(memory_format=torch.channels_last)
+
+
 def parameter_count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())

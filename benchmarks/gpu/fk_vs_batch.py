@@ -16,8 +16,8 @@ import statistics
 
 import torch
 
-from architectures import sd35_medium, vit_h14_reward
-from measure import default_device, measured, write_report
+from architectures import sd35_medium, to_channels_last, vit_h14_reward
+from measure import default_device, measured, profiled, write_report
 
 from align_diffusion.sampling.loop import sample
 from align_diffusion.steering.fk import fk_steering, resampling_steps
@@ -31,12 +31,17 @@ parser.add_argument("--interval", type=int, default=5, help="FK scores x̂0 and 
 parser.add_argument("--guidance", type=float, default=4.5)
 parser.add_argument("--resolution", type=int, default=1024)
 parser.add_argument("--repeats", type=int, default=2, help="timed runs of each (median reported)")
+parser.add_argument("--channels-last", action="store_true", help="the VAE (and patch embedding) channels-last")
+parser.add_argument("--profile", type=int, default=0, metavar="TOP",
+                    help="also profile one FK run and report its TOP ops and kernels by device time")
 parser.add_argument("--out", required=True, help="JSON report")
 args = parser.parse_args()
 
 dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
 adapter = sd35_medium(args.device, dtype, toy=args.toy)
 reward = vit_h14_reward(args.device, dtype, toy=args.toy)
+if args.channels_last:
+    to_channels_last(adapter)
 prompt = "a photo of a red fox in the snow"
 common = dict(num_inference_steps=args.steps, guidance_scale=args.guidance, height=args.resolution,
               width=args.resolution)
@@ -63,9 +68,15 @@ def timed(run) -> dict:
     return {key: statistics.median(row[key] for row in rows) for key in rows[0]}
 
 
-config = {"toy": args.toy, "particles": args.particles, "interval": args.interval, "repeats": args.repeats, **common}
+config = {"toy": args.toy, "channels_last": args.channels_last, "particles": args.particles, "interval": args.interval,
+          "repeats": args.repeats, **common}
 results = {"fk_scored_steps": resampling_steps(args.steps, 0, args.interval, None), "plain_batch": timed(plain_batch)}
 write_report(args.out, "fk_vs_batch", args.device, config, results)
 results["fk"] = timed(steered)
 results["fk_over_plain"] = results["fk"]["seconds"] / results["plain_batch"]["seconds"]
 write_report(args.out, "fk_vs_batch", args.device, config, results)
+if args.profile:
+    with torch.no_grad(), profiled(args.device, args.profile) as profile:
+        steered()
+    results["fk_profile"] = profile
+    write_report(args.out, "fk_vs_batch", args.device, config, results)

@@ -9,8 +9,10 @@ step's model FLOPs utilization: the update's FLOPs as torch counts them, over it
 bf16 peak. The FLOPs are counted once, before the timed settings, with PyTorch SDPA and checkpointing off (so no
 recomputation is counted), on one trained timestep: every trained timestep runs the same passes. A setting's
 `gradient_checkpointing` is the denoiser's state while it was timed (`trainer_config` keeps the preset's value).
-With `--profile TOP` it also profiles one trained timestep's update: the device's busy fraction of it and the
-TOP ops and kernels by device time, to show where a low MFU goes.
+With `--compile` the preset runs with `optim.compile=true` (regional torch.compile); the FLOPs are still counted
+eager, and each setting's first step, which compiles, is timed apart. With `--profile TOP` it also profiles one
+trained timestep's update: the device's busy fraction of it and the TOP ops and kernels by device time, to show
+where a low MFU goes.
 
     python benchmarks/gpu/grpo_step.py --arch sd35-medium --out results/grpo_sd35m.json
     python benchmarks/gpu/grpo_step.py --arch flux-dev --group 2 --micro-batch 1 --checkpointing on \\
@@ -32,11 +34,11 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded; config validation must not try
 
 import torch  # noqa: E402
-from torch.autograd import DeviceType  # noqa: E402
-from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from architectures import ARCHITECTURES, parameter_count  # noqa: E402
-from measure import bf16_peak, counted_flops, default_device, device_name, measured, write_report  # noqa: E402
+from measure import (  # noqa: E402
+    bf16_peak, counted_flops, default_device, device_name, measured, profiled, write_report,
+)
 
 from align_diffusion.training.config import load_config, to_dict  # noqa: E402
 from align_diffusion.training.grpo import GRPOTrainer  # noqa: E402
@@ -58,12 +60,23 @@ parser.add_argument("--resolution", type=int, default=512)
 parser.add_argument("--checkpointing", choices=("off", "on", "both"), default="both")
 parser.add_argument("--attention", choices=("sdpa", "xformers", "both"), default="sdpa")
 parser.add_argument("--repeats", type=int, default=1, help="timed steps per setting (median reported)")
+parser.add_argument("--compile", action="store_true",
+                    help="the preset with optim.compile=true; each setting's first step (compiling) is timed apart")
+parser.add_argument("--sdpa-backends", default="cudnn,flash,efficient,math",
+                    help="comma-separated SDPA backends PyTorch may choose from on CUDA")
 parser.add_argument("--profile", type=int, default=0, metavar="TOP",
                     help="also profile one trained timestep (checkpointing off) and report its TOP ops by device time")
 parser.add_argument("--peak-tflops", type=float, default=None, help="the device's bf16 peak (default: known table)")
 parser.add_argument("--out", required=True, help="JSON report")
 args = parser.parse_args()
 
+SDPA_BACKENDS = {"cudnn": torch.backends.cuda.enable_cudnn_sdp, "flash": torch.backends.cuda.enable_flash_sdp,
+                 "efficient": torch.backends.cuda.enable_mem_efficient_sdp, "math": torch.backends.cuda.enable_math_sdp}
+allowed_backends = args.sdpa_backends.split(",")
+if not set(allowed_backends) <= set(SDPA_BACKENDS):
+    parser.error(f"--sdpa-backends takes names from {sorted(SDPA_BACKENDS)}, got {args.sdpa_backends}")
+for name, enable in SDPA_BACKENDS.items():
+    enable(name in allowed_backends)
 dtype = DTYPES[args.dtype or ("float32" if args.device == "cpu" else "bfloat16")]
 precision = "bf16" if dtype == torch.bfloat16 else "'no'"  # quoted: YAML reads a bare no as false
 adapter = ARCHITECTURES[args.arch](args.device, dtype, toy=args.toy)
@@ -74,7 +87,7 @@ overrides = [
     f"sampling.height={args.resolution}", f"sampling.width={args.resolution}", f"device={args.device}",
     f"output_dir={tempfile.mkdtemp(prefix='grpo_bench_')}", "log_with=[]",
     f"dtype={'float32' if dtype == torch.float32 else 'bfloat16'}",
-    f"optim.mixed_precision={precision}",
+    f"optim.mixed_precision={precision}", f"optim.compile={str(args.compile).lower()}",
 ]
 config = load_config(REPO / PRESETS[args.arch], overrides)
 trainer = GRPOTrainer(config, adapter=adapter)
@@ -103,7 +116,7 @@ def update_flops() -> tuple[float, dict]:
     config.grpo.timestep_fraction = 1e-9  # trains exactly one timestep
     denoiser.disable_gradient_checkpointing()
     try:
-        with counted_flops() as counted:
+        with counted_flops() as counted, torch.compiler.set_stance("force_eager"):  # counted as written, not fused
             trainer.update(rollouts, advantages, step)
     finally:
         config.grpo.timestep_fraction = fraction
@@ -112,38 +125,19 @@ def update_flops() -> tuple[float, dict]:
 
 
 def profiled_update(top: int) -> dict:
-    """One trained timestep's update (checkpointing off) under torch.profiler: its wall seconds, the device's busy
-    time (the kernels' summed time: low against wall time means the host does not launch kernels fast enough), and
-    the `top` ops by the time of the kernels each launched, and the `top` kernels (on the CPU: ops by own CPU time)."""
+    """One trained timestep's update (checkpointing off) under torch.profiler (`measure.profiled`)."""
     step = next(step_numbers)
     rollouts = trainer.rollout(step)
     advantages, _ = trainer.advantages(rollouts)
     fraction = config.grpo.timestep_fraction
     config.grpo.timestep_fraction = 1e-9  # trains exactly one timestep
     denoiser.disable_gradient_checkpointing()
-    on_cuda = args.device.startswith("cuda")
     try:
-        with measured(args.device) as timed, profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]
-                                                     if on_cuda else [ProfilerActivity.CPU]) as profiler:
+        with profiled(args.device, top) as profile:
             trainer.update(rollouts, advantages, step)
     finally:
         config.grpo.timestep_fraction = fraction
-    events = profiler.key_averages()
-    ops = [event for event in events if event.device_type == DeviceType.CPU]
-    kernels = [event for event in events if event.device_type == DeviceType.CUDA]
-    if on_cuda:
-        seconds = lambda event: event.self_device_time_total / 1e6  # noqa: E731
-        busy_seconds = sum(map(seconds, kernels))
-    else:
-        seconds = lambda event: event.self_cpu_time_total / 1e6  # noqa: E731
-        busy_seconds = sum(map(seconds, ops))
-
-    def ranked(rows):
-        return [{"name": row.key, "calls": row.count, "seconds": seconds(row),
-                 "share_of_busy": seconds(row) / busy_seconds} for row in sorted(rows, key=seconds, reverse=True)[:top]]
-
-    return {"seconds": timed["seconds"], "busy_seconds": busy_seconds, "busy_fraction": busy_seconds / timed["seconds"],
-            "top_ops": ranked(ops), "top_kernels": ranked(kernels)}
+    return profile
 
 
 def median(rows: list[dict], key: str) -> float | None:
@@ -160,12 +154,18 @@ def measure_setting(backend: str, checkpoint: bool) -> dict:
     setting = {"attention": backend, "gradient_checkpointing": denoiser.is_gradient_checkpointing}
     rollouts, updates, failure = [], [], None
     try:
+        if args.compile:  # the setting's first step compiles its graphs
+            with measured(args.device) as compiling:
+                one_step()
+            setting["compiling_step_seconds"] = compiling["seconds"]
         for _ in range(args.repeats):
             rollout, update, setting["train_timesteps"] = one_step()
             rollouts.append(rollout)
             updates.append(update)
     except torch.OutOfMemoryError as error:
         failure = f"out of memory: {str(error).splitlines()[0]}"
+    except RuntimeError as error:  # a compiler's or a kernel's failure is this setting's result too
+        failure = f"{type(error).__name__}: {str(error).splitlines()[0]}"
     if failure:  # out of the except block: its traceback no longer holds the step's tensors, which can be freed
         gc.collect()
         torch.cuda.empty_cache()
@@ -194,6 +194,7 @@ peak = args.peak_tflops or (matched[1] if matched else None)
 run = {"arch": args.arch, "toy": args.toy, "group": args.group, "micro_batch": args.micro_batch,
        "resolution": args.resolution, "dtype": str(dtype), "peak_tflops": peak,
        "peak_table_match": list(matched) if matched else None, "repeats": args.repeats,
+       "compile": args.compile, "sdpa_backends": allowed_backends,
        "preset": PRESETS[args.arch], "trainer_config": to_dict(config)}
 flops, flops_by_op = update_flops()  # its rollout and update also warm up kernels and the allocator
 results = {"parameters": parameter_count(denoiser), "trained_parameters": sum(p.numel() for p in trainer.params),

@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 
 import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 # Dense bf16 tensor-core peaks (TFLOP/s): half of the "with sparsity" BFLOAT16 Tensor Core figures on NVIDIA's data
@@ -82,6 +84,35 @@ def counted_flops():
         yield result
     result["flops"] = counter.get_total_flops()
     result["flops_by_op"] = {str(op): count for op, count in counter.get_flop_counts().get("Global", {}).items()}
+
+
+@contextlib.contextmanager
+def profiled(device: str, top: int):
+    """Yields a dict that receives, for the block run under torch.profiler: `seconds` (wall clock), `busy_seconds`
+    (the kernels' summed time: low against the wall time means the host does not launch kernels fast enough),
+    `busy_fraction`, the `top` ops by the time of the kernels each launched, and the `top` kernels (on the CPU: ops
+    by their own CPU time, and no kernels)."""
+    result = {}
+    on_cuda = device.startswith("cuda")
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if on_cuda else [ProfilerActivity.CPU]
+    with measured(device) as timed, profile(activities=activities) as profiler:
+        yield result
+    events = profiler.key_averages()
+    ops = [event for event in events if event.device_type == DeviceType.CPU]
+    kernels = [event for event in events if event.device_type == DeviceType.CUDA]
+    if on_cuda:
+        seconds = lambda event: event.self_device_time_total / 1e6  # noqa: E731
+        busy_seconds = sum(map(seconds, kernels))
+    else:
+        seconds = lambda event: event.self_cpu_time_total / 1e6  # noqa: E731
+        busy_seconds = sum(map(seconds, ops))
+
+    def ranked(rows):
+        return [{"name": row.key, "calls": row.count, "seconds": seconds(row),
+                 "share_of_busy": seconds(row) / busy_seconds} for row in sorted(rows, key=seconds, reverse=True)[:top]]
+
+    result.update(seconds=timed["seconds"], busy_seconds=busy_seconds, busy_fraction=busy_seconds / timed["seconds"],
+                  top_ops=ranked(ops), top_kernels=ranked(kernels))
 
 
 def write_report(path: str | Path, benchmark: str, device: str, config: dict, results) -> dict:

@@ -17,8 +17,8 @@ import argparse
 
 import torch
 
-from architectures import parameter_count, sd_turbo, vit_h14_reward
-from measure import default_device, measured, write_report
+from architectures import parameter_count, sd_turbo, to_channels_last, vit_h14_reward
+from measure import default_device, measured, profiled, write_report
 
 from align_diffusion.steering.reno import reno
 
@@ -32,6 +32,9 @@ parser.add_argument("--resolution", type=int, default=512)
 parser.add_argument("--prompts", type=int, default=1, help="prompts optimized together in one batch")
 parser.add_argument("--iterations", type=int, default=20)
 parser.add_argument("--no-checkpointing", action="store_true")
+parser.add_argument("--channels-last", action="store_true", help="UNet and VAE in channels-last memory layout")
+parser.add_argument("--profile", type=int, default=0, metavar="TOP",
+                    help="also profile a run of 2 iterations and report its TOP ops and kernels by device time")
 parser.add_argument("--out", required=True, help="JSON report")
 args = parser.parse_args()
 if args.iterations < 1:
@@ -40,6 +43,8 @@ if args.iterations < 1:
 dtype = DTYPES[args.dtype]
 adapter = sd_turbo(args.device, dtype, toy=args.toy)
 reward = vit_h14_reward(args.device, dtype, toy=args.toy)
+if args.channels_last:
+    to_channels_last(adapter)
 prompts = ["a photo of a red fox in the snow"] * args.prompts
 options = dict(num_inference_steps=1, guidance_scale=0.0, height=args.resolution, width=args.resolution,
                gradient_checkpointing=not args.no_checkpointing)
@@ -50,9 +55,9 @@ with measured(args.device) as scoring_render:
 with measured(args.device) as timed:
     results = reno(adapter, prompts, reward, iterations=args.iterations, **options)
 seconds_per_iteration = (timed["seconds"] - scoring_render["seconds"]) / args.iterations
-write_report(args.out, "reno", args.device, {
+report = write_report(args.out, "reno", args.device, {
     "toy": args.toy, "dtype": args.dtype, "resolution": args.resolution, "prompts": args.prompts,
-    "iterations": args.iterations, **options,
+    "iterations": args.iterations, "channels_last": args.channels_last, **options,
 }, {
     "unet_parameters": parameter_count(adapter.denoiser), "reward_parameters": parameter_count(reward),
     "seconds": timed["seconds"], "seconds_without_iterations": scoring_render["seconds"],
@@ -62,3 +67,8 @@ write_report(args.out, "reno", args.device, {
     "best_iteration": results[0].winner,
     "reward_first_last": [results[0].details["rewards_per_iteration"][k] for k in (0, -1)],
 })
+if args.profile:
+    with profiled(args.device, args.profile) as profile:
+        reno(adapter, prompts, reward, iterations=2, **options)
+    report["results"]["profile_2_iterations"] = profile
+    write_report(args.out, "reno", args.device, report["config"], report["results"])
