@@ -4,7 +4,9 @@ import copy
 
 import pytest
 import torch
-from diffusers import StableDiffusion3Pipeline, StableDiffusionImg2ImgPipeline, StableDiffusionXLPipeline
+from diffusers import (
+    SD3Transformer2DModel, StableDiffusion3Pipeline, StableDiffusionImg2ImgPipeline, StableDiffusionXLPipeline,
+)
 
 from align_diffusion.models import adapter_for, load_adapter
 from align_diffusion.models.base import compile_repeated_blocks
@@ -180,31 +182,52 @@ def test_per_sample_timesteps_under_cfg_equal_the_shared_timestep(tiny_pipes, fa
     torch.testing.assert_close(per_sample, shared, atol=1e-6, rtol=0)
 
 
-def test_compiled_blocks_with_lora_match_eager(tiny_pipes):
-    """Regional compilation (the trainer's `optim.compile`) of the SD3 blocks, LoRA inside: one compiled block per
-    layer, and the same prediction and input gradient as the eager model."""
-    eager = adapter_for(copy.deepcopy(tiny_pipes["sd3"]))
+def test_compiled_blocks_with_lora_match_eager_in_every_mode_the_trainer_runs(tiny_pipes, capfd):
+    """Regional compilation (the trainer's `optim.compile`) of SD3.5-style blocks (dual attention, a last block
+    without context output), LoRA inside: one compiled block per layer, the eager model's predictions and input
+    gradients in each mode the trainer runs (rollouts without grad, the update with grad, the reference with the
+    adapter off), and no block left eager by dynamo's recompile limit."""
+    pipe = copy.deepcopy(tiny_pipes["sd3"])
+    pipe.transformer = SD3Transformer2DModel(**{**pipe.transformer.config, "num_layers": 3,
+                                                "dual_attention_layers": (0,), "qk_norm": "rms_norm"})
+    eager = adapter_for(pipe)
     params = add_lora(eager, rank=4, alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
     torch.manual_seed(0)
     with torch.no_grad():
         for param in params:
             param.normal_(std=0.5)  # a fresh LoRA's B is zero: give it a part in the prediction
     compiled = copy.deepcopy(eager.denoiser)
-    assert compile_repeated_blocks(compiled) == tiny_pipes["sd3"].transformer.config.num_layers
+    assert compile_repeated_blocks(compiled) == 3
     config = compiled.config
-    latents = torch.randn(2, config.in_channels, 16, 16)
-    inputs = dict(encoder_hidden_states=torch.randn(2, 7, config.joint_attention_dim),
-                  pooled_projections=torch.randn(2, config.pooled_projection_dim),
-                  timestep=torch.tensor([900.0, 250.0]))
-    results = []
-    for denoiser in (eager.denoiser, compiled):
-        x = latents.clone().requires_grad_(True)
-        prediction = denoiser(hidden_states=x, **inputs, return_dict=False)[0]
+
+    def run(denoiser, batch, grad, adapter):
+        latents = torch.randn(batch, config.in_channels, 16, 16, generator=torch.Generator().manual_seed(batch))
+        inputs = dict(encoder_hidden_states=torch.randn(batch, 7, config.joint_attention_dim),
+                      pooled_projections=torch.randn(batch, config.pooled_projection_dim),
+                      timestep=torch.linspace(900, 250, batch))
+        x = latents.requires_grad_(grad)
+        if not adapter:
+            denoiser.disable_adapters()
+        try:
+            with torch.set_grad_enabled(grad):
+                prediction = denoiser(hidden_states=x, **inputs, return_dict=False)[0]
+        finally:
+            denoiser.enable_adapters()
+        if not grad:
+            return prediction, None
         prediction.square().sum().backward()
-        results.append((prediction.detach(), x.grad))
-    (eager_prediction, eager_grad), (compiled_prediction, compiled_grad) = results
-    assert (compiled_prediction - eager_prediction).abs().max() <= 1e-5 * eager_prediction.abs().max()
-    assert (compiled_grad - eager_grad).abs().max() <= 1e-5 * eager_grad.abs().max()
+        return prediction.detach(), x.grad
+
+    modes = [(2, False, True), (2, True, True), (2, False, False)]  # 3 block kinds × 3 modes: over dynamo's 8
+    for mode in modes:
+        torch.manual_seed(1)
+        eager_prediction, eager_grad = run(eager.denoiser, *mode)
+        torch.manual_seed(1)
+        compiled_prediction, compiled_grad = run(compiled, *mode)
+        assert (compiled_prediction - eager_prediction).abs().max() <= 1e-5 * eager_prediction.abs().max(), mode
+        if eager_grad is not None:
+            assert (compiled_grad - eager_grad).abs().max() <= 1e-5 * eager_grad.abs().max(), mode
+    assert "recompile_limit" not in capfd.readouterr().err  # torch's own log handler: on stderr, not caplog
 
 
 def test_regional_compilation_finds_the_repeated_blocks_of_each_family(tiny_pipes):

@@ -173,6 +173,9 @@ class PipelineAdapter:
         return [Image.fromarray(p.permute(1, 2, 0).cpu().numpy()) for p in pixels]
 
 
+RECOMPILE_LIMIT = 64  # graphs per compiled block forward (see compile_repeated_blocks)
+
+
 def compile_repeated_blocks(denoiser: torch.nn.Module) -> int:
     """Compiles the denoiser's repeated blocks in place with `torch.compile` and returns how many: regional
     compilation, where one graph serves every block of a kind, so compiling costs a block's time, not the model's.
@@ -187,6 +190,9 @@ def compile_repeated_blocks(denoiser: torch.nn.Module) -> int:
     blocks = [module for module in denoiser.modules() if type(module).__name__ in kinds]
     if not blocks:
         raise ValueError(f"{type(denoiser).__name__} has no repeated blocks to compile")
+    # One forward serves every block kind, and each kind compiles once per grad mode, adapter state and batch shape:
+    # more graphs than dynamo's default limit of 8 per function, past which it silently runs the rest eagerly.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     for block in blocks:
         block.compile()
     return len(blocks)
