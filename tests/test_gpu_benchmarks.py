@@ -122,15 +122,20 @@ def test_grpo_step_benchmark_runs_in_bfloat16(tmp_path):
 
 
 def test_reno_benchmark_times_iterations(tmp_path):
-    report = run_benchmark("reno_step.py", tmp_path, "--dtype", "float32", "--resolution", "16", "--iterations", "4")
+    report = run_benchmark("reno_step.py", tmp_path, "--dtype", "float32", "--resolution", "16", "--iterations", "4",
+                           "--channels-last", "--profile", "2")
+    assert report["config"]["channels_last"] is True
     results = report["results"]
     assert results["seconds_per_iteration"] > 0 and 0 <= results["best_iteration"] <= 4
+    assert len(results["profile_2_iterations"]["top_ops"]) == 2
     assert len(set(results["reward_first_last"])) == 2  # the noise moved: the reward of the last iterate changed
 
 
 def test_fk_benchmark_compares_with_a_plain_batch(tmp_path):
     report = run_benchmark("fk_vs_batch.py", tmp_path, "--resolution", "32", "--steps", "6", "--interval", "2",
-                           "--repeats", "1")
+                           "--repeats", "1", "--cudnn-benchmark", "--profile", "2")
+    assert report["config"]["cudnn_benchmark"] is True
     results = report["results"]
+    assert len(results["fk_profile"]["top_ops"]) == 2
     assert results["fk"]["seconds"] > 0 and results["plain_batch"]["seconds"] > 0
     assert results["fk_scored_steps"] == [0, 2, 4, 5]  # every 2nd step from 0, and the last

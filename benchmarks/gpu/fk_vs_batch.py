@@ -31,6 +31,8 @@ parser.add_argument("--interval", type=int, default=5, help="FK scores x̂0 and 
 parser.add_argument("--guidance", type=float, default=4.5)
 parser.add_argument("--resolution", type=int, default=1024)
 parser.add_argument("--repeats", type=int, default=2, help="timed runs of each (median reported)")
+parser.add_argument("--cudnn-benchmark", action="store_true",
+                    help="let cuDNN time its convolution algorithms at the first call of each shape (untimed here)")
 parser.add_argument("--channels-last", action="store_true", help="the VAE (and patch embedding) channels-last")
 parser.add_argument("--profile", type=int, default=0, metavar="TOP",
                     help="also profile one FK run and report its TOP ops and kernels by device time")
@@ -40,6 +42,7 @@ args = parser.parse_args()
 dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
 adapter = sd35_medium(args.device, dtype, toy=args.toy)
 reward = vit_h14_reward(args.device, dtype, toy=args.toy)
+torch.backends.cudnn.benchmark = args.cudnn_benchmark
 if args.channels_last:
     to_channels_last(adapter)
 prompt = "a photo of a red fox in the snow"
@@ -68,8 +71,8 @@ def timed(run) -> dict:
     return {key: statistics.median(row[key] for row in rows) for key in rows[0]}
 
 
-config = {"toy": args.toy, "channels_last": args.channels_last, "particles": args.particles, "interval": args.interval,
-          "repeats": args.repeats, **common}
+config = {"toy": args.toy, "channels_last": args.channels_last, "cudnn_benchmark": args.cudnn_benchmark,
+          "particles": args.particles, "interval": args.interval, "repeats": args.repeats, **common}
 results = {"fk_scored_steps": resampling_steps(args.steps, 0, args.interval, None), "plain_batch": timed(plain_batch)}
 write_report(args.out, "fk_vs_batch", args.device, config, results)
 results["fk"] = timed(steered)

@@ -32,6 +32,8 @@ parser.add_argument("--resolution", type=int, default=512)
 parser.add_argument("--prompts", type=int, default=1, help="prompts optimized together in one batch")
 parser.add_argument("--iterations", type=int, default=20)
 parser.add_argument("--no-checkpointing", action="store_true")
+parser.add_argument("--cudnn-benchmark", action="store_true",
+                    help="let cuDNN time its convolution algorithms at the first call of each shape (untimed here)")
 parser.add_argument("--channels-last", action="store_true", help="UNet and VAE in channels-last memory layout")
 parser.add_argument("--profile", type=int, default=0, metavar="TOP",
                     help="also profile a run of 2 iterations and report its TOP ops and kernels by device time")
@@ -43,6 +45,7 @@ if args.iterations < 1:
 dtype = DTYPES[args.dtype]
 adapter = sd_turbo(args.device, dtype, toy=args.toy)
 reward = vit_h14_reward(args.device, dtype, toy=args.toy)
+torch.backends.cudnn.benchmark = args.cudnn_benchmark
 if args.channels_last:
     to_channels_last(adapter)
 prompts = ["a photo of a red fox in the snow"] * args.prompts
@@ -57,7 +60,8 @@ with measured(args.device) as timed:
 seconds_per_iteration = (timed["seconds"] - scoring_render["seconds"]) / args.iterations
 report = write_report(args.out, "reno", args.device, {
     "toy": args.toy, "dtype": args.dtype, "resolution": args.resolution, "prompts": args.prompts,
-    "iterations": args.iterations, "channels_last": args.channels_last, **options,
+    "iterations": args.iterations, "channels_last": args.channels_last, "cudnn_benchmark": args.cudnn_benchmark,
+    **options,
 }, {
     "unet_parameters": parameter_count(adapter.denoiser), "reward_parameters": parameter_count(reward),
     "seconds": timed["seconds"], "seconds_without_iterations": scoring_render["seconds"],

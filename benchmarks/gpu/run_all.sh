@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU benchmark in one call, each under a time cap, at most 430 s together (plus the wheel install) on one
+# Every GPU benchmark in one call, each under a time cap, at most 530 s together (plus the wheel install) on one
 # H100 / H200 once the machine is up:
 #   bash benchmarks/gpu/run_all.sh OUT_DIR
 # Writes OUT_DIR/{grpo_sd35m,grpo_flux,reno,fk}.json and one log of them all, OUT_DIR/logs.txt: five files, within
@@ -29,7 +29,10 @@ run() {  # NAME SECONDS SCRIPT ARGS...: one benchmark within SECONDS, its output
     timeout "$seconds" python3 "$@" --out "$out/$name.json" 2>&1 | tee -a "$log"
     echo "=== $name: exit ${PIPESTATUS[0]}" | tee -a "$log"
 }
-run grpo_sd35m 180 grpo_step.py --arch sd35-medium --group 24 --micro-batch 8 --checkpointing both --profile 15
-run grpo_flux 90 grpo_step.py --arch flux-dev --group 2 --micro-batch 1 --rollout-batch 2 --checkpointing on
-run reno 60 reno_step.py --iterations 20
-run fk 100 fk_vs_batch.py --particles 4 --steps 28 --interval 5
+run grpo_sd35m 220 grpo_step.py --arch sd35-medium --group 24 --micro-batch 8 --checkpointing both --compile \
+    --profile 15
+# cuDNN's SDPA backward crashed FLUX's update with an illegal memory access (torch 2.11, H200): its other backends
+run grpo_flux 100 grpo_step.py --arch flux-dev --group 2 --micro-batch 1 --rollout-batch 2 --checkpointing on \
+    --sdpa-backends flash,efficient,math
+run reno 90 reno_step.py --iterations 20 --cudnn-benchmark --profile 12
+run fk 120 fk_vs_batch.py --particles 4 --steps 28 --interval 5 --cudnn-benchmark --profile 12
