@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 import types
 import typing
 from dataclasses import dataclass, field
@@ -246,6 +247,9 @@ def _model_is_flow(model: str) -> bool | None:
     return adapters[class_name].is_flow
 
 
+C_COMPILERS = ("g++", "c++", "clang++", "gcc", "cc")  # what inductor (CPU) and Triton (GPU) build with
+
+
 def validate(config: TrainConfig, num_processes: int = 1) -> None:
     """Every check that needs no weights; ConfigError naming the field."""
     positive = {
@@ -313,6 +317,9 @@ def validate(config: TrainConfig, num_processes: int = 1) -> None:
         raise ConfigError(f"lora.alpha must be > 0 (the LoRA's scale is alpha / rank), got {config.lora.alpha}")
     if not 0 <= optim.ema_decay < 1:
         raise ConfigError(f"optim.ema_decay must lie in [0, 1), got {optim.ema_decay}")
+    if optim.compile and not any(shutil.which(compiler) for compiler in C_COMPILERS):
+        raise ConfigError("optim.compile: torch.compile builds its kernels with a C/C++ compiler, and none of "
+                          f"{', '.join(C_COMPILERS)} is on PATH; install one (g++) or set optim.compile=false")
     if optim.mixed_precision not in ("no", "fp16", "bf16"):
         raise ConfigError(f"optim.mixed_precision must be no, fp16 or bf16, got {optim.mixed_precision!r}")
     if config.dtype not in ("float32", "float16", "bfloat16"):

@@ -13,6 +13,8 @@ With `--compile` the preset runs with `optim.compile=true` (regional torch.compi
 eager, and each setting's first step, which compiles, is timed apart. With `--profile TOP` it also profiles one
 trained timestep's update: the device's busy fraction of it and the TOP ops and kernels by device time, to show
 where a low MFU goes.
+`--sdpa-backends` limits the attention backends PyTorch may choose (FLUX's update needed cuDNN's off on torch
+2.11 and an H200: it crashed with an illegal memory access).
 
     python benchmarks/gpu/grpo_step.py --arch sd35-medium --out results/grpo_sd35m.json
     python benchmarks/gpu/grpo_step.py --arch flux-dev --group 2 --micro-batch 1 --checkpointing on \\
@@ -24,6 +26,7 @@ where a low MFU goes.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import itertools
 import os
@@ -65,7 +68,7 @@ parser.add_argument("--compile", action="store_true",
 parser.add_argument("--sdpa-backends", default="cudnn,flash,efficient,math",
                     help="comma-separated SDPA backends PyTorch may choose from on CUDA")
 parser.add_argument("--profile", type=int, default=0, metavar="TOP",
-                    help="also profile one trained timestep (checkpointing off) and report its TOP ops by device time")
+                    help="also profile one trained timestep (checkpointing off): TOP ops and kernels by device time")
 parser.add_argument("--peak-tflops", type=float, default=None, help="the device's bf16 peak (default: known table)")
 parser.add_argument("--out", required=True, help="JSON report")
 args = parser.parse_args()
@@ -106,37 +109,36 @@ def one_step() -> tuple[dict, dict, int]:
     return rollout, update, stats["train_timesteps"]
 
 
-def update_flops() -> tuple[float, dict]:
-    """Model FLOPs of one update, in all and by op: one trained timestep counted (checkpointing off), times the
-    timesteps trained."""
+@contextlib.contextmanager
+def one_timestep_update():
+    """Fresh rollouts and the trainer set to train exactly one of their timesteps, checkpointing off; yields the
+    rollouts and a function that runs that update."""
     step = next(step_numbers)
     rollouts = trainer.rollout(step)
     advantages, _ = trainer.advantages(rollouts)
     fraction = config.grpo.timestep_fraction
-    config.grpo.timestep_fraction = 1e-9  # trains exactly one timestep
+    config.grpo.timestep_fraction = 1e-9
     denoiser.disable_gradient_checkpointing()
     try:
-        with counted_flops() as counted, torch.compiler.set_stance("force_eager"):  # counted as written, not fused
-            trainer.update(rollouts, advantages, step)
+        yield rollouts, lambda: trainer.update(rollouts, advantages, step)
     finally:
         config.grpo.timestep_fraction = fraction
+
+
+def update_flops() -> tuple[float, dict]:
+    """Model FLOPs of one update, in all and by op: one trained timestep counted (checkpointing off), times the
+    timesteps trained."""
+    with one_timestep_update() as (rollouts, update):
+        with counted_flops() as counted, torch.compiler.set_stance("force_eager"):  # counted as written, not fused
+            update()
     timesteps = len(trainer.train_timesteps(0, rollouts.trajectory.stochastic_steps))
     return counted["flops"] * timesteps, {op: n * timesteps for op, n in counted["flops_by_op"].items()}
 
 
 def profiled_update(top: int) -> dict:
     """One trained timestep's update (checkpointing off) under torch.profiler (`measure.profiled`)."""
-    step = next(step_numbers)
-    rollouts = trainer.rollout(step)
-    advantages, _ = trainer.advantages(rollouts)
-    fraction = config.grpo.timestep_fraction
-    config.grpo.timestep_fraction = 1e-9  # trains exactly one timestep
-    denoiser.disable_gradient_checkpointing()
-    try:
-        with profiled(args.device, top) as profile:
-            trainer.update(rollouts, advantages, step)
-    finally:
-        config.grpo.timestep_fraction = fraction
+    with one_timestep_update() as (_, update), profiled(args.device, top) as profile:
+        update()
     return profile
 
 
