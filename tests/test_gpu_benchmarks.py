@@ -74,6 +74,7 @@ def test_grpo_step_benchmark_runs_the_preset_at_toy_size(grpo_report):
     for setting in settings:
         assert "error" not in setting
         assert setting["train_timesteps"] == 10  # the preset's 10 SDE steps, each trained
+        assert setting["first_ratio_max_deviation"] <= 1e-5  # float32 on the CPU: on-policy
         assert setting["rollout_images_per_second"] > 0 and setting["train_seconds_per_image"] > 0
     profile = results["profile"]
     assert 0 < profile["busy_seconds"] and profile["busy_fraction"] == profile["busy_seconds"] / profile["seconds"]

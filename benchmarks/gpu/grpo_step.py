@@ -98,15 +98,15 @@ denoiser = adapter.denoiser
 step_numbers = itertools.count()
 
 
-def one_step() -> tuple[dict, dict, int]:
-    """Rollouts and the update of one training step, each measured; also the number of trained timesteps."""
+def one_step() -> tuple[dict, dict, dict]:
+    """Rollouts and the update of one training step, each measured; also the update's statistics."""
     step = next(step_numbers)
     with measured(args.device) as rollout:
         rollouts = trainer.rollout(step)
     advantages, _ = trainer.advantages(rollouts)
     with measured(args.device) as update:
         stats = trainer.update(rollouts, advantages, step)
-    return rollout, update, stats["train_timesteps"]
+    return rollout, update, stats
 
 
 @contextlib.contextmanager
@@ -161,9 +161,13 @@ def measure_setting(backend: str, checkpoint: bool) -> dict:
                 one_step()
             setting["compiling_step_seconds"] = compiling["seconds"]
         for _ in range(args.repeats):
-            rollout, update, setting["train_timesteps"] = one_step()
+            rollout, update, stats = one_step()
             rollouts.append(rollout)
             updates.append(update)
+            # On-policy health in this precision: rollouts and the update's first pass see the same weights.
+            setting["first_ratio_max_deviation"] = max(setting.get("first_ratio_max_deviation", 0.0),
+                                                       stats["first_ratio_max_deviation"])
+            setting["train_timesteps"] = stats["train_timesteps"]
     except torch.OutOfMemoryError as error:
         failure = f"out of memory: {str(error).splitlines()[0]}"
     except RuntimeError as error:  # a compiler's or a kernel's failure is this setting's result too
