@@ -31,7 +31,7 @@ run() {  # NAME SECONDS SCRIPT ARGS...: one benchmark within SECONDS, its output
 }
 run grpo_sd35m 220 grpo_step.py --arch sd35-medium --group 24 --micro-batch 8 --checkpointing both --compile \
     --profile 15
-# cuDNN's SDPA backward crashed FLUX's update with an illegal memory access (torch 2.11, H200): its other backends
+# With cuDNN's SDPA allowed, FLUX's update crashed with an illegal memory access (torch 2.11, H200): the others
 run grpo_flux 100 grpo_step.py --arch flux-dev --group 2 --micro-batch 1 --rollout-batch 2 --checkpointing on \
     --sdpa-backends flash,efficient,math
 run reno 90 reno_step.py --iterations 20 --cudnn-benchmark --profile 12
