@@ -200,7 +200,9 @@ class GRPOTrainer:
         if config.optim.gradient_checkpointing:
             denoiser.enable_gradient_checkpointing()
         if config.optim.compile:
-            compile_repeated_blocks(denoiser)
+            for model in (denoiser, self.reference):  # the reference: full fine-tuning's frozen copy
+                if model is not None:
+                    compile_repeated_blocks(model)
         optimizer = torch.optim.AdamW(self.params, lr=config.optim.lr, betas=tuple(config.optim.betas),
                                       weight_decay=config.optim.weight_decay)
         warmup = config.optim.warmup_steps
