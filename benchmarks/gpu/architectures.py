@@ -188,7 +188,8 @@ ARCHITECTURES = {"sd35-medium": sd35_medium, "flux-dev": flux_dev, "sd-turbo": s
 
 
 def to_channels_last(adapter) -> None:
-    """The denoiser and the VAE in channels-last memory layout, which cuDNN's convolutions run faster on GPU."""
+    """The denoiser and the VAE in channels-last memory layout, the one cuDNN's tensor-core convolutions prefer
+    (PyTorch's GroupNorm wants NCHW, though: on the H200 it cost FK more than it saved; benchmarks/README.md)."""
     for module in (adapter.denoiser, adapter.pipe.vae):
         module.to(memory_format=torch.channels_last)
 
