@@ -77,10 +77,10 @@ def test_grpo_step_benchmark_runs_the_preset_at_toy_size(grpo_report):
         assert setting["first_ratio_max_deviation"] <= 1e-5  # float32 on the CPU: on-policy
         assert setting["rollout_images_per_second"] > 0 and setting["train_seconds_per_image"] > 0
     profile = results["profile"]
-    assert 0 < profile["busy_seconds"] and profile["busy_fraction"] == profile["busy_seconds"] / profile["seconds"]
     assert len(profile["top_ops"]) == 3 and profile["top_kernels"] == []  # no kernels on the CPU
-    shares = [op["share_of_busy"] for op in profile["top_ops"]]
-    assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1
+    seconds = [op["seconds"] for op in profile["top_ops"]]
+    assert seconds == sorted(seconds, reverse=True)
+    assert 0 < sum(seconds) <= profile["busy_seconds"]  # the top ops are some of all the ops timed
     assert any("scaled_dot_product" in op["name"] or "mm" in op["name"] for op in profile["top_ops"])
 
 

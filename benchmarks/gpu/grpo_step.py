@@ -117,7 +117,7 @@ def one_timestep_update():
     rollouts = trainer.rollout(step)
     advantages, _ = trainer.advantages(rollouts)
     fraction = config.grpo.timestep_fraction
-    config.grpo.timestep_fraction = 1e-9
+    config.grpo.timestep_fraction = 1e-9  # trains exactly one timestep
     denoiser.disable_gradient_checkpointing()
     try:
         yield rollouts, lambda: trainer.update(rollouts, advantages, step)
@@ -154,7 +154,7 @@ def measure_setting(backend: str, checkpoint: bool) -> dict:
     else:
         denoiser.disable_gradient_checkpointing()
     setting = {"attention": backend, "gradient_checkpointing": denoiser.is_gradient_checkpointing}
-    rollouts, updates, failure = [], [], None
+    rollouts, updates, update_stats, failure = [], [], [], None
     try:
         if args.compile:  # the setting's first step compiles its graphs
             with measured(args.device) as compiling:
@@ -164,10 +164,7 @@ def measure_setting(backend: str, checkpoint: bool) -> dict:
             rollout, update, stats = one_step()
             rollouts.append(rollout)
             updates.append(update)
-            # On-policy health in this precision: rollouts and the update's first pass see the same weights.
-            setting["first_ratio_max_deviation"] = max(setting.get("first_ratio_max_deviation", 0.0),
-                                                       stats["first_ratio_max_deviation"])
-            setting["train_timesteps"] = stats["train_timesteps"]
+            update_stats.append(stats)
     except torch.OutOfMemoryError as error:
         failure = f"out of memory: {str(error).splitlines()[0]}"
     except RuntimeError as error:  # a compiler's or a kernel's failure is this setting's result too
@@ -178,6 +175,9 @@ def measure_setting(backend: str, checkpoint: bool) -> dict:
         return {**setting, "error": failure}
     rollout_seconds, update_seconds = median(rollouts, "seconds"), median(updates, "seconds")
     setting.update({
+        "train_timesteps": update_stats[-1]["train_timesteps"],
+        # On-policy health in this precision: rollouts and the update's first pass see the same weights.
+        "first_ratio_max_deviation": max(stats["first_ratio_max_deviation"] for stats in update_stats),
         "rollout_seconds": rollout_seconds, "rollout_images_per_second": args.group / rollout_seconds,
         "update_seconds": update_seconds, "train_seconds_per_image": update_seconds / args.group,
         "update_tflops_per_second": flops / update_seconds / 1e12,
