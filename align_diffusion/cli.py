@@ -433,9 +433,11 @@ def add_steer_parser(subparsers) -> None:
     group.add_argument("--num-particles", type=_positive_int, default=None, help="k (default 4, or from --budget)")
     group.add_argument("--potential", choices=POTENTIALS, default=None, help="default max")
     group.add_argument("--lam", type=float, default=None, help="tilt λ (default 10)")
-    group.add_argument("--resample-start", type=int, default=None, help="first scored step (default 0)")
+    group.add_argument("--resample-start", type=int, default=None,
+                       help="first scored step (default: 20 %% of the steps)")
     group.add_argument("--resample-interval", type=_positive_int, default=None, help="default 5")
-    group.add_argument("--resample-end", type=int, default=None, help="last scheduled step (default: the last step)")
+    group.add_argument("--resample-end", type=int, default=None,
+                       help="last step of the schedule; the last step is scored anyway (default: 80 %% of the steps)")
     group.add_argument("--resampling", choices=RESAMPLING, default=None, help="default multinomial")
     group.add_argument("--adaptive-threshold", type=float, default=None,
                        help="resample only when ESS < threshold · k (default: at every scored step)")

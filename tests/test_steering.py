@@ -161,6 +161,10 @@ def test_effective_sample_size_and_resampling():
 def test_schedule_of_scored_steps():
     assert resampling_steps(10, 1, 3, 8) == [1, 4, 7, 9]
     assert resampling_steps(10, 0, 5, None) == [0, 5, 9]
+    # The default window is the paper's: 20 % to 80 % of the steps, so 100 steps every 20 score 20, 40, 60, 80.
+    assert resampling_steps(100, None, 20, None) == [20, 40, 60, 80, 99]
+    assert resampling_steps(28, None, 5, None) == [5, 10, 15, 20, 27]
+    assert resampling_steps(2, None, 5, None) == [0, 1]
     with pytest.raises(ValueError, match="does not fit"):
         resampling_steps(10, 12, 3, None)
 
@@ -168,7 +172,8 @@ def test_schedule_of_scored_steps():
 def test_fk_with_no_tilt_keeps_uniform_weights(adapter):
     result = fk_steering(adapter, "a red circle", Darkness(), num_particles=4, lam=0.0, num_inference_steps=6,
                          resample_interval=2, guidance_scale=GUIDANCE, **SIZE)
-    assert result.details["ess"] == pytest.approx([4.0, 4.0, 4.0])
+    assert result.details["scored_steps"] == [1, 3, 5]
+    assert result.details["ess"] == pytest.approx([4.0, 4.0])
 
 
 def test_fk_scores_exactly_on_the_schedule_and_counts_the_budget(adapter, denoised_images):
@@ -185,12 +190,13 @@ def test_fk_scores_exactly_on_the_schedule_and_counts_the_budget(adapter, denois
 def test_fk_adaptive_resampling_carries_weights(adapter):
     result = fk_steering(adapter, "a red circle", Darkness(), num_particles=4, lam=0.0, num_inference_steps=6,
                          resample_interval=2, adaptive_threshold=0.5, guidance_scale=GUIDANCE, **SIZE)
-    assert result.details["resampled"] == [False, False, False]  # uniform weights never fall below the threshold
+    assert result.details["resampled"] == [False, False]  # uniform weights never fall below the threshold
     assert sorted(result.details["ancestors"]) == [0, 1, 2, 3]
 
 
 def test_fk_toward_dark_images_keeps_the_darkest_lineage_and_reports_its_candidate(adapter):
-    options = dict(num_particles=6, num_inference_steps=8, resample_interval=2, guidance_scale=GUIDANCE, **SIZE)
+    options = dict(num_particles=6, num_inference_steps=8, resample_start=0, resample_interval=2,
+                   guidance_scale=GUIDANCE, **SIZE)
     free = fk_steering(adapter, "a red circle", Darkness(), lam=0.0, **options)
     assert len(set(free.details["ancestors"])) > 1
     # The step-0 x̂0s differ by about 1e-4 here, so λ = 1e6 makes the first resampling keep only the darkest.

@@ -2,7 +2,10 @@
 resampled by reward potentials along the way; the final pick is the particle with the best reward.
 
 At each step of the resampling schedule (start, start + interval, … up to end, plus the last step) every
-particle's x̂0 is decoded and scored, r_s. Potentials, in log space with tilt λ, over a particle's lineage:
+particle's x̂0 is decoded and scored, r_s. By default the schedule spans the paper's window, 20 % to 80 % of the
+steps (its text-to-image runs score steps 20, 40, 60 and 80 of 100): the earliest x̂0s say little about the final
+reward, and every scored step costs a decode of all particles. Potentials, in log space with tilt λ, over a
+particle's lineage:
 
     max         λ · max over scored steps s ≤ t of r_s
     sum         λ · Σ_{s ≤ t} r_s
@@ -38,17 +41,20 @@ from align_diffusion.steering.candidates import (
 )
 
 POTENTIALS = ("max", "sum", "difference")
+DEFAULT_WINDOW = (0.2, 0.8)  # fractions of the steps: the default first and last scheduled step
 RESAMPLING = ("multinomial", "systematic")
 
 
-def resampling_steps(num_inference_steps: int, start: int, interval: int, end: int | None) -> list[int]:
-    """The step indices whose x̂0 is scored: start, start + interval, … ≤ end (default: the last step), and the
-    last step."""
+def resampling_steps(num_inference_steps: int, start: int | None, interval: int, end: int | None) -> list[int]:
+    """The step indices whose x̂0 is scored: start, start + interval, … ≤ end, and the last step. A start or end of
+    None is its end of DEFAULT_WINDOW (20 % and 80 % of the steps, rounded down)."""
     last = num_inference_steps - 1
-    end = last if end is None else end
+    defaults = [int(fraction * num_inference_steps) for fraction in DEFAULT_WINDOW]
+    start, end = (defaults[0] if start is None else start), (defaults[1] if end is None else end)
     if not 0 <= start <= last or interval < 1 or end < start:
         raise ValueError(f"resampling schedule start={start}, interval={interval}, end={end} does not fit "
-                         f"{num_inference_steps} steps (0 <= start <= end, interval >= 1)")
+                         f"{num_inference_steps} steps (0 <= start <= end, interval >= 1; by default start and end "
+                         f"are {defaults[0]} and {defaults[1]}, 20 % and 80 % of the steps)")
     return sorted({*range(start, min(end, last) + 1, interval), last})
 
 
@@ -94,7 +100,7 @@ def fk_steering(
     num_particles: int = 4,
     potential: str = "max",
     lam: float = 10.0,
-    resample_start: int = 0,
+    resample_start: int | None = None,
     resample_interval: int = 5,
     resample_end: int | None = None,
     resampling: str = "multinomial",
