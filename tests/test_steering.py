@@ -1,6 +1,7 @@
 """Steering: ReNO's regularizer and best iterate, FK's potentials, weights, schedule and resampling, TTSnap's pruning
 and pick, best-of-N, exact budgets (denoiser images counted by a hook), and the `steer` command."""
 
+import copy
 import json
 import math
 
@@ -11,7 +12,8 @@ from align_diffusion.cli import main
 from align_diffusion.models import adapter_for
 from align_diffusion.rewards.base import Reward, RewardError
 from align_diffusion.sampling.loop import sample
-from align_diffusion.steering import best_of_n, fk_steering, reno, steer, ttsnap
+from align_diffusion.rewards.clip import OpenClipScore
+from align_diffusion.steering import best_of_n, compile_models, fk_steering, reno, steer, ttsnap
 from align_diffusion.steering.candidates import SEED_STRIDE
 from align_diffusion.steering.fk import (
     effective_sample_size,
@@ -111,6 +113,28 @@ def test_reno_returns_the_best_iterate_and_batches_like_single_prompts(adapter, 
     alone = reno(adapter, prompts[1:], Darkness(), first_index=1, **options)[0]
     assert alone.details["rewards_per_iteration"] == pytest.approx(results[1].details["rewards_per_iteration"],
                                                                    abs=1e-4)
+
+
+def test_compiled_models_steer_like_eager(tiny_pipes):
+    """`compile_models` (the steer command's --compile): ReNO through the compiled UNet, VAE decoder and open_clip
+    image tower, gradients to the noise included, follows the eager run."""
+    import open_clip
+
+    torch.manual_seed(0)
+    clip = open_clip.CLIP(embed_dim=16, vision_cfg=dict(image_size=32, patch_size=8, width=32, layers=1, head_width=16),
+                          text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=1))
+    open_clip.set_model_preprocess_cfg(clip, dict(size=32, mean=open_clip.OPENAI_DATASET_MEAN,
+                                                  std=open_clip.OPENAI_DATASET_STD))
+    reward = OpenClipScore("tiny-clip", clip, open_clip.get_tokenizer("ViT-B-32"))
+    adapter = adapter_for(copy.deepcopy(tiny_pipes["sd"]))  # compiled in place: not the session's pipeline
+    options = dict(iterations=2, num_inference_steps=1, guidance_scale=GUIDANCE, **SIZE)
+    eager = reno(adapter, ["a red circle"], reward, **options)[0].details["rewards_per_iteration"]
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert compile_models(adapter, reward) == ["UNet2DConditionModel", "Decoder", "VisionTransformer"]
+    compiled = reno(adapter, ["a red circle"], reward, **options)[0].details["rewards_per_iteration"]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs >= 3  # each module ran compiled
+    assert len(set(eager)) == 3  # the noise moved, so the iterates' rewards differ
+    assert compiled == pytest.approx(eager, abs=1e-5)
 
 
 def test_reno_refuses_rewards_without_gradients(adapter):
@@ -327,3 +351,10 @@ def test_steer_command_writes_a_reviewable_folder(saved, tmp_path):
     with pytest.raises(SystemExit, match="--potential applies to fk"):
         main(["steer", "--method", "ttsnap", "--model", str(saved["sd3"]), "--prompt", "a", "--reward", "jpeg",
               "--potential", "max", "--out", str(tmp_path / "other")])
+
+
+def test_steer_compile_without_a_compiler_fails_before_loading(saved, tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # an empty folder: no compiler on PATH
+    with pytest.raises(SystemExit, match="--compile: torch.compile builds its kernels with a C/C"):
+        main(["steer", "--method", "best-of-n", "--model", str(tmp_path / "no-model-here"), "--prompt", "a",
+              "--reward", "jpeg", "--compile", "--out", str(tmp_path / "out")])

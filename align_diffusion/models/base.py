@@ -8,6 +8,7 @@ sample drawn through an adapter matches the stock pipeline's `__call__`.
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 
 import torch
@@ -174,6 +175,14 @@ class PipelineAdapter:
 
 
 RECOMPILE_LIMIT = 64  # graphs per compiled block forward (see compile_repeated_blocks)
+C_COMPILERS = ("g++", "c++", "clang++", "gcc", "cc")  # what inductor (CPU) and Triton (GPU) build with
+
+
+def check_c_compiler(option: str) -> None:
+    """Fails before any compute, naming `option`, when `torch.compile` would find no C/C++ compiler on PATH."""
+    if not any(shutil.which(compiler) for compiler in C_COMPILERS):
+        raise RuntimeError(f"{option}: torch.compile builds its kernels with a C/C++ compiler, and none of "
+                           f"{', '.join(C_COMPILERS)} is on PATH; install one (g++) or leave {option} off")
 
 
 def compile_repeated_blocks(denoiser: torch.nn.Module) -> int:

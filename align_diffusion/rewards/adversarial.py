@@ -75,6 +75,9 @@ class AdversarialDino(Reward):
     def head_reward(self, cls: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
         return CLS_WEIGHT * self.head(cls).squeeze(-1) + (1 - CLS_WEIGHT) * self.head(patches).squeeze(-1).mean(-1)
 
+    def image_networks(self):
+        return [self.backbone]  # not the head, which trains
+
     def score(self, images, prompts, metadata):
         return self.head_reward(*self.features(images))
 

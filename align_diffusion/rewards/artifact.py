@@ -92,6 +92,9 @@ class ArtifactReward(Reward):
     def artifact_probability(self, images) -> torch.Tensor:
         return torch.sigmoid(self.head(self.backbone(images_to_tensor(images))).squeeze(-1))
 
+    def image_networks(self):
+        return [self.backbone.model]
+
     def score(self, images, prompts, metadata):
         return 1 - self.artifact_probability(images)
 

@@ -78,6 +78,11 @@ class Reward(torch.nn.Module):
     def score(self, images: torch.Tensor, prompts: list[str], metadata: Sequence[dict] | None) -> torch.Tensor:
         raise NotImplementedError
 
+    def image_networks(self) -> list[torch.nn.Module]:
+        """The frozen networks `score` runs images through, for callers that compile them (`compile_models`); none
+        for a reward without one."""
+        return []
+
     def reward_state(self) -> dict:
         """What a checkpoint saves for a stateful reward (trained weights, optimizer, schedule counters)."""
         return {}

@@ -34,6 +34,9 @@ class _TransformersClip(Reward):
         self.transform = TorchImageTransform.from_processor(image_processor)
         self.max_length = self.model.config.text_config.max_position_embeddings
 
+    def image_networks(self):
+        return [self.model.vision_model]
+
     def cosine(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         device, dtype = self.model.device, self.model.dtype
         pixels = self.transform(images.to(device, torch.float32)).to(dtype)
@@ -79,6 +82,9 @@ class OpenClipScore(Reward):
         self.model = model.to(device, dtype).eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.transform = TorchImageTransform.from_open_clip(model.visual)
+
+    def image_networks(self):
+        return [self.model.visual]
 
     def score(self, images, prompts, metadata):
         parameter = next(self.model.parameters())
@@ -136,6 +142,9 @@ class Aesthetic(Reward):
         self.head = AestheticHead(state["layers.0.weight"].shape[1])
         self.head.load_state_dict(state)
         self.head.to(device).eval().requires_grad_(False)
+
+    def image_networks(self):
+        return [self.model.vision_model]
 
     def score(self, images, prompts, metadata):
         pixels = self.transform(images.to(self.model.device, torch.float32)).to(self.model.dtype)

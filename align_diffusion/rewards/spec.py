@@ -182,6 +182,9 @@ class WeightedRewards(Reward):
         each = self.score_each(images, prompts, metadata)
         return sum(w * scores.to(images.device) for w, scores in zip(self.weights, each.values()))
 
+    def image_networks(self):
+        return [network for reward in self.rewards for network in reward.image_networks()]
+
     def reward_state(self) -> dict:
         return {str(k): r.reward_state() for k, r in enumerate(self.rewards) if r.stateful}
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import shutil
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from align_diffusion.models.base import check_c_compiler
 from align_diffusion.rewards.spec import parse_spec
 from align_diffusion.rewards.transforms import METHODS as ADVANTAGE_METHODS
 from align_diffusion.sampling.loop import DEFAULT_NOISE_LEVEL, DIFFUSION_SAMPLERS, FLOW_SAMPLERS
@@ -247,9 +247,6 @@ def _model_is_flow(model: str) -> bool | None:
     return adapters[class_name].is_flow
 
 
-C_COMPILERS = ("g++", "c++", "clang++", "gcc", "cc")  # what inductor (CPU) and Triton (GPU) build with
-
-
 def validate(config: TrainConfig, num_processes: int = 1) -> None:
     """Every check that needs no weights; ConfigError naming the field."""
     positive = {
@@ -317,9 +314,11 @@ def validate(config: TrainConfig, num_processes: int = 1) -> None:
         raise ConfigError(f"lora.alpha must be > 0 (the LoRA's scale is alpha / rank), got {config.lora.alpha}")
     if not 0 <= optim.ema_decay < 1:
         raise ConfigError(f"optim.ema_decay must lie in [0, 1), got {optim.ema_decay}")
-    if optim.compile and not any(shutil.which(compiler) for compiler in C_COMPILERS):
-        raise ConfigError("optim.compile: torch.compile builds its kernels with a C/C++ compiler, and none of "
-                          f"{', '.join(C_COMPILERS)} is on PATH; install one (g++) or set optim.compile=false")
+    if optim.compile:
+        try:
+            check_c_compiler("optim.compile")
+        except RuntimeError as error:
+            raise ConfigError(str(error)) from None
     if optim.mixed_precision not in ("no", "fp16", "bf16"):
         raise ConfigError(f"optim.mixed_precision must be no, fp16 or bf16, got {optim.mixed_precision!r}")
     if config.dtype not in ("float32", "float16", "bfloat16"):

@@ -20,7 +20,7 @@ import torch
 from architectures import parameter_count, sd_turbo, to_channels_last, vit_h14_reward
 from measure import default_device, measured, profiled, write_report
 
-from align_diffusion.steering.reno import reno
+from align_diffusion.steering import compile_models, reno
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -35,6 +35,9 @@ parser.add_argument("--no-checkpointing", action="store_true")
 parser.add_argument("--cudnn-benchmark", action="store_true",
                     help="let cuDNN time its convolution algorithms at the first call of each shape (untimed here)")
 parser.add_argument("--channels-last", action="store_true", help="UNet and VAE in channels-last memory layout")
+parser.add_argument("--compile", action="store_true",
+                    help="torch.compile the UNet, the VAE decoder and the reward's image tower (compile_models); "
+                         "they compile in the untimed first call")
 parser.add_argument("--profile", type=int, default=0, metavar="TOP",
                     help="also profile a run of 2 iterations and report its TOP ops and kernels by device time")
 parser.add_argument("--out", required=True, help="JSON report")
@@ -48,6 +51,8 @@ reward = vit_h14_reward(args.device, dtype, toy=args.toy)
 torch.backends.cudnn.benchmark = args.cudnn_benchmark
 if args.channels_last:
     to_channels_last(adapter)
+if args.compile:
+    compile_models(adapter, reward)
 prompts = ["a photo of a red fox in the snow"] * args.prompts
 options = dict(num_inference_steps=1, guidance_scale=0.0, height=args.resolution, width=args.resolution,
                gradient_checkpointing=not args.no_checkpointing)
@@ -61,6 +66,7 @@ seconds_per_iteration = (timed["seconds"] - scoring_render["seconds"]) / args.it
 report = write_report(args.out, "reno", args.device, {
     "toy": args.toy, "dtype": args.dtype, "resolution": args.resolution, "prompts": args.prompts,
     "iterations": args.iterations, "channels_last": args.channels_last, "cudnn_benchmark": args.cudnn_benchmark,
+    "compile": args.compile,
     **options,
 }, {
     "unet_parameters": parameter_count(adapter.denoiser), "reward_parameters": parameter_count(reward),
