@@ -52,6 +52,16 @@ SD_TURBO = dict(
 VAE_FULL = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32)
 VAE_TOY = dict(block_out_channels=(8, 8), layers_per_block=1, norm_num_groups=4)
 
+# SD-Turbo's UNet and VAE and ViT-H-14 at full depth and an eighth of the width (ViT-H on 2 × 2 patches): the same
+# modules and ops with next to no arithmetic, so on the CPU a step's time is the host's work (Python, dispatch),
+# which a GPU step pays too.
+NARROW_SD = dict(SD_TURBO, block_out_channels=(40, 80, 160, 160), norm_num_groups=8, cross_attention_dim=128)
+VAE_NARROW = dict(VAE_FULL, block_out_channels=(16, 32, 64, 64), norm_num_groups=8)
+NARROW_VIT_H = dict(
+    embed_dim=128, vision_cfg=dict(image_size=28, patch_size=14, width=160, layers=32, head_width=10),
+    text_cfg=dict(context_length=77, vocab_size=49408, width=128, heads=16, layers=24),
+)
+
 TOY_SD3 = dict(
     sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
     num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=16,
@@ -118,8 +128,8 @@ def built_on(device: str, dtype: torch.dtype):
         torch.set_default_dtype(saved)
 
 
-def vae(latent_channels: int, toy: bool, **config) -> AutoencoderKL:
-    sizes = VAE_TOY if toy else VAE_FULL
+def vae(latent_channels: int, toy: bool, narrow: bool = False, **config) -> AutoencoderKL:
+    sizes = VAE_TOY if toy else VAE_NARROW if narrow else VAE_FULL
     blocks = len(sizes["block_out_channels"])
     return AutoencoderKL(
         down_block_types=("DownEncoderBlock2D",) * blocks, up_block_types=("UpDecoderBlock2D",) * blocks,
@@ -154,11 +164,12 @@ def flux_dev(device: str, dtype: torch.dtype, toy: bool = False) -> RandomTextFl
     return RandomTextFlux(pipe)
 
 
-def sd_turbo(device: str, dtype: torch.dtype, toy: bool = False) -> RandomTextSD:
-    """SD-Turbo (the SD 2.1 UNet, 865M, and the SD VAE) as an adapter, one-step with trailing DDIM timesteps."""
+def sd_turbo(device: str, dtype: torch.dtype, toy: bool = False, narrow: bool = False) -> RandomTextSD:
+    """SD-Turbo (the SD 2.1 UNet, 865M, and the SD VAE) as an adapter, one-step with trailing DDIM timesteps;
+    `narrow`: at full depth and an eighth of the width."""
     with built_on(device, dtype):
-        unet = UNet2DConditionModel(**(TOY_SD if toy else SD_TURBO))
-        autoencoder = vae(4, toy, scaling_factor=0.18215)
+        unet = UNet2DConditionModel(**(TOY_SD if toy else NARROW_SD if narrow else SD_TURBO))
+        autoencoder = vae(4, toy, narrow, scaling_factor=0.18215)
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                               set_alpha_to_one=False, steps_offset=1, timestep_spacing="trailing")
     pipe = StableDiffusionPipeline(vae=autoencoder, text_encoder=None, tokenizer=None, unet=unet,
@@ -167,17 +178,19 @@ def sd_turbo(device: str, dtype: torch.dtype, toy: bool = False) -> RandomTextSD
     return RandomTextSD(pipe)
 
 
-def vit_h14_reward(device: str, dtype: torch.dtype, toy: bool = False) -> OpenClipScore:
-    """An open_clip ViT-H-14 (or a 1-layer toy CLIP) with random weights, scoring like HPSv2."""
+def vit_h14_reward(device: str, dtype: torch.dtype, toy: bool = False, narrow: bool = False) -> OpenClipScore:
+    """An open_clip ViT-H-14 (or a 1-layer toy CLIP, or ViT-H-14's depth at an eighth of its width) with random
+    weights, scoring like HPSv2."""
     import open_clip
 
     with built_on(device, torch.float32):  # open_clip builds in float32; the reward casts to `dtype`
-        if toy:
-            model = open_clip.CLIP(
+        if toy or narrow:
+            size = 28 if narrow else 32
+            model = open_clip.CLIP(**NARROW_VIT_H) if narrow else open_clip.CLIP(
                 embed_dim=16, vision_cfg=dict(image_size=32, patch_size=8, width=32, layers=1, head_width=16),
                 text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=1),
             )
-            open_clip.set_model_preprocess_cfg(model, dict(size=32, mean=open_clip.OPENAI_DATASET_MEAN,
+            open_clip.set_model_preprocess_cfg(model, dict(size=size, mean=open_clip.OPENAI_DATASET_MEAN,
                                                            std=open_clip.OPENAI_DATASET_STD))
         else:
             model = open_clip.create_model("ViT-H-14", pretrained=None, device=device)

@@ -9,6 +9,7 @@ rewards on an A100.
 
     python benchmarks/gpu/reno_step.py --out results/reno.json
     python benchmarks/gpu/reno_step.py --toy --device cpu --out /tmp/reno_toy.json
+    python benchmarks/gpu/reno_step.py --narrow --device cpu --dtype float32 --resolution 64 --out /tmp/reno_host.json
 """
 
 from __future__ import annotations
@@ -25,7 +26,11 @@ from align_diffusion.steering import compile_models, reno
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--toy", action="store_true", help="toy-width UNet and reward (CPU smoke runs)")
+size = parser.add_mutually_exclusive_group()
+size.add_argument("--toy", action="store_true", help="toy-width UNet and reward (CPU smoke runs)")
+size.add_argument("--narrow", action="store_true",
+                  help="full depth at an eighth of the width: on the CPU, an iteration's host work (Python, "
+                       "dispatch) with next to no arithmetic")
 parser.add_argument("--device", default=default_device())
 parser.add_argument("--dtype", choices=sorted(DTYPES), default="float16")
 parser.add_argument("--resolution", type=int, default=512)
@@ -46,8 +51,8 @@ if args.iterations < 1:
     parser.error("--iterations must be at least 1")
 
 dtype = DTYPES[args.dtype]
-adapter = sd_turbo(args.device, dtype, toy=args.toy)
-reward = vit_h14_reward(args.device, dtype, toy=args.toy)
+adapter = sd_turbo(args.device, dtype, toy=args.toy, narrow=args.narrow)
+reward = vit_h14_reward(args.device, dtype, toy=args.toy, narrow=args.narrow)
 torch.backends.cudnn.benchmark = args.cudnn_benchmark
 if args.channels_last:
     to_channels_last(adapter)
@@ -64,7 +69,7 @@ with measured(args.device) as timed:
     results = reno(adapter, prompts, reward, iterations=args.iterations, **options)
 seconds_per_iteration = (timed["seconds"] - scoring_render["seconds"]) / args.iterations
 report = write_report(args.out, "reno", args.device, {
-    "toy": args.toy, "dtype": args.dtype, "resolution": args.resolution, "prompts": args.prompts,
+    "toy": args.toy, "narrow": args.narrow, "dtype": args.dtype, "resolution": args.resolution, "prompts": args.prompts,
     "iterations": args.iterations, "channels_last": args.channels_last, "cudnn_benchmark": args.cudnn_benchmark,
     "compile": args.compile,
     **options,

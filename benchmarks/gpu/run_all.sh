@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Every GPU benchmark in one call, each under a time cap, at most 530 s together (plus the wheel install) on one
-# H100 / H200 once the machine is up:
+# What is left to measure on one H100 / H200, each benchmark under a time cap, at most 560 s together (plus the
+# wheel install) once the machine is up:
 #   bash benchmarks/gpu/run_all.sh OUT_DIR
-# Writes OUT_DIR/{grpo_sd35m,grpo_flux,reno,fk}.json and one log of them all, OUT_DIR/logs.txt: five files, within
-# the eight the device tool brings back. Each script writes its JSON as results arrive, so a capped one keeps what it
-# measured. Missing packages (diffusers, open_clip) are installed from wheels in .whl/ when that folder exists (see
-# benchmarks/README.md). Attention is PyTorch SDPA only: xformers is measured by `grpo_step.py --attention both`
-# in a call of its own, where an xformers wheel was carried.
+# Writes OUT_DIR/{fk,reno,reno_compiled,grpo_sd35m_compiled}.json and one log of them all, OUT_DIR/logs.txt: five
+# files, within the eight the device tool brings back. Each script writes its JSON as results arrive, so a capped one
+# keeps what it measured. Missing packages (diffusers, open_clip) are installed from wheels in .whl/ when that folder
+# exists (see benchmarks/README.md). Already measured and left out (benchmarks/results/h200-2026-12-04/): eager
+# SD3.5-M with checkpointing off and on, FLUX.1-dev, FK from step 0. Attention is PyTorch SDPA only: xformers is
+# measured by `grpo_step.py --attention both` in a call of its own, where an xformers wheel was carried.
 set -uo pipefail
 out=$(realpath -m "${1:?usage: run_all.sh OUT_DIR}")
 mkdir -p "$out"
@@ -29,10 +30,9 @@ run() {  # NAME SECONDS SCRIPT ARGS...: one benchmark within SECONDS, its output
     timeout "$seconds" python3 "$@" --out "$out/$name.json" 2>&1 | tee -a "$log"
     echo "=== $name: exit ${PIPESTATUS[0]}" | tee -a "$log"
 }
-run grpo_sd35m 220 grpo_step.py --arch sd35-medium --group 24 --micro-batch 8 --checkpointing both --compile \
-    --profile 15
-# With cuDNN's SDPA allowed, FLUX's update crashed with an illegal memory access (torch 2.11, H200): the others
-run grpo_flux 100 grpo_step.py --arch flux-dev --group 2 --micro-batch 1 --rollout-batch 2 --checkpointing on \
-    --sdpa-backends flash,efficient,math
-run reno 90 reno_step.py --iterations 20 --cudnn-benchmark --profile 12
-run fk 120 fk_vs_batch.py --particles 4 --steps 28 --interval 5 --cudnn-benchmark --profile 12
+# FK with fk_steering's default window (x̂0 scored at steps 5, 10, 15, 20 and 27 of 28)
+run fk 110 fk_vs_batch.py --particles 4 --steps 28 --interval 5 --cudnn-benchmark --profile 12
+run reno 80 reno_step.py --iterations 20 --cudnn-benchmark --profile 12
+run reno_compiled 170 reno_step.py --iterations 20 --cudnn-benchmark --compile
+run grpo_sd35m_compiled 200 grpo_step.py --arch sd35-medium --group 24 --micro-batch 8 --checkpointing off \
+    --compile --profile 15
