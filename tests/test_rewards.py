@@ -12,7 +12,7 @@ from PIL import Image
 from transformers import AutoProcessor, CLIPImageProcessor, CLIPModel
 
 from align_diffusion.rewards.base import Reward, images_to_pil, images_to_tensor
-from align_diffusion.rewards.clip import Aesthetic, AestheticHead, ClipScore, HPSv2, PickScore
+from align_diffusion.rewards.clip import Aesthetic, AestheticHead, ClipScore, HPSv2, PickScore, TextFeatures
 from align_diffusion.rewards.preprocess import TorchImageTransform
 from align_diffusion.rewards.simple import JpegCompressibility, ShapesReward
 from align_diffusion.rewards.spec import WeightedRewards, load_reward, parse_spec, score_terms
@@ -161,6 +161,39 @@ def test_clip_and_pickscore_on_world_clip():
     # Matched prompts beat mismatched ones.
     mismatched = pick(images_to_tensor(images), PROMPTS[1:] + PROMPTS[:1])
     assert (scores > mismatched).all()
+
+
+def test_clip_rewards_encode_each_prompt_once():
+    pick = PickScore(WORLD_CLIP)
+    encoded = []
+    pick.model.text_model.register_forward_hook(
+        lambda module, args, kwargs, output: encoded.append(len(kwargs["input_ids"])), with_kwargs=True)
+    images = images_to_tensor(world_images((80, 80)))
+    first = pick(images, PROMPTS)
+    again = pick(images.flip(0), PROMPTS[::-1])
+    mixed = [PROMPTS[0], "a new prompt", PROMPTS[0]]
+    scores = pick(images, mixed)
+    assert encoded == [3, 1]  # the second call encoded nothing, the third only its new prompt
+    assert torch.allclose(again, first.flip(0), atol=1e-6)
+    assert torch.allclose(scores, PickScore(WORLD_CLIP)(images, mixed), atol=1e-5)  # a fresh reward encodes all
+
+
+def test_text_feature_cache_evicts_the_least_recent_and_keeps_contexts_apart():
+    calls = []
+
+    def encode(prompts, device):
+        calls.append(list(prompts))
+        return torch.tensor([[float(len(prompt)), 1.0] for prompt in prompts])
+
+    cache = TextFeatures(encode, capacity=2)
+    cpu = torch.device("cpu")
+    features = cache(["ab", "c", "ab"], cpu, torch.float32)
+    assert torch.allclose(features, F.normalize(torch.tensor([[2.0, 1.0], [1.0, 1.0], [2.0, 1.0]]), dim=-1))
+    cache(["d"], cpu, torch.float32)  # "c" was used longest ago: it goes
+    cache(["ab"], cpu, torch.float32)
+    cache(["c"], cpu, torch.float32)
+    cache(["c"], cpu, torch.float64)  # another dtype: encoded for it
+    assert calls == [["ab", "c"], ["d"], ["c"], ["c"]]
 
 
 def test_hpsv2_open_clip_weights_file(tiny_open_clip):

@@ -6,6 +6,7 @@ All are differentiable: images go through `TorchImageTransform`, never PIL.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -19,6 +20,33 @@ PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"
 PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 HPS_ARCH = "ViT-H-14"
 AESTHETIC_CLIP = "openai/clip-vit-large-patch14"
+TEXT_CACHE_SIZE = 4096  # prompts whose features a CLIP reward keeps: 4 KB each at width 1024
+
+
+class TextFeatures:
+    """Normalized text features by prompt, each encoded once: the text tower is frozen, and steering and training
+    score the same prompts again and again. Entries are kept per device, dtype and autocast state, so a moved model
+    or a caller's autocast gets features computed as they would be now; the least recently used go first."""
+
+    def __init__(self, encode, capacity: int = TEXT_CACHE_SIZE):
+        self.encode = encode  # (prompts, device) -> (len(prompts), d) unnormalized features
+        self.capacity = capacity
+        self.features = OrderedDict()
+
+    def __call__(self, prompts: list[str], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """(len(prompts), d) float32 features, unit length."""
+        context = (str(device), dtype, torch.is_autocast_enabled(device.type))
+        missing = list(dict.fromkeys(p for p in prompts if (context, p) not in self.features))
+        if missing:
+            with torch.no_grad():
+                encoded = F.normalize(self.encode(missing, device).float(), dim=-1)
+            self.features.update(((context, prompt), feature) for prompt, feature in zip(missing, encoded))
+        for prompt in prompts:
+            self.features.move_to_end((context, prompt))
+        features = torch.stack([self.features[(context, prompt)] for prompt in prompts])
+        while len(self.features) > self.capacity:
+            self.features.popitem(last=False)
+        return features
 
 
 class _TransformersClip(Reward):
@@ -33,18 +61,21 @@ class _TransformersClip(Reward):
         self.tokenizer, image_processor = loaded.tokenizer, loaded.image_processor
         self.transform = TorchImageTransform.from_processor(image_processor)
         self.max_length = self.model.config.text_config.max_position_embeddings
+        self.text_features = TextFeatures(self.encode_text)
 
     def image_networks(self):
         return [self.model.vision_model]
 
+    def encode_text(self, prompts: list[str], device) -> torch.Tensor:
+        tokens = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=self.max_length,
+                                return_tensors="pt").to(device)
+        return self.model.get_text_features(**tokens).pooler_output
+
     def cosine(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         device, dtype = self.model.device, self.model.dtype
         pixels = self.transform(images.to(device, torch.float32)).to(dtype)
-        tokens = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=self.max_length,
-                                return_tensors="pt").to(device)
         image_embeds = F.normalize(self.model.get_image_features(pixel_values=pixels).pooler_output.float(), dim=-1)
-        text_embeds = F.normalize(self.model.get_text_features(**tokens).pooler_output.float(), dim=-1)
-        return (image_embeds * text_embeds).sum(-1)
+        return (image_embeds * self.text_features(prompts, device, dtype)).sum(-1)
 
 
 class ClipScore(_TransformersClip):
@@ -82,6 +113,8 @@ class OpenClipScore(Reward):
         self.model = model.to(device, dtype).eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.transform = TorchImageTransform.from_open_clip(model.visual)
+        self.text_features = TextFeatures(lambda prompts, device: self.model.encode_text(
+            self.tokenizer(prompts).to(device)))
 
     def image_networks(self):
         return [self.model.visual]
@@ -90,9 +123,7 @@ class OpenClipScore(Reward):
         parameter = next(self.model.parameters())
         pixels = self.transform(images.to(parameter.device, torch.float32)).to(parameter.dtype)
         image_features = F.normalize(self.model.encode_image(pixels).float(), dim=-1)
-        text_features = F.normalize(self.model.encode_text(self.tokenizer(prompts).to(parameter.device)).float(),
-                                    dim=-1)
-        return (image_features * text_features).sum(-1)
+        return (image_features * self.text_features(prompts, parameter.device, parameter.dtype)).sum(-1)
 
 
 class HPSv2(OpenClipScore):
