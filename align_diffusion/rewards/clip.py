@@ -113,11 +113,13 @@ class OpenClipScore(Reward):
         self.model = model.to(device, dtype).eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.transform = TorchImageTransform.from_open_clip(model.visual)
-        self.text_features = TextFeatures(lambda prompts, device: self.model.encode_text(
-            self.tokenizer(prompts).to(device)))
+        self.text_features = TextFeatures(self.encode_text)
 
     def image_networks(self):
         return [self.model.visual]
+
+    def encode_text(self, prompts: list[str], device) -> torch.Tensor:
+        return self.model.encode_text(self.tokenizer(prompts).to(device))
 
     def score(self, images, prompts, metadata):
         parameter = next(self.model.parameters())
