@@ -32,7 +32,7 @@ run() {  # NAME SECONDS SCRIPT ARGS...: one benchmark within SECONDS, its output
 }
 # FK with fk_steering's default window (x̂0 scored at steps 5, 10, 15, 20 and 27 of 28)
 run fk 110 fk_vs_batch.py --particles 4 --steps 28 --interval 5 --cudnn-benchmark --profile 12
-run reno 80 reno_step.py --iterations 20 --cudnn-benchmark --profile 12
-run reno_compiled 170 reno_step.py --iterations 20 --cudnn-benchmark --compile
-run grpo_sd35m_compiled 200 grpo_step.py --arch sd35-medium --group 24 --micro-batch 8 --checkpointing off \
+run reno 70 reno_step.py --iterations 20 --cudnn-benchmark --profile 12
+run reno_compiled 160 reno_step.py --iterations 20 --cudnn-benchmark --compile
+run grpo_sd35m_compiled 220 grpo_step.py --arch sd35-medium --group 24 --micro-batch 8 --checkpointing off \
     --compile --profile 15
