@@ -81,6 +81,7 @@ def test_grpo_step_benchmark_runs_the_preset_at_toy_size(grpo_report):
     seconds = [op["seconds"] for op in profile["top_ops"]]
     assert seconds == sorted(seconds, reverse=True)
     assert 0 < sum(seconds) <= profile["busy_seconds"]  # the top ops are some of all the ops timed
+    assert profile["aten_ops"] >= sum(op["calls"] for op in profile["top_ops"] if op["name"].startswith("aten::"))
     assert any("scaled_dot_product" in op["name"] or "mm" in op["name"] for op in profile["top_ops"])
 
 
@@ -129,6 +130,7 @@ def test_reno_benchmark_times_iterations(tmp_path):
     results = report["results"]
     assert results["seconds_per_iteration"] > 0 and 0 <= results["best_iteration"] <= 4
     assert len(results["profile_2_iterations"]["top_ops"]) == 2
+    assert results["aten_ops_per_iteration"] > 0 and float(results["aten_ops_per_iteration"]).is_integer()
     assert len(set(results["reward_first_last"])) == 2  # the noise moved: the reward of the last iterate changed
 
 

@@ -90,8 +90,9 @@ def counted_flops():
 def profiled(device: str, top: int):
     """Yields a dict that receives, for the block run under torch.profiler: `seconds` (wall clock), `busy_seconds`
     (the kernels' summed time: low against the wall time means the host does not launch kernels fast enough),
-    `busy_fraction`, the `top` ops by the time of the kernels each launched, and the `top` kernels (on the CPU: ops
-    by their own CPU time, and no kernels)."""
+    `busy_fraction`, `aten_ops` (the ATen op calls dispatched, nested ones included: the host's work), the `top`
+    ops by the time of the kernels each launched, and the `top` kernels (on the CPU: ops by their own CPU time, and
+    no kernels)."""
     result = {}
     on_cuda = device.startswith("cuda")
     activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if on_cuda else [ProfilerActivity.CPU]
@@ -112,7 +113,8 @@ def profiled(device: str, top: int):
                  "share_of_busy": seconds(row) / busy_seconds} for row in sorted(rows, key=seconds, reverse=True)[:top]]
 
     result.update(seconds=timed["seconds"], busy_seconds=busy_seconds, busy_fraction=busy_seconds / timed["seconds"],
-                  top_ops=ranked(ops), top_kernels=ranked(kernels))
+                  aten_ops=sum(op.count for op in ops if op.key.startswith("aten::")), top_ops=ranked(ops),
+                  top_kernels=ranked(kernels))
 
 
 def write_report(path: str | Path, benchmark: str, device: str, config: dict, results) -> dict:
