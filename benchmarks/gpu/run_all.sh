@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# What is left to measure on one H100 / H200, each benchmark under a time cap, at most 560 s together (plus the
+# What is left to measure on one H100 / H200, each benchmark under a time cap, at most 570 s together (plus the
 # wheel install) once the machine is up:
 #   bash benchmarks/gpu/run_all.sh OUT_DIR
 # Writes OUT_DIR/{fk,reno,reno_compiled,grpo_sd35m_compiled}.json and one log of them all, OUT_DIR/logs.txt: five
@@ -32,7 +32,7 @@ run() {  # NAME SECONDS SCRIPT ARGS...: one benchmark within SECONDS, its output
 }
 # FK with fk_steering's default window (x̂0 scored at steps 5, 10, 15, 20 and 27 of 28)
 run fk 110 fk_vs_batch.py --particles 4 --steps 28 --interval 5 --cudnn-benchmark --profile 12
-run reno 70 reno_step.py --iterations 20 --cudnn-benchmark --profile 12
-run reno_compiled 160 reno_step.py --iterations 20 --cudnn-benchmark --compile
+run reno 90 reno_step.py --iterations 20 --cudnn-benchmark --profile 12
+run reno_compiled 150 reno_step.py --iterations 20 --cudnn-benchmark --compile
 run grpo_sd35m_compiled 220 grpo_step.py --arch sd35-medium --group 24 --micro-batch 8 --checkpointing off \
     --compile --profile 15
