@@ -422,8 +422,8 @@ def add_steer_parser(subparsers) -> None:
     parser.add_argument("--shapes-eval", action="store_true",
                         help="add ShapesEval's verdict of each image (shapes-world prompts only)")
     parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the denoiser, the VAE decoder and the rewards' image networks: faster "
-                             "on a GPU once compiled (the first calls compile, minutes at full size)")
+                        help="torch.compile the denoiser, the VAE decoder and the rewards' image networks, for GPU "
+                             "runs: fewer, fused kernels once compiled (the first calls compile, minutes at full size)")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
     sampling = parser.add_argument_group("sampler (best-of-n, fk, ttsnap)")
