@@ -48,9 +48,8 @@ def method_size(adapter: PipelineAdapter, method: str, budget: int, options: dic
 def compile_models(adapter: PipelineAdapter, *rewards: Reward) -> list[str]:
     """Compiles in place, with `torch.compile`, what steering runs again and again at one size: the whole denoiser,
     the VAE's decoder and the rewards' image networks. Each compiles at its first call per grad mode and shape
-    (minutes at full size); after that it runs fewer, fused kernels, which cuts the per-op host work that one-image
-    ReNO spends most of its time on (measured on the CPU; benchmarks/README.md). Returns the compiled modules' class
-    names."""
+    (minutes at full size); after that it runs fewer, fused kernels, so a GPU gets fewer launches per step
+    (benchmarks/README.md says what that is worth where measured). Returns the compiled modules' class names."""
     check_c_compiler("compile_models")
     modules = [adapter.denoiser, adapter.decoding_vae().decoder]
     modules += [network for reward in rewards for network in reward.image_networks()]
