@@ -463,7 +463,7 @@ def add_steer_parser(subparsers) -> None:
 
 def run_steer(args) -> None:
     from align_diffusion.rewards.spec import load_reward
-    from align_diffusion.models.base import check_c_compiler
+    from align_diffusion.models.base import missing_c_compiler
     from align_diffusion.steering import compile_models, steer, steer_to_folder
 
     options = {}
@@ -487,11 +487,8 @@ def run_steer(args) -> None:
     prompts = read_prompts(args)
     if (args.out / "metadata.jsonl").exists() and not args.overwrite:
         raise SystemExit(f"--out: {args.out} already holds results; pass --overwrite to replace them")
-    if args.compile:
-        try:
-            check_c_compiler("--compile")
-        except RuntimeError as error:
-            raise SystemExit(str(error)) from None
+    if args.compile and (error := missing_c_compiler("--compile")):
+        raise SystemExit(error)
     reward = load_reward(args.reward, device=args.device, dtype=DTYPES[args.dtype])
     prune_reward = None if args.prune_reward is None else load_reward(args.prune_reward, device=args.device,
                                                                       dtype=DTYPES[args.dtype])

@@ -178,11 +178,12 @@ RECOMPILE_LIMIT = 64  # graphs per compiled block forward (see compile_repeated_
 C_COMPILERS = ("g++", "c++", "clang++", "gcc", "cc")  # what inductor (CPU) and Triton (GPU) build with
 
 
-def check_c_compiler(option: str) -> None:
-    """Fails before any compute, naming `option`, when `torch.compile` would find no C/C++ compiler on PATH."""
-    if not any(shutil.which(compiler) for compiler in C_COMPILERS):
-        raise RuntimeError(f"{option}: torch.compile builds its kernels with a C/C++ compiler, and none of "
-                           f"{', '.join(C_COMPILERS)} is on PATH; install one (g++) or leave {option} off")
+def missing_c_compiler(option: str) -> str | None:
+    """The error to raise, naming `option`, when `torch.compile` would find no C/C++ compiler on PATH; else None."""
+    if any(shutil.which(compiler) for compiler in C_COMPILERS):
+        return None
+    return (f"{option}: torch.compile builds its kernels with a C/C++ compiler, and none of "
+            f"{', '.join(C_COMPILERS)} is on PATH; install one (g++) or leave {option} off")
 
 
 def compile_repeated_blocks(denoiser: torch.nn.Module) -> int:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from align_diffusion.models.base import PipelineAdapter, check_c_compiler
+from align_diffusion.models.base import PipelineAdapter, missing_c_compiler
 from align_diffusion.rewards.base import Reward
 from align_diffusion.sampling.loop import resolve_settings
 from align_diffusion.steering import ttsnap as ttsnap_module
@@ -50,7 +50,8 @@ def compile_models(adapter: PipelineAdapter, *rewards: Reward) -> list[str]:
     the VAE's decoder and the rewards' image networks. Each compiles at its first call per grad mode and shape
     (minutes at full size); after that it runs fewer, fused kernels, so a GPU gets fewer launches per step
     (benchmarks/README.md says what that is worth where measured). Returns the compiled modules' class names."""
-    check_c_compiler("compile_models")
+    if error := missing_c_compiler("compile_models"):
+        raise RuntimeError(error)
     modules = [adapter.denoiser, adapter.decoding_vae().decoder]
     modules += [network for reward in rewards for network in reward.image_networks()]
     for module in modules:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from align_diffusion.models.base import check_c_compiler
+from align_diffusion.models.base import missing_c_compiler
 from align_diffusion.rewards.spec import parse_spec
 from align_diffusion.rewards.transforms import METHODS as ADVANTAGE_METHODS
 from align_diffusion.sampling.loop import DEFAULT_NOISE_LEVEL, DIFFUSION_SAMPLERS, FLOW_SAMPLERS
@@ -314,11 +314,8 @@ def validate(config: TrainConfig, num_processes: int = 1) -> None:
         raise ConfigError(f"lora.alpha must be > 0 (the LoRA's scale is alpha / rank), got {config.lora.alpha}")
     if not 0 <= optim.ema_decay < 1:
         raise ConfigError(f"optim.ema_decay must lie in [0, 1), got {optim.ema_decay}")
-    if optim.compile:
-        try:
-            check_c_compiler("optim.compile")
-        except RuntimeError as error:
-            raise ConfigError(str(error)) from None
+    if optim.compile and (error := missing_c_compiler("optim.compile")):
+        raise ConfigError(error)
     if optim.mixed_precision not in ("no", "fp16", "bf16"):
         raise ConfigError(f"optim.mixed_precision must be no, fp16 or bf16, got {optim.mixed_precision!r}")
     if config.dtype not in ("float32", "float16", "bfloat16"):
