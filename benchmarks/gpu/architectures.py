@@ -28,6 +28,7 @@ from align_diffusion.models.flux import FluxAdapter
 from align_diffusion.models.sd3 import SD3Adapter
 from align_diffusion.models.stable_diffusion import StableDiffusionAdapter
 from align_diffusion.rewards.clip import OpenClipScore
+from align_diffusion.steering import compile_models
 
 # stabilityai/stable-diffusion-3.5-medium transformer/config.json
 SD35_MEDIUM = dict(
@@ -205,6 +206,27 @@ def to_channels_last(adapter) -> None:
     (PyTorch's GroupNorm wants NCHW, though: on the H200 it cost FK more than it saved; benchmarks/README.md)."""
     for module in (adapter.denoiser, adapter.pipe.vae):
         module.to(memory_format=torch.channels_last)
+
+
+def add_steering_options(parser) -> None:
+    """How the steering benchmarks run their models: cuDNN's algorithm search, channels-last, torch.compile."""
+    parser.add_argument("--cudnn-benchmark", action="store_true",
+                        help="let cuDNN time its convolution algorithms at the first call of each shape (untimed)")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="the denoiser and the VAE in channels-last memory layout")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the denoiser, the VAE decoder and the reward's image tower "
+                             "(compile_models); they compile in the untimed first run")
+
+
+def apply_steering_options(args, adapter, reward) -> dict:
+    """Sets up the models as `add_steering_options`' options ask; returns those options for the report."""
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    if args.channels_last:
+        to_channels_last(adapter)
+    if args.compile:
+        compile_models(adapter, reward)
+    return {"cudnn_benchmark": args.cudnn_benchmark, "channels_last": args.channels_last, "compile": args.compile}
 
 
 def parameter_count(module: torch.nn.Module) -> int:

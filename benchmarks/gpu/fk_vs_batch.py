@@ -16,11 +16,10 @@ import statistics
 
 import torch
 
-from architectures import sd35_medium, to_channels_last, vit_h14_reward
+from architectures import add_steering_options, apply_steering_options, sd35_medium, vit_h14_reward
 from measure import default_device, measured, profiled, write_report
 
 from align_diffusion.sampling.loop import sample
-from align_diffusion.steering import compile_models
 from align_diffusion.steering.fk import fk_steering, resampling_steps
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -35,12 +34,7 @@ parser.add_argument("--start", type=int, default=None,
 parser.add_argument("--guidance", type=float, default=4.5)
 parser.add_argument("--resolution", type=int, default=1024)
 parser.add_argument("--repeats", type=int, default=2, help="timed runs of each (median reported)")
-parser.add_argument("--cudnn-benchmark", action="store_true",
-                    help="let cuDNN time its convolution algorithms at the first call of each shape (untimed here)")
-parser.add_argument("--channels-last", action="store_true", help="the VAE (and patch embedding) channels-last")
-parser.add_argument("--compile", action="store_true",
-                    help="torch.compile the transformer, the VAE decoder and the reward's image tower "
-                         "(compile_models); they compile in each method's untimed first run")
+add_steering_options(parser)
 parser.add_argument("--profile", type=int, default=0, metavar="TOP",
                     help="also profile one FK run and report its TOP ops and kernels by device time")
 parser.add_argument("--out", required=True, help="JSON report")
@@ -49,11 +43,7 @@ args = parser.parse_args()
 dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
 adapter = sd35_medium(args.device, dtype, toy=args.toy)
 reward = vit_h14_reward(args.device, dtype, toy=args.toy)
-torch.backends.cudnn.benchmark = args.cudnn_benchmark
-if args.channels_last:
-    to_channels_last(adapter)
-if args.compile:
-    compile_models(adapter, reward)
+model_options = apply_steering_options(args, adapter, reward)
 prompt = "a photo of a red fox in the snow"
 common = dict(num_inference_steps=args.steps, guidance_scale=args.guidance, height=args.resolution,
               width=args.resolution)
@@ -80,9 +70,8 @@ def timed(run) -> dict:
     return {key: statistics.median(row[key] for row in rows) for key in rows[0]}
 
 
-config = {"toy": args.toy, "channels_last": args.channels_last, "cudnn_benchmark": args.cudnn_benchmark,
-          "compile": args.compile, "particles": args.particles, "start": args.start, "interval": args.interval,
-          "repeats": args.repeats, **common}
+config = {"toy": args.toy, **model_options, "particles": args.particles, "start": args.start,
+          "interval": args.interval, "repeats": args.repeats, **common}
 results = {"fk_scored_steps": resampling_steps(args.steps, args.start, args.interval, None),
            "plain_batch": timed(plain_batch)}
 write_report(args.out, "fk_vs_batch", args.device, config, results)

@@ -18,10 +18,10 @@ import argparse
 
 import torch
 
-from architectures import parameter_count, sd_turbo, to_channels_last, vit_h14_reward
+from architectures import add_steering_options, apply_steering_options, parameter_count, sd_turbo, vit_h14_reward
 from measure import default_device, measured, profiled, write_report
 
-from align_diffusion.steering import compile_models, reno
+from align_diffusion.steering import reno
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -37,12 +37,7 @@ parser.add_argument("--resolution", type=int, default=512)
 parser.add_argument("--prompts", type=int, default=1, help="prompts optimized together in one batch")
 parser.add_argument("--iterations", type=int, default=20)
 parser.add_argument("--no-checkpointing", action="store_true")
-parser.add_argument("--cudnn-benchmark", action="store_true",
-                    help="let cuDNN time its convolution algorithms at the first call of each shape (untimed here)")
-parser.add_argument("--channels-last", action="store_true", help="UNet and VAE in channels-last memory layout")
-parser.add_argument("--compile", action="store_true",
-                    help="torch.compile the UNet, the VAE decoder and the reward's image tower (compile_models); "
-                         "they compile in the untimed first call")
+add_steering_options(parser)
 parser.add_argument("--profile", type=int, default=0, metavar="TOP",
                     help="also profile a run of 2 iterations and report its TOP ops and kernels by device time, and "
                          "the ATen ops an iteration dispatches (against a profiled run of none)")
@@ -54,11 +49,7 @@ if args.iterations < 1:
 dtype = DTYPES[args.dtype]
 adapter = sd_turbo(args.device, dtype, toy=args.toy, narrow=args.narrow)
 reward = vit_h14_reward(args.device, dtype, toy=args.toy, narrow=args.narrow)
-torch.backends.cudnn.benchmark = args.cudnn_benchmark
-if args.channels_last:
-    to_channels_last(adapter)
-if args.compile:
-    compile_models(adapter, reward)
+model_options = apply_steering_options(args, adapter, reward)
 prompts = ["a photo of a red fox in the snow"] * args.prompts
 options = dict(num_inference_steps=1, guidance_scale=0.0, height=args.resolution, width=args.resolution,
                gradient_checkpointing=not args.no_checkpointing)
@@ -71,9 +62,7 @@ with measured(args.device) as timed:
 seconds_per_iteration = (timed["seconds"] - scoring_render["seconds"]) / args.iterations
 report = write_report(args.out, "reno", args.device, {
     "toy": args.toy, "narrow": args.narrow, "dtype": args.dtype, "resolution": args.resolution, "prompts": args.prompts,
-    "iterations": args.iterations, "channels_last": args.channels_last, "cudnn_benchmark": args.cudnn_benchmark,
-    "compile": args.compile,
-    **options,
+    "iterations": args.iterations, **model_options, **options,
 }, {
     "unet_parameters": parameter_count(adapter.denoiser), "reward_parameters": parameter_count(reward),
     "seconds": timed["seconds"], "seconds_without_iterations": scoring_render["seconds"],
