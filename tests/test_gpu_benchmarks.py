@@ -128,12 +128,14 @@ def test_grpo_step_benchmark_runs_flux_at_toy_size(tmp_path):
 
 
 def test_grpo_step_benchmark_runs_in_bfloat16(tmp_path):
+    """Also asked for xformers, which needs CUDA (or is not installed): its setting reports why it did not run."""
     report = run_benchmark("grpo_step.py", tmp_path, "--dtype", "bfloat16", "--group", "2", "--micro-batch", "2",
-                           "--resolution", "32", "--checkpointing", "off")
+                           "--resolution", "32", "--checkpointing", "off", "--attention", "both")
     assert report["config"]["dtype"] == "torch.bfloat16"
     assert report["config"]["trainer_config"]["optim"]["mixed_precision"] == "bf16"
-    [setting] = report["results"]["settings"]
-    assert "error" not in setting and setting["train_seconds_per_image"] > 0
+    sdpa, xformers = report["results"]["settings"]
+    assert sdpa["attention"] == "sdpa" and "error" not in sdpa and sdpa["train_seconds_per_image"] > 0
+    assert xformers["attention"] == "xformers" and xformers["error"]
 
 
 def test_reno_benchmark_times_iterations(tmp_path):

@@ -212,6 +212,7 @@ for backend in ["sdpa", "xformers"] if args.attention == "both" else [args.atten
             denoiser.enable_xformers_memory_efficient_attention()
         except (ImportError, ModuleNotFoundError, ValueError) as error:
             results["settings"].append({"attention": backend, "error": str(error)})
+            write_report(args.out, "grpo_step", args.device, run, results)
             continue
     for checkpoint in {"off": [False], "on": [True], "both": [False, True]}[args.checkpointing]:
         results["settings"].append(measure_setting(backend, checkpoint))
