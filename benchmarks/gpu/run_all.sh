@@ -2,7 +2,7 @@
 # What is left to measure on one H100 / H200, each benchmark under a time cap, once the machine is up:
 #   bash benchmarks/gpu/run_all.sh OUT_DIR [NAME ...]
 # Without NAMEs it runs fk, reno, reno_compiled and grpo_sd35m_compiled (at most 570 s together, plus the wheel
-# install); reno_cudagraphs and grpo_sd35m_xformers run when named, in a second call (300 s together). Writes
+# install); reno_cudagraphs, grpo_sd35m_compiled_mb12 and grpo_sd35m_xformers run when named, in later calls. Writes
 # OUT_DIR/NAME.json for each and one log of them all, OUT_DIR/logs.txt (appended to): within the eight files the
 # device tool brings back. Each script writes its JSON as results arrive, so a capped one keeps what it measured.
 # Missing packages (diffusers, open_clip, xformers) are installed from wheels in .whl/ when that folder exists (see
@@ -22,6 +22,9 @@ spec() {  # NAME: sets its time cap (seconds) and its command line (args), or fa
         reno_cudagraphs) cap=150 args=(reno_step.py --iterations 20 --cudnn-benchmark --compile reduce-overhead) ;;
         grpo_sd35m_compiled) cap=220 args=(grpo_step.py --arch sd35-medium --group 24 --micro-batch 8
                                           --checkpointing off --compile --profile 15) ;;
+        # the preset's own micro-batch of 12: fewer launches per image (compiled, 8 peaked at 31.5 GiB)
+        grpo_sd35m_compiled_mb12) cap=220 args=(grpo_step.py --arch sd35-medium --group 24 --micro-batch 12
+                                               --checkpointing off --compile) ;;
         grpo_sd35m_xformers) cap=150 args=(grpo_step.py --arch sd35-medium --group 24 --micro-batch 8
                                           --checkpointing off --attention both) ;;
         *) return 1 ;;
