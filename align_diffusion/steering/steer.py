@@ -45,12 +45,12 @@ def method_size(adapter: PipelineAdapter, method: str, budget: int, options: dic
     return size
 
 
-def compile_models(adapter: PipelineAdapter, *rewards: Reward, mode: str | None = None) -> list[str]:
+def compile_models(adapter: PipelineAdapter, *rewards: Reward, mode: str = "default") -> list[str]:
     """Compiles in place, with `torch.compile`, what steering runs again and again at one size: the whole denoiser,
     the VAE's decoder and the rewards' image networks. Each compiles at its first call per grad mode and shape
     (minutes at full size); after that it runs fewer, fused kernels, so a GPU gets fewer launches per step
-    (benchmarks/README.md says what that is worth where measured). `mode` is torch.compile's (None: its default;
-    "reduce-overhead" also replays CUDA graphs on a GPU). Returns the compiled modules' class names."""
+    (benchmarks/README.md says what that is worth where measured). `mode` is torch.compile's
+    ("reduce-overhead" also replays CUDA graphs on a GPU). Returns the compiled modules' class names."""
     if error := missing_c_compiler("compile_models"):
         raise RuntimeError(error)
     modules = [adapter.denoiser, adapter.decoding_vae().decoder]

@@ -217,8 +217,8 @@ def add_steering_options(parser) -> None:
     parser.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
                         choices=("default", "reduce-overhead", "max-autotune-no-cudagraphs"),
                         help="torch.compile the denoiser, the VAE decoder and the reward's image tower "
-                             "(compile_models) in torch.compile's MODE (default: its default; reduce-overhead "
-                             "replays CUDA graphs); they compile in the untimed first run")
+                             "(compile_models) in torch.compile's MODE (default: default; reduce-overhead replays "
+                             "CUDA graphs); they compile in the untimed first run")
 
 
 def apply_steering_options(args, adapter, reward) -> dict:
@@ -227,7 +227,7 @@ def apply_steering_options(args, adapter, reward) -> dict:
     if args.channels_last:
         to_channels_last(adapter)
     if args.compile:
-        compile_models(adapter, reward, mode=None if args.compile == "default" else args.compile)
+        compile_models(adapter, reward, mode=args.compile)
     return {"cudnn_benchmark": args.cudnn_benchmark, "channels_last": args.channels_last, "compile": args.compile}
 
 
