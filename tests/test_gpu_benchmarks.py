@@ -1,6 +1,7 @@
 """The GPU benchmarks run end to end at toy size on the CPU and write their reports; the FLOP count behind MFU."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,10 +18,15 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu"
 
 
 def run_benchmark(script: str, tmp_path: Path, *args: str) -> dict:
-    out = tmp_path / f"{script}.json"
+    """Runs the script at toy size on the CPU with its own temporary folder, which it must leave empty of its
+    trainer's outputs."""
+    out, temp = tmp_path / f"{script}.json", tmp_path / "tmp"
+    temp.mkdir()
     completed = subprocess.run([sys.executable, str(BENCHMARKS / script), "--toy", "--device", "cpu", *args,
-                                "--out", str(out)], capture_output=True, text=True, timeout=300)
+                                "--out", str(out)], capture_output=True, text=True, timeout=300,
+                               env={**os.environ, "TMPDIR": str(temp)})
     assert completed.returncode == 0, completed.stderr[-3000:]
+    assert not list(temp.glob("grpo_bench_*"))
     report = json.loads(out.read_text())
     assert report["environment"]["device_type"] == "cpu"
     assert report["environment"]["versions"]["torch"] == torch.__version__.split("+")[0]

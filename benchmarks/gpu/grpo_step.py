@@ -83,12 +83,13 @@ for name, enable in SDPA_BACKENDS.items():
 dtype = DTYPES[args.dtype or ("float32" if args.device == "cpu" else "bfloat16")]
 precision = "bf16" if dtype == torch.bfloat16 else "'no'"  # quoted: YAML reads a bare no as false
 adapter = ARCHITECTURES[args.arch](args.device, dtype, toy=args.toy)
+run_dir = tempfile.TemporaryDirectory(prefix="grpo_bench_")  # the trainer's own outputs, removed at exit
 overrides = [
     f"model={args.arch} (random weights)", "prompts=shapes:train", "eval.prompts=shapes:test", "eval.every=0",
     "reward=jpeg", f"grpo.group_size={args.group}", f"grpo.batch_size={args.group}",
     f"grpo.train_batch_size={args.micro_batch}", f"sampling.batch_size={args.rollout_batch or args.group}",
     f"sampling.height={args.resolution}", f"sampling.width={args.resolution}", f"device={args.device}",
-    f"output_dir={tempfile.mkdtemp(prefix='grpo_bench_')}", "log_with=[]",
+    f"output_dir={run_dir.name}", "log_with=[]",
     f"dtype={'float32' if dtype == torch.float32 else 'bfloat16'}",
     f"optim.mixed_precision={precision}", f"optim.compile={str(args.compile).lower()}",
 ]
