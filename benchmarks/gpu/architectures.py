@@ -77,6 +77,10 @@ TOY_SD = dict(
     down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
     cross_attention_dim=32, attention_head_dim=4, norm_num_groups=4, use_linear_projection=True,
 )
+TOY_CLIP = dict(
+    embed_dim=16, vision_cfg=dict(image_size=32, patch_size=8, width=32, layers=1, head_width=16),
+    text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=1),
+)
 
 # Text tokens the published pipelines pass: CLIP's 77 plus T5's max_sequence_length (SD3: 256, FLUX.1-dev: 512).
 SD3_TEXT_TOKENS, FLUX_TEXT_TOKENS, SD_TEXT_TOKENS = 77 + 256, 512, 77
@@ -186,12 +190,10 @@ def vit_h14_reward(device: str, dtype: torch.dtype, toy: bool = False, narrow: b
 
     with built_on(device, torch.float32):  # open_clip builds in float32; the reward casts to `dtype`
         if toy or narrow:
-            size = 28 if narrow else 32
-            model = open_clip.CLIP(**NARROW_VIT_H) if narrow else open_clip.CLIP(
-                embed_dim=16, vision_cfg=dict(image_size=32, patch_size=8, width=32, layers=1, head_width=16),
-                text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=1),
-            )
-            open_clip.set_model_preprocess_cfg(model, dict(size=size, mean=open_clip.OPENAI_DATASET_MEAN,
+            config = NARROW_VIT_H if narrow else TOY_CLIP
+            model = open_clip.CLIP(**config)
+            open_clip.set_model_preprocess_cfg(model, dict(size=config["vision_cfg"]["image_size"],
+                                                           mean=open_clip.OPENAI_DATASET_MEAN,
                                                            std=open_clip.OPENAI_DATASET_STD))
         else:
             model = open_clip.create_model("ViT-H-14", pretrained=None, device=device)
