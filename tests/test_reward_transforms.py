@@ -133,6 +133,12 @@ def test_log_taming_ignores_nan_in_cv_and_keeps_it():
     assert_close(tamed, t(0, nan, math.log(9)), equal_nan=True)
 
 
+@pytest.mark.parametrize("threshold", ["mean", "median"])
+def test_log_taming_passes_a_batch_with_no_score_through(threshold):
+    out = combine({"a": t(nan, nan), "b": t(nan, nan)}, {"a": 1.0, "b": 1.0}, log_tame_cv=threshold)
+    assert torch.isnan(out).all() and out.shape == (2,)
+
+
 # --- cross-source median normalization (MedGRPO) -----------------------------------------------------------------
 
 
@@ -166,6 +172,21 @@ def test_median_normalization_zero_iqr_and_nan():
     assert_close(out, t(sigmoid(-3), nan, 0.5, sigmoid(3)), equal_nan=True)
     # a source whose every reward failed stays NaN
     assert torch.isnan(median_normalize(t(1, nan), ["s", "dead"])[1])
+
+
+def test_median_normalization_keeps_nan_when_iqr_is_zero():
+    # a mostly-passing strict reward: quartiles of [1, 1, 1, 0, 1] are all 1, so IQR 0; the failed image stays NaN
+    out = median_normalize(t(1, 1, 1, 0, 1, nan), ["s"] * 6)
+    assert_close(out, t(0.5, 0.5, 0.5, 0, 0.5, nan), equal_nan=True)
+    out = median_normalize(t(0.2, nan, 0.7), ["s"] * 3, stats={"s": (0.5, 0.0)})
+    assert_close(out, t(0, nan, 1), equal_nan=True)
+
+
+def test_median_normalization_of_half_precision_rewards():
+    # stats of [1, 2, 3]: median 2, IQR 1, computed in float64 whatever the rewards' dtype
+    out = median_normalize(torch.tensor([1, 2, 3], dtype=torch.float16), ["s"] * 3)
+    assert out.dtype == torch.float16
+    assert_close(out.double(), t(sigmoid(-3), 0.5, sigmoid(3)), atol=1e-3, rtol=0)
 
 
 # --- group normalizers -------------------------------------------------------------------------------------------

@@ -103,7 +103,10 @@ def log_tame(rewards: Mapping[str, torch.Tensor], threshold: float | str) -> dic
     cv = {name: coefficient_of_variation(r) for name, r in rewards.items()}
     if threshold in ("mean", "median"):
         finite = torch.tensor([c for c in cv.values() if not math.isnan(c)], dtype=torch.float64)
-        threshold = finite.mean().item() if threshold == "mean" else torch.quantile(finite, 0.5).item()
+        if len(finite) == 0:  # no reward scored a single image: nothing to tame, the NaNs pass through
+            threshold = math.nan
+        else:
+            threshold = finite.mean().item() if threshold == "mean" else torch.quantile(finite, 0.5).item()
     elif isinstance(threshold, str):
         raise ValueError(f"log-taming threshold must be a number, 'mean' or 'median', got {threshold!r}")
     return {name: torch.log1p(r) if cv[name] > threshold else r for name, r in rewards.items()}
@@ -136,12 +139,13 @@ def median_normalize(
             scored = values[~torch.isnan(values)]
             if len(scored) == 0:
                 continue  # every reward of this source failed: they stay NaN
-            q25, median, q75 = torch.quantile(scored, torch.tensor([0.25, 0.5, 0.75], dtype=x.dtype, device=x.device))
+            quartiles = torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64, device=x.device)
+            q25, median, q75 = torch.quantile(scored.double(), quartiles).to(x.dtype)
             iqr = q75 - q25
         if iqr > 0:
             out[where] = torch.sigmoid(slope * (values - median) / iqr)
-        else:
-            out[where] = 0.5 * (1 + torch.sign(values - median))
+        else:  # torch.sign(NaN) is 0, which would score a failed image as the median
+            out[where] = torch.where(torch.isnan(values), values, 0.5 * (1 + torch.sign(values - median)))
     return out
 
 
