@@ -74,6 +74,34 @@ def test_images_to_tensor_refuses_integer_and_out_of_range_tensors():
     assert images_to_tensor(noisy) is noisy
 
 
+def test_images_to_tensor_refuses_nan_pixels():
+    images = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    images[1, 0, 3, 3] = math.nan
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        images_to_tensor(images)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_an_image_with_a_non_finite_pixel_scores_nan_and_the_others_as_alone(bad):
+    clean = images_to_tensor(world_images())
+    diverged = clean.clone()
+    diverged[1, :, 10:20, 10:20] = bad
+    for reward in (ShapesReward("strict"), ShapesReward(), JpegCompressibility(), ClipScore(WORLD_CLIP)):
+        alone = reward(clean, PROMPTS)
+        scores = reward(diverged, PROMPTS)
+        assert torch.isnan(scores[1]), reward
+        assert scores[[0, 2]].tolist() == alone[[0, 2]].tolist(), reward
+    pixels = diverged.clone().requires_grad_(True)
+    ClipScore(WORLD_CLIP)(pixels, PROMPTS).nansum().backward()
+    assert torch.isfinite(pixels.grad).all() and (pixels.grad[1] == 0).all() and pixels.grad[0].abs().sum() > 0
+
+
+def test_an_empty_batch_gets_no_scores():
+    for reward in (ShapesReward(), JpegCompressibility(), ClipScore(WORLD_CLIP)):
+        assert reward([], []).shape == (0,)
+        assert reward(torch.zeros(0, 3, 64, 64), []).shape == (0,)
+
+
 def test_reward_checks_lengths():
     with pytest.raises(ValueError, match="2 prompts for 3 images"):
         ShapesReward()(world_images(), PROMPTS[:2])

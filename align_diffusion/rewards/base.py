@@ -1,13 +1,15 @@
 """The one reward interface: a batch of images with their prompts in, one float per image out.
 
 Images come as a (B, 3, H, W) tensor in [0, 1] or a list of PIL images. A reward that cannot score an image
-returns NaN for it (callers count and mask those) or raises; it never substitutes a default score. Flags say
+returns NaN for it (callers count and mask those) or raises; it never substitutes a default score. An image with
+a NaN or infinite pixel (a diverged sample) is one no reward can score. Flags say
 what a caller may do with a reward: backpropagate through it, must pass reference images, may train it, or must
 save its state with a checkpoint.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -24,19 +26,21 @@ RANGE_TOLERANCE = 1e-3  # rounding noise past 0 and 1 passes; [-1, 1] or 0…255
 
 def images_to_tensor(images) -> torch.Tensor:
     """(B, 3, H, W) float in [0, 1] from such a tensor (returned as is, so gradients flow) or a list of PIL images;
-    ValueError for a tensor of another shape, an integer dtype or values outside [0, 1]."""
+    ValueError for a tensor of another shape, an integer dtype, or values outside [0, 1], NaN included."""
     if isinstance(images, torch.Tensor):
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
         if not images.is_floating_point():
             raise ValueError(f"expected float images in [0, 1], got dtype {images.dtype}")
         pixels = images.detach()
-        if ((pixels < -RANGE_TOLERANCE) | (pixels > 1 + RANGE_TOLERANCE)).any():
+        if not ((pixels >= -RANGE_TOLERANCE) & (pixels <= 1 + RANGE_TOLERANCE)).all():  # NaN fails both
             raise ValueError(f"expected images in [0, 1], got values from {pixels.min().item():.4g} to "
                              f"{pixels.max().item():.4g}")
         return images
     if not isinstance(images, Sequence) or not all(isinstance(image, Image.Image) for image in images):
         raise TypeError("images must be a (B, 3, H, W) tensor in [0, 1] or a list of PIL images")
+    if not images:
+        return torch.empty(0, 3, 0, 0)
     arrays = [np.asarray(image.convert("RGB"), dtype=np.float32) / 255 for image in images]
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
 
@@ -61,19 +65,27 @@ class Reward(torch.nn.Module):
         self.name = name
 
     def forward(self, images, prompts: Sequence[str], metadata: Sequence[dict] | None = None) -> torch.Tensor:
-        """Rewards (B,) float32; NaN where an image could not be scored."""
+        """Rewards (B,) float32; NaN where an image could not be scored, among them any with a non-finite pixel."""
+        scorable = None
+        if isinstance(images, torch.Tensor) and images.ndim == 4:
+            scorable = torch.isfinite(images.detach()).flatten(1).all(dim=1)
+            if not scorable.all():  # a blank stands in for such an image, whose score is then masked
+                images = torch.where(scorable.view(-1, 1, 1, 1), images, torch.zeros((), dtype=images.dtype))
         images = images_to_tensor(images)
         prompts = list(prompts)
         if len(prompts) != len(images):
             raise ValueError(f"{self.name}: {len(prompts)} prompts for {len(images)} images")
         if metadata is not None and len(metadata) != len(images):
             raise ValueError(f"{self.name}: {len(metadata)} metadata entries for {len(images)} images")
+        if len(images) == 0:
+            return torch.empty(0)
         if not self.differentiable:
             images = images.detach()
         rewards = self.score(images, prompts, metadata)
         if rewards.shape != (len(images),):
             raise RewardError(f"{self.name} returned shape {tuple(rewards.shape)} for {len(images)} images")
-        return rewards.float()
+        rewards = rewards.float()
+        return rewards if scorable is None else rewards.masked_fill(~scorable.to(rewards.device), math.nan)
 
     def score(self, images: torch.Tensor, prompts: list[str], metadata: Sequence[dict] | None) -> torch.Tensor:
         raise NotImplementedError
