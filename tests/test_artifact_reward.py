@@ -122,3 +122,19 @@ def test_shipped_world_head_ranks_clean_renders_above_kinds_it_never_saw():
         clean_scores = reward(clean, [""] * len(clean))
         unseen_scores = reward(unseen, [""] * len(unseen))
     assert (unseen_scores[None] < clean_scores[:, None]).float().mean() >= 0.8
+
+
+def test_world_head_on_a_bfloat16_backbone_scores_like_float32():
+    """The head's inputs are standardized by training statistics; features that were constant there must not turn
+    the backbone's bfloat16 rounding into hundreds of standard deviations."""
+    prompts = split_prompts("test")
+    clean = [Image.fromarray(render_prompt(prompts[k % len(prompts)], 40_000 + k)) for k in range(32)]
+    rng = np.random.default_rng(1)
+    unseen = [Image.fromarray(corrupt(render_prompt(prompts[k % len(prompts)], 50_000 + k), HELD_OUT_KINDS[k % 2],
+                                      rng)) for k in range(32)]
+    with torch.no_grad():
+        full = load_reward("artifact:assets/world/artifact")(clean, [""] * 32)
+        reward = load_reward("artifact:assets/world/artifact", dtype=torch.bfloat16)
+        clean_scores, unseen_scores = reward(clean, [""] * 32), reward(unseen, [""] * 32)
+    assert (clean_scores - full).abs().mean() <= 0.05
+    assert (unseen_scores[None] < clean_scores[:, None]).float().mean() >= 0.8

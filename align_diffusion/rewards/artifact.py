@@ -48,8 +48,12 @@ class FrozenBackbone(torch.nn.Module):
                           for h in hidden], -1)
 
 
+CONSTANT_STD = 1e-6  # a feature no wider than this over the training set carries nothing (e.g. the input CLS token)
+
+
 class Standardize(torch.nn.Module):
-    """Feature-wise (x − mean) / std with the training set's statistics, kept as buffers in the head's weights."""
+    """Feature-wise (x − mean) / std with the training set's statistics, kept as buffers in the head's weights;
+    0 for a feature that was constant in training."""
 
     def __init__(self, features: int):
         super().__init__()
@@ -57,7 +61,9 @@ class Standardize(torch.nn.Module):
         self.register_buffer("std", torch.ones(features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.std
+        # Dividing by a constant feature's std would blow up its rounding error: a bfloat16 backbone moves it by
+        # ~4e-4, 400 standard deviations, and the head's logit with it.
+        return (x - self.mean) / self.std * (self.std > CONSTANT_STD)
 
 
 def artifact_head(features: int) -> torch.nn.Module:
@@ -175,7 +181,7 @@ def train_artifact_reward(data, out: str | Path, backbone: str, settings: Artifa
     train_x, train_y, test_x, test_y = features[held:], labels[held:], features[:held], labels[:held]
     head = artifact_head(backbone_model.features).to(features.device)
     head[0].mean.copy_(train_x.mean(0))
-    head[0].std.copy_(train_x.std(0).clamp(min=1e-6))
+    head[0].std.copy_(train_x.std(0).clamp(min=CONSTANT_STD))
     optimizer = torch.optim.AdamW(head.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     generator = torch.Generator().manual_seed(settings.seed)
     for step in range(settings.steps):
