@@ -245,6 +245,19 @@ def test_hpsv2_open_clip_weights_file(tiny_open_clip):
         HPSv2(weights.parent / "missing.pt", arch)
 
 
+@pytest.mark.parametrize("width", [49, 51, 53])
+def test_open_clip_transform_crops_where_open_clip_does(tiny_open_clip, width):
+    """No resize at height 48 (the tiny model's size), so only the crop offset differs: (width - 48) / 2 rounded as
+    torchvision rounds it (0.5 -> 0, 1.5 -> 2, 2.5 -> 2), where transformers floors it."""
+    import open_clip
+
+    arch, weights = tiny_open_clip
+    _, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=str(weights))
+    image = Image.fromarray(np.random.default_rng(width).integers(0, 256, (48, width, 3), dtype=np.uint8))
+    ours = HPSv2(weights, arch).transform(images_to_tensor([image]))[0]
+    torch.testing.assert_close(ours, preprocess(image), rtol=0, atol=1e-6)
+
+
 def test_aesthetic_head_on_clip_embedding(tmp_path):
     model = CLIPModel.from_pretrained(WORLD_CLIP).eval()
     torch.manual_seed(0)

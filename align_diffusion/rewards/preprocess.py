@@ -16,6 +16,7 @@ class TorchImageTransform:
     crop: tuple[int, int]  # (height, width)
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    round_crop_offset: bool = False  # torchvision's center crop (open_clip) rounds the offset, transformers' floors it
 
     @classmethod
     def from_processor(cls, processor) -> TorchImageTransform:
@@ -32,7 +33,7 @@ class TorchImageTransform:
         config = visual.preprocess_cfg
         size = config["size"]
         side = size if isinstance(size, int) else size[0]
-        return cls(side, (side, side), tuple(config["mean"]), tuple(config["std"]))
+        return cls(side, (side, side), tuple(config["mean"]), tuple(config["std"]), round_crop_offset=True)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [0, 1] to normalized model input; differentiable."""
@@ -43,8 +44,8 @@ class TorchImageTransform:
         if new_size != (height, width):
             images = F.interpolate(images, size=new_size, mode="bicubic", align_corners=False, antialias=True)
         crop_height, crop_width = self.crop
-        top = (images.shape[-2] - crop_height) // 2
-        left = (images.shape[-1] - crop_width) // 2
+        top, left = (int(round(margin / 2)) if self.round_crop_offset else margin // 2  # Python's round, as torchvision
+                     for margin in (images.shape[-2] - crop_height, images.shape[-1] - crop_width))
         images = images[..., top : top + crop_height, left : left + crop_width]
         mean = images.new_tensor(self.mean).view(1, 3, 1, 1)
         std = images.new_tensor(self.std).view(1, 3, 1, 1)
