@@ -352,10 +352,12 @@ class Scripted:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):
                 self.rfile.read(int(self.headers["Content-Length"]))
-                status, body = outer.script[min(outer.hits, len(outer.script) - 1)]
+                status, body, *headers = outer.script[min(outer.hits, len(outer.script) - 1)]
                 outer.hits += 1
                 data = body if isinstance(body, bytes) else json.dumps(body).encode()
                 self.send_response(status)
+                for name, value in (headers[0] if headers else {}).items():
+                    self.send_header(name, value)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
@@ -388,6 +390,8 @@ def test_503_then_success_is_retried():
     (200, {"rewards": [True, 2.0]}),
     (200, {"rewards": {"0": 1.0, "1": 2.0}}),
     (200, b"<html>not json</html>"),
+    (200, b'{"rewards": [Infinity, 1.0]}'),
+    (200, b'{"rewards": [NaN, 1.0]}'),
     (400, {"error": "nope"}),
 ])
 def test_malformed_answers_and_4xx_raise_without_retry(status, body):
@@ -398,6 +402,19 @@ def test_malformed_answers_and_4xx_raise_without_retry(status, body):
     finally:
         scripted.close()
     assert scripted.hits == 1
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_a_redirect_is_an_error_and_the_token_goes_nowhere_else(status):
+    elsewhere = Scripted([(200, {"rewards": [0.5, 0.5]})])
+    redirecting = Scripted([(status, b"", {"Location": f"{elsewhere.url}/score"})])
+    try:
+        with pytest.raises(RewardError, match=f"HTTP {status}"):
+            RemoteReward(redirecting.url, TOKEN, attempts=3, backoff=0.01)([Image.new("RGB", (8, 8))] * 2, ["a"] * 2)
+    finally:
+        redirecting.close()
+        elsewhere.close()
+    assert redirecting.hits == 1 and elsewhere.hits == 0
 
 
 def test_client_times_out_on_a_stalled_server(monkeypatch):

@@ -28,8 +28,16 @@ logger = logging.getLogger(__name__)
 
 TOKEN_ENV = "ALIGN_DIFFUSION_REWARD_TOKEN"
 
-# No proxy: the bearer token must go to the server named in the URL, not to whatever http_proxy names.
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    """A redirect is answered as the error it is, so the token and images are never sent on to another address."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
+# No proxy and no redirects: the bearer token must go to the server named in the URL and nowhere else.
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}), _RefuseRedirects())
 
 
 def encode_png(image) -> str:
@@ -39,13 +47,15 @@ def encode_png(image) -> str:
 
 
 def parse_rewards(payload: bytes, batch_size: int, url: str) -> torch.Tensor:
-    """(B,) float32 from a /score answer, null → NaN; RewardError unless it holds exactly B numbers or nulls."""
+    """(B,) float32 from a /score answer, null → NaN; RewardError unless it holds exactly B finite numbers or nulls
+    (JSON has no NaN or Infinity; a server that sends them anyway is broken)."""
     try:
         rewards = json.loads(payload)["rewards"]
     except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
         rewards = None
     ok = isinstance(rewards, list) and len(rewards) == batch_size and all(
-        value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)) for value in rewards
+        value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value))
+        for value in rewards
     )
     if not ok:
         raise RewardError(f"reward server {url} gave a malformed answer for {batch_size} images: {payload[:200]!r}")
