@@ -234,6 +234,16 @@ def test_a_png_that_pil_rejects_with_syntax_error_is_400(shapes_server):
     assert status == 400 and "undecodable image: broken PNG" in answer["error"]
 
 
+def test_a_batch_that_would_decode_to_too_many_pixels_is_400_before_decoding(shapes_server):
+    """17 solid 4096² PNGs are a 1 MB body but 285 M pixels, 3.4 GB as float32; each alone is within the limit."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (4096, 4096), (200, 30, 30)).save(buffer, format="PNG")
+    encoded = base64.b64encode(buffer.getvalue()).decode()
+    body = json.dumps({"prompts": ["a red circle"] * 17, "images": [encoded] * 17}).encode()
+    status, answer = request(shapes_server, "POST", "/score", body, AUTH)
+    assert status == 400 and "exceeds" in answer["error"] and "fewer or smaller images" in answer["error"]
+
+
 class CrashingImageFile(ImageFile.ImageFile):
     """An image format whose reader fails with an error PIL's own plugins never raise."""
 

@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_BYTES = 64 * 2**20
 MAX_IMAGE_PIXELS = 4096 * 4096  # a small PNG can inflate to gigabytes; refuse from the header before decoding
+MAX_BATCH_PIXELS = 256 * 1024 * 1024  # and so can a batch of them: 3 GiB as float32, 256 images of 1024²
 
 
 class RequestError(Exception):
@@ -46,19 +47,34 @@ class RequestError(Exception):
         self.status = status
 
 
-def decode_image(text) -> Image.Image:
-    """An RGB PIL image from a base64-encoded PNG (or any format PIL reads); RequestError 400 if it is not one."""
+# PIL's decoders report broken files with SyntaxError, EOFError or struct.error as well as OSError.
+UNDECODABLE = (binascii.Error, OSError, ValueError, Image.DecompressionBombError, SyntaxError, EOFError, struct.error)
+
+
+def open_image(text) -> Image.Image:
+    """A PIL image from a base64-encoded PNG (or any format PIL reads), its header read but its pixels not yet
+    decoded; RequestError 400 if it is not one or is larger than MAX_IMAGE_PIXELS."""
     if not isinstance(text, str):
         raise RequestError(400, f"images must be base64 strings, got {type(text).__name__}")
     try:
-        data = base64.b64decode(text, validate=True)
-        image = Image.open(io.BytesIO(data))
-        if image.width * image.height > MAX_IMAGE_PIXELS:
-            raise RequestError(400, f"image of {image.width}x{image.height} exceeds {MAX_IMAGE_PIXELS} pixels")
-        return image.convert("RGB")
-    # PIL's decoders report broken files with SyntaxError, EOFError or struct.error as well as OSError.
-    except (binascii.Error, OSError, ValueError, Image.DecompressionBombError, SyntaxError, EOFError,
-            struct.error) as error:
+        image = Image.open(io.BytesIO(base64.b64decode(text, validate=True)))
+    except UNDECODABLE as error:
+        raise RequestError(400, f"undecodable image: {error}") from None
+    if image.width * image.height > MAX_IMAGE_PIXELS:
+        raise RequestError(400, f"image of {image.width}x{image.height} exceeds {MAX_IMAGE_PIXELS} pixels")
+    return image
+
+
+def decode_images(encoded: list) -> list[Image.Image]:
+    """RGB images from a request's base64 strings, refused from their headers when the batch would decode to more
+    than MAX_BATCH_PIXELS; RequestError 400."""
+    opened = [open_image(text) for text in encoded]
+    pixels = sum(image.width * image.height for image in opened)
+    if pixels > MAX_BATCH_PIXELS:
+        raise RequestError(400, f"a batch of {pixels} pixels exceeds {MAX_BATCH_PIXELS}; send fewer or smaller images")
+    try:
+        return [image.convert("RGB") for image in opened]
+    except UNDECODABLE as error:
         raise RequestError(400, f"undecodable image: {error}") from None
 
 
@@ -87,7 +103,7 @@ def parse_score_request(body: bytes) -> tuple[torch.Tensor, list[str], list[dict
             raise RequestError(400, "metadata must be a list of objects")
         if len(metadata) != len(prompts):
             raise RequestError(400, f"{len(metadata)} metadata entries for {len(prompts)} images")
-    images = [decode_image(text) for text in encoded]
+    images = decode_images(encoded)
     sizes = {image.size for image in images}
     if len(sizes) > 1:
         raise RequestError(400, f"images of different sizes in one batch: {sorted(sizes)}")
