@@ -153,8 +153,9 @@ def test_potentials_hand_worked_and_the_difference_telescopes():
     assert torch.allclose(log_potential(history, "max", 2.0), torch.tensor([1.8, 1.6]))
     assert torch.allclose(log_potential(history, "sum", 2.0), torch.tensor([3.6, 3.0]))
     assert torch.allclose(log_potential(history, "difference", 2.0), torch.tensor([1.2, -1.4]))
+    assert torch.allclose(log_potential(history[:, :1], "difference", 2.0), torch.tensor([0.2, 0.8]))  # r_prev = 0
     product = sum(log_potential(history[:, : s + 1], "difference", 2.0) for s in range(history.shape[1]))
-    assert torch.allclose(product, 2.0 * (history[:, -1] - history[:, 0]))  # exp(λ (r_last − r_first))
+    assert torch.allclose(product, 2.0 * history[:, -1])  # exp(λ r_last): the lineage's weights target the tilt
 
 
 def test_effective_sample_size_and_resampling():

@@ -9,8 +9,8 @@ particle's lineage:
 
     max         λ · max over scored steps s ≤ t of r_s
     sum         λ · Σ_{s ≤ t} r_s
-    difference  λ · (r_t − r_prev), 0 at the first scored step, so the product over steps telescopes to
-                exp(λ · (r_last − r_first))
+    difference  λ · (r_t − r_prev), r_prev = 0 at the first scored step, so the product over steps telescopes to
+                exp(λ · r_last), the tilt FK targets
 
 Particles are resampled (multinomial or systematic) in proportion to their weights. With adaptive resampling they
 are resampled only when the effective sample size 1 / Σ W_i² of the normalized weights falls below
@@ -65,9 +65,8 @@ def log_potential(history: torch.Tensor, potential: str, lam: float) -> torch.Te
     if potential == "sum":
         return lam * history.sum(dim=1)
     if potential == "difference":
-        if history.shape[1] == 1:
-            return torch.zeros(len(history))
-        return lam * (history[:, -1] - history[:, -2])
+        previous = history[:, -2] if history.shape[1] > 1 else 0.0
+        return lam * (history[:, -1] - previous)
     raise ValueError(f"potential must be one of {POTENTIALS}, got {potential!r}")
 
 
