@@ -145,3 +145,20 @@ def test_overwrite_leaves_only_the_new_samples(saved, tmp_path):
     sample_to_folder(adapter, PROMPTS, out, num_inference_steps=1, height=32, width=32, progress=False,
                      overwrite=True)
     assert len((out / "metadata.jsonl").read_text().splitlines()) == len(PROMPTS)
+
+
+def test_metadata_writes_non_finite_numbers_as_null(tmp_path):
+    """A reward that could not score an image (NaN), however deeply it sits in a record, reaches strict JSON readers
+    as null."""
+    def strict(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    with SampleFolder(tmp_path) as folder:
+        record = folder.add(Image.new("RGB", (4, 4)), {
+            "rewards": {"clip": float("nan"), "jpeg": -1.5},
+            "details": {"candidate_rewards": [1.0, float("nan"), float("-inf")], "trace": [[0.5, float("inf")]]},
+        })
+    line = json.loads((tmp_path / "metadata.jsonl").read_text(), parse_constant=strict)
+    assert line == record
+    assert line["rewards"] == {"clip": None, "jpeg": -1.5}
+    assert line["details"] == {"candidate_rewards": [1.0, None, None], "trace": [[0.5, None]]}

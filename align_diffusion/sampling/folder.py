@@ -46,8 +46,8 @@ class SampleFolder:
     def add(self, image: Image.Image, record: dict) -> dict:
         file = f"images/{len(self.records):05d}.png"
         image.save(self.root / file)
-        record = {"file": file, **record}
-        self._metadata.write(json.dumps(record) + "\n")
+        record = json_safe({"file": file, **record})
+        self._metadata.write(json.dumps(record, allow_nan=False) + "\n")
         self._metadata.flush()
         self.records.append(record)
         return record
@@ -62,10 +62,21 @@ class SampleFolder:
         self.close()
 
 
-def reward_record(each: dict[str, torch.Tensor], index: int) -> dict[str, float | None]:
-    """Image `index`'s score under each reward term, NaN (unscorable) as None so the metadata stays valid JSON."""
-    scores = {name: float(values[index]) for name, values in each.items()}
-    return {name: None if math.isnan(value) else value for name, value in scores.items()}
+def json_safe(value):
+    """`value` with every NaN or infinite float, however deeply nested, as None: JSON has neither, and strict
+    readers (JSON.parse, jq) refuse the bare NaN that Python writes."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    return value
+
+
+def reward_record(each: dict[str, torch.Tensor], index: int) -> dict[str, float]:
+    """Image `index`'s score under each reward term (NaN, unscorable, is written as null)."""
+    return {name: float(values[index]) for name, values in each.items()}
 
 
 def sample_to_folder(
