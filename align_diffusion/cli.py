@@ -487,6 +487,14 @@ def run_steer(args) -> None:
     prompts = read_prompts(args)
     if (args.out / "metadata.jsonl").exists() and not args.overwrite:
         raise SystemExit(f"--out: {args.out} already holds results; pass --overwrite to replace them")
+    if args.shapes_eval:
+        from align_diffusion.world.spec import parse_prompt
+
+        for prompt in prompts:
+            try:
+                parse_prompt(prompt)
+            except ValueError as error:
+                raise SystemExit(f"--shapes-eval judges shapes-world prompts only: {error}") from None
     if args.compile and (error := missing_c_compiler("--compile")):
         raise SystemExit(error)
     reward = load_reward(args.reward, device=args.device, dtype=DTYPES[args.dtype])

@@ -354,6 +354,25 @@ def test_steer_command_writes_a_reviewable_folder(saved, tmp_path):
               "--potential", "max", "--out", str(tmp_path / "other")])
 
 
+def test_a_rerun_that_fails_its_checks_leaves_the_earlier_results(saved, tmp_path):
+    out = tmp_path / "steered"
+    common = ["steer", "--model", str(saved["sd3"]), "--reward", "jpeg", "--height", "32", "--width", "32",
+              "--out", str(out)]
+    main([*common, "--method", "ttsnap", "--prompt", "a red circle", "--num-seeds", "2", "--steps", "4",
+          "--prune-steps", "1", "--keep", "0.5"])
+    before = {path.name: path.read_bytes() for path in [out / "metadata.jsonl", out / "index.html",
+                                                         *sorted((out / "images").iterdir())]}
+    with pytest.raises(SystemExit, match="prune steps"):  # checked by ttsnap itself, as it starts
+        main([*common, "--method", "ttsnap", "--prompt", "a red circle", "--num-seeds", "2", "--steps", "4",
+              "--prune-steps", "5", "--keep", "0.5", "--overwrite"])
+    with pytest.raises(SystemExit, match="--shapes-eval judges shapes-world prompts only"):
+        main([*common, "--method", "best-of-n", "--prompt", "a red circle", "two blue squares", "--shapes-eval",
+              "--overwrite"])
+    after = {path.name: path.read_bytes() for path in [out / "metadata.jsonl", out / "index.html",
+                                                        *sorted((out / "images").iterdir())]}
+    assert after == before
+
+
 def test_steer_compile_without_a_compiler_fails_before_loading(saved, tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))  # an empty folder: no compiler on PATH
     with pytest.raises(SystemExit, match="--compile: torch.compile builds its kernels with a C/C"):

@@ -9,6 +9,7 @@ is fine; passing both is an error.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -108,12 +109,18 @@ def _run(adapter, prompts, reward, method, seed, prune_reward, reno_batch_size, 
 def steer_to_folder(results: Iterator[SteeringResult], out_dir: str | Path, *, reward_name: str,
                     shapes_eval: bool = False, extra_metadata: dict | None = None) -> list[dict]:
     """Writes each result as it arrives (image, and a metadata line with its reward, winner and budget; with
-    `shapes_eval`, ShapesEval's verdict), then the review page; returns the records."""
+    `shapes_eval`, ShapesEval's verdict), then the review page; returns the records. The folder's earlier results
+    are replaced only once the first new one exists, so a run that fails its checks leaves them as they were."""
     from align_diffusion.gallery import build_gallery
     from align_diffusion.sampling.folder import SampleFolder
+    from align_diffusion.world.spec import parse_prompt
 
+    results = iter(results)
+    first = next(results, None)  # the methods check their options as they start on the first prompt
+    if shapes_eval and first is not None:
+        parse_prompt(first.prompt)
     with SampleFolder(out_dir) as folder:
-        for result in results:
+        for result in itertools.chain([first] if first is not None else [], results):
             record = {"prompt": result.prompt, "seed": result.seed, "method": result.method,
                       "rewards": {reward_name: result.reward}, "winner": result.winner,
                       "budget": result.budget.as_dict(), "details": result.details, **(extra_metadata or {})}
