@@ -115,6 +115,48 @@ def test_reno_returns_the_best_iterate_and_batches_like_single_prompts(adapter, 
                                                                    abs=1e-4)
 
 
+class DarknessUntil(Darkness):
+    """Darkness, but NaN for `prompt` from call `call` on, NaN reaching its gradient too. Without gradient
+    checkpointing call k scores iteration k."""
+
+    def __init__(self, prompt, call):
+        super().__init__()
+        self.prompt, self.call = prompt, call
+
+    def score(self, images, prompts, metadata):
+        lost = len(self.calls) >= self.call
+        factor = torch.tensor([math.nan if lost and p == self.prompt else 1.0 for p in prompts])
+        return super().score(images, prompts, metadata) * factor
+
+
+def test_reno_goes_on_for_the_other_prompts_when_one_becomes_unscorable(adapter):
+    prompts = ["a red circle", "two squares"]
+    options = dict(iterations=4, num_inference_steps=2, guidance_scale=GUIDANCE, lr=5.0, gradient_checkpointing=False,
+                   **SIZE)
+    first, second = reno(adapter, prompts, DarknessUntil("two squares", 2), **options)
+    first_alone = reno(adapter, prompts[:1], Darkness(), **options)[0]
+    second_alone = reno(adapter, prompts[1:], Darkness(), first_index=1, **options)[0]
+    assert "unscorable_from" not in first.details
+    assert first.details["rewards_per_iteration"] == pytest.approx(first_alone.details["rewards_per_iteration"],
+                                                                   abs=1e-4)
+    assert first.reward == pytest.approx(first_alone.reward, abs=1e-4)
+    # The second keeps its best of iterations 0 and 1, where it had been scored, and its image.
+    trace = second.details["rewards_per_iteration"]
+    assert second.details["unscorable_from"] == 2 and len(trace) == 3 and math.isnan(trace[2])
+    assert trace[:2] == pytest.approx(second_alone.details["rewards_per_iteration"][:2], abs=1e-4)
+    assert second.reward == pytest.approx(max(trace[:2]), abs=1e-6) and second.winner in (0, 1)
+    assert Darkness()(second.image[None], prompts[1:]).item() == pytest.approx(second.reward, abs=1e-5)
+    assert second.budget.model_evals == 3 * 2 and first.budget.model_evals == 5 * 2
+    with pytest.raises(RewardError, match=r"initial images of \['two squares'\]"):
+        reno(adapter, prompts, DarknessUntil("two squares", 0), **options)
+
+
+def test_steer_shows_renos_iterations(adapter, capsys):
+    list(steer(adapter, ["a red circle"], Darkness(), "reno", iterations=2, num_inference_steps=1,
+               guidance_scale=GUIDANCE, **SIZE))
+    assert "reno iterations" in capsys.readouterr().err
+
+
 def test_compiled_models_steer_like_eager(tiny_pipes):
     """`compile_models` (the steer command's --compile): ReNO through the compiled UNet, VAE decoder and open_clip
     image tower, gradients to the noise included, follows the eager run."""

@@ -7,7 +7,9 @@ at ‖ε‖² = d − 1. Paper defaults: SGD with lr 5, momentum 0.9, Nesterov, 
 w = 0.01. Every iterate is scored; the best one (the initial noise included) is returned.
 
 Prompts are optimized together in one batch: each image depends only on its own noise, the loss is a sum over
-images, and gradients are clipped per image, so the result equals optimizing each prompt alone.
+images, and gradients are clipped per image, so the result equals optimizing each prompt alone. A prompt whose
+image the reward cannot score (NaN) at some iteration keeps its best iterate so far and its noise stops moving,
+while the others go on; one unscorable at the start has no iterate at all, and the call raises.
 """
 
 from __future__ import annotations
@@ -110,35 +112,50 @@ def reno(
         best_reward = torch.full((batch,), float("-inf"))
         best_image = [None] * batch
         best_iteration = [0] * batch
+        unscorable_from = [None] * batch  # the iteration at which each prompt's image stopped being scorable
         trace = []
-        for iteration in tqdm(range(iterations + 1), desc="reno", disable=not progress):
+        for iteration in tqdm(range(iterations + 1), desc="reno iterations", leave=False, disable=not progress):
             with autocast:
                 images = render(noise)
                 scores = stage(reward, images, prompts)
-            for budget in budgets:
-                budget.model_evals += settings.num_inference_steps
-                budget.reward_evals += 1
-            if torch.isnan(scores).any():
-                failed = [prompts[j] for j in torch.isnan(scores).nonzero().flatten().tolist()]
-                raise RewardError(f"{reward.name} could not score ReNO's images of {failed} at iteration {iteration}")
+            for j, budget in enumerate(budgets):
+                if unscorable_from[j] is None:
+                    budget.model_evals += settings.num_inference_steps
+                    budget.reward_evals += 1
             current = scores.detach().float().cpu()
+            if iteration == 0 and torch.isnan(current).any():
+                failed = [prompts[j] for j in torch.isnan(current).nonzero().flatten().tolist()]
+                raise RewardError(f"{reward.name} could not score the initial images of {failed}, so ReNO has no "
+                                  "iterate to start from")
+            for j in torch.isnan(current).nonzero().flatten().tolist():
+                if unscorable_from[j] is None:
+                    unscorable_from[j] = iteration
             trace.append(current.tolist())
             for j in (current > best_reward).nonzero().flatten().tolist():
                 best_reward[j], best_iteration[j] = current[j], iteration
                 best_image[j] = images[j].detach().float().cpu()
-            if iteration == iterations:
+            frozen = torch.tensor([start is not None for start in unscorable_from], device=noise.device)
+            if iteration == iterations or frozen.all():
                 break
             loss = (-scores.float() + reg_weight * noise_norm_regularizer(noise)).sum()
             optimizer.zero_grad()
             loss.backward()
-            with torch.no_grad():  # clip each image's gradient on its own: images do not share noise
+            with torch.no_grad():
+                # Images do not share noise: each gradient is clipped on its own, and a frozen prompt's (NaN where
+                # its reward was) stays in its own row, whose noise is put back after the step.
                 norms = noise.grad.flatten(1).norm(dim=1).clamp_min(1e-12)
                 noise.grad *= (grad_clip / norms).clamp(max=1.0).view(-1, *[1] * (noise.ndim - 1))
-            optimizer.step()
+                kept = noise[frozen].clone()
+                optimizer.step()
+                noise[frozen] = kept
     for budget in budgets:
         budget.seconds = timer.budget.seconds / batch
-    return [
-        SteeringResult(prompt, seed + first_index + j, "reno", best_image[j], float(best_reward[j]), best_iteration[j],
-                       budgets[j], {"rewards_per_iteration": [row[j] for row in trace]})
-        for j, prompt in enumerate(prompts)
-    ]
+    results = []
+    for j, prompt in enumerate(prompts):
+        details = {"rewards_per_iteration": [row[j] for row in trace]}
+        if unscorable_from[j] is not None:  # its trace ends there, as it would have alone
+            details = {"rewards_per_iteration": details["rewards_per_iteration"][: unscorable_from[j] + 1],
+                       "unscorable_from": unscorable_from[j]}
+        results.append(SteeringResult(prompt, seed + first_index + j, "reno", best_image[j], float(best_reward[j]),
+                                      best_iteration[j], budgets[j], details))
+    return results

@@ -93,7 +93,7 @@ def _run(adapter, prompts, reward, method, seed, prune_reward, reno_batch_size, 
         if method == "reno":
             for start in range(0, len(prompts), reno_batch_size):
                 chunk = prompts[start : start + reno_batch_size]
-                yield from reno(adapter, chunk, reward, seed=seed, first_index=start, **options)
+                yield from reno(adapter, chunk, reward, seed=seed, first_index=start, progress=progress, **options)
                 bar.update(len(chunk))
             return
         for index, prompt in enumerate(prompts):
