@@ -2,6 +2,7 @@
 HTML escaping; and the label file read back as artifact data and as preference pairs."""
 
 import json
+import re
 import math
 import time
 from pathlib import Path
@@ -267,6 +268,25 @@ def test_run_page_links_plots_and_evaluations(browser, tmp_path):
     for link in links:
         browser.get(link)
         assert len(visible_cards(browser)) == len(RECORDS_A)
+
+
+def test_run_page_compares_only_evaluations_that_share_samples_with_the_first(tmp_path):
+    """An eval interrupted before its first image (step 0) and one of other prompts (step 6) get galleries only;
+    the comparisons are against the first evaluation that has samples (step 2)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "eval/reward_mean": 0.5}) + "\n"
+                                               for s in (0, 2, 4, 6)))
+    make_folder(run / "eval" / "step-000000", [])
+    make_folder(run / "eval" / "step-000002", RECORDS_A)
+    make_folder(run / "eval" / "step-000004", RECORDS_A)
+    make_folder(run / "eval" / "step-000006", [("three triangles", 7, 0.5, None)])
+    main(["gallery", str(run)])
+    links = [link for link in re.findall(r'href="([^"]+)"', (run / "index.html").read_text())
+             if link.startswith("eval/")]
+    assert links == [f"eval/step-{s:06d}/index.html" for s in (0, 2)] + [
+        "eval/step-000004/index.html", "eval/step-000004/compare-step-000002.html", "eval/step-000006/index.html"]
+    assert all((run / link).is_file() for link in links)
 
 
 def test_gallery_command_and_file_names(folders, tmp_path, capsys):

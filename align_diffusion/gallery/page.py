@@ -90,6 +90,11 @@ def build_gallery(folder: str | Path, title: str | None = None, links: dict[str,
     return out
 
 
+def pair_key(record: dict) -> tuple:
+    """What pairs two folders' images on a comparison page: the same prompt and seed."""
+    return record["prompt"], record.get("seed")
+
+
 def build_comparison(folder_a: str | Path, folder_b: str | Path, out: str | Path | None = None,
                      title: str | None = None) -> Path:
     """A side-by-side page of two sample folders, pairing images by (prompt, seed), with each score's difference
@@ -97,10 +102,10 @@ def build_comparison(folder_a: str | Path, folder_b: str | Path, out: str | Path
     folder_a, folder_b = Path(folder_a), Path(folder_b)
     out = Path(out) if out is not None else folder_a / f"compare-{safe_filename(folder_b.resolve().name)}.html"
     name_a, name_b = folder_a.resolve().name, folder_b.resolve().name
-    records_b = {(r["prompt"], r.get("seed")): r for r in read_records(folder_b)}
+    records_b = {pair_key(r): r for r in read_records(folder_b)}
     cards, values, unmatched = [], [], 0
     for record_a in read_records(folder_a):
-        record_b = records_b.get((record_a["prompt"], record_a.get("seed")))
+        record_b = records_b.get(pair_key(record_a))
         if record_b is None:
             unmatched += 1
             continue

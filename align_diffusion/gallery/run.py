@@ -1,5 +1,7 @@
 """The review page of a training run: `OUTPUT_DIR/index.html` with the reward and accuracy plots, one row per
-evaluation linking its gallery, and a side-by-side page of each evaluation against the first (base vs trained)."""
+evaluation linking its gallery, and a side-by-side page of each evaluation against the first (base vs trained).
+An evaluation that shares no (prompt, seed) with the first (one interrupted before its first image, or one of
+other eval prompts after a resume) gets its gallery but no side-by-side page."""
 
 from __future__ import annotations
 
@@ -7,7 +9,15 @@ from html import escape
 from pathlib import Path
 from urllib.parse import quote
 
-from align_diffusion.gallery.page import build_comparison, build_gallery, read_jsonl, stylesheet, write_text_atomically
+from align_diffusion.gallery.page import (
+    build_comparison,
+    build_gallery,
+    pair_key,
+    read_jsonl,
+    read_records,
+    stylesheet,
+    write_text_atomically,
+)
 from align_diffusion.gallery.plots import plot_training
 
 EVAL_DIR = "eval"  # OUTPUT_DIR/eval/step-NNNNNN/ holds the samples of each evaluation
@@ -30,13 +40,16 @@ def build_run_page(run_dir: str | Path) -> Path:
     metrics = read_metrics(run_dir)
     plots = plot_training(metrics, run_dir / "plots")
     folders = sorted(p.parent for p in (run_dir / EVAL_DIR).glob("step-*/metadata.jsonl"))
-    links = {}
+    links, first, first_keys = {}, None, set()
     for folder in folders:
         build_gallery(folder, title=f"{run_dir.resolve().name} — {folder.name}", links={"run": "../../index.html"})
         links[folder.name] = [("gallery", f"{EVAL_DIR}/{folder.name}/index.html")]
-        if folder != folders[0]:
-            comparison = build_comparison(folders[0], folder, out=folder / f"compare-{folders[0].name}.html")
-            links[folder.name].append((f"vs {folders[0].name}", comparison.relative_to(run_dir).as_posix()))
+        keys = {pair_key(record) for record in read_records(folder)}
+        if first is None:
+            first, first_keys = (folder, keys) if keys else (None, set())
+        elif keys & first_keys:
+            comparison = build_comparison(first, folder, out=folder / f"compare-{first.name}.html")
+            links[folder.name].append((f"vs {first.name}", comparison.relative_to(run_dir).as_posix()))
 
     evaluated = [row for row in metrics if "eval/reward_mean" in row]
     pass_at_k = sorted({key for row in evaluated for key in row if key.startswith("eval/shapes_pass@")},
