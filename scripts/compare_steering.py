@@ -39,7 +39,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--reno-steps", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("outputs/steering"))
-    return parser.parse_args()
+    parser.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
+    args = parser.parse_args()
+    if (args.out / "results.json").exists() and not args.overwrite:
+        parser.error(f"--out: {args.out} already holds results; pass --overwrite to replace them")
+    return args
 
 
 def is_world_prompt(prompt: str) -> bool:

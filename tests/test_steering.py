@@ -4,6 +4,8 @@ and pick, best-of-N, exact budgets (denoiser images counted by a hook), and the 
 import copy
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -420,3 +422,11 @@ def test_steer_compile_without_a_compiler_fails_before_loading(saved, tmp_path, 
     with pytest.raises(SystemExit, match="--compile: torch.compile builds its kernels with a C/C"):
         main(["steer", "--method", "best-of-n", "--model", str(tmp_path / "no-model-here"), "--prompt", "a",
               "--reward", "jpeg", "--compile", "--out", str(tmp_path / "out")])
+
+
+def test_compare_steering_script_keeps_earlier_results_unless_told(tmp_path):
+    (tmp_path / "results.json").write_text("{}")
+    done = subprocess.run([sys.executable, "scripts/compare_steering.py", "--out", str(tmp_path)],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and "already holds results; pass --overwrite" in done.stderr
+    assert (tmp_path / "results.json").read_text() == "{}"
