@@ -295,10 +295,19 @@ def test_fk_resampling_draws_are_not_a_copy_of_a_particles_noise(adapter):
     assert again.details["ancestors"] == result.details["ancestors"] and torch.equal(again.image, result.image)
 
 
-def test_fk_raises_when_no_particle_keeps_a_finite_weight(adapter):
-    # Particle 0 is unscorable at step 0 (its weight carried, ESS 3 of 4), the other three at step 1.
-    reward = PartlyUnscorable({1: [0], 2: [1, 2, 3]})
-    with pytest.raises(RewardError, match="'a red circle' with a finite weight at step 1"):
+def test_fk_resamples_an_unscorable_particle_away_even_when_the_ess_is_high(adapter):
+    # Particle 0 is unscorable at step 0: ESS 3 of 4 would carry the weights, but a dead particle must not live on.
+    reward = PartlyUnscorable({1: [0]})
+    result = fk_steering(adapter, "a red circle", reward, num_particles=4, lam=0.0, adaptive_threshold=0.5,
+                         resample_interval=2, num_inference_steps=4, guidance_scale=GUIDANCE, **SIZE)
+    assert result.details["ess"][0] == pytest.approx(3.0) and result.details["resampled"][0]
+    assert 0 not in result.details["ancestors"]
+
+
+def test_fk_raises_when_no_particle_can_be_scored(adapter):
+    # Particle 0 is unscorable at step 0 (and resampled away), every particle at step 1.
+    reward = PartlyUnscorable({1: [0], 2: [0, 1, 2, 3]})
+    with pytest.raises(RewardError, match="could not score any of the 4 candidates of 'a red circle'"):
         fk_steering(adapter, "a red circle", reward, num_particles=4, adaptive_threshold=0.5, resample_interval=1,
                     num_inference_steps=4, guidance_scale=GUIDANCE, **SIZE)
 

@@ -14,7 +14,8 @@ particle's lineage:
 
 Particles are resampled (multinomial or systematic) in proportion to their weights. With adaptive resampling they
 are resampled only when the effective sample size 1 / Σ W_i² of the normalized weights falls below
-threshold · k; otherwise the weights are carried to the next scored step and multiplied by its potentials. The last
+threshold · k, or when a particle could not be scored (NaN), which must not live on; otherwise the weights are
+carried to the next scored step and multiplied by its potentials. The last
 step's score is the clean reward of the finished images; no resampling follows it.
 
 A deterministic sampler would leave resampled copies identical forever, so it is refused for k > 1.
@@ -27,7 +28,7 @@ import math
 import torch
 
 from align_diffusion.models.base import PipelineAdapter
-from align_diffusion.rewards.base import Reward, RewardError
+from align_diffusion.rewards.base import Reward
 from align_diffusion.sampling.loop import check_sampler, resolve_settings
 from align_diffusion.steering.candidates import (
     SEED_STRIDE,
@@ -160,12 +161,12 @@ def fk_steering(
             if last:
                 break
             log_weights = log_weights + log_potential(history, potential, lam)
-            log_weights = torch.nan_to_num(log_weights, nan=-math.inf)  # an unscorable particle dies
-            if not torch.isfinite(log_weights).any():
-                raise RewardError(f"{reward.name} left no particle of {prompt!r} with a finite weight at step {i}: "
-                                  "each was unscorable (NaN) here or at an earlier scored step")
+            # An unscorable particle dies: resampled away at once. Some particle is alive, as score_candidates
+            # raises when none can be scored, and only live particles' weights are ever carried.
+            log_weights = torch.nan_to_num(log_weights, nan=-math.inf)
             ess.append(effective_sample_size(log_weights))
-            if adaptive_threshold is not None and ess[-1] >= adaptive_threshold * num_particles:
+            carry = adaptive_threshold is not None and ess[-1] >= adaptive_threshold * num_particles
+            if carry and torch.isfinite(log_weights).all():
                 resampled.append(False)
                 log_weights = log_weights - torch.logsumexp(log_weights, 0)
                 continue
