@@ -74,9 +74,9 @@ def json_safe(value):
     return value
 
 
-def reward_record(each: dict[str, torch.Tensor], index: int) -> dict[str, float]:
-    """Image `index`'s score under each reward term (NaN, unscorable, is written as null)."""
-    return {name: float(values[index]) for name, values in each.items()}
+def reward_record(each: dict[str, torch.Tensor], index: int) -> dict[str, float | None]:
+    """Image `index`'s score under each reward term, NaN (unscorable) as None."""
+    return json_safe({name: float(values[index]) for name, values in each.items()})
 
 
 def sample_to_folder(
