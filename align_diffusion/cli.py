@@ -298,9 +298,9 @@ def run_train_noise_aware(args) -> None:
     settings = noise_aware.NoiseAwareTraining(steps_per_stage=args.steps or 60, earliest_step=args.prune_step,
                                               seed=args.seed)
     collect = dict(num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance)
-    train_prompts = PromptSource(args.prompts).draw(args.seed, 0, args.train_images)
+    train_prompts = PromptSource(args.prompts, "--prompts").draw(args.seed, 0, args.train_images)
     train = noise_aware.collect(adapter, teacher, train_prompts, 1, seed=args.seed, **collect)
-    held_out = noise_aware.collect(adapter, teacher, PromptSource(args.eval_prompts).all(),
+    held_out = noise_aware.collect(adapter, teacher, PromptSource(args.eval_prompts, "--eval-prompts").all(),
                                    args.images_per_eval_prompt, seed=args.seed + 10**6, **collect)
     before = noise_aware.step_agreement(teacher, held_out)
     student = noise_aware.distill(teacher, train, settings)

@@ -97,6 +97,18 @@ def test_wrong_type_is_named(saved):
     ("grpo.clip_range=.nan", "grpo.clip_range must be a finite number"),
     ("gdro.beta=.nan", "gdro: tau and beta must be finite"),
     ("grpo.reward_range=[1, 0]", "grpo.reward_range must be"),
+    ("grpo.reward_range=[0, .inf]", "grpo.reward_range must be"),
+    ("grpo.value_weight=.nan", "grpo.value_weight must be a finite number >= 0"),
+    ("grpo.value_anchor=.nan", "grpo.value_anchor must be a finite number"),
+    ("max_minutes=.nan", "max_minutes must be a finite number > 0"),
+    ("sampling.guidance_scale=.inf", "sampling.guidance_scale must be a finite number >= 0"),
+    ("sampling.guidance_scale=-3", "sampling.guidance_scale must be a finite number >= 0"),
+    ("eval.every=-1", "eval.every must be >= 0"),
+    ("checkpoint_every=-5", "checkpoint_every must be >= 0"),
+    ("sampling.height=0", "sampling.height must be a positive number of pixels"),
+    ("device=bogus", "device: "),
+    ("eval.rewards=bogus", "eval.rewards: reward term 'bogus': unknown reward"),
+    ("model=/no/such/folder", "model: /no/such/folder is no folder"),
 ])
 def test_out_of_range_values_are_named(saved, override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
@@ -131,9 +143,52 @@ def test_yaml_file_and_overrides(saved, tmp_path):
     assert (config.grpo.group_size, config.grpo.batch_size, config.sampling.noise_window) == (4, 16, [1, 3])
 
 
+def test_yaml_reads_no_as_a_string_and_names_what_it_cannot_parse(saved, tmp_path):
+    """`optim.mixed_precision=no` is what the presets tell CPUs without bfloat16 support to pass; YAML 1.1 would
+    read it as False."""
+    path = tmp_path / "run.yaml"
+    path.write_text(f"model: {saved['sd3']}\noptim:\n  mixed_precision: no\n")
+    assert load_config(path).optim.mixed_precision == "no"
+    config = load_config(None, [f"model={saved['sd3']}", "optim.mixed_precision=no", "async_rewards=false"])
+    assert config.optim.mixed_precision == "no" and config.async_rewards is False
+    with pytest.raises(ConfigError, match="optim.compile: expected bool, got 'yes'"):
+        load_config(None, [f"model={saved['sd3']}", "optim.compile=yes"])
+    with pytest.raises(ConfigError, match=r"override max_steps: not valid YAML"):
+        load_config(None, [f"model={saved['sd3']}", "max_steps=[1"])
+    path.write_text("max_steps: [1\n")
+    with pytest.raises(ConfigError, match=f"{re.escape(str(path))}: not valid YAML"):
+        load_config(path)
+
+
+def test_cuda_on_a_machine_without_it_is_named(saved):
+    if torch.cuda.is_available():
+        load_config(None, [f"model={saved['sd3']}", "device=cuda"])
+    else:
+        with pytest.raises(ConfigError, match="device: 'cuda', but torch sees no CUDA GPU"):
+            load_config(None, [f"model={saved['sd3']}", "device=cuda"])
+
+
 def test_cli_reports_bad_config_without_traceback(saved):
     with pytest.raises(SystemExit, match="bad config: grpo.group_size 3 does not divide"):
         main(["train", f"model={saved['sd3']}", "grpo.group_size=3", "grpo.batch_size=8"])
+
+
+def test_reward_and_prompt_errors_come_before_the_model_loads(saved, prompt_file, tmp_path, monkeypatch):
+    """A pipeline folder with its model_index.json but no weights validates and would fail to load; the errors of
+    the reward and of the eval prompts must come first, naming their fields."""
+    hollow = tmp_path / "hollow"
+    hollow.mkdir()
+    (hollow / "model_index.json").write_text((Path(saved["sd3"]) / "model_index.json").read_text())
+    monkeypatch.delenv("ALIGN_DIFFUSION_REWARD_TOKEN", raising=False)
+    overrides = tiny_overrides(hollow, prompt_file, tmp_path / "run")
+    with pytest.raises(ValueError, match="no token"):
+        GRPOTrainer(load_config(None, [*overrides, "reward=remote:http://127.0.0.1:9"]))
+    with pytest.raises(ValueError, match="JPEG quality must be an integer from 1 to 95"):
+        GRPOTrainer(load_config(None, [*overrides, "reward=jpeg:0"]))
+    with pytest.raises(FileNotFoundError, match="eval.prompts: '/no/prompts.txt' is neither"):
+        GRPOTrainer(load_config(None, [*overrides, "eval.prompts=/no/prompts.txt"]))
+    with pytest.raises(OSError):  # and the hollow folder itself cannot load
+        GRPOTrainer(load_config(None, overrides))
 
 
 def test_shipped_configs_load():
@@ -289,11 +344,11 @@ def test_two_cpu_processes_match_one(saved, prompt_file, tmp_path):
     GRPOTrainer(load_config(None, tiny_overrides(saved["sd3"], prompt_file, single, max_steps=2, **warmup))).train()
     double = tmp_path / "double"
     # On a machine without GPUs `--multi_gpu` starts CPU processes joined by gloo (accelerate's `--cpu` alone
-    # starts one process unless MPI is set up).
+    # starts one process unless MPI is set up), with the default device as the README's command runs them.
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "-m", "align_diffusion", "train", *tiny_overrides(saved["sd3"], prompt_file, double, max_steps=2,
-                                                                  **warmup)]
+                                                                  device="null", **warmup)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=280)
     assert result.returncode == 0, result.stderr[-3000:]

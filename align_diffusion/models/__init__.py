@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from diffusers import DiffusionPipeline
 
@@ -26,8 +28,19 @@ def adapter_for(pipe) -> PipelineAdapter:
     return adapter(pipe)
 
 
+def missing_local_model(model: str) -> str | None:
+    """Why `model`, written as a path (absolute, or starting with . or ~), names no folder; None when it does or
+    when it reads as a hub id (`org/name`), which from_pretrained resolves."""
+    path = Path(model).expanduser()
+    if (path.is_absolute() or model.startswith((".", "~"))) and not path.is_dir():
+        return f"{model} is no folder (a local pipeline is a folder with model_index.json)"
+    return None
+
+
 def load_adapter(model: str, dtype: torch.dtype = torch.float32, device: str | None = None) -> PipelineAdapter:
     """`DiffusionPipeline.from_pretrained(model)` (hub id or local folder), in eval mode, wrapped in its adapter."""
+    if reason := missing_local_model(model):
+        raise FileNotFoundError(f"model: {reason}")
     pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype)
     adapter = adapter_for(pipe)
     if device is not None:
@@ -36,4 +49,5 @@ def load_adapter(model: str, dtype: torch.dtype = torch.float32, device: str | N
     return adapter
 
 
-__all__ = ["ADAPTERS", "PipelineAdapter", "PromptEmbeds", "Schedule", "adapter_for", "load_adapter"]
+__all__ = ["ADAPTERS", "PipelineAdapter", "PromptEmbeds", "Schedule", "adapter_for", "load_adapter",
+           "missing_local_model"]

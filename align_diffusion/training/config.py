@@ -1,7 +1,8 @@
 """Typed trainer configs, mirrored by the YAML files in `configs/`.
 
 A YAML file gives any subset of the fields, nested by section (`sampling: {noise_level: 0.7}`); command-line
-overrides use dotted keys (`sampling.noise_level=0.5`, values parsed as YAML). Unknown keys and values of the wrong
+overrides use dotted keys (`sampling.noise_level=0.5`, values parsed as YAML). Only true and false are booleans,
+as in YAML 1.2, so `optim.mixed_precision=no` is the string it looks like. Unknown keys and values of the wrong
 type fail with the key named; `validate` checks what can be checked before any model is loaded.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -28,6 +30,25 @@ TRAINABLE_REWARDS = ("adv-dino",)  # reward specs whose model co-trains against 
 
 class ConfigError(ValueError):
     """A config that cannot run; the message names the field."""
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads yes / no / on / off as booleans; only true and false are, here."""
+
+
+_BOOL = "tag:yaml.org,2002:bool"
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers if tag != _BOOL]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def _parse_yaml(text: str, where: str):
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{where}: not valid YAML: {error}") from None
 
 
 def _help(text: str, default=dataclasses.MISSING, factory=dataclasses.MISSING):
@@ -205,14 +226,14 @@ def apply_override(values: dict, override: str) -> None:
         node = node.setdefault(parent, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {key}: {parent} is not a section")
-    node[leaf] = yaml.safe_load(text)
+    node[leaf] = _parse_yaml(text, f"override {key}")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
     """A TrainConfig from a YAML file (or the defaults) and dotted `key=value` overrides, validated."""
     values = {}
     if path is not None:
-        values = yaml.safe_load(Path(path).read_text()) or {}
+        values = _parse_yaml(Path(path).read_text(), str(path)) or {}
     for override in overrides:
         apply_override(values, override)
     config = _build(TrainConfig, values)
@@ -235,8 +256,10 @@ def _model_is_flow(model: str) -> bool | None:
     """Whether a pipeline folder / cached hub id is a flow model, from its model_index.json (None if unknown)."""
     from diffusers import DiffusionPipeline
 
-    from align_diffusion.models import ADAPTERS
+    from align_diffusion.models import ADAPTERS, missing_local_model
 
+    if reason := missing_local_model(model):
+        raise ConfigError(f"model: {reason}")
     try:
         class_name = DiffusionPipeline.load_config(model)["_class_name"]
     except (OSError, KeyError, ValueError):
@@ -245,6 +268,20 @@ def _model_is_flow(model: str) -> bool | None:
     if class_name not in adapters:
         raise ConfigError(f"model: unsupported pipeline {class_name}; supported: {', '.join(sorted(adapters))}")
     return adapters[class_name].is_flow
+
+
+def _check_device(device: str | None) -> None:
+    """A device torch can parse and this machine has (None: accelerate picks one)."""
+    import torch
+
+    if device is None:
+        return
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as error:
+        raise ConfigError(f"device: {error}") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device: {device!r}, but torch sees no CUDA GPU on this machine")
 
 
 def validate(config: TrainConfig, num_processes: int = 1) -> None:
@@ -260,8 +297,15 @@ def validate(config: TrainConfig, num_processes: int = 1) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key} must be at least 1, got {value}")
-    if config.max_minutes is not None and config.max_minutes <= 0:
-        raise ConfigError(f"max_minutes must be > 0, got {config.max_minutes}")
+    if config.max_minutes is not None and not 0 < config.max_minutes < math.inf:  # also refuses NaN
+        raise ConfigError(f"max_minutes must be a finite number > 0, got {config.max_minutes}")
+    for key, value in {"checkpoint_every": config.checkpoint_every, "eval.every": config.eval.every}.items():
+        if value < 0:
+            raise ConfigError(f"{key} must be >= 0 (0: never), got {value}")
+    for key, value in {"sampling.height": config.sampling.height, "sampling.width": config.sampling.width}.items():
+        if value is not None and value < 1:
+            raise ConfigError(f"{key} must be a positive number of pixels (null: the model's), got {value}")
+    _check_device(config.device)
     if config.algorithm not in ("grpo", "gdro"):
         raise ConfigError(f"algorithm must be grpo or gdro, got {config.algorithm!r}")
     gdro = config.gdro
@@ -296,13 +340,17 @@ def validate(config: TrainConfig, num_processes: int = 1) -> None:
     if grpo.advantage == "bnpo" and grpo.dense is not None:
         raise ConfigError("grpo.advantage: bnpo normalizes rewards within grpo.reward_range, and dense step rewards "
                           "are signed differences; use zscore or global_std with grpo.dense")
-    if len(grpo.reward_range) != 2 or not grpo.reward_range[0] < grpo.reward_range[1]:
-        raise ConfigError(f"grpo.reward_range must be [low, high] with low < high, got {grpo.reward_range}")
+    if len(grpo.reward_range) != 2 or not -math.inf < grpo.reward_range[0] < grpo.reward_range[1] < math.inf:
+        raise ConfigError(f"grpo.reward_range must be [low, high], finite, with low < high, got {grpo.reward_range}")
     for key, value in {"grpo.clip_range": grpo.clip_range, "grpo.adv_clip_max": grpo.adv_clip_max,
-                       "grpo.kl_beta": grpo.kl_beta, "optim.lr": config.optim.lr,
+                       "grpo.kl_beta": grpo.kl_beta, "grpo.value_weight": grpo.value_weight,
+                       "sampling.guidance_scale": config.sampling.guidance_scale, "optim.lr": config.optim.lr,
                        "optim.weight_decay": config.optim.weight_decay}.items():
         if not 0 <= value < math.inf:  # also refuses NaN
             raise ConfigError(f"{key} must be a finite number >= 0, got {value}")
+    for key, value in {"grpo.value_anchor": grpo.value_anchor, "grpo.ratio_warn": grpo.ratio_warn}.items():
+        if not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number, got {value}")
     optim = config.optim
     if optim.warmup_steps < 0:
         raise ConfigError(f"optim.warmup_steps must be >= 0, got {optim.warmup_steps}")
@@ -355,6 +403,11 @@ def validate(config: TrainConfig, num_processes: int = 1) -> None:
         terms = parse_spec(config.reward)
     except ValueError as error:
         raise ConfigError(f"reward: {error}") from None
+    if config.eval.rewards is not None:
+        try:
+            parse_spec(config.eval.rewards)
+        except ValueError as error:
+            raise ConfigError(f"eval.rewards: {error}") from None
     if any(term.name in TRAINABLE_REWARDS for term in terms) and config.references is None:
         raise ConfigError("references: the reward trains against reference images (adv-dino); set references to "
                           "'shapes' or an image folder")

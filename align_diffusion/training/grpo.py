@@ -160,12 +160,13 @@ class GRPOTrainer:
         self.config = config
         self.output_dir = Path(config.output_dir)
         trackers = [t for t in config.log_with if t != "wandb" or _wandb_installed()]
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
         self.accelerator = accelerator or Accelerator(
             mixed_precision=config.optim.mixed_precision, log_with=trackers or None, project_dir=str(self.output_dir),
-            cpu=config.device == "cpu",
+            # Several processes on a machine without CUDA are joined on the CPU, by gloo.
+            cpu=config.device == "cpu" or (launched > 1 and not torch.cuda.is_available()),
             step_scheduler_with_optimizer=False,  # else it steps once per process for each optimizer step
         )
-        launched = int(os.environ.get("WORLD_SIZE", "1"))
         if launched != self.accelerator.num_processes:  # each would run the whole job into the same output_dir
             raise RuntimeError(f"the launcher started {launched} processes, but accelerate joined "
                                f"{self.accelerator.num_processes} (DeepSpeed and FSDP join processes on GPUs; on the "
@@ -173,13 +174,10 @@ class GRPOTrainer:
         validate(config, self.accelerator.num_processes)
         set_seed(config.seed)
         self.prompts = PromptSource(config.prompts)
-        self.eval_prompts = PromptSource(config.eval.prompts)
+        self.eval_prompts = PromptSource(config.eval.prompts, "eval.prompts")
 
         device = config.device or self.accelerator.device
-        if adapter is None:
-            adapter = load_adapter(config.model, dtype=DTYPES[config.dtype], device=str(device))
-        self.adapter: PipelineAdapter = adapter
-        self.reward = load_reward(config.reward, device=device)
+        self.reward = load_reward(config.reward, device=device)  # before the model: its errors come sooner
         if self.reward.needs_reference:
             raise ValueError(f"reward {self.reward.name} needs reference images, which this trainer does not provide")
         terms = zip(self.reward.keys, self.reward.rewards) if isinstance(self.reward, WeightedRewards) else [
@@ -187,6 +185,9 @@ class GRPOTrainer:
         self.trainable_rewards = {key: reward for key, reward in terms if reward.trainable}
         self.watched_reward = load_reward(config.eval.rewards, device=device) if config.eval.rewards else None
         self.references = ReferenceSource(config.references) if config.references else None
+        if adapter is None:
+            adapter = load_adapter(config.model, dtype=DTYPES[config.dtype], device=str(device))
+        self.adapter: PipelineAdapter = adapter
         table = config.sampling.noise_table
         self.noise_levels = read_table(table, config.sampling.num_steps) if table else config.sampling.noise_level
         denoiser = self.adapter.denoiser

@@ -19,18 +19,22 @@ SHAPES_PREFIX = "shapes:"
 
 
 class PromptSource:
-    def __init__(self, spec: str):
+    def __init__(self, spec: str, field: str = "prompts"):
+        """Prompts from `spec`; errors name the config `field` it came from."""
         self.spec = spec
         self.shapes_split = spec[len(SHAPES_PREFIX):] if spec.startswith(SHAPES_PREFIX) else None
         if self.shapes_split is not None:
-            self.prompts = split_prompts(self.shapes_split)
+            try:
+                self.prompts = split_prompts(self.shapes_split)
+            except ValueError as error:
+                raise ValueError(f"{field}: {spec!r}: {error}") from None
         else:
             path = Path(spec)
             if not path.is_file():
-                raise FileNotFoundError(f"prompts: {spec!r} is neither shapes:SPLIT nor a file")
+                raise FileNotFoundError(f"{field}: {spec!r} is neither shapes:SPLIT nor a file")
             self.prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
             if not self.prompts:
-                raise ValueError(f"prompts: {spec} holds no prompt")
+                raise ValueError(f"{field}: {spec} holds no prompt")
 
     def all(self) -> list[str]:
         return list(self.prompts)
