@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
 
 import torch
 
+from align_diffusion.rewards.base import RewardError
 from align_diffusion.sampling.loop import DEFAULT_NOISE_LEVEL
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -21,11 +23,32 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _non_negative_float(text: str) -> float:
+def _finite_float(text: str) -> float:
     value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = _finite_float(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value
+
+
+def _device(text: str) -> str:
+    """A device torch can parse and this machine has."""
+    try:
+        kind = torch.device(text).type
+    except RuntimeError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}, but torch sees no CUDA GPU on this machine")
+    return text
+
+
+DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def add_sample_parser(subparsers) -> None:
@@ -36,7 +59,8 @@ def add_sample_parser(subparsers) -> None:
     prompts.add_argument("--prompts-file", type=Path, help="text file with one prompt per line")
     parser.add_argument("--num-images-per-prompt", type=_positive_int, default=1)
     parser.add_argument("--steps", type=_positive_int, default=None, help="denoising steps (default: the model's)")
-    parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
+    parser.add_argument("--guidance", type=_non_negative_float, default=None,
+                        help="guidance scale (default: the model's)")
     parser.add_argument("--sampler", choices=sorted(DEFAULT_NOISE_LEVEL), default="ode")
     parser.add_argument(
         "--noise-level", type=_non_negative_float, default=None,
@@ -47,7 +71,7 @@ def add_sample_parser(subparsers) -> None:
     parser.add_argument("--height", type=_positive_int, default=None)
     parser.add_argument("--width", type=_positive_int, default=None)
     parser.add_argument("--batch-size", type=_positive_int, default=4, help="images per denoiser batch")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=_device, default=DEFAULT_DEVICE)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--reward", default=None,
@@ -58,6 +82,8 @@ def add_sample_parser(subparsers) -> None:
 
 def load_for_command(args):
     """The adapter for --model (with --lora applied), after the checks that need no model."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
     from align_diffusion.models import load_adapter
     from align_diffusion.sampling.loop import check_sampler
 
@@ -67,6 +93,10 @@ def load_for_command(args):
     check_sampler(adapter, args.sampler)
     if args.lora is not None:
         adapter.pipe.load_lora_weights(str(args.lora))
+        if not any(isinstance(module, BaseTunerLayer) for component in adapter.pipe.components.values()
+                   if isinstance(component, torch.nn.Module) for module in component.modules()):
+            raise SystemExit(f"--lora: no layer of {args.model} took a weight of {args.lora} (a LoRA of another "
+                             "architecture?)")
     return adapter
 
 
@@ -121,12 +151,13 @@ def add_eval_parser(subparsers) -> None:
     parser.add_argument("--split", choices=["train", "val", "test"], default="test")
     parser.add_argument("--num-images-per-prompt", type=_positive_int, default=4)
     parser.add_argument("--steps", type=_positive_int, default=None, help="denoising steps (default: the model's)")
-    parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
+    parser.add_argument("--guidance", type=_non_negative_float, default=None,
+                        help="guidance scale (default: the model's)")
     parser.add_argument("--sampler", choices=sorted(DEFAULT_NOISE_LEVEL), default="ode")
     parser.add_argument("--noise-level", type=_non_negative_float, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=_positive_int, default=16)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=_device, default=DEFAULT_DEVICE)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--out", type=Path, required=True,
                         help="folder for eval.json (the scores), the samples and their review page index.html")
@@ -192,7 +223,7 @@ def _port(text: str) -> int:
 
 
 def _positive_float(text: str) -> float:
-    value = float(text)
+    value = _finite_float(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
     return value
@@ -208,7 +239,7 @@ def add_serve_reward_parser(subparsers) -> None:
     parser.add_argument("--token", default=None,
                         help=f"bearer token clients must send (default: ${TOKEN_ENV}, which keeps it out of ps)")
     parser.add_argument("--max-body-mb", type=_positive_float, default=64, help="largest request body accepted")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=_device, default=DEFAULT_DEVICE)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.set_defaults(run=run_serve_reward)
 
@@ -231,10 +262,10 @@ def add_train_reward_parser(subparsers) -> None:
                         help="artifact: the artifact classifier (1 − P(artifact)); noise-aware: a student of a "
                              "CLIP-family reward that scores intermediate x̂0s by their outcome (TTSnap)")
     parser.add_argument("--out", type=Path, required=True, help="folder for the trained reward")
-    parser.add_argument("--steps", type=int, default=None,
+    parser.add_argument("--steps", type=_positive_int, default=None,
                         help="optimizer steps (artifact, default 3000) or per curriculum stage (noise-aware, 60)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=_device, default=DEFAULT_DEVICE)
     artifact = parser.add_argument_group("artifact")
     artifact.add_argument("--data", type=Path, default=None,
                           help='JSONL of {"file": ..., "label": 0|1} (1 = has artifacts) or a folder with clean/ '
@@ -250,10 +281,10 @@ def add_train_reward_parser(subparsers) -> None:
                              help="teacher reward spec (clip:, pickscore:)")
     noise_aware.add_argument("--prompts", default="shapes:train", help="training prompts: shapes:SPLIT or a file")
     noise_aware.add_argument("--eval-prompts", default="shapes:test", help="held-out prompts for the Spearman metric")
-    noise_aware.add_argument("--train-images", type=int, default=512, help="training trajectories")
-    noise_aware.add_argument("--images-per-eval-prompt", type=int, default=4)
-    noise_aware.add_argument("--num-inference-steps", type=int, default=10)
-    noise_aware.add_argument("--guidance", type=float, default=2.0)
+    noise_aware.add_argument("--train-images", type=_positive_int, default=512, help="training trajectories")
+    noise_aware.add_argument("--images-per-eval-prompt", type=_positive_int, default=4)
+    noise_aware.add_argument("--num-inference-steps", type=_positive_int, default=10)
+    noise_aware.add_argument("--guidance", type=_non_negative_float, default=2.0)
     noise_aware.add_argument("--prune-step", type=int, default=2,
                              help="the earliest step the student must score (the curriculum ends there)")
     parser.set_defaults(run=run_train_reward)
@@ -291,10 +322,10 @@ def run_train_noise_aware(args) -> None:
     (term,) = parse_spec(args.teacher)
     if term.name not in ("clip", "pickscore") or term.arg is None:
         raise SystemExit("align-diffusion train-reward noise-aware: --teacher must be clip:PATH or pickscore:PATH")
+    if not 0 <= args.prune_step < args.num_inference_steps:
+        raise SystemExit(f"--prune-step must lie in [0, {args.num_inference_steps}) (--num-inference-steps)")
     adapter = load_adapter(args.model, device=args.device)
     teacher = load_reward(args.teacher, device=args.device)
-    if not 0 <= args.prune_step < args.num_inference_steps:
-        raise SystemExit(f"--prune-step must lie in [0, {args.num_inference_steps})")
     settings = noise_aware.NoiseAwareTraining(steps_per_stage=args.steps or 60, earliest_step=args.prune_step,
                                               seed=args.seed)
     collect = dict(num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance)
@@ -366,6 +397,8 @@ def run_calibrate_noise(args) -> None:
         config = load_config(args.config, ["log_with=[]", *args.overrides])
     except ConfigError as error:
         raise SystemExit(f"align-diffusion calibrate-noise: bad config: {error}") from None
+    if args.out.is_dir() or not args.out.parent.is_dir():
+        raise SystemExit(f"--out: {args.out} must be a file in an existing folder")
     if config.grpo.dense is None:
         config.grpo.dense = "ode"
     levels = GRPOTrainer(config).calibrate_noise(args.rounds, args.eps1, args.eps2)
@@ -413,11 +446,12 @@ def add_steer_parser(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0, help="prompt j's first candidate uses seed + j")
     parser.add_argument("--steps", type=_positive_int, default=None,
                         help="denoising steps (default: the model's; ReNO: 4)")
-    parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
+    parser.add_argument("--guidance", type=_non_negative_float, default=None,
+                        help="guidance scale (default: the model's)")
     parser.add_argument("--height", type=_positive_int, default=None)
     parser.add_argument("--width", type=_positive_int, default=None)
     parser.add_argument("--lora", type=Path, default=None, help="folder with a diffusers-format LoRA")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=_device, default=DEFAULT_DEVICE)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--shapes-eval", action="store_true",
                         help="add ShapesEval's verdict of each image (shapes-world prompts only)")
@@ -435,7 +469,7 @@ def add_steer_parser(subparsers) -> None:
     group = parser.add_argument_group("fk")
     group.add_argument("--num-particles", type=_positive_int, default=None, help="k (default 4, or from --budget)")
     group.add_argument("--potential", choices=POTENTIALS, default=None, help="default max")
-    group.add_argument("--lam", type=float, default=None, help="tilt λ (default 10)")
+    group.add_argument("--lam", type=_finite_float, default=None, help="tilt λ (default 10)")
     group.add_argument("--resample-start", type=int, default=None,
                        help="first scored step (default: 20 %% of the steps)")
     group.add_argument("--resample-interval", type=_positive_int, default=None, help="default 5")
@@ -537,10 +571,10 @@ def run_gallery(args) -> None:
         return
     if not (args.dir / "metadata.jsonl").is_file():
         raise SystemExit(f"{args.dir}: neither a sample folder (metadata.jsonl) nor a training run (metrics.jsonl)")
+    if args.compare is not None and not (args.compare / "metadata.jsonl").is_file():
+        raise SystemExit(f"--compare: {args.compare} is not a sample folder (no metadata.jsonl)")
     print(f"wrote {build_gallery(args.dir)}")
     if args.compare is not None:
-        if not (args.compare / "metadata.jsonl").is_file():
-            raise SystemExit(f"--compare: {args.compare} is not a sample folder (no metadata.jsonl)")
         print(f"wrote {build_comparison(args.dir, args.compare, args.out)}")
 
 
@@ -561,7 +595,7 @@ def main(argv: list[str] | None = None) -> None:
     # pipeline, a missing asset): one line, no traceback.
     try:
         args.run(args)
-    except (ValueError, OSError) as error:
+    except (ValueError, OSError, RewardError) as error:
         raise SystemExit(f"align-diffusion {args.command}: {error}") from error
 
 

@@ -123,6 +123,35 @@ def test_bad_input_fails_before_sampling(saved, tmp_path):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
+@pytest.mark.parametrize("option, value, message", [
+    ("--guidance", "nan", "must be a finite number"),
+    ("--noise-level", "inf", "must be a finite number"),
+    ("--device", "bogus", "device"),
+])
+def test_bad_option_values_are_refused_by_the_parser(saved, tmp_path, capsys, option, value, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sample", "--model", str(saved["sd3"]), "--prompt", "a", option, value, "--out", str(tmp_path / "a")])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err and not (tmp_path / "a").exists()
+
+
+def test_a_lora_of_another_architecture_is_refused(saved, tmp_path):
+    pipe = load_adapter(str(saved["sd"])).pipe
+    config = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=["to_q", "to_k", "to_v"])
+    pipe.unet.add_adapter(config)
+    type(pipe).save_lora_weights(tmp_path / "unet_lora", unet_lora_layers=get_peft_model_state_dict(pipe.unet))
+    with pytest.raises(SystemExit, match="--lora: no layer of .* took a weight"):
+        main(["sample", "--model", str(saved["sd3"]), "--lora", str(tmp_path / "unet_lora"), "--prompt", "a",
+              "--steps", "1", "--height", "32", "--width", "32", "--out", str(tmp_path / "out")])
+
+
+def test_an_unreachable_reward_is_one_line_and_leaves_no_folder(saved, tmp_path, monkeypatch):
+    monkeypatch.setenv("ALIGN_DIFFUSION_REWARD_TOKEN", "secret")
+    with pytest.raises(SystemExit, match=r"align-diffusion sample: reward server http://127.0.0.1:9 failed"):
+        main(["sample", "--model", str(saved["sd3"]), "--prompt", "a", "--steps", "1", "--height", "32", "--width",
+              "32", "--reward", "remote:http://127.0.0.1:9", "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out" / "metadata.jsonl").exists()
+
+
 def test_overwrite_leaves_only_the_new_samples(saved, tmp_path):
     out = tmp_path / "out"
     common = ["sample", "--model", str(saved["sd3"]), "--steps", "1", "--height", "32", "--width", "32", "--out",
@@ -130,9 +159,16 @@ def test_overwrite_leaves_only_the_new_samples(saved, tmp_path):
     main([*common, "--prompt", *PROMPTS, "--num-images-per-prompt", "2"])
     (out / "notes.txt").write_text("mine")
     (out / "images" / "keep.jpg").write_bytes(b"mine")
-    with SampleFolder(out):  # an interrupted rerun shows no stale images or review page
-        assert sorted(p.name for p in (out / "images").iterdir()) == ["keep.jpg"]
-        assert not (out / "index.html").exists()
+    earlier = sorted(p.name for p in (out / "images").iterdir())
+    with pytest.raises(SystemExit, match="cps noise level a must lie in"):  # fails before its first image
+        main([*common, "--prompt", PROMPTS[0], "--sampler", "cps", "--noise-level", "1.5", "--overwrite"])
+    assert sorted(p.name for p in (out / "images").iterdir()) == earlier and (out / "index.html").is_file()
+    assert len((out / "metadata.jsonl").read_text().splitlines()) == 4
+    with pytest.raises(KeyboardInterrupt), SampleFolder(out) as folder:  # interrupted after its first image
+        folder.add(Image.new("RGB", (32, 32)), {"prompt": PROMPTS[0]})
+        raise KeyboardInterrupt
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["00000.png", "keep.jpg"]
+    assert not (out / "index.html").exists()  # no stale page either
     main([*common, "--prompt", PROMPTS[0], "--overwrite"])
     assert sorted(p.name for p in (out / "images").iterdir()) == ["00000.png", "keep.jpg"]
     assert len((out / "metadata.jsonl").read_text().splitlines()) == 1

@@ -28,12 +28,18 @@ IMAGE_NAME = re.compile(r"\d{5,}\.png")  # the names `SampleFolder.add` gives
 class SampleFolder:
     """Writes images and their metadata records into a sample folder, one image at a time.
 
-    A run replaces what an earlier run wrote to the folder (its images, metadata and review page) before writing
-    anything, so a smaller or interrupted run never shows stale images; other files in the folder stay.
+    A run replaces what an earlier run wrote to the folder (its images, metadata and review page) just before its
+    first image, or at its end if it wrote none, so a smaller or interrupted run never shows stale images, and a run
+    that fails before its first image (a bad option, an unreachable reward) leaves the earlier one whole. Other files
+    in the folder stay.
     """
 
     def __init__(self, out_dir: str | Path):
         self.root = Path(out_dir)
+        self.records: list[dict] = []
+        self._metadata = None
+
+    def _replace_earlier_run(self) -> None:
         images = self.root / "images"
         images.mkdir(parents=True, exist_ok=True)
         for path in images.iterdir():
@@ -41,9 +47,10 @@ class SampleFolder:
                 path.unlink()
         (self.root / "index.html").unlink(missing_ok=True)
         self._metadata = open(self.root / "metadata.jsonl", "w")
-        self.records: list[dict] = []
 
     def add(self, image: Image.Image, record: dict) -> dict:
+        if self._metadata is None:
+            self._replace_earlier_run()
         file = f"images/{len(self.records):05d}.png"
         image.save(self.root / file)
         record = json_safe({"file": file, **record})
@@ -53,12 +60,15 @@ class SampleFolder:
         return record
 
     def close(self) -> None:
-        self._metadata.close()
+        if self._metadata is not None:
+            self._metadata.close()
 
     def __enter__(self) -> SampleFolder:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, error_type, *exc) -> None:
+        if error_type is None and self._metadata is None:  # a run of no images replaces the earlier one too
+            self._replace_earlier_run()
         self.close()
 
 

@@ -9,7 +9,6 @@ is fine; passing both is an error.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -110,17 +109,13 @@ def steer_to_folder(results: Iterator[SteeringResult], out_dir: str | Path, *, r
                     shapes_eval: bool = False, extra_metadata: dict | None = None) -> list[dict]:
     """Writes each result as it arrives (image, and a metadata line with its reward, winner and budget; with
     `shapes_eval`, ShapesEval's verdict), then the review page; returns the records. The folder's earlier results
-    are replaced only once the first new one exists, so a run that fails its checks leaves them as they were."""
+    are replaced only once the first new one exists (`SampleFolder`), so a run that fails the checks its method
+    makes as it starts leaves them as they were."""
     from align_diffusion.gallery import build_gallery
     from align_diffusion.sampling.folder import SampleFolder
-    from align_diffusion.world.spec import parse_prompt
 
-    results = iter(results)
-    first = next(results, None)  # the methods check their options as they start on the first prompt
-    if shapes_eval and first is not None:
-        parse_prompt(first.prompt)
     with SampleFolder(out_dir) as folder:
-        for result in itertools.chain([first] if first is not None else [], results):
+        for result in results:
             record = {"prompt": result.prompt, "seed": result.seed, "method": result.method,
                       "rewards": {reward_name: result.reward}, "winner": result.winner,
                       "budget": result.budget.as_dict(), "details": result.details, **(extra_metadata or {})}

@@ -161,14 +161,16 @@ class GRPOTrainer:
         self.output_dir = Path(config.output_dir)
         trackers = [t for t in config.log_with if t != "wandb" or _wandb_installed()]
         launched = int(os.environ.get("WORLD_SIZE", "1"))
+        sharded = any(os.environ.get(f"ACCELERATE_USE_{name}", "").lower() == "true" for name in ("FSDP", "DEEPSPEED"))
         self.accelerator = accelerator or Accelerator(
             mixed_precision=config.optim.mixed_precision, log_with=trackers or None, project_dir=str(self.output_dir),
-            # Several processes on a machine without CUDA are joined on the CPU, by gloo.
-            cpu=config.device == "cpu" or (launched > 1 and not torch.cuda.is_available()),
+            # Several plain processes on a machine without CUDA are joined on the CPU, by gloo. FSDP and DeepSpeed
+            # need GPUs to join, and on the CPU would silently run unsharded: they are refused below.
+            cpu=config.device == "cpu" or (launched > 1 and not torch.cuda.is_available() and not sharded),
             step_scheduler_with_optimizer=False,  # else it steps once per process for each optimizer step
         )
         if launched != self.accelerator.num_processes:  # each would run the whole job into the same output_dir
-            raise RuntimeError(f"the launcher started {launched} processes, but accelerate joined "
+            raise ValueError(f"the launcher started {launched} processes, but accelerate joined "
                                f"{self.accelerator.num_processes} (DeepSpeed and FSDP join processes on GPUs; on the "
                                "CPU set device=cpu or launch with --multi_gpu, which join them by gloo)")
         validate(config, self.accelerator.num_processes)
