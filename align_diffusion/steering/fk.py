@@ -15,8 +15,8 @@ particle's lineage:
 Particles are resampled (multinomial or systematic) in proportion to their weights. With adaptive resampling they
 are resampled only when the effective sample size 1 / Σ W_i² of the normalized weights falls below
 threshold · k, or when a particle could not be scored (NaN), which must not live on; otherwise the weights are
-carried to the next scored step and multiplied by its potentials. The last
-step's score is the clean reward of the finished images; no resampling follows it.
+carried to the next scored step and multiplied by its potentials. The last step's score is the clean reward of
+the finished images; no resampling follows it.
 
 A deterministic sampler would leave resampled copies identical forever, so it is refused for k > 1.
 """
