@@ -2,9 +2,9 @@
 
 Images come as a (B, 3, H, W) tensor in [0, 1] or a list of PIL images. A reward that cannot score an image
 returns NaN for it (callers count and mask those) or raises; it never substitutes a default score. An image with
-a NaN or infinite pixel (a diverged sample) is one no reward can score. Flags say
-what a caller may do with a reward: backpropagate through it, must pass reference images, may train it, or must
-save its state with a checkpoint.
+a NaN or infinite pixel (a diverged sample) is one no reward can score. Flags say what a caller may do with a
+reward: backpropagate through it, must pass reference images, may train it, or must save its state with a
+checkpoint.
 """
 
 from __future__ import annotations
