@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from align_diffusion.models.base import unusable_device
 from align_diffusion.rewards.base import RewardError
 from align_diffusion.sampling.loop import DEFAULT_NOISE_LEVEL
 
@@ -38,13 +39,8 @@ def _non_negative_float(text: str) -> float:
 
 
 def _device(text: str) -> str:
-    """A device torch can parse and this machine has."""
-    try:
-        kind = torch.device(text).type
-    except RuntimeError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"{text!r}, but torch sees no CUDA GPU on this machine")
+    if reason := unusable_device(text):
+        raise argparse.ArgumentTypeError(reason)
     return text
 
 

@@ -186,6 +186,17 @@ def missing_c_compiler(option: str) -> str | None:
             f"{', '.join(C_COMPILERS)} is on PATH; install one (g++) or leave {option} off")
 
 
+def unusable_device(device: str) -> str | None:
+    """Why `device` cannot run here (torch cannot parse it, or it is CUDA and torch sees no GPU); else None."""
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as error:
+        return str(error)
+    if kind == "cuda" and not torch.cuda.is_available():
+        return f"{device!r}, but torch sees no CUDA GPU on this machine"
+    return None
+
+
 def compile_repeated_blocks(denoiser: torch.nn.Module) -> int:
     """Compiles the denoiser's repeated blocks in place with `torch.compile` and returns how many: regional
     compilation, where one graph serves every block of a kind, so compiling costs a block's time, not the model's.

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from align_diffusion.models.base import missing_c_compiler
+from align_diffusion.models.base import missing_c_compiler, unusable_device
 from align_diffusion.rewards.spec import parse_spec
 from align_diffusion.rewards.transforms import METHODS as ADVANTAGE_METHODS
 from align_diffusion.sampling.loop import DEFAULT_NOISE_LEVEL, DIFFUSION_SAMPLERS, FLOW_SAMPLERS
@@ -270,20 +270,6 @@ def _model_is_flow(model: str) -> bool | None:
     return adapters[class_name].is_flow
 
 
-def _check_device(device: str | None) -> None:
-    """A device torch can parse and this machine has (None: accelerate picks one)."""
-    import torch
-
-    if device is None:
-        return
-    try:
-        kind = torch.device(device).type
-    except RuntimeError as error:
-        raise ConfigError(f"device: {error}") from None
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device: {device!r}, but torch sees no CUDA GPU on this machine")
-
-
 def validate(config: TrainConfig, num_processes: int = 1) -> None:
     """Every check that needs no weights; ConfigError naming the field."""
     positive = {
@@ -305,7 +291,8 @@ def validate(config: TrainConfig, num_processes: int = 1) -> None:
     for key, value in {"sampling.height": config.sampling.height, "sampling.width": config.sampling.width}.items():
         if value is not None and value < 1:
             raise ConfigError(f"{key} must be a positive number of pixels (null: the model's), got {value}")
-    _check_device(config.device)
+    if config.device is not None and (reason := unusable_device(config.device)):  # None: accelerate picks
+        raise ConfigError(f"device: {reason}")
     if config.algorithm not in ("grpo", "gdro"):
         raise ConfigError(f"algorithm must be grpo or gdro, got {config.algorithm!r}")
     gdro = config.gdro
