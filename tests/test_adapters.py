@@ -135,6 +135,23 @@ def test_sd35_dual_attention_without_t5_matches_stock():
     assert (trajectory.images - expected).abs().max() <= 1e-4
 
 
+def test_a_reference_copy_without_t5_predicts_like_the_denoiser():
+    """Full fine-tuning runs its frozen copy of the denoiser through `forward_module`; the compacted T5 context must
+    be attended as compactly there as in the denoiser itself."""
+    pipe = tiny_pipeline("sd3")
+    pipe = StableDiffusion3Pipeline(**{**pipe.components, "text_encoder_3": None, "tokenizer_3": None})
+    adapter = adapter_for(pipe)
+    embeds = adapter.encode_prompt(PROMPTS, 4.5)
+    assert CONTEXT_BIAS in embeds.cond
+    schedule = adapter.schedule(3, 32, 32)
+    latents = adapter.initial_noise([torch.Generator().manual_seed(s) for s in (0, 1)], 32, 32)
+    with torch.no_grad():
+        own = adapter.predict(latents, schedule.timesteps[1], embeds, 4.5)
+        adapter.forward_module = copy.deepcopy(adapter.denoiser)
+        reference = adapter.predict(latents, schedule.timesteps[1], embeds, 4.5)
+    assert (reference - own).abs().max() <= 1e-5 * own.abs().max()
+
+
 def test_lcm_unet_takes_guidance_as_its_embedding_like_stock():
     # A UNet with time_cond_proj_dim gets the guidance scale as an embedding, and the stock pipeline runs no CFG.
     adapter = adapter_for(tiny_pipeline("sd", time_cond_proj_dim=8))

@@ -144,6 +144,12 @@ class PipelineAdapter:
         module = self.denoiser if self.forward_module is None else self.forward_module
         return module(*args, **kwargs)
 
+    def called_denoiser(self) -> torch.nn.Module:
+        """The model `call_denoiser` runs (the denoiser, or a trainer's frozen reference copy), without the
+        distributed wrapper around it: where per-call attention processors must go."""
+        module = self.denoiser if self.forward_module is None else self.forward_module
+        return getattr(module, "module", module)  # DDP, FSDP and DeepSpeed hold the model they wrap as .module
+
     def pred_x0(self, latents: torch.Tensor, prediction: torch.Tensor, schedule: Schedule, step_index: int):
         """The clean-latent estimate x̂0 implied by `prediction` at step `step_index`."""
         latents, prediction = latents.float(), prediction.float()

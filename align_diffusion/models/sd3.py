@@ -136,5 +136,5 @@ class SD3Adapter(PipelineAdapter):
         timestep = torch.as_tensor(timestep, device=latents.device).expand(latents.shape[0])
         conditioning = dict(conditioning)
         bias = conditioning.pop(CONTEXT_BIAS, None)
-        with contextlib.nullcontext() if bias is None else compact_attention(self.denoiser, bias):
+        with contextlib.nullcontext() if bias is None else compact_attention(self.called_denoiser(), bias):
             return self.call_denoiser(hidden_states=latents, timestep=timestep, **conditioning, return_dict=False)[0]
