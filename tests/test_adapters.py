@@ -43,6 +43,17 @@ def test_ode_matches_stock_pipeline(tiny_adapter, guidance):
     assert (trajectory.images - expected).abs().max() <= 1e-4
 
 
+@pytest.mark.parametrize("name", ["sd3", "sd", "sdxl"])
+def test_one_negative_prompt_for_every_prompt_matches_stock(tiny_pipes, name):
+    adapter = adapter_for(tiny_pipes[name])
+    trajectory = sample(adapter, PROMPTS, num_inference_steps=3, guidance_scale=4.5, height=32, width=32, seed=7,
+                        negative_prompt="blurry")
+    generators = [torch.Generator().manual_seed(s) for s in (7, 8)]
+    expected = adapter.pipe(PROMPTS, negative_prompt=["blurry"] * len(PROMPTS), num_inference_steps=3,
+                            guidance_scale=4.5, height=32, width=32, generator=generators, output_type="pt").images
+    assert (trajectory.images - expected).abs().max() <= 1e-4
+
+
 def test_guidance_modes(tiny_pipes):
     sd3 = adapter_for(tiny_pipes["sd3"])
     assert sd3.guidance_mode(4.5) == "cfg" and sd3.guidance_mode(1.0) == "none"

@@ -30,6 +30,8 @@ class StableDiffusionAdapter(PipelineAdapter):
 
     def encode_prompt(self, prompts, guidance_scale, num_images_per_prompt=1, negative_prompt=None):
         cfg = self.guidance_mode(guidance_scale) == "cfg"
+        if isinstance(negative_prompt, str):  # the stock encode_prompt wants the prompts' type: one per prompt
+            negative_prompt = [negative_prompt] * len(prompts)
         embeds, negative = self.pipe.encode_prompt(
             prompts, self.device, num_images_per_prompt, cfg, negative_prompt=negative_prompt
         )
