@@ -6,6 +6,7 @@ import math
 import os
 import re
 import runpy
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -109,10 +110,12 @@ def test_wrong_type_is_named(saved):
     ("device=bogus", "device: "),
     ("eval.rewards=bogus", "eval.rewards: reward term 'bogus': unknown reward"),
     ("model=/no/such/folder", "model: /no/such/folder is no folder"),
+    (["sampling.sampler=cps", "sampling.noise_level=1.5"], "cps noise levels a must lie in [0, 1]"),
+    (["sampling.sampler=cps", "sampling.num_steps=3", "sampling.noise_window=[2,3]"], "CPS's last step draws no noise"),
 ])
 def test_out_of_range_values_are_named(saved, override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
-        load_config(None, [f"model={saved['sd3']}", override])
+        load_config(None, [f"model={saved['sd3']}", *(override if isinstance(override, list) else [override])])
 
 
 def test_compile_without_a_compiler_is_named(saved, monkeypatch, tmp_path):
@@ -261,6 +264,73 @@ def test_resume_gives_identical_weights(trained, saved, prompt_file, tmp_path):
     assert [r["step"] for r in metrics(first)] == [1, 2]
 
 
+def test_resume_with_no_checkpoint_yet_starts_over(saved, prompt_file, tmp_path):
+    """Interrupted before its first checkpoint, a run leaves metrics only; resume_from=latest starts over and does
+    not log step 1 twice."""
+    GRPOTrainer(load_config(None, tiny_overrides(saved["sd3"], prompt_file, tmp_path, max_steps=1))).train()
+    shutil.rmtree(tmp_path / "checkpoints")
+    GRPOTrainer(load_config(None, tiny_overrides(saved["sd3"], prompt_file, tmp_path, resume_from="latest"))).train()
+    assert [r["step"] for r in metrics(tmp_path)] == [1, 2]
+
+
+def test_resuming_an_older_checkpoint_drops_the_abandoned_later_ones(trained, saved, prompt_file, tmp_path):
+    """Resumed at step 1 of a run that went on to step 2 (and stopping there), the run must not keep step 2's
+    checkpoint, which `resume_from=latest` would pick next."""
+    _, out = trained
+    shutil.copytree(out / "checkpoints", tmp_path / "checkpoints")
+    shutil.copy(out / "metrics.jsonl", tmp_path / "metrics.jsonl")
+    GRPOTrainer(load_config(None, tiny_overrides(saved["sd3"], prompt_file, tmp_path, max_steps=1,
+                                                 resume_from=tmp_path / "checkpoints" / "step-000001"))).train()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000001"]
+    assert [r["step"] for r in metrics(tmp_path)] == [1]
+
+
+def test_a_resumed_run_that_used_its_minutes_trains_no_step(saved, prompt_file, tmp_path):
+    overrides = tiny_overrides(saved["sd3"], prompt_file, tmp_path, max_steps=3, max_minutes=1e-6)
+    GRPOTrainer(load_config(None, overrides)).train()
+    assert [r["step"] for r in metrics(tmp_path)] == [1]
+    GRPOTrainer(load_config(None, [*overrides, "resume_from=latest"])).train()
+    assert [r["step"] for r in metrics(tmp_path)] == [1]
+
+
+def test_best_worst_only_trains_whatever_micro_batch_holds_the_chosen_images(saved, prompt_file, tmp_path):
+    """Only 2 of each group's 4 images train; with micro-batches of 1 some micro-batches hold none. Loss and
+    gradient must not depend on the micro-batch size, and every ratio before the update is 1."""
+    rows = {}
+    for size in (1, 4):
+        out = tmp_path / f"micro{size}"
+        overrides = tiny_overrides(saved["sd3"], prompt_file, out, max_steps=2, **{
+            "grpo.best_worst_only": "true", "grpo.train_batch_size": size})
+        GRPOTrainer(load_config(None, overrides)).train()
+        rows[size] = metrics(out)
+    for one, four in zip(rows[1], rows[4]):
+        assert one["loss"] == pytest.approx(four["loss"], rel=1e-4, abs=1e-7)
+        assert one["grad_norm"] == pytest.approx(four["grad_norm"], rel=1e-4)
+        assert one["first_ratio_max_deviation"] <= 1e-5 and four["first_ratio_max_deviation"] <= 1e-5
+
+
+ROLLOUT_REWARDS = """
+import json, sys
+from align_diffusion.training.config import load_config
+from align_diffusion.training.grpo import GRPOTrainer
+print(json.dumps(GRPOTrainer(load_config(None, sys.argv[1:])).rollout(0).rewards.tolist()))
+"""
+
+
+def test_rewards_score_alike_with_and_without_the_reward_thread_under_bf16(saved, prompt_file, tmp_path):
+    """Autocast is per thread: scored in the rollout's own thread, a reward must still run in its own dtype.
+    (A process of its own: accelerate fixes the mixed-precision mode once per process.)"""
+    rewards = []
+    for overlap in ("true", "false"):
+        overrides = tiny_overrides(saved["sd3"], prompt_file, tmp_path / overlap, **{
+            "async_rewards": overlap, "optim.mixed_precision": "bf16", "reward": "clip:assets/world/clip"})
+        result = subprocess.run([sys.executable, "-c", ROLLOUT_REWARDS, *overrides], capture_output=True, text=True,
+                                timeout=280)
+        assert result.returncode == 0, result.stderr[-3000:]
+        rewards.append(json.loads(result.stdout.splitlines()[-1]))
+    assert rewards[0] == rewards[1]
+
+
 def test_resume_refuses_a_checkpoint_that_lacks_weights_this_run_trains(trained, saved, prompt_file, tmp_path):
     _, out = trained
     overrides = tiny_overrides(saved["sd3"], prompt_file, tmp_path, resume_from=out / "checkpoints" / "step-000001",
@@ -362,6 +432,22 @@ def test_two_cpu_processes_match_one(saved, prompt_file, tmp_path):
     lr = load_config(None, tiny_overrides(saved["sd3"], prompt_file, single)).optim.lr
     for rows in (single_rows, double_rows):  # optimizer step s (from 0) uses the warm-up factor (s + 1) / (3 + 1)
         assert [r["lr"] for r in rows] == pytest.approx([lr * 1 / 4, lr * 2 / 4])
+
+
+def test_two_processes_stop_for_max_minutes_after_the_same_step(saved, prompt_file, tmp_path):
+    """The main process evaluates after every step while the other waits in its next step, whose clock then runs
+    ahead; both must still stop after the same step (one going on alone hangs at its first collective)."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "-m", "align_diffusion", "train", *tiny_overrides(saved["sd3"], prompt_file, tmp_path, max_steps=40,
+                                                                  max_minutes=0.05, checkpoint_every=0,
+                                                                  **{"eval.every": 1})]
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            timeout=280)
+    assert result.returncode == 0, result.stderr[-3000:]
+    last = metrics(tmp_path)[-1]["step"]
+    assert 1 <= last < 40 and "max_minutes" in result.stderr + result.stdout
+    assert (tmp_path / "checkpoints" / f"step-{last:06d}" / "random_states_1.pkl").is_file()
 
 
 def test_deepspeed_zero2_config_trains_like_one_plain_process(trained, saved, prompt_file, tmp_path):

@@ -65,10 +65,15 @@ def dense_step_rewards(adapter: PipelineAdapter, trajectory: Trajectory, reward:
         clean, calls = _ode_completions(adapter, trajectory, completed, max_batch)
     else:
         clean, calls = trajectory.pred_x0.transpose(0, 1), 0
+
+    def score(images):  # in the reward's own dtype, also inside a trainer's autocast: as the sample's own reward
+        with torch.autocast(images.device.type, enabled=False):
+            return reward(images, prompts)
+
     with torch.no_grad():
         final = trajectory.images if trajectory.images is not None else adapter.decode(trajectory.final_latents)
-        final_reward = reward(final, prompts)
-        per_step = [reward(adapter.decode(latents), prompts) for latents in clean]
+        final_reward = score(final)
+        per_step = [score(adapter.decode(latents)) for latents in clean]
         per_step += [final_reward] * (steps + 1 - len(per_step))  # the sample's own reward from `completed` on
         # float64, so the deltas of float32 scores telescope exactly: Σ_t ΔR_t = R_T − R_0.
         rewards = torch.stack(per_step, dim=1).double()

@@ -19,13 +19,17 @@ def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
     return Path(output_dir) / CHECKPOINTS / f"{PREFIX}{step:06d}"
 
 
+def checkpoint_step(folder: Path) -> int:
+    return int(folder.name[len(PREFIX):])
+
+
 def completed_checkpoints(output_dir: str | Path) -> list[Path]:
     """Finished checkpoints, oldest first."""
     root = Path(output_dir) / CHECKPOINTS
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and TEMPORARY not in p.name]
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+    return sorted(found, key=checkpoint_step)
 
 
 def resolve_resume(resume_from: str | None, output_dir: str | Path) -> Path | None:

@@ -22,7 +22,12 @@ import yaml
 from align_diffusion.models.base import missing_c_compiler, unusable_device
 from align_diffusion.rewards.spec import parse_spec
 from align_diffusion.rewards.transforms import METHODS as ADVANTAGE_METHODS
-from align_diffusion.sampling.loop import DEFAULT_NOISE_LEVEL, DIFFUSION_SAMPLERS, FLOW_SAMPLERS
+from align_diffusion.sampling.loop import (
+    DEFAULT_NOISE_LEVEL,
+    DIFFUSION_SAMPLERS,
+    FLOW_SAMPLERS,
+    LARGEST_NOISE_LEVEL,
+)
 from align_diffusion.training.noise_table import read_table
 
 TRAINABLE_REWARDS = ("adv-dino",)  # reward specs whose model co-trains against references
@@ -405,7 +410,10 @@ def validate(config: TrainConfig, num_processes: int = 1) -> None:
     if config.sampling.sampler not in allowed:
         kind = {True: "a flow model", False: "a diffusion (ε) model", None: "any model"}[is_flow]
         raise ConfigError(f"sampling.sampler {config.sampling.sampler!r} does not fit {kind}; use one of {allowed}")
+    if sampling.sampler == "cps" and max(levels) > LARGEST_NOISE_LEVEL["cps"]:
+        raise ConfigError(f"{key}: cps noise levels a must lie in [0, 1], got {max(levels)}")
     start, end = window if window is not None else (0, sampling.num_steps)
-    if config.algorithm == "grpo" and not any(level > 0 for level in levels[start:end]):
+    drawing = end - 1 if sampling.sampler == "cps" and end == sampling.num_steps else end  # CPS ends on σ = 0
+    if config.algorithm == "grpo" and not any(level > 0 for level in levels[start:drawing]):
         raise ConfigError(f"{key}: GRPO trains on stochastic steps, and every noise level within the noise window "
-                          f"[{start}, {end}) is 0")
+                          f"[{start}, {end}) is 0" + (" (CPS's last step draws no noise)" if drawing < end else ""))

@@ -24,6 +24,7 @@ import copy
 import json
 import math
 import os
+import shutil
 import time
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -33,7 +34,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast, set_seed
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -283,18 +284,27 @@ class GRPOTrainer:
         self.accelerator.wait_for_everyone()
 
     def maybe_resume(self) -> None:
-        path = checkpoint.resolve_resume(self.config.resume_from, self.output_dir)
-        if path is None:
+        """Loads the checkpoint `resume_from` names and drops what the run logged and saved after it: those steps
+        run again. `latest` with no checkpoint yet starts over."""
+        if self.config.resume_from is None:
             return
-        self.accelerator.load_state(str(path))
-        state = checkpoint.read_trainer_state(path)
-        self.step, self.train_seconds = state["step"], state.get("train_seconds", 0.0)
+        path = checkpoint.resolve_resume(self.config.resume_from, self.output_dir)
+        if path is not None:
+            self.accelerator.load_state(str(path))
+            state = checkpoint.read_trainer_state(path)
+            self.step, self.train_seconds = state["step"], state.get("train_seconds", 0.0)
         metrics_file = self.output_dir / "metrics.jsonl"
-        if self.accelerator.is_main_process and metrics_file.exists():
-            # Rows logged after the checkpoint belong to steps that will run again.
-            rows = [line for line in metrics_file.read_text().splitlines() if json.loads(line)["step"] <= self.step]
-            metrics_file.write_text("".join(row + "\n" for row in rows))
-        self.log(f"resumed from {path} at step {self.step}")
+        if self.accelerator.is_main_process:
+            if metrics_file.exists():  # a row of step 0 (the first eval) is rewritten by a run that starts over
+                kept = [line for line in metrics_file.read_text().splitlines()
+                        if path is not None and json.loads(line)["step"] <= self.step]
+                metrics_file.write_text("".join(row + "\n" for row in kept))
+            for later in checkpoint.completed_checkpoints(self.output_dir):
+                if checkpoint.checkpoint_step(later) > self.step:  # else `latest` would pick the abandoned run
+                    shutil.rmtree(later)
+        self.accelerator.wait_for_everyone()
+        self.log(f"resumed from {path} at step {self.step}" if path is not None else
+                 f"no checkpoint in {self.output_dir} yet: starting over")
 
     # --- small helpers ------------------------------------------------------------------------------------------
     def log(self, message: str) -> None:
@@ -367,8 +377,9 @@ class GRPOTrainer:
                 parts.append(part)
                 if config.grpo.dense is not None:
                     deltas.append(dense_step_rewards(self.adapter, part, self.reward, mode=config.grpo.dense).deltas)
-                if executor is None:
-                    futures.append(_done(score_terms(self.reward, part.images, chunk_prompts)))
+                if executor is None:  # out of autocast, like the worker thread (autocast is per thread) and eval
+                    with torch.autocast(self.accelerator.device.type, enabled=False):
+                        futures.append(_done(score_terms(self.reward, part.images, chunk_prompts)))
                 else:
                     futures.append(executor.submit(score_terms, self.reward, part.images, chunk_prompts))
         results = [f.result() for f in futures]
@@ -411,12 +422,14 @@ class GRPOTrainer:
             advantages[~best_worst_mask(rewards, group_ids)] = float("nan")  # masked out of the loss
         local = len(rollouts.rewards)
         start = self.accelerator.process_index * local
+        # Dense advantages are per step; the deterministic steps' are zeros that are never trained on.
+        trained = advantages[:, rollouts.trajectory.stochastic_steps] if advantages.ndim == 2 else advantages
         stats = {
             "reward_mean": _nanmean(rewards), "reward_std": _nanstd(rewards),
             "nan_rewards": int(torch.isnan(rewards).sum()),
             "zero_std_fraction": zero_fraction,
-            "advantage_abs_mean": _nanmean(advantages.abs()),
-            "advantage_std": _nanstd(advantages),
+            "advantage_abs_mean": _nanmean(trained.abs()),
+            "advantage_std": _nanstd(trained),
         }
         for name, scores in rollouts.each.items():
             gathered = self.accelerator.gather(scores.to(device)).cpu()
@@ -474,8 +487,9 @@ class GRPOTrainer:
         micro_per_update = self.num_micro // config.updates_per_step
         images_per_update = micro_per_update * config.train_batch_size
         processes = self.accelerator.num_processes
-        ratios, clipped, kls, losses, grad_norms, rates = [], [], [], [], [], []
-        first_ratio = None
+        ratios, clipped, kls, grad_norms, rates = [], [], [], [], []
+        loss_sum, loss_count = 0.0, 0.0
+        before_update = []  # the ratios of the first update, computed before any optimizer step: all exactly 1
         self.adapter.denoiser.train()
         for update in range(config.updates_per_step):
             # Each trained step averages over the update's valid images of all processes (the gradients are
@@ -505,14 +519,14 @@ class GRPOTrainer:
                         loss = masked_sum * processes / max(1.0, float(counts[term])) / len(timesteps)
                         self.accelerator.backward(loss)
                     ratios.append(ratio.detach()[mask.bool()])
-                    if first_ratio is None:
-                        first_ratio = ratios[-1]
+                    if update == 0:
+                        before_update.append(ratios[-1])
                     clipped.append(((ratio.detach() - 1).abs() > config.clip_range)[mask.bool()].float())
-                    losses.append(masked_sum.detach() / max(1.0, float(mask.sum())))
-            norm = None
+                    loss_sum, loss_count = loss_sum + masked_sum.detach(), loss_count + float(mask.sum())
             if self.config.optim.max_grad_norm is not None:
                 norm = self.accelerator.clip_grad_norm_(self.params, self.config.optim.max_grad_norm)
             else:
+                self.accelerator.unscale_gradients()  # under fp16 the gradients hold the loss scale until now
                 norm = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in self.params if p.grad is not None))
             grad_norms.append(float(norm))
             rates.append(self.lr_schedule.get_last_lr()[0])
@@ -522,12 +536,13 @@ class GRPOTrainer:
             if self.ema is not None:
                 self.ema.update()
         ratio = torch.cat(ratios) if ratios else torch.ones(1)
+        first = torch.cat(before_update) if before_update else torch.ones(0)
         stats = {
-            "loss": float(torch.stack(losses).mean()),
+            "loss": float(loss_sum) / max(1.0, loss_count),  # per trained (image, step), as the gradient weighs them
             "kl": float(torch.cat(kls).mean()) if kls else 0.0,
             "clip_fraction": float(torch.cat(clipped).mean()) if clipped else 0.0,
             "ratio_mean": float(ratio.mean()), "ratio_min": float(ratio.min()), "ratio_max": float(ratio.max()),
-            "first_ratio_max_deviation": float((first_ratio - 1).abs().max()) if first_ratio is not None else 0.0,
+            "first_ratio_max_deviation": float((first - 1).abs().max()) if len(first) else 0.0,
             "grad_norm": sum(grad_norms) / len(grad_norms),
             "lr": sum(rates) / len(rates),  # the rates the step's updates used
             "train_timesteps": len(timesteps),
@@ -605,15 +620,20 @@ class GRPOTrainer:
             self.record(metrics_file, {"step": 0, **self.evaluate()})
             if accelerator.is_main_process:
                 build_run_page(self.output_dir)
-        bar = tqdm(range(self.step, config.max_steps), initial=self.step, total=config.max_steps, desc=config.algorithm,
+        bar = tqdm(initial=self.step, total=config.max_steps, desc=config.algorithm,
                    disable=not accelerator.is_main_process)
-        for step in bar:
+        steps = range(self.step, config.max_steps)
+        if self.out_of_time():  # a resumed run that had already used its time
+            self.log(f"max_minutes {config.max_minutes} already reached at step {self.step}: no step to train")
+            steps = range(0)
+        for step in steps:
             started = time.time()
             stats = self.training_step(step)
             self.step = step + 1
             seconds = time.time() - started
             self.train_seconds += seconds
-            out_of_time = config.max_minutes is not None and self.train_seconds >= 60 * config.max_minutes
+            bar.update(1)
+            out_of_time = self.out_of_time()
             last = self.step == config.max_steps or out_of_time
             stats = {"step": self.step, **stats, "seconds": round(seconds, 2),
                      "train_minutes": round(self.train_seconds / 60, 3)}
@@ -629,9 +649,17 @@ class GRPOTrainer:
                 self.log(f"stopping after step {self.step}: {self.train_seconds / 60:.1f} training minutes reached "
                          f"max_minutes {config.max_minutes}")
                 break
+        bar.close()
         result = self.export()
         accelerator.end_training()
         return result
+
+    def out_of_time(self) -> bool:
+        """Whether the training seconds reached max_minutes, as the main process counts them: every process must
+        stop after the same step (the others' clocks also hold their waits for the main one's evaluations)."""
+        spent = torch.tensor([self.train_seconds], device=self.accelerator.device)
+        spent = float(broadcast(spent, from_process=0)) if self.accelerator.num_processes > 1 else self.train_seconds
+        return self.config.max_minutes is not None and spent >= 60 * self.config.max_minutes
 
     def record(self, metrics_file: Path, stats: dict) -> None:
         if self.accelerator.is_main_process:
