@@ -1,6 +1,7 @@
 """Noise-aware rewards: the Spearman metric against scipy, and a distilled student that learns to rank blurred
 images by the teacher's score of their sharp versions, saved as a CLIP folder that `clip:OUT` loads."""
 
+import math
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,42 @@ def test_spearman_matches_scipy():
     b = a + 0.7 * b
     assert spearman(a, b) == pytest.approx(spearmanr(a.numpy(), b.numpy()).statistic, abs=1e-12)
     assert spearman(a, -a) == pytest.approx(-1.0)
+
+
+def test_spearman_of_tied_scores_matches_scipy_whatever_their_order():
+    """CLIPScore clamps at 0, so many early x̂0 scores tie; ties share their average rank, as in scipy."""
+    a = torch.tensor([0.0, 0.0, 0.0, 1.0, 0.5, 0.0, 2.0, 0.5])
+    b = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0])
+    expected = spearmanr(a.numpy(), b.numpy()).statistic
+    assert spearman(a, b) == pytest.approx(expected, abs=1e-12)
+    assert spearman(a.flip(0), b.flip(0)) == pytest.approx(expected, abs=1e-12)
+    assert math.isnan(spearman(torch.tensor([1.0, math.nan, 2.0]), torch.tensor([1.0, 2.0, 3.0])))
+
+
+def test_distillation_learns_where_the_teacher_clamps_to_zero():
+    """Noise scores 0 under CLIPScore (its cosine is negative): the clamped score sends no gradient back, the
+    linear score the student trains on does."""
+    student = load_reward(f"clip:{WORLD_CLIP}")
+    student.model.vision_model.requires_grad_(True)
+    noise = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    prompts = ["a red circle"] * 4
+    assert (student(noise, prompts) == 0).all()
+    grads = []
+    for score in (lambda: student(noise, prompts), lambda: student.linear_score(noise, prompts)):
+        student.model.zero_grad(set_to_none=True)
+        ((score() - 1.0) ** 2).sum().backward()
+        grads.append(sum(p.grad.abs().sum() for p in student.model.vision_model.parameters() if p.grad is not None))
+    assert grads[0] == 0 and grads[1] > 0
+
+
+def test_distillation_needs_two_trajectories_with_finite_scores():
+    teacher = load_reward(f"clip:{WORLD_CLIP}")
+    one = Rollouts(["a red circle"], torch.zeros(1, 2, 3, 64, 64), torch.ones(1))
+    with pytest.raises(ValueError, match="at least 2 trajectories with finite teacher scores"):
+        distill(teacher, one, NoiseAwareTraining(), log=lambda line: None)
+    unscored = Rollouts(["a red circle"] * 2, torch.zeros(2, 2, 3, 64, 64), torch.tensor([1.0, math.nan]))
+    with pytest.raises(ValueError, match="finite teacher scores"):
+        distill(teacher, unscored, NoiseAwareTraining(), log=lambda line: None)
 
 
 def test_rejects_a_teacher_that_is_not_clip():

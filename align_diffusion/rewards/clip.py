@@ -85,7 +85,11 @@ class ClipScore(_TransformersClip):
         super().__init__("clip", model, processor, device, dtype)
 
     def score(self, images, prompts, metadata):
-        return 2.5 * self.cosine(images, prompts).clamp(min=0)
+        return self.linear_score(images, prompts).clamp(min=0)
+
+    def linear_score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """2.5 · cos before the clamp at 0, below which the score has no gradient (noise-aware distillation)."""
+        return 2.5 * self.cosine(images, prompts)
 
 
 class PickScore(_TransformersClip):
@@ -99,6 +103,9 @@ class PickScore(_TransformersClip):
         super().__init__("pickscore", model, processor, device, dtype)
 
     def score(self, images, prompts, metadata):
+        return self.linear_score(images, prompts)
+
+    def linear_score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         return self.model.logit_scale.exp().float() * self.cosine(images, prompts)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -28,11 +29,18 @@ from align_diffusion.sampling.loop import sample
 REPORT_FILE = "noise_aware.json"
 
 
+def average_ranks(x: torch.Tensor) -> torch.Tensor:
+    """Ranks from 0, tied values sharing their mean rank (CLIPScore's clamp at 0 ties many early x̂0s)."""
+    _, inverse, counts = torch.unique(x, return_inverse=True, return_counts=True)
+    first = counts.cumsum(0) - counts
+    return (first + (counts - 1) / 2).double()[inverse]
+
+
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Spearman rank correlation (ties broken by order; scores here are continuous)."""
-    ranks_a = a.argsort().argsort().double()
-    ranks_b = b.argsort().argsort().double()
-    return float(torch.corrcoef(torch.stack([ranks_a, ranks_b]))[0, 1])
+    """Spearman rank correlation, with average ranks for ties; NaN when a score is NaN."""
+    if torch.isnan(a).any() or torch.isnan(b).any():
+        return math.nan
+    return float(torch.corrcoef(torch.stack([average_ranks(a), average_ranks(b)]))[0, 1])
 
 
 @dataclass
@@ -98,6 +106,9 @@ def distill(teacher: _TransformersClip, rollouts: Rollouts, settings: NoiseAware
     num_images, num_steps = rollouts.x0_images.shape[:2]
     if not 0 <= settings.earliest_step < num_steps:
         raise ValueError(f"earliest_step must lie in [0, {num_steps}), got {settings.earliest_step}")
+    if num_images < 2 or not torch.isfinite(rollouts.teacher_final).all():
+        raise ValueError(f"noise-aware distillation needs at least 2 trajectories with finite teacher scores, got "
+                         f"{rollouts.teacher_final.tolist()}")
     target_scale = rollouts.teacher_final.std().clamp(min=1e-6)
     stages = list(range(num_steps - 1, settings.earliest_step - 1, -1))
     for stage, first_step in enumerate(stages):
@@ -105,7 +116,9 @@ def distill(teacher: _TransformersClip, rollouts: Rollouts, settings: NoiseAware
         for _ in range(settings.steps_per_stage):
             images = torch.randint(0, num_images, (settings.batch_size,), generator=generator)
             steps = torch.randint(first_step, num_steps, (settings.batch_size,), generator=generator)
-            scores = student(rollouts.x0_images[images, steps], [rollouts.prompts[i] for i in images.tolist()])
+            # Below CLIPScore's clamp at 0 no gradient would come back: the student learns the unclamped score.
+            scores = student.linear_score(rollouts.x0_images[images, steps],
+                                          [rollouts.prompts[i] for i in images.tolist()])
             target = rollouts.teacher_final[images].to(scores)
             loss = (((scores - target) / target_scale) ** 2).mean()
             optimizer.zero_grad()
