@@ -234,3 +234,18 @@ def test_fit_in_bfloat16_reaches_the_exact_solution_with_float32_weights():
     assert model.weight.dtype == torch.float32
     torch.testing.assert_close(model.weight.detach().T, true_weight, atol=1e-2, rtol=0)
     assert abs(model.bias.item()) < 1e-2
+
+
+@pytest.mark.parametrize("steps, warmup", [(10, 0.1), (20, 0.05), (11, 0.1), (2, 0.1)])
+def test_fit_runs_whatever_the_warm_up_rounds_to(steps, warmup):
+    """`build-world --quick` trains DINO 10 steps at warm-up 0.1 and the generators 20 at 0.05: one warm-up step,
+    where OneCycleLR's warm-up divides by zero. Every step must still run."""
+    model = torch.nn.Linear(2, 1)
+    calls = []
+
+    def batch_loss():
+        calls.append(1)
+        return model(torch.ones(4, 2)).square().mean()
+
+    fit("tiny", model.parameters(), steps, 1e-2, batch_loss, log=lambda line: None, warmup=warmup)
+    assert len(calls) == steps and torch.isfinite(model.weight).all()

@@ -4,6 +4,7 @@ clipping, optional bfloat16 autocast, and a progress line every `log_every` step
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Callable, Iterable
 
@@ -37,7 +38,9 @@ def fit(
     computed under CPU bfloat16 autocast (float32 weights and optimizer state)."""
     params = list(params)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=warmup)
+    # OneCycleLR divides its warm-up by (pct_start · steps − 1): a warm-up of exactly one step would be 0 / 0.
+    pct_start = 2 / steps if math.isclose(warmup * steps, 1) else warmup
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=pct_start)
     start = time.time()
     for step in range(steps):
         with bf16_autocast() if bf16 else contextlib.nullcontext():
