@@ -198,3 +198,16 @@ def test_metadata_writes_non_finite_numbers_as_null(tmp_path):
     assert line == record
     assert line["rewards"] == {"clip": None, "jpeg": -1.5}
     assert line["details"] == {"candidate_rewards": [1.0, None, None], "trace": [[0.5, None]]}
+
+
+def test_as_saved_is_exactly_what_a_saved_png_reads_back(tmp_path):
+    """ShapesEval's verdicts in eval and steer folders are taken on `as_saved` images: for a verdict to hold for the
+    saved file, those must be the PNG's pixels, bit for bit."""
+    from align_diffusion.models.base import PipelineAdapter
+    from align_diffusion.rewards.base import images_to_tensor
+
+    images = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 1.2 - 0.1  # some out of [0, 1]
+    for k, image in enumerate(PipelineAdapter.to_pil(images)):
+        image.save(tmp_path / f"{k}.png")
+    read_back = images_to_tensor([Image.open(tmp_path / f"{k}.png") for k in range(3)])
+    assert torch.equal(PipelineAdapter.as_saved(images), read_back)

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch._inductor.config as inductor_config
 from diffusers import DDIMScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline, StableDiffusionPipeline
+from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, CLIPModel, Dinov2Model
 
@@ -15,6 +16,7 @@ from align_diffusion.gallery import read_records
 from align_diffusion.models import load_adapter
 from align_diffusion.sampling.loop import sample
 from align_diffusion.world.build import BuildPlan, build_world
+from align_diffusion.world.evaluate import shapes_eval
 from align_diffusion.world.fit import fit
 from align_diffusion.models.tiny import vae as tiny_vae
 from align_diffusion.models.sd3 import CompactContextAttnProcessor, compact_attention, compact_zero_context
@@ -175,6 +177,11 @@ def test_eval_command_writes_scores(world, tmp_path):
     assert [(r["prompt"], r["shapes_strict"], r["rewards"]["shapes"]) for r in records] == [
         (r["prompt"], r["strict"], r["graded"]) for r in result["per_image"]]
     assert all((tmp_path / "eval" / r["file"]).is_file() for r in records)
+    # Each verdict holds for the saved file: ShapesEval of the PNGs as they read back gives the same ones.
+    saved = [Image.open(tmp_path / "eval" / r["file"]) for r in records]
+    rejudged = shapes_eval([r["prompt"] for r in records], saved)["per_image"]
+    assert [(r["strict"], r["graded"]) for r in rejudged] == [(r["shapes_strict"], r["rewards"]["shapes"])
+                                                             for r in records]
     assert (tmp_path / "eval" / "index.html").read_text().count('class="card"') == len(records)
     with pytest.raises(SystemExit, match="already holds eval.json and metadata.jsonl"):
         main(["eval", "--model", str(out / "sd3"), "--out", str(tmp_path / "eval")])

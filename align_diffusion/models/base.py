@@ -179,6 +179,12 @@ class PipelineAdapter:
         pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
         return [Image.fromarray(p.permute(1, 2, 0).cpu().numpy()) for p in pixels]
 
+    @staticmethod
+    def as_saved(images: torch.Tensor) -> torch.Tensor:
+        """The images at the 8-bit levels `to_pil` writes: a verdict on them holds for the saved files (a shape's
+        fill can sit on a ShapesEval threshold that rounding crosses)."""
+        return (images.detach().float().clamp(0, 1) * 255).round() / 255
+
 
 RECOMPILE_LIMIT = 64  # graphs per compiled block forward (see compile_repeated_blocks)
 C_COMPILERS = ("g++", "c++", "clang++", "gcc", "cc")  # what inductor (CPU) and Triton (GPU) build with

@@ -123,7 +123,7 @@ def steer_to_folder(results: Iterator[SteeringResult], out_dir: str | Path, *, r
             if shapes_eval:
                 from align_diffusion.world.evaluate import shapes_eval as judge
 
-                verdict = judge([result.prompt], image)["per_image"][0]
+                verdict = judge([result.prompt], PipelineAdapter.as_saved(image))["per_image"][0]
                 record["shapes_strict"] = verdict["strict"]
                 record["rewards"]["shapes"] = verdict["graded"]
             folder.add(PipelineAdapter.to_pil(image)[0], record)

@@ -578,7 +578,7 @@ class GRPOTrainer:
         if config.shapes_eval:
             from align_diffusion.world.evaluate import shapes_eval
 
-            report = shapes_eval(per_image, images)
+            report = shapes_eval(per_image, self.adapter.as_saved(images))
             result["eval/shapes_strict"] = report["overall_strict"]
             result["eval/shapes_strict_se"] = report["overall_strict_se"]
             result["eval/shapes_graded"] = report["graded"]

@@ -33,6 +33,7 @@ def evaluate_shapes(
     settings = resolve_settings(adapter, sampler, num_inference_steps, guidance_scale, noise_level)
     images = sample_images(adapter, prompts, seed=seed, batch_size=batch_size,
                            desc=f"shapes {split}" if progress else None, sampler=sampler, **asdict(settings))
+    images = adapter.as_saved(images)
     result = shapes_eval(prompts, images)
     result["settings"] = {"split": split, "num_images_per_prompt": num_images_per_prompt, "sampler": sampler,
                           "seed": seed, **asdict(settings)}
