@@ -393,8 +393,9 @@ def run_calibrate_noise(args) -> None:
         config = load_config(args.config, ["log_with=[]", *args.overrides])
     except ConfigError as error:
         raise SystemExit(f"align-diffusion calibrate-noise: bad config: {error}") from None
-    if args.out.is_dir() or not args.out.parent.is_dir():
-        raise SystemExit(f"--out: {args.out} must be a file in an existing folder")
+    if args.out.is_dir():
+        raise SystemExit(f"--out: {args.out} is a folder; name the JSON file to write")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     if config.grpo.dense is None:
         config.grpo.dense = "ode"
     levels = GRPOTrainer(config).calibrate_noise(args.rounds, args.eps1, args.eps2)

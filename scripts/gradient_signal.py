@@ -68,11 +68,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, as for align-diffusion train")
-    parser.add_argument("--batches", type=int, default=6, help="independent batches (at least 2)")
+    parser.add_argument("--batches", type=int, default=6,
+                        help="independent batches (at least 3: the error needs two or more pairs)")
     parser.add_argument("--by-module", action="store_true", help="also the cosine within each LoRA target module")
     args = parser.parse_args()
-    if args.batches < 2:
-        parser.error("--batches must be at least 2")
+    if args.batches < 3:
+        parser.error("--batches must be at least 3 (two batches make one pair, whose spread is undefined)")
     if args.by_module and not load_config(args.config, args.overrides).lora.enabled:
         parser.error("--by-module needs a LoRA (lora.enabled: true)")
     trainer, gradients = measure(args.config, args.overrides, args.batches)

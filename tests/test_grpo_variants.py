@@ -224,7 +224,7 @@ def test_calibrate_noise_command_writes_a_table(saved, prompt_file, tmp_path, ca
     assert all(level == pytest.approx(0.75) or level == pytest.approx(0.65) for level in levels)
     assert json.loads(out.read_text())["rounds"] == 1
     assert "wrote" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="--out: .* must be a file in an existing folder"):  # before any round
+    with pytest.raises(SystemExit, match="--out: .* is a folder; name the JSON file"):  # before any round
         main(["calibrate-noise", str(config), "--rounds", "1", "--out", str(tmp_path)])
 
 

@@ -439,3 +439,9 @@ def test_compare_steering_script_keeps_earlier_results_unless_told(tmp_path):
                           capture_output=True, text=True)
     assert done.returncode == 2 and "already holds results; pass --overwrite" in done.stderr
     assert (tmp_path / "results.json").read_text() == "{}"
+    for options, message in ((["--methods", "bestofn"], "invalid choice: 'bestofn'"),
+                             (["--steps", "5"], "--steps 5: TTSnap's default prune steps must be")):
+        done = subprocess.run([sys.executable, "scripts/compare_steering.py", "--out", str(tmp_path / "new"),
+                               *options], capture_output=True, text=True)
+        assert done.returncode == 2 and message in done.stderr, done.stderr
+        assert not (tmp_path / "new").exists()

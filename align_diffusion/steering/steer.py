@@ -34,8 +34,8 @@ def method_size(adapter: PipelineAdapter, method: str, budget: int, options: dic
     else:
         steps = resolve_settings(adapter, "ode", options.get("num_inference_steps")).num_inference_steps
     if method == "ttsnap":
-        size = ttsnap_module.seeds_for_budget(budget, list(options.get("prune_steps", (2, 6, 11))),
-                                              list(options.get("keep", (0.4, 0.4, 0.5))), steps)
+        size = ttsnap_module.seeds_for_budget(budget, list(options.get("prune_steps", ttsnap_module.PRUNE_STEPS)),
+                                              list(options.get("keep", ttsnap_module.KEEP)), steps)
     elif method == "reno":
         size = budget // steps - 1
     else:

@@ -28,6 +28,9 @@ from align_diffusion.steering.candidates import (
     score_candidates,
 )
 
+PRUNE_STEPS = (2, 6, 11)  # the default prune steps of a 20-step run, and the fraction each keeps
+KEEP = (0.4, 0.4, 0.5)
+
 
 def kept(count: int, fraction: float) -> int:
     """How many of `count` candidates a prune step keeps: max(1, round(fraction · count)), halves rounded up."""
@@ -70,8 +73,8 @@ def ttsnap(
     prune_reward: Reward,
     *,
     num_seeds: int = 16,
-    prune_steps: list[int] = (2, 6, 11),
-    keep: list[float] = (0.4, 0.4, 0.5),
+    prune_steps: list[int] = PRUNE_STEPS,
+    keep: list[float] = KEEP,
     index: int = 0,
     seed: int = 0,
     sampler: str = "ode",
