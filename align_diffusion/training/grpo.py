@@ -172,8 +172,8 @@ class GRPOTrainer:
         )
         if launched != self.accelerator.num_processes:  # each would run the whole job into the same output_dir
             raise ValueError(f"the launcher started {launched} processes, but accelerate joined "
-                               f"{self.accelerator.num_processes} (DeepSpeed and FSDP join processes on GPUs; on the "
-                               "CPU set device=cpu or launch with --multi_gpu, which join them by gloo)")
+                             f"{self.accelerator.num_processes} (DeepSpeed and FSDP join processes on GPUs; on the "
+                             "CPU launch with --multi_gpu, which joins them by gloo)")
         validate(config, self.accelerator.num_processes)
         set_seed(config.seed)
         self.prompts = PromptSource(config.prompts)
