@@ -20,7 +20,7 @@ where a low MFU goes.
     python benchmarks/gpu/grpo_step.py --arch flux-dev --group 2 --micro-batch 1 --checkpointing on \\
         --out results/grpo_flux.json          # does a micro-batch fit, and at what peak memory
     python benchmarks/gpu/grpo_step.py --arch sd35-medium --profile 15 --out results/grpo_sd35m.json  # and why
-    python benchmarks/gpu/grpo_step.py --toy --device cpu --out /tmp/grpo_toy.json    # CPU, seconds
+    python benchmarks/gpu/grpo_step.py --toy --device cpu --resolution 32 --out /tmp/grpo_toy.json  # CPU, seconds
 """
 
 from __future__ import annotations

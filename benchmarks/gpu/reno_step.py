@@ -8,7 +8,7 @@ first call (compilation, allocator warm-up) is not timed. The paper's anchor: 20
 rewards on an A100.
 
     python benchmarks/gpu/reno_step.py --out results/reno.json
-    python benchmarks/gpu/reno_step.py --toy --device cpu --out /tmp/reno_toy.json
+    python benchmarks/gpu/reno_step.py --toy --device cpu --resolution 64 --out /tmp/reno_toy.json
     python benchmarks/gpu/reno_step.py --narrow --device cpu --dtype float32 --resolution 64 --out /tmp/reno_host.json
 """
 
