@@ -174,16 +174,21 @@ class PipelineAdapter:
         return latents / config.scaling_factor + (config.get("shift_factor") or 0.0)
 
     @staticmethod
+    def levels(images: torch.Tensor) -> torch.Tensor:
+        """[0, 1] images as 8-bit levels 0…255 (float), rounded as diffusers' image processor rounds them."""
+        return (images.detach().float().clamp(0, 1) * 255).round()
+
+    @staticmethod
     def to_pil(images: torch.Tensor) -> list[Image.Image]:
-        """[0, 1] image tensors to PIL, rounded as diffusers' image processor rounds them."""
-        pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
+        """[0, 1] image tensors to PIL at their `levels`."""
+        pixels = PipelineAdapter.levels(images).to(torch.uint8)
         return [Image.fromarray(p.permute(1, 2, 0).cpu().numpy()) for p in pixels]
 
     @staticmethod
     def as_saved(images: torch.Tensor) -> torch.Tensor:
         """The images at the 8-bit levels `to_pil` writes: a verdict on them holds for the saved files (a shape's
         fill can sit on a ShapesEval threshold that rounding crosses)."""
-        return (images.detach().float().clamp(0, 1) * 255).round() / 255
+        return PipelineAdapter.levels(images) / 255
 
 
 RECOMPILE_LIMIT = 64  # graphs per compiled block forward (see compile_repeated_blocks)
