@@ -3,6 +3,8 @@
 import argparse
 from pathlib import Path
 
+from selenium.webdriver.support.ui import Select, WebDriverWait
+
 from align_diffusion.gallery.browser import headless_chromium
 
 
@@ -17,9 +19,10 @@ def main() -> None:
     browser = headless_chromium(width=args.width, height=args.height)
     try:
         browser.get(args.page.resolve().as_uri())
+        # Label buttons stay disabled (greyed) until the page's stored labels have loaded.
+        WebDriverWait(browser, 10).until(lambda b: b.execute_script(
+            "return !document.querySelector('button[data-label]') || document.body.dataset.labels"))
         if args.sort:
-            from selenium.webdriver.support.ui import Select
-
             Select(browser.find_element("id", "sort")).select_by_visible_text(args.sort)
         browser.execute_script("document.querySelectorAll('img').forEach(i => i.loading = 'eager')")
         browser.execute_script("return Promise.all(Array.from(document.images).map(i => i.decode().catch(() => 0)))")

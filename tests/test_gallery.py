@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 from selenium.webdriver.common.by import By
-from selenium.webdriver.support.ui import Select
+from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from align_diffusion.cli import main
 from align_diffusion.gallery import build_comparison, build_gallery, safe_filename
@@ -71,10 +71,20 @@ def folders(tmp_path):
     return a, b
 
 
-def open_page(browser, path: Path):
+def labels_loaded(browser) -> str:
+    """Waits for the page's stored labels to load (the label buttons work from then on): 'kept' or 'not-kept'."""
+    return WebDriverWait(browser, 10).until(lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-labels"))
+
+
+def open_page(browser, path: Path) -> None:
+    """Every test's pages lie in its own folder, so no test sees the labels another left."""
     browser.get(path.resolve().as_uri())
-    browser.execute_script("localStorage.clear()")
+    assert labels_loaded(browser) == "kept"
+
+
+def reload(browser) -> None:
     browser.refresh()
+    assert labels_loaded(browser) == "kept"
 
 
 def visible_cards(browser):
@@ -189,7 +199,7 @@ def test_label_export_feeds_the_artifact_reward_and_preference_pairs(browser, fo
     label(browser, cards[3], "good")  # a second click takes the label off
     label(browser, cards[4], "good")
     assert browser.find_element(By.ID, "label-count").text == "4"
-    browser.refresh()  # labels survive a reload
+    reload(browser)  # labels survive a reload
     assert browser.find_element(By.ID, "label-count").text == "4"
     assert "label-artifact" in visible_cards(browser)[1].find_element(By.TAG_NAME, "figure").get_attribute("class")
 
@@ -217,15 +227,36 @@ def test_labels_stay_with_their_samples_not_their_file_names(browser, folders):
     open_page(browser, build_gallery(a))
     label(browser, visible_cards(browser)[0], "good")
     build_gallery(a)  # the same samples (a training run rebuilds its pages after every evaluation)
-    browser.refresh()
+    reload(browser)
     assert browser.find_element(By.ID, "label-count").text == "1"
     # Sampled again into the same folder (`eval --overwrite`): the same file names now show new images.
     metadata = a / "metadata.jsonl"
     metadata.write_text(metadata.read_text().replace('"shapes": 0.25', '"shapes": 0.5'))
     build_gallery(a)
-    browser.refresh()
+    reload(browser)
     assert browser.find_element(By.ID, "label-count").text == "0"
     assert "label-good" not in visible_cards(browser)[0].find_element(By.TAG_NAME, "figure").get_attribute("class")
+
+
+def test_a_browser_that_keeps_no_storage_gets_a_warning_and_working_labels(browser, folders):
+    a, _ = folders
+    # As a browser with site storage blocked does: reading window.indexedDB throws.
+    blocked = browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": """
+        Object.defineProperty(window, "indexedDB", {get() { throw new DOMException("blocked", "SecurityError"); }});
+    """})
+    try:
+        browser.get(build_gallery(a).resolve().as_uri())
+        assert labels_loaded(browser) == "not-kept"
+        assert "labels are not kept after this page closes" in browser.find_element(By.ID, "label-store").text
+        label(browser, visible_cards(browser)[0], "good")
+        assert browser.find_element(By.ID, "label-count").text == "1"
+        browser.refresh()
+        assert labels_loaded(browser) == "not-kept"
+        assert browser.find_element(By.ID, "label-count").text == "0"
+    finally:
+        browser.execute_cdp_cmd("Page.removeScriptToEvaluateOnNewDocument", blocked)
+    open_page(browser, build_gallery(a))
+    assert browser.find_element(By.ID, "label-store").text == ""
 
 
 def test_labels_on_a_compare_page_name_each_side(browser, folders):
@@ -255,7 +286,7 @@ def test_run_page_links_plots_and_evaluations(browser, tmp_path):
     make_folder(run / "eval" / "step-000000", RECORDS_A)
     make_folder(run / "eval" / "step-000004", RECORDS_A)
     main(["gallery", str(run)])
-    open_page(browser, run / "index.html")
+    browser.get((run / "index.html").resolve().as_uri())  # a run page: plots and links, no labels
     assert [img.get_attribute("alt") for img in browser.find_elements(By.CSS_SELECTOR, ".plots img")] == [
         "reward", "accuracy"]
     assert browser.execute_script("return Array.from(document.images).map(i => i.naturalWidth > 0)") == [True] * 2

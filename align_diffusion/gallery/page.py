@@ -257,6 +257,7 @@ def _page(title: str, mode: str, summary: str, note: str, names: list[str], card
 <label>≤ <input id="filter-max" type="number" step="any"></label>
 <span id="shown"></span>
 <button type="button" id="export">export labels (<span id="label-count">0</span>)</button>
+<span id="label-store" class="warning"></span>
 </div>
 </header>
 <main id="grid">
