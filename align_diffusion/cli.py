@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -355,7 +356,7 @@ def add_train_parser(subparsers) -> None:
 
 def run_train(args) -> None:
     from align_diffusion.training.config import ConfigError, load_config
-    from align_diffusion.training.grpo import train
+    from align_diffusion.training.grpo import TrainingInterrupted, train
 
     if args.config is not None and "=" in str(args.config):  # only overrides given
         args.overrides, args.config = [str(args.config), *args.overrides], None
@@ -365,7 +366,11 @@ def run_train(args) -> None:
         config = load_config(args.config, args.overrides)
     except ConfigError as error:
         raise SystemExit(f"align-diffusion train: bad config: {error}") from None
-    folder = train(config)
+    try:
+        folder = train(config)
+    except TrainingInterrupted as stopped:
+        print(f"align-diffusion train: {stopped}", file=sys.stderr)
+        raise SystemExit(128 + (stopped.signum or signal.SIGINT)) from None
     print(f"trained weights in {folder}; metrics in {config.output_dir}/metrics.jsonl")
 
 

@@ -7,8 +7,10 @@ import os
 import re
 import runpy
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +23,7 @@ from align_diffusion.models import load_adapter
 from align_diffusion.rewards.spec import load_reward
 from align_diffusion.sampling.loop import step_log_prob
 from align_diffusion.training.config import ConfigError, load_config, validate
-from align_diffusion.training.grpo import GRPOTrainer, clipped_policy_loss, gaussian_kl
+from align_diffusion.training.grpo import GRPOTrainer, TrainingInterrupted, clipped_policy_loss, gaussian_kl
 from align_diffusion.world.evaluate import score_image
 from training_helpers import metrics, tiny_overrides
 
@@ -264,6 +266,65 @@ def test_resume_gives_identical_weights(trained, saved, prompt_file, tmp_path):
     assert [r["step"] for r in metrics(first)] == [1, 2]
 
 
+def signalled_during_step(trainer: GRPOTrainer, step: int, times: int, seconds_apart: float = 0) -> None:
+    """Sends SIGINT to this process `times` times as the trainer begins `step` (from 0), as Ctrl-C would."""
+    run_step = trainer.training_step
+
+    def training_step(index):
+        for k in range(times if index == step else 0):
+            time.sleep(seconds_apart if k else 0)
+            signal.raise_signal(signal.SIGINT)
+        return run_step(index)
+
+    trainer.training_step = training_step
+
+
+def test_ctrl_c_finishes_the_step_checkpoints_it_and_the_resumed_run_matches_a_straight_one(
+        trained, saved, prompt_file, tmp_path):
+    _, straight = trained
+    trainer = GRPOTrainer(load_config(None, tiny_overrides(saved["sd3"], prompt_file, tmp_path, checkpoint_every=0)))
+    signalled_during_step(trainer, 0, times=2)  # the second at once: a launcher forwarding the terminal's Ctrl-C
+    with pytest.raises(TrainingInterrupted, match="SIGINT received: stopped after step 1") as stopped:
+        trainer.train()
+    assert stopped.value.step == 1 and stopped.value.signum == signal.SIGINT
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-000001"]
+    assert [r["step"] for r in metrics(tmp_path)] == [1] and not (tmp_path / "lora").exists()
+    GRPOTrainer(load_config(None, tiny_overrides(saved["sd3"], prompt_file, tmp_path, checkpoint_every=0,
+                                                 resume_from="latest"))).train()
+    a = load_file(str(straight / "checkpoints" / "step-000002" / "trained.safetensors"))
+    b = load_file(str(tmp_path / "checkpoints" / "step-000002" / "trained.safetensors"))
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert [r["step"] for r in metrics(tmp_path)] == [1, 2]
+
+
+def test_a_second_ctrl_c_stops_at_once(saved, prompt_file, tmp_path):
+    trainer = GRPOTrainer(load_config(None, tiny_overrides(saved["sd3"], prompt_file, tmp_path)))
+    signalled_during_step(trainer, 0, times=2, seconds_apart=1.1)
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        trainer.train()
+    assert not isinstance(stopped.value, TrainingInterrupted)
+    assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_train_command_stops_on_sigint_with_a_checkpoint_and_exit_status_130(saved, prompt_file, tmp_path):
+    command = [sys.executable, "-m", "align_diffusion", "train",
+               *tiny_overrides(saved["sd3"], prompt_file, tmp_path, max_steps=500, checkpoint_every=0)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 200
+    while not (tmp_path / "metrics.jsonl").is_file() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=200)
+    assert process.returncode == 130, stderr[-3000:]
+    last = metrics(tmp_path)[-1]["step"]
+    assert f"SIGINT received: stopped after step {last} with its checkpoint" in stderr
+    assert "resume_from=latest" in stderr and "Traceback" not in stderr
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == [f"step-{last:06d}"]
+
+
 def test_resume_with_no_checkpoint_yet_starts_over(saved, prompt_file, tmp_path):
     """Interrupted before its first checkpoint, a run leaves metrics only; resume_from=latest starts over and does
     not log step 1 twice."""
@@ -447,6 +508,24 @@ def test_two_processes_stop_for_max_minutes_after_the_same_step(saved, prompt_fi
     assert result.returncode == 0, result.stderr[-3000:]
     last = metrics(tmp_path)[-1]["step"]
     assert 1 <= last < 40 and "max_minutes" in result.stderr + result.stdout
+    assert (tmp_path / "checkpoints" / f"step-{last:06d}" / "random_states_1.pkl").is_file()
+
+
+def test_ctrl_c_under_the_launcher_stops_both_processes_after_the_same_step(saved, prompt_file, tmp_path):
+    """Ctrl-C reaches the launcher and both processes, and the launcher forwards it to them once more."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "-m", "align_diffusion", "train", *tiny_overrides(saved["sd3"], prompt_file, tmp_path, max_steps=500,
+                                                                  checkpoint_every=0, device="null")]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 200
+    while not (tmp_path / "metrics.jsonl").is_file() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGINT)  # as the terminal sends it: to the whole process group
+    _, stderr = process.communicate(timeout=200)
+    last = metrics(tmp_path)[-1]["step"]
+    assert f"SIGINT received: stopped after step {last} with its checkpoint" in stderr, stderr[-3000:]
     assert (tmp_path / "checkpoints" / f"step-{last:06d}" / "random_states_1.pkl").is_file()
 
 

@@ -25,6 +25,8 @@ import json
 import math
 import os
 import shutil
+import signal
+import threading
 import time
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -34,7 +36,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast, set_seed
+from accelerate.utils import set_seed
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -150,6 +152,52 @@ class EMA:
 
 
 # --- the trainer -------------------------------------------------------------------------------------------------
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """A run stopped by Ctrl-C or SIGTERM after finishing its step in progress and writing a checkpoint of it."""
+
+    def __init__(self, signum: int | None, step: int, output_dir: Path):
+        self.signum, self.step, self.output_dir = signum, step, output_dir  # signum None: another process's
+        received = signal.Signals(signum).name if signum is not None else "another process's stop signal"
+        super().__init__(f"{received} received: stopped after step {step} with its checkpoint; continue with "
+                         f"resume_from=latest (output_dir {output_dir})")
+
+
+class StopSignals:
+    """While open, the first Ctrl-C (SIGINT) or SIGTERM only asks the loop to stop after the step in progress (which
+    it checkpoints); one more, a second or longer after it, acts as it would have without this. Signals within that
+    second count as one: a launcher forwards the Ctrl-C its processes also got from the terminal. Only the main
+    thread takes signals: in any other thread this does nothing."""
+
+    def __init__(self, log):
+        self.log = log
+        self.received: int | None = None
+        self.received_at = 0.0
+        self.previous: dict[int, object] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {signum: signal.signal(signum, self.handle) for signum in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def handle(self, signum, frame) -> None:
+        if self.received is not None:
+            if time.monotonic() - self.received_at >= 1.0:
+                self.restore()
+                signal.raise_signal(signum)
+            return
+        self.received, self.received_at = signum, time.monotonic()
+        self.log(f"{signal.Signals(signum).name}: stopping after this step and checkpointing it "
+                 f"(send it again to stop at once)")
+
+    def restore(self) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        self.previous = {}
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
 
 
 class GRPOTrainer:
@@ -623,43 +671,54 @@ class GRPOTrainer:
         bar = tqdm(initial=self.step, total=config.max_steps, desc=config.algorithm,
                    disable=not accelerator.is_main_process)
         steps = range(self.step, config.max_steps)
-        if self.out_of_time():  # a resumed run that had already used its time
+        if self.agreed_stop(False)[0]:  # a resumed run that had already used its time
             self.log(f"max_minutes {config.max_minutes} already reached at step {self.step}: no step to train")
             steps = range(0)
-        for step in steps:
-            started = time.time()
-            stats = self.training_step(step)
-            self.step = step + 1
-            seconds = time.time() - started
-            self.train_seconds += seconds
-            bar.update(1)
-            out_of_time = self.out_of_time()
-            last = self.step == config.max_steps or out_of_time
-            stats = {"step": self.step, **stats, "seconds": round(seconds, 2),
-                     "train_minutes": round(self.train_seconds / 60, 3)}
-            if eval_every and (self.step % eval_every == 0 or last):
-                stats.update(self.evaluate())
-            self.record(metrics_file, stats)
-            if "eval/reward_mean" in stats and accelerator.is_main_process:
-                build_run_page(self.output_dir)
-            bar.set_postfix({key: f"{stats[key]:.3g}" for key in ("reward_mean", "loss", "kl") if key in stats})
-            if last or (config.checkpoint_every and self.step % config.checkpoint_every == 0):
-                self.save_checkpoint()
-            if out_of_time:
-                self.log(f"stopping after step {self.step}: {self.train_seconds / 60:.1f} training minutes reached "
-                         f"max_minutes {config.max_minutes}")
-                break
+        with StopSignals(self.log) as signals:
+            for step in steps:
+                started = time.time()
+                stats = self.training_step(step)
+                self.step = step + 1
+                seconds = time.time() - started
+                self.train_seconds += seconds
+                bar.update(1)
+                out_of_time, interrupted = self.agreed_stop(signals.received is not None)
+                last = self.step == config.max_steps or out_of_time
+                stats = {"step": self.step, **stats, "seconds": round(seconds, 2),
+                         "train_minutes": round(self.train_seconds / 60, 3)}
+                if eval_every and (self.step % eval_every == 0 or last) and not interrupted:
+                    stats.update(self.evaluate())
+                self.record(metrics_file, stats)
+                if "eval/reward_mean" in stats and accelerator.is_main_process:
+                    build_run_page(self.output_dir)
+                bar.set_postfix({key: f"{stats[key]:.3g}" for key in ("reward_mean", "loss", "kl") if key in stats})
+                if last or interrupted or (config.checkpoint_every and self.step % config.checkpoint_every == 0):
+                    self.save_checkpoint()
+                if interrupted:
+                    bar.close()
+                    accelerator.end_training()
+                    raise TrainingInterrupted(signals.received, self.step, self.output_dir)
+                if out_of_time:
+                    self.log(f"stopping after step {self.step}: {self.train_seconds / 60:.1f} training minutes "
+                             f"reached max_minutes {config.max_minutes}")
+                    break
         bar.close()
         result = self.export()
         accelerator.end_training()
         return result
 
-    def out_of_time(self) -> bool:
-        """Whether the training seconds reached max_minutes, as the main process counts them: every process must
-        stop after the same step (the others' clocks also hold their waits for the main one's evaluations)."""
-        spent = torch.tensor([self.train_seconds], device=self.accelerator.device)
-        spent = float(broadcast(spent, from_process=0)) if self.accelerator.num_processes > 1 else self.train_seconds
-        return self.config.max_minutes is not None and spent >= 60 * self.config.max_minutes
+    def agreed_stop(self, signalled: bool) -> tuple[bool, bool]:
+        """(out of time, interrupted) as every process sees them, so that all stop after the same step: the main
+        process's training seconds against max_minutes (the others' clocks also hold their waits for its
+        evaluations), and a stop signal that any process received."""
+        main = self.accelerator.is_main_process
+        flags = torch.tensor([self.train_seconds if main else 0.0, float(signalled)], device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            flags = self.accelerator.reduce(flags, reduction="sum")
+        spent, signals = flags.tolist()
+        if self.accelerator.num_processes == 1:
+            spent = self.train_seconds  # exact, not float32
+        return self.config.max_minutes is not None and spent >= 60 * self.config.max_minutes, signals > 0
 
     def record(self, metrics_file: Path, stats: dict) -> None:
         if self.accelerator.is_main_process:
