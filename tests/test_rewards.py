@@ -47,6 +47,16 @@ def tiny_open_clip(tmp_path_factory):
     return "tiny-hps-test", folder / "hps.pt"
 
 
+def test_spec_spaces_repeats_and_missing_model_folders():
+    assert [(t.name, t.weight) for t in parse_spec("shapes = 0.5, jpeg= 2")] == [("shapes", 0.5), ("jpeg", 2.0)]
+    with pytest.raises(ValueError, match="names the same reward twice"):
+        parse_spec("shapes:graded,shapes")  # `shapes` is the graded score
+    assert len(parse_spec("shapes,shapes:strict")) == 2
+    for spec in ("clip:./no/such/clip", "clip:assets/world/no-such-clip", "adv-dino:/no/such/dino"):
+        with pytest.raises(FileNotFoundError, match=f"reward model {spec.split(':', 1)[1]} is no folder"):
+            load_reward(spec)
+
+
 def test_images_to_tensor_accepts_pil_and_rejects_bad_shapes():
     images = world_images()
     tensor = images_to_tensor(images)

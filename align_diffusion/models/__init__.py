@@ -28,12 +28,13 @@ def adapter_for(pipe) -> PipelineAdapter:
     return adapter(pipe)
 
 
-def missing_local_model(model: str) -> str | None:
-    """Why `model`, written as a path (absolute, or starting with . or ~), names no folder; None when it does or
-    when it reads as a hub id (`org/name`), which from_pretrained resolves."""
+def missing_local_model(model: str, holds: str = "model_index.json") -> str | None:
+    """Why `model`, written as a path (absolute, starting with . or ~, or with more than one '/'), names no folder;
+    None when it does or when it reads as a hub id (`org/name`), which from_pretrained resolves. `holds`: the file
+    a local folder of this kind has."""
     path = Path(model).expanduser()
-    if (path.is_absolute() or model.startswith((".", "~"))) and not path.is_dir():
-        return f"{model} is no folder (a local pipeline is a folder with model_index.json)"
+    if (path.is_absolute() or model.startswith((".", "~")) or model.count("/") > 1) and not path.is_dir():
+        return f"{model} is no folder (a local model is a folder with {holds})"
     return None
 
 

@@ -42,21 +42,35 @@ ARGUMENT_NEEDED = {
 }
 
 
+# What a term without an argument means, where that is also a term with one: `shapes` is `shapes:graded`.
+DEFAULT_ARGUMENT = {"shapes": "graded"}
+
+
 def _split_pair(arg: str) -> list[str]:
     """`A:B` → [A, B]; `B` → [B]. B, a file, follows the last ':', since A may hold one (`hf-hub:org/model`)."""
     return arg.rsplit(":", 1)
 
 
+def _model(arg: str) -> str:
+    """`arg`, a transformers model id or folder; FileNotFoundError when it is written as a path to no folder (hub
+    loading would otherwise call it a malformed repo id)."""
+    from align_diffusion.models import missing_local_model
+
+    if reason := missing_local_model(arg, holds="config.json"):
+        raise FileNotFoundError(f"reward model {reason}")
+    return arg
+
+
 def _clip(arg, device, dtype):
     from align_diffusion.rewards.clip import ClipScore
 
-    return ClipScore(arg, device=device, dtype=dtype)
+    return ClipScore(_model(arg), device=device, dtype=dtype)
 
 
 def _pickscore(arg, device, dtype):
     from align_diffusion.rewards.clip import PickScore
 
-    return PickScore(arg, device=device, dtype=dtype) if arg else PickScore(device=device, dtype=dtype)
+    return PickScore(_model(arg), device=device, dtype=dtype) if arg else PickScore(device=device, dtype=dtype)
 
 
 def _hpsv2(arg, device, dtype):
@@ -70,7 +84,7 @@ def _aesthetic(arg, device, dtype):
     from align_diffusion.rewards.clip import Aesthetic
 
     parts = _split_pair(arg)
-    return Aesthetic(parts[-1], *parts[:-1], device=device, dtype=dtype)
+    return Aesthetic(parts[-1], *map(_model, parts[:-1]), device=device, dtype=dtype)
 
 
 def _jpeg(arg, device, dtype):
@@ -88,13 +102,13 @@ def _jpeg(arg, device, dtype):
 def _shapes(arg, device, dtype):
     from align_diffusion.rewards.simple import ShapesReward
 
-    return ShapesReward(arg or "graded")
+    return ShapesReward(arg or DEFAULT_ARGUMENT["shapes"])
 
 
 def _adv_dino(arg, device, dtype):
     from align_diffusion.rewards.adversarial import AdversarialDino
 
-    return AdversarialDino(arg, device=device, dtype=dtype)
+    return AdversarialDino(_model(arg), device=device, dtype=dtype)
 
 
 def _artifact(arg, device, dtype):
@@ -127,6 +141,7 @@ def _split_weight(text: str) -> tuple[str, float]:
     head, sep, tail = text.rpartition("=")
     if not sep:
         return text, 1.0
+    head = head.rstrip()  # `shapes = 1`
     try:
         weight = float(tail)
     except ValueError:
@@ -152,7 +167,7 @@ def parse_spec(spec: str) -> list[RewardTerm]:
         if name in ARGUMENT_NEEDED and not arg:
             raise ValueError(f"reward term {text!r}: needs {ARGUMENT_NEEDED[name]}")
         terms.append(RewardTerm(name, arg or None, weight))
-    keys = [(t.name, t.arg) for t in terms]
+    keys = [(t.name, t.arg or DEFAULT_ARGUMENT.get(t.name)) for t in terms]
     if len(set(keys)) != len(keys):
         raise ValueError(f"reward spec {spec!r} names the same reward twice")
     return terms
