@@ -489,8 +489,9 @@ def add_steer_parser(subparsers) -> None:
     group = parser.add_argument_group("reno")
     group.add_argument("--iterations", type=int, default=None, help="default 50, or from --budget")
     group.add_argument("--lr", type=float, default=None, help="SGD learning rate (default 5)")
-    group.add_argument("--reg-weight", type=float, default=None, help="noise-norm regularizer weight (0.01)")
-    group.add_argument("--grad-clip", type=float, default=None, help="gradient norm clip per image (0.1)")
+    group.add_argument("--reg-weight", type=_non_negative_float, default=None,
+                       help="noise-norm regularizer weight (0.01)")
+    group.add_argument("--grad-clip", type=_positive_float, default=None, help="gradient norm clip per image (0.1)")
     group.add_argument("--no-checkpointing", action="store_true", help="keep activations instead of recomputing")
     group.add_argument("--autocast", choices=["bfloat16", "float16"], default=None, help="mixed precision")
     group.add_argument("--batch-size", type=_positive_int, default=16, help="prompts optimized together")

@@ -1,6 +1,8 @@
 """Our sampling loop against the stock diffusers pipelines, family by family."""
 
 import copy
+import math
+import re
 
 import pytest
 import torch
@@ -12,10 +14,11 @@ from align_diffusion.models import adapter_for, load_adapter
 from align_diffusion.models.base import compile_repeated_blocks
 from align_diffusion.models.sd3 import CONTEXT_BIAS
 from align_diffusion.models.tiny import tiny_pipeline
-from align_diffusion.sampling.loop import sample
+from align_diffusion.sampling.loop import sample, sample_images
 from align_diffusion.training.lora import add_lora
 
 PROMPTS = ["a red circle", "two blue squares"]
+SIZE = dict(height=32, width=32)
 
 
 def stock_images(pipe, guidance, seeds, steps=5, size=32):
@@ -104,6 +107,30 @@ def test_bad_sizes_are_refused(tiny_pipes):
     adapter = adapter_for(tiny_pipes["flux"])
     with pytest.raises(ValueError, match="multiples of 4"):
         sample(adapter, PROMPTS, num_inference_steps=2, height=30, width=32)
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(num_inference_steps=0), "num_inference_steps must be a whole number >= 1, got 0"),
+    (dict(num_inference_steps=2.5), "num_inference_steps must be a whole number >= 1, got 2.5"),
+    (dict(height=32.0), "height must be a whole number >= 1, got 32.0"),
+    (dict(guidance_scale=math.inf), "guidance_scale must be a finite number, got inf"),
+    (dict(guidance_scale=math.nan), "guidance_scale must be a finite number, got nan"),
+])
+def test_bad_sampling_settings_are_named(tiny_pipes, settings, message):
+    adapter = adapter_for(tiny_pipes["sd3"])
+    with pytest.raises(ValueError, match=re.escape(message)):
+        sample(adapter, PROMPTS, **{"num_inference_steps": 2, **SIZE, **settings})
+
+
+def test_one_prompt_string_is_one_prompt_and_no_prompt_is_an_error(tiny_pipes):
+    adapter = adapter_for(tiny_pipes["sd3"])
+    one = sample(adapter, PROMPTS[0], num_inference_steps=2, **SIZE)
+    assert one.prompts == PROMPTS[:1]
+    assert torch.equal(one.images, sample(adapter, PROMPTS[:1], num_inference_steps=2, **SIZE).images)
+    with pytest.raises(ValueError, match="prompts is empty"):
+        sample(adapter, [], num_inference_steps=2, **SIZE)
+    with pytest.raises(TypeError, match="prompts must be a string or a list of strings"):
+        sample_images(adapter, [PROMPTS[0], None], num_inference_steps=2, **SIZE)
 
 
 def test_one_step_turbo_sampling_matches_stock(tiny_pipes):

@@ -4,6 +4,7 @@ and pick, best-of-N, exact budgets (denoiser images counted by a hook), and the 
 import copy
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -77,6 +78,29 @@ def denoised_images(adapter):
 
 
 # --- ReNO --------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(grad_clip=-0.1), "grad_clip must be a finite number > 0, got -0.1"),
+    (dict(grad_clip=0.0), "grad_clip must be a finite number > 0, got 0.0"),
+    (dict(reg_weight=-1.0), "reg_weight must be a finite number >= 0, got -1.0"),
+    (dict(num_inference_steps=0), "num_inference_steps must be a whole number >= 1, got 0"),
+])
+def test_reno_refuses_settings_that_would_not_raise_the_reward(adapter, denoised_images, options, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        reno(adapter, ["a red circle"], Darkness(), iterations=1, **SIZE, **options)
+    assert denoised_images == []  # before any compute
+
+
+def test_steer_takes_one_prompt_string_and_the_one_prompt_methods_refuse_a_list(adapter):
+    results = list(steer(adapter, "a red circle", Darkness(), "best-of-n", num_candidates=1, num_inference_steps=2,
+                         progress=False, **SIZE))
+    assert [r.prompt for r in results] == ["a red circle"]
+    for method in (best_of_n, fk_steering):
+        with pytest.raises(TypeError, match="prompt must be one string"):
+            method(adapter, ["a red circle"], Darkness(), num_inference_steps=2, **SIZE)
+    with pytest.raises(ValueError, match="num_inference_steps must be a whole number >= 1, got 0"):
+        steer(adapter, ["a red circle"], Darkness(), "reno", budget=8, num_inference_steps=0)
 
 
 def test_noise_norm_regularizer_value_and_gradient():
@@ -310,6 +334,13 @@ def test_fk_raises_when_no_particle_can_be_scored(adapter):
     with pytest.raises(RewardError, match="could not score any of the 4 candidates of 'a red circle'"):
         fk_steering(adapter, "a red circle", reward, num_particles=4, adaptive_threshold=0.5, resample_interval=1,
                     num_inference_steps=4, guidance_scale=GUIDANCE, **SIZE)
+
+
+@pytest.mark.parametrize("lam", [math.nan, math.inf, -1.0])
+def test_fk_refuses_a_tilt_that_is_not_a_finite_number_at_least_0(adapter, denoised_images, lam):
+    with pytest.raises(ValueError, match=r"lam \(the tilt λ\) must be a finite number >= 0"):
+        fk_steering(adapter, "a red circle", Darkness(), lam=lam, num_inference_steps=2, **SIZE)
+    assert denoised_images == []
 
 
 def test_fk_refuses_a_deterministic_sampler(adapter):

@@ -196,6 +196,14 @@ def test_reward_and_prompt_errors_come_before_the_model_loads(saved, prompt_file
         GRPOTrainer(load_config(None, overrides))
 
 
+def test_a_size_the_model_cannot_take_fails_when_the_model_loads(saved, prompt_file, tmp_path):
+    # The tiny SD3 transformer's position table holds 96 × 96 patches of 2 × 2 pixels.
+    with pytest.raises(ConfigError, match=r"sampling: height and width must be at most 192 .*got 200×32"):
+        GRPOTrainer(load_config(None, tiny_overrides(saved["sd3"], prompt_file, tmp_path, **{
+            "sampling.height": 200, "sampling.width": 32})))
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
 def test_shipped_configs_load():
     for path in sorted((REPO / "configs").glob("*.yaml")):
         assert path.read_text().startswith("# "), f"{path.name} must start with the command that runs it"

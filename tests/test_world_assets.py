@@ -9,7 +9,7 @@ from PIL import Image
 from diffusers import DDIMScheduler, StableDiffusion3Pipeline, StableDiffusionPipeline
 from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel, Dinov2Model
 
-from align_diffusion.models import adapter_for
+from align_diffusion.models import adapter_for, load_adapter
 from align_diffusion.sampling.loop import sample
 
 from align_diffusion.world.data import to_tensor
@@ -52,6 +52,14 @@ def test_sd3_generator_loads_with_its_stock_pipeline_and_our_sampler_matches_it(
     ours = sample(adapter_for(pipe), prompts, num_inference_steps=10, guidance_scale=2.0).images
     assert stock.shape == (2, 3, 64, 64)
     torch.testing.assert_close(ours, stock, atol=1e-4, rtol=0)
+
+
+def test_sd3_sizes_past_the_transformers_position_table_are_refused_in_pixels():
+    """The world transformer's table holds 8 × 8 patches of 2 × 2 latents of 4 × 4 pixels: 64 px at most."""
+    adapter = load_adapter(str(WORLD / "sd3"))
+    assert sample(adapter, ["a red circle"], num_inference_steps=1, height=64, width=64).images.shape[-1] == 64
+    with pytest.raises(ValueError, match=r"height and width must be at most 64 .*got 72×64"):
+        sample(adapter, ["a red circle"], num_inference_steps=1, height=72, width=64)
 
 
 def test_sd_generator_loads_with_its_stock_pipeline_and_our_ddim_sampler_matches_it():

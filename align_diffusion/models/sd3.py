@@ -97,6 +97,10 @@ class SD3Adapter(PipelineAdapter):
         multiple = self.vae_scale_factor * self.denoiser.config.patch_size
         if height % multiple or width % multiple:
             raise ValueError(f"height and width must be multiples of {multiple} for this transformer")
+        most = (self.denoiser.config.pos_embed_max_size or math.inf) * multiple  # its position table's reach
+        if height > most or width > most:
+            raise ValueError(f"height and width must be at most {most} for this transformer (pos_embed_max_size "
+                             f"{self.denoiser.config.pos_embed_max_size}), got {height}×{width}")
 
     def encode_prompt(self, prompts, guidance_scale, num_images_per_prompt=1, negative_prompt=None):
         cfg = self.guidance_mode(guidance_scale) == "cfg"

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from align_diffusion.models.base import PipelineAdapter
 from align_diffusion.rewards.base import Reward
-from align_diffusion.sampling.loop import resolve_settings, sample
+from align_diffusion.sampling.loop import prompt_list, resolve_settings, sample
 
 
 IMAGE_NAME = re.compile(r"\d{5,}\.png")  # the names `SampleFolder.add` gives
@@ -117,6 +117,9 @@ def sample_to_folder(
     if (Path(out_dir) / "metadata.jsonl").exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already holds samples; pass overwrite=True to replace them")
 
+    prompts = prompt_list(prompts)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     settings = resolve_settings(adapter, sampler, num_inference_steps, guidance_scale, noise_level, height, width)
     jobs = [(prompt, seed + k) for k, prompt in enumerate(p for p in prompts for _ in range(num_images_per_prompt))]
     with SampleFolder(out_dir) as folder, tqdm(total=len(jobs), desc="images", disable=not progress) as bar:

@@ -7,6 +7,7 @@ come from that generator alone, so an image does not depend on what else is in t
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable, Sequence
 from dataclasses import astuple, dataclass
 
@@ -127,15 +128,37 @@ def resolve_settings(
     adapter: PipelineAdapter, sampler: str, num_inference_steps=None, guidance_scale=None, noise_level=None,
     height=None, width=None,
 ) -> Settings:
-    """Fills unset settings with the model family's (steps, guidance, size) and the sampler's (noise level)."""
+    """Fills unset settings with the model family's (steps, guidance, size) and the sampler's (noise level), and
+    refuses steps, guidance and sizes the model cannot sample with (ValueError naming the setting)."""
     default_height, default_width = adapter.default_size
-    return Settings(
+    settings = Settings(
         num_inference_steps=adapter.default_steps if num_inference_steps is None else num_inference_steps,
         guidance_scale=adapter.default_guidance if guidance_scale is None else guidance_scale,
         noise_level=DEFAULT_NOISE_LEVEL[sampler] if noise_level is None else noise_level,
         height=default_height if height is None else height,
         width=default_width if width is None else width,
     )
+    for name in ("num_inference_steps", "height", "width"):
+        value = getattr(settings, name)
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+    guidance = settings.guidance_scale
+    if isinstance(guidance, bool) or not isinstance(guidance, numbers.Real) or not math.isfinite(guidance):
+        raise ValueError(f"guidance_scale must be a finite number, got {guidance!r}")
+    adapter.check_size(settings.height, settings.width)
+    return settings
+
+
+def prompt_list(prompts: str | Sequence[str]) -> list[str]:
+    """`prompts` as a list: one string is one prompt (as diffusers' pipelines take it); TypeError for anything
+    else than strings, ValueError for none."""
+    if isinstance(prompts, str):
+        return [prompts]
+    if not isinstance(prompts, Sequence) or not all(isinstance(p, str) for p in prompts):
+        raise TypeError(f"prompts must be a string or a list of strings, got {type(prompts).__name__}")
+    if not prompts:
+        raise ValueError("prompts is empty")
+    return list(prompts)
 
 
 @torch.no_grad()
@@ -167,11 +190,11 @@ def sample(
     (a noise table such as DenseGRPO's calibrated ψ(t)).
     """
     check_sampler(adapter, sampler)
+    prompts = prompt_list(prompts)
     settings = resolve_settings(adapter, sampler, num_inference_steps, guidance_scale, noise_level, height, width)
     num_inference_steps, guidance_scale, noise_level, height, width = astuple(settings)
-    adapter.check_size(height, width)
-    if num_inference_steps < 1 or num_images_per_prompt < 1:
-        raise ValueError("num_inference_steps and num_images_per_prompt must be at least 1")
+    if num_images_per_prompt < 1:
+        raise ValueError("num_images_per_prompt must be at least 1")
     if not isinstance(noise_level, (int, float)):
         noise_level = [float(level) for level in noise_level]
         if len(noise_level) != num_inference_steps:
@@ -229,7 +252,11 @@ def sample(
 def sample_images(adapter: PipelineAdapter, prompts: list[str], *, seed: int = 0, batch_size: int = 16,
                   desc: str | None = None, **sample_kwargs) -> torch.Tensor:
     """Decoded images (on the CPU), one per prompt, sampled `batch_size` at a time; image k seeded `seed + k`,
-    so the result does not depend on `batch_size`. A progress bar when `desc` is given."""
+    so the result does not depend on `batch_size` (beyond float rounding: batched kernels may sum in another
+    order, ~1e-5, which can move a saved 8-bit pixel by one level). A progress bar when `desc` is given."""
+    prompts = prompt_list(prompts)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     images = []
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=desc is None):
         batch = prompts[start : start + batch_size]

@@ -14,6 +14,7 @@ from align_diffusion.steering.candidates import (
     Timer,
     best_index,
     candidate_generators,
+    one_prompt,
     score_candidates,
 )
 
@@ -36,8 +37,11 @@ def best_of_n(
     batch_size: int = 16,
 ) -> SteeringResult:
     """The best of `num_candidates` samples of `prompt` (prompt number `index` of a run) under `reward`."""
+    prompt = one_prompt(prompt)
     if num_candidates < 1:
         raise ValueError(f"best-of-n needs at least 1 candidate, got {num_candidates}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     settings = resolve_settings(adapter, sampler, num_inference_steps, guidance_scale, noise_level, height, width)
     budget = Budget()
     generators = candidate_generators(seed, index, num_candidates)

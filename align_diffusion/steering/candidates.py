@@ -61,6 +61,13 @@ class Timer:
         self.budget.seconds += time.perf_counter() - self.started
 
 
+def one_prompt(prompt) -> str:
+    """`prompt`, checked to be one string: the methods that steer one prompt at a time (`steer` takes a list)."""
+    if not isinstance(prompt, str):
+        raise TypeError(f"prompt must be one string (steer() takes a list of them), got {type(prompt).__name__}")
+    return prompt
+
+
 def candidate_generators(seed: int, index: int, count: int) -> list[torch.Generator]:
     """CPU generators of candidates 0 … count − 1 of prompt `index` (see the module docstring)."""
     return [torch.Generator("cpu").manual_seed(seed + index + c * SEED_STRIDE) for c in range(count)]

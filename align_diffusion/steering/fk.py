@@ -38,6 +38,7 @@ from align_diffusion.steering.candidates import (
     best_index,
     candidate_generators,
     denoise_step,
+    one_prompt,
     score_candidates,
 )
 
@@ -118,6 +119,7 @@ def fk_steering(
     docstring. `sampler` defaults to Flow-SDE for flow models and DDIM (η = 1) for ε-models. `winner` is the
     candidate number of the particle whose starting noise began the winning lineage; the details' `candidate_rewards`
     and `ancestors` (each slot's starting candidate) list the final particle slots."""
+    prompt = one_prompt(prompt)
     sampler = sampler or ("flow-sde" if adapter.is_flow else "ddim")
     check_sampler(adapter, sampler)
     settings = resolve_settings(adapter, sampler, num_inference_steps, guidance_scale, noise_level, height, width)
@@ -127,6 +129,8 @@ def fk_steering(
         raise ValueError(f"FK steering with {num_particles} particles needs a stochastic sampler (flow-sde, "
                          "dance-sde, cps, or ddim with noise_level > 0): resampled copies of a deterministic "
                          "sampler stay identical, so the particles would collapse onto a few images")
+    if not math.isfinite(lam) or lam < 0:
+        raise ValueError(f"lam (the tilt λ) must be a finite number >= 0, got {lam}")
     if potential not in POTENTIALS:
         raise ValueError(f"potential must be one of {POTENTIALS}, got {potential!r}")
     if resampling not in RESAMPLING:

@@ -15,6 +15,7 @@ while the others go on; one unscorable at the start has no iterate at all, and t
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -22,7 +23,7 @@ from tqdm.auto import tqdm
 
 from align_diffusion.models.base import PipelineAdapter
 from align_diffusion.rewards.base import Reward, RewardError
-from align_diffusion.sampling.loop import resolve_settings, take_step
+from align_diffusion.sampling.loop import prompt_list, resolve_settings, take_step
 from align_diffusion.steering.candidates import Budget, SteeringResult, Timer, candidate_generators
 
 
@@ -81,8 +82,13 @@ def reno(
     """ReNO for each prompt (prompt j of the run is number `first_index + j`, its initial noise the plain sample's);
     ODE sampling with `num_inference_steps` (1–4 is the method's regime) and the model's guidance by default."""
     _differentiable_terms(reward)
+    prompts = prompt_list(prompts)
     if iterations < 0:
         raise ValueError(f"iterations must be >= 0, got {iterations}")
+    if not math.isfinite(grad_clip) or grad_clip <= 0:
+        raise ValueError(f"grad_clip must be a finite number > 0, got {grad_clip}")
+    if not math.isfinite(reg_weight) or reg_weight < 0:
+        raise ValueError(f"reg_weight must be a finite number >= 0, got {reg_weight}")
     settings = resolve_settings(adapter, "ode", num_inference_steps, guidance_scale, None, height, width)
     batch = len(prompts)
     budgets = [Budget() for _ in prompts]

@@ -9,6 +9,7 @@ is fine; passing both is an error.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from tqdm.auto import tqdm
 
 from align_diffusion.models.base import PipelineAdapter, missing_c_compiler
 from align_diffusion.rewards.base import Reward
-from align_diffusion.sampling.loop import resolve_settings
+from align_diffusion.sampling.loop import prompt_list, resolve_settings
 from align_diffusion.steering import ttsnap as ttsnap_module
 from align_diffusion.steering.best_of_n import best_of_n
 from align_diffusion.steering.candidates import SteeringResult
@@ -29,10 +30,8 @@ SIZE_OPTION = {"best-of-n": "num_candidates", "fk": "num_particles", "ttsnap": "
 
 def method_size(adapter: PipelineAdapter, method: str, budget: int, options: dict) -> int:
     """The candidates, particles, seeds or iterations a per-prompt `budget` of model evaluations buys."""
-    if method == "reno":
-        steps = options.get("num_inference_steps", 4)
-    else:
-        steps = resolve_settings(adapter, "ode", options.get("num_inference_steps")).num_inference_steps
+    default_steps = inspect.signature(reno).parameters["num_inference_steps"].default if method == "reno" else None
+    steps = resolve_settings(adapter, "ode", options.get("num_inference_steps", default_steps)).num_inference_steps
     if method == "ttsnap":
         size = ttsnap_module.seeds_for_budget(budget, list(options.get("prune_steps", ttsnap_module.PRUNE_STEPS)),
                                               list(options.get("keep", ttsnap_module.KEEP)), steps)
@@ -77,6 +76,7 @@ def steer(
     results in prompt order as they are done. `options` are the method's keyword arguments (sampler, steps,
     guidance, potential, prune steps, …); TTSnap ranks with `prune_reward` (default: `reward` itself on x̂0).
     The method and the budget are checked here, before any compute."""
+    prompts = prompt_list(prompts)
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     size = SIZE_OPTION[method]

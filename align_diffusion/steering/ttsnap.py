@@ -25,6 +25,7 @@ from align_diffusion.steering.candidates import (
     best_index,
     candidate_generators,
     denoise_step,
+    one_prompt,
     score_candidates,
 )
 
@@ -86,6 +87,7 @@ def ttsnap(
 ) -> SteeringResult:
     """TTSnap on `prompt` (prompt number `index` of a run); see the module docstring. `winner` is the seed's
     candidate number (0 … num_seeds − 1)."""
+    prompt = one_prompt(prompt)
     check_sampler(adapter, sampler)
     settings = resolve_settings(adapter, sampler, num_inference_steps, guidance_scale, noise_level, height, width)
     prune_steps, keep = list(prune_steps), list(keep)

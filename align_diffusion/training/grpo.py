@@ -51,6 +51,7 @@ from align_diffusion.sampling.loop import (
     DEFAULT_NOISE_LEVEL,
     LARGEST_NOISE_LEVEL,
     Trajectory,
+    resolve_settings,
     sample,
     sample_images,
     step_log_prob,
@@ -239,6 +240,12 @@ class GRPOTrainer:
         if adapter is None:
             adapter = load_adapter(config.model, dtype=DTYPES[config.dtype], device=str(device))
         self.adapter: PipelineAdapter = adapter
+        sampling = config.sampling
+        try:  # a size the model cannot take (SD3's position table, FLUX's patches) fails now, not at a rollout
+            resolve_settings(adapter, sampling.sampler, sampling.num_steps, sampling.guidance_scale, None,
+                             sampling.height, sampling.width)
+        except ValueError as error:
+            raise ConfigError(f"sampling: {error} (model {config.model})") from None
         table = config.sampling.noise_table
         self.noise_levels = read_table(table, config.sampling.num_steps) if table else config.sampling.noise_level
         denoiser = self.adapter.denoiser
