@@ -68,6 +68,11 @@ def test_images_to_tensor_accepts_pil_and_rejects_bad_shapes():
         images_to_tensor(["not an image"])
 
 
+def test_images_to_tensor_refuses_pil_images_of_different_sizes():
+    with pytest.raises(ValueError, match=r"PIL images of one size, got sizes \[\(32, 32\), \(64, 32\)\]"):
+        images_to_tensor([Image.new("RGB", (32, 32)), Image.new("RGB", (64, 32))])
+
+
 def test_images_to_tensor_refuses_integer_and_out_of_range_tensors():
     images = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="dtype torch.uint8"):

@@ -41,6 +41,8 @@ def images_to_tensor(images) -> torch.Tensor:
         raise TypeError("images must be a (B, 3, H, W) tensor in [0, 1] or a list of PIL images")
     if not images:
         return torch.empty(0, 3, 0, 0)
+    if len({image.size for image in images}) > 1:  # one tensor holds them; resizing is the caller's choice
+        raise ValueError(f"expected PIL images of one size, got sizes {sorted({image.size for image in images})}")
     arrays = [np.asarray(image.convert("RGB"), dtype=np.float32) / 255 for image in images]
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
 
