@@ -86,6 +86,10 @@ def load_for_command(args):
 
     if args.lora is not None and not args.lora.is_dir():
         raise SystemExit(f"--lora: no such folder {args.lora}")
+    if args.lora is not None and not any((args.lora / f"pytorch_lora_weights.{ext}").is_file()
+                                         for ext in ("safetensors", "bin")):
+        raise SystemExit(f"--lora: {args.lora} holds no pytorch_lora_weights.safetensors (a diffusers LoRA folder, "
+                         "such as a training run's lora/)")
     adapter = load_adapter(str(args.model), dtype=DTYPES[args.dtype], device=args.device)
     check_sampler(adapter, args.sampler)
     if args.lora is not None:
@@ -488,7 +492,7 @@ def add_steer_parser(subparsers) -> None:
                        help="noise-aware reward spec ranking x̂0 at prune steps (default: --reward)")
     group = parser.add_argument_group("reno")
     group.add_argument("--iterations", type=int, default=None, help="default 50, or from --budget")
-    group.add_argument("--lr", type=float, default=None, help="SGD learning rate (default 5)")
+    group.add_argument("--lr", type=_non_negative_float, default=None, help="SGD learning rate (default 5)")
     group.add_argument("--reg-weight", type=_non_negative_float, default=None,
                        help="noise-norm regularizer weight (0.01)")
     group.add_argument("--grad-clip", type=_positive_float, default=None, help="gradient norm clip per image (0.1)")
@@ -543,10 +547,11 @@ def run_steer(args) -> None:
         compile_models(adapter, *[r for r in (reward, prune_reward) if r is not None])
     results = steer(adapter, prompts, reward, args.method, budget=args.budget, seed=args.seed,
                     prune_reward=prune_reward, **options)
-    records = steer_to_folder(results, args.out, reward_name=args.reward, shapes_eval=args.shapes_eval,
+    # Kept under the reward's name, as `sample --reward` keeps it, so side-by-side pages pair the two.
+    records = steer_to_folder(results, args.out, reward_name=reward.name, shapes_eval=args.shapes_eval,
                               extra_metadata={"model": str(args.model), "budget_per_prompt": args.budget})
     spent = sum(r["budget"]["model_evals"] for r in records)
-    mean = sum(r["rewards"][args.reward] for r in records) / len(records)
+    mean = sum(r["rewards"][reward.name] for r in records) / len(records)
     print(f"wrote {len(records)} images to {args.out} (mean reward {mean:.4f}, {spent} model evaluations); "
           f"review page {args.out / 'index.html'}")
 

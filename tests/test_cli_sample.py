@@ -134,6 +134,25 @@ def test_bad_option_values_are_refused_by_the_parser(saved, tmp_path, capsys, op
     assert exit_info.value.code == 2 and message in capsys.readouterr().err and not (tmp_path / "a").exists()
 
 
+@pytest.mark.parametrize("option, value, message", [
+    ("--lr", "nan", "must be a finite number"),
+    ("--grad-clip", "-1", "must be > 0"),
+    ("--reg-weight", "-0.5", "must be >= 0"),
+])
+def test_bad_reno_values_are_refused_by_the_parser(saved, tmp_path, capsys, option, value, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["steer", "--method", "reno", "--model", str(saved["sd3"]), "--prompt", "a", "--reward", "jpeg",
+              option, value, "--out", str(tmp_path / "a")])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err and not (tmp_path / "a").exists()
+
+
+def test_a_lora_folder_without_weights_is_named(saved, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="--lora: .*empty holds no pytorch_lora_weights.safetensors"):
+        main(["sample", "--model", str(saved["sd3"]), "--lora", str(tmp_path / "empty"), "--prompt", "a",
+              "--out", str(tmp_path / "out")])
+
+
 def test_a_lora_of_another_architecture_is_refused(saved, tmp_path):
     pipe = load_adapter(str(saved["sd"])).pipe
     config = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=["to_q", "to_k", "to_v"])

@@ -81,6 +81,7 @@ def denoised_images(adapter):
 
 
 @pytest.mark.parametrize("options, message", [
+    (dict(lr=math.nan), "lr must be a finite number >= 0, got nan"),
     (dict(grad_clip=-0.1), "grad_clip must be a finite number > 0, got -0.1"),
     (dict(grad_clip=0.0), "grad_clip must be a finite number > 0, got 0.0"),
     (dict(reg_weight=-1.0), "reg_weight must be a finite number >= 0, got -1.0"),
@@ -433,6 +434,16 @@ def test_steer_command_writes_a_reviewable_folder(saved, tmp_path):
         assert (out / record["file"]).is_file()
     page = (out / "index.html").read_text()
     assert page.count('class="card"') == 2 and "6 model evals" in page
+    # Scores are kept under the reward's name, as `sample` keeps them: a side-by-side page takes their difference.
+    plain = tmp_path / "plain"
+    common = ["--model", str(saved["sd3"]), "--prompt", "a red circle", "--reward", "jpeg:50", "--steps", "2",
+              "--height", "32", "--width", "32", "--seed", "3"]
+    main(["sample", *common, "--out", str(plain)])
+    main(["steer", "--method", "best-of-n", "--num-candidates", "1", *common, "--out", str(tmp_path / "best1")])
+    (a,), (b,) = ([json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+                  for folder in (plain, tmp_path / "best1"))
+    assert a["rewards"].keys() == b["rewards"].keys() == {"jpeg"}
+    assert b["rewards"]["jpeg"] == pytest.approx(a["rewards"]["jpeg"], abs=1e-6)  # candidate 0 is the plain sample
     with pytest.raises(SystemExit, match="--potential applies to fk"):
         main(["steer", "--method", "ttsnap", "--model", str(saved["sd3"]), "--prompt", "a", "--reward", "jpeg",
               "--potential", "max", "--out", str(tmp_path / "other")])

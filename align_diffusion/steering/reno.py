@@ -85,6 +85,8 @@ def reno(
     prompts = prompt_list(prompts)
     if iterations < 0:
         raise ValueError(f"iterations must be >= 0, got {iterations}")
+    if not math.isfinite(lr) or lr < 0:
+        raise ValueError(f"lr must be a finite number >= 0, got {lr}")
     if not math.isfinite(grad_clip) or grad_clip <= 0:
         raise ValueError(f"grad_clip must be a finite number > 0, got {grad_clip}")
     if not math.isfinite(reg_weight) or reg_weight < 0:
