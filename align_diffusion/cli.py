@@ -586,6 +586,17 @@ def run_gallery(args) -> None:
         print(f"wrote {build_comparison(args.dir, args.compare, args.out)}")
 
 
+def parse_with_overrides(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parses `argv`, taking `key=value` overrides after options too (argparse alone takes a positional list only
+    before them: `calibrate-noise CONFIG --out F key=value` would be refused)."""
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all("=" in item and not item.startswith("-") for item in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="align-diffusion", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", required=True)
@@ -598,7 +609,7 @@ def main(argv: list[str] | None = None) -> None:
     add_calibrate_noise_parser(subparsers)
     add_steer_parser(subparsers)
     add_gallery_parser(subparsers)
-    args = parser.parse_args(argv)
+    args = parse_with_overrides(parser, argv)
     # Bad input found after loading (size, sampler, model type) or a path that does not load (a folder that is no
     # pipeline, a missing asset): one line, no traceback.
     try:

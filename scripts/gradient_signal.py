@@ -18,6 +18,7 @@ import math
 
 import torch
 
+from align_diffusion.cli import parse_with_overrides
 from align_diffusion.training.config import load_config
 from align_diffusion.training.grpo import GRPOTrainer
 
@@ -71,7 +72,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=6,
                         help="independent batches (at least 3: the error needs two or more pairs)")
     parser.add_argument("--by-module", action="store_true", help="also the cosine within each LoRA target module")
-    args = parser.parse_args()
+    args = parse_with_overrides(parser, None)
     if args.batches < 3:
         parser.error("--batches must be at least 3 (two batches make one pair, whose spread is undefined)")
     if args.by_module and not load_config(args.config, args.overrides).lora.enabled:

@@ -215,10 +215,11 @@ def test_calibrate_noise_command_writes_a_table(saved, prompt_file, tmp_path, ca
     config.write_text(yaml.safe_dump({
         "model": str(saved["sd3"]), "prompts": str(prompt_file), "output_dir": str(tmp_path / "run"),
         "reward": "jpeg", "device": "cpu", "async_rewards": False,
-        "sampling": {"num_steps": 3, "batch_size": 8, "guidance_scale": 2.0},
+        "sampling": {"num_steps": 5, "batch_size": 8, "guidance_scale": 2.0},
         "grpo": {"group_size": 4, "batch_size": 8, "train_batch_size": 4}, "lora": {"rank": 4, "alpha": 8}}))
     out = tmp_path / "psi.json"
-    main(["calibrate-noise", str(config), "--rounds", "1", "--eps2", "0.05", "--out", str(out)])
+    # An override after the options, as after train's: 3 steps, not the file's 5.
+    main(["calibrate-noise", str(config), "--rounds", "1", "--eps2", "0.05", "--out", str(out), "sampling.num_steps=3"])
     levels = read_table(out, 3)
     # One round from Flow-SDE's a = 0.7: each step's level moved by exactly eps2, up or down.
     assert all(level == pytest.approx(0.75) or level == pytest.approx(0.65) for level in levels)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -398,6 +399,23 @@ def test_rewards_score_alike_with_and_without_the_reward_thread_under_bf16(saved
         assert result.returncode == 0, result.stderr[-3000:]
         rewards.append(json.loads(result.stdout.splitlines()[-1]))
     assert rewards[0] == rewards[1]
+
+
+def test_resume_refuses_another_lora_rank_or_algorithm_by_name(trained, saved, prompt_file, tmp_path):
+    _, out = trained
+    shutil.copytree(out / "checkpoints", tmp_path / "checkpoints")
+    shutil.copy(out / "config.yaml", tmp_path / "config.yaml")
+    overrides = tiny_overrides(saved["sd3"], prompt_file, tmp_path, resume_from="latest", max_steps=3)
+    with pytest.raises(ConfigError, match="lora.rank: the run in .* was trained with 4, not 8"):
+        GRPOTrainer(load_config(None, [*overrides, "lora.rank=8"])).train()
+    with pytest.raises(ConfigError, match="algorithm: the run in .* was trained with grpo, not gdro"):
+        GRPOTrainer(load_config(None, [*overrides, "algorithm=gdro", "references=shapes"])).train()
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["lora"]["rank"] == 4  # not overwritten
+    # Another run's checkpoint, named by path: its weights' shapes tell.
+    other = tiny_overrides(saved["sd3"], prompt_file, tmp_path / "other", max_steps=3, **{
+        "lora.rank": 8, "resume_from": tmp_path / "checkpoints" / "step-000002"})
+    with pytest.raises(ValueError, match=r"lora_A.* of shape \(4, .* at \(8, .*was lora.rank changed"):
+        GRPOTrainer(load_config(None, other)).train()
 
 
 def test_resume_refuses_a_checkpoint_that_lacks_weights_this_run_trains(trained, saved, prompt_file, tmp_path):

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from safetensors.torch import load_file, save_file
@@ -153,6 +154,10 @@ class EMA:
 
 
 # --- the trainer -------------------------------------------------------------------------------------------------
+
+
+# What a resumed run must share with the run that wrote its checkpoints: what their state means.
+RESUME_KEEPS = ("algorithm", "lora.enabled", "lora.rank", "lora.alpha", "lora.target_modules")
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -315,6 +320,10 @@ class GRPOTrainer:
         if missing:
             raise ValueError(f"checkpoint {input_dir} lacks weights this run trains: {sorted(missing)[:3]} (was "
                              "lora.target_modules changed?)")
+        for name, value in trained.items():
+            if value.shape != named[name].shape:
+                raise ValueError(f"checkpoint {input_dir} holds {name} of shape {tuple(value.shape)}, this run trains "
+                                 f"it at {tuple(named[name].shape)} (was lora.rank changed?)")
         with torch.no_grad():
             for name, value in trained.items():
                 named[name].copy_(value)
@@ -663,10 +672,19 @@ class GRPOTrainer:
         if config.resume_from is None and earlier:  # its checkpoints would be pruned and its metrics mixed in
             raise ConfigError(f"output_dir {self.output_dir} already holds a run; continue it with "
                               "resume_from=latest, or choose another output_dir")
+        saved = self.output_dir / "config.yaml"
+        if config.resume_from is not None and saved.is_file():
+            for key in RESUME_KEEPS:
+                before, now = yaml.safe_load(saved.read_text()), to_dict(config)
+                for part in key.split("."):
+                    before, now = (before or {}).get(part), now[part]
+                if before is not None and before != now:
+                    raise ConfigError(f"{key}: the run in {self.output_dir} was trained with {before}, not {now}; "
+                                      "resume it with its own setting, or start a new output_dir")
         accelerator.wait_for_everyone()  # every process has looked before the main one writes
         if accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            save_config(config, self.output_dir / "config.yaml")
+            save_config(config, saved)
         accelerator.init_trackers(config.algorithm, config=_flat(to_dict(config)))
         self.maybe_resume()
         metrics_file = self.output_dir / "metrics.jsonl"
@@ -678,7 +696,9 @@ class GRPOTrainer:
         bar = tqdm(initial=self.step, total=config.max_steps, desc=config.algorithm,
                    disable=not accelerator.is_main_process)
         steps = range(self.step, config.max_steps)
-        if self.agreed_stop(False)[0]:  # a resumed run that had already used its time
+        if self.step >= config.max_steps:
+            self.log(f"step {self.step} already reaches max_steps {config.max_steps}: no step to train")
+        elif self.agreed_stop(False)[0]:  # a resumed run that had already used its time
             self.log(f"max_minutes {config.max_minutes} already reached at step {self.step}: no step to train")
             steps = range(0)
         with StopSignals(self.log) as signals:
