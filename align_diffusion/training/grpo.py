@@ -41,6 +41,7 @@ from accelerate.utils import set_seed
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from align_diffusion.gallery.page import write_text_atomically
 from align_diffusion.gallery.run import build_run_page, eval_folder
 from align_diffusion.models import PipelineAdapter, PromptEmbeds, load_adapter
 from align_diffusion.models.base import compile_repeated_blocks
@@ -362,7 +363,7 @@ class GRPOTrainer:
             if metrics_file.exists():  # a row of step 0 (the first eval) is rewritten by a run that starts over
                 kept = [line for line in metrics_file.read_text().splitlines()
                         if path is not None and json.loads(line)["step"] <= self.step]
-                metrics_file.write_text("".join(row + "\n" for row in kept))
+                write_text_atomically(metrics_file, "".join(row + "\n" for row in kept))  # all rows, or none lost
             for later in checkpoint.completed_checkpoints(self.output_dir):
                 if checkpoint.checkpoint_step(later) > self.step:  # else `latest` would pick the abandoned run
                     shutil.rmtree(later)
