@@ -130,6 +130,8 @@ def test_one_prompt_string_is_one_prompt_and_no_prompt_is_an_error(tiny_pipes):
         sample(adapter, [], num_inference_steps=2, **SIZE)
     with pytest.raises(TypeError, match="prompts must be a string or a list of strings"):
         sample_images(adapter, [PROMPTS[0], None], num_inference_steps=2, **SIZE)
+    with pytest.raises(TypeError, match="one image per prompt: repeat a prompt"):
+        sample_images(adapter, PROMPTS, num_images_per_prompt=2, num_inference_steps=2, **SIZE)
 
 
 def test_one_step_turbo_sampling_matches_stock(tiny_pipes):

@@ -344,6 +344,22 @@ def test_fk_refuses_a_tilt_that_is_not_a_finite_number_at_least_0(adapter, denoi
     assert denoised_images == []
 
 
+@pytest.mark.parametrize("level", [-1.0, math.nan])
+def test_fk_refuses_a_noise_level_that_would_silently_make_it_deterministic(adapter, denoised_images, level):
+    with pytest.raises(ValueError, match="noise_level must be a finite number >= 0"):
+        fk_steering(adapter, "a red circle", Darkness(), noise_level=level, num_inference_steps=2, **SIZE)
+    assert denoised_images == []
+
+
+def test_fk_takes_one_noise_level_per_step(adapter):
+    options = dict(num_particles=3, resample_interval=1, num_inference_steps=3, **SIZE)
+    per_step = fk_steering(adapter, "a red circle", Darkness(), noise_level=[0.7, 0.7, 0.7], **options)
+    same = fk_steering(adapter, "a red circle", Darkness(), noise_level=0.7, **options)
+    assert torch.equal(per_step.image, same.image) and per_step.details == same.details
+    other = fk_steering(adapter, "a red circle", Darkness(), noise_level=[0.7, 0.2, 0.0], **options)
+    assert not torch.equal(other.image, same.image)
+
+
 def test_fk_refuses_a_deterministic_sampler(adapter):
     with pytest.raises(ValueError, match="stochastic sampler"):
         fk_steering(adapter, "a", Darkness(), num_particles=4, sampler="ode", **SIZE)

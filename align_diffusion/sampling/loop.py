@@ -129,7 +129,8 @@ def resolve_settings(
     height=None, width=None,
 ) -> Settings:
     """Fills unset settings with the model family's (steps, guidance, size) and the sampler's (noise level), and
-    refuses steps, guidance and sizes the model cannot sample with (ValueError naming the setting)."""
+    refuses steps, guidance, noise levels and sizes the model cannot sample with (ValueError naming the setting).
+    A sequence of noise levels (one per step) comes back as a list of floats."""
     default_height, default_width = adapter.default_size
     settings = Settings(
         num_inference_steps=adapter.default_steps if num_inference_steps is None else num_inference_steps,
@@ -142,6 +143,15 @@ def resolve_settings(
         value = getattr(settings, name)
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
             raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+    if not isinstance(settings.noise_level, numbers.Real):  # one per step: a list, tuple, array or tensor
+        settings.noise_level = [float(level) for level in settings.noise_level]
+        if len(settings.noise_level) != settings.num_inference_steps:
+            raise ValueError(f"got {len(settings.noise_level)} noise levels for {settings.num_inference_steps} steps")
+    per_step = isinstance(settings.noise_level, list)
+    for step, level in enumerate(settings.noise_level if per_step else [settings.noise_level]):
+        if isinstance(level, bool) or not math.isfinite(level) or level < 0:
+            raise ValueError(f"noise_level must be a finite number >= 0, got {level!r}"
+                             + (f" at step {step}" if per_step else ""))
     guidance = settings.guidance_scale
     if isinstance(guidance, bool) or not isinstance(guidance, numbers.Real) or not math.isfinite(guidance):
         raise ValueError(f"guidance_scale must be a finite number, got {guidance!r}")
@@ -195,10 +205,6 @@ def sample(
     num_inference_steps, guidance_scale, noise_level, height, width = astuple(settings)
     if num_images_per_prompt < 1:
         raise ValueError("num_images_per_prompt must be at least 1")
-    if not isinstance(noise_level, (int, float)):
-        noise_level = [float(level) for level in noise_level]
-        if len(noise_level) != num_inference_steps:
-            raise ValueError(f"got {len(noise_level)} noise levels for {num_inference_steps} steps")
     levels = noise_level if isinstance(noise_level, list) else [noise_level] * num_inference_steps
     batch = len(prompts) * num_images_per_prompt
     if generators is None:
@@ -257,6 +263,8 @@ def sample_images(adapter: PipelineAdapter, prompts: list[str], *, seed: int = 0
     prompts = prompt_list(prompts)
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if "num_images_per_prompt" in sample_kwargs:
+        raise TypeError("sample_images draws one image per prompt: repeat a prompt for more of its images")
     images = []
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=desc is None):
         batch = prompts[start : start + batch_size]

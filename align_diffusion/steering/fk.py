@@ -125,7 +125,8 @@ def fk_steering(
     settings = resolve_settings(adapter, sampler, num_inference_steps, guidance_scale, noise_level, height, width)
     if num_particles < 1:
         raise ValueError(f"FK steering needs at least 1 particle, got {num_particles}")
-    if num_particles > 1 and (sampler == "ode" or settings.noise_level == 0):
+    levels = settings.noise_level if isinstance(settings.noise_level, list) else [settings.noise_level]
+    if num_particles > 1 and (sampler == "ode" or max(levels) == 0):
         raise ValueError(f"FK steering with {num_particles} particles needs a stochastic sampler (flow-sde, "
                          "dance-sde, cps, or ddim with noise_level > 0): resampled copies of a deterministic "
                          "sampler stay identical, so the particles would collapse onto a few images")
