@@ -675,8 +675,9 @@ class GRPOTrainer:
                               "resume_from=latest, or choose another output_dir")
         saved = self.output_dir / "config.yaml"
         if config.resume_from is not None and saved.is_file():
+            earlier_config = yaml.safe_load(saved.read_text())
             for key in RESUME_KEEPS:
-                before, now = yaml.safe_load(saved.read_text()), to_dict(config)
+                before, now = earlier_config, to_dict(config)
                 for part in key.split("."):
                     before, now = (before or {}).get(part), now[part]
                 if before is not None and before != now:
@@ -739,13 +740,12 @@ class GRPOTrainer:
         """(out of time, interrupted) as every process sees them, so that all stop after the same step: the main
         process's training seconds against max_minutes (the others' clocks also hold their waits for its
         evaluations), and a stop signal that any process received."""
-        main = self.accelerator.is_main_process
-        flags = torch.tensor([self.train_seconds if main else 0.0, float(signalled)], device=self.accelerator.device)
-        if self.accelerator.num_processes > 1:
-            flags = self.accelerator.reduce(flags, reduction="sum")
-        spent, signals = flags.tolist()
         if self.accelerator.num_processes == 1:
-            spent = self.train_seconds  # exact, not float32
+            spent, signals = self.train_seconds, float(signalled)
+        else:
+            seconds = self.train_seconds if self.accelerator.is_main_process else 0.0
+            flags = torch.tensor([seconds, float(signalled)], device=self.accelerator.device)
+            spent, signals = self.accelerator.reduce(flags, reduction="sum").tolist()
         return self.config.max_minutes is not None and spent >= 60 * self.config.max_minutes, signals > 0
 
     def record(self, metrics_file: Path, stats: dict) -> None:
