@@ -23,6 +23,7 @@ from align_diffusion.cli import main
 from align_diffusion.models import load_adapter
 from align_diffusion.rewards.spec import load_reward
 from align_diffusion.sampling.loop import step_log_prob
+from align_diffusion.training import checkpoint
 from align_diffusion.training.config import ConfigError, load_config, validate
 from align_diffusion.training.grpo import GRPOTrainer, TrainingInterrupted, clipped_policy_loss, gaussian_kl
 from align_diffusion.world.evaluate import score_image
@@ -431,6 +432,27 @@ def test_checkpoints_are_pruned_and_never_partial(trained):
     names = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert names == ["step-000001", "step-000002"]
     assert json.loads((out / "checkpoints" / "step-000002" / "trainer_state.json").read_text())["step"] == 2
+
+
+def test_a_checkpoint_deletion_cut_short_leaves_no_checkpoint_that_latest_picks(tmp_path, monkeypatch):
+    for step in (1, 2):
+        partial = checkpoint.partial_dir(tmp_path, step)
+        checkpoint.begin(partial)
+        (partial / "trained.safetensors").write_bytes(b"weights")
+        checkpoint.commit(partial, {"step": step}, keep=3)
+    assert checkpoint.resolve_resume("latest", tmp_path).name == "step-000002"
+
+    def interrupted(path, *args, **kwargs):  # Ctrl-C after the deletion of the old step-2 folder took one file
+        (Path(path) / "trained.safetensors").unlink()
+        raise KeyboardInterrupt
+
+    partial = checkpoint.partial_dir(tmp_path, 2)  # step 2 saved again (a run resumed from step 1)
+    checkpoint.begin(partial)
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.commit(partial, {"step": 2}, keep=3)
+    assert (tmp_path / "checkpoints" / "step-000002").is_dir()  # half deleted
+    assert checkpoint.resolve_resume("latest", tmp_path).name == "step-000001"
 
 
 def test_ddim_rollouts_on_an_epsilon_model_and_eval_galleries(saved, prompt_file, tmp_path):

@@ -1,5 +1,7 @@
 """Resumable checkpoints: `output_dir/checkpoints/step-NNNNNN/`, each written to a temporary folder first and
-renamed into place, so an interrupted save never leaves a half-written checkpoint that `latest` would pick up."""
+renamed into place, so an interrupted save never leaves a half-written checkpoint that `latest` would pick up.
+A checkpoint is complete while it holds `trainer_state.json`, written last and removed first (`discard`), so an
+interrupted deletion does not leave one either."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import torch
 CHECKPOINTS = "checkpoints"
 PREFIX = "step-"
 TEMPORARY = ".partial"
+STATE = "trainer_state.json"
 
 
 def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
@@ -24,11 +27,12 @@ def checkpoint_step(folder: Path) -> int:
 
 
 def completed_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Finished checkpoints, oldest first."""
+    """Complete checkpoints, oldest first."""
     root = Path(output_dir) / CHECKPOINTS
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and TEMPORARY not in p.name]
+    found = [p for p in root.iterdir() if p.name.startswith(PREFIX) and TEMPORARY not in p.name
+             and (p / STATE).is_file()]
     return sorted(found, key=checkpoint_step)
 
 
@@ -40,7 +44,7 @@ def resolve_resume(resume_from: str | None, output_dir: str | Path) -> Path | No
         found = completed_checkpoints(output_dir)
         return found[-1] if found else None
     path = Path(resume_from)
-    if not (path / "trainer_state.json").is_file():
+    if not (path / STATE).is_file():
         raise FileNotFoundError(f"resume_from: {path} is not a checkpoint (no trainer_state.json)")
     return path
 
@@ -58,18 +62,25 @@ def begin(partial: Path) -> None:
 
 def commit(partial: Path, trainer_state: dict, keep: int) -> Path:
     """Writes trainer_state.json last, renames the folder into place and prunes all but the newest `keep`."""
-    (partial / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
+    (partial / STATE).write_text(json.dumps(trainer_state, indent=1))
     final = partial.with_name(partial.name.removesuffix(TEMPORARY))
     if final.exists():
-        shutil.rmtree(final)
+        discard(final)
     os.replace(partial, final)
     for old in completed_checkpoints(final.parent.parent)[:-keep]:
-        shutil.rmtree(old)
+        discard(old)
     return final
 
 
+def discard(checkpoint: Path) -> None:
+    """Deletes a checkpoint, its trainer state first: cut short, it leaves an incomplete folder, never one that
+    `latest` would pick."""
+    (checkpoint / STATE).unlink(missing_ok=True)
+    shutil.rmtree(checkpoint)
+
+
 def read_trainer_state(checkpoint: Path) -> dict:
-    return json.loads((checkpoint / "trainer_state.json").read_text())
+    return json.loads((checkpoint / STATE).read_text())
 
 
 def atomic_torch_save(value, path: str | Path) -> None:

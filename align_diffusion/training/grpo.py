@@ -24,7 +24,6 @@ import copy
 import json
 import math
 import os
-import shutil
 import signal
 import threading
 import time
@@ -366,7 +365,7 @@ class GRPOTrainer:
                 write_text_atomically(metrics_file, "".join(row + "\n" for row in kept))  # all rows, or none lost
             for later in checkpoint.completed_checkpoints(self.output_dir):
                 if checkpoint.checkpoint_step(later) > self.step:  # else `latest` would pick the abandoned run
-                    shutil.rmtree(later)
+                    checkpoint.discard(later)
         self.accelerator.wait_for_everyone()
         self.log(f"resumed from {path} at step {self.step}" if path is not None else
                  f"no checkpoint in {self.output_dir} yet: starting over")
