@@ -370,6 +370,7 @@ def test_fk_refuses_a_deterministic_sampler(adapter):
 
 def test_kept_counts_and_budgets_hand_worked():
     assert [kept(16, 0.4), kept(6, 0.4), kept(2, 0.5), kept(5, 0.5), kept(1, 0.1), kept(3, 0.1)] == [6, 2, 1, 3, 1, 1]
+    assert [kept(90, 0.35), kept(50, 0.29), kept(25, 0.58)] == [32, 15, 15]  # halves in decimal, which binary misses
     # 16 seeds, 5 steps, pruned after steps 1, 2, 3: 16 + 16 + 6 + 2 + 1.
     assert model_evals(16, [1, 2, 3], [0.4, 0.4, 0.5], 5) == 41
     # 20 steps pruned after 2, 6, 11: 3N + 4·k1 + 5·k2 + 8·k3; N = 13 costs 39 + 20 + 10 + 8 = 77, N = 14 costs 84.

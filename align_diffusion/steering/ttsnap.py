@@ -11,7 +11,7 @@ the largest N whose cost fits a best-of-N budget.
 
 from __future__ import annotations
 
-import math
+from decimal import ROUND_HALF_UP, Decimal
 
 import torch
 
@@ -34,8 +34,10 @@ KEEP = (0.4, 0.4, 0.5)
 
 
 def kept(count: int, fraction: float) -> int:
-    """How many of `count` candidates a prune step keeps: max(1, round(fraction · count)), halves rounded up."""
-    return max(1, math.floor(fraction * count + 0.5))
+    """How many of `count` candidates a prune step keeps: max(1, round(fraction · count)), halves rounded up. The
+    product is taken in decimal, as the fraction is written: in binary 0.35 · 90 falls just short of 31.5."""
+    product = Decimal(str(float(fraction))) * count
+    return max(1, int(product.to_integral_value(rounding=ROUND_HALF_UP)))
 
 
 def check_schedule(prune_steps: list[int], keep: list[float], num_inference_steps: int) -> None:
