@@ -73,7 +73,10 @@ def add_sample_parser(subparsers) -> None:
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--reward", default=None,
                         help="reward spec to score every image with (shown on the review page), e.g. shapes")
-    parser.add_argument("--overwrite", action="store_true", help="replace the samples already in --out")
+    again = parser.add_mutually_exclusive_group()
+    again.add_argument("--overwrite", action="store_true", help="replace the samples already in --out")
+    again.add_argument("--resume", action="store_true",
+                       help="go on with an interrupted run in --out (same prompts and options), after its last image")
     parser.set_defaults(run=run_sample)
 
 
@@ -117,8 +120,9 @@ def run_sample(args) -> None:
     from align_diffusion.sampling.folder import sample_to_folder
 
     prompts = read_prompts(args)
-    if (args.out / "metadata.jsonl").exists() and not args.overwrite:
-        raise SystemExit(f"--out: {args.out} already holds samples; pass --overwrite to replace them")
+    if (args.out / "metadata.jsonl").exists() and not (args.overwrite or args.resume):
+        raise SystemExit(f"--out: {args.out} already holds samples; pass --overwrite to replace them, or --resume to "
+                         "go on with an interrupted run")
     reward = load_reward(args.reward, device=args.device, dtype=DTYPES[args.dtype]) if args.reward else None
     adapter = load_for_command(args)
     default_height, default_width = adapter.default_size
@@ -139,6 +143,7 @@ def run_sample(args) -> None:
         width=args.width,
         reward=reward,
         overwrite=args.overwrite,
+        resume=args.resume,
         extra_metadata={"model": str(args.model), "lora": None if args.lora is None else str(args.lora)},
     )
     print(f"wrote {len(records)} images to {args.out}; review page {args.out / 'index.html'}")

@@ -221,3 +221,27 @@ def test_as_saved_is_exactly_what_a_saved_png_reads_back(tmp_path):
         image.save(tmp_path / f"{k}.png")
     read_back = images_to_tensor([Image.open(tmp_path / f"{k}.png") for k in range(3)])
     assert torch.equal(PipelineAdapter.as_saved(images), read_back)
+
+
+def test_resume_goes_on_after_an_interrupted_run_as_if_it_had_not_stopped(saved, tmp_path):
+    common = ["sample", "--model", str(saved["sd3"]), "--steps", "2", "--height", "32", "--width", "32",
+              "--num-images-per-prompt", "2", "--reward", "jpeg", "--batch-size", "1"]
+    prompts = ["a red circle", "two squares", "a triangle"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    main([*common, "--prompt", *prompts, "--out", str(straight)])
+    main([*common, "--prompt", *prompts[:2], "--out", str(resumed)])  # the first four images of the same run
+    metadata = resumed / "metadata.jsonl"
+    metadata.write_text(metadata.read_text()[:-20])  # killed while writing the fourth record
+    with pytest.raises(SystemExit, match="already holds samples; pass --overwrite .* or --resume"):
+        main([*common, "--prompt", *prompts, "--out", str(resumed)])
+    with pytest.raises(SystemExit, match="resume: the earlier run's guidance was 7.0, this one's is 3.0"):
+        main([*common, "--prompt", *prompts, "--guidance", "3", "--resume", "--out", str(resumed)])
+    with pytest.raises(SystemExit, match="resume: image images/00002.png is of prompt 'two squares', seed 2; this "
+                                         "run makes 'a triangle', seed 2 there"):
+        main([*common, "--prompt", prompts[0], prompts[2], "--resume", "--out", str(resumed)])
+    main([*common, "--prompt", *prompts, "--resume", "--out", str(resumed)])
+    assert metadata.read_text() == (straight / "metadata.jsonl").read_text()
+    for k in range(6):
+        name = f"images/{k:05d}.png"
+        assert np.array_equal(np.asarray(Image.open(resumed / name)), np.asarray(Image.open(straight / name))), name
+    assert (resumed / "index.html").read_text().count('class="card"') == 6

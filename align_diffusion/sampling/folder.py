@@ -39,6 +39,19 @@ class SampleFolder:
         self.records: list[dict] = []
         self._metadata = None
 
+    def continue_earlier_run(self) -> list[dict]:
+        """Keeps what an earlier, interrupted run wrote (a last record cut short by the interruption is dropped,
+        its image written again) and appends after it; returns the kept records."""
+        from align_diffusion.gallery.page import read_records
+
+        metadata = self.root / "metadata.jsonl"
+        text = metadata.read_text()
+        if text and not text.endswith("\n"):
+            metadata.write_text(text[: text.rfind("\n") + 1])
+        self.records = read_records(self.root)
+        self._metadata = open(metadata, "a")
+        return self.records
+
     def _replace_earlier_run(self) -> None:
         images = self.root / "images"
         images.mkdir(parents=True, exist_ok=True)
@@ -107,23 +120,37 @@ def sample_to_folder(
     extra_metadata: dict | None = None,
     progress: bool = True,
     overwrite: bool = False,
+    resume: bool = False,
 ) -> list[dict]:
     """Writes every image and its metadata (with each reward term's score when `reward` is given) to `out_dir`,
     then the review page; returns the metadata records. Samples already in `out_dir` are replaced only with
-    `overwrite`."""
+    `overwrite`; with `resume`, an interrupted run of the same prompts and settings goes on after its last image
+    (ValueError naming what differs otherwise)."""
     from align_diffusion.gallery import build_gallery
-    from align_diffusion.rewards.spec import score_terms
+    from align_diffusion.rewards.spec import WeightedRewards, score_terms
 
-    if (Path(out_dir) / "metadata.jsonl").exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} already holds samples; pass overwrite=True to replace them")
+    if overwrite and resume:
+        raise ValueError("overwrite and resume exclude each other")
+    resuming = resume and (Path(out_dir) / "metadata.jsonl").exists()
+    if (Path(out_dir) / "metadata.jsonl").exists() and not (overwrite or resume):
+        raise FileExistsError(f"{out_dir} already holds samples; pass overwrite=True to replace them, or resume=True "
+                              "to go on with them")
 
     prompts = prompt_list(prompts)
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     settings = resolve_settings(adapter, sampler, num_inference_steps, guidance_scale, noise_level, height, width)
     jobs = [(prompt, seed + k) for k, prompt in enumerate(p for p in prompts for _ in range(num_images_per_prompt))]
+    same_run = {"sampler": sampler, "noise_level": settings.noise_level, "steps": settings.num_inference_steps,
+                "guidance": settings.guidance_scale, "height": settings.height, "width": settings.width,
+                **(extra_metadata or {})}
+    reward_keys = None if reward is None else reward.keys if isinstance(reward, WeightedRewards) else [reward.name]
     with SampleFolder(out_dir) as folder, tqdm(total=len(jobs), desc="images", disable=not progress) as bar:
-        for start in range(0, len(jobs), batch_size):
+        done = 0
+        if resuming:
+            done = _check_resumable(folder.continue_earlier_run(), jobs, json_safe(same_run), reward_keys)
+            bar.update(done)
+        for start in range(done, len(jobs), batch_size):
             batch = jobs[start : start + batch_size]
             batch_prompts = [prompt for prompt, _ in batch]
             trajectory = sample(
@@ -135,18 +162,27 @@ def sample_to_folder(
             )
             each = score_terms(reward, trajectory.images, batch_prompts)[1] if reward is not None else None
             for k, ((prompt, image_seed), image) in enumerate(zip(batch, adapter.to_pil(trajectory.images))):
-                folder.add(image, {
-                    "prompt": prompt,
-                    "seed": image_seed,
-                    "sampler": sampler,
-                    "noise_level": settings.noise_level,
-                    "steps": settings.num_inference_steps,
-                    "guidance": settings.guidance_scale,
-                    "height": settings.height,
-                    "width": settings.width,
-                    **({"rewards": reward_record(each, k)} if each is not None else {}),
-                    **(extra_metadata or {}),
-                })
+                folder.add(image, {"prompt": prompt, "seed": image_seed, **same_run,
+                                   **({"rewards": reward_record(each, k)} if each is not None else {})})
             bar.update(len(batch))
     build_gallery(out_dir)
     return folder.records
+
+
+def _check_resumable(records: list[dict], jobs: list[tuple[str, int]], same_run: dict,
+                     reward_keys: list[str] | None) -> int:
+    """How many of `jobs` an earlier run already did; ValueError when its records are not those jobs' first ones
+    under the same settings and rewards."""
+    if len(records) > len(jobs):
+        raise ValueError(f"resume: the folder holds {len(records)} images, more than the {len(jobs)} this run makes")
+    for record, (prompt, seed) in zip(records, jobs):
+        if (record["prompt"], record.get("seed")) != (prompt, seed):
+            raise ValueError(f"resume: image {record['file']} is of prompt {record['prompt']!r}, seed "
+                             f"{record.get('seed')}; this run makes {prompt!r}, seed {seed} there")
+        for key, value in same_run.items():
+            if record.get(key) != value:
+                raise ValueError(f"resume: the earlier run's {key} was {record.get(key)!r}, this one's is {value!r}")
+        scored = None if "rewards" not in record else list(record["rewards"])
+        if scored != reward_keys:
+            raise ValueError(f"resume: the earlier run scored {scored}, this one scores {reward_keys}")
+    return len(records)
