@@ -125,8 +125,6 @@ def run_sample(args) -> None:
                          "go on with an interrupted run")
     reward = load_reward(args.reward, device=args.device, dtype=DTYPES[args.dtype]) if args.reward else None
     adapter = load_for_command(args)
-    default_height, default_width = adapter.default_size
-    adapter.check_size(args.height or default_height, args.width or default_width)
 
     records = sample_to_folder(
         adapter,

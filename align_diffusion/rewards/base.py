@@ -49,8 +49,9 @@ def images_to_tensor(images) -> torch.Tensor:
 
 def images_to_pil(images) -> list[Image.Image]:
     if isinstance(images, torch.Tensor):
-        pixels = (images_to_tensor(images).detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
-        return [Image.fromarray(array) for array in pixels.permute(0, 2, 3, 1).cpu().numpy()]
+        from align_diffusion.models.base import PipelineAdapter
+
+        return PipelineAdapter.to_pil(images_to_tensor(images))
     return [image.convert("RGB") for image in images]
 
 

@@ -123,6 +123,12 @@ class Settings:
     height: int
     width: int
 
+    def levels(self) -> list[float]:
+        """The noise level of every step."""
+        if isinstance(self.noise_level, list):
+            return self.noise_level
+        return [self.noise_level] * self.num_inference_steps
+
 
 def resolve_settings(
     adapter: PipelineAdapter, sampler: str, num_inference_steps=None, guidance_scale=None, noise_level=None,
@@ -205,7 +211,7 @@ def sample(
     num_inference_steps, guidance_scale, noise_level, height, width = astuple(settings)
     if num_images_per_prompt < 1:
         raise ValueError("num_images_per_prompt must be at least 1")
-    levels = noise_level if isinstance(noise_level, list) else [noise_level] * num_inference_steps
+    levels = settings.levels()
     batch = len(prompts) * num_images_per_prompt
     if generators is None:
         generators = [torch.Generator("cpu").manual_seed(seed + k) for k in range(batch)]

@@ -81,14 +81,12 @@ def denoise_step(
     embeds: PromptEmbeds,
     guidance_scale: float,
     sampler: str,
-    noise_level: float | list[float],
+    noise_level: float,
     generators: list[torch.Generator],
     budget: Budget,
 ) -> StepOutput:
     """One step for every image of `x` (noise from each image's own generator when the sampler is stochastic),
-    counted in `budget`. `noise_level`: one for every step, or one per step."""
-    if isinstance(noise_level, list):
-        noise_level = noise_level[step_index]
+    counted in `budget`."""
     prediction = adapter.predict(x, schedule.timesteps[step_index], embeds, guidance_scale)
     budget.model_evals += len(x)
     stochastic = sampler != "ode" and noise_level > 0

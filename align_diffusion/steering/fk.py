@@ -125,7 +125,7 @@ def fk_steering(
     settings = resolve_settings(adapter, sampler, num_inference_steps, guidance_scale, noise_level, height, width)
     if num_particles < 1:
         raise ValueError(f"FK steering needs at least 1 particle, got {num_particles}")
-    levels = settings.noise_level if isinstance(settings.noise_level, list) else [settings.noise_level]
+    levels = settings.levels()
     if num_particles > 1 and (sampler == "ode" or max(levels) == 0):
         raise ValueError(f"FK steering with {num_particles} particles needs a stochastic sampler (flow-sde, "
                          "dance-sde, cps, or ddim with noise_level > 0): resampled copies of a deterministic "
@@ -154,8 +154,8 @@ def fk_steering(
         schedule = adapter.schedule(steps, settings.height, settings.width)
         x = adapter.initial_noise(generators, settings.height, settings.width)
         for i in range(steps):
-            out = denoise_step(adapter, x, i, schedule, embeds, settings.guidance_scale, sampler,
-                               settings.noise_level, generators, budget)
+            out = denoise_step(adapter, x, i, schedule, embeds, settings.guidance_scale, sampler, levels[i],
+                               generators, budget)
             x = out.prev_sample
             if i not in scored_steps:
                 continue

@@ -26,6 +26,8 @@ from align_diffusion.rewards.base import Reward, RewardError
 from align_diffusion.sampling.loop import prompt_list, resolve_settings, take_step
 from align_diffusion.steering.candidates import Budget, SteeringResult, Timer, candidate_generators
 
+DEFAULT_STEPS = 4  # ODE steps of each iterate: the method's one- to four-step regime
+
 
 def noise_norm_regularizer(noise: torch.Tensor) -> torch.Tensor:
     """½‖ε‖² − (d − 1) · log‖ε‖ per image, in fp32; its gradient ε · (1 − (d − 1) / ‖ε‖²) vanishes at
@@ -69,7 +71,7 @@ def reno(
     nesterov: bool = True,
     grad_clip: float = 0.1,
     reg_weight: float = 0.01,
-    num_inference_steps: int = 4,
+    num_inference_steps: int = DEFAULT_STEPS,
     guidance_scale: float | None = None,
     height: int | None = None,
     width: int | None = None,
@@ -85,12 +87,11 @@ def reno(
     prompts = prompt_list(prompts)
     if iterations < 0:
         raise ValueError(f"iterations must be >= 0, got {iterations}")
-    if not math.isfinite(lr) or lr < 0:
-        raise ValueError(f"lr must be a finite number >= 0, got {lr}")
-    if not math.isfinite(grad_clip) or grad_clip <= 0:
+    for name, value in {"lr": lr, "reg_weight": reg_weight}.items():
+        if not 0 <= value < math.inf:  # also refuses NaN
+            raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+    if not 0 < grad_clip < math.inf:  # a negative clip lowers the reward, 0 freezes the noise
         raise ValueError(f"grad_clip must be a finite number > 0, got {grad_clip}")
-    if not math.isfinite(reg_weight) or reg_weight < 0:
-        raise ValueError(f"reg_weight must be a finite number >= 0, got {reg_weight}")
     settings = resolve_settings(adapter, "ode", num_inference_steps, guidance_scale, None, height, width)
     batch = len(prompts)
     budgets = [Budget() for _ in prompts]

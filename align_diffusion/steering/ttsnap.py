@@ -106,7 +106,7 @@ def ttsnap(
         x = adapter.initial_noise(generators, settings.height, settings.width)
         for i in range(settings.num_inference_steps):
             out = denoise_step(adapter, x, i, schedule, embeds.select(alive), settings.guidance_scale, sampler,
-                               settings.noise_level, [generators[c] for c in alive], budget)
+                               settings.levels()[i], [generators[c] for c in alive], budget)
             x = out.prev_sample
             if i in prune_steps:
                 scores = score_candidates(prune_reward, adapter.decode(out.pred_x0), prompt, budget)

@@ -674,11 +674,9 @@ class GRPOTrainer:
                               "resume_from=latest, or choose another output_dir")
         saved = self.output_dir / "config.yaml"
         if config.resume_from is not None and saved.is_file():
-            earlier_config = yaml.safe_load(saved.read_text())
+            earlier, current = _flat(yaml.safe_load(saved.read_text()) or {}), _flat(to_dict(config))
             for key in RESUME_KEEPS:
-                before, now = earlier_config, to_dict(config)
-                for part in key.split("."):
-                    before, now = (before or {}).get(part), now[part]
+                before, now = earlier.get(key), current[key]
                 if before is not None and before != now:
                     raise ConfigError(f"{key}: the run in {self.output_dir} was trained with {before}, not {now}; "
                                       "resume it with its own setting, or start a new output_dir")
