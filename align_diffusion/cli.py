@@ -468,7 +468,10 @@ def add_steer_parser(subparsers) -> None:
                         help="torch.compile the denoiser, the VAE decoder and the rewards' image networks, for GPU "
                              "runs: fewer, fused kernels once compiled (the first calls compile, minutes at full size)")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
-    parser.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
+    again = parser.add_mutually_exclusive_group()
+    again.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
+    again.add_argument("--resume", action="store_true",
+                       help="go on with an interrupted run in --out (same prompts and options), after its last prompt")
     sampling = parser.add_argument_group("sampler (best-of-n, fk, ttsnap)")
     sampling.add_argument("--sampler", choices=sorted(DEFAULT_NOISE_LEVEL), default=None,
                           help="default: ode; fk: flow-sde for flow models, ddim for ε-models")
@@ -508,7 +511,7 @@ def add_steer_parser(subparsers) -> None:
 def run_steer(args) -> None:
     from align_diffusion.rewards.spec import load_reward
     from align_diffusion.models.base import missing_c_compiler
-    from align_diffusion.steering import compile_models, steer, steer_to_folder
+    from align_diffusion.steering import compile_models, steer_to_folder
 
     options = {}
     for dest, methods in STEER_OPTIONS.items():
@@ -529,8 +532,9 @@ def run_steer(args) -> None:
                                                   ("guidance_scale", args.guidance), ("height", args.height),
                                                   ("width", args.width)) if value is not None})
     prompts = read_prompts(args)
-    if (args.out / "metadata.jsonl").exists() and not args.overwrite:
-        raise SystemExit(f"--out: {args.out} already holds results; pass --overwrite to replace them")
+    if (args.out / "metadata.jsonl").exists() and not (args.overwrite or args.resume):
+        raise SystemExit(f"--out: {args.out} already holds results; pass --overwrite to replace them, or --resume to "
+                         "go on with an interrupted run")
     if args.shapes_eval:
         from align_diffusion.world.spec import parse_prompt
 
@@ -548,11 +552,10 @@ def run_steer(args) -> None:
     adapter = load_for_command(args)
     if args.compile:
         compile_models(adapter, *[r for r in (reward, prune_reward) if r is not None])
-    results = steer(adapter, prompts, reward, args.method, budget=args.budget, seed=args.seed,
-                    prune_reward=prune_reward, **options)
-    # Kept under the reward's name, as `sample --reward` keeps it, so side-by-side pages pair the two.
-    records = steer_to_folder(results, args.out, reward_name=reward.name, shapes_eval=args.shapes_eval,
-                              extra_metadata={"model": str(args.model), "budget_per_prompt": args.budget})
+    records = steer_to_folder(adapter, prompts, reward, args.method, args.out, shapes_eval=args.shapes_eval,
+                              extra_metadata={"model": str(args.model)}, overwrite=args.overwrite,
+                              resume=args.resume, budget=args.budget, seed=args.seed, prune_reward=prune_reward,
+                              **options)
     spent = sum(r["budget"]["model_evals"] for r in records)
     mean = sum(r["rewards"][reward.name] for r in records) / len(records)
     print(f"wrote {len(records)} images to {args.out} (mean reward {mean:.4f}, {spent} model evaluations); "

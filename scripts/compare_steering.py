@@ -18,7 +18,7 @@ from pathlib import Path
 from align_diffusion.gallery.plots import plot_curves
 from align_diffusion.models import load_adapter
 from align_diffusion.rewards import load_reward
-from align_diffusion.steering import steer, steer_to_folder
+from align_diffusion.steering import steer_to_folder
 from align_diffusion.steering.steer import METHODS
 from align_diffusion.steering.ttsnap import KEEP, PRUNE_STEPS, check_schedule
 from align_diffusion.training.prompts import PromptSource
@@ -83,14 +83,13 @@ def main() -> None:
     for name, method, multiple, options in runs:
         started = time.time()
         budget = None if multiple is None else multiple * args.steps
-        results = steer(adapter, prompts, reward, method, budget=budget, prune_reward=prune_reward,
-                        **{**common, **options})
-        records = steer_to_folder(results, args.out / name, reward_name="reward", shapes_eval=shapes)
+        records = steer_to_folder(adapter, prompts, reward, method, args.out / name, shapes_eval=shapes,
+                                  overwrite=True, budget=budget, prune_reward=prune_reward, **{**common, **options})
         row = {
             "run": name, "method": method, "budget_multiple": multiple,
             "model_evals_per_prompt": sum(r["budget"]["model_evals"] for r in records) / len(records),
             "reward_evals_per_prompt": sum(r["budget"]["reward_evals"] for r in records) / len(records),
-            "reward_mean": sum(r["rewards"]["reward"] for r in records) / len(records),
+            "reward_mean": sum(r["rewards"][reward.name] for r in records) / len(records),
             "seconds_per_prompt": (time.time() - started) / len(records),
         }
         if shapes:

@@ -439,6 +439,25 @@ def test_budgets_set_each_methods_size(adapter):
         steer(adapter, ["a"], Darkness(), "fk", budget=3, **options)
 
 
+@pytest.mark.parametrize("method, options", [
+    ("best-of-n", dict(num_candidates=2)),
+    ("fk", dict(num_particles=2, resample_interval=1)),
+    ("ttsnap", dict(num_seeds=4, prune_steps=[1], keep=[0.5])),
+    ("reno", dict(iterations=2)),
+])
+def test_steer_from_a_start_prompt_gives_the_whole_runs_later_results(adapter, method, options):
+    prompts = ["a red circle", "two squares", "a triangle"]
+    options = dict(num_inference_steps=3, guidance_scale=GUIDANCE, seed=5, progress=False, **SIZE, **options)
+    whole = list(steer(adapter, prompts, Darkness(), method, **options))
+    later = list(steer(adapter, prompts, Darkness(), method, start=2, **options))
+    assert [(r.prompt, r.seed) for r in later] == [("a triangle", 7)] == [(r.prompt, r.seed) for r in whole[2:]]
+    # ReNO optimizes the prompts in one batch in the whole run: equal up to float rounding.
+    torch.testing.assert_close(later[0].image, whole[2].image, atol=1e-5, rtol=0)
+    assert later[0].winner == whole[2].winner
+    with pytest.raises(ValueError, match="start must be between 0 and the 3 prompts, got 4"):
+        steer(adapter, prompts, Darkness(), method, start=4, **options)
+
+
 def test_steer_command_writes_a_reviewable_folder(saved, tmp_path):
     out = tmp_path / "steered"
     main(["steer", "--method", "best-of-n", "--model", str(saved["sd3"]), "--prompt", "a red circle", "two squares",
@@ -483,6 +502,44 @@ def test_a_rerun_that_fails_its_checks_leaves_the_earlier_results(saved, tmp_pat
     after = {path.name: path.read_bytes() for path in [out / "metadata.jsonl", out / "index.html",
                                                         *sorted((out / "images").iterdir())]}
     assert after == before
+
+
+def test_steer_resume_goes_on_after_an_interrupted_run_as_if_it_had_not_stopped(saved, tmp_path):
+    shared = ["--model", str(saved["sd3"]), "--reward", "jpeg", "--steps", "4", "--height", "32", "--width", "32",
+              "--seed", "3"]
+    common = ["steer", "--method", "fk", "--num-particles", "2", "--resample-interval", "1", *shared]
+    prompts = ["a red circle", "two squares", "a triangle", "a blue square"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    main([*common, "--prompt", *prompts, "--out", str(straight)])
+    main([*common, "--prompt", *prompts[:3], "--out", str(resumed)])  # the first three prompts of the same run
+    metadata = resumed / "metadata.jsonl"
+    lines = metadata.read_text().splitlines(keepends=True)
+    # Killed just before the third record's newline: the record is complete, its image written before it.
+    metadata.write_text(lines[0] + lines[1] + lines[2].rstrip("\n"))
+    with pytest.raises(SystemExit, match="already holds results; pass --overwrite .* or --resume"):
+        main([*common, "--prompt", *prompts, "--out", str(resumed)])
+    with pytest.raises(SystemExit, match="resume: the earlier run's options.lam was None, this one's is 5.0"):
+        main([*common, "--prompt", *prompts, "--lam", "5", "--resume", "--out", str(resumed)])
+    with pytest.raises(SystemExit, match="resume: the earlier run's method was 'fk', this one's is 'best-of-n'"):
+        main(["steer", "--method", "best-of-n", *shared, "--prompt", *prompts, "--resume", "--out", str(resumed)])
+    with pytest.raises(SystemExit, match="resume: image images/00001.png is of prompt 'two squares', seed 4; this "
+                                         "run makes 'a triangle', seed 4 there"):
+        main([*common, "--prompt", prompts[0], *prompts[2:], "--resume", "--out", str(resumed)])
+    assert metadata.read_text() == lines[0] + lines[1] + lines[2].rstrip("\n")  # a refused resume changes nothing
+    main([*common, "--prompt", *prompts, "--resume", "--out", str(resumed)])
+
+    def without_seconds(folder):
+        records = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+        for record in records:
+            del record["budget"]["seconds"]
+        return records
+
+    assert without_seconds(resumed) == without_seconds(straight)
+    assert [r["seed"] for r in without_seconds(resumed)] == [3, 4, 5, 6]
+    for k in range(4):
+        name = f"images/{k:05d}.png"
+        assert (resumed / name).read_bytes() == (straight / name).read_bytes(), name
+    assert (resumed / "index.html").read_text().count('class="card"') == 4
 
 
 def test_steer_compile_without_a_compiler_fails_before_loading(saved, tmp_path, monkeypatch):

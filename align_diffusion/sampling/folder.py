@@ -40,15 +40,16 @@ class SampleFolder:
         self._metadata = None
 
     def continue_earlier_run(self) -> list[dict]:
-        """Keeps what an earlier, interrupted run wrote (a last record cut short by the interruption is dropped,
-        its image written again) and appends after it; returns the kept records."""
+        """Keeps what an earlier, interrupted run wrote (the records `read_records` reads: a last one cut short by
+        the interruption is dropped, its image written again) and appends after it; returns the kept records."""
         from align_diffusion.gallery.page import read_records
 
         metadata = self.root / "metadata.jsonl"
+        self.records = read_records(self.root)
         text = metadata.read_text()
         if text and not text.endswith("\n"):
-            metadata.write_text(text[: text.rfind("\n") + 1])
-        self.records = read_records(self.root)
+            finished = "".join(json.dumps(record, allow_nan=False) + "\n" for record in self.records)
+            metadata.write_text(finished)
         self._metadata = open(metadata, "a")
         return self.records
 
@@ -148,7 +149,7 @@ def sample_to_folder(
     with SampleFolder(out_dir) as folder, tqdm(total=len(jobs), desc="images", disable=not progress) as bar:
         done = 0
         if resuming:
-            done = _check_resumable(folder.continue_earlier_run(), jobs, json_safe(same_run), reward_keys)
+            done = check_resumable(folder.continue_earlier_run(), jobs, json_safe(same_run), reward_keys)
             bar.update(done)
         for start in range(done, len(jobs), batch_size):
             batch = jobs[start : start + batch_size]
@@ -169,8 +170,8 @@ def sample_to_folder(
     return folder.records
 
 
-def _check_resumable(records: list[dict], jobs: list[tuple[str, int]], same_run: dict,
-                     reward_keys: list[str] | None) -> int:
+def check_resumable(records: list[dict], jobs: list[tuple[str, int]], same_run: dict,
+                    reward_keys: list[str] | None) -> int:
     """How many of `jobs` an earlier run already did; ValueError when its records are not those jobs' first ones
     under the same settings and rewards."""
     if len(records) > len(jobs):
@@ -181,8 +182,17 @@ def _check_resumable(records: list[dict], jobs: list[tuple[str, int]], same_run:
                              f"{record.get('seed')}; this run makes {prompt!r}, seed {seed} there")
         for key, value in same_run.items():
             if record.get(key) != value:
-                raise ValueError(f"resume: the earlier run's {key} was {record.get(key)!r}, this one's is {value!r}")
+                key, earlier, value = _first_difference(key, record.get(key), value)
+                raise ValueError(f"resume: the earlier run's {key} was {earlier!r}, this one's is {value!r}")
         scored = None if "rewards" not in record else list(record["rewards"])
         if scored != reward_keys:
             raise ValueError(f"resume: the earlier run scored {scored}, this one scores {reward_keys}")
     return len(records)
+
+
+def _first_difference(key: str, earlier, value) -> tuple[str, object, object]:
+    """Where two differing values first differ: within dicts, the first key (dotted) whose values differ."""
+    if isinstance(earlier, dict) and isinstance(value, dict):
+        inner = next(k for k in sorted(earlier.keys() | value.keys()) if earlier.get(k) != value.get(k))
+        return _first_difference(f"{key}.{inner}", earlier.get(inner), value.get(inner))
+    return key, earlier, value

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
 from align_diffusion.models.base import PipelineAdapter, missing_c_compiler
@@ -70,32 +71,38 @@ def steer(
     prune_reward: Reward | None = None,
     reno_batch_size: int = 16,
     progress: bool = True,
+    start: int = 0,
     **options,
 ) -> Iterator[SteeringResult]:
     """Steers each prompt with `method` (prompt j's candidate 0 seeded `seed + j`); the returned iterator yields
-    results in prompt order as they are done. `options` are the method's keyword arguments (sampler, steps,
-    guidance, potential, prune steps, …); TTSnap ranks with `prune_reward` (default: `reward` itself on x̂0).
-    The method and the budget are checked here, before any compute."""
+    results in prompt order as they are done, from prompt `start` on (the ones before it are a resumed run's, done
+    already). `options` are the method's keyword arguments (sampler, steps, guidance, potential, prune steps, …);
+    TTSnap ranks with `prune_reward` (default: `reward` itself on x̂0). The method and the budget are checked here,
+    before any compute."""
     prompts = prompt_list(prompts)
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if not 0 <= start <= len(prompts):
+        raise ValueError(f"start must be between 0 and the {len(prompts)} prompts, got {start}")
     size = SIZE_OPTION[method]
     if budget is not None:
         if size in options:
             raise ValueError(f"give either a budget or {size}, not both")
         options[size] = method_size(adapter, method, budget, options)
-    return _run(adapter, prompts, reward, method, seed, prune_reward or reward, reno_batch_size, progress, options)
+    return _run(adapter, prompts, reward, method, seed, prune_reward or reward, reno_batch_size, progress, start,
+                options)
 
 
-def _run(adapter, prompts, reward, method, seed, prune_reward, reno_batch_size, progress, options):
-    with tqdm(total=len(prompts), desc=method, disable=not progress) as bar:
+def _run(adapter, prompts, reward, method, seed, prune_reward, reno_batch_size, progress, start, options):
+    with tqdm(total=len(prompts), initial=start, desc=method, disable=not progress) as bar:
         if method == "reno":
-            for start in range(0, len(prompts), reno_batch_size):
-                chunk = prompts[start : start + reno_batch_size]
-                yield from reno(adapter, chunk, reward, seed=seed, first_index=start, progress=progress, **options)
+            for first in range(start, len(prompts), reno_batch_size):
+                chunk = prompts[first : first + reno_batch_size]
+                yield from reno(adapter, chunk, reward, seed=seed, first_index=first, progress=progress, **options)
                 bar.update(len(chunk))
             return
-        for index, prompt in enumerate(prompts):
+        for index in range(start, len(prompts)):
+            prompt = prompts[index]
             if method == "best-of-n":
                 yield best_of_n(adapter, prompt, reward, index=index, seed=seed, **options)
             elif method == "fk":
@@ -105,20 +112,57 @@ def _run(adapter, prompts, reward, method, seed, prune_reward, reno_batch_size, 
             bar.update(1)
 
 
-def steer_to_folder(results: Iterator[SteeringResult], out_dir: str | Path, *, reward_name: str,
-                    shapes_eval: bool = False, extra_metadata: dict | None = None) -> list[dict]:
-    """Writes each result as it arrives (image, and a metadata line with its reward, winner and budget; with
-    `shapes_eval`, ShapesEval's verdict), then the review page; returns the records. The folder's earlier results
-    are replaced only once the first new one exists (`SampleFolder`), so a run that fails the checks its method
-    makes as it starts leaves them as they were."""
-    from align_diffusion.gallery import build_gallery
-    from align_diffusion.sampling.folder import SampleFolder
+# Options that change a steering run's results only up to float rounding, or not at all: a resumed run may differ.
+UNRECORDED_OPTIONS = ("progress", "reno_batch_size", "batch_size", "gradient_checkpointing")
 
+
+def steer_to_folder(
+    adapter: PipelineAdapter,
+    prompts: list[str],
+    reward: Reward,
+    method: str,
+    out_dir: str | Path,
+    *,
+    shapes_eval: bool = False,
+    extra_metadata: dict | None = None,
+    overwrite: bool = False,
+    resume: bool = False,
+    **steer_options,
+) -> list[dict]:
+    """Steers as `steer(adapter, prompts, reward, method, **steer_options)` and writes each result as it arrives
+    (image, and a metadata line with its reward, winner, budget and the run's options; with `shapes_eval`,
+    ShapesEval's verdict), then the review page; returns the records.
+
+    Results already in `out_dir` are replaced only with `overwrite`, and only once the first new one exists
+    (`SampleFolder`), so a run that fails the checks its method makes as it starts leaves them as they were. With
+    `resume`, an interrupted run of the same prompts, method, options and reward goes on after its last prompt
+    (ValueError naming what differs otherwise)."""
+    from align_diffusion.gallery import build_gallery
+    from align_diffusion.gallery.page import read_records
+    from align_diffusion.sampling.folder import SampleFolder, check_resumable, json_safe
+
+    if overwrite and resume:
+        raise ValueError("overwrite and resume exclude each other")
+    earlier = (Path(out_dir) / "metadata.jsonl").exists()
+    if earlier and not (overwrite or resume):
+        raise FileExistsError(f"{out_dir} already holds results; pass overwrite=True to replace them, or resume=True "
+                              "to go on with them")
+    prompts = prompt_list(prompts)
+    seed = steer_options.get("seed", 0)
+    same_run = json_safe({"method": method, "options": recorded_options(steer_options), **(extra_metadata or {})})
+    reward_keys = list(dict.fromkeys([reward.name, *(["shapes"] if shapes_eval else [])]))
+    done = 0
+    if resume and earlier:
+        jobs = [(prompt, seed + j) for j, prompt in enumerate(prompts)]
+        done = check_resumable(read_records(out_dir), jobs, same_run, reward_keys)
+    results = steer(adapter, prompts, reward, method, start=done, **steer_options)
     with SampleFolder(out_dir) as folder:
+        if resume and earlier:
+            folder.continue_earlier_run()
         for result in results:
-            record = {"prompt": result.prompt, "seed": result.seed, "method": result.method,
-                      "rewards": {reward_name: result.reward}, "winner": result.winner,
-                      "budget": result.budget.as_dict(), "details": result.details, **(extra_metadata or {})}
+            record = {"prompt": result.prompt, "seed": result.seed, "rewards": {reward.name: result.reward},
+                      "winner": result.winner, "budget": result.budget.as_dict(), "details": result.details,
+                      **same_run}
             image = result.image[None]
             if shapes_eval:
                 from align_diffusion.world.evaluate import shapes_eval as judge
@@ -129,3 +173,18 @@ def steer_to_folder(results: Iterator[SteeringResult], out_dir: str | Path, *, r
             folder.add(PipelineAdapter.to_pil(image)[0], record)
     build_gallery(out_dir)
     return folder.records
+
+
+def recorded_options(steer_options: dict) -> dict:
+    """The options of a steering run that its records keep, as JSON values (a reward by its name, a dtype by its
+    name): those that change its results."""
+    recorded = {}
+    for key, value in steer_options.items():
+        if key in UNRECORDED_OPTIONS:
+            continue
+        if isinstance(value, Reward):
+            value = value.name
+        elif isinstance(value, torch.dtype):
+            value = str(value).removeprefix("torch.")
+        recorded[key] = value
+    return recorded
