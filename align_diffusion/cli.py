@@ -172,7 +172,7 @@ def add_eval_parser(subparsers) -> None:
 def run_eval(args) -> None:
     import json
 
-    from align_diffusion.gallery.page import write_text_atomically
+    from align_diffusion.files import write_text_atomically
     from align_diffusion.world.benchmark import evaluate_shapes
 
     if args.out.suffix == ".json":

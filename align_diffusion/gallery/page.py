@@ -16,6 +16,8 @@ from importlib.resources import files
 from pathlib import Path
 from urllib.parse import quote
 
+from align_diffusion.files import write_text_atomically
+
 LABELS = ("good", "artifact", "bad")
 CORRECT = "correct"  # the value name of ShapesEval's strict verdict (1 or 0)
 
@@ -48,13 +50,6 @@ def read_records(folder: str | Path) -> list[dict]:
             raise ValueError(f"{metadata}:{number}: a record needs 'file' and 'prompt', got {sorted(record)}")
         records.append(record)
     return records
-
-
-def write_text_atomically(path: Path, text: str) -> None:
-    """Writes a temporary file beside `path`, then renames it over `path`: readers see the old file or the new."""
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    partial.write_text(text)
-    os.replace(partial, path)
 
 
 def safe_filename(text: str, max_length: int = 80) -> str:

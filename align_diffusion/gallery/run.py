@@ -9,6 +9,7 @@ from html import escape
 from pathlib import Path
 from urllib.parse import quote
 
+from align_diffusion.files import write_text_atomically
 from align_diffusion.gallery.page import (
     build_comparison,
     build_gallery,
@@ -16,7 +17,6 @@ from align_diffusion.gallery.page import (
     read_jsonl,
     read_records,
     stylesheet,
-    write_text_atomically,
 )
 from align_diffusion.gallery.plots import plot_training
 

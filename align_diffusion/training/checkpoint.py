@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from align_diffusion.files import write_atomically
+
 CHECKPOINTS = "checkpoints"
 PREFIX = "step-"
 TEMPORARY = ".partial"
@@ -85,7 +87,4 @@ def read_trainer_state(checkpoint: Path) -> dict:
 
 def atomic_torch_save(value, path: str | Path) -> None:
     """torch.save to a temporary name, then a rename: `path` is either absent or complete."""
-    path = Path(path)
-    partial = path.with_name(path.name + ".partial")
-    torch.save(value, partial)
-    os.replace(partial, path)
+    write_atomically(path, lambda partial: torch.save(value, partial))

@@ -40,7 +40,7 @@ from accelerate.utils import set_seed
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from align_diffusion.gallery.page import write_text_atomically
+from align_diffusion.files import write_text_atomically
 from align_diffusion.gallery.run import build_run_page, eval_folder
 from align_diffusion.models import PipelineAdapter, PromptEmbeds, load_adapter
 from align_diffusion.models.base import compile_repeated_blocks

@@ -17,7 +17,7 @@ import torch
 from diffusers import AutoencoderKL
 from transformers import AutoTokenizer, BitImageProcessor, CLIPImageProcessor, CLIPModel
 
-from align_diffusion.gallery.page import write_text_atomically
+from align_diffusion.files import write_text_atomically
 from align_diffusion.world.data import to_tensor
 from align_diffusion.world.encoders import clip_prompt_accuracy, train_clip, train_dino
 from align_diffusion.world.evaluate import shapes_eval
