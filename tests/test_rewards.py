@@ -52,6 +52,11 @@ def test_spec_spaces_repeats_and_missing_model_folders():
     with pytest.raises(ValueError, match="names the same reward twice"):
         parse_spec("shapes:graded,shapes")  # `shapes` is the graded score
     assert len(parse_spec("shapes,shapes:strict")) == 2
+    for spec in ("jpeg:50,jpeg:050", "jpeg,jpeg:95"):  # one quality written two ways
+        with pytest.raises(ValueError, match="names the same reward twice"):
+            parse_spec(spec)
+    assert len(parse_spec("jpeg:5,jpeg:50,jpeg")) == 3
+    assert load_reward("jpeg").quality == JpegCompressibility().quality == 95
     for spec in ("clip:./no/such/clip", "clip:assets/world/no-such-clip", "adv-dino:/no/such/dino"):
         with pytest.raises(FileNotFoundError, match=f"reward model {spec.split(':', 1)[1]} is no folder"):
             load_reward(spec)

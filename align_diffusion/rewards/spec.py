@@ -43,7 +43,15 @@ ARGUMENT_NEEDED = {
 
 
 # What a term without an argument means, where that is also a term with one: `shapes` is `shapes:graded`.
-DEFAULT_ARGUMENT = {"shapes": "graded"}
+DEFAULT_ARGUMENT = {"shapes": "graded", "jpeg": "95"}
+
+
+def _same_reward(term: RewardTerm) -> tuple[str, str | None]:
+    """What two terms share when they load the same reward: `jpeg`, `jpeg:95` and `jpeg:095` do."""
+    arg = term.arg or DEFAULT_ARGUMENT.get(term.name)
+    if term.name == "jpeg" and arg.strip().isdigit():
+        arg = str(int(arg))
+    return term.name, arg
 
 
 def _split_pair(arg: str) -> list[str]:
@@ -90,10 +98,8 @@ def _aesthetic(arg, device, dtype):
 def _jpeg(arg, device, dtype):
     from align_diffusion.rewards.simple import JpegCompressibility
 
-    if arg is None:
-        return JpegCompressibility()
     try:
-        quality = int(arg)
+        quality = int(arg or DEFAULT_ARGUMENT["jpeg"])
     except ValueError:
         raise ValueError(f"JPEG quality must be an integer from 1 to 95, got {arg!r}") from None
     return JpegCompressibility(quality)
@@ -167,7 +173,7 @@ def parse_spec(spec: str) -> list[RewardTerm]:
         if name in ARGUMENT_NEEDED and not arg:
             raise ValueError(f"reward term {text!r}: needs {ARGUMENT_NEEDED[name]}")
         terms.append(RewardTerm(name, arg or None, weight))
-    keys = [(t.name, t.arg or DEFAULT_ARGUMENT.get(t.name)) for t in terms]
+    keys = [_same_reward(t) for t in terms]
     if len(set(keys)) != len(keys):
         raise ValueError(f"reward spec {spec!r} names the same reward twice")
     return terms
