@@ -1,5 +1,7 @@
 """The adversarial DINO reward on the world's DINO-format encoder: formula, gradients, schedule, training, state."""
 
+import io
+
 import numpy as np
 import pytest
 import torch
@@ -55,7 +57,7 @@ def test_schedule_every_k_and_overtake_trigger():
 def test_training_moves_the_margin_and_state_round_trips():
     prompts = split_prompts("train")[:16]
     references, generated = renders(prompts), smeared(renders(prompts, seed=100))
-    reward = AdversarialDino(DINO, lr=1e-3)
+    reward = AdversarialDino(DINO, lr=1e-3, schedule=AdversarialSchedule(every=3, on_overtake=False))
     with torch.no_grad():
         before = (reward(references, prompts) - reward(generated, prompts)).mean()
     losses = [reward.train_step(generated, references) for _ in range(10)]
@@ -64,9 +66,17 @@ def test_training_moves_the_margin_and_state_round_trips():
     assert losses[-1] < losses[0] and after > before
 
     restored = AdversarialDino(DINO, lr=1e-3, seed=7)
-    restored.load_reward_state(reward.reward_state())
+    saved = io.BytesIO()  # as a checkpoint keeps it: the optimizer's moments are not shared with the original
+    torch.save(reward.reward_state(), saved)
+    restored.load_reward_state(torch.load(io.BytesIO(saved.getvalue()), weights_only=True))
+    assert restored.schedule == reward.schedule
     torch.testing.assert_close(restored(references, prompts), reward(references, prompts))
-    assert restored.train_step(generated, references) == pytest.approx(reward.train_step(generated, references))
+    # A step's loss is computed before its update, so the second step's loss and the weights after it are what
+    # tell whether the optimizer's moments came back too.
+    for _ in range(2):
+        assert restored.train_step(generated, references) == pytest.approx(reward.train_step(generated, references))
+    for (name, ours), theirs in zip(reward.head.state_dict().items(), restored.head.state_dict().values()):
+        torch.testing.assert_close(theirs, ours, msg=name)
 
 
 def test_maybe_update_follows_the_schedule():

@@ -66,17 +66,18 @@ def test_console_script_runs_with_a_prompts_file(saved, tmp_path):
 def test_sample_scores_each_reward_term(saved, tmp_path):
     out = tmp_path / "out"
     prompts = ["a red circle", "two squares"]  # shapes-world prompts, which the shapes reward requires
+    spec = "jpeg,jpeg:5=0.5,shapes=0.2"
     main(["sample", "--model", str(saved["sd3"]), "--prompt", *prompts, "--steps", "2", "--height", "64",
-          "--width", "64", "--reward", "jpeg,shapes=0.5", "--out", str(out)])
+          "--width", "64", "--reward", spec, "--out", str(out)])
     records = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
-    reward = load_reward("jpeg,shapes=0.5")
     images = [Image.open(out / r["file"]) for r in records]
-    each = reward.score_each(images, prompts)
-    for k, record in enumerate(records):
-        assert record["rewards"].keys() == {"jpeg", "shapes"}
-        assert record["rewards"]["shapes"] == pytest.approx(float(each["shapes"][k]))
-        # Scored before the PNG round trip, so JPEG size may differ by the quantization alone.
-        assert record["rewards"]["jpeg"] == pytest.approx(float(each["jpeg"][k]), abs=0.05)
+    # JPEG scores the 8-bit image the PNG holds, so the saved files score exactly as recorded.
+    each = load_reward(spec).score_each(images, prompts)
+    assert [sorted(record["rewards"]) for record in records] == [["jpeg", "jpeg:5", "shapes"]] * 2
+    for key in ("jpeg", "jpeg:5", "shapes"):
+        assert [record["rewards"][key] for record in records] == pytest.approx(each[key].tolist(), rel=1e-6), key
+    # The two images score apart by far more than the tolerance: records matched to the wrong image would fail.
+    assert abs(each["jpeg:5"][0] - each["jpeg:5"][1]) > 1e-3
     with pytest.raises(SystemExit, match="unknown reward"):
         main(["sample", "--model", str(saved["sd3"]), "--prompt", "a", "--reward", "nope", "--out",
               str(tmp_path / "other")])

@@ -221,7 +221,12 @@ def test_calibrate_noise_command_writes_a_table(saved, prompt_file, tmp_path, ca
     # An override after the options, as after train's: 3 steps, not the file's 5.
     main(["calibrate-noise", str(config), "--rounds", "1", "--eps2", "0.05", "--out", str(out), "sampling.num_steps=3"])
     levels = read_table(out, 3)
-    # One round from Flow-SDE's a = 0.7: each step's level moved by exactly eps2, up or down.
+    # One round from Flow-SDE's a = 0.7: each step's level moves by eps2, up where that step's rewards of the run's
+    # first rollout (the same seed, so the same rollout) are balanced, down where they are not.
+    same_run = load_config(config, ["log_with=[]", "sampling.num_steps=3", "grpo.dense=ode",
+                                     f"output_dir={tmp_path / 'again'}"])
+    deltas = GRPOTrainer(same_run).rollout(0).step_deltas
+    assert levels == pytest.approx(calibrate_step([0.7] * 3, deltas, 0.1, 0.05))
     assert all(level == pytest.approx(0.75) or level == pytest.approx(0.65) for level in levels)
     assert json.loads(out.read_text())["rounds"] == 1
     assert "wrote" in capsys.readouterr().out

@@ -281,11 +281,35 @@ def test_fk_scores_exactly_on_the_schedule_and_counts_the_budget(adapter, denois
     assert result.reward == max(result.details["candidate_rewards"])
 
 
+class RecordingDarkness(Darkness):
+    """Darkness that keeps every score it gives."""
+
+    def __init__(self):
+        super().__init__()
+        self.scores = []
+
+    def score(self, images, prompts, metadata):
+        scores = super().score(images, prompts, metadata)
+        self.scores.append(scores.clone())
+        return scores
+
+
 def test_fk_adaptive_resampling_carries_weights(adapter):
-    result = fk_steering(adapter, "a red circle", Darkness(), num_particles=4, lam=0.0, num_inference_steps=6,
-                         resample_interval=2, adaptive_threshold=0.5, guidance_scale=GUIDANCE, **SIZE)
-    assert result.details["resampled"] == [False, False]  # uniform weights never fall below the threshold
+    # A threshold no ESS falls below: the particles are never resampled, so each step's weights are the sum of the
+    # potentials of all scored steps so far, computed here from the scores the reward gave.
+    reward, lam = RecordingDarkness(), 1e3
+    result = fk_steering(adapter, "a red circle", reward, num_particles=4, lam=lam, potential="sum",
+                         num_inference_steps=8, resample_start=0, resample_interval=2, adaptive_threshold=1e-6,
+                         guidance_scale=GUIDANCE, **SIZE)
+    assert result.details["scored_steps"] == [0, 2, 4, 6, 7] and result.details["resampled"] == [False] * 4
     assert sorted(result.details["ancestors"]) == [0, 1, 2, 3]
+    history = torch.stack(reward.scores, dim=1)
+    potentials = [log_potential(history[:, : j + 1], "sum", lam) for j in range(4)]
+    carried = [effective_sample_size(sum(potentials[: j + 1])) for j in range(4)]
+    alone = [effective_sample_size(potential) for potential in potentials]
+    assert result.details["ess"] == pytest.approx(carried, rel=1e-3)
+    # Weights that were dropped instead of carried would give each step's own potential's ESS, far from these.
+    assert all(abs(c - a) > 0.2 for c, a in zip(carried[1:], alone[1:]))
 
 
 def test_fk_toward_dark_images_keeps_the_darkest_lineage_and_reports_its_candidate(adapter):
