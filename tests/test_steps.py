@@ -210,7 +210,9 @@ def test_ddim_eta_is_refused_exactly_where_the_step_breaks(tiny_pipes):
     # σ² ≤ 1 - ᾱ_prev holds for every η ≤ 1; above 1 it depends on the step.
     schedule = adapter_for(tiny_pipes["sd"]).schedule(4, 32, 32)
     eps, x, noise = inputs(9)
+    breaking = {}
     for eta in (0.5, 1.0, 1.05, 1.2, 3.0):  # with 4 steps, 1.05 and 1.2 fit some steps and not others
+        breaking[eta] = []
         for i in range(schedule.num_steps):
             out = ddim_step(eps, x, schedule.alphas_cumprod[i], schedule.alphas_cumprod_prev[i], eta, noise=noise)
             breaks = bool(out.prev_sample.isnan().any())
@@ -221,6 +223,12 @@ def test_ddim_eta_is_refused_exactly_where_the_step_breaks(tiny_pipes):
             except ValueError:
                 refused = True
             assert refused == breaks, (eta, i)
+            if breaks:
+                breaking[eta].append(i)
+    # Where σ² = η² (1 − ᾱ_prev) / (1 − ᾱ) · (1 − ᾱ / ᾱ_prev) exceeds 1 − ᾱ_prev, from the schedule's ᾱ of
+    # 0.0557, 0.275, 0.6722, 0.9983 and a final 0.9991: the factor (1 − ᾱ / ᾱ_prev) / (1 − ᾱ) is 0.844,
+    # 0.815, 0.997 and 0.502 at steps 0–3, so η² > 1 / factor breaks 1.05 at step 2, 1.2 at steps 0–2, 3 at all.
+    assert breaking == {0.5: [], 1.0: [], 1.05: [2], 1.2: [0, 1, 2], 3.0: [0, 1, 2, 3]}
 
 
 def test_zero_steps_or_size_is_refused_not_replaced_by_the_default(tiny_pipes):

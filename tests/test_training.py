@@ -206,11 +206,30 @@ def test_a_size_the_model_cannot_take_fails_when_the_model_loads(saved, prompt_f
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
-def test_shipped_configs_load():
+def test_shipped_configs_load(tmp_path):
+    # The GPU presets name prompt files the user supplies; their models are checked when they load (GPU runs).
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of a cat\n")
+    loaded = {}
     for path in sorted((REPO / "configs").glob("*.yaml")):
         assert path.read_text().startswith("# "), f"{path.name} must start with the command that runs it"
-        if "shapes" in path.name:
-            load_config(path)
+        supplied = [] if "shapes" in path.name else [f"prompts={prompts}", f"eval.prompts={prompts}"]
+        loaded[path.stem] = load_config(path, supplied)
+    assert len(loaded) == 9
+    # The header's "paper's defaults": Flow-GRPO on SD3.5-M (group 24, 10 train / 40 eval steps, a = 0.7,
+    # clip 1e-4, KL β 0.04, LoRA r32 / α64, lr 3e-4).
+    sd35m = loaded["sd35m_grpo_geneval"]
+    assert (sd35m.grpo.group_size, sd35m.sampling.num_steps, sd35m.eval.num_steps) == (24, 10, 40)
+    assert (sd35m.sampling.sampler, sd35m.sampling.noise_level) == ("flow-sde", 0.7)
+    assert (sd35m.grpo.clip_range, sd35m.grpo.kl_beta, sd35m.optim.lr) == (1e-4, 0.04, 3e-4)
+    assert (sd35m.lora.rank, sd35m.lora.alpha) == (32, 64)
+    assert loaded["sd15_grpo_aesthetic"].sampling.sampler == "ddim"
+    # Its header's Flow-GRPO pickscore_flux settings: group 24, 6 train / 28 eval steps, a = 0.9, no KL term,
+    # advantages by the std over all images, EMA.
+    flux = loaded["flux_dev_grpo_pickscore"]
+    assert (flux.grpo.group_size, flux.sampling.num_steps, flux.eval.num_steps) == (24, 6, 28)
+    assert (flux.sampling.noise_level, flux.grpo.kl_beta, flux.grpo.advantage) == (0.9, 0.0, "global_std")
+    assert flux.optim.ema_decay > 0
 
 
 # --- the loop ----------------------------------------------------------------------------------------------------
