@@ -25,12 +25,12 @@ from align_diffusion.training.noise_table import calibrate_step, read_table, wri
 
 
 def zscore_by_hand(values: torch.Tensor, group_size: int, eps: float = 1e-6) -> tuple[torch.Tensor, int]:
-    """GRPO's advantages written out: each group of `group_size` consecutive rows normalized column by column,
-    (x − mean) / population std, and 0 where the std is at most eps (group_advantages' documented 1e-6); also the
-    number of (group, column) pairs that did not vary."""
+    """The trainer's GRPO advantages written out: each group of `group_size` consecutive rows normalized column by
+    column, (x − mean) / population std, and NaN (masked out of the loss) where the std is at most eps
+    (group_advantages' documented 1e-6); also the number of (group, column) pairs that did not vary."""
     x = values.double().reshape(len(values) // group_size, group_size, -1)
     mean, std = x.mean(dim=1, keepdim=True), x.std(dim=1, unbiased=False, keepdim=True)
-    return torch.where(std > eps, (x - mean) / std, 0.0).reshape(values.shape), int((std <= eps).sum())
+    return torch.where(std > eps, (x - mean) / std, math.nan).reshape(values.shape), int((std <= eps).sum())
 
 
 def test_best_worst_mask_hand_worked():
@@ -41,10 +41,25 @@ def test_best_worst_mask_hand_worked():
 
 def test_dense_advantages_normalize_each_step_within_each_group():
     deltas = torch.tensor([[1.0, 0.0], [3.0, 4.0], [2.0, -1.0], [2.0, 1.0]])
-    advantages, zero = dense_advantages(deltas, torch.tensor([0, 0, 1, 1]))
+    advantages, zero_variance, zero = dense_advantages(deltas, torch.tensor([0, 0, 1, 1]))
     # Step 0: group 0 has mean 2, std 1; group 1 does not vary. Step 1: means 2 and 0, stds 2 and 1.
     assert torch.allclose(advantages, torch.tensor([[-1.0, -1.0], [1.0, 1.0], [0.0, -1.0], [0.0, 1.0]]))
-    assert zero == 1
+    assert zero_variance.tolist() == [[False, False], [False, False], [True, False], [True, False]] and zero == 1
+
+
+def test_groups_without_spread_are_masked_out_of_the_loss(saved, prompt_file, tmp_path):
+    trainer = GRPOTrainer(load_config(None, tiny_overrides(saved["sd3"], prompt_file, tmp_path, max_steps=1)))
+    rollouts = trainer.rollout(0)
+    rollouts.rewards[:4] = -3.0  # the first group's images all score alike
+    advantages, stats = trainer.advantages(rollouts)
+    assert torch.isnan(advantages[:4]).all() and stats["zero_std_fraction"] == 0.5
+    torch.testing.assert_close(advantages[4:], zscore_by_hand(rollouts.rewards[4:], 4)[0].float())
+    update = trainer.update(rollouts, advantages, 1)
+    assert update["trained_fraction"] == 0.5  # half the images, at each trained step
+    # The value-anchored term λ (R − anchor) gives such a group a signal of its own, so it stays in the loss.
+    trainer.config.grpo.value_weight, trainer.config.grpo.value_anchor = 0.5, -1.0
+    anchored, _ = trainer.advantages(rollouts)
+    torch.testing.assert_close(anchored[:4], torch.full((4,), 0.5 * (-3.0 + 1.0)))
 
 
 def test_noise_calibration_moves_in_the_documented_direction():
@@ -179,7 +194,7 @@ def test_dense_grpo_gives_each_step_its_group_normalized_advantage(saved, prompt
     reference = dense_step_rewards(trainer.adapter, rollouts.trajectory, trainer.reward, mode="ode").deltas
     assert rollouts.trajectory.stochastic_steps == [0, 1, 2]
     expected, zero = zscore_by_hand(reference, 4)
-    torch.testing.assert_close(advantages, expected.float())
+    torch.testing.assert_close(advantages, expected.float(), equal_nan=True)
     assert stats["zero_std_fraction"] == zero / (2 * 3)
     trainer.train()
     assert metrics(tmp_path)[0]["first_ratio_max_deviation"] <= 1e-5
@@ -193,7 +208,7 @@ def test_dense_grpo_with_a_noise_window_counts_only_the_noisy_steps(saved, promp
     advantages, stats = trainer.advantages(rollouts)
     assert rollouts.trajectory.stochastic_steps == [0, 1] and not advantages[:, 2].any()
     expected, zero = zscore_by_hand(rollouts.step_deltas[:, :2], 4)
-    torch.testing.assert_close(advantages[:, :2], expected.float())
+    torch.testing.assert_close(advantages[:, :2], expected.float(), equal_nan=True)
     assert stats["zero_std_fraction"] == zero / (2 * 2)  # 2 groups × 2 noisy steps; the ODE step is not counted
 
 

@@ -25,7 +25,13 @@ from align_diffusion.rewards.spec import load_reward
 from align_diffusion.sampling.loop import step_log_prob
 from align_diffusion.training import checkpoint
 from align_diffusion.training.config import ConfigError, load_config, validate
-from align_diffusion.training.grpo import GRPOTrainer, TrainingInterrupted, clipped_policy_loss, gaussian_kl
+from align_diffusion.training.grpo import (
+    GRPOTrainer,
+    TrainingInterrupted,
+    clipped_policy_loss,
+    gaussian_kl,
+    trained_step_count,
+)
 from align_diffusion.world.evaluate import score_image
 from training_helpers import metrics, tiny_overrides
 
@@ -33,6 +39,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 # --- the objective on hand-worked values -------------------------------------------------------------------------
+
+
+def test_trained_step_count_is_the_ceiling_of_the_share():
+    # 0.28 · 25 is 7.000000000000001 in floats: its ceiling, unrounded, would be 8.
+    assert [trained_step_count(f, n) for f, n in [(0.28, 25), (0.5, 3), (0.01, 10), (1.0, 10), (0.99, 10)]] == [
+        7, 2, 1, 10, 10]
 
 
 def test_clipped_policy_loss_hand_worked():
@@ -253,8 +265,8 @@ def test_first_ratio_is_one_and_metrics_are_complete(trained):
     assert lr == 1e-2 and trainer.config.optim.warmup_steps == 0  # tiny_overrides' rate, no warm-up
     for row in rows:
         assert row["first_ratio_max_deviation"] <= 1e-5
-        for key in ("reward_mean", "reward_std", "advantage_abs_mean", "zero_std_fraction", "kl", "clip_fraction",
-                    "ratio_mean", "grad_norm", "lr", "seconds", "reward/jpeg_mean"):
+        for key in ("reward_mean", "reward_std", "advantage_abs_mean", "zero_std_fraction", "trained_fraction", "kl",
+                    "clip_fraction", "ratio_mean", "grad_norm", "lr", "seconds", "reward/jpeg_mean"):
             assert key in row
         assert row["reward_mean"] == row["reward/jpeg_mean"]  # JPEG is the only reward term, weight 1
         # One update per step: every ratio is taken before the weights move, so none is clipped.

@@ -27,12 +27,15 @@ def best_worst_mask(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Ten
     return keep
 
 
-def dense_advantages(deltas: torch.Tensor, group_ids: torch.Tensor, method: str = "zscore") -> tuple[torch.Tensor, int]:
+def dense_advantages(deltas: torch.Tensor, group_ids: torch.Tensor,
+                     method: str = "zscore") -> tuple[torch.Tensor, torch.Tensor, int]:
     """(B, T) advantages from step rewards (B, T): for each step, the group normalizer of `method` over the images
-    of each group; also the number of (group, step) pairs whose step rewards did not vary (advantage 0)."""
-    columns, zero = [], 0
+    of each group; also (B, T) which of them lie in a group whose step rewards did not vary (advantage 0), and the
+    number of such (group, step) pairs."""
+    columns, zero_variance, zero = [], [], 0
     for t in range(deltas.shape[1]):
         result = group_advantages(deltas[:, t], group_ids, method)
         columns.append(result.advantages)
+        zero_variance.append(result.zero_variance)
         zero += result.num_zero_variance_groups
-    return torch.stack(columns, dim=1), zero
+    return torch.stack(columns, dim=1), torch.stack(zero_variance, dim=1), zero

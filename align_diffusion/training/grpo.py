@@ -72,6 +72,12 @@ SHARED_NOISE_STREAM = 2**40  # seed offset of the groups' shared initial noise, 
 # --- the objective -----------------------------------------------------------------------------------------------
 
 
+def trained_step_count(fraction: float, stochastic_steps: int) -> int:
+    """⌈fraction · stochastic_steps⌉, at least 1; the product is rounded first, so that 0.28 · 25 (7.000000000000001
+    in floats) trains 7 steps, not 8."""
+    return max(1, math.ceil(round(fraction * stochastic_steps, 9)))
+
+
 def clipped_policy_loss(log_prob, old_log_prob, advantages, clip_range: float, adv_clip_max: float):
     """Per-image PPO loss max(-A·r, -A·clip(r, 1 ± ε)) with A clipped to ±adv_clip_max; also returns r."""
     advantages = advantages.clamp(-adv_clip_max, adv_clip_max)
@@ -475,14 +481,20 @@ class GRPOTrainer:
             deltas = self.accelerator.gather(rollouts.step_deltas.to(device)).cpu()
             stochastic = rollouts.trajectory.stochastic_steps
             advantages = torch.zeros_like(deltas)
-            advantages[:, stochastic], zero = dense_advantages(deltas[:, stochastic], group_ids, config.advantage)
+            zero_variance = torch.zeros_like(deltas, dtype=torch.bool)
+            advantages[:, stochastic], zero_variance[:, stochastic], zero = dense_advantages(
+                deltas[:, stochastic], group_ids, config.advantage)
             zero_fraction = zero / (num_groups * max(1, len(stochastic)))
         else:
             result = group_advantages(rewards, group_ids, config.advantage, absolute_weight=config.value_weight,
                                       anchor=config.value_anchor, reward_range=tuple(config.reward_range))
-            advantages, zero_fraction = result.advantages, result.num_zero_variance_groups / num_groups
+            advantages, zero_fraction = result.advantages.clone(), result.num_zero_variance_groups / num_groups
+            # The value-anchored term gives a group that does not vary a signal of its own: keep it in the loss.
+            zero_variance = result.zero_variance & (config.value_weight == 0)
+        # Masked out of the loss (NaN), as Flow-GRPO drops them: a group without spread has no policy signal, and
+        # left in it would still pay the KL term and dilute the others' share of the mean.
+        advantages[zero_variance] = float("nan")
         if config.best_worst_only:
-            advantages = advantages.clone()
             advantages[~best_worst_mask(rewards, group_ids)] = float("nan")  # masked out of the loss
         local = len(rollouts.rewards)
         start = self.accelerator.process_index * local
@@ -535,8 +547,8 @@ class GRPOTrainer:
         return stats
 
     def train_timesteps(self, step: int, stochastic: list[int]) -> list[int]:
-        """The stochastic steps trained on this step: a random subset of size ⌈fraction · count⌉."""
-        count = max(1, math.ceil(self.config.grpo.timestep_fraction * len(stochastic)))
+        """The stochastic steps trained on this step: a random subset of `trained_step_count` of them."""
+        count = trained_step_count(self.config.grpo.timestep_fraction, len(stochastic))
         order = torch.randperm(len(stochastic), generator=torch.Generator().manual_seed(self.config.seed + step))
         return sorted(stochastic[i] for i in order[:count].tolist())
 
@@ -610,6 +622,9 @@ class GRPOTrainer:
             "grad_norm": sum(grad_norms) / len(grad_norms),
             "lr": sum(rates) / len(rates),  # the rates the step's updates used
             "train_timesteps": len(timesteps),
+            # The (image, step) pairs in the loss: NaN advantages (unscored images, groups without spread,
+            # DanceGRPO's middle images) are masked out.
+            "trained_fraction": loss_count / (len(valid) * len(timesteps)),
         }
         deviation = stats["first_ratio_max_deviation"]
         if deviation > config.ratio_warn:
