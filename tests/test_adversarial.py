@@ -32,12 +32,16 @@ def test_reward_is_the_stated_mix_of_cls_and_patch_scores():
     reward = load_reward(f"adv-dino:{DINO}")
     assert isinstance(reward, AdversarialDino) and reward.trainable and reward.stateful
     images = renders(["a red circle", "three squares"])
+    # A head whose CLS and patch scores lie far apart, so that the mix's weights show in the score.
+    torch.nn.init.normal_(reward.head[2].weight, std=1.0, generator=torch.Generator().manual_seed(0))
     backbone = Dinov2Model.from_pretrained(DINO, dtype=torch.float32).eval()  # stored in float16
     pixels = AutoImageProcessor.from_pretrained(DINO)(images=list((images * 255).round().byte().permute(0, 2, 3, 1)
                                                                   .numpy()), return_tensors="pt").pixel_values
     with torch.no_grad():
         tokens = F.normalize(backbone(pixel_values=pixels).last_hidden_state, dim=-1)
-        expected = 0.7 * reward.head(tokens[:, 0]).squeeze(-1) + 0.3 * reward.head(tokens[:, 1:]).squeeze(-1).mean(1)
+        cls, patches = reward.head(tokens[:, 0]).squeeze(-1), reward.head(tokens[:, 1:]).squeeze(-1).mean(1)
+    assert ((cls - patches).abs() > 0.1).all()  # so a weight 0.01 off moves the score by more than the tolerance
+    expected = 0.7 * cls + 0.3 * patches
     pixels_in = images.clone().requires_grad_(True)
     scores = reward(pixels_in, ["", ""])
     scores.sum().backward()
@@ -86,6 +90,12 @@ def test_maybe_update_follows_the_schedule():
     assert reward.maybe_update(images, images, low) == []
     assert len(reward.maybe_update(images, images, low, steps=3)) == 3
     assert reward.schedule.rounds == 2
+    # On overtake: the generated images' mean reward against the references' mean under the current head.
+    overtaken = AdversarialDino(DINO, schedule=AdversarialSchedule(every=100, on_overtake=True))
+    with torch.no_grad():
+        reference_mean = overtaken(images, ["", ""]).mean()
+    assert overtaken.maybe_update(images, images, torch.full((2,), reference_mean - 1)) == []
+    assert len(overtaken.maybe_update(images, images, torch.full((2,), reference_mean + 1))) == 1
 
 
 def test_trained_head_tells_clean_renders_from_the_world_generators_samples():
