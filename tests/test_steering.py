@@ -16,6 +16,7 @@ from align_diffusion.models import adapter_for
 from align_diffusion.rewards.base import Reward, RewardError
 from align_diffusion.sampling.loop import sample
 from align_diffusion.rewards.clip import OpenClipScore
+from align_diffusion.rewards.spec import load_reward
 from align_diffusion.steering import best_of_n, compile_models, fk_steering, reno, steer, ttsnap
 from align_diffusion.steering.candidates import SEED_STRIDE
 from align_diffusion.steering.fk import (
@@ -564,6 +565,18 @@ def test_steer_resume_goes_on_after_an_interrupted_run_as_if_it_had_not_stopped(
         name = f"images/{k:05d}.png"
         assert (resumed / name).read_bytes() == (straight / name).read_bytes(), name
     assert (resumed / "index.html").read_text().count('class="card"') == 4
+
+
+def test_a_prompt_the_reward_cannot_score_fails_before_any_image(saved, adapter, tmp_path):
+    out = tmp_path / "steered"
+    for command in (["steer", "--method", "best-of-n", "--budget", "4"], ["sample"]):
+        with pytest.raises(SystemExit, match="reward shapes: not a shapes-world prompt: 'a photo of a cat'"):
+            main([*command, "--model", str(saved["sd3"]), "--prompt", "a red circle", "a photo of a cat",
+                  "--reward", "jpeg,shapes=0.5", "--steps", "2", "--height", "32", "--width", "32", "--out", str(out)])
+        assert not out.exists()
+    with pytest.raises(ValueError, match="reward shapes:strict: not a shapes-world prompt: 'a photo of a cat'"):
+        steer(adapter, ["a photo of a cat"], Darkness(), "ttsnap",
+              prune_reward=load_reward("shapes:strict"))
 
 
 def test_steer_compile_without_a_compiler_fails_before_loading(saved, tmp_path, monkeypatch):

@@ -206,6 +206,13 @@ def test_reward_and_prompt_errors_come_before_the_model_loads(saved, prompt_file
         GRPOTrainer(load_config(None, [*overrides, "reward=jpeg:0"]))
     with pytest.raises(FileNotFoundError, match="eval.prompts: '/no/prompts.txt' is neither"):
         GRPOTrainer(load_config(None, [*overrides, "eval.prompts=/no/prompts.txt"]))
+    outside = tmp_path / "outside.txt"
+    outside.write_text("a red circle\na photo of a cat\n")
+    with pytest.raises(ConfigError, match="prompts: reward shapes: not a shapes-world prompt: 'a photo of a cat'"):
+        GRPOTrainer(load_config(None, [*overrides, "reward=jpeg,shapes=0.5", f"prompts={outside}"]))
+    with pytest.raises(ConfigError, match="eval.prompts: reward shapes:strict: not a shapes-world prompt"):
+        GRPOTrainer(load_config(None, [*overrides, "eval.every=5", "eval.rewards=shapes:strict",
+                                       f"eval.prompts={outside}"]))
     with pytest.raises(OSError):  # and the hollow folder itself cannot load
         GRPOTrainer(load_config(None, overrides))
 

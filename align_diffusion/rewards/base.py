@@ -93,6 +93,10 @@ class Reward(torch.nn.Module):
     def score(self, images: torch.Tensor, prompts: list[str], metadata: Sequence[dict] | None) -> torch.Tensor:
         raise NotImplementedError
 
+    def check_prompts(self, prompts: Sequence[str]) -> None:
+        """ValueError naming the first of `prompts` this reward cannot score, for callers to check before they make
+        any image (a reward that scores every prompt, as most do, has nothing to check)."""
+
     def image_networks(self) -> list[torch.nn.Module]:
         """The frozen networks `score` runs images through, for callers that compile them (`compile_models`); none
         for a reward without one."""

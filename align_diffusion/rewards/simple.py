@@ -40,9 +40,15 @@ class ShapesReward(Reward):
         super().__init__("shapes" if mode == "graded" else "shapes:strict")
         self.mode = mode
 
-    def score(self, images, prompts, metadata):
+    def check_prompts(self, prompts):
         for prompt in prompts:
-            parse_prompt(prompt)
+            try:
+                parse_prompt(prompt)
+            except ValueError as error:
+                raise ValueError(f"reward {self.name}: {error}") from None
+
+    def score(self, images, prompts, metadata):
+        self.check_prompts(prompts)
         judgements = [score_image(prompt, image) for prompt, image in zip(prompts, images.cpu())]
         if self.mode == "strict":
             return torch.tensor([float(j.strict) for j in judgements])

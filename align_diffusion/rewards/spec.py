@@ -203,6 +203,10 @@ class WeightedRewards(Reward):
         each = self.score_each(images, prompts, metadata)
         return sum(w * scores.to(images.device) for w, scores in zip(self.weights, each.values()))
 
+    def check_prompts(self, prompts):
+        for reward in self.rewards:
+            reward.check_prompts(prompts)
+
     def image_networks(self):
         return [network for reward in self.rewards for network in reward.image_networks()]
 

@@ -140,6 +140,8 @@ def sample_to_folder(
     prompts = prompt_list(prompts)
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if reward is not None:
+        reward.check_prompts(prompts)
     settings = resolve_settings(adapter, sampler, num_inference_steps, guidance_scale, noise_level, height, width)
     jobs = [(prompt, seed + k) for k, prompt in enumerate(p for p in prompts for _ in range(num_images_per_prompt))]
     same_run = {"sampler": sampler, "noise_level": settings.noise_level, "steps": settings.num_inference_steps,

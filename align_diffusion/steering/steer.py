@@ -84,6 +84,9 @@ def steer(
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if not 0 <= start <= len(prompts):
         raise ValueError(f"start must be between 0 and the {len(prompts)} prompts, got {start}")
+    for scorer in (reward, prune_reward):
+        if scorer is not None:
+            scorer.check_prompts(prompts)
     size = SIZE_OPTION[method]
     if budget is not None:
         if size in options:

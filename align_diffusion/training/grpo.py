@@ -247,6 +247,14 @@ class GRPOTrainer:
             (self.reward.name, self.reward)]
         self.trainable_rewards = {key: reward for key, reward in terms if reward.trainable}
         self.watched_reward = load_reward(config.eval.rewards, device=device) if config.eval.rewards else None
+        checks = [("prompts", self.prompts, self.reward)]
+        if config.eval.every:
+            checks += [("eval.prompts", self.eval_prompts, r) for r in (self.reward, self.watched_reward) if r]
+        for field, source, reward in checks:
+            try:
+                reward.check_prompts(source.all())
+            except ValueError as error:
+                raise ConfigError(f"{field}: {error}") from None
         self.references = ReferenceSource(config.references) if config.references else None
         if adapter is None:
             adapter = load_adapter(config.model, dtype=DTYPES[config.dtype], device=str(device))
