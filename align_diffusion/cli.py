@@ -622,6 +622,11 @@ def main(argv: list[str] | None = None) -> None:
         args.run(args)
     except (ValueError, OSError, RewardError) as error:
         raise SystemExit(f"align-diffusion {args.command}: {error}") from error
+    except KeyboardInterrupt:  # Ctrl-C: a line, not a traceback, and for sample and steer how to go on
+        kept = (f"; what it finished is in {args.out}, and the same command with --resume goes on after it"
+                if hasattr(args, "resume") else "")
+        print(f"align-diffusion {args.command}: interrupted{kept}", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGINT) from None
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """`align-diffusion sample` end to end on tiny pipelines saved to disk, and the seed contract."""
 
 import json
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -246,3 +248,22 @@ def test_resume_goes_on_after_an_interrupted_run_as_if_it_had_not_stopped(saved,
         name = f"images/{k:05d}.png"
         assert np.array_equal(np.asarray(Image.open(resumed / name)), np.asarray(Image.open(straight / name))), name
     assert (resumed / "index.html").read_text().count('class="card"') == 6
+
+
+def test_ctrl_c_leaves_the_finished_images_and_says_how_to_go_on(saved, tmp_path):
+    out = tmp_path / "out"
+    common = [sys.executable, "-m", "align_diffusion", "sample", "--model", str(saved["sd3"]), "--prompt",
+              "a red circle", "--num-images-per-prompt", "400", "--batch-size", "1", "--steps", "2", "--height", "32",
+              "--width", "32", "--out", str(out)]
+    process = subprocess.Popen(common, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metadata, deadline = out / "metadata.jsonl", time.time() + 200
+    while not (metadata.is_file() and metadata.read_text().count("\n") >= 2) and process.poll() is None \
+            and time.time() < deadline:
+        time.sleep(0.1)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=200)
+    assert process.returncode == 130, stderr[-3000:]
+    assert f"sample: interrupted; what it finished is in {out}, and the same command with --resume goes on" in stderr
+    assert "Traceback" not in stderr
+    finished = [json.loads(line) for line in metadata.read_text().splitlines() if line.endswith("}")]
+    assert 2 <= len(finished) < 400 and all((out / r["file"]).is_file() for r in finished)
