@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from align_diffusion.cli import main
-from align_diffusion.models import adapter_for
+from align_diffusion.models import adapter_for, load_adapter
 from align_diffusion.rewards.base import Reward, RewardError
 from align_diffusion.sampling.loop import sample
 from align_diffusion.rewards.clip import OpenClipScore
 from align_diffusion.rewards.spec import load_reward
-from align_diffusion.steering import best_of_n, compile_models, fk_steering, reno, steer, ttsnap
+from align_diffusion.steering import best_of_n, compile_models, fk_steering, reno, steer, steer_to_folder, ttsnap
 from align_diffusion.steering.candidates import SEED_STRIDE
 from align_diffusion.steering.fk import (
     effective_sample_size,
@@ -565,6 +565,12 @@ def test_steer_resume_goes_on_after_an_interrupted_run_as_if_it_had_not_stopped(
         name = f"images/{k:05d}.png"
         assert (resumed / name).read_bytes() == (straight / name).read_bytes(), name
     assert (resumed / "index.html").read_text().count('class="card"') == 4
+    # The Python call with the same options finds the run done; the options the command left at their defaults
+    # (given as None there) are not named here at all.
+    again = steer_to_folder(load_adapter(str(saved["sd3"])), prompts, load_reward("jpeg"), "fk", resumed, resume=True,
+                            extra_metadata={"model": str(saved["sd3"])}, num_particles=2, resample_interval=1,
+                            num_inference_steps=4, height=32, width=32, seed=3)
+    assert len(again) == 4 and (resumed / "metadata.jsonl").read_text().count("\n") == 4
 
 
 def test_a_prompt_the_reward_cannot_score_fails_before_any_image(saved, adapter, tmp_path):

@@ -195,6 +195,7 @@ def check_resumable(records: list[dict], jobs: list[tuple[str, int]], same_run: 
 def _first_difference(key: str, earlier, value) -> tuple[str, object, object]:
     """Where two differing values first differ: within dicts, the first key (dotted) whose values differ."""
     if isinstance(earlier, dict) and isinstance(value, dict):
-        inner = next(k for k in sorted(earlier.keys() | value.keys()) if earlier.get(k) != value.get(k))
-        return _first_difference(f"{key}.{inner}", earlier.get(inner), value.get(inner))
+        inner = next((k for k in sorted(earlier.keys() | value.keys()) if earlier.get(k) != value.get(k)), None)
+        if inner is not None:  # else they differ only by a key one lacks and the other holds as None
+            return _first_difference(f"{key}.{inner}", earlier.get(inner), value.get(inner))
     return key, earlier, value

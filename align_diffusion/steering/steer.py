@@ -180,10 +180,10 @@ def steer_to_folder(
 
 def recorded_options(steer_options: dict) -> dict:
     """The options of a steering run that its records keep, as JSON values (a reward by its name, a dtype by its
-    name): those that change its results."""
+    name): those that change its results. None, every option's way to ask for its default, is left out."""
     recorded = {}
     for key, value in steer_options.items():
-        if key in UNRECORDED_OPTIONS:
+        if key in UNRECORDED_OPTIONS or value is None:
             continue
         if isinstance(value, Reward):
             value = value.name
