@@ -56,6 +56,16 @@ def test_groups_without_spread_are_masked_out_of_the_loss(saved, prompt_file, tm
     torch.testing.assert_close(advantages[4:], zscore_by_hand(rollouts.rewards[4:], 4)[0].float())
     update = trainer.update(rollouts, advantages, 1)
     assert update["trained_fraction"] == 0.5  # half the images, at each trained step
+    # No group varies: no optimizer step (weight decay and momentum would move the weights), no schedule step.
+    rollouts.rewards[:] = -3.0
+    advantages, stats = trainer.advantages(rollouts)
+    assert torch.isnan(advantages).all() and stats["zero_std_fraction"] == 1.0
+    before = [p.detach().clone() for p in trainer.params]
+    scheduled = trainer.lr_schedule.scheduler.last_epoch
+    update = trainer.update(rollouts, advantages, 2)
+    assert update["trained_fraction"] == 0 and math.isnan(update["grad_norm"]) and math.isnan(update["ratio_mean"])
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.params))
+    assert trainer.lr_schedule.scheduler.last_epoch == scheduled
     # The value-anchored term λ (R − anchor) gives such a group a signal of its own, so it stays in the loss.
     trainer.config.grpo.value_weight, trainer.config.grpo.value_anchor = 0.5, -1.0
     anchored, _ = trainer.advantages(rollouts)

@@ -47,7 +47,7 @@ from align_diffusion.models.base import compile_repeated_blocks
 from align_diffusion.rewards import load_reward
 from align_diffusion.rewards.spec import WeightedRewards, score_terms
 from align_diffusion.rewards.transforms import group_advantages
-from align_diffusion.sampling.folder import SampleFolder, reward_record
+from align_diffusion.sampling.folder import SampleFolder, json_safe, reward_record
 from align_diffusion.sampling.loop import (
     DEFAULT_NOISE_LEVEL,
     LARGEST_NOISE_LEVEL,
@@ -572,7 +572,7 @@ class GRPOTrainer:
         images_per_update = micro_per_update * config.train_batch_size
         processes = self.accelerator.num_processes
         ratios, clipped, kls, grad_norms, rates = [], [], [], [], []
-        loss_sum, loss_count = 0.0, 0.0
+        loss_sum, loss_count, trained_pairs = 0.0, 0.0, 0.0
         before_update = []  # the ratios of the first update, computed before any optimizer step: all exactly 1
         self.adapter.denoiser.train()
         for update in range(config.updates_per_step):
@@ -580,6 +580,9 @@ class GRPOTrainer:
             # averaged over processes, hence the factor), whatever micro-batch they fall in.
             update_valid = valid[update * images_per_update : (update + 1) * images_per_update][:, timesteps]
             counts = self.accelerator.reduce(update_valid.sum(0).float().to(self.accelerator.device), "sum").cpu()
+            if not counts.sum():  # no process trains on any of this update's images: no optimizer step (Flow-GRPO
+                continue  # drops them before batching), which every process, from the same counts, agrees on
+            trained_pairs += float(counts.sum())
             for micro in range(micro_per_update):
                 first = (update * micro_per_update + micro) * config.train_batch_size
                 index = torch.arange(first, first + config.train_batch_size)
@@ -619,20 +622,23 @@ class GRPOTrainer:
             self.optimizer.zero_grad(set_to_none=True)
             if self.ema is not None:
                 self.ema.update()
-        ratio = torch.cat(ratios) if ratios else torch.ones(1)
+        # Statistics of what was trained on: NaN (null in metrics.jsonl) when nothing was.
+        ratio = torch.cat(ratios) if ratios else torch.empty(0)
         first = torch.cat(before_update) if before_update else torch.ones(0)
         stats = {
-            "loss": float(loss_sum) / max(1.0, loss_count),  # per trained (image, step), as the gradient weighs them
+            "loss": float(loss_sum) / loss_count if loss_count else math.nan,  # per trained (image, step)
             "kl": float(torch.cat(kls).mean()) if kls else 0.0,
-            "clip_fraction": float(torch.cat(clipped).mean()) if clipped else 0.0,
-            "ratio_mean": float(ratio.mean()), "ratio_min": float(ratio.min()), "ratio_max": float(ratio.max()),
+            "clip_fraction": float(torch.cat(clipped).mean()) if clipped else math.nan,
+            "ratio_mean": float(ratio.mean()) if len(ratio) else math.nan,
+            "ratio_min": float(ratio.min()) if len(ratio) else math.nan,
+            "ratio_max": float(ratio.max()) if len(ratio) else math.nan,
             "first_ratio_max_deviation": float((first - 1).abs().max()) if len(first) else 0.0,
-            "grad_norm": sum(grad_norms) / len(grad_norms),
-            "lr": sum(rates) / len(rates),  # the rates the step's updates used
+            "grad_norm": sum(grad_norms) / len(grad_norms) if grad_norms else math.nan,
+            "lr": sum(rates) / len(rates) if rates else self.lr_schedule.get_last_lr()[0],  # the rates it used
             "train_timesteps": len(timesteps),
-            # The (image, step) pairs in the loss: NaN advantages (unscored images, groups without spread,
-            # DanceGRPO's middle images) are masked out.
-            "trained_fraction": loss_count / (len(valid) * len(timesteps)),
+            # The (image, step) pairs of all processes in the loss: NaN advantages (unscored images, groups
+            # without spread, DanceGRPO's middle images) are masked out.
+            "trained_fraction": trained_pairs / (len(valid) * self.accelerator.num_processes * len(timesteps)),
         }
         deviation = stats["first_ratio_max_deviation"]
         if deviation > config.ratio_warn:
@@ -771,7 +777,7 @@ class GRPOTrainer:
     def record(self, metrics_file: Path, stats: dict) -> None:
         if self.accelerator.is_main_process:
             with metrics_file.open("a") as f:
-                f.write(json.dumps(stats) + "\n")
+                f.write(json.dumps(json_safe(stats), allow_nan=False) + "\n")  # NaN as null: strict JSON
             self.accelerator.log({k: v for k, v in stats.items() if k != "step"}, step=stats["step"])
 
     def export(self) -> Path:
