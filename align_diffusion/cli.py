@@ -512,6 +512,7 @@ def run_steer(args) -> None:
     from align_diffusion.rewards.spec import load_reward
     from align_diffusion.models.base import missing_c_compiler
     from align_diffusion.steering import compile_models, steer_to_folder
+    from align_diffusion.steering.steer import steered_already
 
     options = {}
     for dest, methods in STEER_OPTIONS.items():
@@ -548,14 +549,17 @@ def run_steer(args) -> None:
     reward = load_reward(args.reward, device=args.device, dtype=DTYPES[args.dtype])
     prune_reward = None if args.prune_reward is None else load_reward(args.prune_reward, device=args.device,
                                                                       dtype=DTYPES[args.dtype])
+    run = dict(shapes_eval=args.shapes_eval, budget=args.budget, seed=args.seed, prune_reward=prune_reward,
+               extra_metadata={"model": str(args.model), "lora": None if args.lora is None else str(args.lora)},
+               **options)
+    if args.resume:  # before the model loads: a run that is not this one is refused at once
+        steered_already(args.out, prompts, reward, args.method, **run)
     args.sampler = options.get("sampler", "ode")  # what load_for_command checks against the model
     adapter = load_for_command(args)
     if args.compile:
         compile_models(adapter, *[r for r in (reward, prune_reward) if r is not None])
-    records = steer_to_folder(adapter, prompts, reward, args.method, args.out, shapes_eval=args.shapes_eval,
-                              extra_metadata={"model": str(args.model)}, overwrite=args.overwrite,
-                              resume=args.resume, budget=args.budget, seed=args.seed, prune_reward=prune_reward,
-                              **options)
+    records = steer_to_folder(adapter, prompts, reward, args.method, args.out, overwrite=args.overwrite,
+                              resume=args.resume, **run)
     spent = sum(r["budget"]["model_evals"] for r in records)
     mean = sum(r["rewards"][reward.name] for r in records) / len(records)
     print(f"wrote {len(records)} images to {args.out} (mean reward {mean:.4f}, {spent} model evaluations); "
@@ -623,8 +627,10 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, OSError, RewardError) as error:
         raise SystemExit(f"align-diffusion {args.command}: {error}") from error
     except KeyboardInterrupt:  # Ctrl-C: a line, not a traceback, and for sample and steer how to go on
-        kept = (f"; what it finished is in {args.out}, and the same command with --resume goes on after it"
-                if hasattr(args, "resume") else "")
+        kept = ""
+        if hasattr(args, "resume") and (args.out / "metadata.jsonl").exists():
+            instead = " in place of --overwrite" if args.overwrite else ""
+            kept = f"; what it finished is in {args.out}, and the same command with --resume{instead} goes on after it"
         print(f"align-diffusion {args.command}: interrupted{kept}", file=sys.stderr)
         raise SystemExit(128 + signal.SIGINT) from None
 

@@ -13,8 +13,11 @@ def write_atomically(path: str | Path, write: Callable[[Path], None]) -> None:
     new."""
     path = Path(path)
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    write(partial)
-    os.replace(partial, path)
+    try:
+        write(partial)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)  # left only when the write failed
 
 
 def write_text_atomically(path: str | Path, text: str) -> None:

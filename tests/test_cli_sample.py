@@ -234,7 +234,8 @@ def test_resume_goes_on_after_an_interrupted_run_as_if_it_had_not_stopped(saved,
     main([*common, "--prompt", *prompts, "--out", str(straight)])
     main([*common, "--prompt", *prompts[:2], "--out", str(resumed)])  # the first four images of the same run
     metadata = resumed / "metadata.jsonl"
-    metadata.write_text(metadata.read_text()[:-20])  # killed while writing the fourth record
+    cut = metadata.read_text()[:-20]  # killed while writing the fourth record
+    metadata.write_text(cut)
     with pytest.raises(SystemExit, match="already holds samples; pass --overwrite .* or --resume"):
         main([*common, "--prompt", *prompts, "--out", str(resumed)])
     with pytest.raises(SystemExit, match="resume: the earlier run's guidance was 7.0, this one's is 3.0"):
@@ -242,6 +243,10 @@ def test_resume_goes_on_after_an_interrupted_run_as_if_it_had_not_stopped(saved,
     with pytest.raises(SystemExit, match="resume: image images/00002.png is of prompt 'two squares', seed 2; this "
                                          "run makes 'a triangle', seed 2 there"):
         main([*common, "--prompt", prompts[0], prompts[2], "--resume", "--out", str(resumed)])
+    with pytest.raises(SystemExit, match="resume: the earlier run's reward was 'jpeg', this one's is 'jpeg:5'"):
+        main([*common[:-4], "--reward", "jpeg:5", "--batch-size", "1", "--prompt", *prompts, "--resume", "--out",
+              str(resumed)])
+    assert metadata.read_text() == cut  # a refused resume leaves the folder as it was
     main([*common, "--prompt", *prompts, "--resume", "--out", str(resumed)])
     assert metadata.read_text() == (straight / "metadata.jsonl").read_text()
     for k in range(6):

@@ -52,7 +52,7 @@ def test_spec_spaces_repeats_and_missing_model_folders():
     with pytest.raises(ValueError, match="names the same reward twice"):
         parse_spec("shapes:graded,shapes")  # `shapes` is the graded score
     assert len(parse_spec("shapes,shapes:strict")) == 2
-    for spec in ("jpeg:50,jpeg:050", "jpeg,jpeg:95"):  # one quality written two ways
+    for spec in ("jpeg:50,jpeg:050", "jpeg,jpeg:95", "jpeg:+50,jpeg:50"):  # one quality written two ways
         with pytest.raises(ValueError, match="names the same reward twice"):
             parse_spec(spec)
     assert len(parse_spec("jpeg:5,jpeg:50,jpeg")) == 3

@@ -547,6 +547,12 @@ def test_steer_resume_goes_on_after_an_interrupted_run_as_if_it_had_not_stopped(
         main([*common, "--prompt", *prompts, "--lam", "5", "--resume", "--out", str(resumed)])
     with pytest.raises(SystemExit, match="resume: the earlier run's method was 'fk', this one's is 'best-of-n'"):
         main(["steer", "--method", "best-of-n", *shared, "--prompt", *prompts, "--resume", "--out", str(resumed)])
+    # Checked before the model loads (there is none at this path), the reward by its spec, not its name.
+    elsewhere = [str(tmp_path / "no-model") if arg == str(saved["sd3"]) else arg for arg in common]
+    with pytest.raises(SystemExit, match="resume: the earlier run's reward was 'jpeg', this one's is 'jpeg:5'"):
+        main([*elsewhere, "--reward", "jpeg:5", "--prompt", *prompts, "--resume", "--out", str(resumed)])
+    with pytest.raises(SystemExit, match="resume: the earlier run's shapes_eval was False, this one's is True"):
+        main([*elsewhere, "--shapes-eval", "--prompt", *prompts, "--resume", "--out", str(resumed)])
     with pytest.raises(SystemExit, match="resume: image images/00001.png is of prompt 'two squares', seed 4; this "
                                          "run makes 'a triangle', seed 4 there"):
         main([*common, "--prompt", prompts[0], *prompts[2:], "--resume", "--out", str(resumed)])
@@ -575,7 +581,7 @@ def test_steer_resume_goes_on_after_an_interrupted_run_as_if_it_had_not_stopped(
 
 def test_a_prompt_the_reward_cannot_score_fails_before_any_image(saved, adapter, tmp_path):
     out = tmp_path / "steered"
-    for command in (["steer", "--method", "best-of-n", "--budget", "4"], ["sample"]):
+    for command in (["steer", "--method", "best-of-n", "--budget", "4"], ["sample", "--batch-size", "1"]):
         with pytest.raises(SystemExit, match="reward shapes: not a shapes-world prompt: 'a photo of a cat'"):
             main([*command, "--model", str(saved["sd3"]), "--prompt", "a red circle", "a photo of a cat",
                   "--reward", "jpeg,shapes=0.5", "--steps", "2", "--height", "32", "--width", "32", "--out", str(out)])

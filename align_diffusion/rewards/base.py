@@ -66,6 +66,7 @@ class Reward(torch.nn.Module):
     def __init__(self, name: str):
         super().__init__()
         self.name = name
+        self.spec = name  # the spec it was loaded from (`load_reward` sets it): `jpeg:5` where the name is `jpeg`
 
     def forward(self, images, prompts: Sequence[str], metadata: Sequence[dict] | None = None) -> torch.Tensor:
         """Rewards (B,) float32; NaN where an image could not be scored, among them any with a non-finite pixel."""

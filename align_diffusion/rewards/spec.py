@@ -49,8 +49,11 @@ DEFAULT_ARGUMENT = {"shapes": "graded", "jpeg": "95"}
 def _same_reward(term: RewardTerm) -> tuple[str, str | None]:
     """What two terms share when they load the same reward: `jpeg`, `jpeg:95` and `jpeg:095` do."""
     arg = term.arg or DEFAULT_ARGUMENT.get(term.name)
-    if term.name == "jpeg" and arg.strip().isdigit():
-        arg = str(int(arg))
+    if term.name == "jpeg":
+        try:
+            arg = str(int(arg))
+        except ValueError:  # not a quality: the loader says so
+            pass
     return term.name, arg
 
 
@@ -232,10 +235,14 @@ def load_reward(spec: str, device=None, dtype: torch.dtype = torch.float32) -> R
     with torch.random.fork_rng(devices=[]):
         rewards = [_load_term(t, device, dtype) for t in terms]
     if len(terms) == 1 and terms[0].weight == 1.0:
-        return rewards[0]
+        reward = rewards[0]
+        reward.spec = terms[0].text
+        return reward
     names = [r.name for r in rewards]
     keys = [r.name if names.count(r.name) == 1 else t.text for r, t in zip(rewards, terms)]
-    return WeightedRewards(rewards, [t.weight for t in terms], keys)
+    reward = WeightedRewards(rewards, [t.weight for t in terms], keys)
+    reward.spec = ",".join(f"{t.text}={t.weight!r}" for t in terms)
+    return reward
 
 
 def score_terms(reward: Reward, images, prompts) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -2,7 +2,8 @@
 
 Each image is written, then its metadata line appended and flushed, so an interrupted run keeps every image it
 finished. Image k (prompt-major) is seeded `seed + k` whatever the batch size. A record holds `file`, `prompt`,
-`seed`, the settings, optionally `rewards` ({name: score or null}) and `shapes_strict` (ShapesEval's verdict).
+`seed`, the settings (the reward's spec among them), optionally `rewards` ({name: score or null}) and
+`shapes_strict` (ShapesEval's verdict).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from align_diffusion.files import write_text_atomically
 from align_diffusion.models.base import PipelineAdapter
 from align_diffusion.rewards.base import Reward
 from align_diffusion.sampling.loop import prompt_list, resolve_settings, sample
@@ -47,9 +49,14 @@ class SampleFolder:
         metadata = self.root / "metadata.jsonl"
         self.records = read_records(self.root)
         text = metadata.read_text()
-        if text and not text.endswith("\n"):
-            finished = "".join(json.dumps(record, allow_nan=False) + "\n" for record in self.records)
-            metadata.write_text(finished)
+        if text and not text.endswith("\n"):  # the last line is kept when it parses, as read_records keeps it
+            finished, _, last = text.rpartition("\n")
+            try:
+                json.loads(last)
+                complete = text + "\n"
+            except json.JSONDecodeError:
+                complete = finished + "\n" if finished else ""
+            write_text_atomically(metadata, complete)
         self._metadata = open(metadata, "a")
         return self.records
 
@@ -146,13 +153,17 @@ def sample_to_folder(
     jobs = [(prompt, seed + k) for k, prompt in enumerate(p for p in prompts for _ in range(num_images_per_prompt))]
     same_run = {"sampler": sampler, "noise_level": settings.noise_level, "steps": settings.num_inference_steps,
                 "guidance": settings.guidance_scale, "height": settings.height, "width": settings.width,
-                **(extra_metadata or {})}
+                "reward": None if reward is None else reward.spec, **(extra_metadata or {})}
     reward_keys = None if reward is None else reward.keys if isinstance(reward, WeightedRewards) else [reward.name]
-    with SampleFolder(out_dir) as folder, tqdm(total=len(jobs), desc="images", disable=not progress) as bar:
-        done = 0
+    done = 0
+    if resuming:  # checked before the folder is touched: a refused resume leaves it as it was
+        from align_diffusion.gallery.page import read_records
+
+        done = check_resumable(read_records(out_dir), jobs, json_safe(same_run), reward_keys)
+    with SampleFolder(out_dir) as folder, tqdm(total=len(jobs), initial=done, desc="images",
+                                               disable=not progress) as bar:
         if resuming:
-            done = check_resumable(folder.continue_earlier_run(), jobs, json_safe(same_run), reward_keys)
-            bar.update(done)
+            folder.continue_earlier_run()
         for start in range(done, len(jobs), batch_size):
             batch = jobs[start : start + batch_size]
             batch_prompts = [prompt for prompt, _ in batch]
@@ -183,6 +194,9 @@ def check_resumable(records: list[dict], jobs: list[tuple[str, int]], same_run: 
             raise ValueError(f"resume: image {record['file']} is of prompt {record['prompt']!r}, seed "
                              f"{record.get('seed')}; this run makes {prompt!r}, seed {seed} there")
         for key, value in same_run.items():
+            if key not in record:
+                raise ValueError(f"resume: the earlier run's records hold no {key!r} (an older version wrote them?); "
+                                 "start over, replacing them (overwrite)")
             if record.get(key) != value:
                 key, earlier, value = _first_difference(key, record.get(key), value)
                 raise ValueError(f"resume: the earlier run's {key} was {earlier!r}, this one's is {value!r}")

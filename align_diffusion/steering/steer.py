@@ -115,8 +115,9 @@ def _run(adapter, prompts, reward, method, seed, prune_reward, reno_batch_size, 
             bar.update(1)
 
 
-# Options that change a steering run's results only up to float rounding, or not at all: a resumed run may differ.
-UNRECORDED_OPTIONS = ("progress", "reno_batch_size", "batch_size", "gradient_checkpointing")
+# Options a resumed run may give differently: they change its results only up to float rounding, or not at all, or
+# (the seed) are checked record by record.
+UNRECORDED_OPTIONS = ("progress", "reno_batch_size", "batch_size", "gradient_checkpointing", "seed")
 
 
 def steer_to_folder(
@@ -133,16 +134,14 @@ def steer_to_folder(
     **steer_options,
 ) -> list[dict]:
     """Steers as `steer(adapter, prompts, reward, method, **steer_options)` and writes each result as it arrives
-    (image, and a metadata line with its reward, winner, budget and the run's options; with `shapes_eval`,
-    ShapesEval's verdict), then the review page; returns the records.
+    (image, and a metadata line with its reward, winner, budget and the run's reward spec and options; with
+    `shapes_eval`, ShapesEval's verdict), then the review page; returns the records.
 
     Results already in `out_dir` are replaced only with `overwrite`, and only once the first new one exists
     (`SampleFolder`), so a run that fails the checks its method makes as it starts leaves them as they were. With
-    `resume`, an interrupted run of the same prompts, method, options and reward goes on after its last prompt
-    (ValueError naming what differs otherwise)."""
+    `resume`, an interrupted run goes on after its last prompt (`steered_already` checks it is this one)."""
     from align_diffusion.gallery import build_gallery
-    from align_diffusion.gallery.page import read_records
-    from align_diffusion.sampling.folder import SampleFolder, check_resumable, json_safe
+    from align_diffusion.sampling.folder import SampleFolder
 
     if overwrite and resume:
         raise ValueError("overwrite and resume exclude each other")
@@ -150,43 +149,63 @@ def steer_to_folder(
     if earlier and not (overwrite or resume):
         raise FileExistsError(f"{out_dir} already holds results; pass overwrite=True to replace them, or resume=True "
                               "to go on with them")
-    prompts = prompt_list(prompts)
-    seed = steer_options.get("seed", 0)
-    same_run = json_safe({"method": method, "options": recorded_options(steer_options), **(extra_metadata or {})})
-    reward_keys = list(dict.fromkeys([reward.name, *(["shapes"] if shapes_eval else [])]))
-    done = 0
-    if resume and earlier:
-        jobs = [(prompt, seed + j) for j, prompt in enumerate(prompts)]
-        done = check_resumable(read_records(out_dir), jobs, same_run, reward_keys)
+    run = _run_record(reward, method, shapes_eval, extra_metadata, steer_options)
+    done = steered_already(out_dir, prompts, reward, method, shapes_eval=shapes_eval, extra_metadata=extra_metadata,
+                           **steer_options) if resume else 0
     results = steer(adapter, prompts, reward, method, start=done, **steer_options)
     with SampleFolder(out_dir) as folder:
         if resume and earlier:
             folder.continue_earlier_run()
         for result in results:
             record = {"prompt": result.prompt, "seed": result.seed, "rewards": {reward.name: result.reward},
-                      "winner": result.winner, "budget": result.budget.as_dict(), "details": result.details,
-                      **same_run}
+                      "winner": result.winner, "budget": result.budget.as_dict(), "details": result.details, **run}
             image = result.image[None]
             if shapes_eval:
                 from align_diffusion.world.evaluate import shapes_eval as judge
 
                 verdict = judge([result.prompt], PipelineAdapter.as_saved(image))["per_image"][0]
                 record["shapes_strict"] = verdict["strict"]
-                record["rewards"]["shapes"] = verdict["graded"]
+                record["rewards"].setdefault("shapes", verdict["graded"])  # a `shapes` reward keeps its own score
             folder.add(PipelineAdapter.to_pil(image)[0], record)
     build_gallery(out_dir)
     return folder.records
 
 
+def steered_already(out_dir: str | Path, prompts: list[str], reward: Reward, method: str, *,
+                    shapes_eval: bool = False, extra_metadata: dict | None = None, **steer_options) -> int:
+    """How many of `prompts` an interrupted steering run in `out_dir` finished (0 when it holds none); ValueError
+    naming what differs when its records are not this run's first prompts under the same method, reward spec,
+    options and `extra_metadata`. Needs no model, so a command can check before it loads one."""
+    from align_diffusion.gallery.page import read_records
+    from align_diffusion.sampling.folder import check_resumable
+
+    if not (Path(out_dir) / "metadata.jsonl").exists():
+        return 0
+    seed = steer_options.get("seed", 0)
+    jobs = [(prompt, seed + j) for j, prompt in enumerate(prompt_list(prompts))]
+    reward_keys = list(dict.fromkeys([reward.name, *(["shapes"] if shapes_eval else [])]))
+    run = _run_record(reward, method, shapes_eval, extra_metadata, steer_options)
+    return check_resumable(read_records(out_dir), jobs, run, reward_keys)
+
+
+def _run_record(reward: Reward, method: str, shapes_eval: bool, extra_metadata: dict | None,
+                steer_options: dict) -> dict:
+    """What each record of a steering run holds about the run as a whole."""
+    from align_diffusion.sampling.folder import json_safe
+
+    return json_safe({"method": method, "reward": reward.spec, "shapes_eval": shapes_eval,
+                      "options": recorded_options(steer_options), **(extra_metadata or {})})
+
+
 def recorded_options(steer_options: dict) -> dict:
-    """The options of a steering run that its records keep, as JSON values (a reward by its name, a dtype by its
+    """The options of a steering run that its records keep, as JSON values (a reward by its spec, a dtype by its
     name): those that change its results. None, every option's way to ask for its default, is left out."""
     recorded = {}
     for key, value in steer_options.items():
         if key in UNRECORDED_OPTIONS or value is None:
             continue
         if isinstance(value, Reward):
-            value = value.name
+            value = value.spec
         elif isinstance(value, torch.dtype):
             value = str(value).removeprefix("torch.")
         recorded[key] = value
