@@ -15,7 +15,7 @@ from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from align_diffusion.cli import main
 from align_diffusion.gallery import build_comparison, build_gallery, safe_filename
-from align_diffusion.gallery.labels import preference_pairs
+from align_diffusion.gallery.labels import preference_pairs, read_labels
 from align_diffusion.gallery.page import read_records
 from align_diffusion.gallery.run import read_metrics
 from align_diffusion.gallery.browser import headless_chromium
@@ -370,3 +370,58 @@ def test_missing_scores_stay_missing_in_the_metadata():
     record = reward_record({"shapes": torch.tensor([0.5, math.nan])}, 1)
     assert record == {"shapes": None}
     assert json.loads(json.dumps(record)) == {"shapes": None}
+
+
+def test_scores_that_are_no_finite_number_show_as_missing_and_the_page_still_works(browser, tmp_path):
+    # An older or hand-written metadata.jsonl: bare NaN and Infinity (which JSON.parse refuses), text, null.
+    folder = make_folder(tmp_path / "odd", RECORDS_A[:4])
+    lines = (folder / "metadata.jsonl").read_text().splitlines()
+    lines[0] = lines[0].replace('"shapes": 0.25', '"shapes": NaN')
+    lines[1] = lines[1].replace('"shapes": 1.0', '"shapes": Infinity').replace('"shapes_strict": true',
+                                                                               '"shapes_strict": null')
+    lines[2] = lines[2].replace('"shapes": null', '"shapes": 0.125')
+    lines[3] = lines[3].replace('"shapes": 0.5', '"shapes": "high"')
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    open_page(browser, build_gallery(folder))  # the script ran to the end: its labels loaded
+    choose_sort(browser, "shapes ↓")
+    assert card_order(browser) == [2, 0, 1, 3]  # the one score first, the missing ones after it in page order
+    assert "4 images" in browser.find_element(By.CSS_SELECTOR, ".summary").text
+    assert "nan" not in browser.find_element(By.CSS_SELECTOR, ".summary").text
+
+
+def test_exported_labels_read_back_with_unicode_line_separators_in_prompts(tmp_path):
+    (tmp_path / "images").mkdir()
+    images = [tmp_path / "images" / f"{k:05d}.png" for k in range(2)]
+    for image in images:
+        Image.new("RGB", (8, 8)).save(image)
+    prompt = "a red circle\u2028on a new line\u0085and another"
+    labels = tmp_path / "labels.jsonl"
+    # As the page's JSON.stringify writes them: the separators raw, not escaped.
+    labels.write_text("".join(json.dumps({"file": f"images/{k:05d}.png", "prompt": prompt, "label": label},
+                                         ensure_ascii=False) + "\n" for k, label in enumerate(["artifact", "good"])))
+    assert "\u2028" in labels.read_text()
+    assert read_labelled_images(labels) == [(images[0], 1), (images[1], 0)]
+    assert [record["prompt"] for record in read_labels(labels)] == [prompt, prompt]
+
+
+def test_comparison_paths_follow_the_path_as_written_through_a_symlink(folders, tmp_path):
+    a, b = folders
+    (tmp_path / "deep" / "er").mkdir(parents=True)
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "deep" / "er")
+    page = build_comparison(a, b, out=link / "compare.html")
+    sources = re.findall(r'<img src="([^"]+)"', page.read_text())
+    # The browser resolves them against .../link/, one level below tmp_path, not three.
+    assert sources and all(src.startswith("../") and not src.startswith("../../") for src in sources)
+
+
+def test_a_new_run_in_a_folder_removes_the_side_by_side_pages_of_its_earlier_images(folders, saved, tmp_path):
+    a, b = folders
+    out = tmp_path / "sampled"
+    common = ["sample", "--model", str(saved["sd3"]), "--prompt", "a red circle", "--steps", "1", "--height", "32",
+              "--width", "32", "--out", str(out)]
+    main(common)
+    compare = build_comparison(out, b)
+    assert compare.exists()
+    main([*common, "--overwrite"])
+    assert not compare.exists() and (out / "index.html").exists()

@@ -14,7 +14,7 @@ def read_labels(path: str | Path) -> list[dict]:
     """The label records of `path`, with `file` resolved against the file's folder when relative."""
     path = Path(path)
     records = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(path.read_text().split("\n"), 1):  # not splitlines: U+2028 in a prompt
         if not line.strip():
             continue
         try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 from html import escape
@@ -59,11 +60,17 @@ def safe_filename(text: str, max_length: int = 80) -> str:
     return name or "untitled"
 
 
+def score(value) -> float | None:
+    """`value` as a score when it is a finite number; anything else (null, NaN, text from a hand-written or older
+    metadata.jsonl) is a missing score, shown as – and sorted last."""
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
 def record_values(record: dict) -> dict[str, float | None]:
     """The numbers a card can be sorted and filtered by: each reward, and the verdict as 1 / 0."""
-    values = dict(record.get("rewards") or {})
+    values = {name: score(value) for name, value in (record.get("rewards") or {}).items()}
     if "shapes_strict" in record:
-        values[CORRECT] = float(record["shapes_strict"])
+        values[CORRECT] = score(record["shapes_strict"])
     return values
 
 
@@ -149,7 +156,8 @@ def _samples_id(*folders: Path) -> str:
 
 # --- HTML pieces -----------------------------------------------------------------------------------------------
 def _relative(path: Path, start: Path) -> str:
-    return Path(os.path.relpath(path.resolve(), start.resolve())).as_posix()
+    """`path` relative to `start` as the browser resolves it: along the paths as written, not through symlinks."""
+    return Path(os.path.relpath(os.path.abspath(path), os.path.abspath(start))).as_posix()
 
 
 def _names(values: list[dict]) -> list[str]:
@@ -187,8 +195,9 @@ def _steering_detail(record: dict) -> str:
     if "budget" not in record:
         return ""
     budget = record["budget"]
-    return escape(f"{record.get('method', '')} winner {record.get('winner')} · {budget['model_evals']} model evals · "
-                  f"{budget['reward_evals']} reward evals · {budget['seconds']:.1f} s")
+    seconds = score(budget.get("seconds"))
+    return escape(f"{record.get('method', '')} winner {record.get('winner')} · {budget.get('model_evals')} model evals"
+                  f" · {budget.get('reward_evals')} reward evals" + ("" if seconds is None else f" · {seconds:.1f} s"))
 
 
 def _card(index: int, prompt: str, seed, values: dict, figures: list[str], table: str, detail: str = "") -> str:
@@ -196,7 +205,8 @@ def _card(index: int, prompt: str, seed, values: dict, figures: list[str], table
     verdict = _verdict(values.get(CORRECT))
     meta = " · ".join(part for part in (seed_text, verdict, detail) if part)
     return (f'<article class="card" data-index="{index}" data-prompt="{escape(prompt)}" '
-            f'data-seed="{escape(str(seed if seed is not None else ""))}" data-values="{escape(json.dumps(values))}">'
+            f'data-seed="{escape(str(seed if seed is not None else ""))}" '
+            f'data-values="{escape(json.dumps(values, allow_nan=False))}">'
             f'<div class="pair">{"".join(figures)}</div><p class="prompt">{escape(prompt)}</p>'
             f'<p class="meta">{meta}</p>{table}</article>')
 
@@ -239,6 +249,8 @@ def _page(title: str, mode: str, summary: str, note: str, names: list[str], card
 {stylesheet()}</style>
 </head>
 <body data-mode="{mode}" data-samples="{samples_id}">
+<noscript><p class="note">This page filters, sorts and keeps labels with JavaScript, which is off: the images and
+scores below are all there, in page order.</p></noscript>
 <header>
 <h1>{escape(title)}</h1>
 <p class="summary">{escape(summary)}</p>

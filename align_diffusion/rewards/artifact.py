@@ -122,7 +122,7 @@ def read_labelled_images(data: str | Path) -> list[tuple[Path, int]]:
             pairs += [(path, label) for path in sorted(folder.iterdir()) if path.suffix.lower() in IMAGE_SUFFIXES]
     elif data.is_file():
         pairs = []
-        for number, line in enumerate(data.read_text().splitlines(), 1):
+        for number, line in enumerate(data.read_text().split("\n"), 1):  # not splitlines: U+2028 in a prompt
             if not line.strip():
                 continue
             try:

@@ -30,10 +30,10 @@ IMAGE_NAME = re.compile(r"\d{5,}\.png")  # the names `SampleFolder.add` gives
 class SampleFolder:
     """Writes images and their metadata records into a sample folder, one image at a time.
 
-    A run replaces what an earlier run wrote to the folder (its images, metadata and review page) just before its
-    first image, or at its end if it wrote none, so a smaller or interrupted run never shows stale images, and a run
-    that fails before its first image (a bad option, an unreachable reward) leaves the earlier one whole. Other files
-    in the folder stay.
+    A run replaces what an earlier run wrote to the folder (its images, metadata, review page and the side-by-side
+    pages of its images, `compare-*.html`) just before its first image, or at its end if it wrote none, so a smaller
+    or interrupted run never shows stale images, and a run that fails before its first image (a bad option, an
+    unreachable reward) leaves the earlier one whole. Other files in the folder stay.
     """
 
     def __init__(self, out_dir: str | Path):
@@ -67,6 +67,8 @@ class SampleFolder:
             if IMAGE_NAME.fullmatch(path.name):
                 path.unlink()
         (self.root / "index.html").unlink(missing_ok=True)
+        for page in self.root.glob("compare-*.html"):  # side-by-side pages of the earlier images against others
+            page.unlink()
         self._metadata = open(self.root / "metadata.jsonl", "w")
 
     def add(self, image: Image.Image, record: dict) -> dict:

@@ -41,7 +41,13 @@
     } else if (key === "prompt") {
       compare = (a, b) => a.dataset.prompt.localeCompare(b.dataset.prompt) || index(a) - index(b);
     } else if (key === "seed") {
-      compare = (a, b) => Number(a.dataset.seed) - Number(b.dataset.seed) || index(a) - index(b);
+      // Missing (or non-numeric) seeds last, ties in page order.
+      const seed = (card) => (card.dataset.seed === "" || isNaN(card.dataset.seed) ? null : Number(card.dataset.seed));
+      compare = (a, b) => {
+        const sa = seed(a), sb = seed(b);
+        if (sa === null || sb === null) return (sa === null) - (sb === null) || index(a) - index(b);
+        return sa - sb || index(a) - index(b);
+      };
     } else {
       // Scores: missing values last, ties in page order.
       compare = (a, b) => {
