@@ -98,8 +98,8 @@ class OverlapReward(Reward):
 
 
 @contextlib.contextmanager
-def serving(reward, **kwargs):
-    server = make_server(reward, token=TOKEN, **kwargs)
+def serving(reward, token=TOKEN, **kwargs):
+    server = make_server(reward, token=token, **kwargs)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
@@ -545,6 +545,24 @@ def test_remote_spec_reads_the_token_from_the_environment(monkeypatch):
         load_reward("remote:http://127.0.0.1:8000")
     with pytest.raises(ValueError, match="http://HOST:PORT"):
         RemoteReward("127.0.0.1:8000", "t")
+
+
+def test_a_token_read_from_a_file_works_and_a_bad_one_is_refused_without_being_shown(shapes_server, monkeypatch):
+    # A secret file ends in a newline, which no HTTP header can carry: both ends drop the whitespace around it.
+    monkeypatch.setenv(TOKEN_ENV, TOKEN + "\n")
+    assert load_reward(f"remote:{shapes_server.url}")(world_images(), PROMPTS).shape == (len(PROMPTS),)
+    with serving(ShapesReward(), token=f"  {TOKEN}\n") as server:
+        assert RemoteReward(server.url, TOKEN)(world_images(), PROMPTS).shape == (len(PROMPTS),)
+    for token in ("sécret-€", "new\nline"):
+        for build in (lambda: RemoteReward(shapes_server.url, token), lambda: make_server(ShapesReward(), token=token)):
+            with pytest.raises(ValueError, match="the reward token must be printable ASCII") as refused:
+                build()
+            assert token not in str(refused.value)
+
+
+def test_a_reward_that_trains_or_keeps_state_is_not_served():
+    with pytest.raises(ValueError, match="adv-dino:assets/world/dino trains, keeps state or needs reference images"):
+        make_server(load_reward("adv-dino:assets/world/dino"), token=TOKEN)
 
 
 def test_serve_reward_refuses_to_start_without_a_token(monkeypatch):

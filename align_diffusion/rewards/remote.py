@@ -40,6 +40,18 @@ class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}), _RefuseRedirects())
 
 
+def checked_token(token: str) -> str:
+    """`token` without the whitespace around it (a secret read from a file ends in a newline, which no HTTP header
+    can carry); ValueError, which never shows the token, when nothing is left or it holds other characters a header
+    cannot carry."""
+    token = token.strip()
+    if not token:
+        raise ValueError("the reward token is empty")
+    if not (token.isascii() and token.isprintable()):
+        raise ValueError("the reward token must be printable ASCII (it is not shown here)")
+    return token
+
+
 def encode_png(image) -> str:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", compress_level=1)  # encoding time matters more than bytes on a local link
@@ -92,7 +104,7 @@ class RemoteReward(Reward):
             raise ValueError(f"attempts must be at least 1, got {attempts}")
         super().__init__(f"remote:{url}")
         self.url = url.rstrip("/")
-        self.token = token
+        self.token = checked_token(token)
         self.timeout = timeout
         self.attempts = attempts
         self.backoff = backoff

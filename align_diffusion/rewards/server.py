@@ -31,6 +31,7 @@ import torch
 from PIL import Image
 
 from align_diffusion.rewards.base import Reward, RewardError, images_to_tensor
+from align_diffusion.rewards.remote import checked_token
 
 logger = logging.getLogger(__name__)
 
@@ -117,10 +118,12 @@ class RewardServer(ThreadingHTTPServer):
     request_queue_size = 64  # the default backlog of 5 drops connections under a few busy clients
 
     def __init__(self, reward: Reward, address: tuple[str, int], token: str, max_body_bytes: int):
-        if not token:
-            raise ValueError("the reward server needs a non-empty token")
+        token = checked_token(token)
         if max_body_bytes < 1:
             raise ValueError(f"max_body_bytes must be positive, got {max_body_bytes}")
+        if reward.trainable or reward.stateful or reward.needs_reference:
+            raise ValueError(f"reward {reward.spec} trains, keeps state or needs reference images, none of which a "
+                             "client can reach through the server; score it in the training process instead")
         super().__init__(address, RewardRequestHandler)
         self.reward = reward
         self.token = token.encode()
