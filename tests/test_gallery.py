@@ -158,7 +158,8 @@ def test_compare_mode_pairs_by_prompt_and_seed(browser, folders):
     open_page(browser, page)
     cards = visible_cards(browser)
     assert len(cards) == 4  # seed 4 has no partner in B; B's seed 9 has none in A
-    assert "1 images of A have no partner in B" in browser.find_element(By.CSS_SELECTOR, ".note").text
+    note = browser.find_element(By.CSS_SELECTOR, ".note").text
+    assert "1 images of A have no partner in B" in note and "1 images of B have no partner in A" in note
     images = [img.get_attribute("src") for img in cards[0].find_elements(By.TAG_NAME, "img")]
     assert "base%20run/images/00000.png" in images[0] and "trained/images/00000.png" in images[1]
     widths = browser.execute_script("return Array.from(document.images).map(i => i.complete && i.naturalWidth)")
@@ -425,3 +426,10 @@ def test_a_new_run_in_a_folder_removes_the_side_by_side_pages_of_its_earlier_ima
     assert compare.exists()
     main([*common, "--overwrite"])
     assert not compare.exists() and (out / "index.html").exists()
+
+
+def test_a_prompt_and_seed_twice_in_a_folder_is_refused_for_pairing(folders, tmp_path):
+    a, b = folders
+    twice = make_folder(tmp_path / "twice", [RECORDS_B[0], RECORDS_B[1], RECORDS_B[0]])
+    with pytest.raises(ValueError, match="00002.png and images/00000.png share prompt 'a red circle' and seed 0"):
+        build_comparison(a, twice)

@@ -104,12 +104,11 @@ def build_comparison(folder_a: str | Path, folder_b: str | Path, out: str | Path
     folder_a, folder_b = Path(folder_a), Path(folder_b)
     out = Path(out) if out is not None else folder_a / f"compare-{safe_filename(folder_b.resolve().name)}.html"
     name_a, name_b = folder_a.resolve().name, folder_b.resolve().name
-    records_b = {pair_key(r): r for r in read_records(folder_b)}
-    cards, values, unmatched = [], [], 0
-    for record_a in read_records(folder_a):
-        record_b = records_b.get(pair_key(record_a))
+    records_a, records_b = _by_pair_key(folder_a), _by_pair_key(folder_b)
+    cards, values = [], []
+    for key, record_a in records_a.items():
+        record_b = records_b.get(key)
         if record_b is None:
-            unmatched += 1
             continue
         a, b = record_values(record_a), record_values(record_b)
         value = {}
@@ -128,12 +127,25 @@ def build_comparison(folder_a: str | Path, folder_b: str | Path, out: str | Path
         raise ValueError(f"{folder_a} and {folder_b} share no (prompt, seed) pair")
     summary = _summary(len(cards), "pairs", values)
     note = f"A = {name_a}, B = {name_b}; pairs matched by prompt and seed"
-    note += f"; {unmatched} images of A have no partner in B" if unmatched else ""
+    for side, other, count in (("A", "B", len(records_a) - len(cards)), ("B", "A", len(records_b) - len(cards))):
+        note += f"; {count} images of {side} have no partner in {other}" if count else ""
     page = _page(title or f"{name_a} vs {name_b}", "compare", summary, note, _names(values), cards, {},
                  _samples_id(folder_a, folder_b))
     out.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomically(out, page)
     return out
+
+
+def _by_pair_key(folder: Path) -> dict[tuple, dict]:
+    """A folder's records by `pair_key`; ValueError when two share one, which would make the pairing ambiguous."""
+    records = {}
+    for record in read_records(folder):
+        key = pair_key(record)
+        if key in records:
+            raise ValueError(f"{folder}: {record['file']} and {records[key]['file']} share prompt {key[0]!r} and seed "
+                             f"{key[1]}, so their pairs with another folder would be ambiguous")
+        records[key] = record
+    return records
 
 
 def stylesheet() -> str:
