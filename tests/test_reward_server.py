@@ -21,7 +21,7 @@ from PIL import Image, ImageFile
 
 from align_diffusion.cli import main
 from align_diffusion.rewards.base import Reward, RewardError
-from align_diffusion.rewards.remote import TOKEN_ENV, RemoteReward
+from align_diffusion.rewards.remote import TIMEOUT_ENV, TOKEN_ENV, RemoteReward
 from align_diffusion.rewards.server import make_server
 from align_diffusion.rewards.simple import ShapesReward
 from align_diffusion.rewards.spec import load_reward
@@ -427,18 +427,22 @@ def test_a_redirect_is_an_error_and_the_token_goes_nowhere_else(status):
     assert redirecting.hits == 1 and elsewhere.hits == 0
 
 
-def test_client_times_out_on_a_stalled_server(monkeypatch):
+def test_client_times_out_on_a_stalled_server_without_queueing_retries_behind_it(monkeypatch):
     reward = StallReward()
+    monkeypatch.setenv(TIMEOUT_ENV, "0.5")
     with serving(reward) as server:
-        remote = RemoteReward(server.url, TOKEN, timeout=0.5, attempts=2, backoff=0.05)
+        remote = RemoteReward(server.url, TOKEN, attempts=2, backoff=0.05)
         attempts = counted(server, monkeypatch)
         try:
             # Without the timeout the first attempt would wait for `release` and then get a 200 answer.
-            with pytest.raises(RewardError, match="after 2 attempts.*(timed out|TimeoutError)"):
+            with pytest.raises(RewardError, match=f"sent no answer within 0.5 s.*{TIMEOUT_ENV}=SECONDS"):
                 remote([Image.new("RGB", (8, 8))], ["a"])
         finally:
             reward.release.set()
-        assert reward.entered.is_set() and len(attempts) == 2
+        assert reward.entered.is_set() and len(attempts) == 1  # the server was still scoring: no second request
+    monkeypatch.setenv(TIMEOUT_ENV, "soon")
+    with pytest.raises(ValueError, match=f"{TIMEOUT_ENV} must be a number of seconds, got 'soon'"):
+        RemoteReward("http://127.0.0.1:9", TOKEN)
 
 
 KILLABLE_SERVER = f"""

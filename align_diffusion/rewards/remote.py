@@ -1,9 +1,11 @@
 """A reward scored by a reward server (server.py) over HTTP. Spec `remote:URL`, e.g. `remote:http://127.0.0.1:8000`.
 
-The token comes from the constructor or the ALIGN_DIFFUSION_REWARD_TOKEN environment variable. Connection errors,
-timeouts and 5xx answers are retried with exponential backoff; a 4xx answer, a malformed response or the last
-failed attempt raises RewardError. There is no default score: either every image gets its server's score (NaN where
-the server could not score it) or the call raises.
+The token comes from the constructor or the ALIGN_DIFFUSION_REWARD_TOKEN environment variable, the timeout (60 s)
+from the constructor or ALIGN_DIFFUSION_REWARD_TIMEOUT. Connection errors and 5xx answers are retried with
+exponential backoff; a 4xx answer, a malformed response, a request sent but not answered in time (the server may
+still be scoring it: a retry would queue behind it) or the last failed attempt raises RewardError. There is no
+default score: either every image gets its server's score (NaN where the server could not score it) or the call
+raises.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from align_diffusion.rewards.base import Reward, RewardError, images_to_pil
 logger = logging.getLogger(__name__)
 
 TOKEN_ENV = "ALIGN_DIFFUSION_REWARD_TOKEN"
+TIMEOUT_ENV = "ALIGN_DIFFUSION_REWARD_TIMEOUT"
+DEFAULT_TIMEOUT = 60.0
 
 
 class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
@@ -92,7 +96,7 @@ class RemoteReward(Reward):
 
     differentiable = False  # only numbers come back
 
-    def __init__(self, url: str, token: str | None = None, *, timeout: float = 60.0, attempts: int = 3,
+    def __init__(self, url: str, token: str | None = None, *, timeout: float | None = None, attempts: int = 3,
                  backoff: float = 0.5):
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
@@ -102,6 +106,14 @@ class RemoteReward(Reward):
             raise ValueError(f"remote reward {url}: no token; pass token= or set {TOKEN_ENV}")
         if attempts < 1:
             raise ValueError(f"attempts must be at least 1, got {attempts}")
+        if timeout is None:
+            try:
+                timeout = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT))
+            except ValueError:
+                given = os.environ[TIMEOUT_ENV]
+                raise ValueError(f"{TIMEOUT_ENV} must be a number of seconds, got {given!r}") from None
+        if not 0 < timeout < math.inf:
+            raise ValueError(f"the reward server timeout must be a finite number of seconds > 0, got {timeout}")
         super().__init__(f"remote:{url}")
         self.url = url.rstrip("/")
         self.token = checked_token(token)
@@ -136,7 +148,11 @@ class RemoteReward(Reward):
                                       "send smaller batches or raise the server's --max-body-mb") from None
                 if error.code < 500:
                     raise RewardError(f"reward server {self.url}: {cause}") from None
-            except (OSError, http.client.HTTPException) as error:  # URLError, timeouts, resets, cut answers
+            except TimeoutError:  # raised bare while waiting for the answer (urllib wraps errors while sending)
+                raise RewardError(f"reward server {self.url} sent no answer within {self.timeout:g} s; it may still be "
+                                  "scoring the batch, so a retry would only queue behind it. A slow reward needs a "
+                                  f"longer timeout: {TIMEOUT_ENV}=SECONDS") from None
+            except (OSError, http.client.HTTPException) as error:  # URLError, resets, cut answers
                 cause = f"{type(error).__name__}: {error}"
             if attempt < self.attempts:
                 delay = self.backoff * 2 ** (attempt - 1)
