@@ -285,14 +285,17 @@ def test_oversized_body_is_413_before_it_is_sent():
         connection.close()
 
 
-def test_client_sees_413_for_a_batch_over_the_limit():
+def test_a_batch_over_the_servers_limit_goes_in_parts_and_one_image_over_it_raises(monkeypatch):
     rng = np.random.default_rng(0)
     noise = [Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)) for _ in range(16)]
-    with serving(MeanReward(), max_body_bytes=50_000) as server:
-        remote = RemoteReward(server.url, TOKEN, attempts=1)
-        with pytest.raises(RewardError, match="413"):
-            remote(noise, ["x"] * 16)
-        assert remote(noise[:1], ["x"]).shape == (1,)  # a small batch still goes through
+    with serving(MeanReward(), max_body_bytes=50_000) as server:  # about 3 of these images a request
+        attempts = counted(server, monkeypatch)
+        rewards = RemoteReward(server.url, TOKEN, attempts=1)(noise, [str(k) for k in range(16)])
+        assert rewards.tolist() == pytest.approx([float(np.asarray(image).mean()) / 255 for image in noise])
+        assert len(attempts) > 2  # refused whole, then halves of halves
+    with serving(MeanReward(), max_body_bytes=5_000) as server:
+        with pytest.raises(RewardError, match="refused a .*-byte request of one image .*413.*--max-body-mb"):
+            RemoteReward(server.url, TOKEN, attempts=1)(noise[:2], ["x"] * 2)
 
 
 def test_nan_travels_as_null_and_back(mean_server):

@@ -33,6 +33,10 @@ TIMEOUT_ENV = "ALIGN_DIFFUSION_REWARD_TIMEOUT"
 DEFAULT_TIMEOUT = 60.0
 
 
+class BatchTooLarge(RewardError):
+    """The server refused a request as larger than it accepts (413)."""
+
+
 class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
     """A redirect is answered as the error it is, so the token and images are never sent on to another address."""
 
@@ -122,14 +126,26 @@ class RemoteReward(Reward):
         self.backoff = backoff
 
     def score(self, images, prompts, metadata):
-        request = {"prompts": prompts, "images": [encode_png(image) for image in images_to_pil(images)]}
-        if metadata is not None:
-            request["metadata"] = list(metadata)
+        return self._scored([encode_png(image) for image in images_to_pil(images)], prompts,
+                            None if metadata is None else list(metadata))
+
+    def _scored(self, images: list[str], prompts: list[str], metadata: list | None) -> torch.Tensor:
+        """Scores of PNG-encoded images; a batch the server refuses as too large goes again in two halves (images
+        are scored one by one, so the halves score as the whole would)."""
+        request = {"prompts": prompts, "images": images, **({} if metadata is None else {"metadata": metadata})}
         try:
             body = json.dumps(request, allow_nan=False).encode()
         except (TypeError, ValueError) as error:
             raise ValueError(f"{self.name}: metadata must be plain JSON to reach a reward server: {error}") from None
-        return parse_rewards(self.post(body), len(prompts), self.url)
+        try:
+            return parse_rewards(self.post(body), len(prompts), self.url)
+        except BatchTooLarge:
+            if len(images) == 1:
+                raise
+        half = len(images) // 2
+        parts = [slice(None, half), slice(half, None)]
+        return torch.cat([self._scored(images[part], prompts[part], None if metadata is None else metadata[part])
+                          for part in parts])
 
     def post(self, body: bytes) -> bytes:
         """The body of a 200 answer to POST /score, after up to `attempts` tries."""
@@ -144,8 +160,8 @@ class RemoteReward(Reward):
             except urllib.error.HTTPError as error:
                 cause = f"HTTP {error.code}: {_error_message(error)}"
                 if error.code == 413:
-                    raise RewardError(f"reward server {self.url} refused a {len(body)}-byte batch ({cause}); "
-                                      "send smaller batches or raise the server's --max-body-mb") from None
+                    raise BatchTooLarge(f"reward server {self.url} refused a {len(body)}-byte request of one image "
+                                        f"({cause}); raise the server's --max-body-mb") from None
                 if error.code < 500:
                     raise RewardError(f"reward server {self.url}: {cause}") from None
             except TimeoutError:  # raised bare while waiting for the answer (urllib wraps errors while sending)
