@@ -1,6 +1,7 @@
 """Review pages in real headless Chromium: cards, sorting, filtering, the side-by-side mode, label export and
 HTML escaping; and the label file read back as artifact data and as preference pairs."""
 
+import hashlib
 import json
 import re
 import math
@@ -40,12 +41,21 @@ RECORDS_B = [  # the same prompts and seeds except seed 4, plus one image A lack
 ]
 
 
+def sample_image(k: int, root: Path) -> Image.Image:
+    """Image k of a folder: a color of its own, and pixels drawn from the folder's path, so that images of
+    different folders (different tests) differ, as reviewer labels follow an image's content."""
+    image = Image.new("RGB", (64, 64), (40 * k, 100, 200 - 30 * k))
+    for n, byte in enumerate(hashlib.sha256(str(root).encode()).digest()[:8]):
+        image.putpixel((n, 0), (byte, byte, byte))
+    return image
+
+
 def make_folder(root: Path, records, file_names=None) -> Path:
     (root / "images").mkdir(parents=True)
     lines = []
     for k, (prompt, seed, score, verdict) in enumerate(records):
         file = f"images/{file_names[k] if file_names else f'{k:05d}.png'}"
-        Image.new("RGB", (64, 64), (40 * k, 100, 200 - 30 * k)).save(root / file)
+        sample_image(k, root).save(root / file)
         record = {"file": file, "prompt": prompt, "seed": seed, "rewards": {"shapes": score}}
         if verdict is not None:
             record["shapes_strict"] = verdict
@@ -223,20 +233,32 @@ def test_label_export_feeds_the_artifact_reward_and_preference_pairs(browser, fo
                                            "rejected": (a / "images" / "a #2.png").resolve()}]
 
 
-def test_labels_stay_with_their_samples_not_their_file_names(browser, folders):
+def test_labels_follow_their_images_not_their_file_names_or_folders(browser, folders, tmp_path):
     a, _ = folders
     open_page(browser, build_gallery(a))
     label(browser, visible_cards(browser)[0], "good")
+    label(browser, visible_cards(browser)[1], "bad")
     build_gallery(a)  # the same samples (a training run rebuilds its pages after every evaluation)
     reload(browser)
-    assert browser.find_element(By.ID, "label-count").text == "1"
-    # Sampled again into the same folder (`eval --overwrite`): the same file names now show new images.
-    metadata = a / "metadata.jsonl"
-    metadata.write_text(metadata.read_text().replace('"shapes": 0.25', '"shapes": 0.5'))
+    assert browser.find_element(By.ID, "label-count").text == "2"
+    # Sampled again into the same folder (`eval --overwrite`): image 0's file name now shows a new image.
+    sample_image(7, tmp_path).save(a / "images" / "00000.png")
     build_gallery(a)
     reload(browser)
-    assert browser.find_element(By.ID, "label-count").text == "0"
-    assert "label-good" not in visible_cards(browser)[0].find_element(By.TAG_NAME, "figure").get_attribute("class")
+    assert browser.find_element(By.ID, "label-count").text == "1"
+    first, second = (card.find_element(By.TAG_NAME, "figure").get_attribute("class")
+                     for card in visible_cards(browser)[:2])
+    assert "label-good" not in first and "label-bad" in second
+    # The folder copied elsewhere (to a laptop, without its file times): the label comes along with the image.
+    moved = tmp_path / "copied" / "elsewhere"
+    moved.parent.mkdir()
+    moved.mkdir()
+    (moved / "images").mkdir()
+    for path in a.rglob("*"):
+        if path.is_file() and path.suffix in (".png", ".jsonl"):
+            (moved / path.relative_to(a)).write_bytes(path.read_bytes())
+    open_page(browser, build_gallery(moved))
+    assert browser.find_element(By.ID, "label-count").text == "1"
 
 
 def test_a_browser_that_keeps_no_storage_gets_a_warning_and_working_labels(browser, folders):

@@ -80,13 +80,13 @@ def build_gallery(folder: str | Path, title: str | None = None, links: dict[str,
     records = read_records(folder)
     values = [record_values(r) for r in records]
     cards = [
-        _card(k, record["prompt"], record.get("seed"), value, [_figure(record["file"], None)], _scores_table(value),
+        _card(k, record["prompt"], record.get("seed"), value,
+              [_figure(record["file"], None, _image_id(folder / record["file"]))], _scores_table(value),
               _steering_detail(record))
         for k, (record, value) in enumerate(zip(records, values))
     ]
     summary = _summary(len(records), "images", values)
-    page = _page(title or folder.resolve().name, "single", summary, "", _names(values), cards, links or {},
-                 _samples_id(folder))
+    page = _page(title or folder.resolve().name, "single", summary, "", _names(values), cards, links or {})
     out = folder / "index.html"
     write_text_atomically(out, page)
     return out
@@ -117,8 +117,8 @@ def build_comparison(folder_a: str | Path, folder_b: str | Path, out: str | Path
             both = a.get(name) is not None and b.get(name) is not None
             value[f"Δ {name}"] = b[name] - a[name] if both else None
         figures = [
-            _figure(_relative(folder_a / record_a["file"], out.parent), f"A: {name_a}"),
-            _figure(_relative(folder_b / record_b["file"], out.parent), f"B: {name_b}"),
+            _figure(_relative(folder / record["file"], out.parent), f"{side}: {name}", _image_id(folder / record["file"]))
+            for side, name, folder, record in (("A", name_a, folder_a, record_a), ("B", name_b, folder_b, record_b))
         ]
         cards.append(_card(len(cards), record_a["prompt"], record_a.get("seed"), value, figures,
                            _comparison_table(a, b)))
@@ -129,8 +129,7 @@ def build_comparison(folder_a: str | Path, folder_b: str | Path, out: str | Path
     note = f"A = {name_a}, B = {name_b}; pairs matched by prompt and seed"
     for side, other, count in (("A", "B", len(records_a) - len(cards)), ("B", "A", len(records_b) - len(cards))):
         note += f"; {count} images of {side} have no partner in {other}" if count else ""
-    page = _page(title or f"{name_a} vs {name_b}", "compare", summary, note, _names(values), cards, {},
-                 _samples_id(folder_a, folder_b))
+    page = _page(title or f"{name_a} vs {name_b}", "compare", summary, note, _names(values), cards, {})
     out.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomically(out, page)
     return out
@@ -156,14 +155,14 @@ def _static(name: str) -> str:
     return (files("align_diffusion.gallery") / "static" / name).read_text()
 
 
-def _samples_id(*folders: Path) -> str:
-    """Changes whenever a folder's metadata.jsonl is rewritten, i.e. holds new samples: the page's script keeps
-    reviewer labels under it, so labels of earlier images never show on new ones with the same file names."""
-    digest = hashlib.sha256()
-    for folder in folders:
-        metadata = folder / "metadata.jsonl"
-        digest.update(metadata.read_bytes() + str(metadata.stat().st_mtime_ns).encode())
-    return digest.hexdigest()[:16]
+def _image_id(path: Path) -> str:
+    """What the page's script keeps a reviewer's label under: the image's content, so a label follows its image
+    wherever the folder goes and whatever page shows it, and never shows on a new image that reuses its file name.
+    An image that is not there yet is named by its path."""
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()[:32]
+    except OSError:
+        return "missing:" + path.as_posix()
 
 
 # --- HTML pieces -----------------------------------------------------------------------------------------------
@@ -189,10 +188,11 @@ def _summary(count: int, noun: str, values: list[dict]) -> str:
     return " · ".join(parts)
 
 
-def _figure(file: str, caption: str | None) -> str:
+def _figure(file: str, caption: str | None, image_id: str) -> str:
     buttons = "".join(f'<button type="button" data-label="{label}">{label}</button>' for label in LABELS)
     caption_html = f"<figcaption>{escape(caption)}</figcaption>" if caption else ""
-    return (f'<figure data-file="{escape(file)}"><img src="{escape(quote(file))}" alt="{escape(file)}" '
+    return (f'<figure data-file="{escape(file)}" data-image="{escape(image_id)}">'
+            f'<img src="{escape(quote(file))}" alt="{escape(file)}" '
             f'loading="lazy">{caption_html}<div class="labels">{buttons}</div></figure>')
 
 
@@ -242,7 +242,7 @@ def _comparison_table(a: dict, b: dict) -> str:
 
 
 def _page(title: str, mode: str, summary: str, note: str, names: list[str], cards: list[str],
-          links: dict[str, str], samples_id: str) -> str:
+          links: dict[str, str]) -> str:
     sort_options = ['<option data-key="index">page order</option>', '<option data-key="prompt">prompt</option>',
                     '<option data-key="seed">seed</option>']
     for name in names:
@@ -260,7 +260,7 @@ def _page(title: str, mode: str, summary: str, note: str, names: list[str], card
 <style>
 {stylesheet()}</style>
 </head>
-<body data-mode="{mode}" data-samples="{samples_id}">
+<body data-mode="{mode}">
 <noscript><p class="note">This page filters, sorts and keeps labels with JavaScript, which is off: the images and
 scores below are all there, in page order.</p></noscript>
 <header>

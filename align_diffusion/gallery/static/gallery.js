@@ -68,15 +68,16 @@
   // --- labels ------------------------------------------------------------------------------------------------
   // Kept in IndexedDB, not localStorage: on pages opened from disk (file://) Chromium's localStorage sometimes
   // showed an older copy after a reload, the new labels gone (4 of 80 reloads, measured); IndexedDB never did.
-  // Keyed by the samples too: a folder sampled again reuses its file names, and the old labels must not show.
-  const storeKey = "align-diffusion-labels:" + location.pathname + ":" + document.body.dataset.samples;
-  const figures = Array.from(grid.querySelectorAll("figure[data-file]"));
+  // One record per image, keyed by the image's content (data-image): a label follows its image to every page and
+  // folder that shows it, never shows on a new image that reuses a file name, and two open tabs each change only
+  // the images they label.
+  const figures = Array.from(grid.querySelectorAll("figure[data-image]"));
   const buttons = Array.from(grid.querySelectorAll("button[data-label]"));
-  let labels = {};
+  const labels = {};  // image id → label
   let database = null;  // null: labels are not kept past this page
 
   function show(figure) {
-    const label = labels[figure.dataset.file];
+    const label = labels[figure.dataset.image];
     for (const name of ["good", "artifact", "bad"]) figure.classList.toggle("label-" + name, label === name);
     for (const button of figure.querySelectorAll("button[data-label]")) {
       button.classList.toggle("active", button.dataset.label === label);
@@ -84,13 +85,15 @@
   }
 
   function countLabels() {
-    byId("label-count").textContent = figures.filter((f) => labels[f.dataset.file]).length;
+    byId("label-count").textContent = figures.filter((f) => labels[f.dataset.image]).length;
   }
 
-  function save() {
+  function save(image) {
     if (database === null) return;
-    const transaction = database.transaction("labels", "readwrite");
-    transaction.objectStore("labels").put(labels, storeKey);
+    const transaction = database.transaction("images", "readwrite");
+    const store = transaction.objectStore("images");
+    if (labels[image]) store.put(labels[image], image);
+    else store.delete(image);
     transaction.onerror = () => {
       byId("label-store").textContent = "the last label was not saved: " + transaction.error;
     };
@@ -98,8 +101,7 @@
   }
 
   // Labels stored earlier load before any button works, so a click never races the load.
-  function ready(stored, problem) {
-    labels = stored || {};
+  function ready(problem) {
     if (problem) byId("label-store").textContent = "labels are not kept after this page closes (" + problem + ")";
     for (const figure of figures) show(figure);
     countLabels();
@@ -111,30 +113,38 @@
   for (const figure of figures) {
     for (const button of figure.querySelectorAll("button[data-label]")) {
       button.addEventListener("click", () => {
-        const file = figure.dataset.file;
-        if (labels[file] === button.dataset.label) delete labels[file];
-        else labels[file] = button.dataset.label;
-        save();
-        show(figure);
+        const image = figure.dataset.image;
+        if (labels[image] === button.dataset.label) delete labels[image];
+        else labels[image] = button.dataset.label;
+        save(image);
+        for (const same of figures) if (same.dataset.image === image) show(same);
         countLabels();
       });
     }
   }
   try {
-    const opening = indexedDB.open("align-diffusion", 1);
-    opening.onupgradeneeded = () => opening.result.createObjectStore("labels");
-    opening.onerror = () => ready(null, "this browser refused storage: " + opening.error);
+    const opening = indexedDB.open("align-diffusion", 2);
+    opening.onupgradeneeded = () => {
+      if (!opening.result.objectStoreNames.contains("images")) opening.result.createObjectStore("images");
+    };
+    opening.onerror = () => ready("this browser refused storage: " + opening.error);
     opening.onsuccess = () => {
       database = opening.result;
-      const reading = database.transaction("labels").objectStore("labels").get(storeKey);
-      reading.onsuccess = () => ready(reading.result, null);
+      const reading = database.transaction("images");
+      const store = reading.objectStore("images");
+      for (const image of new Set(figures.map((f) => f.dataset.image))) {
+        store.get(image).onsuccess = (event) => {
+          if (event.target.result) labels[image] = event.target.result;
+        };
+      }
+      reading.oncomplete = () => ready(null);
       reading.onerror = () => {
-        database = null;  // saving now would overwrite the labels that could not be read
-        ready(null, "stored labels could not be read: " + reading.error);
+        database = null;  // saving now could overwrite labels that could not be read
+        ready("stored labels could not be read: " + reading.error);
       };
     };
   } catch (error) {
-    ready(null, "this browser keeps no storage for this page: " + error);
+    ready("this browser keeps no storage for this page: " + error);
   }
 
   // Paths in the export are absolute on a page opened from disk, so the file works wherever it is saved.
@@ -145,11 +155,11 @@
 
   byId("export").addEventListener("click", () => {
     const lines = figures
-      .filter((f) => labels[f.dataset.file])
+      .filter((f) => labels[f.dataset.image])
       .map((f) => JSON.stringify({
         file: exportedPath(f),
         prompt: f.closest(".card").dataset.prompt,
-        label: labels[f.dataset.file],
+        label: labels[f.dataset.image],
       }));
     const blob = new Blob([lines.map((line) => line + "\n").join("")], { type: "application/x-ndjson" });
     const link = document.createElement("a");
