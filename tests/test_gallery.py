@@ -455,3 +455,20 @@ def test_a_prompt_and_seed_twice_in_a_folder_is_refused_for_pairing(folders, tmp
     twice = make_folder(tmp_path / "twice", [RECORDS_B[0], RECORDS_B[1], RECORDS_B[0]])
     with pytest.raises(ValueError, match="00002.png and images/00000.png share prompt 'a red circle' and seed 0"):
         build_comparison(a, twice)
+
+
+def test_two_open_tabs_keep_each_others_labels(browser, folders):
+    a, _ = folders
+    page = build_gallery(a)
+    open_page(browser, page)
+    first = browser.current_window_handle
+    browser.switch_to.new_window("tab")
+    open_page(browser, page)
+    label(browser, visible_cards(browser)[1], "bad")  # in the second tab, which loaded before either label
+    browser.switch_to.window(first)
+    label(browser, visible_cards(browser)[0], "good")
+    browser.switch_to.window(browser.window_handles[-1])
+    browser.close()
+    browser.switch_to.window(first)
+    reload(browser)
+    assert browser.find_element(By.ID, "label-count").text == "2"
