@@ -116,10 +116,9 @@ def build_comparison(folder_a: str | Path, folder_b: str | Path, out: str | Path
             value[f"{name} (A)"], value[f"{name} (B)"] = a.get(name), b.get(name)
             both = a.get(name) is not None and b.get(name) is not None
             value[f"Δ {name}"] = b[name] - a[name] if both else None
-        figures = [
-            _figure(_relative(folder / record["file"], out.parent), f"{side}: {name}", _image_id(folder / record["file"]))
-            for side, name, folder, record in (("A", name_a, folder_a, record_a), ("B", name_b, folder_b, record_b))
-        ]
+        sides = (("A", name_a, folder_a / record_a["file"]), ("B", name_b, folder_b / record_b["file"]))
+        figures = [_figure(_relative(image, out.parent), f"{side}: {name}", _image_id(image))
+                   for side, name, image in sides]
         cards.append(_card(len(cards), record_a["prompt"], record_a.get("seed"), value, figures,
                            _comparison_table(a, b)))
         values.append(value)
