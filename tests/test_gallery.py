@@ -15,7 +15,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from align_diffusion.cli import main
-from align_diffusion.gallery import build_comparison, build_gallery, safe_filename
+from align_diffusion.gallery import build_comparison, build_gallery, build_run_page, safe_filename
 from align_diffusion.gallery.labels import preference_pairs, read_labels
 from align_diffusion.gallery.page import read_records
 from align_diffusion.gallery.run import read_metrics
@@ -472,3 +472,26 @@ def test_two_open_tabs_keep_each_others_labels(browser, folders):
     browser.switch_to.window(first)
     reload(browser)
     assert browser.find_element(By.ID, "label-count").text == "2"
+
+
+def test_the_trainer_rebuilds_only_the_pages_of_new_samples(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "eval/reward_mean": 0.5}) + "\n"
+                                               for s in (0, 2, 4)))
+    for step in (0, 2, 4):
+        make_folder(run / "eval" / f"step-{step:06d}", RECORDS_A)
+    build_run_page(run)
+    pages = [run / "eval" / name for name in ("step-000000/index.html", "step-000002/index.html",
+                                              "step-000002/compare-step-000000.html", "step-000004/index.html",
+                                              "step-000004/compare-step-000000.html")]
+    written = [page.stat().st_mtime_ns for page in pages]
+    time.sleep(0.05)
+    metadata = run / "eval" / "step-000004" / "metadata.jsonl"
+    metadata.write_text(metadata.read_text().replace('"shapes": 0.25', '"shapes": 0.5'))  # step 4 sampled again
+    build_run_page(run, only_stale=True)
+    rewritten = [page.stat().st_mtime_ns != before for page, before in zip(pages, written)]
+    assert rewritten == [False, False, False, True, True]
+    assert "0.500" in pages[3].read_text().split('class="scores"')[1]  # the new score
+    build_run_page(run)  # the gallery command: every page
+    assert all(page.stat().st_mtime_ns > before for page, before in zip(pages, written))

@@ -34,21 +34,27 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     return [row for _, row in read_jsonl(metrics)]
 
 
-def build_run_page(run_dir: str | Path) -> Path:
-    """(Re)writes the run's plots, its evaluations' galleries and comparisons, and `run_dir/index.html`."""
+def build_run_page(run_dir: str | Path, *, only_stale: bool = False) -> Path:
+    """(Re)writes the run's plots, its evaluations' galleries and comparisons, and `run_dir/index.html`. With
+    `only_stale` (the trainer, after each evaluation) an evaluation's pages are written only when missing or older
+    than the samples they show, so each evaluation adds its own pages, not all of them again."""
     run_dir = Path(run_dir)
     metrics = read_metrics(run_dir)
     plots = plot_training(metrics, run_dir / "plots")
     folders = sorted(p.parent for p in (run_dir / EVAL_DIR).glob("step-*/metadata.jsonl"))
     links, first, first_keys = {}, None, set()
     for folder in folders:
-        build_gallery(folder, title=f"{run_dir.resolve().name} — {folder.name}", links={"run": "../../index.html"})
-        links[folder.name] = [("gallery", f"{EVAL_DIR}/{folder.name}/index.html")]
+        gallery = folder / "index.html"
+        if not (only_stale and _fresh(gallery, folder)):
+            build_gallery(folder, title=f"{run_dir.resolve().name} — {folder.name}", links={"run": "../../index.html"})
+        links[folder.name] = [("gallery", gallery.relative_to(run_dir).as_posix())]
         keys = {pair_key(record) for record in read_records(folder)}
         if first is None:
             first, first_keys = (folder, keys) if keys else (None, set())
         elif keys & first_keys:
-            comparison = build_comparison(first, folder, out=folder / f"compare-{first.name}.html")
+            comparison = folder / f"compare-{first.name}.html"
+            if not (only_stale and _fresh(comparison, first, folder)):
+                build_comparison(first, folder, out=comparison)
             links[folder.name].append((f"vs {first.name}", comparison.relative_to(run_dir).as_posix()))
 
     evaluated = [row for row in metrics if "eval/reward_mean" in row]
@@ -86,3 +92,9 @@ def build_run_page(run_dir: str | Path) -> Path:
     out = run_dir / "index.html"
     write_text_atomically(out, page)
     return out
+
+
+def _fresh(page: Path, *folders: Path) -> bool:
+    """Whether `page` exists and is newer than the samples of `folders` (their metadata.jsonl)."""
+    return page.exists() and all(page.stat().st_mtime_ns > (folder / "metadata.jsonl").stat().st_mtime_ns
+                                 for folder in folders)

@@ -720,7 +720,7 @@ class GRPOTrainer:
         if eval_every and self.step == 0:
             self.record(metrics_file, {"step": 0, **self.evaluate()})
             if accelerator.is_main_process:
-                build_run_page(self.output_dir)
+                build_run_page(self.output_dir, only_stale=True)
         bar = tqdm(initial=self.step, total=config.max_steps, desc=config.algorithm,
                    disable=not accelerator.is_main_process)
         steps = range(self.step, config.max_steps)
@@ -745,7 +745,7 @@ class GRPOTrainer:
                     stats.update(self.evaluate())
                 self.record(metrics_file, stats)
                 if "eval/reward_mean" in stats and accelerator.is_main_process:
-                    build_run_page(self.output_dir)
+                    build_run_page(self.output_dir, only_stale=True)
                 bar.set_postfix({key: f"{stats[key]:.3g}" for key in ("reward_mean", "loss", "kl") if key in stats})
                 if last or interrupted or (config.checkpoint_every and self.step % config.checkpoint_every == 0):
                     self.save_checkpoint()
