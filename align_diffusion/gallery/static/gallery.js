@@ -128,6 +128,9 @@
       if (!opening.result.objectStoreNames.contains("images")) opening.result.createObjectStore("images");
     };
     opening.onerror = () => ready("this browser refused storage: " + opening.error);
+    opening.onblocked = () => {  // a tab still showing a page of the earlier label store holds it open
+      byId("label-store").textContent = "labels load once the tabs of older review pages are closed";
+    };
     opening.onsuccess = () => {
       database = opening.result;
       const reading = database.transaction("images");
