@@ -536,14 +536,13 @@ def run_steer(args) -> None:
     if (args.out / "metadata.jsonl").exists() and not (args.overwrite or args.resume):
         raise SystemExit(f"--out: {args.out} already holds results; pass --overwrite to replace them, or --resume to "
                          "go on with an interrupted run")
-    if args.shapes_eval:
-        from align_diffusion.world.spec import parse_prompt
+    if args.shapes_eval:  # before the model loads; steer_to_folder checks again for Python callers
+        from align_diffusion.rewards.simple import ShapesReward
 
-        for prompt in prompts:
-            try:
-                parse_prompt(prompt)
-            except ValueError as error:
-                raise SystemExit(f"--shapes-eval judges shapes-world prompts only: {error}") from None
+        try:
+            ShapesReward().check_prompts(prompts)
+        except ValueError as error:
+            raise SystemExit(f"--shapes-eval judges shapes-world prompts only: {error}") from None
     if args.compile and (error := missing_c_compiler("--compile")):
         raise SystemExit(error)
     reward = load_reward(args.reward, device=args.device, dtype=DTYPES[args.dtype])

@@ -589,6 +589,11 @@ def test_a_prompt_the_reward_cannot_score_fails_before_any_image(saved, adapter,
     with pytest.raises(ValueError, match="reward shapes:strict: not a shapes-world prompt: 'a photo of a cat'"):
         steer(adapter, ["a photo of a cat"], Darkness(), "ttsnap",
               prune_reward=load_reward("shapes:strict"))
+    # ShapesEval's verdict, asked for in Python, refuses such a prompt before the first result too.
+    with pytest.raises(ValueError, match="reward shapes: not a shapes-world prompt: 'a photo of a cat'"):
+        steer_to_folder(adapter, ["a red circle", "a photo of a cat"], Darkness(), "best-of-n", out,
+                        shapes_eval=True, num_candidates=1, num_inference_steps=2, **SIZE)
+    assert not out.exists()
 
 
 def test_steer_compile_without_a_compiler_fails_before_loading(saved, tmp_path, monkeypatch):

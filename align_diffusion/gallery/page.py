@@ -60,7 +60,7 @@ def safe_filename(text: str, max_length: int = 80) -> str:
     return name or "untitled"
 
 
-def score(value) -> float | None:
+def _finite_score(value) -> float | None:
     """`value` as a score when it is a finite number; anything else (null, NaN, text from a hand-written or older
     metadata.jsonl) is a missing score, shown as – and sorted last."""
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
@@ -68,9 +68,9 @@ def score(value) -> float | None:
 
 def record_values(record: dict) -> dict[str, float | None]:
     """The numbers a card can be sorted and filtered by: each reward, and the verdict as 1 / 0."""
-    values = {name: score(value) for name, value in (record.get("rewards") or {}).items()}
+    values = {name: _finite_score(value) for name, value in (record.get("rewards") or {}).items()}
     if "shapes_strict" in record:
-        values[CORRECT] = score(record["shapes_strict"])
+        values[CORRECT] = _finite_score(record["shapes_strict"])
     return values
 
 
@@ -206,7 +206,7 @@ def _steering_detail(record: dict) -> str:
     if "budget" not in record:
         return ""
     budget = record["budget"]
-    seconds = score(budget.get("seconds"))
+    seconds = _finite_score(budget.get("seconds"))
     return escape(f"{record.get('method', '')} winner {record.get('winner')} · {budget.get('model_evals')} model evals"
                   f" · {budget.get('reward_evals')} reward evals" + ("" if seconds is None else f" · {seconds:.1f} s"))
 

@@ -149,6 +149,10 @@ def steer_to_folder(
     if earlier and not (overwrite or resume):
         raise FileExistsError(f"{out_dir} already holds results; pass overwrite=True to replace them, or resume=True "
                               "to go on with them")
+    if shapes_eval:  # ShapesEval judges the world's grammar only: refused before any compute
+        from align_diffusion.rewards.simple import ShapesReward
+
+        ShapesReward().check_prompts(prompts)
     run = _run_record(reward, method, shapes_eval, extra_metadata, steer_options)
     done = steered_already(out_dir, prompts, reward, method, shapes_eval=shapes_eval, extra_metadata=extra_metadata,
                            **steer_options) if resume else 0
