@@ -153,11 +153,10 @@ def resolve_settings(
         settings.noise_level = [float(level) for level in settings.noise_level]
         if len(settings.noise_level) != settings.num_inference_steps:
             raise ValueError(f"got {len(settings.noise_level)} noise levels for {settings.num_inference_steps} steps")
-    per_step = isinstance(settings.noise_level, list)
-    for step, level in enumerate(settings.noise_level if per_step else [settings.noise_level]):
+    for step, level in enumerate(settings.levels()):
         if isinstance(level, bool) or not math.isfinite(level) or level < 0:
             raise ValueError(f"noise_level must be a finite number >= 0, got {level!r}"
-                             + (f" at step {step}" if per_step else ""))
+                             + (f" at step {step}" if isinstance(settings.noise_level, list) else ""))
     guidance = settings.guidance_scale
     if isinstance(guidance, bool) or not isinstance(guidance, numbers.Real) or not math.isfinite(guidance):
         raise ValueError(f"guidance_scale must be a finite number, got {guidance!r}")
