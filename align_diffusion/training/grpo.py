@@ -622,17 +622,28 @@ class GRPOTrainer:
             self.optimizer.zero_grad(set_to_none=True)
             if self.ema is not None:
                 self.ema.update()
-        # Statistics of what was trained on: NaN (null in metrics.jsonl) when nothing was.
+        # Statistics of what all processes trained on: NaN (null in metrics.jsonl) when nothing was.
         ratio = torch.cat(ratios) if ratios else torch.empty(0)
         first = torch.cat(before_update) if before_update else torch.ones(0)
+        kl = torch.cat(kls) if kls else torch.empty(0)
+        clip = torch.cat(clipped) if clipped else torch.empty(0)
+        device = self.accelerator.device
+        totals = self.accelerator.reduce(torch.tensor(
+            [float(loss_sum), loss_count, float(kl.sum()), len(kl), float(clip.sum()), len(clip), float(ratio.sum()),
+             len(ratio)], device=device), "sum").tolist()
+        loss_total, loss_count, kl_total, kl_count, clip_total, clip_count, ratio_total, ratio_count = totals
+        extremes = torch.tensor([float(ratio.max()) if len(ratio) else -math.inf,
+                                 -float(ratio.min()) if len(ratio) else -math.inf,
+                                 float((first - 1).abs().max()) if len(first) else 0.0], device=device)
+        ratio_max, minus_ratio_min, deviation = self.accelerator.gather(extremes).view(-1, 3).amax(0).tolist()
         stats = {
-            "loss": float(loss_sum) / loss_count if loss_count else math.nan,  # per trained (image, step)
-            "kl": float(torch.cat(kls).mean()) if kls else 0.0,
-            "clip_fraction": float(torch.cat(clipped).mean()) if clipped else math.nan,
-            "ratio_mean": float(ratio.mean()) if len(ratio) else math.nan,
-            "ratio_min": float(ratio.min()) if len(ratio) else math.nan,
-            "ratio_max": float(ratio.max()) if len(ratio) else math.nan,
-            "first_ratio_max_deviation": float((first - 1).abs().max()) if len(first) else 0.0,
+            "loss": loss_total / loss_count if loss_count else math.nan,  # per trained (image, step)
+            "kl": kl_total / kl_count if kl_count else 0.0,
+            "clip_fraction": clip_total / clip_count if clip_count else math.nan,
+            "ratio_mean": ratio_total / ratio_count if ratio_count else math.nan,
+            "ratio_min": -minus_ratio_min if ratio_count else math.nan,
+            "ratio_max": ratio_max if ratio_count else math.nan,
+            "first_ratio_max_deviation": deviation,
             "grad_norm": sum(grad_norms) / len(grad_norms) if grad_norms else math.nan,
             "lr": sum(rates) / len(rates) if rates else self.lr_schedule.get_last_lr()[0],  # the rates it used
             "train_timesteps": len(timesteps),
@@ -640,8 +651,7 @@ class GRPOTrainer:
             # without spread, DanceGRPO's middle images) are masked out.
             "trained_fraction": trained_pairs / (len(valid) * self.accelerator.num_processes * len(timesteps)),
         }
-        deviation = stats["first_ratio_max_deviation"]
-        if deviation > config.ratio_warn:
+        if deviation > config.ratio_warn and self.accelerator.is_main_process:
             warnings.warn(f"step {step}: the first ratio deviates from 1 by {deviation:.2e} (> grpo.ratio_warn "
                           f"{config.ratio_warn}): rollouts and training disagree (dtype, batch composition or "
                           "stale weights)", stacklevel=2)
