@@ -7,7 +7,8 @@ import re
 import pytest
 import torch
 from diffusers import (
-    SD3Transformer2DModel, StableDiffusion3Pipeline, StableDiffusionImg2ImgPipeline, StableDiffusionXLPipeline,
+    FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline,
+    StableDiffusionImg2ImgPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel,
 )
 
 from align_diffusion.models import adapter_for, load_adapter
@@ -223,6 +224,52 @@ def test_sdxl_float16_vae_with_force_upcast_decodes_in_float32_like_stock(tiny_p
         replaced.decoder.conv_out.bias.add_(0.5)
     pipe.vae = replaced
     assert torch.equal(adapter.decoding_vae().decoder.conv_out.bias, replaced.decoder.conv_out.bias.float())
+    state = {key: value + 0.25 if "decoder" in key else value for key, value in replaced.state_dict().items()}
+    replaced.load_state_dict(state)  # new weights loaded into the same VAE are copied anew too
+    assert torch.equal(adapter.decoding_vae().decoder.conv_out.bias, replaced.decoder.conv_out.bias.float())
+    trajectory = sample(adapter, PROMPTS, num_inference_steps=2, guidance_scale=4.5, height=32, width=32, seed=7)
+    assert (trajectory.images - stock_images(pipe, 4.5, seeds=[7, 8], steps=2)).abs().max() <= 1e-4
+
+
+def test_flow_schedule_keeps_the_shift_set_on_the_pipelines_scheduler(tiny_pipes):
+    pipe = StableDiffusion3Pipeline(**tiny_pipes["sd3"].components)
+    pipe.scheduler = copy.deepcopy(pipe.scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler.set_shift(1.0)  # the config still says shift 3
+    adapter = adapter_for(pipe)
+    trajectory = sample(adapter, PROMPTS, num_inference_steps=4, guidance_scale=4.5, seed=7, **SIZE)
+    linear = torch.linspace(1.0, pipe.scheduler.sigma_min, 4)  # shift 1: evenly spaced, not shifted towards 1
+    assert trajectory.schedule.sigmas[:4].tolist() == pytest.approx(linear.tolist())
+    assert (trajectory.images - stock_images(pipe, 4.5, seeds=[7, 8], steps=4)).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("scheduler, message", [
+    (FlowMatchHeunDiscreteScheduler(shift=3.0), "scheduler is FlowMatchHeunDiscreteScheduler"),
+    (FlowMatchEulerDiscreteScheduler(shift=3.0, stochastic_sampling=True), "sets stochastic_sampling"),
+])
+def test_flow_schedulers_the_samplers_do_not_reproduce_are_refused(tiny_pipes, scheduler, message):
+    pipe = StableDiffusion3Pipeline(**{**tiny_pipes["sd3"].components, "scheduler": scheduler})
+    with pytest.raises(ValueError, match=message):
+        sample(adapter_for(pipe), PROMPTS, num_inference_steps=2, **SIZE)
+
+
+def test_default_size_from_a_unet_sample_size_pair_matches_stock(tiny_pipes):
+    base = tiny_pipes["sd"]
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**{**base.unet.config, "sample_size": (8, 16)}).eval()
+    pipe = StableDiffusionPipeline(**{**base.components, "unet": unet})
+    pipe.set_progress_bar_config(disable=True)
+    trajectory = sample(adapter_for(pipe), PROMPTS[:1], num_inference_steps=2, seed=7)
+    expected = pipe(PROMPTS[:1], num_inference_steps=2, generator=[torch.Generator().manual_seed(7)],
+                    output_type="pt").images
+    assert trajectory.images.shape == expected.shape == (1, 3, 16, 32)
+    assert (trajectory.images - expected).abs().max() <= 1e-4
+
+
+def test_a_single_generator_is_refused_with_what_to_pass(tiny_pipes):
+    adapter = adapter_for(tiny_pipes["sd3"])
+    with pytest.raises(TypeError, match="one torch.Generator per image, a list of 2, not a single generator"):
+        sample(adapter, PROMPTS, num_inference_steps=2, generators=torch.Generator().manual_seed(0), **SIZE)
 
 
 @pytest.mark.parametrize("family", ["sd3", "sd", "sdxl"])

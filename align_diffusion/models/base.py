@@ -8,10 +8,12 @@ sample drawn through an adapter matches the stock pipeline's `__call__`.
 
 from __future__ import annotations
 
+import copy
 import shutil
 from dataclasses import dataclass
 
 import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
@@ -87,9 +89,11 @@ class PipelineAdapter:
 
     @property
     def default_size(self) -> tuple[int, int]:
+        """The stock pipeline's default height and width: the denoiser's sample size, one side or a (height, width)
+        pair, in pixels."""
         sample_size = getattr(self.pipe, "default_sample_size", None) or self.denoiser.config.sample_size
-        side = sample_size * self.vae_scale_factor
-        return side, side
+        height, width = (sample_size, sample_size) if isinstance(sample_size, int) else sample_size
+        return height * self.vae_scale_factor, width * self.vae_scale_factor
 
     def guidance_mode(self, guidance_scale: float) -> str:
         """'cfg' (classifier-free, two branches), 'distilled' (guidance embedding) or 'none'."""
@@ -237,7 +241,20 @@ def compile_repeated_blocks(denoiser: torch.nn.Module) -> int:
 
 
 def flow_schedule(pipe, **set_timesteps_kwargs) -> Schedule:
-    """Sigmas and timesteps from a copy of the pipeline's flow-matching scheduler, set as its pipeline sets them."""
-    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    """Sigmas and timesteps from a copy of the pipeline's flow-matching scheduler, set as its pipeline sets them.
+
+    The copy keeps what was set on the scheduler after loading (`set_shift`). The package's samplers take Euler
+    steps (or their SDE counterparts) on these sigmas, so only the Euler scheduler's deterministic step is theirs to
+    reproduce: another scheduler class, or Euler's stochastic_sampling, would be silently replaced and is refused.
+    """
+    scheduler = pipe.scheduler
+    if not isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+        raise ValueError(f"the pipeline's scheduler is {type(scheduler).__name__}: flow models are sampled with "
+                         "FlowMatchEulerDiscreteScheduler's sigmas (set pipe.scheduler to one; --sampler picks the "
+                         "ODE or an SDE)")
+    if scheduler.config.get("stochastic_sampling", False):
+        raise ValueError("the pipeline's FlowMatchEulerDiscreteScheduler sets stochastic_sampling, which the "
+                         "package's samplers do not reproduce: set it to False and pick an SDE with --sampler")
+    scheduler = copy.deepcopy(scheduler)
     scheduler.set_timesteps(device="cpu", **set_timesteps_kwargs)
     return Schedule(timesteps=scheduler.timesteps, sigmas=scheduler.sigmas.float())

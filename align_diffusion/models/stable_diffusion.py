@@ -106,15 +106,17 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
 
         The stock pipeline decodes such a VAE in float32 too, casting it in place and back; a copy gives the same
         images and keeps the weights a graph built through `decode` saved for backward. The copy is made once per
-        VAE (the VAE is frozen here), not at every decode of a ReNO or FK loop.
+        VAE (the VAE is frozen here), not at every decode of a ReNO or FK loop, and made again when the VAE's weights
+        change in place (`load_state_dict` bumps each parameter's version) or it moves to another device.
         """
         vae = self.pipe.vae
         if not (vae.dtype == torch.float16 and vae.config.force_upcast):
             return vae
-        source, upcast = getattr(self, "_float32_vae", (None, None))
-        if source is not vae:
-            source, upcast = vae, copy.deepcopy(vae).float()
-            self._float32_vae = (source, upcast)
+        state = (vae, vae.device, tuple(parameter._version for parameter in vae.parameters()))
+        copied_from, upcast = getattr(self, "_float32_vae", (None, None))
+        if copied_from != state:
+            upcast = copy.deepcopy(vae).float()
+            self._float32_vae = (state, upcast)
         return upcast
 
     def unscale_latents(self, latents):

@@ -108,8 +108,8 @@ def take_step(
 
 
 def step_noise(generators: list[torch.Generator], like: torch.Tensor) -> torch.Tensor:
-    """One standard normal draw per image from its own generator."""
-    draws = [torch.randn(like.shape[1:], generator=g, dtype=torch.float32) for g in generators]
+    """One standard normal draw per image from its own generator (on the generator's device)."""
+    draws = [torch.randn(like.shape[1:], generator=g, device=g.device, dtype=torch.float32) for g in generators]
     return torch.stack(draws).to(like.device)
 
 
@@ -214,6 +214,8 @@ def sample(
     batch = len(prompts) * num_images_per_prompt
     if generators is None:
         generators = [torch.Generator("cpu").manual_seed(seed + k) for k in range(batch)]
+    if isinstance(generators, torch.Generator):
+        raise TypeError(f"generators takes one torch.Generator per image, a list of {batch}, not a single generator")
     if len(generators) != batch:
         raise ValueError(f"got {len(generators)} generators for {batch} images")
     window = set(range(num_inference_steps) if noise_window is None else noise_window)
