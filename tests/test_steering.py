@@ -2,6 +2,7 @@
 and pick, best-of-N, exact budgets (denoiser images counted by a hook), and the `steer` command."""
 
 import copy
+import inspect
 import json
 import math
 import re
@@ -25,7 +26,7 @@ from align_diffusion.steering.fk import (
     resample_indices,
     resampling_steps,
 )
-from align_diffusion.steering.reno import noise_norm_regularizer
+from align_diffusion.steering.reno import DEFAULT_STEPS, noise_norm_regularizer
 from align_diffusion.steering.ttsnap import kept, model_evals, seeds_for_budget
 
 SIZE = dict(height=32, width=32)
@@ -44,6 +45,18 @@ class Darkness(Reward):
     def score(self, images, prompts, metadata):
         self.calls.append(len(images))
         return 1 - images.mean((1, 2, 3))
+
+
+class Constant(Reward):
+    """The same score for every image, with a zero gradient: ReNO's noise then moves by its regularizer alone."""
+
+    differentiable = True
+
+    def __init__(self):
+        super().__init__("constant")
+
+    def score(self, images, prompts, metadata):
+        return images.mean((1, 2, 3)) * 0 + 0.5
 
 
 class PartlyUnscorable(Darkness):
@@ -116,6 +129,96 @@ def test_noise_norm_regularizer_value_and_gradient():
     on_shell = (on_shell / on_shell.norm(dim=1, keepdim=True) * math.sqrt(d - 1)).requires_grad_(True)
     noise_norm_regularizer(on_shell).sum().backward()
     assert on_shell.grad.abs().max() < 1e-4  # the minimum sits at ‖ε‖² = d − 1
+
+
+def test_renos_defaults_are_the_papers():
+    # ReNO (Eyring et al., NeurIPS 2024, arXiv:2406.04312) and its released code (arguments.py, training/optim.py):
+    # SGD with lr 5, momentum 0.9 and Nesterov, 50 iterations, gradient norm clipped to 0.1, regularizer weight 0.01.
+    defaults = {name: parameter.default for name, parameter in inspect.signature(reno).parameters.items()}
+    assert {name: defaults[name] for name in ("lr", "momentum", "nesterov", "iterations", "grad_clip", "reg_weight")} \
+        == dict(lr=5.0, momentum=0.9, nesterov=True, iterations=50, grad_clip=0.1, reg_weight=0.01)
+
+
+def test_reno_steps_left_at_none_are_renos_default_not_the_models(adapter, denoised_images):
+    # None, the way every option asks for its default (and left out of a run's records), is ReNO's four steps.
+    assert adapter.default_steps != DEFAULT_STEPS == 4
+    options = dict(num_inference_steps=None, guidance_scale=GUIDANCE, progress=False, **SIZE)
+    (plain,) = steer(adapter, ["a red circle"], Darkness(), "reno", iterations=0, **options)
+    assert plain.budget.model_evals == sum(denoised_images) == 4
+    (budgeted,) = steer(adapter, ["a red circle"], Darkness(), "reno", budget=12, **options)
+    assert len(budgeted.details["rewards_per_iteration"]) == 3 and budgeted.budget.model_evals == 12
+
+
+def reno_iterates(adapter, prompts, reward, **options):
+    """Each of ReNO's iterates' initial noise, (iterations + 1, prompts, ...): with one step and no gradient
+    checkpointing each iterate is one denoiser call, whose input holds the noise (twice: the guidance pair)."""
+    seen = []
+
+    def hook(module, args, kwargs):
+        seen.append(kwargs["hidden_states"][: len(prompts)].detach().clone())
+
+    handle = adapter.denoiser.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        reno(adapter, prompts, reward, num_inference_steps=1, guidance_scale=GUIDANCE, gradient_checkpointing=False,
+             **SIZE, **options)
+    finally:
+        handle.remove()
+    return torch.stack(seen).double()
+
+
+def regularizer_gradients(noise, reg_weight):
+    """w · ε (1 − (d − 1) / ‖ε‖²) per image: the regularizer's gradient, worked out by hand (d: the noise's size)."""
+    flat = noise.flatten(1)
+    squared = (flat**2).sum(dim=1, keepdim=True)
+    return (reg_weight * flat * (1 - (flat.shape[1] - 1) / squared)).view_as(noise)
+
+
+def nesterov_sgd_on_the_regularizer(noise, iterations, lr, momentum, reg_weight, grad_clip):
+    """The iterates of Nesterov SGD on the regularizer alone, each image's gradient clipped to norm `grad_clip` on its
+    own, written out: g clipped; b = g at the first step, μ · b + g after; ε ← ε − lr · (g + μ · b)."""
+    iterates, buffer = [noise], None
+    for _ in range(iterations):
+        gradient = regularizer_gradients(noise, reg_weight)
+        norms = gradient.flatten(1).norm(dim=1)
+        gradient = gradient * torch.where(norms > grad_clip, grad_clip / norms, 1.0).view(-1, 1, 1, 1)
+        buffer = gradient if buffer is None else momentum * buffer + gradient
+        noise = noise - lr * (gradient + momentum * buffer)
+        iterates.append(noise)
+    return torch.stack(iterates)
+
+
+def test_reno_regularizer_pulls_the_noise_norm_to_the_shell(adapter):
+    # A constant reward leaves the regularizer's gradient w · ε (1 − (d − 1) / ‖ε‖²), unclipped at norm <= 0.13 here;
+    # Nesterov's first step moves by lr · (1 + μ) times it, so ε scales by 1 − 9.5 · w · (1 − (d − 1) / ‖ε‖²).
+    w = 0.05
+    first, second = reno_iterates(adapter, ["a red circle", "two squares"], Constant(), iterations=1, reg_weight=w,
+                                  grad_clip=1.0)
+    d = first[0].numel()
+    squared = (first.flatten(1) ** 2).sum(dim=1)
+    assert squared.tolist() == pytest.approx([1082.05, 1107.23], abs=0.01)  # 6 % and 8 % above the shell, d − 1 = 1023
+    factor = 1 - 9.5 * w * (1 - (d - 1) / squared)
+    torch.testing.assert_close(second, first * factor.view(-1, 1, 1, 1), atol=1e-5, rtol=0)
+    # One step takes each noise norm more than nine tenths of the way to the shell.
+    moved = (second.flatten(1) ** 2).sum(dim=1)
+    assert ((moved - (d - 1)).abs() < 0.1 * (squared - (d - 1)).abs()).all()
+
+
+def test_reno_clips_each_images_gradient_on_its_own(adapter):
+    # With w = 0.05 the regularizer's gradient has norm 0.090 for one image and 0.127 for the other: the paper's clip,
+    # 0.1, shortens only the second, as it would if each prompt ran alone (one clip on the batch shortens both).
+    w, clip = 0.05, 0.1
+    iterates = reno_iterates(adapter, ["a red circle", "two squares"], Constant(), iterations=1, reg_weight=w)
+    norms = regularizer_gradients(iterates[0], w).flatten(1).norm(dim=1)
+    assert norms.tolist() == pytest.approx([0.0898, 0.1266], abs=1e-4)
+    expected = nesterov_sgd_on_the_regularizer(iterates[0], 1, lr=5.0, momentum=0.9, reg_weight=w, grad_clip=clip)
+    torch.testing.assert_close(iterates, expected, atol=1e-5, rtol=0)
+
+
+def test_reno_takes_nesterov_momentum_steps_with_the_papers_settings(adapter):
+    # The defaults, two steps: the second moves by the gradient plus momentum carried from the first.
+    iterates = reno_iterates(adapter, ["a red circle", "two squares"], Constant(), iterations=2)
+    expected = nesterov_sgd_on_the_regularizer(iterates[0], 2, lr=5.0, momentum=0.9, reg_weight=0.01, grad_clip=0.1)
+    torch.testing.assert_close(iterates, expected, atol=1e-5, rtol=0)
 
 
 def test_reno_returns_the_best_iterate_and_batches_like_single_prompts(adapter, denoised_images):
@@ -242,11 +345,7 @@ def test_effective_sample_size_and_resampling():
         # takes the first particle whose cumulative weight reaches it.
         u = torch.rand((), generator=torch.Generator().manual_seed(seed), dtype=torch.float64).item()
         assert indices.tolist() == [next(j for j, c in enumerate(cumulative) if c >= (u + i) / 4) for i in range(4)]
-    # Multinomial: torch.multinomial's draws from the same seed, and over many draws the weights' frequencies.
-    for seed in range(20):
-        draws = resample_indices(weights.log(), "multinomial", torch.Generator().manual_seed(seed))
-        stock = torch.multinomial(weights.double(), 4, replacement=True, generator=torch.Generator().manual_seed(seed))
-        assert draws.tolist() == stock.tolist()
+    # Multinomial: over many draws, the weights' frequencies.
     generator = torch.Generator().manual_seed(0)
     many = torch.cat([resample_indices(weights.log(), "multinomial", generator) for _ in range(2000)])
     frequencies = torch.bincount(many, minlength=4) / len(many)  # 8000 draws: standard errors of at most 0.006
@@ -262,13 +361,6 @@ def test_schedule_of_scored_steps():
     assert resampling_steps(2, None, 5, None) == [0, 1]
     with pytest.raises(ValueError, match="does not fit"):
         resampling_steps(10, 12, 3, None)
-
-
-def test_fk_with_no_tilt_keeps_uniform_weights(adapter):
-    result = fk_steering(adapter, "a red circle", Darkness(), num_particles=4, lam=0.0, num_inference_steps=6,
-                         resample_interval=2, guidance_scale=GUIDANCE, **SIZE)
-    assert result.details["scored_steps"] == [1, 3, 5]
-    assert result.details["ess"] == pytest.approx([4.0, 4.0])
 
 
 def test_fk_scores_exactly_on_the_schedule_and_counts_the_budget(adapter, denoised_images):
@@ -293,6 +385,40 @@ class RecordingDarkness(Darkness):
         scores = super().score(images, prompts, metadata)
         self.scores.append(scores.clone())
         return scores
+
+
+class FixedScores(Reward):
+    """Scores the particle slots of its call c with `table[c]`, whatever the images: a test double that makes FK's
+    weights, and so its resampling, known in advance."""
+
+    def __init__(self, table):
+        super().__init__("fixed")
+        self.table = table
+        self.calls = 0
+
+    def score(self, images, prompts, metadata):
+        self.calls += 1
+        return torch.tensor(self.table[self.calls - 1])
+
+
+def test_fk_lineages_carry_their_history_and_start_afresh_after_resampling(adapter):
+    # λ = 1, sum potential, steps 0 and 1 resampled, step 2 final. Weights that are multiples of 1/4 make systematic
+    # resampling give each particle exactly 4 · W copies, in order, whatever its uniform draw.
+    ln2, dead = math.log(2), -50.0
+    reward = FixedScores([[ln2, 0.0, 0.0, dead], [-ln2, -ln2, ln2, dead], [0.1, 0.2, 0.4, 0.3]])
+    result = fk_steering(adapter, "a red circle", reward, num_particles=4, lam=1.0, potential="sum",
+                         resampling="systematic", num_inference_steps=3, resample_start=0, resample_interval=1,
+                         guidance_scale=GUIDANCE, **SIZE)
+    assert result.details["scored_steps"] == [0, 1, 2] and result.details["resampled"] == [True, True]
+    # Step 0: W = (2, 1, 1, 0) / 4, ESS 1 / (1/4 + 1/16 + 1/16) = 8/3; ancestors 0, 0, 1, 2, so the histories
+    # are (ln 2, ln 2, 0, 0). Step 1: fresh weights, the sums of the lineages' scores, (0, 0, ln 2, −50):
+    # W = (1, 1, 2, 0) / 4, ESS 8/3 again; ancestors 0, 1, 2, 2, so the slots began as candidates 0, 0, 1, 1.
+    # Histories left unpermuted would give sums (0, −ln 2, ln 2, −100), ESS 7/3; weights carried through the
+    # resampling, (ln 2, ln 2, ln 2, −50), ESS 3.
+    assert result.details["ess"] == pytest.approx([8 / 3, 8 / 3], abs=1e-6)
+    assert result.details["ancestors"] == [0, 0, 1, 1]
+    assert result.details["candidate_rewards"] == pytest.approx([0.1, 0.2, 0.4, 0.3])
+    assert result.winner == 1 and result.reward == pytest.approx(0.4)  # slot 2 finished best; it began as candidate 1
 
 
 def test_fk_adaptive_resampling_carries_weights(adapter):

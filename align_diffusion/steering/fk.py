@@ -4,8 +4,11 @@ resampled by reward potentials along the way; the final pick is the particle wit
 At each step of the resampling schedule (start, start + interval, … up to end, plus the last step) every
 particle's x̂0 is decoded and scored, r_s. By default the schedule spans the paper's window, 20 % to 80 % of the
 steps (its text-to-image runs score steps 20, 40, 60 and 80 of 100): the earliest x̂0s say little about the final
-reward, and every scored step costs a decode of all particles. Potentials, in log space with tilt λ, over a
-particle's lineage:
+reward, and every scored step costs a decode of all particles. The default interval, though, is a fixed 5 steps,
+not the paper's: the authors' released text-to-image script scores every 20th of 100 steps (start 20, end 80) and
+resamples adaptively, when the ESS falls below 0.5 · k, whereas the default here scores 20, 25, … 80 of 100 and
+resamples at each. `resample_interval=num_inference_steps // 5, adaptive_threshold=0.5` gives the script's setting.
+Potentials, in log space with tilt λ, over a particle's lineage:
 
     max         λ · max over scored steps s ≤ t of r_s
     sum         λ · Σ_{s ≤ t} r_s

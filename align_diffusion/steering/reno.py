@@ -29,6 +29,12 @@ from align_diffusion.steering.candidates import Budget, SteeringResult, Timer, c
 DEFAULT_STEPS = 4  # ODE steps of each iterate: the method's one- to four-step regime
 
 
+def steps_per_iterate(num_inference_steps: int | None) -> int | None:
+    """The ODE steps of each iterate: None (every option's way to ask for its default) is ReNO's DEFAULT_STEPS, not
+    the model's default step count."""
+    return DEFAULT_STEPS if num_inference_steps is None else num_inference_steps
+
+
 def noise_norm_regularizer(noise: torch.Tensor) -> torch.Tensor:
     """½‖ε‖² − (d − 1) · log‖ε‖ per image, in fp32; its gradient ε · (1 − (d − 1) / ‖ε‖²) vanishes at
     ‖ε‖² = d − 1."""
@@ -71,7 +77,7 @@ def reno(
     nesterov: bool = True,
     grad_clip: float = 0.1,
     reg_weight: float = 0.01,
-    num_inference_steps: int = DEFAULT_STEPS,
+    num_inference_steps: int | None = None,
     guidance_scale: float | None = None,
     height: int | None = None,
     width: int | None = None,
@@ -82,7 +88,8 @@ def reno(
     progress: bool = False,
 ) -> list[SteeringResult]:
     """ReNO for each prompt (prompt j of the run is number `first_index + j`, its initial noise the plain sample's);
-    ODE sampling with `num_inference_steps` (1–4 is the method's regime) and the model's guidance by default."""
+    ODE sampling with `num_inference_steps` (default DEFAULT_STEPS; 1–4 is the method's regime) and the model's
+    guidance by default."""
     _differentiable_terms(reward)
     prompts = prompt_list(prompts)
     if iterations < 0:
@@ -92,7 +99,8 @@ def reno(
             raise ValueError(f"{name} must be a finite number >= 0, got {value}")
     if not 0 < grad_clip < math.inf:  # a negative clip lowers the reward, 0 freezes the noise
         raise ValueError(f"grad_clip must be a finite number > 0, got {grad_clip}")
-    settings = resolve_settings(adapter, "ode", num_inference_steps, guidance_scale, None, height, width)
+    settings = resolve_settings(adapter, "ode", steps_per_iterate(num_inference_steps), guidance_scale, None, height,
+                                width)
     batch = len(prompts)
     budgets = [Budget() for _ in prompts]
     timer = Timer(Budget())

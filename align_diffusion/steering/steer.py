@@ -22,8 +22,7 @@ from align_diffusion.steering import ttsnap as ttsnap_module
 from align_diffusion.steering.best_of_n import best_of_n
 from align_diffusion.steering.candidates import SteeringResult
 from align_diffusion.steering.fk import fk_steering
-from align_diffusion.steering.reno import DEFAULT_STEPS as RENO_STEPS
-from align_diffusion.steering.reno import reno
+from align_diffusion.steering.reno import reno, steps_per_iterate
 
 METHODS = ("best-of-n", "fk", "reno", "ttsnap")
 SIZE_OPTION = {"best-of-n": "num_candidates", "fk": "num_particles", "ttsnap": "num_seeds", "reno": "iterations"}
@@ -31,8 +30,10 @@ SIZE_OPTION = {"best-of-n": "num_candidates", "fk": "num_particles", "ttsnap": "
 
 def method_size(adapter: PipelineAdapter, method: str, budget: int, options: dict) -> int:
     """The candidates, particles, seeds or iterations a per-prompt `budget` of model evaluations buys."""
-    default_steps = RENO_STEPS if method == "reno" else None
-    steps = resolve_settings(adapter, "ode", options.get("num_inference_steps", default_steps)).num_inference_steps
+    steps = options.get("num_inference_steps")
+    if method == "reno":
+        steps = steps_per_iterate(steps)
+    steps = resolve_settings(adapter, "ode", steps).num_inference_steps
     if method == "ttsnap":
         size = ttsnap_module.seeds_for_budget(budget, list(options.get("prune_steps", ttsnap_module.PRUNE_STEPS)),
                                               list(options.get("keep", ttsnap_module.KEEP)), steps)

@@ -3,10 +3,12 @@ decoded x̂0, so the budget goes to the seeds that look promising; the survivors
 the best.
 
 At each prune step (e.g. steps 2, 6, 11 of 20), after that step's model call, the alive candidates are scored and
-the top max(1, round(α · n)) of n kept (α: that step's keep fraction, rounded half up). The noise-aware reward is a
-student trained by `align-diffusion train-reward noise-aware` (spec `clip:DIR`); any reward works, scored on x̂0.
-Budget: each alive candidate costs one model evaluation per step, so pruning buys seeds: `seeds_for_budget` gives
-the largest N whose cost fits a best-of-N budget.
+the top max(1, round(α · n)) of n kept (α: that step's keep fraction), halves rounded up. The authors' simulation
+code rounds with Python's round, halves to even, so where α · n is a whole number and a half with an even whole
+part it keeps one fewer than here (5 · 0.5: 3 here, 2 there), and its budgets differ to match. The noise-aware
+reward is a student trained by `align-diffusion train-reward noise-aware` (spec `clip:DIR`); any reward works,
+scored on x̂0. Budget: each alive candidate costs one model evaluation per step, so pruning buys seeds:
+`seeds_for_budget` gives the largest N whose cost fits a best-of-N budget.
 """
 
 from __future__ import annotations
@@ -34,8 +36,9 @@ KEEP = (0.4, 0.4, 0.5)
 
 
 def kept(count: int, fraction: float) -> int:
-    """How many of `count` candidates a prune step keeps: max(1, round(fraction · count)), halves rounded up. The
-    product is taken in decimal, as the fraction is written: in binary 0.35 · 90 falls just short of 31.5."""
+    """How many of `count` candidates a prune step keeps: max(1, round(fraction · count)), halves rounded up (not
+    to even, as the authors' simulation code's Python round does: 2.5 keeps 3 here, 2 there). The product is taken
+    in decimal, as the fraction is written: in binary 0.35 · 90 falls just short of 31.5."""
     product = Decimal(str(float(fraction))) * count
     return max(1, int(product.to_integral_value(rounding=ROUND_HALF_UP)))
 
