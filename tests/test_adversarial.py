@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoImageProcessor, Dinov2Model
+from transformers import AutoImageProcessor, BitImageProcessor, Dinov2Config, Dinov2Model
 
-from align_diffusion.rewards.adversarial import AdversarialDino, AdversarialSchedule
+from align_diffusion.rewards.adversarial import AdversarialDino, AdversarialSchedule, discriminator_loss
 from align_diffusion.rewards.spec import load_reward
 from align_diffusion.world.prompts import split_prompts
 from align_diffusion.world.render import render_prompt
@@ -26,6 +26,67 @@ def smeared(images: torch.Tensor) -> torch.Tensor:
     blurred = F.avg_pool2d(images, 5, 1, 2)
     noise = 0.08 * torch.randn(images.shape, generator=torch.Generator().manual_seed(1))
     return (0.7 * blurred + 0.3 * blurred.mean(1, keepdim=True) + noise).clamp(0, 1)
+
+
+def save_tiny_dino(folder) -> str:
+    """A random Dinov2 with facebook/dinov2's preprocessing scaled down: shortest side 73 and a center crop of 64,
+    as 256 and 224 (the model's input 64, patch 8)."""
+    torch.manual_seed(0)
+    config = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                          patch_size=8, image_size=64)
+    Dinov2Model(config).save_pretrained(folder)
+    BitImageProcessor(size={"shortest_edge": 73}, crop_size={"height": 64, "width": 64}, resample=3,
+                      image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]).save_pretrained(folder)
+    return str(folder)
+
+
+def paint_border(images: torch.Tensor, width: int) -> torch.Tensor:
+    """The images with a band of `width` pixels on every side painted: where a center crop would not look."""
+    painted = images.clone()
+    painted[..., :width, :] = 1.0
+    painted[..., -width:, :] = 0.0
+    painted[..., :, :width] = 0.5
+    painted[..., :, -width:] = 0.25
+    return painted
+
+
+def test_the_reward_sees_the_whole_image(tmp_path):
+    """Adv-GRPO resizes the whole image to the backbone's input (518²), no crop: the processor's resize to 73 and
+    center crop to 64 would hide the outer 8 px of a 128² image, where a generator could then do anything."""
+    reward = AdversarialDino(save_tiny_dino(tmp_path))
+    torch.nn.init.normal_(reward.head[2].weight, std=1.0, generator=torch.Generator().manual_seed(0))  # scores ~0.1
+    images = renders(["a red circle", "three squares"]).repeat_interleave(2, -1).repeat_interleave(2, -2)  # 128²
+    pixels = images.clone().requires_grad_(True)
+    reward(pixels, ["", ""]).sum().backward()
+    assert (pixels.grad.abs().sum(1) > 0).all()  # every pixel reaches the reward
+    with torch.no_grad():
+        painted = reward(paint_border(images, 8), ["", ""]) - reward(images, ["", ""])
+    assert (painted.abs() > 1e-4).all()
+
+
+def test_discriminator_loss_is_per_token_hinge_by_hand():
+    """Adv-GRPO's train_dino: 0.5·[mean relu(1 − real) + mean relu(1 + fake)] on the CLS logits, plus 0.3 × the same
+    on the patch logits; the reference's CLS logit is past the margin, but its patches still call it fake."""
+    real_cls, fake_cls = torch.tensor([3.0, 0.5]), torch.tensor([-2.0, 0.0])
+    real_patches = torch.tensor([[-1.0, -1.0], [2.0, 0.0]], requires_grad=True)
+    fake_patches = torch.tensor([[0.5, -3.0], [-1.0, -1.0]])
+    # CLS: real relu(1 - 3) = 0 and relu(1 - 0.5) = 0.5, mean 0.25; fake relu(1 - 2) = 0 and relu(1) = 1, mean 0.5.
+    # Patches: real 2, 2, 0, 1, mean 1.25; fake 1.5, 0, 0, 0, mean 0.375.
+    # 0.5 · (0.25 + 0.5) + 0.3 · 0.5 · (1.25 + 0.375) = 0.375 + 0.24375
+    loss = discriminator_loss(real_cls, real_patches, fake_cls, fake_patches)
+    assert loss.item() == pytest.approx(0.61875)
+    loss.backward()
+    # Each real patch logit under the margin gets −0.3 · 0.5 / 4; the first image's patches too, whose CLS logit of
+    # 3 would carry the 0.7 / 0.3 mix past the margin.
+    torch.testing.assert_close(real_patches.grad, torch.tensor([[-0.0375, -0.0375], [0.0, -0.0375]]))
+
+
+def test_training_draws_64_patch_tokens_per_image_with_replacement():
+    """As Adv-GRPO's train_dino does: 64 uniform draws from the world backbone's 64 patch tokens repeat some."""
+    reward = AdversarialDino(DINO)
+    tokens = torch.eye(64).expand(8, -1, -1)  # token k of each image is the one-hot vector k
+    counts = reward._random_patches(tokens).sum(1)  # (8, 64): how often each image drew each token
+    assert (counts.sum(1) == 64).all() and (counts.amax(1) > 1).all()
 
 
 def test_reward_is_the_stated_mix_of_cls_and_patch_scores():
@@ -96,6 +157,22 @@ def test_maybe_update_follows_the_schedule():
         reference_mean = overtaken(images, ["", ""]).mean()
     assert overtaken.maybe_update(images, images, torch.full((2,), reference_mean - 1)) == []
     assert len(overtaken.maybe_update(images, images, torch.full((2,), reference_mean + 1))) == 1
+
+
+def test_a_diverged_sample_is_left_out_of_the_head_update():
+    """A NaN image among a round's samples scores NaN and trains the head as if it were not there."""
+    references = renders(["a red circle", "a blue square"])
+    generated = smeared(renders(["a red circle", "a blue square"], seed=100))
+    diverged = torch.cat([generated, generated[:1]])
+    diverged[2, :, 5:9, 5:9] = float("nan")
+    alone, with_nan = (AdversarialDino(DINO, schedule=AdversarialSchedule(every=1)) for _ in range(2))
+    scores = with_nan(diverged, ["", "", ""])
+    assert torch.isnan(scores[2]) and torch.isfinite(scores[:2]).all()
+    expected = alone.maybe_update(generated, references, scores[:2], steps=2)
+    assert with_nan.maybe_update(diverged, references, scores, steps=2) == pytest.approx(expected)
+    torch.testing.assert_close(with_nan(references, ["", ""]), alone(references, ["", ""]))
+    all_diverged = torch.full_like(generated, float("nan"))
+    assert with_nan.maybe_update(all_diverged, references, torch.full((2,), float("nan"))) == []
 
 
 def test_trained_head_tells_clean_renders_from_the_world_generators_samples():

@@ -7,10 +7,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import save_file
+from test_adversarial import paint_border, renders, save_tiny_dino
 from transformers import AutoImageProcessor, AutoModel
 
 from align_diffusion.cli import main
-from align_diffusion.rewards.artifact import CORRUPTIONS, corrupt, read_labelled_images
+from align_diffusion.rewards.artifact import (CONFIG_FILE, CORRUPTIONS, HEAD_FILE, ArtifactReward, FrozenBackbone,
+                                              artifact_head, corrupt, read_labelled_images)
 from align_diffusion.rewards.base import images_to_tensor
 from align_diffusion.rewards.spec import load_reward
 from align_diffusion.world.prompts import split_prompts
@@ -96,6 +99,23 @@ def test_train_reward_command_saves_a_reward_the_spec_loads(tmp_path, capsys):
     torch.testing.assert_close(scores[:4], expected, atol=1e-4, rtol=0)
     with pytest.raises(FileNotFoundError, match="train-reward"):
         load_reward(f"artifact:{tmp_path / 'set'}")
+
+
+def test_the_reward_sees_the_whole_image(tmp_path):
+    """An artifact in the border must cost reward: the backbone reads the whole image, resized with no crop, where
+    its processor's resize to 73 and crop to 64 would leave the outer 8 px of a 128² image unseen."""
+    backbone = save_tiny_dino(tmp_path / "dino")
+    torch.manual_seed(0)
+    save_file(artifact_head(FrozenBackbone(backbone).features).state_dict(), tmp_path / HEAD_FILE)
+    (tmp_path / CONFIG_FILE).write_text(json.dumps({"backbone": backbone}))
+    reward = ArtifactReward(tmp_path)
+    images = renders(["a red circle", "three squares"]).repeat_interleave(2, -1).repeat_interleave(2, -2)  # 128²
+    pixels = images.clone().requires_grad_(True)
+    reward(pixels, ["", ""]).sum().backward()
+    assert (pixels.grad.abs().sum(1) > 0).all()
+    with torch.no_grad():
+        painted = reward(paint_border(images, 8), ["", ""]) - reward(images, ["", ""])
+    assert (painted.abs() > 1e-4).all()
 
 
 def test_every_corruption_changes_a_render_and_stays_an_image():

@@ -150,16 +150,43 @@ def test_jpeg_compressibility_is_minus_kilobytes():
     assert rewards[3] < rewards[:3].min()  # noise compresses worst
 
 
-def test_torch_transform_matches_processor():
-    """The differentiable preprocessing against the transformers processor's PIL path (resize + crop)."""
+@pytest.mark.parametrize("size", [(96, 80), (94, 80), (80, 94)])
+def test_torch_transform_matches_processor(size):
+    """The differentiable preprocessing against the transformers processor (resize + crop) on PIL images. Not square
+    and larger than 64, so both the resize and the crop act; 94 resizes to 75, an odd margin of 11 whose offset 5.5
+    the processor floors (rounding gives 6), on either axis."""
     processor = AutoProcessor.from_pretrained(WORLD_CLIP).image_processor
     transform = TorchImageTransform.from_processor(processor)
-    images = world_images((96, 80))  # not square, larger than 64: both the resize and the crop act
+    images = world_images(size)
     expected = processor(images=images, return_tensors="pt").pixel_values
     actual = transform(images_to_tensor(images))
     assert actual.shape == expected.shape == (3, 3, 64, 64)
-    # Bicubic resampling differs in detail between PIL and torch; in [-1, 1] units the mean gap stays small.
-    assert (actual - expected).abs().mean() < 0.02
+    # The processor resamples 8-bit images: measured mean gaps 2.4e-4 to 2.7e-4 in [-1, 1] units, against 2.7e-3
+    # for bilinear or non-antialiased resampling and 1.4e-2 for a crop one pixel off.
+    assert (actual - expected).abs().mean() < 1e-3
+
+
+@pytest.mark.parametrize("setting", [{"resample": 2}, {"do_center_crop": False}, {"do_resize": False},
+                                     {"do_normalize": False}])
+def test_torch_transform_follows_the_processors_settings(setting):
+    processor = CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}, **setting)
+    images = world_images((94, 80))
+    expected = processor(images=images, return_tensors="pt").pixel_values
+    actual = TorchImageTransform.from_processor(processor)(images_to_tensor(images))
+    assert actual.shape == expected.shape
+    assert (actual - expected).abs().mean() < 1e-3
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"resample": 0}, "resample=0"), ({"resample": 1}, "resample=1"),
+    ({"do_rescale": False}, "do_rescale=False"), ({"rescale_factor": 1.0}, "rescale_factor=1.0"),
+    ({"size": {"shortest_edge": 64, "longest_edge": 100}}, "size=.*longest_edge"),
+])
+def test_torch_transform_refuses_processor_settings_it_cannot_follow(setting, message):
+    processor = CLIPImageProcessor(**{"size": {"shortest_edge": 64}, "crop_size": {"height": 64, "width": 64},
+                                      **setting})
+    with pytest.raises(ValueError, match=message):
+        TorchImageTransform.from_processor(processor)
 
 
 def test_torch_transform_truncates_the_long_side_like_clip_processor():
@@ -209,6 +236,21 @@ def test_clip_and_pickscore_on_world_clip():
     # Matched prompts beat mismatched ones.
     mismatched = pick(images_to_tensor(images), PROMPTS[1:] + PROMPTS[:1])
     assert (scores > mismatched).all()
+
+
+def test_pickscore_in_bfloat16_keeps_the_float32_logit_scale(tmp_path):
+    """PickScore_v1's logit scale is ln 100; cast to bfloat16 first it would be 4.59375, and every score 1% low."""
+    model = CLIPModel.from_pretrained(WORLD_CLIP)
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(100))
+    model.save_pretrained(tmp_path)
+    AutoProcessor.from_pretrained(WORLD_CLIP).save_pretrained(tmp_path)
+    images = images_to_tensor(world_images((80, 80)))
+    with torch.no_grad():
+        full = PickScore(str(tmp_path))(images, PROMPTS)
+        half = PickScore(str(tmp_path), dtype=torch.bfloat16)(images, PROMPTS)
+    # Measured: the bfloat16 model's scores within 0.08% of float32's.
+    torch.testing.assert_close(half, full, rtol=3e-3, atol=0)
 
 
 def test_clip_rewards_encode_each_prompt_once():
@@ -272,10 +314,59 @@ def test_open_clip_transform_crops_where_open_clip_does(tiny_open_clip, width):
     import open_clip
 
     arch, weights = tiny_open_clip
-    _, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=str(weights))
+    model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=str(weights))
     image = Image.fromarray(np.random.default_rng(width).integers(0, 256, (48, width, 3), dtype=np.uint8))
-    ours = HPSv2(weights, arch).transform(images_to_tensor([image]))[0]
+    ours = TorchImageTransform.from_open_clip(model.visual)(images_to_tensor([image]))[0]
     torch.testing.assert_close(ours, preprocess(image), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("resize_mode, interpolation", [("squash", "bilinear"), ("longest", "bicubic"),
+                                                        ("shortest", "bilinear")])
+def test_open_clip_transform_follows_resize_mode_and_interpolation(tiny_open_clip, resize_mode, interpolation):
+    import open_clip
+
+    arch, _ = tiny_open_clip
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        arch, pretrained=None, image_resize_mode=resize_mode, image_interpolation=interpolation)
+    images = world_images((100, 61))
+    expected = torch.stack([preprocess(image) for image in images])
+    actual = TorchImageTransform.from_open_clip(model.visual)(images_to_tensor(images))
+    # PIL against torch resampling: measured mean gaps 2.8e-4 to 5.5e-4; the default bicubic shortest-side resize
+    # and crop in their place differ by 6e-3 (bilinear) to 0.33 (letterbox).
+    assert actual.shape == expected.shape and (actual - expected).abs().mean() < 1e-3
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"fill_color": 255}, "fill_color=255"), ({"interpolation": "nearest"}, "interpolation='nearest'"),
+    ({"resize_mode": "crop"}, "resize_mode='crop'"), ({"size": (48, 64)}, r"size=\(48, 64\)"),
+])
+def test_open_clip_transform_refuses_settings_it_cannot_follow(tiny_open_clip, change, message):
+    import open_clip
+
+    visual = open_clip.create_model(tiny_open_clip[0], pretrained=None).visual
+    visual.preprocess_cfg = {**visual.preprocess_cfg, **change}
+    with pytest.raises(ValueError, match=message):
+        TorchImageTransform.from_open_clip(visual)
+
+
+def test_hpsv2_letterboxes_like_its_scorer(tiny_open_clip):
+    """HPSv2's scorer (`light_augmentation=True`, its ResizeMaxSize) resizes the tensor's longest side to the input
+    size and zero-pads the short side (the odd pixel after); written out here with torchvision on a wide image."""
+    import open_clip
+    from torchvision.transforms import functional as TF
+
+    arch, weights = tiny_open_clip
+    reward = HPSv2(weights, arch)
+    image = world_images((100, 61))[0]  # 48 x 29 once resized: 19 rows of padding, 9 above and 10 below
+    tensor = TF.resize(TF.to_tensor(image), [round(61 * 48 / 100), 48], TF.InterpolationMode.BICUBIC, antialias=True)
+    expected = TF.normalize(TF.pad(tensor, [0, 9, 0, 10], fill=0), open_clip.OPENAI_DATASET_MEAN,
+                            open_clip.OPENAI_DATASET_STD)
+    torch.testing.assert_close(reward.transform(images_to_tensor([image]))[0], expected, rtol=0, atol=1e-5)
+    with torch.no_grad():
+        image_features = F.normalize(reward.model.encode_image(expected[None]), dim=-1)
+        text_features = F.normalize(reward.model.encode_text(open_clip.get_tokenizer(arch)(PROMPTS[:1])), dim=-1)
+    torch.testing.assert_close(reward([image], PROMPTS[:1]), (image_features * text_features).sum(-1), rtol=0,
+                               atol=1e-5)
 
 
 def test_aesthetic_head_on_clip_embedding(tmp_path):

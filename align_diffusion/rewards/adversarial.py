@@ -1,10 +1,13 @@
 """The adversarial DINO reward of Adv-GRPO ("The Image as Its Own Reward"): a frozen Dinov2-format backbone and a
 small head trained, as a discriminator, to score reference images above generated ones.
 
-The head Linear(d→512)–GELU–Linear(512→1) is shared by the CLS token and the patch tokens, all L2-normalized;
-reward = 0.7·head(CLS) + 0.3·mean head(patches). Training uses `num_patches` random patch tokens per image and the
-hinge loss relu(1 − r(reference)) + relu(1 + r(generated)); scoring uses every patch token, so it is
-deterministic. The head updates on its own schedule (`AdversarialSchedule`) while the policy trains against it.
+The backbone sees the whole image, resized to its processor's crop size with no crop (as Adv-GRPO resizes to 518²),
+so no border is left where a generator could change pixels unseen. The head Linear(d→512)–GELU–Linear(512→1) is
+shared by the CLS token and the patch tokens, all L2-normalized; reward = 0.7·head(CLS) + 0.3·mean head(patches),
+over every patch token, so it is deterministic. Training follows Adv-GRPO's `train_dino`: hinge losses per token,
+0.5·[mean relu(1 − logit(reference)) + mean relu(1 + logit(generated))], on the CLS logits plus 0.3 times the same
+on `num_patches` patch tokens per image drawn with replacement. The head updates on its own schedule
+(`AdversarialSchedule`) while the policy trains against it.
 """
 
 from __future__ import annotations
@@ -18,7 +21,18 @@ from transformers import AutoImageProcessor, Dinov2Model
 from align_diffusion.rewards.base import Reward, images_to_tensor
 from align_diffusion.rewards.preprocess import TorchImageTransform
 
-CLS_WEIGHT = 0.7
+CLS_WEIGHT = 0.7  # of the reward
+PATCH_LOSS_WEIGHT = 0.3  # of the patch tokens' hinge loss against the CLS tokens' in training
+
+
+def hinge_loss(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    """0.5·[mean relu(1 − real) + mean relu(1 + fake)] over discriminator logits of any shape."""
+    return 0.5 * (F.relu(1 - real).mean() + F.relu(1 + fake).mean())
+
+
+def discriminator_loss(real_cls, real_patches, fake_cls, fake_patches) -> torch.Tensor:
+    """Adv-GRPO's loss of the head's logits: per-token hinge losses, CLS (B,) plus 0.3 × patches (B, n)."""
+    return hinge_loss(real_cls, fake_cls) + PATCH_LOSS_WEIGHT * hinge_loss(real_patches, fake_patches)
 
 
 @dataclass
@@ -47,11 +61,11 @@ class AdversarialDino(Reward):
     trainable = True
     stateful = True
 
-    def __init__(self, backbone: str, *, num_patches: int = 16, lr: float = 1e-4,
+    def __init__(self, backbone: str, *, num_patches: int = 64, lr: float = 1e-4,
                  schedule: AdversarialSchedule | None = None, seed: int = 0, device=None, dtype=torch.float32):
         super().__init__("adv-dino")
         self.backbone = Dinov2Model.from_pretrained(backbone, dtype=dtype).to(device).eval().requires_grad_(False)
-        self.transform = TorchImageTransform.from_processor(AutoImageProcessor.from_pretrained(backbone))
+        self.transform = TorchImageTransform.from_processor(AutoImageProcessor.from_pretrained(backbone), squash=True)
         width = self.backbone.config.hidden_size
         generator = torch.Generator().manual_seed(seed)
         self.head = torch.nn.Sequential(torch.nn.Linear(width, 512), torch.nn.GELU(), torch.nn.Linear(512, 1))
@@ -82,10 +96,10 @@ class AdversarialDino(Reward):
         return self.head_reward(*self.features(images))
 
     def _random_patches(self, patches: torch.Tensor) -> torch.Tensor:
+        """`num_patches` (at most as many as there are) patch tokens of each image, drawn with replacement."""
         count = min(self.num_patches, patches.shape[1])
-        pick = torch.stack([torch.randperm(patches.shape[1], generator=self.patch_generator)[:count]
-                            for _ in range(len(patches))]).to(patches.device)
-        return torch.gather(patches, 1, pick.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
+        pick = torch.randint(patches.shape[1], (len(patches), count), generator=self.patch_generator)
+        return torch.gather(patches, 1, pick.to(patches.device).unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
 
     def train_step(self, generated, references) -> float:
         """One hinge-loss update of the head: references are positives, generated images negatives."""
@@ -96,9 +110,9 @@ class AdversarialDino(Reward):
         return self.features(images_to_tensor(images).detach())
 
     def _update(self, real_features, fake_features) -> float:
-        real = self.head_reward(real_features[0], self._random_patches(real_features[1]))
-        fake = self.head_reward(fake_features[0], self._random_patches(fake_features[1]))
-        loss = F.relu(1 - real).mean() + F.relu(1 + fake).mean()
+        tokens = (real_features[0], self._random_patches(real_features[1]),
+                  fake_features[0], self._random_patches(fake_features[1]))
+        loss = discriminator_loss(*(self.head(t).squeeze(-1) for t in tokens))
         self.optimizer.zero_grad()
         loss.backward()
         self.optimizer.step()
@@ -107,11 +121,17 @@ class AdversarialDino(Reward):
     def maybe_update(self, generated, references, generated_rewards: torch.Tensor, steps: int = 1) -> list[float]:
         """A round of co-training: `steps` head updates when the schedule says so (given the generated images'
         rewards this round and the references' current scores); returns the losses (empty when skipped).
-        The frozen backbone runs once per image set, however many steps."""
+        Generated images with a non-finite pixel (diverged samples, which the reward scores NaN) are left out of
+        the update, which is skipped when none is left. The frozen backbone runs once per image set, however many
+        steps."""
         real_features = self._frozen_features(references)
         with torch.no_grad():
             reference_mean = self.head_reward(*real_features).mean().item()
         if not self.schedule.should_update(torch.nanmean(generated_rewards.float()).item(), reference_mean):
+            return []
+        if isinstance(generated, torch.Tensor):
+            generated = generated[torch.isfinite(generated.detach()).flatten(1).all(1)]
+        if len(generated) == 0:
             return []
         fake_features = self._frozen_features(generated)
         return [self._update(real_features, fake_features) for _ in range(steps)]

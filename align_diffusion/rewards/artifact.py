@@ -31,13 +31,15 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 class FrozenBackbone(torch.nn.Module):
     """A transformers vision model (Dinov2, CLIP vision, ViT …), frozen, read at every layer as [CLS, mean, std and
-    max of the patch tokens]: artifacts are low-level statistics that a semantic encoder's last layer ignores."""
+    max of the patch tokens]: artifacts are low-level statistics that a semantic encoder's last layer ignores.
+    It sees the whole image, resized to the processor's crop size with no crop: an artifact in a cropped-off border
+    would go unpenalized."""
 
     def __init__(self, backbone: str, device=None, dtype=torch.float32):
         super().__init__()
         model = AutoModel.from_pretrained(backbone, dtype=dtype)
         self.model = (getattr(model, "vision_model", None) or model).to(device).eval().requires_grad_(False)
-        self.transform = TorchImageTransform.from_processor(AutoImageProcessor.from_pretrained(backbone))
+        self.transform = TorchImageTransform.from_processor(AutoImageProcessor.from_pretrained(backbone), squash=True)
         self.features = 4 * (self.model.config.num_hidden_layers + 1) * self.model.config.hidden_size
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

@@ -50,13 +50,17 @@ class TextFeatures:
 
 
 class _TransformersClip(Reward):
-    """Cosine similarity of a transformers CLIP model's normalized image and text embeddings, times `scale`."""
+    """Cosine similarity of a transformers CLIP model's normalized image and text embeddings; `logit_scale` is
+    exp of the checkpoint's logit scale, read in float32 whatever `dtype` the model runs in."""
 
     differentiable = True
 
     def __init__(self, name: str, model: str, processor: str | None, device=None, dtype=torch.float32):
         super().__init__(name)
-        self.model = CLIPModel.from_pretrained(model, dtype=dtype).to(device).eval().requires_grad_(False)
+        clip = CLIPModel.from_pretrained(model, dtype=torch.float32)
+        # Read before the cast: bfloat16 rounds PickScore's ln 100 to 4.59375, a scale of 99 (every score 1% low).
+        self.logit_scale = clip.logit_scale.exp().item()
+        self.model = clip.to(device, dtype).eval().requires_grad_(False)
         loaded = AutoProcessor.from_pretrained(processor or model)
         self.tokenizer, image_processor = loaded.tokenizer, loaded.image_processor
         self.transform = TorchImageTransform.from_processor(image_processor)
@@ -106,7 +110,7 @@ class PickScore(_TransformersClip):
         return self.linear_score(images, prompts)
 
     def linear_score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        return self.model.logit_scale.exp().float() * self.cosine(images, prompts)
+        return self.logit_scale * self.cosine(images, prompts)
 
 
 class OpenClipScore(Reward):
@@ -115,11 +119,11 @@ class OpenClipScore(Reward):
 
     differentiable = True
 
-    def __init__(self, name: str, model, tokenizer, device=None, dtype=torch.float32):
+    def __init__(self, name: str, model, tokenizer, device=None, dtype=torch.float32, resize_mode: str | None = None):
         super().__init__(name)
         self.model = model.to(device, dtype).eval().requires_grad_(False)
         self.tokenizer = tokenizer
-        self.transform = TorchImageTransform.from_open_clip(model.visual)
+        self.transform = TorchImageTransform.from_open_clip(model.visual, resize_mode)
         self.text_features = TextFeatures(self.encode_text)
 
     def image_networks(self):
@@ -138,7 +142,9 @@ class OpenClipScore(Reward):
 class HPSv2(OpenClipScore):
     """HPSv2 / v2.1 (Wu et al. 2023): an open_clip model (ViT-H-14 as published) with fine-tuned weights from a
     file; reward = cosine of the normalized image and text features. Spec `hpsv2:WEIGHTS` or
-    `hpsv2:ARCH:WEIGHTS` (ARCH an open_clip model name, e.g. one registered with `open_clip.add_model_config`)."""
+    `hpsv2:ARCH:WEIGHTS` (ARCH an open_clip model name, e.g. one registered with `open_clip.add_model_config`).
+    Images are letterboxed as HPSv2's scorer reads them (its `light_augmentation`): the longest side resized to the
+    model's input size and the rest zero-padded, so a non-square image is seen whole."""
 
     def __init__(self, weights: str | Path, arch: str = HPS_ARCH, device=None, dtype=torch.float32):
         import open_clip
@@ -148,7 +154,7 @@ class HPSv2(OpenClipScore):
         model = open_clip.create_model(arch, pretrained=None)
         checkpoint = torch.load(weights, map_location="cpu", weights_only=True)
         model.load_state_dict(checkpoint.get("state_dict", checkpoint))
-        super().__init__("hpsv2", model, open_clip.get_tokenizer(arch), device, dtype)
+        super().__init__("hpsv2", model, open_clip.get_tokenizer(arch), device, dtype, resize_mode="longest")
 
 
 class AestheticHead(torch.nn.Module):
