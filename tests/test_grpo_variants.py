@@ -3,6 +3,7 @@ runs of each variant on the tiny SD3 pipeline."""
 
 import json
 import math
+import shutil
 
 import pytest
 import scipy.stats
@@ -275,6 +276,23 @@ def test_adv_grpo_co_trains_the_dino_head_and_checkpoints_it(saved, tmp_path):
     for key, value in trainer.reward.head.state_dict().items():
         assert torch.equal(saved_state["head"][key], value)
     assert any(not torch.equal(head_before[k], v) for k, v in trainer.reward.head.state_dict().items())
+    # Stopped after step 1 and resumed, the run ends with the straight run's head and weights.
+    halves = tmp_path / "halves"
+    GRPOTrainer(load_config(None, [*overrides, f"output_dir={halves}", "max_steps=1"])).train()
+    incomplete = tmp_path / "incomplete"  # a copy of step 1 without the head: resuming it is refused
+    shutil.copytree(halves / "checkpoints" / "step-000001", incomplete)
+    (incomplete / "reward_state.pt").unlink()
+    GRPOTrainer(load_config(None, [*overrides, f"output_dir={halves}", "resume_from=latest"])).train()
+    resumed = halves / "checkpoints" / "step-000002"
+    resumed_head = torch.load(resumed / "reward_state.pt", weights_only=False)["head"]
+    for key, value in saved_state["head"].items():
+        assert torch.equal(resumed_head[key], value), key
+    straight = load_file(str(tmp_path / "run" / "checkpoints" / "step-000002" / "trained.safetensors"))
+    for key, value in load_file(str(resumed / "trained.safetensors")).items():
+        assert torch.equal(straight[key], value), key
+    with pytest.raises(FileNotFoundError, match="has no reward_state.pt, which the reward adv-dino:assets/world/dino"):
+        GRPOTrainer(load_config(None, [*overrides, f"output_dir={tmp_path / 'other'}",
+                                       f"resume_from={incomplete}"])).train()
 
 
 def test_gdro_generates_once_then_trains_offline(saved, prompt_file, tmp_path):
@@ -299,5 +317,14 @@ def test_gdro_generates_once_then_trains_offline(saved, prompt_file, tmp_path):
     modified = (tmp_path / GROUPS_FILE).stat().st_mtime_ns
     train(load_config(None, overrides + ["resume_from=latest", "max_steps=3"]))
     assert (tmp_path / GROUPS_FILE).stat().st_mtime_ns == modified
-    with pytest.raises(ValueError, match="move it away"):
+    with pytest.raises(ConfigError, match="gdro.group_size: the run that wrote .* was trained with 3, not 2"):
         train(load_config(None, overrides + ["gdro.group_size=2", "max_steps=4", "resume_from=latest"]))
+    # A set found in a new run's output_dir is used only when made under this run's settings.
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    shutil.copy(tmp_path / GROUPS_FILE, fresh / GROUPS_FILE)
+    other = [o if not o.startswith("output_dir=") else f"output_dir={fresh}" for o in overrides]
+    with pytest.raises(ValueError, match="holds 2 groups of 3, but gdro asks for 2 of 2; move it away"):
+        train(load_config(None, other + ["gdro.group_size=2"]))
+    with pytest.raises(ValueError, match="generated with reward='jpeg', this run has reward='jpeg:50'; move it away"):
+        train(load_config(None, other + ["reward=jpeg:50"]))

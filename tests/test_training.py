@@ -445,23 +445,52 @@ def test_resume_refuses_another_lora_rank_or_algorithm_by_name(trained, saved, p
     shutil.copytree(out / "checkpoints", tmp_path / "checkpoints")
     shutil.copy(out / "config.yaml", tmp_path / "config.yaml")
     overrides = tiny_overrides(saved["sd3"], prompt_file, tmp_path, resume_from="latest", max_steps=3)
-    with pytest.raises(ConfigError, match="lora.rank: the run in .* was trained with 4, not 8"):
+    with pytest.raises(ConfigError, match="lora.rank: the run that wrote .* was trained with 4, not 8"):
         GRPOTrainer(load_config(None, [*overrides, "lora.rank=8"])).train()
-    with pytest.raises(ConfigError, match="algorithm: the run in .* was trained with grpo, not gdro"):
+    with pytest.raises(ConfigError, match="algorithm: the run that wrote .* was trained with grpo, not gdro"):
         GRPOTrainer(load_config(None, [*overrides, "algorithm=gdro", "references=shapes"])).train()
+    # The optimizer's state comes from the checkpoint: a new lr would be written to config.yaml but not used.
+    with pytest.raises(ConfigError, match=r"optim.lr: .* trained with 0.01, not 0.5; .*optim.weight_decay: "):
+        GRPOTrainer(load_config(None, [*overrides, "optim.lr=0.5", "optim.weight_decay=0.1"])).train()
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["lora"]["rank"] == 4  # not overwritten
-    # Another run's checkpoint, named by path: its weights' shapes tell.
+    # Another run's checkpoint, named by path into a new output_dir: the checkpoint's own run is compared.
     other = tiny_overrides(saved["sd3"], prompt_file, tmp_path / "other", max_steps=3, **{
         "lora.rank": 8, "resume_from": tmp_path / "checkpoints" / "step-000002"})
-    with pytest.raises(ValueError, match=r"lora_A.* of shape \(4, .* at \(8, .*was lora.rank changed"):
+    with pytest.raises(ConfigError, match="lora.rank: the run that wrote .*step-000002 was trained with 4, not 8"):
         GRPOTrainer(load_config(None, other)).train()
+    # Where, how long and what it evaluates may change.
+    GRPOTrainer(load_config(None, [*overrides, "eval.every=0", "checkpoints_kept=3", "async_rewards=true"])).train()
+    assert [r["step"] for r in metrics(tmp_path)] == [3]
+
+
+def test_an_evaluation_a_stop_signal_cut_short_runs_when_the_run_resumes(saved, prompt_file, tmp_path):
+    overrides = tiny_overrides(saved["sd3"], prompt_file, tmp_path, max_steps=3, checkpoint_every=0, **{
+        "eval.every": 2, "eval.num_steps": 2, "eval.num_images_per_prompt": 1})
+    trainer = GRPOTrainer(load_config(None, overrides))
+    signalled_during_step(trainer, 1, times=1)
+    with pytest.raises(TrainingInterrupted, match="stopped after step 2"):
+        trainer.train()
+    assert [(r["step"], "eval/reward_mean" in r) for r in metrics(tmp_path)] == [(0, True), (1, False), (2, False)]
+    GRPOTrainer(load_config(None, [*overrides, "resume_from=latest"])).train()
+    rows = metrics(tmp_path)
+    assert [(r["step"], "eval/reward_mean" in r) for r in rows] == [(0, True), (1, False), (2, True), (3, True)]
+    assert rows[2]["reward_mean"] is not None  # the step's training row kept, the evaluation added to it
+    assert (tmp_path / "eval" / "step-000002" / "metadata.jsonl").is_file()
 
 
 def test_resume_refuses_a_checkpoint_that_lacks_weights_this_run_trains(trained, saved, prompt_file, tmp_path):
     _, out = trained
-    overrides = tiny_overrides(saved["sd3"], prompt_file, tmp_path, resume_from=out / "checkpoints" / "step-000001",
-                               **{"lora.target_modules": "[to_q,to_k,to_v,to_out.0,add_q_proj]"})
+    older = tmp_path / "older"  # as an earlier version wrote it: no record of its run's settings to compare
+    shutil.copytree(out / "checkpoints" / "step-000001", older)
+    state = json.loads((older / "trainer_state.json").read_text())
+    (older / "trainer_state.json").write_text(json.dumps({k: v for k, v in state.items() if k != "config"}))
+    modules = {"lora.target_modules": "[to_q,to_k,to_v,to_out.0,add_q_proj]"}
+    overrides = tiny_overrides(saved["sd3"], prompt_file, tmp_path / "run", resume_from=older, **modules)
     with pytest.raises(ValueError, match=r"lacks weights this run trains: .*add_q_proj"):
+        GRPOTrainer(load_config(None, overrides)).train()
+    overrides = tiny_overrides(saved["sd3"], prompt_file, tmp_path / "run", resume_from=out / "checkpoints" /
+                               "step-000001", **modules)
+    with pytest.raises(ConfigError, match=r"lora.target_modules: the run that wrote .* was trained with \["):
         GRPOTrainer(load_config(None, overrides)).train()
 
 

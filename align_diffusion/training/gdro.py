@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from align_diffusion.rewards.spec import score_terms
 from align_diffusion.sampling.loop import sample
 from align_diffusion.training.checkpoint import atomic_torch_save
+from align_diffusion.training.config import to_dict
 from align_diffusion.training.grpo import GRPOTrainer
 
 GROUPS_FILE = "gdro_groups.pt"
@@ -52,12 +53,19 @@ class GDROTrainer(GRPOTrainer):
         """The generated groups: loaded from OUTPUT_DIR/gdro_groups.pt, or generated (and saved) when missing."""
         path = self.output_dir / GROUPS_FILE
         config, gdro = self.config, self.config.gdro
+        made_by = self.offline_set_settings()
         if path.exists():
             groups = torch.load(path, weights_only=False)
             if (len(groups["prompts"]), groups["latents"].shape[1]) != (gdro.num_groups, gdro.group_size):
                 raise ValueError(f"{path} holds {len(groups['prompts'])} groups of {groups['latents'].shape[1]}, "
                                  f"but gdro asks for {gdro.num_groups} of {gdro.group_size}; move it away to "
                                  "generate a new set")
+            earlier = groups.get("made_by", made_by)  # sets saved before they recorded this are taken as they are
+            changed = [key for key in made_by if earlier.get(key) != made_by[key]]
+            if changed:
+                raise ValueError(f"{path} was generated with " + ", ".join(
+                    f"{key}={earlier.get(key)!r}" for key in changed) + ", this run has " + ", ".join(
+                    f"{key}={made_by[key]!r}" for key in changed) + "; move it away to generate a new set")
             return groups
         prompts = self.prompts.draw(config.seed, 0, gdro.num_groups)
         sampling = config.sampling
@@ -74,10 +82,19 @@ class GDROTrainer(GRPOTrainer):
             latents.append(group.final_latents.cpu())
             rewards.append(score_terms(self.reward, group.images, [prompt] * gdro.group_size)[0])
             self.log(f"generated group {number + 1}/{len(prompts)}: rewards {rewards[-1].tolist()}")
-        groups = {"prompts": prompts, "latents": torch.stack(latents), "rewards": torch.stack(rewards)}
+        groups = {"prompts": prompts, "latents": torch.stack(latents), "rewards": torch.stack(rewards),
+                  "made_by": made_by}
         self.output_dir.mkdir(parents=True, exist_ok=True)
         atomic_torch_save(groups, path)
         return groups
+
+    def offline_set_settings(self) -> dict:
+        """The settings the offline set is generated under (sampling's batch size aside)."""
+        config = self.config
+        sampling = {f"sampling.{key}": value for key, value in to_dict(config)["sampling"].items()
+                    if key != "batch_size"}
+        return {"model": str(config.model), "prompts": str(config.prompts), "reward": config.reward,
+                "seed": config.seed, "dtype": config.dtype, **sampling}
 
     # --- one step ----------------------------------------------------------------------------------------------
     def denoising_errors(self, latents: torch.Tensor, prompt: str, generator: torch.Generator):

@@ -162,8 +162,18 @@ class EMA:
 # --- the trainer -------------------------------------------------------------------------------------------------
 
 
-# What a resumed run must share with the run that wrote its checkpoints: what their state means.
-RESUME_KEEPS = ("algorithm", "lora.enabled", "lora.rank", "lora.alpha", "lora.target_modules")
+# What a resumed run may set otherwise than the run that wrote its checkpoint: where it writes, how long it runs,
+# what it logs and evaluates, and settings that leave its results as they were. Any other change would make the
+# resumed run a different run than its checkpoint's, so it is refused.
+RESUME_MAY_CHANGE = ("output_dir", "resume_from", "max_steps", "max_minutes", "checkpoint_every", "checkpoints_kept",
+                     "log_with", "device", "async_rewards", "sampling.batch_size", "optim.gradient_checkpointing",
+                     "optim.compile", "grpo.ratio_warn")
+
+
+def resume_differences(earlier: dict, current: dict) -> list[str]:
+    """The settings (flat keys) a resume changes that it may not: RESUME_MAY_CHANGE and eval.* aside."""
+    return [key for key in sorted(earlier.keys() | current.keys())
+            if key not in RESUME_MAY_CHANGE and not key.startswith("eval.") and earlier.get(key) != current.get(key)]
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -235,6 +245,7 @@ class GRPOTrainer:
                              f"{self.accelerator.num_processes} (DeepSpeed and FSDP join processes on GPUs; on the "
                              "CPU launch with --multi_gpu, which joins them by gloo)")
         validate(config, self.accelerator.num_processes)
+        self.resume_path = self.check_resume()  # before the model loads: a resume that cannot go on fails now
         set_seed(config.seed)
         self.prompts = PromptSource(config.prompts)
         self.eval_prompts = PromptSource(config.eval.prompts, "eval.prompts")
@@ -348,6 +359,9 @@ class GRPOTrainer:
         reward_state = Path(input_dir) / "reward_state.pt"
         if reward_state.exists():
             self.reward.load_reward_state(torch.load(reward_state, weights_only=False))
+        elif self.reward.stateful:  # a fresh discriminator would silently replace the trained one
+            raise FileNotFoundError(f"{input_dir} has no reward_state.pt, which the reward {self.config.reward} "
+                                    "keeps: resume from a checkpoint of this run")
 
     def save_checkpoint(self) -> None:
         partial = checkpoint.partial_dir(self.output_dir, self.step)
@@ -358,15 +372,49 @@ class GRPOTrainer:
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             checkpoint.commit(partial, {"step": self.step, "data_position": self.step,
-                                        "train_seconds": self.train_seconds}, self.config.checkpoints_kept)
+                                        "train_seconds": self.train_seconds, "config": _flat(to_dict(self.config))},
+                              self.config.checkpoints_kept)
         self.accelerator.wait_for_everyone()
+
+    def check_resume(self) -> Path | None:
+        """The checkpoint `resume_from` names (None: none, or `latest` with none yet), once checked: a run without
+        `resume_from` may not write into an earlier run's output_dir, and a resumed run must keep the settings of
+        the run that wrote its checkpoint (RESUME_MAY_CHANGE aside)."""
+        config = self.config
+        earlier = checkpoint.completed_checkpoints(self.output_dir) or (self.output_dir / "metrics.jsonl").exists()
+        if config.resume_from is None:
+            if earlier:  # its checkpoints would be pruned and its metrics mixed in
+                raise ConfigError(f"output_dir {self.output_dir} already holds a run; continue it with "
+                                  "resume_from=latest, or choose another output_dir")
+            return None
+        try:
+            path = checkpoint.resolve_resume(config.resume_from, self.output_dir)
+        except FileNotFoundError as error:
+            raise ConfigError(f"{error} (resume_from takes latest or a checkpoint folder)") from None
+        if path is None:
+            return None
+        # Checkpoints written before they recorded their run's settings are checked against output_dir's config.
+        state, saved = checkpoint.read_trainer_state(path), self.output_dir / "config.yaml"
+        if "config" in state:
+            run, settings = f"the run that wrote {path}", state["config"]
+        elif saved.is_file():
+            run, settings = f"the run in {self.output_dir}", _flat(yaml.safe_load(saved.read_text()) or {})
+        else:
+            return path
+        current = json.loads(json.dumps(_flat(to_dict(config))))  # as the checkpoint's JSON holds them
+        changed = resume_differences(settings, current)
+        if changed:
+            raise ConfigError("; ".join(f"{key}: {run} was trained with {settings.get(key)}, not {current.get(key)}"
+                                        for key in changed) + "; resume it with its own settings, or start a new "
+                              "output_dir")
+        return path
 
     def maybe_resume(self) -> None:
         """Loads the checkpoint `resume_from` names and drops what the run logged and saved after it: those steps
         run again. `latest` with no checkpoint yet starts over."""
         if self.config.resume_from is None:
             return
-        path = checkpoint.resolve_resume(self.config.resume_from, self.output_dir)
+        path = self.resume_path
         if path is not None:
             self.accelerator.load_state(str(path))
             state = checkpoint.read_trainer_state(path)
@@ -707,18 +755,7 @@ class GRPOTrainer:
     def train(self) -> Path:
         """Runs until `max_steps`; returns the folder of the exported LoRA (or full pipeline)."""
         config, accelerator = self.config, self.accelerator
-        earlier = checkpoint.completed_checkpoints(self.output_dir) or (self.output_dir / "metrics.jsonl").exists()
-        if config.resume_from is None and earlier:  # its checkpoints would be pruned and its metrics mixed in
-            raise ConfigError(f"output_dir {self.output_dir} already holds a run; continue it with "
-                              "resume_from=latest, or choose another output_dir")
         saved = self.output_dir / "config.yaml"
-        if config.resume_from is not None and saved.is_file():
-            earlier, current = _flat(yaml.safe_load(saved.read_text()) or {}), _flat(to_dict(config))
-            for key in RESUME_KEEPS:
-                before, now = earlier.get(key), current[key]
-                if before is not None and before != now:
-                    raise ConfigError(f"{key}: the run in {self.output_dir} was trained with {before}, not {now}; "
-                                      "resume it with its own setting, or start a new output_dir")
         accelerator.wait_for_everyone()  # every process has looked before the main one writes
         if accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -727,8 +764,8 @@ class GRPOTrainer:
         self.maybe_resume()
         metrics_file = self.output_dir / "metrics.jsonl"
         eval_every = config.eval.every
-        if eval_every and self.step == 0:
-            self.record(metrics_file, {"step": 0, **self.evaluate()})
+        if self.evaluation_missing(metrics_file):  # step 0's, or a resumed step's that a stop signal cut short
+            self.record_evaluation(metrics_file, self.evaluate())
             if accelerator.is_main_process:
                 build_run_page(self.output_dir, only_stale=True)
         bar = tqdm(initial=self.step, total=config.max_steps, desc=config.algorithm,
@@ -783,6 +820,33 @@ class GRPOTrainer:
             flags = torch.tensor([seconds, float(signalled)], device=self.accelerator.device)
             spent, signals = self.accelerator.reduce(flags, reduction="sum").tolist()
         return self.config.max_minutes is not None and spent >= 60 * self.config.max_minutes, signals > 0
+
+    def evaluation_missing(self, metrics_file: Path) -> bool:
+        """Whether the step the run starts from is due an evaluation (step 0, every eval.every steps, the last)
+        that its metrics row lacks, as the main process reads metrics.jsonl."""
+        every = self.config.eval.every
+        if not every or not (self.step % every == 0 or self.step == self.config.max_steps):
+            return False
+        missing = 0.0
+        if self.accelerator.is_main_process:
+            rows = [json.loads(line) for line in metrics_file.read_text().splitlines()] if metrics_file.exists() else []
+            missing = float(not any(row["step"] == self.step and "eval/reward_mean" in row for row in rows))
+        if self.accelerator.num_processes > 1:  # every process takes part in the evaluation, or none
+            flag = torch.tensor([missing], device=self.accelerator.device)
+            missing = self.accelerator.reduce(flag, reduction="sum").item()
+        return missing > 0
+
+    def record_evaluation(self, metrics_file: Path, evaluation: dict) -> None:
+        """Adds an evaluation of the current step to its metrics row (a new row at step 0)."""
+        if not self.accelerator.is_main_process:
+            return
+        rows = [json.loads(line) for line in metrics_file.read_text().splitlines()] if metrics_file.exists() else []
+        if not rows or rows[-1]["step"] != self.step:
+            self.record(metrics_file, {"step": self.step, **evaluation})
+            return
+        rows[-1].update(json_safe(evaluation))
+        write_text_atomically(metrics_file, "".join(json.dumps(row, allow_nan=False) + "\n" for row in rows))
+        self.accelerator.log(evaluation, step=self.step)
 
     def record(self, metrics_file: Path, stats: dict) -> None:
         if self.accelerator.is_main_process:
