@@ -12,7 +12,8 @@ from align_diffusion.world.evaluate import detect, score_image, shapes_eval
 from align_diffusion.world.prompts import all_prompts, is_held_out, split_prompts, splits
 from align_diffusion.world.generators import GENERATOR_LAYOUT
 from align_diffusion.world.render import Layout, Placed, render, render_prompt, sample_scene
-from align_diffusion.world.spec import BACKGROUND, CANVAS, COLORS, MAX_SIDE, MIN_SIDE, parse_prompt
+from align_diffusion.world.spec import (BACKGROUND, CANVAS, COLORS, MAX_SIDE, MIN_SIDE, SHAPES, Requirement, Wanted,
+                                        parse_prompt)
 
 
 @pytest.mark.parametrize("layout", [Layout(), GENERATOR_LAYOUT], ids=["spec", "generators"])
@@ -142,10 +143,22 @@ def test_shapes_eval_survives_mild_blur_and_noise(test_renders):
     rng = np.random.default_rng(0)
     degraded = [
         np.clip(np.asarray(Image.fromarray(im).filter(ImageFilter.GaussianBlur(0.8)), np.float32)
-                + rng.normal(0, 10, im.shape), 0, 255)
+                + rng.normal(0, 10, im.shape), 0, 255).round().astype(np.uint8)
         for im in images
     ]
     assert shapes_eval(prompts, degraded)["overall_strict"] >= 0.95
+
+
+@pytest.mark.parametrize("radius", [0, 0.8, 1.0, 1.2])
+def test_every_legal_side_of_every_shape_is_read_through_mild_blur(radius):
+    # Blur shaves a small triangle's apex, which lifts its fill into the circle band; the apex-up profile decides.
+    colors = list(COLORS)
+    for shape in SHAPES:
+        for side in range(MIN_SIDE, MAX_SIDE + 1):
+            color = colors[side % len(colors)]
+            image = Image.fromarray(render([Placed(shape, color, 20, 20, side)]))
+            blurred = image.filter(ImageFilter.GaussianBlur(radius)) if radius else image
+            assert [(d.shape, d.color) for d in detect(blurred)] == [(shape, color)], (shape, side)
 
 
 def test_shapes_eval_is_near_zero_for_shuffled_prompts(test_renders):
@@ -206,11 +219,131 @@ def test_graded_score_searches_the_assignment_that_satisfies_the_relation():
     assert alone.graded == 1.0 and alone.strict
 
 
-def test_accepts_tensors_and_refuses_other_sizes():
+def test_reads_uint8_arrays_pil_images_and_unit_float_tensors_and_refuses_the_rest():
     image = render_prompt("a green square", seed=0)
     tensor = torch.from_numpy(image).permute(2, 0, 1).float() / 255
-    assert score_image("a green square", tensor).strict
-    with pytest.raises(ValueError, match="64×64"):
-        score_image("a green square", np.zeros((32, 32, 3), np.uint8))
+    for accepted in (image, Image.fromarray(image), tensor, tensor.half(), tensor * 1.0005):  # rounding noise passes
+        assert score_image("a green square", accepted).strict
+    assert detect(torch.full((3, CANVAS, CANVAS), float("nan"))) == []  # a diverged sample shows nothing
+    refused = {
+        "float64 and shape": image / 255,  # diffusers' output_type="np"
+        "float32 and shape": image.astype(np.float32),
+        "uint8 and shape .3, 64, 64": torch.from_numpy(image).permute(2, 0, 1),
+        "tensor with values from -0.8118 to 0.4902": tensor * 2 - 1,  # [-1, 1]
+        "tensor with values from 24 to 190": tensor * 255,
+        "shape .64, 64, 3.": tensor.permute(1, 2, 0),
+        "uint8 and shape .32, 32, 3.": np.zeros((32, 32, 3), np.uint8),
+        "got a list": image.tolist(),
+    }
+    for got, wrong in refused.items():
+        with pytest.raises(ValueError, match=f"ShapesEval takes a uint8 .64, 64, 3. array.*{got}"):
+            score_image("a green square", wrong)
     with pytest.raises(ValueError, match="prompts"):
         shapes_eval(["a green square"], [])
+
+
+@pytest.mark.parametrize("prompt, requirement", [
+    ("a circle", Requirement("single_object", (Wanted("circle"),))),
+    ("a purple triangle", Requirement("colors", (Wanted("triangle", "purple"),))),
+    ("two squares", Requirement("counting", (Wanted("square"),) * 2)),
+    ("three triangles", Requirement("counting", (Wanted("triangle"),) * 3)),
+    ("four circles", Requirement("counting", (Wanted("circle"),) * 4)),
+    ("a square and a triangle", Requirement("two_object", (Wanted("square"), Wanted("triangle")))),
+    ("a red square and a blue circle",
+     Requirement("color_attr", (Wanted("square", "red"), Wanted("circle", "blue")))),
+    *[(f"a white circle {relation} a green square",
+       Requirement("position", (Wanted("circle", "white"), Wanted("square", "green")), relation))
+      for relation in ("left of", "right of", "above", "below")],
+])
+def test_parse_prompt_gives_the_exact_requirement(prompt, requirement):
+    assert parse_prompt(prompt) == requirement
+
+
+# Hand-built images: shapes drawn pixel by pixel here, not by the renderer, so the expected verdicts do not lean on
+# the code under test. A box is [x, x + width) × [y, y + height).
+def rect(x, y, width, height=None):
+    mask = np.zeros((CANVAS, CANVAS), bool)
+    mask[y:y + (height or width), x:x + width] = True
+    return mask
+
+
+def disc(x, y, side):
+    """Pixels whose centers lie within side / 2 of the box's center."""
+    ys, xs = np.mgrid[0:CANVAS, 0:CANVAS] + 0.5
+    return (xs - x - side / 2) ** 2 + (ys - y - side / 2) ** 2 <= (side / 2) ** 2
+
+
+def triangle(x, y, side, apex_up=True):
+    """Row r from the apex is r + 1 pixels wide, centered: a base of `side` pixels, `side` rows high."""
+    mask = np.zeros((CANVAS, CANVAS), bool)
+    for r in range(side):
+        row = y + r if apex_up else y + side - 1 - r
+        left = x + (side - r - 1) // 2
+        mask[row, left:left + r + 1] = True
+    return mask
+
+
+def blend(color, alpha):
+    """The pixel `alpha` of the way from the background to a palette color."""
+    return tuple(round(b + alpha * (c - b)) for b, c in zip(BACKGROUND, COLORS[color]))
+
+
+def hand_built(marks):
+    image = np.full((CANVAS, CANVAS, 3), BACKGROUND, np.uint8)
+    for mask, color in marks:
+        image[mask] = COLORS.get(color, color)
+    return image
+
+
+ORANGE = (255, 140, 0)  # no blend of the background and one palette color comes within MAX_RESIDUAL of it
+FOUR_SQUARES = [(rect(4, 4, 14), "red"), (rect(40, 4, 14), "blue"), (rect(4, 40, 14), "white"),
+                (rect(40, 40, 14), "green")]
+SIDE_BY_SIDE = [(rect(6, 24, 14), "red"), (disc(40, 24, 14), "blue")]  # centroids 34 px apart in x
+STACKED = [(triangle(24, 4, 16), "green"), (rect(24, 40, 14), "yellow")]
+CIRCLE = (disc(10, 10, 16), "red")
+HAND_BUILT_CASES = {  # id: (prompt, marks, strict, graded)
+    "single object": ("a circle", [(disc(10, 10, 16), "purple")], True, 1.0),
+    "single object, wrong shape": ("a circle", [(rect(10, 10, 16), "purple")], False, 0.0),
+    "colors": ("a blue square", [(rect(20, 20, 14), "blue")], True, 1.0),
+    "colors, wrong color": ("a red square", [(rect(20, 20, 14), "blue")], False, 0.5),
+    "two": ("two circles", [(disc(4, 4, 14), "white"), (disc(40, 40, 14), "green")], True, 1.0),
+    "three": ("three triangles", [(triangle(4, 4, 14), "red"), (triangle(40, 4, 14), "red"),
+                                  (triangle(4, 40, 14), "blue")], True, 1.0),
+    "four": ("four squares", FOUR_SQUARES, True, 1.0),
+    "three, one too many": ("three squares", FOUR_SQUARES, False, 0.5),  # all found, one extra halves it
+    "two, one too many": ("two squares", FOUR_SQUARES[:3], False, 0.5),
+    "four, one too few": ("four squares", FOUR_SQUARES[:3], False, 0.75),
+    "three, one too few": ("three squares", FOUR_SQUARES[:2], False, 2 / 3),
+    "two objects": ("a circle and a triangle", [(disc(6, 20, 16), "red"), (triangle(40, 20, 16), "yellow")],
+                    True, 1.0),
+    "two objects, one wrong": ("a circle and a square", [(disc(6, 20, 16), "red"), (triangle(40, 20, 16), "yellow")],
+                               False, 0.5),
+    "color attr": ("a red square and a blue circle", SIDE_BY_SIDE, True, 1.0),
+    "color attr, colors swapped": ("a blue square and a red circle", SIDE_BY_SIDE, False, 0.5),
+    "left of": ("a red square left of a blue circle", SIDE_BY_SIDE, True, 1.0),
+    "right of": ("a blue circle right of a red square", SIDE_BY_SIDE, True, 1.0),
+    "right of, wrong side": ("a red square right of a blue circle", SIDE_BY_SIDE, False, 0.5),
+    "left of, wrong side": ("a blue circle left of a red square", SIDE_BY_SIDE, False, 0.5),
+    "above": ("a green triangle above a yellow square", STACKED, True, 1.0),
+    "below": ("a yellow square below a green triangle", STACKED, True, 1.0),
+    "below, wrong side": ("a green triangle below a yellow square", STACKED, False, 0.5),
+    "above, wrong side": ("a yellow square above a green triangle", STACKED, False, 0.5),
+    "centroids 8 px apart": ("a red square left of a blue square", [(rect(10, 4, 14), "red"),
+                                                                    (rect(18, 40, 14), "blue")], True, 1.0),
+    "centroids 7 px apart": ("a red square left of a blue square", [(rect(10, 4, 14), "red"),
+                                                                    (rect(17, 40, 14), "blue")], False, 0.5),
+    "upside-down triangle": ("a triangle", [(triangle(20, 20, 16, apex_up=False), "white")], False, 0.0),
+    "wrong aspect ratio": ("a red square", [(rect(10, 20, 16, 10), "red")], False, 0.5),  # a 16×10 bar
+    "19 px speck, ignored": ("a red circle", [CIRCLE, (rect(50, 50, 4, 5) & ~rect(50, 50, 1), "red")], True, 1.0),
+    "20 px blob, an extra object": ("a red circle", [CIRCLE, (rect(50, 50, 4, 5), "red")], False, 0.5),
+    "off-palette, unlabeled": ("a yellow square", [(rect(20, 20, 14), ORANGE)], False, 0.0),
+    "off-palette blob, an extra object": ("a red circle", [CIRCLE, (rect(44, 44, 8), ORANGE)], False, 0.5),
+    "blend 0.55, the color": ("a red square", [(rect(20, 20, 14), blend("red", 0.55))], True, 1.0),
+    "blend 0.45, background": ("a red square", [(rect(20, 20, 14), blend("red", 0.45))], False, 0.0),
+}
+
+
+@pytest.mark.parametrize("prompt, marks, strict, graded", HAND_BUILT_CASES.values(), ids=HAND_BUILT_CASES.keys())
+def test_judges_hand_built_images(prompt, marks, strict, graded):
+    judgement = score_image(prompt, hand_built(marks))
+    assert (judgement.strict, judgement.graded) == (strict, pytest.approx(graded))
