@@ -97,9 +97,13 @@ def test_sampler_must_fit_the_model(saved):
         load_config(None, [f"model={saved['sd']}"])
 
 
-def test_wrong_type_is_named(saved):
+def test_wrong_type_is_named(saved, tmp_path):
     with pytest.raises(ConfigError, match="optim.lr: expected float"):
         load_config(None, [f"model={saved['sd3']}", "optim.lr=fast"])
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- model: x\n")
+    with pytest.raises(ConfigError, match="list.yaml: expected a mapping of keys to values at the top level, got a"):
+        load_config(listed, ["max_steps=2"])
 
 
 @pytest.mark.parametrize("override, message", [
@@ -118,6 +122,9 @@ def test_wrong_type_is_named(saved):
     ("grpo.value_weight=.nan", "grpo.value_weight must be a finite number >= 0"),
     ("grpo.value_anchor=.nan", "grpo.value_anchor must be a finite number"),
     ("max_minutes=.nan", "max_minutes must be a finite number > 0"),
+    ("seed=-1", "seed must lie in [0, 2**32), got -1"),
+    ("seed=4294967296", "seed must lie in [0, 2**32), got 4294967296"),
+    ("eval.seed=-1", "eval.seed must be >= 0, got -1"),
     ("sampling.guidance_scale=.inf", "sampling.guidance_scale must be a finite number >= 0"),
     ("sampling.guidance_scale=-3", "sampling.guidance_scale must be a finite number >= 0"),
     ("eval.every=-1", "eval.every must be >= 0"),
@@ -494,11 +501,16 @@ def test_resume_refuses_a_checkpoint_that_lacks_weights_this_run_trains(trained,
         GRPOTrainer(load_config(None, overrides)).train()
 
 
-def test_checkpoints_are_pruned_and_never_partial(trained):
+def test_checkpoints_are_pruned_and_never_partial(trained, tmp_path):
     _, out = trained
     names = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert names == ["step-000001", "step-000002"]
     assert json.loads((out / "checkpoints" / "step-000002" / "trainer_state.json").read_text())["step"] == 2
+    for step in (1, 2, 3):  # a third commit with two kept removes the oldest
+        partial = checkpoint.partial_dir(tmp_path, step)
+        checkpoint.begin(partial)
+        checkpoint.commit(partial, {"step": step}, keep=2)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000002", "step-000003"]
 
 
 def test_a_checkpoint_deletion_cut_short_leaves_no_checkpoint_that_latest_picks(tmp_path, monkeypatch):

@@ -239,6 +239,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Tr
     values = {}
     if path is not None:
         values = _parse_yaml(Path(path).read_text(), str(path)) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: expected a mapping of keys to values at the top level, got a "
+                              f"{type(values).__name__}")
     for override in overrides:
         apply_override(values, override)
     config = _build(TrainConfig, values)
@@ -288,6 +291,10 @@ def validate(config: TrainConfig, num_processes: int = 1) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key} must be at least 1, got {value}")
+    if not 0 <= config.seed < 2**32:  # the range of numpy's seed, which accelerate's set_seed also seeds
+        raise ConfigError(f"seed must lie in [0, 2**32), got {config.seed}")
+    if config.eval.seed < 0:
+        raise ConfigError(f"eval.seed must be >= 0, got {config.eval.seed}")
     if config.max_minutes is not None and not 0 < config.max_minutes < math.inf:  # also refuses NaN
         raise ConfigError(f"max_minutes must be a finite number > 0, got {config.max_minutes}")
     for key, value in {"checkpoint_every": config.checkpoint_every, "eval.every": config.eval.every}.items():

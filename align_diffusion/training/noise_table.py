@@ -40,6 +40,7 @@ def read_table(path: str | Path, num_steps: int) -> list[float]:
         levels = json.loads(Path(path).read_text())["noise_levels"]
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as error:
         raise ValueError(f"noise table {path}: expected a JSON file with a 'noise_levels' list ({error!r})") from None
-    if len(levels) != num_steps or not all(isinstance(v, (int, float)) and v >= 0 for v in levels):
+    if not isinstance(levels, list) or len(levels) != num_steps or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0 for v in levels):
         raise ValueError(f"noise table {path}: needs {num_steps} non-negative levels (one per step), got {levels}")
     return [float(v) for v in levels]
