@@ -171,9 +171,10 @@ RESUME_MAY_CHANGE = ("output_dir", "resume_from", "max_steps", "max_minutes", "c
 
 
 def resume_differences(earlier: dict, current: dict) -> list[str]:
-    """The settings (flat keys) a resume changes that it may not: RESUME_MAY_CHANGE and eval.* aside."""
-    return [key for key in sorted(earlier.keys() | current.keys())
-            if key not in RESUME_MAY_CHANGE and not key.startswith("eval.") and earlier.get(key) != current.get(key)]
+    """The settings (flat keys) a resume changes that it may not: RESUME_MAY_CHANGE and eval.* aside, and keys the
+    earlier run's version did not have yet."""
+    return [key for key in sorted(earlier.keys() & current.keys())
+            if key not in RESUME_MAY_CHANGE and not key.startswith("eval.") and earlier[key] != current[key]]
 
 
 class TrainingInterrupted(KeyboardInterrupt):
