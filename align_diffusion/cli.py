@@ -410,6 +410,7 @@ def run_calibrate_noise(args) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if config.grpo.dense is None:
         config.grpo.dense = "ode"
+    config.resume_from = None  # calibration samples the base model: no checkpoint is read, none is checked
     levels = GRPOTrainer(config).calibrate_noise(args.rounds, args.eps1, args.eps2)
     write_table(args.out, levels, config=str(args.config), overrides=args.overrides, rounds=args.rounds,
                 eps1=args.eps1, eps2=args.eps2)

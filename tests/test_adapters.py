@@ -219,6 +219,8 @@ def test_sdxl_float16_vae_with_force_upcast_decodes_in_float32_like_stock(tiny_p
     adapter.decode(latents).mean().backward()
     assert torch.isfinite(latents.grad).all() and latents.grad.abs().sum() > 0
     assert adapter.decoding_vae() is adapter.decoding_vae()  # copied once, not at every decode
+    pipe.vae.enable_slicing()  # set after the copy was made, it still reaches the decode
+    assert adapter.decoding_vae().use_slicing
     replaced = copy.deepcopy(pipe.vae)  # a VAE swapped in is copied anew
     with torch.no_grad():
         replaced.decoder.conv_out.bias.add_(0.5)

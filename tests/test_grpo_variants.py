@@ -248,6 +248,8 @@ def test_calibrate_noise_command_writes_a_table(saved, prompt_file, tmp_path, ca
         "sampling": {"num_steps": 5, "batch_size": 8, "guidance_scale": 2.0},
         "grpo": {"group_size": 4, "batch_size": 8, "train_batch_size": 4}, "lora": {"rank": 4, "alpha": 8}}))
     out = tmp_path / "psi.json"
+    (tmp_path / "run").mkdir()  # the config's run has already trained: calibrating neither reads nor writes it
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 1}\n')
     # An override after the options, as after train's: 3 steps, not the file's 5.
     main(["calibrate-noise", str(config), "--rounds", "1", "--eps2", "0.05", "--out", str(out), "sampling.num_steps=3"])
     levels = read_table(out, 3)
@@ -294,7 +296,7 @@ def test_adv_grpo_co_trains_the_dino_head_and_checkpoints_it(saved, tmp_path):
     straight = load_file(str(tmp_path / "run" / "checkpoints" / "step-000002" / "trained.safetensors"))
     for key, value in load_file(str(resumed / "trained.safetensors")).items():
         assert torch.equal(straight[key], value), key
-    with pytest.raises(FileNotFoundError, match="has no reward_state.pt, which the reward adv-dino:assets/world/dino"):
+    with pytest.raises(ConfigError, match="has no reward_state.pt, which the reward adv-dino:assets/world/dino"):
         GRPOTrainer(load_config(None, [*overrides, f"output_dir={tmp_path / 'other'}",
                                        f"resume_from={incomplete}"])).train()
 

@@ -117,6 +117,7 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
         if copied_from != state:
             upcast = copy.deepcopy(vae).float()
             self._float32_vae = (state, upcast)
+        upcast.use_slicing, upcast.use_tiling = vae.use_slicing, vae.use_tiling  # set on the VAE after the copy
         return upcast
 
     def unscale_latents(self, latents):

@@ -41,7 +41,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from align_diffusion.files import write_text_atomically
-from align_diffusion.gallery.run import build_run_page, eval_folder
+from align_diffusion.gallery.run import build_run_page, eval_folder, read_metrics
 from align_diffusion.models import PipelineAdapter, PromptEmbeds, load_adapter
 from align_diffusion.models.base import compile_repeated_blocks
 from align_diffusion.rewards import load_reward
@@ -246,7 +246,6 @@ class GRPOTrainer:
                              f"{self.accelerator.num_processes} (DeepSpeed and FSDP join processes on GPUs; on the "
                              "CPU launch with --multi_gpu, which joins them by gloo)")
         validate(config, self.accelerator.num_processes)
-        self.resume_path = self.check_resume()  # before the model loads: a resume that cannot go on fails now
         set_seed(config.seed)
         self.prompts = PromptSource(config.prompts)
         self.eval_prompts = PromptSource(config.eval.prompts, "eval.prompts")
@@ -259,6 +258,7 @@ class GRPOTrainer:
             (self.reward.name, self.reward)]
         self.trainable_rewards = {key: reward for key, reward in terms if reward.trainable}
         self.watched_reward = load_reward(config.eval.rewards, device=device) if config.eval.rewards else None
+        self.resume_path = self.check_resume()  # before the model loads: a resume that cannot go on fails now
         checks = [("prompts", self.prompts, self.reward)]
         if config.eval.every:
             checks += [("eval.prompts", self.eval_prompts, r) for r in (self.reward, self.watched_reward) if r]
@@ -360,9 +360,6 @@ class GRPOTrainer:
         reward_state = Path(input_dir) / "reward_state.pt"
         if reward_state.exists():
             self.reward.load_reward_state(torch.load(reward_state, weights_only=False))
-        elif self.reward.stateful:  # a fresh discriminator would silently replace the trained one
-            raise FileNotFoundError(f"{input_dir} has no reward_state.pt, which the reward {self.config.reward} "
-                                    "keeps: resume from a checkpoint of this run")
 
     def save_checkpoint(self) -> None:
         partial = checkpoint.partial_dir(self.output_dir, self.step)
@@ -378,15 +375,10 @@ class GRPOTrainer:
         self.accelerator.wait_for_everyone()
 
     def check_resume(self) -> Path | None:
-        """The checkpoint `resume_from` names (None: none, or `latest` with none yet), once checked: a run without
-        `resume_from` may not write into an earlier run's output_dir, and a resumed run must keep the settings of
-        the run that wrote its checkpoint (RESUME_MAY_CHANGE aside)."""
+        """The checkpoint `resume_from` names (None: none, or `latest` with none yet), once checked: it holds the
+        state of a stateful reward, and the run that wrote it had this run's settings (RESUME_MAY_CHANGE aside)."""
         config = self.config
-        earlier = checkpoint.completed_checkpoints(self.output_dir) or (self.output_dir / "metrics.jsonl").exists()
         if config.resume_from is None:
-            if earlier:  # its checkpoints would be pruned and its metrics mixed in
-                raise ConfigError(f"output_dir {self.output_dir} already holds a run; continue it with "
-                                  "resume_from=latest, or choose another output_dir")
             return None
         try:
             path = checkpoint.resolve_resume(config.resume_from, self.output_dir)
@@ -394,6 +386,9 @@ class GRPOTrainer:
             raise ConfigError(f"{error} (resume_from takes latest or a checkpoint folder)") from None
         if path is None:
             return None
+        if self.reward.stateful and not (path / "reward_state.pt").is_file():  # a fresh head would replace it
+            raise ConfigError(f"resume_from: {path} has no reward_state.pt, which the reward {config.reward} keeps; "
+                              "resume from a checkpoint of this run")
         # Checkpoints written before they recorded their run's settings are checked against output_dir's config.
         state, saved = checkpoint.read_trainer_state(path), self.output_dir / "config.yaml"
         if "config" in state:
@@ -756,6 +751,10 @@ class GRPOTrainer:
     def train(self) -> Path:
         """Runs until `max_steps`; returns the folder of the exported LoRA (or full pipeline)."""
         config, accelerator = self.config, self.accelerator
+        earlier = checkpoint.completed_checkpoints(self.output_dir) or (self.output_dir / "metrics.jsonl").exists()
+        if config.resume_from is None and earlier:  # its checkpoints would be pruned and its metrics mixed in
+            raise ConfigError(f"output_dir {self.output_dir} already holds a run; continue it with "
+                              "resume_from=latest, or choose another output_dir")
         saved = self.output_dir / "config.yaml"
         accelerator.wait_for_everyone()  # every process has looked before the main one writes
         if accelerator.is_main_process:
@@ -830,7 +829,7 @@ class GRPOTrainer:
             return False
         missing = 0.0
         if self.accelerator.is_main_process:
-            rows = [json.loads(line) for line in metrics_file.read_text().splitlines()] if metrics_file.exists() else []
+            rows = read_metrics(self.output_dir) if metrics_file.exists() else []
             missing = float(not any(row["step"] == self.step and "eval/reward_mean" in row for row in rows))
         if self.accelerator.num_processes > 1:  # every process takes part in the evaluation, or none
             flag = torch.tensor([missing], device=self.accelerator.device)
@@ -841,7 +840,7 @@ class GRPOTrainer:
         """Adds an evaluation of the current step to its metrics row (a new row at step 0)."""
         if not self.accelerator.is_main_process:
             return
-        rows = [json.loads(line) for line in metrics_file.read_text().splitlines()] if metrics_file.exists() else []
+        rows = read_metrics(self.output_dir) if metrics_file.exists() else []
         if not rows or rows[-1]["step"] != self.step:
             self.record(metrics_file, {"step": self.step, **evaluation})
             return
