@@ -112,7 +112,7 @@ def test_noise_table_is_checked_against_the_steps(saved, prompt_file, tmp_path):
         load_config(None, tiny_overrides(saved["sd3"], prompt_file, tmp_path, **{"sampling.noise_table": table}))
     for levels in ("[0.5, Infinity, 0.5]", "[0.5, true, 0.5]", "[0.5, NaN, 0.5]"):  # what json.loads reads
         table.write_text(f'{{"noise_levels": {levels}}}')
-        with pytest.raises(ConfigError, match="sampling.noise_table: .*needs 3 non-negative levels"):
+        with pytest.raises(ConfigError, match="sampling.noise_table: .*needs 3 finite, non-negative levels"):
             load_config(None, tiny_overrides(saved["sd3"], prompt_file, tmp_path, **{"sampling.noise_table": table}))
     with pytest.raises(ConfigError, match="grpo.dense"):
         load_config(None, tiny_overrides(saved["sd3"], prompt_file, tmp_path, **{"grpo.dense": "sde"}))

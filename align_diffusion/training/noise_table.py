@@ -42,5 +42,6 @@ def read_table(path: str | Path, num_steps: int) -> list[float]:
         raise ValueError(f"noise table {path}: expected a JSON file with a 'noise_levels' list ({error!r})") from None
     if not isinstance(levels, list) or len(levels) != num_steps or not all(
             isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0 for v in levels):
-        raise ValueError(f"noise table {path}: needs {num_steps} non-negative levels (one per step), got {levels}")
+        raise ValueError(f"noise table {path}: needs {num_steps} finite, non-negative levels (one per step), "
+                         f"got {levels}")
     return [float(v) for v in levels]
