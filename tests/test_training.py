@@ -459,6 +459,8 @@ def test_resume_refuses_another_lora_rank_or_algorithm_by_name(trained, saved, p
     # The optimizer's state comes from the checkpoint: a new lr would be written to config.yaml but not used.
     with pytest.raises(ConfigError, match=r"optim.lr: .* trained with 0.01, not 0.5; .*optim.weight_decay: "):
         GRPOTrainer(load_config(None, [*overrides, "optim.lr=0.5", "optim.weight_decay=0.1"])).train()
+    with pytest.raises(ConfigError, match="max_steps: 1 is below the step of .*step-000002, 2; resume from an"):
+        GRPOTrainer(load_config(None, [*overrides, "max_steps=1"])).train()
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["lora"]["rank"] == 4  # not overwritten
     # Another run's checkpoint, named by path into a new output_dir: the checkpoint's own run is compared.
     other = tiny_overrides(saved["sd3"], prompt_file, tmp_path / "other", max_steps=3, **{

@@ -391,6 +391,9 @@ class GRPOTrainer:
                               "resume from a checkpoint of this run")
         # Checkpoints written before they recorded their run's settings are checked against output_dir's config.
         state, saved = checkpoint.read_trainer_state(path), self.output_dir / "config.yaml"
+        if state["step"] > config.max_steps:  # its weights went past this run's end: exporting them would mislead
+            raise ConfigError(f"max_steps: {config.max_steps} is below the step of {path}, {state['step']}; resume "
+                              "from an earlier checkpoint or raise max_steps")
         if "config" in state:
             run, settings = f"the run that wrote {path}", state["config"]
         elif saved.is_file():
