@@ -620,8 +620,9 @@ def test_two_cpu_processes_match_one(saved, prompt_file, tmp_path):
     single_rows, double_rows = metrics(single), metrics(double)
     assert [r["reward_mean"] for r in single_rows] == pytest.approx([r["reward_mean"] for r in double_rows])
     # The training statistics are of both processes' images, not the main process's half: at step 2 the KL (and the
-    # loss it dominates) differs between the halves; the ratios, on-policy here, are all 1 in both runs.
-    for key in ("loss", "kl", "clip_fraction", "ratio_mean", "ratio_min", "ratio_max", "trained_fraction"):
+    # loss it dominates) differs between the halves. (The ratio statistics, reduced alongside, cannot tell here:
+    # on-policy, every ratio is 1 in both runs.)
+    for key in ("loss", "kl", "trained_fraction"):
         assert [r[key] for r in double_rows] == pytest.approx([r[key] for r in single_rows], rel=1e-3, abs=1e-7), key
     lr = load_config(None, tiny_overrides(saved["sd3"], prompt_file, single)).optim.lr
     for rows in (single_rows, double_rows):  # optimizer step s (from 0) uses the warm-up factor (s + 1) / (3 + 1)

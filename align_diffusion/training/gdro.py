@@ -26,7 +26,7 @@ from align_diffusion.rewards.spec import score_terms
 from align_diffusion.sampling.loop import sample
 from align_diffusion.training.checkpoint import atomic_torch_save
 from align_diffusion.training.config import to_dict
-from align_diffusion.training.grpo import GRPOTrainer, resume_differences
+from align_diffusion.training.grpo import GRPOTrainer, changed_settings
 
 GROUPS_FILE = "gdro_groups.pt"
 
@@ -61,7 +61,7 @@ class GDROTrainer(GRPOTrainer):
                                  f"but gdro asks for {gdro.num_groups} of {gdro.group_size}; move it away to "
                                  "generate a new set")
             earlier = groups.get("made_by", made_by)  # sets saved before they recorded this are taken as they are
-            changed = resume_differences(earlier, made_by)
+            changed = changed_settings(earlier, made_by)
             if changed:
                 raise ValueError(f"{path} was generated with " + ", ".join(
                     f"{key}={earlier[key]!r}" for key in changed) + ", this run has " + ", ".join(

@@ -170,11 +170,10 @@ RESUME_MAY_CHANGE = ("output_dir", "resume_from", "max_steps", "max_minutes", "c
                      "optim.compile", "grpo.ratio_warn")
 
 
-def resume_differences(earlier: dict, current: dict) -> list[str]:
-    """The settings (flat keys) a resume changes that it may not: RESUME_MAY_CHANGE and eval.* aside, and keys the
-    earlier run's version did not have yet."""
-    return [key for key in sorted(earlier.keys() & current.keys())
-            if key not in RESUME_MAY_CHANGE and not key.startswith("eval.") and earlier[key] != current[key]]
+def changed_settings(earlier: dict, current: dict) -> list[str]:
+    """The flat setting keys whose values differ, among those both records hold (one an earlier version wrote may
+    lack keys added since)."""
+    return [key for key in sorted(earlier.keys() & current.keys()) if earlier[key] != current[key]]
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -401,7 +400,8 @@ class GRPOTrainer:
         else:
             return path
         current = json.loads(json.dumps(_flat(to_dict(config))))  # as the checkpoint's JSON holds them
-        changed = resume_differences(settings, current)
+        changed = [key for key in changed_settings(settings, current)
+                   if key not in RESUME_MAY_CHANGE and not key.startswith("eval.")]
         if changed:
             raise ConfigError("; ".join(f"{key}: {run} was trained with {settings.get(key)}, not {current.get(key)}"
                                         for key in changed) + "; resume it with its own settings, or start a new "
