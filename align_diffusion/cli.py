@@ -39,6 +39,11 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def add_max_sequence_length(parser) -> None:
+    parser.add_argument("--max-sequence-length", type=int, default=None,
+                        help="T5 tokens per prompt, SD3 and FLUX only (default: the pipeline's, 256 / 512)")
+
+
 def _device(text: str) -> str:
     if reason := unusable_device(text):
         raise argparse.ArgumentTypeError(reason)
@@ -70,6 +75,7 @@ def add_sample_parser(subparsers) -> None:
     parser.add_argument("--batch-size", type=_positive_int, default=4, help="images per denoiser batch")
     parser.add_argument("--device", type=_device, default=DEFAULT_DEVICE)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    add_max_sequence_length(parser)
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--reward", default=None,
                         help="reward spec to score every image with (shown on the review page), e.g. shapes")
@@ -84,7 +90,8 @@ def load_for_command(args):
     """The adapter for --model (with --lora applied), after the checks that need no model."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    from align_diffusion.models import load_adapter
+    from align_diffusion.models import adapter_class, load_adapter
+    from align_diffusion.models.base import check_max_sequence_length
     from align_diffusion.sampling.loop import check_sampler
 
     if args.lora is not None and not args.lora.is_dir():
@@ -93,7 +100,12 @@ def load_for_command(args):
                                          for ext in ("safetensors", "bin")):
         raise SystemExit(f"--lora: {args.lora} holds no pytorch_lora_weights.safetensors (a diffusers LoRA folder, "
                          "such as a training run's lora/)")
-    adapter = load_adapter(str(args.model), dtype=DTYPES[args.dtype], device=args.device)
+    try:  # the family is None for a hub id not downloaded yet: the adapter checks it once loaded
+        check_max_sequence_length(adapter_class(str(args.model)), args.max_sequence_length)
+    except ValueError as error:
+        raise SystemExit(f"--max-sequence-length: {error}") from None
+    adapter = load_adapter(str(args.model), dtype=DTYPES[args.dtype], device=args.device,
+                           max_sequence_length=args.max_sequence_length)
     check_sampler(adapter, args.sampler)
     if args.lora is not None:
         adapter.pipe.load_lora_weights(str(args.lora))
@@ -102,6 +114,13 @@ def load_for_command(args):
             raise SystemExit(f"--lora: no layer of {args.model} took a weight of {args.lora} (a LoRA of another "
                              "architecture?)")
     return adapter
+
+
+def model_record(args) -> dict:
+    """What a sample, eval or steer folder records of the model options (max_sequence_length as given: None is the
+    pipeline's default)."""
+    return {"model": str(args.model), "lora": None if args.lora is None else str(args.lora),
+            "max_sequence_length": args.max_sequence_length}
 
 
 def read_prompts(args) -> list[str]:
@@ -142,7 +161,7 @@ def run_sample(args) -> None:
         reward=reward,
         overwrite=args.overwrite,
         resume=args.resume,
-        extra_metadata={"model": str(args.model), "lora": None if args.lora is None else str(args.lora)},
+        extra_metadata=model_record(args),
     )
     print(f"wrote {len(records)} images to {args.out}; review page {args.out / 'index.html'}")
 
@@ -163,6 +182,7 @@ def add_eval_parser(subparsers) -> None:
     parser.add_argument("--batch-size", type=_positive_int, default=16)
     parser.add_argument("--device", type=_device, default=DEFAULT_DEVICE)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    add_max_sequence_length(parser)
     parser.add_argument("--out", type=Path, required=True,
                         help="folder for eval.json (the scores), the samples and their review page index.html")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier evaluation in --out")
@@ -187,7 +207,7 @@ def run_eval(args) -> None:
         guidance_scale=args.guidance, sampler=args.sampler, noise_level=args.noise_level, seed=args.seed,
         batch_size=args.batch_size, out_dir=args.out,
     )
-    result["settings"].update(model=str(args.model), lora=None if args.lora is None else str(args.lora))
+    result["settings"].update(model_record(args))
     write_text_atomically(args.out / "eval.json", json.dumps(result, indent=1))
     print(f"overall strict {result['overall_strict']:.3f} ± {result['overall_strict_se']:.3f}  graded "
           f"{result['graded']:.3f}  ({result['num_images']} images, ± one binomial standard error; review page "
@@ -463,6 +483,7 @@ def add_steer_parser(subparsers) -> None:
     parser.add_argument("--lora", type=Path, default=None, help="folder with a diffusers-format LoRA")
     parser.add_argument("--device", type=_device, default=DEFAULT_DEVICE)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    add_max_sequence_length(parser)
     parser.add_argument("--shapes-eval", action="store_true",
                         help="add ShapesEval's verdict of each image (shapes-world prompts only)")
     parser.add_argument("--compile", action="store_true",
@@ -550,7 +571,7 @@ def run_steer(args) -> None:
     prune_reward = None if args.prune_reward is None else load_reward(args.prune_reward, device=args.device,
                                                                       dtype=DTYPES[args.dtype])
     run = dict(shapes_eval=args.shapes_eval, budget=args.budget, seed=args.seed, prune_reward=prune_reward,
-               extra_metadata={"model": str(args.model), "lora": None if args.lora is None else str(args.lora)},
+               extra_metadata=model_record(args),
                **options)
     if args.resume:  # before the model loads: a run that is not this one is refused at once
         steered_already(args.out, prompts, reward, args.method, **run)

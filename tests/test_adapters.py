@@ -58,6 +58,30 @@ def test_one_negative_prompt_for_every_prompt_matches_stock(tiny_pipes, name):
     assert (trajectory.images - expected).abs().max() <= 1e-4
 
 
+@pytest.mark.parametrize("name,guidance", [("sd3", 4.5), ("flux", 3.5)])
+def test_max_sequence_length_matches_stock(tiny_pipes, name, guidance):
+    pipe = tiny_pipes[name]
+    options = dict(num_inference_steps=3, guidance_scale=guidance, height=32, width=32)
+    images = {}
+    for length in (None, 8):
+        adapter = adapter_for(pipe, max_sequence_length=length)
+        assert adapter.max_sequence_length == (length or {"sd3": 256, "flux": 512}[name])  # the stock defaults
+        images[length] = sample(adapter, PROMPTS, seed=7, **options).images
+        generators = [torch.Generator().manual_seed(s) for s in (7, 8)]
+        expected = pipe(PROMPTS, generator=generators, output_type="pt", **options,
+                        **({} if length is None else {"max_sequence_length": length})).images
+        assert (images[length] - expected).abs().max() <= 1e-4
+    assert (images[8] - images[None]).abs().max() > 1e-2  # the padding T5 tokens condition the image
+
+
+def test_max_sequence_length_is_refused_where_it_cannot_apply(tiny_pipes):
+    with pytest.raises(ValueError, match="StableDiffusionXLPipeline has no T5 text encoder"):
+        adapter_for(tiny_pipes["sdxl"], max_sequence_length=64)
+    for length in (0, 513):
+        with pytest.raises(ValueError, match=re.escape(f"must lie in [1, 512] (T5 tokens per prompt), got {length}")):
+            adapter_for(tiny_pipes["sd3"], max_sequence_length=length)
+
+
 def test_guidance_modes(tiny_pipes):
     sd3 = adapter_for(tiny_pipes["sd3"])
     assert sd3.guidance_mode(4.5) == "cfg" and sd3.guidance_mode(1.0) == "none"

@@ -1,6 +1,7 @@
 """`align-diffusion sample` end to end on tiny pipelines saved to disk, and the seed contract."""
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -124,6 +125,28 @@ def test_bad_input_fails_before_sampling(saved, tmp_path):
     with pytest.raises(SystemExit, match="--overwrite"):
         main([*common, "--steps", "1", "--out", str(tmp_path / "e")])
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_max_sequence_length_is_applied_recorded_and_checked_before_the_model_loads(saved, tmp_path, monkeypatch):
+    common = ["sample", "--prompt", "a red circle", "--steps", "2", "--height", "32", "--width", "32"]
+    main([*common, "--model", str(saved["sd3"]), "--max-sequence-length", "8", "--out", str(tmp_path / "short")])
+    record = json.loads((tmp_path / "short/metadata.jsonl").read_text())
+    assert record["max_sequence_length"] == 8
+    pipe = load_adapter(str(saved["sd3"])).pipe
+    expected = pipe("a red circle", num_inference_steps=2, height=32, width=32, max_sequence_length=8,
+                    generator=torch.Generator().manual_seed(0), output_type="pt").images[0]
+    assert (read_png(tmp_path / "short" / record["file"]) - expected).abs().max() <= 2 / 255
+    with pytest.raises(SystemExit, match="the earlier run's max_sequence_length was 8, this one's is None"):
+        main([*common, "--model", str(saved["sd3"]), "--resume", "--out", str(tmp_path / "short")])
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("align_diffusion.models.DiffusionPipeline.from_pretrained", no_loading)
+    with pytest.raises(SystemExit, match="--max-sequence-length: StableDiffusionPipeline has no T5 text encoder"):
+        main([*common, "--model", str(saved["sd"]), "--max-sequence-length", "8", "--out", str(tmp_path / "sd")])
+    with pytest.raises(SystemExit, match=re.escape("--max-sequence-length: max_sequence_length must lie in [1, 512]")):
+        main([*common, "--model", str(saved["sd3"]), "--max-sequence-length", "600", "--out", str(tmp_path / "b")])
 
 
 @pytest.mark.parametrize("command, option, value, message", [

@@ -20,7 +20,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from align_diffusion.cli import main
-from align_diffusion.models import load_adapter
+from align_diffusion.models import adapter_for, load_adapter
 from align_diffusion.rewards.spec import load_reward
 from align_diffusion.sampling.loop import step_log_prob
 from align_diffusion.training import checkpoint
@@ -133,12 +133,20 @@ def test_wrong_type_is_named(saved, tmp_path):
     ("device=bogus", "device: "),
     ("eval.rewards=bogus", "eval.rewards: reward term 'bogus': unknown reward"),
     ("model=/no/such/folder", "model: /no/such/folder is no folder"),
+    ("max_sequence_length=0", "max_sequence_length: max_sequence_length must lie in [1, 512]"),
+    ("max_sequence_length=513", "max_sequence_length: max_sequence_length must lie in [1, 512]"),
     (["sampling.sampler=cps", "sampling.noise_level=1.5"], "cps noise levels a must lie in [0, 1]"),
     (["sampling.sampler=cps", "sampling.num_steps=3", "sampling.noise_window=[2,3]"], "CPS's last step draws no noise"),
 ])
 def test_out_of_range_values_are_named(saved, override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(None, [f"model={saved['sd3']}", *(override if isinstance(override, list) else [override])])
+
+
+def test_a_sequence_length_for_a_model_without_t5_is_named(saved):
+    load_config(None, [f"model={saved['sd3']}", "max_sequence_length=64"])
+    with pytest.raises(ConfigError, match="max_sequence_length: StableDiffusionPipeline has no T5 text encoder"):
+        load_config(None, [f"model={saved['sd']}", "sampling.sampler=ddim", "max_sequence_length=64"])
 
 
 def test_compile_without_a_compiler_is_named(saved, monkeypatch, tmp_path):
@@ -232,6 +240,14 @@ def test_a_size_the_model_cannot_take_fails_when_the_model_loads(saved, prompt_f
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
+def test_the_trainer_encodes_prompts_to_the_configured_t5_length(saved, prompt_file, tmp_path):
+    config = load_config(None, tiny_overrides(saved["sd3"], prompt_file, tmp_path, max_sequence_length=8))
+    trainer = GRPOTrainer(config)
+    assert trainer.adapter.max_sequence_length == 8
+    with pytest.raises(ConfigError, match="max_sequence_length is 8, but the adapter given encodes 256"):
+        GRPOTrainer(config, adapter=adapter_for(trainer.adapter.pipe))
+
+
 def test_shipped_configs_load(tmp_path):
     # The GPU presets name prompt files the user supplies; their models are checked when they load (GPU runs).
     prompts = tmp_path / "prompts.txt"
@@ -249,6 +265,7 @@ def test_shipped_configs_load(tmp_path):
     assert (sd35m.sampling.sampler, sd35m.sampling.noise_level) == ("flow-sde", 0.7)
     assert (sd35m.grpo.clip_range, sd35m.grpo.kl_beta, sd35m.optim.lr) == (1e-4, 0.04, 3e-4)
     assert (sd35m.lora.rank, sd35m.lora.alpha) == (32, 64)
+    assert sd35m.max_sequence_length == 128  # the T5 length Flow-GRPO's SD3 script encodes prompts with
     assert loaded["sd15_grpo_aesthetic"].sampling.sampler == "ddim"
     # Its header's Flow-GRPO pickscore_flux settings: group 24, 6 train / 28 eval steps, a = 0.9, no KL term,
     # advantages by the std over all images, EMA.

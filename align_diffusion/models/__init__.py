@@ -19,13 +19,28 @@ ADAPTERS: dict[type, type[PipelineAdapter]] = {
 }
 
 
-def adapter_for(pipe) -> PipelineAdapter:
-    """The adapter for a loaded pipeline; a clear error for pipelines this package does not support."""
+def adapter_for(pipe, max_sequence_length: int | None = None) -> PipelineAdapter:
+    """The adapter for a loaded pipeline; a clear error for pipelines this package does not support.
+    `max_sequence_length`: T5 tokens per prompt (SD3, FLUX; default: the stock pipeline's, 256 / 512)."""
     adapter = ADAPTERS.get(type(pipe))
     if adapter is None:
         supported = ", ".join(sorted(cls.__name__ for cls in ADAPTERS))
         raise ValueError(f"unsupported pipeline {type(pipe).__name__}; supported pipeline classes: {supported}")
-    return adapter(pipe)
+    return adapter(pipe, max_sequence_length)
+
+
+def adapter_class(model: str) -> type[PipelineAdapter] | None:
+    """The adapter class for a pipeline folder or cached hub id, read from its model_index.json without loading it;
+    None when that cannot be read (a hub id not downloaded); ValueError for a pipeline this package does not
+    support."""
+    try:
+        class_name = DiffusionPipeline.load_config(model)["_class_name"]
+    except (OSError, KeyError, ValueError):
+        return None
+    adapters = {cls.__name__: adapter for cls, adapter in ADAPTERS.items()}
+    if class_name not in adapters:
+        raise ValueError(f"unsupported pipeline {class_name}; supported: {', '.join(sorted(adapters))}")
+    return adapters[class_name]
 
 
 def missing_local_model(model: str, holds: str = "model_index.json") -> str | None:
@@ -38,17 +53,19 @@ def missing_local_model(model: str, holds: str = "model_index.json") -> str | No
     return None
 
 
-def load_adapter(model: str, dtype: torch.dtype = torch.float32, device: str | None = None) -> PipelineAdapter:
-    """`DiffusionPipeline.from_pretrained(model)` (hub id or local folder), in eval mode, wrapped in its adapter."""
+def load_adapter(model: str, dtype: torch.dtype = torch.float32, device: str | None = None,
+                 max_sequence_length: int | None = None) -> PipelineAdapter:
+    """`DiffusionPipeline.from_pretrained(model)` (hub id or local folder), in eval mode, wrapped in its adapter
+    (`max_sequence_length` as for `adapter_for`)."""
     if reason := missing_local_model(model):
         raise FileNotFoundError(f"model: {reason}")
     pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype)
-    adapter = adapter_for(pipe)
+    adapter = adapter_for(pipe, max_sequence_length)
     if device is not None:
         pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return adapter
 
 
-__all__ = ["ADAPTERS", "PipelineAdapter", "PromptEmbeds", "Schedule", "adapter_for", "load_adapter",
+__all__ = ["ADAPTERS", "PipelineAdapter", "PromptEmbeds", "Schedule", "adapter_class", "adapter_for", "load_adapter",
            "missing_local_model"]

@@ -56,11 +56,16 @@ class PipelineAdapter:
     is_flow: bool  # flow matching (velocity) rather than ε / v-prediction diffusion
     default_steps: int
     default_guidance: float
+    # T5 tokens per prompt the stock pipeline encodes by default (SD3, FLUX); None: the family has no T5 encoder.
+    default_max_sequence_length: int | None = None
 
-    def __init__(self, pipe):
+    def __init__(self, pipe, max_sequence_length: int | None = None):
         if not isinstance(pipe, self.pipeline_class):
             raise TypeError(f"{type(self).__name__} wraps {self.pipeline_class.__name__}, got {type(pipe).__name__}")
+        check_max_sequence_length(type(self), max_sequence_length)
         self.pipe = pipe
+        # T5 tokens per prompt: the prompt is truncated, or padded, to this many (None for families without T5).
+        self.max_sequence_length = max_sequence_length or self.default_max_sequence_length
         # What `forward` calls instead of the denoiser, when set: a trainer's distributed wrapper of it (so
         # gradients synchronize) or a frozen reference copy.
         self.forward_module: torch.nn.Module | None = None
@@ -195,8 +200,22 @@ class PipelineAdapter:
         return PipelineAdapter.levels(images) / 255
 
 
+MAX_SEQUENCE_LENGTH = 512  # the most T5 tokens the stock SD3 and FLUX pipelines accept
 RECOMPILE_LIMIT = 64  # graphs per compiled block forward (see compile_repeated_blocks)
 C_COMPILERS = ("g++", "c++", "clang++", "gcc", "cc")  # what inductor (CPU) and Triton (GPU) build with
+
+
+def check_max_sequence_length(family: type[PipelineAdapter] | None, max_sequence_length: int | None) -> None:
+    """ValueError when prompts cannot be encoded to `max_sequence_length` T5 tokens: out of range, or a family (an
+    adapter class; None: not known yet) without a T5 encoder. None, each family's default, always passes."""
+    if max_sequence_length is None:
+        return
+    if not 1 <= max_sequence_length <= MAX_SEQUENCE_LENGTH:
+        raise ValueError(f"max_sequence_length must lie in [1, {MAX_SEQUENCE_LENGTH}] (T5 tokens per prompt), got "
+                         f"{max_sequence_length}")
+    if family is not None and family.default_max_sequence_length is None:
+        raise ValueError(f"{family.pipeline_class.__name__} has no T5 text encoder: a max_sequence_length (T5 tokens "
+                         "per prompt) is for SD3 and FLUX; CLIP encoders take 77 tokens")
 
 
 def missing_c_compiler(option: str) -> str | None:

@@ -19,6 +19,7 @@ class FluxAdapter(PipelineAdapter):
     is_flow = True
     default_steps = 28
     default_guidance = 3.5
+    default_max_sequence_length = 512
 
     def guidance_mode(self, guidance_scale):
         return "distilled" if self.denoiser.config.guidance_embeds else "none"
@@ -35,7 +36,8 @@ class FluxAdapter(PipelineAdapter):
         if negative_prompt is not None:
             raise ValueError("FLUX adapters use distilled guidance only; negative prompts (true CFG) are not supported")
         embeds, pooled, _ = self.pipe.encode_prompt(
-            prompt=prompts, prompt_2=None, device=self.device, num_images_per_prompt=num_images_per_prompt
+            prompt=prompts, prompt_2=None, device=self.device, num_images_per_prompt=num_images_per_prompt,
+            max_sequence_length=self.max_sequence_length,
         )
         return PromptEmbeds({"encoder_hidden_states": embeds, "pooled_projections": pooled})
 

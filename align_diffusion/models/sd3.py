@@ -91,6 +91,7 @@ class SD3Adapter(PipelineAdapter):
     is_flow = True
     default_steps = 28
     default_guidance = 7.0
+    default_max_sequence_length = 256
 
     def check_size(self, height, width):
         super().check_size(height, width)
@@ -112,6 +113,7 @@ class SD3Adapter(PipelineAdapter):
             do_classifier_free_guidance=cfg,
             device=self.device,
             num_images_per_prompt=num_images_per_prompt,
+            max_sequence_length=self.max_sequence_length,
         )
         cond = {"encoder_hidden_states": embeds, "pooled_projections": pooled}
         uncond = {"encoder_hidden_states": negative, "pooled_projections": negative_pooled} if cfg else None

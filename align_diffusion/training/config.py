@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from align_diffusion.models.base import missing_c_compiler, unusable_device
+from align_diffusion.models.base import check_max_sequence_length, missing_c_compiler, unusable_device
 from align_diffusion.rewards.spec import parse_spec
 from align_diffusion.rewards.transforms import METHODS as ADVANTAGE_METHODS
 from align_diffusion.sampling.loop import (
@@ -150,6 +150,8 @@ class GDROConfig:
 class TrainConfig:
     algorithm: str = _help("grpo (online, the GRPO family) or gdro (offline, over groups generated once)", "grpo")
     model: str = _help("hub id or folder of a supported diffusers pipeline", "assets/world/sd3")
+    max_sequence_length: int | None = _help("T5 tokens per prompt of SD3 / FLUX (default: the pipeline's, 256 / "
+                                            "512; Flow-GRPO encodes SD3 prompts with 128)", None)
     output_dir: str = _help("where config, metrics, checkpoints and the LoRA go", "outputs/grpo")
     max_steps: int = _help("training steps (one batch of rollouts each)", 100)
     max_minutes: float | None = _help("also stop once training steps (evaluations excluded) took this many "
@@ -260,22 +262,16 @@ def save_config(config: TrainConfig, path: Path) -> None:
 # --- validation ------------------------------------------------------------------------------------------------
 
 
-def _model_is_flow(model: str) -> bool | None:
-    """Whether a pipeline folder / cached hub id is a flow model, from its model_index.json (None if unknown)."""
-    from diffusers import DiffusionPipeline
-
-    from align_diffusion.models import ADAPTERS, missing_local_model
+def _model_family(model: str):
+    """The adapter class of a pipeline folder / cached hub id, from its model_index.json (None if unknown)."""
+    from align_diffusion.models import adapter_class, missing_local_model
 
     if reason := missing_local_model(model):
         raise ConfigError(f"model: {reason}")
     try:
-        class_name = DiffusionPipeline.load_config(model)["_class_name"]
-    except (OSError, KeyError, ValueError):
-        return None
-    adapters = {cls.__name__: adapter for cls, adapter in ADAPTERS.items()}
-    if class_name not in adapters:
-        raise ConfigError(f"model: unsupported pipeline {class_name}; supported: {', '.join(sorted(adapters))}")
-    return adapters[class_name].is_flow
+        return adapter_class(model)
+    except ValueError as error:
+        raise ConfigError(f"model: {error}") from None
 
 
 def validate(config: TrainConfig, num_processes: int = 1) -> None:
@@ -410,7 +406,12 @@ def validate(config: TrainConfig, num_processes: int = 1) -> None:
     if any(term.name in TRAINABLE_REWARDS for term in terms) and config.references is None:
         raise ConfigError("references: the reward trains against reference images (adv-dino); set references to "
                           "'shapes' or an image folder")
-    is_flow = _model_is_flow(config.model)
+    family = _model_family(config.model)
+    is_flow = None if family is None else family.is_flow
+    try:
+        check_max_sequence_length(family, config.max_sequence_length)
+    except ValueError as error:
+        raise ConfigError(f"max_sequence_length: {error} (model {config.model})") from None
     allowed = {True: FLOW_SAMPLERS, False: DIFFUSION_SAMPLERS, None: FLOW_SAMPLERS + DIFFUSION_SAMPLERS}[is_flow]
     if config.algorithm == "grpo":
         allowed = tuple(s for s in allowed if s != "ode")  # GRPO needs a stochastic sampler

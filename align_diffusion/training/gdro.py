@@ -93,7 +93,8 @@ class GDROTrainer(GRPOTrainer):
         config = self.config
         sampling = {f"sampling.{key}": value for key, value in to_dict(config)["sampling"].items()
                     if key != "batch_size"}
-        return {"model": str(config.model), "prompts": str(config.prompts), "reward": config.reward,
+        return {"model": str(config.model), "max_sequence_length": config.max_sequence_length,
+                "prompts": str(config.prompts), "reward": config.reward,
                 "seed": config.seed, "dtype": config.dtype, **sampling}
 
     # --- one step ----------------------------------------------------------------------------------------------

@@ -268,7 +268,11 @@ class GRPOTrainer:
                 raise ConfigError(f"{field}: {error}") from None
         self.references = ReferenceSource(config.references) if config.references else None
         if adapter is None:
-            adapter = load_adapter(config.model, dtype=DTYPES[config.dtype], device=str(device))
+            adapter = load_adapter(config.model, dtype=DTYPES[config.dtype], device=str(device),
+                                   max_sequence_length=config.max_sequence_length)
+        elif config.max_sequence_length not in (None, adapter.max_sequence_length):
+            raise ConfigError(f"max_sequence_length is {config.max_sequence_length}, but the adapter given encodes "
+                              f"{adapter.max_sequence_length} T5 tokens (adapter_for(pipe, max_sequence_length))")
         self.adapter: PipelineAdapter = adapter
         sampling = config.sampling
         try:  # a size the model cannot take (SD3's position table, FLUX's patches) fails now, not at a rollout

@@ -82,8 +82,9 @@ TOY_CLIP = dict(
     text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=1),
 )
 
-# Text tokens the published pipelines pass: CLIP's 77 plus T5's max_sequence_length (SD3: 256, FLUX.1-dev: 512).
-SD3_TEXT_TOKENS, FLUX_TEXT_TOKENS, SD_TEXT_TOKENS = 77 + 256, 512, 77
+# Text tokens the pipelines pass: CLIP's 77 (SD3 adds T5's max_sequence_length, 256 by default), FLUX T5's alone
+# (512 by default).
+CLIP_TEXT_TOKENS = 77
 
 
 class RandomText:
@@ -105,20 +106,20 @@ class RandomText:
 class RandomTextSD3(RandomText, SD3Adapter):
     def text_shapes(self):
         config = self.denoiser.config
-        return {"encoder_hidden_states": (SD3_TEXT_TOKENS, config.joint_attention_dim),
+        return {"encoder_hidden_states": (CLIP_TEXT_TOKENS + self.max_sequence_length, config.joint_attention_dim),
                 "pooled_projections": (config.pooled_projection_dim,)}
 
 
 class RandomTextFlux(RandomText, FluxAdapter):
     def text_shapes(self):
         config = self.denoiser.config
-        return {"encoder_hidden_states": (FLUX_TEXT_TOKENS, config.joint_attention_dim),
+        return {"encoder_hidden_states": (self.max_sequence_length, config.joint_attention_dim),
                 "pooled_projections": (config.pooled_projection_dim,)}
 
 
 class RandomTextSD(RandomText, StableDiffusionAdapter):
     def text_shapes(self):
-        return {"encoder_hidden_states": (SD_TEXT_TOKENS, self.denoiser.config.cross_attention_dim)}
+        return {"encoder_hidden_states": (CLIP_TEXT_TOKENS, self.denoiser.config.cross_attention_dim)}
 
 
 @contextlib.contextmanager

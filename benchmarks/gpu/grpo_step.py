@@ -92,6 +92,9 @@ overrides = [
     f"output_dir={run_dir.name}", "log_with=[]",
     f"dtype={'float32' if dtype == torch.float32 else 'bfloat16'}",
     f"optim.mixed_precision={precision}", f"optim.compile={str(args.compile).lower()}",
+    # The architecture's stock T5 length, which the published numbers were measured at (the SD3.5-M preset trains
+    # at Flow-GRPO's 128).
+    *([f"max_sequence_length={adapter.max_sequence_length}"] if adapter.max_sequence_length else []),
 ]
 config = load_config(REPO / PRESETS[args.arch], overrides)
 trainer = GRPOTrainer(config, adapter=adapter)
