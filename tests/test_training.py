@@ -418,6 +418,23 @@ def test_resuming_an_older_checkpoint_drops_the_abandoned_later_ones(trained, sa
     assert [r["step"] for r in metrics(tmp_path)] == [1]
 
 
+def test_resuming_an_older_checkpoint_hides_the_abandoned_steps_evaluations_and_logged_values(
+        saved, prompt_file, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    overrides = tiny_overrides(saved["sd3"], prompt_file, tmp_path, **{
+        "eval.every": 1, "eval.num_steps": 2, "eval.num_images_per_prompt": 1, "log_with": "[tensorboard]"})
+    GRPOTrainer(load_config(None, overrides)).train()
+    assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == [f"step-00000{k}" for k in range(3)]
+    resume = f"resume_from={tmp_path / 'checkpoints' / 'step-000001'}"
+    GRPOTrainer(load_config(None, [*overrides, resume, "max_steps=1"])).train()
+    assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == ["step-000000", "step-000001"]
+    assert "step-000002" not in (tmp_path / "index.html").read_text()
+    logged = EventAccumulator(str(tmp_path / "grpo")).Reload()
+    assert [event.step for event in logged.Scalars("loss")] == [1]
+    assert [event.step for event in logged.Scalars("eval/reward_mean")] == [0, 1]
+
+
 def test_a_resumed_run_that_used_its_minutes_trains_no_step(saved, prompt_file, tmp_path):
     overrides = tiny_overrides(saved["sd3"], prompt_file, tmp_path, max_steps=3, max_minutes=1e-6)
     GRPOTrainer(load_config(None, overrides)).train()

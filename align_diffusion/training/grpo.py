@@ -24,6 +24,7 @@ import copy
 import json
 import math
 import os
+import shutil
 import signal
 import threading
 import time
@@ -41,7 +42,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from align_diffusion.files import write_text_atomically
-from align_diffusion.gallery.run import build_run_page, eval_folder, read_metrics
+from align_diffusion.gallery.run import EVAL_DIR, build_run_page, eval_folder, read_metrics
 from align_diffusion.models import PipelineAdapter, PromptEmbeds, load_adapter
 from align_diffusion.models.base import compile_repeated_blocks
 from align_diffusion.rewards import load_reward
@@ -412,9 +413,13 @@ class GRPOTrainer:
                               "output_dir")
         return path
 
+    def resumed_step(self) -> int:
+        """The step the run goes on from: its checkpoint's, or 0."""
+        return 0 if self.resume_path is None else checkpoint.read_trainer_state(self.resume_path)["step"]
+
     def maybe_resume(self) -> None:
-        """Loads the checkpoint `resume_from` names and drops what the run logged and saved after it: those steps
-        run again. `latest` with no checkpoint yet starts over."""
+        """Loads the checkpoint `resume_from` names and drops what the run logged and saved after it (metrics,
+        checkpoints, evaluations): those steps run again. `latest` with no checkpoint yet starts over."""
         if self.config.resume_from is None:
             return
         path = self.resume_path
@@ -424,6 +429,7 @@ class GRPOTrainer:
             self.step, self.train_seconds = state["step"], state.get("train_seconds", 0.0)
         metrics_file = self.output_dir / "metrics.jsonl"
         if self.accelerator.is_main_process:
+            kept = []
             if metrics_file.exists():  # a row of step 0 (the first eval) is rewritten by a run that starts over
                 kept = [line for line in metrics_file.read_text().splitlines()
                         if path is not None and json.loads(line)["step"] <= self.step]
@@ -431,6 +437,12 @@ class GRPOTrainer:
             for later in checkpoint.completed_checkpoints(self.output_dir):
                 if checkpoint.checkpoint_step(later) > self.step:  # else `latest` would pick the abandoned run
                     checkpoint.discard(later)
+            for folder in (self.output_dir / EVAL_DIR).glob("step-*"):
+                number = folder.name.removeprefix("step-")
+                if number.isdigit() and int(number) > self.step:
+                    shutil.rmtree(folder)
+            if kept and (self.output_dir / "index.html").exists():
+                build_run_page(self.output_dir, only_stale=True)  # its plots and rows, without the dropped steps
         self.accelerator.wait_for_everyone()
         self.log(f"resumed from {path} at step {self.step}" if path is not None else
                  f"no checkpoint in {self.output_dir} yet: starting over")
@@ -767,7 +779,10 @@ class GRPOTrainer:
         if accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             save_config(config, saved)
-        accelerator.init_trackers(config.algorithm, config=_flat(to_dict(config)))
+        # A resumed run's TensorBoard writer hides the values the abandoned steps logged (those after the checkpoint),
+        # which it logs again.
+        tensorboard = {} if config.resume_from is None else {"tensorboard": {"purge_step": self.resumed_step() + 1}}
+        accelerator.init_trackers(config.algorithm, config=_flat(to_dict(config)), init_kwargs=tensorboard)
         self.maybe_resume()
         metrics_file = self.output_dir / "metrics.jsonl"
         eval_every = config.eval.every
