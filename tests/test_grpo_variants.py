@@ -238,6 +238,10 @@ def test_noise_table_sets_each_steps_level_and_log_probs_follow(saved, prompt_fi
     assert [trajectory.level_at(i) for i in range(3)] == [0.9, 0.4, 0.0]
     trainer.train()
     assert metrics(tmp_path)[0]["first_ratio_max_deviation"] <= 1e-5  # recomputed with each step's level
+    # The table's file rewritten under the same path: a resume would sample with other levels.
+    write_table(table, [0.9, 0.5, 0.0])
+    with pytest.raises(ConfigError, match=r"sampling.noise_table_levels: .* trained with \[0.9, 0.4, 0.0\], not "):
+        GRPOTrainer(load_config(None, [*overrides, "resume_from=latest", "max_steps=2"]))
 
 
 def test_calibrate_noise_command_writes_a_table(saved, prompt_file, tmp_path, capsys):

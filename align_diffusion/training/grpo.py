@@ -374,9 +374,17 @@ class GRPOTrainer:
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             checkpoint.commit(partial, {"step": self.step, "data_position": self.step,
-                                        "train_seconds": self.train_seconds, "config": _flat(to_dict(self.config))},
+                                        "train_seconds": self.train_seconds, "config": self.settings()},
                               self.config.checkpoints_kept)
         self.accelerator.wait_for_everyone()
+
+    def settings(self) -> dict:
+        """The run's flat settings as its checkpoints record them (JSON values): the config, and a noise table's
+        levels, which its file may change while its path stays."""
+        settings = _flat(to_dict(self.config))
+        if table := self.config.sampling.noise_table:
+            settings["sampling.noise_table_levels"] = read_table(table, self.config.sampling.num_steps)
+        return json.loads(json.dumps(settings))
 
     def check_resume(self) -> Path | None:
         """The checkpoint `resume_from` names (None: none, or `latest` with none yet), once checked: it holds the
@@ -404,7 +412,7 @@ class GRPOTrainer:
             run, settings = f"the run in {self.output_dir}", _flat(yaml.safe_load(saved.read_text()) or {})
         else:
             return path
-        current = json.loads(json.dumps(_flat(to_dict(config))))  # as the checkpoint's JSON holds them
+        current = self.settings()
         changed = [key for key in changed_settings(settings, current)
                    if key not in RESUME_MAY_CHANGE and not key.startswith("eval.")]
         if changed:
