@@ -121,6 +121,7 @@ def test_wrong_type_is_named(saved, tmp_path):
     ("grpo.reward_range=[0, .inf]", "grpo.reward_range must be"),
     ("grpo.value_weight=.nan", "grpo.value_weight must be a finite number >= 0"),
     ("grpo.value_anchor=.nan", "grpo.value_anchor must be a finite number"),
+    ("grpo.adv_clip_max=0", "grpo.adv_clip_max must be a finite number > 0, got 0.0"),
     ("max_minutes=.nan", "max_minutes must be a finite number > 0"),
     ("seed=-1", "seed must lie in [0, 2**32), got -1"),
     ("seed=4294967296", "seed must lie in [0, 2**32), got 4294967296"),

@@ -337,8 +337,10 @@ def validate(config: TrainConfig, num_processes: int = 1) -> None:
                           "are signed differences; use zscore or global_std with grpo.dense")
     if len(grpo.reward_range) != 2 or not -math.inf < grpo.reward_range[0] < grpo.reward_range[1] < math.inf:
         raise ConfigError(f"grpo.reward_range must be [low, high], finite, with low < high, got {grpo.reward_range}")
-    for key, value in {"grpo.clip_range": grpo.clip_range, "grpo.adv_clip_max": grpo.adv_clip_max,
-                       "grpo.kl_beta": grpo.kl_beta, "grpo.value_weight": grpo.value_weight,
+    if not 0 < grpo.adv_clip_max < math.inf:  # 0 would clip every advantage to 0: nothing to train on
+        raise ConfigError(f"grpo.adv_clip_max must be a finite number > 0, got {grpo.adv_clip_max}")
+    for key, value in {"grpo.clip_range": grpo.clip_range, "grpo.kl_beta": grpo.kl_beta,
+                       "grpo.value_weight": grpo.value_weight,
                        "sampling.guidance_scale": config.sampling.guidance_scale, "optim.lr": config.optim.lr,
                        "optim.weight_decay": config.optim.weight_decay}.items():
         if not 0 <= value < math.inf:  # also refuses NaN
