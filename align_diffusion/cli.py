@@ -60,6 +60,8 @@ def add_sample_parser(subparsers) -> None:
     prompts.add_argument("--prompt", nargs="+", action="extend", help="one or more prompts")
     prompts.add_argument("--prompts-file", type=Path, help="text file with one prompt per line")
     parser.add_argument("--num-images-per-prompt", type=_positive_int, default=1)
+    parser.add_argument("--negative-prompt", default=None,
+                        help="what classifier-free guidance steers away from, for every prompt (SD3, SD 1.5, SDXL)")
     parser.add_argument("--steps", type=_positive_int, default=None, help="denoising steps (default: the model's)")
     parser.add_argument("--guidance", type=_non_negative_float, default=None,
                         help="guidance scale (default: the model's)")
@@ -158,6 +160,7 @@ def run_sample(args) -> None:
         guidance_scale=args.guidance,
         height=args.height,
         width=args.width,
+        negative_prompt=args.negative_prompt,
         reward=reward,
         overwrite=args.overwrite,
         resume=args.resume,

@@ -149,6 +149,40 @@ def test_max_sequence_length_is_applied_recorded_and_checked_before_the_model_lo
         main([*common, "--model", str(saved["sd3"]), "--max-sequence-length", "600", "--out", str(tmp_path / "b")])
 
 
+def test_negative_prompt_matches_stock_is_recorded_and_needs_guidance(saved, tmp_path):
+    common = ["sample", "--model", str(saved["sd"]), "--prompt", *PROMPTS, "--steps", "3", "--guidance", "4",
+              "--sampler", "ddim", "--noise-level", "0", "--height", "32", "--width", "32"]
+    main([*common, "--negative-prompt", "blurry", "--out", str(tmp_path / "negative")])
+    main([*common, "--out", str(tmp_path / "plain")])
+    records = [json.loads(line) for line in (tmp_path / "negative/metadata.jsonl").read_text().splitlines()]
+    pipe = load_adapter(str(saved["sd"])).pipe
+    for record in records:
+        assert record["negative_prompt"] == "blurry"
+        expected = pipe(record["prompt"], negative_prompt="blurry", num_inference_steps=3, guidance_scale=4,
+                        height=32, width=32, generator=torch.Generator().manual_seed(record["seed"]),
+                        output_type="pt").images[0]
+        image = read_png(tmp_path / "negative" / record["file"])
+        assert (image - expected).abs().max() <= 2 / 255
+        assert (image - read_png(tmp_path / "plain" / record["file"])).abs().max() > 2 / 255
+    with pytest.raises(SystemExit, match="negative_prompt: guidance 1.0 runs no classifier-free guidance"):
+        main([*common, "--guidance", "1", "--negative-prompt", "blurry", "--out", str(tmp_path / "unguided")])
+    assert not (tmp_path / "unguided").exists()
+
+
+def test_a_folder_written_before_an_option_existed_resumes_without_it(saved, tmp_path):
+    common = ["sample", "--model", str(saved["sd3"]), "--steps", "2", "--height", "32", "--width", "32"]
+    out = tmp_path / "out"
+    main([*common, "--prompt", PROMPTS[0], "--out", str(out)])
+    metadata = out / "metadata.jsonl"
+    older = {key: value for key, value in json.loads(metadata.read_text()).items()
+             if key not in ("negative_prompt", "max_sequence_length")}
+    metadata.write_text(json.dumps(older) + "\n")
+    with pytest.raises(SystemExit, match="records hold no 'negative_prompt' \\(an older version wrote them\\?\\)"):
+        main([*common, "--prompt", *PROMPTS, "--negative-prompt", "blurry", "--resume", "--out", str(out)])
+    main([*common, "--prompt", *PROMPTS, "--resume", "--out", str(out)])
+    assert [json.loads(line)["prompt"] for line in metadata.read_text().splitlines()] == PROMPTS
+
+
 @pytest.mark.parametrize("command, option, value, message", [
     (["sample"], "--guidance", "nan", "must be a finite number"),
     (["sample"], "--noise-level", "inf", "must be a finite number"),

@@ -126,6 +126,7 @@ def sample_to_folder(
     guidance_scale: float | None = None,
     height: int | None = None,
     width: int | None = None,
+    negative_prompt: str | None = None,
     reward: Reward | None = None,
     extra_metadata: dict | None = None,
     progress: bool = True,
@@ -155,7 +156,8 @@ def sample_to_folder(
     jobs = [(prompt, seed + k) for k, prompt in enumerate(p for p in prompts for _ in range(num_images_per_prompt))]
     same_run = {"sampler": sampler, "noise_level": settings.noise_level, "steps": settings.num_inference_steps,
                 "guidance": settings.guidance_scale, "height": settings.height, "width": settings.width,
-                "reward": None if reward is None else reward.spec, **(extra_metadata or {})}
+                "negative_prompt": negative_prompt, "reward": None if reward is None else reward.spec,
+                **(extra_metadata or {})}
     reward_keys = None if reward is None else reward.keys if isinstance(reward, WeightedRewards) else [reward.name]
     done = 0
     if resuming:  # checked before the folder is touched: a refused resume leaves it as it was
@@ -174,6 +176,7 @@ def sample_to_folder(
                 batch_prompts,
                 generators=[torch.Generator("cpu").manual_seed(image_seed) for _, image_seed in batch],
                 sampler=sampler,
+                negative_prompt=negative_prompt,
                 **asdict(settings),
             )
             each = score_terms(reward, trajectory.images, batch_prompts)[1] if reward is not None else None
@@ -196,7 +199,7 @@ def check_resumable(records: list[dict], jobs: list[tuple[str, int]], same_run: 
             raise ValueError(f"resume: image {record['file']} is of prompt {record['prompt']!r}, seed "
                              f"{record.get('seed')}; this run makes {prompt!r}, seed {seed} there")
         for key, value in same_run.items():
-            if key not in record:
+            if key not in record and value is not None:  # an option added since is None where it is not used
                 raise ValueError(f"resume: the earlier run's records hold no {key!r} (an older version wrote them?); "
                                  "start over, replacing them (overwrite)")
             if record.get(key) != value:

@@ -210,6 +210,9 @@ def sample(
     num_inference_steps, guidance_scale, noise_level, height, width = astuple(settings)
     if num_images_per_prompt < 1:
         raise ValueError("num_images_per_prompt must be at least 1")
+    if negative_prompt is not None and (mode := adapter.guidance_mode(guidance_scale)) != "cfg":
+        raise ValueError(f"negative_prompt: guidance {guidance_scale} runs no classifier-free guidance ({mode}), so "
+                         "the negative prompt would have no effect")
     levels = settings.levels()
     batch = len(prompts) * num_images_per_prompt
     if generators is None:
