@@ -481,6 +481,8 @@ def add_steer_parser(subparsers) -> None:
                         help="denoising steps (default: the model's; ReNO: 4)")
     parser.add_argument("--guidance", type=_non_negative_float, default=None,
                         help="guidance scale (default: the model's)")
+    parser.add_argument("--negative-prompt", default=None,
+                        help="what classifier-free guidance steers away from, for every prompt (SD3, SD 1.5, SDXL)")
     parser.add_argument("--height", type=_positive_int, default=None)
     parser.add_argument("--width", type=_positive_int, default=None)
     parser.add_argument("--lora", type=Path, default=None, help="folder with a diffusers-format LoRA")
@@ -556,7 +558,8 @@ def run_steer(args) -> None:
         raise SystemExit(f"--no-checkpointing and --autocast apply to reno, not {args.method}")
     options.update({key: value for key, value in (("num_inference_steps", args.steps),
                                                   ("guidance_scale", args.guidance), ("height", args.height),
-                                                  ("width", args.width)) if value is not None})
+                                                  ("width", args.width), ("negative_prompt", args.negative_prompt))
+                    if value is not None})
     prompts = read_prompts(args)
     if (args.out / "metadata.jsonl").exists() and not (args.overwrite or args.resume):
         raise SystemExit(f"--out: {args.out} already holds results; pass --overwrite to replace them, or --resume to "

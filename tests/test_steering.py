@@ -559,6 +559,27 @@ def test_best_of_n_picks_the_best_and_its_first_candidate_is_the_plain_sample(ad
     assert scores[0] == pytest.approx(Darkness()(plain.images, ["two squares"]).item(), abs=1e-6)
 
 
+@pytest.mark.parametrize("method, options", [
+    ("best-of-n", dict(num_candidates=1)),
+    ("fk", dict(num_particles=1, sampler="ode")),
+    ("ttsnap", dict(num_seeds=1, prune_steps=[1], keep=[1.0])),
+    ("reno", dict(iterations=0)),
+])
+def test_every_method_takes_a_negative_prompt_as_sample_does(adapter, method, options):
+    # One candidate (ReNO: iteration 0) is the plain sample of prompt 1, seeded 5 + 1, with the same negative prompt.
+    prompts = ["a red circle", "two squares"]
+    common = dict(seed=5, num_inference_steps=DEFAULT_STEPS, guidance_scale=GUIDANCE, **SIZE, **options)
+    steered = list(steer(adapter, prompts, Darkness(), method, negative_prompt="blurry", progress=False, **common))
+    plain = list(steer(adapter, prompts, Darkness(), method, progress=False, **common))
+    reference = sample(adapter, prompts[1:], seed=6, num_inference_steps=DEFAULT_STEPS, guidance_scale=GUIDANCE,
+                       negative_prompt="blurry", **SIZE).images[0]
+    assert (steered[1].image - reference).abs().max() <= 1e-5
+    assert (plain[1].image - reference).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="negative_prompt: guidance 1.0 runs no classifier-free guidance"):
+        list(steer(adapter, prompts, Darkness(), method, negative_prompt="blurry", progress=False,
+                   **{**common, "guidance_scale": 1.0}))
+
+
 def test_best_of_n_raises_only_when_no_candidate_of_the_prompt_is_scored(adapter):
     options = dict(num_candidates=3, batch_size=2, num_inference_steps=2, guidance_scale=GUIDANCE, **SIZE)
     result = best_of_n(adapter, "two squares", PartlyUnscorable({2: [0]}), **options)  # the second batch fails

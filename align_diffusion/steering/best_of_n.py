@@ -34,6 +34,7 @@ def best_of_n(
     guidance_scale: float | None = None,
     height: int | None = None,
     width: int | None = None,
+    negative_prompt: str | None = None,
     batch_size: int = 16,
 ) -> SteeringResult:
     """The best of `num_candidates` samples of `prompt` (prompt number `index` of a run) under `reward`."""
@@ -52,7 +53,7 @@ def best_of_n(
             batch = sample(adapter, [prompt] * len(part), generators=part, sampler=sampler,
                            num_inference_steps=settings.num_inference_steps,
                            guidance_scale=settings.guidance_scale, noise_level=settings.noise_level,
-                           height=settings.height, width=settings.width).images
+                           height=settings.height, width=settings.width, negative_prompt=negative_prompt).images
             budget.model_evals += len(part) * settings.num_inference_steps
             images.append(batch.cpu())
         images = torch.cat(images)

@@ -32,7 +32,7 @@ import torch
 
 from align_diffusion.models.base import PipelineAdapter
 from align_diffusion.rewards.base import Reward
-from align_diffusion.sampling.loop import check_sampler, resolve_settings
+from align_diffusion.sampling.loop import check_negative_prompt, check_sampler, resolve_settings
 from align_diffusion.steering.candidates import (
     SEED_STRIDE,
     Budget,
@@ -117,6 +117,7 @@ def fk_steering(
     guidance_scale: float | None = None,
     height: int | None = None,
     width: int | None = None,
+    negative_prompt: str | None = None,
 ) -> SteeringResult:
     """FK steering of `prompt` (prompt number `index` of a run) with `num_particles` particles; see the module
     docstring. `sampler` defaults to Flow-SDE for flow models and DDIM (η = 1) for ε-models. `winner` is the
@@ -126,6 +127,7 @@ def fk_steering(
     sampler = sampler or ("flow-sde" if adapter.is_flow else "ddim")
     check_sampler(adapter, sampler)
     settings = resolve_settings(adapter, sampler, num_inference_steps, guidance_scale, noise_level, height, width)
+    check_negative_prompt(adapter, settings.guidance_scale, negative_prompt)
     if num_particles < 1:
         raise ValueError(f"FK steering needs at least 1 particle, got {num_particles}")
     levels = settings.levels()
@@ -153,7 +155,7 @@ def fk_steering(
     log_weights = torch.zeros(num_particles)  # carried between scored steps that skip resampling
     ess, resampled, lineage = [], [], torch.arange(num_particles)
     with Timer(budget):
-        embeds = adapter.encode_prompt([prompt], settings.guidance_scale, num_particles)
+        embeds = adapter.encode_prompt([prompt], settings.guidance_scale, num_particles, negative_prompt)
         schedule = adapter.schedule(steps, settings.height, settings.width)
         x = adapter.initial_noise(generators, settings.height, settings.width)
         for i in range(steps):

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from align_diffusion.models.base import PipelineAdapter
 from align_diffusion.rewards.base import Reward, RewardError
-from align_diffusion.sampling.loop import prompt_list, resolve_settings, take_step
+from align_diffusion.sampling.loop import check_negative_prompt, prompt_list, resolve_settings, take_step
 from align_diffusion.steering.candidates import Budget, SteeringResult, Timer, candidate_generators
 
 DEFAULT_STEPS = 4  # ODE steps of each iterate: the method's one- to four-step regime
@@ -81,6 +81,7 @@ def reno(
     guidance_scale: float | None = None,
     height: int | None = None,
     width: int | None = None,
+    negative_prompt: str | None = None,
     seed: int = 0,
     first_index: int = 0,
     gradient_checkpointing: bool = True,
@@ -101,6 +102,7 @@ def reno(
         raise ValueError(f"grad_clip must be a finite number > 0, got {grad_clip}")
     settings = resolve_settings(adapter, "ode", steps_per_iterate(num_inference_steps), guidance_scale, None, height,
                                 width)
+    check_negative_prompt(adapter, settings.guidance_scale, negative_prompt)
     batch = len(prompts)
     budgets = [Budget() for _ in prompts]
     timer = Timer(Budget())
@@ -109,7 +111,7 @@ def reno(
         noise = adapter.initial_noise(generators, settings.height, settings.width).requires_grad_(True)
         optimizer = torch.optim.SGD([noise], lr=lr, momentum=momentum, nesterov=nesterov)
         with torch.no_grad():
-            embeds = adapter.encode_prompt(prompts, settings.guidance_scale)
+            embeds = adapter.encode_prompt(prompts, settings.guidance_scale, negative_prompt=negative_prompt)
         schedule = adapter.schedule(settings.num_inference_steps, settings.height, settings.width)
         autocast = (torch.autocast(adapter.device.type, dtype=autocast_dtype) if autocast_dtype is not None
                     else contextlib.nullcontext())

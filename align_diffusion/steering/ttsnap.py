@@ -19,7 +19,7 @@ import torch
 
 from align_diffusion.models.base import PipelineAdapter
 from align_diffusion.rewards.base import Reward
-from align_diffusion.sampling.loop import check_sampler, resolve_settings
+from align_diffusion.sampling.loop import check_negative_prompt, check_sampler, resolve_settings
 from align_diffusion.steering.candidates import (
     Budget,
     SteeringResult,
@@ -89,12 +89,14 @@ def ttsnap(
     guidance_scale: float | None = None,
     height: int | None = None,
     width: int | None = None,
+    negative_prompt: str | None = None,
 ) -> SteeringResult:
     """TTSnap on `prompt` (prompt number `index` of a run); see the module docstring. `winner` is the seed's
     candidate number (0 … num_seeds − 1)."""
     prompt = one_prompt(prompt)
     check_sampler(adapter, sampler)
     settings = resolve_settings(adapter, sampler, num_inference_steps, guidance_scale, noise_level, height, width)
+    check_negative_prompt(adapter, settings.guidance_scale, negative_prompt)
     prune_steps, keep = list(prune_steps), list(keep)
     check_schedule(prune_steps, keep, settings.num_inference_steps)
     if num_seeds < 1:
@@ -104,7 +106,7 @@ def ttsnap(
     alive = torch.arange(num_seeds)  # candidate numbers still running
     survivors = []
     with Timer(budget):
-        embeds = adapter.encode_prompt([prompt], settings.guidance_scale, num_seeds)
+        embeds = adapter.encode_prompt([prompt], settings.guidance_scale, num_seeds, negative_prompt)
         schedule = adapter.schedule(settings.num_inference_steps, settings.height, settings.width)
         x = adapter.initial_noise(generators, settings.height, settings.width)
         for i in range(settings.num_inference_steps):
