@@ -381,11 +381,13 @@ def add_train_parser(subparsers) -> None:
     parser.add_argument("config", type=Path, nargs="?", default=None,
                         help="YAML config (configs/*.yaml); omitted: every default")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. sampling.noise_level=0.5")
+    parser.add_argument("--print-config", action="store_true",
+                        help="check the config and print it, every key with its documentation, instead of training")
     parser.set_defaults(run=run_train)
 
 
 def run_train(args) -> None:
-    from align_diffusion.training.config import ConfigError, load_config
+    from align_diffusion.training.config import ConfigError, describe_config, load_config
     from align_diffusion.training.grpo import TrainingInterrupted, train
 
     if args.config is not None and "=" in str(args.config):  # only overrides given
@@ -396,6 +398,9 @@ def run_train(args) -> None:
         config = load_config(args.config, args.overrides)
     except ConfigError as error:
         raise SystemExit(f"align-diffusion train: bad config: {error}") from None
+    if args.print_config:
+        print(describe_config(config))
+        return
     try:
         folder = train(config)
     except TrainingInterrupted as stopped:

@@ -24,7 +24,7 @@ from align_diffusion.models import adapter_for, load_adapter
 from align_diffusion.rewards.spec import load_reward
 from align_diffusion.sampling.loop import step_log_prob
 from align_diffusion.training import checkpoint
-from align_diffusion.training.config import ConfigError, load_config, validate
+from align_diffusion.training.config import ConfigError, describe_config, load_config, validate
 from align_diffusion.training.grpo import (
     GRPOTrainer,
     TrainingInterrupted,
@@ -249,6 +249,17 @@ def test_the_trainer_encodes_prompts_to_the_configured_t5_length(saved, prompt_f
         GRPOTrainer(config, adapter=adapter_for(trainer.adapter.pipe))
 
 
+def test_print_config_prints_the_checked_config_with_its_documentation_and_trains_nothing(capsys, tmp_path):
+    main(["train", str(REPO / "configs/shapes_grpo.yaml"), f"output_dir={tmp_path / 'run'}", "max_steps=5",
+          "--print-config"])
+    printed = capsys.readouterr().out
+    assert "max_steps: 5  # training steps (one batch of rollouts each)\n" in printed
+    assert "\n  clip_range: 0.0001  # PPO ratio clip ε\n" in printed
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(SystemExit, match="bad config: grpo.group_size 3 does not divide"):
+        main(["train", str(REPO / "configs/shapes_grpo.yaml"), "grpo.group_size=3", "--print-config"])
+
+
 def test_shipped_configs_load(tmp_path):
     # The GPU presets name prompt files the user supplies; their models are checked when they load (GPU runs).
     prompts = tmp_path / "prompts.txt"
@@ -258,6 +269,9 @@ def test_shipped_configs_load(tmp_path):
         assert path.read_text().startswith("# "), f"{path.name} must start with the command that runs it"
         supplied = [] if "shapes" in path.name else [f"prompts={prompts}", f"eval.prompts={prompts}"]
         loaded[path.stem] = load_config(path, supplied)
+        described = tmp_path / path.name  # what train --print-config prints reads back as the same config
+        described.write_text(describe_config(loaded[path.stem]))
+        assert load_config(described) == loaded[path.stem]
     assert len(loaded) == 9
     # The header's "paper's defaults": Flow-GRPO on SD3.5-M (group 24, 10 train / 40 eval steps, a = 0.7,
     # clip 1e-4, KL β 0.04, LoRA r32 / α64, lr 3e-4).

@@ -259,6 +259,19 @@ def save_config(config: TrainConfig, path: Path) -> None:
     path.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
 
 
+def describe_config(config, indent: str = "") -> str:
+    """The config as YAML that `load_config` reads back, every key followed by its documentation as a comment."""
+    lines = []
+    for item in dataclasses.fields(config):
+        value, note = getattr(config, item.name), item.metadata["help"]
+        if dataclasses.is_dataclass(value):
+            lines.append(f"{indent}{item.name}:  # {note}")
+            lines.append(describe_config(value, indent + "  "))
+        else:  # JSON values are YAML ones: null, true, quoted strings, [lists]
+            lines.append(f"{indent}{item.name}: {json.dumps(value)}  # {note}")
+    return "\n".join(lines)
+
+
 # --- validation ------------------------------------------------------------------------------------------------
 
 
