@@ -176,7 +176,6 @@ def prompt_list(prompts: str | Sequence[str]) -> list[str]:
     return list(prompts)
 
 
-@torch.no_grad()
 def check_negative_prompt(adapter: PipelineAdapter, guidance_scale: float, negative_prompt) -> None:
     """ValueError for a negative prompt that `guidance_scale` would ignore: it runs no classifier-free guidance."""
     if negative_prompt is not None and (mode := adapter.guidance_mode(guidance_scale)) != "cfg":
@@ -184,6 +183,7 @@ def check_negative_prompt(adapter: PipelineAdapter, guidance_scale: float, negat
                          "the negative prompt would have no effect")
 
 
+@torch.no_grad()
 def sample(
     adapter: PipelineAdapter,
     prompts: list[str],
