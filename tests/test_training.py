@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -22,7 +23,7 @@ from safetensors.torch import load_file
 from align_diffusion.cli import main
 from align_diffusion.models import adapter_for, load_adapter
 from align_diffusion.rewards.spec import load_reward
-from align_diffusion.sampling.loop import step_log_prob
+from align_diffusion.sampling.loop import sample_images, step_log_prob
 from align_diffusion.training import checkpoint
 from align_diffusion.training.config import ConfigError, describe_config, load_config, validate
 from align_diffusion.training.grpo import (
@@ -247,6 +248,31 @@ def test_the_trainer_encodes_prompts_to_the_configured_t5_length(saved, prompt_f
     assert trainer.adapter.max_sequence_length == 8
     with pytest.raises(ConfigError, match="max_sequence_length is 8, but the adapter given encodes 256"):
         GRPOTrainer(config, adapter=adapter_for(trainer.adapter.pipe))
+
+
+def test_a_negative_prompt_conditions_rollouts_and_evaluations(saved, prompt_file, tmp_path):
+    overrides = tiny_overrides(saved["sd3"], prompt_file, tmp_path, max_steps=1, **{
+        "sampling.negative_prompt": "blurry", "eval.every": 1, "eval.num_steps": 2, "eval.num_images_per_prompt": 1})
+    trainer = GRPOTrainer(load_config(None, overrides))
+    prompts = trainer.rollout(0).trajectory.prompts
+    expected = trainer.adapter.encode_prompt(prompts, 2.0, negative_prompt="blurry").uncond
+    torch.testing.assert_close(trainer.rollout(0).trajectory.embeds.uncond["encoder_hidden_states"],
+                               expected["encoder_hidden_states"].detach())
+    trainer.train()
+    assert metrics(tmp_path)[-1]["first_ratio_max_deviation"] <= 1e-5
+    # Step 0's evaluation, before any update, is the base model's ODE sample with the negative prompt.
+    records = [json.loads(line) for line in (tmp_path / "eval/step-000000/metadata.jsonl").read_text().splitlines()]
+    base = load_adapter(str(saved["sd3"]))
+    options = dict(seed=10_000, num_inference_steps=2, guidance_scale=2.0)
+    with_negative = sample_images(base, [r["prompt"] for r in records], negative_prompt="blurry", **options)
+    without = sample_images(base, [r["prompt"] for r in records], **options)
+    saved_images = torch.stack([torch.from_numpy(np.asarray(Image.open(tmp_path / "eval/step-000000" / r["file"]),
+                                                            dtype=np.float32) / 255).permute(2, 0, 1)
+                                for r in records])
+    assert (saved_images - with_negative).abs().max() <= 1 / 255
+    assert (saved_images - without).abs().max() > 2 / 255
+    with pytest.raises(ConfigError, match="sampling.negative_prompt: guidance 1.0 runs no classifier-free guidance"):
+        GRPOTrainer(load_config(None, [*overrides, "sampling.guidance_scale=1", f"output_dir={tmp_path / 'b'}"]))
 
 
 def test_print_config_prints_the_checked_config_with_its_documentation_and_trains_nothing(capsys, tmp_path):

@@ -69,6 +69,8 @@ class SamplingConfig:
     num_steps: int = _help("denoising steps of a training rollout", 10)
     noise_window: list[int] | None = _help("[start, end) of the steps that draw SDE noise (default: all)", None)
     guidance_scale: float = _help("guidance of rollouts and the trained policy (1 = no CFG)", 4.5)
+    negative_prompt: str | None = _help("what classifier-free guidance steers away from, in rollouts, evaluations "
+                                        "and the trained policy (null: the empty prompt, as in Flow-GRPO)", None)
     height: int | None = _help("image height (default: the model's)", None)
     width: int | None = _help("image width (default: the model's)", None)
     batch_size: int = _help("images per denoiser call while sampling", 16)

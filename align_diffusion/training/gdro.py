@@ -77,7 +77,8 @@ class GDROTrainer(GRPOTrainer):
                 group = sample(self.adapter, [prompt] * gdro.group_size, sampler=sampling.sampler,
                                noise_level=self.noise_levels, num_inference_steps=sampling.num_steps,
                                guidance_scale=sampling.guidance_scale, generators=generators,
-                               height=sampling.height, width=sampling.width)
+                               height=sampling.height, width=sampling.width,
+                               negative_prompt=sampling.negative_prompt)
             latents.append(group.final_latents.cpu())
             rewards.append(score_terms(self.reward, group.images, [prompt] * gdro.group_size)[0])
             self.log(f"generated group {number + 1}/{len(prompts)}: rewards {rewards[-1].tolist()}")
@@ -109,8 +110,9 @@ class GDROTrainer(GRPOTrainer):
             noisy = alpha.sqrt() * latents + (1 - alpha).sqrt() * noise
             target = noise if self.adapter.prediction_type == "epsilon" else alpha.sqrt() * noise - (
                 1 - alpha).sqrt() * latents
-        embeds = self.adapter.encode_prompt([prompt], self.config.sampling.guidance_scale, len(latents))
-        guidance = self.config.sampling.guidance_scale
+        sampling = self.config.sampling
+        embeds = self.adapter.encode_prompt([prompt], sampling.guidance_scale, len(latents), sampling.negative_prompt)
+        guidance = sampling.guidance_scale
         timestep = schedule.timesteps[step]
         error = ((self.adapter.predict(noisy, timestep, embeds, guidance) - target) ** 2).flatten(1).mean(1)
         with torch.no_grad(), self.reference_model():

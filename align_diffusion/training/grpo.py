@@ -53,6 +53,7 @@ from align_diffusion.sampling.loop import (
     DEFAULT_NOISE_LEVEL,
     LARGEST_NOISE_LEVEL,
     Trajectory,
+    check_negative_prompt,
     resolve_settings,
     sample,
     sample_images,
@@ -281,6 +282,10 @@ class GRPOTrainer:
                              sampling.height, sampling.width)
         except ValueError as error:
             raise ConfigError(f"sampling: {error} (model {config.model})") from None
+        try:
+            check_negative_prompt(adapter, sampling.guidance_scale, sampling.negative_prompt)
+        except ValueError as error:  # its message starts with the field's name
+            raise ConfigError(f"sampling.{error} (model {config.model})") from None
         table = config.sampling.noise_table
         self.noise_levels = read_table(table, config.sampling.num_steps) if table else config.sampling.noise_level
         denoiser = self.adapter.denoiser
@@ -521,7 +526,7 @@ class GRPOTrainer:
                     self.adapter, chunk_prompts, sampler=sampling.sampler, noise_level=self.noise_levels,
                     num_inference_steps=sampling.num_steps, guidance_scale=sampling.guidance_scale,
                     noise_window=window, generators=generators, latents=latents, height=sampling.height,
-                    width=sampling.width,
+                    width=sampling.width, negative_prompt=sampling.negative_prompt,
                 )
                 parts.append(part)
                 if config.grpo.dense is not None:
@@ -740,7 +745,7 @@ class GRPOTrainer:
                 self.adapter, per_image, seed=config.seed, batch_size=self.config.sampling.batch_size,
                 sampler="ode", num_inference_steps=config.num_steps,
                 guidance_scale=self.config.sampling.guidance_scale, height=self.config.sampling.height,
-                width=self.config.sampling.width,
+                width=self.config.sampling.width, negative_prompt=self.config.sampling.negative_prompt,
             )
         total, each = score_terms(self.reward, images, per_image)
         if self.watched_reward is not None:  # a term of the trained reward keeps its own scores
