@@ -102,8 +102,9 @@ def load_for_command(args):
                                          for ext in ("safetensors", "bin")):
         raise SystemExit(f"--lora: {args.lora} holds no pytorch_lora_weights.safetensors (a diffusers LoRA folder, "
                          "such as a training run's lora/)")
-    try:  # the family is None for a hub id not downloaded yet: the adapter checks it once loaded
-        check_max_sequence_length(adapter_class(str(args.model)), args.max_sequence_length)
+    family = adapter_class(str(args.model))  # None for a hub id not downloaded yet: the adapter checks once loaded
+    try:
+        check_max_sequence_length(family, args.max_sequence_length)
     except ValueError as error:
         raise SystemExit(f"--max-sequence-length: {error}") from None
     adapter = load_adapter(str(args.model), dtype=DTYPES[args.dtype], device=args.device,
