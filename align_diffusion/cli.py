@@ -177,6 +177,8 @@ def add_eval_parser(subparsers) -> None:
     parser.add_argument("--benchmark", choices=["shapes"], default="shapes")
     parser.add_argument("--split", choices=["train", "val", "test"], default="test")
     parser.add_argument("--num-images-per-prompt", type=_positive_int, default=4)
+    parser.add_argument("--negative-prompt", default=None,
+                        help="what classifier-free guidance steers away from, for every prompt (SD3, SD 1.5, SDXL)")
     parser.add_argument("--steps", type=_positive_int, default=None, help="denoising steps (default: the model's)")
     parser.add_argument("--guidance", type=_non_negative_float, default=None,
                         help="guidance scale (default: the model's)")
@@ -208,8 +210,8 @@ def run_eval(args) -> None:
     adapter = load_for_command(args)
     result = evaluate_shapes(
         adapter, args.split, num_images_per_prompt=args.num_images_per_prompt, num_inference_steps=args.steps,
-        guidance_scale=args.guidance, sampler=args.sampler, noise_level=args.noise_level, seed=args.seed,
-        batch_size=args.batch_size, out_dir=args.out,
+        guidance_scale=args.guidance, sampler=args.sampler, noise_level=args.noise_level,
+        negative_prompt=args.negative_prompt, seed=args.seed, batch_size=args.batch_size, out_dir=args.out,
     )
     result["settings"].update(model_record(args))
     write_text_atomically(args.out / "eval.json", json.dumps(result, indent=1))

@@ -3,6 +3,7 @@
 import json
 import re
 
+import numpy as np
 import pytest
 import torch
 import torch._inductor.config as inductor_config
@@ -185,6 +186,16 @@ def test_eval_command_writes_scores(world, tmp_path):
     assert (tmp_path / "eval" / "index.html").read_text().count('class="card"') == len(records)
     with pytest.raises(SystemExit, match="already holds eval.json and metadata.jsonl"):
         main(["eval", "--model", str(out / "sd3"), "--out", str(tmp_path / "eval")])
+    # The prompt options reach the samples and the settings.
+    main(["eval", "--model", str(out / "sd3"), "--split", "val", "--num-images-per-prompt", "1", "--steps", "2",
+          "--negative-prompt", "a blue square", "--max-sequence-length", "16", "--out", str(tmp_path / "options")])
+    settings = json.loads((tmp_path / "options" / "eval.json").read_text())["settings"]
+    assert (settings["negative_prompt"], settings["max_sequence_length"]) == ("a blue square", 16)
+    first = read_records(tmp_path / "options")[0]
+    expected = sample(load_adapter(str(out / "sd3"), max_sequence_length=16), [first["prompt"]], seed=first["seed"],
+                      num_inference_steps=2, negative_prompt="a blue square").images[0]
+    image = torch.from_numpy(np.asarray(Image.open(tmp_path / "options" / first["file"]), dtype=np.float32) / 255)
+    assert (image.permute(2, 0, 1) - expected).abs().max() <= 1 / 255
 
 
 @torch.no_grad()

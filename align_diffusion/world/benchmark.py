@@ -22,6 +22,7 @@ def evaluate_shapes(
     guidance_scale: float | None = None,
     sampler: str = "ode",
     noise_level: float | None = None,
+    negative_prompt: str | None = None,
     seed: int = 0,
     batch_size: int = 16,
     out_dir: str | Path | None = None,
@@ -32,11 +33,12 @@ def evaluate_shapes(
     prompts = [p for p in split_prompts(split) for _ in range(num_images_per_prompt)]
     settings = resolve_settings(adapter, sampler, num_inference_steps, guidance_scale, noise_level)
     images = sample_images(adapter, prompts, seed=seed, batch_size=batch_size,
-                           desc=f"shapes {split}" if progress else None, sampler=sampler, **asdict(settings))
+                           desc=f"shapes {split}" if progress else None, sampler=sampler,
+                           negative_prompt=negative_prompt, **asdict(settings))
     images = adapter.as_saved(images)
     result = shapes_eval(prompts, images)
     result["settings"] = {"split": split, "num_images_per_prompt": num_images_per_prompt, "sampler": sampler,
-                          "seed": seed, **asdict(settings)}
+                          "seed": seed, "negative_prompt": negative_prompt, **asdict(settings)}
     for k, record in enumerate(result["per_image"]):
         record["seed"] = seed + k
     if out_dir is not None:
