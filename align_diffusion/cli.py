@@ -39,6 +39,11 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def add_negative_prompt(parser) -> None:
+    parser.add_argument("--negative-prompt", default=None,
+                        help="what classifier-free guidance steers away from, for every prompt (SD3, SD 1.5, SDXL)")
+
+
 def add_max_sequence_length(parser) -> None:
     parser.add_argument("--max-sequence-length", type=int, default=None,
                         help="T5 tokens per prompt, SD3 and FLUX only (default: the pipeline's, 256 / 512)")
@@ -60,8 +65,7 @@ def add_sample_parser(subparsers) -> None:
     prompts.add_argument("--prompt", nargs="+", action="extend", help="one or more prompts")
     prompts.add_argument("--prompts-file", type=Path, help="text file with one prompt per line")
     parser.add_argument("--num-images-per-prompt", type=_positive_int, default=1)
-    parser.add_argument("--negative-prompt", default=None,
-                        help="what classifier-free guidance steers away from, for every prompt (SD3, SD 1.5, SDXL)")
+    add_negative_prompt(parser)
     parser.add_argument("--steps", type=_positive_int, default=None, help="denoising steps (default: the model's)")
     parser.add_argument("--guidance", type=_non_negative_float, default=None,
                         help="guidance scale (default: the model's)")
@@ -177,8 +181,7 @@ def add_eval_parser(subparsers) -> None:
     parser.add_argument("--benchmark", choices=["shapes"], default="shapes")
     parser.add_argument("--split", choices=["train", "val", "test"], default="test")
     parser.add_argument("--num-images-per-prompt", type=_positive_int, default=4)
-    parser.add_argument("--negative-prompt", default=None,
-                        help="what classifier-free guidance steers away from, for every prompt (SD3, SD 1.5, SDXL)")
+    add_negative_prompt(parser)
     parser.add_argument("--steps", type=_positive_int, default=None, help="denoising steps (default: the model's)")
     parser.add_argument("--guidance", type=_non_negative_float, default=None,
                         help="guidance scale (default: the model's)")
@@ -489,8 +492,7 @@ def add_steer_parser(subparsers) -> None:
                         help="denoising steps (default: the model's; ReNO: 4)")
     parser.add_argument("--guidance", type=_non_negative_float, default=None,
                         help="guidance scale (default: the model's)")
-    parser.add_argument("--negative-prompt", default=None,
-                        help="what classifier-free guidance steers away from, for every prompt (SD3, SD 1.5, SDXL)")
+    add_negative_prompt(parser)
     parser.add_argument("--height", type=_positive_int, default=None)
     parser.add_argument("--width", type=_positive_int, default=None)
     parser.add_argument("--lora", type=Path, default=None, help="folder with a diffusers-format LoRA")

@@ -82,6 +82,18 @@ def test_max_sequence_length_is_refused_where_it_cannot_apply(tiny_pipes):
             adapter_for(tiny_pipes["sd3"], max_sequence_length=length)
 
 
+def test_sample_images_takes_one_negative_prompt_per_prompt_across_batches(tiny_pipes):
+    adapter = adapter_for(tiny_pipes["sd3"])
+    prompts, negatives = [*PROMPTS, "a green triangle"], ["blurry", "dark", "noisy"]
+    options = dict(num_inference_steps=2, guidance_scale=4.5, **SIZE)
+    batched = sample_images(adapter, prompts, seed=3, batch_size=2, negative_prompt=negatives, **options)
+    for k in range(3):
+        alone = sample(adapter, [prompts[k]], seed=3 + k, negative_prompt=negatives[k], **options).images[0]
+        assert (batched[k] - alone).abs().max() <= 1e-4
+    with pytest.raises(ValueError, match="got 2 negative prompts for 3 prompts"):
+        sample_images(adapter, prompts, negative_prompt=negatives[:2], **options)
+
+
 def test_guidance_modes(tiny_pipes):
     sd3 = adapter_for(tiny_pipes["sd3"])
     assert sd3.guidance_mode(4.5) == "cfg" and sd3.guidance_mode(1.0) == "none"

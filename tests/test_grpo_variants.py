@@ -15,7 +15,8 @@ from training_helpers import metrics, tiny_overrides
 
 from align_diffusion.cli import main
 from align_diffusion.rewards.dense import dense_step_rewards
-from align_diffusion.sampling.loop import step_log_prob
+from align_diffusion.models import load_adapter
+from align_diffusion.sampling.loop import sample, step_log_prob
 from align_diffusion.training.advantages import best_worst_mask, dense_advantages
 from align_diffusion.training.config import ConfigError, load_config
 from align_diffusion.training.gdro import GROUPS_FILE, gdro_loss
@@ -303,6 +304,19 @@ def test_adv_grpo_co_trains_the_dino_head_and_checkpoints_it(saved, tmp_path):
     with pytest.raises(ConfigError, match="has no reward_state.pt, which the reward adv-dino:assets/world/dino"):
         GRPOTrainer(load_config(None, [*overrides, f"output_dir={tmp_path / 'other'}",
                                        f"resume_from={incomplete}"])).train()
+
+
+def test_gdro_generates_its_set_with_the_negative_prompt(saved, prompt_file, tmp_path):
+    overrides = tiny_overrides(saved["sd3"], prompt_file, tmp_path, max_steps=1, **{
+        "algorithm": "gdro", "sampling.sampler": "ode", "gdro.num_groups": 1, "gdro.group_size": 2,
+        "gdro.groups_per_step": 1, "sampling.negative_prompt": "blurry"})
+    train(load_config(None, overrides))
+    groups = torch.load(tmp_path / GROUPS_FILE, weights_only=False)
+    prompts = [groups["prompts"][0]] * 2
+    # Seed 0's first group: its images are seeded 0 and 1.
+    expected = sample(load_adapter(str(saved["sd3"])), prompts, generators=[torch.Generator().manual_seed(k)
+                      for k in range(2)], num_inference_steps=3, guidance_scale=2.0, negative_prompt="blurry")
+    torch.testing.assert_close(groups["latents"][0], expected.final_latents, atol=1e-4, rtol=0)
 
 
 def test_gdro_generates_once_then_trains_offline(saved, prompt_file, tmp_path):

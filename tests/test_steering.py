@@ -692,6 +692,10 @@ def test_steer_resume_goes_on_after_an_interrupted_run_as_if_it_had_not_stopped(
         main([*common, "--prompt", *prompts, "--out", str(resumed)])
     with pytest.raises(SystemExit, match="resume: the earlier run's options.lam was None, this one's is 5.0"):
         main([*common, "--prompt", *prompts, "--lam", "5", "--resume", "--out", str(resumed)])
+    with pytest.raises(SystemExit, match="resume: the earlier run's max_sequence_length was None, this one's is 16"):
+        main([*common, "--prompt", *prompts, "--max-sequence-length", "16", "--resume", "--out", str(resumed)])
+    with pytest.raises(SystemExit, match="resume: the earlier run's options.negative_prompt was None, this one's is"):
+        main([*common, "--prompt", *prompts, "--negative-prompt", "dark", "--resume", "--out", str(resumed)])
     with pytest.raises(SystemExit, match="resume: the earlier run's method was 'fk', this one's is 'best-of-n'"):
         main(["steer", "--method", "best-of-n", *shared, "--prompt", *prompts, "--resume", "--out", str(resumed)])
     # Checked before the model loads (there is none at this path), the reward by its spec, not its name.

@@ -135,8 +135,8 @@ def test_wrong_type_is_named(saved, tmp_path):
     ("device=bogus", "device: "),
     ("eval.rewards=bogus", "eval.rewards: reward term 'bogus': unknown reward"),
     ("model=/no/such/folder", "model: /no/such/folder is no folder"),
-    ("max_sequence_length=0", "max_sequence_length: max_sequence_length must lie in [1, 512]"),
-    ("max_sequence_length=513", "max_sequence_length: max_sequence_length must lie in [1, 512]"),
+    ("max_sequence_length=0", "max_sequence_length must lie in [1, 512] (T5 tokens per prompt), got 0"),
+    ("max_sequence_length=513", "max_sequence_length must lie in [1, 512] (T5 tokens per prompt), got 513"),
     (["sampling.sampler=cps", "sampling.noise_level=1.5"], "cps noise levels a must lie in [0, 1]"),
     (["sampling.sampler=cps", "sampling.num_steps=3", "sampling.noise_window=[2,3]"], "CPS's last step draws no noise"),
 ])
@@ -147,7 +147,7 @@ def test_out_of_range_values_are_named(saved, override, message):
 
 def test_a_sequence_length_for_a_model_without_t5_is_named(saved):
     load_config(None, [f"model={saved['sd3']}", "max_sequence_length=64"])
-    with pytest.raises(ConfigError, match="max_sequence_length: StableDiffusionPipeline has no T5 text encoder"):
+    with pytest.raises(ConfigError, match="StableDiffusionPipeline has no T5 text encoder: a max_sequence_length"):
         load_config(None, [f"model={saved['sd']}", "sampling.sampler=ddim", "max_sequence_length=64"])
 
 
@@ -248,6 +248,9 @@ def test_the_trainer_encodes_prompts_to_the_configured_t5_length(saved, prompt_f
     assert trainer.adapter.max_sequence_length == 8
     with pytest.raises(ConfigError, match="max_sequence_length is 8, but the adapter given encodes 256"):
         GRPOTrainer(config, adapter=adapter_for(trainer.adapter.pipe))
+    unset = load_config(None, tiny_overrides(saved["sd3"], prompt_file, tmp_path))  # the pipeline's 256
+    with pytest.raises(ConfigError, match="max_sequence_length is None, but the adapter given encodes 8"):
+        GRPOTrainer(unset, adapter=adapter_for(trainer.adapter.pipe, max_sequence_length=8))
 
 
 def test_a_negative_prompt_conditions_rollouts_and_evaluations(saved, prompt_file, tmp_path):
@@ -298,6 +301,9 @@ def test_shipped_configs_load(tmp_path):
         described = tmp_path / path.name  # what train --print-config prints reads back as the same config
         described.write_text(describe_config(loaded[path.stem]))
         assert load_config(described) == loaded[path.stem]
+    unusual = load_config(None, ['sampling.negative_prompt="😀 \\"blurry\\" é\\t#x"', "optim.lr=1e-05"])
+    described.write_text(describe_config(unusual))
+    assert load_config(described) == unusual and unusual.sampling.negative_prompt == '😀 "blurry" é\t#x'
     assert len(loaded) == 9
     # The header's "paper's defaults": Flow-GRPO on SD3.5-M (group 24, 10 train / 40 eval steps, a = 0.7,
     # clip 1e-4, KL β 0.04, LoRA r32 / α64, lr 3e-4).
@@ -440,11 +446,17 @@ def test_train_command_stops_on_sigint_with_a_checkpoint_and_exit_status_130(sav
 
 def test_resume_with_no_checkpoint_yet_starts_over(saved, prompt_file, tmp_path):
     """Interrupted before its first checkpoint, a run leaves metrics only; resume_from=latest starts over and does
-    not log step 1 twice."""
-    GRPOTrainer(load_config(None, tiny_overrides(saved["sd3"], prompt_file, tmp_path, max_steps=1))).train()
+    not log step 1 twice, nor step 0's evaluation (TensorBoard hides the first run's values)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    overrides = tiny_overrides(saved["sd3"], prompt_file, tmp_path, **{
+        "eval.every": 1, "eval.num_steps": 2, "eval.num_images_per_prompt": 1, "log_with": "[tensorboard]"})
+    GRPOTrainer(load_config(None, [*overrides, "max_steps=1"])).train()
     shutil.rmtree(tmp_path / "checkpoints")
-    GRPOTrainer(load_config(None, tiny_overrides(saved["sd3"], prompt_file, tmp_path, resume_from="latest"))).train()
-    assert [r["step"] for r in metrics(tmp_path)] == [1, 2]
+    GRPOTrainer(load_config(None, [*overrides, "resume_from=latest"])).train()
+    assert [r["step"] for r in metrics(tmp_path)] == [0, 1, 2]
+    assert [event.step for event in EventAccumulator(str(tmp_path / "grpo")).Reload().Scalars("eval/reward_mean")] \
+        == [0, 1, 2]
 
 
 def test_resuming_an_older_checkpoint_drops_the_abandoned_later_ones(trained, saved, prompt_file, tmp_path):
@@ -542,6 +554,13 @@ def test_resume_refuses_another_lora_rank_or_algorithm_by_name(trained, saved, p
         "lora.rank": 8, "resume_from": tmp_path / "checkpoints" / "step-000002"})
     with pytest.raises(ConfigError, match="lora.rank: the run that wrote .*step-000002 was trained with 4, not 8"):
         GRPOTrainer(load_config(None, other)).train()
+    # A checkpoint of a version without a setting was trained with its default: only that resumes it.
+    state_file = tmp_path / "checkpoints" / "step-000002" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    del state["config"]["max_sequence_length"], state["config"]["sampling.negative_prompt"]
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(ConfigError, match="max_sequence_length: the run that wrote .* was trained with None, not 8"):
+        GRPOTrainer(load_config(None, [*overrides, "max_sequence_length=8"]))
     # Where, how long and what it evaluates may change.
     GRPOTrainer(load_config(None, [*overrides, "eval.every=0", "checkpoints_kept=3", "async_rewards=true"])).train()
     assert [r["step"] for r in metrics(tmp_path)] == [3]

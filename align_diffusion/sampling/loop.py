@@ -280,11 +280,16 @@ def sample_images(adapter: PipelineAdapter, prompts: list[str], *, seed: int = 0
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if "num_images_per_prompt" in sample_kwargs:
         raise TypeError("sample_images draws one image per prompt: repeat a prompt for more of its images")
+    negative_prompt = sample_kwargs.pop("negative_prompt", None)  # one for all prompts, or one per prompt
+    if isinstance(negative_prompt, list) and len(negative_prompt) != len(prompts):
+        raise ValueError(f"got {len(negative_prompt)} negative prompts for {len(prompts)} prompts")
     images = []
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=desc is None):
         batch = prompts[start : start + batch_size]
         generators = [torch.Generator("cpu").manual_seed(seed + start + k) for k in range(len(batch))]
-        images.append(sample(adapter, batch, generators=generators, **sample_kwargs).images.cpu())
+        negative = negative_prompt[start : start + batch_size] if isinstance(negative_prompt, list) else negative_prompt
+        images.append(sample(adapter, batch, generators=generators, negative_prompt=negative,
+                             **sample_kwargs).images.cpu())
     return torch.cat(images)
 
 

@@ -261,6 +261,14 @@ def save_config(config: TrainConfig, path: Path) -> None:
     path.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
 
 
+def _yaml_value(value) -> str:
+    """`value` as one line of YAML: a string double-quoted by PyYAML (JSON's escapes split characters beyond
+    U+FFFF into surrogates YAML does not join), anything else as JSON, which YAML reads (null, true, [lists])."""
+    if isinstance(value, str):
+        return yaml.safe_dump(value, default_style='"', width=math.inf).rstrip("\n")
+    return json.dumps(value)
+
+
 def describe_config(config, indent: str = "") -> str:
     """The config as YAML that `load_config` reads back, every key followed by its documentation as a comment."""
     lines = []
@@ -269,8 +277,8 @@ def describe_config(config, indent: str = "") -> str:
         if dataclasses.is_dataclass(value):
             lines.append(f"{indent}{item.name}:  # {note}")
             lines.append(describe_config(value, indent + "  "))
-        else:  # JSON values are YAML ones: null, true, quoted strings, [lists]
-            lines.append(f"{indent}{item.name}: {json.dumps(value)}  # {note}")
+        else:
+            lines.append(f"{indent}{item.name}: {_yaml_value(value)}  # {note}")
     return "\n".join(lines)
 
 
@@ -427,8 +435,8 @@ def validate(config: TrainConfig, num_processes: int = 1) -> None:
     is_flow = None if family is None else family.is_flow
     try:
         check_max_sequence_length(family, config.max_sequence_length)
-    except ValueError as error:
-        raise ConfigError(f"max_sequence_length: {error} (model {config.model})") from None
+    except ValueError as error:  # its message names max_sequence_length
+        raise ConfigError(f"{error} (model {config.model})") from None
     allowed = {True: FLOW_SAMPLERS, False: DIFFUSION_SAMPLERS, None: FLOW_SAMPLERS + DIFFUSION_SAMPLERS}[is_flow]
     if config.algorithm == "grpo":
         allowed = tuple(s for s in allowed if s != "ode")  # GRPO needs a stochastic sampler

@@ -173,9 +173,12 @@ RESUME_MAY_CHANGE = ("output_dir", "resume_from", "max_steps", "max_minutes", "c
 
 
 def changed_settings(earlier: dict, current: dict) -> list[str]:
-    """The flat setting keys whose values differ, among those both records hold (one an earlier version wrote may
-    lack keys added since)."""
-    return [key for key in sorted(earlier.keys() & current.keys()) if earlier[key] != current[key]]
+    """The flat setting keys whose values differ. A record an earlier version wrote may lack keys added since: their
+    settings had the default then. A key derived from others (a noise table's levels) is compared where both hold
+    it."""
+    defaults = json.loads(json.dumps(_flat(to_dict(TrainConfig()))))
+    keys = earlier.keys() & current.keys() | current.keys() & defaults.keys()
+    return [key for key in sorted(keys) if earlier.get(key, defaults.get(key)) != current[key]]
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -259,6 +262,8 @@ class GRPOTrainer:
             (self.reward.name, self.reward)]
         self.trainable_rewards = {key: reward for key, reward in terms if reward.trainable}
         self.watched_reward = load_reward(config.eval.rewards, device=device) if config.eval.rewards else None
+        table = config.sampling.noise_table
+        self.noise_levels = read_table(table, config.sampling.num_steps) if table else config.sampling.noise_level
         self.resume_path = self.check_resume()  # before the model loads: a resume that cannot go on fails now
         checks = [("prompts", self.prompts, self.reward)]
         if config.eval.every:
@@ -272,7 +277,7 @@ class GRPOTrainer:
         if adapter is None:
             adapter = load_adapter(config.model, dtype=DTYPES[config.dtype], device=str(device),
                                    max_sequence_length=config.max_sequence_length)
-        elif config.max_sequence_length not in (None, adapter.max_sequence_length):
+        elif (config.max_sequence_length or adapter.default_max_sequence_length) != adapter.max_sequence_length:
             raise ConfigError(f"max_sequence_length is {config.max_sequence_length}, but the adapter given encodes "
                               f"{adapter.max_sequence_length} T5 tokens (adapter_for(pipe, max_sequence_length))")
         self.adapter: PipelineAdapter = adapter
@@ -286,8 +291,6 @@ class GRPOTrainer:
             check_negative_prompt(adapter, sampling.guidance_scale, sampling.negative_prompt)
         except ValueError as error:  # its message starts with the field's name
             raise ConfigError(f"sampling.{error} (model {config.model})") from None
-        table = config.sampling.noise_table
-        self.noise_levels = read_table(table, config.sampling.num_steps) if table else config.sampling.noise_level
         denoiser = self.adapter.denoiser
         if config.lora.enabled:
             self.params = add_lora(self.adapter, config.lora.rank, config.lora.alpha, config.lora.target_modules)
@@ -385,10 +388,10 @@ class GRPOTrainer:
 
     def settings(self) -> dict:
         """The run's flat settings as its checkpoints record them (JSON values): the config, and a noise table's
-        levels, which its file may change while its path stays."""
+        levels as the run read them (its file may change while its path stays)."""
         settings = _flat(to_dict(self.config))
-        if table := self.config.sampling.noise_table:
-            settings["sampling.noise_table_levels"] = read_table(table, self.config.sampling.num_steps)
+        if self.config.sampling.noise_table:
+            settings["sampling.noise_table_levels"] = self.noise_levels
         return json.loads(json.dumps(settings))
 
     def check_resume(self) -> Path | None:
@@ -794,7 +797,8 @@ class GRPOTrainer:
             save_config(config, saved)
         # A resumed run's TensorBoard writer hides the values the abandoned steps logged (those after the checkpoint),
         # which it logs again.
-        tensorboard = {} if config.resume_from is None else {"tensorboard": {"purge_step": self.resumed_step() + 1}}
+        purge_step = None if config.resume_from is None else 0 if self.resume_path is None else self.resumed_step() + 1
+        tensorboard = {} if purge_step is None else {"tensorboard": {"purge_step": purge_step}}
         accelerator.init_trackers(config.algorithm, config=_flat(to_dict(config)), init_kwargs=tensorboard)
         self.maybe_resume()
         metrics_file = self.output_dir / "metrics.jsonl"
