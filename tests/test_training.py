@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 
 from align_diffusion.cli import main
 from align_diffusion.models import adapter_for, load_adapter
+from align_diffusion.models.tiny import tiny_pipeline
 from align_diffusion.rewards.spec import load_reward
 from align_diffusion.sampling.loop import sample_images, step_log_prob
 from align_diffusion.training import checkpoint
@@ -364,6 +365,26 @@ def test_lora_round_trip_into_the_stock_pipeline(trained, saved):
     stock = load_adapter(str(saved["sd3"])).pipe
     plain = stock("a red circle", generator=torch.Generator().manual_seed(3), **kwargs).images
     stock.load_lora_weights(str(out / "lora"))
+    reloaded = stock("a red circle", generator=torch.Generator().manual_seed(3), **kwargs).images
+    assert (reloaded - ours).abs().max() <= 1e-4
+    assert (plain - ours).abs().max() > 1e-3  # the LoRA changed the model
+
+
+@pytest.mark.parametrize("family, sampler, guidance", [("flux", "flow-sde", 3.5), ("sdxl", "ddim", 2.0),
+                                                      ("sd", "ddim", 2.0)])
+def test_the_other_families_train_on_policy_and_their_lora_round_trips(prompt_file, tmp_path, family, sampler, guidance):
+    model = tmp_path / family
+    tiny_pipeline(family).save_pretrained(model)
+    config = load_config(None, tiny_overrides(model, prompt_file, tmp_path / "run", max_steps=1, **{
+        "sampling.sampler": sampler, "sampling.guidance_scale": guidance}))
+    trainer = GRPOTrainer(config)
+    trainer.train()
+    assert metrics(tmp_path / "run")[-1]["first_ratio_max_deviation"] <= 1e-5  # rollout and recompute agree
+    kwargs = dict(num_inference_steps=3, guidance_scale=guidance, height=32, width=32, output_type="pt")
+    ours = trainer.adapter.pipe("a red circle", generator=torch.Generator().manual_seed(3), **kwargs).images
+    stock = load_adapter(str(model)).pipe
+    plain = stock("a red circle", generator=torch.Generator().manual_seed(3), **kwargs).images
+    stock.load_lora_weights(str(tmp_path / "run" / "lora"))
     reloaded = stock("a red circle", generator=torch.Generator().manual_seed(3), **kwargs).images
     assert (reloaded - ours).abs().max() <= 1e-4
     assert (plain - ours).abs().max() > 1e-3  # the LoRA changed the model
