@@ -372,7 +372,8 @@ def test_lora_round_trip_into_the_stock_pipeline(trained, saved):
 
 @pytest.mark.parametrize("family, sampler, guidance", [("flux", "flow-sde", 3.5), ("sdxl", "ddim", 2.0),
                                                       ("sd", "ddim", 2.0)])
-def test_the_other_families_train_on_policy_and_their_lora_round_trips(prompt_file, tmp_path, family, sampler, guidance):
+def test_the_other_families_train_on_policy_and_their_lora_round_trips(prompt_file, tmp_path, family, sampler,
+                                                                       guidance):
     model = tmp_path / family
     tiny_pipeline(family).save_pretrained(model)
     config = load_config(None, tiny_overrides(model, prompt_file, tmp_path / "run", max_steps=1, **{
@@ -388,6 +389,11 @@ def test_the_other_families_train_on_policy_and_their_lora_round_trips(prompt_fi
     reloaded = stock("a red circle", generator=torch.Generator().manual_seed(3), **kwargs).images
     assert (reloaded - ours).abs().max() <= 1e-4
     assert (plain - ours).abs().max() > 1e-3  # the LoRA changed the model
+    if family == "flux":  # distilled guidance has no unconditional branch: refused once the model says so
+        with pytest.raises(ConfigError, match=r"sampling.negative_prompt: guidance 3.5 runs no classifier-free "
+                                              r"guidance \(distilled\)"):
+            GRPOTrainer(load_config(None, tiny_overrides(model, prompt_file, tmp_path / "negative", **{
+                "sampling.sampler": sampler, "sampling.guidance_scale": guidance, "sampling.negative_prompt": "x"})))
 
 
 def test_resume_gives_identical_weights(trained, saved, prompt_file, tmp_path):

@@ -433,6 +433,9 @@ def validate(config: TrainConfig, num_processes: int = 1) -> None:
                           "'shapes' or an image folder")
     family = _model_family(config.model)
     is_flow = None if family is None else family.is_flow
+    if sampling.negative_prompt is not None and sampling.guidance_scale <= 1:  # FLUX's distilled guidance: on load
+        raise ConfigError(f"sampling.negative_prompt: guidance {sampling.guidance_scale} runs no classifier-free "
+                          "guidance, so the negative prompt would have no effect")
     try:
         check_max_sequence_length(family, config.max_sequence_length)
     except ValueError as error:  # its message names max_sequence_length
