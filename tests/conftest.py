@@ -1,7 +1,17 @@
+import signal
+
 import pytest
 
 from align_diffusion.models import adapter_for
 from align_diffusion.models.tiny import FAMILIES, tiny_pipeline
+
+
+@pytest.fixture(scope="session", autouse=True)
+def ctrl_c_as_from_a_terminal():
+    """A suite started as a background job (no job control) inherits SIGINT ignored, and so would the processes its
+    Ctrl-C tests start: those tests send SIGINT as a terminal would, to processes that take it as one."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session", params=FAMILIES)
