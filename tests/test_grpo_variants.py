@@ -18,7 +18,7 @@ from align_diffusion.rewards.dense import dense_step_rewards
 from align_diffusion.models import load_adapter
 from align_diffusion.sampling.loop import sample, step_log_prob
 from align_diffusion.training.advantages import best_worst_mask, dense_advantages
-from align_diffusion.training.config import ConfigError, load_config
+from align_diffusion.training.config import ConfigError, load_config, to_dict
 from align_diffusion.training.gdro import GROUPS_FILE, gdro_loss
 from align_diffusion.training.grpo import GRPOTrainer, train
 from align_diffusion.training.noise_table import calibrate_step, read_table, write_table
@@ -352,3 +352,15 @@ def test_gdro_generates_once_then_trains_offline(saved, prompt_file, tmp_path):
         train(load_config(None, other + ["gdro.group_size=2"]))
     with pytest.raises(ValueError, match="generated with reward='jpeg', this run has reward='jpeg:50'; move it away"):
         train(load_config(None, other + ["reward=jpeg:50"]))
+    # A set of the previous version (its settings as the config holds them, without the settings added since) made
+    # under this run's settings is used.
+    config = load_config(None, other)
+    sampling = {f"sampling.{key}": value for key, value in to_dict(config)["sampling"].items()
+                if key not in ("batch_size", "negative_prompt")}
+    groups = torch.load(fresh / GROUPS_FILE, weights_only=False)
+    groups["made_by"] = {"model": config.model, "prompts": config.prompts, "reward": config.reward,
+                         "seed": config.seed, "dtype": config.dtype, **sampling}
+    torch.save(groups, fresh / GROUPS_FILE)
+    modified = (fresh / GROUPS_FILE).stat().st_mtime_ns
+    train(config)
+    assert (fresh / GROUPS_FILE).stat().st_mtime_ns == modified

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from align_diffusion.rewards.spec import score_terms
 from align_diffusion.sampling.loop import sample
 from align_diffusion.training.checkpoint import atomic_torch_save
+from align_diffusion.training.config import to_dict
 from align_diffusion.training.grpo import GRPOTrainer, changed_settings
 
 GROUPS_FILE = "gdro_groups.pt"
@@ -90,10 +91,16 @@ class GDROTrainer(GRPOTrainer):
 
     def offline_set_settings(self) -> dict:
         """The settings the offline set is generated under: the model, prompts, reward, seed, dtype and sampling
-        (its batch size aside)."""
-        kept = ("model", "max_sequence_length", "prompts", "reward", "seed", "dtype")
-        return {key: value for key, value in self.settings().items()
-                if key in kept or key.startswith("sampling.") and key != "sampling.batch_size"}
+        (its batch size aside; a noise table's levels as the run read them)."""
+        config = self.config
+        sampling = {f"sampling.{key}": value for key, value in to_dict(config)["sampling"].items()
+                    if key != "batch_size"}
+        made_by = {"model": config.model, "max_sequence_length": config.max_sequence_length,
+                   "prompts": config.prompts, "reward": config.reward, "seed": config.seed, "dtype": config.dtype,
+                   **sampling}
+        if config.sampling.noise_table:
+            made_by["sampling.noise_table_levels"] = self.noise_levels
+        return made_by
 
     # --- one step ----------------------------------------------------------------------------------------------
     def denoising_errors(self, latents: torch.Tensor, prompt: str, generator: torch.Generator):

@@ -173,9 +173,11 @@ RESUME_MAY_CHANGE = ("output_dir", "resume_from", "max_steps", "max_minutes", "c
 
 
 def changed_settings(earlier: dict, current: dict) -> list[str]:
-    """The flat setting keys whose values differ. A record an earlier version wrote may lack keys added since: their
-    settings had the default then. A key derived from others (a noise table's levels) is compared where both hold
-    it."""
+    """The flat setting keys whose values differ, each compared as a tracker holds it (a list or None as its text,
+    which is how a checkpoint records it; a GDRO set of an earlier version held them as they are). A record an
+    earlier version wrote may lack keys added since: their settings had the default then. A key derived from others
+    (a noise table's levels) is compared where both hold it."""
+    earlier, current = (json.loads(json.dumps(_flat(settings))) for settings in (earlier, current))
     defaults = json.loads(json.dumps(_flat(to_dict(TrainConfig()))))
     keys = earlier.keys() & current.keys() | current.keys() & defaults.keys()
     return [key for key in sorted(keys) if earlier.get(key, defaults.get(key)) != current[key]]
