@@ -431,10 +431,6 @@ class GRPOTrainer:
                               "output_dir")
         return path
 
-    def resumed_step(self) -> int:
-        """The step the run goes on from: its checkpoint's, or 0."""
-        return 0 if self.resume_path is None else checkpoint.read_trainer_state(self.resume_path)["step"]
-
     def maybe_resume(self) -> None:
         """Loads the checkpoint `resume_from` names and drops what the run logged and saved after it (metrics,
         checkpoints, evaluations): those steps run again. `latest` with no checkpoint yet starts over."""
@@ -797,12 +793,12 @@ class GRPOTrainer:
         if accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             save_config(config, saved)
-        # A resumed run's TensorBoard writer hides the values the abandoned steps logged (those after the checkpoint),
-        # which it logs again.
-        purge_step = None if config.resume_from is None else 0 if self.resume_path is None else self.resumed_step() + 1
-        tensorboard = {} if purge_step is None else {"tensorboard": {"purge_step": purge_step}}
-        accelerator.init_trackers(config.algorithm, config=_flat(to_dict(config)), init_kwargs=tensorboard)
         self.maybe_resume()
+        # A resumed run's TensorBoard writer hides the values the steps it runs again had logged (all of them when it
+        # starts over).
+        purge_step = self.step + 1 if self.resume_path is not None else 0
+        tensorboard = {} if config.resume_from is None else {"tensorboard": {"purge_step": purge_step}}
+        accelerator.init_trackers(config.algorithm, config=_flat(to_dict(config)), init_kwargs=tensorboard)
         metrics_file = self.output_dir / "metrics.jsonl"
         eval_every = config.eval.every
         if self.evaluation_missing(metrics_file):  # step 0's, or a resumed step's that a stop signal cut short
