@@ -258,10 +258,11 @@ def test_a_negative_prompt_conditions_rollouts_and_evaluations(saved, prompt_fil
     overrides = tiny_overrides(saved["sd3"], prompt_file, tmp_path, max_steps=1, **{
         "sampling.negative_prompt": "blurry", "eval.every": 1, "eval.num_steps": 2, "eval.num_images_per_prompt": 1})
     trainer = GRPOTrainer(load_config(None, overrides))
-    prompts = trainer.rollout(0).trajectory.prompts
-    expected = trainer.adapter.encode_prompt(prompts, 2.0, negative_prompt="blurry").uncond
-    torch.testing.assert_close(trainer.rollout(0).trajectory.embeds.uncond["encoder_hidden_states"],
-                               expected["encoder_hidden_states"].detach())
+    trajectory = trainer.rollout(0).trajectory
+    with torch.no_grad():  # the stock pipeline's own encoding of the negative prompt, as its __call__ makes it
+        expected = trainer.adapter.pipe.encode_prompt(prompt=trajectory.prompts, prompt_2=None, prompt_3=None,
+                                                      negative_prompt="blurry", do_classifier_free_guidance=True)[1]
+    torch.testing.assert_close(trajectory.embeds.uncond["encoder_hidden_states"], expected)
     trainer.train()
     assert metrics(tmp_path)[-1]["first_ratio_max_deviation"] <= 1e-5
     # Step 0's evaluation, before any update, is the base model's ODE sample with the negative prompt.
