@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from align_diffusion.models.base import unusable_device
+from align_diffusion.models.base import MODEL_OPTIONS, model_option_problem, unusable_device
 from align_diffusion.rewards.base import RewardError
 from align_diffusion.sampling.loop import DEFAULT_NOISE_LEVEL
 
@@ -44,9 +44,14 @@ def add_negative_prompt(parser) -> None:
                         help="what classifier-free guidance steers away from, for every prompt (SD3, SD 1.5, SDXL)")
 
 
-def add_max_sequence_length(parser) -> None:
+def add_model_options(parser) -> None:
+    """The options an adapter is built with (models.base.MODEL_OPTIONS); None: the stock pipeline's default."""
     parser.add_argument("--max-sequence-length", type=int, default=None,
                         help="T5 tokens per prompt, SD3 and FLUX only (default: the pipeline's, 256 / 512)")
+    parser.add_argument("--clip-skip", type=int, default=None,
+                        help="CLIP layers skipped from the end when encoding prompts (SD 1.5, SDXL, SD3; default: 0)")
+    parser.add_argument("--guidance-rescale", type=_finite_float, default=None,
+                        help="φ in [0, 1] of rescaled classifier-free guidance (SD 1.5 / 2.x, SDXL; default: 0, off)")
 
 
 def _device(text: str) -> str:
@@ -81,7 +86,7 @@ def add_sample_parser(subparsers) -> None:
     parser.add_argument("--batch-size", type=_positive_int, default=4, help="images per denoiser batch")
     parser.add_argument("--device", type=_device, default=DEFAULT_DEVICE)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    add_max_sequence_length(parser)
+    add_model_options(parser)
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--reward", default=None,
                         help="reward spec to score every image with (shown on the review page), e.g. shapes")
@@ -97,7 +102,6 @@ def load_for_command(args):
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     from align_diffusion.models import adapter_class, load_adapter
-    from align_diffusion.models.base import check_max_sequence_length
     from align_diffusion.sampling.loop import check_sampler
 
     if args.lora is not None and not args.lora.is_dir():
@@ -107,12 +111,11 @@ def load_for_command(args):
         raise SystemExit(f"--lora: {args.lora} holds no pytorch_lora_weights.safetensors (a diffusers LoRA folder, "
                          "such as a training run's lora/)")
     family = adapter_class(str(args.model))  # None for a hub id not downloaded yet: the adapter checks once loaded
-    try:
-        check_max_sequence_length(family, args.max_sequence_length)
-    except ValueError as error:
-        raise SystemExit(f"--max-sequence-length: {error}") from None
-    adapter = load_adapter(str(args.model), dtype=DTYPES[args.dtype], device=args.device,
-                           max_sequence_length=args.max_sequence_length)
+    options = {option: getattr(args, option) for option in MODEL_OPTIONS}
+    for option, value in options.items():
+        if reason := model_option_problem(family, option, value):
+            raise SystemExit(f"--{option.replace('_', '-')}: {reason}")
+    adapter = load_adapter(str(args.model), dtype=DTYPES[args.dtype], device=args.device, **options)
     check_sampler(adapter, args.sampler)
     if args.lora is not None:
         adapter.pipe.load_lora_weights(str(args.lora))
@@ -124,10 +127,10 @@ def load_for_command(args):
 
 
 def model_record(args) -> dict:
-    """What a sample, eval or steer folder records of the model options (max_sequence_length as given: None is the
-    pipeline's default)."""
+    """What a sample, eval or steer folder records of the model and its options (as given: None is the pipeline's
+    default)."""
     return {"model": str(args.model), "lora": None if args.lora is None else str(args.lora),
-            "max_sequence_length": args.max_sequence_length}
+            **{option: getattr(args, option) for option in MODEL_OPTIONS}}
 
 
 def read_prompts(args) -> list[str]:
@@ -191,7 +194,7 @@ def add_eval_parser(subparsers) -> None:
     parser.add_argument("--batch-size", type=_positive_int, default=16)
     parser.add_argument("--device", type=_device, default=DEFAULT_DEVICE)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    add_max_sequence_length(parser)
+    add_model_options(parser)
     parser.add_argument("--out", type=Path, required=True,
                         help="folder for eval.json (the scores), the samples and their review page index.html")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier evaluation in --out")
@@ -498,7 +501,7 @@ def add_steer_parser(subparsers) -> None:
     parser.add_argument("--lora", type=Path, default=None, help="folder with a diffusers-format LoRA")
     parser.add_argument("--device", type=_device, default=DEFAULT_DEVICE)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    add_max_sequence_length(parser)
+    add_model_options(parser)
     parser.add_argument("--shapes-eval", action="store_true",
                         help="add ShapesEval's verdict of each image (shapes-world prompts only)")
     parser.add_argument("--compile", action="store_true",

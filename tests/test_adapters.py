@@ -11,7 +11,7 @@ from diffusers import (
     StableDiffusionImg2ImgPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel,
 )
 
-from align_diffusion.models import adapter_for, load_adapter
+from align_diffusion.models import PromptEmbeds, adapter_for, load_adapter
 from align_diffusion.models.base import compile_repeated_blocks
 from align_diffusion.models.sd3 import CONTEXT_BIAS
 from align_diffusion.models.tiny import tiny_pipeline
@@ -75,11 +75,91 @@ def test_max_sequence_length_matches_stock(tiny_pipes, name, guidance):
 
 
 def test_max_sequence_length_is_refused_where_it_cannot_apply(tiny_pipes):
-    with pytest.raises(ValueError, match="StableDiffusionXLPipeline has no T5 text encoder"):
+    with pytest.raises(ValueError, match="max_sequence_length: StableDiffusionXLPipeline has no T5 text encoder"):
         adapter_for(tiny_pipes["sdxl"], max_sequence_length=64)
     for length in (0, 513):
         with pytest.raises(ValueError, match=re.escape(f"must lie in [1, 512] (T5 tokens per prompt), got {length}")):
             adapter_for(tiny_pipes["sd3"], max_sequence_length=length)
+
+
+def skipped_clip_embeds(pipe, prompts, clip_skip):
+    """SD 1.5's prompt embeddings with `clip_skip` layers skipped, as diffusers documents them: the hidden state
+    clip_skip layers before the last, through the final layer norm. (The stock pipeline's own clip_skip branch
+    fails under transformers >= 5.6: diffusers issue #14124.)"""
+    ids = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True,
+                         return_tensors="pt").input_ids
+    encoder = pipe.text_encoder
+    hidden = encoder(ids, output_hidden_states=True).hidden_states[-(clip_skip + 1)]
+    return getattr(encoder, "text_model", encoder).final_layer_norm(hidden)
+
+
+@pytest.mark.parametrize("name", ["sd3", "sd", "sdxl"])
+def test_clip_skip_matches_stock_with_and_without_a_negative_prompt(tiny_pipes, name):
+    # The stock SD 1.5 and SD3 pipelines skip no layer of the negative prompt's encoding; SDXL skips them in both.
+    pipe = tiny_pipes[name]
+    options = dict(num_inference_steps=3, guidance_scale=4.5, height=32, width=32)
+    for negative in (None, "blurry"):
+        images = {}
+        for clip_skip in (None, 1):
+            adapter = adapter_for(pipe, clip_skip=clip_skip)
+            images[clip_skip] = sample(adapter, PROMPTS, seed=7, negative_prompt=negative, **options).images
+            generators = [torch.Generator().manual_seed(s) for s in (7, 8)]
+            negatives = None if negative is None else [negative] * len(PROMPTS)
+            if name == "sd" and clip_skip:
+                with torch.no_grad():
+                    embeds = skipped_clip_embeds(pipe, PROMPTS, clip_skip)
+                expected = pipe(prompt_embeds=embeds, negative_prompt=negatives, generator=generators,
+                                output_type="pt", **options)
+            else:
+                expected = pipe(PROMPTS, negative_prompt=negatives, clip_skip=clip_skip, generator=generators,
+                                output_type="pt", **options)
+            assert (images[clip_skip] - expected.images).abs().max() <= 1e-4
+        assert (images[1] - images[None]).abs().max() > 1e-2  # the skipped layer conditioned the image
+
+
+@pytest.mark.parametrize("name", ["sd", "sdxl"])
+def test_guidance_rescale_matches_stock(tiny_pipes, name):
+    pipe = tiny_pipes[name]
+    options = dict(num_inference_steps=3, guidance_scale=7.0, height=32, width=32)
+    images = {}
+    for rescale in (0.0, 0.7):
+        images[rescale] = sample(adapter_for(pipe, guidance_rescale=rescale), PROMPTS, seed=7, **options).images
+        generators = [torch.Generator().manual_seed(s) for s in (7, 8)]
+        expected = pipe(PROMPTS, generator=generators, output_type="pt", guidance_rescale=rescale, **options).images
+        assert (images[rescale] - expected).abs().max() <= 1e-4
+    assert (images[0.7] - images[0.0]).abs().max() > 1e-2
+
+
+def test_guidance_rescale_pulls_the_guided_std_back_to_the_conditional_one(tiny_pipes):
+    # φ = 1: each image's guided prediction has the conditional prediction's std (Lin et al. 2024, eq. 15).
+    adapter, plain = adapter_for(tiny_pipes["sd"], guidance_rescale=1.0), adapter_for(tiny_pipes["sd"])
+    latents, timestep = torch.randn(2, *adapter.latent_shape(32, 32), generator=torch.Generator().manual_seed(0)), 500
+    with torch.no_grad():
+        embeds = adapter.encode_prompt(PROMPTS, 7.0)
+        rescaled = adapter.predict(latents, timestep, embeds, 7.0)
+        guided = plain.predict(latents, timestep, embeds, 7.0)
+        conditional = plain.predict(latents, timestep, PromptEmbeds(embeds.cond), 1.0)
+    for k in range(2):
+        assert float(rescaled[k].std()) == pytest.approx(float(conditional[k].std()), rel=1e-4)
+        torch.testing.assert_close(rescaled[k], guided[k] * conditional[k].std() / guided[k].std())
+    assert guided.std() > 1.1 * conditional.std()  # so the test sees a rescale
+
+
+def test_clip_skip_and_guidance_rescale_are_refused_where_they_cannot_apply(tiny_pipes):
+    with pytest.raises(ValueError, match="clip_skip: FluxPipeline takes no clip_skip"):
+        adapter_for(tiny_pipes["flux"], clip_skip=1)
+    with pytest.raises(ValueError, match="clip_skip: must be >= 0"):
+        adapter_for(tiny_pipes["sd"], clip_skip=-1)
+    with pytest.raises(ValueError, match="clip_skip: 2 leaves none of the CLIP text encoder's 2 layers"):
+        adapter_for(tiny_pipes["sd3"], clip_skip=2)
+    assert adapter_for(tiny_pipes["sd"], clip_skip=0).clip_skip is None  # 0 skips none, as stock
+    for name in ("sd3", "flux"):
+        with pytest.raises(ValueError, match="guidance_rescale: .*Pipeline has no guidance_rescale"):
+            adapter_for(tiny_pipes[name], guidance_rescale=0.5)
+    with pytest.raises(ValueError, match=re.escape("guidance_rescale: must lie in [0, 1], got 1.5")):
+        adapter_for(tiny_pipes["sd"], guidance_rescale=1.5)
+    with pytest.raises(ValueError, match="guidance_rescale: guidance 1.0 runs no classifier-free guidance"):
+        sample(adapter_for(tiny_pipes["sd"], guidance_rescale=0.5), PROMPTS, guidance_scale=1.0, **SIZE)
 
 
 def test_sample_images_takes_one_negative_prompt_per_prompt_across_batches(tiny_pipes):

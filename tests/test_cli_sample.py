@@ -145,8 +145,45 @@ def test_max_sequence_length_is_applied_recorded_and_checked_before_the_model_lo
     monkeypatch.setattr("align_diffusion.models.DiffusionPipeline.from_pretrained", no_loading)
     with pytest.raises(SystemExit, match="--max-sequence-length: StableDiffusionPipeline has no T5 text encoder"):
         main([*common, "--model", str(saved["sd"]), "--max-sequence-length", "8", "--out", str(tmp_path / "sd")])
-    with pytest.raises(SystemExit, match=re.escape("--max-sequence-length: max_sequence_length must lie in [1, 512]")):
+    with pytest.raises(SystemExit, match=re.escape("--max-sequence-length: must lie in [1, 512]")):
         main([*common, "--model", str(saved["sd3"]), "--max-sequence-length", "600", "--out", str(tmp_path / "b")])
+
+
+def test_clip_skip_and_guidance_rescale_are_applied_recorded_and_checked_before_the_model_loads(saved, tmp_path,
+                                                                                                 monkeypatch):
+    common = ["sample", "--prompt", "a red circle", "--steps", "2", "--guidance", "6", "--height", "32", "--width",
+              "32"]
+    stock = dict(num_inference_steps=2, guidance_scale=6, height=32, width=32, output_type="pt")
+    runs = {"sd3": ["--clip-skip", "1"], "sd": ["--guidance-rescale", "0.7", "--sampler", "ddim", "--noise-level", "0"]}
+    for name, options in runs.items():
+        main([*common, "--model", str(saved[name]), *options, "--out", str(tmp_path / name)])
+        record = json.loads((tmp_path / name / "metadata.jsonl").read_text())
+        assert (record["clip_skip"], record["guidance_rescale"]) == ((1, None) if name == "sd3" else (None, 0.7))
+        pipe = load_adapter(str(saved[name])).pipe
+        image = read_png(tmp_path / name / record["file"])
+        for applied in (True, False):
+            option = {"clip_skip": 1} if name == "sd3" else {"guidance_rescale": 0.7}
+            expected = pipe("a red circle", generator=torch.Generator().manual_seed(0), **stock,
+                            **(option if applied else {})).images[0]
+            assert ((image - expected).abs().max() <= 2 / 255) == applied
+    with pytest.raises(SystemExit, match="the earlier run's clip_skip was 1, this one's is None"):
+        main([*common, "--model", str(saved["sd3"]), "--resume", "--out", str(tmp_path / "sd3")])
+    with pytest.raises(SystemExit, match="clip_skip: 2 leaves none of the CLIP text encoder's 2 layers"):
+        main([*common, "--model", str(saved["sd3"]), "--clip-skip", "2", "--out", str(tmp_path / "deep")])
+    with pytest.raises(SystemExit, match="guidance_rescale: guidance 1.0 runs no classifier-free guidance"):
+        main([*common, "--model", str(saved["sd"]), "--guidance", "1", "--guidance-rescale", "0.7", "--sampler",
+              "ddim", "--out", str(tmp_path / "unguided")])
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("align_diffusion.models.DiffusionPipeline.from_pretrained", no_loading)
+    with pytest.raises(SystemExit, match="--guidance-rescale: StableDiffusion3Pipeline has no guidance_rescale"):
+        main([*common, "--model", str(saved["sd3"]), "--guidance-rescale", "0.5", "--out", str(tmp_path / "a")])
+    with pytest.raises(SystemExit, match=re.escape("--guidance-rescale: must lie in [0, 1], got 2.0")):
+        main([*common, "--model", str(saved["sd"]), "--guidance-rescale", "2", "--out", str(tmp_path / "b")])
+    with pytest.raises(SystemExit, match="--clip-skip: must be >= 0"):
+        main([*common, "--model", str(saved["sd"]), "--clip-skip", "-1", "--out", str(tmp_path / "c")])
 
 
 def test_negative_prompt_matches_stock_is_recorded_and_needs_guidance(saved, tmp_path):
@@ -175,7 +212,7 @@ def test_a_folder_written_before_an_option_existed_resumes_without_it(saved, tmp
     main([*common, "--prompt", PROMPTS[0], "--out", str(out)])
     metadata = out / "metadata.jsonl"
     older = {key: value for key, value in json.loads(metadata.read_text()).items()
-             if key not in ("negative_prompt", "max_sequence_length")}
+             if key not in ("negative_prompt", "max_sequence_length", "clip_skip", "guidance_rescale")}
     metadata.write_text(json.dumps(older) + "\n")
     with pytest.raises(SystemExit, match="records hold no 'negative_prompt' \\(an older version wrote them\\?\\)"):
         main([*common, "--prompt", *PROMPTS, "--negative-prompt", "blurry", "--resume", "--out", str(out)])

@@ -136,8 +136,13 @@ def test_wrong_type_is_named(saved, tmp_path):
     ("device=bogus", "device: "),
     ("eval.rewards=bogus", "eval.rewards: reward term 'bogus': unknown reward"),
     ("model=/no/such/folder", "model: /no/such/folder is no folder"),
-    ("max_sequence_length=0", "max_sequence_length must lie in [1, 512] (T5 tokens per prompt), got 0"),
-    ("max_sequence_length=513", "max_sequence_length must lie in [1, 512] (T5 tokens per prompt), got 513"),
+    ("max_sequence_length=0", "max_sequence_length: must lie in [1, 512] (T5 tokens per prompt), got 0"),
+    ("max_sequence_length=513", "max_sequence_length: must lie in [1, 512] (T5 tokens per prompt), got 513"),
+    ("clip_skip=-1", "clip_skip: must be >= 0 (CLIP layers skipped from the end), got -1"),
+    ("sampling.guidance_rescale=1.5", "sampling.guidance_rescale: must lie in [0, 1], got 1.5"),
+    ("sampling.guidance_rescale=0.5", "sampling.guidance_rescale: StableDiffusion3Pipeline has no guidance_rescale"),
+    (["sampling.guidance_scale=1", "sampling.guidance_rescale=0.5"],
+     "sampling.guidance_rescale: guidance 1.0 runs no classifier-free guidance"),
     (["sampling.sampler=cps", "sampling.noise_level=1.5"], "cps noise levels a must lie in [0, 1]"),
     (["sampling.sampler=cps", "sampling.num_steps=3", "sampling.noise_window=[2,3]"], "CPS's last step draws no noise"),
 ])
@@ -247,11 +252,35 @@ def test_the_trainer_encodes_prompts_to_the_configured_t5_length(saved, prompt_f
     config = load_config(None, tiny_overrides(saved["sd3"], prompt_file, tmp_path, max_sequence_length=8))
     trainer = GRPOTrainer(config)
     assert trainer.adapter.max_sequence_length == 8
-    with pytest.raises(ConfigError, match="max_sequence_length is 8, but the adapter given encodes 256"):
+    with pytest.raises(ConfigError, match="max_sequence_length is 8, but the adapter given was built with "
+                                          "max_sequence_length=256"):
         GRPOTrainer(config, adapter=adapter_for(trainer.adapter.pipe))
     unset = load_config(None, tiny_overrides(saved["sd3"], prompt_file, tmp_path))  # the pipeline's 256
-    with pytest.raises(ConfigError, match="max_sequence_length is None, but the adapter given encodes 8"):
+    with pytest.raises(ConfigError, match="max_sequence_length is 256, but the adapter given was built with "
+                                          "max_sequence_length=8"):
         GRPOTrainer(unset, adapter=adapter_for(trainer.adapter.pipe, max_sequence_length=8))
+    with pytest.raises(ConfigError, match="clip_skip is None, but the adapter given was built with clip_skip=1"):
+        GRPOTrainer(unset, adapter=adapter_for(trainer.adapter.pipe, clip_skip=1))
+
+
+def test_clip_skip_and_guidance_rescale_condition_rollouts_and_evaluations(saved, prompt_file, tmp_path):
+    overrides = tiny_overrides(saved["sd"], prompt_file, tmp_path, max_steps=1, clip_skip=1, **{
+        "sampling.sampler": "ddim", "sampling.guidance_scale": 6.0, "sampling.guidance_rescale": 0.7,
+        "eval.every": 1, "eval.num_steps": 2, "eval.num_images_per_prompt": 1})
+    trainer = GRPOTrainer(load_config(None, overrides))
+    assert (trainer.adapter.clip_skip, trainer.adapter.guidance_rescale) == (1, 0.7)
+    trainer.train()
+    assert metrics(tmp_path)[-1]["first_ratio_max_deviation"] <= 1e-5
+    # Step 0's evaluation, before any update, is the base model's ODE sample with both options.
+    records = [json.loads(line) for line in (tmp_path / "eval/step-000000/metadata.jsonl").read_text().splitlines()]
+    saved_images = torch.stack([torch.from_numpy(np.asarray(Image.open(tmp_path / "eval/step-000000" / r["file"]),
+                                                            dtype=np.float32) / 255).permute(2, 0, 1)
+                                for r in records])
+    options = dict(seed=10_000, num_inference_steps=2, guidance_scale=6.0)
+    for clip_skip, rescale in [(1, 0.7), (None, 0.7), (1, None)]:
+        base = load_adapter(str(saved["sd"]), clip_skip=clip_skip, guidance_rescale=rescale)
+        images = sample_images(base, [r["prompt"] for r in records], **options)
+        assert ((saved_images - images).abs().max() <= 1 / 255) == ((clip_skip, rescale) == (1, 0.7))
 
 
 def test_a_negative_prompt_conditions_rollouts_and_evaluations(saved, prompt_file, tmp_path):

@@ -19,14 +19,19 @@ ADAPTERS: dict[type, type[PipelineAdapter]] = {
 }
 
 
-def adapter_for(pipe, max_sequence_length: int | None = None) -> PipelineAdapter:
+def adapter_for(pipe, max_sequence_length: int | None = None, clip_skip: int | None = None,
+                guidance_rescale: float | None = None) -> PipelineAdapter:
     """The adapter for a loaded pipeline; a clear error for pipelines this package does not support.
-    `max_sequence_length`: T5 tokens per prompt (SD3, FLUX; default: the stock pipeline's, 256 / 512)."""
+
+    Options, as the stock pipelines take them (None: their default): `max_sequence_length`, T5 tokens per prompt
+    (SD3, FLUX; 256 / 512); `clip_skip`, CLIP layers skipped from the end when encoding prompts (SD 1.5, SDXL, SD3);
+    `guidance_rescale`, φ in [0, 1] of the rescaled classifier-free guidance (SD 1.5 / 2.x, SDXL; 0: off).
+    """
     adapter = ADAPTERS.get(type(pipe))
     if adapter is None:
         supported = ", ".join(sorted(cls.__name__ for cls in ADAPTERS))
         raise ValueError(f"unsupported pipeline {type(pipe).__name__}; supported pipeline classes: {supported}")
-    return adapter(pipe, max_sequence_length)
+    return adapter(pipe, max_sequence_length, clip_skip, guidance_rescale)
 
 
 def adapter_class(model: str) -> type[PipelineAdapter] | None:
@@ -54,13 +59,14 @@ def missing_local_model(model: str, holds: str = "model_index.json") -> str | No
 
 
 def load_adapter(model: str, dtype: torch.dtype = torch.float32, device: str | None = None,
-                 max_sequence_length: int | None = None) -> PipelineAdapter:
+                 max_sequence_length: int | None = None, clip_skip: int | None = None,
+                 guidance_rescale: float | None = None) -> PipelineAdapter:
     """`DiffusionPipeline.from_pretrained(model)` (hub id or local folder), in eval mode, wrapped in its adapter
-    (`max_sequence_length` as for `adapter_for`)."""
+    (the options as for `adapter_for`)."""
     if reason := missing_local_model(model):
         raise FileNotFoundError(f"model: {reason}")
     pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype)
-    adapter = adapter_for(pipe, max_sequence_length)
+    adapter = adapter_for(pipe, max_sequence_length, clip_skip, guidance_rescale)
     if device is not None:
         pipe.to(device)
     pipe.set_progress_bar_config(disable=True)

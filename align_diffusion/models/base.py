@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
@@ -58,14 +59,29 @@ class PipelineAdapter:
     default_guidance: float
     # T5 tokens per prompt the stock pipeline encodes by default (SD3, FLUX); None: the family has no T5 encoder.
     default_max_sequence_length: int | None = None
+    takes_clip_skip = True  # the stock pipeline's encode_prompt takes clip_skip
+    takes_guidance_rescale = False  # the stock pipeline's __call__ takes guidance_rescale
 
-    def __init__(self, pipe, max_sequence_length: int | None = None):
+    def __init__(self, pipe, max_sequence_length: int | None = None, clip_skip: int | None = None,
+                 guidance_rescale: float | None = None):
         if not isinstance(pipe, self.pipeline_class):
             raise TypeError(f"{type(self).__name__} wraps {self.pipeline_class.__name__}, got {type(pipe).__name__}")
-        check_max_sequence_length(type(self), max_sequence_length)
+        options = {"max_sequence_length": max_sequence_length, "clip_skip": clip_skip,
+                   "guidance_rescale": guidance_rescale}
+        for option, value in options.items():
+            if reason := model_option_problem(type(self), option, value):
+                raise ValueError(f"{option}: {reason}")
         self.pipe = pipe
         # T5 tokens per prompt: the prompt is truncated, or padded, to this many (None for families without T5).
         self.max_sequence_length = max_sequence_length or self.default_max_sequence_length
+        # CLIP layers skipped from the end when encoding prompts, as the stock encode_prompt skips them (None: none).
+        self.clip_skip = clip_skip or None  # 0 skips none, as the stock pipelines read it
+        if clip_skip and clip_skip >= (layers := min(encoder.config.num_hidden_layers
+                                                      for encoder in self.clip_text_encoders())):
+            raise ValueError(f"clip_skip: {clip_skip} leaves none of the CLIP text encoder's {layers} layers")
+        # φ of "Common Diffusion Noise Schedules and Sample Steps are Flawed": the guided prediction's std is pulled
+        # back toward the conditional one's, as the stock SD pipelines do with guidance_rescale (0: off).
+        self.guidance_rescale = guidance_rescale or 0.0
         # What `forward` calls instead of the denoiser, when set: a trainer's distributed wrapper of it (so
         # gradients synchronize) or a frozen reference copy.
         self.forward_module: torch.nn.Module | None = None
@@ -103,6 +119,11 @@ class PipelineAdapter:
     def guidance_mode(self, guidance_scale: float) -> str:
         """'cfg' (classifier-free, two branches), 'distilled' (guidance embedding) or 'none'."""
         return "cfg" if guidance_scale > 1 else "none"
+
+    def clip_text_encoders(self) -> list[torch.nn.Module]:
+        """The CLIP text encoders whose hidden states `clip_skip` picks from."""
+        return [encoder for name in ("text_encoder", "text_encoder_2")
+                if (encoder := getattr(self.pipe, name, None)) is not None]
 
     def check_size(self, height: int, width: int) -> None:
         multiple = self.vae_scale_factor
@@ -143,7 +164,10 @@ class PipelineAdapter:
         if timestep.ndim:  # per-sample timesteps go with both halves of the doubled batch
             timestep = torch.cat([timestep] * 2)
         pred_uncond, pred_cond = self.forward(torch.cat([model_input] * 2), timestep, both, guidance_scale).chunk(2)
-        return (pred_uncond + guidance_scale * (pred_cond - pred_uncond)).float()
+        guided = pred_uncond + guidance_scale * (pred_cond - pred_uncond)
+        if self.guidance_rescale:
+            guided = rescale_noise_cfg(guided, pred_cond, self.guidance_rescale)
+        return guided.float()
 
     def forward(self, latents, timestep, conditioning: dict, guidance_scale: float) -> torch.Tensor:
         """One denoiser call on a batch in the model's dtype, as the stock pipeline makes it."""
@@ -205,17 +229,42 @@ RECOMPILE_LIMIT = 64  # graphs per compiled block forward (see compile_repeated_
 C_COMPILERS = ("g++", "c++", "clang++", "gcc", "cc")  # what inductor (CPU) and Triton (GPU) build with
 
 
-def check_max_sequence_length(family: type[PipelineAdapter] | None, max_sequence_length: int | None) -> None:
-    """ValueError when prompts cannot be encoded to `max_sequence_length` T5 tokens: out of range, or a family (an
-    adapter class; None: not known yet) without a T5 encoder. None, each family's default, always passes."""
-    if max_sequence_length is None:
-        return
-    if not 1 <= max_sequence_length <= MAX_SEQUENCE_LENGTH:
-        raise ValueError(f"max_sequence_length must lie in [1, {MAX_SEQUENCE_LENGTH}] (T5 tokens per prompt), got "
-                         f"{max_sequence_length}")
+def max_sequence_length_problem(family: type[PipelineAdapter] | None, value: int) -> str | None:
+    if not 1 <= value <= MAX_SEQUENCE_LENGTH:
+        return f"must lie in [1, {MAX_SEQUENCE_LENGTH}] (T5 tokens per prompt), got {value}"
     if family is not None and family.default_max_sequence_length is None:
-        raise ValueError(f"{family.pipeline_class.__name__} has no T5 text encoder: a max_sequence_length (T5 tokens "
-                         "per prompt) is for SD3 and FLUX; CLIP encoders take 77 tokens")
+        return (f"{family.pipeline_class.__name__} has no T5 text encoder: a max_sequence_length (T5 tokens per "
+                "prompt) is for SD3 and FLUX; CLIP encoders take 77 tokens")
+    return None
+
+
+def clip_skip_problem(family: type[PipelineAdapter] | None, value: int) -> str | None:
+    if value < 0:
+        return f"must be >= 0 (CLIP layers skipped from the end), got {value}"
+    if family is not None and not family.takes_clip_skip:
+        return (f"{family.pipeline_class.__name__} takes no clip_skip: it conditions on CLIP's pooled output only "
+                "(SD 1.5, SDXL and SD3 take it)")
+    return None
+
+
+def guidance_rescale_problem(family: type[PipelineAdapter] | None, value: float) -> str | None:
+    if not 0 <= value <= 1:
+        return f"must lie in [0, 1], got {value}"
+    if family is not None and value and not family.takes_guidance_rescale:
+        return (f"{family.pipeline_class.__name__} has no guidance_rescale: the stock SD 1.5 / 2.x and SDXL "
+                "pipelines take it")
+    return None
+
+
+# Options an adapter is built with (`adapter_for`, `load_adapter`), each with the check of a value against a family.
+MODEL_OPTIONS = {"max_sequence_length": max_sequence_length_problem, "clip_skip": clip_skip_problem,
+                 "guidance_rescale": guidance_rescale_problem}
+
+
+def model_option_problem(family: type[PipelineAdapter] | None, option: str, value) -> str | None:
+    """Why an adapter of `family` (an adapter class; None: not known yet) cannot be built with `value` for
+    `option` (a key of MODEL_OPTIONS); None when it can. None, the option's default, always can."""
+    return None if value is None else MODEL_OPTIONS[option](family, value)
 
 
 def missing_c_compiler(option: str) -> str | None:

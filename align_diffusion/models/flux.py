@@ -20,6 +20,7 @@ class FluxAdapter(PipelineAdapter):
     default_steps = 28
     default_guidance = 3.5
     default_max_sequence_length = 512
+    takes_clip_skip = False
 
     def guidance_mode(self, guidance_scale):
         return "distilled" if self.denoiser.config.guidance_embeds else "none"

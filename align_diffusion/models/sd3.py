@@ -114,6 +114,7 @@ class SD3Adapter(PipelineAdapter):
             device=self.device,
             num_images_per_prompt=num_images_per_prompt,
             max_sequence_length=self.max_sequence_length,
+            clip_skip=self.clip_skip,
         )
         cond = {"encoder_hidden_states": embeds, "pooled_projections": pooled}
         uncond = {"encoder_hidden_states": negative, "pooled_projections": negative_pooled} if cfg else None

@@ -8,6 +8,7 @@ result equals the stock pipeline run with a `DDIMScheduler`. Turbo models are sa
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -16,11 +17,30 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLP
 from align_diffusion.models.base import PipelineAdapter, PromptEmbeds, Schedule
 
 
+@contextlib.contextmanager
+def text_model_alias(text_encoder):
+    """Inside, a CLIPTextModel without `.text_model` answers it with itself.
+
+    The stock SD pipeline's clip_skip branch reads `text_encoder.text_model.final_layer_norm`, a wrapper
+    transformers 5.6 removed when it flattened CLIPTextModel (diffusers issue #14124, fix proposed in PR #14043).
+    The alias bypasses nn.Module's registration, so the encoder does not become its own submodule.
+    """
+    if hasattr(text_encoder, "text_model"):
+        yield
+        return
+    object.__setattr__(text_encoder, "text_model", text_encoder)
+    try:
+        yield
+    finally:
+        del text_encoder.__dict__["text_model"]
+
+
 class StableDiffusionAdapter(PipelineAdapter):
     pipeline_class = StableDiffusionPipeline
     is_flow = False
     default_steps = 50
     default_guidance = 7.5
+    takes_guidance_rescale = True
 
     def guidance_mode(self, guidance_scale):
         # As the stock pipelines: a UNet with a guidance-scale embedding (LCM, time_cond_proj_dim) runs no CFG.
@@ -32,9 +52,11 @@ class StableDiffusionAdapter(PipelineAdapter):
         cfg = self.guidance_mode(guidance_scale) == "cfg"
         if isinstance(negative_prompt, str):  # the stock encode_prompt wants the prompts' type: one per prompt
             negative_prompt = [negative_prompt] * len(prompts)
-        embeds, negative = self.pipe.encode_prompt(
-            prompts, self.device, num_images_per_prompt, cfg, negative_prompt=negative_prompt
-        )
+        with text_model_alias(self.pipe.text_encoder):
+            embeds, negative = self.pipe.encode_prompt(
+                prompts, self.device, num_images_per_prompt, cfg, negative_prompt=negative_prompt,
+                clip_skip=self.clip_skip,
+            )
         return PromptEmbeds({"encoder_hidden_states": embeds}, {"encoder_hidden_states": negative} if cfg else None)
 
     def schedule(self, num_inference_steps, height, width) -> Schedule:
@@ -89,6 +111,7 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
             num_images_per_prompt=num_images_per_prompt,
             do_classifier_free_guidance=cfg,
             negative_prompt=negative_prompt,
+            clip_skip=self.clip_skip,
         )
         cond = {"encoder_hidden_states": embeds, "text_embeds": pooled}
         uncond = {"encoder_hidden_states": negative, "text_embeds": negative_pooled} if cfg else None

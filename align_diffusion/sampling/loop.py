@@ -176,11 +176,14 @@ def prompt_list(prompts: str | Sequence[str]) -> list[str]:
     return list(prompts)
 
 
-def check_negative_prompt(adapter: PipelineAdapter, guidance_scale: float, negative_prompt) -> None:
-    """ValueError for a negative prompt that `guidance_scale` would ignore: it runs no classifier-free guidance."""
-    if negative_prompt is not None and (mode := adapter.guidance_mode(guidance_scale)) != "cfg":
-        raise ValueError(f"negative_prompt: guidance {guidance_scale} runs no classifier-free guidance ({mode}), so "
-                         "the negative prompt would have no effect")
+def check_guidance(adapter: PipelineAdapter, guidance_scale: float, negative_prompt) -> None:
+    """ValueError for a negative prompt, or an adapter's guidance_rescale, that `guidance_scale` would ignore: it
+    runs no classifier-free guidance."""
+    ignored = "negative_prompt" if negative_prompt is not None else "guidance_rescale" if adapter.guidance_rescale \
+        else None
+    if ignored and (mode := adapter.guidance_mode(guidance_scale)) != "cfg":
+        raise ValueError(f"{ignored}: guidance {guidance_scale} runs no classifier-free guidance ({mode}), so the "
+                         f"{ignored.replace('_', ' ')} would have no effect")
 
 
 @torch.no_grad()
@@ -217,7 +220,7 @@ def sample(
     num_inference_steps, guidance_scale, noise_level, height, width = astuple(settings)
     if num_images_per_prompt < 1:
         raise ValueError("num_images_per_prompt must be at least 1")
-    check_negative_prompt(adapter, guidance_scale, negative_prompt)
+    check_guidance(adapter, guidance_scale, negative_prompt)
     levels = settings.levels()
     batch = len(prompts) * num_images_per_prompt
     if generators is None:

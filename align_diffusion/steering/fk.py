@@ -32,7 +32,7 @@ import torch
 
 from align_diffusion.models.base import PipelineAdapter
 from align_diffusion.rewards.base import Reward
-from align_diffusion.sampling.loop import check_negative_prompt, check_sampler, resolve_settings
+from align_diffusion.sampling.loop import check_guidance, check_sampler, resolve_settings
 from align_diffusion.steering.candidates import (
     SEED_STRIDE,
     Budget,
@@ -127,7 +127,7 @@ def fk_steering(
     sampler = sampler or ("flow-sde" if adapter.is_flow else "ddim")
     check_sampler(adapter, sampler)
     settings = resolve_settings(adapter, sampler, num_inference_steps, guidance_scale, noise_level, height, width)
-    check_negative_prompt(adapter, settings.guidance_scale, negative_prompt)
+    check_guidance(adapter, settings.guidance_scale, negative_prompt)
     if num_particles < 1:
         raise ValueError(f"FK steering needs at least 1 particle, got {num_particles}")
     levels = settings.levels()

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from align_diffusion.models.base import PipelineAdapter
 from align_diffusion.rewards.base import Reward, RewardError
-from align_diffusion.sampling.loop import check_negative_prompt, prompt_list, resolve_settings, take_step
+from align_diffusion.sampling.loop import check_guidance, prompt_list, resolve_settings, take_step
 from align_diffusion.steering.candidates import Budget, SteeringResult, Timer, candidate_generators
 
 DEFAULT_STEPS = 4  # ODE steps of each iterate: the method's one- to four-step regime
@@ -102,7 +102,7 @@ def reno(
         raise ValueError(f"grad_clip must be a finite number > 0, got {grad_clip}")
     settings = resolve_settings(adapter, "ode", steps_per_iterate(num_inference_steps), guidance_scale, None, height,
                                 width)
-    check_negative_prompt(adapter, settings.guidance_scale, negative_prompt)
+    check_guidance(adapter, settings.guidance_scale, negative_prompt)
     batch = len(prompts)
     budgets = [Budget() for _ in prompts]
     timer = Timer(Budget())

@@ -19,7 +19,7 @@ import torch
 
 from align_diffusion.models.base import PipelineAdapter
 from align_diffusion.rewards.base import Reward
-from align_diffusion.sampling.loop import check_negative_prompt, check_sampler, resolve_settings
+from align_diffusion.sampling.loop import check_guidance, check_sampler, resolve_settings
 from align_diffusion.steering.candidates import (
     Budget,
     SteeringResult,
@@ -96,7 +96,7 @@ def ttsnap(
     prompt = one_prompt(prompt)
     check_sampler(adapter, sampler)
     settings = resolve_settings(adapter, sampler, num_inference_steps, guidance_scale, noise_level, height, width)
-    check_negative_prompt(adapter, settings.guidance_scale, negative_prompt)
+    check_guidance(adapter, settings.guidance_scale, negative_prompt)
     prune_steps, keep = list(prune_steps), list(keep)
     check_schedule(prune_steps, keep, settings.num_inference_steps)
     if num_seeds < 1:

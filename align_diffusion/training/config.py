@@ -9,6 +9,7 @@ type fail with the key named; `validate` checks what can be checked before any m
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import re
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from align_diffusion.models.base import check_max_sequence_length, missing_c_compiler, unusable_device
+from align_diffusion.models.base import missing_c_compiler, model_option_problem, unusable_device
 from align_diffusion.rewards.spec import parse_spec
 from align_diffusion.rewards.transforms import METHODS as ADVANTAGE_METHODS
 from align_diffusion.sampling.loop import (
@@ -71,6 +72,8 @@ class SamplingConfig:
     guidance_scale: float = _help("guidance of rollouts and the trained policy (1 = no CFG)", 4.5)
     negative_prompt: str | None = _help("what classifier-free guidance steers away from, in rollouts, evaluations "
                                         "and the trained policy (null: the empty prompt, as in Flow-GRPO)", None)
+    guidance_rescale: float = _help("φ in [0, 1] of rescaled classifier-free guidance in rollouts, evaluations and "
+                                    "the trained policy (SD 1.5 / 2.x, SDXL; 0: off)", 0.0)
     height: int | None = _help("image height (default: the model's)", None)
     width: int | None = _help("image width (default: the model's)", None)
     batch_size: int = _help("images per denoiser call while sampling", 16)
@@ -154,6 +157,8 @@ class TrainConfig:
     model: str = _help("hub id or folder of a supported diffusers pipeline", "assets/world/sd3")
     max_sequence_length: int | None = _help("T5 tokens per prompt of SD3 / FLUX (default: the pipeline's, 256 / "
                                             "512; Flow-GRPO encodes SD3 prompts with 128)", None)
+    clip_skip: int | None = _help("CLIP layers skipped from the end when encoding prompts (SD 1.5, SDXL, SD3; "
+                                  "default: none)", None)
     output_dir: str = _help("where config, metrics, checkpoints and the LoRA go", "outputs/grpo")
     max_steps: int = _help("training steps (one batch of rollouts each)", 100)
     max_minutes: float | None = _help("also stop once training steps (evaluations excluded) took this many "
@@ -283,6 +288,15 @@ def describe_config(config, indent: str = "") -> str:
 
 
 # --- validation ------------------------------------------------------------------------------------------------
+
+# Where a config sets each option its adapter is built with (models.base.MODEL_OPTIONS).
+MODEL_OPTION_FIELDS = {"max_sequence_length": "max_sequence_length", "clip_skip": "clip_skip",
+                       "guidance_rescale": "sampling.guidance_rescale"}
+
+
+def model_options(config: TrainConfig) -> dict:
+    """The adapter options `config` sets, keyed as `load_adapter` takes them."""
+    return {option: functools.reduce(getattr, path.split("."), config) for option, path in MODEL_OPTION_FIELDS.items()}
 
 
 def _model_family(model: str):
@@ -433,13 +447,14 @@ def validate(config: TrainConfig, num_processes: int = 1) -> None:
                           "'shapes' or an image folder")
     family = _model_family(config.model)
     is_flow = None if family is None else family.is_flow
-    if sampling.negative_prompt is not None and sampling.guidance_scale <= 1:  # FLUX's distilled guidance: on load
-        raise ConfigError(f"sampling.negative_prompt: guidance {sampling.guidance_scale} runs no classifier-free "
-                          "guidance, so the negative prompt would have no effect")
-    try:
-        check_max_sequence_length(family, config.max_sequence_length)
-    except ValueError as error:  # its message names max_sequence_length
-        raise ConfigError(f"{error} (model {config.model})") from None
+    for name, value in [("negative_prompt", sampling.negative_prompt),
+                        ("guidance_rescale", sampling.guidance_rescale or None)]:
+        if value is not None and sampling.guidance_scale <= 1:  # FLUX's distilled guidance: once the model loads
+            raise ConfigError(f"sampling.{name}: guidance {sampling.guidance_scale} runs no classifier-free guidance, "
+                              f"so the {name.replace('_', ' ')} would have no effect")
+    for option, value in model_options(config).items():
+        if reason := model_option_problem(family, option, value):
+            raise ConfigError(f"{MODEL_OPTION_FIELDS[option]}: {reason} (model {config.model})")
     allowed = {True: FLOW_SAMPLERS, False: DIFFUSION_SAMPLERS, None: FLOW_SAMPLERS + DIFFUSION_SAMPLERS}[is_flow]
     if config.algorithm == "grpo":
         allowed = tuple(s for s in allowed if s != "ode")  # GRPO needs a stochastic sampler

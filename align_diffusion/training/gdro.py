@@ -90,14 +90,14 @@ class GDROTrainer(GRPOTrainer):
         return groups
 
     def offline_set_settings(self) -> dict:
-        """The settings the offline set is generated under: the model, prompts, reward, seed, dtype and sampling
-        (its batch size aside; a noise table's levels as the run read them)."""
+        """The settings the offline set is generated under: the model and its prompt encoding, prompts, reward, seed,
+        dtype and sampling (its batch size aside; a noise table's levels as the run read them)."""
         config = self.config
         sampling = {f"sampling.{key}": value for key, value in to_dict(config)["sampling"].items()
                     if key != "batch_size"}
         made_by = {"model": config.model, "max_sequence_length": config.max_sequence_length,
-                   "prompts": config.prompts, "reward": config.reward, "seed": config.seed, "dtype": config.dtype,
-                   **sampling}
+                   "clip_skip": config.clip_skip, "prompts": config.prompts, "reward": config.reward,
+                   "seed": config.seed, "dtype": config.dtype, **sampling}
         if config.sampling.noise_table:
             made_by["sampling.noise_table_levels"] = self.noise_levels
         return made_by

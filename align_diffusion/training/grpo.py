@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from align_diffusion.files import write_text_atomically
 from align_diffusion.gallery.run import EVAL_DIR, build_run_page, eval_folder, read_metrics
-from align_diffusion.models import PipelineAdapter, PromptEmbeds, load_adapter
+from align_diffusion.models import PipelineAdapter, PromptEmbeds, adapter_for, load_adapter
 from align_diffusion.models.base import compile_repeated_blocks
 from align_diffusion.rewards import load_reward
 from align_diffusion.rewards.spec import WeightedRewards, score_terms
@@ -53,7 +53,7 @@ from align_diffusion.sampling.loop import (
     DEFAULT_NOISE_LEVEL,
     LARGEST_NOISE_LEVEL,
     Trajectory,
-    check_negative_prompt,
+    check_guidance,
     resolve_settings,
     sample,
     sample_images,
@@ -62,7 +62,9 @@ from align_diffusion.sampling.loop import (
 from align_diffusion.training import checkpoint
 from align_diffusion.rewards.dense import dense_step_rewards
 from align_diffusion.training.advantages import best_worst_mask, dense_advantages
-from align_diffusion.training.config import ConfigError, TrainConfig, save_config, to_dict, validate
+from align_diffusion.training.config import (
+    MODEL_OPTION_FIELDS, ConfigError, TrainConfig, model_options, save_config, to_dict, validate,
+)
 from align_diffusion.training.lora import add_lora, export_lora
 from align_diffusion.training.noise_table import calibrate_step, read_table
 from align_diffusion.training.prompts import PromptSource, ReferenceSource
@@ -278,10 +280,13 @@ class GRPOTrainer:
         self.references = ReferenceSource(config.references) if config.references else None
         if adapter is None:
             adapter = load_adapter(config.model, dtype=DTYPES[config.dtype], device=str(device),
-                                   max_sequence_length=config.max_sequence_length)
-        elif (config.max_sequence_length or adapter.default_max_sequence_length) != adapter.max_sequence_length:
-            raise ConfigError(f"max_sequence_length is {config.max_sequence_length}, but the adapter given encodes "
-                              f"{adapter.max_sequence_length} T5 tokens (adapter_for(pipe, max_sequence_length))")
+                                   **model_options(config))
+        else:
+            configured = adapter_for(adapter.pipe, **model_options(config))
+            for option, field in MODEL_OPTION_FIELDS.items():
+                if getattr(configured, option) != getattr(adapter, option):
+                    raise ConfigError(f"{field} is {getattr(configured, option)}, but the adapter given was built "
+                                      f"with {option}={getattr(adapter, option)} (adapter_for(pipe, {option}=...))")
         self.adapter: PipelineAdapter = adapter
         sampling = config.sampling
         try:  # a size the model cannot take (SD3's position table, FLUX's patches) fails now, not at a rollout
@@ -290,7 +295,7 @@ class GRPOTrainer:
         except ValueError as error:
             raise ConfigError(f"sampling: {error} (model {config.model})") from None
         try:
-            check_negative_prompt(adapter, sampling.guidance_scale, sampling.negative_prompt)
+            check_guidance(adapter, sampling.guidance_scale, sampling.negative_prompt)
         except ValueError as error:  # its message starts with the field's name
             raise ConfigError(f"sampling.{error} (model {config.model})") from None
         denoiser = self.adapter.denoiser
