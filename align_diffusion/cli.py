@@ -41,7 +41,8 @@ def _non_negative_float(text: str) -> float:
 
 def add_negative_prompt(parser) -> None:
     parser.add_argument("--negative-prompt", default=None,
-                        help="what classifier-free guidance steers away from, for every prompt (SD3, SD 1.5, SDXL)")
+                        help="what classifier-free guidance steers away from, for every prompt (SD3, SD 1.5, SDXL; "
+                             "FLUX with --true-cfg-scale)")
 
 
 def add_model_options(parser) -> None:
@@ -52,6 +53,9 @@ def add_model_options(parser) -> None:
                         help="CLIP layers skipped from the end when encoding prompts (SD 1.5, SDXL, SD3; default: 0)")
     parser.add_argument("--guidance-rescale", type=_finite_float, default=None,
                         help="φ in [0, 1] of rescaled classifier-free guidance (SD 1.5 / 2.x, SDXL; default: 0, off)")
+    parser.add_argument("--true-cfg-scale", type=_finite_float, default=None,
+                        help="FLUX's true classifier-free guidance away from --negative-prompt, beside its distilled "
+                             "--guidance (default: 1, off)")
 
 
 def _device(text: str) -> str:
@@ -127,10 +131,10 @@ def load_for_command(args):
 
 
 def model_record(args) -> dict:
-    """What a sample, eval or steer folder records of the model and its options (as given: None is the pipeline's
-    default)."""
+    """What a sample, eval or steer folder records of the model and its options: as given, where None is the
+    pipeline's default (so is a clip skip or guidance rescale of 0)."""
     return {"model": str(args.model), "lora": None if args.lora is None else str(args.lora),
-            **{option: getattr(args, option) for option in MODEL_OPTIONS}}
+            **{option: getattr(args, option) or None for option in MODEL_OPTIONS}}
 
 
 def read_prompts(args) -> list[str]:

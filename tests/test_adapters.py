@@ -145,6 +145,29 @@ def test_guidance_rescale_pulls_the_guided_std_back_to_the_conditional_one(tiny_
     assert guided.std() > 1.1 * conditional.std()  # so the test sees a rescale
 
 
+def test_flux_true_cfg_matches_stock(tiny_pipes):
+    pipe = tiny_pipes["flux"]
+    options = dict(num_inference_steps=3, guidance_scale=3.5, height=32, width=32)
+    adapter = adapter_for(pipe, true_cfg_scale=4.0)
+    assert adapter.guidance_mode(3.5) == "cfg"
+    images = sample(adapter, PROMPTS, seed=7, negative_prompt="blurry", **options).images
+    expected = pipe(PROMPTS, negative_prompt=["blurry"] * len(PROMPTS), true_cfg_scale=4.0, output_type="pt",
+                    generator=[torch.Generator().manual_seed(s) for s in (7, 8)], **options).images
+    assert (images - expected).abs().max() <= 1e-4
+    plain = sample(adapter_for(pipe), PROMPTS, seed=7, **options).images
+    assert (images - plain).abs().max() > 1e-2
+    with pytest.raises(ValueError, match="true_cfg_scale: FLUX's true classifier-free guidance \\(4.0\\) steers away "
+                                         "from a negative prompt, and none was given"):
+        sample(adapter, PROMPTS, **options)
+    with pytest.raises(ValueError, match=re.escape("negative_prompt: guidance 3.5 runs no classifier-free guidance "
+                                                   "(distilled) (FLUX runs it with a true_cfg_scale > 1)")):
+        sample(adapter_for(pipe), PROMPTS, negative_prompt="blurry", **options)
+    with pytest.raises(ValueError, match="true_cfg_scale: StableDiffusion3Pipeline has no true_cfg_scale"):
+        adapter_for(tiny_pipes["sd3"], true_cfg_scale=2.0)
+    with pytest.raises(ValueError, match=re.escape("true_cfg_scale: must be a finite number >= 1 (1: off), got 0.5")):
+        adapter_for(pipe, true_cfg_scale=0.5)
+
+
 def test_clip_skip_and_guidance_rescale_are_refused_where_they_cannot_apply(tiny_pipes):
     with pytest.raises(ValueError, match="clip_skip: FluxPipeline takes no clip_skip"):
         adapter_for(tiny_pipes["flux"], clip_skip=1)

@@ -149,8 +149,8 @@ def test_max_sequence_length_is_applied_recorded_and_checked_before_the_model_lo
         main([*common, "--model", str(saved["sd3"]), "--max-sequence-length", "600", "--out", str(tmp_path / "b")])
 
 
-def test_clip_skip_and_guidance_rescale_are_applied_recorded_and_checked_before_the_model_loads(saved, tmp_path,
-                                                                                                 monkeypatch):
+def test_clip_skip_and_guidance_rescale_are_applied_recorded_and_options_checked_before_loading(saved, tmp_path,
+                                                                                              monkeypatch):
     common = ["sample", "--prompt", "a red circle", "--steps", "2", "--guidance", "6", "--height", "32", "--width",
               "32"]
     stock = dict(num_inference_steps=2, guidance_scale=6, height=32, width=32, output_type="pt")
@@ -168,6 +168,10 @@ def test_clip_skip_and_guidance_rescale_are_applied_recorded_and_checked_before_
             assert ((image - expected).abs().max() <= 2 / 255) == applied
     with pytest.raises(SystemExit, match="the earlier run's clip_skip was 1, this one's is None"):
         main([*common, "--model", str(saved["sd3"]), "--resume", "--out", str(tmp_path / "sd3")])
+    main([*common, "--model", str(saved["sd3"]), "--clip-skip", "0", "--out", str(tmp_path / "zero")])
+    assert json.loads((tmp_path / "zero/metadata.jsonl").read_text())["clip_skip"] is None  # 0 skips none
+    main([*common, "--prompt", "a blue square", "--model", str(saved["sd3"]), "--resume", "--out",
+          str(tmp_path / "zero")])
     with pytest.raises(SystemExit, match="clip_skip: 2 leaves none of the CLIP text encoder's 2 layers"):
         main([*common, "--model", str(saved["sd3"]), "--clip-skip", "2", "--out", str(tmp_path / "deep")])
     with pytest.raises(SystemExit, match="guidance_rescale: guidance 1.0 runs no classifier-free guidance"):
@@ -184,6 +188,8 @@ def test_clip_skip_and_guidance_rescale_are_applied_recorded_and_checked_before_
         main([*common, "--model", str(saved["sd"]), "--guidance-rescale", "2", "--out", str(tmp_path / "b")])
     with pytest.raises(SystemExit, match="--clip-skip: must be >= 0"):
         main([*common, "--model", str(saved["sd"]), "--clip-skip", "-1", "--out", str(tmp_path / "c")])
+    with pytest.raises(SystemExit, match="--true-cfg-scale: StableDiffusion3Pipeline has no true_cfg_scale"):
+        main([*common, "--model", str(saved["sd3"]), "--true-cfg-scale", "2", "--out", str(tmp_path / "d")])
 
 
 def test_negative_prompt_matches_stock_is_recorded_and_needs_guidance(saved, tmp_path):
@@ -212,7 +218,8 @@ def test_a_folder_written_before_an_option_existed_resumes_without_it(saved, tmp
     main([*common, "--prompt", PROMPTS[0], "--out", str(out)])
     metadata = out / "metadata.jsonl"
     older = {key: value for key, value in json.loads(metadata.read_text()).items()
-             if key not in ("negative_prompt", "max_sequence_length", "clip_skip", "guidance_rescale")}
+             if key not in ("negative_prompt", "max_sequence_length", "clip_skip", "guidance_rescale",
+                            "true_cfg_scale")}
     metadata.write_text(json.dumps(older) + "\n")
     with pytest.raises(SystemExit, match="records hold no 'negative_prompt' \\(an older version wrote them\\?\\)"):
         main([*common, "--prompt", *PROMPTS, "--negative-prompt", "blurry", "--resume", "--out", str(out)])

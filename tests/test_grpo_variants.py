@@ -1,6 +1,7 @@
 """The GRPO variants on the one trainer, and GDRO: hand-worked advantages and losses, ψ(t) calibration, and short
 runs of each variant on the tiny SD3 pipeline."""
 
+import copy
 import json
 import math
 import shutil
@@ -19,7 +20,7 @@ from align_diffusion.models import load_adapter
 from align_diffusion.sampling.loop import sample, step_log_prob
 from align_diffusion.training.advantages import best_worst_mask, dense_advantages
 from align_diffusion.training.config import ConfigError, load_config, to_dict
-from align_diffusion.training.gdro import GROUPS_FILE, gdro_loss
+from align_diffusion.training.gdro import GROUPS_FILE, GDROTrainer, gdro_loss
 from align_diffusion.training.grpo import GRPOTrainer, train
 from align_diffusion.training.noise_table import calibrate_step, read_table, write_table
 
@@ -317,6 +318,37 @@ def test_gdro_generates_its_set_with_the_negative_prompt(saved, prompt_file, tmp
     expected = sample(load_adapter(str(saved["sd3"])), prompts, generators=[torch.Generator().manual_seed(k)
                       for k in range(2)], num_inference_steps=3, guidance_scale=2.0, negative_prompt="blurry")
     torch.testing.assert_close(groups["latents"][0], expected.final_latents, atol=1e-4, rtol=0)
+
+
+def test_gdro_denoising_errors_are_those_of_the_prediction_guided_away_from_the_negative_prompt(saved, prompt_file,
+                                                                                                tmp_path):
+    overrides = tiny_overrides(saved["sd3"], prompt_file, tmp_path, **{
+        "algorithm": "gdro", "sampling.sampler": "ode", "sampling.negative_prompt": "blurry"})
+    trainer = GDROTrainer(load_config(None, overrides))
+    latents = torch.randn(2, *trainer.adapter.latent_shape(32, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        error, reference = trainer.denoising_errors(latents, "a red circle", torch.Generator().manual_seed(5))
+    # By hand: the step and the shared noise drawn in that order, then the stock transformer on the stock encoding.
+    generator = torch.Generator().manual_seed(5)
+    step = int(torch.randint(3, (), generator=generator))
+    noise = torch.randn(latents.shape[1:], generator=generator).expand_as(latents)
+    pipe = trainer.adapter.pipe
+    scheduler = copy.deepcopy(pipe.scheduler)
+    scheduler.set_timesteps(3)
+    sigma = scheduler.sigmas[step]
+    noisy = (1 - sigma) * latents + sigma * noise
+    for negative, equal in (("blurry", True), ("", False)):
+        with torch.no_grad():
+            embeds, negative_embeds, pooled, negative_pooled = pipe.encode_prompt(
+                prompt=["a red circle"] * 2, prompt_2=None, prompt_3=None, negative_prompt=negative,
+                do_classifier_free_guidance=True)
+            unguided, conditional = (pipe.transformer(hidden_states=noisy, timestep=scheduler.timesteps[step].expand(2),
+                                                      encoder_hidden_states=e, pooled_projections=p)[0]
+                                     for e, p in ((negative_embeds, negative_pooled), (embeds, pooled)))
+        guided = unguided + 2.0 * (conditional - unguided)
+        expected = ((guided - (noise - latents)) ** 2).flatten(1).mean(1)
+        assert torch.allclose(error, expected, rtol=1e-4, atol=0) == equal
+    torch.testing.assert_close(reference, error)  # the LoRA starts at zero: the model is the reference
 
 
 def test_gdro_generates_once_then_trains_offline(saved, prompt_file, tmp_path):

@@ -141,6 +141,7 @@ def test_wrong_type_is_named(saved, tmp_path):
     ("clip_skip=-1", "clip_skip: must be >= 0 (CLIP layers skipped from the end), got -1"),
     ("sampling.guidance_rescale=1.5", "sampling.guidance_rescale: must lie in [0, 1], got 1.5"),
     ("sampling.guidance_rescale=0.5", "sampling.guidance_rescale: StableDiffusion3Pipeline has no guidance_rescale"),
+    ("sampling.true_cfg_scale=2", "sampling.true_cfg_scale: StableDiffusion3Pipeline has no true_cfg_scale"),
     (["sampling.guidance_scale=1", "sampling.guidance_rescale=0.5"],
      "sampling.guidance_rescale: guidance 1.0 runs no classifier-free guidance"),
     (["sampling.sampler=cps", "sampling.noise_level=1.5"], "cps noise levels a must lie in [0, 1]"),
@@ -307,6 +308,31 @@ def test_a_negative_prompt_conditions_rollouts_and_evaluations(saved, prompt_fil
     assert (saved_images - without).abs().max() > 2 / 255
     with pytest.raises(ConfigError, match="sampling.negative_prompt: guidance 1.0 runs no classifier-free guidance"):
         GRPOTrainer(load_config(None, [*overrides, "sampling.guidance_scale=1", f"output_dir={tmp_path / 'b'}"]))
+
+
+def test_flux_trains_with_true_cfg_away_from_the_negative_prompt(prompt_file, tmp_path):
+    model = tmp_path / "flux"
+    tiny_pipeline("flux").save_pretrained(model)
+    overrides = tiny_overrides(model, prompt_file, tmp_path / "run", max_steps=1, **{
+        "sampling.guidance_scale": 3.5, "sampling.true_cfg_scale": 3.0, "sampling.negative_prompt": "blurry",
+        "eval.every": 1, "eval.num_steps": 2, "eval.num_images_per_prompt": 1})
+    trainer = GRPOTrainer(load_config(None, overrides))
+    trainer.train()
+    assert metrics(tmp_path / "run")[-1]["first_ratio_max_deviation"] <= 1e-5
+    step0 = tmp_path / "run/eval/step-000000"
+    records = [json.loads(line) for line in (step0 / "metadata.jsonl").read_text().splitlines()]
+    saved_images = torch.stack([torch.from_numpy(np.asarray(Image.open(step0 / r["file"]), dtype=np.float32) / 255)
+                                .permute(2, 0, 1) for r in records])
+    options = dict(seed=10_000, num_inference_steps=2, guidance_scale=3.5)
+    prompts = [r["prompt"] for r in records]
+    true_cfg = sample_images(load_adapter(str(model), true_cfg_scale=3.0), prompts, negative_prompt="blurry", **options)
+    distilled = sample_images(load_adapter(str(model)), prompts, **options)
+    assert (saved_images - true_cfg).abs().max() <= 1 / 255
+    assert (saved_images - distilled).abs().max() > 2 / 255
+    unset = [o for o in overrides if not o.startswith("sampling.negative_prompt")]
+    with pytest.raises(ConfigError, match="sampling.true_cfg_scale: FLUX's true classifier-free guidance steers away "
+                                          "from sampling.negative_prompt, which is unset"):
+        load_config(None, unset)
 
 
 def test_print_config_prints_the_checked_config_with_its_documentation_and_trains_nothing(capsys, tmp_path):

@@ -20,18 +20,19 @@ ADAPTERS: dict[type, type[PipelineAdapter]] = {
 
 
 def adapter_for(pipe, max_sequence_length: int | None = None, clip_skip: int | None = None,
-                guidance_rescale: float | None = None) -> PipelineAdapter:
+                guidance_rescale: float | None = None, true_cfg_scale: float | None = None) -> PipelineAdapter:
     """The adapter for a loaded pipeline; a clear error for pipelines this package does not support.
 
     Options, as the stock pipelines take them (None: their default): `max_sequence_length`, T5 tokens per prompt
     (SD3, FLUX; 256 / 512); `clip_skip`, CLIP layers skipped from the end when encoding prompts (SD 1.5, SDXL, SD3);
-    `guidance_rescale`, φ in [0, 1] of the rescaled classifier-free guidance (SD 1.5 / 2.x, SDXL; 0: off).
+    `guidance_rescale`, φ in [0, 1] of the rescaled classifier-free guidance (SD 1.5 / 2.x, SDXL; 0: off);
+    `true_cfg_scale`, the weight of FLUX's true classifier-free guidance away from a negative prompt (1: off).
     """
     adapter = ADAPTERS.get(type(pipe))
     if adapter is None:
         supported = ", ".join(sorted(cls.__name__ for cls in ADAPTERS))
         raise ValueError(f"unsupported pipeline {type(pipe).__name__}; supported pipeline classes: {supported}")
-    return adapter(pipe, max_sequence_length, clip_skip, guidance_rescale)
+    return adapter(pipe, max_sequence_length, clip_skip, guidance_rescale, true_cfg_scale)
 
 
 def adapter_class(model: str) -> type[PipelineAdapter] | None:
@@ -60,13 +61,13 @@ def missing_local_model(model: str, holds: str = "model_index.json") -> str | No
 
 def load_adapter(model: str, dtype: torch.dtype = torch.float32, device: str | None = None,
                  max_sequence_length: int | None = None, clip_skip: int | None = None,
-                 guidance_rescale: float | None = None) -> PipelineAdapter:
+                 guidance_rescale: float | None = None, true_cfg_scale: float | None = None) -> PipelineAdapter:
     """`DiffusionPipeline.from_pretrained(model)` (hub id or local folder), in eval mode, wrapped in its adapter
     (the options as for `adapter_for`)."""
     if reason := missing_local_model(model):
         raise FileNotFoundError(f"model: {reason}")
     pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype)
-    adapter = adapter_for(pipe, max_sequence_length, clip_skip, guidance_rescale)
+    adapter = adapter_for(pipe, max_sequence_length, clip_skip, guidance_rescale, true_cfg_scale)
     if device is not None:
         pipe.to(device)
     pipe.set_progress_bar_config(disable=True)

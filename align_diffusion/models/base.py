@@ -9,6 +9,7 @@ sample drawn through an adapter matches the stock pipeline's `__call__`.
 from __future__ import annotations
 
 import copy
+import math
 import shutil
 from dataclasses import dataclass
 
@@ -61,13 +62,14 @@ class PipelineAdapter:
     default_max_sequence_length: int | None = None
     takes_clip_skip = True  # the stock pipeline's encode_prompt takes clip_skip
     takes_guidance_rescale = False  # the stock pipeline's __call__ takes guidance_rescale
+    takes_true_cfg_scale = False  # the stock pipeline's __call__ takes true_cfg_scale (FLUX)
 
     def __init__(self, pipe, max_sequence_length: int | None = None, clip_skip: int | None = None,
-                 guidance_rescale: float | None = None):
+                 guidance_rescale: float | None = None, true_cfg_scale: float | None = None):
         if not isinstance(pipe, self.pipeline_class):
             raise TypeError(f"{type(self).__name__} wraps {self.pipeline_class.__name__}, got {type(pipe).__name__}")
         options = {"max_sequence_length": max_sequence_length, "clip_skip": clip_skip,
-                   "guidance_rescale": guidance_rescale}
+                   "guidance_rescale": guidance_rescale, "true_cfg_scale": true_cfg_scale}
         for option, value in options.items():
             if reason := model_option_problem(type(self), option, value):
                 raise ValueError(f"{option}: {reason}")
@@ -82,6 +84,8 @@ class PipelineAdapter:
         # φ of "Common Diffusion Noise Schedules and Sample Steps are Flawed": the guided prediction's std is pulled
         # back toward the conditional one's, as the stock SD pipelines do with guidance_rescale (0: off).
         self.guidance_rescale = guidance_rescale or 0.0
+        # The weight of FLUX's true classifier-free guidance, run beside its distilled guidance (1: off).
+        self.true_cfg_scale = true_cfg_scale or 1.0
         # What `forward` calls instead of the denoiser, when set: a trainer's distributed wrapper of it (so
         # gradients synchronize) or a frozen reference copy.
         self.forward_module: torch.nn.Module | None = None
@@ -164,10 +168,14 @@ class PipelineAdapter:
         if timestep.ndim:  # per-sample timesteps go with both halves of the doubled batch
             timestep = torch.cat([timestep] * 2)
         pred_uncond, pred_cond = self.forward(torch.cat([model_input] * 2), timestep, both, guidance_scale).chunk(2)
-        guided = pred_uncond + guidance_scale * (pred_cond - pred_uncond)
+        guided = pred_uncond + self.cfg_weight(guidance_scale) * (pred_cond - pred_uncond)
         if self.guidance_rescale:
             guided = rescale_noise_cfg(guided, pred_cond, self.guidance_rescale)
         return guided.float()
+
+    def cfg_weight(self, guidance_scale: float) -> float:
+        """The weight of the conditional branch over the unconditional one in classifier-free guidance."""
+        return guidance_scale
 
     def forward(self, latents, timestep, conditioning: dict, guidance_scale: float) -> torch.Tensor:
         """One denoiser call on a batch in the model's dtype, as the stock pipeline makes it."""
@@ -256,9 +264,18 @@ def guidance_rescale_problem(family: type[PipelineAdapter] | None, value: float)
     return None
 
 
+def true_cfg_scale_problem(family: type[PipelineAdapter] | None, value: float) -> str | None:
+    if not 1 <= value < math.inf:
+        return f"must be a finite number >= 1 (1: off), got {value}"
+    if family is not None and value > 1 and not family.takes_true_cfg_scale:
+        return (f"{family.pipeline_class.__name__} has no true_cfg_scale, which is FLUX's: its classifier-free "
+                "guidance is guidance_scale")
+    return None
+
+
 # Options an adapter is built with (`adapter_for`, `load_adapter`), each with the check of a value against a family.
 MODEL_OPTIONS = {"max_sequence_length": max_sequence_length_problem, "clip_skip": clip_skip_problem,
-                 "guidance_rescale": guidance_rescale_problem}
+                 "guidance_rescale": guidance_rescale_problem, "true_cfg_scale": true_cfg_scale_problem}
 
 
 def model_option_problem(family: type[PipelineAdapter] | None, option: str, value) -> str | None:

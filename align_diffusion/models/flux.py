@@ -21,9 +21,15 @@ class FluxAdapter(PipelineAdapter):
     default_guidance = 3.5
     default_max_sequence_length = 512
     takes_clip_skip = False
+    takes_true_cfg_scale = True
 
     def guidance_mode(self, guidance_scale):
+        if self.true_cfg_scale > 1:  # true CFG: two branches, each with the distilled guidance too
+            return "cfg"
         return "distilled" if self.denoiser.config.guidance_embeds else "none"
+
+    def cfg_weight(self, guidance_scale):
+        return self.true_cfg_scale
 
     def check_size(self, height, width):
         multiple = self.vae_scale_factor * 2
@@ -34,13 +40,23 @@ class FluxAdapter(PipelineAdapter):
         return self.denoiser.config.in_channels // 4, height // self.vae_scale_factor, width // self.vae_scale_factor
 
     def encode_prompt(self, prompts, guidance_scale, num_images_per_prompt=1, negative_prompt=None):
-        if negative_prompt is not None:
-            raise ValueError("FLUX adapters use distilled guidance only; negative prompts (true CFG) are not supported")
+        if (negative_prompt is not None) != (self.true_cfg_scale > 1):
+            raise ValueError("FLUX runs classifier-free guidance (true CFG) with a negative prompt and a "
+                             f"true_cfg_scale > 1 together, got true_cfg_scale {self.true_cfg_scale} and negative "
+                             f"prompt {negative_prompt!r}")
+        if isinstance(negative_prompt, str):
+            negative_prompt = [negative_prompt] * len(prompts)
+        cond, uncond = (self.encoded(texts, num_images_per_prompt) for texts in (prompts, negative_prompt))
+        return PromptEmbeds(cond, uncond)
+
+    def encoded(self, prompts, num_images_per_prompt):
+        if prompts is None:
+            return None
         embeds, pooled, _ = self.pipe.encode_prompt(
             prompt=prompts, prompt_2=None, device=self.device, num_images_per_prompt=num_images_per_prompt,
             max_sequence_length=self.max_sequence_length,
         )
-        return PromptEmbeds({"encoder_hidden_states": embeds, "pooled_projections": pooled})
+        return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
 
     def schedule(self, num_inference_steps, height, width) -> Schedule:
         config = self.pipe.scheduler.config

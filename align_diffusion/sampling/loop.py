@@ -177,13 +177,17 @@ def prompt_list(prompts: str | Sequence[str]) -> list[str]:
 
 
 def check_guidance(adapter: PipelineAdapter, guidance_scale: float, negative_prompt) -> None:
-    """ValueError for a negative prompt, or an adapter's guidance_rescale, that `guidance_scale` would ignore: it
-    runs no classifier-free guidance."""
+    """ValueError for a negative prompt, or an adapter's guidance_rescale, that `guidance_scale` would ignore (it
+    runs no classifier-free guidance), and for FLUX's true CFG without the negative prompt it steers away from."""
+    if adapter.true_cfg_scale > 1 and negative_prompt is None:
+        raise ValueError(f"true_cfg_scale: FLUX's true classifier-free guidance ({adapter.true_cfg_scale}) steers "
+                         "away from a negative prompt, and none was given (the stock pipeline then runs no CFG)")
     ignored = "negative_prompt" if negative_prompt is not None else "guidance_rescale" if adapter.guidance_rescale \
         else None
     if ignored and (mode := adapter.guidance_mode(guidance_scale)) != "cfg":
-        raise ValueError(f"{ignored}: guidance {guidance_scale} runs no classifier-free guidance ({mode}), so the "
-                         f"{ignored.replace('_', ' ')} would have no effect")
+        hint = " (FLUX runs it with a true_cfg_scale > 1)" if adapter.takes_true_cfg_scale else ""
+        raise ValueError(f"{ignored}: guidance {guidance_scale} runs no classifier-free guidance ({mode}){hint}, so "
+                         f"the {ignored.replace('_', ' ')} would have no effect")
 
 
 @torch.no_grad()

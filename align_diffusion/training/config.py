@@ -74,6 +74,8 @@ class SamplingConfig:
                                         "and the trained policy (null: the empty prompt, as in Flow-GRPO)", None)
     guidance_rescale: float = _help("φ in [0, 1] of rescaled classifier-free guidance in rollouts, evaluations and "
                                     "the trained policy (SD 1.5 / 2.x, SDXL; 0: off)", 0.0)
+    true_cfg_scale: float = _help("FLUX's true classifier-free guidance away from negative_prompt, beside its "
+                                  "distilled guidance_scale (1: off)", 1.0)
     height: int | None = _help("image height (default: the model's)", None)
     width: int | None = _help("image width (default: the model's)", None)
     batch_size: int = _help("images per denoiser call while sampling", 16)
@@ -291,7 +293,7 @@ def describe_config(config, indent: str = "") -> str:
 
 # Where a config sets each option its adapter is built with (models.base.MODEL_OPTIONS).
 MODEL_OPTION_FIELDS = {"max_sequence_length": "max_sequence_length", "clip_skip": "clip_skip",
-                       "guidance_rescale": "sampling.guidance_rescale"}
+                       "guidance_rescale": "sampling.guidance_rescale", "true_cfg_scale": "sampling.true_cfg_scale"}
 
 
 def model_options(config: TrainConfig) -> dict:
@@ -447,14 +449,18 @@ def validate(config: TrainConfig, num_processes: int = 1) -> None:
                           "'shapes' or an image folder")
     family = _model_family(config.model)
     is_flow = None if family is None else family.is_flow
-    for name, value in [("negative_prompt", sampling.negative_prompt),
-                        ("guidance_rescale", sampling.guidance_rescale or None)]:
-        if value is not None and sampling.guidance_scale <= 1:  # FLUX's distilled guidance: once the model loads
-            raise ConfigError(f"sampling.{name}: guidance {sampling.guidance_scale} runs no classifier-free guidance, "
-                              f"so the {name.replace('_', ' ')} would have no effect")
     for option, value in model_options(config).items():
         if reason := model_option_problem(family, option, value):
             raise ConfigError(f"{MODEL_OPTION_FIELDS[option]}: {reason} (model {config.model})")
+    true_cfg = sampling.true_cfg_scale > 1
+    if true_cfg and sampling.negative_prompt is None:
+        raise ConfigError("sampling.true_cfg_scale: FLUX's true classifier-free guidance steers away from "
+                          "sampling.negative_prompt, which is unset")
+    for name, value in [("negative_prompt", sampling.negative_prompt),
+                        ("guidance_rescale", sampling.guidance_rescale or None)]:
+        if value is not None and sampling.guidance_scale <= 1 and not true_cfg:  # FLUX's distilled guidance: on load
+            raise ConfigError(f"sampling.{name}: guidance {sampling.guidance_scale} runs no classifier-free guidance, "
+                              f"so the {name.replace('_', ' ')} would have no effect")
     allowed = {True: FLOW_SAMPLERS, False: DIFFUSION_SAMPLERS, None: FLOW_SAMPLERS + DIFFUSION_SAMPLERS}[is_flow]
     if config.algorithm == "grpo":
         allowed = tuple(s for s in allowed if s != "ode")  # GRPO needs a stochastic sampler
