@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from align_diffusion.models.base import MODEL_OPTIONS, model_option_problem, unusable_device
+from align_diffusion.models.base import MODEL_OPTIONS, MODEL_OPTIONS_OFF, model_option_problem, unusable_device
 from align_diffusion.rewards.base import RewardError
 from align_diffusion.sampling.loop import DEFAULT_NOISE_LEVEL
 
@@ -101,12 +101,11 @@ def add_sample_parser(subparsers) -> None:
     parser.set_defaults(run=run_sample)
 
 
-def load_for_command(args):
-    """The adapter for --model (with --lora applied), after the checks that need no model."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    from align_diffusion.models import adapter_class, load_adapter
-    from align_diffusion.sampling.loop import check_sampler
+def check_model_arguments(args) -> None:
+    """The checks of --model, --lora and the model and guidance options that need no model loaded: sample, eval and
+    steer make them before they load anything."""
+    from align_diffusion.models import adapter_class
+    from align_diffusion.sampling.loop import guidance_problem
 
     if args.lora is not None and not args.lora.is_dir():
         raise SystemExit(f"--lora: no such folder {args.lora}")
@@ -115,11 +114,30 @@ def load_for_command(args):
         raise SystemExit(f"--lora: {args.lora} holds no pytorch_lora_weights.safetensors (a diffusers LoRA folder, "
                          "such as a training run's lora/)")
     family = adapter_class(str(args.model))  # None for a hub id not downloaded yet: the adapter checks once loaded
-    options = {option: getattr(args, option) for option in MODEL_OPTIONS}
-    for option, value in options.items():
-        if reason := model_option_problem(family, option, value):
+    for option in MODEL_OPTIONS:
+        if reason := model_option_problem(family, option, getattr(args, option)):
             raise SystemExit(f"--{option.replace('_', '-')}: {reason}")
-    adapter = load_adapter(str(args.model), dtype=DTYPES[args.dtype], device=args.device, **options)
+    guidance = args.guidance if args.guidance is not None or family is None else family.default_guidance
+    if problem := guidance_problem(family, guidance, args.negative_prompt, args.guidance_rescale or 0.0,
+                                   args.true_cfg_scale or 1.0):
+        raise SystemExit(f"--{problem[0].replace('_', '-')}: {problem[1]}")
+
+
+def load_for_command(args):
+    """The adapter for --model (with --lora applied); `check_model_arguments` has checked what it could before."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from align_diffusion.models import load_adapter
+    from align_diffusion.sampling.loop import check_sampler
+
+    try:
+        adapter = load_adapter(str(args.model), dtype=DTYPES[args.dtype], device=args.device,
+                               **{option: getattr(args, option) for option in MODEL_OPTIONS})
+    except ValueError as error:  # an option only the loaded model refuses, named as its flag
+        option, _, reason = str(error).partition(": ")
+        if option not in MODEL_OPTIONS:
+            raise
+        raise SystemExit(f"--{option.replace('_', '-')}: {reason}") from None
     check_sampler(adapter, args.sampler)
     if args.lora is not None:
         adapter.pipe.load_lora_weights(str(args.lora))
@@ -131,10 +149,11 @@ def load_for_command(args):
 
 
 def model_record(args) -> dict:
-    """What a sample, eval or steer folder records of the model and its options: as given, where None is the
-    pipeline's default (so is a clip skip or guidance rescale of 0)."""
+    """What a sample, eval or steer folder records of the model and its options: as given, None for the pipeline's
+    default (the value that turns an option off included)."""
+    options = {option: getattr(args, option) for option in MODEL_OPTIONS}
     return {"model": str(args.model), "lora": None if args.lora is None else str(args.lora),
-            **{option: getattr(args, option) or None for option in MODEL_OPTIONS}}
+            **{option: None if value == MODEL_OPTIONS_OFF.get(option) else value for option, value in options.items()}}
 
 
 def read_prompts(args) -> list[str]:
@@ -156,6 +175,7 @@ def run_sample(args) -> None:
     if (args.out / "metadata.jsonl").exists() and not (args.overwrite or args.resume):
         raise SystemExit(f"--out: {args.out} already holds samples; pass --overwrite to replace them, or --resume to "
                          "go on with an interrupted run")
+    check_model_arguments(args)
     reward = load_reward(args.reward, device=args.device, dtype=DTYPES[args.dtype]) if args.reward else None
     adapter = load_for_command(args)
 
@@ -217,6 +237,7 @@ def run_eval(args) -> None:
     if held and not args.overwrite:
         raise SystemExit(f"--out: {args.out} already holds {' and '.join(held)} (an evaluation or samples); pass "
                          "--overwrite to replace them")
+    check_model_arguments(args)
     adapter = load_for_command(args)
     result = evaluate_shapes(
         adapter, args.split, num_images_per_prompt=args.num_images_per_prompt, num_inference_steps=args.steps,
@@ -590,6 +611,7 @@ def run_steer(args) -> None:
             raise SystemExit(f"--shapes-eval judges shapes-world prompts only: {error}") from None
     if args.compile and (error := missing_c_compiler("--compile")):
         raise SystemExit(error)
+    check_model_arguments(args)
     reward = load_reward(args.reward, device=args.device, dtype=DTYPES[args.dtype])
     prune_reward = None if args.prune_reward is None else load_reward(args.prune_reward, device=args.device,
                                                                       dtype=DTYPES[args.dtype])

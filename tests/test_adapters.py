@@ -17,6 +17,7 @@ from align_diffusion.models.sd3 import CONTEXT_BIAS
 from align_diffusion.models.tiny import tiny_pipeline
 from align_diffusion.sampling.loop import sample, sample_images
 from align_diffusion.training.lora import add_lora
+from training_helpers import skipped_clip_embeds
 
 PROMPTS = ["a red circle", "two blue squares"]
 SIZE = dict(height=32, width=32)
@@ -82,20 +83,9 @@ def test_max_sequence_length_is_refused_where_it_cannot_apply(tiny_pipes):
             adapter_for(tiny_pipes["sd3"], max_sequence_length=length)
 
 
-def skipped_clip_embeds(pipe, prompts, clip_skip):
-    """SD 1.5's prompt embeddings with `clip_skip` layers skipped, as diffusers documents them: the hidden state
-    clip_skip layers before the last, through the final layer norm. (The stock pipeline's own clip_skip branch
-    fails under transformers >= 5.6: diffusers issue #14124.)"""
-    ids = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True,
-                         return_tensors="pt").input_ids
-    encoder = pipe.text_encoder
-    hidden = encoder(ids, output_hidden_states=True).hidden_states[-(clip_skip + 1)]
-    return getattr(encoder, "text_model", encoder).final_layer_norm(hidden)
-
-
 @pytest.mark.parametrize("name", ["sd3", "sd", "sdxl"])
 def test_clip_skip_matches_stock_with_and_without_a_negative_prompt(tiny_pipes, name):
-    # The stock SD 1.5 and SD3 pipelines skip no layer of the negative prompt's encoding; SDXL skips them in both.
+    # The stock pipelines skip no layer of the negative prompt's encoding; neither do the adapters.
     pipe = tiny_pipes[name]
     options = dict(num_inference_steps=3, guidance_scale=4.5, height=32, width=32)
     for negative in (None, "blurry"):
@@ -160,7 +150,8 @@ def test_flux_true_cfg_matches_stock(tiny_pipes):
                                          "from a negative prompt, and none was given"):
         sample(adapter, PROMPTS, **options)
     with pytest.raises(ValueError, match=re.escape("negative_prompt: guidance 3.5 runs no classifier-free guidance "
-                                                   "(distilled) (FLUX runs it with a true_cfg_scale > 1)")):
+                                                   "(distilled), so the negative prompt would have no effect; FLUX "
+                                                   "runs it with a true_cfg_scale > 1")):
         sample(adapter_for(pipe), PROMPTS, negative_prompt="blurry", **options)
     with pytest.raises(ValueError, match="true_cfg_scale: StableDiffusion3Pipeline has no true_cfg_scale"):
         adapter_for(tiny_pipes["sd3"], true_cfg_scale=2.0)
@@ -173,9 +164,14 @@ def test_clip_skip_and_guidance_rescale_are_refused_where_they_cannot_apply(tiny
         adapter_for(tiny_pipes["flux"], clip_skip=1)
     with pytest.raises(ValueError, match="clip_skip: must be >= 0"):
         adapter_for(tiny_pipes["sd"], clip_skip=-1)
-    with pytest.raises(ValueError, match="clip_skip: 2 leaves none of the CLIP text encoder's 2 layers"):
-        adapter_for(tiny_pipes["sd3"], clip_skip=2)
+    # SD3 and SDXL read hidden_states[-(clip_skip + 2)], SD 1.5 hidden_states[-(clip_skip + 1)], of 2 layers + 1.
+    for name, most in [("sd3", 1), ("sdxl", 1), ("sd", 2)]:
+        adapter_for(tiny_pipes[name], clip_skip=most)
+        with pytest.raises(ValueError, match=re.escape(f"clip_skip: at most {most} for this pipeline's CLIP text "
+                                                       f"encoders (2 layers), got {most + 1}")):
+            adapter_for(tiny_pipes[name], clip_skip=most + 1)
     assert adapter_for(tiny_pipes["sd"], clip_skip=0).clip_skip is None  # 0 skips none, as stock
+    assert adapter_for(tiny_pipes["flux"], clip_skip=0).clip_skip is None
     for name in ("sd3", "flux"):
         with pytest.raises(ValueError, match="guidance_rescale: .*Pipeline has no guidance_rescale"):
             adapter_for(tiny_pipes[name], guidance_rescale=0.5)

@@ -16,6 +16,7 @@ from PIL import Image
 
 from align_diffusion.cli import main
 from align_diffusion.models import load_adapter
+from align_diffusion.models.tiny import tiny_pipeline
 from align_diffusion.rewards import load_reward
 from align_diffusion.sampling.folder import SampleFolder, sample_to_folder
 
@@ -154,11 +155,13 @@ def test_clip_skip_and_guidance_rescale_are_applied_recorded_and_options_checked
     common = ["sample", "--prompt", "a red circle", "--steps", "2", "--guidance", "6", "--height", "32", "--width",
               "32"]
     stock = dict(num_inference_steps=2, guidance_scale=6, height=32, width=32, output_type="pt")
-    runs = {"sd3": ["--clip-skip", "1"], "sd": ["--guidance-rescale", "0.7", "--sampler", "ddim", "--noise-level", "0"]}
+    runs = {"sd3": ["--clip-skip", "1", "--true-cfg-scale", "1"],
+            "sd": ["--guidance-rescale", "0.7", "--sampler", "ddim", "--noise-level", "0"]}
     for name, options in runs.items():
         main([*common, "--model", str(saved[name]), *options, "--out", str(tmp_path / name)])
         record = json.loads((tmp_path / name / "metadata.jsonl").read_text())
         assert (record["clip_skip"], record["guidance_rescale"]) == ((1, None) if name == "sd3" else (None, 0.7))
+        assert record["true_cfg_scale"] is None  # 1 is off, the default
         pipe = load_adapter(str(saved[name])).pipe
         image = read_png(tmp_path / name / record["file"])
         for applied in (True, False):
@@ -172,16 +175,25 @@ def test_clip_skip_and_guidance_rescale_are_applied_recorded_and_options_checked
     assert json.loads((tmp_path / "zero/metadata.jsonl").read_text())["clip_skip"] is None  # 0 skips none
     main([*common, "--prompt", "a blue square", "--model", str(saved["sd3"]), "--resume", "--out",
           str(tmp_path / "zero")])
-    with pytest.raises(SystemExit, match="clip_skip: 2 leaves none of the CLIP text encoder's 2 layers"):
+    with pytest.raises(SystemExit, match="--clip-skip: at most 1 for this pipeline's CLIP text encoders"):
         main([*common, "--model", str(saved["sd3"]), "--clip-skip", "2", "--out", str(tmp_path / "deep")])
-    with pytest.raises(SystemExit, match="guidance_rescale: guidance 1.0 runs no classifier-free guidance"):
+    with pytest.raises(SystemExit, match="--guidance-rescale: guidance 1.0 runs no classifier-free guidance"):
         main([*common, "--model", str(saved["sd"]), "--guidance", "1", "--guidance-rescale", "0.7", "--sampler",
               "ddim", "--out", str(tmp_path / "unguided")])
+
+    tiny_pipeline("flux").save_pretrained(tmp_path / "flux")
 
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
     monkeypatch.setattr("align_diffusion.models.DiffusionPipeline.from_pretrained", no_loading)
+    monkeypatch.setattr("align_diffusion.rewards.spec.load_reward", no_loading)
+    flux = [*common, "--model", str(tmp_path / "flux"), "--reward", "shapes"]
+    with pytest.raises(SystemExit, match=re.escape("--true-cfg-scale: FLUX's true classifier-free guidance (2.0)")):
+        main([*flux, "--true-cfg-scale", "2", "--out", str(tmp_path / "e")])
+    with pytest.raises(SystemExit, match="--negative-prompt: guidance 6.0 runs no classifier-free guidance, so the "
+                                         "negative prompt would have no effect; FLUX runs it with a true_cfg_scale"):
+        main([*flux, "--negative-prompt", "blurry", "--out", str(tmp_path / "f")])
     with pytest.raises(SystemExit, match="--guidance-rescale: StableDiffusion3Pipeline has no guidance_rescale"):
         main([*common, "--model", str(saved["sd3"]), "--guidance-rescale", "0.5", "--out", str(tmp_path / "a")])
     with pytest.raises(SystemExit, match=re.escape("--guidance-rescale: must lie in [0, 1], got 2.0")):
@@ -207,7 +219,7 @@ def test_negative_prompt_matches_stock_is_recorded_and_needs_guidance(saved, tmp
         image = read_png(tmp_path / "negative" / record["file"])
         assert (image - expected).abs().max() <= 2 / 255
         assert (image - read_png(tmp_path / "plain" / record["file"])).abs().max() > 2 / 255
-    with pytest.raises(SystemExit, match="negative_prompt: guidance 1.0 runs no classifier-free guidance"):
+    with pytest.raises(SystemExit, match="--negative-prompt: guidance 1.0 runs no classifier-free guidance"):
         main([*common, "--guidance", "1", "--negative-prompt", "blurry", "--out", str(tmp_path / "unguided")])
     assert not (tmp_path / "unguided").exists()
 

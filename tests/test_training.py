@@ -35,7 +35,7 @@ from align_diffusion.training.grpo import (
     trained_step_count,
 )
 from align_diffusion.world.evaluate import score_image
-from training_helpers import metrics, tiny_overrides
+from training_helpers import metrics, skipped_clip_embeds, tiny_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -142,8 +142,6 @@ def test_wrong_type_is_named(saved, tmp_path):
     ("sampling.guidance_rescale=1.5", "sampling.guidance_rescale: must lie in [0, 1], got 1.5"),
     ("sampling.guidance_rescale=0.5", "sampling.guidance_rescale: StableDiffusion3Pipeline has no guidance_rescale"),
     ("sampling.true_cfg_scale=2", "sampling.true_cfg_scale: StableDiffusion3Pipeline has no true_cfg_scale"),
-    (["sampling.guidance_scale=1", "sampling.guidance_rescale=0.5"],
-     "sampling.guidance_rescale: guidance 1.0 runs no classifier-free guidance"),
     (["sampling.sampler=cps", "sampling.noise_level=1.5"], "cps noise levels a must lie in [0, 1]"),
     (["sampling.sampler=cps", "sampling.num_steps=3", "sampling.noise_window=[2,3]"], "CPS's last step draws no noise"),
 ])
@@ -156,6 +154,13 @@ def test_a_sequence_length_for_a_model_without_t5_is_named(saved):
     load_config(None, [f"model={saved['sd3']}", "max_sequence_length=64"])
     with pytest.raises(ConfigError, match="StableDiffusionPipeline has no T5 text encoder: a max_sequence_length"):
         load_config(None, [f"model={saved['sd']}", "sampling.sampler=ddim", "max_sequence_length=64"])
+
+
+def test_a_rescale_the_guidance_would_ignore_is_named(saved):
+    sd = [f"model={saved['sd']}", "sampling.sampler=ddim", "sampling.guidance_rescale=0.5"]
+    load_config(None, sd)  # at the default guidance, 4.5
+    with pytest.raises(ConfigError, match="sampling.guidance_rescale: guidance 1.0 runs no classifier-free guidance"):
+        load_config(None, [*sd, "sampling.guidance_scale=1"])
 
 
 def test_compile_without_a_compiler_is_named(saved, monkeypatch, tmp_path):
@@ -253,14 +258,15 @@ def test_the_trainer_encodes_prompts_to_the_configured_t5_length(saved, prompt_f
     config = load_config(None, tiny_overrides(saved["sd3"], prompt_file, tmp_path, max_sequence_length=8))
     trainer = GRPOTrainer(config)
     assert trainer.adapter.max_sequence_length == 8
-    with pytest.raises(ConfigError, match="max_sequence_length is 8, but the adapter given was built with "
-                                          "max_sequence_length=256"):
+    with pytest.raises(ConfigError, match="max_sequence_length 8 gives max_sequence_length=8, but the adapter given "
+                                          "was built with max_sequence_length=256"):
         GRPOTrainer(config, adapter=adapter_for(trainer.adapter.pipe))
     unset = load_config(None, tiny_overrides(saved["sd3"], prompt_file, tmp_path))  # the pipeline's 256
-    with pytest.raises(ConfigError, match="max_sequence_length is 256, but the adapter given was built with "
-                                          "max_sequence_length=8"):
+    with pytest.raises(ConfigError, match="max_sequence_length None gives max_sequence_length=256, but the adapter "
+                                          "given was built with max_sequence_length=8"):
         GRPOTrainer(unset, adapter=adapter_for(trainer.adapter.pipe, max_sequence_length=8))
-    with pytest.raises(ConfigError, match="clip_skip is None, but the adapter given was built with clip_skip=1"):
+    with pytest.raises(ConfigError, match="clip_skip 0 gives clip_skip=None, but the adapter given was built with "
+                                          "clip_skip=1"):
         GRPOTrainer(unset, adapter=adapter_for(trainer.adapter.pipe, clip_skip=1))
 
 
@@ -270,6 +276,16 @@ def test_clip_skip_and_guidance_rescale_condition_rollouts_and_evaluations(saved
         "eval.every": 1, "eval.num_steps": 2, "eval.num_images_per_prompt": 1})
     trainer = GRPOTrainer(load_config(None, overrides))
     assert (trainer.adapter.clip_skip, trainer.adapter.guidance_rescale) == (1, 0.7)
+    # A rollout's prompts are encoded with the layer skipped, and its steps were drawn with the rescaled guidance.
+    trajectory = trainer.rollout(0).trajectory
+    step = trajectory.stochastic_steps[0]
+    with torch.no_grad():
+        expected = skipped_clip_embeds(trainer.adapter.pipe, trajectory.prompts, 1)
+        rescaled = step_log_prob(trainer.adapter, trajectory, step).log_prob
+        unrescaled = step_log_prob(adapter_for(trainer.adapter.pipe, clip_skip=1), trajectory, step).log_prob
+    torch.testing.assert_close(trajectory.embeds.cond["encoder_hidden_states"], expected)
+    torch.testing.assert_close(rescaled, trajectory.log_probs[:, step])
+    assert (unrescaled - trajectory.log_probs[:, step]).abs().max() > 1e-3
     trainer.train()
     assert metrics(tmp_path)[-1]["first_ratio_max_deviation"] <= 1e-5
     # Step 0's evaluation, before any update, is the base model's ODE sample with both options.
@@ -330,8 +346,8 @@ def test_flux_trains_with_true_cfg_away_from_the_negative_prompt(prompt_file, tm
     assert (saved_images - true_cfg).abs().max() <= 1 / 255
     assert (saved_images - distilled).abs().max() > 2 / 255
     unset = [o for o in overrides if not o.startswith("sampling.negative_prompt")]
-    with pytest.raises(ConfigError, match="sampling.true_cfg_scale: FLUX's true classifier-free guidance steers away "
-                                          "from sampling.negative_prompt, which is unset"):
+    with pytest.raises(ConfigError, match=re.escape("sampling.true_cfg_scale: FLUX's true classifier-free guidance "
+                                                    "(3.0) steers away from a negative prompt, and none was given")):
         load_config(None, unset)
 
 
@@ -445,11 +461,12 @@ def test_the_other_families_train_on_policy_and_their_lora_round_trips(prompt_fi
     reloaded = stock("a red circle", generator=torch.Generator().manual_seed(3), **kwargs).images
     assert (reloaded - ours).abs().max() <= 1e-4
     assert (plain - ours).abs().max() > 1e-3  # the LoRA changed the model
-    if family == "flux":  # distilled guidance has no unconditional branch: refused once the model says so
-        with pytest.raises(ConfigError, match=r"sampling.negative_prompt: guidance 3.5 runs no classifier-free "
-                                              r"guidance \(distilled\)"):
-            GRPOTrainer(load_config(None, tiny_overrides(model, prompt_file, tmp_path / "negative", **{
-                "sampling.sampler": sampler, "sampling.guidance_scale": guidance, "sampling.negative_prompt": "x"})))
+    if family == "flux":  # distilled guidance has no unconditional branch: refused before the model loads
+        with pytest.raises(ConfigError, match="sampling.negative_prompt: guidance 3.5 runs no classifier-free "
+                                              "guidance, so the negative prompt would have no effect; FLUX runs it "
+                                              "with a true_cfg_scale > 1"):
+            load_config(None, tiny_overrides(model, prompt_file, tmp_path / "negative", **{
+                "sampling.sampler": sampler, "sampling.guidance_scale": guidance, "sampling.negative_prompt": "x"}))
 
 
 def test_resume_gives_identical_weights(trained, saved, prompt_file, tmp_path):

@@ -1,4 +1,5 @@
-"""Shared by the trainer tests: the overrides of a tiny run, and reading its metrics."""
+"""Shared by the trainer tests: the overrides of a tiny run, reading its metrics, and SD 1.5's clip-skipped prompt
+embeddings computed by hand."""
 
 import json
 from pathlib import Path
@@ -19,3 +20,14 @@ def tiny_overrides(model, prompt_file, output_dir, **extra):
 
 def metrics(output_dir) -> list[dict]:
     return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def skipped_clip_embeds(pipe, prompts, clip_skip):
+    """SD 1.5's prompt embeddings with `clip_skip` layers skipped, as diffusers documents them: the hidden state
+    clip_skip layers before the last, through the final layer norm. (The stock pipeline's own clip_skip branch
+    fails under transformers >= 5.6: diffusers issue #14124.)"""
+    ids = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True,
+                         return_tensors="pt").input_ids
+    encoder = pipe.text_encoder
+    hidden = encoder(ids, output_hidden_states=True).hidden_states[-(clip_skip + 1)]
+    return getattr(encoder, "text_model", encoder).final_layer_norm(hidden)

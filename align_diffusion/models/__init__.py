@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from diffusers import DiffusionPipeline
 
-from align_diffusion.models.base import PipelineAdapter, PromptEmbeds, Schedule
+from align_diffusion.models.base import PipelineAdapter, PromptEmbeds, Schedule, check_model_options
 from align_diffusion.models.flux import FluxAdapter
 from align_diffusion.models.sd3 import SD3Adapter
 from align_diffusion.models.stable_diffusion import StableDiffusionAdapter, StableDiffusionXLAdapter
@@ -66,8 +66,11 @@ def load_adapter(model: str, dtype: torch.dtype = torch.float32, device: str | N
     (the options as for `adapter_for`)."""
     if reason := missing_local_model(model):
         raise FileNotFoundError(f"model: {reason}")
+    options = {"max_sequence_length": max_sequence_length, "clip_skip": clip_skip,
+               "guidance_rescale": guidance_rescale, "true_cfg_scale": true_cfg_scale}
+    check_model_options(adapter_class(model), **options)  # before the weights load; the adapter checks them again
     pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype)
-    adapter = adapter_for(pipe, max_sequence_length, clip_skip, guidance_rescale, true_cfg_scale)
+    adapter = adapter_for(pipe, **options)
     if device is not None:
         pipe.to(device)
     pipe.set_progress_bar_config(disable=True)

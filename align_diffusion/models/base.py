@@ -18,6 +18,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
+from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from align_diffusion.sampling.steps import ddim_pred_x0_and_eps
 
@@ -60,7 +61,9 @@ class PipelineAdapter:
     default_guidance: float
     # T5 tokens per prompt the stock pipeline encodes by default (SD3, FLUX); None: the family has no T5 encoder.
     default_max_sequence_length: int | None = None
-    takes_clip_skip = True  # the stock pipeline's encode_prompt takes clip_skip
+    takes_clip_skip = False  # the stock pipeline's encode_prompt takes clip_skip
+    # The stock encoding reads CLIP's hidden_states[-(clip_skip + this)]: 1 the last layer's output, 2 the one before.
+    clip_hidden_state_from_end = 2
     takes_guidance_rescale = False  # the stock pipeline's __call__ takes guidance_rescale
     takes_true_cfg_scale = False  # the stock pipeline's __call__ takes true_cfg_scale (FLUX)
 
@@ -68,19 +71,18 @@ class PipelineAdapter:
                  guidance_rescale: float | None = None, true_cfg_scale: float | None = None):
         if not isinstance(pipe, self.pipeline_class):
             raise TypeError(f"{type(self).__name__} wraps {self.pipeline_class.__name__}, got {type(pipe).__name__}")
-        options = {"max_sequence_length": max_sequence_length, "clip_skip": clip_skip,
-                   "guidance_rescale": guidance_rescale, "true_cfg_scale": true_cfg_scale}
-        for option, value in options.items():
-            if reason := model_option_problem(type(self), option, value):
-                raise ValueError(f"{option}: {reason}")
+        check_model_options(type(self), max_sequence_length=max_sequence_length, clip_skip=clip_skip,
+                            guidance_rescale=guidance_rescale, true_cfg_scale=true_cfg_scale)
         self.pipe = pipe
         # T5 tokens per prompt: the prompt is truncated, or padded, to this many (None for families without T5).
         self.max_sequence_length = max_sequence_length or self.default_max_sequence_length
         # CLIP layers skipped from the end when encoding prompts, as the stock encode_prompt skips them (None: none).
         self.clip_skip = clip_skip or None  # 0 skips none, as the stock pipelines read it
-        if clip_skip and clip_skip >= (layers := min(encoder.config.num_hidden_layers
-                                                      for encoder in self.clip_text_encoders())):
-            raise ValueError(f"clip_skip: {clip_skip} leaves none of the CLIP text encoder's {layers} layers")
+        if clip_skip:
+            layers = min(encoder.config.num_hidden_layers for encoder in self.clip_text_encoders())
+            if clip_skip > (most := layers + 1 - self.clip_hidden_state_from_end):
+                raise ValueError(f"clip_skip: at most {most} for this pipeline's CLIP text encoders ({layers} layers), "
+                                 f"got {clip_skip}")
         # φ of "Common Diffusion Noise Schedules and Sample Steps are Flawed": the guided prediction's std is pulled
         # back toward the conditional one's, as the stock SD pipelines do with guidance_rescale (0: off).
         self.guidance_rescale = guidance_rescale or 0.0
@@ -127,7 +129,7 @@ class PipelineAdapter:
     def clip_text_encoders(self) -> list[torch.nn.Module]:
         """The CLIP text encoders whose hidden states `clip_skip` picks from."""
         return [encoder for name in ("text_encoder", "text_encoder_2")
-                if (encoder := getattr(self.pipe, name, None)) is not None]
+                if isinstance(encoder := getattr(self.pipe, name, None), (CLIPTextModel, CLIPTextModelWithProjection))]
 
     def check_size(self, height: int, width: int) -> None:
         multiple = self.vae_scale_factor
@@ -249,7 +251,7 @@ def max_sequence_length_problem(family: type[PipelineAdapter] | None, value: int
 def clip_skip_problem(family: type[PipelineAdapter] | None, value: int) -> str | None:
     if value < 0:
         return f"must be >= 0 (CLIP layers skipped from the end), got {value}"
-    if family is not None and not family.takes_clip_skip:
+    if family is not None and value and not family.takes_clip_skip:
         return (f"{family.pipeline_class.__name__} takes no clip_skip: it conditions on CLIP's pooled output only "
                 "(SD 1.5, SDXL and SD3 take it)")
     return None
@@ -276,12 +278,22 @@ def true_cfg_scale_problem(family: type[PipelineAdapter] | None, value: float) -
 # Options an adapter is built with (`adapter_for`, `load_adapter`), each with the check of a value against a family.
 MODEL_OPTIONS = {"max_sequence_length": max_sequence_length_problem, "clip_skip": clip_skip_problem,
                  "guidance_rescale": guidance_rescale_problem, "true_cfg_scale": true_cfg_scale_problem}
+# The value of an option that leaves the stock pipeline as it is, as None does (max_sequence_length has none: its
+# default depends on the family).
+MODEL_OPTIONS_OFF = {"clip_skip": 0, "guidance_rescale": 0.0, "true_cfg_scale": 1.0}
 
 
 def model_option_problem(family: type[PipelineAdapter] | None, option: str, value) -> str | None:
     """Why an adapter of `family` (an adapter class; None: not known yet) cannot be built with `value` for
     `option` (a key of MODEL_OPTIONS); None when it can. None, the option's default, always can."""
     return None if value is None else MODEL_OPTIONS[option](family, value)
+
+
+def check_model_options(family: type[PipelineAdapter] | None, **options) -> None:
+    """ValueError, naming the option, for the first of `options` with a `model_option_problem`."""
+    for option, value in options.items():
+        if reason := model_option_problem(family, option, value):
+            raise ValueError(f"{option}: {reason}")
 
 
 def missing_c_compiler(option: str) -> str | None:

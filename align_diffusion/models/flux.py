@@ -20,7 +20,6 @@ class FluxAdapter(PipelineAdapter):
     default_steps = 28
     default_guidance = 3.5
     default_max_sequence_length = 512
-    takes_clip_skip = False
     takes_true_cfg_scale = True
 
     def guidance_mode(self, guidance_scale):

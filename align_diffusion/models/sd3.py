@@ -92,6 +92,7 @@ class SD3Adapter(PipelineAdapter):
     default_steps = 28
     default_guidance = 7.0
     default_max_sequence_length = 256
+    takes_clip_skip = True
 
     def check_size(self, height, width):
         super().check_size(height, width)

@@ -41,6 +41,8 @@ class StableDiffusionAdapter(PipelineAdapter):
     default_steps = 50
     default_guidance = 7.5
     takes_guidance_rescale = True
+    takes_clip_skip = True
+    clip_hidden_state_from_end = 1
 
     def guidance_mode(self, guidance_scale):
         # As the stock pipelines: a UNet with a guidance-scale embedding (LCM, time_cond_proj_dim) runs no CFG.
@@ -102,6 +104,7 @@ class StableDiffusionAdapter(PipelineAdapter):
 class StableDiffusionXLAdapter(StableDiffusionAdapter):
     pipeline_class = StableDiffusionXLPipeline
     default_guidance = 5.0
+    clip_hidden_state_from_end = 2
 
     def encode_prompt(self, prompts, guidance_scale, num_images_per_prompt=1, negative_prompt=None):
         cfg = self.guidance_mode(guidance_scale) == "cfg"

@@ -176,18 +176,40 @@ def prompt_list(prompts: str | Sequence[str]) -> list[str]:
     return list(prompts)
 
 
+def guidance_problem(family: type[PipelineAdapter] | None, guidance_scale: float | None, negative_prompt,
+                     guidance_rescale: float, true_cfg_scale: float, mode: str | None = None) -> tuple[str, str] | None:
+    """(option, why) for a negative prompt or guidance rescale that the guidance would ignore, because it runs no
+    classifier-free guidance, or for FLUX's true CFG without the negative prompt it steers away from; None if
+    neither. `mode`: the loaded model's `guidance_mode` (LCM UNets run none); None: judged before the model loads,
+    from its family (an adapter class, or None when not known yet) and `guidance_scale` (None: not known yet)."""
+    if true_cfg_scale > 1 and negative_prompt is None:
+        return "true_cfg_scale", (f"FLUX's true classifier-free guidance ({true_cfg_scale}) steers away from a "
+                                  "negative prompt, and none was given (the stock pipeline then runs no CFG)")
+    ignored = "negative_prompt" if negative_prompt is not None else "guidance_rescale" if guidance_rescale else None
+    if ignored is None or true_cfg_scale > 1:
+        return None
+    takes_true_cfg = family is not None and family.takes_true_cfg_scale
+    if mode is not None:
+        runs_cfg = mode == "cfg"
+    elif takes_true_cfg:  # before the model loads: FLUX runs CFG only as true CFG
+        runs_cfg = False
+    elif guidance_scale is None:  # not known yet
+        return None
+    else:
+        runs_cfg = guidance_scale > 1
+    if runs_cfg:
+        return None
+    hint = "; FLUX runs it with a true_cfg_scale > 1" if takes_true_cfg else ""
+    return ignored, (f"guidance {guidance_scale} runs no classifier-free guidance{f' ({mode})' if mode else ''}, so "
+                     f"the {ignored.replace('_', ' ')} would have no effect{hint}")
+
+
 def check_guidance(adapter: PipelineAdapter, guidance_scale: float, negative_prompt) -> None:
-    """ValueError for a negative prompt, or an adapter's guidance_rescale, that `guidance_scale` would ignore (it
-    runs no classifier-free guidance), and for FLUX's true CFG without the negative prompt it steers away from."""
-    if adapter.true_cfg_scale > 1 and negative_prompt is None:
-        raise ValueError(f"true_cfg_scale: FLUX's true classifier-free guidance ({adapter.true_cfg_scale}) steers "
-                         "away from a negative prompt, and none was given (the stock pipeline then runs no CFG)")
-    ignored = "negative_prompt" if negative_prompt is not None else "guidance_rescale" if adapter.guidance_rescale \
-        else None
-    if ignored and (mode := adapter.guidance_mode(guidance_scale)) != "cfg":
-        hint = " (FLUX runs it with a true_cfg_scale > 1)" if adapter.takes_true_cfg_scale else ""
-        raise ValueError(f"{ignored}: guidance {guidance_scale} runs no classifier-free guidance ({mode}){hint}, so "
-                         f"the {ignored.replace('_', ' ')} would have no effect")
+    """ValueError, naming the option, for a `guidance_problem` of the adapter's options with `guidance_scale`."""
+    problem = guidance_problem(type(adapter), guidance_scale, negative_prompt, adapter.guidance_rescale,
+                               adapter.true_cfg_scale, adapter.guidance_mode(guidance_scale))
+    if problem:
+        raise ValueError(": ".join(problem))
 
 
 @torch.no_grad()

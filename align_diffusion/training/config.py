@@ -28,6 +28,7 @@ from align_diffusion.sampling.loop import (
     DIFFUSION_SAMPLERS,
     FLOW_SAMPLERS,
     LARGEST_NOISE_LEVEL,
+    guidance_problem,
 )
 from align_diffusion.training.noise_table import read_table
 
@@ -159,8 +160,7 @@ class TrainConfig:
     model: str = _help("hub id or folder of a supported diffusers pipeline", "assets/world/sd3")
     max_sequence_length: int | None = _help("T5 tokens per prompt of SD3 / FLUX (default: the pipeline's, 256 / "
                                             "512; Flow-GRPO encodes SD3 prompts with 128)", None)
-    clip_skip: int | None = _help("CLIP layers skipped from the end when encoding prompts (SD 1.5, SDXL, SD3; "
-                                  "default: none)", None)
+    clip_skip: int = _help("CLIP layers skipped from the end when encoding prompts (SD 1.5, SDXL, SD3; 0: none)", 0)
     output_dir: str = _help("where config, metrics, checkpoints and the LoRA go", "outputs/grpo")
     max_steps: int = _help("training steps (one batch of rollouts each)", 100)
     max_minutes: float | None = _help("also stop once training steps (evaluations excluded) took this many "
@@ -452,15 +452,9 @@ def validate(config: TrainConfig, num_processes: int = 1) -> None:
     for option, value in model_options(config).items():
         if reason := model_option_problem(family, option, value):
             raise ConfigError(f"{MODEL_OPTION_FIELDS[option]}: {reason} (model {config.model})")
-    true_cfg = sampling.true_cfg_scale > 1
-    if true_cfg and sampling.negative_prompt is None:
-        raise ConfigError("sampling.true_cfg_scale: FLUX's true classifier-free guidance steers away from "
-                          "sampling.negative_prompt, which is unset")
-    for name, value in [("negative_prompt", sampling.negative_prompt),
-                        ("guidance_rescale", sampling.guidance_rescale or None)]:
-        if value is not None and sampling.guidance_scale <= 1 and not true_cfg:  # FLUX's distilled guidance: on load
-            raise ConfigError(f"sampling.{name}: guidance {sampling.guidance_scale} runs no classifier-free guidance, "
-                              f"so the {name.replace('_', ' ')} would have no effect")
+    if problem := guidance_problem(family, sampling.guidance_scale, sampling.negative_prompt,
+                                   sampling.guidance_rescale, sampling.true_cfg_scale):  # LCM's: once the model loads
+        raise ConfigError(f"sampling.{problem[0]}: {problem[1]} (model {config.model})")
     allowed = {True: FLOW_SAMPLERS, False: DIFFUSION_SAMPLERS, None: FLOW_SAMPLERS + DIFFUSION_SAMPLERS}[is_flow]
     if config.algorithm == "grpo":
         allowed = tuple(s for s in allowed if s != "ode")  # GRPO needs a stochastic sampler

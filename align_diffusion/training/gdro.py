@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from align_diffusion.rewards.spec import score_terms
 from align_diffusion.sampling.loop import sample
 from align_diffusion.training.checkpoint import atomic_torch_save
-from align_diffusion.training.config import to_dict
+from align_diffusion.training.config import MODEL_OPTION_FIELDS, model_options, to_dict
 from align_diffusion.training.grpo import GRPOTrainer, changed_settings
 
 GROUPS_FILE = "gdro_groups.pt"
@@ -90,13 +90,13 @@ class GDROTrainer(GRPOTrainer):
         return groups
 
     def offline_set_settings(self) -> dict:
-        """The settings the offline set is generated under: the model and its prompt encoding, prompts, reward, seed,
-        dtype and sampling (its batch size aside; a noise table's levels as the run read them)."""
+        """The settings the offline set is generated under: the model and its options, prompts, reward, seed, dtype
+        and sampling (its batch size aside; a noise table's levels as the run read them)."""
         config = self.config
         sampling = {f"sampling.{key}": value for key, value in to_dict(config)["sampling"].items()
                     if key != "batch_size"}
-        made_by = {"model": config.model, "max_sequence_length": config.max_sequence_length,
-                   "clip_skip": config.clip_skip, "prompts": config.prompts, "reward": config.reward,
+        encoding = {MODEL_OPTION_FIELDS[option]: value for option, value in model_options(config).items()}
+        made_by = {"model": config.model, **encoding, "prompts": config.prompts, "reward": config.reward,
                    "seed": config.seed, "dtype": config.dtype, **sampling}
         if config.sampling.noise_table:
             made_by["sampling.noise_table_levels"] = self.noise_levels

@@ -282,11 +282,13 @@ class GRPOTrainer:
             adapter = load_adapter(config.model, dtype=DTYPES[config.dtype], device=str(device),
                                    **model_options(config))
         else:
-            configured = adapter_for(adapter.pipe, **model_options(config))
+            options = model_options(config)
+            configured = adapter_for(adapter.pipe, **options)
             for option, field in MODEL_OPTION_FIELDS.items():
                 if getattr(configured, option) != getattr(adapter, option):
-                    raise ConfigError(f"{field} is {getattr(configured, option)}, but the adapter given was built "
-                                      f"with {option}={getattr(adapter, option)} (adapter_for(pipe, {option}=...))")
+                    raise ConfigError(f"{field} {options[option]} gives {option}={getattr(configured, option)}, but "
+                                      f"the adapter given was built with {option}={getattr(adapter, option)} "
+                                      f"(adapter_for(pipe, {option}=...))")
         self.adapter: PipelineAdapter = adapter
         sampling = config.sampling
         try:  # a size the model cannot take (SD3's position table, FLUX's patches) fails now, not at a rollout
