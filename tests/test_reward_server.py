@@ -6,6 +6,7 @@ import http.client
 import io
 import json
 import math
+import socket
 import struct
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from PIL import Image, ImageFile
 from align_diffusion.cli import main
 from align_diffusion.rewards.base import Reward, RewardError
 from align_diffusion.rewards.remote import TIMEOUT_ENV, TOKEN_ENV, RemoteReward
-from align_diffusion.rewards.server import make_server
+from align_diffusion.rewards.server import RewardRequestHandler, make_server
 from align_diffusion.rewards.simple import ShapesReward
 from align_diffusion.rewards.spec import load_reward
 from align_diffusion.world.render import render_prompt
@@ -163,9 +164,12 @@ def test_remote_scores_equal_local_scores(shapes_server):
     assert torch.equal(remote(as_tensor, PROMPTS), local(as_tensor, PROMPTS))
 
 
-def test_health_needs_no_token(shapes_server):
+def test_health_needs_no_token_and_says_whether_one_given_is_taken(shapes_server):
     status, answer = request(shapes_server, "GET", "/health")
     assert status == 200 and answer["status"] == "ok" and answer["reward"] == "shapes"
+    assert answer["max_body_bytes"] == 64 * 2**20 and "authorized" not in answer
+    assert request(shapes_server, "GET", "/health", headers=AUTH)[1]["authorized"] is True
+    assert request(shapes_server, "GET", "/health", headers={"Authorization": "Bearer wrong"})[1]["authorized"] is False
 
 
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {TOKEN}"},
@@ -285,17 +289,66 @@ def test_oversized_body_is_413_before_it_is_sent():
         connection.close()
 
 
+def answered(monkeypatch) -> list[int]:
+    """The status of every answer the reward servers send from now on."""
+    statuses, send_response = [], RewardRequestHandler.send_response
+
+    def recorded(self, code, message=None):
+        statuses.append(code)
+        send_response(self, code, message)
+
+    monkeypatch.setattr(RewardRequestHandler, "send_response", recorded)
+    return statuses
+
+
+def noise_images(count: int) -> list[Image.Image]:
+    rng = np.random.default_rng(0)  # noise: PNG cannot compress it, so each image is about 16 KB a request
+    return [Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)) for _ in range(count)]
+
+
+def means(images) -> list[float]:
+    return pytest.approx([float(np.asarray(image).mean()) / 255 for image in images])
+
+
 def test_a_batch_over_the_servers_limit_goes_in_parts_and_one_image_over_it_raises(monkeypatch):
-    rng = np.random.default_rng(0)
-    noise = [Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)) for _ in range(16)]
+    noise, statuses = noise_images(16), answered(monkeypatch)
     with serving(MeanReward(), max_body_bytes=50_000) as server:  # about 3 of these images a request
-        attempts = counted(server, monkeypatch)
-        rewards = RemoteReward(server.url, TOKEN, attempts=1)(noise, [str(k) for k in range(16)])
-        assert rewards.tolist() == pytest.approx([float(np.asarray(image).mean()) / 255 for image in noise])
-        assert len(attempts) > 2  # refused whole, then halves of halves
+        remote = RemoteReward(server.url, TOKEN, attempts=1)
+        assert remote(noise, [str(k) for k in range(16)]).tolist() == means(noise)
+        assert 413 not in statuses and statuses.count(200) > 4  # split before sending, as /health said
+        server.max_body_bytes = 25_000  # lowered after the client asked: the server's refusals split the batch
+        assert remote(noise[:4], ["x"] * 4).tolist() == means(noise[:4])
+        assert 413 in statuses
     with serving(MeanReward(), max_body_bytes=5_000) as server:
-        with pytest.raises(RewardError, match="refused a .*-byte request of one image .*413.*--max-body-mb"):
+        statuses.clear()
+        with pytest.raises(RewardError, match="takes requests of up to 5000 bytes \\(its /health\\), and one image "
+                                              "makes .*; raise the server's --max-body-mb"):
             RemoteReward(server.url, TOKEN, attempts=1)(noise[:2], ["x"] * 2)
+        assert statuses == [200]  # the /health answer: no image was sent
+    with serving(MeanReward()) as server:
+        remote = RemoteReward(server.url, TOKEN, attempts=1)
+        remote.body_limit()  # asked while the server takes 64 MiB
+        server.max_body_bytes = 5_000
+        with pytest.raises(RewardError, match="refused a .*-byte request of one image .*413.*--max-body-mb"):
+            remote(noise[:2], ["x"] * 2)
+
+
+def drop_the_connection(handler, status, message):
+    """A refusal lost: on a slow link the server stops draining the body the client still sends, closes, and the
+    reset destroys its answer before the client reads it."""
+    handler.close_connection = True
+    handler.connection.shutdown(socket.SHUT_RDWR)
+
+
+def test_refusals_lost_on_a_slow_link_cost_nothing(monkeypatch):
+    monkeypatch.setattr(RewardRequestHandler, "reject", drop_the_connection)
+    noise = noise_images(8)
+    with serving(MeanReward(), max_body_bytes=50_000) as server:
+        assert RemoteReward(server.url, TOKEN, attempts=1)(noise, ["x"] * 8).tolist() == means(noise)
+        attempts = counted(server, monkeypatch)
+        with pytest.raises(RewardError, match="HTTP 401: missing or wrong token \\(answered by its /health\\)"):
+            RemoteReward(server.url, "wrong", attempts=3, backoff=0.01)(noise[:1], ["x"])
+        assert len(attempts) == 1  # the /health question; no image was sent
 
 
 def test_nan_travels_as_null_and_back(mean_server):
@@ -327,12 +380,16 @@ def test_a_failing_reward_is_500_and_the_client_raises():
             RemoteReward(server.url, TOKEN, attempts=2, backoff=0.01)([Image.new("RGB", (8, 8))], ["a"])
 
 
-def test_an_infinite_score_is_a_server_failure_500():
+def test_an_infinite_score_is_422_and_not_retried(monkeypatch):
     with serving(InfiniteReward()) as server:
         status, answer = request(server, "POST", "/score", score_body(["a"], [Image.new("RGB", (8, 8))]), AUTH)
-        assert status == 500 and "infinite score" in answer["error"]
-        with pytest.raises(RewardError, match="after 2 attempts.*infinite score"):
-            RemoteReward(server.url, TOKEN, attempts=2, backoff=0.01)([Image.new("RGB", (8, 8))], ["a"])
+        assert status == 422 and "infinite score" in answer["error"]
+        remote = RemoteReward(server.url, TOKEN, attempts=3, backoff=0.01)
+        remote.body_limit()  # its /health question, asked before the first batch
+        attempts = counted(server, monkeypatch)
+        with pytest.raises(RewardError, match="HTTP 422: reward infinite returned an infinite score"):
+            remote([Image.new("RGB", (8, 8))], ["a"])
+        assert len(attempts) == 1  # the same batch would score the same again
 
 
 def test_input_the_reward_refuses_is_400_and_not_retried(monkeypatch):
@@ -342,7 +399,9 @@ def test_input_the_reward_refuses_is_400_and_not_retried(monkeypatch):
         body = score_body(["a photo of a cat"], [Image.new("RGB", (64, 64))])
         status, answer = request(server, "POST", "/score", body, AUTH)
         assert status == 400 and "refused" in answer["error"]
-        remote, attempts = RemoteReward(server.url, TOKEN, attempts=3, backoff=0.01), counted(server, monkeypatch)
+        remote = RemoteReward(server.url, TOKEN, attempts=3, backoff=0.01)
+        remote.body_limit()  # its /health question, asked before the first batch
+        attempts = counted(server, monkeypatch)
         with pytest.raises(RewardError, match="HTTP 400"):
             remote([Image.new("RGB", (64, 64))], ["a photo of a cat"])
         assert len(attempts) == 1  # not retried
@@ -435,6 +494,7 @@ def test_client_times_out_on_a_stalled_server_without_queueing_retries_behind_it
     monkeypatch.setenv(TIMEOUT_ENV, "0.5")
     with serving(reward) as server:
         remote = RemoteReward(server.url, TOKEN, attempts=2, backoff=0.05)
+        remote.body_limit()  # its /health question, asked before the first batch
         attempts = counted(server, monkeypatch)
         try:
             # Without the timeout the first attempt would wait for `release` and then get a 200 answer.

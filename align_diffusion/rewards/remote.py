@@ -3,9 +3,10 @@
 The token comes from the constructor or the ALIGN_DIFFUSION_REWARD_TOKEN environment variable, the timeout (60 s)
 from the constructor or ALIGN_DIFFUSION_REWARD_TIMEOUT. Connection errors and 5xx answers are retried with
 exponential backoff; a 4xx answer, a malformed response, a request sent but not answered in time (the server may
-still be scoring it: a retry would queue behind it) or the last failed attempt raises RewardError. There is no
-default score: either every image gets its server's score (NaN where the server could not score it) or the call
-raises.
+still be scoring it: a retry would queue behind it) or the last failed attempt raises RewardError. Before its first
+batch the client asks the server's /health whether it takes the token and how large a body, and splits a batch
+that is too large before sending it. There is no default score: either every image gets its server's score (NaN
+where the server could not score it) or the call raises.
 """
 
 from __future__ import annotations
@@ -124,28 +125,54 @@ class RemoteReward(Reward):
         self.timeout = timeout
         self.attempts = attempts
         self.backoff = backoff
+        self.health: dict | None = None  # the server's /health answer, once one came
 
     def score(self, images, prompts, metadata):
         return self._scored([encode_png(image) for image in images_to_pil(images)], prompts,
                             None if metadata is None else list(metadata))
 
     def _scored(self, images: list[str], prompts: list[str], metadata: list | None) -> torch.Tensor:
-        """Scores of PNG-encoded images; a batch the server refuses as too large goes again in two halves (images
-        are scored one by one, so the halves score as the whole would)."""
+        """Scores of PNG-encoded images; a batch larger than the server takes (as its /health says, or as it answers)
+        goes in two halves (images are scored one by one, so the halves score as the whole would)."""
         request = {"prompts": prompts, "images": images, **({} if metadata is None else {"metadata": metadata})}
         try:
             body = json.dumps(request, allow_nan=False).encode()
         except (TypeError, ValueError) as error:
             raise ValueError(f"{self.name}: metadata must be plain JSON to reach a reward server: {error}") from None
-        try:
-            return parse_rewards(self.post(body), len(prompts), self.url)
-        except BatchTooLarge:
-            if len(images) == 1:
-                raise
+        limit = self.body_limit()
+        if limit is not None and len(body) > limit and len(images) == 1:
+            raise BatchTooLarge(f"reward server {self.url} takes requests of up to {limit} bytes (its /health), and "
+                                f"one image makes {len(body)}; raise the server's --max-body-mb")
+        if limit is None or len(body) <= limit:
+            try:
+                return parse_rewards(self.post(body), len(prompts), self.url)
+            except BatchTooLarge:
+                if len(images) == 1:
+                    raise
         half = len(images) // 2
         parts = [slice(None, half), slice(half, None)]
         return torch.cat([self._scored(images[part], prompts[part], None if metadata is None else metadata[part])
                           for part in parts])
+
+    def body_limit(self) -> int | None:
+        """The largest request body the server takes, from its /health, which is asked (with the token) until it
+        answers; None when it does not say. On a slow link a body the server refuses can reset the connection
+        before its refusal is read, so the size and the token are checked before a batch goes. RewardError when
+        /health refuses the token; an unreachable server is left to the request's own retries and errors."""
+        if self.health is None:
+            request = urllib.request.Request(f"{self.url}/health", headers={"Authorization": f"Bearer {self.token}"})
+            try:
+                with _OPENER.open(request, timeout=self.timeout) as response:
+                    health = json.loads(response.read())
+            except urllib.error.HTTPError:  # it answered, with nothing to say
+                health = {}
+            except (OSError, http.client.HTTPException, ValueError):
+                return None
+            self.health = health if isinstance(health, dict) else {}
+        if self.health.get("authorized") is False:
+            raise RewardError(f"reward server {self.url}: HTTP 401: missing or wrong token (answered by its /health)")
+        limit = self.health.get("max_body_bytes")
+        return limit if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0 else None
 
     def post(self, body: bytes) -> bytes:
         """The body of a 200 answer to POST /score, after up to `attempts` tries."""

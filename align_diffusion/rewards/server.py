@@ -2,10 +2,12 @@
 
 Standard library only. `POST /score` takes `{"prompts": [...], "images": [base64 PNG, ...], "metadata": [...]}`
 (metadata optional) with `Authorization: Bearer TOKEN` and answers `{"rewards": [...]}`, NaN sent as null.
-`GET /health` answers `{"status": "ok", "reward": NAME}` without a token. Errors answer `{"error": MESSAGE}`:
+`GET /health` answers `{"status": "ok", "reward": NAME, "max_body_bytes": N}` without a token, and with
+`"authorized": true / false` when a token comes along, so a client learns both before it sends a large body (on a
+slow link a refused body can reset the connection before the refusal is read). Errors answer `{"error": MESSAGE}`:
 401 bad token, 400 bad request (or input the reward refuses with ValueError), 404 unknown path, 411 no
-Content-Length, 413 body too large, 500 the reward raised anything else (an infinite score included) or the
-request failed to parse in a way the server did not foresee.
+Content-Length, 413 body too large, 422 the reward returned an infinite score (the same batch would score the same
+again), 500 the reward raised anything else or the request failed to parse in a way the server did not foresee.
 
 The token travels in clear over plain HTTP: keep the default 127.0.0.1 and reach the server through an SSH tunnel
 (or put a TLS proxy in front) rather than binding a public interface.
@@ -111,6 +113,10 @@ def parse_score_request(body: bytes) -> tuple[torch.Tensor, list[str], list[dict
     return images_to_tensor(images), prompts, metadata
 
 
+class InfiniteScore(RewardError):
+    """The reward scored an image ±inf: a failure that a retry of the batch would repeat."""
+
+
 class RewardServer(ThreadingHTTPServer):
     """A threading HTTP server around one reward; `url` is where it listens."""
 
@@ -143,7 +149,7 @@ class RewardServer(ThreadingHTTPServer):
             rewards = self.reward(images, prompts, metadata)
         values = rewards.detach().cpu().double().tolist()
         if any(math.isinf(v) for v in values):
-            raise RewardError(f"reward {self.reward.name} returned an infinite score: {values}")
+            raise InfiniteScore(f"reward {self.reward.name} returned an infinite score: {values}")
         return [None if math.isnan(v) else v for v in values]
 
 
@@ -154,8 +160,10 @@ class RewardRequestHandler(BaseHTTPRequestHandler):
     def do_GET(self):
         if self.path != "/health":
             return self.reject(404, f"unknown path {self.path}")
-        self.send_json(200, {"status": "ok", "reward": self.server.reward.name,
-                             "max_body_bytes": self.server.max_body_bytes})
+        health = {"status": "ok", "reward": self.server.reward.name, "max_body_bytes": self.server.max_body_bytes}
+        if "Authorization" in self.headers:
+            health["authorized"] = self.authorized()
+        self.send_json(200, health)
 
     def do_POST(self):
         if self.path != "/score":
@@ -187,6 +195,8 @@ class RewardRequestHandler(BaseHTTPRequestHandler):
             rewards = self.server.score(images, prompts, metadata)
         except ValueError as error:  # the reward refused this input (e.g. a prompt outside its grammar)
             return self.send_json(400, {"error": f"reward {self.server.reward.name} refused the batch: {error}"})
+        except InfiniteScore as error:
+            return self.send_json(422, {"error": str(error)})
         except Exception as error:
             logger.exception("reward %s failed on a batch of %d", self.server.reward.name, len(prompts))
             return self.send_json(500, {"error": f"reward {self.server.reward.name} failed: {error!r}"})
