@@ -331,6 +331,7 @@ def test_flux_trains_with_true_cfg_away_from_the_negative_prompt(prompt_file, tm
     tiny_pipeline("flux").save_pretrained(model)
     overrides = tiny_overrides(model, prompt_file, tmp_path / "run", max_steps=1, **{
         "sampling.guidance_scale": 3.5, "sampling.true_cfg_scale": 3.0, "sampling.negative_prompt": "blurry",
+        "grpo.group_size": 2, "grpo.batch_size": 4, "grpo.train_batch_size": 2, "checkpoint_every": 0,
         "eval.every": 1, "eval.num_steps": 2, "eval.num_images_per_prompt": 1})
     trainer = GRPOTrainer(load_config(None, overrides))
     trainer.train()
