@@ -150,10 +150,14 @@ def load_for_command(args):
 
 def model_record(args) -> dict:
     """What a sample, eval or steer folder records of the model and its options: as given, None for the pipeline's
-    default (the value that turns an option off included)."""
+    default (a value that equals it included, so that a resume need not repeat it)."""
+    from align_diffusion.models import adapter_class
+
+    family = adapter_class(str(args.model))
+    defaults = {**MODEL_OPTIONS_OFF, "max_sequence_length": family and family.default_max_sequence_length}
     options = {option: getattr(args, option) for option in MODEL_OPTIONS}
     return {"model": str(args.model), "lora": None if args.lora is None else str(args.lora),
-            **{option: None if value == MODEL_OPTIONS_OFF.get(option) else value for option, value in options.items()}}
+            **{option: None if value == defaults[option] else value for option, value in options.items()}}
 
 
 def read_prompts(args) -> list[str]:

@@ -139,6 +139,10 @@ def test_max_sequence_length_is_applied_recorded_and_checked_before_the_model_lo
     assert (read_png(tmp_path / "short" / record["file"]) - expected).abs().max() <= 2 / 255
     with pytest.raises(SystemExit, match="the earlier run's max_sequence_length was 8, this one's is None"):
         main([*common, "--model", str(saved["sd3"]), "--resume", "--out", str(tmp_path / "short")])
+    main([*common, "--model", str(saved["sd3"]), "--max-sequence-length", "256", "--out", str(tmp_path / "stock")])
+    assert json.loads((tmp_path / "stock/metadata.jsonl").read_text())["max_sequence_length"] is None  # the default
+    main([*common, "--prompt", "a blue square", "--model", str(saved["sd3"]), "--resume", "--out",
+          str(tmp_path / "stock")])
 
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded")
