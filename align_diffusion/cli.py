@@ -247,6 +247,7 @@ def run_eval(args) -> None:
         adapter, args.split, num_images_per_prompt=args.num_images_per_prompt, num_inference_steps=args.steps,
         guidance_scale=args.guidance, sampler=args.sampler, noise_level=args.noise_level,
         negative_prompt=args.negative_prompt, seed=args.seed, batch_size=args.batch_size, out_dir=args.out,
+        extra_metadata=model_record(args),
     )
     result["settings"].update(model_record(args))
     write_text_atomically(args.out / "eval.json", json.dumps(result, indent=1))

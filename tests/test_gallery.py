@@ -2,6 +2,7 @@
 HTML escaping; and the label file read back as artifact data and as preference pairs."""
 
 import hashlib
+import html
 import json
 import re
 import math
@@ -357,6 +358,34 @@ def test_gallery_command_and_file_names(folders, tmp_path, capsys):
         name = safe_filename(hostile)
         assert name and "/" not in name and "\\" not in name and not name.startswith(".")
         assert set(name) <= set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+
+
+def add_to_records(folder: Path, **fields) -> None:
+    """Sets `fields` in every record of `folder`; a list gives one value per record."""
+    records = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    for k, record in enumerate(records):
+        record.update({name: value[k] if isinstance(value, list) else value for name, value in fields.items()})
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+
+
+def page_note(page: Path) -> str:
+    """The note in the page's header."""
+    return html.unescape(re.search(r'<header>.*?<p class="note">(.*?)</p>', page.read_text(), re.S).group(1))
+
+
+def test_pages_say_how_their_images_were_made(folders):
+    a, b = folders
+    shared = dict(model="tiny-sd3", sampler="ode", guidance=4.5, negative_prompt="<blurry>", clip_skip=None)
+    add_to_records(a, **shared, lora=None, steps=[2, 2, 2, 4, 2], options={"num_particles": 4, "keep": [0.4, 0.5]})
+    add_to_records(b, **shared, lora="run/lora", steps=2, winner=[0, 1, 0, 1, 0])
+    # In SETTINGS order, then steer's options; null settings and what is no setting (the winner) left out.
+    assert page_note(build_gallery(a)) == ("model tiny-sd3 · sampler ode · steps varies · guidance 4.5 · "
+                                           "negative_prompt <blurry> · num_particles 4 · keep [0.4, 0.5]")
+    assert page_note(build_gallery(b)) == "model tiny-sd3 · lora run/lora · sampler ode · steps 2 · guidance 4.5 · " \
+                                          "negative_prompt <blurry>"
+    assert page_note(build_comparison(a, b)).endswith(
+        "; made differently: lora A –, B run/lora · steps A varies, B 2 · num_particles A 4, B – · keep A [0.4, 0.5], "
+        "B –")
 
 
 def test_pages_are_replaced_whole(folders):

@@ -1,5 +1,6 @@
 """The world build path end to end at a few steps per asset: every asset saves and reloads with its stock class."""
 
+import html
 import json
 import re
 
@@ -192,6 +193,10 @@ def test_eval_command_writes_scores(world, tmp_path):
     settings = json.loads((tmp_path / "options" / "eval.json").read_text())["settings"]
     assert (settings["negative_prompt"], settings["max_sequence_length"]) == ("a blue square", 16)
     first = read_records(tmp_path / "options")[0]
+    assert (first["model"], first["steps"], first["negative_prompt"], first["max_sequence_length"]) == (
+        str(out / "sd3"), 2, "a blue square", 16)  # each image says how it was made, and so does the page
+    assert f"steps 2 · guidance {settings['guidance_scale']} · negative_prompt a blue square" in html.unescape(
+        (tmp_path / "options" / "index.html").read_text())
     expected = sample(load_adapter(str(out / "sd3"), max_sequence_length=16), [first["prompt"]], seed=first["seed"],
                       num_inference_steps=2, negative_prompt="a blue square").images[0]
     image = torch.from_numpy(np.asarray(Image.open(tmp_path / "options" / first["file"]), dtype=np.float32) / 255)

@@ -21,6 +21,10 @@ from align_diffusion.files import write_text_atomically
 
 LABELS = ("good", "artifact", "bad")
 CORRECT = "correct"  # the value name of ShapesEval's strict verdict (1 or 0)
+# Record keys that say how a folder's images were made (`sample` and `steer` write them; `steer` its method's options
+# under "options"), shown in a page's header.
+SETTINGS = ("model", "lora", "method", "sampler", "noise_level", "steps", "guidance", "negative_prompt", "height",
+            "width", "max_sequence_length", "clip_skip", "guidance_rescale", "true_cfg_scale", "reward")
 
 
 def read_jsonl(path: Path) -> list[tuple[int, dict]]:
@@ -86,10 +90,28 @@ def build_gallery(folder: str | Path, title: str | None = None, links: dict[str,
         for k, (record, value) in enumerate(zip(records, values))
     ]
     summary = _summary(len(records), "images", values)
-    page = _page(title or folder.resolve().name, "single", summary, "", _names(values), cards, links or {})
+    note = " · ".join(f"{name} {value}" for name, value in shared_settings(records).items())
+    page = _page(title or folder.resolve().name, "single", summary, note, _names(values), cards, links or {})
     out = folder / "index.html"
     write_text_atomically(out, page)
     return out
+
+
+def shared_settings(records) -> dict[str, str]:
+    """How a folder's images were made: each of SETTINGS, then of `steer`'s method options, that some record sets
+    (null is unset), as text, or "varies" where the records disagree."""
+    each = [{**{name: record.get(name) for name in SETTINGS}, **(record.get("options") or {})} for record in records]
+    names = dict.fromkeys(name for settings in each for name, value in settings.items() if value is not None)
+    shown = {}
+    for name in sorted(names, key=_settings_order):
+        values = {json.dumps(settings.get(name)) for settings in each}
+        value = each[0][name] if len(values) == 1 else "varies"
+        shown[name] = value if isinstance(value, str) else json.dumps(value)
+    return shown
+
+
+def _settings_order(name: str) -> int:
+    return SETTINGS.index(name) if name in SETTINGS else len(SETTINGS)  # a method option: after them, as it came
 
 
 def pair_key(record: dict) -> tuple:
@@ -128,6 +150,12 @@ def build_comparison(folder_a: str | Path, folder_b: str | Path, out: str | Path
     note = f"A = {name_a}, B = {name_b}; pairs matched by prompt and seed"
     for side, other, count in (("A", "B", len(records_a) - len(cards)), ("B", "A", len(records_b) - len(cards))):
         note += f"; {count} images of {side} have no partner in {other}" if count else ""
+    settings_a, settings_b = shared_settings(records_a.values()), shared_settings(records_b.values())
+    differing = [name for name in sorted({**settings_a, **settings_b}, key=_settings_order)
+                 if settings_a.get(name) != settings_b.get(name)]
+    if differing:
+        note += "; made differently: " + " · ".join(
+            f"{name} A {settings_a.get(name, '–')}, B {settings_b.get(name, '–')}" for name in differing)
     page = _page(title or f"{name_a} vs {name_b}", "compare", summary, note, _names(values), cards, {})
     out.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomically(out, page)

@@ -26,10 +26,12 @@ def evaluate_shapes(
     seed: int = 0,
     batch_size: int = 16,
     out_dir: str | Path | None = None,
+    extra_metadata: dict | None = None,
     progress: bool = True,
 ) -> dict:
     """ShapesEval of `adapter`'s samples for every prompt of `split`; image k is seeded `seed + k`. With `out_dir`,
-    the samples are also written there as a sample folder with their verdicts, and its review page."""
+    the samples are also written there as a sample folder with their verdicts, the settings they were made with
+    (and `extra_metadata`, such as the model) as `sample` writes them, and its review page."""
     prompts = [p for p in split_prompts(split) for _ in range(num_images_per_prompt)]
     settings = resolve_settings(adapter, sampler, num_inference_steps, guidance_scale, noise_level)
     images = sample_images(adapter, prompts, seed=seed, batch_size=batch_size,
@@ -42,9 +44,13 @@ def evaluate_shapes(
     for k, record in enumerate(result["per_image"]):
         record["seed"] = seed + k
     if out_dir is not None:
+        made_with = {"sampler": sampler, "noise_level": settings.noise_level, "steps": settings.num_inference_steps,
+                     "guidance": settings.guidance_scale, "height": settings.height, "width": settings.width,
+                     "negative_prompt": negative_prompt, **(extra_metadata or {})}
         with SampleFolder(out_dir) as folder:
             for image, record in zip(adapter.to_pil(images), result["per_image"]):
                 folder.add(image, {"prompt": record["prompt"], "seed": record["seed"],
-                                   "shapes_strict": record["strict"], "rewards": {"shapes": record["graded"]}})
+                                   "shapes_strict": record["strict"], "rewards": {"shapes": record["graded"]},
+                                   **made_with})
         build_gallery(out_dir, title=f"ShapesEval {split}: strict {result['overall_strict']:.3f}")
     return result
