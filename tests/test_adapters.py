@@ -170,6 +170,9 @@ def test_clip_skip_and_guidance_rescale_are_refused_where_they_cannot_apply(tiny
         with pytest.raises(ValueError, match=re.escape(f"clip_skip: at most {most} for this pipeline's CLIP text "
                                                        f"encoders (2 layers), got {most + 1}")):
             adapter_for(tiny_pipes[name], clip_skip=most + 1)
+    without_clip = {**tiny_pipes["sd3"].components, "text_encoder": None, "text_encoder_2": None}
+    with pytest.raises(ValueError, match="clip_skip: the pipeline holds no CLIP text encoder"):
+        adapter_for(StableDiffusion3Pipeline(**without_clip), clip_skip=1)
     assert adapter_for(tiny_pipes["sd"], clip_skip=0).clip_skip is None  # 0 skips none, as stock
     assert adapter_for(tiny_pipes["flux"], clip_skip=0).clip_skip is None
     for name in ("sd3", "flux"):

@@ -79,7 +79,9 @@ class PipelineAdapter:
         # CLIP layers skipped from the end when encoding prompts, as the stock encode_prompt skips them (None: none).
         self.clip_skip = clip_skip or None  # 0 skips none, as the stock pipelines read it
         if clip_skip:
-            layers = min(encoder.config.num_hidden_layers for encoder in self.clip_text_encoders())
+            layers = min((encoder.config.num_hidden_layers for encoder in self.clip_text_encoders()), default=None)
+            if layers is None:
+                raise ValueError("clip_skip: the pipeline holds no CLIP text encoder to skip layers of")
             if clip_skip > (most := layers + 1 - self.clip_hidden_state_from_end):
                 raise ValueError(f"clip_skip: at most {most} for this pipeline's CLIP text encoders ({layers} layers), "
                                  f"got {clip_skip}")
