@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from align_diffusion.models.base import MODEL_OPTIONS, MODEL_OPTIONS_OFF, model_option_problem, unusable_device
+from align_diffusion.models.base import MODEL_OPTIONS, model_option_problem, recorded_model_options, unusable_device
 from align_diffusion.rewards.base import RewardError
 from align_diffusion.sampling.loop import DEFAULT_NOISE_LEVEL
 
@@ -153,11 +153,9 @@ def model_record(args) -> dict:
     default (a value that equals it included, so that a resume need not repeat it)."""
     from align_diffusion.models import adapter_class
 
-    family = adapter_class(str(args.model))
-    defaults = {**MODEL_OPTIONS_OFF, "max_sequence_length": family and family.default_max_sequence_length}
     options = {option: getattr(args, option) for option in MODEL_OPTIONS}
     return {"model": str(args.model), "lora": None if args.lora is None else str(args.lora),
-            **{option: None if value == defaults[option] else value for option, value in options.items()}}
+            **recorded_model_options(adapter_class(str(args.model)), options)}
 
 
 def read_prompts(args) -> list[str]:

@@ -290,6 +290,9 @@ def test_clip_skip_and_guidance_rescale_condition_rollouts_and_evaluations(saved
     assert metrics(tmp_path)[-1]["first_ratio_max_deviation"] <= 1e-5
     # Step 0's evaluation, before any update, is the base model's ODE sample with both options.
     records = [json.loads(line) for line in (tmp_path / "eval/step-000000/metadata.jsonl").read_text().splitlines()]
+    assert {key: records[0][key] for key in ("sampler", "steps", "guidance", "clip_skip", "guidance_rescale",
+                                             "true_cfg_scale")} == {
+        "sampler": "ode", "steps": 2, "guidance": 6.0, "clip_skip": 1, "guidance_rescale": 0.7, "true_cfg_scale": None}
     saved_images = torch.stack([torch.from_numpy(np.asarray(Image.open(tmp_path / "eval/step-000000" / r["file"]),
                                                             dtype=np.float32) / 255).permute(2, 0, 1)
                                 for r in records])

@@ -291,6 +291,13 @@ def model_option_problem(family: type[PipelineAdapter] | None, option: str, valu
     return None if value is None else MODEL_OPTIONS[option](family, value)
 
 
+def recorded_model_options(family: type[PipelineAdapter] | None, options: dict) -> dict:
+    """`options` as a record keeps them: None for a value that leaves the stock pipeline of `family` (None: not known)
+    as it is, so that records made with and without it compare equal."""
+    defaults = {**MODEL_OPTIONS_OFF, "max_sequence_length": family and family.default_max_sequence_length}
+    return {option: None if value == defaults[option] else value for option, value in options.items()}
+
+
 def check_model_options(family: type[PipelineAdapter] | None, **options) -> None:
     """ValueError, naming the option, for the first of `options` with a `model_option_problem`."""
     for option, value in options.items():

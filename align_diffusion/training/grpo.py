@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 from align_diffusion.files import write_text_atomically
 from align_diffusion.gallery.run import EVAL_DIR, build_run_page, eval_folder, read_metrics
 from align_diffusion.models import PipelineAdapter, PromptEmbeds, adapter_for, load_adapter
-from align_diffusion.models.base import compile_repeated_blocks
+from align_diffusion.models.base import compile_repeated_blocks, recorded_model_options
 from align_diffusion.rewards import load_reward
 from align_diffusion.rewards.spec import WeightedRewards, score_terms
 from align_diffusion.rewards.transforms import group_advantages
@@ -744,23 +744,26 @@ class GRPOTrainer:
     @torch.no_grad()
     def evaluate(self) -> dict:
         """ODE samples of the eval prompts at eval steps with fixed seeds: reward means and, optionally, ShapesEval."""
-        config = self.config.eval
+        config, sampling = self.config.eval, self.config.sampling
         prompts = self.eval_prompts.all()
         per_image = [p for p in prompts for _ in range(config.num_images_per_prompt)]
         self.adapter.denoiser.eval()
         with self.ema.applied() if self.ema is not None else nullcontext(), self.accelerator.autocast():
             images = sample_images(
-                self.adapter, per_image, seed=config.seed, batch_size=self.config.sampling.batch_size,
-                sampler="ode", num_inference_steps=config.num_steps,
-                guidance_scale=self.config.sampling.guidance_scale, height=self.config.sampling.height,
-                width=self.config.sampling.width, negative_prompt=self.config.sampling.negative_prompt,
+                self.adapter, per_image, seed=config.seed, batch_size=sampling.batch_size, sampler="ode",
+                num_inference_steps=config.num_steps, guidance_scale=sampling.guidance_scale, height=sampling.height,
+                width=sampling.width, negative_prompt=sampling.negative_prompt,
             )
         total, each = score_terms(self.reward, images, per_image)
         if self.watched_reward is not None:  # a term of the trained reward keeps its own scores
             each = {**score_terms(self.watched_reward, images, per_image)[1], **each}
         result = {"eval/reward_mean": _nanmean(total)}
         result.update({f"eval/{name}_mean": _nanmean(s) for name, s in each.items()})
-        records = [{"prompt": p, "seed": config.seed + k, "rewards": reward_record(each, k)}
+        made_with = {"model": self.config.model, "sampler": "ode", "steps": config.num_steps,
+                     "guidance": sampling.guidance_scale, "height": sampling.height, "width": sampling.width,
+                     "negative_prompt": sampling.negative_prompt,
+                     **recorded_model_options(type(self.adapter), model_options(self.config))}
+        records = [{"prompt": p, "seed": config.seed + k, "rewards": reward_record(each, k), **made_with}
                    for k, p in enumerate(per_image)]
         if config.shapes_eval:
             from align_diffusion.world.evaluate import shapes_eval
