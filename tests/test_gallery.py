@@ -162,6 +162,17 @@ def test_sorting_and_filtering(browser, folders):
     assert card_order(browser) == []  # correct is 0 or 1, never within [0.5, 0.8]
 
 
+def test_a_reward_named_like_a_card_field_sorts_by_its_scores(browser, tmp_path):
+    folder = make_folder(tmp_path / "named", [("b", 2, 0.5, None), ("a", 1, 0.9, None), ("c", 0, 0.1, None)])
+    add_to_records(folder, rewards=[{"prompt": 0.1, "seed": 3.0}, {"prompt": 0.5, "seed": 1.0},
+                                    {"prompt": 0.9, "seed": 2.0}])
+    open_page(browser, build_gallery(folder))
+    for choice, order in [("prompt ↓", [2, 1, 0]), ("prompt", [1, 0, 2]), ("seed ↑", [1, 2, 0]), ("seed", [2, 1, 0]),
+                          ("prompt ↑", [0, 1, 2])]:
+        choose_sort(browser, choice)
+        assert card_order(browser) == order, choice
+
+
 def test_compare_mode_pairs_by_prompt_and_seed(browser, folders):
     a, b = folders
     page = build_comparison(a, b)

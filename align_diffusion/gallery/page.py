@@ -270,8 +270,9 @@ def _comparison_table(a: dict, b: dict) -> str:
 
 def _page(title: str, mode: str, summary: str, note: str, names: list[str], cards: list[str],
           links: dict[str, str]) -> str:
-    sort_options = ['<option data-key="index">page order</option>', '<option data-key="prompt">prompt</option>',
-                    '<option data-key="seed">seed</option>']
+    # The card's own orders go by data-sort, scores by data-key: a reward may be named "prompt" or "seed".
+    sort_options = ['<option data-sort="index">page order</option>', '<option data-sort="prompt">prompt</option>',
+                    '<option data-sort="seed">seed</option>']
     for name in names:
         sort_options += [f'<option data-key="{escape(name)}" data-order="desc">{escape(name)} ↓</option>',
                          f'<option data-key="{escape(name)}" data-order="asc">{escape(name)} ↑</option>']

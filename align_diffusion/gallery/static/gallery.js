@@ -32,15 +32,15 @@
 
   function applySort() {
     const option = byId("sort").selectedOptions[0];
-    const key = option.dataset.key;
+    const key = option.dataset.key, order = option.dataset.sort;
     const descending = option.dataset.order === "desc";
     const index = (card) => Number(card.dataset.index);
     let compare;
-    if (key === "index") {
+    if (order === "index") {
       compare = (a, b) => index(a) - index(b);
-    } else if (key === "prompt") {
+    } else if (order === "prompt") {
       compare = (a, b) => a.dataset.prompt.localeCompare(b.dataset.prompt) || index(a) - index(b);
-    } else if (key === "seed") {
+    } else if (order === "seed") {
       // Missing (or non-numeric) seeds last, ties in page order.
       const seed = (card) => (card.dataset.seed === "" || isNaN(card.dataset.seed) ? null : Number(card.dataset.seed));
       compare = (a, b) => {
