@@ -128,14 +128,16 @@ def load_for_command(args):
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     from align_diffusion.models import load_adapter
-    from align_diffusion.sampling.loop import check_sampler
+    from align_diffusion.sampling.loop import check_guidance, check_sampler
 
-    try:
+    try:  # what only the loaded model refuses: a clip skip past its encoder's layers, a negative prompt for LCM
         adapter = load_adapter(str(args.model), dtype=DTYPES[args.dtype], device=args.device,
                                **{option: getattr(args, option) for option in MODEL_OPTIONS})
-    except ValueError as error:  # an option only the loaded model refuses, named as its flag
+        check_guidance(adapter, adapter.default_guidance if args.guidance is None else args.guidance,
+                       args.negative_prompt)
+    except ValueError as error:  # named as its flag
         option, _, reason = str(error).partition(": ")
-        if option not in MODEL_OPTIONS:
+        if option not in (*MODEL_OPTIONS, "negative_prompt"):
             raise
         raise SystemExit(f"--{option.replace('_', '-')}: {reason}") from None
     check_sampler(adapter, args.sampler)

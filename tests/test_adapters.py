@@ -149,9 +149,9 @@ def test_flux_true_cfg_matches_stock(tiny_pipes):
     with pytest.raises(ValueError, match="true_cfg_scale: FLUX's true classifier-free guidance \\(4.0\\) steers away "
                                          "from a negative prompt, and none was given"):
         sample(adapter, PROMPTS, **options)
-    with pytest.raises(ValueError, match=re.escape("negative_prompt: guidance 3.5 runs no classifier-free guidance "
-                                                   "(distilled), so the negative prompt would have no effect; FLUX "
-                                                   "runs it with a true_cfg_scale > 1")):
+    with pytest.raises(ValueError, match=re.escape("negative_prompt: FLUX runs classifier-free guidance only as true "
+                                                   "CFG (a true_cfg_scale > 1), so the negative prompt would have no "
+                                                   "effect")):
         sample(adapter_for(pipe), PROMPTS, negative_prompt="blurry", **options)
     with pytest.raises(ValueError, match="true_cfg_scale: StableDiffusion3Pipeline has no true_cfg_scale"):
         adapter_for(tiny_pipes["sd3"], true_cfg_scale=2.0)

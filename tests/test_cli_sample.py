@@ -143,6 +143,13 @@ def test_max_sequence_length_is_applied_recorded_and_checked_before_the_model_lo
     assert json.loads((tmp_path / "stock/metadata.jsonl").read_text())["max_sequence_length"] is None  # the default
     main([*common, "--prompt", "a blue square", "--model", str(saved["sd3"]), "--resume", "--out",
           str(tmp_path / "stock")])
+    # Earlier versions recorded an explicit default as given: such a folder resumes all the same.
+    metadata = tmp_path / "stock/metadata.jsonl"
+    older = [{**json.loads(line), "max_sequence_length": 256} for line in metadata.read_text().splitlines()]
+    metadata.write_text("".join(json.dumps(record) + "\n" for record in older))
+    main([*common, "--prompt", "a blue square", "a green circle", "--model", str(saved["sd3"]), "--resume", "--out",
+          str(tmp_path / "stock")])
+    assert len(metadata.read_text().splitlines()) == 3
 
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded")
@@ -185,6 +192,13 @@ def test_clip_skip_and_guidance_rescale_are_applied_recorded_and_options_checked
         main([*common, "--model", str(saved["sd"]), "--guidance", "1", "--guidance-rescale", "0.7", "--sampler",
               "ddim", "--out", str(tmp_path / "unguided")])
 
+    # An LCM UNet runs no CFG whatever the guidance, which only the loaded model says: refused before sampling.
+    tiny_pipeline("sd", time_cond_proj_dim=8).save_pretrained(tmp_path / "lcm")
+    with pytest.raises(SystemExit, match=re.escape("--negative-prompt: guidance 6.0 runs no classifier-free guidance "
+                                                   "(distilled)")):
+        main([*common, "--model", str(tmp_path / "lcm"), "--sampler", "ddim", "--negative-prompt", "x", "--out",
+              str(tmp_path / "lcm-samples")])
+    assert not (tmp_path / "lcm-samples").exists()
     tiny_pipeline("flux").save_pretrained(tmp_path / "flux")
 
     def no_loading(*args, **kwargs):
@@ -195,8 +209,8 @@ def test_clip_skip_and_guidance_rescale_are_applied_recorded_and_options_checked
     flux = [*common, "--model", str(tmp_path / "flux"), "--reward", "shapes"]
     with pytest.raises(SystemExit, match=re.escape("--true-cfg-scale: FLUX's true classifier-free guidance (2.0)")):
         main([*flux, "--true-cfg-scale", "2", "--out", str(tmp_path / "e")])
-    with pytest.raises(SystemExit, match="--negative-prompt: guidance 6.0 runs no classifier-free guidance, so the "
-                                         "negative prompt would have no effect; FLUX runs it with a true_cfg_scale"):
+    with pytest.raises(SystemExit, match=re.escape("--negative-prompt: FLUX runs classifier-free guidance only as "
+                                                   "true CFG (a true_cfg_scale > 1)")):
         main([*flux, "--negative-prompt", "blurry", "--out", str(tmp_path / "f")])
     with pytest.raises(SystemExit, match="--guidance-rescale: StableDiffusion3Pipeline has no guidance_rescale"):
         main([*common, "--model", str(saved["sd3"]), "--guidance-rescale", "0.5", "--out", str(tmp_path / "a")])

@@ -384,19 +384,28 @@ def page_note(page: Path) -> str:
     return html.unescape(re.search(r'<header>.*?<p class="note">(.*?)</p>', page.read_text(), re.S).group(1))
 
 
-def test_pages_say_how_their_images_were_made(folders):
+def test_pages_say_how_their_images_were_made(folders, tmp_path):
     a, b = folders
-    shared = dict(model="tiny-sd3", sampler="ode", guidance=4.5, negative_prompt="<blurry>", clip_skip=None)
-    add_to_records(a, **shared, lora=None, steps=[2, 2, 2, 4, 2], options={"num_particles": 4, "keep": [0.4, 0.5]})
-    add_to_records(b, **shared, lora="run/lora", steps=2, winner=[0, 1, 0, 1, 0])
+    shared = dict(model="tiny-sd3", guidance=4.5, negative_prompt="<blurry>", clip_skip=None)
+    add_to_records(a, **shared, sampler="ode", lora=None, steps=[2, 2, 2, 4, 2],
+                   options={"num_particles": 4, "keep": [0.4, 0.5]})
+    add_to_records(b, **shared, sampler="ode", lora="run/lora", steps=2, winner=[0, 1, 0, 1, 0])
     # In SETTINGS order, then steer's options; null settings and what is no setting (the winner) left out.
     assert page_note(build_gallery(a)) == ("model tiny-sd3 · sampler ode · steps varies · guidance 4.5 · "
                                            "negative_prompt <blurry> · num_particles 4 · keep [0.4, 0.5]")
     assert page_note(build_gallery(b)) == "model tiny-sd3 · lora run/lora · sampler ode · steps 2 · guidance 4.5 · " \
                                           "negative_prompt <blurry>"
-    assert page_note(build_comparison(a, b)).endswith(
-        "; made differently: lora A –, B run/lora · steps A varies, B 2 · num_particles A 4, B – · keep A [0.4, 0.5], "
-        "B –")
+    raw = (b / "index.html").read_text()
+    assert "negative_prompt &lt;blurry&gt;" in raw and "<blurry>" not in raw
+    # Side by side: the settings both folders record and differ in (A's method options are not B's).
+    assert page_note(build_comparison(a, b)).endswith("; made differently: lora A –, B run/lora · steps A varies, B 2")
+    # steer records steps and guidance among its options, under their own names, and no sampler.
+    c = make_folder(tmp_path / "steered", RECORDS_B)
+    add_to_records(c, model="tiny-sd3", lora="run/lora", method="best-of-n",
+                   options={"num_candidates": 4, "num_inference_steps": 2, "guidance_scale": 4.5,
+                            "negative_prompt": "<blurry>"})
+    assert "made differently" not in page_note(build_comparison(b, c))
+    assert page_note(build_comparison(a, c)).endswith("; made differently: lora A –, B run/lora · steps A varies, B 2")
 
 
 def test_pages_are_replaced_whole(folders):

@@ -258,15 +258,15 @@ def test_the_trainer_encodes_prompts_to_the_configured_t5_length(saved, prompt_f
     config = load_config(None, tiny_overrides(saved["sd3"], prompt_file, tmp_path, max_sequence_length=8))
     trainer = GRPOTrainer(config)
     assert trainer.adapter.max_sequence_length == 8
-    with pytest.raises(ConfigError, match="max_sequence_length 8 gives max_sequence_length=8, but the adapter given "
-                                          "was built with max_sequence_length=256"):
+    with pytest.raises(ConfigError, match="max_sequence_length 8 asks for an adapter with max_sequence_length=8; "
+                                          "the adapter given has max_sequence_length=256"):
         GRPOTrainer(config, adapter=adapter_for(trainer.adapter.pipe))
     unset = load_config(None, tiny_overrides(saved["sd3"], prompt_file, tmp_path))  # the pipeline's 256
-    with pytest.raises(ConfigError, match="max_sequence_length None gives max_sequence_length=256, but the adapter "
-                                          "given was built with max_sequence_length=8"):
+    with pytest.raises(ConfigError, match="max_sequence_length None asks for an adapter with max_sequence_length="
+                                          "256; the adapter given has max_sequence_length=8"):
         GRPOTrainer(unset, adapter=adapter_for(trainer.adapter.pipe, max_sequence_length=8))
-    with pytest.raises(ConfigError, match="clip_skip 0 gives clip_skip=None, but the adapter given was built with "
-                                          "clip_skip=1"):
+    with pytest.raises(ConfigError, match="clip_skip 0 asks for an adapter with clip_skip=None; the adapter given "
+                                          "has clip_skip=1"):
         GRPOTrainer(unset, adapter=adapter_for(trainer.adapter.pipe, clip_skip=1))
 
 
@@ -290,9 +290,11 @@ def test_clip_skip_and_guidance_rescale_condition_rollouts_and_evaluations(saved
     assert metrics(tmp_path)[-1]["first_ratio_max_deviation"] <= 1e-5
     # Step 0's evaluation, before any update, is the base model's ODE sample with both options.
     records = [json.loads(line) for line in (tmp_path / "eval/step-000000/metadata.jsonl").read_text().splitlines()]
-    assert {key: records[0][key] for key in ("sampler", "steps", "guidance", "clip_skip", "guidance_rescale",
-                                             "true_cfg_scale")} == {
-        "sampler": "ode", "steps": 2, "guidance": 6.0, "clip_skip": 1, "guidance_rescale": 0.7, "true_cfg_scale": None}
+    height, width = trainer.adapter.default_size  # as resolved, so that the page compares with `sample` folders'
+    assert {key: records[0][key] for key in ("sampler", "noise_level", "steps", "guidance", "height", "width",
+                                             "reward", "clip_skip", "guidance_rescale", "true_cfg_scale")} == {
+        "sampler": "ode", "noise_level": 0.0, "steps": 2, "guidance": 6.0, "height": height, "width": width,
+        "reward": "jpeg", "clip_skip": 1, "guidance_rescale": 0.7, "true_cfg_scale": None}
     saved_images = torch.stack([torch.from_numpy(np.asarray(Image.open(tmp_path / "eval/step-000000" / r["file"]),
                                                             dtype=np.float32) / 255).permute(2, 0, 1)
                                 for r in records])
@@ -466,9 +468,8 @@ def test_the_other_families_train_on_policy_and_their_lora_round_trips(prompt_fi
     assert (reloaded - ours).abs().max() <= 1e-4
     assert (plain - ours).abs().max() > 1e-3  # the LoRA changed the model
     if family == "flux":  # distilled guidance has no unconditional branch: refused before the model loads
-        with pytest.raises(ConfigError, match="sampling.negative_prompt: guidance 3.5 runs no classifier-free "
-                                              "guidance, so the negative prompt would have no effect; FLUX runs it "
-                                              "with a true_cfg_scale > 1"):
+        with pytest.raises(ConfigError, match=re.escape("sampling.negative_prompt: FLUX runs classifier-free guidance "
+                                                        "only as true CFG (a true_cfg_scale > 1)")):
             load_config(None, tiny_overrides(model, prompt_file, tmp_path / "negative", **{
                 "sampling.sampler": sampler, "sampling.guidance_scale": guidance, "sampling.negative_prompt": "x"}))
 

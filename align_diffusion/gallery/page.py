@@ -25,6 +25,7 @@ CORRECT = "correct"  # the value name of ShapesEval's strict verdict (1 or 0)
 # under "options"), shown in a page's header.
 SETTINGS = ("model", "lora", "method", "sampler", "noise_level", "steps", "guidance", "negative_prompt", "height",
             "width", "max_sequence_length", "clip_skip", "guidance_rescale", "true_cfg_scale", "reward")
+STEER_SETTINGS = {"num_inference_steps": "steps", "guidance_scale": "guidance"}  # steer's option names of settings
 
 
 def read_jsonl(path: Path) -> list[tuple[int, dict]]:
@@ -90,24 +91,33 @@ def build_gallery(folder: str | Path, title: str | None = None, links: dict[str,
         for k, (record, value) in enumerate(zip(records, values))
     ]
     summary = _summary(len(records), "images", values)
-    note = " · ".join(f"{name} {value}" for name, value in shared_settings(records).items())
+    note = " · ".join(f"{name} {_setting_text(value)}" for name, value in shared_settings(records).items()
+                       if value is not None)
     page = _page(title or folder.resolve().name, "single", summary, note, _names(values), cards, links or {})
     out = folder / "index.html"
     write_text_atomically(out, page)
     return out
 
 
-def shared_settings(records) -> dict[str, str]:
-    """How a folder's images were made: each of SETTINGS, then of `steer`'s method options, that some record sets
-    (null is unset), as text, or "varies" where the records disagree."""
-    each = [{**{name: record.get(name) for name in SETTINGS}, **(record.get("options") or {})} for record in records]
-    names = dict.fromkeys(name for settings in each for name, value in settings.items() if value is not None)
-    shown = {}
-    for name in sorted(names, key=_settings_order):
-        values = {json.dumps(settings.get(name)) for settings in each}
-        value = each[0][name] if len(values) == 1 else "varies"
-        shown[name] = value if isinstance(value, str) else json.dumps(value)
-    return shown
+def recorded_settings(record: dict) -> dict:
+    """What a record holds of SETTINGS and of `steer`'s method options (under the name of the setting where one is
+    one), null included."""
+    options = record.get("options") if isinstance(record.get("options"), dict) else {}
+    return {**{name: record[name] for name in SETTINGS if name in record},
+            **{STEER_SETTINGS.get(name, name): value for name, value in options.items()}}
+
+
+def shared_settings(records) -> dict:
+    """How a folder's images were made: each setting its records hold (`recorded_settings`), with its value, or
+    "varies" where they disagree."""
+    each = [recorded_settings(record) for record in records]
+    names = sorted(dict.fromkeys(name for settings in each for name in settings), key=_settings_order)
+    return {name: each[0].get(name) if len({json.dumps(s.get(name)) for s in each}) == 1 else "varies"
+            for name in names}
+
+
+def _setting_text(value) -> str:
+    return "–" if value is None else value if isinstance(value, str) else json.dumps(value)
 
 
 def _settings_order(name: str) -> int:
@@ -151,11 +161,10 @@ def build_comparison(folder_a: str | Path, folder_b: str | Path, out: str | Path
     for side, other, count in (("A", "B", len(records_a) - len(cards)), ("B", "A", len(records_b) - len(cards))):
         note += f"; {count} images of {side} have no partner in {other}" if count else ""
     settings_a, settings_b = shared_settings(records_a.values()), shared_settings(records_b.values())
-    differing = [name for name in sorted({**settings_a, **settings_b}, key=_settings_order)
-                 if settings_a.get(name) != settings_b.get(name)]
-    if differing:
+    differing = [name for name in settings_a if name in settings_b and settings_a[name] != settings_b[name]]
+    if differing:  # among the settings both folders record: a folder that does not record one says nothing of it
         note += "; made differently: " + " · ".join(
-            f"{name} A {settings_a.get(name, '–')}, B {settings_b.get(name, '–')}" for name in differing)
+            f"{name} A {_setting_text(settings_a[name])}, B {_setting_text(settings_b[name])}" for name in differing)
     page = _page(title or f"{name_a} vs {name_b}", "compare", summary, note, _names(values), cards, {})
     out.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomically(out, page)

@@ -164,7 +164,9 @@ class RemoteReward(Reward):
             try:
                 with _OPENER.open(request, timeout=self.timeout) as response:
                     health = json.loads(response.read())
-            except urllib.error.HTTPError:  # it answered, with nothing to say
+            except urllib.error.HTTPError as error:  # it answered: with nothing to say, or failing for now
+                if error.code >= 500 and error.code != 501:
+                    return None
                 health = {}
             except (OSError, http.client.HTTPException, ValueError):
                 return None

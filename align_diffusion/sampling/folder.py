@@ -19,7 +19,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from align_diffusion.files import write_text_atomically
-from align_diffusion.models.base import PipelineAdapter
+from align_diffusion.models import adapter_class
+from align_diffusion.models.base import MODEL_OPTIONS, PipelineAdapter, recorded_model_options
 from align_diffusion.rewards.base import Reward
 from align_diffusion.sampling.loop import prompt_list, resolve_settings, sample
 
@@ -194,7 +195,11 @@ def check_resumable(records: list[dict], jobs: list[tuple[str, int]], same_run: 
     under the same settings and rewards."""
     if len(records) > len(jobs):
         raise ValueError(f"resume: the folder holds {len(records)} images, more than the {len(jobs)} this run makes")
+    # Earlier versions recorded a model option at its default as given (an explicit 256 T5 tokens, say): as null now.
+    family = adapter_class(same_run["model"]) if "model" in same_run else None
     for record, (prompt, seed) in zip(records, jobs):
+        record = {**record, **recorded_model_options(family, {option: record[option] for option in MODEL_OPTIONS
+                                                              if option in record})}
         if (record["prompt"], record.get("seed")) != (prompt, seed):
             raise ValueError(f"resume: image {record['file']} is of prompt {record['prompt']!r}, seed "
                              f"{record.get('seed')}; this run makes {prompt!r}, seed {seed} there")

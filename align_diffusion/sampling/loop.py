@@ -199,9 +199,9 @@ def guidance_problem(family: type[PipelineAdapter] | None, guidance_scale: float
         runs_cfg = guidance_scale > 1
     if runs_cfg:
         return None
-    hint = "; FLUX runs it with a true_cfg_scale > 1" if takes_true_cfg else ""
-    return ignored, (f"guidance {guidance_scale} runs no classifier-free guidance{f' ({mode})' if mode else ''}, so "
-                     f"the {ignored.replace('_', ' ')} would have no effect{hint}")
+    why = ("FLUX runs classifier-free guidance only as true CFG (a true_cfg_scale > 1)" if takes_true_cfg else
+           f"guidance {guidance_scale} runs no classifier-free guidance{f' ({mode})' if mode else ''}")
+    return ignored, f"{why}, so the {ignored.replace('_', ' ')} would have no effect"
 
 
 def check_guidance(adapter: PipelineAdapter, guidance_scale: float, negative_prompt) -> None:

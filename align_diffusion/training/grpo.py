@@ -286,9 +286,9 @@ class GRPOTrainer:
             configured = adapter_for(adapter.pipe, **options)
             for option, field in MODEL_OPTION_FIELDS.items():
                 if getattr(configured, option) != getattr(adapter, option):
-                    raise ConfigError(f"{field} {options[option]} gives {option}={getattr(configured, option)}, but "
-                                      f"the adapter given was built with {option}={getattr(adapter, option)} "
-                                      f"(adapter_for(pipe, {option}=...))")
+                    raise ConfigError(f"{field} {options[option]} asks for an adapter with {option}="
+                                      f"{getattr(configured, option)}; the adapter given has {option}="
+                                      f"{getattr(adapter, option)} (adapter_for(pipe, {option}=...))")
         self.adapter: PipelineAdapter = adapter
         sampling = config.sampling
         try:  # a size the model cannot take (SD3's position table, FLUX's patches) fails now, not at a rollout
@@ -759,9 +759,12 @@ class GRPOTrainer:
             each = {**score_terms(self.watched_reward, images, per_image)[1], **each}
         result = {"eval/reward_mean": _nanmean(total)}
         result.update({f"eval/{name}_mean": _nanmean(s) for name, s in each.items()})
-        made_with = {"model": self.config.model, "sampler": "ode", "steps": config.num_steps,
-                     "guidance": sampling.guidance_scale, "height": sampling.height, "width": sampling.width,
-                     "negative_prompt": sampling.negative_prompt,
+        resolved = resolve_settings(self.adapter, "ode", config.num_steps, sampling.guidance_scale, None,
+                                    sampling.height, sampling.width)
+        made_with = {"model": self.config.model, "sampler": "ode", "noise_level": resolved.noise_level,
+                     "steps": resolved.num_inference_steps, "guidance": resolved.guidance_scale,
+                     "height": resolved.height, "width": resolved.width, "negative_prompt": sampling.negative_prompt,
+                     "reward": self.config.reward,
                      **recorded_model_options(type(self.adapter), model_options(self.config))}
         records = [{"prompt": p, "seed": config.seed + k, "rewards": reward_record(each, k), **made_with}
                    for k, p in enumerate(per_image)]
