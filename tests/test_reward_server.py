@@ -380,31 +380,29 @@ def test_a_failing_reward_is_500_and_the_client_raises():
             RemoteReward(server.url, TOKEN, attempts=2, backoff=0.01)([Image.new("RGB", (8, 8))], ["a"])
 
 
+def refused_without_retry(server, monkeypatch, images, prompts, status: int, message: str) -> None:
+    """`server` answers the batch with `status` and an error naming `message`, and a client raises at the first
+    such answer, without a retry."""
+    answer_status, answer = request(server, "POST", "/score", score_body(prompts, images), AUTH)
+    assert answer_status == status and message in answer["error"]
+    remote = RemoteReward(server.url, TOKEN, attempts=3, backoff=0.01)
+    remote.body_limit()  # its /health question, asked before the first batch
+    attempts = counted(server, monkeypatch)
+    with pytest.raises(RewardError, match=f"HTTP {status}: .*{message}"):
+        remote(images, prompts)
+    assert len(attempts) == 1
+
+
 def test_an_infinite_score_is_422_and_not_retried(monkeypatch):
-    with serving(InfiniteReward()) as server:
-        status, answer = request(server, "POST", "/score", score_body(["a"], [Image.new("RGB", (8, 8))]), AUTH)
-        assert status == 422 and "infinite score" in answer["error"]
-        remote = RemoteReward(server.url, TOKEN, attempts=3, backoff=0.01)
-        remote.body_limit()  # its /health question, asked before the first batch
-        attempts = counted(server, monkeypatch)
-        with pytest.raises(RewardError, match="HTTP 422: reward infinite returned an infinite score"):
-            remote([Image.new("RGB", (8, 8))], ["a"])
-        assert len(attempts) == 1  # the same batch would score the same again
+    with serving(InfiniteReward()) as server:  # the same batch would score the same again
+        refused_without_retry(server, monkeypatch, [Image.new("RGB", (8, 8))], ["a"], 422, "infinite score")
 
 
 def test_input_the_reward_refuses_is_400_and_not_retried(monkeypatch):
     from align_diffusion.rewards.simple import ShapesReward
 
     with serving(ShapesReward()) as server:
-        body = score_body(["a photo of a cat"], [Image.new("RGB", (64, 64))])
-        status, answer = request(server, "POST", "/score", body, AUTH)
-        assert status == 400 and "refused" in answer["error"]
-        remote = RemoteReward(server.url, TOKEN, attempts=3, backoff=0.01)
-        remote.body_limit()  # its /health question, asked before the first batch
-        attempts = counted(server, monkeypatch)
-        with pytest.raises(RewardError, match="HTTP 400"):
-            remote([Image.new("RGB", (64, 64))], ["a photo of a cat"])
-        assert len(attempts) == 1  # not retried
+        refused_without_retry(server, monkeypatch, [Image.new("RGB", (64, 64))], ["a photo of a cat"], 400, "refused")
 
 
 def test_client_retries_a_failed_attempt_and_then_succeeds():
