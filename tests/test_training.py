@@ -299,9 +299,10 @@ def test_clip_skip_and_guidance_rescale_condition_rollouts_and_evaluations(saved
                                                             dtype=np.float32) / 255).permute(2, 0, 1)
                                 for r in records])
     options = dict(seed=10_000, num_inference_steps=2, guidance_scale=6.0)
+    base = load_adapter(str(saved["sd"])).pipe  # loaded once, wrapped with each option set
     for clip_skip, rescale in [(1, 0.7), (None, 0.7), (1, None)]:
-        base = load_adapter(str(saved["sd"]), clip_skip=clip_skip, guidance_rescale=rescale)
-        images = sample_images(base, [r["prompt"] for r in records], **options)
+        images = sample_images(adapter_for(base, clip_skip=clip_skip, guidance_rescale=rescale),
+                               [r["prompt"] for r in records], **options)
         assert ((saved_images - images).abs().max() <= 1 / 255) == ((clip_skip, rescale) == (1, 0.7))
 
 
@@ -347,8 +348,9 @@ def test_flux_trains_with_true_cfg_away_from_the_negative_prompt(prompt_file, tm
                                 .permute(2, 0, 1) for r in records])
     options = dict(seed=10_000, num_inference_steps=2, guidance_scale=3.5)
     prompts = [r["prompt"] for r in records]
-    true_cfg = sample_images(load_adapter(str(model), true_cfg_scale=3.0), prompts, negative_prompt="blurry", **options)
-    distilled = sample_images(load_adapter(str(model)), prompts, **options)
+    base = load_adapter(str(model)).pipe
+    true_cfg = sample_images(adapter_for(base, true_cfg_scale=3.0), prompts, negative_prompt="blurry", **options)
+    distilled = sample_images(adapter_for(base), prompts, **options)
     assert (saved_images - true_cfg).abs().max() <= 1 / 255
     assert (saved_images - distilled).abs().max() > 2 / 255
     unset = [o for o in overrides if not o.startswith("sampling.negative_prompt")]

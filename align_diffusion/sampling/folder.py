@@ -22,7 +22,7 @@ from align_diffusion.files import write_text_atomically
 from align_diffusion.models import adapter_class
 from align_diffusion.models.base import MODEL_OPTIONS, PipelineAdapter, recorded_model_options
 from align_diffusion.rewards.base import Reward
-from align_diffusion.sampling.loop import prompt_list, resolve_settings, sample
+from align_diffusion.sampling.loop import Settings, prompt_list, resolve_settings, sample
 
 
 IMAGE_NAME = re.compile(r"\d{5,}\.png")  # the names `SampleFolder.add` gives
@@ -155,10 +155,8 @@ def sample_to_folder(
         reward.check_prompts(prompts)
     settings = resolve_settings(adapter, sampler, num_inference_steps, guidance_scale, noise_level, height, width)
     jobs = [(prompt, seed + k) for k, prompt in enumerate(p for p in prompts for _ in range(num_images_per_prompt))]
-    same_run = {"sampler": sampler, "noise_level": settings.noise_level, "steps": settings.num_inference_steps,
-                "guidance": settings.guidance_scale, "height": settings.height, "width": settings.width,
-                "negative_prompt": negative_prompt, "reward": None if reward is None else reward.spec,
-                **(extra_metadata or {})}
+    same_run = {**settings_record(sampler, settings, negative_prompt),
+                "reward": None if reward is None else reward.spec, **(extra_metadata or {})}
     reward_keys = None if reward is None else reward.keys if isinstance(reward, WeightedRewards) else [reward.name]
     done = 0
     if resuming:  # checked before the folder is touched: a refused resume leaves it as it was
@@ -187,6 +185,13 @@ def sample_to_folder(
             bar.update(len(batch))
     build_gallery(out_dir)
     return folder.records
+
+
+def settings_record(sampler: str, settings: Settings, negative_prompt) -> dict:
+    """How images were sampled, under the keys every record of a sample folder holds (the review pages show them)."""
+    return {"sampler": sampler, "noise_level": settings.noise_level, "steps": settings.num_inference_steps,
+            "guidance": settings.guidance_scale, "height": settings.height, "width": settings.width,
+            "negative_prompt": negative_prompt}
 
 
 def check_resumable(records: list[dict], jobs: list[tuple[str, int]], same_run: dict,

@@ -31,7 +31,7 @@ import time
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -48,7 +48,7 @@ from align_diffusion.models.base import compile_repeated_blocks, recorded_model_
 from align_diffusion.rewards import load_reward
 from align_diffusion.rewards.spec import WeightedRewards, score_terms
 from align_diffusion.rewards.transforms import group_advantages
-from align_diffusion.sampling.folder import SampleFolder, json_safe, reward_record
+from align_diffusion.sampling.folder import SampleFolder, json_safe, reward_record, settings_record
 from align_diffusion.sampling.loop import (
     DEFAULT_NOISE_LEVEL,
     LARGEST_NOISE_LEVEL,
@@ -747,23 +747,18 @@ class GRPOTrainer:
         config, sampling = self.config.eval, self.config.sampling
         prompts = self.eval_prompts.all()
         per_image = [p for p in prompts for _ in range(config.num_images_per_prompt)]
+        settings = resolve_settings(self.adapter, "ode", config.num_steps, sampling.guidance_scale, None,
+                                    sampling.height, sampling.width)
         self.adapter.denoiser.eval()
         with self.ema.applied() if self.ema is not None else nullcontext(), self.accelerator.autocast():
-            images = sample_images(
-                self.adapter, per_image, seed=config.seed, batch_size=sampling.batch_size, sampler="ode",
-                num_inference_steps=config.num_steps, guidance_scale=sampling.guidance_scale, height=sampling.height,
-                width=sampling.width, negative_prompt=sampling.negative_prompt,
-            )
+            images = sample_images(self.adapter, per_image, seed=config.seed, batch_size=sampling.batch_size,
+                                   sampler="ode", negative_prompt=sampling.negative_prompt, **asdict(settings))
         total, each = score_terms(self.reward, images, per_image)
         if self.watched_reward is not None:  # a term of the trained reward keeps its own scores
             each = {**score_terms(self.watched_reward, images, per_image)[1], **each}
         result = {"eval/reward_mean": _nanmean(total)}
         result.update({f"eval/{name}_mean": _nanmean(s) for name, s in each.items()})
-        resolved = resolve_settings(self.adapter, "ode", config.num_steps, sampling.guidance_scale, None,
-                                    sampling.height, sampling.width)
-        made_with = {"model": self.config.model, "sampler": "ode", "noise_level": resolved.noise_level,
-                     "steps": resolved.num_inference_steps, "guidance": resolved.guidance_scale,
-                     "height": resolved.height, "width": resolved.width, "negative_prompt": sampling.negative_prompt,
+        made_with = {"model": self.config.model, **settings_record("ode", settings, sampling.negative_prompt),
                      "reward": self.config.reward,
                      **recorded_model_options(type(self.adapter), model_options(self.config))}
         records = [{"prompt": p, "seed": config.seed + k, "rewards": reward_record(each, k), **made_with}

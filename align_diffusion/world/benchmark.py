@@ -7,7 +7,7 @@ from pathlib import Path
 
 from align_diffusion.gallery import build_gallery
 from align_diffusion.models.base import PipelineAdapter
-from align_diffusion.sampling.folder import SampleFolder
+from align_diffusion.sampling.folder import SampleFolder, settings_record
 from align_diffusion.sampling.loop import resolve_settings, sample_images
 from align_diffusion.world.evaluate import shapes_eval
 from align_diffusion.world.prompts import split_prompts
@@ -44,9 +44,7 @@ def evaluate_shapes(
     for k, record in enumerate(result["per_image"]):
         record["seed"] = seed + k
     if out_dir is not None:
-        made_with = {"sampler": sampler, "noise_level": settings.noise_level, "steps": settings.num_inference_steps,
-                     "guidance": settings.guidance_scale, "height": settings.height, "width": settings.width,
-                     "negative_prompt": negative_prompt, **(extra_metadata or {})}
+        made_with = {**settings_record(sampler, settings, negative_prompt), **(extra_metadata or {})}
         with SampleFolder(out_dir) as folder:
             for image, record in zip(adapter.to_pil(images), result["per_image"]):
                 folder.add(image, {"prompt": record["prompt"], "seed": record["seed"],
