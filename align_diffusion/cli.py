@@ -343,6 +343,8 @@ def add_train_reward_parser(subparsers) -> None:
                                "below held-out clean images")
     noise_aware = parser.add_argument_group("noise-aware")
     noise_aware.add_argument("--model", default="assets/world/sd3", help="the generator whose trajectories it reads")
+    noise_aware.add_argument("--lora", type=Path, default=None, help="folder with a diffusers-format LoRA for --model")
+    noise_aware.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="the generator's dtype")
     noise_aware.add_argument("--teacher", default="clip:assets/world/clip",
                              help="teacher reward spec (clip:, pickscore:)")
     noise_aware.add_argument("--prompts", default="shapes:train", help="training prompts: shapes:SPLIT or a file")
@@ -351,6 +353,8 @@ def add_train_reward_parser(subparsers) -> None:
     noise_aware.add_argument("--images-per-eval-prompt", type=_positive_int, default=4)
     noise_aware.add_argument("--num-inference-steps", type=_positive_int, default=10)
     noise_aware.add_argument("--guidance", type=_non_negative_float, default=2.0)
+    add_negative_prompt(noise_aware)
+    add_model_options(noise_aware)
     noise_aware.add_argument("--prune-step", type=int, default=2,
                              help="the earliest step the student must score (the curriculum ends there)")
     parser.set_defaults(run=run_train_reward)
@@ -380,7 +384,6 @@ def run_train_artifact(args) -> None:
 
 
 def run_train_noise_aware(args) -> None:
-    from align_diffusion.models import load_adapter
     from align_diffusion.rewards import noise_aware
     from align_diffusion.rewards.spec import load_reward, parse_spec
     from align_diffusion.training.prompts import PromptSource
@@ -390,11 +393,14 @@ def run_train_noise_aware(args) -> None:
         raise SystemExit("align-diffusion train-reward noise-aware: --teacher must be clip:PATH or pickscore:PATH")
     if not 0 <= args.prune_step < args.num_inference_steps:
         raise SystemExit(f"--prune-step must lie in [0, {args.num_inference_steps}) (--num-inference-steps)")
-    adapter = load_adapter(args.model, device=args.device)
+    check_model_arguments(args)
     teacher = load_reward(args.teacher, device=args.device)
+    args.sampler = "ode"  # the trajectories are the ODE's; what load_for_command checks against the model
+    adapter = load_for_command(args)
     settings = noise_aware.NoiseAwareTraining(steps_per_stage=args.steps or 60, earliest_step=args.prune_step,
                                               seed=args.seed)
-    collect = dict(num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance)
+    collect = dict(num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance,
+                   negative_prompt=args.negative_prompt)
     train_prompts = PromptSource(args.prompts, "--prompts").draw(args.seed, 0, args.train_images)
     train = noise_aware.collect(adapter, teacher, train_prompts, 1, seed=args.seed, **collect)
     held_out = noise_aware.collect(adapter, teacher, PromptSource(args.eval_prompts, "--eval-prompts").all(),
@@ -402,8 +408,8 @@ def run_train_noise_aware(args) -> None:
     before = noise_aware.step_agreement(teacher, held_out)
     student = noise_aware.distill(teacher, train, settings)
     after = noise_aware.step_agreement(student, held_out)
-    report = noise_aware.report_dict(settings, before, after, model=args.model, teacher=args.teacher,
-                                     held_out_images=len(held_out.prompts))
+    report = noise_aware.report_dict(settings, before, after, **model_record(args), teacher=args.teacher,
+                                     held_out_images=len(held_out.prompts), **collect)
     noise_aware.save_student(student, term.arg, args.out, report)
     print("step  spearman(teacher on x̂0, teacher final)  spearman(student on x̂0, teacher final)")
     for step, (b, a) in enumerate(zip(before, after)):

@@ -1,6 +1,8 @@
-"""Noise-aware rewards: the Spearman metric against scipy, and a distilled student that learns to rank blurred
-images by the teacher's score of their sharp versions, saved as a CLIP folder that `clip:OUT` loads."""
+"""Noise-aware rewards: the Spearman metric against scipy, a distilled student that learns to rank blurred images
+by the teacher's score of their sharp versions, saved as a CLIP folder that `clip:OUT` loads; trajectories that
+end in the images sampling makes; the train-reward command's record and refusals."""
 
+import json
 import math
 from pathlib import Path
 
@@ -9,9 +11,12 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import spearmanr
 
-from align_diffusion.rewards.noise_aware import NoiseAwareTraining, Rollouts, distill, save_student, spearman
-from align_diffusion.rewards.noise_aware import step_agreement
+from align_diffusion.cli import main
+from align_diffusion.models import load_adapter
+from align_diffusion.rewards.noise_aware import REPORT_FILE, NoiseAwareTraining, Rollouts, collect, distill
+from align_diffusion.rewards.noise_aware import save_student, spearman, step_agreement
 from align_diffusion.rewards.spec import load_reward
+from align_diffusion.sampling.loop import sample_images
 from align_diffusion.world.data import to_tensor
 from align_diffusion.world.render import render_prompt
 
@@ -91,3 +96,52 @@ def test_student_learns_to_rank_blurred_images_by_their_sharp_scores(tmp_path):
     reloaded = load_reward(f"clip:{tmp_path}")
     with torch.no_grad():
         torch.testing.assert_close(reloaded(blurred[:4], per_image[:4]), student(blurred[:4], per_image[:4]))
+
+
+WORLD_SD3 = WORLD_CLIP.parent / "sd3"
+
+
+def test_collected_trajectories_end_in_the_images_sample_images_makes_with_the_negative_prompt():
+    adapter = load_adapter(str(WORLD_SD3))
+    teacher = load_reward(f"clip:{WORLD_CLIP}")
+    prompts = ["a red circle", "a blue square"]
+    settings = dict(num_inference_steps=3, guidance_scale=2.0, seed=5)
+    with_negative = collect(adapter, teacher, prompts, 1, negative_prompt="a green triangle", **settings)
+    images = sample_images(adapter, prompts, seed=5, num_inference_steps=3, guidance_scale=2.0,
+                           negative_prompt="a green triangle")
+    with torch.no_grad():
+        torch.testing.assert_close(with_negative.teacher_final, teacher(images, prompts).cpu())
+        torch.testing.assert_close(with_negative.x0_images[:, -1], images, atol=1e-4, rtol=0)
+    without = collect(adapter, teacher, prompts, 1, **settings)
+    assert (with_negative.x0_images[:, -1] - without.x0_images[:, -1]).abs().max() > 1e-2
+
+
+def test_train_reward_noise_aware_command_records_the_generator_it_read(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na blue square\n")
+    out = tmp_path / "student"
+    main(["train-reward", "noise-aware", "--model", str(WORLD_SD3), "--teacher", f"clip:{WORLD_CLIP}",
+          "--prompts", str(prompts), "--eval-prompts", str(prompts), "--train-images", "3",
+          "--images-per-eval-prompt", "2", "--num-inference-steps", "3", "--prune-step", "1", "--steps", "1",
+          "--negative-prompt", "a green triangle", "--clip-skip", "1", "--out", str(out)])
+    report = json.loads((out / REPORT_FILE).read_text())
+    assert report["model"] == str(WORLD_SD3) and report["lora"] is None
+    assert report["negative_prompt"] == "a green triangle" and report["clip_skip"] == 1
+    assert report["num_inference_steps"] == 3 and report["held_out_images"] == 4
+    assert len(report["spearman_student_on_x0"]) == 3
+    with torch.no_grad():
+        assert torch.isfinite(load_reward(f"clip:{out}")(torch.rand(1, 3, 32, 32), ["a red circle"])).all()
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--negative-prompt", "blurry", "--guidance", "1"], "--negative-prompt"),
+    (["--true-cfg-scale", "2"], "--true-cfg-scale"),
+    (["--lora", "no/such/folder"], "--lora"),
+])
+def test_train_reward_noise_aware_refuses_bad_generator_options_before_loading(tmp_path, monkeypatch, flags, named):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("loaded something before refusing")
+
+    monkeypatch.setattr("align_diffusion.rewards.spec.load_reward", no_loading)
+    with pytest.raises(SystemExit, match=named):
+        main(["train-reward", "noise-aware", "--out", str(tmp_path / "student"), *flags])

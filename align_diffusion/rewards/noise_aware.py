@@ -52,7 +52,8 @@ class Rollouts:
 
 @torch.no_grad()
 def collect(adapter: PipelineAdapter, teacher, prompts: list[str], num_images_per_prompt: int,
-            num_inference_steps: int, guidance_scale: float, seed: int, batch_size: int = 32) -> Rollouts:
+            num_inference_steps: int, guidance_scale: float, seed: int, batch_size: int = 32,
+            negative_prompt: str | None = None) -> Rollouts:
     """ODE trajectories of the prompts, their decoded x̂0 per step and the teacher's final scores."""
     per_image = [p for p in prompts for _ in range(num_images_per_prompt)]
     x0s, finals = [], []
@@ -60,7 +61,7 @@ def collect(adapter: PipelineAdapter, teacher, prompts: list[str], num_images_pe
         chunk = per_image[start : start + batch_size]
         generators = [torch.Generator().manual_seed(seed + start + k) for k in range(len(chunk))]
         trajectory = sample(adapter, chunk, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                            generators=generators)
+                            negative_prompt=negative_prompt, generators=generators)
         steps = trajectory.pred_x0.shape[1]
         decoded = adapter.decode(trajectory.pred_x0.flatten(0, 1)).view(len(chunk), steps, 3,
                                                                           *trajectory.images.shape[-2:])
