@@ -425,6 +425,19 @@ def test_per_sample_timesteps_under_cfg_equal_the_shared_timestep(tiny_pipes, fa
     torch.testing.assert_close(per_sample, shared, atol=1e-6, rtol=0)
 
 
+def test_lora_takes_the_same_modules_and_initial_weights_whatever_the_order_of_its_targets(tiny_pipes):
+    """Why a resume may list lora.target_modules in another order: the run it makes is the same."""
+    layers = []
+    for targets in (["to_q", "to_k", "to_v", "to_out.0"], ["to_out.0", "to_v", "to_k", "to_q", "to_k"]):
+        adapter = adapter_for(copy.deepcopy(tiny_pipes["sd3"]))
+        torch.manual_seed(0)
+        add_lora(adapter, rank=4, alpha=8, target_modules=targets)
+        layers.append({name: p for name, p in adapter.denoiser.named_parameters() if "lora_" in name})
+    assert list(layers[0]) == list(layers[1]) and len(layers[0]) > 0
+    for name, weight in layers[0].items():
+        assert torch.equal(weight, layers[1][name]), name
+
+
 def test_compiled_blocks_with_lora_match_eager_in_every_mode_the_trainer_runs(tiny_pipes, capfd):
     """Regional compilation (the trainer's `optim.compile`) of SD3.5-style blocks (dual attention, a last block
     without context output), LoRA inside: one compiled block per layer, the eager model's predictions and input

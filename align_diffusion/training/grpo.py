@@ -20,6 +20,7 @@ The GRPO variants are options of this one loop: DanceGRPO (`sampling.sampler: da
 
 from __future__ import annotations
 
+import ast
 import copy
 import json
 import math
@@ -178,9 +179,13 @@ def changed_settings(earlier: dict, current: dict) -> list[str]:
     """The flat setting keys whose values differ, each compared as a tracker holds it (a list or None as its text,
     which is how a checkpoint records it; a GDRO set of an earlier version held them as they are). A record an
     earlier version wrote may lack keys added since: their settings had the default then. A key derived from others
-    (a noise table's levels) is compared where both hold it."""
-    earlier, current = (json.loads(json.dumps(_flat(settings))) for settings in (earlier, current))
-    defaults = json.loads(json.dumps(_flat(to_dict(TrainConfig()))))
+    (a noise table's levels) is compared where both hold it. LoRA's target modules are compared as a set: peft wraps
+    every module whose name matches one of them, in the model's order, whatever order the list has."""
+    earlier, current, defaults = (json.loads(json.dumps(_flat(settings)))
+                                  for settings in (earlier, current, to_dict(TrainConfig())))
+    for settings in (earlier, current, defaults):
+        if isinstance(settings.get("lora.target_modules"), str):
+            settings["lora.target_modules"] = sorted(set(ast.literal_eval(settings["lora.target_modules"])))
     keys = earlier.keys() & current.keys() | current.keys() & defaults.keys()
     return [key for key in sorted(keys) if earlier.get(key, defaults.get(key)) != current[key]]
 
