@@ -327,10 +327,24 @@ def test_a_batch_over_the_servers_limit_goes_in_parts_and_one_image_over_it_rais
         assert statuses == [200]  # the /health answer: no image was sent
     with serving(MeanReward()) as server:
         remote = RemoteReward(server.url, TOKEN, attempts=1)
-        remote.body_limit()  # asked while the server takes 64 MiB
+        remote.server_limit("max_body_bytes")  # asked while the server takes 64 MiB
         server.max_body_bytes = 5_000
         with pytest.raises(RewardError, match="refused a .*-byte request of one image .*413.*--max-body-mb"):
             remote(noise[:2], ["x"] * 2)
+
+
+def test_a_batch_over_the_servers_pixel_limit_goes_in_parts(monkeypatch):
+    """The pixel limit bounds what a batch decodes to, whatever its body's size; /health states it."""
+    monkeypatch.setattr("align_diffusion.rewards.server.MAX_BATCH_PIXELS", 3 * 64 * 64)
+    noise, statuses = noise_images(8), answered(monkeypatch)
+    with serving(MeanReward()) as server:
+        assert request(server, "GET", "/health")[1]["max_batch_pixels"] == 3 * 64 * 64
+        statuses.clear()
+        assert RemoteReward(server.url, TOKEN, attempts=1)(noise, [str(k) for k in range(8)]).tolist() == means(noise)
+        assert 400 not in statuses and statuses.count(200) == 1 + 4  # /health, then 8 images in requests of 2
+        big = [Image.new("RGB", (128, 128), (9, 9, 9))]  # one image over the limit: the server's refusal names it
+        with pytest.raises(RewardError, match="HTTP 400: a batch of 16384 pixels exceeds 12288"):
+            RemoteReward(server.url, TOKEN, attempts=1)(big, ["x"])
 
 
 def drop_the_connection(handler, status, message):
@@ -386,7 +400,7 @@ def refused_without_retry(server, monkeypatch, images, prompts, status: int, mes
     answer_status, answer = request(server, "POST", "/score", score_body(prompts, images), AUTH)
     assert answer_status == status and message in answer["error"]
     remote = RemoteReward(server.url, TOKEN, attempts=3, backoff=0.01)
-    remote.body_limit()  # its /health question, asked before the first batch
+    remote.server_limit("max_body_bytes")  # its /health question, asked before the first batch
     attempts = counted(server, monkeypatch)
     with pytest.raises(RewardError, match=f"HTTP {status}: .*{message}"):
         remote(images, prompts)
@@ -492,7 +506,7 @@ def test_client_times_out_on_a_stalled_server_without_queueing_retries_behind_it
     monkeypatch.setenv(TIMEOUT_ENV, "0.5")
     with serving(reward) as server:
         remote = RemoteReward(server.url, TOKEN, attempts=2, backoff=0.05)
-        remote.body_limit()  # its /health question, asked before the first batch
+        remote.server_limit("max_body_bytes")  # its /health question, asked before the first batch
         attempts = counted(server, monkeypatch)
         try:
             # Without the timeout the first attempt would wait for `release` and then get a 200 answer.

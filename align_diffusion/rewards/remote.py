@@ -128,22 +128,26 @@ class RemoteReward(Reward):
         self.health: dict | None = None  # the server's /health answer, once one came
 
     def score(self, images, prompts, metadata):
-        return self._scored([encode_png(image) for image in images_to_pil(images)], prompts,
-                            None if metadata is None else list(metadata))
+        images = images_to_pil(images)
+        return self._scored([encode_png(image) for image in images], prompts,
+                            None if metadata is None else list(metadata), images[0].width * images[0].height)
 
-    def _scored(self, images: list[str], prompts: list[str], metadata: list | None) -> torch.Tensor:
-        """Scores of PNG-encoded images; a batch larger than the server takes (as its /health says, or as it answers)
-        goes in two halves (images are scored one by one, so the halves score as the whole would)."""
+    def _scored(self, images: list[str], prompts: list[str], metadata: list | None, image_pixels: int) -> torch.Tensor:
+        """Scores of PNG-encoded images of `image_pixels` pixels each; a batch larger than the server takes (in
+        bytes or pixels, as its /health says, or in bytes as it answers) goes in two halves (images are scored one
+        by one, so the halves score as the whole would)."""
         request = {"prompts": prompts, "images": images, **({} if metadata is None else {"metadata": metadata})}
         try:
             body = json.dumps(request, allow_nan=False).encode()
         except (TypeError, ValueError) as error:
             raise ValueError(f"{self.name}: metadata must be plain JSON to reach a reward server: {error}") from None
-        limit = self.body_limit()
+        limit, pixel_limit = self.server_limit("max_body_bytes"), self.server_limit("max_batch_pixels")
         if limit is not None and len(body) > limit and len(images) == 1:
             raise BatchTooLarge(f"reward server {self.url} takes requests of up to {limit} bytes (its /health), and "
                                 f"one image makes {len(body)}; raise the server's --max-body-mb")
-        if limit is None or len(body) <= limit:
+        # One image over the pixel limit goes as it is: the server's refusal names its size.
+        if (limit is None or len(body) <= limit) and (
+                pixel_limit is None or len(images) * image_pixels <= pixel_limit or len(images) == 1):
             try:
                 return parse_rewards(self.post(body), len(prompts), self.url)
             except BatchTooLarge:
@@ -151,14 +155,15 @@ class RemoteReward(Reward):
                     raise
         half = len(images) // 2
         parts = [slice(None, half), slice(half, None)]
-        return torch.cat([self._scored(images[part], prompts[part], None if metadata is None else metadata[part])
-                          for part in parts])
+        return torch.cat([self._scored(images[part], prompts[part], None if metadata is None else metadata[part],
+                                       image_pixels) for part in parts])
 
-    def body_limit(self) -> int | None:
-        """The largest request body the server takes, from its /health, which is asked (with the token) until it
-        answers; None when it does not say. On a slow link a body the server refuses can reset the connection
-        before its refusal is read, so the size and the token are checked before a batch goes. RewardError when
-        /health refuses the token; an unreachable server is left to the request's own retries and errors."""
+    def server_limit(self, key: str) -> int | None:
+        """A limit the server's /health states (`max_body_bytes`, `max_batch_pixels`), which is asked (with the
+        token) until it answers; None when it does not say. On a slow link a body the server refuses can reset the
+        connection before its refusal is read, so the size and the token are checked before a batch goes.
+        RewardError when /health refuses the token; an unreachable server is left to the request's own retries
+        and errors."""
         if self.health is None:
             request = urllib.request.Request(f"{self.url}/health", headers={"Authorization": f"Bearer {self.token}"})
             try:
@@ -173,7 +178,7 @@ class RemoteReward(Reward):
             self.health = health if isinstance(health, dict) else {}
         if self.health.get("authorized") is False:
             raise RewardError(f"reward server {self.url}: HTTP 401: missing or wrong token (answered by its /health)")
-        limit = self.health.get("max_body_bytes")
+        limit = self.health.get(key)
         return limit if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0 else None
 
     def post(self, body: bytes) -> bytes:

@@ -2,9 +2,10 @@
 
 Standard library only. `POST /score` takes `{"prompts": [...], "images": [base64 PNG, ...], "metadata": [...]}`
 (metadata optional) with `Authorization: Bearer TOKEN` and answers `{"rewards": [...]}`, NaN sent as null.
-`GET /health` answers `{"status": "ok", "reward": NAME, "max_body_bytes": N}` without a token, and with
-`"authorized": true / false` when a token comes along, so a client learns both before it sends a large body (on a
-slow link a refused body can reset the connection before the refusal is read). Errors answer `{"error": MESSAGE}`:
+`GET /health` answers `{"status": "ok", "reward": NAME, "max_body_bytes": N, "max_batch_pixels": P}` without a
+token, and with `"authorized": true / false` when a token comes along, so a client learns its limits and its
+token's standing before it sends a large body (on a slow link a refused body can reset the connection before the
+refusal is read). Errors answer `{"error": MESSAGE}`:
 401 bad token, 400 bad request (or input the reward refuses with ValueError), 404 unknown path, 411 no
 Content-Length, 413 body too large, 422 the reward returned an infinite score (the same batch would score the same
 again), 500 the reward raised anything else or the request failed to parse in a way the server did not foresee.
@@ -160,7 +161,8 @@ class RewardRequestHandler(BaseHTTPRequestHandler):
     def do_GET(self):
         if self.path != "/health":
             return self.reject(404, f"unknown path {self.path}")
-        health = {"status": "ok", "reward": self.server.reward.name, "max_body_bytes": self.server.max_body_bytes}
+        health = {"status": "ok", "reward": self.server.reward.name, "max_body_bytes": self.server.max_body_bytes,
+                  "max_batch_pixels": MAX_BATCH_PIXELS}
         if "Authorization" in self.headers:
             health["authorized"] = self.authorized()
         self.send_json(200, health)
