@@ -887,6 +887,15 @@ def test_deepspeed_zero2_config_trains_like_one_plain_process(trained, saved, pr
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-6, rtol=1e-5), key
     assert [r["grad_norm"] for r in metrics(out)] == pytest.approx([r["grad_norm"] for r in metrics(straight)])
+    # Unclipped, the gradients are gone after DeepSpeed's step too: their norm is the engine's. Step 1's is the
+    # unclipped norm either way.
+    unclipped = tmp_path / "unclipped"
+    command = [*[c for c in command if not c.startswith("output_dir=")], f"output_dir={unclipped}", "max_steps=1",
+               "optim.max_grad_norm=null"]
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": threads},
+                            timeout=280)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert metrics(unclipped)[0]["grad_norm"] == pytest.approx(metrics(straight)[0]["grad_norm"])
 
 
 def test_processes_the_launcher_started_but_accelerate_did_not_join_are_refused(saved, prompt_file, tmp_path):

@@ -699,8 +699,10 @@ class GRPOTrainer:
                         before_update.append(ratios[-1])
                     clipped.append(((ratio.detach() - 1).abs() > config.clip_range)[mask.bool()].float())
                     loss_sum, loss_count = loss_sum + masked_sum.detach(), loss_count + float(mask.sum())
-            if self.config.optim.max_grad_norm is not None:
-                norm = self.accelerator.clip_grad_norm_(self.params, self.config.optim.max_grad_norm)
+            # DeepSpeed has stepped (clipping as its config says) inside the last backward and freed the gradients:
+            # only its engine knows their norm, which accelerate's clip_grad_norm_ returns.
+            if self.config.optim.max_grad_norm is not None or self.accelerator.state.deepspeed_plugin is not None:
+                norm = self.accelerator.clip_grad_norm_(self.params, self.config.optim.max_grad_norm or 0.0)
             else:
                 self.accelerator.unscale_gradients()  # under fp16 the gradients hold the loss scale until now
                 norm = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in self.params if p.grad is not None))
