@@ -21,7 +21,7 @@ from align_diffusion.sampling.loop import sample, step_log_prob
 from align_diffusion.training.advantages import best_worst_mask, dense_advantages
 from align_diffusion.training.config import ConfigError, load_config, to_dict
 from align_diffusion.training.gdro import GROUPS_FILE, GDROTrainer, gdro_loss
-from align_diffusion.training.grpo import GRPOTrainer, train
+from align_diffusion.training.grpo import GRPOTrainer, gaussian_kl, train
 from align_diffusion.training.noise_table import calibrate_step, read_table, write_table
 
 # --- hand-worked values ------------------------------------------------------------------------------------------
@@ -164,7 +164,8 @@ def test_best_worst_images_weigh_the_same_whatever_micro_batch_they_fall_in(save
         lambda optimizer, *_: gradients.append(torch.cat([p.grad.flatten().double() for p in trainer.params])))
     rollouts = trainer.rollout(0)
     advantages, _ = trainer.advantages(rollouts)
-    trainer.update(rollouts, advantages, 0)
+    stats = trainer.update(rollouts, advantages, 0)
+    assert math.isnan(stats["kl"])  # no KL term (kl_beta 0): none logged
 
     kept = ~torch.isnan(advantages)
     assert int(kept.sum()) == 4  # the best and the worst of each of the two groups of 4
@@ -178,6 +179,33 @@ def test_best_worst_images_weigh_the_same_whatever_micro_batch_they_fall_in(save
     by_hand = torch.cat([p.grad.flatten().double() for p in trainer.params])
     assert float(by_hand.norm()) > 0
     assert torch.allclose(gradients[0], by_hand, rtol=1e-4, atol=1e-6 * float(by_hand.abs().max()))
+
+
+def test_the_logged_kl_is_that_of_the_images_in_the_loss(saved, prompt_file, tmp_path):
+    """Images whose advantage is NaN (unscored, in a group without spread, DanceGRPO's middle ones) are left out of
+    the KL statistic as of the loss. Kept here: the two images of the largest KL."""
+    overrides = tiny_overrides(saved["sd3"], prompt_file, tmp_path, max_steps=1, **{"grpo.kl_beta": 0.1,
+                                                                                     "optim.lr": 0})
+    trainer = GRPOTrainer(load_config(None, overrides))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for param in trainer.params:
+            param.normal_(std=0.05)  # a policy away from the reference
+    rollouts = trainer.rollout(0)
+    with torch.no_grad():
+        per_step = []
+        for j in trainer.train_timesteps(0, rollouts.trajectory.stochastic_steps):
+            out = step_log_prob(trainer.adapter, rollouts.trajectory, j)
+            with trainer.reference_model():
+                ref = step_log_prob(trainer.adapter, rollouts.trajectory, j)
+            per_step.append(gaussian_kl(out.mean, ref.mean, out.std))
+    kl = torch.stack(per_step, dim=1)
+    advantages = torch.full((len(kl),), math.nan)
+    advantages[kl.mean(1).topk(2).indices] = torch.tensor([1.0, -1.0])
+    stats = trainer.update(rollouts, advantages, 0)
+    kept = ~torch.isnan(advantages)
+    assert stats["kl"] == pytest.approx(float(kl[kept].mean()), rel=1e-4)
+    assert stats["kl"] != pytest.approx(float(kl.mean()), rel=1e-2)
 
 
 def test_bnpo_maps_the_configured_reward_range_to_the_unit_interval(saved, prompt_file, tmp_path):

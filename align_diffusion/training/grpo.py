@@ -690,7 +690,7 @@ class GRPOTrainer:
                                 ref = step_log_prob(self.adapter, trajectory, j, index)
                             kl = gaussian_kl(out.mean, ref.mean, out.std)
                             loss_per_image = policy + config.kl_beta * kl
-                            kls.append(kl.detach())
+                            kls.append(kl.detach()[mask.bool()])
                         masked_sum = (loss_per_image * mask.to(loss_per_image.device)).sum()
                         loss = masked_sum * processes / max(1.0, float(counts[term])) / len(timesteps)
                         self.accelerator.backward(loss)
@@ -729,7 +729,7 @@ class GRPOTrainer:
         ratio_max, minus_ratio_min, deviation = self.accelerator.gather(extremes).view(-1, 3).amax(0).tolist()
         stats = {
             "loss": loss_total / loss_count if loss_count else math.nan,  # per trained (image, step)
-            "kl": kl_total / kl_count if kl_count else 0.0,
+            "kl": kl_total / kl_count if kl_count else math.nan,  # of the trained pairs; NaN without the KL term
             "clip_fraction": clip_total / clip_count if clip_count else math.nan,
             "ratio_mean": ratio_total / ratio_count if ratio_count else math.nan,
             "ratio_min": -minus_ratio_min if ratio_count else math.nan,
