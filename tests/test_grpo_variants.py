@@ -231,9 +231,16 @@ def test_bnpo_maps_the_configured_reward_range_to_the_unit_interval(saved, promp
 
 
 def test_dense_grpo_gives_each_step_its_group_normalized_advantage(saved, prompt_file, tmp_path):
-    overrides = tiny_overrides(saved["sd3"], prompt_file, tmp_path, max_steps=1, **{"grpo.dense": "ode"})
+    overrides = tiny_overrides(saved["sd3"], prompt_file, tmp_path, max_steps=1,
+                               **{"grpo.dense": "ode", "sampling.batch_size": 4})
     trainer = GRPOTrainer(load_config(None, overrides))
+    rows = []
+    trainer.adapter.denoiser.register_forward_pre_hook(
+        lambda module, args, kwargs: rows.append(len(kwargs["hidden_states"])), with_kwargs=True)
     rollouts = trainer.rollout(0)
+    # The ODE completions too call the denoiser with at most sampling.batch_size images (twice the rows with CFG),
+    # not all 3 states' completions of a chunk's 4 images at once.
+    assert max(rows) == 2 * 4
     advantages, stats = trainer.advantages(rollouts)
     assert advantages.shape == (8, 3)
     reference = dense_step_rewards(trainer.adapter, rollouts.trajectory, trainer.reward, mode="ode").deltas

@@ -543,7 +543,8 @@ class GRPOTrainer:
                 )
                 parts.append(part)
                 if config.grpo.dense is not None:
-                    deltas.append(dense_step_rewards(self.adapter, part, self.reward, mode=config.grpo.dense).deltas)
+                    deltas.append(dense_step_rewards(self.adapter, part, self.reward, mode=config.grpo.dense,
+                                                     max_batch=sampling.batch_size).deltas)
                 if executor is None:  # out of autocast, like the worker thread (autocast is per thread) and eval
                     with torch.autocast(self.accelerator.device.type, enabled=False):
                         futures.append(_done(score_terms(self.reward, part.images, chunk_prompts)))
