@@ -21,7 +21,7 @@ from align_diffusion.sampling.loop import sample, step_log_prob
 from align_diffusion.training.advantages import best_worst_mask, dense_advantages
 from align_diffusion.training.config import ConfigError, load_config, to_dict
 from align_diffusion.training.gdro import GROUPS_FILE, GDROTrainer, gdro_loss
-from align_diffusion.training.grpo import GRPOTrainer, gaussian_kl, train
+from align_diffusion.training.grpo import SHARED_NOISE_STREAM, GRPOTrainer, gaussian_kl, train
 from align_diffusion.training.noise_table import calibrate_step, read_table, write_table
 
 # --- hand-worked values ------------------------------------------------------------------------------------------
@@ -353,6 +353,32 @@ def test_gdro_generates_its_set_with_the_negative_prompt(saved, prompt_file, tmp
     expected = sample(load_adapter(str(saved["sd3"])), prompts, generators=[torch.Generator().manual_seed(k)
                       for k in range(2)], num_inference_steps=3, guidance_scale=2.0, negative_prompt="blurry")
     torch.testing.assert_close(groups["latents"][0], expected.final_latents, atol=1e-4, rtol=0)
+
+
+def test_gdro_generates_its_set_with_the_noise_window_and_shared_noise_in_batches(saved, prompt_file, tmp_path):
+    """With the ODE, a group sharing its initial noise is one image repeated; with an SDE noisy on the last step only,
+    its images are those sample() makes from the shared noise with that window; batches of 2 change nothing."""
+    settings = {"algorithm": "gdro", "gdro.num_groups": 2, "gdro.group_size": 3, "gdro.groups_per_step": 1,
+                "sampling.shared_noise": "true", "sampling.batch_size": 2}
+    ode = tmp_path / "ode"
+    train(load_config(None, tiny_overrides(saved["sd3"], prompt_file, ode, max_steps=1,
+                                           **settings, **{"sampling.sampler": "ode"})))
+    latents = torch.load(ode / GROUPS_FILE, weights_only=False)["latents"]
+    for group in latents:  # up to float rounding: the third image goes in a batch of its own
+        torch.testing.assert_close(group, group[:1].expand_as(group), atol=1e-5, rtol=0)
+    assert (latents[0, 0] - latents[1, 0]).abs().max() > 1e-2
+    sde = tmp_path / "sde"
+    train(load_config(None, tiny_overrides(saved["sd3"], prompt_file, sde, max_steps=1, **settings,
+                                           **{"sampling.sampler": "flow-sde", "sampling.noise_window": "[2, 3]"})))
+    groups = torch.load(sde / GROUPS_FILE, weights_only=False)
+    adapter = load_adapter(str(saved["sd3"]))
+    # Seed 0's first group: its images are seeded 0, 1 and 2, its shared noise 0 + SHARED_NOISE_STREAM.
+    shared = adapter.initial_noise([torch.Generator().manual_seed(SHARED_NOISE_STREAM)], 32, 32).expand(3, -1, -1, -1)
+    expected = sample(adapter, [groups["prompts"][0]] * 3, sampler="flow-sde", noise_window=range(2, 3),
+                      latents=shared, generators=[torch.Generator().manual_seed(k) for k in range(3)],
+                      num_inference_steps=3, guidance_scale=2.0).final_latents
+    torch.testing.assert_close(groups["latents"][0], expected, atol=1e-4, rtol=0)
+    assert (groups["latents"][0, 0] - groups["latents"][0, 1]).abs().max() > 1e-2  # the last step's noise
 
 
 def test_gdro_denoising_errors_are_those_of_the_prediction_guided_away_from_the_negative_prompt(saved, prompt_file,

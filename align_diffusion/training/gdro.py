@@ -26,7 +26,7 @@ from align_diffusion.rewards.spec import score_terms
 from align_diffusion.sampling.loop import sample
 from align_diffusion.training.checkpoint import atomic_torch_save
 from align_diffusion.training.config import MODEL_OPTION_FIELDS, model_options, to_dict
-from align_diffusion.training.grpo import GRPOTrainer, changed_settings
+from align_diffusion.training.grpo import SHARED_NOISE_STREAM, GRPOTrainer, changed_settings
 
 GROUPS_FILE = "gdro_groups.pt"
 
@@ -69,19 +69,30 @@ class GDROTrainer(GRPOTrainer):
             return groups
         prompts = self.prompts.draw(config.seed, 0, gdro.num_groups)
         sampling = config.sampling
+        window = None if sampling.noise_window is None else range(*sampling.noise_window)
         latents, rewards = [], []
         self.adapter.denoiser.eval()
         for number, prompt in enumerate(prompts):
             first = (config.seed * 1_000_003 + number) * gdro.group_size  # distinct for every (seed, group, image)
             generators = [torch.Generator().manual_seed(first + k) for k in range(gdro.group_size)]
-            with torch.no_grad():
-                group = sample(self.adapter, [prompt] * gdro.group_size, sampler=sampling.sampler,
-                               noise_level=self.noise_levels, num_inference_steps=sampling.num_steps,
-                               guidance_scale=sampling.guidance_scale, generators=generators,
-                               height=sampling.height, width=sampling.width,
-                               negative_prompt=sampling.negative_prompt)
-            latents.append(group.final_latents.cpu())
-            rewards.append(score_terms(self.reward, group.images, [prompt] * gdro.group_size)[0])
+            shared = None
+            if sampling.shared_noise:  # one initial noise for the group, from a stream of its own
+                shared = self.adapter.initial_noise([torch.Generator().manual_seed(first + SHARED_NOISE_STREAM)
+                                                     for _ in range(gdro.group_size)], *self._size())
+            finals, images = [], []
+            for start in range(0, gdro.group_size, sampling.batch_size):
+                part = slice(start, start + sampling.batch_size)
+                with torch.no_grad():
+                    chunk = sample(self.adapter, [prompt] * len(generators[part]), sampler=sampling.sampler,
+                                   noise_level=self.noise_levels, num_inference_steps=sampling.num_steps,
+                                   guidance_scale=sampling.guidance_scale, generators=generators[part],
+                                   latents=None if shared is None else shared[part], noise_window=window,
+                                   height=sampling.height, width=sampling.width,
+                                   negative_prompt=sampling.negative_prompt)
+                finals.append(chunk.final_latents.cpu())
+                images.append(chunk.images)
+            latents.append(torch.cat(finals))
+            rewards.append(score_terms(self.reward, torch.cat(images), [prompt] * gdro.group_size)[0])
             self.log(f"generated group {number + 1}/{len(prompts)}: rewards {rewards[-1].tolist()}")
         groups = {"prompts": prompts, "latents": torch.stack(latents), "rewards": torch.stack(rewards),
                   "made_by": made_by}
