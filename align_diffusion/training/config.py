@@ -90,7 +90,8 @@ class GRPOConfig:
     group_size: int = _help("images per prompt; advantages are computed within each group", 8)
     batch_size: int = _help("images per training step over all processes (a multiple of group_size)", 32)
     train_batch_size: int = _help("images per forward/backward pass (gradients accumulate over them)", 8)
-    timestep_fraction: float = _help("share of the stochastic steps trained on per image (1 = all)", 1.0)
+    timestep_fraction: float = _help("share of the stochastic steps trained on (1 = all): a random subset drawn "
+                                     "each step for all its images (DanceGRPO draws one per image)", 1.0)
     updates_per_step: int = _help("optimizer steps per batch (1 keeps training on-policy)", 1)
     clip_range: float = _help("PPO ratio clip ε", 1e-4)
     adv_clip_max: float = _help("advantages are clipped to ±this", 5.0)

@@ -619,11 +619,15 @@ class GRPOTrainer:
         levels = self.noise_levels
         if not isinstance(levels, list):
             levels = [DEFAULT_NOISE_LEVEL[self.config.sampling.sampler] if levels is None else levels] * steps
+        window = self.config.sampling.noise_window or [0, steps]
         for round_index in range(rounds):
             self.noise_levels = levels
             rollouts = self.rollout(round_index)
             deltas = self.accelerator.gather(rollouts.step_deltas.to(self.accelerator.device)).cpu()
-            levels = calibrate_step(levels, deltas, eps1, eps2, LARGEST_NOISE_LEVEL[self.config.sampling.sampler])
+            calibrated = calibrate_step(levels, deltas, eps1, eps2, LARGEST_NOISE_LEVEL[self.config.sampling.sampler])
+            # A step outside the noise window draws no noise whatever its level: its step rewards say nothing of it.
+            levels = [new if window[0] <= t < window[1] else old
+                      for t, (old, new) in enumerate(zip(levels, calibrated))]
             self.log(f"round {round_index + 1}/{rounds}: ψ = [{', '.join(f'{v:.3f}' for v in levels)}]")
         return levels
 
