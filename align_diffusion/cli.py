@@ -151,12 +151,13 @@ def load_for_command(args):
 
 
 def model_record(args) -> dict:
-    """What a sample, eval or steer folder records of the model and its options: as given, None for the pipeline's
+    """What a sample, eval or steer folder records of the model, its dtype and options: as given, None for the
     default (a value that equals it included, so that a resume need not repeat it)."""
     from align_diffusion.models import adapter_class
 
     options = {option: getattr(args, option) for option in MODEL_OPTIONS}
     return {"model": str(args.model), "lora": None if args.lora is None else str(args.lora),
+            "dtype": None if args.dtype == "float32" else args.dtype,
             **recorded_model_options(adapter_class(str(args.model)), options)}
 
 

@@ -371,6 +371,8 @@ def test_resume_goes_on_after_an_interrupted_run_as_if_it_had_not_stopped(saved,
         main([*common, "--prompt", *prompts, "--out", str(resumed)])
     with pytest.raises(SystemExit, match="resume: the earlier run's guidance was 7.0, this one's is 3.0"):
         main([*common, "--prompt", *prompts, "--guidance", "3", "--resume", "--out", str(resumed)])
+    with pytest.raises(SystemExit, match="resume: the earlier run's dtype was None, this one's is 'bfloat16'"):
+        main([*common, "--prompt", *prompts, "--dtype", "bfloat16", "--resume", "--out", str(resumed)])
     with pytest.raises(SystemExit, match="resume: image images/00002.png is of prompt 'two squares', seed 2; this "
                                          "run makes 'a triangle', seed 2 there"):
         main([*common, "--prompt", prompts[0], prompts[2], "--resume", "--out", str(resumed)])

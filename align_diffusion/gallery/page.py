@@ -23,8 +23,8 @@ LABELS = ("good", "artifact", "bad")
 CORRECT = "correct"  # the value name of ShapesEval's strict verdict (1 or 0)
 # Record keys that say how a folder's images were made (`sample` and `steer` write them; `steer` its method's options
 # under "options"), shown in a page's header.
-SETTINGS = ("model", "lora", "method", "sampler", "noise_level", "steps", "guidance", "negative_prompt", "height",
-            "width", "max_sequence_length", "clip_skip", "guidance_rescale", "true_cfg_scale", "reward")
+SETTINGS = ("model", "lora", "dtype", "method", "sampler", "noise_level", "steps", "guidance", "negative_prompt",
+            "height", "width", "max_sequence_length", "clip_skip", "guidance_rescale", "true_cfg_scale", "reward")
 STEER_SETTINGS = {"num_inference_steps": "steps", "guidance_scale": "guidance"}  # steer's option names of settings
 
 
