@@ -516,6 +516,12 @@ def test_fk_refuses_a_deterministic_sampler(adapter):
         fk_steering(adapter, "a", Darkness(), num_particles=4, sampler="ode", **SIZE)
 
 
+@pytest.mark.parametrize("method", ["best-of-n", "fk", "ttsnap"])
+def test_a_sampler_that_does_not_fit_the_model_is_named(adapter, method):
+    with pytest.raises(ValueError, match="sampler 'sde' does not fit a flow-matching"):
+        list(steer(adapter, ["a"], Darkness(), method, budget=8, sampler="sde", num_inference_steps=2, **SIZE))
+
+
 # --- TTSnap and best-of-N ----------------------------------------------------------------------------------------
 
 

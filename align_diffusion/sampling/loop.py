@@ -135,8 +135,9 @@ def resolve_settings(
     height=None, width=None,
 ) -> Settings:
     """Fills unset settings with the model family's (steps, guidance, size) and the sampler's (noise level), and
-    refuses steps, guidance, noise levels and sizes the model cannot sample with (ValueError naming the setting).
-    A sequence of noise levels (one per step) comes back as a list of floats."""
+    refuses a sampler, steps, guidance, noise levels and sizes the model cannot sample with (ValueError naming the
+    setting). A sequence of noise levels (one per step) comes back as a list of floats."""
+    check_sampler(adapter, sampler)
     default_height, default_width = adapter.default_size
     settings = Settings(
         num_inference_steps=adapter.default_steps if num_inference_steps is None else num_inference_steps,
@@ -240,7 +241,6 @@ def sample(
     `noise_level` is the sampler's a, η or DDIM η (default: DEFAULT_NOISE_LEVEL[sampler]), or one per step
     (a noise table such as DenseGRPO's calibrated ψ(t)).
     """
-    check_sampler(adapter, sampler)
     prompts = prompt_list(prompts)
     settings = resolve_settings(adapter, sampler, num_inference_steps, guidance_scale, noise_level, height, width)
     num_inference_steps, guidance_scale, noise_level, height, width = astuple(settings)

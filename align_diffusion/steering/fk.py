@@ -7,7 +7,9 @@ steps (its text-to-image runs score steps 20, 40, 60 and 80 of 100): the earlies
 reward, and every scored step costs a decode of all particles. The default interval, though, is a fixed 5 steps,
 not the paper's: the authors' released text-to-image script scores every 20th of 100 steps (start 20, end 80) and
 resamples adaptively, when the ESS falls below 0.5 · k, whereas the default here scores 20, 25, … 80 of 100 and
-resamples at each. `resample_interval=num_inference_steps // 5, adaptive_threshold=0.5` gives the script's setting.
+resamples at each. `resample_interval=num_inference_steps // 5, adaptive_threshold=0.5` gives the script's schedule,
+but not all its decisions: where it does not resample, the authors' code drops the weights and the next scored step
+weighs afresh, while here they are carried (below), so the two can resample at different steps.
 Potentials, in log space with tilt λ, over a particle's lineage:
 
     max         λ · max over scored steps s ≤ t of r_s
@@ -32,7 +34,7 @@ import torch
 
 from align_diffusion.models.base import PipelineAdapter
 from align_diffusion.rewards.base import Reward
-from align_diffusion.sampling.loop import check_guidance, check_sampler, resolve_settings
+from align_diffusion.sampling.loop import check_guidance, resolve_settings
 from align_diffusion.steering.candidates import (
     SEED_STRIDE,
     Budget,
@@ -125,7 +127,6 @@ def fk_steering(
     and `ancestors` (each slot's starting candidate) list the final particle slots."""
     prompt = one_prompt(prompt)
     sampler = sampler or ("flow-sde" if adapter.is_flow else "ddim")
-    check_sampler(adapter, sampler)
     settings = resolve_settings(adapter, sampler, num_inference_steps, guidance_scale, noise_level, height, width)
     check_guidance(adapter, settings.guidance_scale, negative_prompt)
     if num_particles < 1:

@@ -19,7 +19,7 @@ import torch
 
 from align_diffusion.models.base import PipelineAdapter
 from align_diffusion.rewards.base import Reward
-from align_diffusion.sampling.loop import check_guidance, check_sampler, resolve_settings
+from align_diffusion.sampling.loop import check_guidance, resolve_settings
 from align_diffusion.steering.candidates import (
     Budget,
     SteeringResult,
@@ -94,7 +94,6 @@ def ttsnap(
     """TTSnap on `prompt` (prompt number `index` of a run); see the module docstring. `winner` is the seed's
     candidate number (0 … num_seeds − 1)."""
     prompt = one_prompt(prompt)
-    check_sampler(adapter, sampler)
     settings = resolve_settings(adapter, sampler, num_inference_steps, guidance_scale, noise_level, height, width)
     check_guidance(adapter, settings.guidance_scale, negative_prompt)
     prune_steps, keep = list(prune_steps), list(keep)
