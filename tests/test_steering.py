@@ -63,14 +63,22 @@ class PartlyUnscorable(Darkness):
     """Darkness that cannot score chosen images of chosen calls: `failing` maps a call number (from 1) to the
     indices of the images in that call that get NaN."""
 
+    value = math.nan
+
     def __init__(self, failing: dict[int, list[int]]):
         super().__init__()
         self.failing = failing
 
     def score(self, images, prompts, metadata):
         scores = super().score(images, prompts, metadata)
-        scores[self.failing.get(len(self.calls), [])] = float("nan")
+        scores[self.failing.get(len(self.calls), [])] = self.value
         return scores
+
+
+class PartlyMinusInfinite(PartlyUnscorable):
+    """The same images scored −∞ instead: the worst score, whose weight no step may carry as a finite one."""
+
+    value = -math.inf
 
 
 @pytest.fixture
@@ -478,6 +486,15 @@ def test_fk_resamples_an_unscorable_particle_away_even_when_the_ess_is_high(adap
                          resample_interval=2, num_inference_steps=4, guidance_scale=GUIDANCE, **SIZE)
     assert result.details["ess"][0] == pytest.approx(3.0) and result.details["resampled"][0]
     assert 0 not in result.details["ancestors"]
+    assert result.details["unscored"] == [1, 0, 0] and result.details["scored_steps"] == [0, 2, 3]
+
+
+def test_fk_resamples_a_particle_scored_minus_infinity_away_even_when_the_ess_is_high(adapter):
+    result = fk_steering(adapter, "a red circle", PartlyMinusInfinite({1: [0]}), num_particles=4, lam=1.0,
+                         adaptive_threshold=0.5, resample_interval=2, num_inference_steps=4, guidance_scale=GUIDANCE,
+                         **SIZE)
+    assert result.details["ess"][0] == pytest.approx(3.0, abs=0.01) and result.details["resampled"][0]
+    assert 0 not in result.details["ancestors"] and result.details["unscored"] == [0, 0, 0]
 
 
 def test_fk_raises_when_no_particle_can_be_scored(adapter):
@@ -553,6 +570,13 @@ def test_ttsnap_prunes_by_the_x0_reward_and_picks_the_clean_best(adapter, denois
     survivors = result.details["survivors"][-1]
     assert result.winner == survivors[int(finals[survivors].argmax())]
     assert result.reward == pytest.approx(finals[result.winner].item(), abs=1e-5)
+
+
+def test_ttsnap_prunes_the_seeds_it_could_not_score_first_and_counts_them(adapter):
+    result = ttsnap(adapter, "a red circle", Darkness(), PartlyUnscorable({1: [0, 3]}), num_seeds=8,
+                    prune_steps=[1, 2], keep=[0.75, 0.5], num_inference_steps=3, guidance_scale=GUIDANCE, **SIZE)
+    assert not {0, 3} & set(result.details["survivors"][0]) and len(result.details["survivors"][0]) == 6
+    assert result.details["unscored"] == [2, 0]
 
 
 def test_best_of_n_picks_the_best_and_its_first_candidate_is_the_plain_sample(adapter, denoised_images):

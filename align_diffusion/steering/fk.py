@@ -154,7 +154,7 @@ def fk_steering(
     resampler = torch.Generator("cpu").manual_seed(seed + index - SEED_STRIDE)
     history = torch.zeros(num_particles, 0)  # each particle's lineage scores at the scored steps so far
     log_weights = torch.zeros(num_particles)  # carried between scored steps that skip resampling
-    ess, resampled, lineage = [], [], torch.arange(num_particles)
+    ess, resampled, unscored, lineage = [], [], [], torch.arange(num_particles)
     with Timer(budget):
         embeds = adapter.encode_prompt([prompt], settings.guidance_scale, num_particles, negative_prompt)
         schedule = adapter.schedule(steps, settings.height, settings.width)
@@ -169,12 +169,13 @@ def fk_steering(
             images = adapter.decode(x if last else out.pred_x0)
             scores = score_candidates(reward, images, prompt, budget)
             history = torch.cat([history, scores[:, None]], dim=1)
+            unscored.append(int(torch.isnan(scores).sum()))
             if last:
                 break
             log_weights = log_weights + log_potential(history, potential, lam)
             # An unscorable particle dies: resampled away at once. Some particle is alive, as score_candidates
             # raises when none can be scored, and only live particles' weights are ever carried.
-            log_weights = torch.nan_to_num(log_weights, nan=-math.inf)
+            log_weights = log_weights.masked_fill(torch.isnan(log_weights), -math.inf)
             ess.append(effective_sample_size(log_weights))
             carry = adaptive_threshold is not None and ess[-1] >= adaptive_threshold * num_particles
             if carry and torch.isfinite(log_weights).all():
@@ -188,6 +189,6 @@ def fk_steering(
         final = history[:, -1]
         best = best_index(final)
     details = {"candidate_rewards": final.tolist(), "scored_steps": scored_steps, "ess": ess, "resampled": resampled,
-               "ancestors": lineage.tolist()}
+               "unscored": unscored, "ancestors": lineage.tolist()}
     return SteeringResult(prompt, seed + index, "fk", images[best].cpu(), float(final[best]), int(lineage[best]),
                           budget, details)

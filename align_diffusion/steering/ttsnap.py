@@ -103,7 +103,7 @@ def ttsnap(
     budget = Budget()
     generators = candidate_generators(seed, index, num_seeds)
     alive = torch.arange(num_seeds)  # candidate numbers still running
-    survivors = []
+    survivors, unscored = [], []
     with Timer(budget):
         embeds = adapter.encode_prompt([prompt], settings.guidance_scale, num_seeds, negative_prompt)
         schedule = adapter.schedule(settings.num_inference_steps, settings.height, settings.width)
@@ -114,6 +114,7 @@ def ttsnap(
             x = out.prev_sample
             if i in prune_steps:
                 scores = score_candidates(prune_reward, adapter.decode(out.pred_x0), prompt, budget)
+                unscored.append(int(torch.isnan(scores).sum()))  # ranked last, so pruned first
                 count = kept(len(alive), keep[prune_steps.index(i)])
                 order = torch.nan_to_num(scores, nan=float("-inf")).argsort(descending=True, stable=True)[:count]
                 order = order.sort().values
@@ -123,4 +124,4 @@ def ttsnap(
         final = score_candidates(reward, images, prompt, budget)
         best = best_index(final)
     return SteeringResult(prompt, seed + index, "ttsnap", images[best], float(final[best]), int(alive[best]), budget,
-                          {"candidate_rewards": final.tolist(), "survivors": survivors})
+                          {"candidate_rewards": final.tolist(), "survivors": survivors, "unscored": unscored})
