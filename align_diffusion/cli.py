@@ -581,7 +581,7 @@ def add_steer_parser(subparsers) -> None:
     group.add_argument("--grad-clip", type=_positive_float, default=None, help="gradient norm clip per image (0.1)")
     group.add_argument("--no-checkpointing", action="store_true", help="keep activations instead of recomputing")
     group.add_argument("--autocast", choices=["bfloat16", "float16"], default=None, help="mixed precision")
-    group.add_argument("--batch-size", type=_positive_int, default=16, help="prompts optimized together")
+    group.add_argument("--batch-size", type=_positive_int, default=None, help="prompts optimized together (16)")
     parser.set_defaults(run=run_steer)
 
 
@@ -602,10 +602,10 @@ def run_steer(args) -> None:
     if args.prune_reward is not None and args.method != "ttsnap":
         raise SystemExit(f"--prune-reward applies to ttsnap, not {args.method}")
     if args.method == "reno":
-        options.update(gradient_checkpointing=not args.no_checkpointing, reno_batch_size=args.batch_size,
+        options.update(gradient_checkpointing=not args.no_checkpointing, reno_batch_size=args.batch_size or 16,
                        autocast_dtype=None if args.autocast is None else DTYPES[args.autocast])
-    elif args.no_checkpointing or args.autocast:
-        raise SystemExit(f"--no-checkpointing and --autocast apply to reno, not {args.method}")
+    elif args.no_checkpointing or args.autocast or args.batch_size:
+        raise SystemExit(f"--no-checkpointing, --autocast and --batch-size apply to reno, not {args.method}")
     options.update({key: value for key, value in (("num_inference_steps", args.steps),
                                                   ("guidance_scale", args.guidance), ("height", args.height),
                                                   ("width", args.width), ("negative_prompt", args.negative_prompt))

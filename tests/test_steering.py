@@ -682,9 +682,15 @@ def test_steer_command_writes_a_reviewable_folder(saved, tmp_path):
                   for folder in (plain, tmp_path / "best1"))
     assert a["rewards"].keys() == b["rewards"].keys() == {"jpeg"}
     assert b["rewards"]["jpeg"] == pytest.approx(a["rewards"]["jpeg"], abs=1e-6)  # candidate 0 is the plain sample
-    with pytest.raises(SystemExit, match="--potential applies to fk"):
-        main(["steer", "--method", "ttsnap", "--model", str(saved["sd3"]), "--prompt", "a", "--reward", "jpeg",
-              "--potential", "max", "--out", str(tmp_path / "other")])
+    for flags, message in ((["--method", "ttsnap", "--potential", "max"], "--potential applies to fk"),
+                           (["--method", "fk", "--batch-size", "4"], "--batch-size apply to reno, not fk"),
+                           (["--method", "fk", "--prune-reward", "jpeg"], "--prune-reward applies to ttsnap")):
+        with pytest.raises(SystemExit, match=message):
+            main(["steer", *flags, "--model", str(saved["sd3"]), "--prompt", "a", "--reward", "jpeg", "--out",
+                  str(tmp_path / "other")])
+    with pytest.raises(ValueError, match="prune_reward applies to ttsnap, not best-of-n"):  # the Python API too
+        steer_to_folder(load_adapter(str(saved["sd3"])), ["a"], load_reward("jpeg"), "best-of-n", tmp_path / "api",
+                        prune_reward=load_reward("jpeg"), num_candidates=1)
 
 
 def test_a_rerun_that_fails_its_checks_leaves_the_earlier_results(saved, tmp_path):

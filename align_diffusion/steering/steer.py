@@ -85,6 +85,8 @@ def steer(
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if not 0 <= start <= len(prompts):
         raise ValueError(f"start must be between 0 and the {len(prompts)} prompts, got {start}")
+    if prune_reward is not None and method != "ttsnap":
+        raise ValueError(f"prune_reward applies to ttsnap, not {method}")
     for scorer in (reward, prune_reward):
         if scorer is not None:
             scorer.check_prompts(prompts)
