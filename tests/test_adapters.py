@@ -7,8 +7,9 @@ import re
 import pytest
 import torch
 from diffusers import (
-    FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline,
-    StableDiffusionImg2ImgPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel,
+    DDIMScheduler, FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler, LCMScheduler, SD3Transformer2DModel,
+    StableDiffusion3Pipeline, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline,
+    TCDScheduler, UNet2DConditionModel,
 )
 
 from align_diffusion.models import PromptEmbeds, adapter_for, load_adapter
@@ -194,6 +195,9 @@ def test_sample_images_takes_one_negative_prompt_per_prompt_across_batches(tiny_
         assert (batched[k] - alone).abs().max() <= 1e-4
     with pytest.raises(ValueError, match="got 2 negative prompts for 3 prompts"):
         sample_images(adapter, prompts, negative_prompt=negatives[:2], **options)
+    flux = adapter_for(tiny_pipes["flux"], true_cfg_scale=2.0)  # its encoding does not check, as stock's does not
+    with pytest.raises(ValueError, match="got 2 negative prompts for 3 prompts"):
+        sample(flux, prompts, negative_prompt=negatives[:2], num_inference_steps=2, **SIZE)
 
 
 def test_guidance_modes(tiny_pipes):
@@ -338,6 +342,24 @@ def test_lcm_unet_takes_guidance_as_its_embedding_like_stock():
     assert trajectory.embeds.uncond is None
     expected = stock_images(adapter.pipe, 7.5, seeds=[7, 8], steps=4)
     assert (trajectory.images - expected).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("scheduler", [LCMScheduler, TCDScheduler])
+def test_consistency_schedulers_are_refused_rather_than_replaced_by_ddim(scheduler):
+    pipe = tiny_pipeline("sd", time_cond_proj_dim=8)
+    pipe.scheduler = scheduler.from_config(pipe.scheduler.config)
+    with pytest.raises(ValueError, match=f"scheduler is {scheduler.__name__}, whose consistency steps"):
+        sample(adapter_for(pipe), PROMPTS, num_inference_steps=4, **SIZE)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")  # as it advises
+    assert sample(adapter_for(pipe), PROMPTS, num_inference_steps=4, **SIZE).schedule.timesteps[0] == 999
+
+
+def test_inverted_sigmas_are_sampled_by_the_ode_only(tiny_pipes):
+    pipe = copy.deepcopy(tiny_pipes["sd3"])
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, invert_sigmas=True)
+    assert torch.isfinite(sample(adapter_for(pipe), PROMPTS, num_inference_steps=3, **SIZE).images).all()
+    with pytest.raises(ValueError, match="sampler 'flow-sde': the pipeline's scheduler sets invert_sigmas"):
+        sample(adapter_for(pipe), PROMPTS, sampler="flow-sde", num_inference_steps=3, **SIZE)
 
 
 def test_sdxl_float16_vae_with_force_upcast_decodes_in_float32_like_stock(tiny_pipes):

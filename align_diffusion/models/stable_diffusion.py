@@ -3,7 +3,9 @@
 Sampling uses DDIM built from the pipeline's own noise schedule (`DDIMScheduler.from_config`), whatever scheduler
 the pipeline ships with, so the DDIM-η family of steps has exact posterior means and log-probs. With η = 0 the
 result equals the stock pipeline run with a `DDIMScheduler`. Turbo models are sampled in one step with
-`guidance_scale=0` and a scheduler whose `timestep_spacing` is "trailing".
+`guidance_scale=0` on their "trailing" timesteps, with DDIM: their stock Euler schedulers give images about 1e-3
+away. LCM and TCD schedulers, whose consistency steps draw fresh noise on timesteps of their own, are refused
+rather than replaced.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import contextlib
 import copy
 
 import torch
-from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import DDIMScheduler, LCMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, TCDScheduler
 
 from align_diffusion.models.base import PipelineAdapter, PromptEmbeds, Schedule
 
@@ -62,6 +64,12 @@ class StableDiffusionAdapter(PipelineAdapter):
         return PromptEmbeds({"encoder_hidden_states": embeds}, {"encoder_hidden_states": negative} if cfg else None)
 
     def schedule(self, num_inference_steps, height, width) -> Schedule:
+        if isinstance(self.pipe.scheduler, (LCMScheduler, TCDScheduler)):
+            name = type(self.pipe.scheduler).__name__
+            raise ValueError(f"the pipeline's scheduler is {name}, whose consistency steps (fresh noise each step, on "
+                             "timesteps of its own) this package does not reproduce: it samples SD-family models "
+                             "with DDIM. To sample this model with DDIM anyway, set pipe.scheduler = "
+                             "DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing='trailing')")
         config = self.pipe.scheduler.config
         if config.get("clip_sample", False) or config.get("thresholding", False):
             raise ValueError("schedulers with clip_sample or thresholding are not supported: x̂0 must stay unclipped")

@@ -64,6 +64,9 @@ def check_sampler(adapter: PipelineAdapter, sampler: str) -> None:
         kind = "a flow-matching" if adapter.is_flow else f"a diffusion ({adapter.prediction_type}) model"
         pipeline = type(adapter.pipe).__name__
         raise ValueError(f"sampler {sampler!r} does not fit {kind} ({pipeline}); use one of {allowed}")
+    if adapter.is_flow and sampler != "ode" and adapter.pipe.scheduler.config.get("invert_sigmas", False):
+        raise ValueError(f"sampler {sampler!r}: the pipeline's scheduler sets invert_sigmas (σ from 0 to 1), and the "
+                         "SDE samplers step σ from 1 to 0; only the ODE samples it")
 
 
 def check_noise_level(sampler: str, level: float, schedule: Schedule, step_index: int) -> None:
@@ -205,6 +208,12 @@ def guidance_problem(family: type[PipelineAdapter] | None, guidance_scale: float
     return ignored, f"{why}, so the {ignored.replace('_', ' ')} would have no effect"
 
 
+def check_negative_prompts(negative_prompt, prompts: list[str]) -> None:
+    """A list of negative prompts holds one per prompt (a single string serves them all)."""
+    if isinstance(negative_prompt, list) and len(negative_prompt) != len(prompts):
+        raise ValueError(f"got {len(negative_prompt)} negative prompts for {len(prompts)} prompts")
+
+
 def check_guidance(adapter: PipelineAdapter, guidance_scale: float, negative_prompt) -> None:
     """ValueError, naming the option, for a `guidance_problem` of the adapter's options with `guidance_scale`."""
     problem = guidance_problem(type(adapter), guidance_scale, negative_prompt, adapter.guidance_rescale,
@@ -247,6 +256,7 @@ def sample(
     if num_images_per_prompt < 1:
         raise ValueError("num_images_per_prompt must be at least 1")
     check_guidance(adapter, guidance_scale, negative_prompt)
+    check_negative_prompts(negative_prompt, prompts)
     levels = settings.levels()
     batch = len(prompts) * num_images_per_prompt
     if generators is None:
@@ -310,8 +320,7 @@ def sample_images(adapter: PipelineAdapter, prompts: list[str], *, seed: int = 0
     if "num_images_per_prompt" in sample_kwargs:
         raise TypeError("sample_images draws one image per prompt: repeat a prompt for more of its images")
     negative_prompt = sample_kwargs.pop("negative_prompt", None)  # one for all prompts, or one per prompt
-    if isinstance(negative_prompt, list) and len(negative_prompt) != len(prompts):
-        raise ValueError(f"got {len(negative_prompt)} negative prompts for {len(prompts)} prompts")
+    check_negative_prompts(negative_prompt, prompts)
     images = []
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=desc is None):
         batch = prompts[start : start + batch_size]
