@@ -4,6 +4,7 @@ runs of each variant on the tiny SD3 pipeline."""
 import copy
 import json
 import math
+import re
 import shutil
 
 import pytest
@@ -15,7 +16,9 @@ from safetensors.torch import load_file
 from training_helpers import metrics, tiny_overrides
 
 from align_diffusion.cli import main
+from align_diffusion.rewards.base import Reward
 from align_diffusion.rewards.dense import dense_step_rewards
+from align_diffusion.rewards.spec import WeightedRewards
 from align_diffusion.models import load_adapter
 from align_diffusion.sampling.loop import sample, step_log_prob
 from align_diffusion.training.advantages import best_worst_mask, dense_advantages
@@ -228,6 +231,71 @@ def test_bnpo_maps_the_configured_reward_range_to_the_unit_interval(saved, promp
     expected = (8 / math.pi) * (u - p[:, None]) / density[:, None]
     # The group means nearly agree (α, β ~ 1e6), so the advantages are ~1e-6: compared relatively.
     torch.testing.assert_close(advantages, expected.flatten().float(), rtol=1e-5, atol=0)
+
+
+class Brightness(Reward):
+    """(10 × mean pixel value) ** `power`: non-negative terms of different spread, large enough for log(1 + R) to
+    bend them."""
+
+    def __init__(self, power: int):
+        super().__init__(f"brightness{power}")
+        self.power = power
+
+    def score(self, images, prompts, metadata):
+        return (10 * images.mean((1, 2, 3))) ** self.power
+
+
+def test_gdpo_normalizes_each_reward_term_in_its_group_before_the_sum(saved, prompt_file, tmp_path):
+    overrides = tiny_overrides(saved["sd3"], prompt_file, tmp_path, max_steps=1, reward="jpeg=1,jpeg:50=0.5", **{
+        "grpo.normalize_each": "true", "grpo.advantage": "global_std"})
+    trainer = GRPOTrainer(load_config(None, overrides))
+    rollouts = trainer.rollout(0)
+    advantages, stats = trainer.advantages(rollouts)
+    # GDPO by hand: each term's z-score within its group of 4 (population std), their weighted sum, then the
+    # group-centred sum over the batch's std.
+    z = {}
+    for name, scores in rollouts.each.items():
+        groups = scores.double().view(2, 4)
+        z[name] = (groups - groups.mean(1, keepdim=True)) / groups.std(1, unbiased=False, keepdim=True)
+    total = z["jpeg"] + 0.5 * z["jpeg:50"]
+    expected = (total - total.mean(1, keepdim=True)).flatten() / total.std(unbiased=False)
+    torch.testing.assert_close(advantages, expected.float(), rtol=1e-5, atol=1e-6)
+    unnormalized = rollouts.each["jpeg"] + 0.5 * rollouts.each["jpeg:50"]
+    assert stats["reward_mean"] == pytest.approx(float(unnormalized.mean()))  # what is logged stays the sum
+    assert (advantages - trainer.advantages(rollouts)[0]).abs().max() == 0
+    plain = GRPOTrainer(load_config(None, [*overrides, "grpo.normalize_each=false", f"output_dir={tmp_path / 'b'}"]))
+    assert (plain.advantages(rollouts)[0] - advantages).abs().max() > 1e-3
+
+
+def test_log_taming_takes_the_log_of_the_terms_that_spread_most(saved, prompt_file, tmp_path):
+    overrides = tiny_overrides(saved["sd3"], prompt_file, tmp_path, max_steps=1, **{"grpo.log_tame": "mean"})
+    trainer = GRPOTrainer(load_config(None, overrides))
+    with pytest.raises(ValueError, match="log-taming needs non-negative rewards; 'jpeg' has -"):  # JPEG's −kB
+        trainer.advantages(trainer.rollout(0))
+    trainer.reward = WeightedRewards([Brightness(1), Brightness(2)], [1.0, 2.0])
+    rollouts = trainer.rollout(0)
+    advantages, _ = trainer.advantages(rollouts)
+    # By hand: the coefficient of variation (population std / mean) of each term over the 8 images; the terms above
+    # their mean CV become log(1 + R); then the weighted sum (in the rewards' float32, as combined rewards are) and
+    # its z-score within each group.
+    each = {name: scores.double() for name, scores in rollouts.each.items()}
+    cv = {name: float(r.std(unbiased=False) / r.mean()) for name, r in each.items()}
+    assert cv["brightness2"] > cv["brightness1"]  # squaring spreads them: the second is tamed
+    total = (each["brightness1"] + 2 * torch.log1p(each["brightness2"])).float().double().view(2, 4)
+    expected = ((total - total.mean(1, keepdim=True)) / total.std(1, unbiased=False, keepdim=True)).flatten()
+    torch.testing.assert_close(advantages, expected.float(), rtol=1e-5, atol=1e-6)
+
+
+def test_reward_transforms_are_refused_where_they_do_not_apply(saved, prompt_file, tmp_path):
+    for extra, message in (({"grpo.log_tame": "mode"}, "grpo.log_tame must be a number >= 0, mean or median"),
+                           ({"grpo.log_tame": -1}, "grpo.log_tame must be a finite number >= 0"),
+                           ({"grpo.normalize_each": "true", "grpo.dense": "ode"}, "grpo.normalize_each: the reward "
+                            "transforms combine one reward per image"),
+                           ({"grpo.normalize_each": "true", "grpo.advantage": "bnpo"}, "grpo.normalize_each: its "
+                            "z-scores leave grpo.reward_range"),
+                           ({"grpo.log_tame": 0.5, "algorithm": "gdro"}, "grpo.log_tame: GDRO ranks each group")):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_config(None, tiny_overrides(saved["sd3"], prompt_file, tmp_path, **extra))
 
 
 def test_dense_grpo_gives_each_step_its_group_normalized_advantage(saved, prompt_file, tmp_path):

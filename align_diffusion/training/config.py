@@ -106,6 +106,12 @@ class GRPOConfig:
     value_weight: float = _help("λ of the value-anchored term λ·(R − value_anchor) added to every advantage "
                                 "(VGPO-style; 0: off)", 0.0)
     value_anchor: float = _help("the anchor of the value-anchored term", 0.0)
+    log_tame: float | str | None = _help("log-taming (PaCo-RL): each reward term whose coefficient of variation over "
+                                         "the step's images exceeds this δ (or the mean / median of the terms' "
+                                         "coefficients) becomes log(1 + R) before the sum; the rewards must be "
+                                         "non-negative; null: off", None)
+    normalize_each: bool = _help("z-score each reward term within its group before the weighted sum (GDPO; "
+                                 "GDPO follows it with advantage: global_std)", False)
 
 
 @dataclass
@@ -196,8 +202,14 @@ def _check_type(value, hint, key: str):
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _check_type(value, inner, key)
+        inner = [a for a in args if a is not type(None)]
+        for option in inner:  # the first type that takes it
+            try:
+                return _check_type(value, option, key)
+            except ConfigError:
+                if len(inner) == 1:
+                    raise
+        raise ConfigError(f"{key}: expected {' or '.join(a.__name__ for a in inner)}, got {value!r}")
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
@@ -416,6 +428,18 @@ def validate(config: TrainConfig, num_processes: int = 1) -> None:
                           f"steps, got {window}")
     if grpo.dense not in (None, "ode", "x0"):
         raise ConfigError(f"grpo.dense must be ode, x0 or null, got {grpo.dense!r}")
+    if isinstance(grpo.log_tame, str) and grpo.log_tame not in ("mean", "median"):
+        raise ConfigError(f"grpo.log_tame must be a number >= 0, mean or median (null: off), got {grpo.log_tame!r}")
+    if isinstance(grpo.log_tame, float) and not 0 <= grpo.log_tame < math.inf:
+        raise ConfigError(f"grpo.log_tame must be a finite number >= 0, mean or median, got {grpo.log_tame}")
+    for key, on in {"grpo.log_tame": grpo.log_tame is not None, "grpo.normalize_each": grpo.normalize_each}.items():
+        if on and grpo.dense is not None:
+            raise ConfigError(f"{key}: the reward transforms combine one reward per image, not dense step rewards")
+        if on and config.algorithm == "gdro":
+            raise ConfigError(f"{key}: GDRO ranks each group by its weighted reward sum; the transforms apply to grpo")
+    if grpo.normalize_each and grpo.advantage == "bnpo":
+        raise ConfigError("grpo.normalize_each: its z-scores leave grpo.reward_range, which bnpo maps to [0, 1]; use "
+                          "zscore or global_std")
     if grpo.dense is not None and grpo.value_weight:
         raise ConfigError("grpo.value_weight: the value-anchored term applies to one advantage per image, not to "
                           "dense per-step advantages")

@@ -48,7 +48,7 @@ from align_diffusion.models import PipelineAdapter, PromptEmbeds, adapter_for, l
 from align_diffusion.models.base import compile_repeated_blocks, recorded_model_options
 from align_diffusion.rewards import load_reward
 from align_diffusion.rewards.spec import WeightedRewards, score_terms
-from align_diffusion.rewards.transforms import group_advantages
+from align_diffusion.rewards.transforms import combine, group_advantages
 from align_diffusion.sampling.folder import SampleFolder, json_safe, reward_record, settings_record
 from align_diffusion.sampling.loop import (
     DEFAULT_NOISE_LEVEL,
@@ -575,6 +575,13 @@ class GRPOTrainer:
         rewards = self.accelerator.gather(rollouts.rewards.to(device)).cpu()
         group_ids = torch.arange(len(rewards)) // config.group_size
         num_groups = len(rewards) // config.group_size
+        each = {name: self.accelerator.gather(scores.to(device)).cpu() for name, scores in rollouts.each.items()}
+        raw = rewards  # the weighted sum, as logged
+        if config.log_tame is not None or config.normalize_each:
+            weighted = isinstance(self.reward, WeightedRewards)
+            weights = dict(zip(self.reward.keys, self.reward.weights)) if weighted else {self.reward.name: 1.0}
+            rewards = combine(each, weights, group_ids=group_ids, log_tame_cv=config.log_tame,
+                              normalize_each=config.normalize_each)
         if config.dense is not None:  # (B, T): each stochastic step normalized within its group, 0 elsewhere
             deltas = self.accelerator.gather(rollouts.step_deltas.to(device)).cpu()
             stochastic = rollouts.trajectory.stochastic_steps
@@ -599,14 +606,13 @@ class GRPOTrainer:
         # Dense advantages are per step; the deterministic steps' are zeros that are never trained on.
         trained = advantages[:, rollouts.trajectory.stochastic_steps] if advantages.ndim == 2 else advantages
         stats = {
-            "reward_mean": _nanmean(rewards), "reward_std": _nanstd(rewards),
-            "nan_rewards": int(torch.isnan(rewards).sum()),
+            "reward_mean": _nanmean(raw), "reward_std": _nanstd(raw),
+            "nan_rewards": int(torch.isnan(raw).sum()),
             "zero_std_fraction": zero_fraction,
             "advantage_abs_mean": _nanmean(trained.abs()),
             "advantage_std": _nanstd(trained),
         }
-        for name, scores in rollouts.each.items():
-            gathered = self.accelerator.gather(scores.to(device)).cpu()
+        for name, gathered in each.items():
             stats[f"reward/{name}_mean"], stats[f"reward/{name}_std"] = _nanmean(gathered), _nanstd(gathered)
         return advantages[start : start + local].float(), stats
 
