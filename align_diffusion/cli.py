@@ -411,7 +411,7 @@ def run_train_noise_aware(args) -> None:
     after = noise_aware.step_agreement(student, held_out)
     report = noise_aware.report_dict(settings, before, after, **model_record(args), teacher=args.teacher,
                                      held_out_images=len(held_out.prompts), **collect)
-    noise_aware.save_student(student, term.arg, args.out, report)
+    noise_aware.save_student(student, args.out, report)
     print("step  spearman(teacher on x̂0, teacher final)  spearman(student on x̂0, teacher final)")
     for step, (b, a) in enumerate(zip(before, after)):
         print(f"{step:>4}  {b:>38.3f}  {a:>38.3f}")

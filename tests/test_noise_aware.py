@@ -10,9 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from scipy.stats import spearmanr
+from transformers import AutoProcessor
 
 from align_diffusion.cli import main
 from align_diffusion.models import load_adapter
+from align_diffusion.rewards.clip import ClipScore
 from align_diffusion.rewards.noise_aware import REPORT_FILE, NoiseAwareTraining, Rollouts, collect, distill
 from align_diffusion.rewards.noise_aware import save_student, spearman, step_agreement
 from align_diffusion.rewards.spec import load_reward
@@ -92,7 +94,7 @@ def test_student_learns_to_rank_blurred_images_by_their_sharp_scores(tmp_path):
                       log=lambda line: None)
     after = step_agreement(student, held_out)
     assert after[0] > before[0] + 0.1, (before, after)
-    save_student(student, str(WORLD_CLIP), tmp_path, {"before": before, "after": after})
+    save_student(student, tmp_path, {"before": before, "after": after})
     reloaded = load_reward(f"clip:{tmp_path}")
     with torch.no_grad():
         torch.testing.assert_close(reloaded(blurred[:4], per_image[:4]), student(blurred[:4], per_image[:4]))
@@ -145,3 +147,17 @@ def test_train_reward_noise_aware_refuses_bad_generator_options_before_loading(t
     monkeypatch.setattr("align_diffusion.rewards.spec.load_reward", no_loading)
     with pytest.raises(SystemExit, match=named):
         main(["train-reward", "noise-aware", "--out", str(tmp_path / "student"), *flags])
+
+
+def test_the_student_keeps_the_processor_its_teacher_scored_with(tmp_path):
+    """PickScore reads images with another model's processor: the student folder must hold that one."""
+    processor = AutoProcessor.from_pretrained(WORLD_CLIP)
+    processor.image_processor.image_mean = [0.25, 0.5, 0.75]
+    processor.save_pretrained(tmp_path / "processor")
+    teacher = ClipScore(str(WORLD_CLIP), processor=str(tmp_path / "processor"))
+    save_student(teacher, tmp_path / "student", {})
+    saved = AutoProcessor.from_pretrained(tmp_path / "student").image_processor
+    assert list(saved.image_mean) == [0.25, 0.5, 0.75]
+    image = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        assert load_reward(f"clip:{tmp_path / 'student'}")(image, ["a red circle"]) == teacher(image, ["a red circle"])

@@ -61,9 +61,9 @@ class _TransformersClip(Reward):
         # Read before the cast: bfloat16 rounds PickScore's ln 100 to 4.59375, a scale of 99 (every score 1% low).
         self.logit_scale = clip.logit_scale.exp().item()
         self.model = clip.to(device, dtype).eval().requires_grad_(False)
-        loaded = AutoProcessor.from_pretrained(processor or model)
-        self.tokenizer, image_processor = loaded.tokenizer, loaded.image_processor
-        self.transform = TorchImageTransform.from_processor(image_processor)
+        self.processor = AutoProcessor.from_pretrained(processor or model)  # saved with a noise-aware student
+        self.tokenizer = self.processor.tokenizer
+        self.transform = TorchImageTransform.from_processor(self.processor.image_processor)
         self.max_length = self.model.config.text_config.max_position_embeddings
         self.text_features = TextFeatures(self.encode_text)
 
@@ -83,7 +83,8 @@ class _TransformersClip(Reward):
 
 
 class ClipScore(_TransformersClip):
-    """CLIPScore (Hessel et al. 2021): 2.5 · max(cos(image, prompt), 0). Spec `clip:ID_OR_PATH`."""
+    """CLIPScore (Hessel et al. 2021): 2.5 · max(cos(image, prompt), 0). Spec `clip:ID_OR_PATH`. The prompt is
+    encoded as it is: Hessel et al.'s reference code prepends "A photo depicts ", so published CLIPScores differ."""
 
     def __init__(self, model: str, processor: str | None = None, device=None, dtype=torch.float32):
         super().__init__("clip", model, processor, device, dtype)

@@ -129,13 +129,12 @@ def distill(teacher: _TransformersClip, rollouts: Rollouts, settings: NoiseAware
     return student.eval().requires_grad_(False)
 
 
-def save_student(student: _TransformersClip, teacher_path: str, out: str | Path, report: dict) -> None:
-    """The student's CLIP model with the teacher's tokenizer and processor, and the metrics report."""
-    from transformers import AutoProcessor
-
+def save_student(student: _TransformersClip, out: str | Path, report: dict) -> None:
+    """The student's CLIP model with the processor the teacher scored with (PickScore's is another model's), and
+    the metrics report."""
     out = Path(out)
     student.model.save_pretrained(out)
-    AutoProcessor.from_pretrained(teacher_path).save_pretrained(out)
+    student.processor.save_pretrained(out)
     (out / REPORT_FILE).write_text(json.dumps(report, indent=1))
 
 
