@@ -158,3 +158,20 @@ def test_world_head_on_a_bfloat16_backbone_scores_like_float32():
         clean_scores, unseen_scores = reward(clean, [""] * 32), reward(unseen, [""] * 32)
     assert (clean_scores - full).abs().mean() <= 0.05
     assert (unseen_scores[None] < clean_scores[:, None]).float().mean() >= 0.8
+
+
+def test_sure_artifacts_keep_distinct_scores_and_a_gradient():
+    """The world head is sure of these corruptions (logits of 20 to 90): 1 − sigmoid(z) would round every one to
+    exactly 0, tied and without gradient. (Beyond z ≈ 88, sigmoid(−z) itself is below float32's range.)"""
+    reward = load_reward("artifact:assets/world/artifact")
+    rng = np.random.default_rng(0)
+    render = render_prompt("a red circle and a blue square", 3)
+    kinds = ("noise", "grid", "posterize")
+    images = images_to_tensor([Image.fromarray(corrupt(render, kind, rng)) for kind in kinds]).requires_grad_(True)
+    logits = reward.artifact_logit(images)
+    assert (logits > 17).all() and (logits < 88).all() and (1 - torch.sigmoid(logits) == 0).all()
+    scores = reward(images, [""] * len(kinds))
+    torch.testing.assert_close(scores.double().log(), -torch.nn.functional.softplus(logits.double()),
+                               rtol=1e-4, atol=0)  # log sigmoid(−z), to the last bits float32 keeps
+    scores[0].backward()
+    assert images.grad[0].abs().sum() > 0

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from transformers import AutoProcessor, CLIPImageProcessor, CLIPModel
+from transformers import AutoProcessor, CLIPImageProcessor, CLIPModel, ViTImageProcessor
 
 from align_diffusion.rewards.base import Reward, images_to_pil, images_to_tensor
 from align_diffusion.rewards.clip import Aesthetic, AestheticHead, ClipScore, HPSv2, PickScore, TextFeatures
@@ -56,6 +56,11 @@ def test_spec_spaces_repeats_and_missing_model_folders():
         with pytest.raises(ValueError, match="names the same reward twice"):
             parse_spec(spec)
     assert len(parse_spec("jpeg:5,jpeg:50,jpeg")) == 3
+    for spec in ("pickscore,pickscore:yuvalkirstain/PickScore_v1", "hpsv2:w.pt,hpsv2:ViT-H-14:w.pt",
+                 "aesthetic:h.pth,aesthetic:openai/clip-vit-large-patch14:h.pth"):  # the default model, named or not
+        with pytest.raises(ValueError, match="names the same reward twice"):
+            parse_spec(spec)
+    assert len(parse_spec("hpsv2:w.pt,hpsv2:ViT-B-32:w.pt,pickscore,pickscore:other/model")) == 4
     assert load_reward("jpeg").quality == JpegCompressibility().quality == 95
     for spec in ("clip:./no/such/clip", "clip:assets/world/no-such-clip", "adv-dino:/no/such/dino"):
         with pytest.raises(FileNotFoundError, match=f"reward model {spec.split(':', 1)[1]} is no folder"):
@@ -334,6 +339,20 @@ def test_open_clip_transform_follows_resize_mode_and_interpolation(tiny_open_cli
     # PIL against torch resampling: measured mean gaps 2.8e-4 to 5.5e-4; the default bicubic shortest-side resize
     # and crop in their place differ by 6e-3 (bilinear) to 0.33 (letterbox).
     assert actual.shape == expected.shape and (actual - expected).abs().mean() < 1e-3
+
+
+def test_a_processor_without_a_crop_squashes_to_its_size_as_it_resizes():
+    """ViT's and SigLIP's processors resize to a height and width, with no crop: the whole-image transform of the
+    artifact and adversarial rewards takes that size, and the processor's own output."""
+    processor = ViTImageProcessor(size={"height": 40, "width": 48})
+    images = world_images((100, 61))
+    expected = processor(images=images, return_tensors="pt").pixel_values
+    actual = TorchImageTransform.from_processor(processor, squash=True)(images_to_tensor(images))
+    assert actual.shape == expected.shape == (len(images), 3, 40, 48)
+    assert (actual - expected).abs().mean() < 1e-2  # torch against PIL resampling
+    processor.size = {"shortest_edge": 40}
+    with pytest.raises(ValueError, match="expected a height and width to resize the whole image to"):
+        TorchImageTransform.from_processor(processor, squash=True)
 
 
 @pytest.mark.parametrize("change, message", [

@@ -1,8 +1,9 @@
 """The adversarial DINO reward of Adv-GRPO ("The Image as Its Own Reward"): a frozen Dinov2-format backbone and a
 small head trained, as a discriminator, to score reference images above generated ones.
 
-The backbone sees the whole image, resized to its processor's crop size with no crop (as Adv-GRPO resizes to 518²),
-so no border is left where a generator could change pixels unseen. The head Linear(d→512)–GELU–Linear(512→1) is
+The backbone sees the whole image, resized to its processor's crop size with no crop, so no border is left where a
+generator could change pixels unseen. (Adv-GRPO resizes to 518², 1369 patch tokens; the hub Dinov2 processors' crop
+is 224², 256 tokens, which see less of a 512² sample's fine texture.) The head Linear(d→512)–GELU–Linear(512→1) is
 shared by the CLS token and the patch tokens, all L2-normalized; reward = 0.7·head(CLS) + 0.3·mean head(patches),
 over every patch token, so it is deterministic. Training follows Adv-GRPO's `train_dino`: hinge losses per token,
 0.5·[mean relu(1 − logit(reference)) + mean relu(1 + logit(generated))], on the CLS logits plus 0.3 times the same

@@ -97,14 +97,16 @@ class ArtifactReward(Reward):
         self.head.load_state_dict(load_file(folder / HEAD_FILE))
         self.head.to(device).eval().requires_grad_(False)
 
-    def artifact_probability(self, images) -> torch.Tensor:
-        return torch.sigmoid(self.head(self.backbone(images_to_tensor(images))).squeeze(-1))
+    def artifact_logit(self, images) -> torch.Tensor:
+        return self.head(self.backbone(images_to_tensor(images))).squeeze(-1)
 
     def image_networks(self):
         return [self.backbone.model]
 
     def score(self, images, prompts, metadata):
-        return 1 - self.artifact_probability(images)
+        # 1 − sigmoid(z), computed as sigmoid(−z): for a sure artifact (z ≳ 17 in float32) the difference rounds
+        # to exactly 0, which ties every such image and leaves no gradient.
+        return torch.sigmoid(-self.artifact_logit(images))
 
 
 REVIEW_LABELS = {"good": 0, "artifact": 1}  # labels exported by a review page (align_diffusion.gallery)

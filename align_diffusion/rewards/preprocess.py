@@ -15,6 +15,15 @@ OPEN_CLIP_INTERPOLATION = {"bicubic": "bicubic", "bilinear": "bilinear", "random
 RESCALE = 1 / 255  # the processor's uint8 scaling, which [0, 1] images have already had
 
 
+def _height_width(size) -> tuple[int, int] | None:
+    """(height, width) of a processor's size or crop size (a dict or transformers' SizeDict), None without both."""
+    try:
+        height, width = size["height"], size["width"]
+    except (KeyError, TypeError):
+        return None
+    return (height, width) if height and width else None
+
+
 @dataclass(frozen=True)
 class TorchImageTransform:
     """Resize as `resize` says, center-crop or zero-pad to `size`, normalize."""
@@ -30,7 +39,8 @@ class TorchImageTransform:
     @classmethod
     def from_processor(cls, processor, squash: bool = False) -> TorchImageTransform:
         """From a transformers image processor (CLIPImageProcessor, BitImageProcessor, ...). With `squash`, the whole
-        image is resized to the processor's crop size instead of its resize and center crop."""
+        image is resized to the processor's crop size instead of its resize and center crop (to its size, for a
+        processor without a crop such as ViT's or SigLIP's)."""
         if processor.resample not in PIL_RESAMPLE:
             raise ValueError(f"resample={processor.resample!r}: only bilinear (2) and bicubic (3) are supported")
         if not (processor.do_rescale and math.isclose(processor.rescale_factor, RESCALE)):
@@ -39,9 +49,13 @@ class TorchImageTransform:
         interpolation = PIL_RESAMPLE[processor.resample]
         mean, std = ((tuple(processor.image_mean), tuple(processor.image_std)) if processor.do_normalize
                      else ((0.0,) * 3, (1.0,) * 3))
-        crop = processor.crop_size
+        crop = getattr(processor, "crop_size", None)
         if squash:
-            return cls("squash", (crop["height"], crop["width"]), mean, std, interpolation=interpolation)
+            target = _height_width(crop) or _height_width(processor.size)
+            if target is None:
+                raise ValueError(f"crop_size={crop}, size={processor.size}: expected a height and width to resize "
+                                 "the whole image to")
+            return cls("squash", target, mean, std, interpolation=interpolation)
         size = processor.size
         if processor.do_resize and set(dict(size)) != {"shortest_edge"}:
             raise ValueError(f"size={dict(size)}: expected an image processor that resizes the shortest edge")

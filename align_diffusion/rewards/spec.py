@@ -47,13 +47,21 @@ DEFAULT_ARGUMENT = {"shapes": "graded", "jpeg": "95"}
 
 
 def _same_reward(term: RewardTerm) -> tuple[str, str | None]:
-    """What two terms share when they load the same reward: `jpeg`, `jpeg:95` and `jpeg:095` do."""
+    """What two terms share when they load the same reward: `jpeg`, `jpeg:95` and `jpeg:095` do, and so do
+    `pickscore` and `pickscore:yuvalkirstain/PickScore_v1`, `hpsv2:W` and `hpsv2:ViT-H-14:W`."""
     arg = term.arg or DEFAULT_ARGUMENT.get(term.name)
     if term.name == "jpeg":
         try:
             arg = str(int(arg))
         except ValueError:  # not a quality: the loader says so
             pass
+    if term.name in ("pickscore", "hpsv2", "aesthetic"):  # their models' defaults, where the argument omits them
+        from align_diffusion.rewards.clip import AESTHETIC_CLIP, HPS_ARCH, PICKSCORE_MODEL
+
+        if term.name == "pickscore":
+            arg = arg or PICKSCORE_MODEL
+        elif len(_split_pair(arg)) == 1:
+            arg = f"{HPS_ARCH if term.name == 'hpsv2' else AESTHETIC_CLIP}:{arg}"
     return term.name, arg
 
 
