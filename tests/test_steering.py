@@ -495,6 +495,9 @@ def test_fk_resamples_a_particle_scored_minus_infinity_away_even_when_the_ess_is
                          **SIZE)
     assert result.details["ess"][0] == pytest.approx(3.0, abs=0.01) and result.details["resampled"][0]
     assert 0 not in result.details["ancestors"] and result.details["unscored"] == [0, 0, 0]
+    with pytest.raises(RewardError, match="left FK no finite weights to resample 'a red circle' by at step 0"):
+        fk_steering(adapter, "a red circle", PartlyMinusInfinite({1: [0, 1, 2, 3]}), num_particles=4, lam=1.0,
+                    resample_interval=2, num_inference_steps=4, guidance_scale=GUIDANCE, **SIZE)
 
 
 def test_fk_raises_when_no_particle_can_be_scored(adapter):

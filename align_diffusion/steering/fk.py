@@ -33,7 +33,7 @@ import math
 import torch
 
 from align_diffusion.models.base import PipelineAdapter
-from align_diffusion.rewards.base import Reward
+from align_diffusion.rewards.base import Reward, RewardError
 from align_diffusion.sampling.loop import check_guidance, resolve_settings
 from align_diffusion.steering.candidates import (
     SEED_STRIDE,
@@ -176,6 +176,9 @@ def fk_steering(
             # An unscorable particle dies: resampled away at once. Some particle is alive, as score_candidates
             # raises when none can be scored, and only live particles' weights are ever carried.
             log_weights = log_weights.masked_fill(torch.isnan(log_weights), -math.inf)
+            if torch.isposinf(log_weights).any() or torch.isneginf(log_weights).all():
+                raise RewardError(f"{reward.name} left FK no finite weights to resample {prompt!r} by at step {i} "
+                                  f"(scores {scores.tolist()}): an infinite score is a broken reward, not a ranking")
             ess.append(effective_sample_size(log_weights))
             carry = adaptive_threshold is not None and ess[-1] >= adaptive_threshold * num_particles
             if carry and torch.isfinite(log_weights).all():
