@@ -437,9 +437,12 @@ def validate(config: TrainConfig, num_processes: int = 1) -> None:
             raise ConfigError(f"{key}: the reward transforms combine one reward per image, not dense step rewards")
         if on and config.algorithm == "gdro":
             raise ConfigError(f"{key}: GDRO ranks each group by its weighted reward sum; the transforms apply to grpo")
-    if grpo.normalize_each and grpo.advantage == "bnpo":
-        raise ConfigError("grpo.normalize_each: its z-scores leave grpo.reward_range, which bnpo maps to [0, 1]; use "
-                          "zscore or global_std")
+        if on and grpo.advantage == "bnpo":
+            raise ConfigError(f"{key}: bnpo maps grpo.reward_range, the plain reward's, to [0, 1], which the "
+                              "transformed reward leaves; use zscore or global_std")
+        if on and grpo.value_weight:
+            raise ConfigError(f"{key}: the value-anchored term λ·(R − value_anchor) needs the plain reward's scale "
+                              "(after normalize_each every group's mean is 0, so no group would be told from another)")
     if grpo.dense is not None and grpo.value_weight:
         raise ConfigError("grpo.value_weight: the value-anchored term applies to one advantage per image, not to "
                           "dense per-step advantages")
@@ -469,6 +472,11 @@ def validate(config: TrainConfig, num_processes: int = 1) -> None:
             parse_spec(config.eval.rewards)
         except ValueError as error:
             raise ConfigError(f"eval.rewards: {error}") from None
+    if grpo.log_tame in ("mean", "median") and len(terms) < 2:
+        raise ConfigError(f"grpo.log_tame: {grpo.log_tame} compares the spreads of the reward's terms, and "
+                          f"{config.reward!r} has one; give a number δ")
+    if grpo.log_tame is not None and any(term.name == "jpeg" for term in terms):
+        raise ConfigError("grpo.log_tame: log-taming needs non-negative rewards, and jpeg scores −kB")
     if any(term.name in TRAINABLE_REWARDS for term in terms) and config.references is None:
         raise ConfigError("references: the reward trains against reference images (adv-dino); set references to "
                           "'shapes' or an image folder")
@@ -490,6 +498,10 @@ def validate(config: TrainConfig, num_processes: int = 1) -> None:
         raise ConfigError(f"{key}: cps noise levels a must lie in [0, 1], got {max(levels)}")
     start, end = window if window is not None else (0, sampling.num_steps)
     drawing = end - 1 if sampling.sampler == "cps" and end == sampling.num_steps else end  # CPS ends on σ = 0
+    if config.algorithm == "gdro" and sampling.shared_noise and (
+            sampling.sampler == "ode" or not any(level > 0 for level in levels[start:drawing])):
+        raise ConfigError("sampling.shared_noise: with no noise drawn after the shared start, every image of a group "
+                          "would be the same; pick a stochastic sampler and noise level, or share no noise")
     if config.algorithm == "grpo" and not any(level > 0 for level in levels[start:drawing]):
         raise ConfigError(f"{key}: GRPO trains on stochastic steps, and every noise level within the noise window "
                           f"[{start}, {end}) is 0" + (" (CPS's last step draws no noise)" if drawing < end else ""))
