@@ -347,11 +347,17 @@ def test_lcm_unet_takes_guidance_as_its_embedding_like_stock():
 @pytest.mark.parametrize("scheduler", [LCMScheduler, TCDScheduler])
 def test_consistency_schedulers_are_refused_rather_than_replaced_by_ddim(scheduler):
     pipe = tiny_pipeline("sd", time_cond_proj_dim=8)
+    ddim = pipe.scheduler
     pipe.scheduler = scheduler.from_config(pipe.scheduler.config)
-    with pytest.raises(ValueError, match=f"scheduler is {scheduler.__name__}, whose consistency steps"):
-        sample(adapter_for(pipe), PROMPTS, num_inference_steps=4, **SIZE)
+    refused = f"scheduler is {scheduler.__name__}, whose consistency steps"
+    with pytest.raises(ValueError, match=refused):  # as the model loads
+        adapter_for(pipe)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")  # as it advises
-    assert sample(adapter_for(pipe), PROMPTS, num_inference_steps=4, **SIZE).schedule.timesteps[0] == 999
+    adapter = adapter_for(pipe)
+    assert sample(adapter, PROMPTS, num_inference_steps=4, **SIZE).schedule.timesteps[0] == 999
+    pipe.scheduler = scheduler.from_config(ddim.config)  # swapped in after loading: refused as it samples
+    with pytest.raises(ValueError, match=refused):
+        sample(adapter, PROMPTS, num_inference_steps=4, **SIZE)
 
 
 def test_inverted_sigmas_are_sampled_by_the_ode_only(tiny_pipes):

@@ -377,10 +377,13 @@ def test_calibrate_noise_command_writes_a_table(saved, prompt_file, tmp_path, ca
     assert all(level == pytest.approx(0.75) or level == pytest.approx(0.65) for level in levels)
     assert json.loads(out.read_text())["rounds"] == 1
     assert "wrote" in capsys.readouterr().out
-    # A step outside the noise window keeps its level: it drew no noise.
+    # A step that drew no noise keeps its level: one outside the noise window, and CPS's last.
     main(["calibrate-noise", str(config), "--rounds", "1", "--eps2", "0.05", "--out", str(out), "sampling.num_steps=3",
           "sampling.noise_window=[0,2]"])
     assert read_table(out, 3)[2] == 0.7
+    main(["calibrate-noise", str(config), "--rounds", "1", "--eps2", "0.05", "--out", str(out), "sampling.num_steps=3",
+          "sampling.sampler=cps"])
+    assert read_table(out, 3)[2] == 0.8  # CPS's default level
     with pytest.raises(SystemExit, match="--out: .* is a folder; name the JSON file"):  # before any round
         main(["calibrate-noise", str(config), "--rounds", "1", "--out", str(tmp_path)])
 

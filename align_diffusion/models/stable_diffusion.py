@@ -63,13 +63,21 @@ class StableDiffusionAdapter(PipelineAdapter):
             )
         return PromptEmbeds({"encoder_hidden_states": embeds}, {"encoder_hidden_states": negative} if cfg else None)
 
-    def schedule(self, num_inference_steps, height, width) -> Schedule:
+    def __init__(self, pipe, *options, **named_options):
+        super().__init__(pipe, *options, **named_options)
+        self.check_scheduler()  # as the model loads, before any work with it
+
+    def check_scheduler(self) -> None:
         if isinstance(self.pipe.scheduler, (LCMScheduler, TCDScheduler)):
             name = type(self.pipe.scheduler).__name__
             raise ValueError(f"the pipeline's scheduler is {name}, whose consistency steps (fresh noise each step, on "
                              "timesteps of its own) this package does not reproduce: it samples SD-family models "
                              "with DDIM. To sample this model with DDIM anyway, set pipe.scheduler = "
-                             "DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing='trailing')")
+                             "DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing='trailing'), or "
+                             "write that scheduler into the model folder's scheduler/scheduler_config.json")
+
+    def schedule(self, num_inference_steps, height, width) -> Schedule:
+        self.check_scheduler()  # again: the scheduler may have been swapped since
         config = self.pipe.scheduler.config
         if config.get("clip_sample", False) or config.get("thresholding", False):
             raise ValueError("schedulers with clip_sample or thresholding are not supported: x̂0 must stay unclipped")

@@ -631,8 +631,10 @@ class GRPOTrainer:
             rollouts = self.rollout(round_index)
             deltas = self.accelerator.gather(rollouts.step_deltas.to(self.accelerator.device)).cpu()
             calibrated = calibrate_step(levels, deltas, eps1, eps2, LARGEST_NOISE_LEVEL[self.config.sampling.sampler])
-            # A step outside the noise window draws no noise whatever its level: its step rewards say nothing of it.
-            levels = [new if window[0] <= t < window[1] else old
+            # A step that drew no noise at a level above 0 (outside the noise window, or CPS's last) says nothing of
+            # its level; one at level 0 within the window is calibrated, so that it can rise again.
+            noisy = set(rollouts.trajectory.stochastic_steps)
+            levels = [new if window[0] <= t < window[1] and (t in noisy or old == 0) else old
                       for t, (old, new) in enumerate(zip(levels, calibrated))]
             self.log(f"round {round_index + 1}/{rounds}: ψ = [{', '.join(f'{v:.3f}' for v in levels)}]")
         return levels
