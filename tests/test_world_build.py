@@ -3,6 +3,7 @@
 import html
 import json
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -132,6 +133,18 @@ def test_generators_without_their_clip_and_vae_fail_in_one_line_before_training(
     with pytest.raises(SystemExit, match=expected):
         main(["build-world", "--out", str(out), "--only", "dino", "sd3", "--quick"])
     assert not out.exists()
+
+
+def test_a_generator_rebuilt_alone_is_the_seeds(world, tmp_path):
+    out, _ = world
+    rebuilt = []
+    for copy in ("a", "b"):
+        shutil.copytree(out, tmp_path / copy)
+        torch.manual_seed(len(copy) * 1234 + ord(copy))  # whatever the process's stream held before
+        build_world(tmp_path / copy, seed=0, plan=PLAN, only=["sd3"], log=lambda line: None)
+        rebuilt.append(load_file(str(tmp_path / copy / "sd3" / "transformer" / "diffusion_pytorch_model.safetensors")))
+    assert rebuilt[0].keys() == rebuilt[1].keys()
+    assert all(torch.equal(rebuilt[0][key], rebuilt[1][key]) for key in rebuilt[0])
 
 
 def test_only_merges_into_the_build_report(world):

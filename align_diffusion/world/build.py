@@ -99,6 +99,10 @@ def build_world(out: str | Path, seed: int = 0, plan: BuildPlan | None = None, o
     if plan.torch_compile and {"vae", "sd3"} & set(only):
         check_cpp_compiler()
     out.mkdir(parents=True, exist_ok=True)
+    # Each stage seeds itself, but a generator's initial weights and the dataset's latents are drawn from the global
+    # stream before: seeded here, a build of some assets only is the seed's too (a full build's first draw is the
+    # CLIP's, which seeds itself, so it is unchanged).
+    torch.manual_seed(seed)
     report = {"seed": seed, "plan": asdict(plan), "seconds": {}}
     start = time.time()
 

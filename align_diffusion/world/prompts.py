@@ -2,7 +2,8 @@
 
 The test split holds combinations that no training prompt names: held-out color–shape pairs, count–shape pairs,
 ordered shape pairs and (relation, shape, shape) triples. Training images may still show, say, a red triangle
-(under "a triangle" or "two triangles"); they never say so, so the base model has to generalize.
+(under "a triangle" or "two triangles"); they never say so, so the base model has to generalize. (Its text encoder,
+the world CLIP's text tower, was trained on renders of every split's prompts: assets/README.md.)
 """
 
 from __future__ import annotations
