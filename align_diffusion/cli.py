@@ -236,7 +236,7 @@ def run_eval(args) -> None:
     from align_diffusion.files import write_text_atomically
     from align_diffusion.world.benchmark import evaluate_shapes
 
-    if args.out.suffix == ".json":
+    if args.out.suffix == ".json" or args.out.exists() and not args.out.is_dir():
         raise SystemExit(f"--out: expected a folder (for eval.json, the samples, index.html), got {args.out}")
     held = [name for name in ("eval.json", "metadata.jsonl") if (args.out / name).exists()]
     if held and not args.overwrite:

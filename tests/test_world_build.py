@@ -16,6 +16,7 @@ from transformers import AutoTokenizer, CLIPModel, Dinov2Model
 
 from align_diffusion.cli import main
 from align_diffusion.gallery import read_records
+from align_diffusion.sampling.folder import SampleFolder
 from align_diffusion.models import load_adapter
 from align_diffusion.sampling.loop import sample
 from align_diffusion.world.build import BuildPlan, build_world
@@ -164,6 +165,23 @@ def test_eval_refuses_a_folder_of_samples_without_overwrite(tmp_path):
     with pytest.raises(SystemExit, match="already holds metadata.jsonl .* pass --overwrite"):
         main(["eval", "--model", "never-loaded", "--out", str(samples)])
     assert (samples / "metadata.jsonl").read_text() == '{"file": "images/00000.png", "prompt": "a red circle"}\n'
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(SystemExit, match="--out: expected a folder"):
+        main(["eval", "--model", "never-loaded", "--out", str(tmp_path / "a-file")])
+
+
+def test_eval_refuses_a_model_of_another_size_before_sampling(saved, tmp_path):
+    with pytest.raises(SystemExit, match="ShapesEval judges 64×64 images, and this model samples 32×32"):
+        main(["eval", "--model", str(saved["sd3"]), "--out", str(tmp_path / "eval")])
+    assert not (tmp_path / "eval" / "images").exists()
+
+
+def test_new_samples_in_a_folder_remove_its_earlier_evaluation(tmp_path):
+    (tmp_path / "eval.json").write_text("{}")  # the summary of the images about to be replaced
+    with SampleFolder(tmp_path) as folder:
+        assert (tmp_path / "eval.json").exists()  # kept while no new image exists, as the images are
+        folder.add(Image.new("RGB", (8, 8)), {"prompt": "a red circle"})
+    assert not (tmp_path / "eval.json").exists()
 
 
 def test_eval_of_a_folder_that_is_no_pipeline_fails_in_one_line(tmp_path):

@@ -68,6 +68,7 @@ class SampleFolder:
             if IMAGE_NAME.fullmatch(path.name):
                 path.unlink()
         (self.root / "index.html").unlink(missing_ok=True)
+        (self.root / "eval.json").unlink(missing_ok=True)  # an evaluation's summary of the earlier images
         for page in self.root.glob("compare-*.html"):  # side-by-side pages of the earlier images against others
             page.unlink()
         self._metadata = open(self.root / "metadata.jsonl", "w")

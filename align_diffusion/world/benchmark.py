@@ -11,6 +11,7 @@ from align_diffusion.sampling.folder import SampleFolder, settings_record
 from align_diffusion.sampling.loop import resolve_settings, sample_images
 from align_diffusion.world.evaluate import shapes_eval
 from align_diffusion.world.prompts import split_prompts
+from align_diffusion.world.spec import CANVAS
 
 
 def evaluate_shapes(
@@ -34,6 +35,9 @@ def evaluate_shapes(
     (and `extra_metadata`, such as the model) as `sample` writes them, and its review page."""
     prompts = [p for p in split_prompts(split) for _ in range(num_images_per_prompt)]
     settings = resolve_settings(adapter, sampler, num_inference_steps, guidance_scale, noise_level)
+    if (settings.height, settings.width) != (CANVAS, CANVAS):  # refused now, not after sampling the whole split
+        raise ValueError(f"ShapesEval judges {CANVAS}×{CANVAS} images, and this model samples "
+                         f"{settings.height}×{settings.width}: evaluate a shapes-world generator")
     images = sample_images(adapter, prompts, seed=seed, batch_size=batch_size,
                            desc=f"shapes {split}" if progress else None, sampler=sampler,
                            negative_prompt=negative_prompt, **asdict(settings))
