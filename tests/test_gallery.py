@@ -22,7 +22,7 @@ from align_diffusion.gallery.page import read_records
 from align_diffusion.gallery.run import read_metrics
 from align_diffusion.gallery.browser import headless_chromium
 from align_diffusion.rewards.artifact import read_labelled_images
-from align_diffusion.sampling.folder import reward_record
+from align_diffusion.sampling.folder import SampleFolder, reward_record
 
 HOSTILE = '<script>window.pwned = 1</script><b>bold</b> "quoted" & \'single\''
 # (prompt, seed, shapes score, verdict); one score missing, one hostile prompt.
@@ -544,3 +544,13 @@ def test_the_trainer_rebuilds_only_the_pages_of_new_samples(tmp_path):
     assert "0.500" in pages[3].read_text().split('class="scores"')[1]  # the new score
     build_run_page(run)  # the gallery command: every page
     assert all(page.stat().st_mtime_ns > before for page, before in zip(pages, written))
+
+
+def test_a_score_difference_beyond_float_range_is_shown_as_none(tmp_path):
+    for name, score in (("a", -1.7e308), ("b", 1e308)):
+        with SampleFolder(tmp_path / name) as folder:
+            folder.add(Image.new("RGB", (8, 8)), {"prompt": "a red circle", "seed": 0, "rewards": {"r": score}})
+    main(["gallery", str(tmp_path / "a"), "--compare", str(tmp_path / "b")])
+    page = (tmp_path / "a" / "compare-b.html").read_text()
+    values = json.loads(html.unescape(re.search(r'data-values="([^"]*)"', page).group(1)))
+    assert values["r (A)"] == -1.7e308 and values["r (B)"] == 1e308 and values["Δ r"] is None

@@ -147,7 +147,8 @@ def build_comparison(folder_a: str | Path, folder_b: str | Path, out: str | Path
         for name in dict.fromkeys([*a, *b]):
             value[f"{name} (A)"], value[f"{name} (B)"] = a.get(name), b.get(name)
             both = a.get(name) is not None and b.get(name) is not None
-            value[f"Δ {name}"] = b[name] - a[name] if both else None
+            difference = b[name] - a[name] if both else None
+            value[f"Δ {name}"] = difference if difference is None or math.isfinite(difference) else None  # overflow
         sides = (("A", name_a, folder_a / record_a["file"]), ("B", name_b, folder_b / record_b["file"]))
         figures = [_figure(_relative(image, out.parent), f"{side}: {name}", _image_id(image))
                    for side, name, image in sides]
