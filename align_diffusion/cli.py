@@ -262,11 +262,14 @@ def run_eval(args) -> None:
               + "  ".join(f"k={k} {v['overall']:.3f}" for k, v in result["pass_at_k"].items()))
 
 
+SHIPPED_WORLD = Path("assets/world")
+
+
 def add_build_world_parser(subparsers) -> None:
     from align_diffusion.world.build import ASSETS
 
     parser = subparsers.add_parser("build-world", help="train the shapes-world assets from a seed")
-    parser.add_argument("--out", type=Path, default=Path("assets/world"), help="folder for the assets")
+    parser.add_argument("--out", type=Path, default=SHIPPED_WORLD, help="folder for the assets")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", nargs="+", choices=ASSETS, default=list(ASSETS),
                         help="rebuild only these assets (the others are loaded from --out)")
@@ -277,6 +280,9 @@ def add_build_world_parser(subparsers) -> None:
 def run_build_world(args) -> None:
     from align_diffusion.world.build import QUICK_PLAN, build_world
 
+    if args.quick and args.out.resolve() == SHIPPED_WORLD.resolve():
+        raise SystemExit(f"--quick: its few-step models would replace the shipped ones in {args.out}; give another "
+                         "--out for a plumbing check")
     report = build_world(args.out, seed=args.seed, plan=QUICK_PLAN if args.quick else None, only=args.only)
     minutes = report["total_seconds"] / 60
     print(f"built {', '.join(args.only)} in {minutes:.1f} min; report in {args.out}/build_report.json")

@@ -148,6 +148,12 @@ def test_a_generator_rebuilt_alone_is_the_seeds(world, tmp_path):
     assert all(torch.equal(rebuilt[0][key], rebuilt[1][key]) for key in rebuilt[0])
 
 
+def test_a_quick_build_does_not_replace_the_shipped_world(monkeypatch):
+    monkeypatch.setattr("align_diffusion.world.build.build_world", lambda *args, **kwargs: pytest.fail("built"))
+    with pytest.raises(SystemExit, match="--quick: its few-step models would replace the shipped ones"):
+        main(["build-world", "--quick"])
+
+
 def test_only_merges_into_the_build_report(world):
     out, full = world
     report = build_world(out, plan=PLAN, only=["dino"], log=lambda line: None)
