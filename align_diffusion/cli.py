@@ -608,8 +608,10 @@ def run_steer(args) -> None:
     if args.prune_reward is not None and args.method != "ttsnap":
         raise SystemExit(f"--prune-reward applies to ttsnap, not {args.method}")
     if args.method == "reno":
-        options.update(gradient_checkpointing=not args.no_checkpointing, reno_batch_size=args.batch_size or 16,
+        options.update(gradient_checkpointing=not args.no_checkpointing,
                        autocast_dtype=None if args.autocast is None else DTYPES[args.autocast])
+        if args.batch_size is not None:  # else steer's default
+            options["reno_batch_size"] = args.batch_size
     elif args.no_checkpointing or args.autocast or args.batch_size:
         raise SystemExit(f"--no-checkpointing, --autocast and --batch-size apply to reno, not {args.method}")
     options.update({key: value for key, value in (("num_inference_steps", args.steps),

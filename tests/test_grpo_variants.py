@@ -262,7 +262,6 @@ def test_gdpo_normalizes_each_reward_term_in_its_group_before_the_sum(saved, pro
     torch.testing.assert_close(advantages, expected.float(), rtol=1e-5, atol=1e-6)
     unnormalized = rollouts.each["jpeg"] + 0.5 * rollouts.each["jpeg:50"]
     assert stats["reward_mean"] == pytest.approx(float(unnormalized.mean()))  # what is logged stays the sum
-    assert (advantages - trainer.advantages(rollouts)[0]).abs().max() == 0
     plain = GRPOTrainer(load_config(None, [*overrides, "grpo.normalize_each=false", f"output_dir={tmp_path / 'b'}"]))
     assert (plain.advantages(rollouts)[0] - advantages).abs().max() > 1e-3
 
