@@ -166,7 +166,7 @@ def read_prompts(args) -> list[str]:
         return args.prompt
     if not args.prompts_file.is_file():
         raise SystemExit(f"--prompts-file: no such file {args.prompts_file}")
-    prompts = [line.strip() for line in args.prompts_file.read_text().splitlines() if line.strip()]
+    prompts = [line.strip() for line in args.prompts_file.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not prompts:
         raise SystemExit(f"--prompts-file: {args.prompts_file} holds no prompt")
     return prompts

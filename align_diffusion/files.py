@@ -21,4 +21,4 @@ def write_atomically(path: str | Path, write: Callable[[Path], None]) -> None:
 
 
 def write_text_atomically(path: str | Path, text: str) -> None:
-    write_atomically(path, lambda partial: partial.write_text(text))
+    write_atomically(path, lambda partial: partial.write_text(text, encoding="utf-8"))

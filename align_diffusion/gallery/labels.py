@@ -5,16 +5,18 @@ artifact = has artifacts, bad is left out) and gives preference pairs (good over
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from align_diffusion.gallery.page import LABELS
 
 
 def read_labels(path: str | Path) -> list[dict]:
-    """The label records of `path`, with `file` resolved against the file's folder when relative."""
+    """The label records of `path`, with `file` resolved against the file's folder when relative; a file labelled
+    twice alike (merged exports) once."""
     path = Path(path)
-    records = []
-    for number, line in enumerate(path.read_text().split("\n"), 1):  # not splitlines: U+2028 in a prompt
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):  # not splitlines: U+2028
         if not line.strip():
             continue
         try:
@@ -22,10 +24,25 @@ def read_labels(path: str | Path) -> list[dict]:
             file, prompt, label = record["file"], record["prompt"], record["label"]
         except (json.JSONDecodeError, KeyError, TypeError) as error:
             raise ValueError(f'{path}:{number}: expected {{"file", "prompt", "label"}} ({error!r})') from None
+        if not isinstance(file, str) or not isinstance(prompt, str):
+            raise ValueError(f"{path}:{number}: file and prompt must be text, got {file!r} and {prompt!r}")
         if label not in LABELS:
             raise ValueError(f"{path}:{number}: label must be one of {LABELS}, got {label!r}")
-        records.append({"file": path.parent / file, "prompt": prompt, "label": label})
-    return records
+        rows.append((number, {"file": path.parent / file, "prompt": prompt, "label": label}))
+    return once_per_file(path, rows)
+
+
+def once_per_file(source: Path, rows: list[tuple[int, dict]]) -> list[dict]:
+    """The records of `rows` (line number, record with a "file" path), a file's repeats dropped; ValueError when a
+    repeat says otherwise of it (one image would be both clean and an artifact, or preferred over itself)."""
+    kept: dict[str, tuple[int, dict]] = {}
+    for number, record in rows:
+        file = os.path.abspath(record["file"])
+        if file in kept and kept[file][1] != record:
+            raise ValueError(f"{source}:{number}: {record['file']} was labelled otherwise on line {kept[file][0]}: "
+                             f"{kept[file][1]} against {record}")
+        kept.setdefault(file, (number, record))
+    return [record for _, record in kept.values()]
 
 
 def preference_pairs(path: str | Path) -> list[dict]:

@@ -8,6 +8,7 @@ sorts and collects reviewer labels (good / artifact / bad), exported as JSONL li
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
@@ -16,6 +17,8 @@ from html import escape
 from importlib.resources import files
 from pathlib import Path
 from urllib.parse import quote
+
+from PIL import Image, UnidentifiedImageError
 
 from align_diffusion.files import write_text_atomically
 
@@ -26,12 +29,19 @@ CORRECT = "correct"  # the value name of ShapesEval's strict verdict (1 or 0)
 SETTINGS = ("model", "lora", "dtype", "method", "sampler", "noise_level", "steps", "guidance", "negative_prompt",
             "height", "width", "max_sequence_length", "clip_skip", "guidance_rescale", "true_cfg_scale", "reward")
 STEER_SETTINGS = {"num_inference_steps": "steps", "guidance_scale": "guidance"}  # steer's option names of settings
+# What a page reads of a record, where the record holds it.
+RECORD_TYPES = {"file": str, "prompt": str, "rewards": (dict, type(None)), "budget": (dict, type(None))}
+RECORD_TYPES_TEXT = {"file": "a path", "prompt": "text", "rewards": "an object {name: score}",
+                     "budget": "an object"}
+# A card shows an image 168 to 256 px wide: one this narrow is always enlarged, and shown as sharp pixels. Wider
+# ones are shown smooth, as scaling an image down pixel by pixel adds moiré a reviewer would label an artifact.
+SHARP_PIXELS_WIDTH = 128
 
 
 def read_jsonl(path: Path) -> list[tuple[int, dict]]:
     """(line number, value) of each non-blank line of a JSONL file. An unterminated last line that does not parse
     is skipped: the file's writer (a training run, a sampler) may be halfway through it."""
-    lines = path.read_text().split("\n")
+    lines = path.read_text(encoding="utf-8").split("\n")
     rows = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
@@ -52,8 +62,12 @@ def read_records(folder: str | Path) -> list[dict]:
         raise FileNotFoundError(f"{folder} is not a sample folder: no metadata.jsonl")
     records = []
     for number, record in read_jsonl(metadata):
-        if not {"file", "prompt"} <= record.keys():
-            raise ValueError(f"{metadata}:{number}: a record needs 'file' and 'prompt', got {sorted(record)}")
+        if not isinstance(record, dict) or not {"file", "prompt"} <= record.keys():
+            raise ValueError(f"{metadata}:{number}: a record is an object with 'file' and 'prompt', got "
+                             f"{sorted(record) if isinstance(record, dict) else record!r}")
+        for key, kinds in RECORD_TYPES.items():
+            if key in record and not isinstance(record[key], kinds):
+                raise ValueError(f"{metadata}:{number}: {key} must be {RECORD_TYPES_TEXT[key]}, got {record[key]!r}")
         records.append(record)
     return records
 
@@ -68,7 +82,13 @@ def safe_filename(text: str, max_length: int = 80) -> str:
 def _finite_score(value) -> float | None:
     """`value` as a score when it is a finite number; anything else (null, NaN, text from a hand-written or older
     metadata.jsonl) is a missing score, shown as – and sorted last."""
-    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+    if not isinstance(value, (int, float)):
+        return None
+    try:
+        value = float(value)
+    except OverflowError:  # an integer beyond float range
+        return None
+    return value if math.isfinite(value) else None
 
 
 def record_values(record: dict) -> dict[str, float | None]:
@@ -86,11 +106,11 @@ def build_gallery(folder: str | Path, title: str | None = None, links: dict[str,
     values = [record_values(r) for r in records]
     cards = [
         _card(k, record["prompt"], record.get("seed"), value,
-              [_figure(record["file"], None, _image_id(folder / record["file"]))], _scores_table(value),
+              [_figure(record["file"], None, folder / record["file"], record["prompt"])], _scores_table(value),
               _steering_detail(record))
         for k, (record, value) in enumerate(zip(records, values))
     ]
-    summary = _summary(len(records), "images", values)
+    summary = _summary(len(records), "image", values)
     note = " · ".join(f"{name} {_setting_text(value)}" for name, value in shared_settings(records).items()
                        if value is not None)
     page = _page(title or folder.resolve().name, "single", summary, note, _names(values), cards, links or {})
@@ -150,17 +170,17 @@ def build_comparison(folder_a: str | Path, folder_b: str | Path, out: str | Path
             difference = b[name] - a[name] if both else None
             value[f"Δ {name}"] = difference if difference is None or math.isfinite(difference) else None  # overflow
         sides = (("A", name_a, folder_a / record_a["file"]), ("B", name_b, folder_b / record_b["file"]))
-        figures = [_figure(_relative(image, out.parent), f"{side}: {name}", _image_id(image))
+        figures = [_figure(_relative(image, out.parent), f"{side}: {name}", image, record_a["prompt"])
                    for side, name, image in sides]
         cards.append(_card(len(cards), record_a["prompt"], record_a.get("seed"), value, figures,
                            _comparison_table(a, b)))
         values.append(value)
     if not cards:
         raise ValueError(f"{folder_a} and {folder_b} share no (prompt, seed) pair")
-    summary = _summary(len(cards), "pairs", values)
+    summary = _summary(len(cards), "pair", values)
     note = f"A = {name_a}, B = {name_b}; pairs matched by prompt and seed"
     for side, other, count in (("A", "B", len(records_a) - len(cards)), ("B", "A", len(records_b) - len(cards))):
-        note += f"; {count} images of {side} have no partner in {other}" if count else ""
+        note += f"; {_count(count, 'image')} of {side} without a partner in {other}" if count else ""
     settings_a, settings_b = shared_settings(records_a.values()), shared_settings(records_b.values())
     differing = [name for name in settings_a if name in settings_b and settings_a[name] != settings_b[name]]
     if differing:  # among the settings both folders record: a folder that does not record one says nothing of it
@@ -189,17 +209,23 @@ def stylesheet() -> str:
 
 
 def _static(name: str) -> str:
-    return (files("align_diffusion.gallery") / "static" / name).read_text()
+    return (files("align_diffusion.gallery") / "static" / name).read_text(encoding="utf-8")
 
 
-def _image_id(path: Path) -> str:
-    """What the page's script keeps a reviewer's label under: the image's content, so a label follows its image
-    wherever the folder goes and whatever page shows it, and never shows on a new image that reuses its file name.
-    An image that is not there yet is named by its path."""
+def _image_facts(path: Path, prompt: str) -> tuple[str, int | None]:
+    """The image's label key and width (None when unreadable). The page's script keeps a reviewer's label under the
+    image's content and prompt, so a label follows its image wherever the folder goes and whatever page shows it,
+    never shows on a new image that reuses its file name, nor on the same image made for another prompt (a label
+    judges the image against its prompt). An image that is not there yet is named by its path."""
     try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()[:32]
+        content = path.read_bytes()
     except OSError:
-        return "missing:" + path.as_posix()
+        return "missing:" + path.as_posix(), None
+    key = hashlib.sha256(prompt.encode() + b"\0" + content).hexdigest()[:32]
+    try:
+        return key, Image.open(io.BytesIO(content)).width
+    except (UnidentifiedImageError, OSError):
+        return key, None
 
 
 # --- HTML pieces -----------------------------------------------------------------------------------------------
@@ -216,8 +242,12 @@ def _format(value: float | None, signed: bool = False) -> str:
     return "–" if value is None else f"{value:+.3f}" if signed else f"{value:.3f}"
 
 
+def _count(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def _summary(count: int, noun: str, values: list[dict]) -> str:
-    parts = [f"{count} {noun}"]
+    parts = [_count(count, noun)]
     for name in _names(values):
         present = [v[name] for v in values if v.get(name) is not None]
         if present:
@@ -225,11 +255,14 @@ def _summary(count: int, noun: str, values: list[dict]) -> str:
     return " · ".join(parts)
 
 
-def _figure(file: str, caption: str | None, image_id: str) -> str:
+def _figure(file: str, caption: str | None, image: Path, prompt: str) -> str:
+    """An image (`file` as the page links it, `image` on disk) with its label buttons."""
+    image_id, width = _image_facts(image, prompt)
+    sharp = ' class="pixels"' if width is not None and width <= SHARP_PIXELS_WIDTH else ""
     buttons = "".join(f'<button type="button" data-label="{label}">{label}</button>' for label in LABELS)
     caption_html = f"<figcaption>{escape(caption)}</figcaption>" if caption else ""
     return (f'<figure data-file="{escape(file)}" data-image="{escape(image_id)}">'
-            f'<img src="{escape(quote(file))}" alt="{escape(file)}" '
+            f'<img src="{escape(quote(file))}" alt="{escape(file)}"{sharp} '
             f'loading="lazy">{caption_html}<div class="labels">{buttons}</div></figure>')
 
 
@@ -241,7 +274,7 @@ def _verdict(value: float | None) -> str:
 
 def _steering_detail(record: dict) -> str:
     """What a steering method chose and spent, for records written by `steer`."""
-    if "budget" not in record:
+    if record.get("budget") is None:
         return ""
     budget = record["budget"]
     seconds = _finite_score(budget.get("seconds"))
@@ -270,7 +303,7 @@ def _comparison_table(a: dict, b: dict) -> str:
     rows = []
     for name in dict.fromkeys([*a, *b]):
         va, vb = a.get(name), b.get(name)
-        delta = vb - va if va is not None and vb is not None else None
+        delta = round(vb - va, 3) + 0.0 if va is not None and vb is not None else None  # as shown: no red -0.000
         trend = "" if not delta else ' class="up"' if delta > 0 else ' class="down"'
         rows.append(f"<tr><th>{escape(name)}</th><td>{_format(va)}</td><td>{_format(vb)}</td>"
                     f"<td{trend}>{_format(delta, signed=True)}</td></tr>")

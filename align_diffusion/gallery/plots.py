@@ -10,6 +10,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display on training machines
 import matplotlib.pyplot as plt  # noqa: E402
 
+from align_diffusion.files import write_atomically  # noqa: E402
 from align_diffusion.world.spec import CATEGORIES  # noqa: E402
 
 
@@ -26,7 +27,7 @@ def plot_curves(series: dict[str, tuple[list[float], list[float]]], path: str | 
     figure.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path)
+    write_atomically(path, lambda partial: figure.savefig(partial, format="png"))  # a page may be open on it
     plt.close(figure)
     return path
 

@@ -91,7 +91,7 @@ class ArtifactReward(Reward):
         if not (folder / CONFIG_FILE).is_file():
             raise FileNotFoundError(f"artifact: {folder} holds no {CONFIG_FILE} (train one with "
                                     "`align-diffusion train-reward artifact`)")
-        config = json.loads((folder / CONFIG_FILE).read_text())
+        config = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
         self.backbone = FrozenBackbone(resolve_backbone(folder, config["backbone"]), device, dtype)
         self.head = artifact_head(self.backbone.features)
         self.head.load_state_dict(load_file(folder / HEAD_FILE))
@@ -125,8 +125,10 @@ def read_labelled_images(data: str | Path) -> list[tuple[Path, int]]:
                 raise ValueError(f"{data} must hold `clean/` and `artifact/` subfolders (missing {name}/)")
             pairs += [(path, label) for path in sorted(folder.iterdir()) if path.suffix.lower() in IMAGE_SUFFIXES]
     elif data.is_file():
-        pairs = []
-        for number, line in enumerate(data.read_text().split("\n"), 1):  # not splitlines: U+2028 in a prompt
+        from align_diffusion.gallery.labels import once_per_file
+
+        rows = []
+        for number, line in enumerate(data.read_text(encoding="utf-8").split("\n"), 1):  # not splitlines: U+2028
             if not line.strip():
                 continue
             try:
@@ -135,15 +137,14 @@ def read_labelled_images(data: str | Path) -> list[tuple[Path, int]]:
                 path = data.parent / record["file"]
             except (json.JSONDecodeError, KeyError, TypeError) as error:
                 raise ValueError(f"{data}:{number}: expected {{\"file\": ..., \"label\": 0 or 1}} ({error})") from None
-            if label == "bad":
-                continue
             label = REVIEW_LABELS.get(label, label) if isinstance(label, str) else label
-            if label not in (0, 1):
+            if label not in (0, 1, "bad"):
                 raise ValueError(f"{data}:{number}: label must be 0 (clean) or 1 (artifact), or good / artifact / "
                                  f"bad, got {label!r}")
             if not path.is_file():
                 raise ValueError(f"{data}:{number}: image {path} not found")
-            pairs.append((path, label))
+            rows.append((number, {"file": path, "label": label}))
+        pairs = [(record["file"], record["label"]) for record in once_per_file(data, rows) if record["label"] != "bad"]
     else:
         raise ValueError(f"artifact data {data} is neither a JSONL file nor a folder")
     labels = {label for _, label in pairs}

@@ -34,7 +34,8 @@ class SampleFolder:
     A run replaces what an earlier run wrote to the folder (its images, metadata, review page and the side-by-side
     pages of its images, `compare-*.html`) just before its first image, or at its end if it wrote none, so a smaller
     or interrupted run never shows stale images, and a run that fails before its first image (a bad option, an
-    unreachable reward) leaves the earlier one whole. Other files in the folder stay.
+    unreachable reward) leaves the earlier one whole. Other files in the folder stay. A run that stops halfway
+    (interrupted, or failing) leaves the review page of the images it finished.
     """
 
     def __init__(self, out_dir: str | Path):
@@ -44,12 +45,14 @@ class SampleFolder:
 
     def continue_earlier_run(self) -> list[dict]:
         """Keeps what an earlier, interrupted run wrote (the records `read_records` reads: a last one cut short by
-        the interruption is dropped, its image written again) and appends after it; returns the kept records."""
+        the interruption is dropped, its image written again) and appends after it; returns the kept records. The
+        side-by-side pages of the earlier images go: they would miss the new ones."""
         from align_diffusion.gallery.page import read_records
 
         metadata = self.root / "metadata.jsonl"
         self.records = read_records(self.root)
-        text = metadata.read_text()
+        self._remove_comparisons()
+        text = metadata.read_text(encoding="utf-8")
         if text and not text.endswith("\n"):  # the last line is kept when it parses, as read_records keeps it
             finished, _, last = text.rpartition("\n")
             try:
@@ -58,7 +61,7 @@ class SampleFolder:
             except json.JSONDecodeError:
                 complete = finished + "\n" if finished else ""
             write_text_atomically(metadata, complete)
-        self._metadata = open(metadata, "a")
+        self._metadata = open(metadata, "a", encoding="utf-8")
         return self.records
 
     def _replace_earlier_run(self) -> None:
@@ -69,9 +72,12 @@ class SampleFolder:
                 path.unlink()
         (self.root / "index.html").unlink(missing_ok=True)
         (self.root / "eval.json").unlink(missing_ok=True)  # an evaluation's summary of the earlier images
+        self._remove_comparisons()
+        self._metadata = open(self.root / "metadata.jsonl", "w", encoding="utf-8")
+
+    def _remove_comparisons(self) -> None:
         for page in self.root.glob("compare-*.html"):  # side-by-side pages of the earlier images against others
             page.unlink()
-        self._metadata = open(self.root / "metadata.jsonl", "w")
 
     def add(self, image: Image.Image, record: dict) -> dict:
         if self._metadata is None:
@@ -95,6 +101,10 @@ class SampleFolder:
         if error_type is None and self._metadata is None:  # a run of no images replaces the earlier one too
             self._replace_earlier_run()
         self.close()
+        if error_type is not None and self._metadata is not None:
+            from align_diffusion.gallery import build_gallery
+
+            build_gallery(self.root)
 
 
 def json_safe(value):

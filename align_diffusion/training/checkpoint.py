@@ -82,7 +82,7 @@ def discard(checkpoint: Path) -> None:
 
 
 def read_trainer_state(checkpoint: Path) -> dict:
-    return json.loads((checkpoint / STATE).read_text())
+    return json.loads((checkpoint / STATE).read_text(encoding="utf-8"))
 
 
 def atomic_torch_save(value, path: str | Path) -> None:

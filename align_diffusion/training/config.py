@@ -262,7 +262,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Tr
     """A TrainConfig from a YAML file (or the defaults) and dotted `key=value` overrides, validated."""
     values = {}
     if path is not None:
-        values = _parse_yaml(Path(path).read_text(), str(path)) or {}
+        values = _parse_yaml(Path(path).read_text(encoding="utf-8"), str(path)) or {}
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: expected a mapping of keys to values at the top level, got a "
                               f"{type(values).__name__}")

@@ -431,7 +431,8 @@ class GRPOTrainer:
         if "config" in state:
             run, settings = f"the run that wrote {path}", state["config"]
         elif saved.is_file():
-            run, settings = f"the run in {self.output_dir}", _flat(yaml.safe_load(saved.read_text()) or {})
+            run = f"the run in {self.output_dir}"
+            settings = _flat(yaml.safe_load(saved.read_text(encoding="utf-8")) or {})
         else:
             return path
         current = self.settings()
@@ -457,7 +458,7 @@ class GRPOTrainer:
         if self.accelerator.is_main_process:
             kept = []
             if metrics_file.exists():  # a row of step 0 (the first eval) is rewritten by a run that starts over
-                kept = [line for line in metrics_file.read_text().splitlines()
+                kept = [line for line in metrics_file.read_text(encoding="utf-8").splitlines()
                         if path is not None and json.loads(line)["step"] <= self.step]
                 write_text_atomically(metrics_file, "".join(row + "\n" for row in kept))  # all rows, or none lost
             for later in checkpoint.completed_checkpoints(self.output_dir):
@@ -915,7 +916,7 @@ class GRPOTrainer:
 
     def record(self, metrics_file: Path, stats: dict) -> None:
         if self.accelerator.is_main_process:
-            with metrics_file.open("a") as f:
+            with metrics_file.open("a", encoding="utf-8") as f:
                 f.write(json.dumps(json_safe(stats), allow_nan=False) + "\n")  # NaN as null: strict JSON
             self.accelerator.log({k: v for k, v in stats.items() if k != "step"}, step=stats["step"])
 

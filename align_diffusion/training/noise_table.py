@@ -37,7 +37,7 @@ def write_table(path: str | Path, levels: list[float], **provenance) -> None:
 def read_table(path: str | Path, num_steps: int) -> list[float]:
     """The levels of a noise table, checked against the number of sampling steps."""
     try:
-        levels = json.loads(Path(path).read_text())["noise_levels"]
+        levels = json.loads(Path(path).read_text(encoding="utf-8"))["noise_levels"]
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as error:
         raise ValueError(f"noise table {path}: expected a JSON file with a 'noise_levels' list ({error!r})") from None
     if not isinstance(levels, list) or len(levels) != num_steps or not all(

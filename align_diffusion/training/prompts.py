@@ -32,7 +32,7 @@ class PromptSource:
             path = Path(spec)
             if not path.is_file():
                 raise FileNotFoundError(f"{field}: {spec!r} is neither shapes:SPLIT nor a file")
-            self.prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+            self.prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
             if not self.prompts:
                 raise ValueError(f"{field}: {spec} holds no prompt")
 

@@ -157,6 +157,6 @@ def merged_report(out: Path, report: dict) -> dict:
     path = out / "build_report.json"
     if not path.is_file():
         return report
-    earlier = json.loads(path.read_text())
+    earlier = json.loads(path.read_text(encoding="utf-8"))
     seconds = {**earlier["seconds"], **report["seconds"]}
     return {**earlier, **report, "seconds": seconds, "total_seconds": round(sum(seconds.values()), 1)}

@@ -68,9 +68,9 @@
   // --- labels ------------------------------------------------------------------------------------------------
   // Kept in IndexedDB, not localStorage: on pages opened from disk (file://) Chromium's localStorage sometimes
   // showed an older copy after a reload, the new labels gone (4 of 80 reloads, measured); IndexedDB never did.
-  // One record per image, keyed by the image's content (data-image): a label follows its image to every page and
-  // folder that shows it, never shows on a new image that reuses a file name, and two open tabs each change only
-  // the images they label.
+  // One record per image, keyed by the image's content and prompt (data-image): a label follows its image to every
+  // page and folder that shows it, never shows on a new image that reuses a file name, and two open tabs each change
+  // only the images they label.
   const figures = Array.from(grid.querySelectorAll("figure[data-image]"));
   const buttons = Array.from(grid.querySelectorAll("button[data-label]"));
   const labels = {};  // image id → label
@@ -100,11 +100,15 @@
     transaction.commit();
   }
 
-  // Labels stored earlier load before any button works, so a click never races the load.
-  function ready(problem) {
+  function refresh(problem) {
     if (problem) byId("label-store").textContent = "labels are not kept after this page closes (" + problem + ")";
     for (const figure of figures) show(figure);
     countLabels();
+  }
+
+  // Labels stored earlier load before any button works, so a click never races the load.
+  function ready(problem) {
+    refresh(problem);
     for (const button of buttons) button.disabled = false;
     document.body.dataset.labels = problem ? "not-kept" : "kept";
   }
@@ -122,6 +126,24 @@
       });
     }
   }
+
+  // Reads the stored labels of this page's images, then calls `then` (with a problem, or null).
+  function readLabels(then) {
+    const reading = database.transaction("images");
+    const store = reading.objectStore("images");
+    for (const image of new Set(figures.map((f) => f.dataset.image))) {
+      store.get(image).onsuccess = (event) => {
+        if (event.target.result) labels[image] = event.target.result;
+        else delete labels[image];
+      };
+    }
+    reading.oncomplete = () => then(null);
+    reading.onerror = () => {
+      database = null;  // saving now could overwrite labels that could not be read
+      then("stored labels could not be read: " + reading.error);
+    };
+  }
+
   try {
     const opening = indexedDB.open("align-diffusion", 2);
     opening.onupgradeneeded = () => {
@@ -133,22 +155,17 @@
     };
     opening.onsuccess = () => {
       database = opening.result;
-      const reading = database.transaction("images");
-      const store = reading.objectStore("images");
-      for (const image of new Set(figures.map((f) => f.dataset.image))) {
-        store.get(image).onsuccess = (event) => {
-          if (event.target.result) labels[image] = event.target.result;
-        };
-      }
-      reading.oncomplete = () => ready(null);
-      reading.onerror = () => {
-        database = null;  // saving now could overwrite labels that could not be read
-        ready("stored labels could not be read: " + reading.error);
-      };
+      readLabels(ready);
     };
   } catch (error) {
     ready("this browser keeps no storage for this page: " + error);
   }
+
+  // Another tab (this page or another showing the same images) may have labelled since: shown on coming back.
+  document.addEventListener("visibilitychange", () => {
+    if (document.visibilityState !== "visible" || database === null) return;
+    readLabels(refresh);
+  });
 
   // Paths in the export are absolute on a page opened from disk, so the file works wherever it is saved.
   function exportedPath(figure) {
@@ -156,7 +173,7 @@
     return url.protocol === "file:" ? decodeURIComponent(url.pathname) : figure.dataset.file;
   }
 
-  byId("export").addEventListener("click", () => {
+  function download() {
     const lines = figures
       .filter((f) => labels[f.dataset.image])
       .map((f) => JSON.stringify({
@@ -171,7 +188,15 @@
     document.body.appendChild(link);
     link.click();
     link.remove();
+  }
+
+  // The export reads the store again: another tab may have labelled these images since this page read it.
+  byId("export").addEventListener("click", () => {
+    if (database === null) download();
+    else readLabels((problem) => { refresh(problem); download(); });
   });
 
+  // Going back to the page, the browser restores the controls' values after this script ran, firing no event.
+  window.addEventListener("pageshow", () => { applySort(); applyFilter(); });
   applyFilter();
 })();
