@@ -164,12 +164,14 @@ def model_record(args) -> dict:
 def read_prompts(args) -> list[str]:
     if args.prompt is not None:
         return args.prompt
+    from align_diffusion.training.prompts import read_prompt_file
+
     if not args.prompts_file.is_file():
         raise SystemExit(f"--prompts-file: no such file {args.prompts_file}")
-    prompts = [line.strip() for line in args.prompts_file.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not prompts:
-        raise SystemExit(f"--prompts-file: {args.prompts_file} holds no prompt")
-    return prompts
+    try:
+        return read_prompt_file(args.prompts_file)
+    except ValueError as error:
+        raise SystemExit(f"--prompts-file: {error}") from None
 
 
 def run_sample(args) -> None:

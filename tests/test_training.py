@@ -525,6 +525,116 @@ def test_ctrl_c_finishes_the_step_checkpoints_it_and_the_resumed_run_matches_a_s
     assert [r["step"] for r in metrics(tmp_path)] == [1, 2]
 
 
+def test_ctrl_c_during_an_evaluation_stops_after_its_step_not_the_next(saved, prompt_file, tmp_path):
+    trainer = GRPOTrainer(load_config(None, tiny_overrides(saved["sd3"], prompt_file, tmp_path, max_steps=3,
+                                                           checkpoint_every=0, **{"eval.every": 1,
+                                                                                  "eval.num_steps": 2})))
+    evaluate = trainer.evaluate
+
+    def signalled_evaluation():
+        if trainer.step == 1:
+            signal.raise_signal(signal.SIGINT)
+        return evaluate()
+
+    trainer.evaluate = signalled_evaluation
+    with pytest.raises(TrainingInterrupted, match="stopped after step 1"):
+        trainer.train()
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-000001"]
+    assert [r["step"] for r in metrics(tmp_path)] == [0, 1] and "eval/reward_mean" in metrics(tmp_path)[1]
+
+
+def test_resuming_another_runs_checkpoint_into_a_folder_holding_a_run_is_refused_before_loading(
+        trained, saved, prompt_file, tmp_path):
+    _, other = trained
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    # Refused before the reward (PickScore, not on this machine: loading it would fail) or the model loads.
+    overrides = tiny_overrides(saved["sd3"], prompt_file, tmp_path, reward="pickscore")
+    with pytest.raises(ConfigError, match="resume_from: .* is not a checkpoint of the run output_dir"):
+        GRPOTrainer(load_config(None, [*overrides, f"resume_from={other / 'checkpoints' / 'step-000001'}"]))
+    with pytest.raises(ConfigError, match="output_dir: .* already holds a run"):
+        GRPOTrainer(load_config(None, overrides))
+    (tmp_path / "a file").write_text("")
+    with pytest.raises(ConfigError, match="output_dir: .*out cannot be a folder: .*a file is a file"):
+        GRPOTrainer(load_config(None, tiny_overrides(saved["sd3"], prompt_file, tmp_path / "a file" / "out")))
+
+
+def test_a_torn_last_metrics_line_does_not_block_a_resume(trained, saved, prompt_file, tmp_path):
+    _, straight = trained
+    shutil.copytree(straight / "checkpoints", tmp_path / "checkpoints")
+    (tmp_path / "checkpoints" / "step-000003.partial").mkdir()  # a checkpoint cut short (a full disk)
+    rows = (straight / "metrics.jsonl").read_text().splitlines()
+    (tmp_path / "metrics.jsonl").write_text(rows[0] + "\n" + '{"ste')  # the disk filled up mid-line
+    GRPOTrainer(load_config(None, tiny_overrides(saved["sd3"], prompt_file, tmp_path, max_steps=2,
+                                                 resume_from=tmp_path / "checkpoints" / "step-000001"))).train()
+    assert [r["step"] for r in metrics(tmp_path)] == [1, 2]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000001", "step-000002"]
+
+
+def test_a_resume_after_the_prompt_file_changed_is_refused(trained, saved, prompt_file, tmp_path):
+    _, straight = trained
+    shutil.copytree(straight / "checkpoints", tmp_path / "checkpoints")
+    edited = tmp_path / "prompts.txt"
+    edited.write_text(Path(prompt_file).read_text() + "a yellow star\n")
+    overrides = tiny_overrides(saved["sd3"], prompt_file, tmp_path, max_steps=3, resume_from="latest")
+    with pytest.raises(ConfigError, match="prompts: "):  # the path differs too
+        GRPOTrainer(load_config(None, [*overrides, f"prompts={edited}"]))
+    shutil.copy(prompt_file, edited)
+    checkpoint_state = tmp_path / "checkpoints" / "step-000002" / "trainer_state.json"
+    state = json.loads(checkpoint_state.read_text())
+    state["config"]["prompts"] = str(edited)
+    checkpoint_state.write_text(json.dumps(state))
+    GRPOTrainer(load_config(None, [*overrides, f"prompts={edited}"]))  # the same prompts at another path: accepted
+    edited.write_text(Path(prompt_file).read_text() + "a yellow star\n")
+    with pytest.raises(ConfigError, match="prompts_sha256: the run that wrote"):
+        GRPOTrainer(load_config(None, [*overrides, f"prompts={edited}"]))
+
+
+def test_a_checkpoint_that_cannot_be_written_is_named_and_leaves_no_partial_folder(saved, prompt_file, tmp_path):
+    trainer = GRPOTrainer(load_config(None, tiny_overrides(saved["sd3"], prompt_file, tmp_path, max_steps=1)))
+
+    def full_disk(folder):  # what torch.save raises on a full disk
+        Path(folder, "model.safetensors").write_bytes(b"12")
+        raise RuntimeError("basic_ios::clear: iostream error")
+
+    trainer.accelerator.save_state = full_disk
+    with pytest.raises(OSError, match="writing the checkpoint of step 1 to .*step-000001.partial failed"):
+        trainer.train()
+    assert list((tmp_path / "checkpoints").iterdir()) == []
+
+
+def test_an_export_cut_short_leaves_the_earlier_lora_whole(trained, tmp_path):
+    from align_diffusion.files import write_folder_atomically
+
+    _, run = trained
+    shutil.copytree(run / "lora", tmp_path / "lora")
+    before = (tmp_path / "lora" / "pytorch_lora_weights.safetensors").read_bytes()
+
+    def killed_midway(folder):
+        (folder / "pytorch_lora_weights.safetensors").write_bytes(before[: len(before) // 2])
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_folder_atomically(tmp_path / "lora", killed_midway)
+    assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lora"]
+    write_folder_atomically(tmp_path / "lora", lambda folder: (folder / "new.txt").write_text("new"))
+    assert sorted(p.name for p in (tmp_path / "lora").iterdir()) == ["new.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lora"]
+
+
+def test_prompt_files_keep_unicode_line_separators_drop_a_byte_order_mark_and_must_be_utf8(saved, tmp_path):
+    from align_diffusion.training.prompts import PromptSource
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes("\ufeffa red\u2028circle\r\n\n  a blue square  \n".encode())
+    assert PromptSource(str(prompts)).all() == ["a red\u2028circle", "a blue square"]
+    prompts.write_bytes("un cercle \u00e9".encode("latin-1") + b"\n")
+    with pytest.raises(ValueError, match="eval.prompts: .*prompts.txt is not UTF-8 text"):
+        PromptSource(str(prompts), "eval.prompts")
+    with pytest.raises(SystemExit, match="--prompts-file: .*prompts.txt is not UTF-8 text"):
+        main(["sample", "--model", str(saved["sd3"]), "--prompts-file", str(prompts), "--out", str(tmp_path / "out")])
+
+
 def test_a_second_ctrl_c_stops_at_once(saved, prompt_file, tmp_path):
     trainer = GRPOTrainer(load_config(None, tiny_overrides(saved["sd3"], prompt_file, tmp_path)))
     signalled_during_step(trainer, 0, times=2, seconds_apart=1.1)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ast
 import copy
+import hashlib
 import json
 import math
 import os
@@ -42,7 +43,7 @@ from accelerate.utils import set_seed
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from align_diffusion.files import write_text_atomically
+from align_diffusion.files import write_folder_atomically, write_text_atomically
 from align_diffusion.gallery.run import EVAL_DIR, build_run_page, eval_folder, read_metrics
 from align_diffusion.models import PipelineAdapter, PromptEmbeds, adapter_for, load_adapter
 from align_diffusion.models.base import compile_repeated_blocks, recorded_model_options
@@ -259,6 +260,7 @@ class GRPOTrainer:
                              f"{self.accelerator.num_processes} (DeepSpeed and FSDP join processes on GPUs; on the "
                              "CPU launch with --multi_gpu, which joins them by gloo)")
         validate(config, self.accelerator.num_processes)
+        self.check_output_dir()
         set_seed(config.seed)
         self.prompts = PromptSource(config.prompts)
         self.eval_prompts = PromptSource(config.eval.prompts, "eval.prompts")
@@ -392,7 +394,12 @@ class GRPOTrainer:
         if self.accelerator.is_main_process:
             checkpoint.begin(partial)
         self.accelerator.wait_for_everyone()
-        self.accelerator.save_state(str(partial))
+        try:
+            self.accelerator.save_state(str(partial))
+        except (OSError, RuntimeError) as error:  # torch names a full disk "basic_ios::clear: iostream error"
+            shutil.rmtree(partial, ignore_errors=True)
+            raise OSError(f"writing the checkpoint of step {self.step} to {partial} failed (disk full?): "
+                          f"{error}") from error
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             checkpoint.commit(partial, {"step": self.step, "data_position": self.step,
@@ -401,12 +408,29 @@ class GRPOTrainer:
         self.accelerator.wait_for_everyone()
 
     def settings(self) -> dict:
-        """The run's flat settings as its checkpoints record them (JSON values): the config, and a noise table's
-        levels as the run read them (its file may change while its path stays)."""
+        """The run's flat settings as its checkpoints record them (JSON values): the config, and what the run read
+        of files that may change while their paths stay: a noise table's levels, the training prompts (a digest)."""
         settings = _flat(to_dict(self.config))
         if self.config.sampling.noise_table:
             settings["sampling.noise_table_levels"] = self.noise_levels
+        settings["prompts_sha256"] = hashlib.sha256("\n".join(self.prompts.all()).encode()).hexdigest()
         return json.loads(json.dumps(settings))
+
+    def check_output_dir(self) -> None:
+        """Refuses, before anything loads, an output_dir that cannot be a folder, and one that holds a run this one
+        would mix with: any run when not resuming, another run's when resuming from a checkpoint elsewhere."""
+        out, resume_from = self.output_dir, self.config.resume_from
+        blocking = next((path for path in (out, *out.parents) if path.exists() and not path.is_dir()), None)
+        if blocking is not None:
+            raise ConfigError(f"output_dir: {out} cannot be a folder: {blocking} is a file")
+        if not (checkpoint.completed_checkpoints(out) or (out / "metrics.jsonl").exists()):
+            return
+        if resume_from is None:  # its checkpoints would be pruned and its metrics mixed in
+            raise ConfigError(f"output_dir: {out} already holds a run; continue it with resume_from=latest, or "
+                              "choose another output_dir")
+        if resume_from != "latest" and Path(resume_from).resolve().parent != (out / checkpoint.CHECKPOINTS).resolve():
+            raise ConfigError(f"resume_from: {resume_from} is not a checkpoint of the run output_dir {out} holds, "
+                              "whose steps after it would mix with this run's; resume into another output_dir")
 
     def check_resume(self) -> Path | None:
         """The checkpoint `resume_from` names (None: none, or `latest` with none yet), once checked: it holds the
@@ -458,12 +482,14 @@ class GRPOTrainer:
         if self.accelerator.is_main_process:
             kept = []
             if metrics_file.exists():  # a row of step 0 (the first eval) is rewritten by a run that starts over
-                kept = [line for line in metrics_file.read_text(encoding="utf-8").splitlines()
-                        if path is not None and json.loads(line)["step"] <= self.step]
-                write_text_atomically(metrics_file, "".join(row + "\n" for row in kept))  # all rows, or none lost
+                kept = [row for row in read_metrics(self.output_dir) if path is not None and row["step"] <= self.step]
+                write_text_atomically(metrics_file, "".join(json.dumps(row, allow_nan=False) + "\n"
+                                                            for row in kept))  # all rows, or none lost
             for later in checkpoint.completed_checkpoints(self.output_dir):
                 if checkpoint.checkpoint_step(later) > self.step:  # else `latest` would pick the abandoned run
                     checkpoint.discard(later)
+            for partial in (self.output_dir / checkpoint.CHECKPOINTS).glob(f"*{checkpoint.TEMPORARY}"):
+                shutil.rmtree(partial)  # checkpoints cut short
             for folder in (self.output_dir / EVAL_DIR).glob("step-*"):
                 number = folder.name.removeprefix("step-")
                 if number.isdigit() and int(number) > self.step:
@@ -813,12 +839,8 @@ class GRPOTrainer:
     def train(self) -> Path:
         """Runs until `max_steps`; returns the folder of the exported LoRA (or full pipeline)."""
         config, accelerator = self.config, self.accelerator
-        earlier = checkpoint.completed_checkpoints(self.output_dir) or (self.output_dir / "metrics.jsonl").exists()
-        if config.resume_from is None and earlier:  # its checkpoints would be pruned and its metrics mixed in
-            raise ConfigError(f"output_dir {self.output_dir} already holds a run; continue it with "
-                              "resume_from=latest, or choose another output_dir")
         saved = self.output_dir / "config.yaml"
-        accelerator.wait_for_everyone()  # every process has looked before the main one writes
+        accelerator.wait_for_everyone()  # every process has looked at output_dir (check_output_dir) before it changes
         if accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             save_config(config, saved)
@@ -860,8 +882,14 @@ class GRPOTrainer:
                 if "eval/reward_mean" in stats and accelerator.is_main_process:
                     build_run_page(self.output_dir, only_stale=True)
                 bar.set_postfix({key: f"{stats[key]:.3g}" for key in ("reward_mean", "loss", "kl") if key in stats})
-                if last or interrupted or (config.checkpoint_every and self.step % config.checkpoint_every == 0):
+                checkpointed = last or interrupted or (config.checkpoint_every
+                                                       and self.step % config.checkpoint_every == 0)
+                if checkpointed:
                     self.save_checkpoint()
+                if not (interrupted or last):  # a signal during this step's evaluation or checkpoint stops it here
+                    interrupted = self.agreed_stop(signals.received is not None)[1]
+                    if interrupted and not checkpointed:
+                        self.save_checkpoint()
                 if interrupted:
                     bar.close()
                     accelerator.end_training()
@@ -927,9 +955,9 @@ class GRPOTrainer:
             return folder
         with self.ema.applied() if self.ema is not None else nullcontext():
             if self.config.lora.enabled:
-                export_lora(self.adapter, folder)
+                write_folder_atomically(folder, lambda partial: export_lora(self.adapter, partial))
             else:
-                self.adapter.pipe.save_pretrained(folder)
+                write_folder_atomically(folder, self.adapter.pipe.save_pretrained)
         self.log(f"saved {folder}")
         return folder
 

@@ -18,6 +18,19 @@ from align_diffusion.world.render import render_prompt
 SHAPES_PREFIX = "shapes:"
 
 
+def read_prompt_file(path: str | Path) -> list[str]:
+    """One prompt per line of a UTF-8 text file (a byte-order mark dropped), blank lines skipped; ValueError naming
+    the file when it is no UTF-8 text or holds no prompt."""
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not UTF-8 text ({error})") from None
+    prompts = [line.strip() for line in text.split("\n") if line.strip()]  # not splitlines: U+2028 in a prompt
+    if not prompts:
+        raise ValueError(f"{path} holds no prompt")
+    return prompts
+
+
 class PromptSource:
     def __init__(self, spec: str, field: str = "prompts"):
         """Prompts from `spec`; errors name the config `field` it came from."""
@@ -29,12 +42,12 @@ class PromptSource:
             except ValueError as error:
                 raise ValueError(f"{field}: {spec!r}: {error}") from None
         else:
-            path = Path(spec)
-            if not path.is_file():
+            if not Path(spec).is_file():
                 raise FileNotFoundError(f"{field}: {spec!r} is neither shapes:SPLIT nor a file")
-            self.prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-            if not self.prompts:
-                raise ValueError(f"{field}: {spec} holds no prompt")
+            try:
+                self.prompts = read_prompt_file(spec)
+            except ValueError as error:
+                raise ValueError(f"{field}: {error}") from None
 
     def all(self) -> list[str]:
         return list(self.prompts)
