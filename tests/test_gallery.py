@@ -718,3 +718,18 @@ def test_a_resumed_run_removes_the_side_by_side_pages_of_its_earlier_images(fold
     compare = build_comparison(out, b)
     main([*common, "a blue square", "--resume"])
     assert not compare.exists() and len(read_records(out)) == 2
+
+
+def test_a_label_given_while_the_page_rereads_its_labels_stays(browser, folders):
+    a, _ = folders
+    open_page(browser, build_gallery(a))
+    # The re-read (as on coming back to the tab) starts before the click and reads the image's earlier (no) label.
+    browser.execute_script("""
+        document.dispatchEvent(new Event("visibilitychange"));
+        document.querySelector('.card figure button[data-label="good"]').click();
+    """)
+    time.sleep(0.5)
+    assert browser.find_element(By.ID, "label-count").text == "1"
+    assert "label-good" in visible_cards(browser)[0].find_element(By.TAG_NAME, "figure").get_attribute("class")
+    reload(browser)
+    assert browser.find_element(By.ID, "label-count").text == "1"

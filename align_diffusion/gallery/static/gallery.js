@@ -74,6 +74,8 @@
   const figures = Array.from(grid.querySelectorAll("figure[data-image]"));
   const buttons = Array.from(grid.querySelectorAll("button[data-label]"));
   const labels = {};  // image id → label
+  const clickedAt = {};  // image id → the number of the last click on its buttons, of `clicks` in all
+  let clicks = 0;
   let database = null;  // null: labels are not kept past this page
 
   function show(figure) {
@@ -120,6 +122,7 @@
         const image = figure.dataset.image;
         if (labels[image] === button.dataset.label) delete labels[image];
         else labels[image] = button.dataset.label;
+        clickedAt[image] = ++clicks;
         save(image);
         for (const same of figures) if (same.dataset.image === image) show(same);
         countLabels();
@@ -131,8 +134,10 @@
   function readLabels(then) {
     const reading = database.transaction("images");
     const store = reading.objectStore("images");
+    const started = clicks;
     for (const image of new Set(figures.map((f) => f.dataset.image))) {
       store.get(image).onsuccess = (event) => {
+        if ((clickedAt[image] || 0) > started) return;  // labelled while this read ran: it read the label before
         if (event.target.result) labels[image] = event.target.result;
         else delete labels[image];
       };
