@@ -7,6 +7,7 @@ import math
 import os
 import signal
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -264,7 +265,8 @@ def run_eval(args) -> None:
               + "  ".join(f"k={k} {v['overall']:.3f}" for k, v in result["pass_at_k"].items()))
 
 
-SHIPPED_WORLD = Path("assets/world")
+SHIPPED_WORLD = Path("assets/world")  # build-world's default --out: the repository's world, run from its root
+REPOSITORY_WORLD = Path(__file__).resolve().parents[1] / SHIPPED_WORLD  # the same, from wherever the command runs
 
 
 def add_build_world_parser(subparsers) -> None:
@@ -282,7 +284,7 @@ def add_build_world_parser(subparsers) -> None:
 def run_build_world(args) -> None:
     from align_diffusion.world.build import QUICK_PLAN, build_world
 
-    if args.quick and args.out.resolve() == SHIPPED_WORLD.resolve():
+    if args.quick and args.out.resolve() in (SHIPPED_WORLD.resolve(), REPOSITORY_WORLD):
         raise SystemExit(f"--quick: its few-step models would replace the shipped ones in {args.out}; give another "
                          "--out for a plumbing check")
     report = build_world(args.out, seed=args.seed, plan=QUICK_PLAN if args.quick else None, only=args.only)
@@ -343,8 +345,8 @@ def add_train_reward_parser(subparsers) -> None:
     parser.add_argument("--device", type=_device, default=DEFAULT_DEVICE)
     artifact = parser.add_argument_group("artifact")
     artifact.add_argument("--data", type=Path, default=None,
-                          help='JSONL of {"file": ..., "label": 0|1} (1 = has artifacts) or a folder with clean/ '
-                               "and artifact/")
+                          help='JSONL of {"file": ..., "label": 0|1} (1 = has artifacts; or a review page\'s export, '
+                               "labels good / artifact / bad, bad left out) or a folder with clean/ and artifact/")
     artifact.add_argument("--backbone", default="facebook/dinov2-small", help="frozen vision backbone, id or path")
     artifact.add_argument("--holdout", type=float, default=0.2, help="share of images held out for the accuracy")
     artifact.add_argument("--unseen", type=Path, default=None,
@@ -478,7 +480,7 @@ def add_calibrate_noise_parser(subparsers) -> None:
 
 def run_calibrate_noise(args) -> None:
     from align_diffusion.training.config import ConfigError, load_config
-    from align_diffusion.training.grpo import GRPOTrainer
+    from align_diffusion.training.grpo import NO_NOISE_TO_CALIBRATE, GRPOTrainer
     from align_diffusion.training.noise_table import write_table
 
     if not args.config.is_file():
@@ -489,11 +491,17 @@ def run_calibrate_noise(args) -> None:
         raise SystemExit(f"align-diffusion calibrate-noise: bad config: {error}") from None
     if args.out.is_dir():
         raise SystemExit(f"--out: {args.out} is a folder; name the JSON file to write")
+    if config.sampling.sampler == "ode":
+        raise SystemExit(f"align-diffusion calibrate-noise: bad config: {NO_NOISE_TO_CALIBRATE}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if config.grpo.dense is None:
         config.grpo.dense = "ode"
-    config.resume_from = None  # calibration samples the base model: no checkpoint is read, none is checked
-    levels = GRPOTrainer(config).calibrate_noise(args.rounds, args.eps1, args.eps2)
+    # Calibration samples the base model and writes no run: the config's output_dir (which may hold its run) and
+    # checkpoints are neither read nor checked.
+    config.resume_from = None
+    with tempfile.TemporaryDirectory() as scratch:
+        config.output_dir = scratch
+        levels = GRPOTrainer(config).calibrate_noise(args.rounds, args.eps1, args.eps2)
     write_table(args.out, levels, config=str(args.config), overrides=args.overrides, rounds=args.rounds,
                 eps1=args.eps1, eps2=args.eps2)
     print(f"wrote {args.out}: ψ = {[round(v, 4) for v in levels]}")

@@ -43,6 +43,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("outputs/steering"))
     parser.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
     args = parser.parse_args()
+    for name in ("seeds_per_prompt", "steps", "reno_iterations", "reno_steps", "budgets"):
+        values = getattr(args, name)
+        if min(values if isinstance(values, list) else [values]) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {values}")
+    try:
+        args.prompt_list = PromptSource(args.prompts, "--prompts").all()
+    except (ValueError, OSError) as error:
+        parser.error(str(error))
     if (args.out / "results.json").exists() and not args.overwrite:
         parser.error(f"--out: {args.out} already holds results; pass --overwrite to replace them")
     if "ttsnap" in args.methods:
@@ -63,7 +71,7 @@ def is_world_prompt(prompt: str) -> bool:
 
 def main() -> None:
     args = parse_args()
-    prompts = [p for _ in range(args.seeds_per_prompt) for p in PromptSource(args.prompts).all()]
+    prompts = [p for _ in range(args.seeds_per_prompt) for p in args.prompt_list]
     shapes = all(is_world_prompt(p) for p in prompts)  # then ShapesEval judges every image
     adapter = load_adapter(args.model)
     reward = load_reward(args.reward)

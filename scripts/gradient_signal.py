@@ -15,11 +15,12 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
+from pathlib import Path
 
 import torch
 
 from align_diffusion.cli import parse_with_overrides
-from align_diffusion.training.config import load_config
+from align_diffusion.training.config import ConfigError, load_config
 from align_diffusion.training.grpo import GRPOTrainer
 
 
@@ -75,7 +76,13 @@ def main() -> None:
     args = parse_with_overrides(parser, None)
     if args.batches < 3:
         parser.error("--batches must be at least 3 (two batches make one pair, whose spread is undefined)")
-    if args.by_module and not load_config(args.config, args.overrides).lora.enabled:
+    if not Path(args.config).is_file():
+        parser.error(f"no such config file {args.config}")
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as error:
+        parser.error(f"bad config: {error}")
+    if args.by_module and not config.lora.enabled:
         parser.error("--by-module needs a LoRA (lora.enabled: true)")
     trainer, gradients = measure(args.config, args.overrides, args.batches)
     cosines = torch.tensor(pairwise_cosines(gradients))

@@ -35,8 +35,12 @@ parser.add_argument("--samples", type=int, default=800, help="base-model samples
 parser.add_argument("--held-out-kinds", nargs="+", default=["smear", "grid"], choices=CORRUPTIONS)
 parser.add_argument("--seed", type=int, default=0)
 args = parser.parse_args()
+if min(args.count, args.samples) < 1:
+    parser.error(f"--count and --samples must be at least 1, got {args.count} and {args.samples}")
 
 trained_kinds = [kind for kind in CORRUPTIONS if kind not in args.held_out_kinds]
+if not trained_kinds:
+    parser.error("--held-out-kinds: holding out every corruption leaves none to train on")
 rng = np.random.default_rng(args.seed)
 prompts = split_prompts("train")
 for name in ("clean", "artifact", "unseen"):

@@ -16,6 +16,8 @@ def main() -> None:
     parser.add_argument("--height", type=int, default=900, help="window height (the part of the page captured)")
     parser.add_argument("--sort", default=None, help="sort menu option to pick first, e.g. 'Δ shapes ↓'")
     args = parser.parse_args()
+    if not args.page.is_file():
+        parser.error(f"no such page {args.page}")
     browser = headless_chromium(width=args.width, height=args.height)
     try:
         browser.get(args.page.resolve().as_uri())
@@ -23,7 +25,11 @@ def main() -> None:
         WebDriverWait(browser, 10).until(lambda b: b.execute_script(
             "return !document.querySelector('button[data-label]') || document.body.dataset.labels"))
         if args.sort:
-            Select(browser.find_element("id", "sort")).select_by_visible_text(args.sort)
+            menu = Select(browser.find_element("id", "sort"))
+            options = [option.text for option in menu.options]
+            if args.sort not in options:
+                parser.error(f"--sort: the page sorts by {options}, not {args.sort!r}")
+            menu.select_by_visible_text(args.sort)
         browser.execute_script("document.querySelectorAll('img').forEach(i => i.loading = 'eager')")
         browser.execute_script("return Promise.all(Array.from(document.images).map(i => i.decode().catch(() => 0)))")
         args.out.parent.mkdir(parents=True, exist_ok=True)

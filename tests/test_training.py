@@ -368,6 +368,9 @@ def test_print_config_prints_the_checked_config_with_its_documentation_and_train
     assert not (tmp_path / "run").exists()
     with pytest.raises(SystemExit, match="bad config: grpo.group_size 3 does not divide"):
         main(["train", str(REPO / "configs/shapes_grpo.yaml"), "grpo.group_size=3", "--print-config"])
+    with pytest.raises(SystemExit, match="bad config: eval.prompts: .*nope.txt' is neither shapes:SPLIT nor a file"):
+        main(["train", str(REPO / "configs/shapes_grpo.yaml"), f"eval.prompts={tmp_path / 'nope.txt'}",
+              "--print-config"])
 
 
 def test_shipped_configs_load(tmp_path):

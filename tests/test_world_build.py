@@ -4,6 +4,7 @@ import html
 import json
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -148,10 +149,13 @@ def test_a_generator_rebuilt_alone_is_the_seeds(world, tmp_path):
     assert all(torch.equal(rebuilt[0][key], rebuilt[1][key]) for key in rebuilt[0])
 
 
-def test_a_quick_build_does_not_replace_the_shipped_world(monkeypatch):
+def test_a_quick_build_does_not_replace_the_shipped_world(monkeypatch, tmp_path):
     monkeypatch.setattr("align_diffusion.world.build.build_world", lambda *args, **kwargs: pytest.fail("built"))
     with pytest.raises(SystemExit, match="--quick: its few-step models would replace the shipped ones"):
         main(["build-world", "--quick"])
+    monkeypatch.chdir(tmp_path)  # elsewhere, naming the shipped world by its full path
+    with pytest.raises(SystemExit, match="--quick: its few-step models would replace the shipped ones"):
+        main(["build-world", "--quick", "--out", str(Path(__file__).resolve().parents[1] / "assets" / "world")])
 
 
 def test_only_merges_into_the_build_report(world):

@@ -355,6 +355,13 @@ def validate(config: TrainConfig, num_processes: int = 1) -> None:
         raise ConfigError(f"device: {reason}")
     if config.algorithm not in ("grpo", "gdro"):
         raise ConfigError(f"algorithm must be grpo or gdro, got {config.algorithm!r}")
+    from align_diffusion.training.prompts import PromptSource
+
+    for key, spec in (("prompts", config.prompts), ("eval.prompts", config.eval.prompts)):
+        try:
+            PromptSource(spec, key)  # a split that does not exist, a file that does not or holds no prompt
+        except (ValueError, OSError) as error:
+            raise ConfigError(str(error)) from None
     gdro = config.gdro
     for key, value, least in (("gdro.num_groups", gdro.num_groups, 1), ("gdro.group_size", gdro.group_size, 2),
                               ("gdro.groups_per_step", gdro.groups_per_step, 1)):

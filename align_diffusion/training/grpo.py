@@ -191,6 +191,10 @@ def changed_settings(earlier: dict, current: dict) -> list[str]:
     return [key for key in sorted(keys) if earlier.get(key, defaults.get(key)) != current[key]]
 
 
+NO_NOISE_TO_CALIBRATE = ("sampling.sampler: noise calibration balances the noise a stochastic sampler draws; the ode "
+                         "sampler draws none")
+
+
 class TrainingInterrupted(KeyboardInterrupt):
     """A run stopped by Ctrl-C or SIGTERM after finishing its step in progress and writing a checkpoint of it."""
 
@@ -648,6 +652,8 @@ class GRPOTrainer:
         starting from its noise levels; returns one level per step. Needs `grpo.dense`."""
         if self.config.grpo.dense is None:
             raise ValueError("noise calibration reads step rewards: set grpo.dense to ode or x0")
+        if self.config.sampling.sampler == "ode":
+            raise ValueError(NO_NOISE_TO_CALIBRATE)
         steps = self.config.sampling.num_steps
         levels = self.noise_levels
         if not isinstance(levels, list):

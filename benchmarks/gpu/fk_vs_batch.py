@@ -39,6 +39,9 @@ parser.add_argument("--profile", type=int, default=0, metavar="TOP",
                     help="also profile one FK run and report its TOP ops and kernels by device time")
 parser.add_argument("--out", required=True, help="JSON report")
 args = parser.parse_args()
+for name in ("particles", "steps", "interval", "resolution", "repeats"):
+    if getattr(args, name) < 1:
+        parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
 
 dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
 adapter = sd35_medium(args.device, dtype, toy=args.toy)

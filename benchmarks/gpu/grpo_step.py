@@ -43,7 +43,7 @@ from measure import (  # noqa: E402
     bf16_peak, counted_flops, default_device, device_name, measured, profiled, write_report,
 )
 
-from align_diffusion.training.config import load_config, to_dict  # noqa: E402
+from align_diffusion.training.config import ConfigError, load_config, to_dict  # noqa: E402
 from align_diffusion.training.grpo import GRPOTrainer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -82,7 +82,6 @@ for name, enable in SDPA_BACKENDS.items():
     enable(name in allowed_backends)
 dtype = DTYPES[args.dtype or ("float32" if args.device == "cpu" else "bfloat16")]
 precision = "bf16" if dtype == torch.bfloat16 else "'no'"  # quoted: YAML reads a bare no as false
-adapter = ARCHITECTURES[args.arch](args.device, dtype, toy=args.toy)
 run_dir = tempfile.TemporaryDirectory(prefix="grpo_bench_")  # the trainer's own outputs, removed at exit
 overrides = [
     f"model={args.arch} (random weights)", "prompts=shapes:train", "eval.prompts=shapes:test", "eval.every=0",
@@ -92,10 +91,16 @@ overrides = [
     f"output_dir={run_dir.name}", "log_with=[]",
     f"dtype={'float32' if dtype == torch.float32 else 'bfloat16'}",
     f"optim.mixed_precision={precision}", f"optim.compile={str(args.compile).lower()}",
-    # The architecture's stock T5 length, which the published numbers were measured at (the SD3.5-M preset trains
-    # at Flow-GRPO's 128).
-    *([f"max_sequence_length={adapter.max_sequence_length}"] if adapter.max_sequence_length else []),
 ]
+try:  # checked before the architecture is built, which takes minutes at full size
+    load_config(REPO / PRESETS[args.arch], overrides)
+except ConfigError as error:
+    parser.error(f"bad config: {error}")
+adapter = ARCHITECTURES[args.arch](args.device, dtype, toy=args.toy)
+# The architecture's stock T5 length, which the published numbers were measured at (the SD3.5-M preset trains at
+# Flow-GRPO's 128).
+if adapter.max_sequence_length:
+    overrides.append(f"max_sequence_length={adapter.max_sequence_length}")
 config = load_config(REPO / PRESETS[args.arch], overrides)
 trainer = GRPOTrainer(config, adapter=adapter)
 denoiser = adapter.denoiser
