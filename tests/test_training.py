@@ -233,7 +233,7 @@ def test_reward_and_prompt_errors_come_before_the_model_loads(saved, prompt_file
         GRPOTrainer(load_config(None, [*overrides, "reward=remote:http://127.0.0.1:9"]))
     with pytest.raises(ValueError, match="JPEG quality must be an integer from 1 to 95"):
         GRPOTrainer(load_config(None, [*overrides, "reward=jpeg:0"]))
-    with pytest.raises(FileNotFoundError, match="eval.prompts: '/no/prompts.txt' is neither"):
+    with pytest.raises(ConfigError, match="eval.prompts: '/no/prompts.txt' is neither"):  # in the config's check
         GRPOTrainer(load_config(None, [*overrides, "eval.prompts=/no/prompts.txt"]))
     outside = tmp_path / "outside.txt"
     outside.write_text("a red circle\na photo of a cat\n")

@@ -487,7 +487,7 @@ class GRPOTrainer:
             kept = []
             if metrics_file.exists():  # a row of step 0 (the first eval) is rewritten by a run that starts over
                 kept = [row for row in read_metrics(self.output_dir) if path is not None and row["step"] <= self.step]
-                write_text_atomically(metrics_file, "".join(json.dumps(row, allow_nan=False) + "\n"
+                write_text_atomically(metrics_file, "".join(json.dumps(json_safe(row), allow_nan=False) + "\n"
                                                             for row in kept))  # all rows, or none lost
             for later in checkpoint.completed_checkpoints(self.output_dir):
                 if checkpoint.checkpoint_step(later) > self.step:  # else `latest` would pick the abandoned run
