@@ -7,7 +7,6 @@ import math
 import os
 import signal
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -496,12 +495,8 @@ def run_calibrate_noise(args) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if config.grpo.dense is None:
         config.grpo.dense = "ode"
-    # Calibration samples the base model and writes no run: the config's output_dir (which may hold its run) and
-    # checkpoints are neither read nor checked.
-    config.resume_from = None
-    with tempfile.TemporaryDirectory() as scratch:
-        config.output_dir = scratch
-        levels = GRPOTrainer(config).calibrate_noise(args.rounds, args.eps1, args.eps2)
+    config.resume_from = None  # calibration samples the base model: no checkpoint is read, none is checked
+    levels = GRPOTrainer(config).calibrate_noise(args.rounds, args.eps1, args.eps2)
     write_table(args.out, levels, config=str(args.config), overrides=args.overrides, rounds=args.rounds,
                 eps1=args.eps1, eps2=args.eps2)
     print(f"wrote {args.out}: ψ = {[round(v, 4) for v in levels]}")

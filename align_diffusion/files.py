@@ -38,7 +38,7 @@ def write_folder_atomically(folder: str | Path, write: Callable[[Path], None]) -
         shutil.rmtree(partial, ignore_errors=True)
         raise
     shutil.rmtree(old, ignore_errors=True)
-    if folder.exists():  # a folder cannot be renamed over another: the earlier one steps aside first
+    if folder.exists():  # a folder cannot be renamed over a non-empty one: the earlier one steps aside first
         os.replace(folder, old)
     os.replace(partial, folder)
     shutil.rmtree(old, ignore_errors=True)

@@ -48,7 +48,7 @@ def parse_args() -> argparse.Namespace:
         if min(values if isinstance(values, list) else [values]) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {values}")
     try:
-        args.prompt_list = PromptSource(args.prompts, "--prompts").all()
+        PromptSource(args.prompts, "--prompts")
     except (ValueError, OSError) as error:
         parser.error(str(error))
     if (args.out / "results.json").exists() and not args.overwrite:
@@ -71,7 +71,7 @@ def is_world_prompt(prompt: str) -> bool:
 
 def main() -> None:
     args = parse_args()
-    prompts = [p for _ in range(args.seeds_per_prompt) for p in args.prompt_list]
+    prompts = [p for _ in range(args.seeds_per_prompt) for p in PromptSource(args.prompts).all()]
     shapes = all(is_world_prompt(p) for p in prompts)  # then ShapesEval judges every image
     adapter = load_adapter(args.model)
     reward = load_reward(args.reward)

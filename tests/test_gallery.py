@@ -593,6 +593,25 @@ def test_going_back_to_a_page_shows_the_sort_and_filter_its_controls_show(browse
     assert browser.find_element(By.ID, "shown").text == "2 of 5 shown"
 
 
+def test_an_export_reads_labels_stored_since_the_page_read_them(browser, folders):
+    a, _ = folders
+    open_page(browser, build_gallery(a))
+    image = visible_cards(browser)[2].find_element(By.TAG_NAME, "figure").get_attribute("data-image")
+    browser.execute_async_script("""  // as another tab stores a label, with no change of this tab's visibility
+        const [image, done] = arguments;
+        indexedDB.open("align-diffusion", 2).onsuccess = (event) => {
+          const writing = event.target.result.transaction("images", "readwrite");
+          writing.objectStore("images").put("artifact", image);
+          writing.oncomplete = () => done();
+        };
+    """, image)
+    for old in browser.downloads.glob("labels*.jsonl"):
+        old.unlink()
+    browser.find_element(By.ID, "export").click()
+    rows = [json.loads(line) for line in wait_for_download(browser.downloads, "labels.jsonl").read_text().splitlines()]
+    assert [(row["prompt"], row["label"]) for row in rows] == [("a red circle", "artifact")]
+
+
 def test_a_tab_opened_earlier_exports_and_shows_labels_made_in_another(browser, folders):
     a, _ = folders
     page = build_gallery(a)
@@ -659,6 +678,7 @@ def test_merged_label_files_keep_a_file_once_and_refuse_one_labelled_two_ways(tm
     ('{"file": "images/00000.png", "prompt": 5}', "prompt must be text, got 5"),
     ('{"file": null, "prompt": "a red circle"}', "file must be a path, got None"),
     ('{"file": "images/00000.png", "prompt": "a red circle", "rewards": [1]}', "rewards must be an object"),
+    ('{"file": "images/00000.png", "prompt": "a red circle", "seed": [1]}', "seed must be a whole number"),
 ])
 def test_a_record_of_the_wrong_shape_is_named_by_its_line(tmp_path, line, problem):
     folder = make_folder(tmp_path / "odd", RECORDS_A[:1])
@@ -707,6 +727,11 @@ def test_an_interrupted_run_leaves_the_page_of_the_images_it_finished(tmp_path):
         folder.add(Image.new("RGB", (8, 8)), {"prompt": "a red circle", "seed": 0})
         raise KeyboardInterrupt
     assert "1 image" in (out / "index.html").read_text()
+    # A page that cannot be built (a record of the wrong shape) leaves the run's own error to be raised.
+    with pytest.raises(KeyboardInterrupt), pytest.warns(UserWarning, match="no review page .*rewards must be"):
+        with SampleFolder(tmp_path / "odd") as folder:
+            folder.add(Image.new("RGB", (8, 8)), {"prompt": "a red circle", "rewards": [1.0]})
+            raise KeyboardInterrupt
 
 
 def test_a_resumed_run_removes_the_side_by_side_pages_of_its_earlier_images(folders, saved, tmp_path):

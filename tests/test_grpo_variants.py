@@ -385,8 +385,12 @@ def test_calibrate_noise_command_writes_a_table(saved, prompt_file, tmp_path, ca
     assert read_table(out, 3)[2] == 0.8  # CPS's default level
     with pytest.raises(SystemExit, match="--out: .* is a folder; name the JSON file"):  # before any round
         main(["calibrate-noise", str(config), "--rounds", "1", "--out", str(tmp_path)])
+    hollow = tmp_path / "hollow"  # a model folder that validates and would fail to load: refused before it loads
+    hollow.mkdir()
+    (hollow / "model_index.json").write_text((saved["sd3"] / "model_index.json").read_text())
     with pytest.raises(SystemExit, match="sampling.sampler: noise calibration balances the noise a stochastic"):
-        main(["calibrate-noise", str(config), "--out", str(out), "algorithm=gdro", "sampling.sampler=ode"])
+        main(["calibrate-noise", str(config), "--out", str(out), "algorithm=gdro", "sampling.sampler=ode",
+              f"model={hollow}"])
 
 
 def test_adv_grpo_co_trains_the_dino_head_and_checkpoints_it(saved, tmp_path):

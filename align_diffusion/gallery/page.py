@@ -29,10 +29,9 @@ CORRECT = "correct"  # the value name of ShapesEval's strict verdict (1 or 0)
 SETTINGS = ("model", "lora", "dtype", "method", "sampler", "noise_level", "steps", "guidance", "negative_prompt",
             "height", "width", "max_sequence_length", "clip_skip", "guidance_rescale", "true_cfg_scale", "reward")
 STEER_SETTINGS = {"num_inference_steps": "steps", "guidance_scale": "guidance"}  # steer's option names of settings
-# What a page reads of a record, where the record holds it.
-RECORD_TYPES = {"file": str, "prompt": str, "rewards": (dict, type(None)), "budget": (dict, type(None))}
-RECORD_TYPES_TEXT = {"file": "a path", "prompt": "text", "rewards": "an object {name: score}",
-                     "budget": "an object"}
+# What a page reads of a record, where the record holds it: (types, the types in words).
+RECORD_TYPES = {"file": (str, "a path"), "prompt": (str, "text"), "seed": ((int, type(None)), "a whole number"),
+                "rewards": ((dict, type(None)), "an object {name: score}"), "budget": ((dict, type(None)), "an object")}
 # A card shows an image 168 to 256 px wide: one this narrow is always enlarged, and shown as sharp pixels. Wider
 # ones are shown smooth, as scaling an image down pixel by pixel adds moiré a reviewer would label an artifact.
 SHARP_PIXELS_WIDTH = 128
@@ -65,9 +64,9 @@ def read_records(folder: str | Path) -> list[dict]:
         if not isinstance(record, dict) or not {"file", "prompt"} <= record.keys():
             raise ValueError(f"{metadata}:{number}: a record is an object with 'file' and 'prompt', got "
                              f"{sorted(record) if isinstance(record, dict) else record!r}")
-        for key, kinds in RECORD_TYPES.items():
-            if key in record and not isinstance(record[key], kinds):
-                raise ValueError(f"{metadata}:{number}: {key} must be {RECORD_TYPES_TEXT[key]}, got {record[key]!r}")
+        for key, (kinds, text) in RECORD_TYPES.items():
+            if key in record and (not isinstance(record[key], kinds) or isinstance(record[key], bool)):
+                raise ValueError(f"{metadata}:{number}: {key} must be {text}, got {record[key]!r}")
         records.append(record)
     return records
 

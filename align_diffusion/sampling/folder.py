@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -104,7 +105,10 @@ class SampleFolder:
         if error_type is not None and self._metadata is not None:
             from align_diffusion.gallery import build_gallery
 
-            build_gallery(self.root)
+            try:
+                build_gallery(self.root)
+            except Exception as error:  # the run's own error is the one to raise
+                warnings.warn(f"no review page for the images {self.root} holds: {error}", stacklevel=2)
 
 
 def json_safe(value):

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import yaml
 
+from align_diffusion.files import write_text_atomically
 from align_diffusion.models.base import missing_c_compiler, model_option_problem, unusable_device
 from align_diffusion.rewards.spec import parse_spec
 from align_diffusion.rewards.transforms import METHODS as ADVANTAGE_METHODS
@@ -278,7 +279,7 @@ def to_dict(config: TrainConfig) -> dict:
 
 
 def save_config(config: TrainConfig, path: Path) -> None:
-    path.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    write_text_atomically(path, yaml.safe_dump(to_dict(config), sort_keys=False))
 
 
 def _yaml_value(value) -> str:

@@ -264,7 +264,6 @@ class GRPOTrainer:
                              f"{self.accelerator.num_processes} (DeepSpeed and FSDP join processes on GPUs; on the "
                              "CPU launch with --multi_gpu, which joins them by gloo)")
         validate(config, self.accelerator.num_processes)
-        self.check_output_dir()
         set_seed(config.seed)
         self.prompts = PromptSource(config.prompts)
         self.eval_prompts = PromptSource(config.eval.prompts, "eval.prompts")
@@ -419,22 +418,6 @@ class GRPOTrainer:
             settings["sampling.noise_table_levels"] = self.noise_levels
         settings["prompts_sha256"] = hashlib.sha256("\n".join(self.prompts.all()).encode()).hexdigest()
         return json.loads(json.dumps(settings))
-
-    def check_output_dir(self) -> None:
-        """Refuses, before anything loads, an output_dir that cannot be a folder, and one that holds a run this one
-        would mix with: any run when not resuming, another run's when resuming from a checkpoint elsewhere."""
-        out, resume_from = self.output_dir, self.config.resume_from
-        blocking = next((path for path in (out, *out.parents) if path.exists() and not path.is_dir()), None)
-        if blocking is not None:
-            raise ConfigError(f"output_dir: {out} cannot be a folder: {blocking} is a file")
-        if not (checkpoint.completed_checkpoints(out) or (out / "metrics.jsonl").exists()):
-            return
-        if resume_from is None:  # its checkpoints would be pruned and its metrics mixed in
-            raise ConfigError(f"output_dir: {out} already holds a run; continue it with resume_from=latest, or "
-                              "choose another output_dir")
-        if resume_from != "latest" and Path(resume_from).resolve().parent != (out / checkpoint.CHECKPOINTS).resolve():
-            raise ConfigError(f"resume_from: {resume_from} is not a checkpoint of the run output_dir {out} holds, "
-                              "whose steps after it would mix with this run's; resume into another output_dir")
 
     def check_resume(self) -> Path | None:
         """The checkpoint `resume_from` names (None: none, or `latest` with none yet), once checked: it holds the
@@ -845,8 +828,9 @@ class GRPOTrainer:
     def train(self) -> Path:
         """Runs until `max_steps`; returns the folder of the exported LoRA (or full pipeline)."""
         config, accelerator = self.config, self.accelerator
+        check_output_dir(config)
         saved = self.output_dir / "config.yaml"
-        accelerator.wait_for_everyone()  # every process has looked at output_dir (check_output_dir) before it changes
+        accelerator.wait_for_everyone()  # every process has looked before the main one writes
         if accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             save_config(config, saved)
@@ -968,8 +952,28 @@ class GRPOTrainer:
         return folder
 
 
+def check_output_dir(config: TrainConfig) -> None:
+    """Refuses an output_dir that cannot be a folder, and one that holds a run this one would mix with: any run when
+    not resuming, another run's when resuming from a checkpoint elsewhere."""
+    out, resume_from = Path(config.output_dir), config.resume_from
+    blocking = next((path for path in (out, *out.parents) if path.exists() and not path.is_dir()), None)
+    if blocking is not None:
+        raise ConfigError(f"output_dir: {out} cannot be a folder: {blocking} is a file")
+    if not (checkpoint.completed_checkpoints(out) or (out / "metrics.jsonl").exists()):
+        return
+    if resume_from is None:  # its checkpoints would be pruned and its metrics mixed in
+        raise ConfigError(f"output_dir: {out} already holds a run; continue it with resume_from=latest, or choose "
+                          "another output_dir")
+    if resume_from != "latest" and Path(resume_from).resolve().parent != (out / checkpoint.CHECKPOINTS).resolve():
+        raise ConfigError(f"resume_from: {resume_from} is not a checkpoint of the run output_dir {out} holds, whose "
+                          "steps after it would mix with this run's; continue that run with resume_from=latest, or "
+                          "resume into another output_dir")
+
+
 def train(config: TrainConfig) -> Path:
-    """Runs the trainer `config.algorithm` names (grpo, or the offline gdro)."""
+    """Runs the trainer `config.algorithm` names (grpo, or the offline gdro), once its output_dir is checked (before
+    anything loads)."""
+    check_output_dir(config)
     if config.algorithm == "gdro":
         from align_diffusion.training.gdro import GDROTrainer
 

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from align_diffusion.files import write_text_atomically
+
 
 def calibrate_step(levels: list[float], deltas: torch.Tensor, eps1: float, eps2: float,
                    largest: float = math.inf) -> list[float]:
@@ -31,7 +33,7 @@ def calibrate_step(levels: list[float], deltas: torch.Tensor, eps1: float, eps2:
 
 
 def write_table(path: str | Path, levels: list[float], **provenance) -> None:
-    Path(path).write_text(json.dumps({"noise_levels": levels, **provenance}, indent=1))
+    write_text_atomically(path, json.dumps({"noise_levels": levels, **provenance}, indent=1))
 
 
 def read_table(path: str | Path, num_steps: int) -> list[float]:

@@ -42,6 +42,8 @@ args = parser.parse_args()
 for name in ("particles", "steps", "interval", "resolution", "repeats"):
     if getattr(args, name) < 1:
         parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+if args.start is not None and not 0 <= args.start < args.steps:
+    parser.error(f"--start must lie in [0, --steps), got {args.start}")
 
 dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
 adapter = sd35_medium(args.device, dtype, toy=args.toy)

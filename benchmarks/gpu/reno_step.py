@@ -43,8 +43,9 @@ parser.add_argument("--profile", type=int, default=0, metavar="TOP",
                          "the ATen ops an iteration dispatches (against a profiled run of none)")
 parser.add_argument("--out", required=True, help="JSON report")
 args = parser.parse_args()
-if args.iterations < 1:
-    parser.error("--iterations must be at least 1")
+for name in ("iterations", "prompts", "resolution"):
+    if getattr(args, name) < 1:
+        parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
 
 dtype = DTYPES[args.dtype]
 adapter = sd_turbo(args.device, dtype, toy=args.toy, narrow=args.narrow)
