@@ -85,6 +85,9 @@ def main() -> None:
     if args.by_module and not config.lora.enabled:
         parser.error("--by-module needs a LoRA (lora.enabled: true)")
     trainer, gradients = measure(args.config, args.overrides, args.batches)
+    if len(gradients) < 3:  # a batch whose groups all scored alike trains nothing, so it gives no gradient
+        raise SystemExit(f"only {len(gradients)} of {args.batches} batches gave a gradient (the others' groups did "
+                         "not vary); at least 3 are needed: raise --batches or the group size")
     cosines = torch.tensor(pairwise_cosines(gradients))
     # Pairs share batches, so their spread understates the error; the batch count is the honest n.
     standard_error = float(cosines.std()) / math.sqrt(args.batches)
