@@ -214,6 +214,25 @@ def label(browser, card, name: str, side: int = 0) -> None:
     figure.find_element(By.CSS_SELECTOR, f'button[data-label="{name}"]').click()
 
 
+def export_labels(browser) -> Path:
+    """Clicks "export labels"; the downloaded file."""
+    for old in browser.downloads.glob("labels*.jsonl"):
+        old.unlink()
+    browser.find_element(By.ID, "export").click()
+    return wait_for_download(browser.downloads, "labels.jsonl")
+
+
+def label_in_another_tab(browser, page: Path, labels: dict[int, str]) -> None:
+    """Opens `page` in a new tab, gives card k the label labels[k] there, closes it and comes back."""
+    first = browser.current_window_handle
+    browser.switch_to.new_window("tab")
+    open_page(browser, page)
+    for k, name in labels.items():
+        label(browser, visible_cards(browser)[k], name)
+    browser.close()
+    browser.switch_to.window(first)
+
+
 def test_label_export_feeds_the_artifact_reward_and_preference_pairs(browser, folders):
     a, _ = folders
     open_page(browser, build_gallery(a))
@@ -229,10 +248,7 @@ def test_label_export_feeds_the_artifact_reward_and_preference_pairs(browser, fo
     assert browser.find_element(By.ID, "label-count").text == "4"
     assert "label-artifact" in visible_cards(browser)[1].find_element(By.TAG_NAME, "figure").get_attribute("class")
 
-    for old in browser.downloads.glob("labels*.jsonl"):
-        old.unlink()
-    browser.find_element(By.ID, "export").click()
-    exported = wait_for_download(browser.downloads, "labels.jsonl")
+    exported = export_labels(browser)
     rows = [json.loads(line) for line in exported.read_text().splitlines()]
     assert [(row["prompt"], row["label"]) for row in rows] == [
         ("a red circle", "good"), ("a blue square", "artifact"), ("a red circle", "bad"),
@@ -303,10 +319,7 @@ def test_labels_on_a_compare_page_name_each_side(browser, folders):
     card = visible_cards(browser)[1]
     label(browser, card, "good", side=0)
     label(browser, card, "bad", side=1)
-    for old in browser.downloads.glob("labels*.jsonl"):
-        old.unlink()
-    browser.find_element(By.ID, "export").click()
-    rows = [json.loads(line) for line in wait_for_download(browser.downloads, "labels.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in export_labels(browser).read_text().splitlines()]
     assert [(Path(r["file"]), r["label"]) for r in rows] == [((a / "images/00001.png").resolve(), "good"),
                                                              ((b / "images/00001.png").resolve(), "bad")]
     assert preference_pairs(browser.downloads / "labels.jsonl")[0]["rejected"] == (b / "images/00001.png").resolve()
@@ -513,15 +526,8 @@ def test_two_open_tabs_keep_each_others_labels(browser, folders):
     a, _ = folders
     page = build_gallery(a)
     open_page(browser, page)
-    first = browser.current_window_handle
-    browser.switch_to.new_window("tab")
-    open_page(browser, page)
-    label(browser, visible_cards(browser)[1], "bad")  # in the second tab, which loaded before either label
-    browser.switch_to.window(first)
-    label(browser, visible_cards(browser)[0], "good")
-    browser.switch_to.window(browser.window_handles[-1])
-    browser.close()
-    browser.switch_to.window(first)
+    label_in_another_tab(browser, page, {1: "bad"})
+    label(browser, visible_cards(browser)[0], "good")  # in the first tab, which loaded before either label
     reload(browser)
     assert browser.find_element(By.ID, "label-count").text == "2"
 
@@ -605,10 +611,7 @@ def test_an_export_reads_labels_stored_since_the_page_read_them(browser, folders
           writing.oncomplete = () => done();
         };
     """, image)
-    for old in browser.downloads.glob("labels*.jsonl"):
-        old.unlink()
-    browser.find_element(By.ID, "export").click()
-    rows = [json.loads(line) for line in wait_for_download(browser.downloads, "labels.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in export_labels(browser).read_text().splitlines()]
     assert [(row["prompt"], row["label"]) for row in rows] == [("a red circle", "artifact")]
 
 
@@ -616,26 +619,13 @@ def test_a_tab_opened_earlier_exports_and_shows_labels_made_in_another(browser, 
     a, _ = folders
     page = build_gallery(a)
     open_page(browser, page)
-    first = browser.current_window_handle
-    browser.switch_to.new_window("tab")
-    open_page(browser, page)
-    label(browser, visible_cards(browser)[1], "bad")
-    label(browser, visible_cards(browser)[4], "good")
-    browser.close()
-    browser.switch_to.window(first)
-    for old in browser.downloads.glob("labels*.jsonl"):
-        old.unlink()
-    browser.find_element(By.ID, "export").click()
-    rows = [json.loads(line) for line in wait_for_download(browser.downloads, "labels.jsonl").read_text().splitlines()]
+    label_in_another_tab(browser, page, {1: "bad", 4: "good"})
+    rows = [json.loads(line) for line in export_labels(browser).read_text().splitlines()]
     assert [(row["prompt"], row["label"]) for row in rows] == [("a blue square", "bad"),
                                                                ("two green triangles", "good")]
     assert browser.find_element(By.ID, "label-count").text == "2"
     # Coming back to a tab shows what another tab labelled meanwhile.
-    browser.switch_to.new_window("tab")
-    open_page(browser, page)
-    label(browser, visible_cards(browser)[0], "artifact")
-    browser.close()
-    browser.switch_to.window(first)
+    label_in_another_tab(browser, page, {0: "artifact"})
     browser.execute_script("document.dispatchEvent(new Event('visibilitychange'))")  # as switching tabs does
     WebDriverWait(browser, 10).until(lambda b: b.find_element(By.ID, "label-count").text == "3")
     assert "label-artifact" in visible_cards(browser)[0].find_element(By.TAG_NAME, "figure").get_attribute("class")
