@@ -25,6 +25,23 @@ def write_text_atomically(path: str | Path, text: str) -> None:
     write_atomically(path, lambda partial: partial.write_text(text, encoding="utf-8"))
 
 
+def write_files_atomically(folder: str | Path, write: Callable[[Path], None]) -> None:
+    """Calls `write` on an empty temporary folder inside `folder`, then renames each file it wrote into `folder`:
+    each is the earlier file or the new one, never half of one; other files of `folder` stay. For flat outputs (a
+    model's save_pretrained), in a folder the user names."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    partial = folder / f".partial.{os.getpid()}"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir()
+    try:
+        write(partial)
+        for path in sorted(partial.iterdir()):
+            os.replace(path, folder / path.name)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+
+
 def write_folder_atomically(folder: str | Path, write: Callable[[Path], None]) -> None:
     """Calls `write` on an empty temporary folder beside `folder`, then puts it in `folder`'s place: a write cut
     short leaves the earlier folder whole."""

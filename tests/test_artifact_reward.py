@@ -57,7 +57,7 @@ def test_reading_labelled_images(tmp_path):
         read_labelled_images(tmp_path / "one-class.jsonl")
 
 
-def test_train_reward_command_saves_a_reward_the_spec_loads(tmp_path, capsys):
+def test_train_reward_command_saves_a_reward_the_spec_loads(tmp_path, capsys, monkeypatch):
     clean, unseen = write_set(tmp_path / "set", 40)
     (tmp_path / "unseen").mkdir()
     for k, image in enumerate(unseen[:8]):
@@ -99,6 +99,18 @@ def test_train_reward_command_saves_a_reward_the_spec_loads(tmp_path, capsys):
     torch.testing.assert_close(scores[:4], expected, atol=1e-4, rtol=0)
     with pytest.raises(FileNotFoundError, match="train-reward"):
         load_reward(f"artifact:{tmp_path / 'set'}")
+    # Trained again into the same folder and stopped while writing its head: the earlier reward stays whole.
+    saved = {path.name: path.read_bytes() for path in (tmp_path / "rm").iterdir()}
+
+    def cut_short(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half a head")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("align_diffusion.rewards.artifact.save_file", cut_short)
+    with pytest.raises(SystemExit, match="130"):  # the command's status for an interrupt
+        main(["train-reward", "artifact", "--data", str(tmp_path / "set"), "--out", str(tmp_path / "rm"),
+              "--backbone", DINO, "--steps", "2", "--device", "cpu"])
+    assert {path.name: path.read_bytes() for path in (tmp_path / "rm").iterdir()} == saved
 
 
 def test_the_reward_sees_the_whole_image(tmp_path):

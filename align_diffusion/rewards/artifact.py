@@ -21,6 +21,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import AutoImageProcessor, AutoModel
 
+from align_diffusion.files import write_files_atomically
 from align_diffusion.rewards.base import Reward, images_to_tensor
 from align_diffusion.rewards.preprocess import TorchImageTransform
 
@@ -214,10 +215,14 @@ def train_artifact_reward(data, out: str | Path, backbone: str, settings: Artifa
             result["unseen_images"] = len(unseen_files)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(stored, out / HEAD_FILE)
     if Path(backbone).is_dir():
         backbone = os.path.relpath(Path(backbone).resolve(), out.resolve())
-    (out / CONFIG_FILE).write_text(json.dumps({"backbone": str(backbone), **result}, indent=1))
+
+    def write(folder: Path) -> None:
+        save_file(stored, folder / HEAD_FILE)
+        (folder / CONFIG_FILE).write_text(json.dumps({"backbone": str(backbone), **result}, indent=1))
+
+    write_files_atomically(out, write)
     return result
 
 

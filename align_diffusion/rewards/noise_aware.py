@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from align_diffusion.files import write_files_atomically
 from align_diffusion.models.base import PipelineAdapter
 from align_diffusion.rewards.clip import _TransformersClip
 from align_diffusion.sampling.loop import sample
@@ -132,10 +133,13 @@ def distill(teacher: _TransformersClip, rollouts: Rollouts, settings: NoiseAware
 def save_student(student: _TransformersClip, out: str | Path, report: dict) -> None:
     """The student's CLIP model with the processor the teacher scored with (PickScore's is another model's), and
     the metrics report."""
-    out = Path(out)
-    student.model.save_pretrained(out)
-    student.processor.save_pretrained(out)
-    (out / REPORT_FILE).write_text(json.dumps(report, indent=1))
+
+    def write(folder: Path) -> None:
+        student.model.save_pretrained(folder)
+        student.processor.save_pretrained(folder)
+        (folder / REPORT_FILE).write_text(json.dumps(report, indent=1))
+
+    write_files_atomically(out, write)
 
 
 def report_dict(settings: NoiseAwareTraining, before: list[float], after: list[float], **extra) -> dict:
