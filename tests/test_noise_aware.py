@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from scipy.stats import spearmanr
+import transformers.modeling_utils
 from transformers import AutoProcessor
 
 from align_diffusion.cli import main
@@ -161,3 +162,20 @@ def test_the_student_keeps_the_processor_its_teacher_scored_with(tmp_path):
     image = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
         assert load_reward(f"clip:{tmp_path / 'student'}")(image, ["a red circle"]) == teacher(image, ["a red circle"])
+
+
+def test_a_student_save_cut_short_leaves_the_earlier_student_whole(tmp_path, monkeypatch):
+    teacher = ClipScore(str(WORLD_CLIP))
+    save_student(teacher, tmp_path / "student", {"round": 1})
+    saved = {path.name: path.read_bytes() for path in (tmp_path / "student").iterdir()}
+    write = transformers.modeling_utils.safe_save_file
+
+    def cut_short(tensors, filename, metadata=None):  # what save_pretrained writes the weights with
+        write(tensors, filename, metadata=metadata)
+        Path(filename).write_bytes(Path(filename).read_bytes()[:100])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        save_student(teacher, tmp_path / "student", {"round": 2})
+    assert {path.name: path.read_bytes() for path in (tmp_path / "student").iterdir()} == saved
