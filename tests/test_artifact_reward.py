@@ -18,6 +18,7 @@ from align_diffusion.rewards.base import images_to_tensor
 from align_diffusion.rewards.spec import load_reward
 from align_diffusion.world.prompts import split_prompts
 from align_diffusion.world.render import render_prompt
+from training_helpers import interrupted_halfway
 
 DINO = "assets/world/dino"
 HELD_OUT_KINDS = ("smear", "grid")
@@ -101,12 +102,7 @@ def test_train_reward_command_saves_a_reward_the_spec_loads(tmp_path, capsys, mo
         load_reward(f"artifact:{tmp_path / 'set'}")
     # Trained again into the same folder and stopped while writing its head: the earlier reward stays whole.
     saved = {path.name: path.read_bytes() for path in (tmp_path / "rm").iterdir()}
-
-    def cut_short(tensors, filename, metadata=None):
-        Path(filename).write_bytes(b"half a head")
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr("align_diffusion.rewards.artifact.save_file", cut_short)
+    monkeypatch.setattr("align_diffusion.rewards.artifact.save_file", interrupted_halfway(save_file))
     with pytest.raises(SystemExit, match="130"):  # the command's status for an interrupt
         main(["train-reward", "artifact", "--data", str(tmp_path / "set"), "--out", str(tmp_path / "rm"),
               "--backbone", DINO, "--steps", "2", "--device", "cpu"])

@@ -22,6 +22,7 @@ from align_diffusion.rewards.spec import load_reward
 from align_diffusion.sampling.loop import sample_images
 from align_diffusion.world.data import to_tensor
 from align_diffusion.world.render import render_prompt
+from training_helpers import interrupted_halfway
 
 WORLD_CLIP = Path(__file__).resolve().parents[1] / "assets" / "world" / "clip"
 
@@ -168,14 +169,8 @@ def test_a_student_save_cut_short_leaves_the_earlier_student_whole(tmp_path, mon
     teacher = ClipScore(str(WORLD_CLIP))
     save_student(teacher, tmp_path / "student", {"round": 1})
     saved = {path.name: path.read_bytes() for path in (tmp_path / "student").iterdir()}
-    write = transformers.modeling_utils.safe_save_file
-
-    def cut_short(tensors, filename, metadata=None):  # what save_pretrained writes the weights with
-        write(tensors, filename, metadata=metadata)
-        Path(filename).write_bytes(Path(filename).read_bytes()[:100])
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", cut_short)
+    modeling = transformers.modeling_utils  # save_pretrained writes the weights with its safe_save_file
+    monkeypatch.setattr(modeling, "safe_save_file", interrupted_halfway(modeling.safe_save_file))
     with pytest.raises(KeyboardInterrupt):
         save_student(teacher, tmp_path / "student", {"round": 2})
     assert {path.name: path.read_bytes() for path in (tmp_path / "student").iterdir()} == saved

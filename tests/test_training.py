@@ -36,7 +36,7 @@ from align_diffusion.training.grpo import (
     trained_step_count,
 )
 from align_diffusion.world.evaluate import score_image
-from training_helpers import metrics, skipped_clip_embeds, tiny_overrides
+from training_helpers import interrupted_halfway, metrics, skipped_clip_embeds, tiny_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -616,14 +616,8 @@ def test_an_export_cut_short_leaves_the_earlier_lora_whole(saved, prompt_file, t
     trainer.train()
     lora = tmp_path / "lora" / "pytorch_lora_weights.safetensors"
     before = lora.read_bytes()
-    write = safetensors.torch.save_file
-
-    def killed_midway(tensors, filename, metadata=None):  # diffusers writes the LoRA with this
-        write(tensors, filename, metadata=metadata)
-        Path(filename).write_bytes(Path(filename).read_bytes()[:100])
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(safetensors.torch, "save_file", killed_midway)
+    # diffusers writes the LoRA with safetensors.torch.save_file
+    monkeypatch.setattr(safetensors.torch, "save_file", interrupted_halfway(safetensors.torch.save_file))
     with pytest.raises(KeyboardInterrupt):
         trainer.export()
     assert lora.read_bytes() == before

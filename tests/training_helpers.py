@@ -1,5 +1,5 @@
-"""Shared by the trainer tests: the overrides of a tiny run, reading its metrics, and SD 1.5's clip-skipped prompt
-embeddings computed by hand."""
+"""Shared by the trainer and reward tests: the overrides of a tiny run, reading its metrics, SD 1.5's clip-skipped
+prompt embeddings computed by hand, and a safetensors save interrupted halfway through its file."""
 
 import json
 from pathlib import Path
@@ -31,3 +31,15 @@ def skipped_clip_embeds(pipe, prompts, clip_skip):
     encoder = pipe.text_encoder
     hidden = encoder(ids, output_hidden_states=True).hidden_states[-(clip_skip + 1)]
     return getattr(encoder, "text_model", encoder).final_layer_norm(hidden)
+
+
+def interrupted_halfway(save_file):
+    """`save_file` (safetensors' signature) that leaves its file cut short and raises KeyboardInterrupt, as Ctrl-C
+    or a kill midway through writing it would."""
+
+    def save(tensors, filename, metadata=None):
+        save_file(tensors, filename, metadata=metadata)
+        Path(filename).write_bytes(Path(filename).read_bytes()[:100])
+        raise KeyboardInterrupt
+
+    return save

@@ -214,7 +214,6 @@ def train_artifact_reward(data, out: str | Path, backbone: str, settings: Artifa
             result["unseen_below_clean"] = float((unseen_logits[None] > clean_logits[:, None]).float().mean())
             result["unseen_images"] = len(unseen_files)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     if Path(backbone).is_dir():
         backbone = os.path.relpath(Path(backbone).resolve(), out.resolve())
 
