@@ -367,10 +367,21 @@ def add_train_reward_parser(subparsers) -> None:
     add_model_options(noise_aware)
     noise_aware.add_argument("--prune-step", type=int, default=2,
                              help="the earliest step the student must score (the curriculum ends there)")
-    parser.set_defaults(run=run_train_reward)
+    parser.set_defaults(run=run_train_reward,
+                        options_of_kind={"artifact": _options_of(artifact), "noise-aware": _options_of(noise_aware)})
+
+
+def _options_of(group) -> dict[str, tuple[str, object]]:
+    """dest → (flag, default) of each option in an argparse group."""
+    return {action.dest: (action.option_strings[0], action.default) for action in group._group_actions}
 
 
 def run_train_reward(args) -> None:
+    other = "noise-aware" if args.kind == "artifact" else "artifact"
+    given = [flag for dest, (flag, default) in args.options_of_kind[other].items() if getattr(args, dest) != default]
+    if given:
+        raise SystemExit(f"align-diffusion train-reward {args.kind}: {', '.join(given)} "
+                         f"{'is an option' if len(given) == 1 else 'are options'} of train-reward {other}")
     if args.kind == "artifact":
         run_train_artifact(args)
     else:

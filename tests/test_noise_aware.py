@@ -151,6 +151,21 @@ def test_train_reward_noise_aware_refuses_bad_generator_options_before_loading(t
         main(["train-reward", "noise-aware", "--out", str(tmp_path / "student"), *flags])
 
 
+@pytest.mark.parametrize("kind, flags, message", [
+    ("artifact", ["--data", "set", "--prune-step", "3"], "--prune-step is an option of train-reward noise-aware"),
+    ("noise-aware", ["--holdout", "0.5", "--data", "set"], "--data, --holdout are options of train-reward artifact"),
+])
+def test_train_reward_refuses_the_options_of_the_other_kind_before_loading(tmp_path, monkeypatch, kind, flags,
+                                                                          message):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("loaded something before refusing")
+
+    monkeypatch.setattr("align_diffusion.rewards.spec.load_reward", no_loading)
+    monkeypatch.setattr("align_diffusion.rewards.artifact.train_artifact_reward", no_loading)
+    with pytest.raises(SystemExit, match=message):
+        main(["train-reward", kind, "--out", str(tmp_path / "reward"), *flags])
+
+
 def test_the_student_keeps_the_processor_its_teacher_scored_with(tmp_path):
     """PickScore reads images with another model's processor: the student folder must hold that one."""
     processor = AutoProcessor.from_pretrained(WORLD_CLIP)
