@@ -276,6 +276,65 @@ def test_unknown_paths_are_404(shapes_server):
     assert request(shapes_server, "POST", "/scores", b"{}", AUTH)[0] == 404
 
 
+def test_a_url_with_a_path_or_query_reaches_the_server_and_a_fragment_is_refused(shapes_server):
+    images = world_images()
+    for suffix in ("/?key=1", "?key=1&b=2", "/"):
+        assert torch.equal(RemoteReward(shapes_server.url + suffix, TOKEN)(images, PROMPTS),
+                           ShapesReward()(images, PROMPTS))
+    with pytest.raises(ValueError, match="http://HOST:PORT"):
+        RemoteReward(shapes_server.url + "#score", TOKEN)
+
+
+def test_check_prompts_asks_the_server_before_any_image_is_made(shapes_server):
+    remote = RemoteReward(shapes_server.url, TOKEN)
+    remote.check_prompts(PROMPTS)
+    with pytest.raises(ValueError, match="not a shapes-world prompt: 'a photo of a cat'"):
+        remote.check_prompts(PROMPTS + ["a photo of a cat"])
+    with pytest.raises(RewardError, match="401"):
+        RemoteReward(shapes_server.url, "wrong").check_prompts(PROMPTS)
+    status, answer = request(shapes_server, "POST", "/check", json.dumps({"prompts": "a red circle"}).encode(), AUTH)
+    assert status == 400 and answer["error"] == "prompts must be a list of strings"
+    without_check = Scripted([(404, {"error": "unknown path /check"})])  # a server of the protocol's first version
+    try:
+        RemoteReward(without_check.url, TOKEN).check_prompts(["a photo of a cat"])
+    finally:
+        without_check.close()
+
+
+def test_an_image_of_more_than_8_bits_a_channel_is_refused_not_clipped(mean_server):
+    gray = Image.fromarray(np.full((8, 8), 32768, dtype=np.uint16))  # mid-gray, which RGB would clip to white
+    assert gray.mode.startswith("I")
+    status, answer = request(mean_server, "POST", "/score", score_body(["a"], [gray]), AUTH)
+    assert status == 400 and f"image of mode {gray.mode}: send 8-bit images" in answer["error"]
+    with pytest.raises(ValueError, match=f"expected 8-bit PIL images .*got mode {gray.mode}"):
+        MeanReward()([gray], ["a"])
+    assert MeanReward()([Image.new("L", (8, 8), 51)], ["a"]).item() == pytest.approx(0.2)
+
+
+def test_requests_decode_no_more_pixels_at_once_than_one_batch_may(monkeypatch):
+    """A request waits, undecoded, until its batch fits beside those being scored."""
+    monkeypatch.setattr("align_diffusion.rewards.server.MAX_BATCH_PIXELS", 2 * 64 * 64)
+    reward, seen = StallReward(), []
+    with serving(reward) as server:
+        first = threading.Thread(target=request, args=(server, "POST", "/score",
+                                                       score_body(["a"] * 2, noise_images(2)), AUTH))
+        second = threading.Thread(target=request, args=(server, "POST", "/score",
+                                                        score_body(["b"], noise_images(1)), AUTH))
+        first.start()
+        assert reward.entered.wait(timeout=10)
+        second.start()
+        deadline = time.monotonic() + 0.5
+        while time.monotonic() < deadline or len(seen) < 20:  # the second request arrives, and must wait
+            seen.append(server.pixels_in_flight)
+            time.sleep(0.01)
+        reward.release.set()
+        first.join(timeout=10)
+        second.join(timeout=10)
+        assert server.pixels_in_flight == 0
+    assert set(seen) == {2 * 64 * 64}, seen
+    assert not first.is_alive() and not second.is_alive()
+
+
 def test_oversized_body_is_413_before_it_is_sent():
     with serving(MeanReward(), max_body_bytes=10_000) as server:
         host, port = server.server_address[:2]
@@ -327,7 +386,7 @@ def test_a_batch_over_the_servers_limit_goes_in_parts_and_one_image_over_it_rais
         assert statuses == [200]  # the /health answer: no image was sent
     with serving(MeanReward()) as server:
         remote = RemoteReward(server.url, TOKEN, attempts=1)
-        remote.server_limit("max_body_bytes")  # asked while the server takes 64 MiB
+        remote.server_limits()  # asked while the server takes 64 MiB
         server.max_body_bytes = 5_000
         with pytest.raises(RewardError, match="refused a .*-byte request of one image .*413.*--max-body-mb"):
             remote(noise[:2], ["x"] * 2)
@@ -400,7 +459,7 @@ def refused_without_retry(server, monkeypatch, images, prompts, status: int, mes
     answer_status, answer = request(server, "POST", "/score", score_body(prompts, images), AUTH)
     assert answer_status == status and message in answer["error"]
     remote = RemoteReward(server.url, TOKEN, attempts=3, backoff=0.01)
-    remote.server_limit("max_body_bytes")  # its /health question, asked before the first batch
+    remote.server_limits()  # its /health question, asked before the first batch
     attempts = counted(server, monkeypatch)
     with pytest.raises(RewardError, match=f"HTTP {status}: .*{message}"):
         remote(images, prompts)
@@ -476,6 +535,8 @@ def test_503_then_success_is_retried():
     (200, b"<html>not json</html>"),
     (200, b'{"rewards": [Infinity, 1.0]}'),
     (200, b'{"rewards": [NaN, 1.0]}'),
+    (200, b'{"rewards": [1e39, 1.0]}'),  # finite in float64, infinite as the float32 it becomes
+    (200, b'{"rewards": [' + b"9" * 400 + b', 1.0]}'),  # an integer beyond any float
     (400, {"error": "nope"}),
 ])
 def test_malformed_answers_and_4xx_raise_without_retry(status, body):
@@ -506,7 +567,7 @@ def test_client_times_out_on_a_stalled_server_without_queueing_retries_behind_it
     monkeypatch.setenv(TIMEOUT_ENV, "0.5")
     with serving(reward) as server:
         remote = RemoteReward(server.url, TOKEN, attempts=2, backoff=0.05)
-        remote.server_limit("max_body_bytes")  # its /health question, asked before the first batch
+        remote.server_limits()  # its /health question, asked before the first batch
         attempts = counted(server, monkeypatch)
         try:
             # Without the timeout the first attempt would wait for `release` and then get a 200 answer.
@@ -518,6 +579,34 @@ def test_client_times_out_on_a_stalled_server_without_queueing_retries_behind_it
     monkeypatch.setenv(TIMEOUT_ENV, "soon")
     with pytest.raises(ValueError, match=f"{TIMEOUT_ENV} must be a number of seconds, got 'soon'"):
         RemoteReward("http://127.0.0.1:9", TOKEN)
+
+
+def test_a_server_that_accepts_but_never_answers_costs_one_timeout_a_call():
+    listener, accepted = socket.create_server(("127.0.0.1", 0)), []
+    listener.settimeout(0.1)
+
+    def accept_and_hold():
+        while not stopped.is_set():
+            try:
+                accepted.append(listener.accept()[0])  # held open, never answered
+            except TimeoutError:
+                pass
+
+    stopped = threading.Event()
+    thread = threading.Thread(target=accept_and_hold, daemon=True)
+    thread.start()
+    try:
+        remote = RemoteReward(f"http://127.0.0.1:{listener.getsockname()[1]}", TOKEN, timeout=0.3, attempts=3)
+        for _ in range(2):
+            with pytest.raises(RewardError, match="sent no answer within 0.3 s"):
+                remote([Image.new("RGB", (8, 8))], ["a"])
+    finally:
+        stopped.set()
+        thread.join(timeout=5)
+        for connection in accepted:
+            connection.close()
+        listener.close()
+    assert len(accepted) == 2  # one /health question a call, and no image sent after it went unanswered
 
 
 KILLABLE_SERVER = f"""

@@ -22,20 +22,24 @@ class RewardError(RuntimeError):
 
 
 RANGE_TOLERANCE = 1e-3  # rounding noise past 0 and 1 passes; [-1, 1] or 0…255 pixels overshoot by far more
+# PIL modes of 8 bits a channel; converting a 16-bit or float image to RGB clips its values rather than scaling them.
+EIGHT_BIT_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr")
 
 
 def images_to_tensor(images) -> torch.Tensor:
     """(B, 3, H, W) float in [0, 1] from such a tensor (returned as is, so gradients flow) or a list of PIL images;
-    ValueError for a tensor of another shape, an integer dtype, or values outside [0, 1], NaN included."""
+    ValueError for a tensor of another shape, an integer dtype, or values outside [0, 1], NaN included, and for PIL
+    images of different sizes or of more than 8 bits a channel."""
     if isinstance(images, torch.Tensor):
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
         if not images.is_floating_point():
             raise ValueError(f"expected float images in [0, 1], got dtype {images.dtype}")
-        pixels = images.detach()
-        if not ((pixels >= -RANGE_TOLERANCE) & (pixels <= 1 + RANGE_TOLERANCE)).all():  # NaN fails both
-            raise ValueError(f"expected images in [0, 1], got values from {pixels.min().item():.4g} to "
-                             f"{pixels.max().item():.4g}")
+        if images.numel() == 0:
+            return images
+        lowest, highest = torch.aminmax(images.detach())  # NaN when any pixel is, which fails both comparisons
+        if not (lowest >= -RANGE_TOLERANCE and highest <= 1 + RANGE_TOLERANCE):
+            raise ValueError(f"expected images in [0, 1], got values from {lowest.item():.4g} to {highest.item():.4g}")
         return images
     if not isinstance(images, Sequence) or not all(isinstance(image, Image.Image) for image in images):
         raise TypeError("images must be a (B, 3, H, W) tensor in [0, 1] or a list of PIL images")
@@ -43,8 +47,10 @@ def images_to_tensor(images) -> torch.Tensor:
         return torch.empty(0, 3, 0, 0)
     if len({image.size for image in images}) > 1:  # one tensor holds them; resizing is the caller's choice
         raise ValueError(f"expected PIL images of one size, got sizes {sorted({image.size for image in images})}")
-    arrays = [np.asarray(image.convert("RGB"), dtype=np.float32) / 255 for image in images]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+    if wide := sorted({image.mode for image in images} - set(EIGHT_BIT_MODES)):
+        raise ValueError(f"expected 8-bit PIL images ({', '.join(EIGHT_BIT_MODES)}), got mode {', '.join(wide)}")
+    arrays = [np.asarray(image.convert("RGB")) for image in images]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div_(255)
 
 
 def images_to_pil(images) -> list[Image.Image]:
@@ -71,8 +77,9 @@ class Reward(torch.nn.Module):
     def forward(self, images, prompts: Sequence[str], metadata: Sequence[dict] | None = None) -> torch.Tensor:
         """Rewards (B,) float32; NaN where an image could not be scored, among them any with a non-finite pixel."""
         scorable = None
-        if isinstance(images, torch.Tensor) and images.ndim == 4:
-            scorable = torch.isfinite(images.detach()).flatten(1).all(dim=1)
+        if isinstance(images, torch.Tensor) and images.ndim == 4 and images.numel():
+            # min and max are NaN or infinite when any pixel is; no per-pixel mask (gigabytes for a large batch)
+            scorable = torch.isfinite(torch.stack(torch.aminmax(images.detach().flatten(1), dim=1))).all(dim=0)
             if not scorable.all():  # a blank stands in for such an image, whose score is then masked
                 images = torch.where(scorable.view(-1, 1, 1, 1), images, torch.zeros((), dtype=images.dtype))
         images = images_to_tensor(images)

@@ -6,7 +6,8 @@ exponential backoff; a 4xx answer, a malformed response, a request sent but not 
 still be scoring it: a retry would queue behind it) or the last failed attempt raises RewardError. Before its first
 batch the client asks the server's /health whether it takes the token and how large a body, and splits a batch
 that is too large before sending it. There is no default score: either every image gets its server's score (NaN
-where the server could not score it) or the call raises.
+where the server could not score it) or the call raises. `check_prompts` asks the server's /check, so that a
+prompt its reward cannot score fails before any image is made.
 """
 
 from __future__ import annotations
@@ -34,7 +35,15 @@ TIMEOUT_ENV = "ALIGN_DIFFUSION_REWARD_TIMEOUT"
 DEFAULT_TIMEOUT = 60.0
 
 
-class BatchTooLarge(RewardError):
+class Refused(RewardError):
+    """The server answered a request with a 4xx `status`: it would answer the same again."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class BatchTooLarge(Refused):
     """The server refused a request as larger than it accepts (413)."""
 
 
@@ -68,19 +77,23 @@ def encode_png(image) -> str:
 
 
 def parse_rewards(payload: bytes, batch_size: int, url: str) -> torch.Tensor:
-    """(B,) float32 from a /score answer, null → NaN; RewardError unless it holds exactly B finite numbers or nulls
-    (JSON has no NaN or Infinity; a server that sends them anyway is broken)."""
+    """(B,) float32 from a /score answer, null → NaN; RewardError unless it holds exactly B numbers finite in
+    float32, or nulls (JSON has no NaN or Infinity; a server that sends them anyway is broken)."""
+    malformed = RewardError(f"reward server {url} gave a malformed answer for {batch_size} images: {payload[:200]!r}")
     try:
         rewards = json.loads(payload)["rewards"]
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
-        rewards = None
-    ok = isinstance(rewards, list) and len(rewards) == batch_size and all(
-        value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value))
-        for value in rewards
-    )
-    if not ok:
-        raise RewardError(f"reward server {url} gave a malformed answer for {batch_size} images: {payload[:200]!r}")
-    return torch.tensor([math.nan if value is None else float(value) for value in rewards], dtype=torch.float32)
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, RecursionError):
+        raise malformed from None
+    if not (isinstance(rewards, list) and len(rewards) == batch_size and all(
+            value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)) for value in rewards)):
+        raise malformed
+    try:
+        scores = torch.tensor([math.nan if value is None else float(value) for value in rewards], dtype=torch.float32)
+    except OverflowError:  # an integer beyond any float
+        raise malformed from None
+    if not (torch.isfinite(scores) | torch.tensor([value is None for value in rewards], dtype=torch.bool)).all():
+        raise malformed
+    return scores
 
 
 def _error_message(error: urllib.error.HTTPError) -> str:
@@ -104,7 +117,7 @@ class RemoteReward(Reward):
     def __init__(self, url: str, token: str | None = None, *, timeout: float | None = None, attempts: int = 3,
                  backoff: float = 0.5):
         parts = urllib.parse.urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
+        if parts.scheme not in ("http", "https") or not parts.netloc or parts.fragment:
             raise ValueError(f"remote reward URL must look like http://HOST:PORT, got {url!r}")
         token = token or os.environ.get(TOKEN_ENV)
         if not token:
@@ -120,71 +133,96 @@ class RemoteReward(Reward):
         if not 0 < timeout < math.inf:
             raise ValueError(f"the reward server timeout must be a finite number of seconds > 0, got {timeout}")
         super().__init__(f"remote:{url}")
-        self.url = url.rstrip("/")
+        self.url = url
+        self.parts = parts._replace(path=parts.path.rstrip("/"))
         self.token = checked_token(token)
         self.timeout = timeout
         self.attempts = attempts
         self.backoff = backoff
         self.health: dict | None = None  # the server's /health answer, once one came
 
+    def endpoint(self, name: str) -> str:
+        """The URL of the server's `name` (`score`, `health`, `check`), keeping the given URL's path and query."""
+        return urllib.parse.urlunsplit(self.parts._replace(path=f"{self.parts.path}/{name}"))
+
+    def check_prompts(self, prompts):
+        """ValueError naming the first of `prompts` the server's reward cannot score (its POST /check; a server
+        without one, 404, checks nothing)."""
+        try:
+            self.post("check", json.dumps({"prompts": list(prompts)}).encode())
+        except Refused as error:
+            if error.status == 400:
+                raise ValueError(str(error)) from None
+            if error.status != 404:
+                raise
+
     def score(self, images, prompts, metadata):
         images = images_to_pil(images)
         return self._scored([encode_png(image) for image in images], prompts,
-                            None if metadata is None else list(metadata), images[0].width * images[0].height)
+                            None if metadata is None else list(metadata), images[0].width * images[0].height,
+                            self.server_limits())
 
-    def _scored(self, images: list[str], prompts: list[str], metadata: list | None, image_pixels: int) -> torch.Tensor:
+    def _scored(self, images: list[str], prompts: list[str], metadata: list | None, image_pixels: int,
+                limits: tuple[int | None, int | None]) -> torch.Tensor:
         """Scores of PNG-encoded images of `image_pixels` pixels each; a batch larger than the server takes (in
-        bytes or pixels, as its /health says, or in bytes as it answers) goes in two halves (images are scored one
-        by one, so the halves score as the whole would)."""
+        bytes or pixels, as `limits` from its /health say, or in bytes as it answers) goes in two halves (images
+        are scored one by one, so the halves score as the whole would)."""
         request = {"prompts": prompts, "images": images, **({} if metadata is None else {"metadata": metadata})}
         try:
             body = json.dumps(request, allow_nan=False).encode()
         except (TypeError, ValueError) as error:
             raise ValueError(f"{self.name}: metadata must be plain JSON to reach a reward server: {error}") from None
-        limit, pixel_limit = self.server_limit("max_body_bytes"), self.server_limit("max_batch_pixels")
+        limit, pixel_limit = limits
         if limit is not None and len(body) > limit and len(images) == 1:
-            raise BatchTooLarge(f"reward server {self.url} takes requests of up to {limit} bytes (its /health), and "
-                                f"one image makes {len(body)}; raise the server's --max-body-mb")
+            raise BatchTooLarge(413, f"reward server {self.url} takes requests of up to {limit} bytes (its /health), "
+                                     f"and one image makes {len(body)}; raise the server's --max-body-mb")
         # One image over the pixel limit goes as it is: the server's refusal names its size.
         if (limit is None or len(body) <= limit) and (
                 pixel_limit is None or len(images) * image_pixels <= pixel_limit or len(images) == 1):
             try:
-                return parse_rewards(self.post(body), len(prompts), self.url)
+                return parse_rewards(self.post("score", body), len(prompts), self.url)
             except BatchTooLarge:
                 if len(images) == 1:
                     raise
         half = len(images) // 2
         parts = [slice(None, half), slice(half, None)]
         return torch.cat([self._scored(images[part], prompts[part], None if metadata is None else metadata[part],
-                                       image_pixels) for part in parts])
+                                       image_pixels, limits) for part in parts])
 
-    def server_limit(self, key: str) -> int | None:
-        """A limit the server's /health states (`max_body_bytes`, `max_batch_pixels`), which is asked (with the
-        token) until it answers; None when it does not say. On a slow link a body the server refuses can reset the
-        connection before its refusal is read, so the size and the token are checked before a batch goes.
-        RewardError when /health refuses the token; an unreachable server is left to the request's own retries
-        and errors."""
+    def server_limits(self) -> tuple[int | None, int | None]:
+        """(max_body_bytes, max_batch_pixels) as the server's /health states them, None for a limit it does not
+        state. /health is asked (with the token) until it answers: on a slow link a body the server refuses can
+        reset the connection before its refusal is read, so the size and the token are checked before a batch
+        goes. RewardError when /health refuses the token or sends no answer in time; an unreachable server is left
+        to the request's own retries and errors."""
         if self.health is None:
-            request = urllib.request.Request(f"{self.url}/health", headers={"Authorization": f"Bearer {self.token}"})
+            request = urllib.request.Request(self.endpoint("health"), headers={"Authorization": f"Bearer {self.token}"})
             try:
                 with _OPENER.open(request, timeout=self.timeout) as response:
                     health = json.loads(response.read())
             except urllib.error.HTTPError as error:  # it answered: with nothing to say, or failing for now
                 if error.code >= 500 and error.code != 501:
-                    return None
+                    return None, None
                 health = {}
-            except (OSError, http.client.HTTPException, ValueError):
-                return None
+            except TimeoutError:
+                raise self.no_answer() from None
+            except (OSError, http.client.HTTPException, ValueError, RecursionError):
+                return None, None
             self.health = health if isinstance(health, dict) else {}
         if self.health.get("authorized") is False:
             raise RewardError(f"reward server {self.url}: HTTP 401: missing or wrong token (answered by its /health)")
-        limit = self.health.get(key)
-        return limit if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0 else None
+        return tuple(limit if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0 else None
+                     for limit in (self.health.get("max_body_bytes"), self.health.get("max_batch_pixels")))
 
-    def post(self, body: bytes) -> bytes:
-        """The body of a 200 answer to POST /score, after up to `attempts` tries."""
+    def no_answer(self) -> RewardError:
+        return RewardError(f"reward server {self.url} sent no answer within {self.timeout:g} s; it may still be "
+                           "scoring the batch, so a retry would only queue behind it. A slow reward needs a longer "
+                           f"timeout: {TIMEOUT_ENV}=SECONDS")
+
+    def post(self, name: str, body: bytes) -> bytes:
+        """The body of a 200 answer to POST /`name`, after up to `attempts` tries; Refused for a 4xx answer."""
         request = urllib.request.Request(
-            f"{self.url}/score", data=body, method="POST",
+            self.endpoint(name), data=body, method="POST",
             headers={"Content-Type": "application/json", "Authorization": f"Bearer {self.token}"},
         )
         for attempt in range(1, self.attempts + 1):
@@ -194,14 +232,12 @@ class RemoteReward(Reward):
             except urllib.error.HTTPError as error:
                 cause = f"HTTP {error.code}: {_error_message(error)}"
                 if error.code == 413:
-                    raise BatchTooLarge(f"reward server {self.url} refused a {len(body)}-byte request of one image "
-                                        f"({cause}); raise the server's --max-body-mb") from None
+                    raise BatchTooLarge(413, f"reward server {self.url} refused a {len(body)}-byte request of one "
+                                             f"image ({cause}); raise the server's --max-body-mb") from None
                 if error.code < 500:
-                    raise RewardError(f"reward server {self.url}: {cause}") from None
+                    raise Refused(error.code, f"reward server {self.url}: {cause}") from None
             except TimeoutError:  # raised bare while waiting for the answer (urllib wraps errors while sending)
-                raise RewardError(f"reward server {self.url} sent no answer within {self.timeout:g} s; it may still be "
-                                  "scoring the batch, so a retry would only queue behind it. A slow reward needs a "
-                                  f"longer timeout: {TIMEOUT_ENV}=SECONDS") from None
+                raise self.no_answer() from None
             except (OSError, http.client.HTTPException) as error:  # URLError, resets, cut answers
                 cause = f"{type(error).__name__}: {error}"
             if attempt < self.attempts:

@@ -2,13 +2,16 @@
 
 Standard library only. `POST /score` takes `{"prompts": [...], "images": [base64 PNG, ...], "metadata": [...]}`
 (metadata optional) with `Authorization: Bearer TOKEN` and answers `{"rewards": [...]}`, NaN sent as null.
-`GET /health` answers `{"status": "ok", "reward": NAME, "max_body_bytes": N, "max_batch_pixels": P}` without a
-token, and with `"authorized": true / false` when a token comes along, so a client learns its limits and its
-token's standing before it sends a large body (on a slow link a refused body can reset the connection before the
-refusal is read). Errors answer `{"error": MESSAGE}`:
+`POST /check` takes `{"prompts": [...]}` and answers `{}`, or 400 naming the first prompt the reward cannot score
+(`Reward.check_prompts`), so that a client learns it before it makes any image. `GET /health` answers
+`{"status": "ok", "reward": NAME, "max_body_bytes": N, "max_batch_pixels": P}` without a token, and with
+`"authorized": true / false` when a token comes along, so a client learns its limits and its token's standing
+before it sends a large body (on a slow link a refused body can reset the connection before the refusal is read).
+Errors answer `{"error": MESSAGE}`:
 401 bad token, 400 bad request (or input the reward refuses with ValueError), 404 unknown path, 411 no
 Content-Length, 413 body too large, 422 the reward returned an infinite score (the same batch would score the same
 again), 500 the reward raised anything else or the request failed to parse in a way the server did not foresee.
+A query string after a path is ignored.
 
 The token travels in clear over plain HTTP: keep the default 127.0.0.1 and reach the server through an SSH tunnel
 (or put a TLS proxy in front) rather than binding a public interface.
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hmac
 import io
 import json
@@ -28,19 +32,23 @@ import struct
 import sys
 import threading
 import time
+import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import numpy as np
 import torch
 from PIL import Image
 
-from align_diffusion.rewards.base import Reward, RewardError, images_to_tensor
+from align_diffusion.rewards.base import EIGHT_BIT_MODES, Reward, RewardError
 from align_diffusion.rewards.remote import checked_token
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_BYTES = 64 * 2**20
 MAX_IMAGE_PIXELS = 4096 * 4096  # a small PNG can inflate to gigabytes; refuse from the header before decoding
-MAX_BATCH_PIXELS = 256 * 1024 * 1024  # and so can a batch of them: 3 GiB as float32, 256 images of 1024²
+# And so can a batch of them: 256 images of 1024², 3 GiB as float32. It also bounds the pixels all requests decode
+# at once: a request waits until its batch fits beside those being scored.
+MAX_BATCH_PIXELS = 256 * 1024 * 1024
 
 
 class RequestError(Exception):
@@ -57,7 +65,8 @@ UNDECODABLE = (binascii.Error, OSError, ValueError, Image.DecompressionBombError
 
 def open_image(text) -> Image.Image:
     """A PIL image from a base64-encoded PNG (or any format PIL reads), its header read but its pixels not yet
-    decoded; RequestError 400 if it is not one or is larger than MAX_IMAGE_PIXELS."""
+    decoded; RequestError 400 if it is not one, is larger than MAX_IMAGE_PIXELS, or holds more than 8 bits a
+    channel (which converting to RGB would clip rather than scale)."""
     if not isinstance(text, str):
         raise RequestError(400, f"images must be base64 strings, got {type(text).__name__}")
     try:
@@ -66,36 +75,33 @@ def open_image(text) -> Image.Image:
         raise RequestError(400, f"undecodable image: {error}") from None
     if image.width * image.height > MAX_IMAGE_PIXELS:
         raise RequestError(400, f"image of {image.width}x{image.height} exceeds {MAX_IMAGE_PIXELS} pixels")
+    if image.mode not in EIGHT_BIT_MODES:
+        raise RequestError(400, f"image of mode {image.mode}: send 8-bit images ({', '.join(EIGHT_BIT_MODES)})")
     return image
 
 
-def decode_images(encoded: list) -> list[Image.Image]:
-    """RGB images from a request's base64 strings, refused from their headers when the batch would decode to more
-    than MAX_BATCH_PIXELS; RequestError 400."""
-    opened = [open_image(text) for text in encoded]
-    pixels = sum(image.width * image.height for image in opened)
-    if pixels > MAX_BATCH_PIXELS:
-        raise RequestError(400, f"a batch of {pixels} pixels exceeds {MAX_BATCH_PIXELS}; send fewer or smaller images")
-    try:
-        return [image.convert("RGB") for image in opened]
-    except UNDECODABLE as error:
-        raise RequestError(400, f"undecodable image: {error}") from None
+def decoded(opened: list[Image.Image]) -> torch.Tensor:
+    """(B, 3, H, W) in [0, 1] from images opened by `open_image`, decoded one at a time into the batch (the list
+    is emptied as they are, so that no more than one decoded image lives beside it); RequestError 400."""
+    width, height = opened[0].size
+    batch = torch.empty(len(opened), 3, height, width)
+    for row in batch:
+        image = opened.pop(0)
+        try:
+            row.copy_(torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1))
+        except UNDECODABLE as error:
+            raise RequestError(400, f"undecodable image: {error}") from None
+    return batch.div_(255)
 
 
-def parse_score_request(body: bytes) -> tuple[torch.Tensor, list[str], list[dict] | None]:
-    """(images (B, 3, H, W), prompts, metadata) from a /score body; RequestError 400 on anything malformed."""
-    try:
-        request = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise RequestError(400, f"body is not JSON: {error}") from None
-    if not isinstance(request, dict):
-        raise RequestError(400, "body must be a JSON object")
+def parse_score_request(body: bytes) -> tuple[list[Image.Image], list[str], list[dict] | None]:
+    """(images opened but not decoded, prompts, metadata) from a /score body; RequestError 400 on anything
+    malformed, on images of different sizes, or on a batch that would decode to more than MAX_BATCH_PIXELS."""
+    request = parse_json_object(body)
     missing = [key for key in ("prompts", "images") if key not in request]
     if missing:
         raise RequestError(400, f"missing keys: {missing}")
-    prompts, encoded, metadata = request["prompts"], request["images"], request.get("metadata")
-    if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
-        raise RequestError(400, "prompts must be a list of strings")
+    prompts, encoded, metadata = checked_prompts(request["prompts"]), request["images"], request.get("metadata")
     if not isinstance(encoded, list):
         raise RequestError(400, "images must be a list of base64 strings")
     if len(prompts) != len(encoded):
@@ -107,11 +113,30 @@ def parse_score_request(body: bytes) -> tuple[torch.Tensor, list[str], list[dict
             raise RequestError(400, "metadata must be a list of objects")
         if len(metadata) != len(prompts):
             raise RequestError(400, f"{len(metadata)} metadata entries for {len(prompts)} images")
-    images = decode_images(encoded)
-    sizes = {image.size for image in images}
+    opened = [open_image(text) for text in encoded]
+    sizes = {image.size for image in opened}
     if len(sizes) > 1:
         raise RequestError(400, f"images of different sizes in one batch: {sorted(sizes)}")
-    return images_to_tensor(images), prompts, metadata
+    pixels = sum(image.width * image.height for image in opened)
+    if pixels > MAX_BATCH_PIXELS:
+        raise RequestError(400, f"a batch of {pixels} pixels exceeds {MAX_BATCH_PIXELS}; send fewer or smaller images")
+    return opened, prompts, metadata
+
+
+def parse_json_object(body: bytes) -> dict:
+    try:
+        request = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        raise RequestError(400, f"body is not JSON: {error}") from None
+    if not isinstance(request, dict):
+        raise RequestError(400, "body must be a JSON object")
+    return request
+
+
+def checked_prompts(prompts) -> list[str]:
+    if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+        raise RequestError(400, "prompts must be a list of strings")
+    return prompts
 
 
 class InfiniteScore(RewardError):
@@ -136,6 +161,8 @@ class RewardServer(ThreadingHTTPServer):
         self.token = token.encode()
         self.max_body_bytes = max_body_bytes
         self.score_lock = threading.Lock()  # models are not thread-safe; decoding runs outside it
+        self.pixels_in_flight = 0  # of the batches decoded or being decoded, at most MAX_BATCH_PIXELS
+        self.room = threading.Condition()
 
     def handle_error(self, request, client_address):
         logger.warning("request from %s failed", client_address[0], exc_info=sys.exc_info())
@@ -144,6 +171,19 @@ class RewardServer(ThreadingHTTPServer):
     def url(self) -> str:
         host, port = self.server_address[:2]
         return f"http://{host}:{port}"
+
+    @contextlib.contextmanager
+    def room_for(self, pixels: int):
+        """Wait until a batch of `pixels` fits beside the batches being decoded and scored, and hold its place."""
+        with self.room:
+            self.room.wait_for(lambda: self.pixels_in_flight == 0 or self.pixels_in_flight + pixels <= MAX_BATCH_PIXELS)
+            self.pixels_in_flight += pixels
+        try:
+            yield
+        finally:
+            with self.room:
+                self.pixels_in_flight -= pixels
+                self.room.notify_all()
 
     def score(self, images: torch.Tensor, prompts: list[str], metadata) -> list[float | None]:
         with self.score_lock, torch.no_grad():
@@ -159,7 +199,7 @@ class RewardRequestHandler(BaseHTTPRequestHandler):
     timeout = 60  # seconds a client may take to send its request before the connection is dropped
 
     def do_GET(self):
-        if self.path != "/health":
+        if urllib.parse.urlsplit(self.path).path != "/health":
             return self.reject(404, f"unknown path {self.path}")
         health = {"status": "ok", "reward": self.server.reward.name, "max_body_bytes": self.server.max_body_bytes,
                   "max_batch_pixels": MAX_BATCH_PIXELS}
@@ -168,7 +208,8 @@ class RewardRequestHandler(BaseHTTPRequestHandler):
         self.send_json(200, health)
 
     def do_POST(self):
-        if self.path != "/score":
+        path = urllib.parse.urlsplit(self.path).path
+        if path not in ("/score", "/check"):
             return self.reject(404, f"unknown path {self.path}")
         if not self.authorized():
             return self.reject(401, "missing or wrong token")
@@ -186,13 +227,21 @@ class RewardRequestHandler(BaseHTTPRequestHandler):
         body = self.rfile.read(length)
         if len(body) < length:
             return self.send_json(400, {"error": f"body ended after {len(body)} of {length} bytes"})
-        try:
-            images, prompts, metadata = parse_score_request(body)
-        except RequestError as error:
-            return self.send_json(error.status, {"error": str(error)})
-        except Exception as error:  # a failure decode_image does not know of: answer it rather than hang up
-            logger.exception("could not read a /score request")
-            return self.send_json(500, {"error": f"could not read the request: {error!r}"})
+        if path == "/check":
+            return self.check(body)
+        with contextlib.ExitStack() as place:
+            try:
+                opened, prompts, metadata = parse_score_request(body)
+                place.enter_context(self.server.room_for(len(opened) * opened[0].width * opened[0].height))
+                images = decoded(opened)
+            except RequestError as error:
+                return self.send_json(error.status, {"error": str(error)})
+            except Exception as error:  # a failure decoding does not know of: answer it rather than hang up
+                logger.exception("could not read a /score request")
+                return self.send_json(500, {"error": f"could not read the request: {error!r}"})
+            self.score(images, prompts, metadata)
+
+    def score(self, images: torch.Tensor, prompts: list[str], metadata) -> None:
         try:
             rewards = self.server.score(images, prompts, metadata)
         except ValueError as error:  # the reward refused this input (e.g. a prompt outside its grammar)
@@ -203,6 +252,17 @@ class RewardRequestHandler(BaseHTTPRequestHandler):
             logger.exception("reward %s failed on a batch of %d", self.server.reward.name, len(prompts))
             return self.send_json(500, {"error": f"reward {self.server.reward.name} failed: {error!r}"})
         self.send_json(200, {"rewards": rewards})
+
+    def check(self, body: bytes) -> None:
+        try:
+            prompts = checked_prompts(parse_json_object(body).get("prompts"))
+        except RequestError as error:
+            return self.send_json(error.status, {"error": str(error)})
+        try:
+            self.server.reward.check_prompts(prompts)
+        except ValueError as error:
+            return self.send_json(400, {"error": str(error)})
+        self.send_json(200, {})
 
     def authorized(self) -> bool:
         scheme, _, token = self.headers.get("Authorization", "").partition(" ")
