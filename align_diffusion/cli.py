@@ -123,6 +123,13 @@ def check_model_arguments(args) -> None:
         raise SystemExit(f"--{problem[0].replace('_', '-')}: {problem[1]}")
 
 
+def check_noise_level_argument(sampler: str | None, noise_level: float | None) -> None:
+    from align_diffusion.sampling.loop import ode_noise_problem
+
+    if noise_level is not None and (problem := ode_noise_problem(sampler, [noise_level])):
+        raise SystemExit(f"--noise-level: {problem}")
+
+
 def load_for_command(args):
     """The adapter for --model (with --lora applied); `check_model_arguments` has checked what it could before."""
     from peft.tuners.tuners_utils import BaseTunerLayer
@@ -183,6 +190,7 @@ def run_sample(args) -> None:
         raise SystemExit(f"--out: {args.out} already holds samples; pass --overwrite to replace them, or --resume to "
                          "go on with an interrupted run")
     check_model_arguments(args)
+    check_noise_level_argument(args.sampler, args.noise_level)
     reward = load_reward(args.reward, device=args.device, dtype=DTYPES[args.dtype]) if args.reward else None
     adapter = load_for_command(args)
 
@@ -245,6 +253,7 @@ def run_eval(args) -> None:
         raise SystemExit(f"--out: {args.out} already holds {' and '.join(held)} (an evaluation or samples); pass "
                          "--overwrite to replace them")
     check_model_arguments(args)
+    check_noise_level_argument(args.sampler, args.noise_level)
     adapter = load_for_command(args)
     result = evaluate_shapes(
         adapter, args.split, num_images_per_prompt=args.num_images_per_prompt, num_inference_steps=args.steps,
@@ -648,6 +657,8 @@ def run_steer(args) -> None:
     if args.compile and (error := missing_c_compiler("--compile")):
         raise SystemExit(error)
     check_model_arguments(args)
+    check_noise_level_argument(args.sampler or ("ode" if args.method != "fk" else None),  # FK's is stochastic
+                               args.noise_level)
     reward = load_reward(args.reward, device=args.device, dtype=DTYPES[args.dtype])
     prune_reward = None if args.prune_reward is None else load_reward(args.prune_reward, device=args.device,
                                                                       dtype=DTYPES[args.dtype])

@@ -19,6 +19,7 @@ from align_diffusion.models import load_adapter
 from align_diffusion.models.tiny import tiny_pipeline
 from align_diffusion.rewards import load_reward
 from align_diffusion.sampling.folder import SampleFolder, sample_to_folder
+from align_diffusion.sampling.loop import resolve_settings
 
 PROMPTS = ["a red circle", "two blue squares"]
 
@@ -269,6 +270,25 @@ def test_bad_option_values_are_refused_by_the_parser(saved, tmp_path, capsys, co
     with pytest.raises(SystemExit) as exit_info:
         main([*command, "--model", str(saved["sd3"]), "--prompt", "a", option, value, "--out", str(tmp_path / "a")])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err and not (tmp_path / "a").exists()
+
+
+@pytest.mark.parametrize("command", [["sample"], ["eval"], ["steer", "--method", "best-of-n", "--reward", "jpeg"],
+                                     ["steer", "--method", "fk", "--sampler", "ode", "--reward", "jpeg"]])
+def test_a_noise_level_for_the_ode_sampler_is_refused_before_loading(saved, tmp_path, monkeypatch, command):
+    """The ODE draws no noise: the level would change nothing but the records."""
+    def no_loading(*args, **kwargs):
+        raise AssertionError("loaded something before refusing")
+
+    monkeypatch.setattr("align_diffusion.cli.load_for_command", no_loading)
+    monkeypatch.setattr("align_diffusion.rewards.spec.load_reward", no_loading)
+    prompt = [] if command == ["eval"] else ["--prompt", "a red circle"]
+    with pytest.raises(SystemExit, match="--noise-level: the ode sampler draws no noise"):
+        main([*command, "--model", str(saved["sd3"]), *prompt, "--noise-level", "0.9", "--out", str(tmp_path / "a")])
+
+
+def test_sampling_functions_refuse_a_noise_level_for_the_ode_sampler(saved):
+    with pytest.raises(ValueError, match="noise_level: the ode sampler draws no noise"):
+        resolve_settings(load_adapter(str(saved["sd3"])), "ode", num_inference_steps=2, noise_level=[0.0, 0.5])
 
 
 def test_a_lora_folder_without_weights_is_named(saved, tmp_path):

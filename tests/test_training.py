@@ -144,6 +144,8 @@ def test_wrong_type_is_named(saved, tmp_path):
     ("sampling.guidance_rescale=0.5", "sampling.guidance_rescale: StableDiffusion3Pipeline has no guidance_rescale"),
     ("sampling.true_cfg_scale=2", "sampling.true_cfg_scale: StableDiffusion3Pipeline has no true_cfg_scale"),
     (["sampling.sampler=cps", "sampling.noise_level=1.5"], "cps noise levels a must lie in [0, 1]"),
+    (["algorithm=gdro", "sampling.sampler=ode", "sampling.noise_level=0.7"],
+     "sampling.noise_level: the ode sampler draws no noise"),
     (["sampling.sampler=cps", "sampling.num_steps=3", "sampling.noise_window=[2,3]"], "CPS's last step draws no noise"),
 ])
 def test_out_of_range_values_are_named(saved, override, message):

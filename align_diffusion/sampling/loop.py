@@ -133,6 +133,15 @@ class Settings:
         return [self.noise_level] * self.num_inference_steps
 
 
+def ode_noise_problem(sampler: str, levels) -> str | None:
+    """Why noise levels above 0 do not fit `sampler`: the ODE draws no noise, so they would change nothing."""
+    if sampler == "ode" and any(level > 0 for level in levels):
+        stochastic = ", ".join(s for s in DEFAULT_NOISE_LEVEL if s != "ode")
+        return f"the ode sampler draws no noise, so a level above 0 would change nothing; use a stochastic sampler " \
+               f"({stochastic})"
+    return None
+
+
 def resolve_settings(
     adapter: PipelineAdapter, sampler: str, num_inference_steps=None, guidance_scale=None, noise_level=None,
     height=None, width=None,
@@ -161,6 +170,8 @@ def resolve_settings(
         if isinstance(level, bool) or not math.isfinite(level) or level < 0:
             raise ValueError(f"noise_level must be a finite number >= 0, got {level!r}"
                              + (f" at step {step}" if isinstance(settings.noise_level, list) else ""))
+    if problem := ode_noise_problem(sampler, settings.levels()):
+        raise ValueError(f"noise_level: {problem}")
     guidance = settings.guidance_scale
     if isinstance(guidance, bool) or not isinstance(guidance, numbers.Real) or not math.isfinite(guidance):
         raise ValueError(f"guidance_scale must be a finite number, got {guidance!r}")
