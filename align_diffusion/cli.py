@@ -182,8 +182,9 @@ def read_prompts(args) -> list[str]:
 
 
 def run_sample(args) -> None:
+    from align_diffusion.gallery.page import read_records
     from align_diffusion.rewards.spec import load_reward
-    from align_diffusion.sampling.folder import sample_to_folder
+    from align_diffusion.sampling.folder import check_same_images, image_jobs, sample_to_folder
 
     prompts = read_prompts(args)
     if (args.out / "metadata.jsonl").exists() and not (args.overwrite or args.resume):
@@ -191,6 +192,12 @@ def run_sample(args) -> None:
                          "go on with an interrupted run")
     check_model_arguments(args)
     check_noise_level_argument(args.sampler, args.noise_level)
+    if args.resume and (args.out / "metadata.jsonl").exists():  # before anything loads, what can be told without
+        given = {key: value for key, value in (("steps", args.steps), ("guidance", args.guidance),
+                                               ("height", args.height), ("width", args.width),
+                                               ("noise_level", args.noise_level)) if value is not None}
+        known = {"sampler": args.sampler, "negative_prompt": args.negative_prompt, **given, **model_record(args)}
+        check_same_images(read_records(args.out), image_jobs(prompts, args.num_images_per_prompt, args.seed), known)
     reward = load_reward(args.reward, device=args.device, dtype=DTYPES[args.dtype]) if args.reward else None
     adapter = load_for_command(args)
 

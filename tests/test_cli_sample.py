@@ -408,6 +408,25 @@ def test_resume_goes_on_after_an_interrupted_run_as_if_it_had_not_stopped(saved,
     assert (resumed / "index.html").read_text().count('class="card"') == 6
 
 
+def test_a_resume_that_differs_in_what_was_given_is_refused_before_anything_loads(saved, tmp_path, monkeypatch):
+    common = ["sample", "--model", str(saved["sd3"]), "--steps", "1", "--height", "32", "--width", "32",
+              "--reward", "jpeg", "--out", str(tmp_path / "out")]
+    main([*common, "--prompt", "a red circle", "two squares"])
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("loaded something before refusing")
+
+    monkeypatch.setattr("align_diffusion.cli.load_for_command", no_loading)
+    monkeypatch.setattr("align_diffusion.rewards.spec.load_reward", no_loading)
+    for flags, message in [(["--guidance", "3"], "guidance was 7.0, this one's is 3.0"),
+                           (["--sampler", "flow-sde"], "sampler was 'ode', this one's is 'flow-sde'"),
+                           (["--dtype", "bfloat16"], "dtype was None, this one's is 'bfloat16'"),
+                           (["--seed", "1"], "is of prompt 'a red circle', seed 0; this run makes 'a red circle', "
+                                             "seed 1 there")]:
+        with pytest.raises(SystemExit, match=re.escape(message)):
+            main([*common, "--prompt", "a red circle", "two squares", "three circles", "--resume", *flags])
+
+
 def test_ctrl_c_leaves_the_finished_images_and_says_how_to_go_on(saved, tmp_path):
     out = tmp_path / "out"
     common = [sys.executable, "-m", "align_diffusion", "sample", "--model", str(saved["sd3"]), "--prompt",

@@ -169,7 +169,7 @@ def sample_to_folder(
     if reward is not None:
         reward.check_prompts(prompts)
     settings = resolve_settings(adapter, sampler, num_inference_steps, guidance_scale, noise_level, height, width)
-    jobs = [(prompt, seed + k) for k, prompt in enumerate(p for p in prompts for _ in range(num_images_per_prompt))]
+    jobs = image_jobs(prompts, num_images_per_prompt, seed)
     same_run = {**settings_record(sampler, settings, negative_prompt),
                 "reward": None if reward is None else reward.spec, **(extra_metadata or {})}
     reward_keys = None if reward is None else reward.keys if isinstance(reward, WeightedRewards) else [reward.name]
@@ -209,10 +209,27 @@ def settings_record(sampler: str, settings: Settings, negative_prompt) -> dict:
             "negative_prompt": negative_prompt}
 
 
+def image_jobs(prompts: list[str], num_images_per_prompt: int, seed: int) -> list[tuple[str, int]]:
+    """(prompt, seed) of each image a sample folder holds, in order: each prompt's images together, seeds counting
+    up from `seed`."""
+    return [(prompt, seed + k) for k, prompt in enumerate(p for p in prompts for _ in range(num_images_per_prompt))]
+
+
 def check_resumable(records: list[dict], jobs: list[tuple[str, int]], same_run: dict,
                     reward_keys: list[str] | None) -> int:
     """How many of `jobs` an earlier run already did; ValueError when its records are not those jobs' first ones
     under the same settings and rewards."""
+    check_same_images(records, jobs, same_run)
+    for record in records:
+        scored = None if "rewards" not in record else list(record["rewards"])
+        if scored != reward_keys:
+            raise ValueError(f"resume: the earlier run scored {scored}, this one scores {reward_keys}")
+    return len(records)
+
+
+def check_same_images(records: list[dict], jobs: list[tuple[str, int]], same_run: dict) -> None:
+    """ValueError when `records` are not the first of `jobs`, or were made with other values of `same_run`'s keys
+    (a caller that has not loaded the model yet passes the settings it knows: those given, not the defaults)."""
     if len(records) > len(jobs):
         raise ValueError(f"resume: the folder holds {len(records)} images, more than the {len(jobs)} this run makes")
     # Earlier versions recorded a model option at its default as given (an explicit 256 T5 tokens, say): as null now.
@@ -230,10 +247,6 @@ def check_resumable(records: list[dict], jobs: list[tuple[str, int]], same_run: 
             if record.get(key) != value:
                 key, earlier, value = _first_difference(key, record.get(key), value)
                 raise ValueError(f"resume: the earlier run's {key} was {earlier!r}, this one's is {value!r}")
-        scored = None if "rewards" not in record else list(record["rewards"])
-        if scored != reward_keys:
-            raise ValueError(f"resume: the earlier run scored {scored}, this one scores {reward_keys}")
-    return len(records)
 
 
 def _first_difference(key: str, earlier, value) -> tuple[str, object, object]:

@@ -184,12 +184,12 @@ def steered_already(out_dir: str | Path, prompts: list[str], reward: Reward, met
     naming what differs when its records are not this run's first prompts under the same method, reward spec,
     options and `extra_metadata`. Needs no model, so a command can check before it loads one."""
     from align_diffusion.gallery.page import read_records
-    from align_diffusion.sampling.folder import check_resumable
+    from align_diffusion.sampling.folder import check_resumable, image_jobs
 
     if not (Path(out_dir) / "metadata.jsonl").exists():
         return 0
     seed = steer_options.get("seed", 0)
-    jobs = [(prompt, seed + j) for j, prompt in enumerate(prompt_list(prompts))]
+    jobs = image_jobs(prompt_list(prompts), 1, seed)
     reward_keys = list(dict.fromkeys([reward.name, *(["shapes"] if shapes_eval else [])]))
     run = _run_record(reward, method, shapes_eval, extra_metadata, steer_options)
     return check_resumable(read_records(out_dir), jobs, run, reward_keys)
