@@ -32,6 +32,20 @@ def _finite_float(text: str) -> float:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = _finite_float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must lie in (0, 1], got {value}")
+    return value
+
+
 def _non_negative_float(text: str) -> float:
     value = _finite_float(text)
     if value < 0:
@@ -603,12 +617,14 @@ def add_steer_parser(subparsers) -> None:
     group.add_argument("--resample-end", type=int, default=None,
                        help="last step of the schedule; the last step is scored anyway (default: 80 %% of the steps)")
     group.add_argument("--resampling", choices=RESAMPLING, default=None, help="default multinomial")
-    group.add_argument("--adaptive-threshold", type=float, default=None,
+    group.add_argument("--adaptive-threshold", type=_fraction, default=None,
                        help="resample only when ESS < threshold · k (default: at every scored step)")
     group = parser.add_argument_group("ttsnap")
     group.add_argument("--num-seeds", type=_positive_int, default=None, help="N (default 16, or from --budget)")
-    group.add_argument("--prune-steps", type=int, nargs="+", default=None, help="default 2 6 11")
-    group.add_argument("--keep", type=float, nargs="+", default=None, help="fraction kept per prune step (0.4 0.4 0.5)")
+    group.add_argument("--prune-steps", type=_non_negative_int, nargs="+", default=None,
+                       help="step indices, increasing (default 2 6 11, for 20 steps)")
+    group.add_argument("--keep", type=_fraction, nargs="+", default=None,
+                       help="fraction kept per prune step (0.4 0.4 0.5)")
     group.add_argument("--prune-reward", default=None,
                        help="noise-aware reward spec ranking x̂0 at prune steps (default: --reward)")
     group = parser.add_argument_group("reno")

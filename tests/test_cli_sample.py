@@ -265,6 +265,10 @@ def test_a_folder_written_before_an_option_existed_resumes_without_it(saved, tmp
     (["steer", "--method", "reno", "--reward", "jpeg"], "--lr", "nan", "must be a finite number"),
     (["steer", "--method", "reno", "--reward", "jpeg"], "--grad-clip", "-1", "must be > 0"),
     (["steer", "--method", "reno", "--reward", "jpeg"], "--reg-weight", "-0.5", "must be >= 0"),
+    (["steer", "--method", "ttsnap", "--reward", "jpeg"], "--keep", "nan", "must be a finite number"),
+    (["steer", "--method", "ttsnap", "--reward", "jpeg"], "--keep", "1.5", "must lie in (0, 1]"),
+    (["steer", "--method", "ttsnap", "--reward", "jpeg"], "--prune-steps", "-1", "must be >= 0"),
+    (["steer", "--method", "fk", "--reward", "jpeg"], "--adaptive-threshold", "inf", "must be a finite number"),
 ])
 def test_bad_option_values_are_refused_by_the_parser(saved, tmp_path, capsys, command, option, value, message):
     with pytest.raises(SystemExit) as exit_info:
@@ -391,7 +395,8 @@ def test_resume_goes_on_after_an_interrupted_run_as_if_it_had_not_stopped(saved,
         main([*common, "--prompt", *prompts, "--out", str(resumed)])
     with pytest.raises(SystemExit, match="resume: the earlier run's guidance was 7.0, this one's is 3.0"):
         main([*common, "--prompt", *prompts, "--guidance", "3", "--resume", "--out", str(resumed)])
-    with pytest.raises(SystemExit, match="resume: the earlier run's dtype was None, this one's is 'bfloat16'"):
+    with pytest.raises(SystemExit, match="resume: the earlier run's dtype was not given \\(the default\\), this one's "
+                                         "is 'bfloat16'; an option left at its default is recorded as not given"):
         main([*common, "--prompt", *prompts, "--dtype", "bfloat16", "--resume", "--out", str(resumed)])
     with pytest.raises(SystemExit, match="resume: image images/00002.png is of prompt 'two squares', seed 2; this "
                                          "run makes 'a triangle', seed 2 there"):
@@ -420,7 +425,7 @@ def test_a_resume_that_differs_in_what_was_given_is_refused_before_anything_load
     monkeypatch.setattr("align_diffusion.rewards.spec.load_reward", no_loading)
     for flags, message in [(["--guidance", "3"], "guidance was 7.0, this one's is 3.0"),
                            (["--sampler", "flow-sde"], "sampler was 'ode', this one's is 'flow-sde'"),
-                           (["--dtype", "bfloat16"], "dtype was None, this one's is 'bfloat16'"),
+                           (["--dtype", "bfloat16"], "dtype was not given (the default), this one's is 'bfloat16'"),
                            (["--seed", "1"], "is of prompt 'a red circle', seed 0; this run makes 'a red circle', "
                                              "seed 1 there")]:
         with pytest.raises(SystemExit, match=re.escape(message)):

@@ -624,6 +624,10 @@ def test_best_of_n_raises_only_when_no_candidate_of_the_prompt_is_scored(adapter
 
 def test_ttsnap_refuses_a_budget_below_one_run(adapter):
     assert seeds_for_budget(19, [2, 6, 11], [0.4, 0.4, 0.5], 20) == 0
+    with pytest.raises(ValueError, match=r"keep fractions must lie in \(0, 1\], got \[nan\]"):
+        seeds_for_budget(100, [2], [math.nan], 20)  # refused, not a conversion error deep in kept()
+    with pytest.raises(ValueError, match=r"got \[2, 6, 11\] \(the defaults, made for 20 steps"):
+        seeds_for_budget(100, [2, 6, 11], [0.4, 0.4, 0.5], 4)
     with pytest.raises(ValueError, match="budget of 3 model evaluations is less than one ttsnap run of 4 steps"):
         steer(adapter, ["a"], Darkness(), "ttsnap", budget=3, num_inference_steps=4, prune_steps=[1], keep=[0.5],
               progress=False, **SIZE)
@@ -729,11 +733,14 @@ def test_steer_resume_goes_on_after_an_interrupted_run_as_if_it_had_not_stopped(
     metadata.write_text(lines[0] + lines[1] + lines[2].rstrip("\n"))
     with pytest.raises(SystemExit, match="already holds results; pass --overwrite .* or --resume"):
         main([*common, "--prompt", *prompts, "--out", str(resumed)])
-    with pytest.raises(SystemExit, match="resume: the earlier run's options.lam was None, this one's is 5.0"):
+    with pytest.raises(SystemExit, match="resume: the earlier run's options.lam was not given \\(the default\\), "
+                                         "this one's is 5.0"):
         main([*common, "--prompt", *prompts, "--lam", "5", "--resume", "--out", str(resumed)])
-    with pytest.raises(SystemExit, match="resume: the earlier run's max_sequence_length was None, this one's is 16"):
+    with pytest.raises(SystemExit, match="resume: the earlier run's max_sequence_length was not given "
+                                         "\\(the default\\), this one's is 16"):
         main([*common, "--prompt", *prompts, "--max-sequence-length", "16", "--resume", "--out", str(resumed)])
-    with pytest.raises(SystemExit, match="resume: the earlier run's options.negative_prompt was None, this one's is"):
+    with pytest.raises(SystemExit, match="resume: the earlier run's options.negative_prompt was not given "
+                                         "\\(the default\\), this one's is"):
         main([*common, "--prompt", *prompts, "--negative-prompt", "dark", "--resume", "--out", str(resumed)])
     with pytest.raises(SystemExit, match="resume: the earlier run's method was 'fk', this one's is 'best-of-n'"):
         main(["steer", "--method", "best-of-n", *shared, "--prompt", *prompts, "--resume", "--out", str(resumed)])

@@ -246,7 +246,13 @@ def check_same_images(records: list[dict], jobs: list[tuple[str, int]], same_run
                                  "start over, replacing them (overwrite)")
             if record.get(key) != value:
                 key, earlier, value = _first_difference(key, record.get(key), value)
-                raise ValueError(f"resume: the earlier run's {key} was {earlier!r}, this one's is {value!r}")
+                raise ValueError(f"resume: the earlier run's {key} was {_given(earlier)}, this one's is {_given(value)}"
+                                 + ("; an option left at its default is recorded as not given, so resume with the "
+                                    "options as the earlier run gave them" if None in (earlier, value) else ""))
+
+
+def _given(value) -> str:
+    return "not given (the default)" if value is None else repr(value)
 
 
 def _first_difference(key: str, earlier, value) -> tuple[str, object, object]:

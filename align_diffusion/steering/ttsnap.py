@@ -47,8 +47,10 @@ def check_schedule(prune_steps: list[int], keep: list[float], num_inference_step
     if len(prune_steps) != len(keep):
         raise ValueError(f"TTSnap needs one keep fraction per prune step, got steps {prune_steps} and keep {keep}")
     if sorted(set(prune_steps)) != list(prune_steps) or not all(0 <= s < num_inference_steps for s in prune_steps):
+        defaults = " (the defaults, made for 20 steps: give prune steps and keep fractions that fit)" \
+            if tuple(prune_steps) == PRUNE_STEPS else ""
         raise ValueError(f"prune steps must be increasing step indices in [0, {num_inference_steps}), "
-                         f"got {prune_steps}")
+                         f"got {prune_steps}{defaults}")
     if not all(0 < fraction <= 1 for fraction in keep):
         raise ValueError(f"keep fractions must lie in (0, 1], got {keep}")
 
@@ -65,6 +67,7 @@ def model_evals(num_seeds: int, prune_steps: list[int], keep: list[float], num_i
 
 def seeds_for_budget(budget: int, prune_steps: list[int], keep: list[float], num_inference_steps: int) -> int:
     """The largest number of seeds whose model evaluations fit in `budget` (0 when one unpruned run does not)."""
+    check_schedule(prune_steps, keep, num_inference_steps)
     seeds = 0
     while model_evals(seeds + 1, prune_steps, keep, num_inference_steps) <= budget:
         seeds += 1
