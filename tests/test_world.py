@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 
+from align_diffusion.world.encoders import wrong_answer
 from align_diffusion.world.evaluate import detect, score_image, shapes_eval
 from align_diffusion.world.prompts import all_prompts, is_held_out, split_prompts, splits
 from align_diffusion.world.generators import GENERATOR_LAYOUT
@@ -104,6 +105,23 @@ def test_shapes_eval_scores_clean_test_renders(test_renders):
     assert result["overall_strict"] >= 0.99 and result["graded"] >= 0.99
     assert set(result["per_category_strict"]) == {"single_object", "colors", "counting", "two_object",
                                                    "color_attr", "position"}
+
+
+def test_an_empty_evaluation_is_refused_by_name():
+    with pytest.raises(ValueError, match="shapes_eval needs at least one image"):
+        shapes_eval([], [])
+
+
+def test_the_clip_metric_draws_only_wrong_answers():
+    """"a square" describes an image of "a green square": ranking it first is no mistake of the CLIP's."""
+    renders = [render_prompt("a green square", seed) for seed in range(4)]
+    fitting = ["a square", "a green square"]
+    assert all(score_image(prompt, render).strict for prompt in fitting for render in renders)
+    rng = random.Random(0)
+    drawn = {wrong_answer([*fitting, "a circle", "a red square"], renders, rng) for _ in range(50)}
+    assert drawn == {"a circle", "a red square"}
+    with pytest.raises(ValueError, match="no wrong answer to draw"):
+        wrong_answer(fitting, renders, rng)
 
 
 def test_shapes_eval_standard_errors_hand_worked():

@@ -129,6 +129,24 @@ def test_only_dino_builds_on_a_fresh_folder_without_loading_the_clip(tmp_path):
     assert not (tmp_path / "clip").exists()
 
 
+def test_an_asset_whose_save_is_cut_short_is_not_left_half_saved(tmp_path, monkeypatch):
+    """A clip folder holding the model but no tokenizer would load, and condition every prompt on unknown words."""
+    build_world(tmp_path, plan=PLAN, only=["dino"], log=lambda line: None)
+    earlier = (tmp_path / "dino" / "model.safetensors").read_bytes()
+
+    def cut_short(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("transformers.PreTrainedTokenizerBase.save_pretrained", cut_short)
+    monkeypatch.setattr("transformers.BitImageProcessor.save_pretrained", cut_short)
+    for asset in ("clip", "dino"):
+        with pytest.raises(KeyboardInterrupt):
+            build_world(tmp_path, plan=PLAN, only=[asset], log=lambda line: None)
+    assert not (tmp_path / "clip").exists()
+    assert (tmp_path / "dino" / "model.safetensors").read_bytes() == earlier  # the earlier dino, whole
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["build_report.json", "dino"]
+
+
 def test_generators_without_their_clip_and_vae_fail_in_one_line_before_training(tmp_path):
     out = tmp_path / "fresh"
     expected = f"{re.escape(str(out))} has no clip and no vae folder, which sd3 and sd train on: build clip and vae"

@@ -2,8 +2,10 @@
 
 Order: the CLIP (its text tower conditions both generators), the DINO-format encoder, the VAE, the SD3-format
 flow-matching generator, the SD-format ε-prediction generator. Each asset is saved with its stock
-`save_pretrained` as soon as it is trained, so an interrupted build keeps what it finished and `--only` can redo
-the rest.
+`save_pretrained` as soon as it is trained, into a temporary folder renamed into place once whole, so an
+interrupted build keeps what it finished (and no half-saved asset) and `--only` can redo the rest. A subset rebuilt
+with `--only` is the seed's for that subset, but its generators differ from a full build's: their initial weights
+and the dataset's latents are drawn from the random stream the earlier stages of the same build leave.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 from diffusers import AutoencoderKL
 from transformers import AutoTokenizer, BitImageProcessor, CLIPImageProcessor, CLIPModel
 
-from align_diffusion.files import write_text_atomically
+from align_diffusion.files import write_folder_atomically, write_text_atomically
 from align_diffusion.world.data import to_tensor
 from align_diffusion.world.encoders import clip_prompt_accuracy, train_clip, train_dino
 from align_diffusion.world.evaluate import shapes_eval
@@ -100,8 +102,9 @@ def build_world(out: str | Path, seed: int = 0, plan: BuildPlan | None = None, o
         check_cpp_compiler()
     out.mkdir(parents=True, exist_ok=True)
     # Each stage seeds itself, but a generator's initial weights and the dataset's latents are drawn from the global
-    # stream before: seeded here, a build of some assets only is the seed's too (a full build's first draw is the
-    # CLIP's, which seeds itself, so it is unchanged).
+    # stream the stages before leave: seeded here, a build of the same subset is the seed's too (a full build's first
+    # draw is the CLIP's, which seeds itself, so it is unchanged). Reseeding before each draw would make a subset
+    # match the full build, but would no longer rebuild the shipped generators.
     torch.manual_seed(seed)
     report = {"seed": seed, "plan": asdict(plan), "seconds": {}}
     start = time.time()
@@ -112,21 +115,30 @@ def build_world(out: str | Path, seed: int = 0, plan: BuildPlan | None = None, o
 
     if "clip" in only:
         clip, tokenizer = train_clip(plan.clip_steps, seed=seed, log=log)
-        clip.save_pretrained(out / "clip")
-        tokenizer.save_pretrained(out / "clip")
-        CLIPImageProcessor(**IMAGE_PROCESSING).save_pretrained(out / "clip")
+
+        def save_clip(folder: Path) -> None:
+            clip.save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
+            CLIPImageProcessor(**IMAGE_PROCESSING).save_pretrained(folder)
+
+        write_folder_atomically(out / "clip", save_clip)
         report["clip_test_accuracy_6way"] = clip_prompt_accuracy(clip, tokenizer)
         done("clip")
     elif generators:
         clip, tokenizer = CLIPModel.from_pretrained(out / "clip").eval(), AutoTokenizer.from_pretrained(out / "clip")
     if "dino" in only:
         # float16 on disk to keep the assets small; its readers (the DINO and artifact rewards) ask for a dtype.
-        train_dino(plan.dino_steps, seed=seed, log=log).half().save_pretrained(out / "dino")
-        BitImageProcessor(**IMAGE_PROCESSING).save_pretrained(out / "dino")
+        dino = train_dino(plan.dino_steps, seed=seed, log=log).half()
+
+        def save_dino(folder: Path) -> None:
+            dino.save_pretrained(folder)
+            BitImageProcessor(**IMAGE_PROCESSING).save_pretrained(folder)
+
+        write_folder_atomically(out / "dino", save_dino)
         done("dino")
     if "vae" in only:
         vae = train_vae(plan.vae_steps, seed=seed, log=log, bf16=plan.bf16, torch_compile=plan.torch_compile)
-        vae.save_pretrained(out / "vae")
+        write_folder_atomically(out / "vae", vae.save_pretrained)
         done("vae")
     if generators:
         vae = AutoencoderKL.from_pretrained(out / "vae").eval()
@@ -137,14 +149,14 @@ def build_world(out: str | Path, seed: int = 0, plan: BuildPlan | None = None, o
                          bf16=plan.bf16, torch_compile=plan.torch_compile)
         # Stored in float16 to keep the assets small; `from_pretrained` loads it back as float32.
         pipe.transformer.to(torch.float16)
-        pipe.save_pretrained(out / "sd3")
+        write_folder_atomically(out / "sd3", pipe.save_pretrained)
         done("sd3")
     if "sd" in only:
         sd_vae, sd_latents = standardize_latents(vae, dataset[1])
         pipe = world_sd_pipeline(sd_vae, clip, tokenizer)
         train_sd(pipe, plan.sd_steps, (dataset[0], sd_latents), seed=seed, log=log)
         pipe.unet.to(torch.float16)  # as the SD3 transformer: float16 on disk, float32 when loaded
-        pipe.save_pretrained(out / "sd")
+        write_folder_atomically(out / "sd", pipe.save_pretrained)
         done("sd")
     report["total_seconds"] = round(time.time() - start, 1)
     write_text_atomically(out / "build_report.json", json.dumps(merged_report(out, report), indent=1))

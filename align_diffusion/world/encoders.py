@@ -16,7 +16,8 @@ from transformers import CLIPConfig, CLIPModel, Dinov2Config, Dinov2Model, PreTr
 from align_diffusion.world.data import SPECIAL_TOKENS, WORDS, balanced_prompts, render_batch, to_tensor
 from align_diffusion.world.fit import fit
 from align_diffusion.world.prompts import splits
-from align_diffusion.world.render import render, sample_scene
+from align_diffusion.world.evaluate import score_image
+from align_diffusion.world.render import render, render_prompt, sample_scene
 from align_diffusion.world.spec import COLORS, SHAPES, parse_prompt
 
 MAX_TOKENS = 16  # the longest prompt has 9 words, plus start and end
@@ -123,17 +124,25 @@ def train_dino(steps: int, batch_size: int = 128, seed: int = 0, log=print) -> D
 def clip_prompt_accuracy(model: CLIPModel, tokenizer, split: str = "test", images_per_prompt: int = 4,
                          seed: int = 1) -> float:
     """How often the CLIP ranks an image's own prompt first among 6 candidates, one per category (the others
-    drawn from the same split)."""
+    drawn from the same split, among those ShapesEval finds none of the prompt's images to fit: "a square" also
+    describes an image of "a green square", and is no wrong answer)."""
     rng = random.Random(seed)
     by_category = splits()[split]
     correct = total = 0
     for category, prompts in by_category.items():
         for prompt in prompts:
-            others = [rng.choice(by_category[c]) for c in by_category if c != category]
-            candidates = [prompt] + others
-            images = render_batch([prompt] * images_per_prompt, rng)
-            tokens = tokenizer(candidates, padding="max_length", max_length=MAX_TOKENS, return_tensors="pt")
-            logits = model(input_ids=tokens.input_ids, pixel_values=images).logits_per_image
+            renders = [render_prompt(prompt, rng.getrandbits(32)) for _ in range(images_per_prompt)]
+            others = [wrong_answer(by_category[c], renders, rng) for c in by_category if c != category]
+            tokens = tokenizer([prompt, *others], padding="max_length", max_length=MAX_TOKENS, return_tensors="pt")
+            logits = model(input_ids=tokens.input_ids, pixel_values=to_tensor(renders)).logits_per_image
             correct += (logits.argmax(1) == 0).sum().item()
             total += images_per_prompt
     return correct / total
+
+
+def wrong_answer(prompts: list[str], renders: list, rng: random.Random) -> str:
+    """One of `prompts`, drawn at random among those that fit none of `renders`."""
+    for prompt in rng.sample(prompts, len(prompts)):
+        if not any(score_image(prompt, render).strict for render in renders):
+            return prompt
+    raise ValueError(f"every prompt of {prompts[:3]}… fits one of the renders: no wrong answer to draw")

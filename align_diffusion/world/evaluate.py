@@ -178,6 +178,8 @@ def shapes_eval(prompts: list[str], images) -> dict:
     """
     if len(prompts) != len(images):
         raise ValueError(f"{len(prompts)} prompts for {len(images)} images")
+    if not prompts:
+        raise ValueError("shapes_eval needs at least one image")
     strict, per_image = defaultdict(list), []
     for prompt, image in zip(prompts, images):
         judgement = score_image(prompt, image)
