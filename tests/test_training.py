@@ -915,7 +915,9 @@ def test_shapes_eval_of_the_world_generator_is_logged_per_category_with_pass_at_
 
 
 def test_two_cpu_processes_match_one(saved, prompt_file, tmp_path):
-    warmup = {"optim.warmup_steps": 3}  # the warm-up must advance once per optimizer step, whatever the processes
+    # The warm-up must advance once per optimizer step, whatever the processes; and each of a step's two updates
+    # trains on one group of 4 in both runs (two processes each take 2 images of it), not on half of each group.
+    warmup = {"optim.warmup_steps": 3, "grpo.updates_per_step": 2, "grpo.train_batch_size": 2}
     single = tmp_path / "single"
     GRPOTrainer(load_config(None, tiny_overrides(saved["sd3"], prompt_file, single, max_steps=2, **warmup))).train()
     double = tmp_path / "double"
@@ -941,8 +943,8 @@ def test_two_cpu_processes_match_one(saved, prompt_file, tmp_path):
     for key in ("loss", "kl", "trained_fraction"):
         assert [r[key] for r in double_rows] == pytest.approx([r[key] for r in single_rows], rel=1e-3, abs=1e-7), key
     lr = load_config(None, tiny_overrides(saved["sd3"], prompt_file, single)).optim.lr
-    for rows in (single_rows, double_rows):  # optimizer step s (from 0) uses the warm-up factor (s + 1) / (3 + 1)
-        assert [r["lr"] for r in rows] == pytest.approx([lr * 1 / 4, lr * 2 / 4])
+    for rows in (single_rows, double_rows):  # optimizer step s (from 0) uses the warm-up factor (s + 1) / (3 + 1);
+        assert [r["lr"] for r in rows] == pytest.approx([lr * 3 / 8, lr * 7 / 8])  # a step logs its two updates' mean
 
 
 def test_two_processes_stop_for_max_minutes_after_the_same_step(saved, prompt_file, tmp_path):

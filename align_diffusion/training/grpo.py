@@ -523,6 +523,25 @@ class GRPOTrainer:
             finally:
                 self.adapter.forward_module = self.model
 
+    def owned_images(self, rank: int | None = None) -> list[range]:
+        """The indices, within a step, of the images process `rank` (default this one) samples and trains on: its
+        share of each update's images (`grpo.updates_per_step`), so that every update trains on the same images
+        whatever the number of processes."""
+        config, processes = self.config.grpo, self.accelerator.num_processes
+        per_update = config.batch_size // config.updates_per_step
+        share = per_update // processes
+        rank = self.accelerator.process_index if rank is None else rank
+        return [range(start, start + share) for start in range(rank * share, config.batch_size, per_update)]
+
+    def gathered(self, local: torch.Tensor) -> torch.Tensor:
+        """Every process's `local` (B_local, …) on this process's device, in the step's image order."""
+        together = self.accelerator.gather(local.to(self.accelerator.device))
+        order = [i for rank in range(self.accelerator.num_processes) for images in self.owned_images(rank)
+                 for i in images]
+        in_order = torch.empty_like(together)
+        in_order[torch.tensor(order, device=together.device)] = together
+        return in_order
+
     def image_seeds(self, step: int, count: int, offset: int = 0) -> list[int]:
         """Seeds of images offset … offset + count of step `step`: distinct for every (seed, step, image)."""
         base = (self.config.seed * 1_000_003 + step) * self.config.grpo.batch_size
@@ -535,8 +554,6 @@ class GRPOTrainer:
         group = config.grpo.group_size
         prompts = self.prompts.draw(config.seed, step, config.grpo.batch_size // group)
         per_image = [p for p in prompts for _ in range(group)]
-        local = config.grpo.batch_size // self.accelerator.num_processes
-        start = self.accelerator.process_index * local
         window = None if sampling.noise_window is None else range(*sampling.noise_window)
         parts, futures, deltas = [], [], []
         # Dense step rewards score completions with the reward in this thread: no second thread beside it.
@@ -544,8 +561,9 @@ class GRPOTrainer:
         executor = ThreadPoolExecutor(max_workers=1) if overlap else None
         self.adapter.denoiser.eval()
         with self.accelerator.autocast():
-            for offset in range(start, start + local, sampling.batch_size):
-                count = min(sampling.batch_size, start + local - offset)
+            chunks = [(offset, min(sampling.batch_size, images.stop - offset)) for images in self.owned_images()
+                      for offset in range(images.start, images.stop, sampling.batch_size)]
+            for offset, count in chunks:
                 chunk_prompts = per_image[offset : offset + count]
                 generators = [torch.Generator().manual_seed(s) for s in self.image_seeds(step, count, offset)]
                 latents = self.shared_noise(step, offset, count) if sampling.shared_noise else None
@@ -585,11 +603,10 @@ class GRPOTrainer:
     def advantages(self, rollouts: Rollouts) -> tuple[torch.Tensor, dict]:
         """Group advantages over the whole step (all processes), and this process's slice of them."""
         config = self.config.grpo
-        device = self.accelerator.device
-        rewards = self.accelerator.gather(rollouts.rewards.to(device)).cpu()
+        rewards = self.gathered(rollouts.rewards).cpu()
         group_ids = torch.arange(len(rewards)) // config.group_size
         num_groups = len(rewards) // config.group_size
-        each = {name: self.accelerator.gather(scores.to(device)).cpu() for name, scores in rollouts.each.items()}
+        each = {name: self.gathered(scores).cpu() for name, scores in rollouts.each.items()}
         raw = rewards  # the weighted sum, as logged
         if config.log_tame is not None or config.normalize_each:
             weighted = isinstance(self.reward, WeightedRewards)
@@ -597,7 +614,7 @@ class GRPOTrainer:
             rewards = combine(each, weights, group_ids=group_ids, log_tame_cv=config.log_tame,
                               normalize_each=config.normalize_each)
         if config.dense is not None:  # (B, T): each stochastic step normalized within its group, 0 elsewhere
-            deltas = self.accelerator.gather(rollouts.step_deltas.to(device)).cpu()
+            deltas = self.gathered(rollouts.step_deltas).cpu()
             stochastic = rollouts.trajectory.stochastic_steps
             advantages = torch.zeros_like(deltas)
             zero_variance = torch.zeros_like(deltas, dtype=torch.bool)
@@ -615,8 +632,6 @@ class GRPOTrainer:
         advantages[zero_variance] = float("nan")
         if config.best_worst_only:
             advantages[~best_worst_mask(rewards, group_ids)] = float("nan")  # masked out of the loss
-        local = len(rollouts.rewards)
-        start = self.accelerator.process_index * local
         # Dense advantages are per step; the deterministic steps' are zeros that are never trained on.
         trained = advantages[:, rollouts.trajectory.stochastic_steps] if advantages.ndim == 2 else advantages
         stats = {
@@ -628,7 +643,8 @@ class GRPOTrainer:
         }
         for name, gathered in each.items():
             stats[f"reward/{name}_mean"], stats[f"reward/{name}_std"] = _nanmean(gathered), _nanstd(gathered)
-        return advantages[start : start + local].float(), stats
+        owned = [i for images in self.owned_images() for i in images]
+        return advantages[owned].float(), stats
 
     def calibrate_noise(self, rounds: int, eps1: float, eps2: float) -> list[float]:
         """DenseGRPO's ψ(t) (see `training/noise_table.py`): `rounds` calibration rounds of this run's rollouts,
@@ -645,7 +661,7 @@ class GRPOTrainer:
         for round_index in range(rounds):
             self.noise_levels = levels
             rollouts = self.rollout(round_index)
-            deltas = self.accelerator.gather(rollouts.step_deltas.to(self.accelerator.device)).cpu()
+            deltas = self.gathered(rollouts.step_deltas).cpu()
             calibrated = calibrate_step(levels, deltas, eps1, eps2, LARGEST_NOISE_LEVEL[self.config.sampling.sampler])
             # A step that drew no noise at a level above 0 (outside the noise window, or CPS's last) says nothing of
             # its level; one at level 0 within the window is calibrated, so that it can rise again.
@@ -660,12 +676,11 @@ class GRPOTrainer:
         references for its prompts, on the reward's own schedule; every process makes the same update."""
         if not self.trainable_rewards:
             return {}
-        device = self.accelerator.device
-        images = self.accelerator.gather(rollouts.trajectory.images.to(device))
-        references = self.references.draw(rollouts.prompts, self.config.seed, step).to(device)
+        images = self.gathered(rollouts.trajectory.images)
+        references = self.references.draw(rollouts.prompts, self.config.seed, step).to(images.device)
         stats = {}
         for key, reward in self.trainable_rewards.items():
-            scores = self.accelerator.gather(rollouts.each[key].to(device))
+            scores = self.gathered(rollouts.each[key])
             losses = reward.maybe_update(images, references, scores, steps=self.config.reward_updates)
             stats[f"reward/{key}_updated"] = int(bool(losses))
             if losses:
