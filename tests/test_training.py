@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -23,6 +24,8 @@ from safetensors.torch import load_file
 from align_diffusion.cli import main
 from align_diffusion.models import adapter_for, load_adapter
 from align_diffusion.models.tiny import tiny_pipeline
+from align_diffusion.rewards.base import Reward
+from align_diffusion.rewards.server import make_server
 from align_diffusion.rewards.spec import load_reward
 from align_diffusion.sampling.loop import sample_images, step_log_prob
 from align_diffusion.training import checkpoint
@@ -914,28 +917,65 @@ def test_shapes_eval_of_the_world_generator_is_logged_per_category_with_pass_at_
              + any(verdicts["two triangles"])) / 3)
 
 
-def test_two_cpu_processes_match_one(saved, prompt_file, tmp_path):
+class CountedJpeg(Reward):
+    """The jpeg reward, counting the images it scores: served, it counts a whole run's, of all its processes."""
+
+    def __init__(self):
+        super().__init__("jpeg")
+        self.jpeg, self.images = load_reward("jpeg"), 0
+
+    def score(self, images, prompts, metadata):
+        self.images += len(images)
+        return self.jpeg(images, prompts)
+
+
+def test_two_cpu_processes_match_one(saved, prompt_file, tmp_path, monkeypatch):
     # The warm-up must advance once per optimizer step, whatever the processes; and each of a step's two updates
     # trains on one group of 4 in both runs (two processes each take 2 images of it), not on half of each group.
-    warmup = {"optim.warmup_steps": 3, "grpo.updates_per_step": 2, "grpo.train_batch_size": 2}
-    single = tmp_path / "single"
-    GRPOTrainer(load_config(None, tiny_overrides(saved["sd3"], prompt_file, single, max_steps=2, **warmup))).train()
-    double = tmp_path / "double"
-    # On a machine without GPUs `--multi_gpu` starts CPU processes joined by gloo (accelerate's `--cpu` alone
-    # starts one process unless MPI is set up), with the default device as the README's command runs them.
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "-m", "align_diffusion", "train", *tiny_overrides(saved["sd3"], prompt_file, double, max_steps=2,
-                                                                  device="null", **warmup)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=280)
+    # The two processes share each evaluation (at steps 0 and 2, 3 prompts × 3 images: 4 and 5), scoring each
+    # image once.
+    reward = CountedJpeg()
+    server = make_server(reward, token="secret")
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    monkeypatch.setenv("ALIGN_DIFFUSION_REWARD_TOKEN", "secret")
+    warmup = {"optim.warmup_steps": 3, "grpo.updates_per_step": 2, "grpo.train_batch_size": 2,
+              "reward": f"remote:{server.url}", "eval.every": 2, "eval.num_images_per_prompt": 3}
+    scored = []
+    try:
+        single = tmp_path / "single"
+        GRPOTrainer(load_config(None, tiny_overrides(saved["sd3"], prompt_file, single, max_steps=2,
+                                                     **warmup))).train()
+        scored.append(reward.images)
+        double = tmp_path / "double"
+        # On a machine without GPUs `--multi_gpu` starts CPU processes joined by gloo (accelerate's `--cpu` alone
+        # starts one process unless MPI is set up), with the default device as the README's command runs them.
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                   "-m", "align_diffusion", "train", *tiny_overrides(saved["sd3"], prompt_file, double, max_steps=2,
+                                                                      device="null", **warmup)]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=280)
+        scored.append(reward.images - scored[0])
+    finally:
+        server.shutdown()
+        server.server_close()
     assert result.returncode == 0, result.stderr[-3000:]
+    assert scored == [2 * 8 + 2 * 9] * 2  # 8 rollouts a step, 9 eval images twice: each scored once
+    for step in (0, 2):
+        folder = f"eval/step-{step:06d}"
+        assert (single / folder / "metadata.jsonl").read_text() == (double / folder / "metadata.jsonl").read_text()
+        for k in range(9):
+            a, b = (np.asarray(Image.open(run / folder / f"images/{k:05d}.png"), dtype=int) for run in (single, double))
+            assert np.abs(a - b).max() <= 1  # batched differently: a level of rounding at most
     assert (double / "checkpoints" / "step-000002" / "random_states_1.pkl").is_file()  # two processes ran
     a = load_file(str(single / "checkpoints" / "step-000002" / "trained.safetensors"))
     b = load_file(str(double / "checkpoints" / "step-000002" / "trained.safetensors"))
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-5, rtol=1e-4), key
-    single_rows, double_rows = metrics(single), metrics(double)
+    evaluations = [[(r["step"], r["eval/reward_mean"]) for r in metrics(run) if "eval/reward_mean" in r]
+                   for run in (single, double)]
+    assert evaluations[0] == pytest.approx(evaluations[1]) and [step for step, _ in evaluations[0]] == [0, 2]
+    single_rows, double_rows = ([r for r in metrics(run) if "reward_mean" in r] for run in (single, double))
     assert [r["reward_mean"] for r in single_rows] == pytest.approx([r["reward_mean"] for r in double_rows])
     # The training statistics are of both processes' images, not the main process's half: at step 2 the KL (and the
     # loss it dominates) differs between the halves. (The ratio statistics, reduced alongside, cannot tell here:

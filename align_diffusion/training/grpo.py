@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import gather_object, set_seed
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -282,6 +282,10 @@ class GRPOTrainer:
         checks = [("prompts", self.prompts, self.reward)]
         if config.eval.every:
             checks += [("eval.prompts", self.eval_prompts, r) for r in (self.reward, self.watched_reward) if r]
+            eval_images = len(self.eval_prompts.all()) * config.eval.num_images_per_prompt
+            if eval_images < self.accelerator.num_processes:
+                raise ConfigError(f"eval.prompts: {eval_images} eval images for {self.accelerator.num_processes} "
+                                  "processes, which share them; give more prompts or eval.num_images_per_prompt")
         for field, source, reward in checks:
             try:
                 reward.check_prompts(source.all())
@@ -794,19 +798,29 @@ class GRPOTrainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """ODE samples of the eval prompts at eval steps with fixed seeds: reward means and, optionally, ShapesEval."""
+        """ODE samples of the eval prompts at eval steps with fixed seeds: reward means and, optionally, ShapesEval.
+        Each process samples and scores its share of the images; every process then holds all of them."""
         config, sampling = self.config.eval, self.config.sampling
         prompts = self.eval_prompts.all()
         per_image = [p for p in prompts for _ in range(config.num_images_per_prompt)]
         settings = resolve_settings(self.adapter, "ode", config.num_steps, sampling.guidance_scale, None,
                                     sampling.height, sampling.width)
+        processes, rank = self.accelerator.num_processes, self.accelerator.process_index
+        first, end = len(per_image) * rank // processes, len(per_image) * (rank + 1) // processes
+        mine = per_image[first:end]
         self.adapter.denoiser.eval()
         with self.ema.applied() if self.ema is not None else nullcontext(), self.accelerator.autocast():
-            images = sample_images(self.adapter, per_image, seed=config.seed, batch_size=sampling.batch_size,
+            images = sample_images(self.adapter, mine, seed=config.seed + first, batch_size=sampling.batch_size,
                                    sampler="ode", negative_prompt=sampling.negative_prompt, **asdict(settings))
-        total, each = score_terms(self.reward, images, per_image)
+        total, each = score_terms(self.reward, images, mine)
         if self.watched_reward is not None:  # a term of the trained reward keeps its own scores
-            each = {**score_terms(self.watched_reward, images, per_image)[1], **each}
+            each = {**score_terms(self.watched_reward, images, mine)[1], **each}
+        if processes > 1:  # the images travel at the 8-bit levels they are saved at, a quarter of their floats
+            shares = gather_object([(PipelineAdapter.levels(images).to(torch.uint8), total.cpu(),
+                                     {name: scores.cpu() for name, scores in each.items()})])
+            images = torch.cat([levels for levels, _, _ in shares]) / 255
+            total = torch.cat([scores for _, scores, _ in shares])
+            each = {name: torch.cat([terms[name] for _, _, terms in shares]) for name in each}
         result = {"eval/reward_mean": _nanmean(total)}
         result.update({f"eval/{name}_mean": _nanmean(s) for name, s in each.items()})
         made_with = {"model": self.config.model, **settings_record("ode", settings, sampling.negative_prompt),
