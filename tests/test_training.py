@@ -222,6 +222,16 @@ def test_cuda_on_a_machine_without_it_is_named(saved):
             load_config(None, [f"model={saved['sd3']}", "device=cuda"])
 
 
+def test_a_launcher_precision_the_config_does_not_set_is_refused(saved, prompt_file, tmp_path, monkeypatch):
+    """An explicit Accelerator argument overrides `accelerate launch --mixed_precision`: it must not be lost."""
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    config = load_config(None, tiny_overrides(saved["sd3"], prompt_file, tmp_path / "run"))
+    with pytest.raises(ConfigError, match="optim.mixed_precision is 'no', but the launcher asks for 'fp16'"):
+        GRPOTrainer(config)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # the launcher's default: the config decides
+    assert GRPOTrainer(config).accelerator.mixed_precision == "no"
+
+
 def test_cli_reports_bad_config_without_traceback(saved):
     with pytest.raises(SystemExit, match="bad config: grpo.group_size 3 does not divide"):
         main(["train", f"model={saved['sd3']}", "grpo.group_size=3", "grpo.batch_size=8"])

@@ -251,6 +251,11 @@ class GRPOTrainer:
         self.output_dir = Path(config.output_dir)
         trackers = [t for t in config.log_with if t != "wandb" or _wandb_installed()]
         launched = int(os.environ.get("WORLD_SIZE", "1"))
+        asked = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")  # what `accelerate launch` was given, or "no"
+        if accelerator is None and asked not in ("no", config.optim.mixed_precision):
+            raise ConfigError(f"optim.mixed_precision is {config.optim.mixed_precision!r}, but the launcher asks for "
+                              f"{asked!r} (--mixed_precision or its config file): the training config decides, so set "
+                              f"optim.mixed_precision={asked} or launch with --mixed_precision no")
         sharded = any(os.environ.get(f"ACCELERATE_USE_{name}", "").lower() == "true" for name in ("FSDP", "DEEPSPEED"))
         self.accelerator = accelerator or Accelerator(
             mixed_precision=config.optim.mixed_precision, log_with=trackers or None, project_dir=str(self.output_dir),
