@@ -1065,10 +1065,11 @@ def test_deepspeed_zero2_config_trains_like_one_plain_process(trained, saved, pr
 
 
 def test_processes_the_launcher_started_but_accelerate_did_not_join_are_refused(saved, prompt_file, tmp_path):
-    """`accelerate launch` with an FSDP config on the CPU (device unset) starts two processes that each think they
-    are alone; both would run the whole job into one output_dir."""
+    """`accelerate launch` with a DeepSpeed config on the CPU (device unset) starts two processes that each think
+    they are alone; both would run the whole job into one output_dir."""
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(REPO / "configs" / "accelerate" / "fsdp.yaml"), "--num_processes", "2", "--mixed_precision", "no",
+               str(REPO / "configs" / "accelerate" / "deepspeed_zero2.yaml"), "--num_processes", "2",
+               "--mixed_precision", "no",
                "-m", "align_diffusion", "train",
                *[o for o in tiny_overrides(saved["sd3"], prompt_file, tmp_path) if o != "device=cpu"]]
     result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
@@ -1076,6 +1077,13 @@ def test_processes_the_launcher_started_but_accelerate_did_not_join_are_refused(
     assert result.returncode != 0
     assert "the launcher started 2 processes, but accelerate joined 1" in result.stderr
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_fsdp_is_refused_before_anything_loads(saved, prompt_file, tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` sets for an FSDP config
+    with pytest.raises(ValueError, match="FSDP is not supported: it replaces the denoiser's parameters"):
+        GRPOTrainer(load_config(None, tiny_overrides(saved["sd3"], prompt_file, tmp_path / "run")))
+    assert not (tmp_path / "run").exists()
 
 
 def test_ema_bf16_and_checkpointing_run_and_export_the_ema_weights(saved, prompt_file, tmp_path):

@@ -250,23 +250,27 @@ class GRPOTrainer:
         self.config = config
         self.output_dir = Path(config.output_dir)
         trackers = [t for t in config.log_with if t != "wandb" or _wandb_installed()]
+        if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+            raise ValueError("FSDP is not supported: it replaces the denoiser's parameters by sharded ones, which the "
+                             "trainer's clipping, EMA and checkpoints do not read; train a LoRA under DDP, or "
+                             "fine-tune fully under DeepSpeed ZeRO-2 (configs/accelerate/)")
         launched = int(os.environ.get("WORLD_SIZE", "1"))
         asked = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")  # what `accelerate launch` was given, or "no"
         if accelerator is None and asked not in ("no", config.optim.mixed_precision):
             raise ConfigError(f"optim.mixed_precision is {config.optim.mixed_precision!r}, but the launcher asks for "
                               f"{asked!r} (--mixed_precision or its config file): the training config decides, so set "
                               f"optim.mixed_precision={asked} or launch with --mixed_precision no")
-        sharded = any(os.environ.get(f"ACCELERATE_USE_{name}", "").lower() == "true" for name in ("FSDP", "DEEPSPEED"))
+        deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
         self.accelerator = accelerator or Accelerator(
             mixed_precision=config.optim.mixed_precision, log_with=trackers or None, project_dir=str(self.output_dir),
-            # Several plain processes on a machine without CUDA are joined on the CPU, by gloo. FSDP and DeepSpeed
-            # need GPUs to join, and on the CPU would silently run unsharded: they are refused below.
-            cpu=config.device == "cpu" or (launched > 1 and not torch.cuda.is_available() and not sharded),
+            # Several plain processes on a machine without CUDA are joined on the CPU, by gloo. DeepSpeed needs GPUs
+            # to join them, and on the CPU would silently run each alone: that is refused below.
+            cpu=config.device == "cpu" or (launched > 1 and not torch.cuda.is_available() and not deepspeed),
             step_scheduler_with_optimizer=False,  # else it steps once per process for each optimizer step
         )
         if launched != self.accelerator.num_processes:  # each would run the whole job into the same output_dir
             raise ValueError(f"the launcher started {launched} processes, but accelerate joined "
-                             f"{self.accelerator.num_processes} (DeepSpeed and FSDP join processes on GPUs; on the "
+                             f"{self.accelerator.num_processes} (DeepSpeed joins processes on GPUs; on the "
                              "CPU launch with --multi_gpu, which joins them by gloo)")
         validate(config, self.accelerator.num_processes)
         set_seed(config.seed)
