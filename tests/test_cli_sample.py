@@ -138,7 +138,8 @@ def test_max_sequence_length_is_applied_recorded_and_checked_before_the_model_lo
     expected = pipe("a red circle", num_inference_steps=2, height=32, width=32, max_sequence_length=8,
                     generator=torch.Generator().manual_seed(0), output_type="pt").images[0]
     assert (read_png(tmp_path / "short" / record["file"]) - expected).abs().max() <= 2 / 255
-    with pytest.raises(SystemExit, match="the earlier run's max_sequence_length was 8, this one's is None"):
+    with pytest.raises(SystemExit, match="the earlier run's max_sequence_length was 8, this one's is not given "
+                                         "\\(the default\\)"):
         main([*common, "--model", str(saved["sd3"]), "--resume", "--out", str(tmp_path / "short")])
     main([*common, "--model", str(saved["sd3"]), "--max-sequence-length", "256", "--out", str(tmp_path / "stock")])
     assert json.loads((tmp_path / "stock/metadata.jsonl").read_text())["max_sequence_length"] is None  # the default
@@ -181,7 +182,8 @@ def test_clip_skip_and_guidance_rescale_are_applied_recorded_and_options_checked
             expected = pipe("a red circle", generator=torch.Generator().manual_seed(0), **stock,
                             **(option if applied else {})).images[0]
             assert ((image - expected).abs().max() <= 2 / 255) == applied
-    with pytest.raises(SystemExit, match="the earlier run's clip_skip was 1, this one's is None"):
+    with pytest.raises(SystemExit, match="the earlier run's clip_skip was 1, this one's is not given "
+                                         "\\(the default\\)"):
         main([*common, "--model", str(saved["sd3"]), "--resume", "--out", str(tmp_path / "sd3")])
     main([*common, "--model", str(saved["sd3"]), "--clip-skip", "0", "--out", str(tmp_path / "zero")])
     assert json.loads((tmp_path / "zero/metadata.jsonl").read_text())["clip_skip"] is None  # 0 skips none

@@ -137,8 +137,8 @@ def ode_noise_problem(sampler: str, levels) -> str | None:
     """Why noise levels above 0 do not fit `sampler`: the ODE draws no noise, so they would change nothing."""
     if sampler == "ode" and any(level > 0 for level in levels):
         stochastic = ", ".join(s for s in DEFAULT_NOISE_LEVEL if s != "ode")
-        return f"the ode sampler draws no noise, so a level above 0 would change nothing; use a stochastic sampler " \
-               f"({stochastic})"
+        return (f"the ode sampler draws no noise, so a level above 0 would change nothing; use a stochastic "
+                f"sampler ({stochastic})")
     return None
 
 

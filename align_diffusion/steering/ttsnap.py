@@ -47,8 +47,8 @@ def check_schedule(prune_steps: list[int], keep: list[float], num_inference_step
     if len(prune_steps) != len(keep):
         raise ValueError(f"TTSnap needs one keep fraction per prune step, got steps {prune_steps} and keep {keep}")
     if sorted(set(prune_steps)) != list(prune_steps) or not all(0 <= s < num_inference_steps for s in prune_steps):
-        defaults = " (the defaults, made for 20 steps: give prune steps and keep fractions that fit)" \
-            if tuple(prune_steps) == PRUNE_STEPS else ""
+        defaults = (" (the defaults, made for 20 steps: give prune steps and keep fractions that fit)"
+                    if tuple(prune_steps) == PRUNE_STEPS else "")
         raise ValueError(f"prune steps must be increasing step indices in [0, {num_inference_steps}), "
                          f"got {prune_steps}{defaults}")
     if not all(0 < fraction <= 1 for fraction in keep):
