@@ -538,8 +538,10 @@ def test_fk_refuses_a_deterministic_sampler(adapter):
 
 @pytest.mark.parametrize("method", ["best-of-n", "fk", "ttsnap"])
 def test_a_sampler_that_does_not_fit_the_model_is_named(adapter, method):
+    schedule = {"prune_steps": [0], "keep": [0.5]} if method == "ttsnap" else {}  # one that fits 2 steps
     with pytest.raises(ValueError, match="sampler 'sde' does not fit a flow-matching"):
-        list(steer(adapter, ["a"], Darkness(), method, budget=8, sampler="sde", num_inference_steps=2, **SIZE))
+        list(steer(adapter, ["a"], Darkness(), method, budget=8, sampler="sde", num_inference_steps=2, **schedule,
+                   **SIZE))
 
 
 # --- TTSnap and best-of-N ----------------------------------------------------------------------------------------
