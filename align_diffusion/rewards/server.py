@@ -229,29 +229,32 @@ class RewardRequestHandler(BaseHTTPRequestHandler):
             return self.send_json(400, {"error": f"body ended after {len(body)} of {length} bytes"})
         if path == "/check":
             return self.check(body)
-        with contextlib.ExitStack() as place:
+        with contextlib.ExitStack() as place:  # the batch's room is given back before the answer goes
             try:
                 opened, prompts, metadata = parse_score_request(body)
                 place.enter_context(self.server.room_for(len(opened) * opened[0].width * opened[0].height))
                 images = decoded(opened)
             except RequestError as error:
-                return self.send_json(error.status, {"error": str(error)})
+                status, answer = error.status, {"error": str(error)}
             except Exception as error:  # a failure decoding does not know of: answer it rather than hang up
                 logger.exception("could not read a /score request")
-                return self.send_json(500, {"error": f"could not read the request: {error!r}"})
-            self.score(images, prompts, metadata)
+                status, answer = 500, {"error": f"could not read the request: {error!r}"}
+            else:
+                status, answer = self.score(images, prompts, metadata)
+                del images  # its memory goes with its room
+        self.send_json(status, answer)
 
-    def score(self, images: torch.Tensor, prompts: list[str], metadata) -> None:
+    def score(self, images: torch.Tensor, prompts: list[str], metadata) -> tuple[int, dict]:
+        """The status and answer to a batch."""
         try:
-            rewards = self.server.score(images, prompts, metadata)
+            return 200, {"rewards": self.server.score(images, prompts, metadata)}
         except ValueError as error:  # the reward refused this input (e.g. a prompt outside its grammar)
-            return self.send_json(400, {"error": f"reward {self.server.reward.name} refused the batch: {error}"})
+            return 400, {"error": f"reward {self.server.reward.name} refused the batch: {error}"}
         except InfiniteScore as error:
-            return self.send_json(422, {"error": str(error)})
+            return 422, {"error": str(error)}
         except Exception as error:
             logger.exception("reward %s failed on a batch of %d", self.server.reward.name, len(prompts))
-            return self.send_json(500, {"error": f"reward {self.server.reward.name} failed: {error!r}"})
-        self.send_json(200, {"rewards": rewards})
+            return 500, {"error": f"reward {self.server.reward.name} failed: {error!r}"}
 
     def check(self, body: bytes) -> None:
         try:
