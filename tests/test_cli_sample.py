@@ -269,7 +269,7 @@ def test_a_folder_written_before_an_option_existed_resumes_without_it(saved, tmp
     (["steer", "--method", "reno", "--reward", "jpeg"], "--reg-weight", "-0.5", "must be >= 0"),
     (["steer", "--method", "ttsnap", "--reward", "jpeg"], "--keep", "nan", "must be a finite number"),
     (["steer", "--method", "ttsnap", "--reward", "jpeg"], "--keep", "1.5", "must lie in (0, 1]"),
-    (["steer", "--method", "ttsnap", "--reward", "jpeg"], "--prune-steps", "-1", "must be >= 0"),
+    (["steer", "--method", "ttsnap", "--reward", "jpeg"], "--prune-steps", "-1", "must be at least 0"),
     (["steer", "--method", "fk", "--reward", "jpeg"], "--adaptive-threshold", "inf", "must be a finite number"),
 ])
 def test_bad_option_values_are_refused_by_the_parser(saved, tmp_path, capsys, command, option, value, message):
