@@ -26,6 +26,9 @@ from align_diffusion.rewards.remote import TIMEOUT_ENV, TOKEN_ENV, RemoteReward
 from align_diffusion.rewards.server import RewardRequestHandler, make_server
 from align_diffusion.rewards.simple import ShapesReward
 from align_diffusion.rewards.spec import load_reward
+from align_diffusion.training.prompts import ReferenceSource
+from align_diffusion.world.evaluate import score_image
+from align_diffusion.world.prompts import all_prompts
 from align_diffusion.world.render import render_prompt
 
 TOKEN = "test-token"
@@ -294,21 +297,51 @@ def test_check_prompts_asks_the_server_before_any_image_is_made(shapes_server):
         RemoteReward(shapes_server.url, "wrong").check_prompts(PROMPTS)
     status, answer = request(shapes_server, "POST", "/check", json.dumps({"prompts": "a red circle"}).encode(), AUTH)
     assert status == 400 and answer["error"] == "prompts must be a list of strings"
-    without_check = Scripted([(404, {"error": "unknown path /check"})])  # a server of the protocol's first version
-    try:
-        RemoteReward(without_check.url, TOKEN).check_prompts(["a photo of a cat"])
-    finally:
-        without_check.close()
 
 
-def test_an_image_of_more_than_8_bits_a_channel_is_refused_not_clipped(mean_server):
+def test_an_image_of_more_than_8_bits_a_channel_is_refused_not_clipped(mean_server, tmp_path):
+    """Wherever images are read: by the server, by a reward, from a references folder, by ShapesEval."""
     gray = Image.fromarray(np.full((8, 8), 32768, dtype=np.uint16))  # mid-gray, which RGB would clip to white
     assert gray.mode.startswith("I")
     status, answer = request(mean_server, "POST", "/score", score_body(["a"], [gray]), AUTH)
-    assert status == 400 and f"image of mode {gray.mode}: send 8-bit images" in answer["error"]
-    with pytest.raises(ValueError, match=f"expected 8-bit PIL images .*got mode {gray.mode}"):
+    assert status == 400 and f"an image of mode {gray.mode}; expected 8 bits a channel" in answer["error"]
+    with pytest.raises(ValueError, match=f"image: an image of mode {gray.mode}; expected 8 bits a channel"):
         MeanReward()([gray], ["a"])
     assert MeanReward()([Image.new("L", (8, 8), 51)], ["a"]).item() == pytest.approx(0.2)
+    gray.save(tmp_path / "gray.png")
+    with pytest.raises(ValueError, match=f"gray.png: an image of mode {Image.open(tmp_path / 'gray.png').mode}"):
+        ReferenceSource(str(tmp_path)).draw(["a"], seed=0, step=0)
+    with pytest.raises(ValueError, match="an image of mode I"):
+        score_image("a circle", Image.fromarray(np.full((64, 64), 32768, dtype=np.uint16)))
+
+
+def test_check_asks_each_distinct_prompt_once_in_bodies_the_server_takes(monkeypatch, caplog):
+    statuses = answered(monkeypatch)
+    prompts = [prompt for category in all_prompts().values() for prompt in category]
+    with serving(ShapesReward(), max_body_bytes=2_000) as server:
+        remote = RemoteReward(server.url, TOKEN)
+        remote.check_prompts(prompts * 3)
+        assert 413 not in statuses and len(json.dumps(prompts)) // 2_000 < statuses.count(200) - 1 < 40
+        statuses.clear()
+        remote.check_prompts(["a red circle"] * 1000)
+        assert statuses == [200]  # one question: /health answered already
+        with pytest.raises(ValueError, match="not a shapes-world prompt: 'a photo of a cat'"):
+            remote.check_prompts(prompts + ["a photo of a cat"])
+
+    class Failing(ShapesReward):
+        def check_prompts(self, prompts):
+            raise RuntimeError("the model behind it is down")
+
+    with serving(Failing()) as server:
+        with pytest.raises(RewardError, match="HTTP 500: reward shapes failed: RuntimeError"):
+            RemoteReward(server.url, TOKEN, attempts=1).check_prompts(["a red circle"])
+    without_check = Scripted([(404, {"error": "unknown path /check"})])  # a server of the protocol's first version
+    try:
+        with caplog.at_level("WARNING", logger="align_diffusion.rewards.remote"):
+            RemoteReward(without_check.url, TOKEN).check_prompts(["a photo of a cat"])
+    finally:
+        without_check.close()
+    assert "has no /check" in caplog.text
 
 
 def test_requests_decode_no_more_pixels_at_once_than_one_batch_may(monkeypatch):

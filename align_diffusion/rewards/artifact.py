@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoImageProcessor, AutoModel
 
 from align_diffusion.files import write_files_atomically
-from align_diffusion.rewards.base import Reward, images_to_tensor
+from align_diffusion.rewards.base import Reward, eight_bit, images_to_tensor
 from align_diffusion.rewards.preprocess import TorchImageTransform
 
 CONFIG_FILE = "artifact_reward.json"
@@ -228,7 +228,7 @@ def train_artifact_reward(data, out: str | Path, backbone: str, settings: Artifa
 @torch.no_grad()
 def _features(backbone: FrozenBackbone, files: list[Path], batch_size: int = 64) -> torch.Tensor:
     batches = [files[start : start + batch_size] for start in range(0, len(files), batch_size)]
-    return torch.cat([backbone(images_to_tensor([Image.open(path).convert("RGB") for path in batch]))
+    return torch.cat([backbone(images_to_tensor([eight_bit(Image.open(path), str(path)) for path in batch]))
                       for batch in batches])
 
 

@@ -26,6 +26,15 @@ RANGE_TOLERANCE = 1e-3  # rounding noise past 0 and 1 passes; [-1, 1] or 0…255
 EIGHT_BIT_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr")
 
 
+def eight_bit(image: Image.Image, source: str = "image") -> Image.Image:
+    """`image` as it is; ValueError naming `source` when it holds more than 8 bits a channel (a 16-bit PNG), which
+    converting to RGB would clip rather than scale."""
+    if image.mode not in EIGHT_BIT_MODES:
+        raise ValueError(f"{source}: an image of mode {image.mode}; expected 8 bits a channel "
+                         f"({', '.join(EIGHT_BIT_MODES)})")
+    return image
+
+
 def images_to_tensor(images) -> torch.Tensor:
     """(B, 3, H, W) float in [0, 1] from such a tensor (returned as is, so gradients flow) or a list of PIL images;
     ValueError for a tensor of another shape, an integer dtype, or values outside [0, 1], NaN included, and for PIL
@@ -47,9 +56,7 @@ def images_to_tensor(images) -> torch.Tensor:
         return torch.empty(0, 3, 0, 0)
     if len({image.size for image in images}) > 1:  # one tensor holds them; resizing is the caller's choice
         raise ValueError(f"expected PIL images of one size, got sizes {sorted({image.size for image in images})}")
-    if wide := sorted({image.mode for image in images} - set(EIGHT_BIT_MODES)):
-        raise ValueError(f"expected 8-bit PIL images ({', '.join(EIGHT_BIT_MODES)}), got mode {', '.join(wide)}")
-    arrays = [np.asarray(image.convert("RGB")) for image in images]
+    arrays = [np.asarray(eight_bit(image).convert("RGB")) for image in images]
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div_(255)
 
 

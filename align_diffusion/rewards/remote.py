@@ -146,15 +146,29 @@ class RemoteReward(Reward):
         return urllib.parse.urlunsplit(self.parts._replace(path=f"{self.parts.path}/{name}"))
 
     def check_prompts(self, prompts):
-        """ValueError naming the first of `prompts` the server's reward cannot score (its POST /check; a server
-        without one, 404, checks nothing)."""
-        try:
-            self.post("check", json.dumps({"prompts": list(prompts)}).encode())
-        except Refused as error:
-            if error.status == 400:
-                raise ValueError(str(error)) from None
-            if error.status != 404:
-                raise
+        """ValueError naming the first of `prompts` the server's reward cannot score (its POST /check, asked with
+        each distinct prompt once, in requests the size its /health allows); a server without /check (404) checks
+        nothing, which is logged."""
+        limit = self.server_limits()[0]
+        chunks, chunk, size = [], [], len('{"prompts": []}')
+        for prompt in dict.fromkeys(prompts):
+            cost = len(json.dumps(prompt)) + len(", ")
+            if chunk and limit is not None and size + cost > limit:
+                chunks.append(chunk)
+                chunk, size = [], len('{"prompts": []}')
+            chunk.append(prompt)
+            size += cost
+        for chunk in chunks + [chunk]:
+            try:
+                self.post("check", json.dumps({"prompts": chunk}).encode(), f"request of {len(chunk)} prompts")
+            except Refused as error:
+                if error.status == 400:
+                    raise ValueError(str(error)) from None
+                if error.status != 404:
+                    raise
+                logger.warning("reward server %s has no /check: its reward did not check the prompts before the "
+                               "first image; a prompt it cannot score fails at its first batch", self.url)
+                return
 
     def score(self, images, prompts, metadata):
         images = images_to_pil(images)
@@ -180,7 +194,7 @@ class RemoteReward(Reward):
         if (limit is None or len(body) <= limit) and (
                 pixel_limit is None or len(images) * image_pixels <= pixel_limit or len(images) == 1):
             try:
-                return parse_rewards(self.post("score", body), len(prompts), self.url)
+                return parse_rewards(self.post("score", body, "request of one image"), len(prompts), self.url)
             except BatchTooLarge:
                 if len(images) == 1:
                     raise
@@ -219,8 +233,9 @@ class RemoteReward(Reward):
                            "scoring the batch, so a retry would only queue behind it. A slow reward needs a longer "
                            f"timeout: {TIMEOUT_ENV}=SECONDS")
 
-    def post(self, name: str, body: bytes) -> bytes:
-        """The body of a 200 answer to POST /`name`, after up to `attempts` tries; Refused for a 4xx answer."""
+    def post(self, name: str, body: bytes, what: str) -> bytes:
+        """The body of a 200 answer to POST /`name`, after up to `attempts` tries; Refused for a 4xx answer, and
+        BatchTooLarge, naming `what` the body holds, for a 413."""
         request = urllib.request.Request(
             self.endpoint(name), data=body, method="POST",
             headers={"Content-Type": "application/json", "Authorization": f"Bearer {self.token}"},
@@ -232,8 +247,8 @@ class RemoteReward(Reward):
             except urllib.error.HTTPError as error:
                 cause = f"HTTP {error.code}: {_error_message(error)}"
                 if error.code == 413:
-                    raise BatchTooLarge(413, f"reward server {self.url} refused a {len(body)}-byte request of one "
-                                             f"image ({cause}); raise the server's --max-body-mb") from None
+                    raise BatchTooLarge(413, f"reward server {self.url} refused a {len(body)}-byte {what} ({cause}); "
+                                             "raise the server's --max-body-mb") from None
                 if error.code < 500:
                     raise Refused(error.code, f"reward server {self.url}: {cause}") from None
             except TimeoutError:  # raised bare while waiting for the answer (urllib wraps errors while sending)

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from align_diffusion.rewards.base import EIGHT_BIT_MODES, Reward, RewardError
+from align_diffusion.rewards.base import Reward, RewardError, eight_bit
 from align_diffusion.rewards.remote import checked_token
 
 logger = logging.getLogger(__name__)
@@ -75,9 +75,10 @@ def open_image(text) -> Image.Image:
         raise RequestError(400, f"undecodable image: {error}") from None
     if image.width * image.height > MAX_IMAGE_PIXELS:
         raise RequestError(400, f"image of {image.width}x{image.height} exceeds {MAX_IMAGE_PIXELS} pixels")
-    if image.mode not in EIGHT_BIT_MODES:
-        raise RequestError(400, f"image of mode {image.mode}: send 8-bit images ({', '.join(EIGHT_BIT_MODES)})")
-    return image
+    try:
+        return eight_bit(image)
+    except ValueError as error:
+        raise RequestError(400, str(error)) from None
 
 
 def decoded(opened: list[Image.Image]) -> torch.Tensor:
@@ -265,6 +266,9 @@ class RewardRequestHandler(BaseHTTPRequestHandler):
             self.server.reward.check_prompts(prompts)
         except ValueError as error:
             return self.send_json(400, {"error": str(error)})
+        except Exception as error:
+            logger.exception("reward %s failed to check %d prompts", self.server.reward.name, len(prompts))
+            return self.send_json(500, {"error": f"reward {self.server.reward.name} failed: {error!r}"})
         self.send_json(200, {})
 
     def authorized(self) -> bool:

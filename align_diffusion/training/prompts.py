@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from align_diffusion.rewards.base import eight_bit
 from align_diffusion.world.data import balanced_prompts
 from align_diffusion.world.prompts import split_prompts
 from align_diffusion.world.render import render_prompt
@@ -80,5 +81,6 @@ class ReferenceSource:
         if self.folder is None:
             arrays = [render_prompt(prompt, rng.randrange(2**31)) for prompt in prompts]
         else:
-            arrays = [np.asarray(Image.open(rng.choice(self.files)).convert("RGB")) for _ in prompts]
+            arrays = [np.asarray(eight_bit(Image.open(path), str(path)).convert("RGB"))
+                      for path in (rng.choice(self.files) for _ in prompts)]
         return torch.stack([torch.from_numpy(a.copy()).permute(2, 0, 1).float() / 255 for a in arrays])

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from align_diffusion.rewards.base import RANGE_TOLERANCE
+from align_diffusion.rewards.base import RANGE_TOLERANCE, eight_bit
 from align_diffusion.world.render import relation_holds
 from align_diffusion.world.spec import BACKGROUND, CANVAS, CATEGORIES, COLORS, Requirement, parse_prompt
 
@@ -54,7 +54,7 @@ def as_pixels(image) -> np.ndarray:
     float array or a uint8 tensor included (read as the other convention, they would judge a different image).
     NaN pixels, as a diverged sample has, read as background."""
     if isinstance(image, Image.Image):
-        image = np.asarray(image.convert("RGB"))
+        image = np.asarray(eight_bit(image).convert("RGB"))
     if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.shape == (CANVAS, CANVAS, 3):
         return image.astype(np.float32)
     if isinstance(image, torch.Tensor) and image.is_floating_point() and image.shape == (3, CANVAS, CANVAS):
