@@ -160,7 +160,8 @@ class RemoteReward(Reward):
             size += cost
         for chunk in chunks + [chunk]:
             try:
-                self.post("check", json.dumps({"prompts": chunk}).encode(), f"request of {len(chunk)} prompts")
+                what = f"request of {len(chunk)} prompt" + "s" * (len(chunk) != 1)
+                self.post("check", json.dumps({"prompts": chunk}).encode(), what)
             except Refused as error:
                 if error.status == 400:
                     raise ValueError(str(error)) from None
