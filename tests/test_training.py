@@ -971,12 +971,16 @@ def test_two_cpu_processes_match_one(saved, prompt_file, tmp_path, monkeypatch):
         server.server_close()
     assert result.returncode == 0, result.stderr[-3000:]
     assert scored == [2 * 8 + 2 * 9] * 2  # 8 rollouts a step, 9 eval images twice: each scored once
-    for step in (0, 2):
+    for step in (0, 2):  # batched differently, an image may differ by a level of rounding, and its JPEG size a little
         folder = f"eval/step-{step:06d}"
-        assert (single / folder / "metadata.jsonl").read_text() == (double / folder / "metadata.jsonl").read_text()
+        records = [[json.loads(line) for line in (run / folder / "metadata.jsonl").read_text().splitlines()]
+                   for run in (single, double)]
+        assert [(r["prompt"], r["seed"]) for r in records[0]] == [(r["prompt"], r["seed"]) for r in records[1]]
+        scores = [[score for r in run_records for score in r["rewards"].values()] for run_records in records]
+        assert len(scores[0]) == 9 and scores[0] == pytest.approx(scores[1], rel=1e-2)
         for k in range(9):
             a, b = (np.asarray(Image.open(run / folder / f"images/{k:05d}.png"), dtype=int) for run in (single, double))
-            assert np.abs(a - b).max() <= 1  # batched differently: a level of rounding at most
+            assert np.abs(a - b).max() <= 1
     assert (double / "checkpoints" / "step-000002" / "random_states_1.pkl").is_file()  # two processes ran
     a = load_file(str(single / "checkpoints" / "step-000002" / "trained.safetensors"))
     b = load_file(str(double / "checkpoints" / "step-000002" / "trained.safetensors"))
@@ -984,7 +988,7 @@ def test_two_cpu_processes_match_one(saved, prompt_file, tmp_path, monkeypatch):
         assert torch.allclose(a[key], b[key], atol=1e-5, rtol=1e-4), key
     evaluations = [[(r["step"], r["eval/reward_mean"]) for r in metrics(run) if "eval/reward_mean" in r]
                    for run in (single, double)]
-    assert evaluations[0] == pytest.approx(evaluations[1]) and [step for step, _ in evaluations[0]] == [0, 2]
+    assert evaluations[0] == pytest.approx(evaluations[1], rel=1e-2) and [step for step, _ in evaluations[0]] == [0, 2]
     single_rows, double_rows = ([r for r in metrics(run) if "reward_mean" in r] for run in (single, double))
     assert [r["reward_mean"] for r in single_rows] == pytest.approx([r["reward_mean"] for r in double_rows])
     # The training statistics are of both processes' images, not the main process's half: at step 2 the KL (and the
