@@ -10,7 +10,7 @@ checkpoint.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -35,6 +35,15 @@ def eight_bit(image: Image.Image, source: str = "image") -> Image.Image:
     return image
 
 
+def decoded_batch(images: Iterable[Image.Image], count: int, width: int, height: int) -> torch.Tensor:
+    """(count, 3, height, width) in [0, 1] from `count` 8-bit PIL images of that size, decoded one at a time into
+    the batch (the images an iterator yields can be freed as soon as each is copied)."""
+    batch = torch.empty(count, 3, height, width)
+    for row, image in zip(batch, images, strict=True):
+        row.copy_(torch.from_numpy(np.array(eight_bit(image).convert("RGB"))).permute(2, 0, 1))
+    return batch.div_(255)
+
+
 def images_to_tensor(images) -> torch.Tensor:
     """(B, 3, H, W) float in [0, 1] from such a tensor (returned as is, so gradients flow) or a list of PIL images;
     ValueError for a tensor of another shape, an integer dtype, or values outside [0, 1], NaN included, and for PIL
@@ -56,8 +65,7 @@ def images_to_tensor(images) -> torch.Tensor:
         return torch.empty(0, 3, 0, 0)
     if len({image.size for image in images}) > 1:  # one tensor holds them; resizing is the caller's choice
         raise ValueError(f"expected PIL images of one size, got sizes {sorted({image.size for image in images})}")
-    arrays = [np.asarray(eight_bit(image).convert("RGB")) for image in images]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div_(255)
+    return decoded_batch(images, len(images), *images[0].size)
 
 
 def images_to_pil(images) -> list[Image.Image]:

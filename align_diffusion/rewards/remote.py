@@ -46,6 +46,9 @@ class Refused(RewardError):
 class BatchTooLarge(Refused):
     """The server refused a request as larger than it accepts (413)."""
 
+    def __init__(self, message: str):
+        super().__init__(413, message)
+
 
 class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
     """A redirect is answered as the error it is, so the token and images are never sent on to another address."""
@@ -189,8 +192,8 @@ class RemoteReward(Reward):
             raise ValueError(f"{self.name}: metadata must be plain JSON to reach a reward server: {error}") from None
         limit, pixel_limit = limits
         if limit is not None and len(body) > limit and len(images) == 1:
-            raise BatchTooLarge(413, f"reward server {self.url} takes requests of up to {limit} bytes (its /health), "
-                                     f"and one image makes {len(body)}; raise the server's --max-body-mb")
+            raise BatchTooLarge(f"reward server {self.url} takes requests of up to {limit} bytes (its /health), "
+                                f"and one image makes {len(body)}; raise the server's --max-body-mb")
         # One image over the pixel limit goes as it is: the server's refusal names its size.
         if (limit is None or len(body) <= limit) and (
                 pixel_limit is None or len(images) * image_pixels <= pixel_limit or len(images) == 1):
@@ -248,8 +251,8 @@ class RemoteReward(Reward):
             except urllib.error.HTTPError as error:
                 cause = f"HTTP {error.code}: {_error_message(error)}"
                 if error.code == 413:
-                    raise BatchTooLarge(413, f"reward server {self.url} refused a {len(body)}-byte {what} ({cause}); "
-                                             "raise the server's --max-body-mb") from None
+                    raise BatchTooLarge(f"reward server {self.url} refused a {len(body)}-byte {what} ({cause}); "
+                                        "raise the server's --max-body-mb") from None
                 if error.code < 500:
                     raise Refused(error.code, f"reward server {self.url}: {cause}") from None
             except TimeoutError:  # raised bare while waiting for the answer (urllib wraps errors while sending)

@@ -35,11 +35,10 @@ import time
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import numpy as np
 import torch
 from PIL import Image
 
-from align_diffusion.rewards.base import Reward, RewardError, eight_bit
+from align_diffusion.rewards.base import Reward, RewardError, decoded_batch, eight_bit
 from align_diffusion.rewards.remote import checked_token
 
 logger = logging.getLogger(__name__)
@@ -84,15 +83,11 @@ def open_image(text) -> Image.Image:
 def decoded(opened: list[Image.Image]) -> torch.Tensor:
     """(B, 3, H, W) in [0, 1] from images opened by `open_image`, decoded one at a time into the batch (the list
     is emptied as they are, so that no more than one decoded image lives beside it); RequestError 400."""
-    width, height = opened[0].size
-    batch = torch.empty(len(opened), 3, height, width)
-    for row in batch:
-        image = opened.pop(0)
-        try:
-            row.copy_(torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1))
-        except UNDECODABLE as error:
-            raise RequestError(400, f"undecodable image: {error}") from None
-    return batch.div_(255)
+    count, (width, height) = len(opened), opened[0].size
+    try:
+        return decoded_batch((opened.pop(0) for _ in range(count)), count, width, height)
+    except UNDECODABLE as error:
+        raise RequestError(400, f"undecodable image: {error}") from None
 
 
 def parse_score_request(body: bytes) -> tuple[list[Image.Image], list[str], list[dict] | None]:
