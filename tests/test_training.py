@@ -746,6 +746,27 @@ def test_best_worst_only_trains_whatever_micro_batch_holds_the_chosen_images(sav
         assert one["first_ratio_max_deviation"] <= 1e-5 and four["first_ratio_max_deviation"] <= 1e-5
 
 
+def test_a_diverged_image_is_masked_and_leaves_every_weight_finite(saved, prompt_file, tmp_path):
+    """A sample whose latents turn NaN (as a diverging run's may) scores NaN and is left out; the other images
+    train, and no weight turns NaN (a masked image's NaN forward pass would otherwise poison them all)."""
+    trainer = GRPOTrainer(load_config(None, tiny_overrides(saved["sd3"], prompt_file, tmp_path / "run")))
+
+    def diverge_the_first_image(module, inputs, output):
+        output[0][0] = math.nan
+
+    hook = trainer.adapter.denoiser.register_forward_hook(diverge_the_first_image)
+    rollouts = trainer.rollout(0)
+    hook.remove()
+    assert torch.isnan(rollouts.rewards[0]) and torch.isfinite(rollouts.rewards[1:]).all()
+    before = [p.detach().clone() for p in trainer.params]
+    advantages, stats = trainer.advantages(rollouts)
+    assert stats["nan_rewards"] == 1 and torch.isnan(advantages[0]) and torch.isfinite(advantages[1:]).all()
+    stats = trainer.update(rollouts, advantages, 0)
+    assert math.isfinite(stats["loss"]) and math.isfinite(stats["grad_norm"]) and stats["trained_fraction"] == 7 / 8
+    assert all(torch.isfinite(p).all() for p in trainer.params)
+    assert any(not torch.equal(p, b) for p, b in zip(trainer.params, before))
+
+
 ROLLOUT_REWARDS = """
 import json, sys
 from align_diffusion.training.config import load_config

@@ -113,6 +113,26 @@ class Rollouts:
     step_deltas: torch.Tensor | None = None  # (B_local, T) step rewards ΔR_t, with grpo.dense
 
 
+def set_aside_diverged(rollouts: Rollouts) -> None:
+    """Images whose trajectory left the finite numbers (a diverged sample) get NaN rewards, so are masked out of the
+    loss, and zeros for latents and log-probs: a masked image still runs through the training forward pass, where a
+    NaN would poison every weight's gradient (0 · NaN is NaN)."""
+    trajectory = rollouts.trajectory
+    steps = trajectory.log_probs[:, trajectory.stochastic_steps]
+    # min and max are non-finite when any value is: no per-value mask of every latent of every step
+    extremes = torch.cat([torch.stack(torch.aminmax(trajectory.latents.flatten(1), dim=1), 1), steps], 1)
+    diverged = ~torch.isfinite(extremes).all(1)
+    if not diverged.any():
+        return
+    rollouts.rewards[diverged] = math.nan
+    for scores in rollouts.each.values():
+        scores[diverged] = math.nan
+    if rollouts.step_deltas is not None:
+        rollouts.step_deltas[diverged] = math.nan
+    trajectory.latents[diverged] = 0.0
+    trajectory.log_probs[diverged.nonzero(), torch.tensor(trajectory.stochastic_steps, dtype=torch.long)] = 0.0
+
+
 def _cat_embeds(parts: list[PromptEmbeds]) -> PromptEmbeds:
     def cat(dicts):
         return {name: torch.cat([d[name] for d in dicts]) for name in dicts[0]}
@@ -599,8 +619,10 @@ class GRPOTrainer:
         if executor is not None:
             executor.shutdown()
         each = {name: torch.cat([r[1][name] for r in results]) for name in results[0][1]}
-        return Rollouts(_cat_trajectories(parts), torch.cat([r[0] for r in results]), each, per_image,
-                        torch.cat(deltas) if deltas else None)
+        rollouts = Rollouts(_cat_trajectories(parts), torch.cat([r[0] for r in results]), each, per_image,
+                            torch.cat(deltas) if deltas else None)
+        set_aside_diverged(rollouts)
+        return rollouts
 
     def shared_noise(self, step: int, offset: int, count: int) -> torch.Tensor:
         """Initial noise of images offset … offset + count where each group shares its first image's noise, drawn
