@@ -87,6 +87,11 @@ def test_noise_calibration_moves_in_the_documented_direction():
     assert calibrate_step([0.5] * 4, deltas, eps1=0.5, eps2=0.1)[3] == pytest.approx(0.6)
     # Never above the sampler's largest valid level (CPS: a <= 1).
     assert calibrate_step([0.95] * 4, deltas, eps1=0.25, eps2=0.1, largest=1.0) == pytest.approx([1.0, 0.85, 1.0, 0.85])
+    # Stepping down by eps2 reaches 0 exactly, not a float's leftover that would still count as noise.
+    levels = [0.7, 0.5, 0.9]
+    for _ in range(10):
+        levels = calibrate_step(levels, torch.ones(4, 3), eps1=0.25, eps2=0.1)
+        assert all(level == 0 or level > 0.05 for level in levels), levels
 
 
 def test_gdro_loss_hand_worked_and_its_pairwise_limit_is_diffusion_dpo():

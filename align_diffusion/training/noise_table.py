@@ -28,7 +28,9 @@ def calibrate_step(levels: list[float], deltas: torch.Tensor, eps1: float, eps2:
     for level, column in zip(levels, deltas.T):
         positive, negative = int((column > 0).sum()), int((column < 0).sum())
         balanced = abs(positive - negative) <= eps1 * (positive + negative)
-        updated.append(min(largest, max(0.0, level + eps2 if balanced else level - eps2)))
+        # rounded, so that levels stepping down by eps2 reach 0 exactly: 0.7 − 7 · 0.1 is 2.8e-17 in floats, a step
+        # that would count as stochastic with a std too small for its log-probs to mean anything
+        updated.append(min(largest, max(0.0, round(level + eps2 if balanced else level - eps2, 9))))
     return updated
 
 
