@@ -920,6 +920,24 @@ def test_ddim_rollouts_on_an_epsilon_model_and_eval_galleries(saved, prompt_file
     assert all(torch.equal(watched_lora[key], unwatched_lora[key]) for key in watched_lora)
 
 
+def test_a_noise_window_whose_only_step_draws_no_noise_with_the_models_scheduler_is_named(prompt_file, tmp_path):
+    """DDIM's last step draws no noise where the scheduler sets ᾱ_prev to 1: a window of that step alone has nothing
+    to train on, which is refused when the model loads, before any rollout."""
+    from diffusers import DDIMScheduler
+
+    pipe = tiny_pipeline("sd")
+    pipe.scheduler = DDIMScheduler.from_config({**pipe.scheduler.config, "set_alpha_to_one": True})
+    pipe.save_pretrained(tmp_path / "model")
+    for window, trains in (("[2, 3]", False), ("[1, 3]", True)):
+        config = load_config(None, tiny_overrides(tmp_path / "model", prompt_file, tmp_path / window, **{
+            "sampling.sampler": "ddim", "sampling.noise_window": window}))
+        if trains:
+            GRPOTrainer(config)
+        else:
+            with pytest.raises(ConfigError, match=r"sampling.noise_window: no step in \[2, 3\) draws noise"):
+                GRPOTrainer(config)
+
+
 def test_shapes_eval_of_the_world_generator_is_logged_per_category_with_pass_at_k(tmp_path):
     prompt_file = tmp_path / "shapes.txt"
     prompt_file.write_text("a circle\na square\na red square\ntwo triangles\n")

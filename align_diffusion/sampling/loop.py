@@ -110,6 +110,15 @@ def take_step(
     return step(prediction, latents, sigma, sigma_next, noise_level, noise=noise, prev_sample=prev_sample)
 
 
+def noisy_steps(adapter: PipelineAdapter, sampler: str, schedule: Schedule, levels: list[float],
+                steps: Sequence[int]) -> list[int]:
+    """Which of `steps` draw noise at their levels, told before any model call by a step on a one-value stand-in
+    latent: a zero std makes a step deterministic (CPS's last, or DDIM's last where its scheduler sets ᾱ_prev to 1)."""
+    probe = torch.zeros(1, 1)
+    return [i for i in steps if sampler != "ode" and levels[i] > 0
+            and take_step(adapter, sampler, probe, probe, schedule, i, levels[i], probe).log_prob is not None]
+
+
 def step_noise(generators: list[torch.Generator], like: torch.Tensor) -> torch.Tensor:
     """One standard normal draw per image from its own generator (on the generator's device)."""
     draws = [torch.randn(like.shape[1:], generator=g, device=g.device, dtype=torch.float32) for g in generators]

@@ -56,6 +56,7 @@ from align_diffusion.sampling.loop import (
     LARGEST_NOISE_LEVEL,
     Trajectory,
     check_guidance,
+    noisy_steps,
     resolve_settings,
     sample,
     sample_images,
@@ -335,10 +336,16 @@ class GRPOTrainer:
         self.adapter: PipelineAdapter = adapter
         sampling = config.sampling
         try:  # a size the model cannot take (SD3's position table, FLUX's patches) fails now, not at a rollout
-            resolve_settings(adapter, sampling.sampler, sampling.num_steps, sampling.guidance_scale, None,
-                             sampling.height, sampling.width)
+            settings = resolve_settings(adapter, sampling.sampler, sampling.num_steps, sampling.guidance_scale,
+                                        self.noise_levels, sampling.height, sampling.width)
         except ValueError as error:
             raise ConfigError(f"sampling: {error} (model {config.model})") from None
+        window = range(*sampling.noise_window) if sampling.noise_window is not None else range(sampling.num_steps)
+        steps = adapter.schedule(settings.num_inference_steps, settings.height, settings.width)
+        if not noisy_steps(adapter, sampling.sampler, steps, settings.levels(), window):
+            raise ConfigError(f"sampling.noise_window: no step in [{window.start}, {window.stop}) draws noise with "
+                              f"this model's scheduler (DDIM's last step does not where it sets ᾱ_prev to 1), and "
+                              f"GRPO trains on those that do (model {config.model})")
         try:
             check_guidance(adapter, sampling.guidance_scale, sampling.negative_prompt)
         except ValueError as error:  # its message starts with the field's name
