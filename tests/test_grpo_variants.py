@@ -546,3 +546,28 @@ def test_gdro_generates_once_then_trains_offline(saved, prompt_file, tmp_path):
     modified = (fresh / GROUPS_FILE).stat().st_mtime_ns
     train(config)
     assert (fresh / GROUPS_FILE).stat().st_mtime_ns == modified
+
+
+def test_gdro_ranks_only_scored_images_and_skips_groups_with_fewer_than_two(saved, prompt_file, tmp_path):
+    """A diverged image (NaN latents, NaN reward) stays out of its group's ranking and out of the forward pass, whose
+    NaN would otherwise reach every weight; a group left with one scored image is not drawn at all."""
+    overrides = tiny_overrides(saved["sd3"], prompt_file, tmp_path, max_steps=1, **{
+        "algorithm": "gdro", "sampling.sampler": "ode", "gdro.num_groups": 3, "gdro.group_size": 3,
+        "gdro.groups_per_step": 3})
+    GDROTrainer(load_config(None, overrides)).offline_groups()
+    groups = torch.load(tmp_path / GROUPS_FILE, weights_only=False)
+    groups["latents"][0, 0] = math.nan
+    groups["rewards"][0, 0] = math.nan
+    groups["rewards"][1, :2] = math.nan
+    torch.save(groups, tmp_path / GROUPS_FILE)
+    train(load_config(None, overrides))
+    # The fresh LoRA is the reference: softmax(r̂) is uniform over a group's scored images, and the cross-entropy
+    # from any target is the log of their number: 2 in group 0, 3 in group 2.
+    assert metrics(tmp_path)[0]["ranking_loss"] == pytest.approx((math.log(2) + math.log(3)) / 2, abs=1e-6)
+    lora = load_file(str(tmp_path / "lora" / "pytorch_lora_weights.safetensors"))
+    assert all(torch.isfinite(value).all() for value in lora.values())
+    assert any(value.abs().sum() > 0 for key, value in lora.items() if "lora_B" in key)
+    groups["rewards"][[0, 2], 1:] = math.nan
+    torch.save(groups, tmp_path / GROUPS_FILE)
+    with pytest.raises(ValueError, match="no group of .* has two scored images"):
+        train(load_config(None, [*overrides, "resume_from=latest", "max_steps=2"]))

@@ -149,20 +149,28 @@ class GDROTrainer(GRPOTrainer):
         if self.groups is None:
             self.groups = self.offline_groups()
         gdro = self.config.gdro
+        # A group ranks only its scored images, and needs two of them
+        usable = [g for g, rewards in enumerate(self.groups["rewards"]) if int((~torch.isnan(rewards)).sum()) >= 2]
+        if not usable:
+            raise ValueError(f"no group of {self.output_dir / GROUPS_FILE} has two scored images (the reward could not "
+                             "score the others); move it away to generate a new set")
         rng = random.Random(self.config.seed * 1_000_003 + step)
-        chosen = rng.sample(range(len(self.groups["prompts"])), min(gdro.groups_per_step, len(self.groups["prompts"])))
+        chosen = rng.sample(usable, min(gdro.groups_per_step, len(usable)))
         generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + step)
         device = self.accelerator.device
         self.adapter.denoiser.train()
         ranking, regularizer, accuracy = [], [], []
         for group in chosen:
-            rewards = self.groups["rewards"][group]
-            latents = self.groups["latents"][group].to(device)
+            # Unscored images stay out of the forward pass too: a diverged one's NaN latents would turn every
+            # weight's gradient NaN, even with its loss masked
+            scored = ~torch.isnan(self.groups["rewards"][group])
+            rewards = self.groups["rewards"][group][scored]
+            latents = self.groups["latents"][group][scored].to(device)
             with self.accelerator.autocast():
                 error, reference = self.denoising_errors(latents, self.groups["prompts"][group], generator)
                 implicit = -gdro.beta * (error.float() - reference.float())
                 rank_loss = gdro_loss(implicit, rewards.to(device), gdro.tau)
-                best = int(torch.nan_to_num(rewards, nan=float("-inf")).argmax())
+                best = int(rewards.argmax())
                 loss = (rank_loss + gdro.sft_weight * error[best]) / len(chosen)
             self.accelerator.backward(loss)
             ranking.append(rank_loss.item())
