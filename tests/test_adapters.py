@@ -334,6 +334,32 @@ def test_a_reference_copy_without_t5_predicts_like_the_denoiser():
     assert (reference - own).abs().max() <= 1e-5 * own.abs().max()
 
 
+def test_gradient_checkpointing_without_t5_gives_the_stock_transformers_gradients():
+    """Checkpointing reruns each block in the backward pass, after the compacted context's attention is undone: the
+    gradients must still be the stock transformer's on the full context."""
+    pipe = tiny_pipeline("sd3")
+    pipe = StableDiffusion3Pipeline(**{**pipe.components, "text_encoder_3": None, "tokenizer_3": None})
+    adapter = adapter_for(pipe)
+    embeds = adapter.encode_prompt(PROMPTS[:1], 1.0)
+    assert CONTEXT_BIAS in embeds.cond and embeds.uncond is None
+    timestep = adapter.schedule(3, 32, 32).timesteps[1]
+    latents = torch.randn(1, *adapter.latent_shape(32, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        context, _, pooled, _ = pipe.encode_prompt(PROMPTS[:1], None, None, do_classifier_free_guidance=False)
+
+    def gradients(prediction):
+        adapter.denoiser.zero_grad(set_to_none=True)
+        prediction().square().mean().backward()
+        return torch.cat([p.grad.flatten() for p in adapter.denoiser.parameters()])
+
+    stock = gradients(lambda: pipe.transformer(hidden_states=latents, timestep=timestep.expand(1),
+                                               encoder_hidden_states=context, pooled_projections=pooled,
+                                               return_dict=False)[0])
+    adapter.denoiser.enable_gradient_checkpointing()
+    ours = gradients(lambda: adapter.predict(latents, timestep, embeds, 1.0))
+    torch.testing.assert_close(ours, stock, rtol=0, atol=1e-5 * float(stock.abs().max()))
+
+
 def test_lcm_unet_takes_guidance_as_its_embedding_like_stock():
     # A UNet with time_cond_proj_dim gets the guidance scale as an embedding, and the stock pipeline runs no CFG.
     adapter = adapter_for(tiny_pipeline("sd", time_cond_proj_dim=8))
