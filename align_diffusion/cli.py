@@ -163,7 +163,13 @@ def load_for_command(args):
         raise SystemExit(f"--{option.replace('_', '-')}: {reason}") from None
     check_sampler(adapter, args.sampler)
     if args.lora is not None:
-        adapter.pipe.load_lora_weights(str(args.lora))
+        try:
+            adapter.pipe.load_lora_weights(str(args.lora))
+        except RuntimeError as error:  # torch's size mismatch, with a line for every layer
+            lines = str(error).splitlines()
+            detail = next((line.strip() for line in lines if "size mismatch" in line), lines[0] if lines else "")
+            raise SystemExit(f"--lora: {args.lora} does not fit {args.model} (a LoRA of another architecture?): "
+                             f"{detail}") from None
         if not any(isinstance(module, BaseTunerLayer) for component in adapter.pipe.components.values()
                    if isinstance(component, torch.nn.Module) for module in component.modules()):
             raise SystemExit(f"--lora: no layer of {args.model} took a weight of {args.lora} (a LoRA of another "

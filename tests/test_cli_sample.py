@@ -312,6 +312,12 @@ def test_a_lora_of_another_architecture_is_refused(saved, tmp_path):
     with pytest.raises(SystemExit, match="--lora: no layer of .* took a weight"):
         main(["sample", "--model", str(saved["sd3"]), "--lora", str(tmp_path / "unet_lora"), "--prompt", "a",
               "--steps", "1", "--height", "32", "--width", "32", "--out", str(tmp_path / "out")])
+    # SDXL's UNet has layers of the same names, of other sizes
+    tiny_pipeline("sdxl").save_pretrained(tmp_path / "sdxl")
+    with pytest.raises(SystemExit, match=r"--lora: .*unet_lora does not fit .*sdxl \(a LoRA of another architecture\?\)"
+                                         r": size mismatch for .*lora_A"):
+        main(["sample", "--model", str(tmp_path / "sdxl"), "--lora", str(tmp_path / "unet_lora"), "--prompt", "a",
+              "--steps", "1", "--height", "32", "--width", "32", "--out", str(tmp_path / "out")])
 
 
 def test_an_unreachable_reward_is_one_line_and_leaves_no_folder(saved, tmp_path, monkeypatch):
