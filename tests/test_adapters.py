@@ -12,9 +12,9 @@ from diffusers import (
     TCDScheduler, UNet2DConditionModel,
 )
 
-from align_diffusion.models import PromptEmbeds, adapter_for, load_adapter
+from align_diffusion.models import PromptEmbeds, adapter_class, adapter_for, load_adapter
 from align_diffusion.models.base import compile_repeated_blocks
-from align_diffusion.models.sd3 import CONTEXT_BIAS
+from align_diffusion.models.sd3 import CONTEXT_BIAS, SD3Adapter
 from align_diffusion.models.tiny import tiny_pipeline
 from align_diffusion.sampling.loop import sample, sample_images
 from align_diffusion.training.lora import add_lora
@@ -237,6 +237,14 @@ def test_saved_pipeline_reloads_offline_through_the_adapter(tmp_path, tiny_pipes
     reloaded = sample(adapter, PROMPTS[:1], num_inference_steps=2, height=32, width=32).images
     original = sample(adapter_for(tiny_pipes[family]), PROMPTS[:1], num_inference_steps=2, height=32, width=32).images
     assert (reloaded - original).abs().max() <= 1e-5
+
+
+def test_a_model_under_the_home_folder_loads_as_written(saved, tmp_path, monkeypatch):
+    """`~/…` in a config file or `--model=~/…` arrives unexpanded, which from_pretrained would take for a hub id."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "models").symlink_to(saved["sd3"])
+    assert adapter_class("~/models") is SD3Adapter
+    assert type(load_adapter("~/models")) is SD3Adapter
 
 
 def test_unsupported_pipeline_names_the_supported_classes(tiny_pipes):

@@ -35,12 +35,18 @@ def adapter_for(pipe, max_sequence_length: int | None = None, clip_skip: int | N
     return adapter(pipe, max_sequence_length, clip_skip, guidance_rescale, true_cfg_scale)
 
 
+def home_expanded(model: str) -> str:
+    """`model` with a leading ~ expanded, which from_pretrained leaves as it is (the shell does not expand it in a
+    config file or in `--model=~/…`)."""
+    return str(Path(model).expanduser()) if model.startswith("~") else model
+
+
 def adapter_class(model: str) -> type[PipelineAdapter] | None:
     """The adapter class for a pipeline folder or cached hub id, read from its model_index.json without loading it;
     None when that cannot be read (a hub id not downloaded); ValueError for a pipeline this package does not
     support."""
     try:
-        class_name = DiffusionPipeline.load_config(model)["_class_name"]
+        class_name = DiffusionPipeline.load_config(home_expanded(model))["_class_name"]
     except (OSError, KeyError, ValueError):
         return None
     adapters = {cls.__name__: adapter for cls, adapter in ADAPTERS.items()}
@@ -69,7 +75,7 @@ def load_adapter(model: str, dtype: torch.dtype = torch.float32, device: str | N
     options = {"max_sequence_length": max_sequence_length, "clip_skip": clip_skip,
                "guidance_rescale": guidance_rescale, "true_cfg_scale": true_cfg_scale}
     check_model_options(adapter_class(model), **options)  # before the weights load; the adapter checks them again
-    pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype)
+    pipe = DiffusionPipeline.from_pretrained(home_expanded(model), dtype=dtype)
     adapter = adapter_for(pipe, **options)
     if device is not None:
         pipe.to(device)
