@@ -3,6 +3,7 @@
 import io
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -65,6 +66,13 @@ def test_spec_spaces_repeats_and_missing_model_folders():
     for spec in ("clip:./no/such/clip", "clip:assets/world/no-such-clip", "adv-dino:/no/such/dino"):
         with pytest.raises(FileNotFoundError, match=f"reward model {spec.split(':', 1)[1]} is no folder"):
             load_reward(spec)
+
+
+def test_a_reward_model_under_the_home_folder_loads_as_written(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "clip").symlink_to(Path(WORLD_CLIP).resolve())
+    images = world_images()
+    assert load_reward("clip:~/clip")(images, PROMPTS).tolist() == ClipScore(WORLD_CLIP)(images, PROMPTS).tolist()
 
 
 def test_images_to_tensor_accepts_pil_and_rejects_bad_shapes():

@@ -73,11 +73,11 @@ def _split_pair(arg: str) -> list[str]:
 def _model(arg: str) -> str:
     """`arg`, a transformers model id or folder; FileNotFoundError when it is written as a path to no folder (hub
     loading would otherwise call it a malformed repo id)."""
-    from align_diffusion.models import missing_local_model
+    from align_diffusion.models import home_expanded, missing_local_model
 
     if reason := missing_local_model(arg, holds="config.json"):
         raise FileNotFoundError(f"reward model {reason}")
-    return arg
+    return home_expanded(arg)
 
 
 def _clip(arg, device, dtype):
