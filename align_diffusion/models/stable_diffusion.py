@@ -4,8 +4,9 @@ Sampling uses DDIM built from the pipeline's own noise schedule (`DDIMScheduler.
 the pipeline ships with, so the DDIM-η family of steps has exact posterior means and log-probs. With η = 0 the
 result equals the stock pipeline run with a `DDIMScheduler`. Turbo models are sampled in one step with
 `guidance_scale=0` on their "trailing" timesteps, with DDIM: their stock Euler schedulers give images about 1e-3
-away. LCM and TCD schedulers, whose consistency steps draw fresh noise on timesteps of their own, are refused
-rather than replaced.
+away (at several steps an ancestral Euler scheduler, which draws fresh noise each step, gives other images). LCM
+and TCD schedulers, whose consistency steps draw fresh noise on timesteps of their own, are refused rather than
+replaced.
 """
 
 from __future__ import annotations
