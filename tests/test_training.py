@@ -420,6 +420,8 @@ def test_shipped_configs_load(tmp_path):
     assert (flux.grpo.group_size, flux.sampling.num_steps, flux.eval.num_steps) == (24, 6, 28)
     assert (flux.sampling.noise_level, flux.grpo.kl_beta, flux.grpo.advantage) == (0.9, 0.0, "global_std")
     assert flux.optim.ema_decay > 0
+    assert (flux.lora.rank, flux.lora.alpha, len(flux.lora.target_modules)) == (64, 128, 12)
+    assert flux.max_sequence_length == 128
 
 
 # --- the loop ----------------------------------------------------------------------------------------------------
