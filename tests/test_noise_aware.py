@@ -4,6 +4,7 @@ end in the images sampling makes; the train-reward command's record and refusals
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from align_diffusion.rewards.noise_aware import REPORT_FILE, NoiseAwareTraining,
 from align_diffusion.rewards.noise_aware import save_student, spearman, step_agreement
 from align_diffusion.rewards.spec import load_reward
 from align_diffusion.sampling.loop import sample_images
+from align_diffusion.steering.ttsnap import ttsnap
 from align_diffusion.world.data import to_tensor
 from align_diffusion.world.render import render_prompt
 from training_helpers import interrupted_halfway
@@ -135,6 +137,19 @@ def test_train_reward_noise_aware_command_records_the_generator_it_read(tmp_path
     assert len(report["spearman_student_on_x0"]) == 3
     with torch.no_grad():
         assert torch.isfinite(load_reward(f"clip:{out}")(torch.rand(1, 3, 32, 32), ["a red circle"])).all()
+    # TTSnap prunes with it only at the settings whose x̂0s it learned from (there a step is the same noise level)
+    adapter, student = load_adapter(str(WORLD_SD3)), load_reward(f"clip:{out}")
+    teacher = load_reward(f"clip:{WORLD_CLIP}")
+    trained = dict(num_inference_steps=3, guidance_scale=2.0, negative_prompt="a green triangle")
+    run = dict(num_seeds=2, prune_steps=[1], keep=[0.5])
+    assert len(ttsnap(adapter, "a red circle", teacher, student, **run, **trained).details["survivors"][0]) == 1
+    learned = (f"prune reward clip:{out}: the student learned from x̂0s of 3-step runs at guidance 2.0, negative "
+               "prompt 'a green triangle', from step 1 on; ")
+    for changed, named in [({"num_inference_steps": 4}, "this run has 4 steps"), ({"guidance_scale": 3.0},
+                           "at guidance 3.0"), ({"negative_prompt": None}, "at guidance 2.0,"),
+                           ({"prune_steps": [0]}, "pruning from step 0")]:
+        with pytest.raises(ValueError, match=re.escape(learned) + f".*{named}"):
+            ttsnap(adapter, "a red circle", teacher, student, **{**run, **trained, **changed})
 
 
 @pytest.mark.parametrize("flags, named", [

@@ -142,6 +142,32 @@ def save_student(student: _TransformersClip, out: str | Path, report: dict) -> N
     write_files_atomically(out, write)
 
 
+def student_report(reward) -> dict | None:
+    """The training report of a noise-aware student loaded from a folder (None for any other reward)."""
+    folder = getattr(getattr(getattr(reward, "model", None), "config", None), "_name_or_path", None)
+    report = Path(folder) / REPORT_FILE if folder else None
+    return json.loads(report.read_text(encoding="utf-8")) if report is not None and report.is_file() else None
+
+
+def unfit_run(report: dict, num_inference_steps: int, guidance_scale: float, negative_prompt: str | None,
+              first_prune_step: int | None) -> str | None:
+    """Why a student trained as `report` says cannot score the x̂0s of a run with these settings (None when it can):
+    a step index is a noise level only at one number of steps, and guidance and the negative prompt shape the x̂0s;
+    before its earliest step it saw no x̂0 at all."""
+    trained = (report.get("num_inference_steps"), report.get("guidance_scale"), report.get("negative_prompt") or None)
+    earliest = report.get("settings", {}).get("earliest_step", 0)
+    if trained == (num_inference_steps, guidance_scale, negative_prompt or None) and (
+            first_prune_step is None or first_prune_step >= earliest):
+        return None
+    described = ", negative prompt {!r}"
+    return (f"the student learned from x̂0s of {trained[0]}-step runs at guidance {trained[1]}"
+            f"{described.format(trained[2]) if trained[2] else ''}, from step {earliest} on; this run has "
+            f"{num_inference_steps} steps at guidance {guidance_scale}"
+            f"{described.format(negative_prompt) if negative_prompt else ''}"
+            f"{'' if first_prune_step is None else f', pruning from step {first_prune_step}'} (at another number "
+            "of steps a step index is another noise level): run with its settings, or train a student for these")
+
+
 def report_dict(settings: NoiseAwareTraining, before: list[float], after: list[float], **extra) -> dict:
     return {"settings": asdict(settings), "spearman_teacher_on_x0": before, "spearman_student_on_x0": after,
             **extra}

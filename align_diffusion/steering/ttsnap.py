@@ -19,6 +19,7 @@ import torch
 
 from align_diffusion.models.base import PipelineAdapter
 from align_diffusion.rewards.base import Reward
+from align_diffusion.rewards.noise_aware import student_report, unfit_run
 from align_diffusion.sampling.loop import check_guidance, resolve_settings
 from align_diffusion.steering.candidates import (
     Budget,
@@ -103,6 +104,10 @@ def ttsnap(
     check_schedule(prune_steps, keep, settings.num_inference_steps)
     if num_seeds < 1:
         raise ValueError(f"TTSnap needs at least 1 seed, got {num_seeds}")
+    if (report := student_report(prune_reward)) is not None and (problem := unfit_run(
+            report, settings.num_inference_steps, settings.guidance_scale, negative_prompt,
+            prune_steps[0] if prune_steps else None)):
+        raise ValueError(f"prune reward {prune_reward.spec}: {problem}")
     budget = Budget()
     generators = candidate_generators(seed, index, num_seeds)
     alive = torch.arange(num_seeds)  # candidate numbers still running
