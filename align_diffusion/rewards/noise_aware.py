@@ -63,10 +63,9 @@ def collect(adapter: PipelineAdapter, teacher, prompts: list[str], num_images_pe
         generators = [torch.Generator().manual_seed(seed + start + k) for k in range(len(chunk))]
         trajectory = sample(adapter, chunk, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                             negative_prompt=negative_prompt, generators=generators)
-        steps = trajectory.pred_x0.shape[1]
-        decoded = adapter.decode(trajectory.pred_x0.flatten(0, 1)).view(len(chunk), steps, 3,
-                                                                          *trajectory.images.shape[-2:])
-        x0s.append(decoded)
+        # one step's images at a time, kept on the CPU: all of a run's x̂0s at 1024² would not fit a GPU
+        x0s.append(torch.stack([adapter.decode(trajectory.pred_x0[:, t]).cpu()
+                                for t in range(trajectory.pred_x0.shape[1])], dim=1))
         finals.append(teacher(trajectory.images, chunk).cpu())
     return Rollouts(per_image, torch.cat(x0s), torch.cat(finals))
 
