@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from align_diffusion.files import check_output_folder
 from align_diffusion.models.base import MODEL_OPTIONS, model_option_problem, recorded_model_options, unusable_device
 from align_diffusion.rewards.base import RewardError
 from align_diffusion.sampling.loop import DEFAULT_NOISE_LEVEL
@@ -450,6 +451,10 @@ def run_train_noise_aware(args) -> None:
         raise SystemExit("align-diffusion train-reward noise-aware: --teacher must be clip:PATH or pickscore:PATH")
     if not 0 <= args.prune_step < args.num_inference_steps:
         raise SystemExit(f"--prune-step must lie in [0, {args.num_inference_steps}) (--num-inference-steps)")
+    try:
+        check_output_folder(args.out, noise_aware.REPORT_FILE)
+    except ValueError as error:
+        raise SystemExit(f"--out: {error}") from None
     check_model_arguments(args)
     teacher = load_reward(args.teacher, device=args.device)
     args.sampler = "ode"  # the trajectories are the ODE's; what load_for_command checks against the model

@@ -25,23 +25,6 @@ def write_text_atomically(path: str | Path, text: str) -> None:
     write_atomically(path, lambda partial: partial.write_text(text, encoding="utf-8"))
 
 
-def write_files_atomically(folder: str | Path, write: Callable[[Path], None]) -> None:
-    """Calls `write` on an empty temporary folder inside `folder`, then renames each file it wrote into `folder`:
-    each is the earlier file or the new one, never half of one; other files of `folder` stay. For flat outputs (a
-    model's save_pretrained), in a folder the user names."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    partial = folder / f".partial.{os.getpid()}"
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir()
-    try:
-        write(partial)
-        for path in sorted(partial.iterdir()):
-            os.replace(path, folder / path.name)
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
-
-
 def write_folder_atomically(folder: str | Path, write: Callable[[Path], None]) -> None:
     """Calls `write` on an empty temporary folder beside `folder`, then puts it in `folder`'s place: a write cut
     short leaves the earlier folder whole."""
@@ -59,3 +42,14 @@ def write_folder_atomically(folder: str | Path, write: Callable[[Path], None]) -
         os.replace(folder, old)
     os.replace(partial, folder)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def check_output_folder(folder: str | Path, marker: str) -> None:
+    """Refuses an output folder that write_folder_atomically would replace whole although it is no earlier output of
+    this kind: a file, or a folder with files but no `marker` (the file each such output holds)."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{folder} is a file; the output is a folder")
+    if folder.is_dir() and any(folder.iterdir()) and not (folder / marker).is_file():
+        raise ValueError(f"{folder} holds other files (no {marker}, so it is no earlier output of this kind), which "
+                         "the output would replace; name a new or empty folder")

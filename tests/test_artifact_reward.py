@@ -12,8 +12,9 @@ from test_adversarial import paint_border, renders, save_tiny_dino
 from transformers import AutoImageProcessor, AutoModel
 
 from align_diffusion.cli import main
-from align_diffusion.rewards.artifact import (CONFIG_FILE, CORRUPTIONS, HEAD_FILE, ArtifactReward, FrozenBackbone,
-                                              artifact_head, corrupt, read_labelled_images)
+from align_diffusion.rewards.artifact import (CONFIG_FILE, CORRUPTIONS, HEAD_FILE, ArtifactReward, ArtifactTraining,
+                                              FrozenBackbone, _features, artifact_head, corrupt, read_labelled_images,
+                                              train_artifact_reward)
 from align_diffusion.rewards.base import images_to_tensor
 from align_diffusion.rewards.spec import load_reward
 from align_diffusion.world.prompts import split_prompts
@@ -56,6 +57,30 @@ def test_reading_labelled_images(tmp_path):
     (tmp_path / "one-class.jsonl").write_text(lines[0])
     with pytest.raises(ValueError, match="both clean and artifact"):
         read_labelled_images(tmp_path / "one-class.jsonl")
+
+
+def test_training_reads_images_of_any_size_and_refuses_splits_and_folders_it_cannot_use(tmp_path):
+    """The backbone resizes each image, so a set may mix sizes. A split that leaves clean or artifact images out of
+    either part, and an output folder holding other files (the saved reward replaces its folder whole), are
+    refused before any training."""
+    write_set(tmp_path / "set", 6)
+    for path in (tmp_path / "set" / "artifact").iterdir():
+        Image.open(path).resize((96, 96)).save(path)
+    files = sorted((tmp_path / "set").glob("*/*.png"))
+    backbone = FrozenBackbone(DINO)
+    torch.testing.assert_close(_features(backbone, files), torch.cat([_features(backbone, [f]) for f in files]),
+                               atol=1e-5, rtol=0)
+    settings = ArtifactTraining(steps=2, holdout=0.5)
+    result = train_artifact_reward(tmp_path / "set", tmp_path / "rm", DINO, settings, log=lambda line: None)
+    assert (result["train_images"], result["heldout_images"]) == (6, 6)
+    with pytest.raises(ValueError, match=r"the held-out part of .*set \(1 of 12 images at holdout 0.05, seed 0\) "
+                                         "lacks clean or artifact images"):
+        train_artifact_reward(tmp_path / "set", tmp_path / "rm", DINO, ArtifactTraining(steps=2, holdout=0.05))
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    with pytest.raises(ValueError, match="notes holds other files"):
+        train_artifact_reward(tmp_path / "set", tmp_path / "notes", DINO, settings)
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "mine"
 
 
 def test_train_reward_command_saves_a_reward_the_spec_loads(tmp_path, capsys, monkeypatch):

@@ -166,6 +166,18 @@ def test_train_reward_noise_aware_refuses_bad_generator_options_before_loading(t
         main(["train-reward", "noise-aware", "--out", str(tmp_path / "student"), *flags])
 
 
+def test_train_reward_noise_aware_refuses_an_out_folder_holding_other_files_before_loading(tmp_path, monkeypatch):
+    """The student replaces its folder whole: a folder that is no earlier student would lose its files."""
+    def no_loading(*args, **kwargs):
+        raise AssertionError("loaded something before refusing")
+
+    monkeypatch.setattr("align_diffusion.rewards.spec.load_reward", no_loading)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    with pytest.raises(SystemExit, match="--out: .*notes holds other files"):
+        main(["train-reward", "noise-aware", "--out", str(tmp_path / "notes")])
+
+
 @pytest.mark.parametrize("kind, flags, message", [
     ("artifact", ["--data", "set", "--prune-step", "3"], "--prune-step is an option of train-reward noise-aware"),
     ("noise-aware", ["--holdout", "0.5", "--data", "set"], "--data, --holdout are options of train-reward artifact"),

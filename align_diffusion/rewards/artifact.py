@@ -21,7 +21,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import AutoImageProcessor, AutoModel
 
-from align_diffusion.files import write_files_atomically
+from align_diffusion.files import check_output_folder, write_folder_atomically
 from align_diffusion.rewards.base import Reward, eight_bit, images_to_tensor
 from align_diffusion.rewards.preprocess import TorchImageTransform
 
@@ -171,6 +171,7 @@ def train_artifact_reward(data, out: str | Path, backbone: str, settings: Artifa
     images of kinds left out of `data`, also "unseen_below_clean": the share of (held-out clean image, unseen image)
     pairs in which the unseen image gets the lower reward (0.5 is chance)."""
     settings = settings or ArtifactTraining()
+    check_output_folder(out, CONFIG_FILE)
     if not 0 < settings.holdout < 1:
         raise ValueError(f"holdout must lie in (0, 1), got {settings.holdout}")
     pairs = read_labelled_images(data)
@@ -180,6 +181,11 @@ def train_artifact_reward(data, out: str | Path, backbone: str, settings: Artifa
             raise ValueError(f"unseen: {unseen} holds no images")
     random.Random(settings.seed).shuffle(pairs)
     held = max(1, round(settings.holdout * len(pairs)))
+    for part, name in ((pairs[held:], "training"), (pairs[:held], "held-out")):
+        if {label for _, label in part} != {0, 1}:  # a class missing on either side: nothing to learn or measure
+            raise ValueError(f"the {name} part of {data} ({len(part)} of {len(pairs)} images at holdout "
+                             f"{settings.holdout}, seed {settings.seed}) lacks clean or artifact images; give more "
+                             "images of each, or another holdout")
     torch.manual_seed(settings.seed)
     backbone_model = FrozenBackbone(backbone, device)
     features = _features(backbone_model, [path for path, _ in pairs])
@@ -221,15 +227,25 @@ def train_artifact_reward(data, out: str | Path, backbone: str, settings: Artifa
         save_file(stored, folder / HEAD_FILE)
         (folder / CONFIG_FILE).write_text(json.dumps({"backbone": str(backbone), **result}, indent=1))
 
-    write_files_atomically(out, write)
+    write_folder_atomically(out, write)
     return result
 
 
 @torch.no_grad()
 def _features(backbone: FrozenBackbone, files: list[Path], batch_size: int = 64) -> torch.Tensor:
-    batches = [files[start : start + batch_size] for start in range(0, len(files), batch_size)]
-    return torch.cat([backbone(images_to_tensor([eight_bit(Image.open(path), str(path)) for path in batch]))
-                      for batch in batches])
+    """The backbone's features of image files of any sizes (it resizes each), batched among images of one size."""
+    features = []
+    for start in range(0, len(files), batch_size):
+        images = [eight_bit(Image.open(path), str(path)) for path in files[start : start + batch_size]]
+        by_size = {}
+        for k, image in enumerate(images):
+            by_size.setdefault(image.size, []).append(k)
+        batch = [None] * len(images)
+        for indices in by_size.values():
+            for k, row in zip(indices, backbone(images_to_tensor([images[k] for k in indices]))):
+                batch[k] = row
+        features.append(torch.stack(batch))
+    return torch.cat(features)
 
 
 def corrupt(image: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:

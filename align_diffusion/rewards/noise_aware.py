@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from align_diffusion.files import write_files_atomically
+from align_diffusion.files import check_output_folder, write_folder_atomically
 from align_diffusion.models.base import PipelineAdapter
 from align_diffusion.rewards.clip import _TransformersClip
 from align_diffusion.sampling.loop import sample
@@ -131,14 +131,15 @@ def distill(teacher: _TransformersClip, rollouts: Rollouts, settings: NoiseAware
 
 def save_student(student: _TransformersClip, out: str | Path, report: dict) -> None:
     """The student's CLIP model with the processor the teacher scored with (PickScore's is another model's), and
-    the metrics report."""
+    the metrics report, in place of the folder `out`."""
+    check_output_folder(out, REPORT_FILE)
 
     def write(folder: Path) -> None:
         student.model.save_pretrained(folder)
         student.processor.save_pretrained(folder)
         (folder / REPORT_FILE).write_text(json.dumps(report, indent=1))
 
-    write_files_atomically(out, write)
+    write_folder_atomically(out, write)
 
 
 def student_report(reward) -> dict | None:
