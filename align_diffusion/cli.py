@@ -467,17 +467,22 @@ def run_train_noise_aware(args) -> None:
     train = noise_aware.collect(adapter, teacher, train_prompts, 1, seed=args.seed, **collect)
     held_out = noise_aware.collect(adapter, teacher, PromptSource(args.eval_prompts, "--eval-prompts").all(),
                                    args.images_per_eval_prompt, seed=args.seed + 10**6, **collect)
-    before = noise_aware.step_agreement(teacher, held_out)
+    before = noise_aware.step_agreement(noise_aware.step_scores(teacher, held_out), held_out)
     student = noise_aware.distill(teacher, train, settings)
-    after = noise_aware.step_agreement(student, held_out)
+    after = noise_aware.step_agreement(noise_aware.step_scores(student, held_out), held_out)
     report = noise_aware.report_dict(settings, before, after, **model_record(args), teacher=args.teacher,
                                      held_out_images=len(held_out.prompts), **collect)
     noise_aware.save_student(student, args.out, report)
-    print("step  spearman(teacher on x̂0, teacher final)  spearman(student on x̂0, teacher final)")
-    for step, (b, a) in enumerate(zip(before, after)):
-        print(f"{step:>4}  {b:>38.3f}  {a:>38.3f}")
+    print("spearman(score of x̂0, teacher's of the final image), pooled over all held-out trajectories and within "
+          "each prompt's (mean over prompts)")
+    print("step  teacher pooled  student pooled  teacher within  student within")
+    for step in range(len(before["pooled"])):
+        print(f"{step:>4}" + "".join(f"  {agreement[kind][step]:>14.3f}" for kind in ("pooled", "within_prompt")
+                                     for agreement in (before, after)))
     print(f"saved to {args.out} (spec {term.name}:{args.out})")
-    print(f"prune step {args.prune_step}: spearman {before[args.prune_step]:.3f} -> {after[args.prune_step]:.3f}")
+    print(f"prune step {args.prune_step}: spearman pooled {before['pooled'][args.prune_step]:.3f} -> "
+          f"{after['pooled'][args.prune_step]:.3f}, within prompt {before['within_prompt'][args.prune_step]:.3f} -> "
+          f"{after['within_prompt'][args.prune_step]:.3f}")
 
 
 def add_train_parser(subparsers) -> None:

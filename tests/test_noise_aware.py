@@ -18,7 +18,7 @@ from align_diffusion.cli import main
 from align_diffusion.models import load_adapter
 from align_diffusion.rewards.clip import ClipScore
 from align_diffusion.rewards.noise_aware import REPORT_FILE, NoiseAwareTraining, Rollouts, collect, distill
-from align_diffusion.rewards.noise_aware import save_student, spearman, step_agreement
+from align_diffusion.rewards.noise_aware import save_student, spearman, step_agreement, step_scores
 from align_diffusion.rewards.spec import load_reward
 from align_diffusion.sampling.loop import sample_images
 from align_diffusion.steering.ttsnap import ttsnap
@@ -45,6 +45,20 @@ def test_spearman_of_tied_scores_matches_scipy_whatever_their_order():
     assert spearman(a, b) == pytest.approx(expected, abs=1e-12)
     assert spearman(a.flip(0), b.flip(0)) == pytest.approx(expected, abs=1e-12)
     assert math.isnan(spearman(torch.tensor([1.0, math.nan, 2.0]), torch.tensor([1.0, 2.0, 3.0])))
+
+
+def test_agreement_within_prompts_is_what_pooling_over_prompts_hides():
+    """A score that tells prompt A's trajectories from prompt B's but ranks each prompt's own seeds backwards
+    agrees with the outcome pooled over prompts, and not at all where pruning needs it: within a prompt."""
+    finals = torch.tensor([10.0, 11.0, 12.0, 0.0, 1.0, 2.0])
+    scores = torch.tensor([[5.0], [4.0], [3.0], [2.0], [1.0], [0.0]])
+    rollouts = Rollouts(["a"] * 3 + ["b"] * 3, torch.zeros(6, 1, 3, 8, 8), finals)
+    agreement = step_agreement(scores, rollouts)
+    assert agreement["pooled"][0] == pytest.approx(spearmanr(scores[:, 0].numpy(), finals.numpy()).statistic)
+    assert agreement["pooled"][0] > 0.4 and agreement["within_prompt"] == [-1.0]
+    # Prompts whose scores all tie say nothing and are left out of the mean.
+    scores[3:] = 1.0
+    assert step_agreement(scores, rollouts)["within_prompt"] == [-1.0]
 
 
 def test_distillation_learns_where_the_teacher_clamps_to_zero():
@@ -93,10 +107,10 @@ def test_student_learns_to_rank_blurred_images_by_their_sharp_scores(tmp_path):
         final = teacher(sharp, per_image)
     rollouts = Rollouts(per_image, torch.stack([blurred, sharp], dim=1), final)
     train, held_out = (Rollouts(per_image[s], rollouts.x0_images[s], final[s]) for s in (slice(0, 64), slice(64, 96)))
-    before = step_agreement(teacher, held_out)
+    before = step_agreement(step_scores(teacher, held_out), held_out)["pooled"]
     student = distill(teacher, train, NoiseAwareTraining(steps_per_stage=30, batch_size=16, lr=3e-4),
                       log=lambda line: None)
-    after = step_agreement(student, held_out)
+    after = step_agreement(step_scores(student, held_out), held_out)["pooled"]
     assert after[0] > before[0] + 0.1, (before, after)
     save_student(student, tmp_path, {"before": before, "after": after})
     reloaded = load_reward(f"clip:{tmp_path}")
@@ -134,7 +148,7 @@ def test_train_reward_noise_aware_command_records_the_generator_it_read(tmp_path
     assert report["model"] == str(WORLD_SD3) and report["lora"] is None
     assert report["negative_prompt"] == "a green triangle" and report["clip_skip"] == 1
     assert report["num_inference_steps"] == 3 and report["held_out_images"] == 4
-    assert len(report["spearman_student_on_x0"]) == 3
+    assert len(report["spearman_student_on_x0"]) == len(report["spearman_student_on_x0_within_prompt"]) == 3
     with torch.no_grad():
         assert torch.isfinite(load_reward(f"clip:{out}")(torch.rand(1, 3, 32, 32), ["a red circle"])).all()
     # TTSnap prunes with it only at the settings whose x̂0s it learned from (there a step is the same noise level)

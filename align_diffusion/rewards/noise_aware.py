@@ -5,7 +5,8 @@ Early x̂0s are blurred averages of the images the state can still become, and a
 ranks them poorly; pruning seeds early needs a reward that ranks them by their outcome. Self-distillation: for
 sampled trajectories, the student's score of x̂0_t regresses (MSE) onto the teacher's score of the final image,
 with a curriculum from the last (low-noise) steps to the earliest ones. The metric, per step, is the Spearman rank
-correlation between a score of x̂0_t and the teacher's score of the final image, over held-out trajectories.
+correlation between a score of x̂0_t and the teacher's score of the final image, over held-out trajectories: pooled
+over all of them, and within each prompt's own (what pruning one prompt's seeds needs), averaged over prompts.
 
 Teachers are the transformers-CLIP rewards (`clip:`, `pickscore:`); the student is saved as a CLIP model folder, so
 `clip:OUT` (or `pickscore:OUT`) loads it as a reward like any other.
@@ -70,18 +71,31 @@ def collect(adapter: PipelineAdapter, teacher, prompts: list[str], num_images_pe
     return Rollouts(per_image, torch.cat(x0s), torch.cat(finals))
 
 
-def step_agreement(reward, rollouts: Rollouts, batch_size: int = 64) -> list[float]:
-    """Per step t, Spearman(reward(x̂0_t), teacher(final))."""
-    result = []
+def step_scores(reward, rollouts: Rollouts, batch_size: int = 64) -> torch.Tensor:
+    """(B, T): `reward` of each trajectory's x̂0 at each step."""
     with torch.no_grad():
-        for t in range(rollouts.x0_images.shape[1]):
-            scores = torch.cat([
-                reward(rollouts.x0_images[start : start + batch_size, t],
-                       rollouts.prompts[start : start + batch_size]).cpu()
-                for start in range(0, len(rollouts.prompts), batch_size)
-            ])
-            result.append(spearman(scores, rollouts.teacher_final))
-    return result
+        return torch.stack([
+            torch.cat([reward(rollouts.x0_images[start : start + batch_size, t],
+                              rollouts.prompts[start : start + batch_size]).cpu()
+                       for start in range(0, len(rollouts.prompts), batch_size)])
+            for t in range(rollouts.x0_images.shape[1])], dim=1)
+
+
+def step_agreement(scores: torch.Tensor, rollouts: Rollouts) -> dict[str, list[float]]:
+    """Per step t, Spearman(scores at t, teacher(final)): "pooled" over all trajectories, and "within_prompt", the
+    mean over prompts of it among each prompt's own trajectories (prompts whose scores all tie left out). Pruning
+    ranks the seeds of one prompt, which only the second measures; the first also credits telling prompts apart."""
+    groups = {}
+    for k, prompt in enumerate(rollouts.prompts):
+        groups.setdefault(prompt, []).append(k)
+    groups = [group for group in groups.values() if len(group) > 1]
+    within = []
+    for t in range(scores.shape[1]):
+        each = [spearman(scores[group, t], rollouts.teacher_final[group]) for group in groups]
+        each = [value for value in each if not math.isnan(value)]
+        within.append(sum(each) / len(each) if each else math.nan)
+    return {"pooled": [spearman(scores[:, t], rollouts.teacher_final) for t in range(scores.shape[1])],
+            "within_prompt": within}
 
 
 @dataclass
@@ -168,6 +182,9 @@ def unfit_run(report: dict, num_inference_steps: int, guidance_scale: float, neg
             "of steps a step index is another noise level): run with its settings, or train a student for these")
 
 
-def report_dict(settings: NoiseAwareTraining, before: list[float], after: list[float], **extra) -> dict:
-    return {"settings": asdict(settings), "spearman_teacher_on_x0": before, "spearman_student_on_x0": after,
-            **extra}
+def report_dict(settings: NoiseAwareTraining, before: dict, after: dict, **extra) -> dict:
+    """The report saved with a student: its settings and the teacher's and its step agreements."""
+    return {"settings": asdict(settings), "spearman_teacher_on_x0": before["pooled"],
+            "spearman_student_on_x0": after["pooled"],
+            "spearman_teacher_on_x0_within_prompt": before["within_prompt"],
+            "spearman_student_on_x0_within_prompt": after["within_prompt"], **extra}
