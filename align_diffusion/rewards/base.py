@@ -90,8 +90,7 @@ class Reward(torch.nn.Module):
         self.spec = name  # the spec it was loaded from (`load_reward` sets it): `jpeg:5` where the name is `jpeg`
 
     def forward(self, images, prompts: Sequence[str], metadata: Sequence[dict] | None = None) -> torch.Tensor:
-        """Rewards (B,) float32; NaN where an image could not be scored: any with a non-finite pixel, and any the
-        reward scored infinite."""
+        """Rewards (B,) float32; NaN where an image could not be scored, among them any with a non-finite pixel."""
         scorable = None
         if isinstance(images, torch.Tensor) and images.ndim == 4 and images.numel():
             # min and max are NaN or infinite when any pixel is; no per-pixel mask (gigabytes for a large batch)
@@ -112,10 +111,7 @@ class Reward(torch.nn.Module):
         if rewards.shape != (len(images),):
             raise RewardError(f"{self.name} returned shape {tuple(rewards.shape)} for {len(images)} images")
         rewards = rewards.float()
-        if scorable is not None:
-            rewards = rewards.masked_fill(~scorable.to(rewards.device), math.nan)
-        # An infinite score is a failed one too: counted and masked like NaN, not left to swamp its group's statistics
-        return rewards.masked_fill(torch.isinf(rewards), math.nan)
+        return rewards if scorable is None else rewards.masked_fill(~scorable.to(rewards.device), math.nan)
 
     def score(self, images: torch.Tensor, prompts: list[str], metadata: Sequence[dict] | None) -> torch.Tensor:
         raise NotImplementedError
