@@ -78,6 +78,24 @@ def test_groups_without_spread_are_masked_out_of_the_loss(saved, prompt_file, tm
     torch.testing.assert_close(anchored[:4], torch.full((4,), 0.5 * (-3.0 + 1.0)))
 
 
+@pytest.mark.parametrize("advantage", ["zscore", "global_std"])
+def test_an_infinite_reward_counts_as_unscored(saved, prompt_file, tmp_path, advantage):
+    """An infinite reward cannot be normalized: it is masked like a NaN one, and the rest of its group and the other
+    groups train as without it (rather than its group's advantages, or by the batch std every group's, turning
+    NaN)."""
+    trainer = GRPOTrainer(load_config(None, tiny_overrides(saved["sd3"], prompt_file, tmp_path, **{
+        "grpo.advantage": advantage})))
+    rollouts = trainer.rollout(0)
+    rollouts.rewards[0] = math.nan
+    expected, _ = trainer.advantages(rollouts)
+    for infinite in (math.inf, -math.inf):
+        rollouts.rewards[0] = infinite
+        advantages, stats = trainer.advantages(rollouts)
+        assert stats["nan_rewards"] == 1 and math.isfinite(stats["reward_mean"])
+        torch.testing.assert_close(advantages, expected, equal_nan=True)
+        assert torch.isnan(advantages[0]) and torch.isfinite(advantages[1:]).all()
+
+
 def test_noise_calibration_moves_in_the_documented_direction():
     deltas = torch.tensor([[0.2, 0.3, 0.0, 0.1], [-0.1, 0.2, 0.0, 0.2], [0.3, 0.1, 0.0, -0.1], [-0.2, 0.4, 0.0, 0.3]])
     # Step 0 balances (2 up, 2 down) and step 2 never moves (no signal either way): more noise there. Step 1 only
@@ -550,7 +568,8 @@ def test_gdro_generates_once_then_trains_offline(saved, prompt_file, tmp_path):
 
 def test_gdro_ranks_only_scored_images_and_skips_groups_with_fewer_than_two(saved, prompt_file, tmp_path):
     """A diverged image (NaN latents, NaN reward) stays out of its group's ranking and out of the forward pass, whose
-    NaN would otherwise reach every weight; a group left with one scored image is not drawn at all."""
+    NaN would otherwise reach every weight, and so does an infinite reward; a group left with one scored image is
+    not drawn at all."""
     overrides = tiny_overrides(saved["sd3"], prompt_file, tmp_path, max_steps=1, **{
         "algorithm": "gdro", "sampling.sampler": "ode", "gdro.num_groups": 3, "gdro.group_size": 3,
         "gdro.groups_per_step": 3})
@@ -559,11 +578,12 @@ def test_gdro_ranks_only_scored_images_and_skips_groups_with_fewer_than_two(save
     groups["latents"][0, 0] = math.nan
     groups["rewards"][0, 0] = math.nan
     groups["rewards"][1, :2] = math.nan
+    groups["rewards"][2, 0] = math.inf  # no more a score than NaN
     torch.save(groups, tmp_path / GROUPS_FILE)
     train(load_config(None, overrides))
     # The fresh LoRA is the reference: softmax(r̂) is uniform over a group's scored images, and the cross-entropy
-    # from any target is the log of their number: 2 in group 0, 3 in group 2.
-    assert metrics(tmp_path)[0]["ranking_loss"] == pytest.approx((math.log(2) + math.log(3)) / 2, abs=1e-6)
+    # from any target is the log of their number: 2 in groups 0 and 2.
+    assert metrics(tmp_path)[0]["ranking_loss"] == pytest.approx(math.log(2), abs=1e-6)
     lora = load_file(str(tmp_path / "lora" / "pytorch_lora_weights.safetensors"))
     assert all(torch.isfinite(value).all() for value in lora.values())
     assert any(value.abs().sum() > 0 for key, value in lora.items() if "lora_B" in key)

@@ -32,9 +32,9 @@ GROUPS_FILE = "gdro_groups.pt"
 
 
 def gdro_loss(implicit: torch.Tensor, rewards: torch.Tensor, tau: float) -> torch.Tensor:
-    """Cross-entropy from softmax(rewards / tau) to softmax(implicit) over one group; images whose reward is NaN
-    are left out (a group needs two scored images)."""
-    scored = ~torch.isnan(rewards)
+    """Cross-entropy from softmax(rewards / tau) to softmax(implicit) over one group; images without a finite
+    reward are left out (a group needs two scored images)."""
+    scored = torch.isfinite(rewards)
     if int(scored.sum()) < 2:
         raise ValueError("a GDRO group needs at least two scored images")
     target = torch.softmax(rewards[scored].double() / tau, dim=0).to(implicit.dtype)
@@ -149,8 +149,8 @@ class GDROTrainer(GRPOTrainer):
         if self.groups is None:
             self.groups = self.offline_groups()
         gdro = self.config.gdro
-        # A group ranks only its scored images, and needs two of them
-        usable = [g for g, rewards in enumerate(self.groups["rewards"]) if int((~torch.isnan(rewards)).sum()) >= 2]
+        # A group ranks only its scored images (a finite reward), and needs two of them
+        usable = [g for g, rewards in enumerate(self.groups["rewards"]) if int(torch.isfinite(rewards).sum()) >= 2]
         if not usable:
             raise ValueError(f"no group of {self.output_dir / GROUPS_FILE} has two scored images (the reward could not "
                              "score the others); move it away to generate a new set")
@@ -163,7 +163,7 @@ class GDROTrainer(GRPOTrainer):
         for group in chosen:
             # Unscored images stay out of the forward pass too: a diverged one's NaN latents would turn every
             # weight's gradient NaN, even with its loss masked
-            scored = ~torch.isnan(self.groups["rewards"][group])
+            scored = torch.isfinite(self.groups["rewards"][group])
             rewards = self.groups["rewards"][group][scored]
             latents = self.groups["latents"][group][scored].to(device)
             with self.accelerator.autocast():

@@ -645,10 +645,12 @@ class GRPOTrainer:
     def advantages(self, rollouts: Rollouts) -> tuple[torch.Tensor, dict]:
         """Group advantages over the whole step (all processes), and this process's slice of them."""
         config = self.config.grpo
-        rewards = self.gathered(rollouts.rewards).cpu()
+        # An infinite reward cannot be normalized within its group: it counts as unscored, like NaN, rather than
+        # turning the group's (or, by the batch std, every group's) advantages NaN
+        rewards = unscored_if_infinite(self.gathered(rollouts.rewards).cpu())
         group_ids = torch.arange(len(rewards)) // config.group_size
         num_groups = len(rewards) // config.group_size
-        each = {name: self.gathered(scores).cpu() for name, scores in rollouts.each.items()}
+        each = {name: unscored_if_infinite(self.gathered(scores).cpu()) for name, scores in rollouts.each.items()}
         raw = rewards  # the weighted sum, as logged
         if config.log_tame is not None or config.normalize_each:
             weighted = isinstance(self.reward, WeightedRewards)
@@ -656,7 +658,7 @@ class GRPOTrainer:
             rewards = combine(each, weights, group_ids=group_ids, log_tame_cv=config.log_tame,
                               normalize_each=config.normalize_each)
         if config.dense is not None:  # (B, T): each stochastic step normalized within its group, 0 elsewhere
-            deltas = self.gathered(rollouts.step_deltas).cpu()
+            deltas = unscored_if_infinite(self.gathered(rollouts.step_deltas).cpu())
             stochastic = rollouts.trajectory.stochastic_steps
             advantages = torch.zeros_like(deltas)
             zero_variance = torch.zeros_like(deltas, dtype=torch.bool)
@@ -703,7 +705,7 @@ class GRPOTrainer:
         for round_index in range(rounds):
             self.noise_levels = levels
             rollouts = self.rollout(round_index)
-            deltas = self.gathered(rollouts.step_deltas).cpu()
+            deltas = unscored_if_infinite(self.gathered(rollouts.step_deltas).cpu())
             calibrated = calibrate_step(levels, deltas, eps1, eps2, LARGEST_NOISE_LEVEL[self.config.sampling.sampler])
             # A step that drew no noise at a level above 0 (outside the noise window, or CPS's last) says nothing of
             # its level; one at level 0 within the window is calibrated, so that it can rise again.
@@ -1055,6 +1057,10 @@ def _done(value) -> Future:
     future = Future()
     future.set_result(value)
     return future
+
+
+def unscored_if_infinite(rewards: torch.Tensor) -> torch.Tensor:
+    return rewards.masked_fill(torch.isinf(rewards), math.nan)
 
 
 def _nanmean(x: torch.Tensor) -> float:
