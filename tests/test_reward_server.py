@@ -315,6 +315,21 @@ def test_an_image_of_more_than_8_bits_a_channel_is_refused_not_clipped(mean_serv
         score_image("a circle", Image.fromarray(np.full((64, 64), 32768, dtype=np.uint16)))
 
 
+def test_an_image_with_transparent_pixels_is_refused_and_an_opaque_one_with_alpha_scored(mean_server):
+    """Transparent pixels have no color of their own (CLIP's processor puts white behind them, open_clip's drops
+    the alpha): scoring them would score a made-up color."""
+    pixels = np.full((8, 8, 4), 51, dtype=np.uint8)
+    pixels[..., 3] = 255
+    opaque = Image.fromarray(pixels)
+    assert opaque.mode == "RGBA" and MeanReward()([opaque], ["a"]).item() == pytest.approx(0.2)
+    pixels[:4, :, 3] = 0
+    for image in (Image.fromarray(pixels), Image.fromarray(pixels).convert("P")):
+        with pytest.raises(ValueError, match="image: an image with transparent pixels"):
+            MeanReward()([image], ["a"])
+        status, answer = request(mean_server, "POST", "/score", score_body(["a"], [image]), AUTH)
+        assert status == 400 and "an image with transparent pixels" in answer["error"]
+
+
 def test_check_asks_each_distinct_prompt_once_in_bodies_the_server_takes(monkeypatch, caplog):
     statuses = answered(monkeypatch)
     prompts = [prompt for category in all_prompts().values() for prompt in category]

@@ -73,6 +73,9 @@ def test_a_reward_model_under_the_home_folder_loads_as_written(tmp_path, monkeyp
     (tmp_path / "clip").symlink_to(Path(WORLD_CLIP).resolve())
     images = world_images()
     assert load_reward("clip:~/clip")(images, PROMPTS).tolist() == ClipScore(WORLD_CLIP)(images, PROMPTS).tolist()
+    (tmp_path / "artifact").symlink_to(Path("assets/world/artifact").resolve())
+    expected = load_reward("artifact:assets/world/artifact")(images, PROMPTS).tolist()
+    assert load_reward("artifact:~/artifact")(images, PROMPTS).tolist() == expected
 
 
 def test_images_to_tensor_accepts_pil_and_rejects_bad_shapes():
@@ -469,11 +472,33 @@ def test_spec_arguments_may_hold_equals_signs():
         ("remote", "http://h:8000/?a=b", 1.0), ("clip", "/a/b=c", 0.2)]
     assert parse_spec("clip:/a/b=c")[0].arg == "/a/b=c"
     assert parse_spec("shapes:strict=-2")[0].weight == -2.0
+    # A URL's query value that reads as a number could be a weight: written out it is one, left bare it is refused.
+    assert [(t.arg, t.weight) for t in parse_spec("remote:http://h/score?version=2=1,jpeg=0.5")] == [
+        ("http://h/score?version=2", 1.0), (None, 0.5)]
+    assert parse_spec("remote:http://h/score?a=b&version=2=3")[0].weight == 3.0
+    for spec in ("remote:http://h/score?version=2", "remote:http://h/score?a=b&version=2"):
+        with pytest.raises(ValueError, match="is '2' a weight or the value of the URL's 'version'"):
+            parse_spec(spec)
+
+
+def test_a_single_reward_records_a_spec_that_reads_back_as_itself(tmp_path):
+    (tmp_path / "clip=2").symlink_to(Path(WORLD_CLIP).resolve())
+    recorded = load_reward(f"clip:{tmp_path}/clip=2=1").spec
+    assert recorded == f"clip:{tmp_path}/clip=2=1"
+    assert [(t.arg, t.weight) for t in parse_spec(recorded)] == [(f"{tmp_path}/clip=2", 1.0)]
+    assert load_reward(f"clip:{WORLD_CLIP}").spec == f"clip:{WORLD_CLIP}"
 
 
 @pytest.mark.parametrize("spec", ["shapes=nan", "shapes=inf", "jpeg:50=-inf"])
 def test_spec_weights_must_be_finite(spec):
     with pytest.raises(ValueError, match=f"reward term '{spec}': weight .* is not finite"):
+        parse_spec(spec)
+
+
+@pytest.mark.parametrize("spec", ["shapes=0", "jpeg:50,shapes=-0.0"])
+def test_a_zero_weight_is_refused(spec):
+    """0 × NaN is NaN: such a term would add nothing but the images it fails to score."""
+    with pytest.raises(ValueError, match="weight 0 adds nothing but the images it fails to score"):
         parse_spec(spec)
 
 

@@ -28,10 +28,14 @@ EIGHT_BIT_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YC
 
 def eight_bit(image: Image.Image, source: str = "image") -> Image.Image:
     """`image` as it is; ValueError naming `source` when it holds more than 8 bits a channel (a 16-bit PNG), which
-    converting to RGB would clip rather than scale."""
+    converting to RGB would clip rather than scale, or transparent pixels, whose color converting would make up."""
     if image.mode not in EIGHT_BIT_MODES:
         raise ValueError(f"{source}: an image of mode {image.mode}; expected 8 bits a channel "
                          f"({', '.join(EIGHT_BIT_MODES)})")
+    if image.has_transparency_data and image.convert("RGBA").getchannel("A").getextrema()[0] < 255:
+        raise ValueError(f"{source}: an image with transparent pixels, which have no color to score (CLIP's "
+                         "processor puts white behind them, open_clip's drops the alpha); flatten it onto a "
+                         "background first")
     return image
 
 

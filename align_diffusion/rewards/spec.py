@@ -95,15 +95,19 @@ def _pickscore(arg, device, dtype):
 def _hpsv2(arg, device, dtype):
     from align_diffusion.rewards.clip import HPSv2
 
+    from align_diffusion.models import home_expanded
+
     parts = _split_pair(arg)
-    return HPSv2(parts[-1], *parts[:-1], device=device, dtype=dtype)
+    return HPSv2(home_expanded(parts[-1]), *parts[:-1], device=device, dtype=dtype)
 
 
 def _aesthetic(arg, device, dtype):
     from align_diffusion.rewards.clip import Aesthetic
 
+    from align_diffusion.models import home_expanded
+
     parts = _split_pair(arg)
-    return Aesthetic(parts[-1], *map(_model, parts[:-1]), device=device, dtype=dtype)
+    return Aesthetic(home_expanded(parts[-1]), *map(_model, parts[:-1]), device=device, dtype=dtype)
 
 
 def _jpeg(arg, device, dtype):
@@ -131,7 +135,9 @@ def _adv_dino(arg, device, dtype):
 def _artifact(arg, device, dtype):
     from align_diffusion.rewards.artifact import ArtifactReward
 
-    return ArtifactReward(arg, device=device, dtype=dtype)
+    from align_diffusion.models import home_expanded
+
+    return ArtifactReward(home_expanded(arg), device=device, dtype=dtype)
 
 
 def _remote(arg, device, dtype):
@@ -167,6 +173,13 @@ def _split_weight(text: str) -> tuple[str, float]:
         raise ValueError(f"reward term {text!r}: weight {tail!r} is not a number") from None
     if not math.isfinite(weight):
         raise ValueError(f"reward term {text!r}: weight {tail!r} is not finite")
+    if weight == 0:  # 0 × NaN: the term would add nothing but its failures
+        raise ValueError(f"reward term {text!r}: weight 0 adds nothing but the images it fails to score; leave the "
+                         "term out (eval.rewards watches a reward without training on it)")
+    query = head.rpartition("?")[2]
+    if "?" in head and "=" not in query.rpartition("&")[2]:
+        raise ValueError(f"reward term {text!r}: is {tail!r} a weight or the value of the URL's "
+                         f"{query.rpartition('&')[2]!r}? write a weight after it: {text}=1")
     return head, weight
 
 
@@ -244,7 +257,8 @@ def load_reward(spec: str, device=None, dtype: torch.dtype = torch.float32) -> R
         rewards = [_load_term(t, device, dtype) for t in terms]
     if len(terms) == 1 and terms[0].weight == 1.0:
         reward = rewards[0]
-        reward.spec = terms[0].text
+        # `=1` written out where the term itself ends in `=NUMBER`, which would read back as a weight
+        reward.spec = terms[0].text + ("=1" if _split_weight(terms[0].text)[0] != terms[0].text else "")
         return reward
     names = [r.name for r in rewards]
     keys = [r.name if names.count(r.name) == 1 else t.text for r, t in zip(rewards, terms)]
