@@ -89,8 +89,8 @@ def main() -> None:
         raise SystemExit(f"only {len(gradients)} of {args.batches} batches gave a gradient (the others' groups did "
                          "not vary); at least 3 are needed: raise --batches or the group size")
     cosines = torch.tensor(pairwise_cosines(gradients))
-    # Pairs share batches, so their spread understates the error; the batch count is the honest n.
-    standard_error = float(cosines.std()) / math.sqrt(args.batches)
+    # Pairs share batches, so their spread understates the error; the count of gradients is the honest n.
+    standard_error = float(cosines.std()) / math.sqrt(len(gradients))
     pairwise = ", ".join(f"{c:.3f}" for c in cosines.tolist())
     print(f"{trainer.config.grpo.batch_size} images a batch, {len(cosines)} pairs: mean cosine "
           f"{float(cosines.mean()):.4f} ± {standard_error:.4f}; pairwise {pairwise}")

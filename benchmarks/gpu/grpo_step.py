@@ -182,6 +182,9 @@ def measure_setting(backend: str, checkpoint: bool) -> dict:
         gc.collect()
         torch.cuda.empty_cache()
         return {**setting, "error": failure}
+    if any(stats["trained_fraction"] < 1 for stats in update_stats):  # a group whose rewards did not vary
+        return {**setting, "error": "an update trained on fewer than all images (a group's rewards did not vary), "
+                                    "so its time is no full update's"}
     rollout_seconds, update_seconds = median(rollouts, "seconds"), median(updates, "seconds")
     setting.update({
         "train_timesteps": update_stats[-1]["train_timesteps"],
@@ -204,7 +207,8 @@ def measure_setting(backend: str, checkpoint: bool) -> dict:
     return setting
 
 
-matched = bf16_peak(device_name(args.device))  # (table entry, TFLOP/s), or None
+# (table entry, TFLOP/s), or None: the table holds bf16 peaks, no measure of another dtype's MFU
+matched = bf16_peak(device_name(args.device)) if dtype == torch.bfloat16 else None
 peak = args.peak_tflops or (matched[1] if matched else None)
 run = {"arch": args.arch, "toy": args.toy, "group": args.group, "micro_batch": args.micro_batch,
        "resolution": args.resolution, "dtype": str(dtype), "peak_tflops": peak,

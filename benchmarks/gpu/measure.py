@@ -16,6 +16,8 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
+from align_diffusion.files import write_text_atomically
+
 # Dense bf16 tensor-core peaks (TFLOP/s): half of the "with sparsity" BFLOAT16 Tensor Core figures on NVIDIA's data
 # sheets (A100: its dense figure). Matched as whole words of the device name, the more specific names first: an
 # "NVIDIA H100 PCIe" also holds "H100", and "NVIDIA H100 80GB HBM3" is the SXM board.
@@ -96,7 +98,8 @@ def profiled(device: str, top: int):
     result = {}
     on_cuda = device.startswith("cuda")
     activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if on_cuda else [ProfilerActivity.CPU]
-    with measured(device) as timed, profile(activities=activities) as profiler:
+    # The timer inside the profiler: the profiler's exit, which parses its trace, stays out of the time
+    with profile(activities=activities) as profiler, measured(device) as timed:
         yield result
     events = profiler.key_averages()
     ops = [event for event in events if event.device_type == DeviceType.CPU]
@@ -122,7 +125,7 @@ def write_report(path: str | Path, benchmark: str, device: str, config: dict, re
     report = {"benchmark": benchmark, "environment": environment(device), "config": config, "results": results}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    write_text_atomically(path, json.dumps(report, indent=2) + "\n")  # a cap's kill keeps the earlier report whole
     print(json.dumps(results, indent=2))
     return report
 

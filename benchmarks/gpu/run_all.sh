@@ -5,9 +5,10 @@
 # install); reno_cudagraphs, grpo_sd35m_compiled_mb12 and grpo_sd35m_xformers run when named, in later calls. Writes
 # OUT_DIR/NAME.json for each and one log of them all, OUT_DIR/logs.txt (appended to): within the eight files the
 # device tool brings back. Each script writes its JSON as results arrive, so a capped one keeps what it measured.
-# Missing packages (diffusers, open_clip, xformers) are installed from wheels in .whl/ when that folder exists (see
-# benchmarks/README.md). Already measured and left out (benchmarks/results/h200-2026-12-04/): eager SD3.5-M with
-# checkpointing off and on, FLUX.1-dev, FK from step 0.
+# Missing packages (diffusers, open_clip; xformers only for grpo_sd35m_xformers) are installed from wheels in .whl/
+# when that folder exists (see benchmarks/README.md). Already measured and left out
+# (benchmarks/results/h200-2026-12-04/): eager SD3.5-M with checkpointing off and on, FLUX.1-dev with the preset's
+# earlier LoRA (r32, attention only), FK from step 0.
 set -uo pipefail
 out=$(realpath -m "${1:?usage: run_all.sh OUT_DIR}")
 mkdir -p "$out"
@@ -37,8 +38,11 @@ for name in "${names[@]}"; do
 done
 
 if [ -d "$repo/.whl" ]; then
+    wheels=("$repo"/.whl/*.whl)
+    # xformers only for the benchmark that compares it: diffusers imports it wherever it is installed
+    [[ " ${names[*]} " == *_xformers\ * ]] || mapfile -t wheels < <(printf '%s\n' "${wheels[@]}" | grep -v '/xformers-')
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-        "$repo"/.whl/*.whl || exit 1
+        "${wheels[@]}" || exit 1
     export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
@@ -48,6 +52,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee 
 for name in "${names[@]}"; do
     spec "$name"
     echo "=== $name: ${args[*]}" | tee -a "$log"
+    rm -f "$out/$name.json"  # an earlier run's report is no result of this one
     timeout "$cap" python3 "${args[@]}" --out "$out/$name.json" 2>&1 | tee -a "$log"
     echo "=== $name: exit ${PIPESTATUS[0]}" | tee -a "$log"
 done
