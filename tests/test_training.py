@@ -136,6 +136,7 @@ def test_wrong_type_is_named(saved, tmp_path):
     ("sampling.guidance_scale=-3", "sampling.guidance_scale must be a finite number >= 0"),
     ("eval.every=-1", "eval.every must be >= 0"),
     ("checkpoint_every=-5", "checkpoint_every must be >= 0"),
+    ("grpo.ratio_warn=-1", "grpo.ratio_warn must be a finite number >= 0, got -1"),
     ("sampling.height=0", "sampling.height must be a positive number of pixels"),
     ("device=bogus", "device: "),
     ("eval.rewards=bogus", "eval.rewards: reward term 'bogus': unknown reward"),
@@ -245,10 +246,12 @@ def test_reward_and_prompt_errors_come_before_the_model_loads(saved, prompt_file
     (hollow / "model_index.json").write_text((Path(saved["sd3"]) / "model_index.json").read_text())
     monkeypatch.delenv("ALIGN_DIFFUSION_REWARD_TOKEN", raising=False)
     overrides = tiny_overrides(hollow, prompt_file, tmp_path / "run")
-    with pytest.raises(ValueError, match="no token"):
+    with pytest.raises(ConfigError, match="reward: .*no token"):
         GRPOTrainer(load_config(None, [*overrides, "reward=remote:http://127.0.0.1:9"]))
-    with pytest.raises(ValueError, match="JPEG quality must be an integer from 1 to 95"):
+    with pytest.raises(ConfigError, match="reward: reward term 'jpeg:0': JPEG quality must be an integer from 1 to 95"):
         GRPOTrainer(load_config(None, [*overrides, "reward=jpeg:0"]))
+    with pytest.raises(ConfigError, match="eval.rewards: .*no/such/artifact"):
+        GRPOTrainer(load_config(None, [*overrides, "eval.every=5", "eval.rewards=artifact:/no/such/artifact"]))
     with pytest.raises(ConfigError, match="eval.prompts: '/no/prompts.txt' is neither"):  # in the config's check
         GRPOTrainer(load_config(None, [*overrides, "eval.prompts=/no/prompts.txt"]))
     outside = tmp_path / "outside.txt"

@@ -403,12 +403,11 @@ def validate(config: TrainConfig, num_processes: int = 1) -> None:
     for key, value in {"grpo.clip_range": grpo.clip_range, "grpo.kl_beta": grpo.kl_beta,
                        "grpo.value_weight": grpo.value_weight,
                        "sampling.guidance_scale": config.sampling.guidance_scale, "optim.lr": config.optim.lr,
-                       "optim.weight_decay": config.optim.weight_decay}.items():
+                       "optim.weight_decay": config.optim.weight_decay, "grpo.ratio_warn": grpo.ratio_warn}.items():
         if not 0 <= value < math.inf:  # also refuses NaN
             raise ConfigError(f"{key} must be a finite number >= 0, got {value}")
-    for key, value in {"grpo.value_anchor": grpo.value_anchor, "grpo.ratio_warn": grpo.ratio_warn}.items():
-        if not math.isfinite(value):
-            raise ConfigError(f"{key} must be a finite number, got {value}")
+    if not math.isfinite(grpo.value_anchor):
+        raise ConfigError(f"grpo.value_anchor must be a finite number, got {grpo.value_anchor}")
     optim = config.optim
     if optim.warmup_steps < 0:
         raise ConfigError(f"optim.warmup_steps must be >= 0, got {optim.warmup_steps}")

@@ -47,7 +47,7 @@ from align_diffusion.files import write_folder_atomically, write_text_atomically
 from align_diffusion.gallery.run import EVAL_DIR, build_run_page, eval_folder, read_metrics
 from align_diffusion.models import PipelineAdapter, PromptEmbeds, adapter_for, load_adapter
 from align_diffusion.models.base import compile_repeated_blocks, recorded_model_options
-from align_diffusion.rewards import load_reward
+from align_diffusion.rewards import Reward, load_reward
 from align_diffusion.rewards.spec import WeightedRewards, score_terms
 from align_diffusion.rewards.transforms import combine, group_advantages
 from align_diffusion.sampling.folder import SampleFolder, json_safe, reward_record, settings_record
@@ -299,13 +299,14 @@ class GRPOTrainer:
         self.eval_prompts = PromptSource(config.eval.prompts, "eval.prompts")
 
         device = config.device or self.accelerator.device
-        self.reward = load_reward(config.reward, device=device)  # before the model: its errors come sooner
+        self.reward = loaded_reward("reward", config.reward, device)  # before the model: its errors come sooner
         if self.reward.needs_reference:
             raise ValueError(f"reward {self.reward.name} needs reference images, which this trainer does not provide")
         terms = zip(self.reward.keys, self.reward.rewards) if isinstance(self.reward, WeightedRewards) else [
             (self.reward.name, self.reward)]
         self.trainable_rewards = {key: reward for key, reward in terms if reward.trainable}
-        self.watched_reward = load_reward(config.eval.rewards, device=device) if config.eval.rewards else None
+        watched = config.eval.rewards
+        self.watched_reward = loaded_reward("eval.rewards", watched, device) if watched else None
         table = config.sampling.noise_table
         self.noise_levels = read_table(table, config.sampling.num_steps) if table else config.sampling.noise_level
         self.resume_path = self.check_resume()  # before the model loads: a resume that cannot go on fails now
@@ -1057,6 +1058,14 @@ def _done(value) -> Future:
     future = Future()
     future.set_result(value)
     return future
+
+
+def loaded_reward(field: str, spec: str, device) -> Reward:
+    """`load_reward(spec)`, its errors (a bad argument, a missing model folder) named as the config field."""
+    try:
+        return load_reward(spec, device=device)
+    except (ValueError, OSError) as error:
+        raise ConfigError(f"{field}: {error}") from None
 
 
 def unscored_if_infinite(rewards: torch.Tensor) -> torch.Tensor:
