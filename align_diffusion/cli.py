@@ -659,7 +659,7 @@ def run_steer(args) -> None:
     from align_diffusion.rewards.spec import load_reward
     from align_diffusion.models.base import missing_c_compiler
     from align_diffusion.steering import compile_models, steer_to_folder
-    from align_diffusion.steering.steer import steered_already
+    from align_diffusion.steering.steer import SIZE_OPTION, steered_already
 
     options = {}
     for dest, methods in STEER_OPTIONS.items():
@@ -671,6 +671,8 @@ def run_steer(args) -> None:
         options[dest] = value
     if args.prune_reward is not None and args.method != "ttsnap":
         raise SystemExit(f"--prune-reward applies to ttsnap, not {args.method}")
+    if args.budget is not None and SIZE_OPTION[args.method] in options:  # steer refuses it too, named as its argument
+        raise SystemExit(f"give either --budget or --{SIZE_OPTION[args.method].replace('_', '-')}, not both")
     if args.method == "reno":
         options.update(gradient_checkpointing=not args.no_checkpointing,
                        autocast_dtype=None if args.autocast is None else DTYPES[args.autocast])

@@ -693,7 +693,9 @@ def test_steer_command_writes_a_reviewable_folder(saved, tmp_path):
     assert b["rewards"]["jpeg"] == pytest.approx(a["rewards"]["jpeg"], abs=1e-6)  # candidate 0 is the plain sample
     for flags, message in ((["--method", "ttsnap", "--potential", "max"], "--potential applies to fk"),
                            (["--method", "fk", "--batch-size", "4"], "--batch-size apply to reno, not fk"),
-                           (["--method", "fk", "--prune-reward", "jpeg"], "--prune-reward applies to ttsnap")):
+                           (["--method", "fk", "--prune-reward", "jpeg"], "--prune-reward applies to ttsnap"),
+                           (["--method", "fk", "--budget", "8", "--num-particles", "2"],
+                            "give either --budget or --num-particles, not both")):
         with pytest.raises(SystemExit, match=message):
             main(["steer", *flags, "--model", str(saved["sd3"]), "--prompt", "a", "--reward", "jpeg", "--out",
                   str(tmp_path / "other")])

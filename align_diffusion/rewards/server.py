@@ -309,7 +309,8 @@ def serve(reward: Reward, host: str = "127.0.0.1", port: int = 8000, *, token: s
           max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
     """Serve `reward` until interrupted, printing the URL clients pass as `remote:URL`."""
     server = make_server(reward, host, port, token=token, max_body_bytes=max_body_bytes)
-    print(f"serving reward {reward.name} on {server.url} (POST /score, GET /health); Ctrl-C stops", flush=True)
+    print(f"serving reward {reward.name} on {server.url} (POST /score, POST /check, GET /health); Ctrl-C stops",
+          flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
