@@ -167,10 +167,11 @@ def load_for_command(args):
         try:
             adapter.pipe.load_lora_weights(str(args.lora))
         except RuntimeError as error:  # torch's size mismatch, with a line for every layer
-            lines = str(error).splitlines()
-            detail = next((line.strip() for line in lines if "size mismatch" in line), lines[0] if lines else "")
+            mismatch = next((line.strip() for line in str(error).splitlines() if "size mismatch" in line), None)
+            if mismatch is None:
+                raise
             raise SystemExit(f"--lora: {args.lora} does not fit {args.model} (a LoRA of another architecture?): "
-                             f"{detail}") from None
+                             f"{mismatch}") from None
         if not any(isinstance(module, BaseTunerLayer) for component in adapter.pipe.components.values()
                    if isinstance(component, torch.nn.Module) for module in component.modules()):
             raise SystemExit(f"--lora: no layer of {args.model} took a weight of {args.lora} (a LoRA of another "

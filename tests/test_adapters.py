@@ -366,6 +366,10 @@ def test_gradient_checkpointing_without_t5_gives_the_stock_transformers_gradient
     adapter.denoiser.enable_gradient_checkpointing()
     ours = gradients(lambda: adapter.predict(latents, timestep, embeds, 1.0))
     torch.testing.assert_close(ours, stock, rtol=0, atol=1e-5 * float(stock.abs().max()))
+    # Calls without gradients (rollouts) compute what training recomputes, to the bit: the ratio starts at 1
+    with torch.no_grad():
+        rollout = adapter.predict(latents, timestep, embeds, 1.0)
+    assert torch.equal(rollout, adapter.predict(latents, timestep, embeds, 1.0).detach())
 
 
 def test_lcm_unet_takes_guidance_as_its_embedding_like_stock():

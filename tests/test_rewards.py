@@ -487,6 +487,8 @@ def test_a_single_reward_records_a_spec_that_reads_back_as_itself(tmp_path):
     assert recorded == f"clip:{tmp_path}/clip=2=1"
     assert [(t.arg, t.weight) for t in parse_spec(recorded)] == [(f"{tmp_path}/clip=2", 1.0)]
     assert load_reward(f"clip:{WORLD_CLIP}").spec == f"clip:{WORLD_CLIP}"
+    (tmp_path / "clip=0").symlink_to(Path(WORLD_CLIP).resolve())  # as a weight, 0 would be refused
+    assert load_reward(f"clip:{tmp_path}/clip=0=1").spec == f"clip:{tmp_path}/clip=0=1"
 
 
 @pytest.mark.parametrize("spec", ["shapes=nan", "shapes=inf", "jpeg:50=-inf"])

@@ -5,8 +5,8 @@ tokens to every prompt. The context stream has no positions, so those tokens sta
 the adapter keeps one of them and adds log(count) to its attention logit, which gives the same outputs (up to float
 rounding) at a fraction of the cost. In bfloat16 that logit offset itself rounds (log 256 to 5.531), which weighs the
 zero tokens 1.4 % light in every attention (float16: 5.547, 0.2 % heavy), a bias beside the dtype's own rounding.
-Under gradient checkpointing a training forward pass keeps the full context, since the backward pass reruns the
-blocks with the stock attention.
+Under gradient checkpointing every call keeps the full context, since the backward pass reruns the blocks with the
+stock attention.
 """
 
 from __future__ import annotations
@@ -147,9 +147,10 @@ class SD3Adapter(PipelineAdapter):
         timestep = torch.as_tensor(timestep, device=latents.device).expand(latents.shape[0])
         conditioning = dict(conditioning)
         bias = conditioning.pop(CONTEXT_BIAS, None)
-        if bias is not None and torch.is_grad_enabled() and self.called_denoiser().gradient_checkpointing:
+        if bias is not None and self.called_denoiser().gradient_checkpointing:
             # Checkpointing reruns each block in the backward pass, after compact_attention has put the stock
-            # processors back: those blocks get the zero tokens in full
+            # processors back: those blocks get the zero tokens in full, and so do calls without gradients (rollouts),
+            # so that in bfloat16 they compute what training recomputes
             context = conditioning["encoder_hidden_states"]
             repeats = round(math.exp(float(bias[0, -1])))
             conditioning["encoder_hidden_states"] = torch.cat([context, context[:, -1:].expand(-1, repeats - 1, -1)], 1)

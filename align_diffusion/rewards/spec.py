@@ -183,6 +183,15 @@ def _split_weight(text: str) -> tuple[str, float]:
     return head, weight
 
 
+def _reads_back(text: str) -> bool:
+    """Whether a term written without its weight parses back as itself (weight 1): not when it ends in `=NUMBER`,
+    which would read as a weight or be refused as one."""
+    try:
+        return _split_weight(text) == (text, 1.0)
+    except ValueError:
+        return False
+
+
 def parse_spec(spec: str) -> list[RewardTerm]:
     """Terms of a spec; ValueError naming the bad term for unknown names, missing arguments, bad weights or
     repeated rewards."""
@@ -257,8 +266,7 @@ def load_reward(spec: str, device=None, dtype: torch.dtype = torch.float32) -> R
         rewards = [_load_term(t, device, dtype) for t in terms]
     if len(terms) == 1 and terms[0].weight == 1.0:
         reward = rewards[0]
-        # `=1` written out where the term itself ends in `=NUMBER`, which would read back as a weight
-        reward.spec = terms[0].text + ("=1" if _split_weight(terms[0].text)[0] != terms[0].text else "")
+        reward.spec = terms[0].text if _reads_back(terms[0].text) else f"{terms[0].text}=1"
         return reward
     names = [r.name for r in rewards]
     keys = [r.name if names.count(r.name) == 1 else t.text for r, t in zip(rewards, terms)]

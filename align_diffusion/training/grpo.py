@@ -342,8 +342,9 @@ class GRPOTrainer:
         except ValueError as error:
             raise ConfigError(f"sampling: {error} (model {config.model})") from None
         window = range(*sampling.noise_window) if sampling.noise_window is not None else range(sampling.num_steps)
-        steps = adapter.schedule(settings.num_inference_steps, settings.height, settings.width)
-        if config.algorithm == "grpo" and not noisy_steps(adapter, sampling.sampler, steps, settings.levels(), window):
+        sampling_schedule = adapter.schedule(settings.num_inference_steps, settings.height, settings.width)
+        noisy = noisy_steps(adapter, sampling.sampler, sampling_schedule, settings.levels(), window)
+        if config.algorithm == "grpo" and not noisy:
             raise ConfigError(f"sampling.noise_window: no step in [{window.start}, {window.stop}) draws noise with "
                               f"this model's scheduler (DDIM's last step does not where it sets ᾱ_prev to 1), and "
                               f"GRPO trains on those that do (model {config.model})")
