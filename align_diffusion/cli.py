@@ -775,6 +775,9 @@ def main(argv: list[str] | None = None) -> None:
     add_steer_parser(subparsers)
     add_gallery_parser(subparsers)
     args = parse_with_overrides(parser, argv)
+    for name, value in vars(args).items():  # the shell expands ~ at a word's start only, not in --out=~/…
+        if isinstance(value, Path) and str(value).startswith("~"):
+            setattr(args, name, value.expanduser())
     # Bad input found after loading (size, sampler, model type) or a path that does not load (a folder that is no
     # pipeline, a missing asset): one line, no traceback.
     try:

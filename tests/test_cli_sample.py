@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -295,6 +296,15 @@ def test_a_noise_level_for_the_ode_sampler_is_refused_before_loading(saved, tmp_
 def test_sampling_functions_refuse_a_noise_level_for_the_ode_sampler(saved):
     with pytest.raises(ValueError, match="noise_level: the ode sampler draws no noise"):
         resolve_settings(load_adapter(str(saved["sd3"])), "ode", num_inference_steps=2, noise_level=[0.0, 0.5])
+
+
+def test_paths_written_from_the_home_folder_are_expanded(saved, tmp_path, monkeypatch):
+    """The shell expands ~ at a word's start only: `--out=~/samples` arrives as written."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "model").symlink_to(saved["sd3"])
+    main(["sample", "--model=~/model", "--prompt", "a", "--steps", "1", "--height", "32", "--width", "32",
+          "--out=~/samples"])
+    assert (tmp_path / "samples" / "metadata.jsonl").is_file() and not Path("~").exists()
 
 
 def test_a_lora_folder_without_weights_is_named(saved, tmp_path):

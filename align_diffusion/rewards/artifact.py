@@ -170,7 +170,10 @@ def train_artifact_reward(data, out: str | Path, backbone: str, settings: Artifa
     {"train_accuracy", "heldout_accuracy", "train_images", "heldout_images"}. With `unseen`, a folder of artifact
     images of kinds left out of `data`, also "unseen_below_clean": the share of (held-out clean image, unseen image)
     pairs in which the unseen image gets the lower reward (0.5 is chance)."""
+    from align_diffusion.models import home_expanded
+
     settings = settings or ArtifactTraining()
+    backbone = home_expanded(backbone)
     check_output_folder(out, CONFIG_FILE)
     if not 0 < settings.holdout < 1:
         raise ValueError(f"holdout must lie in (0, 1), got {settings.holdout}")
