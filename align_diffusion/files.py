@@ -27,8 +27,8 @@ def write_text_atomically(path: str | Path, text: str) -> None:
 
 def write_folder_atomically(folder: str | Path, write: Callable[[Path], None]) -> None:
     """Calls `write` on an empty temporary folder beside `folder`, then puts it in `folder`'s place: a write cut
-    short leaves the earlier folder whole."""
-    folder = Path(folder)
+    short leaves the earlier folder whole. A link to a folder keeps pointing at the new one."""
+    folder = Path(folder).resolve()
     partial, old = folder.with_name(f".{folder.name}.partial"), folder.with_name(f".{folder.name}.old")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)

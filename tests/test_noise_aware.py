@@ -230,3 +230,10 @@ def test_a_student_save_cut_short_leaves_the_earlier_student_whole(tmp_path, mon
     with pytest.raises(KeyboardInterrupt):
         save_student(teacher, tmp_path / "student", {"round": 2})
     assert {path.name: path.read_bytes() for path in (tmp_path / "student").iterdir()} == saved
+    # Saved through a link to a folder, twice: the link stays and points at the new student.
+    monkeypatch.undo()
+    (tmp_path / "link").symlink_to(tmp_path / "student")
+    for round_ in (3, 4):
+        save_student(teacher, tmp_path / "link", {"round": round_})
+        assert (tmp_path / "link").is_symlink()
+        assert json.loads((tmp_path / "student" / REPORT_FILE).read_text()) == {"round": round_}
