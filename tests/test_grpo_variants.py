@@ -584,6 +584,7 @@ def test_gdro_ranks_only_scored_images_and_skips_groups_with_fewer_than_two(save
     # The fresh LoRA is the reference: softmax(r̂) is uniform over a group's scored images, and the cross-entropy
     # from any target is the log of their number: 2 in groups 0 and 2.
     assert metrics(tmp_path)[0]["ranking_loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert metrics(tmp_path)[0]["usable_groups"] == 2
     lora = load_file(str(tmp_path / "lora" / "pytorch_lora_weights.safetensors"))
     assert all(torch.isfinite(value).all() for value in lora.values())
     assert any(value.abs().sum() > 0 for key, value in lora.items() if "lora_B" in key)

@@ -188,6 +188,7 @@ class GDROTrainer(GRPOTrainer):
             "ranking_loss": sum(ranking) / len(ranking),
             "best_error": sum(regularizer) / len(regularizer),
             "implicit_top1_accuracy": sum(accuracy) / len(accuracy),
+            "usable_groups": len(usable),  # of the offline set's, those with two scored images
             "grad_norm": float(norm),
             "lr": lr,
         }
