@@ -203,6 +203,16 @@ def read_prompts(args) -> list[str]:
         raise SystemExit(f"--prompts-file: {error}") from None
 
 
+def check_sample_out(args) -> None:
+    """Refuses, without --overwrite, an --out folder that holds files but no samples: a run replaces what sample,
+    eval and steer write (index.html, images/, eval.json, compare pages), which there would be someone else's."""
+    if not args.overwrite:
+        try:
+            check_output_folder(args.out, "metadata.jsonl")
+        except ValueError as error:
+            raise SystemExit(f"--out: {error}, or pass --overwrite") from None
+
+
 def run_sample(args) -> None:
     from align_diffusion.gallery.page import read_records
     from align_diffusion.rewards.spec import load_reward
@@ -212,6 +222,7 @@ def run_sample(args) -> None:
     if (args.out / "metadata.jsonl").exists() and not (args.overwrite or args.resume):
         raise SystemExit(f"--out: {args.out} already holds samples; pass --overwrite to replace them, or --resume to "
                          "go on with an interrupted run")
+    check_sample_out(args)
     check_model_arguments(args)
     check_noise_level_argument(args.sampler, args.noise_level)
     if args.resume and (args.out / "metadata.jsonl").exists():  # before anything loads, what can be told without
@@ -281,6 +292,7 @@ def run_eval(args) -> None:
     if held and not args.overwrite:
         raise SystemExit(f"--out: {args.out} already holds {' and '.join(held)} (an evaluation or samples); pass "
                          "--overwrite to replace them")
+    check_sample_out(args)
     check_model_arguments(args)
     check_noise_level_argument(args.sampler, args.noise_level)
     adapter = load_for_command(args)
@@ -689,6 +701,7 @@ def run_steer(args) -> None:
     if (args.out / "metadata.jsonl").exists() and not (args.overwrite or args.resume):
         raise SystemExit(f"--out: {args.out} already holds results; pass --overwrite to replace them, or --resume to "
                          "go on with an interrupted run")
+    check_sample_out(args)
     if args.shapes_eval:  # before the model loads; steer_to_folder checks again for Python callers
         from align_diffusion.rewards.simple import ShapesReward
 
@@ -737,6 +750,8 @@ def run_gallery(args) -> None:
 
     if args.out is not None and args.compare is None:
         raise SystemExit("--out: names the side-by-side page, so it needs --compare")
+    if args.out is not None and (args.out.suffix.lower() != ".html" or args.out.is_dir()):
+        raise SystemExit(f"--out: names the side-by-side page, an .html file, got {args.out}")
     if (args.dir / "metrics.jsonl").is_file():
         if args.compare is not None:
             raise SystemExit("--compare: compares two sample folders, and DIR is a training run")

@@ -307,6 +307,26 @@ def test_paths_written_from_the_home_folder_are_expanded(saved, tmp_path, monkey
     assert (tmp_path / "samples" / "metadata.jsonl").is_file() and not Path("~").exists()
 
 
+def test_a_folder_of_other_files_is_refused_as_out_and_a_gallery_page_must_be_html(saved, tmp_path):
+    """A run replaces index.html, images/ and the like in --out: in a folder that holds no samples they are
+    someone else's. A side-by-side page written over a sample folder's records would break it."""
+    site = tmp_path / "site"
+    (site / "images").mkdir(parents=True)
+    (site / "index.html").write_text("mine")
+    (site / "images" / "00000.png").write_bytes(b"mine")
+    common = ["--model", str(saved["sd3"]), "--prompt", "a", "--steps", "1", "--height", "32", "--width", "32"]
+    for command in (["sample", *common], ["steer", "--method", "best-of-n", "--reward", "jpeg", *common],
+                    ["eval", "--model", str(saved["sd3"])]):
+        with pytest.raises(SystemExit, match="--out: .*site holds other files .*, or pass --overwrite"):
+            main([*command, "--out", str(site)])
+    assert (site / "index.html").read_text() == "mine" and (site / "images" / "00000.png").read_bytes() == b"mine"
+    main(["sample", *common, "--out", str(tmp_path / "a")])
+    for out in (tmp_path / "a" / "metadata.jsonl", tmp_path / "a"):
+        with pytest.raises(SystemExit, match="--out: names the side-by-side page, an .html file"):
+            main(["gallery", str(tmp_path / "a"), "--compare", str(tmp_path / "a"), "--out", str(out)])
+    assert (tmp_path / "a" / "metadata.jsonl").read_text().startswith("{")
+
+
 def test_a_lora_folder_without_weights_is_named(saved, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match="--lora: .*empty holds no pytorch_lora_weights.safetensors"):
