@@ -1,5 +1,7 @@
 """Files written so that a reader, or a run that stops halfway, never sees half of one: each is written under a
-temporary name beside its place, then renamed over it."""
+temporary name beside its place, then renamed over it. Each gets the permissions an ordinary new file gets (read
+for all under the usual umask 022): safetensors >= 0.8.1 writes its files 0600, readable by their owner only, so
+a LoRA trained by one account would not load for another."""
 
 from __future__ import annotations
 
@@ -9,6 +11,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 
+def give_usual_permissions(path: Path) -> None:
+    """Sets `path`, or every file under the folder `path`, to the mode `open` gives a new file: 0o666 less the
+    umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for file in path.rglob("*") if path.is_dir() else [path]:
+        if file.is_file() and not file.is_symlink():
+            file.chmod(0o666 & ~umask)
+
+
 def write_atomically(path: str | Path, write: Callable[[Path], None]) -> None:
     """Calls `write` on a temporary path beside `path`, then renames it over `path`: readers see the old file or the
     new."""
@@ -16,6 +28,7 @@ def write_atomically(path: str | Path, write: Callable[[Path], None]) -> None:
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
         write(partial)
+        give_usual_permissions(partial)
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)  # left only when the write failed
@@ -34,6 +47,7 @@ def write_folder_atomically(folder: str | Path, write: Callable[[Path], None]) -
     partial.mkdir(parents=True)
     try:
         write(partial)
+        give_usual_permissions(partial)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise

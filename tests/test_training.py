@@ -870,6 +870,16 @@ def test_checkpoints_are_pruned_and_never_partial(trained, tmp_path):
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000002", "step-000003"]
 
 
+def test_checkpoints_and_the_exported_lora_are_readable_as_any_new_file_is(trained):
+    _, out = trained  # safetensors >= 0.8.1 writes 0600, so another account could not load the LoRA
+    umask = os.umask(0)
+    os.umask(umask)
+    written = [*(out / "checkpoints" / "step-000002").rglob("*.safetensors"), *(out / "lora").iterdir()]
+    assert {path.name for path in written} >= {"trained.safetensors", "pytorch_lora_weights.safetensors"}
+    assert {path.name: oct(path.stat().st_mode & 0o777) for path in written} == {
+        path.name: oct(0o666 & ~umask) for path in written}
+
+
 def test_a_checkpoint_deletion_cut_short_leaves_no_checkpoint_that_latest_picks(tmp_path, monkeypatch):
     for step in (1, 2):
         partial = checkpoint.partial_dir(tmp_path, step)
