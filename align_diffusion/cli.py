@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from align_diffusion.files import check_output_folder
+from align_diffusion.files import check_output_folder, folder_problem
 from align_diffusion.models.base import MODEL_OPTIONS, model_option_problem, recorded_model_options, unusable_device
 from align_diffusion.rewards.base import RewardError
 from align_diffusion.sampling.loop import DEFAULT_NOISE_LEVEL
@@ -204,8 +204,11 @@ def read_prompts(args) -> list[str]:
 
 
 def check_sample_out(args) -> None:
-    """Refuses, without --overwrite, an --out folder that holds files but no samples: a run replaces what sample,
-    eval and steer write (index.html, images/, eval.json, compare pages), which there would be someone else's."""
+    """Refuses an --out folder that cannot be written, and, without --overwrite, one that holds files but no samples:
+    a run replaces what sample, eval and steer write (index.html, images/, eval.json, compare pages), which there
+    would be someone else's."""
+    if problem := folder_problem(args.out):
+        raise SystemExit(f"--out: {problem}")
     if not args.overwrite:
         try:
             check_output_folder(args.out, "metadata.jsonl")
@@ -336,6 +339,8 @@ def run_build_world(args) -> None:
     if args.quick and args.out.resolve() in (SHIPPED_WORLD.resolve(), REPOSITORY_WORLD):
         raise SystemExit(f"--quick: its few-step models would replace the shipped ones in {args.out}; give another "
                          "--out for a plumbing check")
+    if problem := folder_problem(args.out):
+        raise SystemExit(f"--out: {problem}")
     report = build_world(args.out, seed=args.seed, plan=QUICK_PLAN if args.quick else None, only=args.only)
     minutes = report["total_seconds"] / 60
     print(f"built {', '.join(args.only)} in {minutes:.1f} min; report in {args.out}/build_report.json")
@@ -439,10 +444,14 @@ def run_train_reward(args) -> None:
 
 
 def run_train_artifact(args) -> None:
-    from align_diffusion.rewards.artifact import ArtifactTraining, train_artifact_reward
+    from align_diffusion.rewards.artifact import CONFIG_FILE, ArtifactTraining, train_artifact_reward
 
     if args.data is None:
         raise SystemExit("align-diffusion train-reward artifact: --data is required")
+    try:
+        check_output_folder(args.out, CONFIG_FILE)
+    except ValueError as error:
+        raise SystemExit(f"--out: {error}") from None
     settings = ArtifactTraining(steps=args.steps or ArtifactTraining.steps, holdout=args.holdout, seed=args.seed)
     result = train_artifact_reward(args.data, args.out, args.backbone, settings, device=args.device,
                                    unseen=args.unseen)
@@ -560,6 +569,8 @@ def run_calibrate_noise(args) -> None:
         raise SystemExit(f"align-diffusion calibrate-noise: bad config: {error}") from None
     if args.out.is_dir():
         raise SystemExit(f"--out: {args.out} is a folder; name the JSON file to write")
+    if problem := folder_problem(args.out.parent):
+        raise SystemExit(f"--out: {problem}")
     if config.sampling.sampler == "ode":
         raise SystemExit(f"align-diffusion calibrate-noise: bad config: {NO_NOISE_TO_CALIBRATE}")
     args.out.parent.mkdir(parents=True, exist_ok=True)

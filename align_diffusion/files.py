@@ -58,12 +58,24 @@ def write_folder_atomically(folder: str | Path, write: Callable[[Path], None]) -
     shutil.rmtree(old, ignore_errors=True)
 
 
-def check_output_folder(folder: str | Path, marker: str) -> None:
-    """Refuses an output folder that write_folder_atomically would replace whole although it is no earlier output of
-    this kind: a file, or a folder with files but no `marker` (the file each such output holds)."""
+def folder_problem(folder: str | Path) -> str | None:
+    """Why `folder` cannot be made or written in, None when it can: the nearest of it and its parents that exists must
+    be a folder this process may write in. Commands ask before they compute, not when their first output is due."""
     folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise ValueError(f"{folder} is a file; the output is a folder")
+    existing = next(path for path in (folder, *folder.parents) if path.exists())  # "." or "/" at the latest
+    if not existing.is_dir():
+        return f"{folder} cannot be a folder: {existing} is a file"
+    if not os.access(existing, os.W_OK | os.X_OK):  # no permission, or a read-only file system
+        return f"{folder} cannot be written: {existing} is not writable"
+    return None
+
+
+def check_output_folder(folder: str | Path, marker: str) -> None:
+    """Refuses an output folder that cannot be written, or that write_folder_atomically would replace whole although
+    it is no earlier output of this kind: a folder with files but no `marker` (the file each such output holds)."""
+    folder = Path(folder)
+    if problem := folder_problem(folder):
+        raise ValueError(problem)
     if folder.is_dir() and any(folder.iterdir()) and not (folder / marker).is_file():
         raise ValueError(f"{folder} holds other files (no {marker}, so it is no earlier output of this kind), which "
                          "the output would replace; name a new or empty folder")

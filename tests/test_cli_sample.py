@@ -327,6 +327,22 @@ def test_a_folder_of_other_files_is_refused_as_out_and_a_gallery_page_must_be_ht
     assert (tmp_path / "a" / "metadata.jsonl").read_text().startswith("{")
 
 
+def test_an_out_that_cannot_be_written_is_named_before_anything_loads(tmp_path):
+    """--out under a regular file: every command that writes one refuses it first (the model named here does not
+    exist, so a command that went on to load it would fail otherwise), not once its first output is due."""
+    (tmp_path / "notes").write_text("a file")
+    out = str(tmp_path / "notes" / "out")
+    (tmp_path / "config.yaml").write_text("seed: 0\n")
+    model = ["--model", str(tmp_path / "no-model")]
+    commands = [["sample", *model, "--prompt", "a"], ["eval", *model], ["steer", "--method", "fk", "--reward", "jpeg",
+                *model, "--prompt", "a"], ["train-reward", "artifact", "--data", str(tmp_path / "no-data")],
+                ["train-reward", "noise-aware", *model], ["build-world", "--quick"],
+                ["calibrate-noise", str(tmp_path / "config.yaml")]]
+    for command in commands:
+        with pytest.raises(SystemExit, match=r"^--out: .*notes.out cannot be a folder: .*notes is a file$"):
+            main([*command, "--out", out if command[0] != "calibrate-noise" else f"{out}/table.json"])
+
+
 def test_a_lora_folder_without_weights_is_named(saved, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match="--lora: .*empty holds no pytorch_lora_weights.safetensors"):

@@ -43,7 +43,7 @@ from accelerate.utils import gather_object, set_seed
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from align_diffusion.files import write_folder_atomically, write_text_atomically
+from align_diffusion.files import folder_problem, write_folder_atomically, write_text_atomically
 from align_diffusion.gallery.run import EVAL_DIR, build_run_page, eval_folder, read_metrics
 from align_diffusion.models import PipelineAdapter, PromptEmbeds, adapter_for, load_adapter
 from align_diffusion.models.base import compile_repeated_blocks, recorded_model_options
@@ -1027,9 +1027,8 @@ def check_output_dir(config: TrainConfig) -> None:
     """Refuses an output_dir that cannot be a folder, and one that holds a run this one would mix with: any run when
     not resuming, another run's when resuming from a checkpoint elsewhere."""
     out, resume_from = Path(config.output_dir), config.resume_from
-    blocking = next((path for path in (out, *out.parents) if path.exists() and not path.is_dir()), None)
-    if blocking is not None:
-        raise ConfigError(f"output_dir: {out} cannot be a folder: {blocking} is a file")
+    if problem := folder_problem(out):
+        raise ConfigError(f"output_dir: {problem}")
     if not (checkpoint.completed_checkpoints(out) or (out / "metrics.jsonl").exists()):
         return
     if resume_from is None:  # its checkpoints would be pruned and its metrics mixed in
