@@ -468,9 +468,11 @@ def run_train_noise_aware(args) -> None:
     from align_diffusion.rewards.spec import load_reward, parse_spec
     from align_diffusion.training.prompts import PromptSource
 
-    (term,) = parse_spec(args.teacher)
-    if term.name not in ("clip", "pickscore") or term.arg is None:
-        raise SystemExit("align-diffusion train-reward noise-aware: --teacher must be clip:PATH or pickscore:PATH")
+    terms = parse_spec(args.teacher)
+    if len(terms) != 1 or terms[0].name not in ("clip", "pickscore") or terms[0].arg is None:
+        raise SystemExit("align-diffusion train-reward noise-aware: --teacher must be one term, clip:PATH or "
+                         f"pickscore:PATH, got {args.teacher!r}")
+    term = terms[0]
     if not 0 <= args.prune_step < args.num_inference_steps:
         raise SystemExit(f"--prune-step must lie in [0, {args.num_inference_steps}) (--num-inference-steps)")
     try:
@@ -478,6 +480,8 @@ def run_train_noise_aware(args) -> None:
     except ValueError as error:
         raise SystemExit(f"--out: {error}") from None
     check_model_arguments(args)
+    train_prompts = PromptSource(args.prompts, "--prompts").draw(args.seed, 0, args.train_images)
+    eval_prompts = PromptSource(args.eval_prompts, "--eval-prompts").all()
     teacher = load_reward(args.teacher, device=args.device)
     args.sampler = "ode"  # the trajectories are the ODE's; what load_for_command checks against the model
     adapter = load_for_command(args)
@@ -485,10 +489,9 @@ def run_train_noise_aware(args) -> None:
                                               seed=args.seed)
     collect = dict(num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance,
                    negative_prompt=args.negative_prompt)
-    train_prompts = PromptSource(args.prompts, "--prompts").draw(args.seed, 0, args.train_images)
     train = noise_aware.collect(adapter, teacher, train_prompts, 1, seed=args.seed, **collect)
-    held_out = noise_aware.collect(adapter, teacher, PromptSource(args.eval_prompts, "--eval-prompts").all(),
-                                   args.images_per_eval_prompt, seed=args.seed + 10**6, **collect)
+    held_out = noise_aware.collect(adapter, teacher, eval_prompts, args.images_per_eval_prompt,
+                                   seed=args.seed + 10**6, **collect)
     before = noise_aware.step_agreement(noise_aware.step_scores(teacher, held_out), held_out)
     student = noise_aware.distill(teacher, train, settings)
     after = noise_aware.step_agreement(noise_aware.step_scores(student, held_out), held_out)

@@ -170,6 +170,9 @@ def test_train_reward_noise_aware_command_records_the_generator_it_read(tmp_path
     (["--negative-prompt", "blurry", "--guidance", "1"], "--negative-prompt"),
     (["--true-cfg-scale", "2"], "--true-cfg-scale"),
     (["--lora", "no/such/folder"], "--lora"),
+    (["--prompts", "no/such/prompts.txt"], "--prompts: 'no/such/prompts.txt' is neither shapes:SPLIT nor a file"),
+    (["--eval-prompts", "shapes:dev"], "--eval-prompts: 'shapes:dev'"),
+    (["--teacher", "clip:assets/world/clip,jpeg"], "--teacher must be one term, clip:PATH or pickscore:PATH, got "),
 ])
 def test_train_reward_noise_aware_refuses_bad_generator_options_before_loading(tmp_path, monkeypatch, flags, named):
     def no_loading(*args, **kwargs):
