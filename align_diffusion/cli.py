@@ -33,6 +33,27 @@ def _int_at_least(minimum: int):
 _positive_int, _non_negative_int = _int_at_least(1), _int_at_least(0)
 
 
+def _seed(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < 2**32:  # numpy's seed range, as the training config's seed
+        raise argparse.ArgumentTypeError(f"must lie in [0, 2**32), got {value}")
+    return value
+
+
+def _path(text: str) -> Path:
+    """A path flag's value, with a leading ~ expanded (the shell expands it only at a word's start, not in
+    --out=~/…); an empty one is refused (Path("") is the current folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return Path(text).expanduser()
+
+
+def _reward_spec(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty (a reward spec such as shapes or clip:PATH)")
+    return text
+
+
 def _finite_float(text: str) -> float:
     value = float(text)
     if not math.isfinite(value):
@@ -87,7 +108,7 @@ def add_sample_parser(subparsers) -> None:
     parser.add_argument("--model", required=True, help="diffusers model id or local folder")
     prompts = parser.add_mutually_exclusive_group(required=True)
     prompts.add_argument("--prompt", nargs="+", action="extend", help="one or more prompts")
-    prompts.add_argument("--prompts-file", type=Path, help="text file with one prompt per line")
+    prompts.add_argument("--prompts-file", type=_path, help="text file with one prompt per line")
     parser.add_argument("--num-images-per-prompt", type=_positive_int, default=1)
     add_negative_prompt(parser)
     parser.add_argument("--steps", type=_positive_int, default=None, help="denoising steps (default: the model's)")
@@ -98,16 +119,16 @@ def add_sample_parser(subparsers) -> None:
         "--noise-level", type=_non_negative_float, default=None,
         help=f"SDE noise level a / η (default per sampler: {DEFAULT_NOISE_LEVEL})",
     )
-    parser.add_argument("--seed", type=int, default=0, help="image k (prompt-major) uses seed + k")
-    parser.add_argument("--lora", type=Path, default=None, help="folder with a diffusers-format LoRA")
+    parser.add_argument("--seed", type=_seed, default=0, help="image k (prompt-major) uses seed + k")
+    parser.add_argument("--lora", type=_path, default=None, help="folder with a diffusers-format LoRA")
     parser.add_argument("--height", type=_positive_int, default=None)
     parser.add_argument("--width", type=_positive_int, default=None)
     parser.add_argument("--batch-size", type=_positive_int, default=4, help="images per denoiser batch")
     parser.add_argument("--device", type=_device, default=DEFAULT_DEVICE)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     add_model_options(parser)
-    parser.add_argument("--out", type=Path, required=True, help="output folder")
-    parser.add_argument("--reward", default=None,
+    parser.add_argument("--out", type=_path, required=True, help="output folder")
+    parser.add_argument("--reward", type=_reward_spec, default=None,
                         help="reward spec to score every image with (shown on the review page), e.g. shapes")
     again = parser.add_mutually_exclusive_group()
     again.add_argument("--overwrite", action="store_true", help="replace the samples already in --out")
@@ -216,6 +237,13 @@ def check_sample_out(args) -> None:
             raise SystemExit(f"--out: {error}, or pass --overwrite") from None
 
 
+def note_a_fresh_start(args) -> None:
+    """--resume on an --out with no earlier run starts from the beginning, which a mistyped --out would hide."""
+    if args.resume and not (args.out / "metadata.jsonl").exists():
+        print(f"align-diffusion {args.command}: --resume: {args.out} holds no earlier run; starting from the first "
+              "prompt", file=sys.stderr)
+
+
 def run_sample(args) -> None:
     from align_diffusion.gallery.page import read_records
     from align_diffusion.rewards.spec import load_reward
@@ -228,13 +256,14 @@ def run_sample(args) -> None:
     check_sample_out(args)
     check_model_arguments(args)
     check_noise_level_argument(args.sampler, args.noise_level)
+    note_a_fresh_start(args)
     if args.resume and (args.out / "metadata.jsonl").exists():  # before anything loads, what can be told without
         given = {key: value for key, value in (("steps", args.steps), ("guidance", args.guidance),
                                                ("height", args.height), ("width", args.width),
                                                ("noise_level", args.noise_level)) if value is not None}
         known = {"sampler": args.sampler, "negative_prompt": args.negative_prompt, **given, **model_record(args)}
         check_same_images(read_records(args.out), image_jobs(prompts, args.num_images_per_prompt, args.seed), known)
-    reward = load_reward(args.reward, device=args.device, dtype=DTYPES[args.dtype]) if args.reward else None
+    reward = None if args.reward is None else load_reward(args.reward, device=args.device, dtype=DTYPES[args.dtype])
     adapter = load_for_command(args)
 
     records = sample_to_folder(
@@ -262,7 +291,7 @@ def run_sample(args) -> None:
 def add_eval_parser(subparsers) -> None:
     parser = subparsers.add_parser("eval", help="score a model on a benchmark (ShapesEval on the shapes world)")
     parser.add_argument("--model", required=True, help="diffusers model id or local folder")
-    parser.add_argument("--lora", type=Path, default=None, help="folder with a diffusers-format LoRA")
+    parser.add_argument("--lora", type=_path, default=None, help="folder with a diffusers-format LoRA")
     parser.add_argument("--benchmark", choices=["shapes"], default="shapes")
     parser.add_argument("--split", choices=["train", "val", "test"], default="test")
     parser.add_argument("--num-images-per-prompt", type=_positive_int, default=4)
@@ -272,12 +301,12 @@ def add_eval_parser(subparsers) -> None:
                         help="guidance scale (default: the model's)")
     parser.add_argument("--sampler", choices=sorted(DEFAULT_NOISE_LEVEL), default="ode")
     parser.add_argument("--noise-level", type=_non_negative_float, default=None)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=_seed, default=0)
     parser.add_argument("--batch-size", type=_positive_int, default=16)
     parser.add_argument("--device", type=_device, default=DEFAULT_DEVICE)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     add_model_options(parser)
-    parser.add_argument("--out", type=Path, required=True,
+    parser.add_argument("--out", type=_path, required=True,
                         help="folder for eval.json (the scores), the samples and their review page index.html")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier evaluation in --out")
     parser.set_defaults(run=run_eval)
@@ -325,8 +354,8 @@ def add_build_world_parser(subparsers) -> None:
     from align_diffusion.world.build import ASSETS
 
     parser = subparsers.add_parser("build-world", help="train the shapes-world assets from a seed")
-    parser.add_argument("--out", type=Path, default=SHIPPED_WORLD, help="folder for the assets")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=_path, default=SHIPPED_WORLD, help="folder for the assets")
+    parser.add_argument("--seed", type=_seed, default=0)
     parser.add_argument("--only", nargs="+", choices=ASSETS, default=list(ASSETS),
                         help="rebuild only these assets (the others are loaded from --out)")
     parser.add_argument("--quick", action="store_true", help="a few steps per asset: checks the plumbing only")
@@ -364,7 +393,8 @@ def add_serve_reward_parser(subparsers) -> None:
     from align_diffusion.rewards.remote import TOKEN_ENV
 
     parser = subparsers.add_parser("serve-reward", help="serve a reward over HTTP for `remote:URL` clients")
-    parser.add_argument("--reward", required=True, help="reward spec, e.g. shapes, pickscore, clip:PATH")
+    parser.add_argument("--reward", type=_reward_spec, required=True,
+                        help="reward spec, e.g. shapes, pickscore, clip:PATH")
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (the token travels in clear)")
     parser.add_argument("--port", type=_port, default=8000, help="0 picks a free port")
     parser.add_argument("--token", default=None,
@@ -392,25 +422,25 @@ def add_train_reward_parser(subparsers) -> None:
     parser.add_argument("kind", choices=["artifact", "noise-aware"],
                         help="artifact: the artifact classifier (1 − P(artifact)); noise-aware: a student of a "
                              "CLIP-family reward that scores intermediate x̂0s by their outcome (TTSnap)")
-    parser.add_argument("--out", type=Path, required=True, help="folder for the trained reward")
+    parser.add_argument("--out", type=_path, required=True, help="folder for the trained reward")
     parser.add_argument("--steps", type=_positive_int, default=None,
                         help="optimizer steps (artifact, default 3000) or per curriculum stage (noise-aware, 60)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=_seed, default=0)
     parser.add_argument("--device", type=_device, default=DEFAULT_DEVICE)
     artifact = parser.add_argument_group("artifact")
-    artifact.add_argument("--data", type=Path, default=None,
+    artifact.add_argument("--data", type=_path, default=None,
                           help='JSONL of {"file": ..., "label": 0|1} (1 = has artifacts; or a review page\'s export, '
                                "labels good / artifact / bad, bad left out) or a folder with clean/ and artifact/")
     artifact.add_argument("--backbone", default="facebook/dinov2-small", help="frozen vision backbone, id or path")
     artifact.add_argument("--holdout", type=float, default=0.2, help="share of images held out for the accuracy")
-    artifact.add_argument("--unseen", type=Path, default=None,
+    artifact.add_argument("--unseen", type=_path, default=None,
                           help="folder of artifact images of kinds left out of --data: reports how often they score "
                                "below held-out clean images")
     noise_aware = parser.add_argument_group("noise-aware")
     noise_aware.add_argument("--model", default="assets/world/sd3", help="the generator whose trajectories it reads")
-    noise_aware.add_argument("--lora", type=Path, default=None, help="folder with a diffusers-format LoRA for --model")
+    noise_aware.add_argument("--lora", type=_path, default=None, help="folder with a diffusers-format LoRA for --model")
     noise_aware.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="the generator's dtype")
-    noise_aware.add_argument("--teacher", default="clip:assets/world/clip",
+    noise_aware.add_argument("--teacher", type=_reward_spec, default="clip:assets/world/clip",
                              help="teacher reward spec (clip:, pickscore:)")
     noise_aware.add_argument("--prompts", default="shapes:train", help="training prompts: shapes:SPLIT or a file")
     noise_aware.add_argument("--eval-prompts", default="shapes:test", help="held-out prompts for the Spearman metric")
@@ -515,7 +545,7 @@ def add_train_parser(subparsers) -> None:
         "train", help="fine-tune a model toward rewards (Flow-GRPO); `accelerate launch -m align_diffusion train` "
         "for several processes"
     )
-    parser.add_argument("config", type=Path, nargs="?", default=None,
+    parser.add_argument("config", type=_path, nargs="?", default=None,
                         help="YAML config (configs/*.yaml); omitted: every default")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. sampling.noise_level=0.5")
     parser.add_argument("--print-config", action="store_true",
@@ -549,13 +579,14 @@ def run_train(args) -> None:
 def add_calibrate_noise_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "calibrate-noise", help="DenseGRPO's per-step noise calibration ψ(t): write a noise table for a config")
-    parser.add_argument("config", type=Path, help="the training config whose model, reward, prompts and sampler to use")
+    parser.add_argument("config", type=_path,
+                        help="the training config whose model, reward, prompts and sampler to use")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, as for train")
     parser.add_argument("--rounds", type=_positive_int, default=5, help="calibration rounds (one rollout batch each)")
     parser.add_argument("--eps1", type=_non_negative_float, default=0.1,
                         help="balance tolerance: |n₊ − n₋| ≤ eps1 · (n₊ + n₋) raises ψ(t)")
     parser.add_argument("--eps2", type=_positive_float, default=0.05, help="the step ψ(t) moves by per round")
-    parser.add_argument("--out", type=Path, required=True, help="JSON noise table (for sampling.noise_table)")
+    parser.add_argument("--out", type=_path, required=True, help="JSON noise table (for sampling.noise_table)")
     parser.set_defaults(run=run_calibrate_noise)
 
 
@@ -618,11 +649,12 @@ def add_steer_parser(subparsers) -> None:
     parser.add_argument("--model", required=True, help="diffusers model id or local folder")
     prompts = parser.add_mutually_exclusive_group(required=True)
     prompts.add_argument("--prompt", nargs="+", action="extend", help="one or more prompts")
-    prompts.add_argument("--prompts-file", type=Path, help="text file with one prompt per line")
-    parser.add_argument("--reward", required=True, help="reward spec (ReNO: differentiable terms only)")
+    prompts.add_argument("--prompts-file", type=_path, help="text file with one prompt per line")
+    parser.add_argument("--reward", type=_reward_spec, required=True,
+                        help="reward spec (ReNO: differentiable terms only)")
     parser.add_argument("--budget", type=_positive_int, default=None,
                         help="model evaluations per prompt (one image through one step); sets the method's size")
-    parser.add_argument("--seed", type=int, default=0, help="prompt j's first candidate uses seed + j")
+    parser.add_argument("--seed", type=_seed, default=0, help="prompt j's first candidate uses seed + j")
     parser.add_argument("--steps", type=_positive_int, default=None,
                         help="denoising steps (default: the model's; ReNO: 4)")
     parser.add_argument("--guidance", type=_non_negative_float, default=None,
@@ -630,7 +662,7 @@ def add_steer_parser(subparsers) -> None:
     add_negative_prompt(parser)
     parser.add_argument("--height", type=_positive_int, default=None)
     parser.add_argument("--width", type=_positive_int, default=None)
-    parser.add_argument("--lora", type=Path, default=None, help="folder with a diffusers-format LoRA")
+    parser.add_argument("--lora", type=_path, default=None, help="folder with a diffusers-format LoRA")
     parser.add_argument("--device", type=_device, default=DEFAULT_DEVICE)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     add_model_options(parser)
@@ -639,7 +671,7 @@ def add_steer_parser(subparsers) -> None:
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the denoiser, the VAE decoder and the rewards' image networks, for GPU "
                              "runs: fewer, fused kernels once compiled (the first calls compile, minutes at full size)")
-    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--out", type=_path, required=True, help="output folder")
     again = parser.add_mutually_exclusive_group()
     again.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
     again.add_argument("--resume", action="store_true",
@@ -668,7 +700,7 @@ def add_steer_parser(subparsers) -> None:
                        help="step indices, increasing (default 2 6 11, for 20 steps)")
     group.add_argument("--keep", type=_fraction, nargs="+", default=None,
                        help="fraction kept per prune step (0.4 0.4 0.5)")
-    group.add_argument("--prune-reward", default=None,
+    group.add_argument("--prune-reward", type=_reward_spec, default=None,
                        help="noise-aware reward spec ranking x̂0 at prune steps (default: --reward)")
     group = parser.add_argument_group("reno")
     group.add_argument("--iterations", type=int, default=None, help="default 50, or from --budget")
@@ -736,6 +768,7 @@ def run_steer(args) -> None:
                **options)
     if args.resume:  # before the model loads: a run that is not this one is refused at once
         steered_already(args.out, prompts, reward, args.method, **run)
+        note_a_fresh_start(args)
     args.sampler = options.get("sampler", "ode")  # what load_for_command checks against the model
     adapter = load_for_command(args)
     if args.compile:
@@ -751,10 +784,10 @@ def run_steer(args) -> None:
 def add_gallery_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "gallery", help="(re)build the review page of a sample, eval or steer folder, or of a training run")
-    parser.add_argument("dir", type=Path, help="a folder with metadata.jsonl, or a training run's output_dir")
-    parser.add_argument("--compare", type=Path, default=None,
+    parser.add_argument("dir", type=_path, help="a folder with metadata.jsonl, or a training run's output_dir")
+    parser.add_argument("--compare", type=_path, default=None,
                         help="a second sample folder: also build a side-by-side page pairing images by prompt and seed")
-    parser.add_argument("--out", type=Path, default=None,
+    parser.add_argument("--out", type=_path, default=None,
                         help="file for the side-by-side page (default DIR/compare-<name of DIR2>.html)")
     parser.set_defaults(run=run_gallery)
 
@@ -804,9 +837,6 @@ def main(argv: list[str] | None = None) -> None:
     add_steer_parser(subparsers)
     add_gallery_parser(subparsers)
     args = parse_with_overrides(parser, argv)
-    for name, value in vars(args).items():  # the shell expands ~ at a word's start only, not in --out=~/…
-        if isinstance(value, Path) and str(value).startswith("~"):
-            setattr(args, name, value.expanduser())
     # Bad input found after loading (size, sampler, model type) or a path that does not load (a folder that is no
     # pipeline, a missing asset): one line, no traceback.
     try:

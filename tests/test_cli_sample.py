@@ -343,6 +343,40 @@ def test_an_out_that_cannot_be_written_is_named_before_anything_loads(tmp_path):
             main([*command, "--out", out if command[0] != "calibrate-noise" else f"{out}/table.json"])
 
 
+def test_ctrl_c_while_torch_is_still_importing_ends_with_a_line_not_a_traceback(tmp_path):
+    """-X importtime reports each import as it finishes: the signal lands once torch's own imports are under way."""
+    process = subprocess.Popen([sys.executable, "-X", "importtime", "-m", "align_diffusion", "gallery",
+                                str(tmp_path)], stderr=subprocess.PIPE, text=True)
+    for line in process.stderr:
+        if "torch." in line:
+            process.send_signal(signal.SIGINT)
+            break
+    stderr = process.stderr.read()
+    process.wait(timeout=60)
+    assert process.returncode == 130 and "align-diffusion: interrupted" in stderr, stderr[-3000:]
+    assert "Traceback" not in stderr
+
+
+def test_empty_paths_and_reward_specs_and_seeds_out_of_range_are_refused_by_name(capsys):
+    """Path("") is the current folder, which --out "" would have written into; --reward "" was read as no reward."""
+    common = ["sample", "--model", "m", "--prompt", "a"]
+    for flags, message in [(["--out", ""], "--out: must not be empty"), (["--out", "o", "--lora", " "],
+                           "--lora: must not be empty"), (["--out", "o", "--reward", ""], "--reward: must not be "
+                           "empty"), (["--out", "o", "--seed", str(2**64)], r"--seed: must lie in \[0, 2\*\*32\)"),
+                           (["--out", "o", "--seed", "-1"], r"--seed: must lie in \[0, 2\*\*32\), got -1")]:
+        with pytest.raises(SystemExit):
+            main([*common, *flags])
+        assert re.search(message, capsys.readouterr().err)
+
+
+def test_resume_on_a_folder_with_no_earlier_run_says_it_starts_from_the_first_prompt(saved, tmp_path, capsys):
+    main(["sample", "--model", str(saved["sd3"]), "--prompt", "a", "--steps", "1", "--height", "32", "--width", "32",
+          "--out", str(tmp_path / "typo"), "--resume"])
+    assert "--resume: " + str(tmp_path / "typo") + " holds no earlier run; starting from the first prompt" in \
+        capsys.readouterr().err
+    assert (tmp_path / "typo" / "metadata.jsonl").is_file()
+
+
 def test_a_lora_folder_without_weights_is_named(saved, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match="--lora: .*empty holds no pytorch_lora_weights.safetensors"):

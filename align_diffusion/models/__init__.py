@@ -59,7 +59,7 @@ def missing_local_model(model: str, holds: str = "model_index.json") -> str | No
     """Why `model`, written as a path (absolute, starting with . or ~, or with more than one '/'), names no folder;
     None when it does or when it reads as a hub id (`org/name`), which from_pretrained resolves. `holds`: the file
     a local folder of this kind has."""
-    path = Path(model).expanduser()
+    path = Path(home_expanded(model))
     if (path.is_absolute() or model.startswith((".", "~")) or model.count("/") > 1) and not path.is_dir():
         return f"{model} is no folder (a local model is a folder with {holds})"
     return None
