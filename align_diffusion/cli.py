@@ -244,6 +244,13 @@ def note_a_fresh_start(args) -> None:
               "prompt", file=sys.stderr)
 
 
+def warn_of_diverged(args, diverged: int, total: int) -> None:
+    if diverged:
+        print(f"align-diffusion {args.command}: warning: {diverged} of {total} images diverged (NaN or infinite "
+              'values, saved black and marked "diverged": true in metadata.jsonl); float32 (--dtype) or a lower '
+              "--noise-level may keep them finite", file=sys.stderr)
+
+
 def run_sample(args) -> None:
     from align_diffusion.gallery.page import read_records
     from align_diffusion.rewards.spec import load_reward
@@ -286,6 +293,7 @@ def run_sample(args) -> None:
         extra_metadata=model_record(args),
     )
     print(f"wrote {len(records)} images to {args.out}; review page {args.out / 'index.html'}")
+    warn_of_diverged(args, sum(bool(r.get("diverged")) for r in records), len(records))
 
 
 def add_eval_parser(subparsers) -> None:
@@ -344,6 +352,7 @@ def run_eval(args) -> None:
     if len(result["pass_at_k"]) > 1:
         print("  pass@k, best of k by a perfect judge: "
               + "  ".join(f"k={k} {v['overall']:.3f}" for k, v in result["pass_at_k"].items()))
+    warn_of_diverged(args, result["diverged_images"], result["num_images"])
 
 
 SHIPPED_WORLD = Path("assets/world")  # build-world's default --out: the repository's world, run from its root

@@ -2,6 +2,7 @@
 
 import html
 import json
+import math
 import re
 import shutil
 from pathlib import Path
@@ -19,6 +20,7 @@ from align_diffusion.cli import main
 from align_diffusion.gallery import read_records
 from align_diffusion.sampling.folder import SampleFolder
 from align_diffusion.models import load_adapter
+from align_diffusion.models.base import PipelineAdapter
 from align_diffusion.sampling.loop import sample
 from align_diffusion.world.build import BuildPlan, build_world
 from align_diffusion.world.evaluate import shapes_eval
@@ -202,6 +204,24 @@ def test_eval_refuses_a_model_of_another_size_before_sampling(saved, tmp_path):
     with pytest.raises(SystemExit, match="ShapesEval judges 64×64 images, and this model samples 32×32"):
         main(["eval", "--model", str(saved["sd3"]), "--out", str(tmp_path / "eval")])
     assert not (tmp_path / "eval" / "images").exists()
+
+
+def test_diverged_samples_are_marked_and_warned_of_not_passed_off_as_black_images(tmp_path, capsys):
+    """Flow-SDE at a noise level of 1e20 leaves the finite numbers: eval and sample say so, and mark each image."""
+    finite, nan, inf = torch.rand(3, 4, 4), torch.rand(3, 4, 4), torch.rand(3, 4, 4)
+    nan[1, 2, 3], inf[0, 0, 0] = math.nan, math.inf
+    assert PipelineAdapter.diverged(torch.stack([finite, nan, inf])) == [False, True, True]
+    world_sd3 = str(Path(__file__).resolve().parents[1] / "assets" / "world" / "sd3")
+    common = ["--model", world_sd3, "--steps", "1", "--sampler", "flow-sde"]
+    main(["eval", *common, "--noise-level", "1e20", "--num-images-per-prompt", "1", "--out", str(tmp_path / "eval")])
+    result = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert result["diverged_images"] == result["num_images"] > 0
+    assert all(record["diverged"] for record in read_records(tmp_path / "eval"))
+    assert f"{result['num_images']} of {result['num_images']} images diverged" in capsys.readouterr().err
+    for level, diverged in (("1e20", True), ("0.5", False)):
+        main(["sample", *common, "--noise-level", level, "--prompt", "a red circle", "--out", str(tmp_path / level)])
+        assert [record.get("diverged", False) for record in read_records(tmp_path / level)] == [diverged]
+        assert ("1 of 1 images diverged" in capsys.readouterr().err) == diverged
 
 
 def test_new_samples_in_a_folder_remove_its_earlier_evaluation(tmp_path):

@@ -230,6 +230,12 @@ class PipelineAdapter:
         return [Image.fromarray(p.permute(1, 2, 0).cpu().numpy()) for p in pixels]
 
     @staticmethod
+    def diverged(images: torch.Tensor) -> list[bool]:
+        """Which images hold a NaN or infinite value: a sample that diverged (fp16 overflow, a huge noise level),
+        which `to_pil` writes black."""
+        return (~torch.isfinite(images.detach().flatten(1)).all(dim=1)).tolist()
+
+    @staticmethod
     def as_saved(images: torch.Tensor) -> torch.Tensor:
         """The images at the 8-bit levels `to_pil` writes: a verdict on them holds for the saved files (a shape's
         fill can sit on a ShapesEval threshold that rounding crosses)."""

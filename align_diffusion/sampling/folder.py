@@ -150,7 +150,8 @@ def sample_to_folder(
     resume: bool = False,
 ) -> list[dict]:
     """Writes every image and its metadata (with each reward term's score when `reward` is given) to `out_dir`,
-    then the review page; returns the metadata records. Samples already in `out_dir` are replaced only with
+    then the review page; returns the metadata records. An image that diverged (`PipelineAdapter.diverged`, written
+    black) is marked `"diverged": true`. Samples already in `out_dir` are replaced only with
     `overwrite`; with `resume`, an interrupted run of the same prompts and settings goes on after its last image
     (ValueError naming what differs otherwise)."""
     from align_diffusion.gallery import build_gallery
@@ -194,9 +195,11 @@ def sample_to_folder(
                 **asdict(settings),
             )
             each = score_terms(reward, trajectory.images, batch_prompts)[1] if reward is not None else None
+            diverged = adapter.diverged(trajectory.images)
             for k, ((prompt, image_seed), image) in enumerate(zip(batch, adapter.to_pil(trajectory.images))):
                 folder.add(image, {"prompt": prompt, "seed": image_seed, **same_run,
-                                   **({"rewards": reward_record(each, k)} if each is not None else {})})
+                                   **({"rewards": reward_record(each, k)} if each is not None else {}),
+                                   **({"diverged": True} if diverged[k] else {})})
             bar.update(len(batch))
     build_gallery(out_dir)
     return folder.records

@@ -32,7 +32,8 @@ def evaluate_shapes(
 ) -> dict:
     """ShapesEval of `adapter`'s samples for every prompt of `split`; image k is seeded `seed + k`. With `out_dir`,
     the samples are also written there as a sample folder with their verdicts, the settings they were made with
-    (and `extra_metadata`, such as the model) as `sample` writes them, and its review page."""
+    (and `extra_metadata`, such as the model) as `sample` writes them, and its review page. `diverged_images`
+    counts the samples that diverged (`PipelineAdapter.diverged`), marked `"diverged": true` in `per_image`."""
     prompts = [p for p in split_prompts(split) for _ in range(num_images_per_prompt)]
     settings = resolve_settings(adapter, sampler, num_inference_steps, guidance_scale, noise_level)
     if (settings.height, settings.width) != (CANVAS, CANVAS):  # refused now, not after sampling the whole split
@@ -41,18 +42,22 @@ def evaluate_shapes(
     images = sample_images(adapter, prompts, seed=seed, batch_size=batch_size,
                            desc=f"shapes {split}" if progress else None, sampler=sampler,
                            negative_prompt=negative_prompt, **asdict(settings))
+    diverged = adapter.diverged(images)
     images = adapter.as_saved(images)
     result = shapes_eval(prompts, images)
+    result["diverged_images"] = sum(diverged)
     result["settings"] = {"split": split, "num_images_per_prompt": num_images_per_prompt, "sampler": sampler,
                           "seed": seed, "negative_prompt": negative_prompt, **asdict(settings)}
     for k, record in enumerate(result["per_image"]):
         record["seed"] = seed + k
+        if diverged[k]:
+            record["diverged"] = True
     if out_dir is not None:
         made_with = {**settings_record(sampler, settings, negative_prompt), **(extra_metadata or {})}
         with SampleFolder(out_dir) as folder:
             for image, record in zip(adapter.to_pil(images), result["per_image"]):
                 folder.add(image, {"prompt": record["prompt"], "seed": record["seed"],
                                    "shapes_strict": record["strict"], "rewards": {"shapes": record["graded"]},
-                                   **made_with})
+                                   **made_with, **({"diverged": True} if record.get("diverged") else {})})
         build_gallery(out_dir, title=f"ShapesEval {split}: strict {result['overall_strict']:.3f}")
     return result
