@@ -138,10 +138,10 @@ def add_sample_parser(subparsers) -> None:
 
 
 def check_model_arguments(args) -> None:
-    """The checks of --model, --lora and the model and guidance options that need no model loaded: sample, eval and
-    steer make them before they load anything."""
+    """The checks of --model, --lora, --sampler and the model and guidance options that need no model loaded:
+    sample, eval and steer make them before they load anything."""
     from align_diffusion.models import adapter_class
-    from align_diffusion.sampling.loop import guidance_problem
+    from align_diffusion.sampling.loop import guidance_problem, sampler_problem
 
     if args.lora is not None and not args.lora.is_dir():
         raise SystemExit(f"--lora: no such folder {args.lora}")
@@ -150,6 +150,9 @@ def check_model_arguments(args) -> None:
         raise SystemExit(f"--lora: {args.lora} holds no pytorch_lora_weights.safetensors (a diffusers LoRA folder, "
                          "such as a training run's lora/)")
     family = adapter_class(str(args.model))  # None for a hub id not downloaded yet: the adapter checks once loaded
+    sampler = getattr(args, "sampler", None)  # steer's None: the method's default, which fits
+    if family is not None and sampler is not None and (problem := sampler_problem(family.is_flow, sampler)):
+        raise SystemExit(f"--sampler: {problem}")
     for option in MODEL_OPTIONS:
         if reason := model_option_problem(family, option, getattr(args, option)):
             raise SystemExit(f"--{option.replace('_', '-')}: {reason}")
@@ -160,9 +163,9 @@ def check_model_arguments(args) -> None:
 
 
 def check_noise_level_argument(sampler: str | None, noise_level: float | None) -> None:
-    from align_diffusion.sampling.loop import ode_noise_problem
+    from align_diffusion.sampling.loop import noise_levels_problem
 
-    if noise_level is not None and (problem := ode_noise_problem(sampler, [noise_level])):
+    if noise_level is not None and (problem := noise_levels_problem(sampler, [noise_level])):
         raise SystemExit(f"--noise-level: {problem}")
 
 
@@ -712,7 +715,7 @@ def add_steer_parser(subparsers) -> None:
     group.add_argument("--prune-reward", type=_reward_spec, default=None,
                        help="noise-aware reward spec ranking x̂0 at prune steps (default: --reward)")
     group = parser.add_argument_group("reno")
-    group.add_argument("--iterations", type=int, default=None, help="default 50, or from --budget")
+    group.add_argument("--iterations", type=_non_negative_int, default=None, help="default 50, or from --budget")
     group.add_argument("--lr", type=_non_negative_float, default=None, help="SGD learning rate (default 5)")
     group.add_argument("--reg-weight", type=_non_negative_float, default=None,
                        help="noise-norm regularizer weight (0.01)")
@@ -727,7 +730,8 @@ def run_steer(args) -> None:
     from align_diffusion.rewards.spec import load_reward
     from align_diffusion.models.base import missing_c_compiler
     from align_diffusion.steering import compile_models, steer_to_folder
-    from align_diffusion.steering.steer import SIZE_OPTION, steered_already
+    from align_diffusion.models import adapter_class
+    from align_diffusion.steering.steer import SIZE_OPTION, check_steering, steered_already
 
     options = {}
     for dest, methods in STEER_OPTIONS.items():
@@ -744,8 +748,6 @@ def run_steer(args) -> None:
     if args.method == "reno":
         options.update(gradient_checkpointing=not args.no_checkpointing,
                        autocast_dtype=None if args.autocast is None else DTYPES[args.autocast])
-        if args.batch_size is not None:  # else steer's default
-            options["reno_batch_size"] = args.batch_size
     elif args.no_checkpointing or args.autocast or args.batch_size:
         raise SystemExit(f"--no-checkpointing, --autocast and --batch-size apply to reno, not {args.method}")
     options.update({key: value for key, value in (("num_inference_steps", args.steps),
@@ -772,9 +774,12 @@ def run_steer(args) -> None:
     reward = load_reward(args.reward, device=args.device, dtype=DTYPES[args.dtype])
     prune_reward = None if args.prune_reward is None else load_reward(args.prune_reward, device=args.device,
                                                                       dtype=DTYPES[args.dtype])
+    family = adapter_class(str(args.model))
+    if family is not None:  # read without loading the model (a hub id not downloaded yet: steer checks once loaded)
+        check_steering(family, prompts, reward, args.method, budget=args.budget, prune_reward=prune_reward, **options)
     run = dict(shapes_eval=args.shapes_eval, budget=args.budget, seed=args.seed, prune_reward=prune_reward,
-               extra_metadata=model_record(args),
-               **options)
+               extra_metadata=model_record(args), **options,
+               **({} if args.batch_size is None else {"reno_batch_size": args.batch_size}))  # else steer's default
     if args.resume:  # before the model loads: a run that is not this one is refused at once
         steered_already(args.out, prompts, reward, args.method, **run)
         note_a_fresh_start(args)

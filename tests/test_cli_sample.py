@@ -293,6 +293,31 @@ def test_a_noise_level_for_the_ode_sampler_is_refused_before_loading(saved, tmp_
         main([*command, "--model", str(saved["sd3"]), *prompt, "--noise-level", "0.9", "--out", str(tmp_path / "a")])
 
 
+@pytest.mark.parametrize("command, message", [
+    (["sample", "--sampler", "ddim"], "--sampler: 'ddim' does not fit a flow-matching model"),
+    (["sample", "--sampler", "cps", "--noise-level", "1.5"], "--noise-level: cps noise levels a must lie in [0, 1]"),
+    (["steer", "--method", "best-of-n", "--sampler", "ddim"], "--sampler: 'ddim' does not fit a flow-matching"),
+    (["steer", "--method", "best-of-n", "--steps", "4", "--budget", "3"],
+     "a budget of 3 model evaluations is less than one best-of-n run of 4 steps"),
+    (["steer", "--method", "fk", "--sampler", "ode", "--num-particles", "2"], "needs a stochastic sampler"),
+    (["steer", "--method", "fk", "--steps", "10", "--resample-start", "12"],
+     "resampling schedule start=12, interval=5, end=8 does not fit 10 steps"),
+    (["steer", "--method", "ttsnap", "--prune-steps", "2", "6", "--keep", "0.5"],
+     "one keep fraction per prune step, got steps [2, 6] and keep [0.5]"),
+    (["steer", "--method", "ttsnap", "--steps", "5"], "prune steps must be increasing step indices in [0, 5)"),
+    (["steer", "--method", "reno", "--reward", "shapes"], "ReNO needs differentiable rewards; shapes is not"),
+])
+def test_sampler_and_steering_options_that_do_not_fit_are_refused_before_the_model_loads(saved, tmp_path,
+                                                                                         monkeypatch, command, message):
+    """The family (an adapter class read from model_index.json) tells default steps and flow or not: enough."""
+    monkeypatch.setattr("align_diffusion.cli.load_for_command", lambda *args: pytest.fail("loaded the model"))
+    reward = [] if "--reward" in command or command[0] == "sample" else ["--reward", "jpeg"]
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        main([*command, *reward, "--model", str(saved["sd3"]), "--prompt", "a red circle", "--out",
+              str(tmp_path / "a")])
+    assert not (tmp_path / "a").exists()
+
+
 def test_sampling_functions_refuse_a_noise_level_for_the_ode_sampler(saved):
     with pytest.raises(ValueError, match="noise_level: the ode sampler draws no noise"):
         resolve_settings(load_adapter(str(saved["sd3"])), "ode", num_inference_steps=2, noise_level=[0.0, 0.5])
@@ -416,8 +441,9 @@ def test_overwrite_leaves_only_the_new_samples(saved, tmp_path):
     (out / "notes.txt").write_text("mine")
     (out / "images" / "keep.jpg").write_bytes(b"mine")
     earlier = sorted(p.name for p in (out / "images").iterdir())
-    with pytest.raises(SystemExit, match="cps noise level a must lie in"):  # fails before its first image
-        main([*common, "--prompt", PROMPTS[0], "--sampler", "cps", "--noise-level", "1.5", "--overwrite"])
+    with pytest.raises(SystemExit, match="DDIM η = 5.0 at step 0 makes σ² exceed"):  # fails at its first step
+        main([*common, "--prompt", PROMPTS[0], "--model", str(saved["sd"]), "--sampler", "ddim", "--noise-level",
+              "5", "--overwrite"])
     assert sorted(p.name for p in (out / "images").iterdir()) == earlier and (out / "index.html").is_file()
     assert len((out / "metadata.jsonl").read_text().splitlines()) == 4
     with pytest.raises(KeyboardInterrupt), SampleFolder(out) as folder:  # interrupted after its first image

@@ -124,6 +124,8 @@ def test_steer_takes_one_prompt_string_and_the_one_prompt_methods_refuse_a_list(
             method(adapter, ["a red circle"], Darkness(), num_inference_steps=2, **SIZE)
     with pytest.raises(ValueError, match="num_inference_steps must be a whole number >= 1, got 0"):
         steer(adapter, ["a red circle"], Darkness(), "reno", budget=8, num_inference_steps=0)
+    with pytest.raises(ValueError, match="fk: got an unexpected keyword argument 'num_candidates'"):
+        steer(adapter, ["a red circle"], Darkness(), "fk", num_candidates=2)
 
 
 def test_noise_norm_regularizer_value_and_gradient():

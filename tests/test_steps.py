@@ -188,7 +188,7 @@ def test_sampler_that_does_not_fit_the_model_is_refused(tiny_pipes):
 
 
 @pytest.mark.parametrize("sampler,levels,message", [
-    ("cps", 3.0, r"cps noise level a must lie in \[0, 1\], got 3.0"),
+    ("cps", 3.0, r"cps noise levels a must lie in \[0, 1\], got 3.0"),
     ("flow-sde", [0.7, 0.7, float("nan")], "finite number >= 0, got nan at step 2"),
     ("dance-sde", -0.1, "finite number >= 0"),
     ("ddim", 5.0, "DDIM η = 5.0 at step 0 makes σ² exceed 1 - ᾱ_prev"),

@@ -57,13 +57,19 @@ class Trajectory:
         return self.latents[:, -1]
 
 
+def sampler_problem(is_flow: bool, sampler: str) -> str | None:
+    """Why `sampler` does not fit a flow-matching (`is_flow`) or diffusion model, naming the samplers that do; None
+    when it fits. Told by the model family alone, before the model loads."""
+    allowed = FLOW_SAMPLERS if is_flow else DIFFUSION_SAMPLERS
+    if sampler not in allowed:
+        return f"{sampler!r} does not fit a {'flow-matching' if is_flow else 'diffusion'} model; use one of {allowed}"
+    return None
+
+
 def check_sampler(adapter: PipelineAdapter, sampler: str) -> None:
     """Refuses a sampler that does not fit the model type, naming the ones that do."""
-    allowed = FLOW_SAMPLERS if adapter.is_flow else DIFFUSION_SAMPLERS
-    if sampler not in allowed:
-        kind = "a flow-matching" if adapter.is_flow else f"a diffusion ({adapter.prediction_type}) model"
-        pipeline = type(adapter.pipe).__name__
-        raise ValueError(f"sampler {sampler!r} does not fit {kind} ({pipeline}); use one of {allowed}")
+    if problem := sampler_problem(adapter.is_flow, sampler):
+        raise ValueError(f"sampler {problem}")
     if adapter.is_flow and sampler != "ode" and adapter.pipe.scheduler.config.get("invert_sigmas", False):
         raise ValueError(f"sampler {sampler!r}: the pipeline's scheduler sets invert_sigmas (σ from 0 to 1), and the "
                          "SDE samplers step σ from 1 to 0; only the ODE samples it")
@@ -142,13 +148,22 @@ class Settings:
         return [self.noise_level] * self.num_inference_steps
 
 
-def ode_noise_problem(sampler: str, levels) -> str | None:
-    """Why noise levels above 0 do not fit `sampler`: the ODE draws no noise, so they would change nothing."""
+def noise_levels_problem(sampler: str, levels) -> str | None:
+    """Why noise levels do not fit `sampler`, told without the model: above 0 for the ODE, which draws no noise, so
+    they would change nothing; above 1 for CPS (`check_noise_level`)."""
     if sampler == "ode" and any(level > 0 for level in levels):
         stochastic = ", ".join(s for s in DEFAULT_NOISE_LEVEL if s != "ode")
         return (f"the ode sampler draws no noise, so a level above 0 would change nothing; use a stochastic "
                 f"sampler ({stochastic})")
+    if sampler == "cps" and max(levels, default=0) > LARGEST_NOISE_LEVEL["cps"]:
+        return f"cps noise levels a must lie in [0, 1], got {max(levels)}"
     return None
+
+
+def check_count(name: str, value) -> None:
+    """Refuses a `value` of the setting `name` (steps, height, width) that is no whole number >= 1."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
 
 
 def resolve_settings(
@@ -168,9 +183,7 @@ def resolve_settings(
         width=default_width if width is None else width,
     )
     for name in ("num_inference_steps", "height", "width"):
-        value = getattr(settings, name)
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-            raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+        check_count(name, getattr(settings, name))
     if not isinstance(settings.noise_level, numbers.Real):  # one per step: a list, tuple, array or tensor
         settings.noise_level = [float(level) for level in settings.noise_level]
         if len(settings.noise_level) != settings.num_inference_steps:
@@ -179,7 +192,7 @@ def resolve_settings(
         if isinstance(level, bool) or not math.isfinite(level) or level < 0:
             raise ValueError(f"noise_level must be a finite number >= 0, got {level!r}"
                              + (f" at step {step}" if isinstance(settings.noise_level, list) else ""))
-    if problem := ode_noise_problem(sampler, settings.levels()):
+    if problem := noise_levels_problem(sampler, settings.levels()):
         raise ValueError(f"noise_level: {problem}")
     guidance = settings.guidance_scale
     if isinstance(guidance, bool) or not isinstance(guidance, numbers.Real) or not math.isfinite(guidance):

@@ -19,6 +19,14 @@ from align_diffusion.steering.candidates import (
 )
 
 
+def check_best_of_n_options(num_candidates: int, batch_size: int) -> None:
+    """The checks of best-of-n's own options, which need no model (`steering.steer.check_steering`)."""
+    if num_candidates < 1:
+        raise ValueError(f"best-of-n needs at least 1 candidate, got {num_candidates}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+
+
 @torch.no_grad()
 def best_of_n(
     adapter: PipelineAdapter,
@@ -39,10 +47,7 @@ def best_of_n(
 ) -> SteeringResult:
     """The best of `num_candidates` samples of `prompt` (prompt number `index` of a run) under `reward`."""
     prompt = one_prompt(prompt)
-    if num_candidates < 1:
-        raise ValueError(f"best-of-n needs at least 1 candidate, got {num_candidates}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    check_best_of_n_options(num_candidates, batch_size)
     settings = resolve_settings(adapter, sampler, num_inference_steps, guidance_scale, noise_level, height, width)
     budget = Budget()
     generators = candidate_generators(seed, index, num_candidates)

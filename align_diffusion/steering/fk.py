@@ -65,6 +65,33 @@ def resampling_steps(num_inference_steps: int, start: int | None, interval: int,
     return sorted({*range(start, min(end, last) + 1, interval), last})
 
 
+def default_fk_sampler(is_flow: bool) -> str:
+    """FK's sampler unless one is given: Flow-SDE for flow models, DDIM (η = 1) for ε-models."""
+    return "flow-sde" if is_flow else "ddim"
+
+
+def check_fk_options(num_inference_steps: int, levels: list[float], *, sampler: str, num_particles: int, lam: float,
+                  potential: str, resampling: str, adaptive_threshold: float | None, resample_start: int | None,
+                  resample_interval: int, resample_end: int | None) -> None:
+    """The checks of FK's options at the run's steps and noise levels, which need no model
+    (`steering.steer.check_steering`)."""
+    if num_particles < 1:
+        raise ValueError(f"FK steering needs at least 1 particle, got {num_particles}")
+    if num_particles > 1 and (sampler == "ode" or max(levels) == 0):
+        raise ValueError(f"FK steering with {num_particles} particles needs a stochastic sampler (flow-sde, "
+                         "dance-sde, cps, or ddim with noise_level > 0): resampled copies of a deterministic "
+                         "sampler stay identical, so the particles would collapse onto a few images")
+    if not math.isfinite(lam) or lam < 0:
+        raise ValueError(f"lam (the tilt λ) must be a finite number >= 0, got {lam}")
+    if potential not in POTENTIALS:
+        raise ValueError(f"potential must be one of {POTENTIALS}, got {potential!r}")
+    if resampling not in RESAMPLING:
+        raise ValueError(f"resampling must be one of {RESAMPLING}, got {resampling!r}")
+    if adaptive_threshold is not None and not 0 < adaptive_threshold <= 1:
+        raise ValueError(f"adaptive_threshold must lie in (0, 1], got {adaptive_threshold}")
+    resampling_steps(num_inference_steps, resample_start, resample_interval, resample_end)
+
+
 def log_potential(history: torch.Tensor, potential: str, lam: float) -> torch.Tensor:
     """log G_t per particle from its lineage's scores so far, `history` (k, s) with the current step last."""
     if potential == "max":
@@ -126,24 +153,13 @@ def fk_steering(
     candidate number of the particle whose starting noise began the winning lineage; the details' `candidate_rewards`
     and `ancestors` (each slot's starting candidate) list the final particle slots."""
     prompt = one_prompt(prompt)
-    sampler = sampler or ("flow-sde" if adapter.is_flow else "ddim")
+    sampler = sampler or default_fk_sampler(adapter.is_flow)
     settings = resolve_settings(adapter, sampler, num_inference_steps, guidance_scale, noise_level, height, width)
     check_guidance(adapter, settings.guidance_scale, negative_prompt)
-    if num_particles < 1:
-        raise ValueError(f"FK steering needs at least 1 particle, got {num_particles}")
     levels = settings.levels()
-    if num_particles > 1 and (sampler == "ode" or max(levels) == 0):
-        raise ValueError(f"FK steering with {num_particles} particles needs a stochastic sampler (flow-sde, "
-                         "dance-sde, cps, or ddim with noise_level > 0): resampled copies of a deterministic "
-                         "sampler stay identical, so the particles would collapse onto a few images")
-    if not math.isfinite(lam) or lam < 0:
-        raise ValueError(f"lam (the tilt λ) must be a finite number >= 0, got {lam}")
-    if potential not in POTENTIALS:
-        raise ValueError(f"potential must be one of {POTENTIALS}, got {potential!r}")
-    if resampling not in RESAMPLING:
-        raise ValueError(f"resampling must be one of {RESAMPLING}, got {resampling!r}")
-    if adaptive_threshold is not None and not 0 < adaptive_threshold <= 1:
-        raise ValueError(f"adaptive_threshold must lie in (0, 1], got {adaptive_threshold}")
+    check_fk_options(settings.num_inference_steps, levels, sampler=sampler, num_particles=num_particles, lam=lam,
+                  potential=potential, resampling=resampling, adaptive_threshold=adaptive_threshold,
+                  resample_start=resample_start, resample_interval=resample_interval, resample_end=resample_end)
     steps = settings.num_inference_steps
     scored_steps = resampling_steps(steps, resample_start, resample_interval, resample_end)
 

@@ -58,12 +58,19 @@ def _frozen(*modules):
             parameter.requires_grad_(flag)
 
 
-def _differentiable_terms(reward: Reward) -> None:
-    terms = getattr(reward, "rewards", [reward])
-    blocked = [term.name for term in terms if not term.differentiable]
+def check_reno_options(reward: Reward, *, iterations: int, lr: float, reg_weight: float, grad_clip: float) -> None:
+    """The checks of ReNO's options and reward, which need no model (`steering.steer.check_steering`)."""
+    blocked = [term.name for term in getattr(reward, "rewards", [reward]) if not term.differentiable]
     if blocked:
         raise ValueError(f"ReNO needs differentiable rewards; {', '.join(blocked)} is not (gradients cannot reach "
                          "the pixels)")
+    if iterations < 0:
+        raise ValueError(f"iterations must be >= 0, got {iterations}")
+    for name, value in {"lr": lr, "reg_weight": reg_weight}.items():
+        if not 0 <= value < math.inf:  # also refuses NaN
+            raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+    if not 0 < grad_clip < math.inf:  # a negative clip lowers the reward, 0 freezes the noise
+        raise ValueError(f"grad_clip must be a finite number > 0, got {grad_clip}")
 
 
 def reno(
@@ -91,15 +98,8 @@ def reno(
     """ReNO for each prompt (prompt j of the run is number `first_index + j`, its initial noise the plain sample's);
     ODE sampling with `num_inference_steps` (default DEFAULT_STEPS; 1–4 is the method's regime) and the model's
     guidance by default."""
-    _differentiable_terms(reward)
+    check_reno_options(reward, iterations=iterations, lr=lr, reg_weight=reg_weight, grad_clip=grad_clip)
     prompts = prompt_list(prompts)
-    if iterations < 0:
-        raise ValueError(f"iterations must be >= 0, got {iterations}")
-    for name, value in {"lr": lr, "reg_weight": reg_weight}.items():
-        if not 0 <= value < math.inf:  # also refuses NaN
-            raise ValueError(f"{name} must be a finite number >= 0, got {value}")
-    if not 0 < grad_clip < math.inf:  # a negative clip lowers the reward, 0 freezes the noise
-        raise ValueError(f"grad_clip must be a finite number > 0, got {grad_clip}")
     settings = resolve_settings(adapter, "ode", steps_per_iterate(num_inference_steps), guidance_scale, None, height,
                                 width)
     check_guidance(adapter, settings.guidance_scale, negative_prompt)

@@ -9,6 +9,8 @@ is fine; passing both is an error.
 
 from __future__ import annotations
 
+import inspect
+import numbers
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,23 +19,22 @@ from tqdm.auto import tqdm
 
 from align_diffusion.models.base import PipelineAdapter, missing_c_compiler
 from align_diffusion.rewards.base import Reward
-from align_diffusion.sampling.loop import prompt_list, resolve_settings
+from align_diffusion.sampling.loop import DEFAULT_NOISE_LEVEL, check_count, prompt_list, sampler_problem
 from align_diffusion.steering import ttsnap as ttsnap_module
-from align_diffusion.steering.best_of_n import best_of_n
+from align_diffusion.steering.best_of_n import best_of_n, check_best_of_n_options
 from align_diffusion.steering.candidates import SteeringResult
-from align_diffusion.steering.fk import fk_steering
-from align_diffusion.steering.reno import reno, steps_per_iterate
+from align_diffusion.steering.fk import check_fk_options, default_fk_sampler, fk_steering
+from align_diffusion.steering.reno import check_reno_options, reno, steps_per_iterate
+from align_diffusion.steering.ttsnap import check_ttsnap_options
 
 METHODS = ("best-of-n", "fk", "reno", "ttsnap")
 SIZE_OPTION = {"best-of-n": "num_candidates", "fk": "num_particles", "ttsnap": "num_seeds", "reno": "iterations"}
+METHOD_FUNCTIONS = {"best-of-n": best_of_n, "fk": fk_steering, "reno": reno, "ttsnap": ttsnap_module.ttsnap}
 
 
-def method_size(adapter: PipelineAdapter, method: str, budget: int, options: dict) -> int:
-    """The candidates, particles, seeds or iterations a per-prompt `budget` of model evaluations buys."""
-    steps = options.get("num_inference_steps")
-    if method == "reno":
-        steps = steps_per_iterate(steps)
-    steps = resolve_settings(adapter, "ode", steps).num_inference_steps
+def method_size(method: str, budget: int, steps: int, options: dict) -> int:
+    """The candidates, particles, seeds or iterations a per-prompt `budget` of model evaluations buys, at `steps`
+    denoising steps (ReNO: per iterate)."""
     if method == "ttsnap":
         size = ttsnap_module.seeds_for_budget(budget, list(options.get("prune_steps", ttsnap_module.PRUNE_STEPS)),
                                               list(options.get("keep", ttsnap_module.KEEP)), steps)
@@ -44,6 +45,55 @@ def method_size(adapter: PipelineAdapter, method: str, budget: int, options: dic
     if size < (0 if method == "reno" else 1):
         raise ValueError(f"a budget of {budget} model evaluations is less than one {method} run of {steps} steps")
     return size
+
+
+def check_steering(family: type[PipelineAdapter] | PipelineAdapter, prompts: list[str], reward: Reward, method: str,
+                   *, budget: int | None = None, prune_reward: Reward | None = None, **options) -> dict:
+    """Refuses a steering run whose method, budget, options or prompts do not fit, before any compute; returns
+    `options`, with the size a budget buys. `family` is the adapter, or its class
+    read without loading the model (`models.adapter_class`): the checks need only its default steps and guidance and
+    whether it is a flow model, so a command makes them before it loads the model."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if prune_reward is not None and method != "ttsnap":
+        raise ValueError(f"prune_reward applies to ttsnap, not {method}")
+    for scorer in (reward, prune_reward):
+        if scorer is not None:
+            scorer.check_prompts(prompts)
+    signature = inspect.signature(METHOD_FUNCTIONS[method])
+    try:
+        signature.bind_partial(**options)
+    except TypeError as error:  # an option of another method, or none at all
+        raise ValueError(f"{method}: {error}") from None
+    run = {name: parameter.default for name, parameter in signature.parameters.items()
+           if parameter.default is not parameter.empty and parameter.kind == parameter.KEYWORD_ONLY} | options
+    steps = steps_per_iterate(run["num_inference_steps"]) if method == "reno" else run["num_inference_steps"]
+    steps = family.default_steps if steps is None else steps
+    check_count("num_inference_steps", steps)
+    guidance = family.default_guidance if run["guidance_scale"] is None else run["guidance_scale"]
+    size = SIZE_OPTION[method]
+    if budget is not None:
+        if size in options:
+            raise ValueError(f"give either a budget or {size}, not both")
+        run[size] = options[size] = method_size(method, budget, steps, run)
+    if "sampler" in run and (problem := sampler_problem(family.is_flow, run["sampler"] or "ode")):
+        raise ValueError(f"sampler {problem}")
+    if method == "best-of-n":
+        check_best_of_n_options(run["num_candidates"], run["batch_size"])
+    elif method == "reno":
+        check_reno_options(reward, iterations=run["iterations"], lr=run["lr"], reg_weight=run["reg_weight"],
+                           grad_clip=run["grad_clip"])
+    elif method == "ttsnap":
+        check_ttsnap_options(steps, guidance, run["negative_prompt"], prune_reward or reward,
+                             num_seeds=run["num_seeds"], prune_steps=run["prune_steps"], keep=run["keep"])
+    else:
+        sampler = run["sampler"] or default_fk_sampler(family.is_flow)
+        level = DEFAULT_NOISE_LEVEL[sampler] if run["noise_level"] is None else run["noise_level"]
+        levels = [level] * steps if isinstance(level, numbers.Real) else [float(value) for value in level]
+        check_fk_options(steps, levels, sampler=sampler, **{name: run[name] for name in (
+            "num_particles", "lam", "potential", "resampling", "adaptive_threshold", "resample_start",
+            "resample_interval", "resample_end")})
+    return options
 
 
 def compile_models(adapter: PipelineAdapter, *rewards: Reward, mode: str = "default") -> list[str]:
@@ -78,23 +128,12 @@ def steer(
     """Steers each prompt with `method` (prompt j's candidate 0 seeded `seed + j`); the returned iterator yields
     results in prompt order as they are done, from prompt `start` on (the ones before it are a resumed run's, done
     already). `options` are the method's keyword arguments (sampler, steps, guidance, potential, prune steps, …);
-    TTSnap ranks with `prune_reward` (default: `reward` itself on x̂0). The method and the budget are checked here,
-    before any compute."""
+    TTSnap ranks with `prune_reward` (default: `reward` itself on x̂0). What can be told without compute is checked
+    first (`check_steering`)."""
     prompts = prompt_list(prompts)
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if not 0 <= start <= len(prompts):
         raise ValueError(f"start must be between 0 and the {len(prompts)} prompts, got {start}")
-    if prune_reward is not None and method != "ttsnap":
-        raise ValueError(f"prune_reward applies to ttsnap, not {method}")
-    for scorer in (reward, prune_reward):
-        if scorer is not None:
-            scorer.check_prompts(prompts)
-    size = SIZE_OPTION[method]
-    if budget is not None:
-        if size in options:
-            raise ValueError(f"give either a budget or {size}, not both")
-        options[size] = method_size(adapter, method, budget, options)
+    options = check_steering(adapter, prompts, reward, method, budget=budget, prune_reward=prune_reward, **options)
     return _run(adapter, prompts, reward, method, seed, prune_reward or reward, reno_batch_size, progress, start,
                 options)
 

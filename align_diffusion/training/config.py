@@ -28,9 +28,8 @@ from align_diffusion.sampling.loop import (
     DEFAULT_NOISE_LEVEL,
     DIFFUSION_SAMPLERS,
     FLOW_SAMPLERS,
-    LARGEST_NOISE_LEVEL,
     guidance_problem,
-    ode_noise_problem,
+    noise_levels_problem,
 )
 from align_diffusion.training.noise_table import read_table
 
@@ -502,10 +501,8 @@ def validate(config: TrainConfig, num_processes: int = 1) -> None:
     if config.sampling.sampler not in allowed:
         kind = {True: "a flow model", False: "a diffusion (ε) model", None: "any model"}[is_flow]
         raise ConfigError(f"sampling.sampler {config.sampling.sampler!r} does not fit {kind}; use one of {allowed}")
-    if problem := ode_noise_problem(sampling.sampler, levels):
+    if problem := noise_levels_problem(sampling.sampler, levels):
         raise ConfigError(f"{key}: {problem}")
-    if sampling.sampler == "cps" and max(levels) > LARGEST_NOISE_LEVEL["cps"]:
-        raise ConfigError(f"{key}: cps noise levels a must lie in [0, 1], got {max(levels)}")
     start, end = window if window is not None else (0, sampling.num_steps)
     drawing = end - 1 if sampling.sampler == "cps" and end == sampling.num_steps else end  # CPS ends on σ = 0
     if config.algorithm == "gdro" and sampling.shared_noise and (
