@@ -13,6 +13,7 @@ from align_diffusion.rewards.transforms import (
     log_tame,
     median_normalize,
 )
+from align_diffusion.training.advantages import best_worst_mask
 
 nan = math.nan
 
@@ -308,6 +309,20 @@ def test_nan_propagates_through_combine():
     # a NaN inside a group that does not vary stays NaN (its neighbours get 0)
     out = combine({"a": t(2, nan, 2)}, {"a": 1.0}, group_ids=torch.tensor([0, 0, 0]), normalize_each=True)
     assert_close(out, t(0, nan, 0), equal_nan=True)
+
+
+@pytest.mark.parametrize("method", ["zscore", "global_std", "bnpo"])
+def test_an_infinite_reward_counts_as_unscored_like_nan(method):
+    """Left in, inf − inf in its group's std (and, for global_std, the batch's) would turn every advantage NaN."""
+    ids, inf = torch.tensor([0, 0, 0, 1, 1]), math.inf
+    kwargs = dict(bnpo_alpha=1.5, bnpo_beta=1.5)
+    for bad in (inf, -inf):
+        out = group_advantages(t(1, bad, 0, 1, 0), ids, method, **kwargs)
+        masked = group_advantages(t(1, nan, 0, 1, 0), ids, method, **kwargs)
+        assert_close(out.advantages, masked.advantages, equal_nan=True)
+        assert out.advantages.isnan().tolist() == [False, True, False, False, False]
+        assert_close(combine({"a": t(1, bad, 3), "b": t(1, 1, 1)}, {"a": 1.0, "b": 1.0}), t(2, nan, 4), equal_nan=True)
+        assert best_worst_mask(t(1, bad, 0, 2), torch.tensor([0, 0, 0, 0])).tolist() == [False, False, True, True]
 
 
 @pytest.mark.parametrize("method", ["zscore", "global_std", "bnpo"])

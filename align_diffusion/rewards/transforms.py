@@ -18,7 +18,8 @@ Conventions:
 - NaN marks a reward that failed on an image. It stays NaN through every transform (the combined reward and the
   advantage of that image are NaN; the trainer masks and counts them) and is left out of every statistic
   (group means and stds, batch std, coefficients of variation, medians and IQRs, BNPO's Beta fit).
-  It is never replaced by a default.
+  It is never replaced by a default. An infinite reward (a log-likelihood of 0, an FK weight of nothing) counts as
+  NaN too (`unscored_if_infinite`): in a mean or std it would turn its whole group, or batch, into NaN.
 - A group whose rewards do not vary (std <= eps, a single scored image included) gives relative advantage 0 to its
   images, is flagged in `zero_variance` and counted in `num_zero_variance_groups`; it never yields NaN.
 """
@@ -43,6 +44,11 @@ class GroupAdvantages:
     zero_variance: torch.Tensor  # (B,) bool: scored images whose group's rewards do not vary
     num_zero_variance_groups: int
     bnpo_params: tuple[float, float] | None = None  # (α, β) used by "bnpo", estimated or given
+
+
+def unscored_if_infinite(rewards: torch.Tensor) -> torch.Tensor:
+    """`rewards` with ±inf read as NaN, the mark of an image no reward could score."""
+    return rewards.masked_fill(torch.isinf(rewards), math.nan)
 
 
 def _check_batch(x, name: str, size: int | None = None) -> int:
@@ -183,7 +189,7 @@ def combine(
     if source_stats is not None and sources is None:
         raise ValueError("source_stats given without sources")
     dtype = _out_dtype(*rewards.values())
-    values = {name: r.double() for name, r in rewards.items()}
+    values = {name: unscored_if_infinite(r.double()) for name, r in rewards.items()}
 
     if log_tame_cv is not None:
         values = log_tame(values, log_tame_cv)
@@ -262,7 +268,7 @@ def group_advantages(
         raise ValueError(f"unknown advantage method {method!r}; choose from {METHODS}")
     size = _check_batch(rewards, "rewards")
     _check_batch(group_ids, "group_ids", size)
-    x = rewards.double()
+    x = unscored_if_infinite(rewards.double())
     valid = ~torch.isnan(x)
     index, _, mean, std = _group_stats(x, group_ids)
     zero_variance = valid & (std[index] <= eps)

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import torch
 
-from align_diffusion.rewards.transforms import group_advantages
+from align_diffusion.rewards.transforms import group_advantages, unscored_if_infinite
 
 
 def best_worst_mask(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
-    """(B,) bool: the highest- and the lowest-reward image of each group (the first one on ties; NaN never)."""
+    """(B,) bool: the highest- and the lowest-reward image of each group (the first one on ties; NaN and infinite
+    rewards, unscored, never)."""
+    rewards = unscored_if_infinite(rewards)
     keep = torch.zeros(len(rewards), dtype=torch.bool)
     for group in torch.unique(group_ids):
         members = (group_ids == group).nonzero().flatten()

@@ -49,7 +49,7 @@ from align_diffusion.models import PipelineAdapter, PromptEmbeds, adapter_for, l
 from align_diffusion.models.base import compile_repeated_blocks, recorded_model_options
 from align_diffusion.rewards import Reward, load_reward
 from align_diffusion.rewards.spec import WeightedRewards, score_terms
-from align_diffusion.rewards.transforms import combine, group_advantages
+from align_diffusion.rewards.transforms import combine, group_advantages, unscored_if_infinite
 from align_diffusion.sampling.folder import SampleFolder, json_safe, reward_record, settings_record
 from align_diffusion.sampling.loop import (
     DEFAULT_NOISE_LEVEL,
@@ -647,8 +647,8 @@ class GRPOTrainer:
     def advantages(self, rollouts: Rollouts) -> tuple[torch.Tensor, dict]:
         """Group advantages over the whole step (all processes), and this process's slice of them."""
         config = self.config.grpo
-        # An infinite reward cannot be normalized within its group: it counts as unscored, like NaN, rather than
-        # turning the group's (or, by the batch std, every group's) advantages NaN
+        # An infinite reward counts as unscored, like NaN, as the transforms read it: here so that it is counted in
+        # nan_rewards and kept out of the logged reward means
         rewards = unscored_if_infinite(self.gathered(rollouts.rewards).cpu())
         group_ids = torch.arange(len(rewards)) // config.group_size
         num_groups = len(rewards) // config.group_size
@@ -1066,10 +1066,6 @@ def loaded_reward(field: str, spec: str, device) -> Reward:
         return load_reward(spec, device=device)
     except (ValueError, OSError) as error:
         raise ConfigError(f"{field}: {error}") from None
-
-
-def unscored_if_infinite(rewards: torch.Tensor) -> torch.Tensor:
-    return rewards.masked_fill(torch.isinf(rewards), math.nan)
 
 
 def _nanmean(x: torch.Tensor) -> float:
