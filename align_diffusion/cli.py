@@ -417,6 +417,20 @@ def add_serve_reward_parser(subparsers) -> None:
     parser.set_defaults(run=run_serve_reward)
 
 
+def listen_problem(host: str, port: int) -> str | None:
+    """Why the reward server could not listen on (host, port): the port taken, the host no address of this machine
+    (the server binds IPv4, with SO_REUSEADDR, as this probe does). None when it can, for now."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            return f"cannot listen on {host}:{port}: {error.strerror or error} (--port 0 picks a free port)"
+    return None
+
+
 def run_serve_reward(args) -> None:
     from align_diffusion.rewards.remote import TOKEN_ENV
     from align_diffusion.rewards.server import serve
@@ -425,6 +439,8 @@ def run_serve_reward(args) -> None:
     token = args.token or os.environ.get(TOKEN_ENV)
     if not token:
         raise SystemExit(f"align-diffusion serve-reward: no token; pass --token or set {TOKEN_ENV}")
+    if problem := listen_problem(args.host, args.port):  # told before the reward loads, which may take minutes
+        raise SystemExit(f"align-diffusion serve-reward: {problem}")
     reward = load_reward(args.reward, device=args.device, dtype=DTYPES[args.dtype])
     serve(reward, args.host, args.port, token=token, max_body_bytes=int(args.max_body_mb * 2**20))
 

@@ -785,3 +785,13 @@ def test_serve_reward_refuses_to_start_without_a_token(monkeypatch):
     monkeypatch.delenv(TOKEN_ENV, raising=False)
     with pytest.raises(SystemExit, match=f"no token; pass --token or set {TOKEN_ENV}"):
         main(["serve-reward", "--reward", "shapes", "--port", "0"])
+
+
+def test_serve_reward_names_a_port_in_use_before_loading_the_reward(monkeypatch):
+    monkeypatch.setattr("align_diffusion.rewards.spec.load_reward", lambda *args, **kwargs: pytest.fail("loaded"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(SystemExit, match=f"cannot listen on 127.0.0.1:{port}: Address already in use"):
+            main(["serve-reward", "--reward", "shapes", "--port", str(port), "--token", TOKEN])
