@@ -7,6 +7,7 @@ import math
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,7 @@ from align_diffusion.rewards.noise_aware import REPORT_FILE, NoiseAwareTraining,
 from align_diffusion.rewards.noise_aware import save_student, spearman, step_agreement, step_scores
 from align_diffusion.rewards.spec import load_reward
 from align_diffusion.sampling.loop import sample_images
+from align_diffusion.steering.steer import check_steering
 from align_diffusion.steering.ttsnap import ttsnap
 from align_diffusion.world.data import to_tensor
 from align_diffusion.world.render import render_prompt
@@ -157,6 +159,9 @@ def test_train_reward_noise_aware_command_records_the_generator_it_read(tmp_path
     trained = dict(num_inference_steps=3, guidance_scale=2.0, negative_prompt="a green triangle")
     run = dict(num_seeds=2, prune_steps=[1], keep=[0.5])
     assert len(ttsnap(adapter, "a red circle", teacher, student, **run, **trained).details["survivors"][0]) == 1
+    # Any sequence of steps, as ttsnap takes them (an array's truth value was asked for once)
+    check_steering(type(adapter), ["a red circle"], teacher, "ttsnap", prune_reward=student,
+                   **dict(run, prune_steps=np.array([1, 2]), keep=[0.5, 0.5]), **trained)
     learned = (f"prune reward clip:{out}: the student learned from x̂0s of 3-step runs at guidance 2.0, negative "
                "prompt 'a green triangle', from step 1 on; ")
     for changed, named in [({"num_inference_steps": 4}, "this run has 4 steps"), ({"guidance_scale": 3.0},

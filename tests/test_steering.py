@@ -124,8 +124,12 @@ def test_steer_takes_one_prompt_string_and_the_one_prompt_methods_refuse_a_list(
             method(adapter, ["a red circle"], Darkness(), num_inference_steps=2, **SIZE)
     with pytest.raises(ValueError, match="num_inference_steps must be a whole number >= 1, got 0"):
         steer(adapter, ["a red circle"], Darkness(), "reno", budget=8, num_inference_steps=0)
-    with pytest.raises(ValueError, match="fk: got an unexpected keyword argument 'num_candidates'"):
+    with pytest.raises(ValueError, match=r"fk takes no option 'num_candidates'; its options are \['adaptive_thr"):
         steer(adapter, ["a red circle"], Darkness(), "fk", num_candidates=2)
+    with pytest.raises(ValueError, match="reno takes no option 'first_index'"):  # the run's to set
+        steer(adapter, ["a red circle"], Darkness(), "reno", first_index=2)
+    with pytest.raises(ValueError, match="got 3 noise levels for 4 steps"):  # before FK reads them
+        steer(adapter, ["a red circle"], Darkness(), "fk", num_inference_steps=4, noise_level=[0.0] * 3)
 
 
 def test_noise_norm_regularizer_value_and_gradient():

@@ -166,6 +166,25 @@ def check_count(name: str, value) -> None:
         raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
 
 
+def checked_noise_level(sampler: str, noise_level, num_inference_steps: int) -> float | list[float]:
+    """`noise_level` (None: the sampler's default; a number, or a sequence of one per step) refused, without the
+    model, unless each step's is a finite number >= 0 that `sampler` takes (`noise_levels_problem`); a sequence comes
+    back as a list of floats."""
+    level = DEFAULT_NOISE_LEVEL[sampler] if noise_level is None else noise_level
+    if not isinstance(level, numbers.Real):  # one per step: a list, tuple, array or tensor
+        level = [float(value) for value in level]
+        if len(level) != num_inference_steps:
+            raise ValueError(f"got {len(level)} noise levels for {num_inference_steps} steps")
+    levels = level if isinstance(level, list) else [level] * num_inference_steps
+    for step, value in enumerate(levels):
+        if isinstance(value, bool) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"noise_level must be a finite number >= 0, got {value!r}"
+                             + (f" at step {step}" if isinstance(level, list) else ""))
+    if problem := noise_levels_problem(sampler, levels):
+        raise ValueError(f"noise_level: {problem}")
+    return level
+
+
 def resolve_settings(
     adapter: PipelineAdapter, sampler: str, num_inference_steps=None, guidance_scale=None, noise_level=None,
     height=None, width=None,
@@ -174,26 +193,18 @@ def resolve_settings(
     refuses a sampler, steps, guidance, noise levels and sizes the model cannot sample with (ValueError naming the
     setting). A sequence of noise levels (one per step) comes back as a list of floats."""
     check_sampler(adapter, sampler)
+    steps = adapter.default_steps if num_inference_steps is None else num_inference_steps
+    check_count("num_inference_steps", steps)
     default_height, default_width = adapter.default_size
     settings = Settings(
-        num_inference_steps=adapter.default_steps if num_inference_steps is None else num_inference_steps,
+        num_inference_steps=steps,
         guidance_scale=adapter.default_guidance if guidance_scale is None else guidance_scale,
-        noise_level=DEFAULT_NOISE_LEVEL[sampler] if noise_level is None else noise_level,
+        noise_level=checked_noise_level(sampler, noise_level, steps),
         height=default_height if height is None else height,
         width=default_width if width is None else width,
     )
-    for name in ("num_inference_steps", "height", "width"):
+    for name in ("height", "width"):
         check_count(name, getattr(settings, name))
-    if not isinstance(settings.noise_level, numbers.Real):  # one per step: a list, tuple, array or tensor
-        settings.noise_level = [float(level) for level in settings.noise_level]
-        if len(settings.noise_level) != settings.num_inference_steps:
-            raise ValueError(f"got {len(settings.noise_level)} noise levels for {settings.num_inference_steps} steps")
-    for step, level in enumerate(settings.levels()):
-        if isinstance(level, bool) or not math.isfinite(level) or level < 0:
-            raise ValueError(f"noise_level must be a finite number >= 0, got {level!r}"
-                             + (f" at step {step}" if isinstance(settings.noise_level, list) else ""))
-    if problem := noise_levels_problem(sampler, settings.levels()):
-        raise ValueError(f"noise_level: {problem}")
     guidance = settings.guidance_scale
     if isinstance(guidance, bool) or not isinstance(guidance, numbers.Real) or not math.isfinite(guidance):
         raise ValueError(f"guidance_scale must be a finite number, got {guidance!r}")

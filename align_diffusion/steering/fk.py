@@ -71,8 +71,8 @@ def default_fk_sampler(is_flow: bool) -> str:
 
 
 def check_fk_options(num_inference_steps: int, levels: list[float], *, sampler: str, num_particles: int, lam: float,
-                  potential: str, resampling: str, adaptive_threshold: float | None, resample_start: int | None,
-                  resample_interval: int, resample_end: int | None) -> None:
+                     potential: str, resampling: str, adaptive_threshold: float | None, resample_start: int | None,
+                     resample_interval: int, resample_end: int | None) -> None:
     """The checks of FK's options at the run's steps and noise levels, which need no model
     (`steering.steer.check_steering`)."""
     if num_particles < 1:
@@ -158,8 +158,8 @@ def fk_steering(
     check_guidance(adapter, settings.guidance_scale, negative_prompt)
     levels = settings.levels()
     check_fk_options(settings.num_inference_steps, levels, sampler=sampler, num_particles=num_particles, lam=lam,
-                  potential=potential, resampling=resampling, adaptive_threshold=adaptive_threshold,
-                  resample_start=resample_start, resample_interval=resample_interval, resample_end=resample_end)
+                     potential=potential, resampling=resampling, adaptive_threshold=adaptive_threshold,
+                     resample_start=resample_start, resample_interval=resample_interval, resample_end=resample_end)
     steps = settings.num_inference_steps
     scored_steps = resampling_steps(steps, resample_start, resample_interval, resample_end)
 

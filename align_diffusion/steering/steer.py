@@ -10,7 +10,6 @@ is fine; passing both is an error.
 from __future__ import annotations
 
 import inspect
-import numbers
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from tqdm.auto import tqdm
 
 from align_diffusion.models.base import PipelineAdapter, missing_c_compiler
 from align_diffusion.rewards.base import Reward
-from align_diffusion.sampling.loop import DEFAULT_NOISE_LEVEL, check_count, prompt_list, sampler_problem
+from align_diffusion.sampling.loop import check_count, checked_noise_level, prompt_list, sampler_problem
 from align_diffusion.steering import ttsnap as ttsnap_module
 from align_diffusion.steering.best_of_n import best_of_n, check_best_of_n_options
 from align_diffusion.steering.candidates import SteeringResult
@@ -32,12 +31,11 @@ SIZE_OPTION = {"best-of-n": "num_candidates", "fk": "num_particles", "ttsnap": "
 METHOD_FUNCTIONS = {"best-of-n": best_of_n, "fk": fk_steering, "reno": reno, "ttsnap": ttsnap_module.ttsnap}
 
 
-def method_size(method: str, budget: int, steps: int, options: dict) -> int:
+def method_size(method: str, budget: int, steps: int, prune_steps=None, keep=None) -> int:
     """The candidates, particles, seeds or iterations a per-prompt `budget` of model evaluations buys, at `steps`
-    denoising steps (ReNO: per iterate)."""
+    denoising steps (ReNO: per iterate; TTSnap: pruned at `prune_steps`, keeping the fractions `keep`)."""
     if method == "ttsnap":
-        size = ttsnap_module.seeds_for_budget(budget, list(options.get("prune_steps", ttsnap_module.PRUNE_STEPS)),
-                                              list(options.get("keep", ttsnap_module.KEEP)), steps)
+        size = ttsnap_module.seeds_for_budget(budget, list(prune_steps), list(keep), steps)
     elif method == "reno":
         size = budget // steps - 1
     else:
@@ -47,12 +45,17 @@ def method_size(method: str, budget: int, steps: int, options: dict) -> int:
     return size
 
 
+# Arguments of the method functions that a run supplies itself, not options a caller gives
+RUN_ARGUMENTS = ("index", "first_index", "seed", "progress")
+
+
 def check_steering(family: type[PipelineAdapter] | PipelineAdapter, prompts: list[str], reward: Reward, method: str,
                    *, budget: int | None = None, prune_reward: Reward | None = None, **options) -> dict:
     """Refuses a steering run whose method, budget, options or prompts do not fit, before any compute; returns
-    `options`, with the size a budget buys. `family` is the adapter, or its class
-    read without loading the model (`models.adapter_class`): the checks need only its default steps and guidance and
-    whether it is a flow model, so a command makes them before it loads the model."""
+    `options`, with the size a budget buys. `family` is the adapter, or its class read without loading the model
+    (`models.adapter_class`): the checks need only its default steps and guidance and whether it is a flow model, so
+    a command makes them before it loads the model."""
+    prompts = prompt_list(prompts)
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if prune_reward is not None and method != "ttsnap":
@@ -60,24 +63,27 @@ def check_steering(family: type[PipelineAdapter] | PipelineAdapter, prompts: lis
     for scorer in (reward, prune_reward):
         if scorer is not None:
             scorer.check_prompts(prompts)
-    signature = inspect.signature(METHOD_FUNCTIONS[method])
-    try:
-        signature.bind_partial(**options)
-    except TypeError as error:  # an option of another method, or none at all
-        raise ValueError(f"{method}: {error}") from None
-    run = {name: parameter.default for name, parameter in signature.parameters.items()
-           if parameter.default is not parameter.empty and parameter.kind == parameter.KEYWORD_ONLY} | options
-    steps = steps_per_iterate(run["num_inference_steps"]) if method == "reno" else run["num_inference_steps"]
-    steps = family.default_steps if steps is None else steps
+    parameters = inspect.signature(METHOD_FUNCTIONS[method]).parameters.values()
+    run = {p.name: p.default for p in parameters if p.kind == p.KEYWORD_ONLY and p.name not in RUN_ARGUMENTS}
+    if unknown := sorted(set(options) - set(run)):
+        raise ValueError(f"{method} takes no option {', '.join(map(repr, unknown))}; its options are {sorted(run)}")
+    run |= options
+    if method == "reno":
+        steps = steps_per_iterate(run["num_inference_steps"])
+    else:
+        steps = family.default_steps if run["num_inference_steps"] is None else run["num_inference_steps"]
     check_count("num_inference_steps", steps)
     guidance = family.default_guidance if run["guidance_scale"] is None else run["guidance_scale"]
     size = SIZE_OPTION[method]
     if budget is not None:
         if size in options:
             raise ValueError(f"give either a budget or {size}, not both")
-        run[size] = options[size] = method_size(method, budget, steps, run)
-    if "sampler" in run and (problem := sampler_problem(family.is_flow, run["sampler"] or "ode")):
-        raise ValueError(f"sampler {problem}")
+        run[size] = options[size] = method_size(method, budget, steps, run.get("prune_steps"), run.get("keep"))
+    if method != "reno":  # ReNO samples with the ODE
+        sampler = run["sampler"] if method != "fk" else run["sampler"] or default_fk_sampler(family.is_flow)
+        if problem := sampler_problem(family.is_flow, sampler):
+            raise ValueError(f"sampler {problem}")
+        level = checked_noise_level(sampler, run["noise_level"], steps)
     if method == "best-of-n":
         check_best_of_n_options(run["num_candidates"], run["batch_size"])
     elif method == "reno":
@@ -87,12 +93,10 @@ def check_steering(family: type[PipelineAdapter] | PipelineAdapter, prompts: lis
         check_ttsnap_options(steps, guidance, run["negative_prompt"], prune_reward or reward,
                              num_seeds=run["num_seeds"], prune_steps=run["prune_steps"], keep=run["keep"])
     else:
-        sampler = run["sampler"] or default_fk_sampler(family.is_flow)
-        level = DEFAULT_NOISE_LEVEL[sampler] if run["noise_level"] is None else run["noise_level"]
-        levels = [level] * steps if isinstance(level, numbers.Real) else [float(value) for value in level]
-        check_fk_options(steps, levels, sampler=sampler, **{name: run[name] for name in (
-            "num_particles", "lam", "potential", "resampling", "adaptive_threshold", "resample_start",
-            "resample_interval", "resample_end")})
+        check_fk_options(steps, level if isinstance(level, list) else [level] * steps, sampler=sampler,
+                         **{name: run[name] for name in ("num_particles", "lam", "potential", "resampling",
+                                                         "adaptive_threshold", "resample_start", "resample_interval",
+                                                         "resample_end")})
     return options
 
 

@@ -57,10 +57,11 @@ def check_schedule(prune_steps: list[int], keep: list[float], num_inference_step
 
 
 def check_ttsnap_options(num_inference_steps: int, guidance_scale: float, negative_prompt: str | None,
-                  prune_reward: Reward, *, num_seeds: int, prune_steps: list[int], keep: list[float]) -> None:
+                         prune_reward: Reward, *, num_seeds: int, prune_steps: list[int], keep: list[float]) -> None:
     """The checks of TTSnap's options at the run's steps and guidance, which need no model
     (`steering.steer.check_steering`): among them, that a noise-aware student was trained for such runs."""
-    check_schedule(list(prune_steps), list(keep), num_inference_steps)
+    prune_steps, keep = list(prune_steps), list(keep)
+    check_schedule(prune_steps, keep, num_inference_steps)
     if num_seeds < 1:
         raise ValueError(f"TTSnap needs at least 1 seed, got {num_seeds}")
     if (report := student_report(prune_reward)) is not None and (problem := unfit_run(
@@ -114,7 +115,7 @@ def ttsnap(
     check_guidance(adapter, settings.guidance_scale, negative_prompt)
     prune_steps, keep = list(prune_steps), list(keep)
     check_ttsnap_options(settings.num_inference_steps, settings.guidance_scale, negative_prompt, prune_reward,
-                  num_seeds=num_seeds, prune_steps=prune_steps, keep=keep)
+                         num_seeds=num_seeds, prune_steps=prune_steps, keep=keep)
     budget = Budget()
     generators = candidate_generators(seed, index, num_seeds)
     alive = torch.arange(num_seeds)  # candidate numbers still running
