@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from align_diffusion.files import check_output_folder, folder_problem
+from align_diffusion.models import home_expanded
 from align_diffusion.models.base import MODEL_OPTIONS, model_option_problem, recorded_model_options, unusable_device
 from align_diffusion.rewards.base import RewardError
 from align_diffusion.sampling.loop import DEFAULT_NOISE_LEVEL
@@ -34,9 +35,12 @@ _positive_int, _non_negative_int = _int_at_least(1), _int_at_least(0)
 
 
 def _seed(text: str) -> int:
-    value = int(text)
-    if not 0 <= value < 2**32:  # numpy's seed range, as the training config's seed
-        raise argparse.ArgumentTypeError(f"must lie in [0, 2**32), got {value}")
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if not 0 <= value < 2**63:  # torch's generators take up to 2**64 - 1, and image k gets seed + k
+        raise argparse.ArgumentTypeError(f"must lie in [0, 2**63), got {value}")
     return value
 
 
@@ -45,7 +49,7 @@ def _path(text: str) -> Path:
     --out=~/…); an empty one is refused (Path("") is the current folder)."""
     if not text.strip():
         raise argparse.ArgumentTypeError("must not be empty")
-    return Path(text).expanduser()
+    return Path(home_expanded(text))
 
 
 def _reward_spec(text: str) -> str:
@@ -235,7 +239,7 @@ def check_sample_out(args) -> None:
         raise SystemExit(f"--out: {problem}")
     if not args.overwrite:
         try:
-            check_output_folder(args.out, "metadata.jsonl")
+            check_output_folder(args.out, "metadata.jsonl", replaced_whole=False)
         except ValueError as error:
             raise SystemExit(f"--out: {error}, or pass --overwrite") from None
 
@@ -249,9 +253,11 @@ def note_a_fresh_start(args) -> None:
 
 def warn_of_diverged(args, diverged: int, total: int) -> None:
     if diverged:
+        remedies = [*(["--dtype float32"] if args.dtype != "float32" else []),
+                    *(["a lower --noise-level"] if args.sampler != "ode" else []), "a lower --guidance"]
         print(f"align-diffusion {args.command}: warning: {diverged} of {total} images diverged (NaN or infinite "
-              'values, saved black and marked "diverged": true in metadata.jsonl); float32 (--dtype) or a lower '
-              "--noise-level may keep them finite", file=sys.stderr)
+              'values, saved black and marked "diverged": true in metadata.jsonl); they may stay finite with '
+              f"{' or '.join(remedies)}", file=sys.stderr)
 
 
 def run_sample(args) -> None:

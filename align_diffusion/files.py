@@ -1,24 +1,32 @@
 """Files written so that a reader, or a run that stops halfway, never sees half of one: each is written under a
-temporary name beside its place, then renamed over it. Each gets the permissions an ordinary new file gets (read
-for all under the usual umask 022): safetensors >= 0.8.1 writes its files 0600, readable by their owner only, so
-a LoRA trained by one account would not load for another."""
+temporary name beside its place, then renamed over it. Each gets the permissions an ordinary new file gets there
+(from the umask, or a folder's default ACL): safetensors 0.8 writes its files 0600, readable by their owner only,
+so a LoRA trained by one account would not load for another."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import stat
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
 
 def give_usual_permissions(path: Path) -> None:
-    """Sets `path`, or every file under the folder `path`, to the mode `open` gives a new file: 0o666 less the
-    umask."""
-    umask = os.umask(0)
-    os.umask(umask)
+    """Sets `path`, or every file under the folder `path`, to the mode a new file gets there: read from a probe file
+    created as `open` creates one (no umask round trip, which would race with other threads)."""
+    folder = path if path.is_dir() else path.parent
+    probe = folder / f".{os.getpid()}.{threading.get_ident()}.mode-probe"
+    descriptor = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+    try:
+        mode = stat.S_IMODE(os.fstat(descriptor).st_mode)
+    finally:
+        os.close(descriptor)
+        probe.unlink()
     for file in path.rglob("*") if path.is_dir() else [path]:
         if file.is_file() and not file.is_symlink():
-            file.chmod(0o666 & ~umask)
+            file.chmod(mode)
 
 
 def write_atomically(path: str | Path, write: Callable[[Path], None]) -> None:
@@ -58,23 +66,29 @@ def write_folder_atomically(folder: str | Path, write: Callable[[Path], None]) -
     shutil.rmtree(old, ignore_errors=True)
 
 
-def folder_problem(folder: str | Path) -> str | None:
+def folder_problem(folder: str | Path, *, replaced_whole: bool = False) -> str | None:
     """Why `folder` cannot be made or written in, None when it can: the nearest of it and its parents that exists must
-    be a folder this process may write in. Commands ask before they compute, not when their first output is due."""
+    be a folder this process may write in, and, for a folder `write_folder_atomically` replaces whole, so must the
+    parent it is renamed in. Commands ask before they compute, not when their first output is due."""
     folder = Path(folder)
+    if folder.is_symlink() and not folder.exists():
+        return f"{folder} is a link to {os.readlink(folder)}, which does not exist"
     existing = next(path for path in (folder, *folder.parents) if path.exists())  # "." or "/" at the latest
     if not existing.is_dir():
         return f"{folder} cannot be a folder: {existing} is a file"
+    if replaced_whole and existing == folder:
+        existing = folder.resolve().parent  # where the new folder is written beside it, then renamed
     if not os.access(existing, os.W_OK | os.X_OK):  # no permission, or a read-only file system
         return f"{folder} cannot be written: {existing} is not writable"
     return None
 
 
-def check_output_folder(folder: str | Path, marker: str) -> None:
-    """Refuses an output folder that cannot be written, or that write_folder_atomically would replace whole although
-    it is no earlier output of this kind: a folder with files but no `marker` (the file each such output holds)."""
+def check_output_folder(folder: str | Path, marker: str, *, replaced_whole: bool = True) -> None:
+    """Refuses an output folder that cannot be written, or that would replace, although it is no earlier output of
+    this kind, the files of a folder that holds no `marker` (the file each such output holds). `replaced_whole`: the
+    output is written by write_folder_atomically."""
     folder = Path(folder)
-    if problem := folder_problem(folder):
+    if problem := folder_problem(folder, replaced_whole=replaced_whole):
         raise ValueError(problem)
     if folder.is_dir() and any(folder.iterdir()) and not (folder / marker).is_file():
         raise ValueError(f"{folder} holds other files (no {marker}, so it is no earlier output of this kind), which "

@@ -1,6 +1,7 @@
 """`align-diffusion sample` end to end on tiny pipelines saved to disk, and the seed contract."""
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -14,13 +15,16 @@ import torch
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from PIL import Image
+from safetensors.torch import save_file
 
 from align_diffusion.cli import main
+from align_diffusion.files import folder_problem, write_atomically, write_folder_atomically
 from align_diffusion.models import load_adapter
 from align_diffusion.models.tiny import tiny_pipeline
 from align_diffusion.rewards import load_reward
 from align_diffusion.sampling.folder import SampleFolder, sample_to_folder
 from align_diffusion.sampling.loop import resolve_settings
+from align_diffusion.training.prompts import PromptSource
 
 PROMPTS = ["a red circle", "two blue squares"]
 
@@ -330,6 +334,8 @@ def test_paths_written_from_the_home_folder_are_expanded(saved, tmp_path, monkey
     main(["sample", "--model=~/model", "--prompt", "a", "--steps", "1", "--height", "32", "--width", "32",
           "--out=~/samples"])
     assert (tmp_path / "samples" / "metadata.jsonl").is_file() and not Path("~").exists()
+    (tmp_path / "prompts.txt").write_text("a red circle\n")  # a prompt file named in a config or by --prompts
+    assert PromptSource("~/prompts.txt").all() == ["a red circle"]
 
 
 def test_a_folder_of_other_files_is_refused_as_out_and_a_gallery_page_must_be_html(saved, tmp_path):
@@ -368,6 +374,35 @@ def test_an_out_that_cannot_be_written_is_named_before_anything_loads(tmp_path):
             main([*command, "--out", out if command[0] != "calibrate-noise" else f"{out}/table.json"])
 
 
+def test_an_output_replaced_whole_needs_its_parent_writable_and_a_dangling_link_is_named(tmp_path, monkeypatch):
+    """A trained reward is written beside its folder, then renamed over it: a writable folder in a parent that is
+    not (a stand-in for one: root may write anywhere) would fail only once training is done."""
+    parent, out = tmp_path / "parent", tmp_path / "parent" / "out"
+    out.mkdir(parents=True)
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != parent and access(path, mode))
+    assert folder_problem(out) is None  # sample writes inside it
+    assert folder_problem(out, replaced_whole=True) == f"{out} cannot be written: {parent} is not writable"
+    with pytest.raises(SystemExit, match=f"^--out: {re.escape(str(out))} cannot be written"):
+        main(["train-reward", "artifact", "--data", str(tmp_path / "no-data"), "--out", str(out)])
+    (tmp_path / "link").symlink_to(tmp_path / "gone")
+    assert folder_problem(tmp_path / "link") == f"{tmp_path / 'link'} is a link to {tmp_path / 'gone'}, which does " \
+        "not exist"
+
+
+def test_outputs_take_the_mode_a_new_file_gets_under_the_umask(tmp_path):
+    """safetensors writes 0600 whatever the umask; an output follows the umask, as a file made by open does."""
+    umask = os.umask(0o027)
+    try:
+        write_atomically(tmp_path / "a.safetensors", lambda path: save_file({"w": torch.zeros(1)}, str(path)))
+        write_folder_atomically(tmp_path / "lora", lambda folder: save_file({"w": torch.zeros(1)},
+                                                                            str(folder / "b.safetensors")))
+    finally:
+        os.umask(umask)
+    modes = {path.name: oct(path.stat().st_mode & 0o777) for path in tmp_path.rglob("*") if path.is_file()}
+    assert modes == {"a.safetensors": "0o640", "b.safetensors": "0o640"}  # no probe file left behind
+
+
 def test_ctrl_c_while_torch_is_still_importing_ends_with_a_line_not_a_traceback(tmp_path):
     """-X importtime reports each import as it finishes: the signal lands once torch's own imports are under way."""
     process = subprocess.Popen([sys.executable, "-X", "importtime", "-m", "align_diffusion", "gallery",
@@ -387,8 +422,10 @@ def test_empty_paths_and_reward_specs_and_seeds_out_of_range_are_refused_by_name
     common = ["sample", "--model", "m", "--prompt", "a"]
     for flags, message in [(["--out", ""], "--out: must not be empty"), (["--out", "o", "--lora", " "],
                            "--lora: must not be empty"), (["--out", "o", "--reward", ""], "--reward: must not be "
-                           "empty"), (["--out", "o", "--seed", str(2**64)], r"--seed: must lie in \[0, 2\*\*32\)"),
-                           (["--out", "o", "--seed", "-1"], r"--seed: must lie in \[0, 2\*\*32\), got -1")]:
+                           "empty"), (["--out", "o", "--seed", str(2**63)], r"--seed: must lie in \[0, 2\*\*63\)"),
+                           (["--out", "o", "--seed", "-1"], r"--seed: must lie in \[0, 2\*\*63\), got -1"),
+                           (["--out", "o", "--seed", "1.5"], r"--seed: must be a whole number, got '1.5'"),
+                           (["--out", "~nosuchuser/x", "--lora", ""], "--lora: must not be empty")]:
         with pytest.raises(SystemExit):
             main([*common, *flags])
         assert re.search(message, capsys.readouterr().err)

@@ -221,7 +221,8 @@ def test_diverged_samples_are_marked_and_warned_of_not_passed_off_as_black_image
     for level, diverged in (("1e20", True), ("0.5", False)):
         main(["sample", *common, "--noise-level", level, "--prompt", "a red circle", "--out", str(tmp_path / level)])
         assert [record.get("diverged", False) for record in read_records(tmp_path / level)] == [diverged]
-        assert ("1 of 1 images diverged" in capsys.readouterr().err) == diverged
+        warned = "1 of 1 images diverged" in (err := capsys.readouterr().err)
+        assert warned == diverged and warned == err.strip().endswith("with a lower --noise-level or a lower --guidance")
 
 
 def test_new_samples_in_a_folder_remove_its_earlier_evaluation(tmp_path):

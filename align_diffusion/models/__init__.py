@@ -36,9 +36,12 @@ def adapter_for(pipe, max_sequence_length: int | None = None, clip_skip: int | N
 
 
 def home_expanded(model: str) -> str:
-    """`model` with a leading ~ expanded, which from_pretrained leaves as it is (the shell does not expand it in a
-    config file or in `--model=~/…`)."""
-    return str(Path(model).expanduser()) if model.startswith("~") else model
+    """`model` (or any path) with a leading ~ expanded, which from_pretrained leaves as it is (the shell does not
+    expand it in a config file or in `--model=~/…`); as it is where ~user names no user."""
+    try:
+        return str(Path(model).expanduser()) if model.startswith("~") else model
+    except RuntimeError:  # "Could not determine home directory": then no such file, named as written
+        return model
 
 
 def adapter_class(model: str) -> type[PipelineAdapter] | None:

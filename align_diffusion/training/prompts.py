@@ -43,10 +43,13 @@ class PromptSource:
             except ValueError as error:
                 raise ValueError(f"{field}: {spec!r}: {error}") from None
         else:
-            if not Path(spec).is_file():
+            from align_diffusion.models import home_expanded
+
+            path = Path(home_expanded(spec))
+            if not path.is_file():
                 raise FileNotFoundError(f"{field}: {spec!r} is neither shapes:SPLIT nor a file")
             try:
-                self.prompts = read_prompt_file(spec)
+                self.prompts = read_prompt_file(path)
             except ValueError as error:
                 raise ValueError(f"{field}: {error}") from None
 
