@@ -13,7 +13,9 @@ import torch
 
 from align_diffusion.files import check_output_folder, folder_problem
 from align_diffusion.models import home_expanded
-from align_diffusion.models.base import MODEL_OPTIONS, model_option_problem, recorded_model_options, unusable_device
+from align_diffusion.models.base import (
+    MODEL_OPTIONS, PipelineAdapter, model_option_problem, recorded_model_options, unusable_device,
+)
 from align_diffusion.rewards.base import RewardError
 from align_diffusion.sampling.loop import DEFAULT_NOISE_LEVEL
 
@@ -141,9 +143,10 @@ def add_sample_parser(subparsers) -> None:
     parser.set_defaults(run=run_sample)
 
 
-def check_model_arguments(args) -> None:
+def check_model_arguments(args) -> type[PipelineAdapter] | None:
     """The checks of --model, --lora, --sampler and the model and guidance options that need no model loaded:
-    sample, eval and steer make them before they load anything."""
+    sample, eval and steer make them before they load anything. Returns the model's family (its adapter class), None
+    for a hub id not downloaded yet."""
     from align_diffusion.models import adapter_class
     from align_diffusion.sampling.loop import guidance_problem, sampler_problem
 
@@ -164,6 +167,7 @@ def check_model_arguments(args) -> None:
     if problem := guidance_problem(family, guidance, args.negative_prompt, args.guidance_rescale or 0.0,
                                    args.true_cfg_scale or 1.0):
         raise SystemExit(f"--{problem[0].replace('_', '-')}: {problem[1]}")
+    return family
 
 
 def check_noise_level_argument(sampler: str | None, noise_level: float | None) -> None:
@@ -752,7 +756,6 @@ def run_steer(args) -> None:
     from align_diffusion.rewards.spec import load_reward
     from align_diffusion.models.base import missing_c_compiler
     from align_diffusion.steering import compile_models, steer_to_folder
-    from align_diffusion.models import adapter_class
     from align_diffusion.steering.steer import SIZE_OPTION, check_steering, steered_already
 
     options = {}
@@ -790,13 +793,12 @@ def run_steer(args) -> None:
             raise SystemExit(f"--shapes-eval judges shapes-world prompts only: {error}") from None
     if args.compile and (error := missing_c_compiler("--compile")):
         raise SystemExit(error)
-    check_model_arguments(args)
+    family = check_model_arguments(args)
     check_noise_level_argument(args.sampler or ("ode" if args.method != "fk" else None),  # FK's is stochastic
                                args.noise_level)
     reward = load_reward(args.reward, device=args.device, dtype=DTYPES[args.dtype])
     prune_reward = None if args.prune_reward is None else load_reward(args.prune_reward, device=args.device,
                                                                       dtype=DTYPES[args.dtype])
-    family = adapter_class(str(args.model))
     if family is not None:  # read without loading the model (a hub id not downloaded yet: steer checks once loaded)
         check_steering(family, prompts, reward, args.method, budget=args.budget, prune_reward=prune_reward, **options)
     run = dict(shapes_eval=args.shapes_eval, budget=args.budget, seed=args.seed, prune_reward=prune_reward,
