@@ -424,6 +424,14 @@ def test_pages_say_how_their_images_were_made(folders, tmp_path):
     assert page_note(build_comparison(a, c)).endswith("; made differently: lora A –, B run/lora · steps A varies, B 2")
 
 
+def test_a_diverged_sample_says_why_it_shows_black(folders):
+    a, _ = folders
+    add_to_records(a, diverged=[False, True, False, False, False])
+    cards = re.findall(r'<article class="card".*?</article>', build_gallery(a).read_text(), re.S)
+    assert ["diverged: NaN or infinite values, saved black" in card for card in cards] == [
+        False, True, False, False, False]
+
+
 def test_pages_are_replaced_whole(folders):
     a, _ = folders
     page = build_gallery(a)

@@ -106,7 +106,7 @@ def build_gallery(folder: str | Path, title: str | None = None, links: dict[str,
     cards = [
         _card(k, record["prompt"], record.get("seed"), value,
               [_figure(record["file"], None, folder / record["file"], record["prompt"])], _scores_table(value),
-              _steering_detail(record))
+              " · ".join(part for part in (_diverged_note(record), _steering_detail(record)) if part))
         for k, (record, value) in enumerate(zip(records, values))
     ]
     summary = _summary(len(records), "image", values)
@@ -269,6 +269,11 @@ def _verdict(value: float | None) -> str:
     if value is None:
         return ""
     return '<span class="correct">✓ correct</span>' if value else '<span class="wrong">✗ wrong</span>'
+
+
+def _diverged_note(record: dict) -> str:
+    """Says why a sample that left the finite numbers (`"diverged": true`) shows black."""
+    return '<span class="wrong">diverged: NaN or infinite values, saved black</span>' if record.get("diverged") else ""
 
 
 def _steering_detail(record: dict) -> str:
