@@ -369,7 +369,6 @@ def run_eval(args) -> None:
 
 
 SHIPPED_WORLD = Path("assets/world")  # build-world's default --out: the repository's world, run from its root
-REPOSITORY_WORLD = Path(__file__).resolve().parents[1] / SHIPPED_WORLD  # the same, from wherever the command runs
 
 
 def add_build_world_parser(subparsers) -> None:
@@ -385,13 +384,17 @@ def add_build_world_parser(subparsers) -> None:
 
 
 def run_build_world(args) -> None:
-    from align_diffusion.world.build import QUICK_PLAN, build_world
+    from align_diffusion.world.build import QUICK_PLAN, build_world, built_quick, held_assets
 
-    if args.quick and args.out.resolve() in (SHIPPED_WORLD.resolve(), REPOSITORY_WORLD):
-        raise SystemExit(f"--quick: its few-step models would replace the shipped ones in {args.out}; give another "
-                         "--out for a plumbing check")
     if problem := folder_problem(args.out):
         raise SystemExit(f"--out: {problem}")
+    held = held_assets(args.out)
+    if not held and args.out.is_dir() and any(args.out.iterdir()):
+        raise SystemExit(f"--out: {args.out} holds other files and no world (none of its asset folders), which the "
+                         "build would mix with; name a new or empty folder, or a world to rebuild")
+    if args.quick and held and not built_quick(args.out):  # the shipped world, or any copy of one
+        raise SystemExit(f"--quick: its few-step models would replace the models in {args.out} ({', '.join(held)}), "
+                         "not built by --quick; give a new or empty --out for a plumbing check")
     report = build_world(args.out, seed=args.seed, plan=QUICK_PLAN if args.quick else None, only=args.only)
     minutes = report["total_seconds"] / 60
     print(f"built {', '.join(args.only)} in {minutes:.1f} min; report in {args.out}/build_report.json")
@@ -631,7 +634,7 @@ def add_calibrate_noise_parser(subparsers) -> None:
 def run_calibrate_noise(args) -> None:
     from align_diffusion.training.config import ConfigError, load_config
     from align_diffusion.training.grpo import NO_NOISE_TO_CALIBRATE, GRPOTrainer
-    from align_diffusion.training.noise_table import write_table
+    from align_diffusion.training.noise_table import holds_table, write_table
 
     if not args.config.is_file():
         raise SystemExit(f"align-diffusion calibrate-noise: no such config file {args.config}")
@@ -641,6 +644,9 @@ def run_calibrate_noise(args) -> None:
         raise SystemExit(f"align-diffusion calibrate-noise: bad config: {error}") from None
     if args.out.is_dir():
         raise SystemExit(f"--out: {args.out} is a folder; name the JSON file to write")
+    if args.out.exists() and not holds_table(args.out):
+        raise SystemExit(f"--out: {args.out} exists and is no noise table (no 'noise_levels'), which the table would "
+                         "replace; name a new file or an earlier table")
     if problem := folder_problem(args.out.parent):
         raise SystemExit(f"--out: {problem}")
     if config.sampling.sampler == "ode":

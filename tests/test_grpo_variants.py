@@ -408,6 +408,10 @@ def test_calibrate_noise_command_writes_a_table(saved, prompt_file, tmp_path, ca
     assert read_table(out, 3)[2] == 0.8  # CPS's default level
     with pytest.raises(SystemExit, match="--out: .* is a folder; name the JSON file"):  # before any round
         main(["calibrate-noise", str(config), "--rounds", "1", "--out", str(tmp_path)])
+    (tmp_path / "eval.json").write_text('{"overall_strict": 0.4}')  # someone else's file: not replaced
+    with pytest.raises(SystemExit, match="--out: .*eval.json exists and is no noise table"):
+        main(["calibrate-noise", str(config), "--rounds", "1", "--out", str(tmp_path / "eval.json")])
+    assert json.loads((tmp_path / "eval.json").read_text()) == {"overall_strict": 0.4}
     hollow = tmp_path / "hollow"  # a model folder that validates and would fail to load: refused before it loads
     hollow.mkdir()
     (hollow / "model_index.json").write_text((saved["sd3"] / "model_index.json").read_text())

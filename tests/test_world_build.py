@@ -5,6 +5,7 @@ import json
 import math
 import re
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ from align_diffusion.sampling.folder import SampleFolder
 from align_diffusion.models import load_adapter
 from align_diffusion.models.base import PipelineAdapter
 from align_diffusion.sampling.loop import sample
-from align_diffusion.world.build import BuildPlan, build_world
+from align_diffusion.world.build import QUICK_PLAN, BuildPlan, build_world
 from align_diffusion.world.evaluate import shapes_eval
 from align_diffusion.world.fit import fit
 from align_diffusion.models.tiny import vae as tiny_vae
@@ -169,13 +170,30 @@ def test_a_generator_rebuilt_alone_is_the_seeds(world, tmp_path):
     assert all(torch.equal(rebuilt[0][key], rebuilt[1][key]) for key in rebuilt[0])
 
 
-def test_a_quick_build_does_not_replace_the_shipped_world(monkeypatch, tmp_path):
-    monkeypatch.setattr("align_diffusion.world.build.build_world", lambda *args, **kwargs: pytest.fail("built"))
-    with pytest.raises(SystemExit, match="--quick: its few-step models would replace the shipped ones"):
+def test_a_quick_build_replaces_no_world_but_a_quick_one_and_no_build_mixes_with_other_files(monkeypatch, tmp_path):
+    """The shipped world, of this checkout or another, or any copy of a world: only a --quick world is replaced by
+    another; a folder of other files (an eval's) takes no world."""
+    built = []
+    monkeypatch.setattr("align_diffusion.world.build.build_world", lambda out, **kwargs: built.append(Path(out)) or {
+        "total_seconds": 0})
+    with pytest.raises(SystemExit, match="--quick: its few-step models would replace the models in assets/world "
+                                         r"\(clip, dino, vae, sd3, sd\)"):
         main(["build-world", "--quick"])
-    monkeypatch.chdir(tmp_path)  # elsewhere, naming the shipped world by its full path
-    with pytest.raises(SystemExit, match="--quick: its few-step models would replace the shipped ones"):
-        main(["build-world", "--quick", "--out", str(Path(__file__).resolve().parents[1] / "assets" / "world")])
+    copy = tmp_path / "copy"
+    (copy / "clip").mkdir(parents=True)
+    (copy / "build_report.json").write_text(json.dumps({"plan": asdict(PLAN)}))
+    with pytest.raises(SystemExit, match=f"--quick: its few-step models would replace the models in {copy} \\(clip\\)"):
+        main(["build-world", "--quick", "--out", str(copy)])
+    (copy / "build_report.json").write_text(json.dumps({"plan": asdict(QUICK_PLAN)}))
+    main(["build-world", "--quick", "--out", str(copy)])
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "eval.json").write_text("{}")
+    for quick in ([], ["--quick"]):
+        with pytest.raises(SystemExit, match="--out: .*eval holds other files and no world"):
+            main(["build-world", *quick, "--out", str(tmp_path / "eval")])
+    monkeypatch.chdir(tmp_path)  # assets/world here is no world
+    main(["build-world", "--quick", "--out", "assets/world"])
+    assert built == [copy, Path("assets/world")]
 
 
 def test_only_merges_into_the_build_report(world):

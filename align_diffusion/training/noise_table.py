@@ -38,6 +38,14 @@ def write_table(path: str | Path, levels: list[float], **provenance) -> None:
     write_text_atomically(path, json.dumps({"noise_levels": levels, **provenance}, indent=1))
 
 
+def holds_table(path: str | Path) -> bool:
+    """Whether `path` is a noise table (a JSON object with 'noise_levels'), as calibrate-noise writes."""
+    try:
+        return "noise_levels" in json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError):
+        return False
+
+
 def read_table(path: str | Path, num_steps: int) -> list[float]:
     """The levels of a noise table, checked against the number of sampling steps."""
     try:

@@ -163,6 +163,20 @@ def build_world(out: str | Path, seed: int = 0, plan: BuildPlan | None = None, o
     return report
 
 
+def held_assets(out: str | Path) -> list[str]:
+    """The asset folders a world folder `out` holds."""
+    return [name for name in ASSETS if (Path(out) / name).is_dir()]
+
+
+def built_quick(out: str | Path) -> bool:
+    """Whether the world in `out` was built with QUICK_PLAN, by its build_report.json (the shipped world has none)."""
+    try:
+        return json.loads((Path(out) / "build_report.json").read_text(encoding="utf-8")).get("plan") == asdict(
+            QUICK_PLAN)
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return False
+
+
 def merged_report(out: Path, report: dict) -> dict:
     """This build's report merged into the one already in `out`: the rebuilt assets' seconds and metrics replace
     theirs, total_seconds sums every asset's, and seed and plan are this build's."""
