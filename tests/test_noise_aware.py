@@ -245,3 +245,10 @@ def test_a_student_save_cut_short_leaves_the_earlier_student_whole(tmp_path, mon
         save_student(teacher, tmp_path / "link", {"round": round_})
         assert (tmp_path / "link").is_symlink()
         assert json.loads((tmp_path / "student" / REPORT_FILE).read_text()) == {"round": round_}
+
+
+def test_a_report_holding_a_nan_agreement_is_strict_json(tmp_path):
+    """Spearman of scores that do not vary (one image per held-out prompt, within prompt) is NaN: null in the file."""
+    save_student(load_reward(f"clip:{WORLD_CLIP}"), tmp_path / "student", {"within_prompt": [math.nan, 0.5]})
+    text = (tmp_path / "student" / REPORT_FILE).read_text()
+    assert json.loads(text, parse_constant=lambda token: pytest.fail(f"bare {token}")) == {"within_prompt": [None, 0.5]}

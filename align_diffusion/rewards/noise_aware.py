@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from align_diffusion.files import check_output_folder, write_folder_atomically
 from align_diffusion.models.base import PipelineAdapter
 from align_diffusion.rewards.clip import _TransformersClip
+from align_diffusion.sampling.folder import json_safe
 from align_diffusion.sampling.loop import sample
 
 REPORT_FILE = "noise_aware.json"
@@ -151,7 +152,8 @@ def save_student(student: _TransformersClip, out: str | Path, report: dict) -> N
     def write(folder: Path) -> None:
         student.model.save_pretrained(folder)
         student.processor.save_pretrained(folder)
-        (folder / REPORT_FILE).write_text(json.dumps(report, indent=1))
+        # An agreement of a step whose scores do not vary is NaN: null, which strict JSON readers take
+        (folder / REPORT_FILE).write_text(json.dumps(json_safe(report), indent=1, allow_nan=False))
 
     write_folder_atomically(out, write)
 
