@@ -74,6 +74,13 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _share(text: str) -> float:
+    value = _finite_float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must lie in (0, 1), got {value}")
+    return value
+
+
 def _non_negative_float(text: str) -> float:
     value = _finite_float(text)
     if value < 0:
@@ -228,7 +235,8 @@ def read_prompts(args) -> list[str]:
     from align_diffusion.training.prompts import read_prompt_file
 
     if not args.prompts_file.is_file():
-        raise SystemExit(f"--prompts-file: no such file {args.prompts_file}")
+        what = "is a folder, not a file" if args.prompts_file.is_dir() else "no such file"
+        raise SystemExit(f"--prompts-file: {args.prompts_file} {what}")
     try:
         return read_prompt_file(args.prompts_file)
     except ValueError as error:
@@ -473,7 +481,7 @@ def add_train_reward_parser(subparsers) -> None:
                           help='JSONL of {"file": ..., "label": 0|1} (1 = has artifacts; or a review page\'s export, '
                                "labels good / artifact / bad, bad left out) or a folder with clean/ and artifact/")
     artifact.add_argument("--backbone", default="facebook/dinov2-small", help="frozen vision backbone, id or path")
-    artifact.add_argument("--holdout", type=float, default=0.2, help="share of images held out for the accuracy")
+    artifact.add_argument("--holdout", type=_share, default=0.2, help="share of images held out for the accuracy")
     artifact.add_argument("--unseen", type=_path, default=None,
                           help="folder of artifact images of kinds left out of --data: reports how often they score "
                                "below held-out clean images")

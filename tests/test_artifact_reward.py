@@ -132,6 +132,9 @@ def test_train_reward_command_saves_a_reward_the_spec_loads(tmp_path, capsys, mo
         main(["train-reward", "artifact", "--data", str(tmp_path / "set"), "--out", str(tmp_path / "rm"),
               "--backbone", DINO, "--steps", "2", "--device", "cpu"])
     assert {path.name: path.read_bytes() for path in (tmp_path / "rm").iterdir()} == saved
+    with pytest.raises(SystemExit, match="unseen: no such folder .*no-such-folder"):  # not "holds no images"
+        main(["train-reward", "artifact", "--data", str(tmp_path / "set"), "--out", str(tmp_path / "rm2"),
+              "--backbone", DINO, "--steps", "2", "--device", "cpu", "--unseen", str(tmp_path / "no-such-folder")])
 
 
 def test_the_reward_sees_the_whole_image(tmp_path):

@@ -431,6 +431,14 @@ def test_empty_paths_and_reward_specs_and_seeds_out_of_range_are_refused_by_name
         assert re.search(message, capsys.readouterr().err)
 
 
+def test_a_holdout_outside_the_open_unit_interval_and_a_prompts_folder_are_named(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["train-reward", "artifact", "--data", "d", "--out", "o", "--holdout", "1.5"])
+    assert "--holdout: must lie in (0, 1), got 1.5" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match=f"--prompts-file: {re.escape(str(tmp_path))} is a folder, not a file"):
+        main(["sample", "--model", "m", "--prompts-file", str(tmp_path), "--out", str(tmp_path / "o")])
+
+
 def test_resume_on_a_folder_with_no_earlier_run_says_it_starts_from_the_first_prompt(saved, tmp_path, capsys):
     main(["sample", "--model", str(saved["sd3"]), "--prompt", "a", "--steps", "1", "--height", "32", "--width", "32",
           "--out", str(tmp_path / "typo"), "--resume"])

@@ -179,6 +179,8 @@ def train_artifact_reward(data, out: str | Path, backbone: str, settings: Artifa
         raise ValueError(f"holdout must lie in (0, 1), got {settings.holdout}")
     pairs = read_labelled_images(data)
     if unseen is not None:
+        if not Path(unseen).is_dir():
+            raise ValueError(f"unseen: no such folder {unseen}")
         unseen_files = sorted(p for p in Path(unseen).glob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         if not unseen_files:
             raise ValueError(f"unseen: {unseen} holds no images")
