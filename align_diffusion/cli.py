@@ -136,7 +136,7 @@ def add_sample_parser(subparsers) -> None:
     parser.add_argument("--lora", type=_path, default=None, help="folder with a diffusers-format LoRA")
     parser.add_argument("--height", type=_positive_int, default=None)
     parser.add_argument("--width", type=_positive_int, default=None)
-    parser.add_argument("--batch-size", type=_positive_int, default=4, help="images per denoiser batch")
+    parser.add_argument("--batch-size", type=_positive_int, default=4, help="images per denoiser batch (default 4)")
     parser.add_argument("--device", type=_device, default=DEFAULT_DEVICE)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     add_model_options(parser)
@@ -285,7 +285,9 @@ def run_sample(args) -> None:
     check_model_arguments(args)
     check_noise_level_argument(args.sampler, args.noise_level)
     note_a_fresh_start(args)
+    earlier = 0  # images a resumed run finished already
     if args.resume and (args.out / "metadata.jsonl").exists():  # before anything loads, what can be told without
+        earlier = len(read_records(args.out))
         given = {key: value for key, value in (("steps", args.steps), ("guidance", args.guidance),
                                                ("height", args.height), ("width", args.width),
                                                ("noise_level", args.noise_level)) if value is not None}
@@ -313,7 +315,8 @@ def run_sample(args) -> None:
         resume=args.resume,
         extra_metadata=model_record(args),
     )
-    print(f"wrote {len(records)} images to {args.out}; review page {args.out / 'index.html'}")
+    resumed = f" after the {earlier} it had" if earlier else ""
+    print(f"wrote {len(records) - earlier} images to {args.out}{resumed}; review page {args.out / 'index.html'}")
     warn_of_diverged(args, sum(bool(r.get("diverged")) for r in records), len(records))
 
 
@@ -331,7 +334,7 @@ def add_eval_parser(subparsers) -> None:
     parser.add_argument("--sampler", choices=sorted(DEFAULT_NOISE_LEVEL), default="ode")
     parser.add_argument("--noise-level", type=_non_negative_float, default=None)
     parser.add_argument("--seed", type=_seed, default=0)
-    parser.add_argument("--batch-size", type=_positive_int, default=16)
+    parser.add_argument("--batch-size", type=_positive_int, default=16, help="images per denoiser batch (default 16)")
     parser.add_argument("--device", type=_device, default=DEFAULT_DEVICE)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     add_model_options(parser)

@@ -445,6 +445,9 @@ def test_resume_on_a_folder_with_no_earlier_run_says_it_starts_from_the_first_pr
     assert "--resume: " + str(tmp_path / "typo") + " holds no earlier run; starting from the first prompt" in \
         capsys.readouterr().err
     assert (tmp_path / "typo" / "metadata.jsonl").is_file()
+    main(["sample", "--model", str(saved["sd3"]), "--prompt", "a", "--steps", "1", "--height", "32", "--width", "32",
+          "--out", str(tmp_path / "typo"), "--resume"])  # a finished run: nothing to do, and it says so
+    assert f"wrote 0 images to {tmp_path / 'typo'} after the 1 it had;" in capsys.readouterr().out
 
 
 def test_a_lora_folder_without_weights_is_named(saved, tmp_path):
