@@ -1,7 +1,8 @@
 """Files written so that a reader, or a run that stops halfway, never sees half of one: each is written under a
-temporary name beside its place, then renamed over it. Each gets the permissions an ordinary new file gets there
-(from the umask, or a folder's default ACL): safetensors 0.8 writes its files 0600, readable by their owner only,
-so a LoRA trained by one account would not load for another."""
+temporary name beside its place, then renamed over it. The files of a folder written whole get the permissions an
+ordinary new file gets there (from the umask, or a folder's default ACL): safetensors 0.8 writes its files 0600,
+readable by their owner only, so a LoRA trained by one account would not load for another. (A single file is
+written with `open` or torch.save, which give it those permissions already.)"""
 
 from __future__ import annotations
 
@@ -36,7 +37,6 @@ def write_atomically(path: str | Path, write: Callable[[Path], None]) -> None:
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
         write(partial)
-        give_usual_permissions(partial)
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)  # left only when the write failed

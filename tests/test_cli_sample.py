@@ -394,13 +394,13 @@ def test_outputs_take_the_mode_a_new_file_gets_under_the_umask(tmp_path):
     """safetensors writes 0600 whatever the umask; an output follows the umask, as a file made by open does."""
     umask = os.umask(0o027)
     try:
-        write_atomically(tmp_path / "a.safetensors", lambda path: save_file({"w": torch.zeros(1)}, str(path)))
         write_folder_atomically(tmp_path / "lora", lambda folder: save_file({"w": torch.zeros(1)},
                                                                             str(folder / "b.safetensors")))
+        write_atomically(tmp_path / "a.json", lambda path: path.write_text("{}"))
     finally:
         os.umask(umask)
     modes = {path.name: oct(path.stat().st_mode & 0o777) for path in tmp_path.rglob("*") if path.is_file()}
-    assert modes == {"a.safetensors": "0o640", "b.safetensors": "0o640"}  # no probe file left behind
+    assert modes == {"a.json": "0o640", "b.safetensors": "0o640"}  # no probe file left behind
 
 
 def test_ctrl_c_while_torch_is_still_importing_ends_with_a_line_not_a_traceback(tmp_path):
