@@ -218,6 +218,26 @@ def load_for_command(args):
     return adapter
 
 
+def check_image_size(args, rewards, adapter: PipelineAdapter | None = None) -> None:
+    """Refuses a --height and --width (the model's default size where not given) that the model or one of `rewards`
+    cannot take. Without the model loaded, checks only a size given whole against the rewards."""
+    size = args.height, args.width
+    if adapter is not None:
+        size = adapter.sample_size(*size)
+    if None in size:
+        return
+    try:
+        if adapter is not None:
+            adapter.check_size(*size)
+        for reward in rewards:
+            if reward is not None:
+                reward.check_size(*size)
+    except ValueError as error:
+        given = " and ".join(f"--{name}" for name in ("height", "width") if getattr(args, name) is not None)
+        raise SystemExit(f"{given or '--height and --width'}: {error}"
+                         + ("" if given else f" (the model's default size, {size[0]}×{size[1]})")) from None
+
+
 def model_record(args) -> dict:
     """What a sample, eval or steer folder records of the model, its dtype and options: as given, None for the
     default (a value that equals it included, so that a resume need not repeat it)."""
@@ -294,7 +314,14 @@ def run_sample(args) -> None:
         known = {"sampler": args.sampler, "negative_prompt": args.negative_prompt, **given, **model_record(args)}
         check_same_images(read_records(args.out), image_jobs(prompts, args.num_images_per_prompt, args.seed), known)
     reward = None if args.reward is None else load_reward(args.reward, device=args.device, dtype=DTYPES[args.dtype])
+    try:  # sample_to_folder checks again, once the model has loaded
+        if reward is not None:
+            reward.check_prompts(prompts)
+    except ValueError as error:
+        raise SystemExit(f"{'--prompt' if args.prompt is not None else '--prompts-file'}: {error}") from None
+    check_image_size(args, [reward])
     adapter = load_for_command(args)
+    check_image_size(args, [reward], adapter)
 
     records = sample_to_folder(
         adapter,
@@ -525,6 +552,23 @@ def run_train_reward(args) -> None:
         run_train_noise_aware(args)
 
 
+def check_backbone(backbone: str) -> None:
+    """Refuses a --backbone that is no local folder and that the hub does not give (offline: not in its cache), before
+    any image is read. The hub's message alone would not say which flag to change, nor that the world ships one."""
+    if Path(home_expanded(backbone)).is_dir():
+        return
+    if backbone.startswith((".", "/", "~")) or backbone.count("/") > 1:  # a path: no hub id looks like it
+        raise SystemExit(f"--backbone: no such folder {backbone}")
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(backbone)
+    except (OSError, ValueError) as error:
+        reason = str(error).strip().splitlines()[0]
+        raise SystemExit(f"--backbone: {backbone} is no local folder, and the hub did not give it ({reason}); "
+                         "offline, give a local backbone, such as the shapes world's assets/world/dino") from None
+
+
 def run_train_artifact(args) -> None:
     from align_diffusion.rewards.artifact import CONFIG_FILE, ArtifactTraining, train_artifact_reward
 
@@ -534,6 +578,7 @@ def run_train_artifact(args) -> None:
         check_output_folder(args.out, CONFIG_FILE)
     except ValueError as error:
         raise SystemExit(f"--out: {error}") from None
+    check_backbone(args.backbone)
     settings = ArtifactTraining(steps=args.steps or ArtifactTraining.steps, holdout=args.holdout, seed=args.seed)
     result = train_artifact_reward(args.data, args.out, args.backbone, settings, device=args.device,
                                    unseen=args.unseen)
@@ -770,6 +815,7 @@ def add_steer_parser(subparsers) -> None:
 
 
 def run_steer(args) -> None:
+    from align_diffusion.rewards.simple import ShapesReward
     from align_diffusion.rewards.spec import load_reward
     from align_diffusion.models.base import missing_c_compiler
     from align_diffusion.steering import compile_models, steer_to_folder
@@ -802,8 +848,6 @@ def run_steer(args) -> None:
                          "go on with an interrupted run")
     check_sample_out(args)
     if args.shapes_eval:  # before the model loads; steer_to_folder checks again for Python callers
-        from align_diffusion.rewards.simple import ShapesReward
-
         try:
             ShapesReward().check_prompts(prompts)
         except ValueError as error:
@@ -824,8 +868,11 @@ def run_steer(args) -> None:
     if args.resume:  # before the model loads: a run that is not this one is refused at once
         steered_already(args.out, prompts, reward, args.method, **run)
         note_a_fresh_start(args)
+    judges = [reward, prune_reward, *([ShapesReward()] if args.shapes_eval else [])]
+    check_image_size(args, judges)
     args.sampler = options.get("sampler", "ode")  # what load_for_command checks against the model
     adapter = load_for_command(args)
+    check_image_size(args, judges, adapter)
     if args.compile:
         compile_models(adapter, *[r for r in (reward, prune_reward) if r is not None])
     records = steer_to_folder(adapter, prompts, reward, args.method, args.out, overwrite=args.overwrite,

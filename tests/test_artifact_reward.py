@@ -211,3 +211,16 @@ def test_sure_artifacts_keep_distinct_scores_and_a_gradient():
                                rtol=1e-4, atol=0)  # log sigmoid(−z), to the last bits float32 keeps
     scores[0].backward()
     assert images.grad[0].abs().sum() > 0
+
+
+def test_a_backbone_neither_on_disk_nor_from_the_hub_is_named_before_any_image_is_read(tmp_path, monkeypatch):
+    """Offline, the hub's own message names neither the flag nor the backbone the world ships."""
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)  # as CI runs: no hub, nothing cached
+    command = ["train-reward", "artifact", "--data", str(tmp_path / "never-read"), "--out", str(tmp_path / "rm")]
+    with pytest.raises(SystemExit, match="^--backbone: no-such-org/no-such-dino is no local folder, and the hub did "
+                                         r"not give it \(.*\); offline, give a local backbone, such as the shapes "
+                                         "world's assets/world/dino$"):
+        main([*command, "--backbone", "no-such-org/no-such-dino"])
+    with pytest.raises(SystemExit, match="^--backbone: no such folder ./no-dino$"):
+        main([*command, "--backbone", "./no-dino"])
+    assert not (tmp_path / "rm").exists()

@@ -273,6 +273,29 @@ def test_a_size_the_model_cannot_take_fails_when_the_model_loads(saved, prompt_f
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
+def test_a_size_shapes_eval_cannot_judge_and_prompts_it_cannot_read_fail_before_any_rollout(saved, tmp_path):
+    """The tiny SD3 samples 32×32, and ShapesEval judges 64×64 images of the world's grammar: the shapes reward, a
+    watched shapes term and eval.shapes_eval each refuse it as the model loads, before any image."""
+    world_prompts = tmp_path / "world.txt"
+    world_prompts.write_text("a red circle\na green triangle\n")
+    overrides = tiny_overrides(saved["sd3"], world_prompts, tmp_path)
+    with pytest.raises(ConfigError, match=r"^reward: reward shapes judges 64×64 shapes-world images, got 32×32 "
+                                          r"\(sampling.height and sampling.width, or the model's default size"):
+        GRPOTrainer(load_config(None, [*overrides, "reward=jpeg,shapes=0.5"]))
+    with pytest.raises(ConfigError, match="^eval.rewards: reward shapes:strict judges 64×64 shapes-world images, "
+                                          "got 32×48"):
+        GRPOTrainer(load_config(None, [*overrides, "eval.every=5", "eval.rewards=shapes:strict",
+                                       "sampling.width=48"]))
+    with pytest.raises(ConfigError, match="^eval.shapes_eval: reward shapes judges 64×64 shapes-world images"):
+        GRPOTrainer(load_config(None, [*overrides, "eval.every=5", "eval.shapes_eval=true"]))
+    outside = tmp_path / "outside.txt"
+    outside.write_text("a red circle\na photo of a cat\n")
+    with pytest.raises(ConfigError, match="^eval.shapes_eval judges shapes-world prompts only: eval.prompts: reward "
+                                          "shapes: not a shapes-world prompt: 'a photo of a cat'"):
+        GRPOTrainer(load_config(None, [*overrides, "eval.every=5", "eval.shapes_eval=true", f"eval.prompts={outside}"]))
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
 def test_the_trainer_encodes_prompts_to_the_configured_t5_length(saved, prompt_file, tmp_path):
     config = load_config(None, tiny_overrides(saved["sd3"], prompt_file, tmp_path, max_sequence_length=8))
     trainer = GRPOTrainer(config)

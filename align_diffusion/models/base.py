@@ -124,6 +124,11 @@ class PipelineAdapter:
         height, width = (sample_size, sample_size) if isinstance(sample_size, int) else sample_size
         return height * self.vae_scale_factor, width * self.vae_scale_factor
 
+    def sample_size(self, height: int | None, width: int | None) -> tuple[int, int]:
+        """The height and width of a sample asked for as `height` × `width`, None meaning the default's side."""
+        default_height, default_width = self.default_size
+        return default_height if height is None else height, default_width if width is None else width
+
     def guidance_mode(self, guidance_scale: float) -> str:
         """'cfg' (classifier-free, two branches), 'distilled' (guidance embedding) or 'none'."""
         return "cfg" if guidance_scale > 1 else "none"

@@ -124,6 +124,10 @@ class Reward(torch.nn.Module):
         """ValueError naming the first of `prompts` this reward cannot score, for callers to check before they make
         any image (a reward that scores every prompt, as most do, has nothing to check)."""
 
+    def check_size(self, height: int, width: int) -> None:
+        """ValueError when this reward cannot score `height` × `width` images, for callers to check before they make
+        any (most rewards resize what they are given)."""
+
     def image_networks(self) -> list[torch.nn.Module]:
         """The frozen networks `score` runs images through, for callers that compile them (`compile_models`); none
         for a reward without one."""

@@ -8,7 +8,7 @@ import torch
 
 from align_diffusion.rewards.base import Reward, images_to_pil
 from align_diffusion.world.evaluate import score_image
-from align_diffusion.world.spec import parse_prompt
+from align_diffusion.world.spec import CANVAS, parse_prompt
 
 
 class JpegCompressibility(Reward):
@@ -46,6 +46,10 @@ class ShapesReward(Reward):
                 parse_prompt(prompt)
             except ValueError as error:
                 raise ValueError(f"reward {self.name}: {error}") from None
+
+    def check_size(self, height, width):
+        if (height, width) != (CANVAS, CANVAS):
+            raise ValueError(f"reward {self.name} judges {CANVAS}×{CANVAS} shapes-world images, got {height}×{width}")
 
     def score(self, images, prompts, metadata):
         self.check_prompts(prompts)

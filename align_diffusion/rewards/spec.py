@@ -240,6 +240,10 @@ class WeightedRewards(Reward):
         for reward in self.rewards:
             reward.check_prompts(prompts)
 
+    def check_size(self, height, width):
+        for reward in self.rewards:
+            reward.check_size(height, width)
+
     def image_networks(self):
         return [network for reward in self.rewards for network in reward.image_networks()]
 

@@ -170,6 +170,8 @@ def sample_to_folder(
     if reward is not None:
         reward.check_prompts(prompts)
     settings = resolve_settings(adapter, sampler, num_inference_steps, guidance_scale, noise_level, height, width)
+    if reward is not None:
+        reward.check_size(settings.height, settings.width)
     jobs = image_jobs(prompts, num_images_per_prompt, seed)
     same_run = {**settings_record(sampler, settings, negative_prompt),
                 "reward": None if reward is None else reward.spec, **(extra_metadata or {})}

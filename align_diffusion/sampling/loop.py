@@ -195,13 +195,13 @@ def resolve_settings(
     check_sampler(adapter, sampler)
     steps = adapter.default_steps if num_inference_steps is None else num_inference_steps
     check_count("num_inference_steps", steps)
-    default_height, default_width = adapter.default_size
+    height, width = adapter.sample_size(height, width)
     settings = Settings(
         num_inference_steps=steps,
         guidance_scale=adapter.default_guidance if guidance_scale is None else guidance_scale,
         noise_level=checked_noise_level(sampler, noise_level, steps),
-        height=default_height if height is None else height,
-        width=default_width if width is None else width,
+        height=height,
+        width=width,
     )
     for name in ("height", "width"):
         check_count(name, getattr(settings, name))

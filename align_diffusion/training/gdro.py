@@ -142,8 +142,7 @@ class GDROTrainer(GRPOTrainer):
         return error, reference
 
     def _size(self) -> tuple[int, int]:
-        sampling = self.config.sampling
-        return sampling.height or self.adapter.default_size[0], sampling.width or self.adapter.default_size[1]
+        return self.adapter.sample_size(self.config.sampling.height, self.config.sampling.width)
 
     def training_step(self, step: int) -> dict:
         if self.groups is None:

@@ -48,6 +48,7 @@ from align_diffusion.gallery.run import EVAL_DIR, build_run_page, eval_folder, r
 from align_diffusion.models import PipelineAdapter, PromptEmbeds, adapter_for, load_adapter
 from align_diffusion.models.base import compile_repeated_blocks, recorded_model_options
 from align_diffusion.rewards import Reward, load_reward
+from align_diffusion.rewards.simple import ShapesReward
 from align_diffusion.rewards.spec import WeightedRewards, score_terms
 from align_diffusion.rewards.transforms import combine, group_advantages, unscored_if_infinite
 from align_diffusion.sampling.folder import SampleFolder, json_safe, reward_record, settings_record
@@ -310,6 +311,7 @@ class GRPOTrainer:
         table = config.sampling.noise_table
         self.noise_levels = read_table(table, config.sampling.num_steps) if table else config.sampling.noise_level
         self.resume_path = self.check_resume()  # before the model loads: a resume that cannot go on fails now
+        self.eval_judge = ShapesReward() if config.eval.every and config.eval.shapes_eval else None
         checks = [("prompts", self.prompts, self.reward)]
         if config.eval.every:
             checks += [("eval.prompts", self.eval_prompts, r) for r in (self.reward, self.watched_reward) if r]
@@ -317,6 +319,9 @@ class GRPOTrainer:
             if eval_images < self.accelerator.num_processes:
                 raise ConfigError(f"eval.prompts: {eval_images} eval images for {self.accelerator.num_processes} "
                                   "processes, which share them; give more prompts or eval.num_images_per_prompt")
+        if self.eval_judge is not None:
+            checks.append(("eval.shapes_eval judges shapes-world prompts only: eval.prompts", self.eval_prompts,
+                           self.eval_judge))
         for field, source, reward in checks:
             try:
                 reward.check_prompts(source.all())
@@ -341,6 +346,14 @@ class GRPOTrainer:
                                         self.noise_levels, sampling.height, sampling.width)
         except ValueError as error:
             raise ConfigError(f"sampling: {error} (model {config.model})") from None
+        for field, reward in (("reward", self.reward), ("eval.rewards", self.watched_reward),
+                              ("eval.shapes_eval", self.eval_judge)):
+            try:
+                if reward is not None:
+                    reward.check_size(settings.height, settings.width)
+            except ValueError as error:
+                raise ConfigError(f"{field}: {error} (sampling.height and sampling.width, or the model's default size; "
+                                  f"model {config.model})") from None
         window = range(*sampling.noise_window) if sampling.noise_window is not None else range(sampling.num_steps)
         sampling_schedule = adapter.schedule(settings.num_inference_steps, settings.height, settings.width)
         noisy = noisy_steps(adapter, sampling.sampler, sampling_schedule, settings.levels(), window)
@@ -637,8 +650,7 @@ class GRPOTrainer:
         """Initial noise of images offset … offset + count where each group shares its first image's noise, drawn
         from a stream of its own (the images' generators then give only the SDE noise)."""
         group, sampling = self.config.grpo.group_size, self.config.sampling
-        height = sampling.height or self.adapter.default_size[0]
-        width = sampling.width or self.adapter.default_size[1]
+        height, width = self.adapter.sample_size(sampling.height, sampling.width)
         leaders = [(offset + k) // group * group for k in range(count)]
         generators = [torch.Generator().manual_seed(self.image_seeds(step, 1, leader)[0] + SHARED_NOISE_STREAM)
                       for leader in leaders]
