@@ -706,6 +706,22 @@ def test_train_command_stops_on_sigint_with_a_checkpoint_and_exit_status_130(sav
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == [f"step-{last:06d}"]
 
 
+@pytest.mark.parametrize("log_with", ["[wandb]", "[tensorboard,wandb]"])
+def test_a_run_that_names_wandb_where_it_is_not_installed_logs_to_tensorboard(saved, prompt_file, tmp_path,
+                                                                              monkeypatch, log_with):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError, installed or not
+    config = load_config(None, tiny_overrides(saved["sd3"], prompt_file, tmp_path, max_steps=1, log_with=log_with))
+    with pytest.warns(UserWarning, match=r"^log_with names wandb, which is not installed \(pip install wandb\); "
+                                         "logging to tensorboard only$"):
+        trainer = GRPOTrainer(config)
+    trainer.train()
+    logged = EventAccumulator(str(tmp_path / "grpo")).Reload().Scalars("reward_mean")
+    assert [event.step for event in logged] == [1]
+    assert logged[0].value == pytest.approx(metrics(tmp_path)[-1]["reward_mean"])
+
+
 def test_resume_with_no_checkpoint_yet_starts_over(saved, prompt_file, tmp_path):
     """Interrupted before its first checkpoint, a run leaves metrics only; resume_from=latest starts over and does
     not log step 1 twice, nor step 0's evaluation (TensorBoard hides the first run's values)."""

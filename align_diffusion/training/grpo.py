@@ -271,7 +271,7 @@ class GRPOTrainer:
                  adapter: PipelineAdapter | None = None):
         self.config = config
         self.output_dir = Path(config.output_dir)
-        trackers = [t for t in config.log_with if t != "wandb" or _wandb_installed()]
+        trackers = usable_trackers(config.log_with)
         if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
             raise ValueError("FSDP is not supported: it replaces the denoiser's parameters by sharded ones, which the "
                              "trainer's clipping, EMA and checkpoints do not read; train a LoRA under DDP, or "
@@ -1100,12 +1100,17 @@ def _flat(values: dict, prefix: str = "") -> dict:
     return flat
 
 
-def _wandb_installed() -> bool:
-    try:
-        import wandb  # noqa: F401
-    except ImportError:
-        warnings.warn("log_with names wandb, which is not installed; logging to the other trackers", stacklevel=3)
-        return False
-    return True
+def usable_trackers(log_with: list[str]) -> list[str]:
+    """The trackers of `log_with` that can log here: wandb only where it is installed, and TensorBoard in its place
+    when it was the only one named, so that the run still logs its curves."""
+    if "wandb" in log_with:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            others = [tracker for tracker in log_with if tracker != "wandb"] or ["tensorboard"]
+            warnings.warn(f"log_with names wandb, which is not installed (pip install wandb); logging to "
+                          f"{' and '.join(others)} only", stacklevel=3)
+            return others
+    return list(log_with)
 
 
