@@ -670,6 +670,15 @@ def run_train(args) -> None:
     except TrainingInterrupted as stopped:
         print(f"align-diffusion train: {stopped}", file=sys.stderr)
         raise SystemExit(128 + (stopped.signum or signal.SIGINT)) from None
+    except KeyboardInterrupt:  # a second Ctrl-C, which stops at once: the last checkpoint is where it goes on
+        from align_diffusion.training.checkpoint import checkpoint_step, resolve_resume
+
+        last = resolve_resume("latest", config.output_dir)
+        goes_on = (f"; its last checkpoint is step {checkpoint_step(last)} ({last}), and the same command with "
+                   "resume_from=latest goes on after it") if last else (
+            " before its first checkpoint; the same command with resume_from=latest starts it over")
+        print(f"align-diffusion train: interrupted{goes_on}", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGINT) from None
     print(f"trained weights in {folder}; metrics in {config.output_dir}/metrics.jsonl")
 
 

@@ -929,15 +929,14 @@ class GRPOTrainer:
             self.record_evaluation(metrics_file, self.evaluate())
             if accelerator.is_main_process:
                 build_run_page(self.output_dir, only_stale=True)
-        bar = tqdm(initial=self.step, total=config.max_steps, desc=config.algorithm,
-                   disable=not accelerator.is_main_process)
         steps = range(self.step, config.max_steps)
         if self.step >= config.max_steps:
             self.log(f"step {self.step} already reaches max_steps {config.max_steps}: no step to train")
         elif self.agreed_stop(False)[0]:  # a resumed run that had already used its time
             self.log(f"max_minutes {config.max_minutes} already reached at step {self.step}: no step to train")
             steps = range(0)
-        with StopSignals(self.log) as signals:
+        with tqdm(initial=self.step, total=config.max_steps, desc=config.algorithm,
+                  disable=not accelerator.is_main_process) as bar, StopSignals(self.log) as signals:
             for step in steps:
                 started = time.time()
                 stats = self.training_step(step)
@@ -964,14 +963,12 @@ class GRPOTrainer:
                     if interrupted and not checkpointed:
                         self.save_checkpoint()
                 if interrupted:
-                    bar.close()
                     accelerator.end_training()
                     raise TrainingInterrupted(signals.received, self.step, self.output_dir)
                 if out_of_time:
                     self.log(f"stopping after step {self.step}: {self.train_seconds / 60:.1f} training minutes "
                              f"reached max_minutes {config.max_minutes}")
                     break
-        bar.close()
         result = self.export()
         accelerator.end_training()
         return result
