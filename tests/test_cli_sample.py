@@ -631,6 +631,22 @@ def test_a_resume_that_differs_in_what_was_given_is_refused_before_anything_load
             main([*common, "--prompt", "a red circle", "two squares", "three circles", "--resume", *flags])
 
 
+def test_a_resume_into_a_folder_the_other_command_wrote_says_what_it_holds(saved, tmp_path, monkeypatch):
+    shared = ["--model", str(saved["sd3"]), "--steps", "1", "--prompt", "a red circle"]
+    steer = ["steer", "--method", "best-of-n", "--reward", "jpeg", *shared]
+    main(["sample", *shared, "--out", str(tmp_path / "samples")])
+    main([*steer, "--out", str(tmp_path / "steered")])
+    kept = {name: (tmp_path / name / "metadata.jsonl").read_text() for name in ("samples", "steered")}
+    monkeypatch.setattr("align_diffusion.cli.load_for_command", lambda *args: pytest.fail("loaded the model"))
+    with pytest.raises(SystemExit, match=re.escape("resume: the folder holds samples (align-diffusion sample or "
+                                                   "eval), and this run makes a steering run's results")):
+        main([*steer, "--resume", "--out", str(tmp_path / "samples")])
+    with pytest.raises(SystemExit, match=re.escape("resume: the folder holds a steering run's results (align-diffusion "
+                                                   "steer), and this run makes samples")):
+        main(["sample", *shared, "--resume", "--out", str(tmp_path / "steered")])
+    assert {name: (tmp_path / name / "metadata.jsonl").read_text() for name in kept} == kept
+
+
 def test_ctrl_c_leaves_the_finished_images_and_says_how_to_go_on(saved, tmp_path):
     out = tmp_path / "out"
     common = [sys.executable, "-m", "align_diffusion", "sample", "--model", str(saved["sd3"]), "--prompt",

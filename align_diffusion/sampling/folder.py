@@ -232,9 +232,19 @@ def check_resumable(records: list[dict], jobs: list[tuple[str, int]], same_run: 
     return len(records)
 
 
+# Keys only one kind of folder's records hold: what made a folder a resume finds to be of the other kind
+FOLDER_KINDS = {"method": "a steering run's results (align-diffusion steer)",
+                "sampler": "samples (align-diffusion sample or eval)"}
+
+
 def check_same_images(records: list[dict], jobs: list[tuple[str, int]], same_run: dict) -> None:
     """ValueError when `records` are not the first of `jobs`, or were made with other values of `same_run`'s keys
     (a caller that has not loaded the model yet passes the settings it knows: those given, not the defaults)."""
+    ours = next((key for key in FOLDER_KINDS if key in same_run), None)
+    theirs = next((key for key in FOLDER_KINDS if records and key in records[0]), None)
+    if ours and theirs and ours != theirs:
+        raise ValueError(f"resume: the folder holds {FOLDER_KINDS[theirs]}, and this run makes {FOLDER_KINDS[ours]}; "
+                         "choose another output folder")
     if len(records) > len(jobs):
         raise ValueError(f"resume: the folder holds {len(records)} images, more than the {len(jobs)} this run makes")
     # Earlier versions recorded a model option at its default as given (an explicit 256 T5 tokens, say): as null now.
