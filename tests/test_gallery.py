@@ -666,9 +666,15 @@ def test_merged_label_files_keep_a_file_once_and_refuse_one_labelled_two_ways(tm
     assert len(preference_pairs(labels)) == 1
     relabelled = {**first[0], "label": "artifact"}
     labels.write_text("".join(json.dumps(row) + "\n" for row in [*first, relabelled]))
-    for read in (read_labels, read_labelled_images, preference_pairs):
-        with pytest.raises(ValueError, match=r"labels.jsonl:3: .*00000.png was labelled otherwise on line 1"):
+    for read, there, here in ((read_labels, "'good'", "'artifact'"), (read_labelled_images, "0", "1"),
+                              (preference_pairs, "'good'", "'artifact'")):
+        with pytest.raises(ValueError, match=rf"labels.jsonl:3: .*00000.png was labelled otherwise on line 1: label "
+                                             rf"{there} there, {here} here$"):
             read(labels)
+    moved = {**first[0], "prompt": "a blue circle"}
+    labels.write_text("".join(json.dumps(row) + "\n" for row in [*first, moved]))
+    with pytest.raises(ValueError, match="on line 1: prompt 'a red circle' there, 'a blue circle' here$"):
+        read_labels(labels)
 
 
 @pytest.mark.parametrize("line, problem", [

@@ -39,8 +39,11 @@ def once_per_file(source: Path, rows: list[tuple[int, dict]]) -> list[dict]:
     for number, record in rows:
         file = os.path.abspath(record["file"])
         if file in kept and kept[file][1] != record:
-            raise ValueError(f"{source}:{number}: {record['file']} was labelled otherwise on line {kept[file][0]}: "
-                             f"{kept[file][1]} against {record}")
+            line, earlier = kept[file]
+            differences = "; ".join(f"{key} {earlier[key]!r} there, {record[key]!r} here" for key in record
+                                    if key != "file" and earlier[key] != record[key])
+            raise ValueError(f"{source}:{number}: {record['file']} was labelled otherwise on line {line}: "
+                             f"{differences}")
         kept.setdefault(file, (number, record))
     return [record for _, record in kept.values()]
 
