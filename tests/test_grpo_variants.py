@@ -321,7 +321,12 @@ def test_reward_transforms_are_refused_where_they_do_not_apply(saved, prompt_fil
                            ({"grpo.log_tame": 0.5}, "grpo.log_tame: log-taming needs non-negative rewards, and jpeg"),
                            ({"algorithm": "gdro", "sampling.sampler": "ode", "sampling.shared_noise": "true"},
                             "sampling.shared_noise: with no noise drawn after the shared start"),
-                           ({"grpo.log_tame": 0.5, "algorithm": "gdro"}, "grpo.log_tame: GDRO ranks each group")):
+                           ({"grpo.log_tame": 0.5, "algorithm": "gdro"}, "grpo.log_tame: GDRO ranks each group"),
+                           ({"references": "shapes"}, "references: only a reward that trains against them (adv-dino) "
+                            "reads reference images, and reward 'jpeg' has none"),
+                           ({"reward_updates": 20}, "reward_updates: only a reward that trains (adv-dino) is updated"),
+                           ({"algorithm": "gdro", "gdro.num_groups": 3, "gdro.groups_per_step": 4},
+                            "gdro.groups_per_step (4) must be at most gdro.num_groups (3)")):
         with pytest.raises(ConfigError, match=re.escape(message)):
             load_config(None, tiny_overrides(saved["sd3"], prompt_file, tmp_path, **extra))
 

@@ -368,6 +368,9 @@ def validate(config: TrainConfig, num_processes: int = 1) -> None:
                               ("gdro.groups_per_step", gdro.groups_per_step, 1)):
         if value < least:
             raise ConfigError(f"{key} must be at least {least}, got {value}")
+    if config.algorithm == "gdro" and gdro.groups_per_step > gdro.num_groups:  # a step would take each group once
+        raise ConfigError(f"gdro.groups_per_step ({gdro.groups_per_step}) must be at most gdro.num_groups "
+                          f"({gdro.num_groups}), the groups there are")
     if not (0 < gdro.tau < math.inf and 0 < gdro.beta < math.inf and 0 <= gdro.sft_weight < math.inf):
         raise ConfigError(f"gdro: tau and beta must be finite and > 0 and sft_weight >= 0, got tau={gdro.tau}, "
                           f"beta={gdro.beta}, sft_weight={gdro.sft_weight}")
@@ -484,9 +487,16 @@ def validate(config: TrainConfig, num_processes: int = 1) -> None:
                           f"{config.reward!r} has one; give a number δ")
     if grpo.log_tame is not None and any(term.name == "jpeg" for term in terms):
         raise ConfigError("grpo.log_tame: log-taming needs non-negative rewards, and jpeg scores −kB")
-    if any(term.name in TRAINABLE_REWARDS for term in terms) and config.references is None:
+    trainable = any(term.name in TRAINABLE_REWARDS for term in terms)
+    if trainable and config.references is None:
         raise ConfigError("references: the reward trains against reference images (adv-dino); set references to "
                           "'shapes' or an image folder")
+    if not trainable and config.references is not None:  # else a run would seem to use them
+        raise ConfigError(f"references: only a reward that trains against them (adv-dino) reads reference images, and "
+                          f"reward {config.reward!r} has none; leave references out (null)")
+    if not trainable and config.reward_updates != TrainConfig.reward_updates:
+        raise ConfigError(f"reward_updates: only a reward that trains (adv-dino) is updated, and reward "
+                          f"{config.reward!r} has none; leave reward_updates out")
     family = _model_family(config.model)
     is_flow = None if family is None else family.is_flow
     for option, value in model_options(config).items():
