@@ -904,7 +904,7 @@ def add_gallery_parser(subparsers) -> None:
 
 
 def run_gallery(args) -> None:
-    from align_diffusion.gallery import build_comparison, build_gallery, build_run_page
+    from align_diffusion.gallery import build_comparison, build_run_page
 
     if args.out is not None and args.compare is None:
         raise SystemExit("--out: names the side-by-side page, so it needs --compare")
@@ -919,9 +919,30 @@ def run_gallery(args) -> None:
         raise SystemExit(f"{args.dir}: neither a sample folder (metadata.jsonl) nor a training run (metrics.jsonl)")
     if args.compare is not None and not (args.compare / "metadata.jsonl").is_file():
         raise SystemExit(f"--compare: {args.compare} is not a sample folder (no metadata.jsonl)")
-    print(f"wrote {build_gallery(args.dir)}")
+    print(f"wrote {rebuild_gallery(args.dir)}")
     if args.compare is not None:
         print(f"wrote {build_comparison(args.dir, args.compare, args.out)}")
+
+
+def rebuild_gallery(folder: Path) -> Path:
+    """The review page of a sample folder, titled as the command that wrote it titled it: an eval's by its split and
+    strict accuracy, a training run's evaluation by run and step (with its link back to the run)."""
+    import json
+
+    from align_diffusion.gallery import build_gallery
+    from align_diffusion.gallery.run import EVAL_DIR, build_eval_gallery
+    from align_diffusion.world.benchmark import eval_title
+
+    run_dir = folder.resolve().parent.parent
+    if folder.resolve().parent.name == EVAL_DIR and (run_dir / "metrics.jsonl").is_file():
+        return build_eval_gallery(run_dir, folder)
+    title = None  # the folder's name
+    if (folder / "eval.json").is_file():
+        try:
+            title = eval_title(json.loads((folder / "eval.json").read_text()))
+        except (ValueError, KeyError, TypeError):  # not an eval.json of ours: the folder's name will do
+            pass
+    return build_gallery(folder, title=title)
 
 
 def parse_with_overrides(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:

@@ -352,6 +352,20 @@ def test_run_page_links_plots_and_evaluations(browser, tmp_path):
         assert len(visible_cards(browser)) == len(RECORDS_A)
 
 
+def test_a_training_runs_evaluation_rebuilt_alone_keeps_its_title_and_link_to_the_run(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 0, "eval/reward_mean": 0.3}) + "\n")
+    make_folder(run / "eval" / "step-000000", RECORDS_A)
+    main(["gallery", str(run)])
+    page = run / "eval" / "step-000000" / "index.html"
+    written = page.read_text()
+    assert "<title>run — step-000000</title>" in written and 'href="../../index.html"' in written
+    page.unlink()
+    main(["gallery", str(run / "eval" / "step-000000")])
+    assert page.read_text() == written
+
+
 def test_run_page_compares_only_evaluations_that_share_samples_with_the_first(tmp_path):
     """An eval interrupted before its first image (step 0) and one of other prompts (step 6) get galleries only;
     the comparisons are against the first evaluation that has samples (step 2)."""

@@ -236,6 +236,12 @@ def test_diverged_samples_are_marked_and_warned_of_not_passed_off_as_black_image
     assert result["diverged_images"] == result["num_images"] > 0
     assert all(record["diverged"] for record in read_records(tmp_path / "eval"))
     assert f"{result['num_images']} of {result['num_images']} images diverged" in capsys.readouterr().err
+    page = tmp_path / "eval" / "index.html"
+    written = page.read_text()
+    assert "<title>ShapesEval test: strict 0.000</title>" in written
+    page.unlink()
+    main(["gallery", str(tmp_path / "eval")])  # rebuilt as eval titled it
+    assert page.read_text() == written
     for level, diverged in (("1e20", True), ("0.5", False)):
         main(["sample", *common, "--noise-level", level, "--prompt", "a red circle", "--out", str(tmp_path / level)])
         assert [record.get("diverged", False) for record in read_records(tmp_path / level)] == [diverged]

@@ -34,6 +34,13 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     return [row for _, row in read_jsonl(metrics)]
 
 
+def build_eval_gallery(run_dir: str | Path, folder: str | Path) -> Path:
+    """(Re)writes the review page of one of the run's evaluations, titled by run and step, with a link to the run's
+    page."""
+    return build_gallery(folder, title=f"{Path(run_dir).resolve().name} — {Path(folder).name}",
+                         links={"run": "../../index.html"})
+
+
 def build_run_page(run_dir: str | Path, *, only_stale: bool = False) -> Path:
     """(Re)writes the run's plots, its evaluations' galleries and comparisons, and `run_dir/index.html`. With
     `only_stale` (the trainer, after each evaluation) an evaluation's pages are written only when missing or older
@@ -46,7 +53,7 @@ def build_run_page(run_dir: str | Path, *, only_stale: bool = False) -> Path:
     for folder in folders:
         gallery = folder / "index.html"
         if not (only_stale and _fresh(gallery, folder)):
-            build_gallery(folder, title=f"{run_dir.resolve().name} — {folder.name}", links={"run": "../../index.html"})
+            build_eval_gallery(run_dir, folder)
         links[folder.name] = [("gallery", gallery.relative_to(run_dir).as_posix())]
         keys = {pair_key(record) for record in read_records(folder)}
         if first is None:

@@ -59,5 +59,10 @@ def evaluate_shapes(
                 folder.add(image, {"prompt": record["prompt"], "seed": record["seed"],
                                    "shapes_strict": record["strict"], "rewards": {"shapes": record["graded"]},
                                    **made_with, **({"diverged": True} if record.get("diverged") else {})})
-        build_gallery(out_dir, title=f"ShapesEval {split}: strict {result['overall_strict']:.3f}")
+        build_gallery(out_dir, title=eval_title(result))
     return result
+
+
+def eval_title(result: dict) -> str:
+    """The review page's title for a ShapesEval result (`evaluate_shapes`'s, or its eval.json read back)."""
+    return f"ShapesEval {result['settings']['split']}: strict {result['overall_strict']:.3f}"
