@@ -1,8 +1,9 @@
 """Files written so that a reader, or a run that stops halfway, never sees half of one: each is written under a
-temporary name beside its place, then renamed over it. The files of a folder written whole get the permissions an
-ordinary new file gets there (from the umask, or a folder's default ACL): safetensors 0.8 writes its files 0600,
-readable by their owner only, so a LoRA trained by one account would not load for another. (A single file is
-written with `open` or torch.save, which give it those permissions already.)"""
+temporary name beside its place, flushed to the disk, then renamed over it (flushed first, so that after a power cut
+too the name holds the old contents or the whole new ones, never an empty file). The files of a folder written
+whole get the permissions an ordinary new file gets there (from the umask, or a folder's default ACL):
+safetensors 0.8 writes its files 0600, readable by their owner only, so a LoRA trained by one account would not
+load for another. (A single file is written with `open` or torch.save, which give it those permissions already.)"""
 
 from __future__ import annotations
 
@@ -30,14 +31,44 @@ def give_usual_permissions(path: Path) -> None:
             file.chmod(mode)
 
 
+def sync_to_disk(path: Path) -> None:
+    """Flushes the file `path`, or every file under the folder `path`, and the folders that name them, from the
+    system's cache to the disk."""
+    files = [file for file in path.rglob("*") if file.is_file() and not file.is_symlink()] if path.is_dir() else [path]
+    for file in files:
+        descriptor = os.open(file, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+    for folder in {file.parent for file in files} | ({path} if path.is_dir() else set()):
+        sync_folder(folder)
+
+
+def sync_folder(folder: Path) -> None:
+    """Flushes the names in `folder` (a rename's result) to the disk."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:  # Windows opens no folder; its renames are flushed with the file system's journal
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:  # some file systems (network ones) cannot flush a folder: a rename is as durable as they make it
+        pass
+    finally:
+        os.close(descriptor)
+
+
 def write_atomically(path: str | Path, write: Callable[[Path], None]) -> None:
-    """Calls `write` on a temporary path beside `path`, then renames it over `path`: readers see the old file or the
-    new."""
+    """Calls `write` on a temporary path beside `path`, flushes it to the disk, then renames it over `path`: readers
+    see the old file or the new."""
     path = Path(path)
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
         write(partial)
+        sync_to_disk(partial)
         os.replace(partial, path)
+        sync_folder(path.parent)
     finally:
         partial.unlink(missing_ok=True)  # left only when the write failed
 
@@ -56,6 +87,7 @@ def write_folder_atomically(folder: str | Path, write: Callable[[Path], None]) -
     try:
         write(partial)
         give_usual_permissions(partial)
+        sync_to_disk(partial)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
@@ -63,6 +95,7 @@ def write_folder_atomically(folder: str | Path, write: Callable[[Path], None]) -
     if folder.exists():  # a folder cannot be renamed over a non-empty one: the earlier one steps aside first
         os.replace(folder, old)
     os.replace(partial, folder)
+    sync_folder(folder.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 

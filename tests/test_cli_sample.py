@@ -395,6 +395,49 @@ def test_a_folder_of_other_files_is_refused_as_out_and_a_gallery_page_must_be_ht
     assert (tmp_path / "a" / "metadata.jsonl").read_text().startswith("{")
 
 
+def test_outputs_reach_the_disk_before_the_rename_that_shows_them(tmp_path, monkeypatch):
+    """After a power cut a renamed name may hold an empty file unless its contents were flushed before the rename,
+    and the rename itself lasts only once its folder is flushed: each file and folder of an output (by inode) is
+    flushed before the rename that puts it in place, and the folder it is renamed in after it."""
+    from align_diffusion.training import checkpoint
+
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+
+    def fsync(descriptor):
+        events.append(("fsync", os.fstat(descriptor).st_ino))
+        real_fsync(descriptor)
+
+    def replace(source, target):
+        events.append(("replace", Path(target)))
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+
+    def write(folder):
+        (folder / "sub").mkdir()
+        (folder / "weights.bin").write_bytes(b"1")
+        (folder / "sub" / "config.json").write_text("{}")
+
+    def check(target: Path, parts: list[Path]) -> None:
+        renamed = events.index(("replace", target))
+        flushed_before = {inode for kind, inode in events[:renamed] if kind == "fsync"}
+        assert {part.stat().st_ino for part in parts} <= flushed_before
+        assert ("fsync", target.parent.stat().st_ino) in events[renamed + 1:]
+        events.clear()
+
+    write_folder_atomically(tmp_path / "lora", write)
+    lora = tmp_path / "lora"
+    check(lora, [lora, lora / "sub", lora / "weights.bin", lora / "sub" / "config.json"])
+    write_atomically(tmp_path / "eval.json", lambda partial: partial.write_text("{}"))
+    check(tmp_path / "eval.json", [tmp_path / "eval.json"])
+    partial = checkpoint.partial_dir(tmp_path / "run", 3)
+    checkpoint.begin(partial)
+    write(partial)
+    final = checkpoint.commit(partial, {"step": 3}, keep=1)
+    check(final, [final, final / "sub", final / "weights.bin", final / checkpoint.STATE])
+
+
 def test_an_out_that_cannot_be_written_is_named_before_anything_loads(tmp_path):
     """--out under a regular file: every command that writes one refuses it first (the model named here does not
     exist, so a command that went on to load it would fail otherwise), not once its first output is due."""

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from align_diffusion.files import give_usual_permissions, write_atomically
+from align_diffusion.files import give_usual_permissions, sync_folder, sync_to_disk, write_atomically
 
 CHECKPOINTS = "checkpoints"
 PREFIX = "step-"
@@ -66,10 +66,12 @@ def commit(partial: Path, trainer_state: dict, keep: int) -> Path:
     """Writes trainer_state.json last, renames the folder into place and prunes all but the newest `keep`."""
     (partial / STATE).write_text(json.dumps(trainer_state, indent=1))
     give_usual_permissions(partial)
+    sync_to_disk(partial)
     final = partial.with_name(partial.name.removesuffix(TEMPORARY))
     if final.exists():
         discard(final)
     os.replace(partial, final)
+    sync_folder(final.parent)
     for old in completed_checkpoints(final.parent.parent)[:-keep]:
         discard(old)
     return final
