@@ -223,7 +223,7 @@ def check_image_size(args, rewards, adapter: PipelineAdapter | None = None) -> N
     cannot take. Without the model loaded, checks only a size given whole against the rewards."""
     size = args.height, args.width
     if adapter is not None:
-        size = adapter.sample_size(*size)
+        size = adapter.image_size(*size)
     if None in size:
         return
     try:
@@ -233,9 +233,9 @@ def check_image_size(args, rewards, adapter: PipelineAdapter | None = None) -> N
             if reward is not None:
                 reward.check_size(*size)
     except ValueError as error:
-        given = " and ".join(f"--{name}" for name in ("height", "width") if getattr(args, name) is not None)
-        raise SystemExit(f"{given or '--height and --width'}: {error}"
-                         + ("" if given else f" (the model's default size, {size[0]}×{size[1]})")) from None
+        defaulted = [f"{name} {value}" for name, value in zip(("height", "width"), size) if getattr(args, name) is None]
+        where = f" (the model's default {' and '.join(defaulted)})" if defaulted else ""
+        raise SystemExit(f"--height and --width: {error}{where}") from None
 
 
 def model_record(args) -> dict:
@@ -578,6 +578,8 @@ def run_train_artifact(args) -> None:
         check_output_folder(args.out, CONFIG_FILE)
     except ValueError as error:
         raise SystemExit(f"--out: {error}") from None
+    if not args.data.exists():  # named before the backbone is looked for
+        raise SystemExit(f"--data: no such file or folder {args.data}")
     check_backbone(args.backbone)
     settings = ArtifactTraining(steps=args.steps or ArtifactTraining.steps, holdout=args.holdout, seed=args.seed)
     result = train_artifact_reward(args.data, args.out, args.backbone, settings, device=args.device,

@@ -214,9 +214,13 @@ def test_sure_artifacts_keep_distinct_scores_and_a_gradient():
 
 
 def test_a_backbone_neither_on_disk_nor_from_the_hub_is_named_before_any_image_is_read(tmp_path, monkeypatch):
-    """Offline, the hub's own message names neither the flag nor the backbone the world ships."""
+    """Offline, the hub's own message names neither the flag nor the backbone the world ships. A --data that does
+    not exist is named first."""
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)  # as CI runs: no hub, nothing cached
-    command = ["train-reward", "artifact", "--data", str(tmp_path / "never-read"), "--out", str(tmp_path / "rm")]
+    command = ["train-reward", "artifact", "--data", str(tmp_path / "set"), "--out", str(tmp_path / "rm")]
+    with pytest.raises(SystemExit, match="^--data: no such file or folder .*set$"):
+        main([*command, "--backbone", "no-such-org/no-such-dino"])
+    write_set(tmp_path / "set", 2)
     with pytest.raises(SystemExit, match="^--backbone: no-such-org/no-such-dino is no local folder, and the hub did "
                                          r"not give it \(.*\); offline, give a local backbone, such as the shapes "
                                          "world's assets/world/dino$"):

@@ -121,7 +121,8 @@ def test_bad_input_fails_before_sampling(saved, tmp_path):
     common = ["sample", "--model", str(saved["sd3"]), "--prompt", "a", "--height", "32", "--width", "32"]
     with pytest.raises(SystemExit, match="does not fit"):
         main([*common, "--sampler", "ddim", "--out", str(tmp_path / "a")])
-    with pytest.raises(SystemExit, match="^--height: height and width must be positive multiples of 2, got 33×32$"):
+    with pytest.raises(SystemExit, match=re.escape("--height and --width: height and width must be positive multiples "
+                                                   "of 2, got 33×32 (the model's default width 32)")):
         main(["sample", "--model", str(saved["sd3"]), "--prompt", "a", "--height", "33", "--out", str(tmp_path / "b")])
     with pytest.raises(SystemExit, match="--prompts-file"):
         main(["sample", "--model", str(saved["sd3"]), "--prompts-file", str(tmp_path / "nope.txt"), "--out",
@@ -332,15 +333,16 @@ def test_a_size_shapes_eval_cannot_judge_is_refused_before_any_image_naming_the_
     (32×32 for the tiny SD3) or a size given in part once it has."""
     out = tmp_path / "a"
     model = ["--model", str(saved["sd3"]), "--prompt", "a red circle", "--out", str(out)]
-    judged = "reward shapes judges 64×64 shapes-world images"
+    judged = "ShapesEval judges 64×64 shapes-world images"
     with monkeypatch.context() as patched:
         patched.setattr("align_diffusion.cli.load_for_command", lambda *args: pytest.fail("loaded the model"))
         with pytest.raises(SystemExit, match=f"^--height and --width: {judged}, got 32×32$"):
             main([*command, *model, "--height", "32", "--width", "32"])
     with pytest.raises(SystemExit, match=re.escape(f"--height and --width: {judged}, got 32×32 (the model's default "
-                                                   "size, 32×32)")):
+                                                   "height 32 and width 32)")):
         main([*command, *model])
-    with pytest.raises(SystemExit, match=f"^--width: {judged}, got 32×64$"):
+    with pytest.raises(SystemExit, match=re.escape(f"--height and --width: {judged}, got 32×64 (the model's default "
+                                                   "height 32)")):
         main([*command, *model, "--width", "64"])
     assert not out.exists()
 
@@ -350,11 +352,11 @@ def test_sampling_functions_refuse_a_size_the_reward_cannot_judge_before_any_ima
     from align_diffusion.steering import steer_to_folder
 
     adapter = load_adapter(str(saved["sd3"]))
-    with pytest.raises(ValueError, match="^reward shapes:strict judges 64×64 shapes-world images, got 32×32$"):
+    with pytest.raises(ValueError, match="^ShapesEval judges 64×64 shapes-world images, got 32×32$"):
         sample_to_folder(adapter, ["a red circle"], tmp_path / "a", reward=ShapesReward("strict"))
-    with pytest.raises(ValueError, match="^reward shapes judges 64×64 shapes-world images, got 32×32$"):
+    with pytest.raises(ValueError, match="^ShapesEval judges 64×64 shapes-world images, got 32×32$"):
         steer_to_folder(adapter, ["a red circle"], load_reward("jpeg"), "best-of-n", tmp_path / "b", shapes_eval=True)
-    with pytest.raises(ValueError, match="^reward shapes judges 64×64 shapes-world images, got 64×32$"):
+    with pytest.raises(ValueError, match="^ShapesEval judges 64×64 shapes-world images, got 64×32$"):
         steer_to_folder(adapter, ["a red circle"], load_reward("jpeg,shapes"), "fk", tmp_path / "c", height=64)
     assert not any(tmp_path.iterdir())
 

@@ -352,7 +352,7 @@ def test_run_page_links_plots_and_evaluations(browser, tmp_path):
         assert len(visible_cards(browser)) == len(RECORDS_A)
 
 
-def test_a_training_runs_evaluation_rebuilt_alone_keeps_its_title_and_link_to_the_run(tmp_path):
+def test_a_training_runs_evaluation_rebuilt_alone_keeps_its_title_and_link_to_the_run(tmp_path, monkeypatch):
     run = tmp_path / "run"
     run.mkdir()
     (run / "metrics.jsonl").write_text(json.dumps({"step": 0, "eval/reward_mean": 0.3}) + "\n")
@@ -363,6 +363,10 @@ def test_a_training_runs_evaluation_rebuilt_alone_keeps_its_title_and_link_to_th
     assert "<title>run — step-000000</title>" in written and 'href="../../index.html"' in written
     page.unlink()
     main(["gallery", str(run / "eval" / "step-000000")])
+    assert page.read_text() == written
+    page.unlink()
+    monkeypatch.chdir(run / "eval" / "step-000000")
+    main(["gallery", "."])
     assert page.read_text() == written
 
 
@@ -685,6 +689,10 @@ def test_merged_label_files_keep_a_file_once_and_refuse_one_labelled_two_ways(tm
         with pytest.raises(ValueError, match=rf"labels.jsonl:3: .*00000.png was labelled otherwise on line 1: label "
                                              rf"{there} there, {here} here$"):
             read(labels)
+    (tmp_path / "sub").mkdir()
+    another_path = {**first[0], "file": "sub/../images/00000.png"}  # the same file, labelled alike
+    labels.write_text("".join(json.dumps(row) + "\n" for row in [*first, another_path]))
+    assert [row["label"] for row in read_labels(labels)] == ["good", "artifact"]
     moved = {**first[0], "prompt": "a blue circle"}
     labels.write_text("".join(json.dumps(row) + "\n" for row in [*first, moved]))
     with pytest.raises(ValueError, match="on line 1: prompt 'a red circle' there, 'a blue circle' here$"):

@@ -279,14 +279,14 @@ def test_a_size_shapes_eval_cannot_judge_and_prompts_it_cannot_read_fail_before_
     world_prompts = tmp_path / "world.txt"
     world_prompts.write_text("a red circle\na green triangle\n")
     overrides = tiny_overrides(saved["sd3"], world_prompts, tmp_path)
-    with pytest.raises(ConfigError, match=r"^reward: reward shapes judges 64×64 shapes-world images, got 32×32 "
+    with pytest.raises(ConfigError, match=r"^reward: ShapesEval judges 64×64 shapes-world images, got 32×32 "
                                           r"\(sampling.height and sampling.width, or the model's default size"):
         GRPOTrainer(load_config(None, [*overrides, "reward=jpeg,shapes=0.5"]))
-    with pytest.raises(ConfigError, match="^eval.rewards: reward shapes:strict judges 64×64 shapes-world images, "
+    with pytest.raises(ConfigError, match="^eval.rewards: ShapesEval judges 64×64 shapes-world images, "
                                           "got 32×48"):
         GRPOTrainer(load_config(None, [*overrides, "eval.every=5", "eval.rewards=shapes:strict",
                                        "sampling.width=48"]))
-    with pytest.raises(ConfigError, match="^eval.shapes_eval: reward shapes judges 64×64 shapes-world images"):
+    with pytest.raises(ConfigError, match="^eval.shapes_eval: ShapesEval judges 64×64 shapes-world images"):
         GRPOTrainer(load_config(None, [*overrides, "eval.every=5", "eval.shapes_eval=true"]))
     outside = tmp_path / "outside.txt"
     outside.write_text("a red circle\na photo of a cat\n")
@@ -724,9 +724,10 @@ def test_a_run_that_names_wandb_where_it_is_not_installed_logs_to_tensorboard(sa
 
 def test_a_second_ctrl_c_stops_at_once_and_names_the_checkpoint_to_go_on_from(saved, prompt_file, tmp_path):
     """The first Ctrl-C asks for a stop after the step in progress; one more a second later stops mid-step, and the
-    command says which checkpoint resume_from=latest goes on from. Steps of 20 SDE steps outlast the second."""
+    command says which checkpoint resume_from=latest goes on from. Steps of 40 SDE steps (7 s here) outlast the
+    second."""
     command = [sys.executable, "-m", "align_diffusion", "train",
-               *tiny_overrides(saved["sd3"], prompt_file, tmp_path, max_steps=500, **{"sampling.num_steps": 20})]
+               *tiny_overrides(saved["sd3"], prompt_file, tmp_path, max_steps=500, **{"sampling.num_steps": 40})]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 200
     while not (tmp_path / "checkpoints" / "step-000001").is_dir() and process.poll() is None and time.time() < deadline:

@@ -38,10 +38,11 @@ def once_per_file(source: Path, rows: list[tuple[int, dict]]) -> list[dict]:
     kept: dict[str, tuple[int, dict]] = {}
     for number, record in rows:
         file = os.path.abspath(record["file"])
-        if file in kept and kept[file][1] != record:
+        differing = [] if file not in kept else [key for key in record
+                                                 if key != "file" and kept[file][1][key] != record[key]]
+        if differing:  # the same file named by another path says nothing new
             line, earlier = kept[file]
-            differences = "; ".join(f"{key} {earlier[key]!r} there, {record[key]!r} here" for key in record
-                                    if key != "file" and earlier[key] != record[key])
+            differences = "; ".join(f"{key} {earlier[key]!r} there, {record[key]!r} here" for key in differing)
             raise ValueError(f"{source}:{number}: {record['file']} was labelled otherwise on line {line}: "
                              f"{differences}")
         kept.setdefault(file, (number, record))

@@ -37,7 +37,7 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 def build_eval_gallery(run_dir: str | Path, folder: str | Path) -> Path:
     """(Re)writes the review page of one of the run's evaluations, titled by run and step, with a link to the run's
     page."""
-    return build_gallery(folder, title=f"{Path(run_dir).resolve().name} — {Path(folder).name}",
+    return build_gallery(folder, title=f"{Path(run_dir).resolve().name} — {Path(folder).resolve().name}",
                          links={"run": "../../index.html"})
 
 

@@ -124,8 +124,9 @@ class PipelineAdapter:
         height, width = (sample_size, sample_size) if isinstance(sample_size, int) else sample_size
         return height * self.vae_scale_factor, width * self.vae_scale_factor
 
-    def sample_size(self, height: int | None, width: int | None) -> tuple[int, int]:
-        """The height and width of a sample asked for as `height` × `width`, None meaning the default's side."""
+    def image_size(self, height: int | None, width: int | None) -> tuple[int, int]:
+        """The height and width in pixels of an image asked for as `height` × `width`, None meaning the default's
+        side."""
         default_height, default_width = self.default_size
         return default_height if height is None else height, default_width if width is None else width
 

@@ -49,7 +49,7 @@ class ShapesReward(Reward):
 
     def check_size(self, height, width):
         if (height, width) != (CANVAS, CANVAS):
-            raise ValueError(f"reward {self.name} judges {CANVAS}×{CANVAS} shapes-world images, got {height}×{width}")
+            raise ValueError(f"ShapesEval judges {CANVAS}×{CANVAS} shapes-world images, got {height}×{width}")
 
     def score(self, images, prompts, metadata):
         self.check_prompts(prompts)

@@ -195,7 +195,7 @@ def resolve_settings(
     check_sampler(adapter, sampler)
     steps = adapter.default_steps if num_inference_steps is None else num_inference_steps
     check_count("num_inference_steps", steps)
-    height, width = adapter.sample_size(height, width)
+    height, width = adapter.image_size(height, width)
     settings = Settings(
         num_inference_steps=steps,
         guidance_scale=adapter.default_guidance if guidance_scale is None else guidance_scale,

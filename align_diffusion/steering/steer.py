@@ -69,7 +69,7 @@ def check_steering(family: type[PipelineAdapter] | PipelineAdapter, prompts: lis
         raise ValueError(f"{method} takes no option {', '.join(map(repr, unknown))}; its options are {sorted(run)}")
     run |= options
     if isinstance(family, PipelineAdapter):  # the size it samples (its default where None): a command checks it
-        image_size = family.sample_size(run["height"], run["width"])  # before it loads the model, naming flags
+        image_size = family.image_size(run["height"], run["width"])  # before it loads the model, naming flags
         for scorer in (reward, prune_reward):
             if scorer is not None:
                 scorer.check_size(*image_size)
@@ -204,7 +204,7 @@ def steer_to_folder(
         from align_diffusion.rewards.simple import ShapesReward
 
         ShapesReward().check_prompts(prompts)
-        ShapesReward().check_size(*adapter.sample_size(steer_options.get("height"), steer_options.get("width")))
+        ShapesReward().check_size(*adapter.image_size(steer_options.get("height"), steer_options.get("width")))
     run = _run_record(reward, method, shapes_eval, extra_metadata, steer_options)
     done = steered_already(out_dir, prompts, reward, method, shapes_eval=shapes_eval, extra_metadata=extra_metadata,
                            **steer_options) if resume else 0

@@ -142,7 +142,7 @@ class GDROTrainer(GRPOTrainer):
         return error, reference
 
     def _size(self) -> tuple[int, int]:
-        return self.adapter.sample_size(self.config.sampling.height, self.config.sampling.width)
+        return self.adapter.image_size(self.config.sampling.height, self.config.sampling.width)
 
     def training_step(self, step: int) -> dict:
         if self.groups is None:

@@ -650,7 +650,7 @@ class GRPOTrainer:
         """Initial noise of images offset … offset + count where each group shares its first image's noise, drawn
         from a stream of its own (the images' generators then give only the SDE noise)."""
         group, sampling = self.config.grpo.group_size, self.config.sampling
-        height, width = self.adapter.sample_size(sampling.height, sampling.width)
+        height, width = self.adapter.image_size(sampling.height, sampling.width)
         leaders = [(offset + k) // group * group for k in range(count)]
         generators = [torch.Generator().manual_seed(self.image_seeds(step, 1, leader)[0] + SHARED_NOISE_STREAM)
                       for leader in leaders]
