@@ -14,12 +14,11 @@ import torch
 from align_diffusion.files import check_output_folder, folder_problem
 from align_diffusion.models import home_expanded
 from align_diffusion.models.base import (
-    MODEL_OPTIONS, PipelineAdapter, model_option_problem, recorded_model_options, unusable_device,
+    DTYPES, MODEL_OPTIONS, PipelineAdapter, model_option_problem, recorded_model_options, unusable_device,
 )
 from align_diffusion.rewards.base import RewardError
 from align_diffusion.sampling.loop import DEFAULT_NOISE_LEVEL
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def _int_at_least(minimum: int):
@@ -391,7 +390,7 @@ def run_eval(args) -> None:
         adapter, args.split, num_images_per_prompt=args.num_images_per_prompt, num_inference_steps=args.steps,
         guidance_scale=args.guidance, sampler=args.sampler, noise_level=args.noise_level,
         negative_prompt=args.negative_prompt, seed=args.seed, batch_size=args.batch_size, out_dir=args.out,
-        extra_metadata=model_record(args),
+        extra_metadata=model_record(args), overwrite=args.overwrite,
     )
     result["settings"].update(model_record(args))
     write_text_atomically(args.out / "eval.json", json.dumps(result, indent=1))

@@ -247,6 +247,15 @@ def test_a_model_under_the_home_folder_loads_as_written(saved, tmp_path, monkeyp
     assert type(load_adapter("~/models")) is SD3Adapter
 
 
+def test_a_dtype_named_as_the_commands_name_it_loads_in_that_dtype(saved):
+    """diffusers takes only a torch.dtype: given "bfloat16" it logs a line and loads float32."""
+    adapter = load_adapter(str(saved["sd3"]), dtype="bfloat16")
+    assert {p.dtype for p in adapter.denoiser.parameters()} == {torch.bfloat16}
+    with pytest.raises(ValueError, match=r"dtype must be a torch.dtype or one of \['bfloat16', 'float16', 'float32'\], "
+                                         "got 'half'"):
+        load_adapter(str(saved["sd3"]), dtype="half")
+
+
 def test_unsupported_pipeline_names_the_supported_classes(tiny_pipes):
     img2img = StableDiffusionImg2ImgPipeline(**tiny_pipes["sd"].components)
     supported = "FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline"

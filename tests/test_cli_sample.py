@@ -593,6 +593,31 @@ def test_overwrite_leaves_only_the_new_samples(saved, tmp_path):
     sample_to_folder(adapter, PROMPTS, out, num_inference_steps=1, height=32, width=32, progress=False,
                      overwrite=True)
     assert len((out / "metadata.jsonl").read_text().splitlines()) == len(PROMPTS)
+    for count in (0, -1):  # no image to make: refused, not an overwrite that leaves the folder empty
+        with pytest.raises(ValueError, match=f"num_images_per_prompt must be a whole number >= 1, got {count}"):
+            sample_to_folder(adapter, PROMPTS, out, num_images_per_prompt=count, overwrite=True, progress=False)
+    assert len((out / "metadata.jsonl").read_text().splitlines()) == len(PROMPTS)
+
+
+def test_seeds_are_whole_numbers_in_the_documented_range_from_python_too(tiny_pipes):
+    """torch reads seed -1 as 2**64 - 1, so image 1 of a seed -1 run would repeat image 0 of a seed 0 run."""
+    from align_diffusion.models import adapter_for
+    from align_diffusion.sampling.loop import sample, sample_images
+    from align_diffusion.steering import steer
+
+    adapter = adapter_for(tiny_pipes["sd3"])
+    kwargs = dict(num_inference_steps=1, height=32, width=32)
+    for seed in (-1, 2**63, 1.0, torch.Generator()):
+        with pytest.raises(ValueError, match=re.escape(f"seed must be a whole number in [0, 2**63), got {seed!r}")):
+            sample(adapter, ["a"], seed=seed, **kwargs)
+        with pytest.raises(ValueError, match=re.escape("seed must be a whole number in [0, 2**63)")):
+            sample_images(adapter, ["a"], seed=seed, **kwargs)
+        with pytest.raises(ValueError, match=re.escape("seed must be a whole number in [0, 2**63)")):
+            steer(adapter, ["a"], load_reward("jpeg"), "best-of-n", seed=seed, num_candidates=1, **kwargs)
+    torch.testing.assert_close(sample_images(adapter, ["a", "b"], seed=np.int64(3), **kwargs),
+                               sample_images(adapter, ["a", "b"], seed=3, **kwargs), rtol=0, atol=0)
+    with pytest.raises(TypeError, match=r"sample_images seeds image k with seed \+ k"):
+        sample_images(adapter, ["a"], generators=[torch.Generator()], **kwargs)
 
 
 def test_metadata_writes_non_finite_numbers_as_null(tmp_path):

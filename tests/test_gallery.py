@@ -399,7 +399,8 @@ def test_gallery_command_and_file_names(folders, tmp_path, capsys):
         main(["gallery", str(tmp_path)])
     with pytest.raises(SystemExit, match="--out: names the side-by-side page, so it needs --compare"):
         main(["gallery", str(a), "--out", str(out)])
-    for hostile in ["../../etc/passwd", "<script>alert(1)</script>", "", "..", "a/b\\c:d*e?f"]:
+    assert safe_filename("日本").startswith("untitled-") and safe_filename("日本") != safe_filename("中国")
+    for hostile in ["../../etc/passwd", "<script>alert(1)</script>", "", "..", "a/b\\c:d*e?f", "日本"]:
         name = safe_filename(hostile)
         assert name and "/" not in name and "\\" not in name and not name.startswith(".")
         assert set(name) <= set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")

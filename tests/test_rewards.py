@@ -527,3 +527,29 @@ def test_loading_a_reward_leaves_the_global_rng_alone():
     torch.manual_seed(0)
     load_reward("shapes,artifact:assets/world/artifact=0.5")
     torch.testing.assert_close(torch.rand(4), expected, rtol=0, atol=0)
+
+
+def test_one_prompt_given_as_a_string_is_one_prompt_not_its_letters():
+    """12 images against "a red circle" (12 letters) would otherwise be scored, each against one letter."""
+    images = world_images()[:1]
+    assert ShapesReward()(images, PROMPTS[0]).tolist() == ShapesReward()(images, PROMPTS[:1]).tolist() == [1.0]
+    with pytest.raises(ValueError, match="^jpeg: 1 prompts for 12 images$"):
+        JpegCompressibility()(world_images() * 4, "a red circle")
+    from align_diffusion.world.evaluate import shapes_eval
+
+    assert shapes_eval(PROMPTS[0], images)["per_image"] == shapes_eval(PROMPTS[:1], images)["per_image"]
+
+
+def test_weighted_rewards_refuse_weights_that_do_not_match_their_rewards():
+    shapes, jpeg = ShapesReward(), JpegCompressibility()
+    for rewards, weights, keys in (([shapes, jpeg], [1.0], None), ([shapes], [1.0, 0.5], None),
+                                   ([shapes, jpeg], [1.0, 0.5], ["shapes"]), ([], [], None)):
+        with pytest.raises(ValueError, match="one weight and key per reward, and a reward at least"):
+            WeightedRewards(rewards, weights, keys)
+    for weight in (math.nan, math.inf, 0.0):
+        with pytest.raises(ValueError, match="weights must be finite numbers other than 0"):
+            WeightedRewards([shapes, jpeg], [1.0, weight])
+
+
+def test_spaces_around_a_terms_parts_are_not_part_of_them():
+    assert parse_spec(" clip : assets/world/clip = 0.5 , jpeg:90") == parse_spec("clip:assets/world/clip=0.5,jpeg:90")

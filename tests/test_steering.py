@@ -8,6 +8,7 @@ import math
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -581,6 +582,18 @@ def test_ttsnap_prunes_by_the_x0_reward_and_picks_the_clean_best(adapter, denois
     survivors = result.details["survivors"][-1]
     assert result.winner == survivors[int(finals[survivors].argmax())]
     assert result.reward == pytest.approx(finals[result.winner].item(), abs=1e-5)
+    alone = Darkness()  # no prune reward: the reward ranks the x̂0s too
+    by_itself = ttsnap(adapter, "a red circle", alone, num_seeds=16, prune_steps=[1, 2, 3], keep=[0.5, 0.5, 1.0],
+                       num_inference_steps=5, guidance_scale=GUIDANCE, **SIZE)
+    assert alone.calls == [16, 8, 4, 4]
+    assert (by_itself.details["survivors"], by_itself.winner) == (result.details["survivors"], result.winner)
+
+
+def test_a_single_prompt_string_is_one_prompt_to_steer_to_folder(tmp_path):
+    world = load_adapter(str(Path(__file__).resolve().parents[1] / "assets" / "world" / "sd3"))
+    records = steer_to_folder(world, "a red circle", load_reward("jpeg"), "best-of-n", tmp_path / "out",
+                              shapes_eval=True, num_candidates=1, num_inference_steps=1, progress=False)
+    assert [record["prompt"] for record in records] == ["a red circle"]
 
 
 def test_ttsnap_prunes_the_seeds_it_could_not_score_first_and_counts_them(adapter):

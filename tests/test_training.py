@@ -196,6 +196,7 @@ def test_yaml_file_and_overrides(saved, tmp_path):
     path.write_text(f"# align-diffusion train {path}\nmodel: {saved['sd3']}\ngrpo:\n  group_size: 4\n")
     config = load_config(path, ["grpo.batch_size=16", "sampling.noise_window=[1, 3]"])
     assert (config.grpo.group_size, config.grpo.batch_size, config.sampling.noise_window) == (4, 16, [1, 3])
+    assert load_config(path, "grpo.batch_size=32").grpo.batch_size == 32  # one string: one override, not letters
 
 
 def test_yaml_reads_no_as_a_string_and_names_what_it_cannot_parse(saved, tmp_path):

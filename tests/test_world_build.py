@@ -218,6 +218,21 @@ def test_eval_refuses_a_folder_of_samples_without_overwrite(tmp_path):
         main(["eval", "--model", "never-loaded", "--out", str(tmp_path / "a-file")])
 
 
+def test_evaluate_shapes_replaces_earlier_samples_only_when_asked_and_needs_images(tmp_path):
+    """As sample_to_folder and the eval command: from Python too, samples already in out_dir are kept unless asked."""
+    from align_diffusion.world.benchmark import evaluate_shapes
+
+    world = load_adapter(str(Path(__file__).resolve().parents[1] / "assets" / "world" / "sd3"))
+    with SampleFolder(tmp_path / "out") as folder:
+        folder.add(Image.new("RGB", (64, 64)), {"prompt": "a red circle"})
+    kept = (tmp_path / "out" / "metadata.jsonl").read_text()
+    with pytest.raises(FileExistsError, match="already holds samples; pass overwrite=True to replace them"):
+        evaluate_shapes(world, out_dir=tmp_path / "out")
+    with pytest.raises(ValueError, match="num_images_per_prompt must be a whole number >= 1, got 0"):
+        evaluate_shapes(world, num_images_per_prompt=0, out_dir=tmp_path / "out", overwrite=True)
+    assert (tmp_path / "out" / "metadata.jsonl").read_text() == kept
+
+
 def test_eval_refuses_a_model_of_another_size_before_sampling(saved, tmp_path):
     with pytest.raises(SystemExit, match="ShapesEval judges 64×64 images, and this model samples 32×32"):
         main(["eval", "--model", str(saved["sd3"]), "--out", str(tmp_path / "eval")])

@@ -75,7 +75,9 @@ def safe_filename(text: str, max_length: int = 80) -> str:
     """`text` reduced to letters, digits, '.', '_' and '-' (never empty, never hidden), for names built from user
     text."""
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._")[:max_length]
-    return name or "untitled"
+    if name or not text:
+        return name or "untitled"
+    return f"untitled-{hashlib.sha256(text.encode()).hexdigest()[:8]}"  # names of other scripts stay apart
 
 
 def _finite_score(value) -> float | None:

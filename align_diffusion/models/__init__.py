@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from diffusers import DiffusionPipeline
 
-from align_diffusion.models.base import PipelineAdapter, PromptEmbeds, Schedule, check_model_options
+from align_diffusion.models.base import DTYPES, PipelineAdapter, PromptEmbeds, Schedule, check_model_options
 from align_diffusion.models.flux import FluxAdapter
 from align_diffusion.models.sd3 import SD3Adapter
 from align_diffusion.models.stable_diffusion import StableDiffusionAdapter, StableDiffusionXLAdapter
@@ -68,13 +68,17 @@ def missing_local_model(model: str, holds: str = "model_index.json") -> str | No
     return None
 
 
-def load_adapter(model: str, dtype: torch.dtype = torch.float32, device: str | None = None,
+def load_adapter(model: str, dtype: torch.dtype | str = torch.float32, device: str | None = None,
                  max_sequence_length: int | None = None, clip_skip: int | None = None,
                  guidance_rescale: float | None = None, true_cfg_scale: float | None = None) -> PipelineAdapter:
-    """`DiffusionPipeline.from_pretrained(model)` (hub id or local folder), in eval mode, wrapped in its adapter
-    (the options as for `adapter_for`)."""
+    """`DiffusionPipeline.from_pretrained(model)` (hub id or local folder) in `dtype` (or its name, "bfloat16"),
+    in eval mode, wrapped in its adapter (the options as for `adapter_for`)."""
     if reason := missing_local_model(model):
         raise FileNotFoundError(f"model: {reason}")
+    if isinstance(dtype, str):  # as the commands name it; diffusers would load float32 in its place
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be a torch.dtype or one of {sorted(DTYPES)}, got {dtype!r}")
+        dtype = DTYPES[dtype]
     options = {"max_sequence_length": max_sequence_length, "clip_skip": clip_skip,
                "guidance_rescale": guidance_rescale, "true_cfg_scale": true_cfg_scale}
     check_model_options(adapter_class(model), **options)  # before the weights load; the adapter checks them again

@@ -289,6 +289,9 @@ def true_cfg_scale_problem(family: type[PipelineAdapter] | None, value: float) -
     return None
 
 
+# The dtypes a model loads in, by the names the commands and configs give them
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
 # Options an adapter is built with (`adapter_for`, `load_adapter`), each with the check of a value against a family.
 MODEL_OPTIONS = {"max_sequence_length": max_sequence_length_problem, "clip_skip": clip_skip_problem,
                  "guidance_rescale": guidance_rescale_problem, "true_cfg_scale": true_cfg_scale_problem}

@@ -102,7 +102,7 @@ class Reward(torch.nn.Module):
             if not scorable.all():  # a blank stands in for such an image, whose score is then masked
                 images = torch.where(scorable.view(-1, 1, 1, 1), images, torch.zeros((), dtype=images.dtype))
         images = images_to_tensor(images)
-        prompts = list(prompts)
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)  # one string is one prompt, not letters
         if len(prompts) != len(images):
             raise ValueError(f"{self.name}: {len(prompts)} prompts for {len(images)} images")
         if metadata is not None and len(metadata) != len(images):

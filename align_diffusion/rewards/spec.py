@@ -10,6 +10,7 @@ score is the weighted sum (transforms.py has the normalizing alternatives).
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -200,7 +201,7 @@ def parse_spec(spec: str) -> list[RewardTerm]:
     terms = []
     for text in spec.split(","):
         text, weight = _split_weight(text.strip())
-        name, _, arg = text.partition(":")
+        name, _, arg = (part.strip() for part in text.partition(":"))
         if name not in LOADERS:
             raise ValueError(f"reward term {text!r}: unknown reward {name!r}; choose from {sorted(LOADERS)}")
         if name in ARGUMENT_NEEDED and not arg:
@@ -218,11 +219,17 @@ class WeightedRewards(Reward):
 
     def __init__(self, rewards: list[Reward], weights: list[float], keys: list[str] | None = None):
         keys = [r.name for r in rewards] if keys is None else list(keys)
+        weights = list(weights)
+        if not rewards or len(weights) != len(rewards) or len(keys) != len(rewards):
+            raise ValueError(f"weighted rewards need one weight and key per reward, and a reward at least; got "
+                             f"{len(rewards)} rewards, {len(weights)} weights and {len(keys)} keys")
+        if not all(isinstance(w, numbers.Real) and math.isfinite(w) and w != 0 for w in weights):
+            raise ValueError(f"weights must be finite numbers other than 0, got {weights}")
         if len(set(keys)) != len(keys):
             raise ValueError(f"weighted rewards need distinct keys, got {keys}")
         super().__init__(",".join(f"{key}={w:g}" for key, w in zip(keys, weights)))
         self.rewards = torch.nn.ModuleList(rewards)
-        self.weights = list(weights)
+        self.weights = weights
         self.keys = keys
         self.differentiable = all(r.differentiable for r in rewards)
         self.needs_reference = any(r.needs_reference for r in rewards)

@@ -23,7 +23,7 @@ from align_diffusion.files import write_text_atomically
 from align_diffusion.models import adapter_class
 from align_diffusion.models.base import MODEL_OPTIONS, PipelineAdapter, recorded_model_options
 from align_diffusion.rewards.base import Reward
-from align_diffusion.sampling.loop import Settings, prompt_list, resolve_settings, sample
+from align_diffusion.sampling.loop import Settings, check_count, prompt_list, resolve_settings, sample
 
 
 IMAGE_NAME = re.compile(r"\d{5,}\.png")  # the names `SampleFolder.add` gives
@@ -165,6 +165,7 @@ def sample_to_folder(
                               "to go on with them")
 
     prompts = prompt_list(prompts)
+    check_count("num_images_per_prompt", num_images_per_prompt)
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if reward is not None:

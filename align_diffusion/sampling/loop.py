@@ -166,6 +166,14 @@ def check_count(name: str, value) -> None:
         raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
 
 
+def checked_seed(seed) -> int:
+    """`seed` as an int; ValueError unless a whole number in [0, 2**63): torch reads a negative seed modulo 2**64, so
+    seed −1 would give image 1 the noise of image 0 of a seed-0 run."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be a whole number in [0, 2**63), got {seed!r}")
+    return int(seed)
+
+
 def checked_noise_level(sampler: str, noise_level, num_inference_steps: int) -> float | list[float]:
     """`noise_level` (None: the sampler's default; a number, or a sequence of one per step) refused, without the
     model, unless each step's is a finite number >= 0 that `sampler` takes (`noise_levels_problem`); a sequence comes
@@ -304,6 +312,7 @@ def sample(
     levels = settings.levels()
     batch = len(prompts) * num_images_per_prompt
     if generators is None:
+        seed = checked_seed(seed)
         generators = [torch.Generator("cpu").manual_seed(seed + k) for k in range(batch)]
     if isinstance(generators, torch.Generator):
         raise TypeError(f"generators takes one torch.Generator per image, a list of {batch}, not a single generator")
@@ -363,6 +372,9 @@ def sample_images(adapter: PipelineAdapter, prompts: list[str], *, seed: int = 0
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if "num_images_per_prompt" in sample_kwargs:
         raise TypeError("sample_images draws one image per prompt: repeat a prompt for more of its images")
+    if "generators" in sample_kwargs:
+        raise TypeError("sample_images seeds image k with seed + k: pass seed, or call sample with generators")
+    seed = checked_seed(seed)
     negative_prompt = sample_kwargs.pop("negative_prompt", None)  # one for all prompts, or one per prompt
     check_negative_prompts(negative_prompt, prompts)
     images = []

@@ -15,7 +15,7 @@ import torch
 
 from align_diffusion.models.base import PipelineAdapter, PromptEmbeds, Schedule
 from align_diffusion.rewards.base import Reward, RewardError
-from align_diffusion.sampling.loop import step_noise, take_step
+from align_diffusion.sampling.loop import checked_seed, step_noise, take_step
 from align_diffusion.sampling.steps import StepOutput
 
 SEED_STRIDE = 100_000
@@ -70,6 +70,7 @@ def one_prompt(prompt) -> str:
 
 def candidate_generators(seed: int, index: int, count: int) -> list[torch.Generator]:
     """CPU generators of candidates 0 … count − 1 of prompt `index` (see the module docstring)."""
+    seed = checked_seed(seed)
     return [torch.Generator("cpu").manual_seed(seed + index + c * SEED_STRIDE) for c in range(count)]
 
 

@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 
 from align_diffusion.models.base import PipelineAdapter, missing_c_compiler
 from align_diffusion.rewards.base import Reward
-from align_diffusion.sampling.loop import check_count, checked_noise_level, prompt_list, sampler_problem
+from align_diffusion.sampling.loop import (check_count, checked_noise_level, checked_seed, prompt_list,
+                                           sampler_problem)
 from align_diffusion.steering import ttsnap as ttsnap_module
 from align_diffusion.steering.best_of_n import best_of_n, check_best_of_n_options
 from align_diffusion.steering.candidates import SteeringResult
@@ -143,6 +144,7 @@ def steer(
     if not 0 <= start <= len(prompts):
         raise ValueError(f"start must be between 0 and the {len(prompts)} prompts, got {start}")
     options = check_steering(adapter, prompts, reward, method, budget=budget, prune_reward=prune_reward, **options)
+    seed = checked_seed(seed)
     return _run(adapter, prompts, reward, method, seed, prune_reward or reward, reno_batch_size, progress, start,
                 options)
 
@@ -194,6 +196,7 @@ def steer_to_folder(
     from align_diffusion.gallery import build_gallery
     from align_diffusion.sampling.folder import SampleFolder
 
+    prompts = prompt_list(prompts)
     if overwrite and resume:
         raise ValueError("overwrite and resume exclude each other")
     earlier = (Path(out_dir) / "metadata.jsonl").exists()

@@ -93,7 +93,7 @@ def ttsnap(
     adapter: PipelineAdapter,
     prompt: str,
     reward: Reward,
-    prune_reward: Reward,
+    prune_reward: Reward | None = None,
     *,
     num_seeds: int = 16,
     prune_steps: list[int] = PRUNE_STEPS,
@@ -108,9 +108,10 @@ def ttsnap(
     width: int | None = None,
     negative_prompt: str | None = None,
 ) -> SteeringResult:
-    """TTSnap on `prompt` (prompt number `index` of a run); see the module docstring. `winner` is the seed's
-    candidate number (0 … num_seeds − 1)."""
+    """TTSnap on `prompt` (prompt number `index` of a run); see the module docstring. `prune_reward` ranks the x̂0s
+    at the prune steps (default: `reward`). `winner` is the seed's candidate number (0 … num_seeds − 1)."""
     prompt = one_prompt(prompt)
+    prune_reward = reward if prune_reward is None else prune_reward
     settings = resolve_settings(adapter, sampler, num_inference_steps, guidance_scale, noise_level, height, width)
     check_guidance(adapter, settings.guidance_scale, negative_prompt)
     prune_steps, keep = list(prune_steps), list(keep)

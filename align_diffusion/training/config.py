@@ -259,8 +259,10 @@ def apply_override(values: dict, override: str) -> None:
     node[leaf] = _parse_yaml(text, f"override {key}")
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
-    """A TrainConfig from a YAML file (or the defaults) and dotted `key=value` overrides, validated."""
+def load_config(path: str | Path | None = None, overrides: list[str] | str = ()) -> TrainConfig:
+    """A TrainConfig from a YAML file (or the defaults) and dotted `key=value` overrides (one string: one
+    override), validated."""
+    overrides = [overrides] if isinstance(overrides, str) else overrides
     values = {}
     if path is not None:
         values = _parse_yaml(Path(path).read_text(encoding="utf-8"), str(path)) or {}

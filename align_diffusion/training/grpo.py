@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 from align_diffusion.files import folder_problem, write_folder_atomically, write_text_atomically
 from align_diffusion.gallery.run import EVAL_DIR, build_run_page, eval_folder, read_metrics
 from align_diffusion.models import PipelineAdapter, PromptEmbeds, adapter_for, load_adapter
-from align_diffusion.models.base import compile_repeated_blocks, recorded_model_options
+from align_diffusion.models.base import DTYPES, compile_repeated_blocks, recorded_model_options
 from align_diffusion.rewards import Reward, load_reward
 from align_diffusion.rewards.simple import ShapesReward
 from align_diffusion.rewards.spec import WeightedRewards, score_terms
@@ -73,7 +73,6 @@ from align_diffusion.training.lora import add_lora, export_lora
 from align_diffusion.training.noise_table import calibrate_step, read_table
 from align_diffusion.training.prompts import PromptSource, ReferenceSource
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SHARED_NOISE_STREAM = 2**40  # seed offset of the groups' shared initial noise, apart from every image's own stream
 
 

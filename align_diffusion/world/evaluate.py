@@ -176,6 +176,7 @@ def shapes_eval(prompts: list[str], images) -> dict:
     The standard errors are binomial, √(p(1 − p)/n) per category, with images counted as independent; images of one
     prompt are not, so read them as a lower bound when telling a change from the noise.
     """
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)  # one string is one prompt, not letters
     if len(prompts) != len(images):
         raise ValueError(f"{len(prompts)} prompts for {len(images)} images")
     if not prompts:
