@@ -549,6 +549,8 @@ def test_weighted_rewards_refuse_weights_that_do_not_match_their_rewards():
     for weight in (math.nan, math.inf, 0.0):
         with pytest.raises(ValueError, match="weights must be finite numbers other than 0"):
             WeightedRewards([shapes, jpeg], [1.0, weight])
+    built = WeightedRewards([load_reward("shapes"), load_reward("jpeg:50")], [1, 0.2])  # by hand, from loaded terms
+    assert built.spec == "shapes=1.0,jpeg:50=0.2" == load_reward(built.spec).spec
 
 
 def test_spaces_around_a_terms_parts_are_not_part_of_them():

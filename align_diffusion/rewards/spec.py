@@ -215,7 +215,8 @@ def parse_spec(spec: str) -> list[RewardTerm]:
 
 class WeightedRewards(Reward):
     """Several rewards scored together; `score` is their weighted sum, `score_each` gives each one under its key
-    (by default the reward's name; `load_reward` keys rewards whose names collide by their term, `jpeg:50`)."""
+    (by default the reward's name; `load_reward` keys rewards whose names collide by their term, `jpeg:50`). Its
+    spec joins the rewards' specs with their weights: `load_reward` reads it back when each came from it."""
 
     def __init__(self, rewards: list[Reward], weights: list[float], keys: list[str] | None = None):
         keys = [r.name for r in rewards] if keys is None else list(keys)
@@ -228,6 +229,7 @@ class WeightedRewards(Reward):
         if len(set(keys)) != len(keys):
             raise ValueError(f"weighted rewards need distinct keys, got {keys}")
         super().__init__(",".join(f"{key}={w:g}" for key, w in zip(keys, weights)))
+        self.spec = ",".join(f"{reward.spec}={float(weight)!r}" for reward, weight in zip(rewards, weights))
         self.rewards = torch.nn.ModuleList(rewards)
         self.weights = weights
         self.keys = keys
@@ -281,9 +283,9 @@ def load_reward(spec: str, device=None, dtype: torch.dtype = torch.float32) -> R
         return reward
     names = [r.name for r in rewards]
     keys = [r.name if names.count(r.name) == 1 else t.text for r, t in zip(rewards, terms)]
-    reward = WeightedRewards(rewards, [t.weight for t in terms], keys)
-    reward.spec = ",".join(f"{t.text}={t.weight!r}" for t in terms)
-    return reward
+    for reward, term in zip(rewards, terms):
+        reward.spec = term.text
+    return WeightedRewards(rewards, [t.weight for t in terms], keys)
 
 
 def score_terms(reward: Reward, images, prompts) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
