@@ -667,6 +667,12 @@ def test_budgets_set_each_methods_size(adapter):
         steer(adapter, ["a"], Darkness(), "best-of-n", budget=8, num_candidates=2, **options)
     with pytest.raises(ValueError, match="less than one"):
         steer(adapter, ["a"], Darkness(), "fk", budget=3, **options)
+    for method, size, value in (("best-of-n", "budget", 8.0), ("best-of-n", "num_candidates", 2.0),
+                                ("fk", "num_particles", 0), ("ttsnap", "num_seeds", True), ("ttsnap", "budget", 9.5),
+                                ("reno", "iterations", 1.5), ("best-of-n", "batch_size", 0)):
+        with pytest.raises(ValueError, match=re.escape(f"{size} must be a whole number >= ")):
+            steer(adapter, ["a"], Darkness(), method, **{size: value}, **options,
+                  **(dict(prune_steps=[0], keep=[0.5]) if method == "ttsnap" else {}))
 
 
 @pytest.mark.parametrize("method, options", [

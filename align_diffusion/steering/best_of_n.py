@@ -7,7 +7,7 @@ import torch
 
 from align_diffusion.models.base import PipelineAdapter
 from align_diffusion.rewards.base import Reward
-from align_diffusion.sampling.loop import resolve_settings, sample
+from align_diffusion.sampling.loop import check_count, resolve_settings, sample
 from align_diffusion.steering.candidates import (
     Budget,
     SteeringResult,
@@ -21,10 +21,8 @@ from align_diffusion.steering.candidates import (
 
 def check_best_of_n_options(num_candidates: int, batch_size: int) -> None:
     """The checks of best-of-n's own options, which need no model (`steering.steer.check_steering`)."""
-    if num_candidates < 1:
-        raise ValueError(f"best-of-n needs at least 1 candidate, got {num_candidates}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    check_count("num_candidates", num_candidates)
+    check_count("batch_size", batch_size)
 
 
 @torch.no_grad()

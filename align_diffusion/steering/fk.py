@@ -34,7 +34,7 @@ import torch
 
 from align_diffusion.models.base import PipelineAdapter
 from align_diffusion.rewards.base import Reward, RewardError
-from align_diffusion.sampling.loop import check_guidance, resolve_settings
+from align_diffusion.sampling.loop import check_count, check_guidance, resolve_settings
 from align_diffusion.steering.candidates import (
     SEED_STRIDE,
     Budget,
@@ -75,8 +75,7 @@ def check_fk_options(num_inference_steps: int, levels: list[float], *, sampler: 
                      resample_interval: int, resample_end: int | None) -> None:
     """The checks of FK's options at the run's steps and noise levels, which need no model
     (`steering.steer.check_steering`)."""
-    if num_particles < 1:
-        raise ValueError(f"FK steering needs at least 1 particle, got {num_particles}")
+    check_count("num_particles", num_particles)
     if num_particles > 1 and (sampler == "ode" or max(levels) == 0):
         raise ValueError(f"FK steering with {num_particles} particles needs a stochastic sampler (flow-sde, "
                          "dance-sde, cps, or ddim with noise_level > 0): resampled copies of a deterministic "

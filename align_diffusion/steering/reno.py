@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -64,8 +65,8 @@ def check_reno_options(reward: Reward, *, iterations: int, lr: float, reg_weight
     if blocked:
         raise ValueError(f"ReNO needs differentiable rewards; {', '.join(blocked)} is not (gradients cannot reach "
                          "the pixels)")
-    if iterations < 0:
-        raise ValueError(f"iterations must be >= 0, got {iterations}")
+    if isinstance(iterations, bool) or not isinstance(iterations, numbers.Integral) or iterations < 0:
+        raise ValueError(f"iterations must be a whole number >= 0, got {iterations!r}")
     for name, value in {"lr": lr, "reg_weight": reg_weight}.items():
         if not 0 <= value < math.inf:  # also refuses NaN
             raise ValueError(f"{name} must be a finite number >= 0, got {value}")

@@ -82,6 +82,7 @@ def check_steering(family: type[PipelineAdapter] | PipelineAdapter, prompts: lis
     guidance = family.default_guidance if run["guidance_scale"] is None else run["guidance_scale"]
     size = SIZE_OPTION[method]
     if budget is not None:
+        check_count("budget", budget)
         if size in options:
             raise ValueError(f"give either a budget or {size}, not both")
         run[size] = options[size] = method_size(method, budget, steps, run.get("prune_steps"), run.get("keep"))

@@ -20,7 +20,7 @@ import torch
 from align_diffusion.models.base import PipelineAdapter
 from align_diffusion.rewards.base import Reward
 from align_diffusion.rewards.noise_aware import student_report, unfit_run
-from align_diffusion.sampling.loop import check_guidance, resolve_settings
+from align_diffusion.sampling.loop import check_count, check_guidance, resolve_settings
 from align_diffusion.steering.candidates import (
     Budget,
     SteeringResult,
@@ -62,8 +62,7 @@ def check_ttsnap_options(num_inference_steps: int, guidance_scale: float, negati
     (`steering.steer.check_steering`): among them, that a noise-aware student was trained for such runs."""
     prune_steps, keep = list(prune_steps), list(keep)
     check_schedule(prune_steps, keep, num_inference_steps)
-    if num_seeds < 1:
-        raise ValueError(f"TTSnap needs at least 1 seed, got {num_seeds}")
+    check_count("num_seeds", num_seeds)
     if (report := student_report(prune_reward)) is not None and (problem := unfit_run(
             report, num_inference_steps, guidance_scale, negative_prompt, prune_steps[0] if prune_steps else None)):
         raise ValueError(f"prune reward {prune_reward.spec}: {problem}")
