@@ -36,25 +36,25 @@ def sync_to_disk(path: Path) -> None:
     system's cache to the disk."""
     files = [file for file in path.rglob("*") if file.is_file() and not file.is_symlink()] if path.is_dir() else [path]
     for file in files:
-        descriptor = os.open(file, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
+        _flush(file)
     for folder in {file.parent for file in files} | ({path} if path.is_dir() else set()):
         sync_folder(folder)
 
 
 def sync_folder(folder: Path) -> None:
     """Flushes the names in `folder` (a rename's result) to the disk."""
+    _flush(folder)
+
+
+def _flush(path: Path) -> None:
     try:
-        descriptor = os.open(folder, os.O_RDONLY)
+        descriptor = os.open(path, os.O_RDONLY)
     except OSError:  # Windows opens no folder; its renames are flushed with the file system's journal
         return
     try:
         os.fsync(descriptor)
-    except OSError:  # some file systems (network ones) cannot flush a folder: a rename is as durable as they make it
-        pass
+    except OSError:  # a file system that cannot flush (some network and FUSE ones, Windows without write access):
+        pass  # what it wrote is as durable as it makes it, as before this flush
     finally:
         os.close(descriptor)
 

@@ -265,7 +265,7 @@ def test_unsupported_pipeline_names_the_supported_classes(tiny_pipes):
 
 def test_bad_sizes_are_refused(tiny_pipes):
     adapter = adapter_for(tiny_pipes["flux"])
-    with pytest.raises(ValueError, match="multiples of 4"):
+    with pytest.raises(ValueError, match="^height must be a positive multiple of 4, got 30×32$"):
         sample(adapter, PROMPTS, num_inference_steps=2, height=30, width=32)
 
 

@@ -121,8 +121,8 @@ def test_bad_input_fails_before_sampling(saved, tmp_path):
     common = ["sample", "--model", str(saved["sd3"]), "--prompt", "a", "--height", "32", "--width", "32"]
     with pytest.raises(SystemExit, match="does not fit"):
         main([*common, "--sampler", "ddim", "--out", str(tmp_path / "a")])
-    with pytest.raises(SystemExit, match=re.escape("--height and --width: height and width must be positive multiples "
-                                                   "of 2, got 33×32 (the model's default width 32)")):
+    with pytest.raises(SystemExit, match=re.escape("--height: must be a positive multiple of 2 for this transformer "
+                                                   "(its patches), got 33")):
         main(["sample", "--model", str(saved["sd3"]), "--prompt", "a", "--height", "33", "--out", str(tmp_path / "b")])
     with pytest.raises(SystemExit, match="--prompts-file"):
         main(["sample", "--model", str(saved["sd3"]), "--prompts-file", str(tmp_path / "nope.txt"), "--out",
@@ -345,6 +345,38 @@ def test_a_size_shapes_eval_cannot_judge_is_refused_before_any_image_naming_the_
                                                    "height 32)")):
         main([*command, *model, "--width", "64"])
     assert not out.exists()
+
+
+@pytest.mark.parametrize("command", [["sample"], ["steer", "--method", "best-of-n", "--reward", "jpeg"]])
+def test_a_side_the_model_cannot_take_is_read_from_its_configs_before_anything_loads(saved, tmp_path, monkeypatch,
+                                                                                    command):
+    """The tiny SD3's patches span 2 pixels and its position table 96 of them."""
+    monkeypatch.setattr("align_diffusion.cli.load_for_command", lambda *args: pytest.fail("loaded the model"))
+    monkeypatch.setattr("align_diffusion.rewards.spec.load_reward", lambda *args, **kwargs: pytest.fail("loaded"))
+    model = ["--model", str(saved["sd3"]), "--prompt", "a", "--out", str(tmp_path / "a")]
+    with pytest.raises(SystemExit, match=re.escape("--width: must be at most 192 for this transformer "
+                                                   "(pos_embed_max_size 96), got 200")):
+        main([*command, *model, "--width", "200"])
+    with pytest.raises(SystemExit, match=re.escape("--height: must be a positive multiple of 2 for this transformer "
+                                                   "(its patches), got 33")):
+        main([*command, *model, "--height", "33", "--width", "32"])
+    assert not (tmp_path / "a").exists()
+
+
+def test_sides_read_from_a_models_configs_are_those_its_loaded_adapter_takes(saved, tiny_pipes, tmp_path):
+    from align_diffusion.models import side_problem
+
+    tiny_pipes["flux"].save_pretrained(tmp_path / "flux")
+    world = Path(__file__).resolve().parents[1] / "assets" / "world"
+    for model in (saved["sd3"], saved["sd"], tmp_path / "flux", world / "sd3", world / "sd"):
+        adapter = load_adapter(str(model))
+        for pixels in range(0, 210):
+            try:
+                adapter.check_size(pixels, adapter.default_size[1])
+                taken = True
+            except ValueError:
+                taken = False
+            assert (side_problem(str(model), pixels) is None) == taken, (model, pixels)
 
 
 def test_sampling_functions_refuse_a_size_the_reward_cannot_judge_before_any_image(saved, tmp_path):
@@ -599,7 +631,7 @@ def test_overwrite_leaves_only_the_new_samples(saved, tmp_path):
     assert len((out / "metadata.jsonl").read_text().splitlines()) == len(PROMPTS)
 
 
-def test_seeds_are_whole_numbers_in_the_documented_range_from_python_too(tiny_pipes):
+def test_seeds_are_whole_numbers_in_the_documented_range_from_python_too(tiny_pipes, tmp_path):
     """torch reads seed -1 as 2**64 - 1, so image 1 of a seed -1 run would repeat image 0 of a seed 0 run."""
     from align_diffusion.models import adapter_for
     from align_diffusion.sampling.loop import sample, sample_images
@@ -614,6 +646,8 @@ def test_seeds_are_whole_numbers_in_the_documented_range_from_python_too(tiny_pi
             sample_images(adapter, ["a"], seed=seed, **kwargs)
         with pytest.raises(ValueError, match=re.escape("seed must be a whole number in [0, 2**63)")):
             steer(adapter, ["a"], load_reward("jpeg"), "best-of-n", seed=seed, num_candidates=1, **kwargs)
+        with pytest.raises(ValueError, match=re.escape("seed must be a whole number in [0, 2**63)")):
+            sample_to_folder(adapter, ["a"], tmp_path / "out", seed=seed, progress=False, **kwargs)
     torch.testing.assert_close(sample_images(adapter, ["a", "b"], seed=np.int64(3), **kwargs),
                                sample_images(adapter, ["a", "b"], seed=3, **kwargs), rtol=0, atol=0)
     with pytest.raises(TypeError, match=r"sample_images seeds image k with seed \+ k"):

@@ -131,7 +131,8 @@ def test_wrong_type_is_named(saved, tmp_path):
     ("max_minutes=.nan", "max_minutes must be a finite number > 0"),
     ("seed=-1", "seed must lie in [0, 2**32), got -1"),
     ("seed=4294967296", "seed must lie in [0, 2**32), got 4294967296"),
-    ("eval.seed=-1", "eval.seed must be >= 0, got -1"),
+    ("eval.seed=-1", "eval.seed must lie in [0, 2**32), got -1"),
+    (f"eval.seed={2**63}", f"eval.seed must lie in [0, 2**32), got {2**63}"),
     ("sampling.guidance_scale=.inf", "sampling.guidance_scale must be a finite number >= 0"),
     ("sampling.guidance_scale=-3", "sampling.guidance_scale must be a finite number >= 0"),
     ("eval.every=-1", "eval.every must be >= 0"),
@@ -266,11 +267,13 @@ def test_reward_and_prompt_errors_come_before_the_model_loads(saved, prompt_file
         GRPOTrainer(load_config(None, overrides))
 
 
-def test_a_size_the_model_cannot_take_fails_when_the_model_loads(saved, prompt_file, tmp_path):
-    # The tiny SD3 transformer's position table holds 96 × 96 patches of 2 × 2 pixels.
-    with pytest.raises(ConfigError, match=r"sampling: height and width must be at most 192 .*got 200×32"):
-        GRPOTrainer(load_config(None, tiny_overrides(saved["sd3"], prompt_file, tmp_path, **{
-            "sampling.height": 200, "sampling.width": 32})))
+def test_a_size_the_model_cannot_take_fails_before_the_model_loads(saved, prompt_file, tmp_path):
+    """Read from the model's configs: the tiny SD3 transformer's position table holds 96 × 96 patches of 2 × 2
+    pixels."""
+    for side, pixels, problem in (("height", 200, "must be at most 192 for this transformer (pos_embed_max_size 96)"),
+                                  ("width", 33, "must be a positive multiple of 2 for this transformer (its patches)")):
+        with pytest.raises(ConfigError, match=re.escape(f"sampling.{side}: {problem}, got {pixels} (model")):
+            load_config(None, tiny_overrides(saved["sd3"], prompt_file, tmp_path, **{f"sampling.{side}": pixels}))
     assert not (tmp_path / "metrics.jsonl").exists()
 
 

@@ -58,7 +58,8 @@ def test_sd3_sizes_past_the_transformers_position_table_are_refused_in_pixels():
     """The world transformer's table holds 8 × 8 patches of 2 × 2 latents of 4 × 4 pixels: 64 px at most."""
     adapter = load_adapter(str(WORLD / "sd3"))
     assert sample(adapter, ["a red circle"], num_inference_steps=1, height=64, width=64).images.shape[-1] == 64
-    with pytest.raises(ValueError, match=r"height and width must be at most 64 .*got 72×64"):
+    with pytest.raises(ValueError, match=r"height must be at most 64 for this transformer \(pos_embed_max_size 8\), "
+                                         "got 72×64"):
         sample(adapter, ["a red circle"], num_inference_steps=1, height=72, width=64)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import diffusers
 import torch
 from diffusers import DiffusionPipeline
 
@@ -56,6 +57,25 @@ def adapter_class(model: str) -> type[PipelineAdapter] | None:
     if class_name not in adapters:
         raise ValueError(f"unsupported pipeline {class_name}; supported: {', '.join(sorted(adapters))}")
     return adapters[class_name]
+
+
+def side_problem(model: str, pixels: int) -> str | None:
+    """Why `model` cannot sample an image side (height or width) of `pixels`, read from its configs without loading
+    it (`PipelineAdapter.side_problem`); None when it can, or when they cannot be read (a hub id not downloaded: the
+    adapter checks once loaded)."""
+    family = adapter_class(model)
+    if family is None:
+        return None
+    path = home_expanded(model)
+    try:
+        components = DiffusionPipeline.load_config(path)
+        denoiser = "transformer" if "transformer" in components else "unet"  # as PipelineAdapter.denoiser
+        configs = {name: getattr(diffusers, components[name][1]).load_config(path, subfolder=name)
+                   for name in ("vae", denoiser)}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # a folder of another layout: loading tells
+        return None
+    vae_scale_factor = 2 ** (len(configs["vae"]["block_out_channels"]) - 1)  # as the stock pipelines compute it
+    return family.side_problem(pixels, vae_scale_factor, configs[denoiser])
 
 
 def missing_local_model(model: str, holds: str = "model_index.json") -> str | None:

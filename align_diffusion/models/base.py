@@ -139,10 +139,19 @@ class PipelineAdapter:
         return [encoder for name in ("text_encoder", "text_encoder_2")
                 if isinstance(encoder := getattr(self.pipe, name, None), (CLIPTextModel, CLIPTextModelWithProjection))]
 
+    @classmethod
+    def side_problem(cls, pixels: int, vae_scale_factor: int, denoiser_config) -> str | None:
+        """Why an image side of `pixels` does not fit a model of this family with that VAE and denoiser config (a
+        config dict: read from the model's files, a command checks a size before it loads the model); None when it
+        fits."""
+        if pixels <= 0 or pixels % vae_scale_factor:
+            return f"must be a positive multiple of {vae_scale_factor}"
+        return None
+
     def check_size(self, height: int, width: int) -> None:
-        multiple = self.vae_scale_factor
-        if height <= 0 or width <= 0 or height % multiple or width % multiple:
-            raise ValueError(f"height and width must be positive multiples of {multiple}, got {height}×{width}")
+        for name, pixels in (("height", height), ("width", width)):
+            if problem := self.side_problem(pixels, self.vae_scale_factor, self.denoiser.config):
+                raise ValueError(f"{name} {problem}, got {height}×{width}")
 
     # --- sampling pieces -------------------------------------------------------------------------------------
     def encode_prompt(

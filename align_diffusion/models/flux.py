@@ -30,10 +30,9 @@ class FluxAdapter(PipelineAdapter):
     def cfg_weight(self, guidance_scale):
         return self.true_cfg_scale
 
-    def check_size(self, height, width):
-        multiple = self.vae_scale_factor * 2
-        if height <= 0 or width <= 0 or height % multiple or width % multiple:
-            raise ValueError(f"FLUX height and width must be positive multiples of {multiple}, got {height}×{width}")
+    @classmethod
+    def side_problem(cls, pixels, vae_scale_factor, denoiser_config):
+        return super().side_problem(pixels, vae_scale_factor * 2, denoiser_config)  # latents packed in 2 × 2 patches
 
     def latent_shape(self, height, width):
         return self.denoiser.config.in_channels // 4, height // self.vae_scale_factor, width // self.vae_scale_factor

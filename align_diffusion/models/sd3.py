@@ -97,15 +97,15 @@ class SD3Adapter(PipelineAdapter):
     default_max_sequence_length = 256
     takes_clip_skip = True
 
-    def check_size(self, height, width):
-        super().check_size(height, width)
-        multiple = self.vae_scale_factor * self.denoiser.config.patch_size
-        if height % multiple or width % multiple:
-            raise ValueError(f"height and width must be multiples of {multiple} for this transformer")
-        most = (self.denoiser.config.pos_embed_max_size or math.inf) * multiple  # its position table's reach
-        if height > most or width > most:
-            raise ValueError(f"height and width must be at most {most} for this transformer (pos_embed_max_size "
-                             f"{self.denoiser.config.pos_embed_max_size}), got {height}×{width}")
+    @classmethod
+    def side_problem(cls, pixels, vae_scale_factor, denoiser_config):
+        multiple = vae_scale_factor * denoiser_config["patch_size"]
+        if pixels <= 0 or pixels % multiple:
+            return f"must be a positive multiple of {multiple} for this transformer (its patches)"
+        table = denoiser_config.get("pos_embed_max_size")
+        if table is not None and pixels > table * multiple:  # past its position table's reach
+            return f"must be at most {table * multiple} for this transformer (pos_embed_max_size {table})"
+        return None
 
     def encode_prompt(self, prompts, guidance_scale, num_images_per_prompt=1, negative_prompt=None):
         cfg = self.guidance_mode(guidance_scale) == "cfg"

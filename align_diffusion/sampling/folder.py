@@ -23,7 +23,7 @@ from align_diffusion.files import write_text_atomically
 from align_diffusion.models import adapter_class
 from align_diffusion.models.base import MODEL_OPTIONS, PipelineAdapter, recorded_model_options
 from align_diffusion.rewards.base import Reward
-from align_diffusion.sampling.loop import Settings, check_count, prompt_list, resolve_settings, sample
+from align_diffusion.sampling.loop import Settings, check_count, checked_seed, prompt_list, resolve_settings, sample
 
 
 IMAGE_NAME = re.compile(r"\d{5,}\.png")  # the names `SampleFolder.add` gives
@@ -173,7 +173,7 @@ def sample_to_folder(
     settings = resolve_settings(adapter, sampler, num_inference_steps, guidance_scale, noise_level, height, width)
     if reward is not None:
         reward.check_size(settings.height, settings.width)
-    jobs = image_jobs(prompts, num_images_per_prompt, seed)
+    jobs = image_jobs(prompts, num_images_per_prompt, checked_seed(seed))
     same_run = {**settings_record(sampler, settings, negative_prompt),
                 "reward": None if reward is None else reward.spec, **(extra_metadata or {})}
     reward_keys = None if reward is None else reward.keys if isinstance(reward, WeightedRewards) else [reward.name]

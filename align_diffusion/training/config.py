@@ -344,8 +344,8 @@ def validate(config: TrainConfig, num_processes: int = 1) -> None:
             raise ConfigError(f"{key} must be at least 1, got {value}")
     if not 0 <= config.seed < 2**32:  # the range of numpy's seed, which accelerate's set_seed also seeds
         raise ConfigError(f"seed must lie in [0, 2**32), got {config.seed}")
-    if config.eval.seed < 0:
-        raise ConfigError(f"eval.seed must be >= 0, got {config.eval.seed}")
+    if not 0 <= config.eval.seed < 2**32:  # eval image k is seeded eval.seed + k, which must stay below 2**63
+        raise ConfigError(f"eval.seed must lie in [0, 2**32), got {config.eval.seed}")
     if config.max_minutes is not None and not 0 < config.max_minutes < math.inf:  # also refuses NaN
         raise ConfigError(f"max_minutes must be a finite number > 0, got {config.max_minutes}")
     for key, value in {"checkpoint_every": config.checkpoint_every, "eval.every": config.eval.every}.items():
@@ -501,6 +501,11 @@ def validate(config: TrainConfig, num_processes: int = 1) -> None:
                           f"{config.reward!r} has none; leave reward_updates out")
     family = _model_family(config.model)
     is_flow = None if family is None else family.is_flow
+    from align_diffusion.models import side_problem
+
+    for side, pixels in {"sampling.height": sampling.height, "sampling.width": sampling.width}.items():
+        if pixels is not None and (problem := side_problem(config.model, pixels)):
+            raise ConfigError(f"{side}: {problem}, got {pixels} (model {config.model})")
     for option, value in model_options(config).items():
         if reason := model_option_problem(family, option, value):
             raise ConfigError(f"{MODEL_OPTION_FIELDS[option]}: {reason} (model {config.model})")
