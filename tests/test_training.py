@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from align_diffusion.cli import main
 from align_diffusion.models import adapter_for, load_adapter
 from align_diffusion.models.tiny import tiny_pipeline
-from align_diffusion.rewards.base import Reward
+from align_diffusion.rewards.base import Reward, RewardError
 from align_diffusion.rewards.server import make_server
 from align_diffusion.rewards.spec import load_reward
 from align_diffusion.sampling.loop import sample_images, step_log_prob
@@ -1056,6 +1056,38 @@ class CountedJpeg(Reward):
     def score(self, images, prompts, metadata):
         self.images += len(images)
         return self.jpeg(images, prompts)
+
+
+class RefusingReward(Reward):
+    """Refuses every batch it is sent (a 400 from a server: no retry), counting them."""
+
+    def __init__(self):
+        super().__init__("refusing")
+        self.batches = 0
+
+    def score(self, images, prompts, metadata):
+        self.batches += 1
+        raise ValueError("this batch cannot be scored")
+
+
+def test_a_reward_that_fails_stops_the_step_without_sending_the_batches_behind_it(saved, prompt_file, tmp_path,
+                                                                                  monkeypatch):
+    """Scored beside sampling, the first batch fails while the second samples: the rollout stops there, and the
+    batches not yet sent are not (with a dead server each would wait out its timeout)."""
+    reward = RefusingReward()
+    server = make_server(reward, token="secret")
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    monkeypatch.setenv("ALIGN_DIFFUSION_REWARD_TOKEN", "secret")
+    try:
+        trainer = GRPOTrainer(load_config(None, tiny_overrides(saved["sd3"], prompt_file, tmp_path, **{
+            "reward": f"remote:{server.url}", "async_rewards": "true", "sampling.batch_size": 1,
+            "sampling.num_steps": 10})))
+        with pytest.raises(RewardError, match="this batch cannot be scored"):
+            trainer.train()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert reward.batches in (1, 2)  # of the step's 8 images, one a batch: the second may be on its way
 
 
 def test_two_cpu_processes_match_one(saved, prompt_file, tmp_path, monkeypatch):

@@ -614,31 +614,36 @@ class GRPOTrainer:
         overlap = config.async_rewards and config.grpo.dense is None
         executor = ThreadPoolExecutor(max_workers=1) if overlap else None
         self.adapter.denoiser.eval()
-        with self.accelerator.autocast():
-            chunks = [(offset, min(sampling.batch_size, images.stop - offset)) for images in self.owned_images()
-                      for offset in range(images.start, images.stop, sampling.batch_size)]
-            for offset, count in chunks:
-                chunk_prompts = per_image[offset : offset + count]
-                generators = [torch.Generator().manual_seed(s) for s in self.image_seeds(step, count, offset)]
-                latents = self.shared_noise(step, offset, count) if sampling.shared_noise else None
-                part = sample(
-                    self.adapter, chunk_prompts, sampler=sampling.sampler, noise_level=self.noise_levels,
-                    num_inference_steps=sampling.num_steps, guidance_scale=sampling.guidance_scale,
-                    noise_window=window, generators=generators, latents=latents, height=sampling.height,
-                    width=sampling.width, negative_prompt=sampling.negative_prompt,
-                )
-                parts.append(part)
-                if config.grpo.dense is not None:
-                    deltas.append(dense_step_rewards(self.adapter, part, self.reward, mode=config.grpo.dense,
-                                                     max_batch=sampling.batch_size).deltas)
-                if executor is None:  # out of autocast, like the worker thread (autocast is per thread) and eval
-                    with torch.autocast(self.accelerator.device.type, enabled=False):
-                        futures.append(_done(score_terms(self.reward, part.images, chunk_prompts)))
-                else:
-                    futures.append(executor.submit(score_terms, self.reward, part.images, chunk_prompts))
-        results = [f.result() for f in futures]
-        if executor is not None:
-            executor.shutdown()
+        try:
+            with self.accelerator.autocast():
+                chunks = [(offset, min(sampling.batch_size, images.stop - offset)) for images in self.owned_images()
+                          for offset in range(images.start, images.stop, sampling.batch_size)]
+                for offset, count in chunks:
+                    for future in futures:  # a batch the reward failed on stops the step now, not once all sampled
+                        if future.done():
+                            future.result()
+                    chunk_prompts = per_image[offset : offset + count]
+                    generators = [torch.Generator().manual_seed(s) for s in self.image_seeds(step, count, offset)]
+                    latents = self.shared_noise(step, offset, count) if sampling.shared_noise else None
+                    part = sample(
+                        self.adapter, chunk_prompts, sampler=sampling.sampler, noise_level=self.noise_levels,
+                        num_inference_steps=sampling.num_steps, guidance_scale=sampling.guidance_scale,
+                        noise_window=window, generators=generators, latents=latents, height=sampling.height,
+                        width=sampling.width, negative_prompt=sampling.negative_prompt,
+                    )
+                    parts.append(part)
+                    if config.grpo.dense is not None:
+                        deltas.append(dense_step_rewards(self.adapter, part, self.reward, mode=config.grpo.dense,
+                                                         max_batch=sampling.batch_size).deltas)
+                    if executor is None:  # out of autocast, like the worker thread (autocast is per thread) and eval
+                        with torch.autocast(self.accelerator.device.type, enabled=False):
+                            futures.append(_done(score_terms(self.reward, part.images, chunk_prompts)))
+                    else:
+                        futures.append(executor.submit(score_terms, self.reward, part.images, chunk_prompts))
+            results = [f.result() for f in futures]
+        finally:
+            if executor is not None:  # after a failed batch, the ones queued behind it are not sent
+                executor.shutdown(cancel_futures=True)
         each = {name: torch.cat([r[1][name] for r in results]) for name in results[0][1]}
         rollouts = Rollouts(_cat_trajectories(parts), torch.cat([r[0] for r in results]), each, per_image,
                             torch.cat(deltas) if deltas else None)
