@@ -20,7 +20,6 @@ from align_diffusion.rewards.base import RewardError
 from align_diffusion.sampling.loop import DEFAULT_NOISE_LEVEL
 
 
-
 def _int_at_least(minimum: int):
     """An argparse type: a whole number >= `minimum`."""
     def whole_number(text: str) -> int:
@@ -474,6 +473,7 @@ def add_serve_reward_parser(subparsers) -> None:
 def listen_problem(host: str, port: int) -> str | None:
     """Why the reward server could not listen on (host, port): the port taken, the host no address of this machine
     (the server binds IPv4, with SO_REUSEADDR, as this probe does). None when it can, for now."""
+    import errno
     import socket
 
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
@@ -481,7 +481,10 @@ def listen_problem(host: str, port: int) -> str | None:
         try:
             probe.bind((host, port))
         except OSError as error:
-            return f"cannot listen on {host}:{port}: {error.strerror or error} (--port 0 picks a free port)"
+            if error.errno == errno.EADDRINUSE:
+                return f"cannot listen on {host}:{port}: {error.strerror} (--port 0 picks a free port)"
+            return (f"cannot listen on {host}:{port}: {error.strerror or error} (--host takes an IPv4 address of this "
+                    "machine or its name: the server listens on IPv4 only)")
     return None
 
 

@@ -795,3 +795,7 @@ def test_serve_reward_names_a_port_in_use_before_loading_the_reward(monkeypatch)
         port = taken.getsockname()[1]
         with pytest.raises(SystemExit, match=f"cannot listen on 127.0.0.1:{port}: Address already in use"):
             main(["serve-reward", "--reward", "shapes", "--port", str(port), "--token", TOKEN])
+    with pytest.raises(SystemExit, match=r"^align-diffusion serve-reward: cannot listen on ::1:0: .*\(--host takes "
+                                         r"an IPv4 address of this machine or its name: the server listens on IPv4 "
+                                         r"only\)$"):
+        main(["serve-reward", "--reward", "shapes", "--host", "::1", "--port", "0", "--token", TOKEN])
