@@ -286,6 +286,9 @@ def test_a_url_with_a_path_or_query_reaches_the_server_and_a_fragment_is_refused
                            ShapesReward()(images, PROMPTS))
     with pytest.raises(ValueError, match="http://HOST:PORT"):
         RemoteReward(shapes_server.url + "#score", TOKEN)
+    with pytest.raises(ValueError, match="a user or password in the URL is not sent") as refused:
+        RemoteReward(shapes_server.url.replace("http://", "http://me:secret@"), TOKEN)
+    assert "secret" not in str(refused.value)
 
 
 def test_check_prompts_asks_the_server_before_any_image_is_made(shapes_server):

@@ -122,6 +122,9 @@ class RemoteReward(Reward):
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.netloc or parts.fragment:
             raise ValueError(f"remote reward URL must look like http://HOST:PORT, got {url!r}")
+        if "@" in parts.netloc:  # urllib would read it as part of the host name, and messages would show it
+            raise ValueError(f"remote reward URL: a user or password in the URL is not sent (the server takes the "
+                             f"token, {TOKEN_ENV}); give http://HOST:PORT, got {parts.scheme}://…@{parts.hostname}")
         token = token or os.environ.get(TOKEN_ENV)
         if not token:
             raise ValueError(f"remote reward {url}: no token; pass token= or set {TOKEN_ENV}")
