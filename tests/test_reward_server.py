@@ -660,6 +660,46 @@ def test_a_server_that_accepts_but_never_answers_costs_one_timeout_a_call():
     assert len(accepted) == 2  # one /health question a call, and no image sent after it went unanswered
 
 
+def test_an_answer_trickled_a_byte_at_a_time_is_cut_off_at_the_timeout():
+    """Each read gets its byte within the socket's timeout: only a deadline for the whole answer ends the wait."""
+    stopped = threading.Event()
+
+    class Trickling(BaseHTTPRequestHandler):
+        def do_GET(self):  # /health answers at once
+            body = json.dumps({"status": "ok", "authorized": True}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            while not stopped.is_set():  # 1000 bytes at 10 a second: 100 s
+                self.wfile.write(b" ")
+                self.wfile.flush()
+                time.sleep(0.1)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Trickling)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    try:
+        remote = RemoteReward(f"http://127.0.0.1:{server.server_address[1]}", TOKEN, timeout=0.5, attempts=2)
+        started = time.monotonic()
+        with pytest.raises(RewardError, match="sent no answer within 0.5 s"):
+            remote([Image.new("RGB", (8, 8))], ["a"])
+        assert time.monotonic() - started < 10
+    finally:
+        stopped.set()
+        server.shutdown()
+        server.server_close()
+
+
 KILLABLE_SERVER = f"""
 import threading, torch
 from align_diffusion.rewards.base import Reward

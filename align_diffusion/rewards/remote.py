@@ -111,9 +111,20 @@ def _error_message(error: urllib.error.HTTPError) -> str:
         return body[:200].decode(errors="replace") or str(error.reason)
 
 
+def read_by(response, deadline: float) -> bytes:
+    """The body of an answer, read in pieces; TimeoutError once the `deadline` (time.monotonic) has passed, so a
+    server that trickles its answer is cut off as one that sends none (the socket's timeout bounds each read only)."""
+    pieces = []
+    while piece := response.read1(1 << 16):
+        pieces.append(piece)
+        if time.monotonic() > deadline:
+            raise TimeoutError
+    return b"".join(pieces)
+
+
 class RemoteReward(Reward):
-    """The score of a reward server at `url`. `timeout` is in seconds per socket operation, `attempts` counts
-    the first try, `backoff` is the first wait between attempts (doubled after each)."""
+    """The score of a reward server at `url`. `timeout` is in seconds for each answer, from the request to its last
+    byte, `attempts` counts the first try, `backoff` is the first wait between attempts (doubled after each)."""
 
     differentiable = False  # only numbers come back
 
@@ -217,10 +228,11 @@ class RemoteReward(Reward):
         goes. RewardError when /health refuses the token or sends no answer in time; an unreachable server is left
         to the request's own retries and errors."""
         if self.health is None:
+            deadline = time.monotonic() + self.timeout
             request = urllib.request.Request(self.endpoint("health"), headers={"Authorization": f"Bearer {self.token}"})
             try:
                 with _OPENER.open(request, timeout=self.timeout) as response:
-                    health = json.loads(response.read())
+                    health = json.loads(read_by(response, deadline))
             except urllib.error.HTTPError as error:  # it answered: with nothing to say, or failing for now
                 if error.code >= 500 and error.code != 501:
                     return None, None
@@ -249,8 +261,9 @@ class RemoteReward(Reward):
         )
         for attempt in range(1, self.attempts + 1):
             try:
+                deadline = time.monotonic() + self.timeout
                 with _OPENER.open(request, timeout=self.timeout) as response:
-                    return response.read()
+                    return read_by(response, deadline)
             except urllib.error.HTTPError as error:
                 cause = f"HTTP {error.code}: {_error_message(error)}"
                 if error.code == 413:
