@@ -728,10 +728,10 @@ def test_a_run_that_names_wandb_where_it_is_not_installed_logs_to_tensorboard(sa
 
 def test_a_second_ctrl_c_stops_at_once_and_names_the_checkpoint_to_go_on_from(saved, prompt_file, tmp_path):
     """The first Ctrl-C asks for a stop after the step in progress; one more a second later stops mid-step, and the
-    command says which checkpoint resume_from=latest goes on from. Steps of 40 SDE steps (7 s here) outlast the
+    command says which checkpoint resume_from=latest goes on from. Steps of 20 SDE steps (3.5 s here) outlast the
     second."""
     command = [sys.executable, "-m", "align_diffusion", "train",
-               *tiny_overrides(saved["sd3"], prompt_file, tmp_path, max_steps=500, **{"sampling.num_steps": 40})]
+               *tiny_overrides(saved["sd3"], prompt_file, tmp_path, max_steps=500, **{"sampling.num_steps": 20})]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 200
     while not (tmp_path / "checkpoints" / "step-000001").is_dir() and process.poll() is None and time.time() < deadline:
