@@ -238,7 +238,9 @@ class RemoteReward(Reward):
                     return None, None
                 health = {}
             except TimeoutError:
-                raise self.no_answer() from None
+                raise RewardError(f"reward server {self.url} did not answer its /health question within "
+                                  f"{self.timeout:g} s (a server busy scoring answers it at once; a slow link needs a "
+                                  f"longer timeout: {TIMEOUT_ENV}=SECONDS)") from None
             except (OSError, http.client.HTTPException, ValueError, RecursionError):
                 return None, None
             self.health = health if isinstance(health, dict) else {}
@@ -246,11 +248,6 @@ class RemoteReward(Reward):
             raise RewardError(f"reward server {self.url}: HTTP 401: missing or wrong token (answered by its /health)")
         return tuple(limit if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0 else None
                      for limit in (self.health.get("max_body_bytes"), self.health.get("max_batch_pixels")))
-
-    def no_answer(self) -> RewardError:
-        return RewardError(f"reward server {self.url} sent no answer within {self.timeout:g} s; it may still be "
-                           "scoring the batch, so a retry would only queue behind it. A slow reward needs a longer "
-                           f"timeout: {TIMEOUT_ENV}=SECONDS")
 
     def post(self, name: str, body: bytes, what: str) -> bytes:
         """The body of a 200 answer to POST /`name`, after up to `attempts` tries; Refused for a 4xx answer, and
@@ -272,7 +269,9 @@ class RemoteReward(Reward):
                 if error.code < 500:
                     raise Refused(error.code, f"reward server {self.url}: {cause}") from None
             except TimeoutError:  # raised bare while waiting for the answer (urllib wraps errors while sending)
-                raise self.no_answer() from None
+                raise RewardError(f"reward server {self.url} sent no answer within {self.timeout:g} s; it may still be "
+                                  "scoring the batch, so a retry would only queue behind it. A slow reward needs a "
+                                  f"longer timeout: {TIMEOUT_ENV}=SECONDS") from None
             except (OSError, http.client.HTTPException) as error:  # URLError, resets, cut answers
                 cause = f"{type(error).__name__}: {error}"
             if attempt < self.attempts:
