@@ -69,8 +69,8 @@ def check_steering(family: type[PipelineAdapter] | PipelineAdapter, prompts: lis
     if unknown := sorted(set(options) - set(run)):
         raise ValueError(f"{method} takes no option {', '.join(map(repr, unknown))}; its options are {sorted(run)}")
     run |= options
-    if isinstance(family, PipelineAdapter):  # the size it samples (its default where None): a command checks it
-        image_size = family.image_size(run["height"], run["width"])  # before it loads the model, naming flags
+    if isinstance(family, PipelineAdapter):  # the size it samples; a command checks it before loading, by its flags
+        image_size = family.image_size(run["height"], run["width"])
         for scorer in (reward, prune_reward):
             if scorer is not None:
                 scorer.check_size(*image_size)
