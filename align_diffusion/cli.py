@@ -561,11 +561,14 @@ def run_train_reward(args) -> None:
 def check_backbone(backbone: str) -> None:
     """Refuses a --backbone that is no local folder and that the hub does not give (offline: not in its cache), before
     any image is read. The hub's message alone would not say which flag to change, nor that the world ships one."""
+    from transformers import AutoConfig
+
+    from align_diffusion.models import missing_local_model
+
+    if reason := missing_local_model(backbone, holds="config.json"):  # written as a path
+        raise SystemExit(f"--backbone: {reason}")
     if Path(home_expanded(backbone)).is_dir():
         return
-    if backbone.startswith((".", "/", "~")) or backbone.count("/") > 1:  # a path: no hub id looks like it
-        raise SystemExit(f"--backbone: no such folder {backbone}")
-    from transformers import AutoConfig
 
     try:
         AutoConfig.from_pretrained(backbone)

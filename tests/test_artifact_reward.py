@@ -225,6 +225,7 @@ def test_a_backbone_neither_on_disk_nor_from_the_hub_is_named_before_any_image_i
                                          r"not give it \(.*\); offline, give a local backbone, such as the shapes "
                                          "world's assets/world/dino$"):
         main([*command, "--backbone", "no-such-org/no-such-dino"])
-    with pytest.raises(SystemExit, match="^--backbone: no such folder ./no-dino$"):
+    with pytest.raises(SystemExit, match=r"^--backbone: ./no-dino is no folder \(a local model is a folder with "
+                                         r"config.json\)$"):
         main([*command, "--backbone", "./no-dino"])
     assert not (tmp_path / "rm").exists()
