@@ -152,7 +152,7 @@ def check_model_arguments(args) -> type[PipelineAdapter] | None:
     """The checks of --model, --lora, --sampler, --height, --width and the model and guidance options that need no
     model loaded: sample, eval and steer make them before they load anything. Returns the model's family (its adapter
     class), None for a hub id not downloaded yet."""
-    from align_diffusion.models import adapter_class, side_problem
+    from align_diffusion.models import adapter_class, size_problem
     from align_diffusion.sampling.loop import guidance_problem, sampler_problem
 
     if args.lora is not None and not args.lora.is_dir():
@@ -168,9 +168,9 @@ def check_model_arguments(args) -> type[PipelineAdapter] | None:
     for option in MODEL_OPTIONS:
         if reason := model_option_problem(family, option, getattr(args, option)):
             raise SystemExit(f"--{option.replace('_', '-')}: {reason}")
-    for name in ("height", "width"):  # eval has neither
-        if (pixels := getattr(args, name, None)) is not None and (problem := side_problem(str(args.model), pixels)):
-            raise SystemExit(f"--{name}: {problem}, got {pixels}")
+    sides = {f"--{name}": getattr(args, name, None) for name in ("height", "width")}  # eval has neither
+    if found := size_problem(str(args.model), sides):
+        raise SystemExit(f"{found[0]}: {found[1]}, got {sides[found[0]]}")
     guidance = args.guidance if args.guidance is not None or family is None else family.default_guidance
     if problem := guidance_problem(family, guidance, args.negative_prompt, args.guidance_rescale or 0.0,
                                    args.true_cfg_scale or 1.0):

@@ -364,7 +364,7 @@ def test_a_side_the_model_cannot_take_is_read_from_its_configs_before_anything_l
 
 
 def test_sides_read_from_a_models_configs_are_those_its_loaded_adapter_takes(saved, tiny_pipes, tmp_path):
-    from align_diffusion.models import side_problem
+    from align_diffusion.models import size_problem
 
     tiny_pipes["flux"].save_pretrained(tmp_path / "flux")
     world = Path(__file__).resolve().parents[1] / "assets" / "world"
@@ -376,7 +376,7 @@ def test_sides_read_from_a_models_configs_are_those_its_loaded_adapter_takes(sav
                 taken = True
             except ValueError:
                 taken = False
-            assert (side_problem(str(model), pixels) is None) == taken, (model, pixels)
+            assert (size_problem(str(model), {"height": pixels}) is None) == taken, (model, pixels)
 
 
 def test_sampling_functions_refuse_a_size_the_reward_cannot_judge_before_any_image(saved, tmp_path):

@@ -59,12 +59,12 @@ def adapter_class(model: str) -> type[PipelineAdapter] | None:
     return adapters[class_name]
 
 
-def side_problem(model: str, pixels: int) -> str | None:
-    """Why `model` cannot sample an image side (height or width) of `pixels`, read from its configs without loading
-    it (`PipelineAdapter.side_problem`); None when it can, or when they cannot be read (a hub id not downloaded: the
-    adapter checks once loaded)."""
-    family = adapter_class(model)
-    if family is None:
+def size_problem(model: str, sides: dict[str, int | None]) -> tuple[str, str] | None:
+    """The first of `sides` (name → pixels of a height or width, None for the model's default) that `model` cannot
+    sample, and why, read from its configs without loading it (`PipelineAdapter.side_problem`); None when each side
+    given fits, or when the configs cannot be read (a hub id not downloaded: the adapter checks once loaded)."""
+    given = {name: pixels for name, pixels in sides.items() if pixels is not None}
+    if not given or (family := adapter_class(model)) is None:
         return None
     path = home_expanded(model)
     try:
@@ -75,7 +75,10 @@ def side_problem(model: str, pixels: int) -> str | None:
     except (OSError, ValueError, KeyError, TypeError, AttributeError):  # a folder of another layout: loading tells
         return None
     vae_scale_factor = 2 ** (len(configs["vae"]["block_out_channels"]) - 1)  # as the stock pipelines compute it
-    return family.side_problem(pixels, vae_scale_factor, configs[denoiser])
+    for name, pixels in given.items():
+        if problem := family.side_problem(pixels, vae_scale_factor, configs[denoiser]):
+            return name, problem
+    return None
 
 
 def missing_local_model(model: str, holds: str = "model_index.json") -> str | None:

@@ -501,11 +501,11 @@ def validate(config: TrainConfig, num_processes: int = 1) -> None:
                           f"{config.reward!r} has none; leave reward_updates out")
     family = _model_family(config.model)
     is_flow = None if family is None else family.is_flow
-    from align_diffusion.models import side_problem
+    from align_diffusion.models import size_problem
 
-    for side, pixels in {"sampling.height": sampling.height, "sampling.width": sampling.width}.items():
-        if pixels is not None and (problem := side_problem(config.model, pixels)):
-            raise ConfigError(f"{side}: {problem}, got {pixels} (model {config.model})")
+    sides = {"sampling.height": sampling.height, "sampling.width": sampling.width}
+    if found := size_problem(config.model, sides):
+        raise ConfigError(f"{found[0]}: {found[1]}, got {sides[found[0]]} (model {config.model})")
     for option, value in model_options(config).items():
         if reason := model_option_problem(family, option, value):
             raise ConfigError(f"{MODEL_OPTION_FIELDS[option]}: {reason} (model {config.model})")
