@@ -6,7 +6,7 @@ import inspect
 import json
 import math
 import re
-import subprocess
+import runpy
 import sys
 from pathlib import Path
 
@@ -829,15 +829,21 @@ def test_steer_compile_without_a_compiler_fails_before_loading(saved, tmp_path, 
               "--reward", "jpeg", "--compile", "--out", str(tmp_path / "out")])
 
 
-def test_compare_steering_script_keeps_earlier_results_unless_told(tmp_path):
+def test_compare_steering_script_keeps_earlier_results_unless_told(tmp_path, monkeypatch, capsys):
+    script = Path(__file__).resolve().parents[1] / "scripts" / "compare_steering.py"
+    parse_args = runpy.run_path(str(script))["parse_args"]  # in this process: the checks come before any loading
+
+    def refused(*options: str) -> str:
+        monkeypatch.setattr(sys, "argv", ["compare_steering.py", *options])
+        with pytest.raises(SystemExit) as exit_info:
+            parse_args()
+        assert exit_info.value.code == 2
+        return capsys.readouterr().err
+
     (tmp_path / "results.json").write_text("{}")
-    done = subprocess.run([sys.executable, "scripts/compare_steering.py", "--out", str(tmp_path)],
-                          capture_output=True, text=True)
-    assert done.returncode == 2 and "already holds results; pass --overwrite" in done.stderr
+    assert "already holds results; pass --overwrite" in refused("--out", str(tmp_path))
     assert (tmp_path / "results.json").read_text() == "{}"
     for options, message in ((["--methods", "bestofn"], "invalid choice: 'bestofn'"),
                              (["--steps", "5"], "--steps 5: TTSnap's default prune steps must be")):
-        done = subprocess.run([sys.executable, "scripts/compare_steering.py", "--out", str(tmp_path / "new"),
-                               *options], capture_output=True, text=True)
-        assert done.returncode == 2 and message in done.stderr, done.stderr
+        assert message in refused("--out", str(tmp_path / "new"), *options)
         assert not (tmp_path / "new").exists()

@@ -42,6 +42,8 @@ from align_diffusion.world.evaluate import score_image
 from training_helpers import interrupted_halfway, metrics, skipped_clip_embeds, tiny_overrides
 
 REPO = Path(__file__).resolve().parents[1]
+# The size the tiny pipelines sample by default, but FLUX's: its stock default is 256² (4096 image tokens)
+TINY_SIZE = {"sampling.height": 32, "sampling.width": 32}
 
 
 # --- the objective on hand-worked values -------------------------------------------------------------------------
@@ -384,7 +386,7 @@ def test_flux_trains_with_true_cfg_away_from_the_negative_prompt(prompt_file, tm
     overrides = tiny_overrides(model, prompt_file, tmp_path / "run", max_steps=1, **{
         "sampling.guidance_scale": 3.5, "sampling.true_cfg_scale": 3.0, "sampling.negative_prompt": "blurry",
         "grpo.group_size": 2, "grpo.batch_size": 4, "grpo.train_batch_size": 2, "checkpoint_every": 0,
-        "eval.every": 1, "eval.num_steps": 2, "eval.num_images_per_prompt": 1})
+        "eval.every": 1, "eval.num_steps": 2, "eval.num_images_per_prompt": 1, **TINY_SIZE})
     trainer = GRPOTrainer(load_config(None, overrides))
     trainer.train()
     assert metrics(tmp_path / "run")[-1]["first_ratio_max_deviation"] <= 1e-5
@@ -392,7 +394,7 @@ def test_flux_trains_with_true_cfg_away_from_the_negative_prompt(prompt_file, tm
     records = [json.loads(line) for line in (step0 / "metadata.jsonl").read_text().splitlines()]
     saved_images = torch.stack([torch.from_numpy(np.asarray(Image.open(step0 / r["file"]), dtype=np.float32) / 255)
                                 .permute(2, 0, 1) for r in records])
-    options = dict(seed=10_000, num_inference_steps=2, guidance_scale=3.5)
+    options = dict(seed=10_000, num_inference_steps=2, guidance_scale=3.5, height=32, width=32)
     prompts = [r["prompt"] for r in records]
     base = load_adapter(str(model)).pipe
     true_cfg = sample_images(adapter_for(base, true_cfg_scale=3.0), prompts, negative_prompt="blurry", **options)
@@ -508,7 +510,7 @@ def test_the_other_families_train_on_policy_and_their_lora_round_trips(prompt_fi
     model = tmp_path / family
     tiny_pipeline(family).save_pretrained(model)
     config = load_config(None, tiny_overrides(model, prompt_file, tmp_path / "run", max_steps=1, **{
-        "sampling.sampler": sampler, "sampling.guidance_scale": guidance}))
+        "sampling.sampler": sampler, "sampling.guidance_scale": guidance, **TINY_SIZE}))
     trainer = GRPOTrainer(config)
     trainer.train()
     assert metrics(tmp_path / "run")[-1]["first_ratio_max_deviation"] <= 1e-5  # rollout and recompute agree
