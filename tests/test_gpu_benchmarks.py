@@ -17,20 +17,33 @@ from align_diffusion.training.grpo import GRPOTrainer
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu"
 
 
-def run_benchmark(script: str, tmp_path: Path, *args: str) -> dict:
-    """Runs the script at toy size on the CPU with its own temporary folder, which it must leave empty of its
-    trainer's outputs."""
-    out, temp = tmp_path / f"{script}.json", tmp_path / "tmp"
+# Runs benchmark scripts one after another in one process, as `python SCRIPT ARGS...` would each.
+RUN_IN_TURN = """
+import json, runpy, sys
+sys.path.insert(0, sys.argv[1])  # the scripts' folder, which their own imports read from
+for argv in json.loads(sys.argv[2]):
+    sys.argv = argv
+    runpy.run_path(argv[0], run_name="__main__")
+"""
+
+
+def run_benchmarks(tmp_path: Path, runs: dict[str, tuple[str, ...]]) -> dict[str, dict]:
+    """Runs each (script, *args) at toy size on the CPU, in turn in one process (a process each would import torch
+    and diffusers again, seconds each time), with a temporary folder that they must leave empty of their trainers'
+    outputs; returns each run's report by name."""
+    temp = tmp_path / "tmp"
     temp.mkdir()
-    completed = subprocess.run([sys.executable, str(BENCHMARKS / script), "--toy", "--device", "cpu", *args,
-                                "--out", str(out)], capture_output=True, text=True, timeout=300,
-                               env={**os.environ, "TMPDIR": str(temp)})
+    argvs = {name: [str(BENCHMARKS / script), "--toy", "--device", "cpu", *args, "--out",
+                    str(tmp_path / f"{name}.json")] for name, (script, *args) in runs.items()}
+    completed = subprocess.run([sys.executable, "-c", RUN_IN_TURN, str(BENCHMARKS), json.dumps(list(argvs.values()))],
+                               capture_output=True, text=True, timeout=600, env={**os.environ, "TMPDIR": str(temp)})
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert not list(temp.glob("grpo_bench_*"))
-    report = json.loads(out.read_text())
-    assert report["environment"]["device_type"] == "cpu"
-    assert report["environment"]["versions"]["torch"] == torch.__version__.split("+")[0]
-    return report
+    reports = {name: json.loads(Path(argv[-1]).read_text()) for name, argv in argvs.items()}
+    for report in reports.values():
+        assert report["environment"]["device_type"] == "cpu"
+        assert report["environment"]["versions"]["torch"] == torch.__version__.split("+")[0]
+    return reports
 
 
 def test_counted_flops_of_a_linear_layer_forward_and_backward(monkeypatch):
@@ -65,12 +78,21 @@ def test_full_size_vae_has_the_published_32_norm_groups(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def grpo_report(tmp_path_factory):
-    return run_benchmark("grpo_step.py", tmp_path_factory.mktemp("grpo"), "--group", "4", "--micro-batch", "2",
-                         "--resolution", "32", "--profile", "3")
+def toy_reports(tmp_path_factory):
+    """The float32 runs, in one process."""
+    return run_benchmarks(tmp_path_factory.mktemp("toy"), {
+        "grpo": ("grpo_step.py", "--group", "4", "--micro-batch", "2", "--resolution", "32", "--profile", "3"),
+        "flux": ("grpo_step.py", "--arch", "flux-dev", "--group", "2", "--micro-batch", "1", "--resolution", "32",
+                 "--checkpointing", "on"),
+        "reno": ("reno_step.py", "--dtype", "float32", "--resolution", "16", "--iterations", "4", "--channels-last",
+                 "--profile", "2"),
+        "fk": ("fk_vs_batch.py", "--resolution", "32", "--steps", "6", "--interval", "2", "--repeats", "1",
+               "--cudnn-benchmark", "--profile", "2"),
+    })
 
 
-def test_grpo_step_benchmark_runs_the_preset_at_toy_size(grpo_report):
+def test_grpo_step_benchmark_runs_the_preset_at_toy_size(toy_reports):
+    grpo_report = toy_reports["grpo"]
     assert grpo_report["config"]["trainer_config"]["lora"]["rank"] == 32  # the SD3.5-M preset's LoRA
     results = grpo_report["results"]
     assert results["update_flops"] > 0 and 0 < results["trained_parameters"] < results["parameters"]
@@ -104,12 +126,13 @@ def test_profile_counts_the_aten_ops_dispatched(monkeypatch):
                                                                         [("aten::add", 1), ("aten::mul", 3)])
 
 
-def test_update_flops_equal_a_whole_update_counted(grpo_report, monkeypatch, tmp_path):
+def test_update_flops_equal_a_whole_update_counted(toy_reports, monkeypatch, tmp_path):
     """The script counts one trained timestep and multiplies by the timesteps trained; counting a whole update of
     the same run here, checkpointing off (recomputation is not counted), gives the same numbers, op by op."""
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     from architectures import sd35_medium
 
+    grpo_report = toy_reports["grpo"]
     config_file = tmp_path / "config.yaml"
     config_file.write_text(yaml.safe_dump(grpo_report["config"]["trainer_config"]))
     config = load_config(config_file, [f"output_dir={tmp_path / 'run'}", "optim.gradient_checkpointing=false"])
@@ -124,9 +147,8 @@ def test_update_flops_equal_a_whole_update_counted(grpo_report, monkeypatch, tmp
     assert counter.get_total_flops() == grpo_report["results"]["update_flops"]
 
 
-def test_grpo_step_benchmark_runs_flux_at_toy_size(tmp_path):
-    report = run_benchmark("grpo_step.py", tmp_path, "--arch", "flux-dev", "--group", "2", "--micro-batch", "1",
-                           "--resolution", "32", "--checkpointing", "on")
+def test_grpo_step_benchmark_runs_flux_at_toy_size(toy_reports):
+    report = toy_reports["flux"]
     assert report["config"]["preset"] == "configs/flux_dev_grpo_pickscore.yaml"
     [setting] = report["results"]["settings"]
     assert "error" not in setting and setting["gradient_checkpointing"] is True
@@ -135,8 +157,10 @@ def test_grpo_step_benchmark_runs_flux_at_toy_size(tmp_path):
 
 def test_grpo_step_benchmark_runs_in_bfloat16(tmp_path):
     """Also asked for xformers, which needs CUDA (or is not installed): its setting reports why it did not run."""
-    report = run_benchmark("grpo_step.py", tmp_path, "--dtype", "bfloat16", "--group", "2", "--micro-batch", "2",
-                           "--resolution", "32", "--checkpointing", "off", "--attention", "both")
+    # A process of its own: accelerate fixes the mixed-precision mode once per process.
+    report = run_benchmarks(tmp_path, {"bf16": ("grpo_step.py", "--dtype", "bfloat16", "--group", "2", "--micro-batch",
+                                                "2", "--resolution", "32", "--checkpointing", "off", "--attention",
+                                                "both")})["bf16"]
     assert report["config"]["dtype"] == "torch.bfloat16"
     assert report["config"]["trainer_config"]["optim"]["mixed_precision"] == "bf16"
     sdpa, xformers = report["results"]["settings"]
@@ -144,9 +168,8 @@ def test_grpo_step_benchmark_runs_in_bfloat16(tmp_path):
     assert xformers["attention"] == "xformers" and xformers["error"]
 
 
-def test_reno_benchmark_times_iterations(tmp_path):
-    report = run_benchmark("reno_step.py", tmp_path, "--dtype", "float32", "--resolution", "16", "--iterations", "4",
-                           "--channels-last", "--profile", "2")
+def test_reno_benchmark_times_iterations(toy_reports):
+    report = toy_reports["reno"]
     assert report["config"]["channels_last"] is True
     results = report["results"]
     # At toy size an iteration takes milliseconds, within the timing noise: the time is checked for its arithmetic.
@@ -158,9 +181,8 @@ def test_reno_benchmark_times_iterations(tmp_path):
     assert len(set(results["reward_first_last"])) == 2  # the noise moved: the reward of the last iterate changed
 
 
-def test_fk_benchmark_compares_with_a_plain_batch(tmp_path):
-    report = run_benchmark("fk_vs_batch.py", tmp_path, "--resolution", "32", "--steps", "6", "--interval", "2",
-                           "--repeats", "1", "--cudnn-benchmark", "--profile", "2")
+def test_fk_benchmark_compares_with_a_plain_batch(toy_reports):
+    report = toy_reports["fk"]
     assert report["config"]["cudnn_benchmark"] is True
     results = report["results"]
     assert len(results["fk_profile"]["top_ops"]) == 2
