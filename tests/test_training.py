@@ -845,22 +845,22 @@ ROLLOUT_REWARDS = """
 import json, sys
 from align_diffusion.training.config import load_config
 from align_diffusion.training.grpo import GRPOTrainer
-print(json.dumps(GRPOTrainer(load_config(None, sys.argv[1:])).rollout(0).rewards.tolist()))
+for overrides in json.loads(sys.argv[1]):
+    print(json.dumps(GRPOTrainer(load_config(None, overrides)).rollout(0).rewards.tolist()))
 """
 
 
 def test_rewards_score_alike_with_and_without_the_reward_thread_under_bf16(saved, prompt_file, tmp_path):
     """Autocast is per thread: scored in the rollout's own thread, a reward must still run in its own dtype.
     (A process of its own: accelerate fixes the mixed-precision mode once per process.)"""
-    rewards = []
-    for overlap in ("true", "false"):
-        overrides = tiny_overrides(saved["sd3"], prompt_file, tmp_path / overlap, **{
-            "async_rewards": overlap, "optim.mixed_precision": "bf16", "reward": "clip:assets/world/clip"})
-        result = subprocess.run([sys.executable, "-c", ROLLOUT_REWARDS, *overrides], capture_output=True, text=True,
-                                timeout=280)
-        assert result.returncode == 0, result.stderr[-3000:]
-        rewards.append(json.loads(result.stdout.splitlines()[-1]))
-    assert rewards[0] == rewards[1]
+    runs = [tiny_overrides(saved["sd3"], prompt_file, tmp_path / overlap, **{
+        "async_rewards": overlap, "optim.mixed_precision": "bf16", "reward": "clip:assets/world/clip"})
+        for overlap in ("true", "false")]
+    result = subprocess.run([sys.executable, "-c", ROLLOUT_REWARDS, json.dumps(runs, default=str)],
+                            capture_output=True, text=True, timeout=280)
+    assert result.returncode == 0, result.stderr[-3000:]
+    threaded, unthreaded = (json.loads(line) for line in result.stdout.splitlines()[-2:])
+    assert threaded == unthreaded
 
 
 def test_resume_refuses_another_lora_rank_or_algorithm_by_name(trained, saved, prompt_file, tmp_path):
