@@ -483,6 +483,18 @@ def test_nan_travels_as_null_and_back(mean_server):
     assert rewards[0] == 0 and math.isnan(rewards[1]) and rewards[2] == 1
 
 
+def test_a_server_restarted_with_another_reward_is_noticed_not_mixed_in():
+    images, prompts = [Image.new("RGB", (8, 8), (51, 51, 51))] * 2, ["a", "b"]
+    with serving(MeanReward()) as server:
+        remote, port = RemoteReward(server.url, TOKEN), server.server_address[1]
+        assert remote(images, prompts).tolist() == pytest.approx([0.2, 0.2])
+    with serving(MeanReward(), port=port):  # the same reward again: scoring goes on
+        assert remote(images, prompts).tolist() == pytest.approx([0.2, 0.2])
+    with serving(OverlapReward(), port=port):
+        with pytest.raises(RewardError, match="now scores with reward overlap, not mean as it first said"):
+            remote(images, prompts)
+
+
 def test_metadata_reaches_the_reward():
     seen = []
 

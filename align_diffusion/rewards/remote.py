@@ -79,13 +79,15 @@ def encode_png(image) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def parse_rewards(payload: bytes, batch_size: int, url: str) -> torch.Tensor:
-    """(B,) float32 from a /score answer, null → NaN; RewardError unless it holds exactly B numbers finite in
-    float32, or nulls (JSON has no NaN or Infinity; a server that sends them anyway is broken)."""
+def parse_rewards(payload: bytes, batch_size: int, url: str) -> tuple[torch.Tensor, str | None]:
+    """(B,) float32 from a /score answer, null → NaN, and the name of the reward that scored them (None from a
+    server that does not say); RewardError unless it holds exactly B numbers finite in float32, or nulls (JSON has
+    no NaN or Infinity; a server that sends them anyway is broken)."""
     malformed = RewardError(f"reward server {url} gave a malformed answer for {batch_size} images: {payload[:200]!r}")
     try:
-        rewards = json.loads(payload)["rewards"]
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, RecursionError):
+        answer = json.loads(payload)
+        rewards, name = answer["rewards"], answer.get("reward")
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError, RecursionError):
         raise malformed from None
     if not (isinstance(rewards, list) and len(rewards) == batch_size and all(
             value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)) for value in rewards)):
@@ -96,7 +98,7 @@ def parse_rewards(payload: bytes, batch_size: int, url: str) -> torch.Tensor:
         raise malformed from None
     if not (torch.isfinite(scores) | torch.tensor([value is None for value in rewards], dtype=torch.bool)).all():
         raise malformed
-    return scores
+    return scores, name if isinstance(name, str) else None
 
 
 def _error_message(error: urllib.error.HTTPError) -> str:
@@ -157,6 +159,7 @@ class RemoteReward(Reward):
         self.attempts = attempts
         self.backoff = backoff
         self.health: dict | None = None  # the server's /health answer, once one came
+        self.scored_by: str | None = None  # the reward the server first named
 
     def endpoint(self, name: str) -> str:
         """The URL of the server's `name` (`score`, `health`, `check`), keeping the given URL's path and query."""
@@ -212,7 +215,9 @@ class RemoteReward(Reward):
         if (limit is None or len(body) <= limit) and (
                 pixel_limit is None or len(images) * image_pixels <= pixel_limit or len(images) == 1):
             try:
-                return parse_rewards(self.post("score", body, "request of one image"), len(prompts), self.url)
+                scores, name = parse_rewards(self.post("score", body, "request of one image"), len(prompts), self.url)
+                self.check_reward_name(name)
+                return scores
             except BatchTooLarge:
                 if len(images) == 1:
                     raise
@@ -220,6 +225,17 @@ class RemoteReward(Reward):
         parts = [slice(None, half), slice(half, None)]
         return torch.cat([self._scored(images[part], prompts[part], None if metadata is None else metadata[part],
                                        image_pixels, limits) for part in parts])
+
+    def check_reward_name(self, name: str | None) -> None:
+        """RewardError when the server names another reward than it first did (in /health or an earlier answer): one
+        restarted with another reward on the same address would mix two rewards' scores in one run."""
+        if name is None:
+            return
+        first = self.scored_by or (self.health or {}).get("reward")
+        if isinstance(first, str) and name != first:
+            raise RewardError(f"reward server {self.url} now scores with reward {name}, not {first} as it first said "
+                              "(restarted with another reward?); scores of two rewards must not mix")
+        self.scored_by = first if isinstance(first, str) else name
 
     def server_limits(self) -> tuple[int | None, int | None]:
         """(max_body_bytes, max_batch_pixels) as the server's /health states them, None for a limit it does not

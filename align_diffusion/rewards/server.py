@@ -1,7 +1,8 @@
 """Serve any reward over HTTP, so that a trainer on one machine can score with a model loaded on another.
 
 Standard library only. `POST /score` takes `{"prompts": [...], "images": [base64 PNG, ...], "metadata": [...]}`
-(metadata optional) with `Authorization: Bearer TOKEN` and answers `{"rewards": [...]}`, NaN sent as null.
+(metadata optional) with `Authorization: Bearer TOKEN` and answers `{"rewards": [...], "reward": NAME}`, NaN sent as
+null, NAME the reward's (so a client notices a server restarted with another reward).
 `POST /check` takes `{"prompts": [...]}` and answers `{}`, or 400 naming the first prompt the reward cannot score
 (`Reward.check_prompts`), so that a client learns it before it makes any image. `GET /health` answers
 `{"status": "ok", "reward": NAME, "max_body_bytes": N, "max_batch_pixels": P}` without a token, and with
@@ -243,7 +244,7 @@ class RewardRequestHandler(BaseHTTPRequestHandler):
     def score(self, images: torch.Tensor, prompts: list[str], metadata) -> tuple[int, dict]:
         """The status and answer to a batch."""
         try:
-            return 200, {"rewards": self.server.score(images, prompts, metadata)}
+            return 200, {"rewards": self.server.score(images, prompts, metadata), "reward": self.server.reward.name}
         except ValueError as error:  # the reward refused this input (e.g. a prompt outside its grammar)
             return 400, {"error": f"reward {self.server.reward.name} refused the batch: {error}"}
         except InfiniteScore as error:
