@@ -805,7 +805,7 @@ def add_steer_parser(subparsers) -> None:
     group = parser.add_argument_group("fk")
     group.add_argument("--num-particles", type=_positive_int, default=None, help="k (default 4, or from --budget)")
     group.add_argument("--potential", choices=POTENTIALS, default=None, help="default max")
-    group.add_argument("--lam", type=_finite_float, default=None, help="tilt λ (default 10)")
+    group.add_argument("--lam", type=_non_negative_float, default=None, help="tilt λ (default 10)")
     group.add_argument("--resample-start", type=int, default=None,
                        help="first scored step (default: 20 %% of the steps)")
     group.add_argument("--resample-interval", type=_positive_int, default=None, help="default 5")

@@ -272,6 +272,7 @@ def test_a_folder_written_before_an_option_existed_resumes_without_it(saved, tmp
     (["steer", "--method", "ttsnap", "--reward", "jpeg"], "--keep", "1.5", "must lie in (0, 1]"),
     (["steer", "--method", "ttsnap", "--reward", "jpeg"], "--prune-steps", "-1", "must be at least 0"),
     (["steer", "--method", "fk", "--reward", "jpeg"], "--adaptive-threshold", "inf", "must be a finite number"),
+    (["steer", "--method", "fk", "--reward", "jpeg"], "--lam", "-1", "argument --lam: must be >= 0"),
 ])
 def test_bad_option_values_are_refused_by_the_parser(saved, tmp_path, capsys, command, option, value, message):
     with pytest.raises(SystemExit) as exit_info:
