@@ -321,7 +321,16 @@ def test_reward_transforms_are_refused_where_they_do_not_apply(saved, prompt_fil
                            ({"grpo.log_tame": 0.5}, "grpo.log_tame: log-taming needs non-negative rewards, and jpeg"),
                            ({"algorithm": "gdro", "sampling.sampler": "ode", "sampling.shared_noise": "true"},
                             "sampling.shared_noise: with no noise drawn after the shared start"),
-                           ({"grpo.log_tame": 0.5, "algorithm": "gdro"}, "grpo.log_tame: GDRO ranks each group"),
+                           ({"grpo.log_tame": 0.5, "reward": "adv-dino:assets/world/dino,shapes", "references":
+                             "shapes"}, "grpo.log_tame: log-taming needs non-negative rewards, and adv-dino's head"),
+                           # GDRO reads no grpo.* setting, GRPO no gdro.* one, and GDRO scores its set once.
+                           ({"grpo.log_tame": 0.5, "algorithm": "gdro"}, "grpo.log_tame: applies to algorithm grpo, "
+                            "not gdro; leave it out"),
+                           ({"grpo.kl_beta": 0.1, "algorithm": "gdro"}, "grpo.kl_beta: applies to algorithm grpo"),
+                           ({"gdro.tau": 0.5}, "gdro.tau: applies to algorithm gdro, not grpo; leave it out"),
+                           ({"algorithm": "gdro", "reward": "adv-dino:assets/world/dino", "references": "shapes"},
+                            "reward: 'adv-dino:assets/world/dino' trains against the policy's samples as they come, "
+                            "and GDRO scores its offline set once"),
                            ({"references": "shapes"}, "references: only a reward that trains against them (adv-dino) "
                             "reads reference images, and reward 'jpeg' has none"),
                            ({"reward_updates": 20}, "reward_updates: only a reward that trains (adv-dino) is updated"),
@@ -383,12 +392,12 @@ def test_noise_table_sets_each_steps_level_and_log_probs_follow(saved, prompt_fi
 
 
 def test_calibrate_noise_command_writes_a_table(saved, prompt_file, tmp_path, capsys):
-    config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump({
-        "model": str(saved["sd3"]), "prompts": str(prompt_file), "output_dir": str(tmp_path / "run"),
-        "reward": "jpeg", "device": "cpu", "async_rewards": False,
-        "sampling": {"num_steps": 5, "batch_size": 8, "guidance_scale": 2.0},
-        "grpo": {"group_size": 4, "batch_size": 8, "train_batch_size": 4}, "lora": {"rank": 4, "alpha": 8}}))
+    config, gdro_config = tmp_path / "config.yaml", tmp_path / "gdro.yaml"
+    settings = {"model": str(saved["sd3"]), "prompts": str(prompt_file), "output_dir": str(tmp_path / "run"),
+                "reward": "jpeg", "device": "cpu", "async_rewards": False, "lora": {"rank": 4, "alpha": 8},
+                "sampling": {"num_steps": 5, "batch_size": 8, "guidance_scale": 2.0}}
+    config.write_text(yaml.safe_dump({**settings, "grpo": {"group_size": 4, "batch_size": 8, "train_batch_size": 4}}))
+    gdro_config.write_text(yaml.safe_dump({**settings, "algorithm": "gdro"}))
     out = tmp_path / "psi.json"
     (tmp_path / "run").mkdir()  # the config's run has already trained: calibrating neither reads nor writes it
     (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 1}\n')
@@ -421,8 +430,7 @@ def test_calibrate_noise_command_writes_a_table(saved, prompt_file, tmp_path, ca
     hollow.mkdir()
     (hollow / "model_index.json").write_text((saved["sd3"] / "model_index.json").read_text())
     with pytest.raises(SystemExit, match="sampling.sampler: noise calibration balances the noise a stochastic"):
-        main(["calibrate-noise", str(config), "--out", str(out), "algorithm=gdro", "sampling.sampler=ode",
-              f"model={hollow}"])
+        main(["calibrate-noise", str(gdro_config), "--out", str(out), "sampling.sampler=ode", f"model={hollow}"])
 
 
 def test_adv_grpo_co_trains_the_dino_head_and_checkpoints_it(saved, tmp_path):

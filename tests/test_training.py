@@ -870,8 +870,9 @@ def test_resume_refuses_another_lora_rank_or_algorithm_by_name(trained, saved, p
     overrides = tiny_overrides(saved["sd3"], prompt_file, tmp_path, resume_from="latest", max_steps=3)
     with pytest.raises(ConfigError, match="lora.rank: the run that wrote .* was trained with 4, not 8"):
         GRPOTrainer(load_config(None, [*overrides, "lora.rank=8"])).train()
+    gdro = tiny_overrides(saved["sd3"], prompt_file, tmp_path, resume_from="latest", max_steps=3, algorithm="gdro")
     with pytest.raises(ConfigError, match="algorithm: the run that wrote .* was trained with grpo, not gdro"):
-        GRPOTrainer(load_config(None, [*overrides, "algorithm=gdro"])).train()
+        GRPOTrainer(load_config(None, gdro)).train()
     # The optimizer's state comes from the checkpoint: a new lr would be written to config.yaml but not used.
     with pytest.raises(ConfigError, match=r"optim.lr: .* trained with 0.01, not 0.5; .*optim.weight_decay: "):
         GRPOTrainer(load_config(None, [*overrides, "optim.lr=0.5", "optim.weight_decay=0.1"])).train()

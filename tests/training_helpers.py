@@ -6,7 +6,8 @@ from pathlib import Path
 
 
 def tiny_overrides(model, prompt_file, output_dir, **extra):
-    """A run small enough for a test: 2 prompts × 4 images, 3 SDE steps, JPEG reward, no eval or trackers."""
+    """A run small enough for a test: 2 prompts × 4 images, 3 SDE steps, JPEG reward, no eval or trackers (GDRO's
+    sizes are its gdro.* settings: none of grpo's are set for algorithm=gdro)."""
     values = {
         "model": model, "output_dir": output_dir, "prompts": prompt_file, "eval.prompts": prompt_file,
         "reward": "jpeg", "max_steps": 2, "grpo.group_size": 4, "grpo.batch_size": 8, "grpo.train_batch_size": 4,
@@ -14,6 +15,8 @@ def tiny_overrides(model, prompt_file, output_dir, **extra):
         "log_with": "[]", "lora.rank": 4, "lora.alpha": 8, "optim.lr": 1e-2, "async_rewards": "false",
         "checkpoint_every": 1, "device": "cpu",
     }
+    if extra.get("algorithm") == "gdro":
+        values = {key: value for key, value in values.items() if not key.startswith("grpo.")}
     values.update(extra)
     return [f"{key}={value}" for key, value in values.items()]
 

@@ -34,6 +34,8 @@ from align_diffusion.sampling.loop import (
 from align_diffusion.training.noise_table import read_table
 
 TRAINABLE_REWARDS = ("adv-dino",)  # reward specs whose model co-trains against references
+SIGNED_REWARDS = {"jpeg": "jpeg scores −kB",  # rewards sure to score below 0, which log-taming cannot take
+                  "adv-dino": "adv-dino's head learns to score the policy's images below 0"}
 
 
 class ConfigError(ValueError):
@@ -412,6 +414,13 @@ def validate(config: TrainConfig, num_processes: int = 1) -> None:
             raise ConfigError(f"{key} must be a finite number >= 0, got {value}")
     if not math.isfinite(grpo.value_anchor):
         raise ConfigError(f"grpo.value_anchor must be a finite number, got {grpo.value_anchor}")
+    # Each algorithm reads its own section only: a setting changed in the other would seem to take effect.
+    unread, section = (grpo, GRPOConfig) if config.algorithm == "gdro" else (gdro, GDROConfig)
+    for setting in dataclasses.fields(section):
+        if getattr(unread, setting.name) != getattr(section(), setting.name):
+            name = section.__name__.removesuffix("Config").lower()
+            raise ConfigError(f"{name}.{setting.name}: applies to algorithm {name}, not {config.algorithm}; leave it "
+                              "out")
     optim = config.optim
     if optim.warmup_steps < 0:
         raise ConfigError(f"optim.warmup_steps must be >= 0, got {optim.warmup_steps}")
@@ -447,8 +456,6 @@ def validate(config: TrainConfig, num_processes: int = 1) -> None:
     for key, on in {"grpo.log_tame": grpo.log_tame is not None, "grpo.normalize_each": grpo.normalize_each}.items():
         if on and grpo.dense is not None:
             raise ConfigError(f"{key}: the reward transforms combine one reward per image, not dense step rewards")
-        if on and config.algorithm == "gdro":
-            raise ConfigError(f"{key}: GDRO ranks each group by its weighted reward sum; the transforms apply to grpo")
         if on and grpo.advantage == "bnpo":
             raise ConfigError(f"{key}: bnpo maps grpo.reward_range, the plain reward's, to [0, 1], which the "
                               "transformed reward leaves; use zscore or global_std")
@@ -487,9 +494,13 @@ def validate(config: TrainConfig, num_processes: int = 1) -> None:
     if grpo.log_tame in ("mean", "median") and len(terms) < 2:
         raise ConfigError(f"grpo.log_tame: {grpo.log_tame} compares the spreads of the reward's terms, and "
                           f"{config.reward!r} has one; give a number δ")
-    if grpo.log_tame is not None and any(term.name == "jpeg" for term in terms):
-        raise ConfigError("grpo.log_tame: log-taming needs non-negative rewards, and jpeg scores −kB")
+    for term in terms if grpo.log_tame is not None else []:
+        if term.name in SIGNED_REWARDS:
+            raise ConfigError(f"grpo.log_tame: log-taming needs non-negative rewards, and {SIGNED_REWARDS[term.name]}")
     trainable = any(term.name in TRAINABLE_REWARDS for term in terms)
+    if trainable and config.algorithm == "gdro":
+        raise ConfigError(f"reward: {config.reward!r} trains against the policy's samples as they come, and GDRO "
+                          "scores its offline set once; use algorithm grpo")
     if trainable and config.references is None:
         raise ConfigError("references: the reward trains against reference images (adv-dino); set references to "
                           "'shapes' or an image folder")
