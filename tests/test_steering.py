@@ -77,9 +77,15 @@ class PartlyUnscorable(Darkness):
 
 
 class PartlyMinusInfinite(PartlyUnscorable):
-    """The same images scored −∞ instead: the worst score, whose weight no step may carry as a finite one."""
+    """The same images scored −∞ instead, which counts as no score, as in training."""
 
     value = -math.inf
+
+
+class PartlyPlusInfinite(PartlyUnscorable):
+    """The same images scored +∞ instead, which counts as no score too: it wins nothing."""
+
+    value = math.inf
 
 
 @pytest.fixture
@@ -262,16 +268,16 @@ def test_reno_returns_the_best_iterate_and_batches_like_single_prompts(adapter, 
 
 
 class DarknessUntil(Darkness):
-    """Darkness, but NaN for `prompt` from call `call` on, NaN reaching its gradient too. Without gradient
-    checkpointing call k scores iteration k."""
+    """Darkness (> 0), but times `factor` (NaN or ±inf) for `prompt` from call `call` on, reaching its gradient
+    too. Without gradient checkpointing call k scores iteration k."""
 
-    def __init__(self, prompt, call):
+    def __init__(self, prompt, call, factor=math.nan):
         super().__init__()
-        self.prompt, self.call = prompt, call
+        self.prompt, self.call, self.factor = prompt, call, factor
 
     def score(self, images, prompts, metadata):
         lost = len(self.calls) >= self.call
-        factor = torch.tensor([math.nan if lost and p == self.prompt else 1.0 for p in prompts])
+        factor = torch.tensor([self.factor if lost and p == self.prompt else 1.0 for p in prompts])
         return super().score(images, prompts, metadata) * factor
 
 
@@ -295,6 +301,12 @@ def test_reno_goes_on_for_the_other_prompts_when_one_becomes_unscorable(adapter)
     assert second.budget.model_evals == 3 * 2 and first.budget.model_evals == 5 * 2
     with pytest.raises(RewardError, match=r"initial images of \['two squares'\]"):
         reno(adapter, prompts, DarknessUntil("two squares", 0), **options)
+    for infinite in (math.inf, -math.inf):  # counts as no score, as in training: neither a winner nor a dead end
+        _, lost = reno(adapter, prompts, DarknessUntil("two squares", 2, infinite), **options)
+        assert lost.details["unscorable_from"] == 2 and lost.reward == second.reward and lost.winner == second.winner
+        assert torch.equal(lost.image, second.image)
+        with pytest.raises(RewardError, match=r"initial images of \['two squares'\] \(NaN or infinite\)"):
+            reno(adapter, prompts, DarknessUntil("two squares", 0, infinite), **options)
 
 
 def test_steer_shows_renos_iterations(adapter, capsys):
@@ -496,15 +508,27 @@ def test_fk_resamples_an_unscorable_particle_away_even_when_the_ess_is_high(adap
     assert result.details["unscored"] == [1, 0, 0] and result.details["scored_steps"] == [0, 2, 3]
 
 
-def test_fk_resamples_a_particle_scored_minus_infinity_away_even_when_the_ess_is_high(adapter):
-    result = fk_steering(adapter, "a red circle", PartlyMinusInfinite({1: [0]}), num_particles=4, lam=1.0,
-                         adaptive_threshold=0.5, resample_interval=2, num_inference_steps=4, guidance_scale=GUIDANCE,
-                         **SIZE)
+@pytest.mark.parametrize("reward_class", [PartlyMinusInfinite, PartlyPlusInfinite])
+def test_fk_resamples_a_particle_scored_infinite_away_even_when_the_ess_is_high(adapter, reward_class):
+    options = dict(num_particles=4, lam=1.0, resample_interval=2, num_inference_steps=4, guidance_scale=GUIDANCE,
+                   **SIZE)
+    result = fk_steering(adapter, "a red circle", reward_class({1: [0], 3: [1]}), adaptive_threshold=0.5, **options)
     assert result.details["ess"][0] == pytest.approx(3.0, abs=0.01) and result.details["resampled"][0]
-    assert 0 not in result.details["ancestors"] and result.details["unscored"] == [0, 0, 0]
-    with pytest.raises(RewardError, match="left FK no finite weights to resample 'a red circle' by at step 0"):
-        fk_steering(adapter, "a red circle", PartlyMinusInfinite({1: [0, 1, 2, 3]}), num_particles=4, lam=1.0,
-                    resample_interval=2, num_inference_steps=4, guidance_scale=GUIDANCE, **SIZE)
+    assert 0 not in result.details["ancestors"] and result.details["unscored"] == [1, 0, 1]
+    assert math.isnan(result.details["candidate_rewards"][1]) and result.winner != 1 and math.isfinite(result.reward)
+    with pytest.raises(RewardError, match="could not score any of the 4 candidates of 'a red circle'"):
+        fk_steering(adapter, "a red circle", reward_class({1: [0, 1, 2, 3]}), **options)
+
+
+def test_fk_names_potentials_that_overflow(adapter):
+    class Huge(Darkness):
+        def score(self, images, prompts, metadata):
+            return super().score(images, prompts, metadata) * 0 + 3e38  # finite in float32; 10 times it is not
+
+    with pytest.raises(RewardError, match=r"no finite weights .* at step 0 .*lam 10.0\): the tilted potentials "
+                                          "overflow; lower lam"):
+        fk_steering(adapter, "a red circle", Huge(), num_particles=2, lam=10.0, resample_interval=2,
+                    num_inference_steps=4, guidance_scale=GUIDANCE, **SIZE)
 
 
 def test_fk_raises_when_no_particle_can_be_scored(adapter):
@@ -641,6 +665,12 @@ def test_best_of_n_raises_only_when_no_candidate_of_the_prompt_is_scored(adapter
     assert math.isnan(scores[2]) and result.winner == scores.index(max(scores[:2]))
     with pytest.raises(RewardError, match="any of the 3 candidates"):
         best_of_n(adapter, "two squares", PartlyUnscorable({1: [0, 1], 2: [0]}), **options)
+    for reward_class in (PartlyMinusInfinite, PartlyPlusInfinite):  # an infinite score is none: it never wins
+        result = best_of_n(adapter, "two squares", reward_class({1: [1]}), **options)
+        scores = result.details["candidate_rewards"]
+        assert math.isnan(scores[1]) and result.winner == (0 if scores[0] > scores[2] else 2)
+        with pytest.raises(RewardError, match="any of the 3 candidates"):
+            best_of_n(adapter, "two squares", reward_class({1: [0, 1], 2: [0]}), **options)
 
 
 def test_ttsnap_refuses_a_budget_below_one_run(adapter):

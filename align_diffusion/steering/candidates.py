@@ -15,6 +15,7 @@ import torch
 
 from align_diffusion.models.base import PipelineAdapter, PromptEmbeds, Schedule
 from align_diffusion.rewards.base import Reward, RewardError
+from align_diffusion.rewards.transforms import unscored_if_infinite
 from align_diffusion.sampling.loop import checked_seed, step_noise, take_step
 from align_diffusion.sampling.steps import StepOutput
 
@@ -98,11 +99,12 @@ def denoise_step(
 def score_candidates(reward: Reward, images: torch.Tensor, prompt: str, budget: Budget,
                      batch_size: int | None = None) -> torch.Tensor:
     """The reward of each of a prompt's candidate images (CPU, float32), `batch_size` at a time (default: all at
-    once), counted in `budget`. An image the reward cannot score (NaN) never wins; when none of the prompt's
-    candidates can be scored the reward's failure is raised, not papered over."""
+    once), counted in `budget`. An image the reward cannot score (NaN; an infinite score counts as NaN, as in
+    training) never wins; when none of the prompt's candidates can be scored the reward's failure is raised, not
+    papered over."""
     batch_size = batch_size or len(images)
-    scores = torch.cat([reward(part, [prompt] * len(part)).detach().float().cpu()
-                        for part in images.split(batch_size)])
+    scores = unscored_if_infinite(torch.cat([reward(part, [prompt] * len(part)).detach().float().cpu()
+                                             for part in images.split(batch_size)]))
     budget.reward_evals += len(images)
     if torch.isnan(scores).all():
         raise RewardError(f"{reward.name} could not score any of the {len(images)} candidates of {prompt!r}")

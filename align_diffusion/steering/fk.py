@@ -188,12 +188,13 @@ def fk_steering(
             if last:
                 break
             log_weights = log_weights + log_potential(history, potential, lam)
-            # An unscorable particle dies: resampled away at once. Some particle is alive, as score_candidates
-            # raises when none can be scored, and only live particles' weights are ever carried.
+            # An unscorable particle (NaN, or an infinite score) dies: resampled away at once. Some particle is
+            # alive, as score_candidates raises when none can be scored, and only live particles' weights are ever
+            # carried; finite scores leave no finite weight only where λ times them overflows.
             log_weights = log_weights.masked_fill(torch.isnan(log_weights), -math.inf)
             if torch.isposinf(log_weights).any() or torch.isneginf(log_weights).all():
                 raise RewardError(f"{reward.name} left FK no finite weights to resample {prompt!r} by at step {i} "
-                                  f"(scores {scores.tolist()}): an infinite score is a broken reward, not a ranking")
+                                  f"(scores {scores.tolist()}, lam {lam}): the tilted potentials overflow; lower lam")
             ess.append(effective_sample_size(log_weights))
             carry = adaptive_threshold is not None and ess[-1] >= adaptive_threshold * num_particles
             if carry and torch.isfinite(log_weights).all():

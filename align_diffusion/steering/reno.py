@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from align_diffusion.models.base import PipelineAdapter
 from align_diffusion.rewards.base import Reward, RewardError
+from align_diffusion.rewards.transforms import unscored_if_infinite
 from align_diffusion.sampling.loop import check_guidance, prompt_list, resolve_settings, take_step
 from align_diffusion.steering.candidates import Budget, SteeringResult, Timer, candidate_generators
 
@@ -142,11 +143,11 @@ def reno(
                 if unscorable_from[j] is None:
                     budget.model_evals += settings.num_inference_steps
                     budget.reward_evals += 1
-            current = scores.detach().float().cpu()
+            current = unscored_if_infinite(scores.detach().float().cpu())  # as the trainer reads an infinite score
             if iteration == 0 and torch.isnan(current).any():
                 failed = [prompts[j] for j in torch.isnan(current).nonzero().flatten().tolist()]
-                raise RewardError(f"{reward.name} could not score the initial images of {failed}, so ReNO has no "
-                                  "iterate to start from")
+                raise RewardError(f"{reward.name} could not score the initial images of {failed} (NaN or infinite), "
+                                  "so ReNO has no iterate to start from")
             for j in torch.isnan(current).nonzero().flatten().tolist():
                 if unscorable_from[j] is None:
                     unscorable_from[j] = iteration
