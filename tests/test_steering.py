@@ -620,6 +620,26 @@ def test_a_single_prompt_string_is_one_prompt_to_steer_to_folder(tmp_path):
     assert [record["prompt"] for record in records] == ["a red circle"]
 
 
+def test_a_weighted_reward_records_its_terms_as_sample_does_and_the_sum_steered_by(adapter, tmp_path):
+    reward = load_reward("jpeg,jpeg:50=0.5")
+    [record] = steer_to_folder(adapter, ["a"], reward, "best-of-n", tmp_path / "out", num_candidates=2,
+                               num_inference_steps=2, progress=False, **SIZE)
+    rewards = record["rewards"]
+    assert set(rewards) == {reward.name, "jpeg", "jpeg:50"}
+    assert rewards[reward.name] == pytest.approx(rewards["jpeg"] + 0.5 * rewards["jpeg:50"], rel=1e-6)
+    assert rewards[reward.name] == pytest.approx(max(record["details"]["candidate_rewards"]), rel=1e-6)
+
+
+def test_a_reno_batch_size_that_is_no_count_is_refused_before_anything_is_replaced(adapter, tmp_path):
+    steer_to_folder(adapter, ["a"], Darkness(), "best-of-n", tmp_path / "out", num_candidates=1,
+                    num_inference_steps=1, progress=False, **SIZE)
+    for size in (-1, 0, 2.5):
+        with pytest.raises(ValueError, match=f"reno_batch_size must be a whole number >= 1, got {size}"):
+            steer_to_folder(adapter, ["a"], Darkness(), "reno", tmp_path / "out", overwrite=True, iterations=1,
+                            reno_batch_size=size, **SIZE)
+    assert len((tmp_path / "out" / "metadata.jsonl").read_text().splitlines()) == 1
+
+
 def test_ttsnap_prunes_the_seeds_it_could_not_score_first_and_counts_them(adapter):
     result = ttsnap(adapter, "a red circle", Darkness(), PartlyUnscorable({1: [0, 3]}), num_seeds=8,
                     prune_steps=[1, 2], keep=[0.75, 0.5], num_inference_steps=3, guidance_scale=GUIDANCE, **SIZE)

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from align_diffusion.models.base import PipelineAdapter, missing_c_compiler
 from align_diffusion.rewards.base import Reward
+from align_diffusion.rewards.spec import WeightedRewards, score_terms
 from align_diffusion.sampling.loop import (check_count, checked_noise_level, checked_seed, prompt_list,
                                            sampler_problem)
 from align_diffusion.steering import ttsnap as ttsnap_module
@@ -146,6 +147,7 @@ def steer(
         raise ValueError(f"start must be between 0 and the {len(prompts)} prompts, got {start}")
     options = check_steering(adapter, prompts, reward, method, budget=budget, prune_reward=prune_reward, **options)
     seed = checked_seed(seed)
+    check_count("reno_batch_size", reno_batch_size)
     return _run(adapter, prompts, reward, method, seed, prune_reward or reward, reno_batch_size, progress, start,
                 options)
 
@@ -217,9 +219,12 @@ def steer_to_folder(
         if resume and earlier:
             folder.continue_earlier_run()
         for result in results:
-            record = {"prompt": result.prompt, "seed": result.seed, "rewards": {reward.name: result.reward},
-                      "winner": result.winner, "budget": result.budget.as_dict(), "details": result.details, **run}
             image = result.image[None]
+            rewards = {reward.name: result.reward}
+            if isinstance(reward, WeightedRewards):  # each term too, under the names `sample` records them by
+                rewards.update({name: float(s) for name, s in score_terms(reward, image, [result.prompt])[1].items()})
+            record = {"prompt": result.prompt, "seed": result.seed, "rewards": rewards, "winner": result.winner,
+                      "budget": result.budget.as_dict(), "details": result.details, **run}
             if shapes_eval:
                 from align_diffusion.world.evaluate import shapes_eval as judge
 
