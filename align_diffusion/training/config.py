@@ -494,9 +494,9 @@ def validate(config: TrainConfig, num_processes: int = 1) -> None:
     if grpo.log_tame in ("mean", "median") and len(terms) < 2:
         raise ConfigError(f"grpo.log_tame: {grpo.log_tame} compares the spreads of the reward's terms, and "
                           f"{config.reward!r} has one; give a number δ")
-    for term in terms if grpo.log_tame is not None else []:
-        if term.name in SIGNED_REWARDS:
-            raise ConfigError(f"grpo.log_tame: log-taming needs non-negative rewards, and {SIGNED_REWARDS[term.name]}")
+    signed = [term.name for term in terms if term.name in SIGNED_REWARDS]
+    if grpo.log_tame is not None and signed:
+        raise ConfigError(f"grpo.log_tame: log-taming needs non-negative rewards, and {SIGNED_REWARDS[signed[0]]}")
     trainable = any(term.name in TRAINABLE_REWARDS for term in terms)
     if trainable and config.algorithm == "gdro":
         raise ConfigError(f"reward: {config.reward!r} trains against the policy's samples as they come, and GDRO "
