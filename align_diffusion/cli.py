@@ -578,6 +578,16 @@ def check_backbone(backbone: str) -> None:
                          "offline, give a local backbone, such as the shapes world's assets/world/dino") from None
 
 
+def check_inputs_outside_out(out: Path, inputs: dict[str, str | Path | None]) -> None:
+    """Refuses an input (flag: path or id) that is a file or folder inside `out`, which the trained reward
+    replaces whole: the input would be deleted with the earlier reward."""
+    for flag, value in inputs.items():
+        path = None if value is None else Path(home_expanded(str(value)))
+        if path is not None and path.exists() and path.resolve().is_relative_to(out.resolve()):
+            raise SystemExit(f"{flag}: {value} lies inside --out {out}, which the trained reward replaces whole; "
+                             "move it out first")
+
+
 def run_train_artifact(args) -> None:
     from align_diffusion.rewards.artifact import CONFIG_FILE, ArtifactTraining, train_artifact_reward
 
@@ -589,6 +599,7 @@ def run_train_artifact(args) -> None:
         raise SystemExit(f"--out: {error}") from None
     if not args.data.exists():  # named before the backbone is looked for
         raise SystemExit(f"--data: no such file or folder {args.data}")
+    check_inputs_outside_out(args.out, {"--data": args.data, "--unseen": args.unseen, "--backbone": args.backbone})
     check_backbone(args.backbone)
     settings = ArtifactTraining(steps=args.steps or ArtifactTraining.steps, holdout=args.holdout, seed=args.seed)
     result = train_artifact_reward(args.data, args.out, args.backbone, settings, device=args.device,
@@ -607,9 +618,9 @@ def run_train_noise_aware(args) -> None:
     from align_diffusion.training.prompts import PromptSource
 
     terms = parse_spec(args.teacher)
-    if len(terms) != 1 or terms[0].name not in ("clip", "pickscore") or terms[0].arg is None:
-        raise SystemExit("align-diffusion train-reward noise-aware: --teacher must be one term, clip:PATH or "
-                         f"pickscore:PATH, got {args.teacher!r}")
+    if len(terms) != 1 or terms[0].name not in ("clip", "pickscore") or terms[0].arg is None or terms[0].weight != 1:
+        raise SystemExit("align-diffusion train-reward noise-aware: --teacher must be one unweighted term, clip:PATH "
+                         f"or pickscore:PATH, got {args.teacher!r}")
     term = terms[0]
     if not 0 <= args.prune_step < args.num_inference_steps:
         raise SystemExit(f"--prune-step must lie in [0, {args.num_inference_steps}) (--num-inference-steps)")
@@ -617,6 +628,8 @@ def run_train_noise_aware(args) -> None:
         check_output_folder(args.out, noise_aware.REPORT_FILE)
     except ValueError as error:
         raise SystemExit(f"--out: {error}") from None
+    check_inputs_outside_out(args.out, {"--model": args.model, "--teacher": term.arg, "--prompts": args.prompts,
+                                        "--eval-prompts": args.eval_prompts})
     check_model_arguments(args)
     train_prompts = PromptSource(args.prompts, "--prompts").draw(args.seed, 0, args.train_images)
     eval_prompts = PromptSource(args.eval_prompts, "--eval-prompts").all()

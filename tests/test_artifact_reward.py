@@ -1,6 +1,7 @@
 """The artifact reward model: data reading, training through the command line, and what the trained reward says."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -132,6 +133,18 @@ def test_train_reward_command_saves_a_reward_the_spec_loads(tmp_path, capsys, mo
         main(["train-reward", "artifact", "--data", str(tmp_path / "set"), "--out", str(tmp_path / "rm"),
               "--backbone", DINO, "--steps", "2", "--device", "cpu"])
     assert {path.name: path.read_bytes() for path in (tmp_path / "rm").iterdir()} == saved
+    # Trained again into its folder, it would delete what lies in it: a backbone or data kept there are refused.
+    shutil.copytree(DINO, tmp_path / "rm" / "dino")
+    with pytest.raises(SystemExit, match="--backbone: .*dino lies inside --out .*rm, which the trained reward "
+                                         "replaces whole"):
+        main(["train-reward", "artifact", "--data", str(tmp_path / "set"), "--out", str(tmp_path / "rm"),
+              "--backbone", str(tmp_path / "rm" / "dino"), "--steps", "2", "--device", "cpu"])
+    assert (tmp_path / "rm" / "dino" / "config.json").is_file()
+    shutil.rmtree(tmp_path / "rm" / "dino")
+    # Moved without its backbone, the reward names where the backbone should be (not a hub error).
+    shutil.copytree(tmp_path / "rm", tmp_path / "moved" / "away" / "rm")
+    with pytest.raises(FileNotFoundError, match=r"rm's backbone was saved as \.\./.*relative to the folder, and "):
+        load_reward(f"artifact:{tmp_path / 'moved' / 'away' / 'rm'}")
     with pytest.raises(SystemExit, match="unseen: no such folder .*no-such-folder"):  # not "holds no images"
         main(["train-reward", "artifact", "--data", str(tmp_path / "set"), "--out", str(tmp_path / "rm2"),
               "--backbone", DINO, "--steps", "2", "--device", "cpu", "--unseen", str(tmp_path / "no-such-folder")])

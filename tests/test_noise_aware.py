@@ -85,8 +85,25 @@ def test_distillation_needs_two_trajectories_with_finite_scores():
     with pytest.raises(ValueError, match="at least 2 trajectories with finite teacher scores"):
         distill(teacher, one, NoiseAwareTraining(), log=lambda line: None)
     unscored = Rollouts(["a red circle"] * 2, torch.zeros(2, 2, 3, 64, 64), torch.tensor([1.0, math.nan]))
-    with pytest.raises(ValueError, match="finite teacher scores"):
+    with pytest.raises(ValueError, match="finite teacher scores and x̂0s, got 1 of 2"):
         distill(teacher, unscored, NoiseAwareTraining(), log=lambda line: None)
+
+
+def test_distillation_leaves_out_the_trajectories_it_cannot_learn_from_and_says_so():
+    """One unscored or diverged trajectory among many does not stop the run: it is left out, as if never drawn."""
+    teacher = load_reward(f"clip:{WORLD_CLIP}")
+    x0 = torch.rand(4, 2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    scores, prompts = torch.tensor([0.2, 0.4, 0.6, 0.8]), ["a red circle", "two squares", "a blue star", "a circle"]
+    diverged = x0.clone()
+    diverged[3, 1, 0, 0, 0] = math.nan
+    settings, logged = NoiseAwareTraining(steps_per_stage=2, batch_size=4), []
+    with_bad = distill(teacher, Rollouts(prompts + ["x", "y"], torch.cat([x0, diverged[3:], x0[:1]]),
+                                         torch.cat([scores, scores[3:], torch.tensor([math.inf])])), settings,
+                       log=logged.append)
+    without = distill(teacher, Rollouts(prompts, x0, scores), settings, log=lambda line: None)
+    assert logged[0] == "left out 2 of 6 trajectories: a teacher score or an x̂0 pixel is not finite"
+    for a, b in zip(with_bad.model.parameters(), without.model.parameters()):
+        assert torch.equal(a, b)
 
 
 def test_rejects_a_teacher_that_is_not_clip():
@@ -177,7 +194,9 @@ def test_train_reward_noise_aware_command_records_the_generator_it_read(tmp_path
     (["--lora", "no/such/folder"], "--lora"),
     (["--prompts", "no/such/prompts.txt"], "--prompts: 'no/such/prompts.txt' is neither shapes:SPLIT nor a file"),
     (["--eval-prompts", "shapes:dev"], "--eval-prompts: 'shapes:dev'"),
-    (["--teacher", "clip:assets/world/clip,jpeg"], "--teacher must be one term, clip:PATH or pickscore:PATH, got "),
+    (["--teacher", "clip:assets/world/clip,jpeg"], "--teacher must be one unweighted term, clip:PATH or pickscore:"),
+    (["--teacher", "clip:assets/world/clip=2"], "--teacher must be one unweighted term, clip:PATH or pickscore:PATH, "
+                                                "got 'clip:assets/world/clip=2'"),
 ])
 def test_train_reward_noise_aware_refuses_bad_generator_options_before_loading(tmp_path, monkeypatch, flags, named):
     def no_loading(*args, **kwargs):
@@ -186,6 +205,21 @@ def test_train_reward_noise_aware_refuses_bad_generator_options_before_loading(t
     monkeypatch.setattr("align_diffusion.rewards.spec.load_reward", no_loading)
     with pytest.raises(SystemExit, match=named):
         main(["train-reward", "noise-aware", "--out", str(tmp_path / "student"), *flags])
+
+
+def test_train_reward_noise_aware_refuses_inputs_inside_the_out_folder_it_replaces(tmp_path, monkeypatch):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("loaded something before refusing")
+
+    monkeypatch.setattr("align_diffusion.rewards.spec.load_reward", no_loading)
+    out = tmp_path / "student"  # an earlier student's folder, which a new one may replace
+    out.mkdir()
+    (out / "noise_aware.json").write_text("{}")
+    (out / "prompts.txt").write_text("a red circle\n")
+    with pytest.raises(SystemExit, match=r"--prompts: .*prompts.txt lies inside --out .*student, which the trained "
+                                         "reward replaces whole"):
+        main(["train-reward", "noise-aware", "--out", str(out), "--prompts", str(out / "prompts.txt")])
+    assert (out / "prompts.txt").is_file()
 
 
 def test_train_reward_noise_aware_refuses_an_out_folder_holding_other_files_before_loading(tmp_path, monkeypatch):

@@ -299,7 +299,10 @@ def test_text_feature_cache_evicts_the_least_recent_and_keeps_contexts_apart():
     cache(["ab"], cpu, torch.float32)
     cache(["c"], cpu, torch.float32)
     cache(["c"], cpu, torch.float64)  # another dtype: encoded for it
-    assert calls == [["ab", "c"], ["d"], ["c"], ["c"]]
+    for autocast in (torch.bfloat16, torch.float16, torch.float16):  # and each autocast dtype (once)
+        with torch.autocast("cpu", dtype=autocast):
+            cache(["c"], cpu, torch.float64)
+    assert calls == [["ab", "c"], ["d"], ["c"], ["c"], ["c"], ["c"]]
 
 
 def test_hpsv2_open_clip_weights_file(tiny_open_clip):

@@ -76,9 +76,16 @@ def artifact_head(features: int) -> torch.nn.Module:
 
 def resolve_backbone(folder: Path, backbone: str) -> str:
     """A backbone saved as a path relative to the reward's folder (so a shipped reward moves with its encoder),
-    else the id or path as written."""
+    else the id or path as written. Training saves a local backbone as `../PATH` (it may not lie inside the
+    folder, which is replaced whole): one that is not there is named, never looked for from the current folder or
+    the hub."""
     relative = folder / backbone
-    return str(relative) if relative.is_dir() else backbone
+    if relative.is_dir():
+        return str(relative)
+    if backbone.startswith(("../", "./")):
+        raise FileNotFoundError(f"artifact: {folder}'s backbone was saved as {backbone}, relative to the folder, and "
+                                f"{relative} is no folder; move the reward together with its backbone")
+    return backbone
 
 
 class ArtifactReward(Reward):

@@ -25,7 +25,7 @@ TEXT_CACHE_SIZE = 4096  # prompts whose features a CLIP reward keeps: 4 KB each 
 
 class TextFeatures:
     """Normalized text features by prompt, each encoded once: the text tower is frozen, and steering and training
-    score the same prompts again and again. Entries are kept per device, dtype and autocast state, so a moved model
+    score the same prompts again and again. Entries are kept per device, dtype and autocast dtype, so a moved model
     or a caller's autocast gets features computed as they would be now; the least recently used go first."""
 
     def __init__(self, encode, capacity: int = TEXT_CACHE_SIZE):
@@ -35,7 +35,8 @@ class TextFeatures:
 
     def __call__(self, prompts: list[str], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """(len(prompts), d) float32 features, unit length."""
-        context = (str(device), dtype, torch.is_autocast_enabled(device.type))
+        autocast = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+        context = (str(device), dtype, autocast)
         missing = list(dict.fromkeys(p for p in prompts if (context, p) not in self.features))
         if missing:
             with torch.no_grad():

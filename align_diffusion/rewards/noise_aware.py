@@ -119,12 +119,20 @@ def distill(teacher: _TransformersClip, rollouts: Rollouts, settings: NoiseAware
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(settings.seed)
-    num_images, num_steps = rollouts.x0_images.shape[:2]
+    num_steps = rollouts.x0_images.shape[1]
     if not 0 <= settings.earliest_step < num_steps:
         raise ValueError(f"earliest_step must lie in [0, {num_steps}), got {settings.earliest_step}")
-    if num_images < 2 or not torch.isfinite(rollouts.teacher_final).all():
-        raise ValueError(f"noise-aware distillation needs at least 2 trajectories with finite teacher scores, got "
-                         f"{rollouts.teacher_final.tolist()}")
+    # A trajectory the teacher could not score (or that diverged on the way) teaches nothing: left out, and said.
+    usable = torch.isfinite(rollouts.teacher_final) & torch.isfinite(rollouts.x0_images).flatten(1).all(1)
+    if usable.sum() < 2:
+        raise ValueError(f"noise-aware distillation needs at least 2 trajectories with finite teacher scores and "
+                         f"x̂0s, got {int(usable.sum())} of {len(usable)}")
+    if not usable.all():
+        log(f"left out {int((~usable).sum())} of {len(usable)} trajectories: a teacher score or an x̂0 pixel is "
+            "not finite")
+        rollouts = Rollouts([p for p, keep in zip(rollouts.prompts, usable.tolist()) if keep],
+                            rollouts.x0_images[usable], rollouts.teacher_final[usable])
+    num_images = len(rollouts.prompts)
     target_scale = rollouts.teacher_final.std().clamp(min=1e-6)
     stages = list(range(num_steps - 1, settings.earliest_step - 1, -1))
     for stage, first_step in enumerate(stages):
