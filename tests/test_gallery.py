@@ -264,6 +264,20 @@ def test_label_export_feeds_the_artifact_reward_and_preference_pairs(browser, fo
                                            "rejected": (a / "images" / "a #2.png").resolve()}]
 
 
+def test_a_missing_image_takes_no_label_and_a_prompts_carriage_return_is_exported_as_it_is(browser, tmp_path):
+    """A missing image's label could only be kept by its path, which another folder's page may share; the HTML
+    parser would read a carriage return in an attribute as a newline."""
+    folder = make_folder(tmp_path / "f", [("line\r\nbreak\rcr", 1, 0.5, None), ("a red circle", 2, 0.5, None)])
+    (folder / "images" / "00001.png").unlink()
+    open_page(browser, build_gallery(folder))
+    cards = visible_cards(browser)
+    missing = cards[1].find_element(By.TAG_NAME, "figure")
+    assert missing.find_elements(By.TAG_NAME, "button") == [] and "missing image" in missing.text
+    label(browser, cards[0], "artifact")
+    rows = [json.loads(line) for line in export_labels(browser).read_text().splitlines()]
+    assert [(row["prompt"], row["label"]) for row in rows] == [("line\r\nbreak\rcr", "artifact")]
+
+
 def test_labels_follow_their_images_not_their_file_names_or_folders(browser, folders, tmp_path):
     a, _ = folders
     open_page(browser, build_gallery(a))
@@ -385,7 +399,7 @@ def test_run_page_compares_only_evaluations_that_share_samples_with_the_first(tm
     links = [link for link in re.findall(r'href="([^"]+)"', (run / "index.html").read_text())
              if link.startswith("eval/")]
     assert links == [f"eval/step-{s:06d}/index.html" for s in (0, 2)] + [
-        "eval/step-000004/index.html", "eval/step-000004/compare-step-000002.html", "eval/step-000006/index.html"]
+        "eval/step-000004/index.html", "eval/step-000002/compare-step-000004.html", "eval/step-000006/index.html"]
     assert all((run / link).is_file() for link in links)
 
 
@@ -568,8 +582,8 @@ def test_the_trainer_rebuilds_only_the_pages_of_new_samples(tmp_path):
         make_folder(run / "eval" / f"step-{step:06d}", RECORDS_A)
     build_run_page(run)
     pages = [run / "eval" / name for name in ("step-000000/index.html", "step-000002/index.html",
-                                              "step-000002/compare-step-000000.html", "step-000004/index.html",
-                                              "step-000004/compare-step-000000.html")]
+                                              "step-000000/compare-step-000002.html", "step-000004/index.html",
+                                              "step-000000/compare-step-000004.html")]
     written = [page.stat().st_mtime_ns for page in pages]
     time.sleep(0.05)
     metadata = run / "eval" / "step-000004" / "metadata.jsonl"

@@ -787,9 +787,11 @@ def test_resuming_an_older_checkpoint_hides_the_abandoned_steps_evaluations_and_
         "eval.every": 1, "eval.num_steps": 2, "eval.num_images_per_prompt": 1, "log_with": "[tensorboard]"})
     GRPOTrainer(load_config(None, overrides)).train()
     assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == [f"step-00000{k}" for k in range(3)]
+    assert (tmp_path / "eval" / "step-000000" / "compare-step-000002.html").is_file()
     resume = f"resume_from={tmp_path / 'checkpoints' / 'step-000001'}"
     GRPOTrainer(load_config(None, [*overrides, resume, "max_steps=1"])).train()
     assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == ["step-000000", "step-000001"]
+    assert sorted(p.name for p in (tmp_path / "eval" / "step-000000").glob("compare-*")) == ["compare-step-000001.html"]
     assert "step-000002" not in (tmp_path / "index.html").read_text()
     logged = EventAccumulator(str(tmp_path / "grpo")).Reload()
     assert [event.step for event in logged.Scalars("loss")] == [1]
@@ -994,7 +996,7 @@ def test_ddim_rollouts_on_an_epsilon_model_and_eval_galleries(saved, prompt_file
         assert row["eval/artifact_mean"] == pytest.approx(watched.mean().item(), abs=1e-3)
         assert (folder / "index.html").is_file()
     run_page = (tmp_path / "index.html").read_text()
-    for target in ("plots/reward.png", "eval/step-000000/index.html", "eval/step-000001/compare-step-000000.html"):
+    for target in ("plots/reward.png", "eval/step-000000/index.html", "eval/step-000000/compare-step-000001.html"):
         assert f'"{target}"' in run_page and (tmp_path / target).is_file()
     # Watching a reward leaves the run as it was without it.
     unwatched = tmp_path / "unwatched"

@@ -213,15 +213,15 @@ def _static(name: str) -> str:
     return (files("align_diffusion.gallery") / "static" / name).read_text(encoding="utf-8")
 
 
-def _image_facts(path: Path, prompt: str) -> tuple[str, int | None]:
-    """The image's label key and width (None when unreadable). The page's script keeps a reviewer's label under the
-    image's content and prompt, so a label follows its image wherever the folder goes and whatever page shows it,
-    never shows on a new image that reuses its file name, nor on the same image made for another prompt (a label
-    judges the image against its prompt). An image that is not there yet is named by its path."""
+def _image_facts(path: Path, prompt: str) -> tuple[str | None, int | None]:
+    """The image's label key (None when it is not there: nothing to label) and width (None when unreadable). The
+    page's script keeps a reviewer's label under the image's content and prompt, so a label follows its image
+    wherever the folder goes and whatever page shows it, never shows on a new image that reuses its file name, nor
+    on the same image made for another prompt (a label judges the image against its prompt)."""
     try:
         content = path.read_bytes()
     except OSError:
-        return "missing:" + path.as_posix(), None
+        return None, None
     key = hashlib.sha256(prompt.encode() + b"\0" + content).hexdigest()[:32]
     try:
         return key, Image.open(io.BytesIO(content)).width
@@ -260,8 +260,11 @@ def _figure(file: str, caption: str | None, image: Path, prompt: str) -> str:
     """An image (`file` as the page links it, `image` on disk) with its label buttons."""
     image_id, width = _image_facts(image, prompt)
     sharp = ' class="pixels"' if width is not None and width <= SHARP_PIXELS_WIDTH else ""
-    buttons = "".join(f'<button type="button" data-label="{label}">{label}</button>' for label in LABELS)
     caption_html = f"<figcaption>{escape(caption)}</figcaption>" if caption else ""
+    if image_id is None:  # not there when the page was built: no buttons, so no label of it is kept or exported
+        return (f'<figure data-file="{escape(file)}"><img src="{escape(quote(file))}" alt="{escape(file)}" '
+                f'loading="lazy">{caption_html}<div class="labels">missing image</div></figure>')
+    buttons = "".join(f'<button type="button" data-label="{label}">{label}</button>' for label in LABELS)
     return (f'<figure data-file="{escape(file)}" data-image="{escape(image_id)}">'
             f'<img src="{escape(quote(file))}" alt="{escape(file)}"{sharp} '
             f'loading="lazy">{caption_html}<div class="labels">{buttons}</div></figure>')
@@ -292,7 +295,9 @@ def _card(index: int, prompt: str, seed, values: dict, figures: list[str], table
     seed_text = "" if seed is None else f"seed {escape(str(seed))}"
     verdict = _verdict(values.get(CORRECT))
     meta = " · ".join(part for part in (seed_text, verdict, detail) if part)
-    return (f'<article class="card" data-index="{index}" data-prompt="{escape(prompt)}" '
+    # A carriage return written as is would reach the script, and the exported labels, as a newline.
+    prompt_attribute = escape(prompt).replace("\r", "&#13;")
+    return (f'<article class="card" data-index="{index}" data-prompt="{prompt_attribute}" '
             f'data-seed="{escape(str(seed if seed is not None else ""))}" '
             f'data-values="{escape(json.dumps(values, allow_nan=False))}">'
             f'<div class="pair">{"".join(figures)}</div><p class="prompt">{escape(prompt)}</p>'

@@ -59,7 +59,7 @@ def build_run_page(run_dir: str | Path, *, only_stale: bool = False) -> Path:
         if first is None:
             first, first_keys = (folder, keys) if keys else (None, set())
         elif keys & first_keys:
-            comparison = folder / f"compare-{first.name}.html"
+            comparison = first / f"compare-{folder.name}.html"  # where `gallery FIRST --compare STEP` writes it
             if not (only_stale and _fresh(comparison, first, folder)):
                 build_comparison(first, folder, out=comparison)
             links[folder.name].append((f"vs {first.name}", comparison.relative_to(run_dir).as_posix()))

@@ -535,6 +535,8 @@ class GRPOTrainer:
                 number = folder.name.removeprefix("step-")
                 if number.isdigit() and int(number) > self.step:
                     shutil.rmtree(folder)
+                    for page in (self.output_dir / EVAL_DIR).glob(f"step-*/compare-{folder.name}.html"):
+                        page.unlink()  # the first evaluation's page of it
             if kept and (self.output_dir / "index.html").exists():
                 build_run_page(self.output_dir, only_stale=True)  # its plots and rows, without the dropped steps
         self.accelerator.wait_for_everyone()
