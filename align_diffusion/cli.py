@@ -17,7 +17,7 @@ from align_diffusion.models.base import (
     DTYPES, MODEL_OPTIONS, PipelineAdapter, model_option_problem, recorded_model_options, unusable_device,
 )
 from align_diffusion.rewards.base import RewardError
-from align_diffusion.sampling.loop import DEFAULT_NOISE_LEVEL
+from align_diffusion.sampling.loop import DEFAULT_NOISE_LEVEL, SEED_LIMIT
 
 
 def _int_at_least(minimum: int):
@@ -39,8 +39,8 @@ def _seed(text: str) -> int:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
-    if not 0 <= value < 2**63:  # torch's generators take up to 2**64 - 1, and image k gets seed + k
-        raise argparse.ArgumentTypeError(f"must lie in [0, 2**63), got {value}")
+    if not 0 <= value < SEED_LIMIT:  # torch's CPU generator reads a seed's low 32 bits
+        raise argparse.ArgumentTypeError(f"must lie in [0, 2**32), got {value}")
     return value
 
 

@@ -532,8 +532,8 @@ def test_empty_paths_and_reward_specs_and_seeds_out_of_range_are_refused_by_name
     common = ["sample", "--model", "m", "--prompt", "a"]
     for flags, message in [(["--out", ""], "--out: must not be empty"), (["--out", "o", "--lora", " "],
                            "--lora: must not be empty"), (["--out", "o", "--reward", ""], "--reward: must not be "
-                           "empty"), (["--out", "o", "--seed", str(2**63)], r"--seed: must lie in \[0, 2\*\*63\)"),
-                           (["--out", "o", "--seed", "-1"], r"--seed: must lie in \[0, 2\*\*63\), got -1"),
+                           "empty"), (["--out", "o", "--seed", str(2**32)], r"--seed: must lie in \[0, 2\*\*32\)"),
+                           (["--out", "o", "--seed", "-1"], r"--seed: must lie in \[0, 2\*\*32\), got -1"),
                            (["--out", "o", "--seed", "1.5"], r"--seed: must be a whole number, got '1.5'"),
                            (["--out", "~nosuchuser/x", "--lora", ""], "--lora: must not be empty")]:
         with pytest.raises(SystemExit):
@@ -628,22 +628,37 @@ def test_overwrite_leaves_only_the_new_samples(saved, tmp_path):
 
 
 def test_seeds_are_whole_numbers_in_the_documented_range_from_python_too(tiny_pipes, tmp_path):
-    """torch reads seed -1 as 2**64 - 1, so image 1 of a seed -1 run would repeat image 0 of a seed 0 run."""
+    """torch's CPU generator reads a seed's low 32 bits (and seed -1 as 2**64 - 1): seed 2**32, or image 1 of a
+    seed 2**32 - 1 or -1 run, would repeat image 0 of a seed-0 run."""
     from align_diffusion.models import adapter_for
     from align_diffusion.sampling.loop import sample, sample_images
     from align_diffusion.steering import steer
 
     adapter = adapter_for(tiny_pipes["sd3"])
     kwargs = dict(num_inference_steps=1, height=32, width=32)
-    for seed in (-1, 2**63, 1.0, torch.Generator()):
-        with pytest.raises(ValueError, match=re.escape(f"seed must be a whole number in [0, 2**63), got {seed!r}")):
+    assert torch.equal(*(torch.randn(8, generator=torch.Generator().manual_seed(s)) for s in (0, 2**32)))
+    for seed in (-1, 2**32, 1.0, torch.Generator()):
+        with pytest.raises(ValueError, match=re.escape(f"seed must be a whole number in [0, 2**32), got {seed!r}")):
             sample(adapter, ["a"], seed=seed, **kwargs)
-        with pytest.raises(ValueError, match=re.escape("seed must be a whole number in [0, 2**63)")):
+        with pytest.raises(ValueError, match=re.escape("seed must be a whole number in [0, 2**32)")):
             sample_images(adapter, ["a"], seed=seed, **kwargs)
-        with pytest.raises(ValueError, match=re.escape("seed must be a whole number in [0, 2**63)")):
+        with pytest.raises(ValueError, match=re.escape("seed must be a whole number in [0, 2**32)")):
             steer(adapter, ["a"], load_reward("jpeg"), "best-of-n", seed=seed, num_candidates=1, **kwargs)
-        with pytest.raises(ValueError, match=re.escape("seed must be a whole number in [0, 2**63)")):
+        with pytest.raises(ValueError, match=re.escape("seed must be a whole number in [0, 2**32)")):
             sample_to_folder(adapter, ["a"], tmp_path / "out", seed=seed, progress=False, **kwargs)
+    # The seeds a call derives stay below 2**32 too: seed + k for its images, and steering's candidate streams.
+    last = re.escape("seed must be a whole number in [0, 2**32 − 2] (generators up to seed + 1 follow), got 4294967295")
+    with pytest.raises(ValueError, match=last):
+        sample(adapter, ["a", "b"], seed=2**32 - 1, **kwargs)
+    with pytest.raises(ValueError, match=last):
+        sample_images(adapter, ["a", "b"], seed=2**32 - 1, **kwargs)
+    with pytest.raises(ValueError, match=last):
+        sample_to_folder(adapter, ["a"], tmp_path / "out", seed=2**32 - 1, num_images_per_prompt=2, progress=False,
+                         **kwargs)
+    with pytest.raises(ValueError, match=re.escape("2**32 − 100001] (generators up to seed + 100000 follow)")):
+        list(steer(adapter, ["a"], load_reward("jpeg"), "best-of-n", seed=2**32 - 100_000, num_candidates=2,
+                   progress=False, **kwargs))
+    assert sample(adapter, ["a", "b"], seed=2**32 - 2, **kwargs).images.shape[0] == 2
     torch.testing.assert_close(sample_images(adapter, ["a", "b"], seed=np.int64(3), **kwargs),
                                sample_images(adapter, ["a", "b"], seed=3, **kwargs), rtol=0, atol=0)
     with pytest.raises(TypeError, match=r"sample_images seeds image k with seed \+ k"):

@@ -164,6 +164,11 @@ def test_dance_grpo_shares_noise_within_groups_and_trains_on_best_and_worst(save
     assert not torch.equal(start[0], start[4])
     images = rollouts.trajectory.images
     assert (images[0] - images[1]).abs().max() > 1e-4  # the SDE noise is each image's own
+    # The shared start comes from a stream of its own, not any image's generator (whose first SDE noise would then
+    # repeat it: torch reads a seed's low 32 bits only, so an offset of 2**40 named the leader's own stream).
+    own = trainer.adapter.initial_noise([torch.Generator().manual_seed(seed) for seed in trainer.image_seeds(0, 8)],
+                                        *trainer.adapter.image_size(None, None))
+    assert all(not torch.allclose(start[k], own[j]) for k in (0, 4) for j in range(8))
     advantages, _ = trainer.advantages(rollouts)
     kept = ~torch.isnan(advantages)
     by_group = rollouts.rewards.view(2, 4)

@@ -173,7 +173,7 @@ def sample_to_folder(
     settings = resolve_settings(adapter, sampler, num_inference_steps, guidance_scale, noise_level, height, width)
     if reward is not None:
         reward.check_size(settings.height, settings.width)
-    jobs = image_jobs(prompts, num_images_per_prompt, checked_seed(seed))
+    jobs = image_jobs(prompts, num_images_per_prompt, checked_seed(seed, len(prompts) * num_images_per_prompt))
     same_run = {**settings_record(sampler, settings, negative_prompt),
                 "reward": None if reward is None else reward.spec, **(extra_metadata or {})}
     reward_keys = None if reward is None else reward.keys if isinstance(reward, WeightedRewards) else [reward.name]

@@ -166,11 +166,16 @@ def check_count(name: str, value) -> None:
         raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
 
 
-def checked_seed(seed) -> int:
-    """`seed` as an int; ValueError unless a whole number in [0, 2**63): torch reads a negative seed modulo 2**64, so
-    seed −1 would give image 1 the noise of image 0 of a seed-0 run."""
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**63:
-        raise ValueError(f"seed must be a whole number in [0, 2**63), got {seed!r}")
+SEED_LIMIT = 2**32  # torch's CPU generator reads a seed's low 32 bits: seeds s and s + 2**32 draw the same noise
+
+
+def checked_seed(seed, count: int = 1) -> int:
+    """`seed` as an int; ValueError unless a whole number with seed … seed + count − 1 (the generator seeds a run
+    derives from it) in [0, 2**32): torch's CPU generator reads only a seed's low 32 bits (a negative one modulo
+    2**64), so seed 2**32, or seed −1's image 1, would draw the noise of image 0 of a seed-0 run."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed <= SEED_LIMIT - count:
+        limit = "[0, 2**32)" if count == 1 else f"[0, 2**32 − {count}] (generators up to seed + {count - 1} follow)"
+        raise ValueError(f"seed must be a whole number in {limit}, got {seed!r}")
     return int(seed)
 
 
@@ -312,7 +317,7 @@ def sample(
     levels = settings.levels()
     batch = len(prompts) * num_images_per_prompt
     if generators is None:
-        seed = checked_seed(seed)
+        seed = checked_seed(seed, batch)
         generators = [torch.Generator("cpu").manual_seed(seed + k) for k in range(batch)]
     if isinstance(generators, torch.Generator):
         raise TypeError(f"generators takes one torch.Generator per image, a list of {batch}, not a single generator")
@@ -374,7 +379,7 @@ def sample_images(adapter: PipelineAdapter, prompts: list[str], *, seed: int = 0
         raise TypeError("sample_images draws one image per prompt: repeat a prompt for more of its images")
     if "generators" in sample_kwargs:
         raise TypeError("sample_images seeds image k with seed + k: pass seed, or call sample with generators")
-    seed = checked_seed(seed)
+    seed = checked_seed(seed, len(prompts))
     negative_prompt = sample_kwargs.pop("negative_prompt", None)  # one for all prompts, or one per prompt
     check_negative_prompts(negative_prompt, prompts)
     images = []

@@ -71,7 +71,7 @@ def one_prompt(prompt) -> str:
 
 def candidate_generators(seed: int, index: int, count: int) -> list[torch.Generator]:
     """CPU generators of candidates 0 … count − 1 of prompt `index` (see the module docstring)."""
-    seed = checked_seed(seed)
+    seed = checked_seed(seed, index + (count - 1) * SEED_STRIDE + 1)
     return [torch.Generator("cpu").manual_seed(seed + index + c * SEED_STRIDE) for c in range(count)]
 
 

@@ -146,7 +146,7 @@ def steer(
     if not 0 <= start <= len(prompts):
         raise ValueError(f"start must be between 0 and the {len(prompts)} prompts, got {start}")
     options = check_steering(adapter, prompts, reward, method, budget=budget, prune_reward=prune_reward, **options)
-    seed = checked_seed(seed)
+    seed = checked_seed(seed, len(prompts))  # a method's candidates check theirs as they start
     check_count("reno_batch_size", reno_batch_size)
     return _run(adapter, prompts, reward, method, seed, prune_reward or reward, reno_batch_size, progress, start,
                 options)

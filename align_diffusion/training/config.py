@@ -346,7 +346,7 @@ def validate(config: TrainConfig, num_processes: int = 1) -> None:
             raise ConfigError(f"{key} must be at least 1, got {value}")
     if not 0 <= config.seed < 2**32:  # the range of numpy's seed, which accelerate's set_seed also seeds
         raise ConfigError(f"seed must lie in [0, 2**32), got {config.seed}")
-    if not 0 <= config.eval.seed < 2**32:  # eval image k is seeded eval.seed + k, which must stay below 2**63
+    if not 0 <= config.eval.seed < 2**32:  # torch's CPU generator reads a seed's low 32 bits
         raise ConfigError(f"eval.seed must lie in [0, 2**32), got {config.eval.seed}")
     if config.max_minutes is not None and not 0 < config.max_minutes < math.inf:  # also refuses NaN
         raise ConfigError(f"max_minutes must be a finite number > 0, got {config.max_minutes}")

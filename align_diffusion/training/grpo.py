@@ -73,7 +73,9 @@ from align_diffusion.training.lora import add_lora, export_lora
 from align_diffusion.training.noise_table import calibrate_step, read_table
 from align_diffusion.training.prompts import PromptSource, ReferenceSource
 
-SHARED_NOISE_STREAM = 2**40  # seed offset of the groups' shared initial noise, apart from every image's own stream
+# Seed offset of the groups' shared initial noise, apart from every image's own stream: torch's CPU generator reads a
+# seed's low 32 bits (2**40 gave a group's first image its own stream, whose first SDE noise then equalled its start).
+SHARED_NOISE_STREAM = 2**31
 
 
 # --- the objective -----------------------------------------------------------------------------------------------
