@@ -196,6 +196,18 @@ def test_a_quick_build_replaces_no_world_but_a_quick_one_and_no_build_mixes_with
     assert built == [copy, Path("assets/world")]
 
 
+def test_an_interrupted_build_keeps_the_report_of_the_assets_it_finished(tmp_path, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("align_diffusion.world.build.train_vae", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build_world(tmp_path, plan=PLAN, only=["dino", "vae"], log=lambda line: None)
+    written = json.loads((tmp_path / "build_report.json").read_text())
+    assert list(written["seconds"]) == ["dino"] and written["plan"] == asdict(PLAN)
+    assert written["total_seconds"] == written["seconds"]["dino"]
+
+
 def test_only_merges_into_the_build_report(world):
     out, full = world
     report = build_world(out, plan=PLAN, only=["dino"], log=lambda line: None)

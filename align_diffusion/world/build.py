@@ -112,6 +112,8 @@ def build_world(out: str | Path, seed: int = 0, plan: BuildPlan | None = None, o
     def done(name):
         report["seconds"][name] = round(time.time() - start - sum(report["seconds"].values()), 1)
         log(f"== {name} saved to {out / name} ({report['seconds'][name]:.0f}s)")
+        # After each asset, so an interrupted build keeps what its finished assets measured (and its plan)
+        write_text_atomically(out / "build_report.json", json.dumps(merged_report(out, report), indent=1))
 
     if "clip" in only:
         clip, tokenizer = train_clip(plan.clip_steps, seed=seed, log=log)
@@ -159,7 +161,6 @@ def build_world(out: str | Path, seed: int = 0, plan: BuildPlan | None = None, o
         write_folder_atomically(out / "sd", pipe.save_pretrained)
         done("sd")
     report["total_seconds"] = round(time.time() - start, 1)
-    write_text_atomically(out / "build_report.json", json.dumps(merged_report(out, report), indent=1))
     return report
 
 
@@ -181,8 +182,6 @@ def merged_report(out: Path, report: dict) -> dict:
     """This build's report merged into the one already in `out`: the rebuilt assets' seconds and metrics replace
     theirs, total_seconds sums every asset's, and seed and plan are this build's."""
     path = out / "build_report.json"
-    if not path.is_file():
-        return report
-    earlier = json.loads(path.read_text(encoding="utf-8"))
+    earlier = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {"seconds": {}}
     seconds = {**earlier["seconds"], **report["seconds"]}
     return {**earlier, **report, "seconds": seconds, "total_seconds": round(sum(seconds.values()), 1)}

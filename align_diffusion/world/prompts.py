@@ -1,9 +1,11 @@
 """Every prompt of the shapes world, and the train / val / test splits.
 
-The test split holds combinations that no training prompt names: held-out color–shape pairs, count–shape pairs,
-ordered shape pairs and (relation, shape, shape) triples. Training images may still show, say, a red triangle
-(under "a triangle" or "two triangles"); they never say so, so the base model has to generalize. (Its text encoder,
-the world CLIP's text tower, was trained on renders of every split's prompts: assets/README.md.)
+The test split holds combinations that no training prompt names: held-out color–shape pairs, count–shape pairs and
+(relation, shape, shape) triples. Training images may still show, say, a red triangle (under "a triangle" or "two
+triangles"); they never say so, so the base model has to generalize. Its two_object prompts' ordered shape pairs are
+held out from two_object prompts only: color_attr training prompts name them, in the same order, with colors
+(README: the weaker held-out kinds). (The generators' text encoder, the world CLIP's text tower, was trained on
+renders of every split's prompts: assets/README.md.)
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ HELD_OUT_COLOR_SHAPE = {
     ("yellow", "circle"), ("purple", "triangle"), ("white", "square"),
 }
 HELD_OUT_COUNT_SHAPE = {("four", "circle"), ("three", "triangle"), ("two", "square")}
-HELD_OUT_SHAPE_PAIRS = {("triangle", "circle"), ("square", "triangle")}  # two_object, in this order
+HELD_OUT_SHAPE_PAIRS = {("triangle", "circle"), ("square", "triangle")}  # from two_object prompts only
 HELD_OUT_RELATIONS = {
     ("left of", "circle", "square"), ("right of", "triangle", "circle"),
     ("above", "square", "triangle"), ("below", "circle", "triangle"),
