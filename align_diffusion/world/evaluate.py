@@ -144,7 +144,10 @@ def _credit(wanted, found: Detected) -> float:
 
 
 def judge(requirement: Requirement, objects: list[Detected]) -> Judgement:
-    """Strict correctness and graded score of detected objects against a requirement."""
+    """Strict correctness and graded score of detected objects against a requirement. Graded: the wanted objects'
+    mean credit under the best one-to-one assignment (1 for the right shape and color, 0.5 for one of them), halved
+    for a position prompt unless the relation holds, which is judged only between objects that are both right (an
+    imperfect object halves it too), and divided by 1 + the number of extra objects."""
     wanted = requirement.objects
     best_score, best_all_found, best_relation_ok = -1.0, False, False
     # One-to-one assignment of detections to wanted objects (at most 4 wanted; the largest 8 detections). The
