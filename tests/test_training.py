@@ -914,6 +914,18 @@ def test_an_evaluation_a_stop_signal_cut_short_runs_when_the_run_resumes(saved, 
     assert (tmp_path / "eval" / "step-000002" / "metadata.jsonl").is_file()
 
 
+def test_the_last_evaluation_of_a_run_out_of_time_runs_when_a_stop_signal_cut_it_short(saved, prompt_file, tmp_path):
+    overrides = tiny_overrides(saved["sd3"], prompt_file, tmp_path, max_steps=5, max_minutes=1e-6, **{
+        "eval.every": 4, "eval.num_steps": 2, "eval.num_images_per_prompt": 1})
+    trainer = GRPOTrainer(load_config(None, overrides))
+    signalled_during_step(trainer, 0, times=1)
+    with pytest.raises(TrainingInterrupted, match="stopped after step 1"):
+        trainer.train()
+    assert [(r["step"], "eval/reward_mean" in r) for r in metrics(tmp_path)] == [(0, True), (1, False)]
+    GRPOTrainer(load_config(None, [*overrides, "resume_from=latest"])).train()  # out of time: evaluates, exports
+    assert [(r["step"], "eval/reward_mean" in r) for r in metrics(tmp_path)] == [(0, True), (1, True)]
+
+
 def test_resume_refuses_a_checkpoint_that_lacks_weights_this_run_trains(trained, saved, prompt_file, tmp_path):
     _, out = trained
     older = tmp_path / "older"  # as an earlier version wrote it: no record of its run's settings to compare

@@ -994,10 +994,12 @@ class GRPOTrainer:
         return self.config.max_minutes is not None and spent >= 60 * self.config.max_minutes, signals > 0
 
     def evaluation_missing(self, metrics_file: Path) -> bool:
-        """Whether the step the run starts from is due an evaluation (step 0, every eval.every steps, the last)
-        that its metrics row lacks, as the main process reads metrics.jsonl."""
+        """Whether the step the run starts from is due an evaluation (step 0, every eval.every steps, the last: by
+        max_steps or, for a run already out of time, max_minutes) that its metrics row lacks, as the main process
+        reads metrics.jsonl."""
         every = self.config.eval.every
-        if not every or not (self.step % every == 0 or self.step == self.config.max_steps):
+        last = self.step == self.config.max_steps or (self.step > 0 and self.agreed_stop(False)[0])
+        if not every or not (self.step % every == 0 or last):
             return False
         missing = 0.0
         if self.accelerator.is_main_process:
