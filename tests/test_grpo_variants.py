@@ -148,6 +148,16 @@ def test_noise_table_is_checked_against_the_steps(saved, prompt_file, tmp_path):
         load_config(None, tiny_overrides(saved["sd3"], prompt_file, tmp_path, reward="adv-dino:x"))
 
 
+def test_paths_starting_with_a_tilde_are_read_from_the_home_folder(saved, prompt_file, tmp_path, monkeypatch):
+    """As `model` and `prompts` are: the shell expands no ~ in a config file or a quoted override."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    write_table(tmp_path / "table.json", [0.5, 0.5, 0.5])
+    config = load_config(None, tiny_overrides(saved["sd3"], prompt_file, "~/runs/a", **{
+        "sampling.noise_table": "~/table.json", "resume_from": "~/runs/a/checkpoints/step-000001"}))
+    assert (config.output_dir, config.sampling.noise_table, config.resume_from) == (
+        str(tmp_path / "runs" / "a"), str(tmp_path / "table.json"), str(tmp_path / "runs/a/checkpoints/step-000001"))
+
+
 # --- the variants run --------------------------------------------------------------------------------------------
 
 

@@ -125,6 +125,10 @@ def test_wrong_type_is_named(saved, tmp_path):
     ("lora.alpha=0", "lora.alpha must be > 0"),
     ("grpo.clip_range=.nan", "grpo.clip_range must be a finite number"),
     ("gdro.beta=.nan", "gdro: tau and beta must be finite"),
+    ("max_minutes=1:30", "max_minutes: expected float, got '1:30'"),  # not YAML 1.1's base-60 number 90
+    ("sampling.negative_prompt=blurry #2", "override sampling.negative_prompt: YAML reads what follows '#' as a "
+                                           "comment; quote the value to keep it"),  # not "blurry"
+    ("sampling.negative_prompt=#2", "YAML reads what follows '#' as a comment"),  # not null
     ("grpo.reward_range=[1, 0]", "grpo.reward_range must be"),
     ("grpo.reward_range=[0, .inf]", "grpo.reward_range must be"),
     ("grpo.value_weight=.nan", "grpo.value_weight must be a finite number >= 0"),

@@ -21,6 +21,7 @@ from pathlib import Path
 import yaml
 
 from align_diffusion.files import write_text_atomically
+from align_diffusion.models import home_expanded
 from align_diffusion.models.base import missing_c_compiler, model_option_problem, unusable_device
 from align_diffusion.rewards.spec import parse_spec
 from align_diffusion.rewards.transforms import METHODS as ADVANTAGE_METHODS
@@ -43,12 +44,23 @@ class ConfigError(ValueError):
 
 
 class _Loader(yaml.SafeLoader):
-    """YAML 1.1 reads yes / no / on / off as booleans; only true and false are, here."""
+    """YAML 1.1 reads yes / no / on / off as booleans and 1:30 as the base-60 number 90; here only true and false
+    are booleans, and a number holds no colon."""
 
 
-_BOOL = "tag:yaml.org,2002:bool"
+class _NoBase60:
+    """A resolver's pattern that matches no text holding a colon (a base-60 number to YAML 1.1)."""
+
+    def __init__(self, pattern: re.Pattern):
+        self.pattern = pattern
+
+    def match(self, text: str):
+        return None if ":" in text else self.pattern.match(text)
+
+
+_BOOL, _NUMBERS = "tag:yaml.org,2002:bool", ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
 _Loader.yaml_implicit_resolvers = {
-    first: [(tag, pattern) for tag, pattern in resolvers if tag != _BOOL]
+    first: [(tag, _NoBase60(pattern) if tag in _NUMBERS else pattern) for tag, pattern in resolvers if tag != _BOOL]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
 _Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
@@ -258,7 +270,17 @@ def apply_override(values: dict, override: str) -> None:
         node = node.setdefault(parent, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {key}: {parent} is not a section")
-    node[leaf] = _parse_yaml(text, f"override {key}")
+    value = _parse_yaml(text, f"override {key}")
+    comment = 0 if text.startswith("#") else text.find(" #")
+    if comment >= 0:  # YAML drops a comment silently: `negative_prompt=blurry #2` would read as blurry
+        try:
+            dropped = _parse_yaml(text[:comment], "") == value
+        except ConfigError:  # the # lies inside quotes
+            dropped = False
+        if dropped:
+            raise ConfigError(f"override {key}: YAML reads what follows '#' as a comment; quote the value to keep "
+                              f"it, {key}='\"{text}\"'")
+    node[leaf] = value
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | str = ()) -> TrainConfig:
@@ -274,6 +296,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | str = ())
     for override in overrides:
         apply_override(values, override)
     config = _build(TrainConfig, values)
+    # Paths with a leading ~, which the shell does not expand in a config file or a quoted override, are read as
+    # `model` and `prompts` are: from the home folder.
+    for owner, name in ((config, "output_dir"), (config, "resume_from"), (config, "references"),
+                        (config.sampling, "noise_table")):
+        if getattr(owner, name) is not None:
+            setattr(owner, name, home_expanded(getattr(owner, name)))
     validate(config)
     return config
 
