@@ -75,7 +75,9 @@ class StableDiffusionAdapter(PipelineAdapter):
                              "timesteps of its own) this package does not reproduce: it samples SD-family models "
                              "with DDIM. To sample this model with DDIM anyway, set pipe.scheduler = "
                              "DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing='trailing'), or "
-                             "write that scheduler into the model folder's scheduler/scheduler_config.json")
+                             "name DDIMScheduler in the model folder's model_index.json (\"scheduler\": "
+                             "[\"diffusers\", \"DDIMScheduler\"]) and set \"timestep_spacing\": \"trailing\" in its "
+                             "scheduler/scheduler_config.json")
 
     def schedule(self, num_inference_steps, height, width) -> Schedule:
         self.check_scheduler()  # again: the scheduler may have been swapped since
