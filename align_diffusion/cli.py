@@ -582,8 +582,8 @@ def check_inputs_outside_out(out: Path, inputs: dict[str, str | Path | None]) ->
     """Refuses an input (flag: path or id) that is a file or folder inside `out`, which the trained reward
     replaces whole: the input would be deleted with the earlier reward."""
     for flag, value in inputs.items():
-        path = None if value is None else Path(home_expanded(str(value)))
-        if path is not None and path.exists() and path.resolve().is_relative_to(out.resolve()):
+        path = None if value is None else Path(home_expanded(str(value))).resolve()
+        if path is not None and path.exists() and path.is_relative_to(out.resolve()):
             raise SystemExit(f"{flag}: {value} lies inside --out {out}, which the trained reward replaces whole; "
                              "move it out first")
 

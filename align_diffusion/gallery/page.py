@@ -261,13 +261,12 @@ def _figure(file: str, caption: str | None, image: Path, prompt: str) -> str:
     image_id, width = _image_facts(image, prompt)
     sharp = ' class="pixels"' if width is not None and width <= SHARP_PIXELS_WIDTH else ""
     caption_html = f"<figcaption>{escape(caption)}</figcaption>" if caption else ""
-    if image_id is None:  # not there when the page was built: no buttons, so no label of it is kept or exported
-        return (f'<figure data-file="{escape(file)}"><img src="{escape(quote(file))}" alt="{escape(file)}" '
-                f'loading="lazy">{caption_html}<div class="labels">missing image</div></figure>')
-    buttons = "".join(f'<button type="button" data-label="{label}">{label}</button>' for label in LABELS)
-    return (f'<figure data-file="{escape(file)}" data-image="{escape(image_id)}">'
-            f'<img src="{escape(quote(file))}" alt="{escape(file)}"{sharp} '
-            f'loading="lazy">{caption_html}<div class="labels">{buttons}</div></figure>')
+    # An image not there when the page was built gets no buttons, so no label of it is kept or exported.
+    key = "" if image_id is None else f' data-image="{escape(image_id)}"'
+    labels = "missing image" if image_id is None else "".join(
+        f'<button type="button" data-label="{label}">{label}</button>' for label in LABELS)
+    return (f'<figure data-file="{escape(file)}"{key}><img src="{escape(quote(file))}" alt="{escape(file)}"{sharp} '
+            f'loading="lazy">{caption_html}<div class="labels">{labels}</div></figure>')
 
 
 def _verdict(value: float | None) -> str:

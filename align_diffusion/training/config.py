@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 
 from align_diffusion.files import write_text_atomically
-from align_diffusion.models import home_expanded
+from align_diffusion.models import adapter_class, home_expanded, missing_local_model, size_problem
 from align_diffusion.models.base import missing_c_compiler, model_option_problem, unusable_device
 from align_diffusion.rewards.spec import parse_spec
 from align_diffusion.rewards.transforms import METHODS as ADVANTAGE_METHODS
@@ -349,8 +349,6 @@ def model_options(config: TrainConfig) -> dict:
 
 def _model_family(model: str):
     """The adapter class of a pipeline folder / cached hub id, from its model_index.json (None if unknown)."""
-    from align_diffusion.models import adapter_class, missing_local_model
-
     if reason := missing_local_model(model):
         raise ConfigError(f"model: {reason}")
     try:
@@ -540,8 +538,6 @@ def validate(config: TrainConfig, num_processes: int = 1) -> None:
                           f"{config.reward!r} has none; leave reward_updates out")
     family = _model_family(config.model)
     is_flow = None if family is None else family.is_flow
-    from align_diffusion.models import size_problem
-
     sides = {"sampling.height": sampling.height, "sampling.width": sampling.width}
     if found := size_problem(config.model, sides):
         raise ConfigError(f"{found[0]}: {found[1]}, got {sides[found[0]]} (model {config.model})")
