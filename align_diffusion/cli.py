@@ -9,15 +9,16 @@ import signal
 import sys
 from pathlib import Path
 
-import torch
+from typing import TYPE_CHECKING
 
-from align_diffusion.files import check_output_folder, folder_problem
-from align_diffusion.models import home_expanded
-from align_diffusion.models.base import (
-    DTYPES, MODEL_OPTIONS, PipelineAdapter, model_option_problem, recorded_model_options, unusable_device,
+from align_diffusion.files import check_output_folder, folder_problem, home_expanded
+from align_diffusion.names import (
+    DEFAULT_NOISE_LEVEL, DTYPE_NAMES, FK_POTENTIALS, FK_RESAMPLING, REWARD_TOKEN_ENV, SEED_LIMIT, STEERING_METHODS,
+    WORLD_ASSETS,
 )
-from align_diffusion.rewards.base import RewardError
-from align_diffusion.sampling.loop import DEFAULT_NOISE_LEVEL, SEED_LIMIT
+
+if TYPE_CHECKING:  # the parser imports no torch (see align_diffusion.names); the commands import what they run
+    from align_diffusion.models.base import PipelineAdapter
 
 
 def _int_at_least(minimum: int):
@@ -106,12 +107,23 @@ def add_model_options(parser) -> None:
 
 
 def _device(text: str) -> str:
+    from align_diffusion.models.base import unusable_device
+
     if reason := unusable_device(text):
         raise argparse.ArgumentTypeError(reason)
     return text
 
 
-DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+def add_device(parser) -> None:
+    """--device; its default, None until parsed, becomes `default_device()`."""
+    parser.add_argument("--device", type=_device, default=None, help="torch device (default: cuda when torch sees "
+                        "a GPU, else cpu)")
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def add_sample_parser(subparsers) -> None:
@@ -135,8 +147,8 @@ def add_sample_parser(subparsers) -> None:
     parser.add_argument("--height", type=_positive_int, default=None)
     parser.add_argument("--width", type=_positive_int, default=None)
     parser.add_argument("--batch-size", type=_positive_int, default=4, help="images per denoiser batch (default 4)")
-    parser.add_argument("--device", type=_device, default=DEFAULT_DEVICE)
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    add_device(parser)
+    parser.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default="float32")
     add_model_options(parser)
     parser.add_argument("--out", type=_path, required=True, help="output folder")
     parser.add_argument("--reward", type=_reward_spec, default=None,
@@ -153,6 +165,7 @@ def check_model_arguments(args) -> type[PipelineAdapter] | None:
     model loaded: sample, eval and steer make them before they load anything. Returns the model's family (its adapter
     class), None for a hub id not downloaded yet."""
     from align_diffusion.models import adapter_class, size_problem
+    from align_diffusion.models.base import MODEL_OPTIONS, model_option_problem
     from align_diffusion.sampling.loop import guidance_problem, sampler_problem
 
     if args.lora is not None and not args.lora.is_dir():
@@ -187,9 +200,11 @@ def check_noise_level_argument(sampler: str | None, noise_level: float | None) -
 
 def load_for_command(args):
     """The adapter for --model (with --lora applied); `check_model_arguments` has checked what it could before."""
+    import torch
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     from align_diffusion.models import load_adapter
+    from align_diffusion.models.base import DTYPES, MODEL_OPTIONS
     from align_diffusion.sampling.loop import check_guidance, check_sampler
 
     try:  # what only the loaded model refuses: a clip skip past its encoder's layers, a negative prompt for LCM
@@ -244,6 +259,7 @@ def model_record(args) -> dict:
     """What a sample, eval or steer folder records of the model, its dtype and options: as given, None for the
     default (a value that equals it included, so that a resume need not repeat it)."""
     from align_diffusion.models import adapter_class
+    from align_diffusion.models.base import MODEL_OPTIONS, recorded_model_options
 
     options = {option: getattr(args, option) for option in MODEL_OPTIONS}
     return {"model": str(args.model), "lora": None if args.lora is None else str(args.lora),
@@ -296,6 +312,7 @@ def warn_of_diverged(args, diverged: int, total: int) -> None:
 
 def run_sample(args) -> None:
     from align_diffusion.gallery.page import read_records
+    from align_diffusion.models.base import DTYPES
     from align_diffusion.rewards.spec import load_reward
     from align_diffusion.sampling.folder import check_same_images, image_jobs, sample_to_folder
 
@@ -364,8 +381,8 @@ def add_eval_parser(subparsers) -> None:
     parser.add_argument("--noise-level", type=_non_negative_float, default=None)
     parser.add_argument("--seed", type=_seed, default=0)
     parser.add_argument("--batch-size", type=_positive_int, default=16, help="images per denoiser batch (default 16)")
-    parser.add_argument("--device", type=_device, default=DEFAULT_DEVICE)
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    add_device(parser)
+    parser.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default="float32")
     add_model_options(parser)
     parser.add_argument("--out", type=_path, required=True,
                         help="folder for eval.json (the scores), the samples and their review page index.html")
@@ -412,12 +429,10 @@ SHIPPED_WORLD = Path("assets/world")  # build-world's default --out: the reposit
 
 
 def add_build_world_parser(subparsers) -> None:
-    from align_diffusion.world.build import ASSETS
-
     parser = subparsers.add_parser("build-world", help="train the shapes-world assets from a seed")
     parser.add_argument("--out", type=_path, default=SHIPPED_WORLD, help="folder for the assets")
     parser.add_argument("--seed", type=_seed, default=0)
-    parser.add_argument("--only", nargs="+", choices=ASSETS, default=list(ASSETS),
+    parser.add_argument("--only", nargs="+", choices=WORLD_ASSETS, default=list(WORLD_ASSETS),
                         help="rebuild only these assets (the others are loaded from --out)")
     parser.add_argument("--quick", action="store_true", help="a few steps per asset: checks the plumbing only")
     parser.set_defaults(run=run_build_world)
@@ -455,18 +470,16 @@ def _positive_float(text: str) -> float:
 
 
 def add_serve_reward_parser(subparsers) -> None:
-    from align_diffusion.rewards.remote import TOKEN_ENV
-
     parser = subparsers.add_parser("serve-reward", help="serve a reward over HTTP for `remote:URL` clients")
     parser.add_argument("--reward", type=_reward_spec, required=True,
                         help="reward spec, e.g. shapes, pickscore, clip:PATH")
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (the token travels in clear)")
     parser.add_argument("--port", type=_port, default=8000, help="0 picks a free port")
     parser.add_argument("--token", default=None,
-                        help=f"bearer token clients must send (default: ${TOKEN_ENV}, which keeps it out of ps)")
+                        help=f"bearer token clients must send (default: ${REWARD_TOKEN_ENV}, which keeps it out of ps)")
     parser.add_argument("--max-body-mb", type=_positive_float, default=64, help="largest request body accepted")
-    parser.add_argument("--device", type=_device, default=DEFAULT_DEVICE)
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    add_device(parser)
+    parser.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default="float32")
     parser.set_defaults(run=run_serve_reward)
 
 
@@ -489,13 +502,13 @@ def listen_problem(host: str, port: int) -> str | None:
 
 
 def run_serve_reward(args) -> None:
-    from align_diffusion.rewards.remote import TOKEN_ENV
+    from align_diffusion.models.base import DTYPES
     from align_diffusion.rewards.server import serve
     from align_diffusion.rewards.spec import load_reward
 
-    token = args.token or os.environ.get(TOKEN_ENV)
+    token = args.token or os.environ.get(REWARD_TOKEN_ENV)
     if not token:
-        raise SystemExit(f"align-diffusion serve-reward: no token; pass --token or set {TOKEN_ENV}")
+        raise SystemExit(f"align-diffusion serve-reward: no token; pass --token or set {REWARD_TOKEN_ENV}")
     if problem := listen_problem(args.host, args.port):  # told before the reward loads, which may take minutes
         raise SystemExit(f"align-diffusion serve-reward: {problem}")
     reward = load_reward(args.reward, device=args.device, dtype=DTYPES[args.dtype])
@@ -511,7 +524,7 @@ def add_train_reward_parser(subparsers) -> None:
     parser.add_argument("--steps", type=_positive_int, default=None,
                         help="optimizer steps (artifact, default 3000) or per curriculum stage (noise-aware, 60)")
     parser.add_argument("--seed", type=_seed, default=0)
-    parser.add_argument("--device", type=_device, default=DEFAULT_DEVICE)
+    add_device(parser)
     artifact = parser.add_argument_group("artifact")
     artifact.add_argument("--data", type=_path, default=None,
                           help='JSONL of {"file": ..., "label": 0|1} (1 = has artifacts; or a review page\'s export, '
@@ -524,7 +537,7 @@ def add_train_reward_parser(subparsers) -> None:
     noise_aware = parser.add_argument_group("noise-aware")
     noise_aware.add_argument("--model", default="assets/world/sd3", help="the generator whose trajectories it reads")
     noise_aware.add_argument("--lora", type=_path, default=None, help="folder with a diffusers-format LoRA for --model")
-    noise_aware.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="the generator's dtype")
+    noise_aware.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default="float32", help="the generator's dtype")
     noise_aware.add_argument("--teacher", type=_reward_spec, default="clip:assets/world/clip",
                              help="teacher reward spec (clip:, pickscore:)")
     noise_aware.add_argument("--prompts", default="shapes:train", help="training prompts: shapes:SPLIT or a file")
@@ -774,11 +787,8 @@ STEER_OPTIONS = {
 
 
 def add_steer_parser(subparsers) -> None:
-    from align_diffusion.steering import METHODS
-    from align_diffusion.steering.fk import POTENTIALS, RESAMPLING
-
     parser = subparsers.add_parser("steer", help="steer sampling toward a reward: best-of-n, fk, reno, ttsnap")
-    parser.add_argument("--method", choices=METHODS, required=True)
+    parser.add_argument("--method", choices=STEERING_METHODS, required=True)
     parser.add_argument("--model", required=True, help="diffusers model id or local folder")
     prompts = parser.add_mutually_exclusive_group(required=True)
     prompts.add_argument("--prompt", nargs="+", action="extend", help="one or more prompts")
@@ -796,8 +806,8 @@ def add_steer_parser(subparsers) -> None:
     parser.add_argument("--height", type=_positive_int, default=None)
     parser.add_argument("--width", type=_positive_int, default=None)
     parser.add_argument("--lora", type=_path, default=None, help="folder with a diffusers-format LoRA")
-    parser.add_argument("--device", type=_device, default=DEFAULT_DEVICE)
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    add_device(parser)
+    parser.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default="float32")
     add_model_options(parser)
     parser.add_argument("--shapes-eval", action="store_true",
                         help="add ShapesEval's verdict of each image (shapes-world prompts only)")
@@ -817,14 +827,14 @@ def add_steer_parser(subparsers) -> None:
     group.add_argument("--num-candidates", type=_positive_int, default=None, help="N (default 4, or from --budget)")
     group = parser.add_argument_group("fk")
     group.add_argument("--num-particles", type=_positive_int, default=None, help="k (default 4, or from --budget)")
-    group.add_argument("--potential", choices=POTENTIALS, default=None, help="default max")
+    group.add_argument("--potential", choices=FK_POTENTIALS, default=None, help="default max")
     group.add_argument("--lam", type=_non_negative_float, default=None, help="tilt λ (default 10)")
     group.add_argument("--resample-start", type=int, default=None,
                        help="first scored step (default: 20 %% of the steps)")
     group.add_argument("--resample-interval", type=_positive_int, default=None, help="default 5")
     group.add_argument("--resample-end", type=int, default=None,
                        help="last step of the schedule; the last step is scored anyway (default: 80 %% of the steps)")
-    group.add_argument("--resampling", choices=RESAMPLING, default=None, help="default multinomial")
+    group.add_argument("--resampling", choices=FK_RESAMPLING, default=None, help="default multinomial")
     group.add_argument("--adaptive-threshold", type=_fraction, default=None,
                        help="resample only when ESS < threshold · k (default: at every scored step)")
     group = parser.add_argument_group("ttsnap")
@@ -848,9 +858,9 @@ def add_steer_parser(subparsers) -> None:
 
 
 def run_steer(args) -> None:
+    from align_diffusion.models.base import DTYPES, missing_c_compiler
     from align_diffusion.rewards.simple import ShapesReward
     from align_diffusion.rewards.spec import load_reward
-    from align_diffusion.models.base import missing_c_compiler
     from align_diffusion.steering import compile_models, steer_to_folder
     from align_diffusion.steering.steer import SIZE_OPTION, check_steering, steered_already
 
@@ -993,6 +1003,10 @@ def main(argv: list[str] | None = None) -> None:
     add_steer_parser(subparsers)
     add_gallery_parser(subparsers)
     args = parse_with_overrides(parser, argv)
+    if getattr(args, "device", "") is None:
+        args.device = default_device()
+    from align_diffusion.rewards.base import RewardError
+
     # Bad input found after loading (size, sampler, model type) or a path that does not load (a folder that is no
     # pipeline, a missing asset): one line, no traceback.
     try:

@@ -3,7 +3,8 @@ temporary name beside its place, flushed to the disk, then renamed over it (flus
 too the name holds the old contents or the whole new ones, never an empty file). The files of a folder written
 whole get the permissions an ordinary new file gets there (from the umask, or a folder's default ACL):
 safetensors 0.8 writes its files 0600, readable by their owner only, so a LoRA trained by one account would not
-load for another. (A single file is written with `open` or torch.save, which give it those permissions already.)"""
+load for another. (A single file is written with `open` or torch.save, which give it those permissions already.)
+And `home_expanded`, the one reading of a path that starts with ~."""
 
 from __future__ import annotations
 
@@ -126,3 +127,12 @@ def check_output_folder(folder: str | Path, marker: str, *, replaced_whole: bool
     if folder.is_dir() and any(folder.iterdir()) and not (folder / marker).is_file():
         raise ValueError(f"{folder} holds other files (no {marker}, so it is no earlier output of this kind), which "
                          "the output would replace; name a new or empty folder")
+
+
+def home_expanded(model: str) -> str:
+    """`model` (or any path) with a leading ~ expanded, which from_pretrained leaves as it is (the shell does not
+    expand it in a config file or in `--model=~/…`); as it is where ~user names no user."""
+    try:
+        return str(Path(model).expanduser()) if model.startswith("~") else model
+    except RuntimeError:  # "Could not determine home directory": then no such file, named as written
+        return model

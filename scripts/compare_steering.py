@@ -19,7 +19,7 @@ from align_diffusion.gallery.plots import plot_curves
 from align_diffusion.models import load_adapter
 from align_diffusion.rewards import load_reward
 from align_diffusion.steering import steer_to_folder
-from align_diffusion.steering.steer import METHODS
+from align_diffusion.names import STEERING_METHODS
 from align_diffusion.steering.ttsnap import KEEP, PRUNE_STEPS, check_schedule
 from align_diffusion.training.prompts import PromptSource
 from align_diffusion.world.evaluate import shapes_eval
@@ -36,7 +36,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=20, help="denoising steps of one sample")
     parser.add_argument("--guidance", type=float, default=2.0)
     parser.add_argument("--budgets", type=int, nargs="+", default=[4, 8], help="multiples of one sample's cost")
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=["best-of-n", "fk", "ttsnap", "reno"])
+    parser.add_argument("--methods", nargs="+", choices=STEERING_METHODS, default=["best-of-n", "fk", "ttsnap", "reno"])
     parser.add_argument("--reno-iterations", type=int, default=50)
     parser.add_argument("--reno-steps", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)

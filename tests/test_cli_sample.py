@@ -527,6 +527,33 @@ def test_ctrl_c_while_torch_is_still_importing_ends_with_a_line_not_a_traceback(
     assert "Traceback" not in stderr
 
 
+CLI_COMMANDS = ["sample", "eval", "build-world", "serve-reward", "train-reward", "train", "calibrate-noise", "steer",
+                "gallery"]
+HELP_AND_A_BAD_FLAG = f"""
+import json, sys
+from align_diffusion.cli import main
+
+exit_codes = []
+for argv in [["--help"], *([command, "--help"] for command in {CLI_COMMANDS}),
+             ["steer", "--method", "fk", "--model", "m", "--prompt", "a", "--reward", "shapes", "--out", "o",
+              "--potential", "min"]]:
+    try:
+        main(argv)
+    except SystemExit as stop:
+        exit_codes.append(stop.code)
+print(json.dumps([exit_codes, sorted({{"torch", "diffusers", "transformers"}} & set(sys.modules))]), file=sys.stderr)
+"""
+
+
+def test_help_and_a_bad_flag_answer_before_torch_loads():
+    """The parser is built from align_diffusion.names alone: `align-diffusion --help` took 8 s of imports."""
+    result = subprocess.run([sys.executable, "-c", HELP_AND_A_BAD_FLAG], capture_output=True, text=True, timeout=60)
+    assert "--potential: invalid choice: 'min'" in result.stderr
+    exit_codes, heavy_modules = json.loads(result.stderr.splitlines()[-1])
+    assert exit_codes == [0] * (1 + len(CLI_COMMANDS)) + [2]
+    assert heavy_modules == []
+
+
 def test_empty_paths_and_reward_specs_and_seeds_out_of_range_are_refused_by_name(capsys):
     """Path("") is the current folder, which --out "" would have written into; --reward "" was read as no reward."""
     common = ["sample", "--model", "m", "--prompt", "a"]

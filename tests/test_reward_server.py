@@ -22,7 +22,8 @@ from PIL import Image, ImageFile
 
 from align_diffusion.cli import main
 from align_diffusion.rewards.base import Reward, RewardError
-from align_diffusion.rewards.remote import TIMEOUT_ENV, TOKEN_ENV, RemoteReward
+from align_diffusion.names import REWARD_TOKEN_ENV as TOKEN_ENV
+from align_diffusion.rewards.remote import TIMEOUT_ENV, RemoteReward
 from align_diffusion.rewards.server import RewardRequestHandler, make_server
 from align_diffusion.rewards.simple import ShapesReward
 from align_diffusion.rewards.spec import load_reward

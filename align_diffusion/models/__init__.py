@@ -8,6 +8,7 @@ import diffusers
 import torch
 from diffusers import DiffusionPipeline
 
+from align_diffusion.files import home_expanded
 from align_diffusion.models.base import DTYPES, PipelineAdapter, PromptEmbeds, Schedule, check_model_options
 from align_diffusion.models.flux import FluxAdapter
 from align_diffusion.models.sd3 import SD3Adapter
@@ -34,15 +35,6 @@ def adapter_for(pipe, max_sequence_length: int | None = None, clip_skip: int | N
         supported = ", ".join(sorted(cls.__name__ for cls in ADAPTERS))
         raise ValueError(f"unsupported pipeline {type(pipe).__name__}; supported pipeline classes: {supported}")
     return adapter(pipe, max_sequence_length, clip_skip, guidance_rescale, true_cfg_scale)
-
-
-def home_expanded(model: str) -> str:
-    """`model` (or any path) with a leading ~ expanded, which from_pretrained leaves as it is (the shell does not
-    expand it in a config file or in `--model=~/…`); as it is where ~user names no user."""
-    try:
-        return str(Path(model).expanduser()) if model.startswith("~") else model
-    except RuntimeError:  # "Could not determine home directory": then no such file, named as written
-        return model
 
 
 def adapter_class(model: str) -> type[PipelineAdapter] | None:

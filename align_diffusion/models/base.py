@@ -20,6 +20,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
+from align_diffusion.names import DTYPE_NAMES
 from align_diffusion.sampling.steps import ddim_pred_x0_and_eps
 
 
@@ -299,7 +300,7 @@ def true_cfg_scale_problem(family: type[PipelineAdapter] | None, value: float) -
 
 
 # The dtypes a model loads in, by the names the commands and configs give them
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 # Options an adapter is built with (`adapter_for`, `load_adapter`), each with the check of a value against a family.
 MODEL_OPTIONS = {"max_sequence_length": max_sequence_length_problem, "clip_skip": clip_skip_problem,

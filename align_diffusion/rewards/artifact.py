@@ -21,7 +21,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import AutoImageProcessor, AutoModel
 
-from align_diffusion.files import check_output_folder, write_folder_atomically
+from align_diffusion.files import check_output_folder, home_expanded, write_folder_atomically
 from align_diffusion.rewards.base import Reward, eight_bit, images_to_tensor
 from align_diffusion.rewards.preprocess import TorchImageTransform
 
@@ -177,8 +177,6 @@ def train_artifact_reward(data, out: str | Path, backbone: str, settings: Artifa
     {"train_accuracy", "heldout_accuracy", "train_images", "heldout_images"}. With `unseen`, a folder of artifact
     images of kinds left out of `data`, also "unseen_below_clean": the share of (held-out clean image, unseen image)
     pairs in which the unseen image gets the lower reward (0.5 is chance)."""
-    from align_diffusion.models import home_expanded
-
     settings = settings or ArtifactTraining()
     backbone = home_expanded(backbone)
     check_output_folder(out, CONFIG_FILE)

@@ -26,11 +26,11 @@ import urllib.request
 
 import torch
 
+from align_diffusion.names import REWARD_TOKEN_ENV
 from align_diffusion.rewards.base import Reward, RewardError, images_to_pil
 
 logger = logging.getLogger(__name__)
 
-TOKEN_ENV = "ALIGN_DIFFUSION_REWARD_TOKEN"
 TIMEOUT_ENV = "ALIGN_DIFFUSION_REWARD_TIMEOUT"
 DEFAULT_TIMEOUT = 60.0
 
@@ -137,10 +137,10 @@ class RemoteReward(Reward):
             raise ValueError(f"remote reward URL must look like http://HOST:PORT, got {url!r}")
         if "@" in parts.netloc:  # urllib would read it as part of the host name, and messages would show it
             raise ValueError(f"remote reward URL: a user or password in the URL is not sent (the server takes the "
-                             f"token, {TOKEN_ENV}); give http://HOST:PORT, got {parts.scheme}://…@{parts.hostname}")
-        token = token or os.environ.get(TOKEN_ENV)
+                             f"token, {REWARD_TOKEN_ENV}); give http://HOST:PORT, got {parts.scheme}://…@{parts.hostname}")
+        token = token or os.environ.get(REWARD_TOKEN_ENV)
         if not token:
-            raise ValueError(f"remote reward {url}: no token; pass token= or set {TOKEN_ENV}")
+            raise ValueError(f"remote reward {url}: no token; pass token= or set {REWARD_TOKEN_ENV}")
         if attempts < 1:
             raise ValueError(f"attempts must be at least 1, got {attempts}")
         if timeout is None:

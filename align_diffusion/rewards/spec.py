@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from align_diffusion.files import home_expanded
 from align_diffusion.rewards.base import Reward
 
 
@@ -74,7 +75,7 @@ def _split_pair(arg: str) -> list[str]:
 def _model(arg: str) -> str:
     """`arg`, a transformers model id or folder; FileNotFoundError when it is written as a path to no folder (hub
     loading would otherwise call it a malformed repo id)."""
-    from align_diffusion.models import home_expanded, missing_local_model
+    from align_diffusion.models import missing_local_model
 
     if reason := missing_local_model(arg, holds="config.json"):
         raise FileNotFoundError(f"reward model {reason}")
@@ -96,16 +97,12 @@ def _pickscore(arg, device, dtype):
 def _hpsv2(arg, device, dtype):
     from align_diffusion.rewards.clip import HPSv2
 
-    from align_diffusion.models import home_expanded
-
     parts = _split_pair(arg)
     return HPSv2(home_expanded(parts[-1]), *parts[:-1], device=device, dtype=dtype)
 
 
 def _aesthetic(arg, device, dtype):
     from align_diffusion.rewards.clip import Aesthetic
-
-    from align_diffusion.models import home_expanded
 
     parts = _split_pair(arg)
     return Aesthetic(home_expanded(parts[-1]), *map(_model, parts[:-1]), device=device, dtype=dtype)
@@ -135,8 +132,6 @@ def _adv_dino(arg, device, dtype):
 
 def _artifact(arg, device, dtype):
     from align_diffusion.rewards.artifact import ArtifactReward
-
-    from align_diffusion.models import home_expanded
 
     return ArtifactReward(home_expanded(arg), device=device, dtype=dtype)
 

@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from align_diffusion.models.base import PipelineAdapter, PromptEmbeds, Schedule
+from align_diffusion.names import DEFAULT_NOISE_LEVEL, SEED_LIMIT
 from align_diffusion.sampling.steps import (
     StepOutput,
     cps_step,
@@ -27,8 +28,6 @@ from align_diffusion.sampling.steps import (
 
 FLOW_SAMPLERS = ("ode", "flow-sde", "dance-sde", "cps")
 DIFFUSION_SAMPLERS = ("ode", "ddim")
-# Flow-GRPO's a = 0.7, DanceGRPO's η = 0.3, Flow-CPS's 0.8, and DDPM-like DDIM (η = 1).
-DEFAULT_NOISE_LEVEL = {"ode": 0.0, "flow-sde": 0.7, "dance-sde": 0.3, "cps": 0.8, "ddim": 1.0}
 # The largest level valid at every step (see `check_noise_level`; DDIM's η may exceed 1 at some steps only).
 LARGEST_NOISE_LEVEL = {"ode": 0.0, "flow-sde": math.inf, "dance-sde": math.inf, "cps": 1.0, "ddim": 1.0}
 
@@ -164,9 +163,6 @@ def check_count(name: str, value) -> None:
     """Refuses a `value` of the setting `name` (steps, height, width) that is no whole number >= 1."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
-
-
-SEED_LIMIT = 2**32  # torch's CPU generator reads a seed's low 32 bits: seeds s and s + 2**32 draw the same noise
 
 
 def checked_seed(seed, count: int = 1) -> int:

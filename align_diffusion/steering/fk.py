@@ -33,6 +33,7 @@ import math
 import torch
 
 from align_diffusion.models.base import PipelineAdapter
+from align_diffusion.names import FK_POTENTIALS, FK_RESAMPLING
 from align_diffusion.rewards.base import Reward, RewardError
 from align_diffusion.sampling.loop import check_count, check_guidance, resolve_settings
 from align_diffusion.steering.candidates import (
@@ -47,9 +48,7 @@ from align_diffusion.steering.candidates import (
     score_candidates,
 )
 
-POTENTIALS = ("max", "sum", "difference")
 DEFAULT_WINDOW = (0.2, 0.8)  # fractions of the steps: the default first and last scheduled step
-RESAMPLING = ("multinomial", "systematic")
 
 
 def resampling_steps(num_inference_steps: int, start: int | None, interval: int, end: int | None) -> list[int]:
@@ -82,10 +81,10 @@ def check_fk_options(num_inference_steps: int, levels: list[float], *, sampler: 
                          "sampler stay identical, so the particles would collapse onto a few images")
     if not math.isfinite(lam) or lam < 0:
         raise ValueError(f"lam (the tilt λ) must be a finite number >= 0, got {lam}")
-    if potential not in POTENTIALS:
-        raise ValueError(f"potential must be one of {POTENTIALS}, got {potential!r}")
-    if resampling not in RESAMPLING:
-        raise ValueError(f"resampling must be one of {RESAMPLING}, got {resampling!r}")
+    if potential not in FK_POTENTIALS:
+        raise ValueError(f"potential must be one of {FK_POTENTIALS}, got {potential!r}")
+    if resampling not in FK_RESAMPLING:
+        raise ValueError(f"resampling must be one of {FK_RESAMPLING}, got {resampling!r}")
     if adaptive_threshold is not None and not 0 < adaptive_threshold <= 1:
         raise ValueError(f"adaptive_threshold must lie in (0, 1], got {adaptive_threshold}")
     resampling_steps(num_inference_steps, resample_start, resample_interval, resample_end)
@@ -100,7 +99,7 @@ def log_potential(history: torch.Tensor, potential: str, lam: float) -> torch.Te
     if potential == "difference":
         previous = history[:, -2] if history.shape[1] > 1 else 0.0
         return lam * (history[:, -1] - previous)
-    raise ValueError(f"potential must be one of {POTENTIALS}, got {potential!r}")
+    raise ValueError(f"potential must be one of {FK_POTENTIALS}, got {potential!r}")
 
 
 def effective_sample_size(log_weights: torch.Tensor) -> float:
@@ -120,7 +119,7 @@ def resample_indices(log_weights: torch.Tensor, scheme: str, generator: torch.Ge
         cumulative = weights.cumsum(0)
         cumulative[-1] = 1.0  # guard against rounding below the last position
         return torch.searchsorted(cumulative, positions)
-    raise ValueError(f"resampling must be one of {RESAMPLING}, got {scheme!r}")
+    raise ValueError(f"resampling must be one of {FK_RESAMPLING}, got {scheme!r}")
 
 
 @torch.no_grad()

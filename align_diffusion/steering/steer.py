@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from align_diffusion.models.base import PipelineAdapter, missing_c_compiler
+from align_diffusion.names import STEERING_METHODS
 from align_diffusion.rewards.base import Reward
 from align_diffusion.rewards.spec import WeightedRewards, score_terms
 from align_diffusion.sampling.loop import (check_count, checked_noise_level, checked_seed, prompt_list,
@@ -28,7 +29,6 @@ from align_diffusion.steering.fk import check_fk_options, default_fk_sampler, fk
 from align_diffusion.steering.reno import check_reno_options, reno, steps_per_iterate
 from align_diffusion.steering.ttsnap import check_ttsnap_options
 
-METHODS = ("best-of-n", "fk", "reno", "ttsnap")
 SIZE_OPTION = {"best-of-n": "num_candidates", "fk": "num_particles", "ttsnap": "num_seeds", "reno": "iterations"}
 METHOD_FUNCTIONS = {"best-of-n": best_of_n, "fk": fk_steering, "reno": reno, "ttsnap": ttsnap_module.ttsnap}
 
@@ -58,8 +58,8 @@ def check_steering(family: type[PipelineAdapter] | PipelineAdapter, prompts: lis
     (`models.adapter_class`): the checks need only its default steps and guidance and whether it is a flow model, so
     a command makes them before it loads the model."""
     prompts = prompt_list(prompts)
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method not in STEERING_METHODS:
+        raise ValueError(f"method must be one of {STEERING_METHODS}, got {method!r}")
     if prune_reward is not None and method != "ttsnap":
         raise ValueError(f"prune_reward applies to ttsnap, not {method}")
     for scorer in (reward, prune_reward):

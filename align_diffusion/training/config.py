@@ -20,8 +20,8 @@ from pathlib import Path
 
 import yaml
 
-from align_diffusion.files import write_text_atomically
-from align_diffusion.models import adapter_class, home_expanded, missing_local_model, size_problem
+from align_diffusion.files import home_expanded, write_text_atomically
+from align_diffusion.models import adapter_class, missing_local_model, size_problem
 from align_diffusion.models.base import missing_c_compiler, model_option_problem, unusable_device
 from align_diffusion.rewards.spec import parse_spec
 from align_diffusion.rewards.transforms import METHODS as ADVANTAGE_METHODS

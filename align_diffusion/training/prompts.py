@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from align_diffusion.files import home_expanded
 from align_diffusion.rewards.base import eight_bit
 from align_diffusion.world.data import balanced_prompts
 from align_diffusion.world.prompts import split_prompts
@@ -43,8 +44,6 @@ class PromptSource:
             except ValueError as error:
                 raise ValueError(f"{field}: {spec!r}: {error}") from None
         else:
-            from align_diffusion.models import home_expanded
-
             path = Path(home_expanded(spec))
             if not path.is_file():
                 raise FileNotFoundError(f"{field}: {spec!r} is neither shapes:SPLIT nor a file")

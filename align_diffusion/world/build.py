@@ -20,6 +20,7 @@ from diffusers import AutoencoderKL
 from transformers import AutoTokenizer, BitImageProcessor, CLIPImageProcessor, CLIPModel
 
 from align_diffusion.files import write_folder_atomically, write_text_atomically
+from align_diffusion.names import WORLD_ASSETS
 from align_diffusion.world.data import to_tensor
 from align_diffusion.world.encoders import clip_prompt_accuracy, train_clip, train_dino
 from align_diffusion.world.evaluate import shapes_eval
@@ -35,7 +36,6 @@ from align_diffusion.world.generators import (
 from align_diffusion.world.prompts import split_prompts
 from align_diffusion.world.render import render_prompt
 
-ASSETS = ("clip", "dino", "vae", "sd3", "sd")
 # Both encoders read 64×64 images scaled to [-1, 1]: (x / 255 - 0.5) / 0.5.
 IMAGE_PROCESSING = dict(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}, image_mean=[0.5] * 3,
                         image_std=[0.5] * 3)
@@ -84,13 +84,13 @@ def check_cpp_compiler() -> None:
                            "BuildPlan(torch_compile=False)") from error
 
 
-def build_world(out: str | Path, seed: int = 0, plan: BuildPlan | None = None, only=ASSETS, log=print) -> dict:
+def build_world(out: str | Path, seed: int = 0, plan: BuildPlan | None = None, only=WORLD_ASSETS, log=print) -> dict:
     """Trains and saves the assets named in `only` under `out` (default plan: `BuildPlan()`); returns a report of
     times and metrics."""
     plan = plan or BuildPlan()
-    unknown = set(only) - set(ASSETS)
+    unknown = set(only) - set(WORLD_ASSETS)
     if unknown:
-        raise ValueError(f"unknown assets {sorted(unknown)}; choose from {ASSETS}")
+        raise ValueError(f"unknown assets {sorted(unknown)}; choose from {WORLD_ASSETS}")
     out = Path(out)
     generators = {"sd3", "sd"} & set(only)
     # The generators train on the CLIP's text tower and the VAE's latents: loaded from `out` when not built now.
@@ -166,7 +166,7 @@ def build_world(out: str | Path, seed: int = 0, plan: BuildPlan | None = None, o
 
 def held_assets(out: str | Path) -> list[str]:
     """The asset folders a world folder `out` holds."""
-    return [name for name in ASSETS if (Path(out) / name).is_dir()]
+    return [name for name in WORLD_ASSETS if (Path(out) / name).is_dir()]
 
 
 def built_quick(out: str | Path) -> bool:
