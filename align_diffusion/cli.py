@@ -734,14 +734,15 @@ def add_calibrate_noise_parser(subparsers) -> None:
 
 
 def run_calibrate_noise(args) -> None:
-    from align_diffusion.training.config import ConfigError, load_config
+    from align_diffusion.training.config import ConfigError, load_config, noise_drawing_steps
     from align_diffusion.training.grpo import NO_NOISE_TO_CALIBRATE, GRPOTrainer
     from align_diffusion.training.noise_table import holds_table, write_table
 
     if not args.config.is_file():
         raise SystemExit(f"align-diffusion calibrate-noise: no such config file {args.config}")
+    overrides = ["log_with=[]", *args.overrides]
     try:
-        config = load_config(args.config, ["log_with=[]", *args.overrides])
+        config = load_config(args.config, overrides)
     except ConfigError as error:
         raise SystemExit(f"align-diffusion calibrate-noise: bad config: {error}") from None
     if args.out.is_dir():
@@ -753,13 +754,24 @@ def run_calibrate_noise(args) -> None:
         raise SystemExit(f"--out: {problem}")
     if config.sampling.sampler == "ode":
         raise SystemExit(f"align-diffusion calibrate-noise: bad config: {NO_NOISE_TO_CALIBRATE}")
+    if config.algorithm != "grpo":
+        raise SystemExit(f"align-diffusion calibrate-noise: algorithm {config.algorithm}: calibration runs GRPO's "
+                         "rollouts and step rewards; give a grpo config of the same model, sampler and steps (its "
+                         "table serves both)")
+    if config.grpo.dense is None:  # calibration reads step rewards
+        try:
+            config = load_config(args.config, [*overrides, "grpo.dense=ode"])
+        except ConfigError as error:
+            raise SystemExit(f"align-diffusion calibrate-noise: calibration reads step rewards, so it runs the config "
+                             f"with grpo.dense=ode, which it does not take: {error}") from None
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    if config.grpo.dense is None:
-        config.grpo.dense = "ode"
     config.resume_from = None  # calibration samples the base model: no checkpoint is read, none is checked
     levels = GRPOTrainer(config).calibrate_noise(args.rounds, args.eps1, args.eps2)
-    write_table(args.out, levels, config=str(args.config), overrides=args.overrides, rounds=args.rounds,
-                eps1=args.eps1, eps2=args.eps2)
+    if not any(levels[t] > 0 for t in noise_drawing_steps(config.sampling)):
+        raise SystemExit(f"align-diffusion calibrate-noise: every level that draws noise calibrated to 0 ({levels}), "
+                         "a table train refuses; nothing written. Try a smaller --eps2 or another number of --rounds")
+    write_table(args.out, levels, sampler=config.sampling.sampler, config=str(args.config), overrides=args.overrides,
+                rounds=args.rounds, eps1=args.eps1, eps2=args.eps2)
     print(f"wrote {args.out}: ψ = {[round(v, 4) for v in levels]}")
 
 

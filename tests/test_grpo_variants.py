@@ -110,6 +110,11 @@ def test_noise_calibration_moves_in_the_documented_direction():
     for _ in range(10):
         levels = calibrate_step(levels, torch.ones(4, 3), eps1=0.25, eps2=0.1)
         assert all(level == 0 or level > 0.05 for level in levels), levels
+    # Unscored step rewards (NaN: a diverged trajectory) count neither way, and a step with none finite keeps its
+    # level: NaN compares false both ways, which read as balanced and raised the noise that made samples diverge.
+    nan = math.nan
+    partly = torch.tensor([[nan, nan], [nan, 0.2], [nan, 0.3], [nan, -0.1]])
+    assert calibrate_step([0.5, 0.5], partly, eps1=0.25, eps2=0.1) == pytest.approx([0.5, 0.4])
 
 
 def test_gdro_loss_hand_worked_and_its_pairwise_limit_is_diffusion_dpo():
@@ -134,11 +139,15 @@ def test_gdro_loss_hand_worked_and_its_pairwise_limit_is_diffusion_dpo():
 
 def test_noise_table_is_checked_against_the_steps(saved, prompt_file, tmp_path):
     table = tmp_path / "table.json"
-    write_table(table, [0.5, 0.5])
-    assert read_table(table, 2) == [0.5, 0.5]
+    write_table(table, [0.5, 0.5], sampler="flow-sde")
+    assert read_table(table, 2, "flow-sde") == [0.5, 0.5]
+    with pytest.raises(ValueError, match="calibrated for sampler flow-sde, not dance-sde"):
+        read_table(table, 2, "dance-sde")
+    write_table(table, [0.5, 0.5])  # a table written before tables named their sampler
+    assert read_table(table, 2, "dance-sde") == [0.5, 0.5]
     with pytest.raises(ConfigError, match="sampling.noise_table"):
         load_config(None, tiny_overrides(saved["sd3"], prompt_file, tmp_path, **{"sampling.noise_table": table}))
-    for levels in ("[0.5, Infinity, 0.5]", "[0.5, true, 0.5]", "[0.5, NaN, 0.5]"):  # what json.loads reads
+    for levels in ("[0.5, Infinity, 0.5]", "[0.5, true, 0.5]", "[0.5, NaN, 0.5]", f"[0.5, {10**400}, 0.5]"):
         table.write_text(f'{{"noise_levels": {levels}}}')
         with pytest.raises(ConfigError, match="sampling.noise_table: .*needs 3 finite, non-negative levels"):
             load_config(None, tiny_overrides(saved["sd3"], prompt_file, tmp_path, **{"sampling.noise_table": table}))
@@ -418,7 +427,7 @@ def test_calibrate_noise_command_writes_a_table(saved, prompt_file, tmp_path, ca
     (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 1}\n')
     # An override after the options, as after train's: 3 steps, not the file's 5.
     main(["calibrate-noise", str(config), "--rounds", "1", "--eps2", "0.05", "--out", str(out), "sampling.num_steps=3"])
-    levels = read_table(out, 3)
+    levels = read_table(out, 3, "flow-sde")
     # One round from Flow-SDE's a = 0.7: each step's level moves by eps2, up where that step's rewards of the run's
     # first rollout (the same seed, so the same rollout) are balanced, down where they are not.
     same_run = load_config(config, ["log_with=[]", "sampling.num_steps=3", "grpo.dense=ode",
@@ -426,15 +435,30 @@ def test_calibrate_noise_command_writes_a_table(saved, prompt_file, tmp_path, ca
     deltas = GRPOTrainer(same_run).rollout(0).step_deltas
     assert levels == pytest.approx(calibrate_step([0.7] * 3, deltas, 0.1, 0.05))
     assert all(level == pytest.approx(0.75) or level == pytest.approx(0.65) for level in levels)
-    assert json.loads(out.read_text())["rounds"] == 1
+    assert json.loads(out.read_text())["rounds"] == 1 and json.loads(out.read_text())["sampler"] == "flow-sde"
     assert "wrote" in capsys.readouterr().out
     # A step that drew no noise keeps its level: one outside the noise window, and CPS's last.
     main(["calibrate-noise", str(config), "--rounds", "1", "--eps2", "0.05", "--out", str(out), "sampling.num_steps=3",
           "sampling.noise_window=[0,2]"])
-    assert read_table(out, 3)[2] == 0.7
+    assert read_table(out, 3, "flow-sde")[2] == 0.7
     main(["calibrate-noise", str(config), "--rounds", "1", "--eps2", "0.05", "--out", str(out), "sampling.num_steps=3",
           "sampling.sampler=cps"])
-    assert read_table(out, 3)[2] == 0.8  # CPS's default level
+    assert read_table(out, 3, "cps")[2] == 0.8  # CPS's default level
+    # A table train would refuse is not written: every level that draws noise calibrated to 0 (from a = 0.05, eps1 0:
+    # no step's signs balance exactly).
+    zero = tmp_path / "zero.json"
+    with pytest.raises(SystemExit, match=r"every level that draws noise calibrated to 0 \(\[0.0, 0.0, 0.0\]\)"):
+        main(["calibrate-noise", str(config), "--rounds", "1", "--eps1", "0", "--eps2", "0.05", "--out", str(zero),
+              "sampling.num_steps=3", "sampling.noise_level=0.05"])
+    assert not zero.exists()
+    # A round in which every sample diverged moves no level; it stops the calibration, naming the cause.
+    with pytest.raises(SystemExit, match="calibration round 1: every trajectory diverged or went unscored"):
+        main(["calibrate-noise", str(config), "--rounds", "1", "--out", str(zero), "sampling.num_steps=3",
+              "sampling.noise_level=1e8"])
+    # A setting dense step rewards do not take is named as the reason calibration (which sets grpo.dense) stops.
+    with pytest.raises(SystemExit, match="runs the config with grpo.dense=ode, which it does not take: "
+                                         "grpo.value_weight"):
+        main(["calibrate-noise", str(config), "--out", str(zero), "grpo.value_weight=0.5"])
     with pytest.raises(SystemExit, match="--out: .* is a folder; name the JSON file"):  # before any round
         main(["calibrate-noise", str(config), "--rounds", "1", "--out", str(tmp_path)])
     (tmp_path / "eval.json").write_text('{"overall_strict": 0.4}')  # someone else's file: not replaced
@@ -446,6 +470,8 @@ def test_calibrate_noise_command_writes_a_table(saved, prompt_file, tmp_path, ca
     (hollow / "model_index.json").write_text((saved["sd3"] / "model_index.json").read_text())
     with pytest.raises(SystemExit, match="sampling.sampler: noise calibration balances the noise a stochastic"):
         main(["calibrate-noise", str(gdro_config), "--out", str(out), "sampling.sampler=ode", f"model={hollow}"])
+    with pytest.raises(SystemExit, match="algorithm gdro: calibration runs GRPO's rollouts"):
+        main(["calibrate-noise", str(gdro_config), "--out", str(out), f"model={hollow}"])
 
 
 def test_adv_grpo_co_trains_the_dino_head_and_checkpoints_it(saved, tmp_path):

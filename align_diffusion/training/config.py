@@ -357,6 +357,13 @@ def _model_family(model: str):
         raise ConfigError(f"model: {error}") from None
 
 
+def noise_drawing_steps(sampling: SamplingConfig) -> range:
+    """The steps a level above 0 makes draw noise: the noise window (default: every step), less CPS's last step,
+    which ends on σ = 0."""
+    start, end = sampling.noise_window or (0, sampling.num_steps)
+    return range(start, end - 1 if sampling.sampler == "cps" and end == sampling.num_steps else end)
+
+
 def validate(config: TrainConfig, num_processes: int = 1) -> None:
     """Every check that needs no weights; ConfigError naming the field."""
     positive = {
@@ -498,7 +505,7 @@ def validate(config: TrainConfig, num_processes: int = 1) -> None:
         if sampling.noise_level is not None:
             raise ConfigError("sampling.noise_table replaces sampling.noise_level; set only one")
         try:
-            levels = read_table(sampling.noise_table, sampling.num_steps)
+            levels = read_table(sampling.noise_table, sampling.num_steps, sampling.sampler)
         except ValueError as error:
             raise ConfigError(f"sampling.noise_table: {error}") from None
         key = "sampling.noise_table"
@@ -556,11 +563,11 @@ def validate(config: TrainConfig, num_processes: int = 1) -> None:
     if problem := noise_levels_problem(sampling.sampler, levels):
         raise ConfigError(f"{key}: {problem}")
     start, end = window if window is not None else (0, sampling.num_steps)
-    drawing = end - 1 if sampling.sampler == "cps" and end == sampling.num_steps else end  # CPS ends on σ = 0
+    drawing = noise_drawing_steps(sampling)
     if config.algorithm == "gdro" and sampling.shared_noise and (
-            sampling.sampler == "ode" or not any(level > 0 for level in levels[start:drawing])):
+            sampling.sampler == "ode" or not any(levels[t] > 0 for t in drawing)):
         raise ConfigError("sampling.shared_noise: with no noise drawn after the shared start, every image of a group "
                           "would be the same; pick a stochastic sampler and noise level, or share no noise")
-    if config.algorithm == "grpo" and not any(level > 0 for level in levels[start:drawing]):
+    if config.algorithm == "grpo" and not any(levels[t] > 0 for t in drawing):
         raise ConfigError(f"{key}: GRPO trains on stochastic steps, and every noise level within the noise window "
-                          f"[{start}, {end}) is 0" + (" (CPS's last step draws no noise)" if drawing < end else ""))
+                          f"[{start}, {end}) is 0" + (" (CPS's last step draws no noise)" * (drawing.stop < end)))

@@ -310,7 +310,8 @@ class GRPOTrainer:
         watched = config.eval.rewards
         self.watched_reward = loaded_reward("eval.rewards", watched, device) if watched else None
         table = config.sampling.noise_table
-        self.noise_levels = read_table(table, config.sampling.num_steps) if table else config.sampling.noise_level
+        self.noise_levels = (read_table(table, config.sampling.num_steps, config.sampling.sampler) if table
+                             else config.sampling.noise_level)
         self.resume_path = self.check_resume()  # before the model loads: a resume that cannot go on fails now
         self.eval_judge = ShapesReward() if config.eval.every and config.eval.shapes_eval else None
         checks = [("prompts", self.prompts, self.reward)]
@@ -728,13 +729,19 @@ class GRPOTrainer:
             self.noise_levels = levels
             rollouts = self.rollout(round_index)
             deltas = unscored_if_infinite(self.gathered(rollouts.step_deltas).cpu())
+            unscored = int((~deltas.isfinite()).all(dim=1).sum())
+            if unscored == len(deltas):
+                raise ValueError(f"calibration round {round_index + 1}: every trajectory diverged or went unscored, "
+                                 "so no step reward says which way to move its noise level; lower the noise levels "
+                                 "(sampling.noise_level or the table's) or the guidance")
             calibrated = calibrate_step(levels, deltas, eps1, eps2, LARGEST_NOISE_LEVEL[self.config.sampling.sampler])
             # A step that drew no noise at a level above 0 (outside the noise window, or CPS's last) says nothing of
             # its level; one at level 0 within the window is calibrated, so that it can rise again.
             noisy = set(rollouts.trajectory.stochastic_steps)
             levels = [new if window[0] <= t < window[1] and (t in noisy or old == 0) else old
                       for t, (old, new) in enumerate(zip(levels, calibrated))]
-            self.log(f"round {round_index + 1}/{rounds}: ψ = [{', '.join(f'{v:.3f}' for v in levels)}]")
+            left_out = f" ({unscored} of {len(deltas)} trajectories unscored: diverged or refused)" if unscored else ""
+            self.log(f"round {round_index + 1}/{rounds}: ψ = [{', '.join(f'{v:.3f}' for v in levels)}]{left_out}")
         return levels
 
     def update_trainable_rewards(self, rollouts: Rollouts, step: int) -> dict:
