@@ -712,6 +712,19 @@ def test_merged_label_files_keep_a_file_once_and_refuse_one_labelled_two_ways(tm
     labels.write_text("".join(json.dumps(row) + "\n" for row in [*first, moved]))
     with pytest.raises(ValueError, match="on line 1: prompt 'a red circle' there, 'a blue circle' here$"):
         read_labels(labels)
+    (tmp_path / "link.png").symlink_to(tmp_path / "images" / "00000.png")  # one image, preferred over itself
+    labels.write_text("".join(json.dumps(row) + "\n" for row in [*first, {**relabelled, "file": "link.png"}]))
+    for read in (read_labels, read_labelled_images, preference_pairs):
+        with pytest.raises(ValueError, match="labels.jsonl:3: .*link.png was labelled otherwise on line 1"):
+            read(labels)
+    gone = {**first[0], "file": "images/gone.png"}  # deleted since, or a path the page exported relative to a URL
+    labels.write_text("".join(json.dumps(row) + "\n" for row in [*first, gone]))
+    for read in (read_labels, read_labelled_images, preference_pairs):
+        with pytest.raises(ValueError, match="labels.jsonl:3: image .*images/gone.png not found"):
+            read(labels)
+    labels.write_text(json.dumps({"file": "images/00000.png", "label": True}) + "\n")
+    with pytest.raises(ValueError, match="labels.jsonl:1: label must be 0 .* got True"):
+        read_labelled_images(labels)
 
 
 @pytest.mark.parametrize("line, problem", [

@@ -12,8 +12,9 @@ from align_diffusion.gallery.page import LABELS
 
 
 def read_labels(path: str | Path) -> list[dict]:
-    """The label records of `path`, with `file` resolved against the file's folder when relative; a file labelled
-    twice alike (merged exports) once."""
+    """The label records of `path`, with `file` resolved against the file's folder when relative (and refused when
+    no image is there: a page read over HTTP exports paths relative to itself); a file labelled twice alike (merged
+    exports) once."""
     path = Path(path)
     rows = []
     for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):  # not splitlines: U+2028
@@ -28,6 +29,8 @@ def read_labels(path: str | Path) -> list[dict]:
             raise ValueError(f"{path}:{number}: file and prompt must be text, got {file!r} and {prompt!r}")
         if label not in LABELS:
             raise ValueError(f"{path}:{number}: label must be one of {LABELS}, got {label!r}")
+        if not (path.parent / file).is_file():
+            raise ValueError(f"{path}:{number}: image {path.parent / file} not found")
         rows.append((number, {"file": path.parent / file, "prompt": prompt, "label": label}))
     return once_per_file(path, rows)
 
@@ -37,7 +40,7 @@ def once_per_file(source: Path, rows: list[tuple[int, dict]]) -> list[dict]:
     repeat says otherwise of it (one image would be both clean and an artifact, or preferred over itself)."""
     kept: dict[str, tuple[int, dict]] = {}
     for number, record in rows:
-        file = os.path.abspath(record["file"])
+        file = os.path.realpath(record["file"])  # a link and its target are one image
         differing = [] if file not in kept else [key for key in record
                                                  if key != "file" and kept[file][1][key] != record[key]]
         if differing:  # the same file named by another path says nothing new

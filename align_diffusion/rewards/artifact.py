@@ -146,7 +146,7 @@ def read_labelled_images(data: str | Path) -> list[tuple[Path, int]]:
             except (json.JSONDecodeError, KeyError, TypeError) as error:
                 raise ValueError(f"{data}:{number}: expected {{\"file\": ..., \"label\": 0 or 1}} ({error})") from None
             label = REVIEW_LABELS.get(label, label) if isinstance(label, str) else label
-            if label not in (0, 1, "bad"):
+            if isinstance(label, bool) or label not in (0, 1, "bad"):  # JSON true == 1 in Python
                 raise ValueError(f"{data}:{number}: label must be 0 (clean) or 1 (artifact), or good / artifact / "
                                  f"bad, got {label!r}")
             if not path.is_file():
