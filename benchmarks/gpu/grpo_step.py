@@ -7,7 +7,9 @@ recompute forward and backward at every stochastic step, the reference forward f
 peak allocated and reserved memory of each phase (each measured from an emptied allocator cache), and the train
 step's model FLOPs utilization: the update's FLOPs as torch counts them, over its time, against the device's dense
 bf16 peak. The FLOPs are counted once, before the timed settings, with PyTorch SDPA and checkpointing off (so no
-recomputation is counted), on one trained timestep: every trained timestep runs the same passes. A setting's
+recomputation is counted), on one trained timestep: every trained timestep runs the same passes; a count that fails
+(out of memory without checkpointing, say) is reported as `update_flops_error`, and the settings are still measured,
+with no MFU. A setting's
 `gradient_checkpointing` is the denoiser's state while it was timed (`trainer_config` keeps the preset's value).
 With `--compile` the preset runs with `optim.compile=true` (regional torch.compile); the FLOPs are still counted
 eager, and each setting's first step, which compiles, is timed apart. With `--profile TOP` it also profiles one
@@ -136,10 +138,12 @@ def one_timestep_update():
 
 def update_flops() -> tuple[float, dict]:
     """Model FLOPs of one update, in all and by op: one trained timestep counted (checkpointing off), times the
-    timesteps trained."""
+    timesteps trained. RuntimeError when that update left images out (a group's rewards tied): it counted less."""
     with one_timestep_update() as (rollouts, update):
         with counted_flops() as counted, torch.compiler.set_stance("force_eager"):  # counted as written, not fused
-            update()
+            stats = update()
+    if not args.toy and stats["trained_fraction"] < 1:
+        raise RuntimeError("the counted update trained on fewer than all images (a group's rewards did not vary)")
     timesteps = len(trainer.train_timesteps(0, rollouts.trajectory.stochastic_steps))
     return counted["flops"] * timesteps, {op: n * timesteps for op, n in counted["flops_by_op"].items()}
 
@@ -194,8 +198,8 @@ def measure_setting(backend: str, checkpoint: bool) -> dict:
         "first_ratio_max_deviation": max(stats["first_ratio_max_deviation"] for stats in update_stats),
         "rollout_seconds": rollout_seconds, "rollout_images_per_second": args.group / rollout_seconds,
         "update_seconds": update_seconds, "train_seconds_per_image": update_seconds / args.group,
-        "update_tflops_per_second": flops / update_seconds / 1e12,
-        "mfu": flops / update_seconds / (peak * 1e12) if peak else None,
+        "update_tflops_per_second": flops / update_seconds / 1e12 if flops else None,
+        "mfu": flops / update_seconds / (peak * 1e12) if flops and peak else None,
         "rollout_peak_allocated_gib": median(rollouts, "peak_allocated_gib"),
         "rollout_peak_reserved_gib": median(rollouts, "peak_reserved_gib"),
         "update_peak_allocated_gib": median(updates, "peak_allocated_gib"),
@@ -217,10 +221,18 @@ run = {"arch": args.arch, "toy": args.toy, "group": args.group, "micro_batch": a
        "peak_table_match": list(matched) if matched else None, "repeats": args.repeats,
        "compile": args.compile, "sdpa_backends": allowed_backends,
        "preset": PRESETS[args.arch], "trainer_config": to_dict(config)}
-flops, flops_by_op = update_flops()  # its rollout and update also warm up kernels and the allocator
 results = {"parameters": parameter_count(denoiser), "trained_parameters": sum(p.numel() for p in trainer.params),
-           "update_flops": flops, "update_flops_by_op": flops_by_op, "settings": []}
-write_report(args.out, "grpo_step", args.device, run, results)  # then after each setting: a timeout keeps them
+           "settings": []}
+write_report(args.out, "grpo_step", args.device, run, results)  # then after each step: a timeout keeps them
+try:  # its rollout and update also warm up kernels and the allocator
+    flops, flops_by_op = update_flops()
+    results.update(update_flops=flops, update_flops_by_op=flops_by_op)
+except RuntimeError as error:  # out of memory without checkpointing, say: the settings are measured all the same
+    flops = None
+    results["update_flops_error"] = f"{type(error).__name__}: {str(error).splitlines()[0]}"
+    gc.collect()
+    torch.cuda.empty_cache()
+write_report(args.out, "grpo_step", args.device, run, results)
 for backend in ["sdpa", "xformers"] if args.attention == "both" else [args.attention]:
     if backend == "xformers":
         try:
@@ -233,5 +245,7 @@ for backend in ["sdpa", "xformers"] if args.attention == "both" else [args.atten
         results["settings"].append(measure_setting(backend, checkpoint))
         write_report(args.out, "grpo_step", args.device, run, results)
 if args.profile:
+    if args.attention != "sdpa":  # the profile explains the SDPA FLOP count's MFU
+        denoiser.disable_xformers_memory_efficient_attention()
     results["profile"] = profiled_update(args.profile)
     write_report(args.out, "grpo_step", args.device, run, results)

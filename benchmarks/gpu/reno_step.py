@@ -1,5 +1,5 @@
 """ReNO's cost per iteration: one-step SD-Turbo-sized UNet at 512², a ViT-H-14-sized open_clip reward, both random
-weights, in half precision with gradient checkpointing, through our `reno`.
+weights, in half precision (on a GPU) with gradient checkpointing, through our `reno`.
 
 An iteration renders every prompt's image from its noise (one UNet step, VAE decode), scores it, and backpropagates
 to the noise; after the last one, one more render scores the final noise, forward only. So an iteration's seconds
@@ -32,7 +32,8 @@ size.add_argument("--narrow", action="store_true",
                   help="full depth at an eighth of the width: on the CPU, an iteration's host work (Python, "
                        "dispatch) with next to no arithmetic")
 parser.add_argument("--device", default=default_device())
-parser.add_argument("--dtype", choices=sorted(DTYPES), default="float16")
+parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                    help="default: float16 on GPU, float32 on CPU (which emulates half precision, slowly)")
 parser.add_argument("--resolution", type=int, default=512)
 parser.add_argument("--prompts", type=int, default=1, help="prompts optimized together in one batch")
 parser.add_argument("--iterations", type=int, default=20)
@@ -47,6 +48,7 @@ for name in ("iterations", "prompts", "resolution"):
     if getattr(args, name) < 1:
         parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
 
+args.dtype = args.dtype or ("float32" if args.device == "cpu" else "float16")
 dtype = DTYPES[args.dtype]
 adapter = sd_turbo(args.device, dtype, toy=args.toy, narrow=args.narrow)
 reward = vit_h14_reward(args.device, dtype, toy=args.toy, narrow=args.narrow)
