@@ -1264,15 +1264,57 @@ def test_fsdp_is_refused_before_anything_loads(saved, prompt_file, tmp_path, mon
     assert not (tmp_path / "run").exists()
 
 
-def test_ema_bf16_and_checkpointing_run_and_export_the_ema_weights(saved, prompt_file, tmp_path):
-    # A separate process: accelerate fixes the mixed-precision mode once per process.
+def bf16_overrides(saved, prompt_file, out) -> list[str]:
     # decay 0.75 rather than 0.5, so that the old and the new weights' shares cannot be swapped unnoticed
-    overrides = tiny_overrides(saved["sd3"], prompt_file, tmp_path / "run", max_steps=1, **{
+    return tiny_overrides(saved["sd3"], prompt_file, out, max_steps=1, **{
         "optim.ema_decay": 0.75, "optim.mixed_precision": "bf16", "optim.gradient_checkpointing": "true"})
-    result = subprocess.run([sys.executable, "-m", "align_diffusion", "train", *overrides], capture_output=True,
-                            text=True, timeout=280)
+
+
+@pytest.fixture(scope="module")
+def bf16_run(saved, prompt_file, tmp_path_factory):
+    """One step under bf16 autocast with EMA and checkpointing, in a process of its own: accelerate fixes the
+    mixed-precision mode once per process. As many threads as this process has, for the DeepSpeed run to match."""
+    out = tmp_path_factory.mktemp("bf16") / "run"
+    result = subprocess.run([sys.executable, "-m", "align_diffusion", "train",
+                             *bf16_overrides(saved, prompt_file, out)], capture_output=True, text=True, timeout=280,
+                            env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
     assert result.returncode == 0, result.stderr[-3000:]
-    out = tmp_path / "run"
+    return out
+
+
+def test_deepspeed_bf16_autocasts_keeps_lora_weights_float32_and_checkpoints_only_them(saved, prompt_file, bf16_run,
+                                                                                        tmp_path):
+    """Accelerate leaves bf16 under DeepSpeed to DeepSpeed, which casts the whole model: the float32 inputs failed
+    ("mat1 and mat2 must have the same dtype"), and with bf16 weights the LoRA trained in bf16. And DeepSpeed's own
+    module file held every frozen base weight (gigabytes at full size)."""
+    out = tmp_path / "zero2"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(REPO / "configs" / "accelerate" / "deepspeed_zero2.yaml"), "--num_processes", "1",
+               "--mixed_precision", "no", "-m", "align_diffusion", "train",
+               *[o for o in bf16_overrides(saved, prompt_file, out) if o != "device=cpu"]]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=280,
+                            env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
+    assert result.returncode == 0, result.stderr[-3000:]
+    step = out / "checkpoints" / "step-000001"
+    trained, plain = (load_file(str(run / "trained.safetensors")) for run in (step, bf16_run / step.relative_to(out)))
+    assert {value.dtype for value in trained.values()} == {torch.float32}
+    for key in plain:  # the same autocast as a plain process, the denoiser's outputs float32 as accelerate makes them
+        torch.testing.assert_close(trained[key], plain[key], rtol=1e-5, atol=1e-6)
+    states = torch.load(next((step / "pytorch_model").glob("*model_states.pt")), weights_only=False)
+    assert set(states["module"]) - set(states["buffer_names"]) == set(trained)
+
+
+def test_fp16_under_deepspeed_is_refused_before_anything_loads(saved, prompt_file, tmp_path, monkeypatch):
+    """fp16 would need DeepSpeed's loss scaling, which casts the trained weights to fp16 too."""
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # what `accelerate launch` sets for a DeepSpeed config
+    overrides = tiny_overrides(saved["sd3"], prompt_file, tmp_path / "run", **{"optim.mixed_precision": "fp16"})
+    with pytest.raises(ConfigError, match="optim.mixed_precision: fp16 under DeepSpeed"):
+        GRPOTrainer(load_config(None, overrides))
+    assert not (tmp_path / "run").exists()
+
+
+def test_ema_bf16_and_checkpointing_run_and_export_the_ema_weights(saved, prompt_file, bf16_run, tmp_path):
+    out = bf16_run
     trained = load_file(str(out / "checkpoints" / "step-000001" / "trained.safetensors"))
     ema = load_file(str(out / "checkpoints" / "step-000001" / "ema.safetensors"))
     exported = load_file(str(out / "lora" / "pytorch_lora_weights.safetensors"))

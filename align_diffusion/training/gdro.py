@@ -165,7 +165,7 @@ class GDROTrainer(GRPOTrainer):
             scored = torch.isfinite(self.groups["rewards"][group])
             rewards = self.groups["rewards"][group][scored]
             latents = self.groups["latents"][group][scored].to(device)
-            with self.accelerator.autocast():
+            with self.autocast():
                 error, reference = self.denoising_errors(latents, self.groups["prompts"][group], generator)
                 implicit = -gdro.beta * (error.float() - reference.float())
                 rank_loss = gdro_loss(implicit, rewards.to(device), gdro.tau)

@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import convert_outputs_to_fp32, gather_object, set_seed
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -284,8 +284,14 @@ class GRPOTrainer:
                               f"{asked!r} (--mixed_precision or its config file): the training config decides, so set "
                               f"optim.mixed_precision={asked} or launch with --mixed_precision no")
         deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+        if deepspeed and config.optim.mixed_precision == "fp16":
+            raise ConfigError("optim.mixed_precision: fp16 under DeepSpeed would need its loss scaling, which casts "
+                              "the whole model (trained weights too) to fp16; use bf16 or no")
         self.accelerator = accelerator or Accelerator(
-            mixed_precision=config.optim.mixed_precision, log_with=trackers or None, project_dir=str(self.output_dir),
+            # Under DeepSpeed accelerate autocasts nothing and has DeepSpeed cast the whole model to bf16 instead: the
+            # float32 inputs then fail, and LoRA weights kept float32 would train in bf16. `autocast` does it there.
+            mixed_precision="no" if deepspeed else config.optim.mixed_precision, log_with=trackers or None,
+            project_dir=str(self.output_dir),
             # Several plain processes on a machine without CUDA are joined on the CPU, by gloo. DeepSpeed needs GPUs
             # to join them, and on the CPU would silently run each alone: that is refused below.
             cpu=config.device == "cpu" or (launched > 1 and not torch.cuda.is_available() and not deepspeed),
@@ -395,6 +401,8 @@ class GRPOTrainer:
                 train_batch_size=config.grpo.train_batch_size * self.accelerator.num_processes,
                 gradient_clipping=config.optim.max_grad_norm or 0.0,
             )
+            if config.optim.mixed_precision == "bf16":  # as accelerate wraps a model it autocasts (see `autocast`)
+                denoiser.forward = convert_outputs_to_fp32(self.autocast()(denoiser.forward))
         self.model, self.optimizer, self.lr_schedule = self.accelerator.prepare(denoiser, optimizer, schedule)
         self.adapter.forward_module = self.model  # the distributed wrapper, when there is one, syncs gradients
         self.accelerator.register_save_state_pre_hook(self._save_trained_only)
@@ -455,7 +463,7 @@ class GRPOTrainer:
             checkpoint.begin(partial)
         self.accelerator.wait_for_everyone()
         try:
-            self.accelerator.save_state(str(partial))
+            self.accelerator.save_state(str(partial), **self.checkpoint_options(saving=True))
         except (OSError, RuntimeError) as error:  # torch names a full disk "basic_ios::clear: iostream error"
             shutil.rmtree(partial, ignore_errors=True)
             raise OSError(f"writing the checkpoint of step {self.step} to {partial} failed (disk full?): "
@@ -519,7 +527,7 @@ class GRPOTrainer:
             return
         path = self.resume_path
         if path is not None:
-            self.accelerator.load_state(str(path))
+            self.accelerator.load_state(str(path), **self.checkpoint_options(saving=False))
             state = checkpoint.read_trainer_state(path)
             self.step, self.train_seconds = state["step"], state.get("train_seconds", 0.0)
         metrics_file = self.output_dir / "metrics.jsonl"
@@ -550,6 +558,20 @@ class GRPOTrainer:
     def log(self, message: str) -> None:
         if self.accelerator.is_main_process:
             tqdm.write(message)
+
+    def checkpoint_options(self, saving: bool) -> dict:
+        """What `save_state` / `load_state` pass DeepSpeed for a LoRA run: its module file would hold the frozen
+        base model too (gigabytes at full size), so it is left out, and loaded without (trained.safetensors holds
+        the trained weights); nothing otherwise."""
+        if self.accelerator.state.deepspeed_plugin is None or not self.config.lora.enabled:
+            return {}
+        return {"exclude_frozen_parameters": True} if saving else {"load_module_strict": False}
+
+    def autocast(self):
+        """optim.mixed_precision's autocast: accelerate's, or under DeepSpeed (where accelerate's is off) torch's."""
+        if self.accelerator.state.deepspeed_plugin is not None and self.config.optim.mixed_precision == "bf16":
+            return torch.autocast(self.accelerator.device.type, dtype=torch.bfloat16)
+        return self.accelerator.autocast()
 
     @contextmanager
     def accumulating(self, last: bool):
@@ -620,7 +642,7 @@ class GRPOTrainer:
         executor = ThreadPoolExecutor(max_workers=1) if overlap else None
         self.adapter.denoiser.eval()
         try:
-            with self.accelerator.autocast():
+            with self.autocast():
                 chunks = [(offset, min(sampling.batch_size, images.stop - offset)) for images in self.owned_images()
                           for offset in range(images.start, images.stop, sampling.batch_size)]
                 for offset, count in chunks:
@@ -796,7 +818,7 @@ class GRPOTrainer:
                     mask = valid[index, j].float()
                     adv = torch.nan_to_num(advantages[index, j]).to(self.accelerator.device)
                     last = micro == micro_per_update - 1 and term == len(timesteps) - 1
-                    with self.accumulating(last), self.accelerator.autocast():
+                    with self.accumulating(last), self.autocast():
                         out = step_log_prob(self.adapter, trajectory, j, index)
                         old = trajectory.log_probs[index, j].to(out.log_prob)
                         policy, ratio = clipped_policy_loss(out.log_prob, old, adv, config.clip_range,
@@ -878,7 +900,7 @@ class GRPOTrainer:
         first, end = len(per_image) * rank // processes, len(per_image) * (rank + 1) // processes
         mine = per_image[first:end]
         self.adapter.denoiser.eval()
-        with self.ema.applied() if self.ema is not None else nullcontext(), self.accelerator.autocast():
+        with self.ema.applied() if self.ema is not None else nullcontext(), self.autocast():
             images = sample_images(self.adapter, mine, seed=config.seed + first, batch_size=sampling.batch_size,
                                    sampler="ode", negative_prompt=sampling.negative_prompt, **asdict(settings))
         total, each = score_terms(self.reward, images, mine)
