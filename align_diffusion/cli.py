@@ -716,7 +716,8 @@ def run_train(args) -> None:
             " before its first checkpoint; the same command with resume_from=latest starts it over")
         print(f"align-diffusion train: interrupted{goes_on}", file=sys.stderr)
         raise SystemExit(128 + signal.SIGINT) from None
-    print(f"trained weights in {folder}; metrics in {config.output_dir}/metrics.jsonl")
+    if int(os.environ.get("RANK", "0")) == 0:  # the other processes of a launch end before the main one exports
+        print(f"trained weights in {folder}; metrics in {config.output_dir}/metrics.jsonl")
 
 
 def add_calibrate_noise_parser(subparsers) -> None:

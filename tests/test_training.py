@@ -196,6 +196,10 @@ def test_combinations_that_cannot_run_are_named(saved, tmp_path):
         load_config(None, [f"model={saved['sd3']}", "grpo.advantage=bnpo", "grpo.dense=x0"])
     with pytest.raises(ConfigError, match="algorithm: gdro runs in one process, got 2"):
         validate(load_config(None, [f"model={saved['sd3']}", "algorithm=gdro"]), num_processes=2)
+    # An indexed device pins every process's models to one device, where accelerate gives each its own.
+    with pytest.raises(ConfigError, match="device: cpu:0 would put every one of the 2 processes' models on one"):
+        validate(load_config(None, [f"model={saved['sd3']}", "device=cpu:0"]), num_processes=2)
+    validate(load_config(None, [f"model={saved['sd3']}", "device=cpu"]), num_processes=2)
 
 
 def test_yaml_file_and_overrides(saved, tmp_path):
@@ -647,6 +651,23 @@ def test_a_resume_after_the_prompt_file_changed_is_refused(trained, saved, promp
     edited.write_text(Path(prompt_file).read_text() + "a yellow star\n")
     with pytest.raises(ConfigError, match="prompts_sha256: the run that wrote"):
         GRPOTrainer(load_config(None, [*overrides, f"prompts={edited}"]))
+
+
+def test_a_resume_launched_otherwise_than_its_deepspeed_checkpoint_is_refused(
+        trained, saved, prompt_file, tmp_path):
+    """A DeepSpeed checkpoint is DeepSpeed's own files, its optimizer state sharded over its processes: resumed
+    without DeepSpeed it failed on a missing optimizer.bin, and a DDP one under DeepSpeed on an assertion, both after
+    the model had loaded."""
+    _, straight = trained
+    shutil.copytree(straight / "checkpoints", tmp_path / "checkpoints")
+    checkpoint_state = tmp_path / "checkpoints" / "step-000002" / "trainer_state.json"
+    state = json.loads(checkpoint_state.read_text())
+    assert state["layout"] == {"deepspeed": False, "num_processes": None}  # a plain run's resumes on any count
+    checkpoint_state.write_text(json.dumps({**state, "layout": {"deepspeed": True, "num_processes": 8}}))
+    overrides = tiny_overrides(saved["sd3"], prompt_file, tmp_path, max_steps=3, resume_from="latest")
+    with pytest.raises(ConfigError, match="resume_from: .*step-000002 was written under DeepSpeed on 8 processes, "
+                                          "and this run is launched without DeepSpeed"):
+        GRPOTrainer(load_config(None, overrides))
 
 
 def test_a_checkpoint_that_cannot_be_written_is_named_and_leaves_no_partial_folder(saved, prompt_file, tmp_path):

@@ -391,6 +391,9 @@ def validate(config: TrainConfig, num_processes: int = 1) -> None:
             raise ConfigError(f"{key} must be a positive number of pixels (null: the model's), got {value}")
     if config.device is not None and (reason := unusable_device(config.device)):  # None: accelerate picks
         raise ConfigError(f"device: {reason}")
+    if num_processes > 1 and config.device is not None and ":" in config.device:
+        raise ConfigError(f"device: {config.device} would put every one of the {num_processes} processes' models on "
+                          "one device, where accelerate trains each on its own; leave device unset (null)")
     if config.algorithm not in ("grpo", "gdro"):
         raise ConfigError(f"algorithm must be grpo or gdro, got {config.algorithm!r}")
     from align_diffusion.training.prompts import PromptSource

@@ -136,6 +136,11 @@ def set_aside_diverged(rollouts: Rollouts) -> None:
     trajectory.log_probs[diverged.nonzero(), torch.tensor(trajectory.stochastic_steps, dtype=torch.long)] = 0.0
 
 
+def _joined(layout: dict) -> str:
+    """A `GRPOTrainer.layout` in words."""
+    return f"under DeepSpeed on {layout['num_processes']} processes" if layout["deepspeed"] else "without DeepSpeed"
+
+
 def _cat_embeds(parts: list[PromptEmbeds]) -> PromptEmbeds:
     def cat(dicts):
         return {name: torch.cat([d[name] for d in dicts]) for name in dicts[0]}
@@ -471,8 +476,8 @@ class GRPOTrainer:
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             checkpoint.commit(partial, {"step": self.step, "data_position": self.step,
-                                        "train_seconds": self.train_seconds, "config": self.settings()},
-                              self.config.checkpoints_kept)
+                                        "train_seconds": self.train_seconds, "config": self.settings(),
+                                        "layout": self.layout()}, self.config.checkpoints_kept)
         self.accelerator.wait_for_everyone()
 
     def settings(self) -> dict:
@@ -483,6 +488,12 @@ class GRPOTrainer:
             settings["sampling.noise_table_levels"] = self.noise_levels
         settings["prompts_sha256"] = hashlib.sha256("\n".join(self.prompts.all()).encode()).hexdigest()
         return json.loads(json.dumps(settings))
+
+    def layout(self) -> dict:
+        """How the run's processes were joined, as far as its checkpoints depend on it: DeepSpeed's are its own
+        files, its optimizer state sharded over its processes; a plain or DDP checkpoint resumes on any count."""
+        deepspeed = self.accelerator.state.deepspeed_plugin is not None
+        return {"deepspeed": deepspeed, "num_processes": self.accelerator.num_processes if deepspeed else None}
 
     def check_resume(self) -> Path | None:
         """The checkpoint `resume_from` names (None: none, or `latest` with none yet), once checked: it holds the
@@ -501,6 +512,10 @@ class GRPOTrainer:
                               "resume from a checkpoint of this run")
         # Checkpoints written before they recorded their run's settings are checked against output_dir's config.
         state, saved = checkpoint.read_trainer_state(path), self.output_dir / "config.yaml"
+        written, current = state.get("layout", self.layout()), self.layout()  # no layout: written before they had one
+        if written != current:
+            raise ConfigError(f"resume_from: {path} was written {_joined(written)}, and this run is launched "
+                              f"{_joined(current)}: launch it as its checkpoints were written")
         if state["step"] > config.max_steps:  # its weights went past this run's end: exporting them would mislead
             raise ConfigError(f"max_steps: {config.max_steps} is below the step of {path}, {state['step']}; resume "
                               "from an earlier checkpoint or raise max_steps")
