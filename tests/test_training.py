@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -1276,6 +1277,21 @@ def test_processes_the_launcher_started_but_accelerate_did_not_join_are_refused(
     assert result.returncode != 0
     assert "the launcher started 2 processes, but accelerate joined 1" in result.stderr
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_a_cpu_launch_of_several_processes_that_starts_one_is_named(saved, prompt_file, tmp_path, monkeypatch):
+    """`accelerate launch --cpu --num_processes 2` runs its simple launcher: one process, told only MASTER_ADDR."""
+    for name, value in {"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}.items():
+        monkeypatch.setenv(name, value)  # what that launcher sets
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    overrides = tiny_overrides(saved["sd3"], prompt_file, tmp_path / "run")
+    with pytest.warns(UserWarning, match="its simple launcher starts one: this run trains in that one"):
+        GRPOTrainer(load_config(None, overrides))
+    monkeypatch.setenv("WORLD_SIZE", "1")  # torchrun's, `--multi_gpu`: as many as it says
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        GRPOTrainer(load_config(None, [*overrides, f"output_dir={tmp_path / 'again'}"]))
+    assert not [warning for warning in caught if "simple launcher" in str(warning.message)]
 
 
 def test_fsdp_is_refused_before_anything_loads(saved, prompt_file, tmp_path, monkeypatch):

@@ -116,6 +116,10 @@ class Rollouts:
     step_deltas: torch.Tensor | None = None  # (B_local, T) step rewards ΔR_t, with grpo.dense
 
 
+# Where an MPI launch (accelerate's `--mpirun_hostfile`) says how many processes it started.
+MPI_WORLD_SIZES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
 def set_aside_diverged(rollouts: Rollouts) -> None:
     """Images whose trajectory left the finite numbers (a diverged sample) get NaN rewards, so are masked out of the
     loss, and zeros for latents and log-probs: a masked image still runs through the training forward pass, where a
@@ -302,6 +306,11 @@ class GRPOTrainer:
             cpu=config.device == "cpu" or (launched > 1 and not torch.cuda.is_available() and not deepspeed),
             step_scheduler_with_optimizer=False,  # else it steps once per process for each optimizer step
         )
+        if (os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true" and "MASTER_ADDR" in os.environ
+                and not any(name in os.environ for name in ("WORLD_SIZE", *MPI_WORLD_SIZES))):
+            warnings.warn("`accelerate launch --cpu` was asked for several processes, and its simple launcher starts "
+                          "one: this run trains in that one. To join several on the CPU, launch with --multi_gpu "
+                          "(joined by gloo) instead of --cpu")
         if launched != self.accelerator.num_processes:  # each would run the whole job into the same output_dir
             raise ValueError(f"the launcher started {launched} processes, but accelerate joined "
                              f"{self.accelerator.num_processes} (DeepSpeed joins processes on GPUs; on the "
