@@ -641,8 +641,8 @@ def run_train_noise_aware(args) -> None:
         check_output_folder(args.out, noise_aware.REPORT_FILE)
     except ValueError as error:
         raise SystemExit(f"--out: {error}") from None
-    check_inputs_outside_out(args.out, {"--model": args.model, "--teacher": term.arg, "--prompts": args.prompts,
-                                        "--eval-prompts": args.eval_prompts})
+    check_inputs_outside_out(args.out, {"--model": args.model, "--lora": args.lora, "--teacher": term.arg,
+                                        "--prompts": args.prompts, "--eval-prompts": args.eval_prompts})
     check_model_arguments(args)
     train_prompts = PromptSource(args.prompts, "--prompts").draw(args.seed, 0, args.train_images)
     eval_prompts = PromptSource(args.eval_prompts, "--eval-prompts").all()

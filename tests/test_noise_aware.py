@@ -220,6 +220,10 @@ def test_train_reward_noise_aware_refuses_inputs_inside_the_out_folder_it_replac
                                          "reward replaces whole"):
         main(["train-reward", "noise-aware", "--out", str(out), "--prompts", str(out / "prompts.txt")])
     assert (out / "prompts.txt").is_file()
+    (out / "lora").mkdir()  # a LoRA kept there was deleted with the earlier student
+    with pytest.raises(SystemExit, match=r"--lora: .*lora lies inside --out .*student, which the trained reward"):
+        main(["train-reward", "noise-aware", "--out", str(out), "--lora", str(out / "lora")])
+    assert (out / "lora").is_dir()
 
 
 def test_train_reward_noise_aware_refuses_an_out_folder_holding_other_files_before_loading(tmp_path, monkeypatch):

@@ -554,6 +554,19 @@ def test_resume_gives_identical_weights(trained, saved, prompt_file, tmp_path):
     assert [r["step"] for r in metrics(first)] == [1, 2]
 
 
+def test_a_folder_of_another_commands_output_is_refused_as_output_dir(saved, prompt_file, tmp_path):
+    """A sample folder took the run's files beside its own, and its review page was replaced by the run's."""
+    sample = tmp_path / "sample"
+    (sample / "images").mkdir(parents=True)
+    (sample / "metadata.jsonl").write_text("{}\n")
+    (sample / "index.html").write_text("the samples' page")
+    with pytest.raises(ConfigError, match="output_dir: .*sample holds index.html but no config.yaml, so no run of "
+                                          "this trainer"):
+        train(load_config(None, tiny_overrides(saved["sd3"], prompt_file, sample, max_steps=1)))
+    assert sorted(path.name for path in sample.iterdir()) == ["images", "index.html", "metadata.jsonl"]
+    assert (sample / "index.html").read_text() == "the samples' page"
+
+
 def signalled_during_step(trainer: GRPOTrainer, step: int, times: int, seconds_apart: float = 0) -> None:
     """Sends SIGINT to this process `times` times as the trainer begins `step` (from 0), as Ctrl-C would."""
     run_step = trainer.training_step

@@ -1095,12 +1095,20 @@ class GRPOTrainer:
         return folder
 
 
+# What a run writes into output_dir besides checkpoints and metrics, after its config.yaml (written first).
+RUN_OUTPUTS = ("index.html", EVAL_DIR, "plots", "lora", "pipeline")
+
+
 def check_output_dir(config: TrainConfig) -> None:
     """Refuses an output_dir that cannot be a folder, and one that holds a run this one would mix with: any run when
     not resuming, another run's when resuming from a checkpoint elsewhere."""
     out, resume_from = Path(config.output_dir), config.resume_from
     if problem := folder_problem(out):
         raise ConfigError(f"output_dir: {problem}")
+    if not (out / "config.yaml").is_file() and (clashing := [name for name in RUN_OUTPUTS if (out / name).exists()]):
+        raise ConfigError(f"output_dir: {out} holds {', '.join(clashing)} but no config.yaml, so no run of this "
+                          "trainer (a sample or eval folder, say), whose files the run would replace; choose another "
+                          "output_dir")
     if not (checkpoint.completed_checkpoints(out) or (out / "metrics.jsonl").exists()):
         return
     if resume_from is None:  # its checkpoints would be pruned and its metrics mixed in
