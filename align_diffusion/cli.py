@@ -310,10 +310,21 @@ def warn_of_diverged(args, diverged: int, total: int) -> None:
               f"{' or '.join(remedies)}", file=sys.stderr)
 
 
-def run_sample(args) -> None:
-    from align_diffusion.gallery.page import read_records
+def scoring_reward(flag: str, spec: str, args):
+    """The reward `spec` names, loaded to score images as they are; one that trains against a run's samples (its
+    head would score untrained) or needs reference images, which only `train` gives it, is refused."""
     from align_diffusion.models.base import DTYPES
     from align_diffusion.rewards.spec import load_reward
+
+    reward = load_reward(spec, device=args.device, dtype=DTYPES[args.dtype])
+    if reward.trainable or reward.needs_reference:
+        raise SystemExit(f"{flag}: {spec} trains against a run's samples or needs reference images, which only "
+                         "train gives it (here its head would score untrained)")
+    return reward
+
+
+def run_sample(args) -> None:
+    from align_diffusion.gallery.page import read_records
     from align_diffusion.sampling.folder import check_same_images, image_jobs, sample_to_folder
 
     prompts = read_prompts(args)
@@ -332,7 +343,7 @@ def run_sample(args) -> None:
                                                ("noise_level", args.noise_level)) if value is not None}
         known = {"sampler": args.sampler, "negative_prompt": args.negative_prompt, **given, **model_record(args)}
         check_same_images(read_records(args.out), image_jobs(prompts, args.num_images_per_prompt, args.seed), known)
-    reward = None if args.reward is None else load_reward(args.reward, device=args.device, dtype=DTYPES[args.dtype])
+    reward = None if args.reward is None else scoring_reward("--reward", args.reward, args)
     try:  # sample_to_folder checks again, once the model has loaded
         if reward is not None:
             reward.check_prompts(prompts)
@@ -503,16 +514,26 @@ def listen_problem(host: str, port: int) -> str | None:
 
 def run_serve_reward(args) -> None:
     from align_diffusion.models.base import DTYPES
+    from align_diffusion.rewards.remote import checked_token
     from align_diffusion.rewards.server import serve
     from align_diffusion.rewards.spec import load_reward
 
+    # Each told before the reward loads, which may take minutes.
     token = args.token or os.environ.get(REWARD_TOKEN_ENV)
     if not token:
         raise SystemExit(f"align-diffusion serve-reward: no token; pass --token or set {REWARD_TOKEN_ENV}")
-    if problem := listen_problem(args.host, args.port):  # told before the reward loads, which may take minutes
+    try:
+        checked_token(token)
+    except ValueError as error:
+        source = "--token" if args.token else f"${REWARD_TOKEN_ENV}"
+        raise SystemExit(f"align-diffusion serve-reward: {source}: {error}") from None
+    max_body_bytes = int(args.max_body_mb * 2**20)
+    if max_body_bytes < 1:
+        raise SystemExit(f"--max-body-mb: {args.max_body_mb} MB is less than one byte")
+    if problem := listen_problem(args.host, args.port):
         raise SystemExit(f"align-diffusion serve-reward: {problem}")
     reward = load_reward(args.reward, device=args.device, dtype=DTYPES[args.dtype])
-    serve(reward, args.host, args.port, token=token, max_body_bytes=int(args.max_body_mb * 2**20))
+    serve(reward, args.host, args.port, token=token, max_body_bytes=max_body_bytes)
 
 
 def add_train_reward_parser(subparsers) -> None:
@@ -765,12 +786,12 @@ def run_calibrate_noise(args) -> None:
         except ConfigError as error:
             raise SystemExit(f"align-diffusion calibrate-noise: calibration reads step rewards, so it runs the config "
                              f"with grpo.dense=ode, which it does not take: {error}") from None
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     config.resume_from = None  # calibration samples the base model: no checkpoint is read, none is checked
     levels = GRPOTrainer(config).calibrate_noise(args.rounds, args.eps1, args.eps2)
     if not any(levels[t] > 0 for t in noise_drawing_steps(config.sampling)):
         raise SystemExit(f"align-diffusion calibrate-noise: every level that draws noise calibrated to 0 ({levels}), "
                          "a table train refuses; nothing written. Try a smaller --eps2 or another number of --rounds")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     write_table(args.out, levels, sampler=config.sampling.sampler, config=str(args.config), overrides=args.overrides,
                 rounds=args.rounds, eps1=args.eps1, eps2=args.eps2)
     print(f"wrote {args.out}: ψ = {[round(v, 4) for v in levels]}")
@@ -873,7 +894,6 @@ def add_steer_parser(subparsers) -> None:
 def run_steer(args) -> None:
     from align_diffusion.models.base import DTYPES, missing_c_compiler
     from align_diffusion.rewards.simple import ShapesReward
-    from align_diffusion.rewards.spec import load_reward
     from align_diffusion.steering import compile_models, steer_to_folder
     from align_diffusion.steering.steer import SIZE_OPTION, check_steering, steered_already
 
@@ -913,16 +933,16 @@ def run_steer(args) -> None:
     family = check_model_arguments(args)
     check_noise_level_argument(args.sampler or ("ode" if args.method != "fk" else None),  # FK's is stochastic
                                args.noise_level)
-    reward = load_reward(args.reward, device=args.device, dtype=DTYPES[args.dtype])
-    prune_reward = None if args.prune_reward is None else load_reward(args.prune_reward, device=args.device,
-                                                                      dtype=DTYPES[args.dtype])
+    reward = scoring_reward("--reward", args.reward, args)
+    prune_reward = None if args.prune_reward is None else scoring_reward("--prune-reward", args.prune_reward, args)
     if family is not None:  # read without loading the model (a hub id not downloaded yet: steer checks once loaded)
         check_steering(family, prompts, reward, args.method, budget=args.budget, prune_reward=prune_reward, **options)
     run = dict(shapes_eval=args.shapes_eval, budget=args.budget, seed=args.seed, prune_reward=prune_reward,
                extra_metadata=model_record(args), **options,
                **({} if args.batch_size is None else {"reno_batch_size": args.batch_size}))  # else steer's default
+    earlier = 0
     if args.resume:  # before the model loads: a run that is not this one is refused at once
-        steered_already(args.out, prompts, reward, args.method, **run)
+        earlier = steered_already(args.out, prompts, reward, args.method, **run)
         note_a_fresh_start(args)
     judges = [reward, prune_reward, *([ShapesReward()] if args.shapes_eval else [])]
     check_image_size(args, judges)
@@ -935,8 +955,9 @@ def run_steer(args) -> None:
                               resume=args.resume, **run)
     spent = sum(r["budget"]["model_evals"] for r in records)
     mean = sum(r["rewards"][reward.name] for r in records) / len(records)
-    print(f"wrote {len(records)} images to {args.out} (mean reward {mean:.4f}, {spent} model evaluations); "
-          f"review page {args.out / 'index.html'}")
+    resumed = f" after the {earlier} it had" if earlier else ""
+    print(f"wrote {len(records) - earlier} images to {args.out}{resumed} (of all {len(records)}: mean reward "
+          f"{mean:.4f}, {spent} model evaluations); review page {args.out / 'index.html'}")
 
 
 def add_gallery_parser(subparsers) -> None:
@@ -1016,6 +1037,10 @@ def main(argv: list[str] | None = None) -> None:
     add_steer_parser(subparsers)
     add_gallery_parser(subparsers)
     args = parse_with_overrides(parser, argv)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and args.command not in ("train", "calibrate-noise"):  # those share the work between processes
+        raise SystemExit(f"align-diffusion {args.command}: launched as {launched} processes, each of which would do "
+                         "the whole job into the same files; run it as one process")
     if getattr(args, "device", "") is None:
         args.device = default_device()
     from align_diffusion.rewards.base import RewardError

@@ -554,6 +554,24 @@ def test_help_and_a_bad_flag_answer_before_torch_loads():
     assert heavy_modules == []
 
 
+def test_a_reward_that_trains_against_samples_is_refused_for_scoring(saved, tmp_path):
+    """adv-dino's head trains against a run's samples: sample and steer scored, and steer chose, with it untrained."""
+    common = ["--model", str(saved["sd3"]), "--prompt", "a red circle", "--out", str(tmp_path / "out")]
+    for command, flag in [(["sample", "--reward"], "--reward"), (["steer", "--method", "best-of-n", "--reward"],
+                          "--reward"), (["steer", "--method", "ttsnap", "--reward", "shapes", "--prune-reward"],
+                          "--prune-reward")]:
+        with pytest.raises(SystemExit, match=f"{flag}: adv-dino:assets/world/dino trains against a run's samples"):
+            main([*command, "adv-dino:assets/world/dino", *common])
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_command_launched_as_several_processes_that_would_each_do_all_of_it_is_refused(monkeypatch, tmp_path):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what `accelerate launch --num_processes 2` (torchrun) sets
+    with pytest.raises(SystemExit, match="sample: launched as 2 processes, each of which would do the whole job"):
+        main(["sample", "--model", "m", "--prompt", "a", "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
 def test_empty_paths_and_reward_specs_and_seeds_out_of_range_are_refused_by_name(capsys):
     """Path("") is the current folder, which --out "" would have written into; --reward "" was read as no reward."""
     common = ["sample", "--model", "m", "--prompt", "a"]

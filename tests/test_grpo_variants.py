@@ -446,11 +446,11 @@ def test_calibrate_noise_command_writes_a_table(saved, prompt_file, tmp_path, ca
     assert read_table(out, 3, "cps")[2] == 0.8  # CPS's default level
     # A table train would refuse is not written: every level that draws noise calibrated to 0 (from a = 0.05, eps1 0:
     # no step's signs balance exactly).
-    zero = tmp_path / "zero.json"
+    zero = tmp_path / "new" / "zero.json"  # nor its folder made
     with pytest.raises(SystemExit, match=r"every level that draws noise calibrated to 0 \(\[0.0, 0.0, 0.0\]\)"):
         main(["calibrate-noise", str(config), "--rounds", "1", "--eps1", "0", "--eps2", "0.05", "--out", str(zero),
               "sampling.num_steps=3", "sampling.noise_level=0.05"])
-    assert not zero.exists()
+    assert not zero.parent.exists()
     # A round in which every sample diverged moves no level; it stops the calibration, naming the cause.
     with pytest.raises(SystemExit, match="calibration round 1: every trajectory diverged or went unscored"):
         main(["calibrate-noise", str(config), "--rounds", "1", "--out", str(zero), "sampling.num_steps=3",

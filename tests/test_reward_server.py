@@ -844,6 +844,18 @@ def test_serve_reward_refuses_to_start_without_a_token(monkeypatch):
         main(["serve-reward", "--reward", "shapes", "--port", "0"])
 
 
+def test_serve_reward_names_a_bad_token_or_body_limit_before_loading_the_reward(monkeypatch):
+    """They were found once the reward had loaded (minutes for a large one), the limit by its internal name."""
+    monkeypatch.setattr("align_diffusion.rewards.spec.load_reward", lambda *args, **kwargs: pytest.fail("loaded"))
+    with pytest.raises(SystemExit, match="serve-reward: --token: the reward token must be printable ASCII"):
+        main(["serve-reward", "--reward", "shapes", "--port", "0", "--token", "sé cret"])
+    monkeypatch.setenv(TOKEN_ENV, "   ")
+    with pytest.raises(SystemExit, match=rf"serve-reward: \${TOKEN_ENV}: the reward token is empty"):
+        main(["serve-reward", "--reward", "shapes", "--port", "0"])
+    with pytest.raises(SystemExit, match="--max-body-mb: 1e-09 MB is less than one byte"):
+        main(["serve-reward", "--reward", "shapes", "--port", "0", "--token", TOKEN, "--max-body-mb", "1e-9"])
+
+
 def test_serve_reward_names_a_port_in_use_before_loading_the_reward(monkeypatch):
     monkeypatch.setattr("align_diffusion.rewards.spec.load_reward", lambda *args, **kwargs: pytest.fail("loaded"))
     with socket.socket() as taken:

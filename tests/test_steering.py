@@ -798,7 +798,7 @@ def test_a_rerun_that_fails_its_checks_leaves_the_earlier_results(saved, tmp_pat
     assert after == before
 
 
-def test_steer_resume_goes_on_after_an_interrupted_run_as_if_it_had_not_stopped(saved, tmp_path):
+def test_steer_resume_goes_on_after_an_interrupted_run_as_if_it_had_not_stopped(saved, tmp_path, capsys):
     shared = ["--model", str(saved["sd3"]), "--reward", "jpeg", "--steps", "4", "--height", "32", "--width", "32",
               "--seed", "3"]
     common = ["steer", "--method", "fk", "--num-particles", "2", "--resample-interval", "1", *shared]
@@ -834,6 +834,7 @@ def test_steer_resume_goes_on_after_an_interrupted_run_as_if_it_had_not_stopped(
         main([*common, "--prompt", prompts[0], *prompts[2:], "--resume", "--out", str(resumed)])
     assert metadata.read_text() == lines[0] + lines[1] + lines[2].rstrip("\n")  # a refused resume changes nothing
     main([*common, "--prompt", *prompts, "--resume", "--out", str(resumed)])
+    assert f"wrote 1 images to {resumed} after the 3 it had (of all 4: " in capsys.readouterr().out
 
     def without_seconds(folder):
         records = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
