@@ -81,7 +81,9 @@ def test_full_size_vae_has_the_published_32_norm_groups(monkeypatch):
 def toy_reports(tmp_path_factory):
     """The float32 runs, in one process."""
     return run_benchmarks(tmp_path_factory.mktemp("toy"), {
-        "grpo": ("grpo_step.py", "--group", "4", "--micro-batch", "2", "--resolution", "32", "--profile", "3"),
+        # with xformers too, which the CPU refuses: the profile after it runs SDPA's processors again
+        "grpo": ("grpo_step.py", "--group", "4", "--micro-batch", "2", "--resolution", "32", "--profile", "3",
+                 "--attention", "both"),
         "flux": ("grpo_step.py", "--arch", "flux-dev", "--group", "2", "--micro-batch", "1", "--resolution", "32",
                  "--checkpointing", "on"),
         "reno": ("reno_step.py", "--dtype", "float32", "--resolution", "16", "--iterations", "4", "--channels-last",
@@ -98,6 +100,8 @@ def test_grpo_step_benchmark_runs_the_preset_at_toy_size(toy_reports):
     assert results["update_flops"] > 0 and 0 < results["trained_parameters"] < results["parameters"]
     assert sum(results["update_flops_by_op"].values()) == results["update_flops"]
     settings = results["settings"]
+    assert [s["attention"] for s in settings] == ["sdpa", "sdpa", "xformers"] and "error" in settings[-1]
+    settings = settings[:2]
     assert [s["gradient_checkpointing"] for s in settings] == [False, True]
     for setting in settings:
         assert "error" not in setting

@@ -229,10 +229,11 @@ try:  # its rollout and update also warm up kernels and the allocator
     results.update(update_flops=flops, update_flops_by_op=flops_by_op)
 except RuntimeError as error:  # out of memory without checkpointing, say: the settings are measured all the same
     flops = None
-    results["update_flops_error"] = f"{type(error).__name__}: {str(error).splitlines()[0]}"
+    results["update_flops_error"] = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
     gc.collect()
     torch.cuda.empty_cache()
 write_report(args.out, "grpo_step", args.device, run, results)
+sdpa_processors = denoiser.attn_processors  # what xformers replaces; its disable call does not bring them back
 for backend in ["sdpa", "xformers"] if args.attention == "both" else [args.attention]:
     if backend == "xformers":
         try:
@@ -246,6 +247,7 @@ for backend in ["sdpa", "xformers"] if args.attention == "both" else [args.atten
         write_report(args.out, "grpo_step", args.device, run, results)
 if args.profile:
     if args.attention != "sdpa":  # the profile explains the SDPA FLOP count's MFU
-        denoiser.disable_xformers_memory_efficient_attention()
+        denoiser.set_attn_processor(sdpa_processors)
+        denoiser.reset_attention_backend()  # FLUX's processors keep theirs in a flag
     results["profile"] = profiled_update(args.profile)
     write_report(args.out, "grpo_step", args.device, run, results)
