@@ -1354,12 +1354,15 @@ def test_deepspeed_bf16_autocasts_keeps_lora_weights_float32_and_checkpoints_onl
     assert set(states["module"]) - set(states["buffer_names"]) == set(trained)
 
 
-def test_fp16_under_deepspeed_is_refused_before_anything_loads(saved, prompt_file, tmp_path, monkeypatch):
+def test_fp16_or_gdro_under_deepspeed_is_refused_before_anything_loads(saved, prompt_file, tmp_path, monkeypatch):
     """fp16 would need DeepSpeed's loss scaling, which casts the trained weights to fp16 too."""
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # what `accelerate launch` sets for a DeepSpeed config
     overrides = tiny_overrides(saved["sd3"], prompt_file, tmp_path / "run", **{"optim.mixed_precision": "fp16"})
     with pytest.raises(ConfigError, match="optim.mixed_precision: fp16 under DeepSpeed"):
         GRPOTrainer(load_config(None, overrides))
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ConfigError, match="algorithm: gdro runs in one plain process"):
+        GRPOTrainer(load_config(None, tiny_overrides(saved["sd3"], prompt_file, tmp_path / "run", algorithm="gdro")))
     assert not (tmp_path / "run").exists()
 
 

@@ -293,6 +293,9 @@ class GRPOTrainer:
                               f"{asked!r} (--mixed_precision or its config file): the training config decides, so set "
                               f"optim.mixed_precision={asked} or launch with --mixed_precision no")
         deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+        if deepspeed and config.algorithm == "gdro":  # its step-1 losses differed from a plain run's, cause not found
+            raise ConfigError("algorithm: gdro runs in one plain process, where DeepSpeed brings nothing; launch it "
+                              "without a DeepSpeed config")
         if deepspeed and config.optim.mixed_precision == "fp16":
             raise ConfigError("optim.mixed_precision: fp16 under DeepSpeed would need its loss scaling, which casts "
                               "the whole model (trained weights too) to fp16; use bf16 or no")
