@@ -293,7 +293,7 @@ class GRPOTrainer:
                               f"{asked!r} (--mixed_precision or its config file): the training config decides, so set "
                               f"optim.mixed_precision={asked} or launch with --mixed_precision no")
         deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
-        if deepspeed and config.algorithm == "gdro":  # its step-1 losses differed from a plain run's, cause not found
+        if deepspeed and config.algorithm == "gdro":  # DeepSpeed steps inside each of a GDRO step's group backwards
             raise ConfigError("algorithm: gdro runs in one plain process, where DeepSpeed brings nothing; launch it "
                               "without a DeepSpeed config")
         if deepspeed and config.optim.mixed_precision == "fp16":
