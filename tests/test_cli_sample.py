@@ -663,9 +663,17 @@ def test_overwrite_leaves_only_the_new_samples(saved, tmp_path):
     with pytest.raises(FileExistsError, match="overwrite=True"):
         sample_to_folder(adapter, PROMPTS[:1], out, num_inference_steps=1, height=32, width=32, progress=False)
     assert len((out / "metadata.jsonl").read_text().splitlines()) == 1
-    sample_to_folder(adapter, PROMPTS, out, num_inference_steps=1, height=32, width=32, progress=False,
-                     overwrite=True)
-    assert len((out / "metadata.jsonl").read_text().splitlines()) == len(PROMPTS)
+    with pytest.raises(TypeError, match="not JSON serializable"):  # a record that cannot be written replaces nothing
+        sample_to_folder(adapter, PROMPTS, out, num_inference_steps=1, height=32, width=32, progress=False,
+                         overwrite=True, extra_metadata={"note": object()})
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["00000.png", "keep.jpg"]
+    assert len((out / "metadata.jsonl").read_text().splitlines()) == 1
+    # numpy's numbers, which sampling takes, are written as JSON's (they failed the first record, after the
+    # earlier run was gone)
+    sample_to_folder(adapter, PROMPTS, out, num_inference_steps=np.int64(1), height=32, width=32, progress=False,
+                     overwrite=True, guidance_scale=np.float32(2.0))
+    records = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    assert len(records) == len(PROMPTS) and (records[0]["steps"], records[0]["guidance"]) == (1, 2.0)
     for count in (0, -1):  # no image to make: refused, not an overwrite that leaves the folder empty
         with pytest.raises(ValueError, match=f"num_images_per_prompt must be a whole number >= 1, got {count}"):
             sample_to_folder(adapter, PROMPTS, out, num_images_per_prompt=count, overwrite=True, progress=False)

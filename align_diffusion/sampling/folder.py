@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import re
 import warnings
 from dataclasses import asdict
@@ -81,12 +82,13 @@ class SampleFolder:
             page.unlink()
 
     def add(self, image: Image.Image, record: dict) -> dict:
+        file = f"images/{len(self.records):05d}.png"
+        record = json_safe({"file": file, **record})
+        line = json.dumps(record, allow_nan=False) + "\n"  # first: a record that cannot be written replaces nothing
         if self._metadata is None:
             self._replace_earlier_run()
-        file = f"images/{len(self.records):05d}.png"
         image.save(self.root / file)
-        record = json_safe({"file": file, **record})
-        self._metadata.write(json.dumps(record, allow_nan=False) + "\n")
+        self._metadata.write(line)
         self._metadata.flush()
         self.records.append(record)
         return record
@@ -113,9 +115,13 @@ class SampleFolder:
 
 def json_safe(value):
     """`value` with every NaN or infinite float, however deeply nested, as None: JSON has neither, and strict
-    readers (JSON.parse, jq) refuse the bare NaN that Python writes."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
+    readers (JSON.parse, jq) refuse the bare NaN that Python writes; numbers of other types (numpy's) as Python's."""
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value) if math.isfinite(value) else None
     if isinstance(value, dict):
         return {key: json_safe(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
