@@ -31,3 +31,9 @@ def test_ode_complete_of_an_sde_state_is_deterministic_and_differs_from_the_sde_
     assert not torch.allclose(first, sde.final_latents)
     with pytest.raises(ValueError, match="step_index"):
         ode_complete(adapter, sde.latents[:, 0], 7, sde.embeds, sde.schedule, sde.guidance_scale)
+    # Embeddings encoded without CFG (guidance 1) completed at guidance 5 gave the unguided completion, silently.
+    unguided = sample(adapter, ["a red circle"], num_inference_steps=6, guidance_scale=1.0, height=32, width=32,
+                      decode=False)
+    with pytest.raises(ValueError, match="guidance_scale 5.0 runs classifier-free guidance, but the prompt embeddings "
+                                         "hold no unconditional branch"):
+        ode_complete(adapter, sde.latents[:, 3], 3, unguided.embeds, sde.schedule, 5.0)

@@ -182,6 +182,9 @@ class PipelineAdapter:
         """
         model_input = latents.to(self.dtype)
         if embeds.uncond is None:
+            if self.guidance_mode(guidance_scale) == "cfg":  # one branch would be the unguided prediction
+                raise ValueError(f"guidance_scale {guidance_scale} runs classifier-free guidance, but the prompt "
+                                 "embeddings hold no unconditional branch: encode them with that guidance scale")
             return self.forward(model_input, timestep, embeds.cond, guidance_scale).float()
         both = {name: torch.cat([embeds.uncond[name], embeds.cond[name]]) for name in embeds.cond}
         timestep = torch.as_tensor(timestep)
