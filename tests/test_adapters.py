@@ -254,6 +254,8 @@ def test_a_dtype_named_as_the_commands_name_it_loads_in_that_dtype(saved):
     with pytest.raises(ValueError, match=r"dtype must be a torch.dtype or one of \['bfloat16', 'float16', 'float32'\], "
                                          "got 'half'"):
         load_adapter(str(saved["sd3"]), dtype="half")
+    with pytest.raises(ValueError, match="device: .*bogus"):  # named before the weights load, not after
+        load_adapter(str(saved["sd3"]), device="bogus")
 
 
 def test_unsupported_pipeline_names_the_supported_classes(tiny_pipes):

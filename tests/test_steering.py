@@ -10,6 +10,7 @@ import runpy
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -137,6 +138,12 @@ def test_steer_takes_one_prompt_string_and_the_one_prompt_methods_refuse_a_list(
         steer(adapter, ["a red circle"], Darkness(), "reno", first_index=2)
     with pytest.raises(ValueError, match="got 3 noise levels for 4 steps"):  # before FK reads them
         steer(adapter, ["a red circle"], Darkness(), "fk", num_inference_steps=4, noise_level=[0.0] * 3)
+    with pytest.raises(TypeError, match=r"reward must be a Reward \(load_reward\(spec\) makes one"):  # not a spec
+        steer(adapter, ["a red circle"], "shapes", "best-of-n", budget=8)
+    # A numpy seed, which the methods take, is recorded as an int (json.dumps refused np.int64).
+    result = best_of_n(adapter, "a red circle", Darkness(), num_candidates=1, seed=np.int64(3),
+                       num_inference_steps=2, **SIZE)
+    assert type(result.seed) is int and result.seed == 3
 
 
 def test_noise_norm_regularizer_value_and_gradient():

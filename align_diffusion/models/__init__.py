@@ -9,7 +9,9 @@ import torch
 from diffusers import DiffusionPipeline
 
 from align_diffusion.files import home_expanded
-from align_diffusion.models.base import DTYPES, PipelineAdapter, PromptEmbeds, Schedule, check_model_options
+from align_diffusion.models.base import (
+    DTYPES, PipelineAdapter, PromptEmbeds, Schedule, check_model_options, unusable_device,
+)
 from align_diffusion.models.flux import FluxAdapter
 from align_diffusion.models.sd3 import SD3Adapter
 from align_diffusion.models.stable_diffusion import StableDiffusionAdapter, StableDiffusionXLAdapter
@@ -97,6 +99,8 @@ def load_adapter(model: str, dtype: torch.dtype | str = torch.float32, device: s
     options = {"max_sequence_length": max_sequence_length, "clip_skip": clip_skip,
                "guidance_rescale": guidance_rescale, "true_cfg_scale": true_cfg_scale}
     check_model_options(adapter_class(model), **options)  # before the weights load; the adapter checks them again
+    if device is not None and (reason := unusable_device(str(device))):
+        raise ValueError(f"device: {reason}")
     pipe = DiffusionPipeline.from_pretrained(home_expanded(model), dtype=dtype)
     adapter = adapter_for(pipe, **options)
     if device is not None:

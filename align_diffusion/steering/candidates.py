@@ -47,6 +47,9 @@ class SteeringResult:
     budget: Budget
     details: dict = field(default_factory=dict)  # method-specific diagnostics (candidate rewards, ESS, …)
 
+    def __post_init__(self):
+        self.seed = int(self.seed)  # a numpy seed, which the methods take, is no JSON number
+
 
 class Timer:
     """Adds the wall-clock seconds of a `with` block to a budget."""

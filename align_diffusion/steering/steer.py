@@ -62,7 +62,10 @@ def check_steering(family: type[PipelineAdapter] | PipelineAdapter, prompts: lis
         raise ValueError(f"method must be one of {STEERING_METHODS}, got {method!r}")
     if prune_reward is not None and method != "ttsnap":
         raise ValueError(f"prune_reward applies to ttsnap, not {method}")
-    for scorer in (reward, prune_reward):
+    for name, scorer in (("reward", reward), ("prune_reward", prune_reward)):
+        if scorer is not None and not isinstance(scorer, Reward):
+            raise TypeError(f"{name} must be a Reward (load_reward(spec) makes one from a spec), got "
+                            f"{type(scorer).__name__} {scorer!r}")
         if scorer is not None:
             scorer.check_prompts(prompts)
     parameters = inspect.signature(METHOD_FUNCTIONS[method]).parameters.values()
