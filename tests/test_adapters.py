@@ -487,6 +487,23 @@ def test_a_single_generator_is_refused_with_what_to_pass(tiny_pipes):
     adapter = adapter_for(tiny_pipes["sd3"])
     with pytest.raises(TypeError, match="one torch.Generator per image, a list of 2, not a single generator"):
         sample(adapter, PROMPTS, num_inference_steps=2, generators=torch.Generator().manual_seed(0), **SIZE)
+    # A tuple of generators is a sequence like a list (diffusers' noise drawing failed on it); seeds are not.
+    as_tuple = sample(adapter, PROMPTS, num_inference_steps=2, decode=False, **SIZE,
+                      generators=tuple(torch.Generator().manual_seed(k) for k in range(2)))
+    assert torch.equal(as_tuple.final_latents, sample(adapter, PROMPTS, num_inference_steps=2, decode=False, seed=0,
+                                                      **SIZE).final_latents)
+    with pytest.raises(TypeError, match=r"generators must be torch.Generators, got \['int'\]"):
+        sample(adapter, PROMPTS, num_inference_steps=2, generators=[0, 1], **SIZE)
+    with pytest.raises(ValueError, match="num_images_per_prompt must be a whole number >= 1, got 2.0"):
+        sample(adapter, PROMPTS, num_inference_steps=2, num_images_per_prompt=2.0, **SIZE)
+
+
+def test_model_options_of_the_wrong_type_are_refused_before_the_weights_load(saved):
+    """They failed on the first sample, deep in the tokenizer (128.5 tokens), or counted True as 1."""
+    for option, value, message in [("max_sequence_length", 128.5, "must be a whole number of T5 tokens, got 128.5"),
+                                   ("clip_skip", True, "must be a whole number of CLIP layers, got True")]:
+        with pytest.raises(ValueError, match=f"{option}: {message}"):
+            load_adapter(str(saved["sd3"]), **{option: value})
 
 
 @pytest.mark.parametrize("family", ["sd3", "sd", "sdxl"])

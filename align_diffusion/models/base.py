@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 import shutil
 from dataclasses import dataclass
 
@@ -267,6 +268,8 @@ C_COMPILERS = ("g++", "c++", "clang++", "gcc", "cc")  # what inductor (CPU) and 
 
 
 def max_sequence_length_problem(family: type[PipelineAdapter] | None, value: int) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        return f"must be a whole number of T5 tokens, got {value!r}"
     if not 1 <= value <= MAX_SEQUENCE_LENGTH:
         return f"must lie in [1, {MAX_SEQUENCE_LENGTH}] (T5 tokens per prompt), got {value}"
     if family is not None and family.default_max_sequence_length is None:
@@ -276,6 +279,8 @@ def max_sequence_length_problem(family: type[PipelineAdapter] | None, value: int
 
 
 def clip_skip_problem(family: type[PipelineAdapter] | None, value: int) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        return f"must be a whole number of CLIP layers, got {value!r}"
     if value < 0:
         return f"must be >= 0 (CLIP layers skipped from the end), got {value}"
     if family is not None and value and not family.takes_clip_skip:

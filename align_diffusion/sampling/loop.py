@@ -306,8 +306,7 @@ def sample(
     prompts = prompt_list(prompts)
     settings = resolve_settings(adapter, sampler, num_inference_steps, guidance_scale, noise_level, height, width)
     num_inference_steps, guidance_scale, noise_level, height, width = astuple(settings)
-    if num_images_per_prompt < 1:
-        raise ValueError("num_images_per_prompt must be at least 1")
+    check_count("num_images_per_prompt", num_images_per_prompt)
     check_guidance(adapter, guidance_scale, negative_prompt)
     check_negative_prompts(negative_prompt, prompts)
     levels = settings.levels()
@@ -317,6 +316,9 @@ def sample(
         generators = [torch.Generator("cpu").manual_seed(seed + k) for k in range(batch)]
     if isinstance(generators, torch.Generator):
         raise TypeError(f"generators takes one torch.Generator per image, a list of {batch}, not a single generator")
+    generators = list(generators)  # a tuple too, which diffusers' noise drawing would not take
+    if not all(isinstance(generator, torch.Generator) for generator in generators):
+        raise TypeError(f"generators must be torch.Generators, got {sorted({type(g).__name__ for g in generators})}")
     if len(generators) != batch:
         raise ValueError(f"got {len(generators)} generators for {batch} images")
     window = set(range(num_inference_steps) if noise_window is None else noise_window)
