@@ -116,6 +116,7 @@ def denoised_images(adapter):
     (dict(grad_clip=0.0), "grad_clip must be a finite number > 0, got 0.0"),
     (dict(reg_weight=-1.0), "reg_weight must be a finite number >= 0, got -1.0"),
     (dict(num_inference_steps=0), "num_inference_steps must be a whole number >= 1, got 0"),
+    (dict(momentum=5.0), "momentum must lie in [0, 1), got 5.0"),  # accepted, and the noise diverged
 ])
 def test_reno_refuses_settings_that_would_not_raise_the_reward(adapter, denoised_images, options, message):
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -138,6 +139,9 @@ def test_steer_takes_one_prompt_string_and_the_one_prompt_methods_refuse_a_list(
         steer(adapter, ["a red circle"], Darkness(), "reno", first_index=2)
     with pytest.raises(ValueError, match="got 3 noise levels for 4 steps"):  # before FK reads them
         steer(adapter, ["a red circle"], Darkness(), "fk", num_inference_steps=4, noise_level=[0.0] * 3)
+    for option, value in (("resample_interval", 2.5), ("lam", "10")):  # a TypeError deep in range() or math
+        with pytest.raises(ValueError, match=f"{option}.* must be a whole number of steps, got 2.5|lam .*got '10'"):
+            steer(adapter, ["a red circle"], Darkness(), "fk", num_inference_steps=4, **{option: value})
     with pytest.raises(TypeError, match=r"reward must be a Reward \(load_reward\(spec\) makes one"):  # not a spec
         steer(adapter, ["a red circle"], "shapes", "best-of-n", budget=8)
     # A numpy seed, which the methods take, is recorded as an int (json.dumps refused np.int64).

@@ -29,6 +29,7 @@ A deterministic sampler would leave resampled copies identical forever, so it is
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -79,14 +80,18 @@ def check_fk_options(num_inference_steps: int, levels: list[float], *, sampler: 
         raise ValueError(f"FK steering with {num_particles} particles needs a stochastic sampler (flow-sde, "
                          "dance-sde, cps, or ddim with noise_level > 0): resampled copies of a deterministic "
                          "sampler stay identical, so the particles would collapse onto a few images")
-    if not math.isfinite(lam) or lam < 0:
-        raise ValueError(f"lam (the tilt λ) must be a finite number >= 0, got {lam}")
+    if isinstance(lam, bool) or not isinstance(lam, numbers.Real) or not math.isfinite(lam) or lam < 0:
+        raise ValueError(f"lam (the tilt λ) must be a finite number >= 0, got {lam!r}")
     if potential not in FK_POTENTIALS:
         raise ValueError(f"potential must be one of {FK_POTENTIALS}, got {potential!r}")
     if resampling not in FK_RESAMPLING:
         raise ValueError(f"resampling must be one of {FK_RESAMPLING}, got {resampling!r}")
     if adaptive_threshold is not None and not 0 < adaptive_threshold <= 1:
         raise ValueError(f"adaptive_threshold must lie in (0, 1], got {adaptive_threshold}")
+    for name, value in {"resample_start": resample_start, "resample_interval": resample_interval,
+                        "resample_end": resample_end}.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+            raise ValueError(f"{name} must be a whole number of steps, got {value!r}")
     resampling_steps(num_inference_steps, resample_start, resample_interval, resample_end)
 
 

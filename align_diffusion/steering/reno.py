@@ -60,7 +60,8 @@ def _frozen(*modules):
             parameter.requires_grad_(flag)
 
 
-def check_reno_options(reward: Reward, *, iterations: int, lr: float, reg_weight: float, grad_clip: float) -> None:
+def check_reno_options(reward: Reward, *, iterations: int, lr: float, reg_weight: float, grad_clip: float,
+                       momentum: float = 0.9) -> None:
     """The checks of ReNO's options and reward, which need no model (`steering.steer.check_steering`)."""
     blocked = [term.name for term in getattr(reward, "rewards", [reward]) if not term.differentiable]
     if blocked:
@@ -73,6 +74,8 @@ def check_reno_options(reward: Reward, *, iterations: int, lr: float, reg_weight
             raise ValueError(f"{name} must be a finite number >= 0, got {value}")
     if not 0 < grad_clip < math.inf:  # a negative clip lowers the reward, 0 freezes the noise
         raise ValueError(f"grad_clip must be a finite number > 0, got {grad_clip}")
+    if not 0 <= momentum < 1:  # from 1 on, the steps grow without end
+        raise ValueError(f"momentum must lie in [0, 1), got {momentum}")
 
 
 def reno(
@@ -100,7 +103,8 @@ def reno(
     """ReNO for each prompt (prompt j of the run is number `first_index + j`, its initial noise the plain sample's);
     ODE sampling with `num_inference_steps` (default DEFAULT_STEPS; 1–4 is the method's regime) and the model's
     guidance by default."""
-    check_reno_options(reward, iterations=iterations, lr=lr, reg_weight=reg_weight, grad_clip=grad_clip)
+    check_reno_options(reward, iterations=iterations, lr=lr, reg_weight=reg_weight, grad_clip=grad_clip,
+                       momentum=momentum)
     prompts = prompt_list(prompts)
     settings = resolve_settings(adapter, "ode", steps_per_iterate(num_inference_steps), guidance_scale, None, height,
                                 width)

@@ -99,7 +99,7 @@ def check_steering(family: type[PipelineAdapter] | PipelineAdapter, prompts: lis
         check_best_of_n_options(run["num_candidates"], run["batch_size"])
     elif method == "reno":
         check_reno_options(reward, iterations=run["iterations"], lr=run["lr"], reg_weight=run["reg_weight"],
-                           grad_clip=run["grad_clip"])
+                           grad_clip=run["grad_clip"], momentum=run["momentum"])
     elif method == "ttsnap":
         check_ttsnap_options(steps, guidance, run["negative_prompt"], prune_reward or reward,
                              num_seeds=run["num_seeds"], prune_steps=run["prune_steps"], keep=run["keep"])
