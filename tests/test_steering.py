@@ -790,6 +790,19 @@ def test_steer_command_writes_a_reviewable_folder(saved, tmp_path):
                         prune_reward=load_reward("jpeg"), num_candidates=1)
 
 
+def test_a_python_resume_with_another_model_is_refused(saved, tmp_path):
+    """From Python the folder recorded no model: a resume with another one went on, mixing two models' images."""
+    out = tmp_path / "steered"
+    options = dict(budget=4, num_inference_steps=2, height=32, width=32)
+    steer_to_folder(load_adapter(str(saved["sd3"])), ["a red circle"], load_reward("jpeg"), "best-of-n", out,
+                    **options)
+    assert json.loads((out / "metadata.jsonl").read_text())["model"] == str(saved["sd3"])
+    with pytest.raises(ValueError, match=f"resume: the earlier run's model was '{saved['sd3']}', this one's is "
+                                         f"'{saved['sd']}'"):
+        steer_to_folder(load_adapter(str(saved["sd"])), ["a red circle", "two squares"], load_reward("jpeg"),
+                        "best-of-n", out, resume=True, **options)
+
+
 def test_a_rerun_that_fails_its_checks_leaves_the_earlier_results(saved, tmp_path):
     out = tmp_path / "steered"
     common = ["steer", "--model", str(saved["sd3"]), "--reward", "jpeg", "--height", "32", "--width", "32",

@@ -113,6 +113,13 @@ class SampleFolder:
                 warnings.warn(f"no review page for the images {self.root} holds: {error}", stacklevel=2)
 
 
+def adapter_record(adapter: PipelineAdapter) -> dict:
+    """What a folder records of the model where its caller records nothing of it (a Python call; the commands record
+    the model as given, its LoRA and options too): the pipeline's name or path and its dtype, as the commands do."""
+    dtype = str(adapter.dtype).removeprefix("torch.")
+    return {"model": adapter.pipe.name_or_path, "dtype": None if dtype == "float32" else dtype}
+
+
 def json_safe(value):
     """`value` with every NaN or infinite float, however deeply nested, as None: JSON has neither, and strict
     readers (JSON.parse, jq) refuse the bare NaN that Python writes; numbers of other types (numpy's) as Python's."""
@@ -181,7 +188,7 @@ def sample_to_folder(
         reward.check_size(settings.height, settings.width)
     jobs = image_jobs(prompts, num_images_per_prompt, checked_seed(seed, len(prompts) * num_images_per_prompt))
     same_run = {**settings_record(sampler, settings, negative_prompt),
-                "reward": None if reward is None else reward.spec, **(extra_metadata or {})}
+                "reward": None if reward is None else reward.spec, **adapter_record(adapter), **(extra_metadata or {})}
     reward_keys = None if reward is None else reward.keys if isinstance(reward, WeightedRewards) else [reward.name]
     done = 0
     if resuming:  # checked before the folder is touched: a refused resume leaves it as it was

@@ -200,7 +200,7 @@ def steer_to_folder(
     (`SampleFolder`), so a run that fails the checks its method makes as it starts leaves them as they were. With
     `resume`, an interrupted run goes on after its last prompt (`steered_already` checks it is this one)."""
     from align_diffusion.gallery import build_gallery
-    from align_diffusion.sampling.folder import SampleFolder
+    from align_diffusion.sampling.folder import SampleFolder, adapter_record
 
     prompts = prompt_list(prompts)
     if overwrite and resume:
@@ -214,6 +214,7 @@ def steer_to_folder(
 
         ShapesReward().check_prompts(prompts)
         ShapesReward().check_size(*adapter.image_size(steer_options.get("height"), steer_options.get("width")))
+    extra_metadata = {**adapter_record(adapter), **(extra_metadata or {})}  # the model, where the caller says nothing
     run = _run_record(reward, method, shapes_eval, extra_metadata, steer_options)
     done = steered_already(out_dir, prompts, reward, method, shapes_eval=shapes_eval, extra_metadata=extra_metadata,
                            **steer_options) if resume else 0
