@@ -16,6 +16,7 @@ import torch
 
 from align_diffusion.cli import main
 from align_diffusion.models import adapter_for, load_adapter
+from align_diffusion.models.tiny import tiny_pipeline
 from align_diffusion.rewards.base import Reward, RewardError
 from align_diffusion.sampling.loop import sample
 from align_diffusion.rewards.clip import OpenClipScore
@@ -801,6 +802,11 @@ def test_a_python_resume_with_another_model_is_refused(saved, tmp_path):
                                          f"'{saved['sd']}'"):
         steer_to_folder(load_adapter(str(saved["sd"])), ["a red circle", "two squares"], load_reward("jpeg"),
                         "best-of-n", out, resume=True, **options)
+    in_memory = adapter_for(tiny_pipeline("sd3"))  # no name or path: recorded as None, and resumed
+    steer_to_folder(in_memory, ["a red circle"], load_reward("jpeg"), "best-of-n", tmp_path / "memory", **options)
+    steer_to_folder(in_memory, ["a red circle", "two squares"], load_reward("jpeg"), "best-of-n",
+                    tmp_path / "memory", resume=True, **options)
+    assert len((tmp_path / "memory" / "metadata.jsonl").read_text().splitlines()) == 2
 
 
 def test_a_rerun_that_fails_its_checks_leaves_the_earlier_results(saved, tmp_path):

@@ -262,7 +262,7 @@ def check_same_images(records: list[dict], jobs: list[tuple[str, int]], same_run
     if len(records) > len(jobs):
         raise ValueError(f"resume: the folder holds {len(records)} images, more than the {len(jobs)} this run makes")
     # Earlier versions recorded a model option at its default as given (an explicit 256 T5 tokens, say): as null now.
-    family = adapter_class(same_run["model"]) if "model" in same_run else None
+    family = adapter_class(same_run["model"]) if same_run.get("model") else None  # None: a pipeline built in memory
     for record, (prompt, seed) in zip(records, jobs):
         record = {**record, **recorded_model_options(family, {option: record[option] for option in MODEL_OPTIONS
                                                               if option in record})}
