@@ -572,5 +572,6 @@ def validate(config: TrainConfig, num_processes: int = 1) -> None:
         raise ConfigError("sampling.shared_noise: with no noise drawn after the shared start, every image of a group "
                           "would be the same; pick a stochastic sampler and noise level, or share no noise")
     if config.algorithm == "grpo" and not any(levels[t] > 0 for t in drawing):
+        cps_end = " (CPS's last step draws no noise)" if drawing.stop < end else ""
         raise ConfigError(f"{key}: GRPO trains on stochastic steps, and every noise level within the noise window "
-                          f"[{start}, {end}) is 0" + (" (CPS's last step draws no noise)" * (drawing.stop < end)))
+                          f"[{start}, {end}) is 0{cps_end}")
