@@ -145,6 +145,8 @@ def test_steer_takes_one_prompt_string_and_the_one_prompt_methods_refuse_a_list(
             steer(adapter, ["a red circle"], Darkness(), "fk", num_inference_steps=4, **{option: value})
     with pytest.raises(TypeError, match=r"reward must be a Reward \(load_reward\(spec\) makes one"):  # not a spec
         steer(adapter, ["a red circle"], "shapes", "best-of-n", budget=8)
+    with pytest.raises(ValueError, match="height"):  # when steer is called, not on the iterator's first step
+        steer(adapter, ["a red circle"], Darkness(), "best-of-n", num_candidates=1, height=31, width=32)
     # A numpy seed, which the methods take, is recorded as an int (json.dumps refused np.int64).
     result = best_of_n(adapter, "a red circle", Darkness(), num_candidates=1, seed=np.int64(3),
                        num_inference_steps=2, **SIZE)

@@ -75,6 +75,7 @@ def check_steering(family: type[PipelineAdapter] | PipelineAdapter, prompts: lis
     run |= options
     if isinstance(family, PipelineAdapter):  # the size it samples; a command checks it before loading, by its flags
         image_size = family.image_size(run["height"], run["width"])
+        family.check_size(*image_size)
         for scorer in (reward, prune_reward):
             if scorer is not None:
                 scorer.check_size(*image_size)
