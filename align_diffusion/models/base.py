@@ -267,8 +267,13 @@ RECOMPILE_LIMIT = 64  # graphs per compiled block forward (see compile_repeated_
 C_COMPILERS = ("g++", "c++", "clang++", "gcc", "cc")  # what inductor (CPU) and Triton (GPU) build with
 
 
+def is_whole_number(value) -> bool:
+    """An int of any kind (numpy's too), not a bool: what counts, steps, seeds and token lengths must be."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def max_sequence_length_problem(family: type[PipelineAdapter] | None, value: int) -> str | None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    if not is_whole_number(value):
         return f"must be a whole number of T5 tokens, got {value!r}"
     if not 1 <= value <= MAX_SEQUENCE_LENGTH:
         return f"must lie in [1, {MAX_SEQUENCE_LENGTH}] (T5 tokens per prompt), got {value}"
@@ -279,7 +284,7 @@ def max_sequence_length_problem(family: type[PipelineAdapter] | None, value: int
 
 
 def clip_skip_problem(family: type[PipelineAdapter] | None, value: int) -> str | None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    if not is_whole_number(value):
         return f"must be a whole number of CLIP layers, got {value!r}"
     if value < 0:
         return f"must be >= 0 (CLIP layers skipped from the end), got {value}"

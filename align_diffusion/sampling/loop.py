@@ -14,7 +14,7 @@ from dataclasses import astuple, dataclass
 import torch
 from tqdm.auto import tqdm
 
-from align_diffusion.models.base import PipelineAdapter, PromptEmbeds, Schedule
+from align_diffusion.models.base import PipelineAdapter, PromptEmbeds, Schedule, is_whole_number
 from align_diffusion.names import DEFAULT_NOISE_LEVEL, SEED_LIMIT
 from align_diffusion.sampling.steps import (
     StepOutput,
@@ -161,7 +161,7 @@ def noise_levels_problem(sampler: str, levels) -> str | None:
 
 def check_count(name: str, value) -> None:
     """Refuses a `value` of the setting `name` (steps, height, width) that is no whole number >= 1."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+    if not is_whole_number(value) or value < 1:
         raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
 
 
@@ -169,7 +169,7 @@ def checked_seed(seed, count: int = 1) -> int:
     """`seed` as an int; ValueError unless a whole number with seed … seed + count − 1 (the generator seeds a run
     derives from it) in [0, 2**32): torch's CPU generator reads only a seed's low 32 bits (a negative one modulo
     2**64), so seed 2**32, or seed −1's image 1, would draw the noise of image 0 of a seed-0 run."""
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed <= SEED_LIMIT - count:
+    if not is_whole_number(seed) or not 0 <= seed <= SEED_LIMIT - count:
         limit = "[0, 2**32)" if count == 1 else f"[0, 2**32 − {count}] (generators up to seed + {count - 1} follow)"
         raise ValueError(f"seed must be a whole number in {limit}, got {seed!r}")
     return int(seed)

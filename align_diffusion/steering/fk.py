@@ -33,7 +33,7 @@ import numbers
 
 import torch
 
-from align_diffusion.models.base import PipelineAdapter
+from align_diffusion.models.base import PipelineAdapter, is_whole_number
 from align_diffusion.names import FK_POTENTIALS, FK_RESAMPLING
 from align_diffusion.rewards.base import Reward, RewardError
 from align_diffusion.sampling.loop import check_count, check_guidance, resolve_settings
@@ -90,7 +90,7 @@ def check_fk_options(num_inference_steps: int, levels: list[float], *, sampler: 
         raise ValueError(f"adaptive_threshold must lie in (0, 1], got {adaptive_threshold}")
     for name, value in {"resample_start": resample_start, "resample_interval": resample_interval,
                         "resample_end": resample_end}.items():
-        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+        if value is not None and not is_whole_number(value):
             raise ValueError(f"{name} must be a whole number of steps, got {value!r}")
     resampling_steps(num_inference_steps, resample_start, resample_interval, resample_end)
 

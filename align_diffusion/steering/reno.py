@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import contextlib
 import math
-import numbers
 
 import torch
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
-from align_diffusion.models.base import PipelineAdapter
+from align_diffusion.models.base import PipelineAdapter, is_whole_number
 from align_diffusion.rewards.base import Reward, RewardError
 from align_diffusion.rewards.transforms import unscored_if_infinite
 from align_diffusion.sampling.loop import check_guidance, prompt_list, resolve_settings, take_step
@@ -61,13 +60,13 @@ def _frozen(*modules):
 
 
 def check_reno_options(reward: Reward, *, iterations: int, lr: float, reg_weight: float, grad_clip: float,
-                       momentum: float = 0.9) -> None:
+                       momentum: float) -> None:
     """The checks of ReNO's options and reward, which need no model (`steering.steer.check_steering`)."""
     blocked = [term.name for term in getattr(reward, "rewards", [reward]) if not term.differentiable]
     if blocked:
         raise ValueError(f"ReNO needs differentiable rewards; {', '.join(blocked)} is not (gradients cannot reach "
                          "the pixels)")
-    if isinstance(iterations, bool) or not isinstance(iterations, numbers.Integral) or iterations < 0:
+    if not is_whole_number(iterations) or iterations < 0:
         raise ValueError(f"iterations must be a whole number >= 0, got {iterations!r}")
     for name, value in {"lr": lr, "reg_weight": reg_weight}.items():
         if not 0 <= value < math.inf:  # also refuses NaN

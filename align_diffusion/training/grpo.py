@@ -504,8 +504,8 @@ class GRPOTrainer:
     def layout(self) -> dict:
         """How the run's processes were joined, as far as its checkpoints depend on it: DeepSpeed's are its own
         files, its optimizer state sharded over its processes; a plain or DDP checkpoint resumes on any count."""
-        deepspeed = self.accelerator.state.deepspeed_plugin is not None
-        return {"deepspeed": deepspeed, "num_processes": self.accelerator.num_processes if deepspeed else None}
+        return {"deepspeed": self.under_deepspeed,
+                "num_processes": self.accelerator.num_processes if self.under_deepspeed else None}
 
     def check_resume(self) -> Path | None:
         """The checkpoint `resume_from` names (None: none, or `latest` with none yet), once checked: it holds the
@@ -586,17 +586,21 @@ class GRPOTrainer:
         if self.accelerator.is_main_process:
             tqdm.write(message)
 
+    @property
+    def under_deepspeed(self) -> bool:
+        return self.accelerator.state.deepspeed_plugin is not None
+
     def checkpoint_options(self, saving: bool) -> dict:
         """What `save_state` / `load_state` pass DeepSpeed for a LoRA run: its module file would hold the frozen
         base model too (gigabytes at full size), so it is left out, and loaded without (trained.safetensors holds
         the trained weights); nothing otherwise."""
-        if self.accelerator.state.deepspeed_plugin is None or not self.config.lora.enabled:
+        if not self.under_deepspeed or not self.config.lora.enabled:
             return {}
         return {"exclude_frozen_parameters": True} if saving else {"load_module_strict": False}
 
     def autocast(self):
         """optim.mixed_precision's autocast: accelerate's, or under DeepSpeed (where accelerate's is off) torch's."""
-        if self.accelerator.state.deepspeed_plugin is not None and self.config.optim.mixed_precision == "bf16":
+        if self.under_deepspeed and self.config.optim.mixed_precision == "bf16":
             return torch.autocast(self.accelerator.device.type, dtype=torch.bfloat16)
         return self.accelerator.autocast()
 
@@ -867,7 +871,7 @@ class GRPOTrainer:
                     loss_sum, loss_count = loss_sum + masked_sum.detach(), loss_count + float(mask.sum())
             # DeepSpeed has stepped (clipping as its config says) inside the last backward and freed the gradients:
             # only its engine knows their norm, which accelerate's clip_grad_norm_ returns.
-            if self.config.optim.max_grad_norm is not None or self.accelerator.state.deepspeed_plugin is not None:
+            if self.config.optim.max_grad_norm is not None or self.under_deepspeed:
                 norm = self.accelerator.clip_grad_norm_(self.params, self.config.optim.max_grad_norm or 0.0)
             else:
                 self.accelerator.unscale_gradients()  # under fp16 the gradients hold the loss scale until now
