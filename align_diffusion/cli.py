@@ -204,11 +204,11 @@ def load_for_command(args):
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     from align_diffusion.models import load_adapter
-    from align_diffusion.models.base import DTYPES, MODEL_OPTIONS
+    from align_diffusion.models.base import MODEL_OPTIONS
     from align_diffusion.sampling.loop import check_guidance, check_sampler
 
     try:  # what only the loaded model refuses: a clip skip past its encoder's layers, a negative prompt for LCM
-        adapter = load_adapter(str(args.model), dtype=DTYPES[args.dtype], device=args.device,
+        adapter = load_adapter(str(args.model), dtype=args.dtype, device=args.device,
                                **{option: getattr(args, option) for option in MODEL_OPTIONS})
         check_guidance(adapter, adapter.default_guidance if args.guidance is None else args.guidance,
                        args.negative_prompt)
@@ -313,10 +313,9 @@ def warn_of_diverged(args, diverged: int, total: int) -> None:
 def scoring_reward(flag: str, spec: str, args):
     """The reward `spec` names, loaded to score images as they are; one that trains against a run's samples (its
     head would score untrained) or needs reference images, which only `train` gives it, is refused."""
-    from align_diffusion.models.base import DTYPES
     from align_diffusion.rewards.spec import load_reward
 
-    reward = load_reward(spec, device=args.device, dtype=DTYPES[args.dtype])
+    reward = load_reward(spec, device=args.device, dtype=args.dtype)
     if reward.trainable or reward.needs_reference:
         raise SystemExit(f"{flag}: {spec} trains against a run's samples or needs reference images, which only "
                          "train gives it (here its head would score untrained)")
@@ -513,7 +512,6 @@ def listen_problem(host: str, port: int) -> str | None:
 
 
 def run_serve_reward(args) -> None:
-    from align_diffusion.models.base import DTYPES
     from align_diffusion.rewards.remote import checked_token
     from align_diffusion.rewards.server import serve
     from align_diffusion.rewards.spec import load_reward
@@ -532,7 +530,7 @@ def run_serve_reward(args) -> None:
         raise SystemExit(f"--max-body-mb: {args.max_body_mb} MB is less than one byte")
     if problem := listen_problem(args.host, args.port):
         raise SystemExit(f"align-diffusion serve-reward: {problem}")
-    reward = load_reward(args.reward, device=args.device, dtype=DTYPES[args.dtype])
+    reward = load_reward(args.reward, device=args.device, dtype=args.dtype)
     serve(reward, args.host, args.port, token=token, max_body_bytes=max_body_bytes)
 
 

@@ -267,6 +267,10 @@ def test_pickscore_in_bfloat16_keeps_the_float32_logit_scale(tmp_path):
         half = PickScore(str(tmp_path), dtype=torch.bfloat16)(images, PROMPTS)
     # Measured: the bfloat16 model's scores within 0.08% of float32's.
     torch.testing.assert_close(half, full, rtol=3e-3, atol=0)
+    by_name = load_reward(f"pickscore:{tmp_path}", dtype="bfloat16")  # as the commands and configs name it
+    assert by_name.model.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="dtype must be a torch.dtype or one of"):
+        load_reward(f"pickscore:{tmp_path}", dtype="half")
 
 
 def test_clip_rewards_encode_each_prompt_once():

@@ -10,7 +10,7 @@ from diffusers import DiffusionPipeline
 
 from align_diffusion.files import home_expanded
 from align_diffusion.models.base import (
-    DTYPES, PipelineAdapter, PromptEmbeds, Schedule, check_model_options, unusable_device,
+    PipelineAdapter, PromptEmbeds, Schedule, check_model_options, torch_dtype, unusable_device,
 )
 from align_diffusion.models.flux import FluxAdapter
 from align_diffusion.models.sd3 import SD3Adapter
@@ -92,10 +92,7 @@ def load_adapter(model: str, dtype: torch.dtype | str = torch.float32, device: s
     in eval mode, wrapped in its adapter (the options as for `adapter_for`)."""
     if reason := missing_local_model(model):
         raise FileNotFoundError(f"model: {reason}")
-    if isinstance(dtype, str):  # as the commands name it; diffusers would load float32 in its place
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be a torch.dtype or one of {sorted(DTYPES)}, got {dtype!r}")
-        dtype = DTYPES[dtype]
+    dtype = torch_dtype(dtype)
     options = {"max_sequence_length": max_sequence_length, "clip_skip": clip_skip,
                "guidance_rescale": guidance_rescale, "true_cfg_scale": true_cfg_scale}
     check_model_options(adapter_class(model), **options)  # before the weights load; the adapter checks them again

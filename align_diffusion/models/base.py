@@ -315,6 +315,16 @@ def true_cfg_scale_problem(family: type[PipelineAdapter] | None, value: float) -
 # The dtypes a model loads in, by the names the commands and configs give them
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
+
+def torch_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """`dtype`, or the dtype of its name ("bfloat16"); ValueError for another name or type (diffusers would load a
+    model in float32 in place of a name it does not know)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise ValueError(f"dtype must be a torch.dtype or one of {sorted(DTYPES)}, got {dtype!r}")
+
 # Options an adapter is built with (`adapter_for`, `load_adapter`), each with the check of a value against a family.
 MODEL_OPTIONS = {"max_sequence_length": max_sequence_length_problem, "clip_skip": clip_skip_problem,
                  "guidance_rescale": guidance_rescale_problem, "true_cfg_scale": true_cfg_scale_problem}

@@ -266,9 +266,13 @@ def _load_term(term: RewardTerm, device, dtype: torch.dtype) -> Reward:
         raise ValueError(f"reward term {term.text!r}: {error}") from error
 
 
-def load_reward(spec: str, device=None, dtype: torch.dtype = torch.float32) -> Reward:
-    """The reward a spec names (see the module docstring). Loading leaves torch's global RNG as it was (models draw
-    init weights before their checkpoints overwrite them), so adding a reward never shifts a seeded run's noise."""
+def load_reward(spec: str, device=None, dtype: torch.dtype | str = torch.float32) -> Reward:
+    """The reward a spec names (see the module docstring), its networks in `dtype` (or its name, "float16").
+    Loading leaves torch's global RNG as it was (models draw init weights before their checkpoints overwrite them),
+    so adding a reward never shifts a seeded run's noise."""
+    from align_diffusion.models.base import torch_dtype
+
+    dtype = torch_dtype(dtype)
     terms = parse_spec(spec)
     with torch.random.fork_rng(devices=[]):
         rewards = [_load_term(t, device, dtype) for t in terms]
