@@ -156,6 +156,8 @@ def test_recomputed_log_prob_gives_ratio_one(tiny_pipes, sampler):
             torch.testing.assert_close(ratio, torch.ones_like(ratio), atol=1e-5, rtol=0)
             subset = step_log_prob(adapter, trajectory, i, index=[1, 3]).log_prob
             torch.testing.assert_close(subset, trajectory.log_probs[[1, 3], i], atol=1e-5, rtol=0)
+            one = step_log_prob(adapter, trajectory, i, index=2).log_prob  # a batch of one, as index=[2]
+            torch.testing.assert_close(one, trajectory.log_probs[[2], i], atol=1e-5, rtol=0)
 
 
 def test_noise_window_limits_the_stochastic_steps(tiny_pipes):
@@ -192,6 +194,8 @@ def test_sampler_that_does_not_fit_the_model_is_refused(tiny_pipes):
     ("flow-sde", [0.7, 0.7, float("nan")], "finite number >= 0, got nan at step 2"),
     ("dance-sde", -0.1, "finite number >= 0"),
     ("ddim", 5.0, "DDIM η = 5.0 at step 0 makes σ² exceed 1 - ᾱ_prev"),
+    ("flow-sde", "0.7", "a number or a sequence of one per step, got '0.7'"),
+    ("flow-sde", torch.tensor(-1.0), "finite number >= 0, got -1.0"),  # a 0-d tensor is one level
 ])
 def test_invalid_noise_levels_are_refused_before_any_model_call(tiny_pipes, sampler, levels, message):
     adapter = adapter_for(tiny_pipes["sd" if sampler == "ddim" else "sd3"])

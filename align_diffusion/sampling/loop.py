@@ -180,6 +180,10 @@ def checked_noise_level(sampler: str, noise_level, num_inference_steps: int) -> 
     model, unless each step's is a finite number >= 0 that `sampler` takes (`noise_levels_problem`); a sequence comes
     back as a list of floats."""
     level = DEFAULT_NOISE_LEVEL[sampler] if noise_level is None else noise_level
+    if getattr(level, "ndim", None) == 0:  # a 0-d tensor or array holds one level
+        level = level.item()
+    if isinstance(level, str) or not isinstance(level, numbers.Real | Iterable):
+        raise ValueError(f"noise_level must be a number or a sequence of one per step, got {level!r}")
     if not isinstance(level, numbers.Real):  # one per step: a list, tuple, array or tensor
         level = [float(value) for value in level]
         if len(level) != num_inference_steps:
@@ -191,7 +195,7 @@ def checked_noise_level(sampler: str, noise_level, num_inference_steps: int) -> 
                              + (f" at step {step}" if isinstance(level, list) else ""))
     if problem := noise_levels_problem(sampler, levels):
         raise ValueError(f"noise_level: {problem}")
-    return level
+    return level if isinstance(level, list) else float(level)
 
 
 def resolve_settings(
@@ -393,10 +397,13 @@ def sample_images(adapter: PipelineAdapter, prompts: list[str], *, seed: int = 0
 def step_log_prob(adapter: PipelineAdapter, trajectory: Trajectory, step_index: int, index=None) -> StepOutput:
     """Re-scores the stored transition at `step_index` under the adapter's current weights (grad flows if enabled).
 
-    `index` optionally selects a subset of the trajectory's images.
+    `index` optionally selects a subset of the trajectory's images (an int list, slice or bool mask; one int: a
+    batch of that one image).
     """
     if step_index not in trajectory.stochastic_steps:
         raise ValueError(f"step {step_index} was deterministic; stochastic steps are {trajectory.stochastic_steps}")
+    if isinstance(index, numbers.Integral):  # indexing by it would drop the batch dimension
+        index = [index]
     embeds = trajectory.embeds if index is None else trajectory.embeds.select(index)
     index = slice(None) if index is None else index
     x = trajectory.latents[index, step_index]
