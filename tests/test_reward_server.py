@@ -295,6 +295,7 @@ def test_a_url_with_a_path_or_query_reaches_the_server_and_a_fragment_is_refused
 def test_check_prompts_asks_the_server_before_any_image_is_made(shapes_server):
     remote = RemoteReward(shapes_server.url, TOKEN)
     remote.check_prompts(PROMPTS)
+    remote.check_prompts(PROMPTS[0])  # one string is one prompt
     with pytest.raises(ValueError, match="not a shapes-world prompt: 'a photo of a cat'"):
         remote.check_prompts(PROMPTS + ["a photo of a cat"])
     with pytest.raises(RewardError, match="401"):

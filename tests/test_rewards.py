@@ -154,6 +154,9 @@ def test_shapes_reward_matches_shapes_eval_and_refuses_foreign_prompts():
     assert ShapesReward("strict")(images, shuffled).tolist() == [0.0, 0.0, 0.0]
     with pytest.raises(ValueError):
         ShapesReward()(images[:1], ["a photo of a cat"])
+    ShapesReward().check_prompts(PROMPTS[0])  # one string is one prompt (its letters are no prompts)
+    with pytest.raises(ValueError, match="'a photo of a cat'"):
+        ShapesReward().check_prompts("a photo of a cat")
 
 
 def test_jpeg_compressibility_is_minus_kilobytes():

@@ -80,6 +80,11 @@ def images_to_pil(images) -> list[Image.Image]:
     return [image.convert("RGB") for image in images]
 
 
+def prompt_list(prompts: str | Sequence[str]) -> list[str]:
+    """`prompts` as a list; one string is one prompt, not its letters."""
+    return [prompts] if isinstance(prompts, str) else list(prompts)
+
+
 class Reward(torch.nn.Module):
     """Base class: subclasses implement `score(images, prompts, metadata)` on a (B, 3, H, W) tensor in [0, 1]."""
 
@@ -102,7 +107,7 @@ class Reward(torch.nn.Module):
             if not scorable.all():  # a blank stands in for such an image, whose score is then masked
                 images = torch.where(scorable.view(-1, 1, 1, 1), images, torch.zeros((), dtype=images.dtype))
         images = images_to_tensor(images)
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)  # one string is one prompt, not letters
+        prompts = prompt_list(prompts)
         if len(prompts) != len(images):
             raise ValueError(f"{self.name}: {len(prompts)} prompts for {len(images)} images")
         if metadata is not None and len(metadata) != len(images):
@@ -120,9 +125,10 @@ class Reward(torch.nn.Module):
     def score(self, images: torch.Tensor, prompts: list[str], metadata: Sequence[dict] | None) -> torch.Tensor:
         raise NotImplementedError
 
-    def check_prompts(self, prompts: Sequence[str]) -> None:
-        """ValueError naming the first of `prompts` this reward cannot score, for callers to check before they make
-        any image (a reward that scores every prompt, as most do, has nothing to check)."""
+    def check_prompts(self, prompts: str | Sequence[str]) -> None:
+        """ValueError naming the first of `prompts` (one string: one prompt, see `prompt_list`) this reward cannot
+        score, for callers to check before they make any image (a reward that scores every prompt, as most do, has
+        nothing to check)."""
 
     def check_size(self, height: int, width: int) -> None:
         """ValueError when this reward cannot score `height` × `width` images, for callers to check before they make

@@ -27,7 +27,7 @@ import urllib.request
 import torch
 
 from align_diffusion.names import REWARD_TOKEN_ENV
-from align_diffusion.rewards.base import Reward, RewardError, images_to_pil
+from align_diffusion.rewards.base import Reward, RewardError, images_to_pil, prompt_list
 
 logger = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ class RemoteReward(Reward):
         nothing, which is logged."""
         limit = self.server_limits()[0]
         chunks, chunk, size = [], [], len('{"prompts": []}')
-        for prompt in dict.fromkeys(prompts):
+        for prompt in dict.fromkeys(prompt_list(prompts)):
             cost = len(json.dumps(prompt)) + len(", ")
             if chunk and limit is not None and size + cost > limit:
                 chunks.append(chunk)

@@ -6,7 +6,7 @@ import io
 
 import torch
 
-from align_diffusion.rewards.base import Reward, images_to_pil
+from align_diffusion.rewards.base import Reward, images_to_pil, prompt_list
 from align_diffusion.world.evaluate import score_image
 from align_diffusion.world.spec import CANVAS, parse_prompt
 
@@ -41,7 +41,7 @@ class ShapesReward(Reward):
         self.mode = mode
 
     def check_prompts(self, prompts):
-        for prompt in prompts:
+        for prompt in prompt_list(prompts):
             try:
                 parse_prompt(prompt)
             except ValueError as error:
