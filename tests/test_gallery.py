@@ -403,6 +403,31 @@ def test_run_page_compares_only_evaluations_that_share_samples_with_the_first(tm
     assert all((run / link).is_file() for link in links)
 
 
+def test_run_page_of_merged_and_cut_short_metrics(tmp_path):
+    """Metrics that repeat a step (the last row counts), hold NaN, null or a `$` in a term's name, and an evaluation
+    whose samples were written but not its scores: one table row per step, that evaluation linked."""
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [{"step": 0, "eval/reward_mean": 0.3, "eval/shapes_strict": 0.1},
+            {"step": 1, "reward_mean": 0.2, "reward/clip:/data/$\\x$/y_mean": 0.1, "reward/jpeg_mean": -3.0},
+            {"step": 2, "reward_mean": None, "eval/reward_mean": 0.9, "eval/shapes_strict": 0.9},
+            {"step": 1, "reward_mean": 0.25},
+            {"step": 2, "reward_mean": 0.3, "eval/reward_mean": 0.4, "eval/shapes_strict": float("nan")}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for step in (0, 2, 3):
+        make_folder(run / "eval" / f"step-{step:06d}", RECORDS_A)
+    main(["gallery", str(run)])
+    page = (run / "index.html").read_text()
+    table = re.findall(r"<tr><td>(\d+)</td>(.*?)</tr>", page)
+    assert [(step, re.findall(r"<td>([^<]*)</td>", cells)) for step, cells in table] == [
+        ("0", ["0.300", "0.100"]), ("2", ["0.400", "–"]), ("3", ["–", "–"])]
+    assert "eval/step-000003/index.html" in table[2][1] and "3 evaluations" in page
+    assert (run / "plots" / "reward.png").is_file()
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 0}) + "\n" + json.dumps([1, 2]) + "\n")
+    with pytest.raises(SystemExit, match=r"metrics.jsonl:2: not a metrics row"):
+        main(["gallery", str(run)])
+
+
 def test_gallery_command_and_file_names(folders, tmp_path, capsys):
     a, b = folders
     out = tmp_path / "pages" / "side by side.html"

@@ -3,6 +3,7 @@ against budget for steering comparisons)."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import matplotlib
@@ -19,7 +20,8 @@ def plot_curves(series: dict[str, tuple[list[float], list[float]]], path: str | 
     """One line per series name (x values, y values) in one PNG at `path`."""
     figure, axes = plt.subplots(figsize=(6, 3.6), dpi=100)
     for name, (xs, ys) in series.items():
-        axes.plot(xs, ys, marker="o" if len(xs) <= 30 else None, markersize=3, label=name)
+        # A label is mathtext between dollar signs; a reward spec's path may hold one.
+        axes.plot(xs, ys, marker="o" if len(xs) <= 30 else None, markersize=3, label=name.replace("$", r"\$"))
     axes.set(xlabel=xlabel, ylabel=ylabel, title=title)
     axes.grid(alpha=0.3)
     if len(series) > 1:
@@ -33,12 +35,17 @@ def plot_curves(series: dict[str, tuple[list[float], list[float]]], path: str | 
 
 
 def _series(metrics: list[dict], keys: dict[str, str]) -> dict[str, tuple[list, list]]:
-    """label → (steps, values) for each metric key present in at least one row."""
+    """label → (steps, values) for each metric key with a value in at least one row, in step order (a repeated
+    step: its last value). A null (a step that scored nothing) or any other non-number is NaN, a gap in the line."""
+    def number(value):
+        return value if isinstance(value, int | float) and not isinstance(value, bool) else math.nan
+
     series = {}
     for label, key in keys.items():
-        rows = [(row["step"], row[key]) for row in metrics if row.get(key) is not None]
-        if rows:
-            series[label] = ([step for step, _ in rows], [value for _, value in rows])
+        values = {row["step"]: number(row[key]) for row in metrics if key in row}
+        if any(not math.isnan(value) for value in values.values()):
+            steps = sorted(values)
+            series[label] = (steps, [values[step] for step in steps])
     return series
 
 

@@ -5,6 +5,7 @@ other eval prompts after a resume) gets its gallery but no side-by-side page."""
 
 from __future__ import annotations
 
+import math
 from html import escape
 from pathlib import Path
 from urllib.parse import quote
@@ -28,10 +29,17 @@ def eval_folder(run_dir: str | Path, step: int) -> Path:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The rows of the run's metrics.jsonl, each checked to be an object with a whole-number `step`."""
     metrics = Path(run_dir) / "metrics.jsonl"
     if not metrics.is_file():
         raise FileNotFoundError(f"{run_dir} is not a training run: no metrics.jsonl")
-    return [row for _, row in read_jsonl(metrics)]
+    rows = []
+    for number, row in read_jsonl(metrics):
+        step = row.get("step") if isinstance(row, dict) else None
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"{metrics}:{number}: not a metrics row (a JSON object with a step >= 0)")
+        rows.append(row)
+    return rows
 
 
 def build_eval_gallery(run_dir: str | Path, folder: str | Path) -> Path:
@@ -48,7 +56,8 @@ def build_run_page(run_dir: str | Path, *, only_stale: bool = False) -> Path:
     run_dir = Path(run_dir)
     metrics = read_metrics(run_dir)
     plots = plot_training(metrics, run_dir / "plots")
-    folders = sorted(p.parent for p in (run_dir / EVAL_DIR).glob("step-*/metadata.jsonl"))
+    folders = sorted(p.parent for p in (run_dir / EVAL_DIR).glob("step-*/metadata.jsonl")
+                     if p.parent.name.removeprefix("step-").isdigit())
     links, first, first_keys = {}, None, set()
     for folder in folders:
         gallery = folder / "index.html"
@@ -64,7 +73,12 @@ def build_run_page(run_dir: str | Path, *, only_stale: bool = False) -> Path:
                 build_comparison(first, folder, out=comparison)
             links[folder.name].append((f"vs {first.name}", comparison.relative_to(run_dir).as_posix()))
 
-    evaluated = [row for row in metrics if "eval/reward_mean" in row]
+    # One row per step (the last, should rows repeat one), and one for each evaluation that has samples but was cut
+    # short before its scores were written.
+    evaluated = {row["step"]: row for row in metrics if "eval/reward_mean" in row}
+    for folder in folders:
+        evaluated.setdefault(int(folder.name.removeprefix("step-")), {})
+    evaluated = [evaluated[step] | {"step": step} for step in sorted(evaluated)]
     pass_at_k = sorted({key for row in evaluated for key in row if key.startswith("eval/shapes_pass@")},
                        key=lambda key: int(key.rpartition("@")[2]))
     columns = {"eval reward": "eval/reward_mean", "strict": "eval/shapes_strict",
@@ -73,8 +87,7 @@ def build_run_page(run_dir: str | Path, *, only_stale: bool = False) -> Path:
     columns = {label: key for label, key in columns.items() if any(key in row for row in evaluated)}
     rows = []
     for row in evaluated:
-        cells = "".join(f"<td>{row[key]:.3f}</td>" if row.get(key) is not None else "<td>–</td>"
-                        for key in columns.values())
+        cells = "".join(f"<td>{_number(row.get(key))}</td>" for key in columns.values())
         anchors = " ".join(f'<a href="{escape(quote(url))}">{escape(text)}</a>'
                            for text, url in links.get(f"step-{row['step']:06d}", []))
         rows.append(f"<tr><td>{row['step']}</td>{cells}<td>{anchors}</td></tr>")
@@ -99,6 +112,13 @@ def build_run_page(run_dir: str | Path, *, only_stale: bool = False) -> Path:
     out = run_dir / "index.html"
     write_text_atomically(out, page)
     return out
+
+
+def _number(value) -> str:
+    """A metric as the table shows it: three decimals, or a dash for one that is missing or not a finite number."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return "–"
+    return f"{value:.3f}"
 
 
 def _fresh(page: Path, *folders: Path) -> bool:
