@@ -389,6 +389,36 @@ def test_sampling_functions_refuse_a_size_the_reward_cannot_judge_before_any_ima
     assert not any(tmp_path.iterdir())
 
 
+def test_sampling_functions_refuse_an_out_dir_of_other_files_or_unwritable_before_any_image(saved, tmp_path):
+    """As the commands do: a folder of someone else's files is kept unless asked (its eval.json and index.html were
+    replaced), and a folder that cannot be made fails at once, not after the images."""
+    from align_diffusion.steering import steer_to_folder
+    from align_diffusion.world.benchmark import evaluate_shapes
+
+    adapter = load_adapter(str(saved["sd3"]))
+    world = load_adapter(str(Path(__file__).resolve().parents[1] / "assets" / "world" / "sd3"))
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "eval.json").write_text('{"mine": 1}')
+    (tmp_path / "a-file").write_text("")
+    calls = []
+    for model in (adapter, world):
+        model.denoiser.register_forward_pre_hook(lambda *args: calls.append(1))
+    runs = [lambda out, **kw: sample_to_folder(adapter, ["a red circle"], out, num_inference_steps=1, **kw),
+            lambda out, **kw: steer_to_folder(adapter, ["a red circle"], load_reward("jpeg"), "best-of-n", out,
+                                              num_candidates=1, num_inference_steps=1, **kw),
+            lambda out, **kw: evaluate_shapes(world, num_inference_steps=1, num_images_per_prompt=1, out_dir=out,
+                                              progress=False, **kw)]
+    for run in runs:
+        with pytest.raises(ValueError, match="holds other files .* name a new or empty folder"):
+            run(theirs)
+        with pytest.raises(ValueError, match="cannot be a folder: .*a-file is a file"):
+            run(tmp_path / "a-file" / "out", overwrite=True)
+    assert not calls and (theirs / "eval.json").read_text() == '{"mine": 1}' and len(list(theirs.iterdir())) == 1
+    with pytest.raises(ValueError, match="batch_size must be a whole number >= 1, got 1.5"):
+        evaluate_shapes(world, batch_size=1.5)
+
+
 def test_sampling_functions_refuse_a_noise_level_for_the_ode_sampler(saved):
     with pytest.raises(ValueError, match="noise_level: the ode sampler draws no noise"):
         resolve_settings(load_adapter(str(saved["sd3"])), "ode", num_inference_steps=2, noise_level=[0.0, 0.5])

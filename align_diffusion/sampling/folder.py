@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from align_diffusion.files import write_text_atomically
+from align_diffusion.files import check_output_folder, folder_problem, write_text_atomically
 from align_diffusion.models import adapter_class
 from align_diffusion.models.base import MODEL_OPTIONS, PipelineAdapter, recorded_model_options
 from align_diffusion.rewards.base import Reward
@@ -113,6 +113,16 @@ class SampleFolder:
                 warnings.warn(f"no review page for the images {self.root} holds: {error}", stacklevel=2)
 
 
+def check_out_dir(out_dir: str | Path, overwrite: bool) -> None:
+    """ValueError, before any image is made, for an `out_dir` that cannot be written, or, without `overwrite`, one
+    that holds other files but no samples, which a folder's page and images would replace (an earlier `eval.json`,
+    someone's `index.html`)."""
+    if not overwrite:
+        check_output_folder(out_dir, "metadata.jsonl", replaced_whole=False)
+    elif problem := folder_problem(out_dir):
+        raise ValueError(problem)
+
+
 def adapter_record(adapter: PipelineAdapter) -> dict:
     """What a folder records of the model where its caller records nothing of it (a Python call; the commands record
     the model as given, its LoRA and options too): the pipeline's name or path and its dtype, as the commands do."""
@@ -176,11 +186,11 @@ def sample_to_folder(
     if (Path(out_dir) / "metadata.jsonl").exists() and not (overwrite or resume):
         raise FileExistsError(f"{out_dir} already holds samples; pass overwrite=True to replace them, or resume=True "
                               "to go on with them")
+    check_out_dir(out_dir, overwrite)
 
     prompts = prompt_list(prompts)
     check_count("num_images_per_prompt", num_images_per_prompt)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    check_count("batch_size", batch_size)
     if reward is not None:
         reward.check_prompts(prompts)
     settings = resolve_settings(adapter, sampler, num_inference_steps, guidance_scale, noise_level, height, width)

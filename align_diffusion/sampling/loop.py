@@ -375,8 +375,7 @@ def sample_images(adapter: PipelineAdapter, prompts: list[str], *, seed: int = 0
     so the result does not depend on `batch_size` (beyond float rounding: batched kernels may sum in another
     order, ~1e-5, which can move a saved 8-bit pixel by one level). A progress bar when `desc` is given."""
     prompts = prompt_list(prompts)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    check_count("batch_size", batch_size)
     if "num_images_per_prompt" in sample_kwargs:
         raise TypeError("sample_images draws one image per prompt: repeat a prompt for more of its images")
     if "generators" in sample_kwargs:

@@ -201,7 +201,7 @@ def steer_to_folder(
     (`SampleFolder`), so a run that fails the checks its method makes as it starts leaves them as they were. With
     `resume`, an interrupted run goes on after its last prompt (`steered_already` checks it is this one)."""
     from align_diffusion.gallery import build_gallery
-    from align_diffusion.sampling.folder import SampleFolder, adapter_record
+    from align_diffusion.sampling.folder import SampleFolder, adapter_record, check_out_dir
 
     prompts = prompt_list(prompts)
     if overwrite and resume:
@@ -210,6 +210,7 @@ def steer_to_folder(
     if earlier and not (overwrite or resume):
         raise FileExistsError(f"{out_dir} already holds results; pass overwrite=True to replace them, or resume=True "
                               "to go on with them")
+    check_out_dir(out_dir, overwrite)
     if shapes_eval:  # ShapesEval judges the world's grammar only: refused before any compute
         from align_diffusion.rewards.simple import ShapesReward
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from align_diffusion.gallery import build_gallery
 from align_diffusion.models.base import PipelineAdapter
-from align_diffusion.sampling.folder import SampleFolder, settings_record
+from align_diffusion.sampling.folder import SampleFolder, adapter_record, check_out_dir, settings_record
 from align_diffusion.sampling.loop import check_count, resolve_settings, sample_images
 from align_diffusion.world.evaluate import shapes_eval
 from align_diffusion.world.prompts import split_prompts
@@ -32,13 +32,16 @@ def evaluate_shapes(
     overwrite: bool = False,
 ) -> dict:
     """ShapesEval of `adapter`'s samples for every prompt of `split`; image k is seeded `seed + k`. With `out_dir`,
-    the samples are also written there as a sample folder with their verdicts, the settings they were made with
-    (and `extra_metadata`, such as the model) as `sample` writes them, and its review page; samples already there
-    are replaced only with `overwrite`. `diverged_images` counts the samples that diverged
-    (`PipelineAdapter.diverged`), marked `"diverged": true` in `per_image`."""
+    the samples are also written there as a sample folder with their verdicts, the settings and model they were made
+    with (`extra_metadata` adds to or replaces the model's record) as `sample` writes them, and its review page;
+    samples (or other files) already there are replaced only with `overwrite`. `diverged_images` counts the samples
+    that diverged (`PipelineAdapter.diverged`), marked `"diverged": true` in `per_image`."""
     check_count("num_images_per_prompt", num_images_per_prompt)
-    if out_dir is not None and (Path(out_dir) / "metadata.jsonl").exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} already holds samples; pass overwrite=True to replace them")
+    check_count("batch_size", batch_size)
+    if out_dir is not None:
+        if (Path(out_dir) / "metadata.jsonl").exists() and not overwrite:
+            raise FileExistsError(f"{out_dir} already holds samples; pass overwrite=True to replace them")
+        check_out_dir(out_dir, overwrite)
     prompts = [p for p in split_prompts(split) for _ in range(num_images_per_prompt)]
     settings = resolve_settings(adapter, sampler, num_inference_steps, guidance_scale, noise_level)
     if (settings.height, settings.width) != (CANVAS, CANVAS):  # refused now, not after sampling the whole split
@@ -58,7 +61,8 @@ def evaluate_shapes(
         if diverged[k]:
             record["diverged"] = True
     if out_dir is not None:
-        made_with = {**settings_record(sampler, settings, negative_prompt), **(extra_metadata or {})}
+        made_with = {**settings_record(sampler, settings, negative_prompt), **adapter_record(adapter),
+                     **(extra_metadata or {})}
         with SampleFolder(out_dir) as folder:
             for image, record in zip(adapter.to_pil(images), result["per_image"]):
                 folder.add(image, {"prompt": record["prompt"], "seed": record["seed"],
