@@ -656,6 +656,8 @@ def run_train_noise_aware(args) -> None:
     term = terms[0]
     if not 0 <= args.prune_step < args.num_inference_steps:
         raise SystemExit(f"--prune-step must lie in [0, {args.num_inference_steps}) (--num-inference-steps)")
+    if args.train_images < 2:  # a score regressed on one target learns nothing to rank by
+        raise SystemExit(f"--train-images: distillation needs at least 2 trajectories, got {args.train_images}")
     try:
         check_output_folder(args.out, noise_aware.REPORT_FILE)
     except ValueError as error:
@@ -678,8 +680,9 @@ def run_train_noise_aware(args) -> None:
     before = noise_aware.step_agreement(noise_aware.step_scores(teacher, held_out), held_out)
     student = noise_aware.distill(teacher, train, settings)
     after = noise_aware.step_agreement(noise_aware.step_scores(student, held_out), held_out)
-    report = noise_aware.report_dict(settings, before, after, **model_record(args), teacher=args.teacher,
-                                     held_out_images=len(held_out.prompts), **collect)
+    shared = set(train_prompts) & set(eval_prompts)  # the held-out metric flatters a student on them
+    report = noise_aware.report_dict(settings, train, before, after, **model_record(args), teacher=args.teacher,
+                                     held_out_images=len(held_out.prompts), held_out_prompts_trained_on=len(shared))
     noise_aware.save_student(student, args.out, report)
     print("spearman(score of x̂0, teacher's of the final image), pooled over all held-out trajectories and within "
           "each prompt's (mean over prompts)")
@@ -687,6 +690,8 @@ def run_train_noise_aware(args) -> None:
     for step in range(len(before["pooled"])):
         print(f"{step:>4}" + "".join(f"  {agreement[kind][step]:>14.3f}" for kind in ("pooled", "within_prompt")
                                      for agreement in (before, after)))
+    if shared:
+        print(f"note: {len(shared)} of the {len(set(eval_prompts))} held-out prompts were training prompts too")
     print(f"saved to {args.out} (spec {term.name}:{args.out})")
     print(f"prune step {args.prune_step}: spearman pooled {before['pooled'][args.prune_step]:.3f} -> "
           f"{after['pooled'][args.prune_step]:.3f}, within prompt {before['within_prompt'][args.prune_step]:.3f} -> "

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import spearmanr
 import transformers.modeling_utils
-from transformers import AutoProcessor
+from transformers import AutoProcessor, CLIPConfig, CLIPModel
 
 from align_diffusion.cli import main
 from align_diffusion.models import load_adapter
@@ -87,6 +87,12 @@ def test_distillation_needs_two_trajectories_with_finite_scores():
     unscored = Rollouts(["a red circle"] * 2, torch.zeros(2, 2, 3, 64, 64), torch.tensor([1.0, math.nan]))
     with pytest.raises(ValueError, match="finite teacher scores and x̂0s, got 1 of 2"):
         distill(teacher, unscored, NoiseAwareTraining(), log=lambda line: None)
+    two = Rollouts(["a red circle"] * 2, torch.zeros(2, 2, 3, 64, 64), torch.ones(2))
+    for name, value, message in [("steps_per_stage", 0, "a whole number >= 1, got 0"),
+                                 ("batch_size", 2.0, "a whole number >= 1, got 2.0"),
+                                 ("lr", math.nan, "a finite number > 0, got nan")]:
+        with pytest.raises(ValueError, match=f"^{name} must be {message}$"):
+            distill(teacher, two, NoiseAwareTraining(**{name: value}), log=lambda line: None)
 
 
 def test_distillation_leaves_out_the_trajectories_it_cannot_learn_from_and_says_so():
@@ -155,6 +161,26 @@ def test_collected_trajectories_end_in_the_images_sample_images_makes_with_the_n
     assert (with_negative.x0_images[:, -1] - without.x0_images[:, -1]).abs().max() > 1e-2
 
 
+def test_collected_x0s_are_kept_at_the_size_the_teacher_sees(tmp_path):
+    """A teacher that resizes to 32² scores the kept 32² x̂0s as it scores the 64² images (memory: a run's x̂0s at
+    1024² would not fit, at 224² they do)."""
+    config = CLIPConfig.from_pretrained(WORLD_CLIP)
+    config.vision_config.image_size = 32
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(tmp_path / "clip")  # the world's CLIP at 32², untrained
+    processor = AutoProcessor.from_pretrained(WORLD_CLIP)
+    processor.image_processor.size, processor.image_processor.crop_size = {"shortest_edge": 32}, {"height": 32,
+                                                                                                   "width": 32}
+    processor.save_pretrained(tmp_path / "clip")
+    teacher = load_reward(f"pickscore:{tmp_path / 'clip'}")  # no clamp at 0, which an untrained CLIP sits at
+    rollouts = collect(load_adapter(str(WORLD_SD3)), teacher, ["a red circle", "two blue squares"], 2,
+                       num_inference_steps=2, guidance_scale=2.0, seed=0)
+    assert rollouts.x0_images.shape == (4, 2, 3, 32, 32)
+    with torch.no_grad():  # the last x̂0 is the finished image (measured: the same scores)
+        torch.testing.assert_close(teacher(rollouts.x0_images[:, -1], rollouts.prompts), rollouts.teacher_final,
+                                   atol=1e-4, rtol=0)
+
+
 def test_train_reward_noise_aware_command_records_the_generator_it_read(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\na blue square\n")
@@ -167,6 +193,9 @@ def test_train_reward_noise_aware_command_records_the_generator_it_read(tmp_path
     assert report["model"] == str(WORLD_SD3) and report["lora"] is None
     assert report["negative_prompt"] == "a green triangle" and report["clip_skip"] == 1
     assert report["num_inference_steps"] == 3 and report["held_out_images"] == 4
+    assert report["held_out_prompts_trained_on"] == 2 and (report["height"], report["width"]) == (64, 64)
+    world_schedule = load_adapter(str(WORLD_SD3)).schedule(3, 64, 64)
+    assert report["timesteps"] == world_schedule.timesteps.tolist()
     assert len(report["spearman_student_on_x0"]) == len(report["spearman_student_on_x0_within_prompt"]) == 3
     with torch.no_grad():
         assert torch.isfinite(load_reward(f"clip:{out}")(torch.rand(1, 3, 32, 32), ["a red circle"])).all()
@@ -186,6 +215,20 @@ def test_train_reward_noise_aware_command_records_the_generator_it_read(tmp_path
                            ({"prune_steps": [0]}, "pruning from step 0")]:
         with pytest.raises(ValueError, match=re.escape(learned) + f".*{named}"):
             ttsnap(adapter, "a red circle", teacher, student, **{**run, **trained, **changed})
+        for combined in (f"clip:{out}=2", f"jpeg=0.1,clip:{out}"):  # a student among weighted terms is checked too
+            with pytest.raises(ValueError, match=re.escape(f"prune reward clip:{out}") + f".*{named}"):
+                ttsnap(adapter, "a red circle", teacher, load_reward(combined), **{**run, **trained, **changed})
+    # Another schedule at the same steps (another model, or a size a shift depends on): other noise levels
+    adapter.pipe.scheduler = type(adapter.pipe.scheduler).from_config(adapter.pipe.scheduler.config, shift=6.0)
+    with pytest.raises(ValueError, match=r"learned from x̂0s at the timesteps \[1000.0, 751.12, 8.93\], and this "
+                                         r"run's are \[1000.0, 858.6"):
+        ttsnap(adapter, "a red circle", teacher, student, **run, **trained)
+    with pytest.raises(ValueError, match=r"prune steps must be increasing step indices in \[0, 3\), got \[1.5\]"):
+        ttsnap(adapter, "a red circle", teacher, student, **{**run, "prune_steps": [1.5]}, **trained)
+    report_file = out / REPORT_FILE
+    report_file.write_text(report_file.read_text()[:50])  # a report cut short
+    with pytest.raises(ValueError, match=re.escape(f"{report_file}: not a noise-aware student's report")):
+        ttsnap(adapter, "a red circle", teacher, student, **run, **trained)
 
 
 @pytest.mark.parametrize("flags, named", [
@@ -195,6 +238,7 @@ def test_train_reward_noise_aware_command_records_the_generator_it_read(tmp_path
     (["--prompts", "no/such/prompts.txt"], "--prompts: 'no/such/prompts.txt' is neither shapes:SPLIT nor a file"),
     (["--eval-prompts", "shapes:dev"], "--eval-prompts: 'shapes:dev'"),
     (["--teacher", "clip:assets/world/clip,jpeg"], "--teacher must be one unweighted term, clip:PATH or pickscore:"),
+    (["--train-images", "1"], "--train-images: distillation needs at least 2 trajectories, got 1"),
     (["--teacher", "clip:assets/world/clip=2"], "--teacher must be one unweighted term, clip:PATH or pickscore:PATH, "
                                                 "got 'clip:assets/world/clip=2'"),
 ])

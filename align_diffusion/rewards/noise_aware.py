@@ -17,14 +17,14 @@ from __future__ import annotations
 import copy
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from align_diffusion.files import check_output_folder, write_folder_atomically
-from align_diffusion.models.base import PipelineAdapter
+from align_diffusion.models.base import PipelineAdapter, is_whole_number
 from align_diffusion.rewards.clip import _TransformersClip
 from align_diffusion.sampling.folder import json_safe
 from align_diffusion.sampling.loop import sample
@@ -49,8 +49,13 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
 @dataclass
 class Rollouts:
     prompts: list[str]
-    x0_images: torch.Tensor  # (B, T, 3, H, W) decoded x̂0 per step, in [0, 1]
+    # (B, T, 3, h, w) decoded x̂0 per step in [0, 1], at the size the teacher's processor resizes the images to
+    # where that is smaller (its score of them is its score of the full-size x̂0s, up to the clamp into [0, 1])
+    x0_images: torch.Tensor
     teacher_final: torch.Tensor  # (B,) the teacher's score of each finished image
+    # What the trajectories were sampled with (`collect` fills it in): steps, guidance, negative prompt, size and
+    # the denoiser's timesteps
+    run: dict = field(default_factory=dict)
 
 
 @torch.no_grad()
@@ -59,17 +64,30 @@ def collect(adapter: PipelineAdapter, teacher, prompts: list[str], num_images_pe
             negative_prompt: str | None = None) -> Rollouts:
     """ODE trajectories of the prompts, their decoded x̂0 per step and the teacher's final scores."""
     per_image = [p for p in prompts for _ in range(num_images_per_prompt)]
+    height, width = adapter.image_size(None, None)
+    schedule = adapter.schedule(num_inference_steps, height, width)
+    smaller = math.prod(teacher.transform.resized_size(height, width)) < height * width
     x0s, finals = [], []
     for start in tqdm(range(0, len(per_image), batch_size), desc="trajectories", leave=False):
         chunk = per_image[start : start + batch_size]
         generators = [torch.Generator().manual_seed(seed + start + k) for k in range(len(chunk))]
         trajectory = sample(adapter, chunk, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                             negative_prompt=negative_prompt, generators=generators)
-        # one step's images at a time, kept on the CPU: all of a run's x̂0s at 1024² would not fit a GPU
-        x0s.append(torch.stack([adapter.decode(trajectory.pred_x0[:, t]).cpu()
+        # One step's images at a time, kept on the CPU at the size the teacher sees: a run's 512 trajectories of
+        # 10 steps at 1024² would take 60 GiB, at 224² 3 GiB.
+        x0s.append(torch.stack([_as_kept(adapter.decode(trajectory.pred_x0[:, t]), teacher, smaller)
                                 for t in range(trajectory.pred_x0.shape[1])], dim=1))
         finals.append(teacher(trajectory.images, chunk).cpu())
-    return Rollouts(per_image, torch.cat(x0s), torch.cat(finals))
+    run = {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
+           "negative_prompt": negative_prompt, "height": height, "width": width,
+           "timesteps": schedule.timesteps.tolist()}
+    return Rollouts(per_image, torch.cat(x0s), torch.cat(finals), run)
+
+
+def _as_kept(images: torch.Tensor, teacher: _TransformersClip, smaller: bool) -> torch.Tensor:
+    """Decoded x̂0s as `collect` keeps them: on the CPU, resized as the teacher resizes (`smaller`: that shrinks
+    them) and clamped into the [0, 1] a reward takes (bicubic resizing overshoots a little)."""
+    return (teacher.transform.resized(images).clamp(0, 1) if smaller else images).cpu()
 
 
 def step_scores(reward, rollouts: Rollouts, batch_size: int = 64) -> torch.Tensor:
@@ -113,6 +131,11 @@ def distill(teacher: _TransformersClip, rollouts: Rollouts, settings: NoiseAware
     if not isinstance(teacher, _TransformersClip):
         raise ValueError(f"noise-aware distillation takes a CLIP-family teacher (clip:, pickscore:), got "
                          f"{teacher.name}")
+    for name in ("steps_per_stage", "batch_size"):
+        if not is_whole_number(value := getattr(settings, name)) or value < 1:
+            raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+    if not (isinstance(settings.lr, int | float) and 0 < settings.lr < math.inf):
+        raise ValueError(f"lr must be a finite number > 0, got {settings.lr!r}")
     student = copy.deepcopy(teacher)
     student.model.vision_model.requires_grad_(True)
     student.model.visual_projection.requires_grad_(True)
@@ -120,7 +143,7 @@ def distill(teacher: _TransformersClip, rollouts: Rollouts, settings: NoiseAware
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(settings.seed)
     num_steps = rollouts.x0_images.shape[1]
-    if not 0 <= settings.earliest_step < num_steps:
+    if not is_whole_number(settings.earliest_step) or not 0 <= settings.earliest_step < num_steps:
         raise ValueError(f"earliest_step must lie in [0, {num_steps}), got {settings.earliest_step}")
     # A trajectory the teacher could not score (or that diverged on the way) teaches nothing: left out, and said.
     usable = torch.isfinite(rollouts.teacher_final) & torch.isfinite(rollouts.x0_images).flatten(1).all(1)
@@ -131,7 +154,7 @@ def distill(teacher: _TransformersClip, rollouts: Rollouts, settings: NoiseAware
         log(f"left out {int((~usable).sum())} of {len(usable)} trajectories: a teacher score or an x̂0 pixel is "
             "not finite")
         rollouts = Rollouts([p for p, keep in zip(rollouts.prompts, usable.tolist()) if keep],
-                            rollouts.x0_images[usable], rollouts.teacher_final[usable])
+                            rollouts.x0_images[usable], rollouts.teacher_final[usable], rollouts.run)
     num_images = len(rollouts.prompts)
     target_scale = rollouts.teacher_final.std().clamp(min=1e-6)
     stages = list(range(num_steps - 1, settings.earliest_step - 1, -1))
@@ -166,23 +189,40 @@ def save_student(student: _TransformersClip, out: str | Path, report: dict) -> N
     write_folder_atomically(out, write)
 
 
-def student_report(reward) -> dict | None:
-    """The training report of a noise-aware student loaded from a folder (None for any other reward)."""
-    folder = getattr(getattr(getattr(reward, "model", None), "config", None), "_name_or_path", None)
-    report = Path(folder) / REPORT_FILE if folder else None
-    return json.loads(report.read_text(encoding="utf-8")) if report is not None and report.is_file() else None
+def student_reports(reward) -> dict[str, dict]:
+    """The training report of each noise-aware student (loaded from a folder) among `reward`'s terms, by its spec."""
+    from align_diffusion.rewards.spec import WeightedRewards
+
+    reports = {}
+    for term in reward.rewards if isinstance(reward, WeightedRewards) else [reward]:
+        folder = getattr(getattr(getattr(term, "model", None), "config", None), "_name_or_path", None)
+        report = Path(folder) / REPORT_FILE if folder else None
+        if report is not None and report.is_file():
+            try:
+                reports[term.spec] = json.loads(report.read_text(encoding="utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as error:
+                raise ValueError(f"{report}: not a noise-aware student's report ({error})") from None
+    return reports
 
 
 def unfit_run(report: dict, num_inference_steps: int, guidance_scale: float, negative_prompt: str | None,
-              first_prune_step: int | None) -> str | None:
+              first_prune_step: int | None, timesteps=None) -> str | None:
     """Why a student trained as `report` says cannot score the x̂0s of a run with these settings (None when it can):
-    a step index is a noise level only at one number of steps, and guidance and the negative prompt shape the x̂0s;
-    before its earliest step it saw no x̂0 at all."""
+    a step index is a noise level only at one number of steps (and of one model's schedule at one image size: the
+    run's `timesteps`, where known, are compared with those the report records), and guidance and the negative
+    prompt shape the x̂0s; before its earliest step it saw no x̂0 at all."""
     trained = (report.get("num_inference_steps"), report.get("guidance_scale"), report.get("negative_prompt") or None)
     earliest = report.get("settings", {}).get("earliest_step", 0)
     if trained == (num_inference_steps, guidance_scale, negative_prompt or None) and (
             first_prune_step is None or first_prune_step >= earliest):
-        return None
+        learned = report.get("timesteps")
+        if timesteps is None or learned is None or torch.allclose(
+                torch.as_tensor(timesteps, dtype=torch.float64), torch.tensor(learned, dtype=torch.float64),
+                rtol=1e-4, atol=1e-3):
+            return None
+        return (f"the student learned from x̂0s at the timesteps {[round(t, 2) for t in learned]}, and this run's "
+                f"are {[round(float(t), 2) for t in timesteps]} (another model's schedule, or another image size, "
+                "at the same number of steps): run the model and size it learned from, or train a student for these")
     described = ", negative prompt {!r}"
     return (f"the student learned from x̂0s of {trained[0]}-step runs at guidance {trained[1]}"
             f"{described.format(trained[2]) if trained[2] else ''}, from step {earliest} on; this run has "
@@ -192,9 +232,10 @@ def unfit_run(report: dict, num_inference_steps: int, guidance_scale: float, neg
             "of steps a step index is another noise level): run with its settings, or train a student for these")
 
 
-def report_dict(settings: NoiseAwareTraining, before: dict, after: dict, **extra) -> dict:
-    """The report saved with a student: its settings and the teacher's and its step agreements."""
-    return {"settings": asdict(settings), "spearman_teacher_on_x0": before["pooled"],
+def report_dict(settings: NoiseAwareTraining, rollouts: Rollouts, before: dict, after: dict, **extra) -> dict:
+    """The report saved with a student: its settings, what its training `rollouts` were sampled with (which
+    `unfit_run` compares a run with), and the teacher's and its step agreements."""
+    return {"settings": asdict(settings), **rollouts.run, "spearman_teacher_on_x0": before["pooled"],
             "spearman_student_on_x0": after["pooled"],
             "spearman_teacher_on_x0_within_prompt": before["within_prompt"],
             "spearman_student_on_x0_within_prompt": after["within_prompt"], **extra}

@@ -100,12 +100,16 @@ class TorchImageTransform:
             short, long = round(short * (self.edge / long)), self.edge  # rounded, as open_clip and HPSv2 do
         return (short, long) if height <= width else (long, short)
 
+    def resized(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) images after the resize alone (neither cropped nor normalized)."""
+        new_size = self.resized_size(*images.shape[-2:])
+        if new_size == tuple(images.shape[-2:]):
+            return images
+        return F.interpolate(images, size=new_size, mode=self.interpolation, align_corners=False, antialias=True)
+
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [0, 1] to normalized model input; differentiable."""
-        new_size = self.resized_size(*images.shape[-2:])
-        if new_size != tuple(images.shape[-2:]):
-            images = F.interpolate(images, size=new_size, mode=self.interpolation, align_corners=False,
-                                   antialias=True)
+        images = self.resized(images)
         if self.size is not None:
             images = self.center_crop_or_pad(images)
         mean = images.new_tensor(self.mean).view(1, 3, 1, 1)

@@ -17,9 +17,9 @@ from decimal import ROUND_HALF_UP, Decimal
 
 import torch
 
-from align_diffusion.models.base import PipelineAdapter
+from align_diffusion.models.base import PipelineAdapter, is_whole_number
 from align_diffusion.rewards.base import Reward
-from align_diffusion.rewards.noise_aware import student_report, unfit_run
+from align_diffusion.rewards.noise_aware import student_reports, unfit_run
 from align_diffusion.sampling.loop import check_count, check_guidance, resolve_settings
 from align_diffusion.steering.candidates import (
     Budget,
@@ -47,7 +47,8 @@ def kept(count: int, fraction: float) -> int:
 def check_schedule(prune_steps: list[int], keep: list[float], num_inference_steps: int) -> None:
     if len(prune_steps) != len(keep):
         raise ValueError(f"TTSnap needs one keep fraction per prune step, got steps {prune_steps} and keep {keep}")
-    if sorted(set(prune_steps)) != list(prune_steps) or not all(0 <= s < num_inference_steps for s in prune_steps):
+    if sorted(set(prune_steps)) != list(prune_steps) or not all(
+            is_whole_number(s) and 0 <= s < num_inference_steps for s in prune_steps):
         defaults = (" (the defaults, made for 20 steps: give prune steps and keep fractions that fit)"
                     if tuple(prune_steps) == PRUNE_STEPS else "")
         raise ValueError(f"prune steps must be increasing step indices in [0, {num_inference_steps}), "
@@ -57,15 +58,19 @@ def check_schedule(prune_steps: list[int], keep: list[float], num_inference_step
 
 
 def check_ttsnap_options(num_inference_steps: int, guidance_scale: float, negative_prompt: str | None,
-                         prune_reward: Reward, *, num_seeds: int, prune_steps: list[int], keep: list[float]) -> None:
+                         prune_reward: Reward, *, num_seeds: int, prune_steps: list[int], keep: list[float],
+                         timesteps=None) -> None:
     """The checks of TTSnap's options at the run's steps and guidance, which need no model
-    (`steering.steer.check_steering`): among them, that a noise-aware student was trained for such runs."""
+    (`steering.steer.check_steering`): among them, that each noise-aware student among the prune reward's terms was
+    trained for such runs (with the model's `timesteps` for the run, for its schedule too)."""
     prune_steps, keep = list(prune_steps), list(keep)
     check_schedule(prune_steps, keep, num_inference_steps)
     check_count("num_seeds", num_seeds)
-    if (report := student_report(prune_reward)) is not None and (problem := unfit_run(
-            report, num_inference_steps, guidance_scale, negative_prompt, prune_steps[0] if prune_steps else None)):
-        raise ValueError(f"prune reward {prune_reward.spec}: {problem}")
+    first_prune_step = prune_steps[0] if prune_steps else None
+    for spec, report in student_reports(prune_reward).items():
+        if problem := unfit_run(report, num_inference_steps, guidance_scale, negative_prompt, first_prune_step,
+                                timesteps):
+            raise ValueError(f"prune reward {spec}: {problem}")
 
 
 def model_evals(num_seeds: int, prune_steps: list[int], keep: list[float], num_inference_steps: int) -> int:
@@ -114,15 +119,15 @@ def ttsnap(
     settings = resolve_settings(adapter, sampler, num_inference_steps, guidance_scale, noise_level, height, width)
     check_guidance(adapter, settings.guidance_scale, negative_prompt)
     prune_steps, keep = list(prune_steps), list(keep)
+    schedule = adapter.schedule(settings.num_inference_steps, settings.height, settings.width)
     check_ttsnap_options(settings.num_inference_steps, settings.guidance_scale, negative_prompt, prune_reward,
-                         num_seeds=num_seeds, prune_steps=prune_steps, keep=keep)
+                         num_seeds=num_seeds, prune_steps=prune_steps, keep=keep, timesteps=schedule.timesteps)
     budget = Budget()
     generators = candidate_generators(seed, index, num_seeds)
     alive = torch.arange(num_seeds)  # candidate numbers still running
     survivors, unscored = [], []
     with Timer(budget):
         embeds = adapter.encode_prompt([prompt], settings.guidance_scale, num_seeds, negative_prompt)
-        schedule = adapter.schedule(settings.num_inference_steps, settings.height, settings.width)
         x = adapter.initial_noise(generators, settings.height, settings.width)
         for i in range(settings.num_inference_steps):
             out = denoise_step(adapter, x, i, schedule, embeds.select(alive), settings.guidance_scale, sampler,
