@@ -304,6 +304,17 @@ def test_check_prompts_asks_the_server_before_any_image_is_made(shapes_server):
     assert status == 400 and answer["error"] == "prompts must be a list of strings"
 
 
+def test_check_size_asks_the_server_before_any_image_is_made(shapes_server):
+    """A size the served reward refuses fails where a local reward's would, not at the first batch of a run."""
+    remote = RemoteReward(shapes_server.url, TOKEN)
+    remote.check_size(64, 64)
+    with pytest.raises(ValueError, match="HTTP 400: ShapesEval judges 64×64 shapes-world images, got 32×32"):
+        remote.check_size(32, 32)
+    for size in ({"height": 64}, {"height": 64, "width": 0}, {"height": True, "width": 64}):
+        status, answer = request(shapes_server, "POST", "/check", json.dumps(size).encode(), AUTH)
+        assert status == 400 and answer["error"] == "height and width must both be whole numbers >= 1"
+
+
 def test_an_image_of_more_than_8_bits_a_channel_is_refused_not_clipped(mean_server, tmp_path):
     """Wherever images are read: by the server, by a reward, from a references folder, by ShapesEval."""
     gray = Image.fromarray(np.full((8, 8), 32768, dtype=np.uint16))  # mid-gray, which RGB would clip to white
@@ -359,6 +370,7 @@ def test_check_asks_each_distinct_prompt_once_in_bodies_the_server_takes(monkeyp
     try:
         with caplog.at_level("WARNING", logger="align_diffusion.rewards.remote"):
             RemoteReward(without_check.url, TOKEN).check_prompts(["a photo of a cat"])
+            RemoteReward(without_check.url, TOKEN).check_size(32, 32)
     finally:
         without_check.close()
     assert "has no /check" in caplog.text

@@ -6,8 +6,8 @@ exponential backoff; a 4xx answer, a malformed response, a request sent but not 
 still be scoring it: a retry would queue behind it) or the last failed attempt raises RewardError. Before its first
 batch the client asks the server's /health whether it takes the token and how large a body, and splits a batch
 that is too large before sending it. There is no default score: either every image gets its server's score (NaN
-where the server could not score it) or the call raises. `check_prompts` asks the server's /check, so that a
-prompt its reward cannot score fails before any image is made.
+where the server could not score it) or the call raises. `check_prompts` and `check_size` ask the server's /check,
+so that a prompt or an image size its reward cannot score fails before any image is made.
 """
 
 from __future__ import annotations
@@ -168,7 +168,7 @@ class RemoteReward(Reward):
     def check_prompts(self, prompts):
         """ValueError naming the first of `prompts` the server's reward cannot score (its POST /check, asked with
         each distinct prompt once, in requests the size its /health allows); a server without /check (404) checks
-        nothing, which is logged."""
+        nothing, which is logged (`checked`)."""
         limit = self.server_limits()[0]
         chunks, chunk, size = [], [], len('{"prompts": []}')
         for prompt in dict.fromkeys(prompt_list(prompts)):
@@ -179,17 +179,27 @@ class RemoteReward(Reward):
             chunk.append(prompt)
             size += cost
         for chunk in chunks + [chunk]:
-            try:
-                what = f"request of {len(chunk)} prompt" + "s" * (len(chunk) != 1)
-                self.post("check", json.dumps({"prompts": chunk}).encode(), what)
-            except Refused as error:
-                if error.status == 400:
-                    raise ValueError(str(error)) from None
-                if error.status != 404:
-                    raise
-                logger.warning("reward server %s has no /check: its reward did not check the prompts before the "
-                               "first image; a prompt it cannot score fails at its first batch", self.url)
+            if not self.checked({"prompts": chunk}, f"request of {len(chunk)} prompt" + "s" * (len(chunk) != 1)):
                 return
+
+    def check_size(self, height, width):
+        """ValueError when the server's reward cannot score `height` × `width` images (its POST /check)."""
+        self.checked({"height": height, "width": width}, f"size check of {height}×{width}")
+
+    def checked(self, request: dict, what: str) -> bool:
+        """Asks the server's /check about `request`: ValueError with its answer where its reward refuses it; False
+        (and a warning) for a server without /check."""
+        try:
+            self.post("check", json.dumps(request).encode(), what)
+        except Refused as error:
+            if error.status == 400:
+                raise ValueError(str(error)) from None
+            if error.status != 404:
+                raise
+            logger.warning("reward server %s has no /check: its reward did not check the prompts or image size "
+                           "before the first image; what it cannot score fails at its first batch", self.url)
+            return False
+        return True
 
     def score(self, images, prompts, metadata):
         images = images_to_pil(images)

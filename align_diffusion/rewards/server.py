@@ -3,8 +3,9 @@
 Standard library only. `POST /score` takes `{"prompts": [...], "images": [base64 PNG, ...], "metadata": [...]}`
 (metadata optional) with `Authorization: Bearer TOKEN` and answers `{"rewards": [...], "reward": NAME}`, NaN sent as
 null, NAME the reward's (so a client notices a server restarted with another reward).
-`POST /check` takes `{"prompts": [...]}` and answers `{}`, or 400 naming the first prompt the reward cannot score
-(`Reward.check_prompts`), so that a client learns it before it makes any image. `GET /health` answers
+`POST /check` takes `{"prompts": [...]}`, `{"height": H, "width": W}` or both, and answers `{}`, or 400 naming the
+first prompt, or the size, the reward cannot score (`Reward.check_prompts`, `Reward.check_size`), so that a client
+learns it before it makes any image. `GET /health` answers
 `{"status": "ok", "reward": NAME, "max_body_bytes": N, "max_batch_pixels": P}` without a token, and with
 `"authorized": true / false` when a token comes along, so a client learns its limits and its token's standing
 before it sends a large body (on a slow link a refused body can reset the connection before the refusal is read).
@@ -136,6 +137,13 @@ def checked_prompts(prompts) -> list[str]:
     return prompts
 
 
+def checked_size(request: dict) -> tuple[int, int]:
+    size = request.get("height"), request.get("width")
+    if not all(isinstance(side, int) and not isinstance(side, bool) and side >= 1 for side in size):
+        raise RequestError(400, "height and width must both be whole numbers >= 1")
+    return size
+
+
 class InfiniteScore(RewardError):
     """The reward scored an image ±inf: a failure that a retry of the batch would repeat."""
 
@@ -255,11 +263,15 @@ class RewardRequestHandler(BaseHTTPRequestHandler):
 
     def check(self, body: bytes) -> None:
         try:
-            prompts = checked_prompts(parse_json_object(body).get("prompts"))
+            request = parse_json_object(body)
+            prompts = checked_prompts(request.get("prompts", []))
+            size = checked_size(request) if "height" in request or "width" in request else None
         except RequestError as error:
             return self.send_json(error.status, {"error": str(error)})
         try:
             self.server.reward.check_prompts(prompts)
+            if size is not None:
+                self.server.reward.check_size(*size)
         except ValueError as error:
             return self.send_json(400, {"error": str(error)})
         except Exception as error:
