@@ -758,6 +758,7 @@ def test_merged_label_files_keep_a_file_once_and_refuse_one_labelled_two_ways(tm
     ('{"file": null, "prompt": "a red circle"}', "file must be a path, got None"),
     ('{"file": "images/00000.png", "prompt": "a red circle", "rewards": [1]}', "rewards must be an object"),
     ('{"file": "images/00000.png", "prompt": "a red circle", "seed": [1]}', "seed must be a whole number"),
+    ('{"file": "images/00000.png", "prompt": "a red \\ud800 circle"}', "not text: surrogates not allowed"),
 ])
 def test_a_record_of_the_wrong_shape_is_named_by_its_line(tmp_path, line, problem):
     folder = make_folder(tmp_path / "odd", RECORDS_A[:1])

@@ -67,6 +67,11 @@ def read_records(folder: str | Path) -> list[dict]:
         for key, (kinds, text) in RECORD_TYPES.items():
             if key in record and (not isinstance(record[key], kinds) or isinstance(record[key], bool)):
                 raise ValueError(f"{metadata}:{number}: {key} must be {text}, got {record[key]!r}")
+        try:
+            json.dumps(record, ensure_ascii=False).encode()
+        except UnicodeEncodeError as error:  # JSON's escapes can spell half a UTF-16 pair, which no page can hold
+            raise ValueError(f"{metadata}:{number}: not text: {error.reason} ({error.object[error.start:error.end]!r})"
+                             ) from None
         records.append(record)
     return records
 
