@@ -325,6 +325,7 @@ def torch_dtype(dtype: torch.dtype | str) -> torch.dtype:
         return DTYPES[dtype]
     raise ValueError(f"dtype must be a torch.dtype or one of {sorted(DTYPES)}, got {dtype!r}")
 
+
 # Options an adapter is built with (`adapter_for`, `load_adapter`), each with the check of a value against a family.
 MODEL_OPTIONS = {"max_sequence_length": max_sequence_length_problem, "clip_skip": clip_skip_problem,
                  "guidance_rescale": guidance_rescale_problem, "true_cfg_scale": true_cfg_scale_problem}
