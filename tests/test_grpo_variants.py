@@ -12,6 +12,7 @@ import scipy.stats
 import torch
 import torch.nn.functional as F
 import yaml
+from PIL import Image
 from safetensors.torch import load_file
 from training_helpers import metrics, tiny_overrides
 
@@ -26,6 +27,7 @@ from align_diffusion.training.config import ConfigError, load_config, to_dict
 from align_diffusion.training.gdro import GROUPS_FILE, GDROTrainer, gdro_loss
 from align_diffusion.training.grpo import SHARED_NOISE_STREAM, GRPOTrainer, gaussian_kl, train
 from align_diffusion.training.noise_table import calibrate_step, read_table, write_table
+from align_diffusion.training.prompts import ReferenceSource
 
 # --- hand-worked values ------------------------------------------------------------------------------------------
 
@@ -358,6 +360,8 @@ def test_reward_transforms_are_refused_where_they_do_not_apply(saved, prompt_fil
                            ({"references": "shapes"}, "references: only a reward that trains against them (adv-dino) "
                             "reads reference images, and reward 'jpeg' has none"),
                            ({"reward_updates": 20}, "reward_updates: only a reward that trains (adv-dino) is updated"),
+                           ({"eval.rewards": "jpeg,adv-dino:assets/world/dino"}, "eval.rewards: "
+                            "adv-dino:assets/world/dino trains against reference images, which only the training"),
                            ({"algorithm": "gdro", "gdro.num_groups": 3, "gdro.groups_per_step": 4},
                             "gdro.groups_per_step (4) must be at most gdro.num_groups (3)")):
         with pytest.raises(ConfigError, match=re.escape(message)):
@@ -472,6 +476,27 @@ def test_calibrate_noise_command_writes_a_table(saved, prompt_file, tmp_path, ca
         main(["calibrate-noise", str(gdro_config), "--out", str(out), "sampling.sampler=ode", f"model={hollow}"])
     with pytest.raises(SystemExit, match="algorithm gdro: calibration runs GRPO's rollouts"):
         main(["calibrate-noise", str(gdro_config), "--out", str(out), f"model={hollow}"])
+
+
+def test_adv_grpo_references_that_cannot_be_drawn_are_refused_before_any_rollout(saved, tmp_path):
+    """Both failed at the first head update, after the step's rollouts and policy update."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na photo of a cat\n")
+    overrides = tiny_overrides(saved["sd3"], prompts, tmp_path / "run", **{
+        "reward": "adv-dino:assets/world/dino", "references": "shapes", "sampling.height": 64,
+        "sampling.width": 64})
+    with pytest.raises(ConfigError, match="references: shapes renders shapes-world prompts only: .*'a photo of a cat'"):
+        GRPOTrainer(load_config(None, overrides))
+    folder = tmp_path / "references"
+    folder.mkdir()
+    Image.new("RGB", (64, 64)).save(folder / "a.png")
+    Image.new("RGB", (80, 48)).save(folder / "b.png")
+    with pytest.raises(ValueError, match=re.escape(f"references: {str(folder)!r} holds images of several sizes "
+                                                   "(a.png is 64×64, b.png 80×48); give one size")):
+        ReferenceSource(str(folder))
+    (folder / "b.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="references: .*b.png is no image"):
+        ReferenceSource(str(folder))
 
 
 def test_adv_grpo_co_trains_the_dino_head_and_checkpoints_it(saved, tmp_path):
@@ -622,6 +647,28 @@ def test_gdro_generates_once_then_trains_offline(saved, prompt_file, tmp_path):
     modified = (fresh / GROUPS_FILE).stat().st_mtime_ns
     train(config)
     assert (fresh / GROUPS_FILE).stat().st_mtime_ns == modified
+
+
+def test_gdro_trains_the_denoiser_alone_and_generates_its_set_with_the_reference(saved, prompt_file, tmp_path):
+    """The prompt encoding GDRO backpropagates through leaves no gradient on the encoders (they piled up, step after
+    step); a set generated after a resume (into a new folder, or once the old set was moved away) is the base
+    model's, as the first run's was, not the trained policy's."""
+    overrides = tiny_overrides(saved["sd3"], prompt_file, tmp_path / "first", max_steps=2, **{
+        "algorithm": "gdro", "sampling.sampler": "ode", "gdro.num_groups": 1, "gdro.group_size": 2,
+        "gdro.groups_per_step": 1, "optim.lr": 0.3})
+    trainer = GDROTrainer(load_config(None, overrides))
+    trainer.train()
+    denoiser = trainer.adapter.denoiser
+    held = [name for name, component in trainer.adapter.pipe.components.items()
+            if isinstance(component, torch.nn.Module) and component is not denoiser
+            and any(p.grad is not None or p.requires_grad for p in component.parameters())]
+    assert held == []
+    first = torch.load(tmp_path / "first" / GROUPS_FILE, weights_only=False)
+    resumed = [o if not o.startswith("output_dir=") else f"output_dir={tmp_path / 'resumed'}" for o in overrides]
+    train(load_config(None, [*resumed, f"resume_from={tmp_path / 'first' / 'checkpoints' / 'step-000002'}",
+                             "max_steps=3"]))
+    again = torch.load(tmp_path / "resumed" / GROUPS_FILE, weights_only=False)
+    assert torch.equal(again["latents"], first["latents"]) and torch.equal(again["rewards"], first["rewards"])
 
 
 def test_gdro_ranks_only_scored_images_and_skips_groups_with_fewer_than_two(saved, prompt_file, tmp_path):

@@ -524,9 +524,12 @@ def validate(config: TrainConfig, num_processes: int = 1) -> None:
         raise ConfigError(f"reward: {error}") from None
     if config.eval.rewards is not None:
         try:
-            parse_spec(config.eval.rewards)
+            watched = parse_spec(config.eval.rewards)
         except ValueError as error:
             raise ConfigError(f"eval.rewards: {error}") from None
+        if trained := [term.text for term in watched if term.name in TRAINABLE_REWARDS]:
+            raise ConfigError(f"eval.rewards: {trained[0]} trains against reference images, which only the training "
+                              "reward is given (as a watched reward its head would score untrained)")
     if grpo.log_tame in ("mean", "median") and len(terms) < 2:
         raise ConfigError(f"grpo.log_tame: {grpo.log_tame} compares the spreads of the reward's terms, and "
                           f"{config.reward!r} has one; give a number δ")

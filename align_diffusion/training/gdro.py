@@ -50,7 +50,8 @@ class GDROTrainer(GRPOTrainer):
 
     # --- the offline set ---------------------------------------------------------------------------------------
     def offline_groups(self) -> dict:
-        """The generated groups: loaded from OUTPUT_DIR/gdro_groups.pt, or generated (and saved) when missing."""
+        """The generated groups: loaded from OUTPUT_DIR/gdro_groups.pt, or generated (and saved) when missing, by
+        the reference model (a resumed run's trained weights would make another set under the same settings)."""
         path = self.output_dir / GROUPS_FILE
         config, gdro = self.config, self.config.gdro
         made_by = self.offline_set_settings()
@@ -85,7 +86,7 @@ class GDROTrainer(GRPOTrainer):
             finals, images = [], []
             for start in range(0, gdro.group_size, sampling.batch_size):
                 part = slice(start, start + sampling.batch_size)
-                with torch.no_grad():
+                with torch.no_grad(), self.reference_model():
                     chunk = sample(self.adapter, [prompt] * len(generators[part]), sampler=sampling.sampler,
                                    noise_level=self.noise_levels, num_inference_steps=sampling.num_steps,
                                    guidance_scale=sampling.guidance_scale, generators=generators[part],

@@ -353,6 +353,11 @@ class GRPOTrainer:
             except ValueError as error:
                 raise ConfigError(f"{field}: {error}") from None
         self.references = ReferenceSource(config.references) if config.references else None
+        if self.references is not None:
+            try:
+                self.references.check_prompts(self.prompts.all())
+            except ValueError as error:
+                raise ConfigError(f"{error} (prompts {config.prompts!r})") from None
         if adapter is None:
             adapter = load_adapter(config.model, dtype=DTYPES[config.dtype], device=str(device),
                                    **model_options(config))
@@ -391,6 +396,10 @@ class GRPOTrainer:
         except ValueError as error:  # its message starts with the field's name
             raise ConfigError(f"sampling.{error} (model {config.model})") from None
         denoiser = self.adapter.denoiser
+        # Only the denoiser trains: the encoders and VAE take no gradients (GDRO encodes prompts with them enabled).
+        for component in self.adapter.pipe.components.values():
+            if isinstance(component, torch.nn.Module) and component is not denoiser:
+                component.requires_grad_(False)
         if config.lora.enabled:
             self.params = add_lora(self.adapter, config.lora.rank, config.lora.alpha, config.lora.target_modules)
             self.reference = None

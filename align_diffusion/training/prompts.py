@@ -9,13 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from align_diffusion.files import home_expanded
 from align_diffusion.rewards.base import eight_bit
 from align_diffusion.world.data import balanced_prompts
 from align_diffusion.world.prompts import split_prompts
 from align_diffusion.world.render import render_prompt
+from align_diffusion.world.spec import parse_prompt
 
 SHAPES_PREFIX = "shapes:"
 
@@ -68,6 +69,8 @@ class ReferenceSource:
     (the shapes world), a folder gives images drawn from it. Draws are a function of (seed, step) alone."""
 
     def __init__(self, spec: str):
+        """ValueError, naming the config's `references`, for a folder without images, or of images of several sizes
+        (a draw is one batch)."""
         self.spec = spec
         self.folder = None if spec == "shapes" else Path(spec)
         if self.folder is not None:
@@ -76,6 +79,27 @@ class ReferenceSource:
                 if self.folder.is_dir() else []
             if not self.files:
                 raise ValueError(f"references: {spec!r} is neither 'shapes' nor a folder holding images")
+            sizes = {}
+            for path in self.files:
+                try:
+                    with Image.open(path) as image:  # reads the header only
+                        sizes.setdefault(image.size, path)
+                except (OSError, UnidentifiedImageError) as error:
+                    raise ValueError(f"references: {path} is no image ({error})") from None
+            if len(sizes) > 1:
+                (size, path), (other_size, other) = list(sizes.items())[:2]
+                raise ValueError(f"references: {spec!r} holds images of several sizes ({path.name} is "
+                                 f"{size[0]}×{size[1]}, {other.name} {other_size[0]}×{other_size[1]}); give one size")
+
+    def check_prompts(self, prompts: list[str]) -> None:
+        """ValueError naming the first of `prompts` the references cannot be drawn for: `shapes` renders
+        shapes-world prompts only."""
+        if self.folder is None:
+            for prompt in prompts:
+                try:
+                    parse_prompt(prompt)
+                except ValueError as error:
+                    raise ValueError(f"references: shapes renders shapes-world prompts only: {error}") from None
 
     def draw(self, prompts: list[str], seed: int, step: int) -> torch.Tensor:
         """(len(prompts), 3, H, W) images in [0, 1]: renders of the prompts, or random images of the folder."""
