@@ -32,13 +32,17 @@ from align_diffusion.training.prompts import ReferenceSource
 # --- hand-worked values ------------------------------------------------------------------------------------------
 
 
-def zscore_by_hand(values: torch.Tensor, group_size: int, eps: float = 1e-6) -> tuple[torch.Tensor, int]:
+def zscore_by_hand(values: torch.Tensor, group_size: int, rewards: torch.Tensor | None = None,
+                   eps: float = 1e-6) -> tuple[torch.Tensor, int]:
     """The trainer's GRPO advantages written out: each group of `group_size` consecutive rows normalized column by
-    column, (x − mean) / population std, and NaN (masked out of the loss) where the std is at most eps
-    (group_advantages' documented 1e-6); also the number of (group, column) pairs that did not vary."""
+    column, (x − mean) / population std, and NaN (masked out of the loss) where the std is at most eps · max(1, |m|)
+    (group_advantages' documented 1e-6), m the group's mean of `rewards` (the rewards step rewards are differences
+    of) or else of the values; also the number of (group, column) pairs that did not vary."""
     x = values.double().reshape(len(values) // group_size, group_size, -1)
     mean, std = x.mean(dim=1, keepdim=True), x.std(dim=1, unbiased=False, keepdim=True)
-    return torch.where(std > eps, (x - mean) / std, math.nan).reshape(values.shape), int((std <= eps).sum())
+    size = mean if rewards is None else rewards.double().reshape(-1, group_size, 1).abs().mean(dim=1, keepdim=True)
+    flat = std <= eps * size.abs().clamp(min=1)
+    return torch.where(flat, math.nan, (x - mean) / std).reshape(values.shape), int(flat.sum())
 
 
 def test_best_worst_mask_hand_worked():
@@ -383,7 +387,7 @@ def test_dense_grpo_gives_each_step_its_group_normalized_advantage(saved, prompt
     assert advantages.shape == (8, 3)
     reference = dense_step_rewards(trainer.adapter, rollouts.trajectory, trainer.reward, mode="ode").deltas
     assert rollouts.trajectory.stochastic_steps == [0, 1, 2]
-    expected, zero = zscore_by_hand(reference, 4)
+    expected, zero = zscore_by_hand(reference, 4, rollouts.rewards)
     torch.testing.assert_close(advantages, expected.float(), equal_nan=True)
     assert stats["zero_std_fraction"] == zero / (2 * 3)
     trainer.train()
@@ -397,7 +401,7 @@ def test_dense_grpo_with_a_noise_window_counts_only_the_noisy_steps(saved, promp
     rollouts = trainer.rollout(0)
     advantages, stats = trainer.advantages(rollouts)
     assert rollouts.trajectory.stochastic_steps == [0, 1] and not advantages[:, 2].any()
-    expected, zero = zscore_by_hand(rollouts.step_deltas[:, :2], 4)
+    expected, zero = zscore_by_hand(rollouts.step_deltas[:, :2], 4, rollouts.rewards)
     torch.testing.assert_close(advantages[:, :2], expected.float(), equal_nan=True)
     assert stats["zero_std_fraction"] == zero / (2 * 2)  # 2 groups × 2 noisy steps; the ODE step is not counted
 

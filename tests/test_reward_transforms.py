@@ -204,6 +204,23 @@ def test_zscore_uses_population_std_and_counts_flat_groups():
     assert out.bnpo_params is None
 
 
+def test_a_spread_of_float32_rounding_is_no_variation_at_the_rewards_size():
+    """Float32 rewards near 21.5 step in units of 1.9e-6: a group that differs by two of them has no signal (normalized
+    by its std it got advantages of ±1.7); the threshold is eps · max(1, |mean|), so near 0 it stays 1e-6."""
+    one_ulp = torch.tensor([21.5, 21.5000038], dtype=torch.float32)  # 21.5 and the next float32 but one
+    rounding = group_advantages(torch.cat([one_ulp, t(21.5, 21.5).float()]), torch.zeros(4))
+    assert rounding.advantages.tolist() == [0] * 4 and rounding.num_zero_variance_groups == 1
+    # std 5e-5 > 1e-6 · 21.5: a spread of some thirty units is a signal
+    varied = group_advantages(t(21.5, 21.5 + 4 * 5e-5 / math.sqrt(3), 21.5, 21.5), torch.zeros(4))
+    assert varied.num_zero_variance_groups == 0
+    # near 0 the absolute 1e-6: std of [0, 1e-5, 0, 0] = 1e-5 · sqrt(3) / 4 = 4.3e-6 varies
+    assert group_advantages(t(0, 1e-5, 0, 0), torch.zeros(4)).num_zero_variance_groups == 0
+    # DenseGRPO's step rewards are differences of rewards of size 21.5: the same rounding, around 0
+    deltas = (torch.cat([one_ulp, t(21.5, 21.5).float()]) - 21.5).double()
+    assert group_advantages(deltas, torch.zeros(4)).num_zero_variance_groups == 0  # judged by their own size
+    assert group_advantages(deltas, torch.zeros(4), scale=t(21.5, 21.5, 21.5, 21.5)).num_zero_variance_groups == 1
+
+
 def test_global_std():
     # group means 2 and 4 -> deviations [-1, 1, -2, 2]; batch [1, 3, 2, 6]: mean 3, variance (4+0+1+9)/4 = 3.5
     out = group_advantages(t(1, 3, 2, 6), torch.tensor([0, 0, 1, 1]), "global_std")

@@ -80,10 +80,17 @@ def _group_stats(x: torch.Tensor, group_ids: torch.Tensor):
     return index, count, mean, std
 
 
+def _flat(std: torch.Tensor, size: torch.Tensor, eps: float) -> torch.Tensor:
+    """Which groups do not vary: std <= eps · max(1, size), `size` the magnitude of the rewards the values come from.
+    Relative, because float32 rewards of size 20 that differ by rounding alone (a few units of 1.9e-6) carry no
+    signal, and normalized by their std they would get advantages of ±1."""
+    return std <= eps * torch.nan_to_num(size.abs(), nan=1.0).clamp(min=1)
+
+
 def group_zscore(x: torch.Tensor, group_ids: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x - group mean) / group std, 0 in groups with std <= eps; also the (B,) zero-variance mask."""
+    """(x - group mean) / group std, 0 in groups that do not vary (`_flat`); also the (B,) zero-variance mask."""
     index, _, mean, std = _group_stats(x, group_ids)
-    zero_variance = ~torch.isnan(x) & (std[index] <= eps)
+    zero_variance = ~torch.isnan(x) & _flat(std, mean, eps)[index]
     return torch.where(zero_variance, 0.0, (x - mean[index]) / std[index]), zero_variance
 
 
@@ -247,6 +254,7 @@ def group_advantages(
     reward_range: tuple[float, float] = (0.0, 1.0),
     absolute_weight: float = 0.0,
     anchor: float | torch.Tensor = 0.0,
+    scale: torch.Tensor | None = None,
 ) -> GroupAdvantages:
     """Advantages from one reward per image; images of the same prompt share a group id (steps 5-6).
 
@@ -263,6 +271,10 @@ def group_advantages(
     absolute_weight λ > 0 adds λ (R - anchor) to every scored image, zero-variance groups included, so a group
     that no longer varies still gets a signal (VGPO's value anchor, in a simplified form; anchor: a number or a
     (B,) tensor such as a reference model's reward for each prompt).
+
+    A group counts as zero-variance (advantage 0) when its std is at most eps times the size of its rewards (at
+    least 1; see `_flat`): the size of its mean, or of the group's mean of `scale` (B,) where the rewards are
+    differences of rewards of that size (DenseGRPO's step rewards). With global_std the batch std is compared so.
     """
     if method not in METHODS:
         raise ValueError(f"unknown advantage method {method!r}; choose from {METHODS}")
@@ -271,14 +283,19 @@ def group_advantages(
     x = unscored_if_infinite(rewards.double())
     valid = ~torch.isnan(x)
     index, _, mean, std = _group_stats(x, group_ids)
-    zero_variance = valid & (std[index] <= eps)
+    if scale is None:
+        magnitude = mean
+    else:
+        _check_batch(scale, "scale", size)
+        magnitude = _group_stats(unscored_if_infinite(scale.double()).abs(), group_ids)[2]
+    zero_variance = valid & _flat(std, magnitude, eps)[index]
     params = None
     if method == "zscore":
         relative = (x - mean[index]) / std[index]
     elif method == "global_std":
         batch_std = _population_std(x[valid])
         relative = (x - mean[index]) / batch_std
-        if not batch_std > eps:
+        if _flat(batch_std, torch.nanmean(magnitude.abs()), eps) or not batch_std > 0:
             zero_variance = valid.clone()
     else:
         relative, params = _bnpo(x, index, mean, bnpo_alpha, bnpo_beta, reward_range, eps)

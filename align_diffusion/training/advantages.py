@@ -29,14 +29,15 @@ def best_worst_mask(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Ten
     return keep
 
 
-def dense_advantages(deltas: torch.Tensor, group_ids: torch.Tensor,
-                     method: str = "zscore") -> tuple[torch.Tensor, torch.Tensor, int]:
+def dense_advantages(deltas: torch.Tensor, group_ids: torch.Tensor, method: str = "zscore",
+                     rewards: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(B, T) advantages from step rewards (B, T): for each step, the group normalizer of `method` over the images
     of each group; also (B, T) which of them lie in a group whose step rewards did not vary (advantage 0), and the
-    number of such (group, step) pairs."""
+    number of such (group, step) pairs. `rewards` (B,), the rewards the steps' differences are of, sets how small a
+    spread counts as no variation (`group_advantages`' scale; float32 rounding of rewards of size 20 is 1.9e-6)."""
     columns, zero_variance, zero = [], [], 0
     for t in range(deltas.shape[1]):
-        result = group_advantages(deltas[:, t], group_ids, method)
+        result = group_advantages(deltas[:, t], group_ids, method, scale=rewards)
         columns.append(result.advantages)
         zero_variance.append(result.zero_variance)
         zero += result.num_zero_variance_groups

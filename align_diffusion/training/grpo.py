@@ -748,7 +748,7 @@ class GRPOTrainer:
             advantages = torch.zeros_like(deltas)
             zero_variance = torch.zeros_like(deltas, dtype=torch.bool)
             advantages[:, stochastic], zero_variance[:, stochastic], zero = dense_advantages(
-                deltas[:, stochastic], group_ids, config.advantage)
+                deltas[:, stochastic], group_ids, config.advantage, rewards=raw)
             zero_fraction = zero / (num_groups * max(1, len(stochastic)))
         else:
             result = group_advantages(rewards, group_ids, config.advantage, absolute_weight=config.value_weight,
