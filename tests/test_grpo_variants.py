@@ -404,6 +404,10 @@ def test_dense_grpo_with_a_noise_window_counts_only_the_noisy_steps(saved, promp
     expected, zero = zscore_by_hand(rollouts.step_deltas[:, :2], 4, rollouts.rewards)
     torch.testing.assert_close(advantages[:, :2], expected.float(), equal_nan=True)
     assert stats["zero_std_fraction"] == zero / (2 * 2)  # 2 groups × 2 noisy steps; the ODE step is not counted
+    assert stats["nan_step_rewards"] == 0
+    rollouts.step_deltas[0, 1] = rollouts.step_deltas[1, 2] = math.nan  # unscored: a noisy step's, and the ODE step's
+    advantages, stats = trainer.advantages(rollouts)
+    assert stats["nan_step_rewards"] == 1 and math.isnan(advantages[0, 1])
 
 
 def test_noise_table_sets_each_steps_level_and_log_probs_follow(saved, prompt_file, tmp_path):

@@ -181,6 +181,9 @@ def test_median_normalization_keeps_nan_when_iqr_is_zero():
     assert_close(out, t(0.5, 0.5, 0.5, 0, 0.5, nan), equal_nan=True)
     out = median_normalize(t(0.2, nan, 0.7), ["s"] * 3, stats={"s": (0.5, 0.0)})
     assert_close(out, t(0, nan, 1), equal_nan=True)
+    for stats in ((nan, 0.0), (0.5, nan), (0.5, -1.0)):  # a NaN median scored every image 0.5
+        with pytest.raises(ValueError, match="source 's' needs a finite median and a finite IQR >= 0"):
+            median_normalize(t(0.2, 0.7), ["s"] * 2, stats={"s": stats})
 
 
 def test_median_normalization_of_half_precision_rewards():
@@ -289,6 +292,11 @@ def test_bnpo_errors():
     ids = torch.tensor([0, 0])
     with pytest.raises(ValueError, match="reward_range"):
         group_advantages(t(0.5, 1.5), ids, "bnpo")
+    # three weighted [0, 1] terms that all score 1 sum, in float32, to 1.0000001: rounding, not a reward out of range
+    rounded = torch.tensor([0.27, 0.66, 0.07]).sum().expand(2).clone()
+    assert rounded[0].item() > 1
+    assert group_advantages(torch.cat([rounded, t(0.5, 0.5).float()]), torch.tensor([0, 0, 1, 1]), "bnpo",
+                            bnpo_alpha=1.5, bnpo_beta=1.5).num_zero_variance_groups == 2
     with pytest.raises(ValueError, match="both bnpo_alpha and bnpo_beta"):
         group_advantages(t(0.5, 1.0), ids, "bnpo", bnpo_alpha=1.5)
 

@@ -125,6 +125,10 @@ def test_wrong_type_is_named(saved, tmp_path):
     ("optim.betas=[0.9, 1.5]", "optim.betas must be two numbers"),
     ("lora.alpha=0", "lora.alpha must be > 0"),
     ("grpo.clip_range=.nan", "grpo.clip_range must be a finite number"),
+    ("grpo.clip_range=1.5", "grpo.clip_range must lie in (0, 1), got 1.5"),
+    ("grpo.reward_range=[0, 100]", "grpo.reward_range: only bnpo reads it, and grpo.advantage is zscore"),
+    ("grpo.value_anchor=0.7", "grpo.value_anchor: only the value-anchored term reads it"),
+    (["grpo.advantage=bnpo", "reward=jpeg"], "grpo.reward_range: bnpo maps [0, 1] to [0, 1], and jpeg scores −kB"),
     ("gdro.beta=.nan", "gdro: tau and beta must be finite"),
     ("max_minutes=1:30", "max_minutes: expected float, got '1:30'"),  # not YAML 1.1's base-60 number 90
     ("sampling.negative_prompt=blurry #2", "override sampling.negative_prompt: YAML reads what follows '#' as a "

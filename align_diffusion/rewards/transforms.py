@@ -148,6 +148,9 @@ def median_normalize(
             if source not in stats:
                 raise ValueError(f"median normalization: no (median, IQR) given for source {source!r}")
             median, iqr = (torch.as_tensor(v, dtype=x.dtype, device=x.device) for v in stats[source])
+            if not (torch.isfinite(median) and torch.isfinite(iqr) and iqr >= 0):
+                raise ValueError(f"median normalization: source {source!r} needs a finite median and a finite IQR "
+                                 f">= 0, got {tuple(stats[source])}")
         else:
             scored = values[~torch.isnan(values)]
             if len(scored) == 0:
@@ -225,15 +228,20 @@ def estimate_bnpo_params(group_means: torch.Tensor, eps: float = 1e-6) -> tuple[
     return max(1 + k * m / 3, 1.0), max(1 + k * (1 - m) / 3, 1.0)
 
 
+BNPO_ROUNDING = 1e-6  # how far outside reward_range (a share of its width) a reward may be rounded
+
+
 def _bnpo(x, index, mean, alpha, beta, reward_range, eps):
     """BNPO's (R - p) / f_N(p; α, β) on rewards mapped to [0, 1], times the constant 8/π (see group_advantages)."""
     low, high = reward_range
     if not high > low:
         raise ValueError(f"reward_range must be (low, high) with high > low, got {reward_range}")
     u, p = (x - low) / (high - low), (mean - low) / (high - low)
-    outside = x[(u < 0) | (u > 1)]
+    # Float32 sums of in-range terms may land a few units of rounding outside (three weighted 1s sum to 1.0000001)
+    outside = x[(u < -BNPO_ROUNDING) | (u > 1 + BNPO_ROUNDING)]
     if len(outside):
-        raise ValueError(f"bnpo needs rewards within reward_range={reward_range}; got {outside[0].item():g}")
+        raise ValueError(f"bnpo needs rewards within reward_range={reward_range}; got {outside[0].item()!r}")
+    u, p = u.clamp(0, 1), p.clamp(0, 1)
     if (alpha is None) != (beta is None):
         raise ValueError("give both bnpo_alpha and bnpo_beta, or neither (to estimate them)")
     if alpha is None:

@@ -440,6 +440,9 @@ def validate(config: TrainConfig, num_processes: int = 1) -> None:
                           "are signed differences; use zscore or global_std with grpo.dense")
     if len(grpo.reward_range) != 2 or not -math.inf < grpo.reward_range[0] < grpo.reward_range[1] < math.inf:
         raise ConfigError(f"grpo.reward_range must be [low, high], finite, with low < high, got {grpo.reward_range}")
+    if grpo.advantage != "bnpo" and list(grpo.reward_range) != GRPOConfig().reward_range:
+        raise ConfigError(f"grpo.reward_range: only bnpo reads it, and grpo.advantage is {grpo.advantage}; leave it "
+                          "out")
     if not 0 < grpo.adv_clip_max < math.inf:  # 0 would clip every advantage to 0: nothing to train on
         raise ConfigError(f"grpo.adv_clip_max must be a finite number > 0, got {grpo.adv_clip_max}")
     for key, value in {"grpo.clip_range": grpo.clip_range, "grpo.kl_beta": grpo.kl_beta,
@@ -450,6 +453,11 @@ def validate(config: TrainConfig, num_processes: int = 1) -> None:
             raise ConfigError(f"{key} must be a finite number >= 0, got {value}")
     if not math.isfinite(grpo.value_anchor):
         raise ConfigError(f"grpo.value_anchor must be a finite number, got {grpo.value_anchor}")
+    if grpo.value_weight == 0 and grpo.value_anchor != GRPOConfig.value_anchor:
+        raise ConfigError("grpo.value_anchor: only the value-anchored term reads it, and grpo.value_weight is 0; set "
+                          "grpo.value_weight too, or leave the anchor out")
+    if not 0 < grpo.clip_range < 1:  # 1 - ε < 0 would leave a ratio's fall unclipped
+        raise ConfigError(f"grpo.clip_range must lie in (0, 1), got {grpo.clip_range}")
     # Each algorithm reads its own section only: a setting changed in the other would seem to take effect.
     unread, section = (grpo, GRPOConfig) if config.algorithm == "gdro" else (gdro, GDROConfig)
     for setting in dataclasses.fields(section):
@@ -536,6 +544,9 @@ def validate(config: TrainConfig, num_processes: int = 1) -> None:
     signed = [term.name for term in terms if term.name in SIGNED_REWARDS]
     if grpo.log_tame is not None and signed:
         raise ConfigError(f"grpo.log_tame: log-taming needs non-negative rewards, and {SIGNED_REWARDS[signed[0]]}")
+    if grpo.advantage == "bnpo" and signed and grpo.reward_range[0] >= 0:
+        raise ConfigError(f"grpo.reward_range: bnpo maps [{grpo.reward_range[0]:g}, {grpo.reward_range[1]:g}] to "
+                          f"[0, 1], and {SIGNED_REWARDS[signed[0]]}; give the range the reward lies in")
     trainable = any(term.name in TRAINABLE_REWARDS for term in terms)
     if trainable and config.algorithm == "gdro":
         raise ConfigError(f"reward: {config.reward!r} trains against the policy's samples as they come, and GDRO "

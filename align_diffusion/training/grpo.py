@@ -770,6 +770,8 @@ class GRPOTrainer:
             "advantage_abs_mean": _nanmean(trained.abs()),
             "advantage_std": _nanstd(trained),
         }
+        if config.dense is not None:  # a step reward of an unscored completion or x̂0: masked, and counted here
+            stats["nan_step_rewards"] = int(torch.isnan(deltas[:, stochastic]).sum())
         for name, gathered in each.items():
             stats[f"reward/{name}_mean"], stats[f"reward/{name}_std"] = _nanmean(gathered), _nanstd(gathered)
         owned = [i for images in self.owned_images() for i in images]
