@@ -11,7 +11,7 @@ from pathlib import Path
 
 from typing import TYPE_CHECKING
 
-from align_diffusion.files import check_output_folder, folder_problem, home_expanded
+from align_diffusion.files import check_outside, check_output_folder, folder_problem, home_expanded
 from align_diffusion.names import (
     DEFAULT_NOISE_LEVEL, DTYPE_NAMES, FK_POTENTIALS, FK_RESAMPLING, REWARD_TOKEN_ENV, SEED_LIMIT, STEERING_METHODS,
     WORLD_ASSETS,
@@ -611,13 +611,11 @@ def check_backbone(backbone: str) -> None:
 
 
 def check_inputs_outside_out(out: Path, inputs: dict[str, str | Path | None]) -> None:
-    """Refuses an input (flag: path or id) that is a file or folder inside `out`, which the trained reward
-    replaces whole: the input would be deleted with the earlier reward."""
-    for flag, value in inputs.items():
-        path = None if value is None else Path(home_expanded(str(value))).resolve()
-        if path is not None and path.exists() and path.is_relative_to(out.resolve()):
-            raise SystemExit(f"{flag}: {value} lies inside --out {out}, which the trained reward replaces whole; "
-                             "move it out first")
+    """Refuses an input (flag: path or id) inside `out`, which the trained reward replaces whole (`check_outside`)."""
+    try:
+        check_outside(out, inputs, "--out")
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
 
 
 def run_train_artifact(args) -> None:
@@ -641,7 +639,8 @@ def run_train_artifact(args) -> None:
     if args.unseen is not None:
         print(f"unseen kinds: {result['unseen_below_clean']:.3f} of (clean, unseen) pairs rank the unseen image "
               f"lower ({result['unseen_images']} unseen images)")
-    print(f"held-out accuracy {result['heldout_accuracy']:.3f} on {result['heldout_images']} images")
+    print(f"held-out accuracy {result['heldout_accuracy']:.3f} on {result['heldout_images']} images (clean ones "
+          f"{result['heldout_clean_accuracy']:.3f}, artifacts {result['heldout_artifact_accuracy']:.3f})")
 
 
 def run_train_noise_aware(args) -> None:

@@ -129,6 +129,16 @@ def check_output_folder(folder: str | Path, marker: str, *, replaced_whole: bool
                          "the output would replace; name a new or empty folder")
 
 
+def check_outside(out: str | Path, inputs: dict[str, str | Path | None], out_name: str = "out") -> None:
+    """ValueError for an input (name: path or hub id) that is a file or folder inside `out`, an output replaced whole:
+    the input would be deleted with the earlier output."""
+    for name, value in inputs.items():
+        path = None if value is None else Path(home_expanded(str(value))).resolve()
+        if path is not None and path.exists() and path.is_relative_to(Path(out).resolve()):
+            raise ValueError(f"{name}: {value} lies inside {out_name} {out}, which the output replaces whole; move it "
+                             "out first")
+
+
 def home_expanded(model: str) -> str:
     """`model` (or any path) with a leading ~ expanded, which from_pretrained leaves as it is (the shell does not
     expand it in a config file or in `--model=~/…`); as it is where ~user names no user."""

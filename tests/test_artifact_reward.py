@@ -1,6 +1,7 @@
 """The artifact reward model: data reading, training through the command line, and what the trained reward says."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -55,6 +56,13 @@ def test_reading_labelled_images(tmp_path):
     (tmp_path / "bad.jsonl").write_text(json.dumps({"file": "set/clean/0.png", "label": "fine"}))
     with pytest.raises(ValueError, match="bad.jsonl:1: label"):
         read_labelled_images(tmp_path / "bad.jsonl")
+    # A link in artifact/ to a clean image is one image with both labels (it leaked across the split); a link
+    # within one class is read once.
+    (tmp_path / "set" / "clean" / "again.png").symlink_to(tmp_path / "set" / "clean" / "0.png")
+    assert sorted(label for _, label in read_labelled_images(tmp_path / "set")) == [0, 0, 0, 1, 1, 1]
+    (tmp_path / "set" / "artifact" / "a_link.png").symlink_to(tmp_path / "set" / "clean" / "1.png")
+    with pytest.raises(ValueError, match="a_link.png and .*clean/1.png are one image, in both clean/ and artifact/"):
+        read_labelled_images(tmp_path / "set")
     (tmp_path / "one-class.jsonl").write_text(lines[0])
     with pytest.raises(ValueError, match="both clean and artifact"):
         read_labelled_images(tmp_path / "one-class.jsonl")
@@ -74,9 +82,22 @@ def test_training_reads_images_of_any_size_and_refuses_splits_and_folders_it_can
     settings = ArtifactTraining(steps=2, holdout=0.5)
     result = train_artifact_reward(tmp_path / "set", tmp_path / "rm", DINO, settings, log=lambda line: None)
     assert (result["train_images"], result["heldout_images"]) == (6, 6)
-    with pytest.raises(ValueError, match=r"the held-out part of .*set \(1 of 12 images at holdout 0.05, seed 0\) "
-                                         "lacks clean or artifact images"):
+    with pytest.raises(ValueError, match=r"holdout 0.05 of the 6 clean images of .*set leaves none held out"):
         train_artifact_reward(tmp_path / "set", tmp_path / "rm", DINO, ArtifactTraining(steps=2, holdout=0.05))
+    with pytest.raises(ValueError, match=r"holdout 0.95 of the 6 clean images of .*set leaves none to train on"):
+        train_artifact_reward(tmp_path / "set", tmp_path / "rm", DINO, ArtifactTraining(steps=2, holdout=0.95))
+    for name, value, message in [("steps", 0, "a whole number >= 1, got 0"), ("batch_size", 1.5, "a whole number"),
+                                 ("lr", float("nan"), "a finite number > 0"),
+                                 ("weight_decay", -1.0, "a finite number >= 0")]:
+        with pytest.raises(ValueError, match=f"^{name} must be {message}"):  # an untrained or NaN head was saved
+            train_artifact_reward(tmp_path / "set", tmp_path / "rm", DINO, ArtifactTraining(**{name: value}))
+    # From Python too, a backbone inside the output folder is refused (it was deleted with the earlier reward)
+    shutil.copytree(DINO, tmp_path / "rm" / "dino")
+    with pytest.raises(ValueError, match="backbone: .*dino lies inside out .*rm, which the output replaces whole"):
+        train_artifact_reward(tmp_path / "set", tmp_path / "rm", tmp_path / "rm" / "dino", settings)
+    assert (tmp_path / "rm" / "dino" / "config.json").is_file()
+    with pytest.raises(ValueError, match="unseen: .*artifact/blocking-1.png is also in .*set, which the head trains"):
+        train_artifact_reward(tmp_path / "set", tmp_path / "rm2", DINO, settings, unseen=tmp_path / "set" / "artifact")
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "todo.txt").write_text("mine")
     with pytest.raises(ValueError, match="notes holds other files"):
@@ -92,7 +113,7 @@ def test_train_reward_command_saves_a_reward_the_spec_loads(tmp_path, capsys, mo
     main(["train-reward", "artifact", "--data", str(tmp_path / "set"), "--out", str(tmp_path / "rm"),
           "--backbone", DINO, "--steps", "50", "--device", "cpu", "--unseen", str(tmp_path / "unseen")])
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[-1].startswith("held-out accuracy ") and lines[-1].endswith("on 16 images")
+    assert re.fullmatch(r"held-out accuracy [\d.]+ on 16 images \(clean ones [\d.]+, artifacts [\d.]+\)", lines[-1])
     assert lines[-2].startswith("unseen kinds: ") and lines[-2].endswith("(8 unseen images)")
     # A backbone given as a folder is saved relative to the reward, so the pair can move together.
     config = json.loads((tmp_path / "rm" / "artifact_reward.json").read_text())
@@ -135,7 +156,7 @@ def test_train_reward_command_saves_a_reward_the_spec_loads(tmp_path, capsys, mo
     assert {path.name: path.read_bytes() for path in (tmp_path / "rm").iterdir()} == saved
     # Trained again into its folder, it would delete what lies in it: a backbone or data kept there are refused.
     shutil.copytree(DINO, tmp_path / "rm" / "dino")
-    with pytest.raises(SystemExit, match="--backbone: .*dino lies inside --out .*rm, which the trained reward "
+    with pytest.raises(SystemExit, match="--backbone: .*dino lies inside --out .*rm, which the output "
                                          "replaces whole"):
         main(["train-reward", "artifact", "--data", str(tmp_path / "set"), "--out", str(tmp_path / "rm"),
               "--backbone", str(tmp_path / "rm" / "dino"), "--steps", "2", "--device", "cpu"])

@@ -260,12 +260,12 @@ def test_train_reward_noise_aware_refuses_inputs_inside_the_out_folder_it_replac
     out.mkdir()
     (out / "noise_aware.json").write_text("{}")
     (out / "prompts.txt").write_text("a red circle\n")
-    with pytest.raises(SystemExit, match=r"--prompts: .*prompts.txt lies inside --out .*student, which the trained "
-                                         "reward replaces whole"):
+    with pytest.raises(SystemExit, match=r"--prompts: .*prompts.txt lies inside --out .*student, which the output "
+                                         "replaces whole"):
         main(["train-reward", "noise-aware", "--out", str(out), "--prompts", str(out / "prompts.txt")])
     assert (out / "prompts.txt").is_file()
     (out / "lora").mkdir()  # a LoRA kept there was deleted with the earlier student
-    with pytest.raises(SystemExit, match=r"--lora: .*lora lies inside --out .*student, which the trained reward"):
+    with pytest.raises(SystemExit, match=r"--lora: .*lora lies inside --out .*student, which the output"):
         main(["train-reward", "noise-aware", "--out", str(out), "--lora", str(out / "lora")])
     assert (out / "lora").is_dir()
 

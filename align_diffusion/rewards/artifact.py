@@ -9,6 +9,7 @@ Spec `artifact:DIR`. `train_artifact_reward` fits the head on labelled images (1
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 from dataclasses import dataclass
@@ -21,7 +22,8 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import AutoImageProcessor, AutoModel
 
-from align_diffusion.files import check_output_folder, home_expanded, write_folder_atomically
+from align_diffusion.files import check_output_folder, check_outside, home_expanded, write_folder_atomically
+from align_diffusion.models.base import is_whole_number
 from align_diffusion.rewards.base import Reward, eight_bit, images_to_tensor
 from align_diffusion.rewards.preprocess import TorchImageTransform
 
@@ -126,12 +128,19 @@ def read_labelled_images(data: str | Path) -> list[tuple[Path, int]]:
     label: good (0), artifact (1) or bad (left out: wrong content says nothing about artifacts)."""
     data = Path(data)
     if data.is_dir():
-        pairs = []
+        pairs, labelled = [], {}
         for label, name in ((0, "clean"), (1, "artifact")):
             folder = data / name
             if not folder.is_dir():
                 raise ValueError(f"{data} must hold `clean/` and `artifact/` subfolders (missing {name}/)")
-            pairs += [(path, label) for path in sorted(folder.iterdir()) if path.suffix.lower() in IMAGE_SUFFIXES]
+            for path in sorted(folder.iterdir()):
+                if path.suffix.lower() not in IMAGE_SUFFIXES:
+                    continue
+                earlier = labelled.setdefault(path.resolve(), (path, label))  # a link and its target: one image
+                if earlier[1] != label:
+                    raise ValueError(f"{path} and {earlier[0]} are one image, in both clean/ and artifact/")
+                if earlier[0] == path:
+                    pairs.append((path, label))
     elif data.is_file():
         from align_diffusion.gallery.labels import once_per_file
 
@@ -167,21 +176,35 @@ class ArtifactTraining:
     batch_size: int = 64
     lr: float = 3e-4
     weight_decay: float = 1e-2
-    holdout: float = 0.2  # share of images kept out of training to report accuracy on
+    holdout: float = 0.2  # share of each class's images kept out of training to report accuracy on
     seed: int = 0
 
+    def check(self) -> None:
+        """ValueError naming the first setting that cannot train a head."""
+        for name in ("steps", "batch_size"):
+            if not is_whole_number(value := getattr(self, name)) or value < 1:
+                raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+        if not 0 < self.lr < math.inf:
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
+        if not 0 <= self.weight_decay < math.inf:
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
+        if not 0 < self.holdout < 1:
+            raise ValueError(f"holdout must lie in (0, 1), got {self.holdout}")
 
-def train_artifact_reward(data, out: str | Path, backbone: str, settings: ArtifactTraining | None = None,
+
+def train_artifact_reward(data, out: str | Path, backbone: str | Path, settings: ArtifactTraining | None = None,
                           device=None, unseen: str | Path | None = None, log=print) -> dict:
     """Fits the head on `data` (see `read_labelled_images`), saves the reward under `out` and returns
-    {"train_accuracy", "heldout_accuracy", "train_images", "heldout_images"}. With `unseen`, a folder of artifact
-    images of kinds left out of `data`, also "unseen_below_clean": the share of (held-out clean image, unseen image)
-    pairs in which the unseen image gets the lower reward (0.5 is chance)."""
+    {"train_accuracy", "heldout_accuracy", "heldout_clean_accuracy", "heldout_artifact_accuracy", "train_images",
+    "heldout_images"}. Each class is split on its own (`holdout` of its images held out) and weighs as much as the
+    other in the loss, so a set of few artifacts is not learned as "everything is clean". With `unseen`, a folder of
+    artifact images of kinds left out of `data`, also "unseen_below_clean": the share of (held-out clean image,
+    unseen image) pairs in which the unseen image gets the lower reward (0.5 is chance)."""
     settings = settings or ArtifactTraining()
-    backbone = home_expanded(backbone)
+    settings.check()
+    backbone = home_expanded(str(backbone))
     check_output_folder(out, CONFIG_FILE)
-    if not 0 < settings.holdout < 1:
-        raise ValueError(f"holdout must lie in (0, 1), got {settings.holdout}")
+    check_outside(out, {"data": data, "backbone": backbone, "unseen": unseen})
     pairs = read_labelled_images(data)
     if unseen is not None:
         if not Path(unseen).is_dir():
@@ -189,26 +212,36 @@ def train_artifact_reward(data, out: str | Path, backbone: str, settings: Artifa
         unseen_files = sorted(p for p in Path(unseen).glob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         if not unseen_files:
             raise ValueError(f"unseen: {unseen} holds no images")
-    random.Random(settings.seed).shuffle(pairs)
-    held = max(1, round(settings.holdout * len(pairs)))
-    for part, name in ((pairs[held:], "training"), (pairs[:held], "held-out")):
-        if {label for _, label in part} != {0, 1}:  # a class missing on either side: nothing to learn or measure
-            raise ValueError(f"the {name} part of {data} ({len(part)} of {len(pairs)} images at holdout "
-                             f"{settings.holdout}, seed {settings.seed}) lacks clean or artifact images; give more "
-                             "images of each, or another holdout")
+        trained_on = {path.resolve(): path for path, _ in pairs}
+        if seen := [path for path in unseen_files if path.resolve() in trained_on]:
+            raise ValueError(f"unseen: {seen[0]} is also in {data}, which the head trains and is measured on")
+    rng, training, held_out = random.Random(settings.seed), [], []
+    for label, name in ((0, "clean"), (1, "artifact")):
+        of_class = [pair for pair in pairs if pair[1] == label]
+        rng.shuffle(of_class)
+        held = round(settings.holdout * len(of_class))
+        if not 0 < held < len(of_class):  # a class missing on either side: nothing to learn or measure
+            raise ValueError(f"holdout {settings.holdout} of the {len(of_class)} {name} images of {data} leaves "
+                             f"{'none held out' if held == 0 else 'none to train on'}; give more images of each, "
+                             "or another holdout")
+        held_out += of_class[:held]
+        training += of_class[held:]
     torch.manual_seed(settings.seed)
     backbone_model = FrozenBackbone(backbone, device)
-    features = _features(backbone_model, [path for path, _ in pairs])
-    labels = torch.tensor([label for _, label in pairs], dtype=torch.float32, device=features.device)
-    train_x, train_y, test_x, test_y = features[held:], labels[held:], features[:held], labels[:held]
-    head = artifact_head(backbone_model.features).to(features.device)
+    train_x, test_x = (_features(backbone_model, [path for path, _ in part]) for part in (training, held_out))
+    train_y, test_y = (torch.tensor([label for _, label in part], dtype=torch.float32, device=train_x.device)
+                       for part in (training, held_out))
+    head = artifact_head(backbone_model.features).to(train_x.device)
     head[0].mean.copy_(train_x.mean(0))
     head[0].std.copy_(train_x.std(0).clamp(min=CONSTANT_STD))
     optimizer = torch.optim.AdamW(head.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     generator = torch.Generator().manual_seed(settings.seed)
+    artifacts = train_y.sum()
+    class_balance = (len(train_y) - artifacts) / artifacts  # each artifact weighs as much as the clean ones per one
     for step in range(settings.steps):
         pick = torch.randint(0, len(train_x), (settings.batch_size,), generator=generator)
-        loss = F.binary_cross_entropy_with_logits(head(train_x[pick]).squeeze(-1), train_y[pick])
+        loss = F.binary_cross_entropy_with_logits(head(train_x[pick]).squeeze(-1), train_y[pick],
+                                                  pos_weight=class_balance)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -223,6 +256,8 @@ def train_artifact_reward(data, out: str | Path, backbone: str, settings: Artifa
             return float(((head(x).squeeze(-1) > 0).float() == y).float().mean())
 
         result = {"train_accuracy": accuracy(train_x, train_y), "heldout_accuracy": accuracy(test_x, test_y),
+                  "heldout_clean_accuracy": accuracy(test_x[test_y == 0], test_y[test_y == 0]),
+                  "heldout_artifact_accuracy": accuracy(test_x[test_y == 1], test_y[test_y == 1]),
                   "train_images": len(train_x), "heldout_images": len(test_x)}
         if unseen is not None:
             clean_logits = head(test_x[test_y == 0]).squeeze(-1)
