@@ -3,6 +3,7 @@
 import io
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -524,10 +525,26 @@ def test_jpeg_quality_bounds_are_accepted():
     assert load_reward("jpeg:1").quality == 1 and load_reward("jpeg:95").quality == 95
 
 
-def test_hpsv2_arch_may_hold_a_colon():
-    """open_clip names hub models `hf-hub:ORG/NAME`: the weights file is what follows the last ':'."""
+def test_hpsv2_arch_may_hold_a_colon_and_so_may_its_weights_path(tiny_open_clip, tmp_path):
+    """open_clip names hub models `hf-hub:ORG/NAME`: the weights file is what follows the last ':', unless a longer
+    tail is a file that exists (a folder named by an ISO time split at its last ':' read as arch and file)."""
     with pytest.raises(FileNotFoundError, match="weights file /no/such/hps.pt not found"):
         load_reward("hpsv2:hf-hub:org/x:/no/such/hps.pt")
+    arch, weights = tiny_open_clip
+    timed = tmp_path / "2024-01-01T10:00" / "hps.pt"
+    timed.parent.mkdir()
+    shutil.copy(weights, timed)
+    images = world_images((48, 48))
+    with torch.no_grad():
+        expected = load_reward(f"hpsv2:{arch}:{weights}")(images, PROMPTS)
+        assert load_reward(f"hpsv2:{arch}:{timed}")(images, PROMPTS).tolist() == expected.tolist()
+
+
+def test_a_weight_with_an_underscore_and_one_model_written_two_ways_are_refused():
+    with pytest.raises(ValueError, match="reward term 'shapes=1_0': weight '1_0' is not a number"):
+        parse_spec("shapes=1_0")  # Python's float reads it as 10
+    with pytest.raises(ValueError, match="names the same reward twice"):
+        parse_spec(f"clip:{WORLD_CLIP},clip:./{WORLD_CLIP}")
 
 
 def test_loading_a_reward_leaves_the_global_rng_alone():

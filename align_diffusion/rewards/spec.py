@@ -13,6 +13,7 @@ import math
 import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -50,7 +51,8 @@ DEFAULT_ARGUMENT = {"shapes": "graded", "jpeg": "95"}
 
 def _same_reward(term: RewardTerm) -> tuple[str, str | None]:
     """What two terms share when they load the same reward: `jpeg`, `jpeg:95` and `jpeg:095` do, and so do
-    `pickscore` and `pickscore:yuvalkirstain/PickScore_v1`, `hpsv2:W` and `hpsv2:ViT-H-14:W`."""
+    `pickscore` and `pickscore:yuvalkirstain/PickScore_v1`, `hpsv2:W` and `hpsv2:ViT-H-14:W`, and a local folder or
+    file however its path is written (`clip:a`, `clip:./a`)."""
     arg = term.arg or DEFAULT_ARGUMENT.get(term.name)
     if term.name == "jpeg":
         try:
@@ -64,11 +66,20 @@ def _same_reward(term: RewardTerm) -> tuple[str, str | None]:
             arg = arg or PICKSCORE_MODEL
         elif len(_split_pair(arg)) == 1:
             arg = f"{HPS_ARCH if term.name == 'hpsv2' else AESTHETIC_CLIP}:{arg}"
+    if arg is not None and term.name != "remote":
+        arg = ":".join(str(Path(home_expanded(part)).resolve()) if Path(home_expanded(part)).exists() else part
+                       for part in _split_pair(arg))
     return term.name, arg
 
 
 def _split_pair(arg: str) -> list[str]:
-    """`A:B` → [A, B]; `B` → [B]. B, a file, follows the last ':', since A may hold one (`hf-hub:org/model`)."""
+    """`A:B` → [A, B]; `B` → [B]. B, a file, is the longest tail after a ':' that exists (a path may hold one:
+    `/runs/2024-01-01T10:00/hps.pt`), else what follows the last ':', since A may hold one (`hf-hub:org/model`)."""
+    parts = arg.split(":")
+    for start in range(len(parts)):
+        tail = ":".join(parts[start:])
+        if Path(home_expanded(tail)).exists():
+            return [tail] if start == 0 else [":".join(parts[:start]), tail]
     return arg.rsplit(":", 1)
 
 
@@ -162,6 +173,8 @@ def _split_weight(text: str) -> tuple[str, float]:
         return text, 1.0
     head = head.rstrip()  # `shapes = 1`
     try:
+        if "_" in tail:  # Python's float reads 1_0 as 10: a typo, not a weight
+            raise ValueError(tail)
         weight = float(tail)
     except ValueError:
         if ":" in head:
