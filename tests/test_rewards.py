@@ -1,5 +1,6 @@
 """The reward interface and the standard rewards, on the world CLIP and tiny random open_clip / head weights."""
 
+import dataclasses
 import io
 import json
 import math
@@ -429,6 +430,43 @@ def test_aesthetic_head_on_clip_embedding(tmp_path):
     # PIL and torch bicubic resampling differ in detail: measured relative gap 2.3e-4; flipping the images moves
     # the scores by 9%.
     np.testing.assert_allclose(scores, expected.squeeze(-1), rtol=1e-3, atol=0)
+    # LAION's predictor preprocesses with openai CLIP's torchvision CenterCrop, which rounds the crop offset: a
+    # 64 × 67 image (no resize at the world CLIP's 64) is cropped from column 2, where transformers' processor
+    # crops from column 1.
+    from torchvision.transforms import functional as TF
+
+    wide = images_to_tensor([Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 67, 3), np.uint8))])
+    expected = TF.normalize(TF.center_crop(wide, [64, 64]), processor.image_mean, processor.image_std)
+    torch.testing.assert_close(reward.transform(wide), expected, rtol=0, atol=1e-6)
+
+
+def test_longest_side_resizes_round_as_open_clip_and_hpsv2_do(tiny_open_clip):
+    """open_clip's ResizeKeepRatio and HPSv2's letterbox size the short side one pixel apart at some sizes."""
+    import open_clip
+    from open_clip.transform import ResizeKeepRatio
+
+    visual = open_clip.create_model(tiny_open_clip[0], pretrained=None).visual
+    ours = dataclasses.replace(TorchImageTransform.from_open_clip(visual, "longest"), edge=224, size=(224, 224))
+    hps = dataclasses.replace(ours, longest_rounding="hpsv2")
+    differ = 0
+    for short in range(1, 400):
+        for long in range(short, 400):
+            expected = ResizeKeepRatio.get_params(Image.new("RGB", (long, short)), (224, 224), longest=1)
+            assert ours.resized_size(short, long) == tuple(expected), (short, long)
+            scale = 224 / long  # HPSv2's ResizeMaxSize
+            assert hps.resized_size(short, long) == (round(short * scale), round(long * scale)), (short, long)
+            differ += ours.resized_size(short, long) != hps.resized_size(short, long)
+    assert differ == 5  # 105 × 192 among them: 122 rows here, 123 in HPSv2
+
+
+def test_resizing_stays_in_the_unit_range_as_resized_8_bit_images_do():
+    """Bicubic upscaling of a hard edge overshoots [0, 1]; the processors resize 8-bit images, which saturate."""
+    edge = torch.zeros(1, 3, 8, 8)
+    edge[..., 4:] = 1
+    transform = TorchImageTransform("squash", (32, 32), (0.0,) * 3, (1.0,) * 3)
+    assert F.interpolate(edge, size=(32, 32), mode="bicubic", antialias=True).amax() > 1
+    resized = transform(edge)
+    assert resized.amin() == 0 and resized.amax() == 1
 
 
 def test_spec_parsing_and_weighted_sum():

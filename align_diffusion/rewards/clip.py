@@ -6,6 +6,7 @@ All are differentiable: images go through `TorchImageTransform`, never PIL.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import OrderedDict
 from pathlib import Path
 
@@ -121,11 +122,12 @@ class OpenClipScore(Reward):
 
     differentiable = True
 
-    def __init__(self, name: str, model, tokenizer, device=None, dtype=torch.float32, resize_mode: str | None = None):
+    def __init__(self, name: str, model, tokenizer, device=None, dtype=torch.float32, resize_mode: str | None = None,
+                 longest_rounding: str = "open_clip"):
         super().__init__(name)
         self.model = model.to(device, dtype).eval().requires_grad_(False)
         self.tokenizer = tokenizer
-        self.transform = TorchImageTransform.from_open_clip(model.visual, resize_mode)
+        self.transform = TorchImageTransform.from_open_clip(model.visual, resize_mode, longest_rounding)
         self.text_features = TextFeatures(self.encode_text)
 
     def image_networks(self):
@@ -156,7 +158,8 @@ class HPSv2(OpenClipScore):
         model = open_clip.create_model(arch, pretrained=None)
         checkpoint = torch.load(weights, map_location="cpu", weights_only=True)
         model.load_state_dict(checkpoint.get("state_dict", checkpoint))
-        super().__init__("hpsv2", model, open_clip.get_tokenizer(arch), device, dtype, resize_mode="longest")
+        super().__init__("hpsv2", model, open_clip.get_tokenizer(arch), device, dtype, resize_mode="longest",
+                         longest_rounding="hpsv2")
 
 
 class AestheticHead(torch.nn.Module):
@@ -185,7 +188,10 @@ class Aesthetic(Reward):
         if not Path(head).is_file():
             raise FileNotFoundError(f"aesthetic: head weights file {head} not found")
         self.model = CLIPModel.from_pretrained(clip, dtype=dtype).to(device).eval().requires_grad_(False)
-        self.transform = TorchImageTransform.from_processor(AutoProcessor.from_pretrained(clip).image_processor)
+        # LAION's predictor preprocesses with openai CLIP's torchvision center crop, which rounds the offset
+        self.transform = dataclasses.replace(
+            TorchImageTransform.from_processor(AutoProcessor.from_pretrained(clip).image_processor),
+            round_crop_offset=True)
         state = torch.load(head, map_location="cpu", weights_only=True)
         self.head = AestheticHead(state["layers.0.weight"].shape[1])
         self.head.load_state_dict(state)

@@ -50,7 +50,7 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
 class Rollouts:
     prompts: list[str]
     # (B, T, 3, h, w) decoded x̂0 per step in [0, 1], at the size the teacher's processor resizes the images to
-    # where that is smaller (its score of them is its score of the full-size x̂0s, up to the clamp into [0, 1])
+    # where that is smaller (its score of them is its score of the full-size x̂0s)
     x0_images: torch.Tensor
     teacher_final: torch.Tensor  # (B,) the teacher's score of each finished image
     # What the trajectories were sampled with (`collect` fills it in): steps, guidance, negative prompt, size and
@@ -86,8 +86,8 @@ def collect(adapter: PipelineAdapter, teacher, prompts: list[str], num_images_pe
 
 def _as_kept(images: torch.Tensor, teacher: _TransformersClip, smaller: bool) -> torch.Tensor:
     """Decoded x̂0s as `collect` keeps them: on the CPU, resized as the teacher resizes (`smaller`: that shrinks
-    them) and clamped into the [0, 1] a reward takes (bicubic resizing overshoots a little)."""
-    return (teacher.transform.resized(images).clamp(0, 1) if smaller else images).cpu()
+    them)."""
+    return (teacher.transform.resized(images) if smaller else images).cpu()
 
 
 def step_scores(reward, rollouts: Rollouts, batch_size: int = 64) -> torch.Tensor:

@@ -35,6 +35,9 @@ class TorchImageTransform:
     edge: int | None = None
     interpolation: str = "bicubic"
     round_crop_offset: bool = False  # torchvision's center crop (open_clip) rounds the offset, transformers' floors it
+    # "longest": open_clip's ResizeKeepRatio sizes the short side round(short / (long / edge)), HPSv2's letterbox
+    # round(short · (edge / long)); the two differ by a pixel at some sizes (105 × 192 to 224: 122 and 123)
+    longest_rounding: str = "open_clip"
 
     @classmethod
     def from_processor(cls, processor, squash: bool = False) -> TorchImageTransform:
@@ -64,9 +67,10 @@ class TorchImageTransform:
                    edge=size["shortest_edge"] if processor.do_resize else None, interpolation=interpolation)
 
     @classmethod
-    def from_open_clip(cls, visual, resize_mode: str | None = None) -> TorchImageTransform:
+    def from_open_clip(cls, visual, resize_mode: str | None = None,
+                       longest_rounding: str = "open_clip") -> TorchImageTransform:
         """From an open_clip vision tower's `preprocess_cfg` (its eval transform); `resize_mode` ("shortest",
-        "longest" or "squash") overrides the config's."""
+        "longest" or "squash") overrides the config's, `longest_rounding` ("hpsv2") open_clip's rounding of it."""
         config = visual.preprocess_cfg
         resize_mode = resize_mode or config.get("resize_mode", "shortest")
         interpolation = config.get("interpolation", "bicubic")
@@ -85,7 +89,7 @@ class TorchImageTransform:
         if height != width:
             raise ValueError(f"size={size}: a non-square input is supported only with resize_mode='squash'")
         return cls(resize_mode, (height, width), mean, std, edge=height, interpolation=interpolation,
-                   round_crop_offset=True)
+                   round_crop_offset=True, longest_rounding=longest_rounding)
 
     def resized_size(self, height: int, width: int) -> tuple[int, int]:
         """(height, width) of an image of this size after the resize."""
@@ -96,16 +100,20 @@ class TorchImageTransform:
         short, long = sorted((height, width))
         if self.resize == "shortest":
             short, long = self.edge, int(self.edge * long / short)  # truncated, as transformers and torchvision do
+        elif self.longest_rounding == "hpsv2":
+            short, long = round(short * (self.edge / long)), self.edge
         else:
-            short, long = round(short * (self.edge / long)), self.edge  # rounded, as open_clip and HPSv2 do
+            short, long = round(short / (long / self.edge)), self.edge
         return (short, long) if height <= width else (long, short)
 
     def resized(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) images after the resize alone (neither cropped nor normalized)."""
+        """(B, 3, H, W) images after the resize alone (neither cropped nor normalized), clamped into [0, 1] as the
+        processors' resizing of 8-bit images saturates (bicubic overshoots at edges)."""
         new_size = self.resized_size(*images.shape[-2:])
         if new_size == tuple(images.shape[-2:]):
             return images
-        return F.interpolate(images, size=new_size, mode=self.interpolation, align_corners=False, antialias=True)
+        resized = F.interpolate(images, size=new_size, mode=self.interpolation, align_corners=False, antialias=True)
+        return resized.clamp(0, 1)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [0, 1] to normalized model input; differentiable."""
