@@ -237,7 +237,7 @@ def train_artifact_reward(data, out: str | Path, backbone: str | Path, settings:
     optimizer = torch.optim.AdamW(head.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     generator = torch.Generator().manual_seed(settings.seed)
     artifacts = train_y.sum()
-    class_balance = (len(train_y) - artifacts) / artifacts  # each artifact weighs as much as the clean ones per one
+    class_balance = (len(train_y) - artifacts) / artifacts  # the artifact images weigh as much as the clean ones
     for step in range(settings.steps):
         pick = torch.randint(0, len(train_x), (settings.batch_size,), generator=generator)
         loss = F.binary_cross_entropy_with_logits(head(train_x[pick]).squeeze(-1), train_y[pick],
