@@ -177,7 +177,8 @@ def shapes_eval(prompts: list[str], images) -> dict:
     errors, mean graded score, pass@k (see `pass_at_k`), and each image's own scores.
 
     The standard errors are binomial, √(p(1 − p)/n) per category, with images counted as independent; images of one
-    prompt are not, so read them as a lower bound when telling a change from the noise.
+    prompt are not, so read them as a lower bound when telling a change from the noise. A category whose every image
+    passed (or failed) gets 0: there the formula says nothing, least of all from a few images.
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)  # one string is one prompt, not letters
     if len(prompts) != len(images):
