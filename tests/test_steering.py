@@ -125,6 +125,12 @@ def test_reno_refuses_settings_that_would_not_raise_the_reward(adapter, denoised
     assert denoised_images == []  # before any compute
 
 
+def test_reno_without_momentum_is_plain_gradient_ascent(adapter):
+    """Momentum 0 is in range: with the default Nesterov on, torch's SGD refused it after the checks passed."""
+    [result] = reno(adapter, ["a red circle"], Darkness(), iterations=2, momentum=0.0, **SIZE)
+    assert math.isfinite(result.reward)
+
+
 def test_steer_takes_one_prompt_string_and_the_one_prompt_methods_refuse_a_list(adapter):
     results = list(steer(adapter, "a red circle", Darkness(), "best-of-n", num_candidates=1, num_inference_steps=2,
                          progress=False, **SIZE))
@@ -579,6 +585,26 @@ def test_fk_takes_one_noise_level_per_step(adapter):
 def test_fk_refuses_a_deterministic_sampler(adapter):
     with pytest.raises(ValueError, match="stochastic sampler"):
         fk_steering(adapter, "a", Darkness(), num_particles=4, sampler="ode", **SIZE)
+    # Noise only before the first resampling: its copies stayed identical to the end (three of four particles)
+    with pytest.raises(ValueError, match=r"draw no noise after step 1, the first resampling: resampled copies"):
+        fk_steering(adapter, "a", Darkness(), num_particles=4, noise_level=[0.7, 0, 0, 0, 0, 0], resample_start=1,
+                    resample_interval=1, num_inference_steps=6, **SIZE)
+
+
+def test_fk_and_ttsnap_check_every_steps_ddim_eta_before_the_first_model_call(tiny_pipes):
+    """η = 1.1 breaks DDIM at some later step only: sample() refused it at once, FK and TTSnap after 5 steps."""
+    sd = adapter_for(tiny_pipes["sd"])
+    calls = []
+    hook = sd.denoiser.register_forward_pre_hook(lambda *args: calls.append(1))
+    common = dict(sampler="ddim", noise_level=1.1, num_inference_steps=6, **SIZE)
+    try:
+        with pytest.raises(ValueError, match="DDIM η = 1.1 at step"):
+            fk_steering(sd, "a", Darkness(), num_particles=2, **common)
+        with pytest.raises(ValueError, match="DDIM η = 1.1 at step"):
+            ttsnap(sd, "a", Darkness(), num_seeds=2, prune_steps=[2], keep=[0.5], **common)
+    finally:
+        hook.remove()
+    assert calls == []
 
 
 @pytest.mark.parametrize("method", ["best-of-n", "fk", "ttsnap"])
@@ -642,6 +668,17 @@ def test_a_weighted_reward_records_its_terms_as_sample_does_and_the_sum_steered_
     assert set(rewards) == {reward.name, "jpeg", "jpeg:50"}
     assert rewards[reward.name] == pytest.approx(rewards["jpeg"] + 0.5 * rewards["jpeg:50"], rel=1e-6)
     assert rewards[reward.name] == pytest.approx(max(record["details"]["candidate_rewards"]), rel=1e-6)
+
+
+def test_every_prompts_candidate_seeds_are_checked_before_anything_is_replaced(adapter, tmp_path):
+    """Prompt j's candidate c is seeded seed + j + c · 100000: a seed whose last prompt's would pass 2**32 failed at
+    that prompt, after the first had replaced the earlier run."""
+    steer_to_folder(adapter, ["a", "b"], Darkness(), "best-of-n", tmp_path / "out", num_candidates=1,
+                    num_inference_steps=1, progress=False, **SIZE)
+    with pytest.raises(ValueError, match=re.escape("seed must be a whole number in [0, 2**32 − 100002]")):
+        steer_to_folder(adapter, ["a", "b"], Darkness(), "best-of-n", tmp_path / "out", overwrite=True,
+                        num_candidates=2, seed=2**32 - 100_001, num_inference_steps=1, progress=False, **SIZE)
+    assert len((tmp_path / "out" / "metadata.jsonl").read_text().splitlines()) == 2
 
 
 def test_a_reno_batch_size_that_is_no_count_is_refused_before_anything_is_replaced(adapter, tmp_path):

@@ -91,6 +91,12 @@ def check_noise_level(sampler: str, level: float, schedule: Schedule, step_index
                              f"{largest:.4g} there (η <= 1 fits every step)")
 
 
+def check_noise_levels(sampler: str, levels: Sequence[float], schedule: Schedule) -> None:
+    """`check_noise_level` of every step's level, for a loop to call before its first model call."""
+    for step_index, level in enumerate(levels):
+        check_noise_level(sampler, level, schedule, step_index)
+
+
 def take_step(
     adapter: PipelineAdapter,
     sampler: str,
@@ -330,8 +336,7 @@ def sample(
         raise ValueError(f"noise_window indices must lie in [0, {num_inference_steps}), got {sorted(window)}")
 
     schedule = adapter.schedule(num_inference_steps, height, width)
-    for i, level in enumerate(levels):  # every step's level, before the first model call
-        check_noise_level(sampler, level, schedule, i)
+    check_noise_levels(sampler, levels, schedule)
     embeds = adapter.encode_prompt(prompts, guidance_scale, num_images_per_prompt, negative_prompt)
     if latents is None:
         x = adapter.initial_noise(generators, height, width)

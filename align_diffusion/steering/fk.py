@@ -14,16 +14,18 @@ Potentials, in log space with tilt λ, over a particle's lineage:
 
     max         λ · max over scored steps s ≤ t of r_s
     sum         λ · Σ_{s ≤ t} r_s
-    difference  λ · (r_t − r_prev), r_prev = 0 at the first scored step, so the product over steps telescopes to
-                exp(λ · r_last), the tilt FK targets
+    difference  λ · (r_t − r_prev), r_prev = 0 at the first scored step, so the product over a lineage's steps
+                telescopes to exp(λ · r) of its latest weighed score
 
 Particles are resampled (multinomial or systematic) in proportion to their weights. With adaptive resampling they
 are resampled only when the effective sample size 1 / Σ W_i² of the normalized weights falls below
 threshold · k, or when a particle could not be scored (NaN), which must not live on; otherwise the weights are
 carried to the next scored step and multiplied by its potentials. The last step's score is the clean reward of
-the finished images; no resampling follows it.
+the finished images; it is not weighed (no resampling follows it, and the pick is the best final reward, not a
+draw), so the particles are tilted by their intermediate x̂0 scores, not by exp(λ · r_final).
 
-A deterministic sampler would leave resampled copies identical forever, so it is refused for k > 1.
+A deterministic sampler would leave resampled copies identical forever, so it is refused for k > 1, as are noise
+levels that draw no noise after the first resampling.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import torch
 from align_diffusion.models.base import PipelineAdapter, is_whole_number
 from align_diffusion.names import FK_POTENTIALS, FK_RESAMPLING
 from align_diffusion.rewards.base import Reward, RewardError
-from align_diffusion.sampling.loop import check_count, check_guidance, resolve_settings
+from align_diffusion.sampling.loop import check_count, check_guidance, check_noise_levels, resolve_settings
 from align_diffusion.steering.candidates import (
     SEED_STRIDE,
     Budget,
@@ -92,7 +94,10 @@ def check_fk_options(num_inference_steps: int, levels: list[float], *, sampler: 
                         "resample_end": resample_end}.items():
         if value is not None and not is_whole_number(value):
             raise ValueError(f"{name} must be a whole number of steps, got {value!r}")
-    resampling_steps(num_inference_steps, resample_start, resample_interval, resample_end)
+    scored = resampling_steps(num_inference_steps, resample_start, resample_interval, resample_end)
+    if num_particles > 1 and len(scored) > 1 and max(levels[scored[0] + 1:]) == 0:
+        raise ValueError(f"noise levels {levels} draw no noise after step {scored[0]}, the first resampling: "
+                         "resampled copies would stay identical, so the particles would collapse onto a few images")
 
 
 def log_potential(history: torch.Tensor, potential: str, lam: float) -> torch.Tensor:
@@ -174,9 +179,10 @@ def fk_steering(
     history = torch.zeros(num_particles, 0)  # each particle's lineage scores at the scored steps so far
     log_weights = torch.zeros(num_particles)  # carried between scored steps that skip resampling
     ess, resampled, unscored, lineage = [], [], [], torch.arange(num_particles)
+    schedule = adapter.schedule(steps, settings.height, settings.width)
+    check_noise_levels(sampler, levels, schedule)  # every step's, before the first model call
     with Timer(budget):
         embeds = adapter.encode_prompt([prompt], settings.guidance_scale, num_particles, negative_prompt)
-        schedule = adapter.schedule(steps, settings.height, settings.width)
         x = adapter.initial_noise(generators, settings.height, settings.width)
         for i in range(steps):
             out = denoise_step(adapter, x, i, schedule, embeds, settings.guidance_scale, sampler, levels[i],

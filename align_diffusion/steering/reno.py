@@ -114,7 +114,8 @@ def reno(
     with timer, _frozen(*adapter.pipe.components.values(), reward):
         generators = [candidate_generators(seed, first_index + j, 1)[0] for j in range(batch)]
         noise = adapter.initial_noise(generators, settings.height, settings.width).requires_grad_(True)
-        optimizer = torch.optim.SGD([noise], lr=lr, momentum=momentum, nesterov=nesterov)
+        # Nesterov's look-ahead needs momentum to look ahead by: without it, plain SGD (torch refuses the pair)
+        optimizer = torch.optim.SGD([noise], lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0)
         with torch.no_grad():
             embeds = adapter.encode_prompt(prompts, settings.guidance_scale, negative_prompt=negative_prompt)
         schedule = adapter.schedule(settings.num_inference_steps, settings.height, settings.width)

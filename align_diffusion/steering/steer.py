@@ -24,7 +24,7 @@ from align_diffusion.sampling.loop import (check_count, checked_noise_level, che
                                            sampler_problem)
 from align_diffusion.steering import ttsnap as ttsnap_module
 from align_diffusion.steering.best_of_n import best_of_n, check_best_of_n_options
-from align_diffusion.steering.candidates import SteeringResult
+from align_diffusion.steering.candidates import SEED_STRIDE, SteeringResult
 from align_diffusion.steering.fk import check_fk_options, default_fk_sampler, fk_steering
 from align_diffusion.steering.reno import check_reno_options, reno, steps_per_iterate
 from align_diffusion.steering.ttsnap import check_ttsnap_options
@@ -150,7 +150,11 @@ def steer(
     if not 0 <= start <= len(prompts):
         raise ValueError(f"start must be between 0 and the {len(prompts)} prompts, got {start}")
     options = check_steering(adapter, prompts, reward, method, budget=budget, prune_reward=prune_reward, **options)
-    seed = checked_seed(seed, len(prompts))  # a method's candidates check theirs as they start
+    # Candidate c of prompt j is seeded seed + j + c · SEED_STRIDE: every prompt's seeds checked before the first
+    # prompt runs (a run that failed at a later prompt had replaced an earlier run's folder)
+    candidates = 1 if method == "reno" else options.get(SIZE_OPTION[method], inspect.signature(
+        METHOD_FUNCTIONS[method]).parameters[SIZE_OPTION[method]].default)
+    seed = checked_seed(seed, len(prompts) + (candidates - 1) * SEED_STRIDE)
     check_count("reno_batch_size", reno_batch_size)
     return _run(adapter, prompts, reward, method, seed, prune_reward or reward, reno_batch_size, progress, start,
                 options)

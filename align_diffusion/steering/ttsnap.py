@@ -20,7 +20,7 @@ import torch
 from align_diffusion.models.base import PipelineAdapter, is_whole_number
 from align_diffusion.rewards.base import Reward
 from align_diffusion.rewards.noise_aware import student_reports, unfit_run
-from align_diffusion.sampling.loop import check_count, check_guidance, resolve_settings
+from align_diffusion.sampling.loop import check_count, check_guidance, check_noise_levels, resolve_settings
 from align_diffusion.steering.candidates import (
     Budget,
     SteeringResult,
@@ -122,6 +122,7 @@ def ttsnap(
     schedule = adapter.schedule(settings.num_inference_steps, settings.height, settings.width)
     check_ttsnap_options(settings.num_inference_steps, settings.guidance_scale, negative_prompt, prune_reward,
                          num_seeds=num_seeds, prune_steps=prune_steps, keep=keep, timesteps=schedule.timesteps)
+    check_noise_levels(sampler, settings.levels(), schedule)  # every step's, before the first model call
     budget = Budget()
     generators = candidate_generators(seed, index, num_seeds)
     alive = torch.arange(num_seeds)  # candidate numbers still running
