@@ -1,15 +1,17 @@
 """Our sampling loop against the stock diffusers pipelines, family by family."""
 
 import copy
+import json
 import math
 import re
 
 import pytest
 import torch
 from diffusers import (
-    DDIMScheduler, FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler, LCMScheduler, SD3Transformer2DModel,
-    StableDiffusion3Pipeline, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline,
-    TCDScheduler, UNet2DConditionModel,
+    DDIMScheduler, EDMEulerScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler,
+    FlowMatchHeunDiscreteScheduler, LCMScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline,
+    StableDiffusionImg2ImgPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline, TCDScheduler,
+    UNet2DConditionModel,
 )
 
 from align_diffusion.models import PromptEmbeds, adapter_class, adapter_for, load_adapter
@@ -407,6 +409,27 @@ def test_consistency_schedulers_are_refused_rather_than_replaced_by_ddim(schedul
     pipe.scheduler = scheduler.from_config(ddim.config)  # swapped in after loading: refused as it samples
     with pytest.raises(ValueError, match=refused):
         sample(adapter, PROMPTS, num_inference_steps=4, **SIZE)
+
+
+def test_schedulers_without_ddpm_betas_are_refused_and_defaults_kept(tiny_pipes, tmp_path):
+    """An EDM or continuous-time scheduler preconditions the UNet's input and time: DDIM on its config sampled images
+    0.8 off the stock pipeline's. A scheduler's default spacing (Euler's linspace, unwritten in a saved config) is
+    its own, not DDIM's leading: the DDIM steps take the stock scheduler's timesteps."""
+    pipe = copy.deepcopy(tiny_pipes["sd"])
+    for scheduler in (EDMEulerScheduler(), EulerDiscreteScheduler.from_config(pipe.scheduler.config,
+                                                                              timestep_type="continuous")):
+        pipe.scheduler = scheduler
+        with pytest.raises(ValueError, match=f"scheduler is {type(scheduler).__name__} with a noise schedule that is "
+                                             "no DDPM beta schedule"):
+            adapter_for(pipe)
+    (tmp_path / "scheduler_config.json").write_text(json.dumps({
+        "_class_name": "EulerDiscreteScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+        "beta_schedule": "scaled_linear", "steps_offset": 1}))
+    pipe.scheduler = EulerDiscreteScheduler.from_pretrained(tmp_path)
+    assert "timestep_spacing" in pipe.scheduler.config["_use_default_values"]
+    pipe.scheduler.set_timesteps(10)
+    timesteps = adapter_for(pipe).schedule(10, 32, 32).timesteps
+    assert timesteps.tolist() == pipe.scheduler.timesteps.tolist() == [999, 888, 777, 666, 555, 444, 333, 222, 111, 0]
 
 
 def test_inverted_sigmas_are_sampled_by_the_ode_only(tiny_pipes):

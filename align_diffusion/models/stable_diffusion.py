@@ -69,6 +69,15 @@ class StableDiffusionAdapter(PipelineAdapter):
         self.check_scheduler()  # as the model loads, before any work with it
 
     def check_scheduler(self) -> None:
+        config, name = self.pipe.scheduler.config, type(self.pipe.scheduler).__name__
+        # The DDIM steps read the scheduler's DDPM betas; an EDM scheduler (Playground v2.5) or continuous-time
+        # Euler (CosXL) has none and preconditions the UNet's input and time, so DDIM on its config samples garbage.
+        if ("beta_schedule" not in config or config.get("timestep_type", "discrete") != "discrete"
+                or config.get("use_flow_sigmas") or config.get("prediction_type") not in ("epsilon", "v_prediction")):
+            raise ValueError(f"the pipeline's scheduler is {name} with a noise schedule that is no DDPM beta schedule "
+                             "of ε- or v-prediction (an EDM or continuous-time scheduler, flow sigmas, or another "
+                             "prediction type), which this package's DDIM steps cannot read: it samples SD-family "
+                             "models with DDIM on the scheduler's betas")
         if isinstance(self.pipe.scheduler, (LCMScheduler, TCDScheduler)):
             name = type(self.pipe.scheduler).__name__
             raise ValueError(f"the pipeline's scheduler is {name}, whose consistency steps (fresh noise each step, on "
@@ -84,8 +93,11 @@ class StableDiffusionAdapter(PipelineAdapter):
         config = self.pipe.scheduler.config
         if config.get("clip_sample", False) or config.get("thresholding", False):
             raise ValueError("schedulers with clip_sample or thresholding are not supported: x̂0 must stay unclipped")
-        # DDIM's own default clips x̂0; schedulers that do not mention clipping (Euler, PNDM) never clip.
-        ddim = DDIMScheduler.from_config(config, clip_sample=False)
+        # DDIM's own default clips x̂0; schedulers that do not mention clipping (Euler, PNDM) never clip. A setting
+        # the scheduler took by default (listed in _use_default_values, which from_config would drop) is kept: Euler's
+        # default spacing is linspace, DDIM's leading.
+        ddim = DDIMScheduler.from_config({key: value for key, value in config.items() if key != "_use_default_values"},
+                                         clip_sample=False)
         ddim.set_timesteps(num_inference_steps)
         prev = ddim.timesteps - ddim.config.num_train_timesteps // num_inference_steps
         alphas_prev = [ddim.alphas_cumprod[t] if t >= 0 else ddim.final_alpha_cumprod for t in prev.tolist()]
