@@ -507,6 +507,22 @@ def test_adv_grpo_references_that_cannot_be_drawn_are_refused_before_any_rollout
         ReferenceSource(str(folder))
 
 
+def test_adv_grpo_resume_refuses_a_reference_folder_that_changed(saved, tmp_path):
+    """Every draw of references depends on the folder's files: one added since the checkpoint changed them all."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\ntwo squares\n")
+    folder = tmp_path / "references"
+    folder.mkdir()
+    for k in range(2):
+        Image.new("RGB", (64, 64), (40 * k, 0, 0)).save(folder / f"{k}.png")
+    overrides = tiny_overrides(saved["sd3"], prompts, tmp_path / "run", max_steps=1, **{
+        "reward": "adv-dino:assets/world/dino", "references": folder, "sampling.height": 64, "sampling.width": 64})
+    train(load_config(None, overrides))
+    Image.new("RGB", (64, 64), (0, 90, 0)).save(folder / "2.png")
+    with pytest.raises(ConfigError, match="references_sha256: the run that wrote .* was trained with"):
+        GRPOTrainer(load_config(None, [*overrides, "resume_from=latest", "max_steps=2"]))
+
+
 def test_adv_grpo_co_trains_the_dino_head_and_checkpoints_it(saved, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\ntwo squares\n")

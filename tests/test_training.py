@@ -33,6 +33,7 @@ from align_diffusion.training import checkpoint
 from align_diffusion.training.config import ConfigError, describe_config, load_config, validate
 from align_diffusion.training.grpo import (
     GRPOTrainer,
+    StopSignals,
     TrainingInterrupted,
     clipped_policy_loss,
     gaussian_kl,
@@ -729,6 +730,18 @@ def test_prompt_files_keep_unicode_line_separators_drop_a_byte_order_mark_and_mu
         main(["sample", "--model", str(saved["sd3"]), "--prompts-file", str(prompts), "--out", str(tmp_path / "out")])
 
 
+def test_a_signal_the_process_was_started_ignoring_stays_ignored():
+    """A job started with `&` from a script ignores Ctrl-C: the terminal's Ctrl-C must not stop its training."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with StopSignals(print) as signals:
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) == signals.handle
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def test_a_second_ctrl_c_stops_at_once(saved, prompt_file, tmp_path):
     trainer = GRPOTrainer(load_config(None, tiny_overrides(saved["sd3"], prompt_file, tmp_path)))
     signalled_during_step(trainer, 0, times=2, seconds_apart=1.1)
@@ -820,6 +833,44 @@ def test_resuming_an_older_checkpoint_drops_the_abandoned_later_ones(trained, sa
                                                  resume_from=tmp_path / "checkpoints" / "step-000001"))).train()
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000001"]
     assert [r["step"] for r in metrics(tmp_path)] == [1]
+
+
+def test_a_branch_resume_cut_short_leaves_one_run_that_latest_goes_on_from(trained, saved, prompt_file, tmp_path,
+                                                                              monkeypatch):
+    """Resumed at step 1 of a run with checkpoints 1 to 3 and stopped while dropping 2 and 3: the newest goes first,
+    so what is left is the run up to step 2 with its metrics (dropped oldest first, and metrics first, `latest`
+    went on from step 3 with step 2's row gone); a deletion cut short leaves no checkpoint, and the abandoned
+    export goes with the abandoned checkpoints."""
+    _, out = trained
+    for name in ("checkpoints", "lora"):
+        shutil.copytree(out / name, tmp_path / name)
+    for name in ("metrics.jsonl", "config.yaml"):
+        shutil.copy(out / name, tmp_path / name)
+    third = tmp_path / "checkpoints" / "step-000003"
+    shutil.copytree(tmp_path / "checkpoints" / "step-000002", third)
+    (third / checkpoint.STATE).write_text(json.dumps({**checkpoint.read_trainer_state(third), "step": 3}))
+    rmtree = shutil.rmtree
+
+    def cut_short(path, ignore_errors=False, **kwargs):
+        if str(path).endswith(f".discarded{checkpoint.TEMPORARY}") and not ignore_errors:
+            raise KeyboardInterrupt  # the deletion of the first checkpoint to drop, after its rename
+        rmtree(path, ignore_errors=ignore_errors, **kwargs)
+
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", cut_short)
+    overrides = tiny_overrides(saved["sd3"], prompt_file, tmp_path, max_steps=3)
+    with pytest.raises(KeyboardInterrupt):
+        GRPOTrainer(load_config(None, [*overrides, f"resume_from={tmp_path / 'checkpoints' / 'step-000001'}"])).train()
+    monkeypatch.undo()
+    assert [p.name for p in checkpoint.completed_checkpoints(tmp_path)] == ["step-000001", "step-000002"]
+    assert [r["step"] for r in metrics(tmp_path)] == [1, 2] and (tmp_path / "lora").is_dir()
+    trainer = GRPOTrainer(load_config(None, [*overrides, "resume_from=latest", "max_steps=2"]))
+    trainer.train()
+    assert trainer.resume_path.name == "step-000002"
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000001", "step-000002"]
+    monkeypatch.setattr(GRPOTrainer, "training_step", lambda self, step: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):  # a branch resume stopped before it exports: no stale export left
+        GRPOTrainer(load_config(None, [*overrides, f"resume_from={tmp_path / 'checkpoints' / 'step-000001'}"])).train()
+    assert not (tmp_path / "lora").exists()
 
 
 def test_resuming_an_older_checkpoint_hides_the_abandoned_steps_evaluations_and_logged_values(

@@ -1,7 +1,8 @@
 """Resumable checkpoints: `output_dir/checkpoints/step-NNNNNN/`, each written to a temporary folder first and
 renamed into place, so an interrupted save never leaves a half-written checkpoint that `latest` would pick up.
-A checkpoint is complete while it holds `trainer_state.json`, written last and removed first (`discard`), so an
-interrupted deletion does not leave one either."""
+A checkpoint is complete while it holds `trainer_state.json`, written last; a deleted one is renamed to a temporary
+name first (`discard`), so an interrupted deletion leaves no folder `latest` would pick, and one the next resume
+clears."""
 
 from __future__ import annotations
 
@@ -78,10 +79,12 @@ def commit(partial: Path, trainer_state: dict, keep: int) -> Path:
 
 
 def discard(checkpoint: Path) -> None:
-    """Deletes a checkpoint, its trainer state first: cut short, it leaves an incomplete folder, never one that
-    `latest` would pick."""
-    (checkpoint / STATE).unlink(missing_ok=True)
-    shutil.rmtree(checkpoint)
+    """Deletes a checkpoint: renamed first, so that cut short it leaves a temporary folder (which the next resume
+    clears), never one that `latest` would pick."""
+    doomed = checkpoint.with_name(f"{checkpoint.name}.discarded{TEMPORARY}")
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(checkpoint, doomed)
+    shutil.rmtree(doomed)
 
 
 def read_trainer_state(checkpoint: Path) -> dict:

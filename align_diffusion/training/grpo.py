@@ -241,7 +241,8 @@ class StopSignals:
     """While open, the first Ctrl-C (SIGINT) or SIGTERM only asks the loop to stop after the step in progress (which
     it checkpoints); one more, a second or longer after it, acts as it would have without this. Signals within that
     second count as one: a launcher forwards the Ctrl-C its processes also got from the terminal. Only the main
-    thread takes signals: in any other thread this does nothing."""
+    thread takes signals: in any other thread this does nothing; nor for a signal the process was started ignoring
+    (a job started with `&` from a script ignores Ctrl-C)."""
 
     def __init__(self, log):
         self.log = log
@@ -251,7 +252,8 @@ class StopSignals:
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
-            self.previous = {signum: signal.signal(signum, self.handle) for signum in (signal.SIGINT, signal.SIGTERM)}
+            self.previous = {signum: signal.signal(signum, self.handle) for signum in (signal.SIGINT, signal.SIGTERM)
+                             if signal.getsignal(signum) is not signal.SIG_IGN}
         return self
 
     def handle(self, signum, frame) -> None:
@@ -322,6 +324,12 @@ class GRPOTrainer:
         set_seed(config.seed)
         self.prompts = PromptSource(config.prompts)
         self.eval_prompts = PromptSource(config.eval.prompts, "eval.prompts")
+        self.references = ReferenceSource(config.references) if config.references else None
+        if self.references is not None:
+            try:
+                self.references.check_prompts(self.prompts.all())
+            except ValueError as error:
+                raise ConfigError(f"{error} (prompts {config.prompts!r})") from None
 
         device = config.device or self.accelerator.device
         self.reward = loaded_reward("reward", config.reward, device)  # before the model: its errors come sooner
@@ -352,12 +360,6 @@ class GRPOTrainer:
                 reward.check_prompts(source.all())
             except ValueError as error:
                 raise ConfigError(f"{field}: {error}") from None
-        self.references = ReferenceSource(config.references) if config.references else None
-        if self.references is not None:
-            try:
-                self.references.check_prompts(self.prompts.all())
-            except ValueError as error:
-                raise ConfigError(f"{error} (prompts {config.prompts!r})") from None
         if adapter is None:
             adapter = load_adapter(config.model, dtype=DTYPES[config.dtype], device=str(device),
                                    **model_options(config))
@@ -503,11 +505,14 @@ class GRPOTrainer:
 
     def settings(self) -> dict:
         """The run's flat settings as its checkpoints record them (JSON values): the config, and what the run read
-        of files that may change while their paths stay: a noise table's levels, the training prompts (a digest)."""
+        of files that may change while their paths stay: a noise table's levels, the training prompts and a
+        reference folder's images (digests)."""
         settings = _flat(to_dict(self.config))
         if self.config.sampling.noise_table:
             settings["sampling.noise_table_levels"] = self.noise_levels
         settings["prompts_sha256"] = hashlib.sha256("\n".join(self.prompts.all()).encode()).hexdigest()
+        if self.references is not None and (digest := self.references.digest()) is not None:
+            settings["references_sha256"] = digest
         return json.loads(json.dumps(settings))
 
     def layout(self) -> dict:
@@ -568,16 +573,24 @@ class GRPOTrainer:
             self.step, self.train_seconds = state["step"], state.get("train_seconds", 0.0)
         metrics_file = self.output_dir / "metrics.jsonl"
         if self.accelerator.is_main_process:
+            # The abandoned steps' checkpoints go first, newest first (else `latest` would pick the abandoned run):
+            # cut short, what is left is one run up to its newest checkpoint, which a resume from `latest` goes on
+            # from. Their export goes too; this run writes its own.
+            later = [c for c in checkpoint.completed_checkpoints(self.output_dir)
+                     if checkpoint.checkpoint_step(c) > self.step]
+            for abandoned in reversed(later):
+                checkpoint.discard(abandoned)
+            if later:
+                for export in ("lora", "pipeline"):
+                    shutil.rmtree(self.output_dir / export, ignore_errors=True)
+            for stale in (self.output_dir / checkpoint.CHECKPOINTS).glob(f"{checkpoint.PREFIX}*"):
+                if checkpoint.TEMPORARY in stale.name or not (stale / checkpoint.STATE).is_file():
+                    shutil.rmtree(stale)  # a checkpoint cut short in its writing, or in an earlier version's deletion
             kept = []
             if metrics_file.exists():  # a row of step 0 (the first eval) is rewritten by a run that starts over
                 kept = [row for row in read_metrics(self.output_dir) if path is not None and row["step"] <= self.step]
                 write_text_atomically(metrics_file, "".join(json.dumps(json_safe(row), allow_nan=False) + "\n"
                                                             for row in kept))  # all rows, or none lost
-            for later in checkpoint.completed_checkpoints(self.output_dir):
-                if checkpoint.checkpoint_step(later) > self.step:  # else `latest` would pick the abandoned run
-                    checkpoint.discard(later)
-            for partial in (self.output_dir / checkpoint.CHECKPOINTS).glob(f"*{checkpoint.TEMPORARY}"):
-                shutil.rmtree(partial)  # checkpoints cut short
             for folder in (self.output_dir / EVAL_DIR).glob("step-*"):
                 number = folder.name.removeprefix("step-")
                 if number.isdigit() and int(number) > self.step:
@@ -1017,10 +1030,10 @@ class GRPOTrainer:
         with tqdm(initial=self.step, total=config.max_steps, desc=config.algorithm,
                   disable=not accelerator.is_main_process) as bar, StopSignals(self.log) as signals:
             for step in steps:
-                started = time.time()
+                started = time.monotonic()  # not the wall clock, which a clock sync may set back or forward
                 stats = self.training_step(step)
                 self.step = step + 1
-                seconds = time.time() - started
+                seconds = time.monotonic() - started
                 self.train_seconds += seconds
                 bar.update(1)
                 out_of_time, interrupted = self.agreed_stop(signals.received is not None)

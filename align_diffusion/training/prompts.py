@@ -4,6 +4,7 @@ so a resumed run sees the same prompts and references."""
 
 from __future__ import annotations
 
+import hashlib
 import random
 from pathlib import Path
 
@@ -90,6 +91,16 @@ class ReferenceSource:
                 (size, path), (other_size, other) = list(sizes.items())[:2]
                 raise ValueError(f"references: {spec!r} holds images of several sizes ({path.name} is "
                                  f"{size[0]}×{size[1]}, {other.name} {other_size[0]}×{other_size[1]}); give one size")
+
+    def digest(self) -> str | None:
+        """A SHA-256 of the folder's image names and contents, which every draw depends on (None for `shapes`), so
+        a resume can tell a folder changed since."""
+        if self.folder is None:
+            return None
+        digest = hashlib.sha256()
+        for path in self.files:
+            digest.update(path.name.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
+        return digest.hexdigest()
 
     def check_prompts(self, prompts: list[str]) -> None:
         """ValueError naming the first of `prompts` the references cannot be drawn for: `shapes` renders
