@@ -304,6 +304,19 @@ def test_check_prompts_asks_the_server_before_any_image_is_made(shapes_server):
     assert status == 400 and answer["error"] == "prompts must be a list of strings"
 
 
+def test_a_server_of_the_previous_protocol_is_asked_nothing_it_refuses(monkeypatch):
+    """Before the size check, /check read `prompts` alone and required them: the size check sends none to check, so
+    such a server answers as for no prompts (and checks no size), rather than refusing every run."""
+    def previous_check(self, body):
+        if not isinstance(json.loads(body).get("prompts"), list):
+            return self.send_json(400, {"error": "prompts must be a list of strings"})
+        self.send_json(200, {})
+
+    monkeypatch.setattr(RewardRequestHandler, "check", previous_check)
+    with serving(ShapesReward()) as server:
+        RemoteReward(server.url, TOKEN).check_size(32, 32)
+
+
 def test_check_size_asks_the_server_before_any_image_is_made(shapes_server):
     """A size the served reward refuses fails where a local reward's would, not at the first batch of a run."""
     remote = RemoteReward(shapes_server.url, TOKEN)

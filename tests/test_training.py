@@ -130,6 +130,7 @@ def test_wrong_type_is_named(saved, tmp_path):
     ("grpo.reward_range=[0, 100]", "grpo.reward_range: only bnpo reads it, and grpo.advantage is zscore"),
     ("grpo.value_anchor=0.7", "grpo.value_anchor: only the value-anchored term reads it"),
     (["grpo.advantage=bnpo", "reward=jpeg"], "grpo.reward_range: bnpo maps [0, 1] to [0, 1], and jpeg scores −kB"),
+    (["grpo.advantage=bnpo", "reward=jpeg:50=-1,jpeg=0.5"], "grpo.reward_range: bnpo maps [0, 1] to [0, 1]"),
     ("gdro.beta=.nan", "gdro: tau and beta must be finite"),
     ("max_minutes=1:30", "max_minutes: expected float, got '1:30'"),  # not YAML 1.1's base-60 number 90
     ("sampling.negative_prompt=blurry #2", "override sampling.negative_prompt: YAML reads what follows '#' as a "
@@ -168,6 +169,11 @@ def test_wrong_type_is_named(saved, tmp_path):
 def test_out_of_range_values_are_named(saved, override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(None, [f"model={saved['sd3']}", *(override if isinstance(override, list) else [override])])
+
+
+def test_bnpo_takes_a_signed_reward_weighted_below_zero(saved):
+    """jpeg=-0.01 scores +kB/100, never below 0: only bnpo's range check of the scores themselves applies."""
+    load_config(None, [f"model={saved['sd3']}", "grpo.advantage=bnpo", "reward=jpeg=-0.01"])
 
 
 def test_a_sequence_length_for_a_model_without_t5_is_named(saved):
@@ -840,7 +846,7 @@ def test_a_branch_resume_cut_short_leaves_one_run_that_latest_goes_on_from(train
     """Resumed at step 1 of a run with checkpoints 1 to 3 and stopped while dropping 2 and 3: the newest goes first,
     so what is left is the run up to step 2 with its metrics (dropped oldest first, and metrics first, `latest`
     went on from step 3 with step 2's row gone); a deletion cut short leaves no checkpoint, and the abandoned
-    export goes with the abandoned checkpoints."""
+    export goes before the abandoned checkpoints."""
     _, out = trained
     for name in ("checkpoints", "lora"):
         shutil.copytree(out / name, tmp_path / name)
@@ -862,15 +868,28 @@ def test_a_branch_resume_cut_short_leaves_one_run_that_latest_goes_on_from(train
         GRPOTrainer(load_config(None, [*overrides, f"resume_from={tmp_path / 'checkpoints' / 'step-000001'}"])).train()
     monkeypatch.undo()
     assert [p.name for p in checkpoint.completed_checkpoints(tmp_path)] == ["step-000001", "step-000002"]
-    assert [r["step"] for r in metrics(tmp_path)] == [1, 2] and (tmp_path / "lora").is_dir()
+    assert [r["step"] for r in metrics(tmp_path)] == [1, 2] and not (tmp_path / "lora").exists()
     trainer = GRPOTrainer(load_config(None, [*overrides, "resume_from=latest", "max_steps=2"]))
     trainer.train()
     assert trainer.resume_path.name == "step-000002"
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000001", "step-000002"]
-    monkeypatch.setattr(GRPOTrainer, "training_step", lambda self, step: (_ for _ in ()).throw(KeyboardInterrupt))
-    with pytest.raises(KeyboardInterrupt):  # a branch resume stopped before it exports: no stale export left
-        GRPOTrainer(load_config(None, [*overrides, f"resume_from={tmp_path / 'checkpoints' / 'step-000001'}"])).train()
-    assert not (tmp_path / "lora").exists()
+
+
+def test_a_run_that_held_a_setting_it_never_read_resumes_without_it(trained, saved, prompt_file, tmp_path):
+    """grpo.reward_range without bnpo and grpo.value_anchor without a value weight did nothing and are refused
+    now: a run that held them resumes with them left out, as it could not keep them."""
+    _, out = trained
+    shutil.copytree(out / "checkpoints" / "step-000001", tmp_path / "step-000001")
+    state = checkpoint.read_trainer_state(tmp_path / "step-000001")
+    state["config"].update({"grpo.reward_range": "[0.0, 100.0]", "grpo.value_anchor": 0.7})
+    (tmp_path / "step-000001" / checkpoint.STATE).write_text(json.dumps(state))
+    overrides = tiny_overrides(saved["sd3"], prompt_file, tmp_path / "run", max_steps=1)
+    trainer = GRPOTrainer(load_config(None, [*overrides, f"resume_from={tmp_path / 'step-000001'}"]))
+    assert trainer.resume_path == tmp_path / "step-000001"
+    state["config"]["grpo.value_weight"] = 0.5  # read, with the anchor: a change
+    (tmp_path / "step-000001" / checkpoint.STATE).write_text(json.dumps(state))
+    with pytest.raises(ConfigError, match="grpo.value_anchor: the run that wrote .* was trained with 0.7, not 0.0"):
+        GRPOTrainer(load_config(None, [*overrides, f"resume_from={tmp_path / 'step-000001'}"]))
 
 
 def test_resuming_an_older_checkpoint_hides_the_abandoned_steps_evaluations_and_logged_values(

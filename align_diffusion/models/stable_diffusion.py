@@ -99,7 +99,10 @@ class StableDiffusionAdapter(PipelineAdapter):
         ddim = DDIMScheduler.from_config({key: value for key, value in config.items() if key != "_use_default_values"},
                                          clip_sample=False)
         ddim.set_timesteps(num_inference_steps)
-        prev = ddim.timesteps - ddim.config.num_train_timesteps // num_inference_steps
+        if isinstance(self.pipe.scheduler, DDIMScheduler):  # its own step rule, as the stock pipeline steps
+            prev = ddim.timesteps - ddim.config.num_train_timesteps // num_inference_steps
+        else:  # each step lands on the next one's timestep, which DDIM's rule misses under linspace spacing
+            prev = torch.cat([ddim.timesteps[1:], torch.tensor([-1])])
         alphas_prev = [ddim.alphas_cumprod[t] if t >= 0 else ddim.final_alpha_cumprod for t in prev.tolist()]
         return Schedule(
             timesteps=ddim.timesteps,

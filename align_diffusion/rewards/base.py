@@ -80,9 +80,16 @@ def images_to_pil(images) -> list[Image.Image]:
     return [image.convert("RGB") for image in images]
 
 
-def prompt_list(prompts: str | Sequence[str]) -> list[str]:
-    """`prompts` as a list; one string is one prompt, not its letters."""
-    return [prompts] if isinstance(prompts, str) else list(prompts)
+def prompt_list(prompts: str | Sequence[str], *, allow_empty: bool = False) -> list[str]:
+    """`prompts` as a list: one string is one prompt (as diffusers' pipelines take it), not its letters; TypeError
+    for anything else than strings, ValueError for none unless `allow_empty` (a reward scores an empty batch)."""
+    if isinstance(prompts, str):
+        return [prompts]
+    if not isinstance(prompts, Sequence) or not all(isinstance(p, str) for p in prompts):
+        raise TypeError(f"prompts must be a string or a list of strings, got {type(prompts).__name__}")
+    if not prompts and not allow_empty:
+        raise ValueError("prompts is empty")
+    return list(prompts)
 
 
 class Reward(torch.nn.Module):
@@ -107,7 +114,7 @@ class Reward(torch.nn.Module):
             if not scorable.all():  # a blank stands in for such an image, whose score is then masked
                 images = torch.where(scorable.view(-1, 1, 1, 1), images, torch.zeros((), dtype=images.dtype))
         images = images_to_tensor(images)
-        prompts = prompt_list(prompts)
+        prompts = prompt_list(prompts, allow_empty=True)
         if len(prompts) != len(images):
             raise ValueError(f"{self.name}: {len(prompts)} prompts for {len(images)} images")
         if metadata is not None and len(metadata) != len(images):

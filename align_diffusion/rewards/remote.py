@@ -171,7 +171,7 @@ class RemoteReward(Reward):
         nothing, which is logged (`checked`)."""
         limit = self.server_limits()[0]
         chunks, chunk, size = [], [], len('{"prompts": []}')
-        for prompt in dict.fromkeys(prompt_list(prompts)):
+        for prompt in dict.fromkeys(prompt_list(prompts, allow_empty=True)):
             cost = len(json.dumps(prompt)) + len(", ")
             if chunk and limit is not None and size + cost > limit:
                 chunks.append(chunk)
@@ -184,7 +184,8 @@ class RemoteReward(Reward):
 
     def check_size(self, height, width):
         """ValueError when the server's reward cannot score `height` × `width` images (its POST /check)."""
-        self.checked({"height": height, "width": width}, f"size check of {height}×{width}")
+        # with no prompts to check, which a server older than the size check requires
+        self.checked({"prompts": [], "height": height, "width": width}, f"size check of {height}×{width}")
 
     def checked(self, request: dict, what: str) -> bool:
         """Asks the server's /check about `request`: ValueError with its answer where its reward refuses it; False

@@ -41,7 +41,7 @@ class ShapesReward(Reward):
         self.mode = mode
 
     def check_prompts(self, prompts):
-        for prompt in prompt_list(prompts):
+        for prompt in prompt_list(prompts, allow_empty=True):
             try:
                 parse_prompt(prompt)
             except ValueError as error:

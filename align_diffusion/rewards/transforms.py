@@ -80,7 +80,7 @@ def _group_stats(x: torch.Tensor, group_ids: torch.Tensor):
     return index, count, mean, std
 
 
-def _flat(std: torch.Tensor, size: torch.Tensor, eps: float) -> torch.Tensor:
+def _does_not_vary(std: torch.Tensor, size: torch.Tensor, eps: float) -> torch.Tensor:
     """Which groups do not vary: std <= eps · max(1, size), `size` the magnitude of the rewards the values come from.
     Relative, because float32 rewards of size 20 that differ by rounding alone (a few units of 1.9e-6) carry no
     signal, and normalized by their std they would get advantages of ±1."""
@@ -88,9 +88,10 @@ def _flat(std: torch.Tensor, size: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def group_zscore(x: torch.Tensor, group_ids: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x - group mean) / group std, 0 in groups that do not vary (`_flat`); also the (B,) zero-variance mask."""
+    """(x - group mean) / group std, 0 in groups that do not vary (`_does_not_vary`); also the (B,) zero-variance
+    mask."""
     index, _, mean, std = _group_stats(x, group_ids)
-    zero_variance = ~torch.isnan(x) & _flat(std, mean, eps)[index]
+    zero_variance = ~torch.isnan(x) & _does_not_vary(std, mean, eps)[index]
     return torch.where(zero_variance, 0.0, (x - mean[index]) / std[index]), zero_variance
 
 
@@ -281,8 +282,9 @@ def group_advantages(
     (B,) tensor such as a reference model's reward for each prompt).
 
     A group counts as zero-variance (advantage 0) when its std is at most eps times the size of its rewards (at
-    least 1; see `_flat`): the size of its mean, or of the group's mean of `scale` (B,) where the rewards are
-    differences of rewards of that size (DenseGRPO's step rewards). With global_std the batch std is compared so.
+    least 1; see `_does_not_vary`): the size of its mean, or of the group's mean of `scale` (B,) where the rewards
+    are differences of rewards of that size (DenseGRPO's step rewards). With global_std the batch std is compared
+    so.
     """
     if method not in METHODS:
         raise ValueError(f"unknown advantage method {method!r}; choose from {METHODS}")
@@ -296,14 +298,14 @@ def group_advantages(
     else:
         _check_batch(scale, "scale", size)
         magnitude = _group_stats(unscored_if_infinite(scale.double()).abs(), group_ids)[2]
-    zero_variance = valid & _flat(std, magnitude, eps)[index]
+    zero_variance = valid & _does_not_vary(std, magnitude, eps)[index]
     params = None
     if method == "zscore":
         relative = (x - mean[index]) / std[index]
     elif method == "global_std":
         batch_std = _population_std(x[valid])
         relative = (x - mean[index]) / batch_std
-        if _flat(batch_std, torch.nanmean(magnitude.abs()), eps) or not batch_std > 0:
+        if _does_not_vary(batch_std, torch.nanmean(magnitude.abs()), eps) or not batch_std > 0:
             zero_variance = valid.clone()
     else:
         relative, params = _bnpo(x, index, mean, bnpo_alpha, bnpo_beta, reward_range, eps)

@@ -23,8 +23,8 @@ from tqdm.auto import tqdm
 from align_diffusion.files import check_output_folder, folder_problem, write_text_atomically
 from align_diffusion.models import adapter_class
 from align_diffusion.models.base import MODEL_OPTIONS, PipelineAdapter, recorded_model_options
-from align_diffusion.rewards.base import Reward
-from align_diffusion.sampling.loop import Settings, check_count, checked_seed, prompt_list, resolve_settings, sample
+from align_diffusion.rewards.base import Reward, prompt_list
+from align_diffusion.sampling.loop import Settings, check_count, checked_seed, resolve_settings, sample
 
 
 IMAGE_NAME = re.compile(r"\d{5,}\.png")  # the names `SampleFolder.add` gives

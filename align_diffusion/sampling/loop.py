@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from align_diffusion.models.base import PipelineAdapter, PromptEmbeds, Schedule, is_whole_number
 from align_diffusion.names import DEFAULT_NOISE_LEVEL, SEED_LIMIT
+from align_diffusion.rewards.base import prompt_list
 from align_diffusion.sampling.steps import (
     StepOutput,
     cps_step,
@@ -229,18 +230,6 @@ def resolve_settings(
         raise ValueError(f"guidance_scale must be a finite number, got {guidance!r}")
     adapter.check_size(settings.height, settings.width)
     return settings
-
-
-def prompt_list(prompts: str | Sequence[str]) -> list[str]:
-    """`prompts` as a list: one string is one prompt (as diffusers' pipelines take it); TypeError for anything
-    else than strings, ValueError for none."""
-    if isinstance(prompts, str):
-        return [prompts]
-    if not isinstance(prompts, Sequence) or not all(isinstance(p, str) for p in prompts):
-        raise TypeError(f"prompts must be a string or a list of strings, got {type(prompts).__name__}")
-    if not prompts:
-        raise ValueError("prompts is empty")
-    return list(prompts)
 
 
 def guidance_problem(family: type[PipelineAdapter] | None, guidance_scale: float | None, negative_prompt,

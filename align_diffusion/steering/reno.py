@@ -22,9 +22,9 @@ from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from align_diffusion.models.base import PipelineAdapter, is_whole_number
-from align_diffusion.rewards.base import Reward, RewardError
+from align_diffusion.rewards.base import Reward, RewardError, prompt_list
 from align_diffusion.rewards.transforms import unscored_if_infinite
-from align_diffusion.sampling.loop import check_guidance, prompt_list, resolve_settings, take_step
+from align_diffusion.sampling.loop import check_guidance, resolve_settings, take_step
 from align_diffusion.steering.candidates import Budget, SteeringResult, Timer, candidate_generators
 
 DEFAULT_STEPS = 4  # ODE steps of each iterate: the method's one- to four-step regime

@@ -18,10 +18,9 @@ from tqdm.auto import tqdm
 
 from align_diffusion.models.base import PipelineAdapter, missing_c_compiler
 from align_diffusion.names import STEERING_METHODS
-from align_diffusion.rewards.base import Reward
+from align_diffusion.rewards.base import Reward, prompt_list
 from align_diffusion.rewards.spec import WeightedRewards, score_terms
-from align_diffusion.sampling.loop import (check_count, checked_noise_level, checked_seed, prompt_list,
-                                           sampler_problem)
+from align_diffusion.sampling.loop import check_count, checked_noise_level, checked_seed, sampler_problem
 from align_diffusion.steering import ttsnap as ttsnap_module
 from align_diffusion.steering.best_of_n import best_of_n, check_best_of_n_options
 from align_diffusion.steering.candidates import SEED_STRIDE, SteeringResult

@@ -544,9 +544,10 @@ def validate(config: TrainConfig, num_processes: int = 1) -> None:
     signed = [term.name for term in terms if term.name in SIGNED_REWARDS]
     if grpo.log_tame is not None and signed:
         raise ConfigError(f"grpo.log_tame: log-taming needs non-negative rewards, and {SIGNED_REWARDS[signed[0]]}")
-    if grpo.advantage == "bnpo" and signed and grpo.reward_range[0] >= 0:
+    below_zero = [term.name for term in terms if term.name in SIGNED_REWARDS and term.weight > 0]
+    if grpo.advantage == "bnpo" and below_zero and grpo.reward_range[0] >= 0:
         raise ConfigError(f"grpo.reward_range: bnpo maps [{grpo.reward_range[0]:g}, {grpo.reward_range[1]:g}] to "
-                          f"[0, 1], and {SIGNED_REWARDS[signed[0]]}; give the range the reward lies in")
+                          f"[0, 1], and {SIGNED_REWARDS[below_zero[0]]}; give the range the reward lies in")
     trainable = any(term.name in TRAINABLE_REWARDS for term in terms)
     if trainable and config.algorithm == "gdro":
         raise ConfigError(f"reward: {config.reward!r} trains against the policy's samples as they come, and GDRO "

@@ -553,8 +553,11 @@ class GRPOTrainer:
         else:
             return path
         current = self.settings()
+        # Settings the earlier run held but never read (refused since): leaving them out changes none of its steps
+        unread = {"grpo.reward_range": settings.get("grpo.advantage") != "bnpo",
+                  "grpo.value_anchor": not settings.get("grpo.value_weight")}
         changed = [key for key in changed_settings(settings, current)
-                   if key not in RESUME_MAY_CHANGE and not key.startswith("eval.")]
+                   if key not in RESUME_MAY_CHANGE and not key.startswith("eval.") and not unread.get(key)]
         if changed:
             raise ConfigError("; ".join(f"{key}: {run} was trained with {settings.get(key)}, not {current.get(key)}"
                                         for key in changed) + "; resume it with its own settings, or start a new "
@@ -573,16 +576,16 @@ class GRPOTrainer:
             self.step, self.train_seconds = state["step"], state.get("train_seconds", 0.0)
         metrics_file = self.output_dir / "metrics.jsonl"
         if self.accelerator.is_main_process:
-            # The abandoned steps' checkpoints go first, newest first (else `latest` would pick the abandoned run):
-            # cut short, what is left is one run up to its newest checkpoint, which a resume from `latest` goes on
-            # from. Their export goes too; this run writes its own.
+            # The abandoned steps' export goes first (this run writes its own), then their checkpoints, newest
+            # first (else `latest` would pick the abandoned run), then their metrics: cut short, what is left is one
+            # run up to its newest checkpoint, which a resume from `latest` goes on from.
             later = [c for c in checkpoint.completed_checkpoints(self.output_dir)
                      if checkpoint.checkpoint_step(c) > self.step]
-            for abandoned in reversed(later):
-                checkpoint.discard(abandoned)
             if later:
                 for export in ("lora", "pipeline"):
                     shutil.rmtree(self.output_dir / export, ignore_errors=True)
+            for abandoned in reversed(later):
+                checkpoint.discard(abandoned)
             for stale in (self.output_dir / checkpoint.CHECKPOINTS).glob(f"{checkpoint.PREFIX}*"):
                 if checkpoint.TEMPORARY in stale.name or not (stale / checkpoint.STATE).is_file():
                     shutil.rmtree(stale)  # a checkpoint cut short in its writing, or in an earlier version's deletion

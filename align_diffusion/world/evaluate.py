@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from align_diffusion.rewards.base import RANGE_TOLERANCE, eight_bit
+from align_diffusion.rewards.base import RANGE_TOLERANCE, eight_bit, prompt_list
 from align_diffusion.world.render import relation_holds
 from align_diffusion.world.spec import BACKGROUND, CANVAS, CATEGORIES, COLORS, Requirement, parse_prompt
 
@@ -180,7 +180,7 @@ def shapes_eval(prompts: list[str], images) -> dict:
     prompt are not, so read them as a lower bound when telling a change from the noise. A category whose every image
     passed (or failed) gets 0: there the formula says nothing, least of all from a few images.
     """
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)  # one string is one prompt, not letters
+    prompts = prompt_list(prompts, allow_empty=True)  # none: refused below, by what it means here
     if len(prompts) != len(images):
         raise ValueError(f"{len(prompts)} prompts for {len(images)} images")
     if not prompts:
