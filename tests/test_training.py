@@ -1,6 +1,7 @@
 """The Flow-GRPO trainer: its loss on hand-worked values, config errors, the on-policy ratio, LoRA export into
 the stock pipeline, exact resume, and two CPU processes against one."""
 
+import dataclasses
 import json
 import math
 import os
@@ -237,6 +238,26 @@ def test_yaml_reads_no_as_a_string_and_names_what_it_cannot_parse(saved, tmp_pat
     path.write_text("max_steps: [1\n")
     with pytest.raises(ConfigError, match=f"{re.escape(str(path))}: not valid YAML"):
         load_config(path)
+    # A key given twice (a repeated section replaced the earlier one whole); YAML 1.1's octal 0123 (read as 83)
+    # and its dates are no numbers or dates here
+    path.write_text(f"model: {saved['sd3']}\nsampling: {{num_steps: 4}}\nmax_steps: 5\n"
+                    "sampling: {guidance_scale: 2}\n")
+    with pytest.raises(ConfigError, match=r"not valid YAML: key 'sampling' given twice\n  in .*, line 4"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="seed: expected int, got '0123'"):
+        load_config(None, [f"model={saved['sd3']}", "seed=0123"])
+    assert load_config(None, [f"model={saved['sd3']}", "output_dir=2024-01-01"]).output_dir == "2024-01-01"
+
+
+def test_an_override_merges_into_its_section_and_refuses_what_yaml_would_drop(saved):
+    base = [f"model={saved['sd3']}"]
+    assert load_config(None, [*base, "seed=1", "seed=2"]).seed == 2  # the later one, as with flags
+    merged = load_config("configs/shapes_grpo.yaml", ["sampling={num_steps: 4}"]).sampling
+    assert merged == dataclasses.replace(load_config("configs/shapes_grpo.yaml").sampling, num_steps=4)
+    for text, message in [("blurry\n#2", "YAML reads what follows '#' as a comment"),
+                          ("blurry\n  more", "YAML folds the lines of an unquoted value into one")]:
+        with pytest.raises(ConfigError, match=f"override sampling.negative_prompt: {message}"):
+            load_config(None, [*base, f"sampling.negative_prompt={text}"])
 
 
 def test_cuda_on_a_machine_without_it_is_named(saved):
@@ -245,6 +266,12 @@ def test_cuda_on_a_machine_without_it_is_named(saved):
     else:
         with pytest.raises(ConfigError, match="device: 'cuda', but torch sees no CUDA GPU"):
             load_config(None, [f"model={saved['sd3']}", "device=cuda"])
+    # Devices torch parses but cannot run a model on here (they failed after the model loaded)
+    with pytest.raises(ConfigError, match="device: 'meta' holds no data"):
+        load_config(None, [f"model={saved['sd3']}", "device=meta"])
+    if not torch.backends.mps.is_available():
+        with pytest.raises(ConfigError, match="device: 'mps', but torch sees no mps device on this machine"):
+            load_config(None, [f"model={saved['sd3']}", "device=mps"])
 
 
 def test_a_launcher_precision_the_config_does_not_set_is_refused(saved, prompt_file, tmp_path, monkeypatch):

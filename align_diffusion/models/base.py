@@ -363,13 +363,22 @@ def missing_c_compiler(option: str) -> str | None:
 
 
 def unusable_device(device: str) -> str | None:
-    """Why `device` cannot run here (torch cannot parse it, or it is CUDA and torch sees no GPU); else None."""
+    """Why `device` cannot run here (torch cannot parse it; it is `meta`, which holds no data; torch sees no such
+    device, or not that many); else None."""
     try:
-        kind = torch.device(device).type
+        parsed = torch.device(device)
     except RuntimeError as error:
         return str(error)
-    if kind == "cuda" and not torch.cuda.is_available():
-        return f"{device!r}, but torch sees no CUDA GPU on this machine"
+    if parsed.type == "cpu":
+        return None
+    if parsed.type == "meta":
+        return f"{device!r} holds no data: a model there cannot run"
+    backend = getattr(torch, parsed.type, None)
+    if backend is None or not hasattr(backend, "is_available") or not backend.is_available():
+        what = "CUDA GPU" if parsed.type == "cuda" else f"{parsed.type} device"
+        return f"{device!r}, but torch sees no {what} on this machine"
+    if parsed.index is not None and parsed.index >= backend.device_count():
+        return f"{device!r}, but torch sees {backend.device_count()} {parsed.type} device(s) on this machine"
     return None
 
 

@@ -44,8 +44,19 @@ class ConfigError(ValueError):
 
 
 class _Loader(yaml.SafeLoader):
-    """YAML 1.1 reads yes / no / on / off as booleans and 1:30 as the base-60 number 90; here only true and false
-    are booleans, and a number holds no colon."""
+    """YAML 1.1 reads yes / no / on / off as booleans, 1:30 as the base-60 number 90, 0123 as the octal 83 and
+    2024-01-01 as a date; here only true and false are booleans, a number holds no colon, an integer starts with no
+    0 (0123 is no number), no text is a date, and a key given twice in one mapping is refused (the last would
+    silently win)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 class _NoBase60:
@@ -58,12 +69,14 @@ class _NoBase60:
         return None if ":" in text else self.pattern.match(text)
 
 
-_BOOL, _NUMBERS = "tag:yaml.org,2002:bool", ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
+_BOOL, _INT, _FLOAT = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
 _Loader.yaml_implicit_resolvers = {
-    first: [(tag, _NoBase60(pattern) if tag in _NUMBERS else pattern) for tag, pattern in resolvers if tag != _BOOL]
+    first: [(tag, _NoBase60(pattern) if tag == _FLOAT else pattern) for tag, pattern in resolvers
+            if tag not in (_BOOL, _INT, "tag:yaml.org,2002:timestamp")]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
 _Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_Loader.add_implicit_resolver(_INT, re.compile(r"^[-+]?(?:0|[1-9][0-9_]*|0x[0-9a-fA-F_]+)$"), list("-+0123456789"))
 
 
 def _parse_yaml(text: str, where: str):
@@ -271,7 +284,7 @@ def apply_override(values: dict, override: str) -> None:
         if not isinstance(node, dict):
             raise ConfigError(f"override {key}: {parent} is not a section")
     value = _parse_yaml(text, f"override {key}")
-    comment = 0 if text.startswith("#") else text.find(" #")
+    comment = next((match.start() for match in re.finditer(r"(?:^|\s)#", text)), -1)
     if comment >= 0:  # YAML drops a comment silently: `negative_prompt=blurry #2` would read as blurry
         try:
             dropped = _parse_yaml(text[:comment], "") == value
@@ -280,7 +293,22 @@ def apply_override(values: dict, override: str) -> None:
         if dropped:
             raise ConfigError(f"override {key}: YAML reads what follows '#' as a comment; quote the value to keep "
                               f"it, {key}='\"{text}\"'")
-    node[leaf] = value
+    if "\n" in text.strip() and isinstance(value, str) and not text.lstrip().startswith(("'", '"')):
+        raise ConfigError(f"override {key}: YAML folds the lines of an unquoted value into one; quote it to keep "
+                          "them")
+    if isinstance(value, dict) and isinstance(node.get(leaf), dict):  # one key of a section: the others stay
+        _merge(node[leaf], value)
+    else:
+        node[leaf] = value
+
+
+def _merge(section: dict, values: dict) -> None:
+    """`values` set in `section`, nested sections merged key by key."""
+    for key, value in values.items():
+        if isinstance(value, dict) and isinstance(section.get(key), dict):
+            _merge(section[key], value)
+        else:
+            section[key] = value
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | str = ()) -> TrainConfig:
@@ -293,7 +321,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | str = ())
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: expected a mapping of keys to values at the top level, got a "
                               f"{type(values).__name__}")
-    for override in overrides:
+    for override in overrides:  # in order: a later override of a key wins, as a later flag does
         apply_override(values, override)
     config = _build(TrainConfig, values)
     # Paths with a leading ~, which the shell does not expand in a config file or a quoted override, are read as
