@@ -389,6 +389,30 @@ def test_sampling_functions_refuse_a_size_the_reward_cannot_judge_before_any_ima
     assert not any(tmp_path.iterdir())
 
 
+def test_an_overwrite_that_cannot_save_its_first_image_and_a_resume_missing_one_leave_the_folder(saved, tmp_path,
+                                                                                                   monkeypatch):
+    """The earlier run went before the first new image was saved: a full disk left an empty folder. A resume of a
+    folder whose image was deleted went on and left a record without its image."""
+    adapter = load_adapter(str(saved["sd3"]))
+    out = tmp_path / "out"
+    options = dict(num_inference_steps=1, height=32, width=32, progress=False)
+    sample_to_folder(adapter, PROMPTS[:2], out, **options)
+    before = {path.relative_to(out): path.read_bytes() for path in out.rglob("*") if path.is_file()}
+
+    def disk_full(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(Image.Image, "save", disk_full)
+        with pytest.raises(OSError, match="No space left"):
+            sample_to_folder(adapter, PROMPTS, out, overwrite=True, **options)
+    assert {path.relative_to(out): path.read_bytes() for path in out.rglob("*") if path.is_file()} == before
+    (out / "images" / "00001.png").unlink()
+    with pytest.raises(ValueError, match=r"resume: .*images/00001.png, an image of the earlier run, is gone"):
+        sample_to_folder(adapter, PROMPTS, out, resume=True, **options)
+    assert len((out / "metadata.jsonl").read_text().splitlines()) == 2
+
+
 def test_sampling_functions_refuse_an_out_dir_of_other_files_or_unwritable_before_any_image(saved, tmp_path):
     """As the commands do: a folder of someone else's files is kept unless asked (its eval.json and index.html were
     replaced), and a folder that cannot be made fails at once, not after the images."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import numbers
+import os
 import re
 import warnings
 from dataclasses import asdict
@@ -48,11 +49,15 @@ class SampleFolder:
     def continue_earlier_run(self) -> list[dict]:
         """Keeps what an earlier, interrupted run wrote (the records `read_records` reads: a last one cut short by
         the interruption is dropped, its image written again) and appends after it; returns the kept records. The
-        side-by-side pages of the earlier images go: they would miss the new ones."""
+        side-by-side pages of the earlier images go: they would miss the new ones. ValueError, before anything
+        changes, for a kept record whose image is gone."""
         from align_diffusion.gallery.page import read_records
 
         metadata = self.root / "metadata.jsonl"
         self.records = read_records(self.root)
+        if missing := next((r["file"] for r in self.records if not (self.root / r["file"]).is_file()), None):
+            raise ValueError(f"resume: {self.root / missing}, an image of the earlier run, is gone; sample the "
+                             "folder again (overwrite) or into a new one")
         self._remove_comparisons()
         text = metadata.read_text(encoding="utf-8")
         if text and not text.endswith("\n"):  # the last line is kept when it parses, as read_records keeps it
@@ -85,9 +90,18 @@ class SampleFolder:
         file = f"images/{len(self.records):05d}.png"
         record = json_safe({"file": file, **record})
         line = json.dumps(record, allow_nan=False) + "\n"  # first: a record that cannot be written replaces nothing
-        if self._metadata is None:
+        if self._metadata is None:  # the first image is saved before the earlier run goes: a full disk keeps it
+            new = self.root / "images" / f".new-{Path(file).name}"
+            new.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                image.save(new, format="PNG")
+            except BaseException:
+                new.unlink(missing_ok=True)
+                raise
             self._replace_earlier_run()
-        image.save(self.root / file)
+            os.replace(new, self.root / file)
+        else:
+            image.save(self.root / file)
         self._metadata.write(line)
         self._metadata.flush()
         self.records.append(record)
