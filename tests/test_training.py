@@ -841,6 +841,15 @@ def test_a_second_ctrl_c_stops_the_command_at_once_and_names_the_checkpoint_to_g
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+def test_eval_seeds_past_the_generators_range_are_named_before_the_model_loads(saved, prompt_file, tmp_path):
+    """Eval image k is seeded eval.seed + k: a seed near 2**32 failed at the first evaluation, named as `seed`."""
+    prompts = len([line for line in prompt_file.read_text().splitlines() if line.strip()])
+    overrides = tiny_overrides(saved["sd3"], prompt_file, tmp_path, **{
+        "eval.every": 1, "eval.num_images_per_prompt": 4, "eval.seed": 2**32 - 4 * prompts + 1})
+    with pytest.raises(ConfigError, match=f"eval.seed: the {4 * prompts} eval images are seeded eval.seed \\+ k"):
+        GRPOTrainer(load_config(None, overrides))
+
+
 def test_resume_with_no_checkpoint_yet_starts_over(saved, prompt_file, tmp_path):
     """Interrupted before its first checkpoint, a run leaves metrics only; resume_from=latest starts over and does
     not log step 1 twice, nor step 0's evaluation (TensorBoard hides the first run's values)."""

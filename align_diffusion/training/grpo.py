@@ -47,6 +47,7 @@ from align_diffusion.files import folder_problem, write_folder_atomically, write
 from align_diffusion.gallery.run import EVAL_DIR, build_run_page, eval_folder, read_metrics
 from align_diffusion.models import PipelineAdapter, PromptEmbeds, adapter_for, load_adapter
 from align_diffusion.models.base import DTYPES, compile_repeated_blocks, recorded_model_options
+from align_diffusion.names import SEED_LIMIT
 from align_diffusion.rewards import Reward, load_reward
 from align_diffusion.rewards.simple import ShapesReward
 from align_diffusion.rewards.spec import WeightedRewards, score_terms
@@ -349,6 +350,9 @@ class GRPOTrainer:
         if config.eval.every:
             checks += [("eval.prompts", self.eval_prompts, r) for r in (self.reward, self.watched_reward) if r]
             eval_images = len(self.eval_prompts.all()) * config.eval.num_images_per_prompt
+            if config.eval.seed + eval_images > SEED_LIMIT:  # eval image k is seeded eval.seed + k
+                raise ConfigError(f"eval.seed: the {eval_images} eval images are seeded eval.seed + k, which must stay "
+                                  f"below 2**32; give at most {SEED_LIMIT - eval_images}")
             if eval_images < self.accelerator.num_processes:
                 raise ConfigError(f"eval.prompts: {eval_images} eval images for {self.accelerator.num_processes} "
                                   "processes, which share them; give more prompts or eval.num_images_per_prompt")
