@@ -128,6 +128,8 @@ def test_wrong_type_is_named(saved, tmp_path):
     ("lora.alpha=0", "lora.alpha must be > 0"),
     ("grpo.clip_range=.nan", "grpo.clip_range must be a finite number"),
     ("grpo.clip_range=1.5", "grpo.clip_range must lie in (0, 1), got 1.5"),
+    ("model=''", "model is empty"),  # failed after loading, as a malformed hub id
+    ("lora.target_modules=[]", "lora.target_modules is empty"),  # failed in peft after the model loaded
     ("grpo.reward_range=[0, 100]", "grpo.reward_range: only bnpo reads it, and grpo.advantage is zscore"),
     ("grpo.value_anchor=0.7", "grpo.value_anchor: only the value-anchored term reads it"),
     (["grpo.advantage=bnpo", "reward=jpeg"], "grpo.reward_range: bnpo maps [0, 1] to [0, 1], and jpeg scores −kB"),
@@ -247,6 +249,9 @@ def test_yaml_reads_no_as_a_string_and_names_what_it_cannot_parse(saved, tmp_pat
     with pytest.raises(ConfigError, match="seed: expected int, got '0123'"):
         load_config(None, [f"model={saved['sd3']}", "seed=0123"])
     assert load_config(None, [f"model={saved['sd3']}", "output_dir=2024-01-01"]).output_dir == "2024-01-01"
+    path.write_text("1: a\nfoo: b\n")  # a number as a key: a TypeError sorting the unknown keys
+    with pytest.raises(ConfigError, match="unknown key 1; valid keys here"):
+        load_config(path)
 
 
 def test_an_override_merges_into_its_section_and_refuses_what_yaml_would_drop(saved):

@@ -259,7 +259,7 @@ def _build(cls, values: dict, prefix: str = ""):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {values!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
+    unknown = sorted(set(values) - names, key=str)  # a YAML key may be a number
     if unknown:
         raise ConfigError(f"unknown key {prefix}{unknown[0]}; valid keys here: {', '.join(sorted(names))}")
     kwargs = {}
@@ -394,6 +394,11 @@ def noise_drawing_steps(sampling: SamplingConfig) -> range:
 
 def validate(config: TrainConfig, num_processes: int = 1) -> None:
     """Every check that needs no weights; ConfigError naming the field."""
+    for key, text in {"model": config.model, "output_dir": config.output_dir, "prompts": config.prompts}.items():
+        if not text.strip():
+            raise ConfigError(f"{key} is empty")
+    if config.lora.enabled and not config.lora.target_modules:
+        raise ConfigError("lora.target_modules is empty: a LoRA needs at least one module to adapt")
     positive = {
         "max_steps": config.max_steps, "grpo.group_size": config.grpo.group_size,
         "grpo.batch_size": config.grpo.batch_size, "grpo.train_batch_size": config.grpo.train_batch_size,
