@@ -22,7 +22,7 @@ from align_diffusion.files import folder_problem, write_atomically, write_folder
 from align_diffusion.models import load_adapter
 from align_diffusion.models.tiny import tiny_pipeline
 from align_diffusion.rewards import load_reward
-from align_diffusion.sampling.folder import SampleFolder, sample_to_folder
+from align_diffusion.sampling.folder import SampleFolder, json_safe, sample_to_folder
 from align_diffusion.sampling.loop import resolve_settings
 from align_diffusion.training.prompts import PromptSource
 
@@ -732,6 +732,18 @@ def test_overwrite_leaves_only_the_new_samples(saved, tmp_path):
         with pytest.raises(ValueError, match=f"num_images_per_prompt must be a whole number >= 1, got {count}"):
             sample_to_folder(adapter, PROMPTS, out, num_images_per_prompt=count, overwrite=True, progress=False)
     assert len((out / "metadata.jsonl").read_text().splitlines()) == len(PROMPTS)
+
+
+def test_records_take_torch_and_numpy_values_and_keys_that_are_no_text(saved, tmp_path):
+    """They failed to serialize (a tensor, an array, numpy's bool), or a resume failed comparing a number key."""
+    value = {"a": torch.tensor(1.5), "b": np.array([1, np.nan]), "c": np.bool_(True), np.int64(1): "x",
+             None: {2.5: torch.tensor([True, False])}, "d": torch.tensor(float("inf"))}
+    assert json.dumps(json_safe(value), allow_nan=False) == (
+        '{"a": 1.5, "b": [1.0, null], "c": true, "1": "x", "null": {"2.5": [true, false]}, "d": null}')
+    adapter = load_adapter(str(saved["sd3"]))
+    options = dict(num_inference_steps=1, height=32, width=32, progress=False, extra_metadata={"notes": {1: "x"}})
+    sample_to_folder(adapter, PROMPTS[:1], tmp_path / "out", **options)
+    assert len(sample_to_folder(adapter, PROMPTS[:2], tmp_path / "out", resume=True, **options)) == 2
 
 
 def test_seeds_are_whole_numbers_in_the_documented_range_from_python_too(tiny_pipes, tmp_path):

@@ -17,6 +17,7 @@ import warnings
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
@@ -146,7 +147,10 @@ def adapter_record(adapter: PipelineAdapter) -> dict:
 
 def json_safe(value):
     """`value` with every NaN or infinite float, however deeply nested, as None: JSON has neither, and strict
-    readers (JSON.parse, jq) refuse the bare NaN that Python writes; numbers of other types (numpy's) as Python's."""
+    readers (JSON.parse, jq) refuse the bare NaN that Python writes; numbers, booleans and arrays of other types
+    (numpy's, torch's) as Python's, and a mapping's keys as text, as JSON writes them."""
+    if isinstance(value, (torch.Tensor, np.ndarray, np.generic)):
+        value = value.tolist() if isinstance(value, (torch.Tensor, np.ndarray)) else value.item()
     if isinstance(value, bool) or value is None:
         return value
     if isinstance(value, numbers.Integral):
@@ -154,7 +158,8 @@ def json_safe(value):
     if isinstance(value, numbers.Real):
         return float(value) if math.isfinite(value) else None
     if isinstance(value, dict):
-        return {key: json_safe(item) for key, item in value.items()}
+        return {key if isinstance(key, str) else json.dumps(json_safe(key)): json_safe(item)
+                for key, item in value.items()}
     if isinstance(value, (list, tuple)):
         return [json_safe(item) for item in value]
     return value
