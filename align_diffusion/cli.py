@@ -702,7 +702,7 @@ def add_train_parser(subparsers) -> None:
         "train", help="fine-tune a model toward rewards (Flow-GRPO); `accelerate launch -m align_diffusion train` "
         "for several processes"
     )
-    parser.add_argument("config", type=_path, nargs="?", default=None,
+    parser.add_argument("config", nargs="?", default=None,
                         help="YAML config (configs/*.yaml); omitted: every default")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. sampling.noise_level=0.5")
     parser.add_argument("--print-config", action="store_true",
@@ -714,12 +714,15 @@ def run_train(args) -> None:
     from align_diffusion.training.config import ConfigError, describe_config, load_config
     from align_diffusion.training.grpo import TrainingInterrupted, train
 
-    if args.config is not None and "=" in str(args.config):  # only overrides given
-        args.overrides, args.config = [str(args.config), *args.overrides], None
-    if args.config is not None and not args.config.is_file():
-        raise SystemExit(f"align-diffusion train: no such config file {args.config}")
+    # The first word is the config file where one is there by that name, else an override when it is key=value (kept
+    # as given: a path would fold the `//` in a value)
+    if args.config is not None and not Path(home_expanded(args.config)).is_file():
+        if "=" not in args.config:
+            raise SystemExit(f"align-diffusion train: no such config file {args.config}")
+        args.overrides, args.config = [args.config, *args.overrides], None
     try:
-        config = load_config(args.config, args.overrides)
+        config = load_config(args.config and home_expanded(args.config), args.overrides,
+                             num_processes=int(os.environ.get("WORLD_SIZE", "1")))
     except ConfigError as error:
         raise SystemExit(f"align-diffusion train: bad config: {error}") from None
     if args.print_config:

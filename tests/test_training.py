@@ -459,7 +459,8 @@ def test_flux_trains_with_true_cfg_away_from_the_negative_prompt(prompt_file, tm
         load_config(None, unset)
 
 
-def test_print_config_prints_the_checked_config_with_its_documentation_and_trains_nothing(capsys, tmp_path):
+def test_print_config_prints_the_checked_config_with_its_documentation_and_trains_nothing(capsys, tmp_path,
+                                                                                          monkeypatch):
     main(["train", str(REPO / "configs/shapes_grpo.yaml"), f"output_dir={tmp_path / 'run'}", "max_steps=5",
           "--print-config"])
     printed = capsys.readouterr().out
@@ -471,6 +472,21 @@ def test_print_config_prints_the_checked_config_with_its_documentation_and_train
     with pytest.raises(SystemExit, match="bad config: eval.prompts: .*nope.txt' is neither shapes:SPLIT nor a file"):
         main(["train", str(REPO / "configs/shapes_grpo.yaml"), f"eval.prompts={tmp_path / 'nope.txt'}",
               "--print-config"])
+    # The first word is an override when no file has its name (as a path it lost the // in its value), and a
+    # config file whose folder holds an '=' is a file
+    capsys.readouterr()
+    main(["train", "sampling.negative_prompt=low quality // blurry/", f"model={REPO / 'assets/world/sd3'}",
+          "--print-config"])
+    assert 'negative_prompt: "low quality // blurry/"' in capsys.readouterr().out
+    (tmp_path / "lr=1").mkdir()
+    shutil.copy(REPO / "configs/shapes_grpo.yaml", tmp_path / "lr=1" / "c.yaml")
+    main(["train", str(tmp_path / "lr=1" / "c.yaml"), "--print-config"])
+    assert "\nmax_steps: 100  #" in capsys.readouterr().out
+    # Checked for the processes a launch starts: 4 of them share shapes_grpo's batch of 64 as 16 each, which its
+    # train batch of 32 does not divide
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(SystemExit, match="bad config: grpo.train_batch_size 32 does not divide the 16 images per"):
+        main(["train", str(REPO / "configs/shapes_grpo.yaml"), "--print-config"])
 
 
 def test_shipped_configs_load(tmp_path):

@@ -311,9 +311,9 @@ def _merge(section: dict, values: dict) -> None:
             section[key] = value
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | str = ()) -> TrainConfig:
+def load_config(path: str | Path | None = None, overrides: list[str] | str = (), num_processes: int = 1) -> TrainConfig:
     """A TrainConfig from a YAML file (or the defaults) and dotted `key=value` overrides (one string: one
-    override), validated."""
+    override), validated for a launch of `num_processes`."""
     overrides = [overrides] if isinstance(overrides, str) else overrides
     values = {}
     if path is not None:
@@ -330,7 +330,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | str = ())
                         (config.sampling, "noise_table")):
         if getattr(owner, name) is not None:
             setattr(owner, name, home_expanded(getattr(owner, name)))
-    validate(config)
+    validate(config, num_processes)
     return config
 
 
