@@ -294,6 +294,9 @@ def test_one_prompt_string_is_one_prompt_and_no_prompt_is_an_error(tiny_pipes):
         sample(adapter, [], num_inference_steps=2, **SIZE)
     with pytest.raises(TypeError, match="prompts must be a string or a list of strings"):
         sample_images(adapter, [PROMPTS[0], None], num_inference_steps=2, **SIZE)
+    # An argument's undecodable bytes become half a UTF-16 pair: named, not a tokenizer's TypeError
+    with pytest.raises(ValueError, match=r"prompt 'a red \\udcff circle' is no text"):
+        sample(adapter, ["a red \udcff circle"], num_inference_steps=2, **SIZE)
     with pytest.raises(TypeError, match="one image per prompt: repeat a prompt"):
         sample_images(adapter, PROMPTS, num_images_per_prompt=2, num_inference_steps=2, **SIZE)
 

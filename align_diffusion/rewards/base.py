@@ -82,13 +82,18 @@ def images_to_pil(images) -> list[Image.Image]:
 
 def prompt_list(prompts: str | Sequence[str], *, allow_empty: bool = False) -> list[str]:
     """`prompts` as a list: one string is one prompt (as diffusers' pipelines take it), not its letters; TypeError
-    for anything else than strings, ValueError for none unless `allow_empty` (a reward scores an empty batch)."""
-    if isinstance(prompts, str):
-        return [prompts]
+    for anything else than strings, ValueError for none unless `allow_empty` (a reward scores an empty batch), and
+    for a string that is no text (half a UTF-16 pair, as undecodable bytes in a command's arguments become)."""
+    prompts = [prompts] if isinstance(prompts, str) else prompts
     if not isinstance(prompts, Sequence) or not all(isinstance(p, str) for p in prompts):
         raise TypeError(f"prompts must be a string or a list of strings, got {type(prompts).__name__}")
     if not prompts and not allow_empty:
         raise ValueError("prompts is empty")
+    for prompt in prompts:
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise ValueError(f"prompt {prompt!r} is no text: {error.reason}") from None
     return list(prompts)
 
 
