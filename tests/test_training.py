@@ -1142,16 +1142,18 @@ def test_a_checkpoint_deletion_cut_short_leaves_no_checkpoint_that_latest_picks(
         checkpoint.commit(partial, {"step": step}, keep=3)
     assert checkpoint.resolve_resume("latest", tmp_path).name == "step-000002"
 
-    def interrupted(path, *args, **kwargs):  # Ctrl-C after the deletion of the old step-2 folder took one file
-        (Path(path) / "trained.safetensors").unlink()
-        raise KeyboardInterrupt
+    def interrupted(path, ignore_errors=False):  # Ctrl-C after the deletion of the old step-2 folder took one file
+        if not ignore_errors:
+            (Path(path) / "trained.safetensors").unlink()
+            raise KeyboardInterrupt
 
     partial = checkpoint.partial_dir(tmp_path, 2)  # step 2 saved again (a run resumed from step 1)
     checkpoint.begin(partial)
     monkeypatch.setattr(checkpoint.shutil, "rmtree", interrupted)
     with pytest.raises(KeyboardInterrupt):
         checkpoint.commit(partial, {"step": 2}, keep=3)
-    assert (tmp_path / "checkpoints" / "step-000002").is_dir()  # half deleted
+    half_deleted = tmp_path / "checkpoints" / f"step-000002.discarded{checkpoint.TEMPORARY}"
+    assert half_deleted.is_dir() and not (tmp_path / "checkpoints" / "step-000002").exists()
     assert checkpoint.resolve_resume("latest", tmp_path).name == "step-000001"
 
 
