@@ -515,8 +515,8 @@ class GRPOTrainer:
         if self.config.sampling.noise_table:
             settings["sampling.noise_table_levels"] = self.noise_levels
         settings["prompts_sha256"] = hashlib.sha256("\n".join(self.prompts.all()).encode()).hexdigest()
-        if self.references is not None and (digest := self.references.digest()) is not None:
-            settings["references_sha256"] = digest
+        if self.references is not None and self.references.digest is not None:
+            settings["references_sha256"] = self.references.digest
         return json.loads(json.dumps(settings))
 
     def layout(self) -> dict:

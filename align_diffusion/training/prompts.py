@@ -4,6 +4,7 @@ so a resumed run sees the same prompts and references."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import random
 from pathlib import Path
@@ -92,9 +93,10 @@ class ReferenceSource:
                 raise ValueError(f"references: {spec!r} holds images of several sizes ({path.name} is "
                                  f"{size[0]}×{size[1]}, {other.name} {other_size[0]}×{other_size[1]}); give one size")
 
+    @functools.cached_property
     def digest(self) -> str | None:
-        """A SHA-256 of the folder's image names and contents, which every draw depends on (None for `shapes`), so
-        a resume can tell a folder changed since."""
+        """A SHA-256 of the folder's image names and contents as first read, which every draw depends on (None for
+        `shapes`), so a resume can tell a folder changed since; read once, not at every checkpoint."""
         if self.folder is None:
             return None
         digest = hashlib.sha256()
