@@ -284,14 +284,15 @@ def read_prompts(args) -> list[str]:
 def check_sample_out(args) -> None:
     """Refuses an --out folder that cannot be written, and, without --overwrite, one that holds files but no samples:
     a run replaces what sample, eval and steer write (index.html, images/, eval.json, compare pages), which there
-    would be someone else's."""
+    would be someone else's (`sampling.folder.check_out_dir`)."""
+    from align_diffusion.sampling.folder import check_out_dir
+
     if problem := folder_problem(args.out):
         raise SystemExit(f"--out: {problem}")
-    if not args.overwrite:
-        try:
-            check_output_folder(args.out, "metadata.jsonl", replaced_whole=False)
-        except ValueError as error:
-            raise SystemExit(f"--out: {error}, or pass --overwrite") from None
+    try:
+        check_out_dir(args.out, args.overwrite)
+    except ValueError as error:
+        raise SystemExit(f"--out: {error}, or pass --overwrite") from None
 
 
 def note_a_fresh_start(args) -> None:
