@@ -373,7 +373,7 @@ def test_check_asks_each_distinct_prompt_once_in_bodies_the_server_takes(monkeyp
             remote.check_prompts(prompts + ["a photo of a cat"])
 
     class Failing(ShapesReward):
-        def check_prompts(self, prompts):
+        def check_prompt_list(self, prompts):
             raise RuntimeError("the model behind it is down")
 
     with serving(Failing()) as server:

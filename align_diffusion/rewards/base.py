@@ -139,8 +139,12 @@ class Reward(torch.nn.Module):
 
     def check_prompts(self, prompts: str | Sequence[str]) -> None:
         """ValueError naming the first of `prompts` (one string: one prompt, see `prompt_list`) this reward cannot
-        score, for callers to check before they make any image (a reward that scores every prompt, as most do, has
-        nothing to check)."""
+        score, for callers to check before they make any image."""
+        self.check_prompt_list(prompt_list(prompts, allow_empty=True))
+
+    def check_prompt_list(self, prompts: list[str]) -> None:
+        """`check_prompts` of a list, which a reward that cannot score every prompt overrides (most can: nothing to
+        check)."""
 
     def check_size(self, height: int, width: int) -> None:
         """ValueError when this reward cannot score `height` × `width` images, for callers to check before they make

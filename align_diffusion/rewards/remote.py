@@ -27,7 +27,7 @@ import urllib.request
 import torch
 
 from align_diffusion.names import REWARD_TOKEN_ENV
-from align_diffusion.rewards.base import Reward, RewardError, images_to_pil, prompt_list
+from align_diffusion.rewards.base import Reward, RewardError, images_to_pil
 
 logger = logging.getLogger(__name__)
 
@@ -165,13 +165,13 @@ class RemoteReward(Reward):
         """The URL of the server's `name` (`score`, `health`, `check`), keeping the given URL's path and query."""
         return urllib.parse.urlunsplit(self.parts._replace(path=f"{self.parts.path}/{name}"))
 
-    def check_prompts(self, prompts):
+    def check_prompt_list(self, prompts):
         """ValueError naming the first of `prompts` the server's reward cannot score (its POST /check, asked with
         each distinct prompt once, in requests the size its /health allows); a server without /check (404) checks
         nothing, which is logged (`checked`)."""
         limit = self.server_limits()[0]
         chunks, chunk, size = [], [], len('{"prompts": []}')
-        for prompt in dict.fromkeys(prompt_list(prompts, allow_empty=True)):
+        for prompt in dict.fromkeys(prompts):
             cost = len(json.dumps(prompt)) + len(", ")
             if chunk and limit is not None and size + cost > limit:
                 chunks.append(chunk)

@@ -6,7 +6,7 @@ import io
 
 import torch
 
-from align_diffusion.rewards.base import Reward, images_to_pil, prompt_list
+from align_diffusion.rewards.base import Reward, images_to_pil
 from align_diffusion.world.evaluate import score_image
 from align_diffusion.world.spec import CANVAS, parse_prompt
 
@@ -40,8 +40,8 @@ class ShapesReward(Reward):
         super().__init__("shapes" if mode == "graded" else "shapes:strict")
         self.mode = mode
 
-    def check_prompts(self, prompts):
-        for prompt in prompt_list(prompts, allow_empty=True):
+    def check_prompt_list(self, prompts):
+        for prompt in prompts:
             try:
                 parse_prompt(prompt)
             except ValueError as error:
@@ -52,7 +52,7 @@ class ShapesReward(Reward):
             raise ValueError(f"ShapesEval judges {CANVAS}×{CANVAS} shapes-world images, got {height}×{width}")
 
     def score(self, images, prompts, metadata):
-        self.check_prompts(prompts)
+        self.check_prompt_list(prompts)
         judgements = [score_image(prompt, image) for prompt, image in zip(prompts, images.cpu())]
         if self.mode == "strict":
             return torch.tensor([float(j.strict) for j in judgements])

@@ -253,9 +253,9 @@ class WeightedRewards(Reward):
         each = self.score_each(images, prompts, metadata)
         return sum(w * scores.to(images.device) for w, scores in zip(self.weights, each.values()))
 
-    def check_prompts(self, prompts):
+    def check_prompt_list(self, prompts):
         for reward in self.rewards:
-            reward.check_prompts(prompts)
+            reward.check_prompt_list(prompts)
 
     def check_size(self, height, width):
         for reward in self.rewards:
