@@ -942,7 +942,8 @@ def run_steer(args) -> None:
     reward = scoring_reward("--reward", args.reward, args)
     prune_reward = None if args.prune_reward is None else scoring_reward("--prune-reward", args.prune_reward, args)
     if family is not None:  # read without loading the model (a hub id not downloaded yet: steer checks once loaded)
-        check_steering(family, prompts, reward, args.method, budget=args.budget, prune_reward=prune_reward, **options)
+        check_steering(family, prompts, reward, args.method, budget=args.budget, prune_reward=prune_reward,
+                       seed=args.seed, **options)
     run = dict(shapes_eval=args.shapes_eval, budget=args.budget, seed=args.seed, prune_reward=prune_reward,
                extra_metadata=model_record(args), **options,
                **({} if args.batch_size is None else {"reno_batch_size": args.batch_size}))  # else steer's default

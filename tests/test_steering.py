@@ -670,15 +670,24 @@ def test_a_weighted_reward_records_its_terms_as_sample_does_and_the_sum_steered_
     assert rewards[reward.name] == pytest.approx(max(record["details"]["candidate_rewards"]), rel=1e-6)
 
 
-def test_every_prompts_candidate_seeds_are_checked_before_anything_is_replaced(adapter, tmp_path):
+def test_every_prompts_candidate_seeds_are_checked_before_anything_is_replaced(adapter, saved, tmp_path,
+                                                                              monkeypatch):
     """Prompt j's candidate c is seeded seed + j + c · 100000: a seed whose last prompt's would pass 2**32 failed at
-    that prompt, after the first had replaced the earlier run."""
+    that prompt, after the first had replaced the earlier run; the command refuses it before the model loads."""
     steer_to_folder(adapter, ["a", "b"], Darkness(), "best-of-n", tmp_path / "out", num_candidates=1,
                     num_inference_steps=1, progress=False, **SIZE)
     with pytest.raises(ValueError, match=re.escape("seed must be a whole number in [0, 2**32 − 100002]")):
         steer_to_folder(adapter, ["a", "b"], Darkness(), "best-of-n", tmp_path / "out", overwrite=True,
                         num_candidates=2, seed=2**32 - 100_001, num_inference_steps=1, progress=False, **SIZE)
     assert len((tmp_path / "out" / "metadata.jsonl").read_text().splitlines()) == 2
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("loaded the model before refusing")
+
+    monkeypatch.setattr("align_diffusion.models.load_adapter", no_loading)
+    with pytest.raises(SystemExit, match=re.escape("seed must be a whole number in [0, 2**32 − 100002]")):
+        main(["steer", "--method", "best-of-n", "--model", str(saved["sd3"]), "--prompt", "a", "b", "--reward",
+              "jpeg", "--num-candidates", "2", "--seed", str(2**32 - 100_001), "--out", str(tmp_path / "cli")])
 
 
 def test_a_reno_batch_size_that_is_no_count_is_refused_before_anything_is_replaced(adapter, tmp_path):

@@ -51,11 +51,14 @@ RUN_ARGUMENTS = ("index", "first_index", "seed", "progress")
 
 
 def check_steering(family: type[PipelineAdapter] | PipelineAdapter, prompts: list[str], reward: Reward, method: str,
-                   *, budget: int | None = None, prune_reward: Reward | None = None, **options) -> dict:
-    """Refuses a steering run whose method, budget, options or prompts do not fit, before any compute; returns
-    `options`, with the size a budget buys. `family` is the adapter, or its class read without loading the model
-    (`models.adapter_class`): the checks need only its default steps and guidance and whether it is a flow model, so
-    a command makes them before it loads the model."""
+                   *, budget: int | None = None, prune_reward: Reward | None = None, seed: int = 0,
+                   **options) -> dict:
+    """Refuses a steering run whose method, budget, options, prompts or seed do not fit, before any compute; returns
+    `options`, with the size a budget buys. Candidate c of prompt j is seeded seed + j + c · SEED_STRIDE: every
+    prompt's seeds are checked at once (a run failing at a later prompt would have replaced an earlier run).
+    `family` is the adapter, or its class read without loading the model (`models.adapter_class`): the checks need
+    only its default steps and guidance and whether it is a flow model, so a command makes them before it loads the
+    model."""
     prompts = prompt_list(prompts)
     if method not in STEERING_METHODS:
         raise ValueError(f"method must be one of {STEERING_METHODS}, got {method!r}")
@@ -108,6 +111,8 @@ def check_steering(family: type[PipelineAdapter] | PipelineAdapter, prompts: lis
                          **{name: run[name] for name in ("num_particles", "lam", "potential", "resampling",
                                                          "adaptive_threshold", "resample_start", "resample_interval",
                                                          "resample_end")})
+    candidates = 1 if method == "reno" else run[size]  # ReNO's iterates reuse each prompt's one noise
+    checked_seed(seed, len(prompts) + (candidates - 1) * SEED_STRIDE)
     return options
 
 
@@ -148,12 +153,9 @@ def steer(
     prompts = prompt_list(prompts)
     if not 0 <= start <= len(prompts):
         raise ValueError(f"start must be between 0 and the {len(prompts)} prompts, got {start}")
-    options = check_steering(adapter, prompts, reward, method, budget=budget, prune_reward=prune_reward, **options)
-    # Candidate c of prompt j is seeded seed + j + c · SEED_STRIDE: every prompt's seeds checked before the first
-    # prompt runs (a run that failed at a later prompt had replaced an earlier run's folder)
-    candidates = 1 if method == "reno" else options.get(SIZE_OPTION[method], inspect.signature(
-        METHOD_FUNCTIONS[method]).parameters[SIZE_OPTION[method]].default)
-    seed = checked_seed(seed, len(prompts) + (candidates - 1) * SEED_STRIDE)
+    options = check_steering(adapter, prompts, reward, method, budget=budget, prune_reward=prune_reward, seed=seed,
+                             **options)
+    seed = int(seed)  # numpy's, checked whole: the results record it as JSON's
     check_count("reno_batch_size", reno_batch_size)
     return _run(adapter, prompts, reward, method, seed, prune_reward or reward, reno_batch_size, progress, start,
                 options)
