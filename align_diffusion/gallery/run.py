@@ -75,10 +75,10 @@ def build_run_page(run_dir: str | Path, *, only_stale: bool = False) -> Path:
 
     # One row per step (the last, should rows repeat one), and one for each evaluation that has samples but was cut
     # short before its scores were written.
-    evaluated = {row["step"]: row for row in metrics if "eval/reward_mean" in row}
+    by_step = {row["step"]: row for row in metrics if "eval/reward_mean" in row}
     for folder in folders:
-        evaluated.setdefault(int(folder.name.removeprefix("step-")), {})
-    evaluated = [evaluated[step] | {"step": step} for step in sorted(evaluated)]
+        by_step.setdefault(int(folder.name.removeprefix("step-")), {})
+    evaluated = [by_step[step] | {"step": step} for step in sorted(by_step)]
     pass_at_k = sorted({key for row in evaluated for key in row if key.startswith("eval/shapes_pass@")},
                        key=lambda key: int(key.rpartition("@")[2]))
     columns = {"eval reward": "eval/reward_mean", "strict": "eval/shapes_strict",
