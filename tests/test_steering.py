@@ -125,7 +125,7 @@ def test_reno_refuses_settings_that_would_not_raise_the_reward(adapter, denoised
     assert denoised_images == []  # before any compute
 
 
-def test_reno_without_momentum_is_plain_gradient_ascent(adapter):
+def test_reno_runs_with_momentum_0(adapter):
     """Momentum 0 is in range: with the default Nesterov on, torch's SGD refused it after the checks passed."""
     [result] = reno(adapter, ["a red circle"], Darkness(), iterations=2, momentum=0.0, **SIZE)
     assert math.isfinite(result.reward)
