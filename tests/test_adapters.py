@@ -566,6 +566,16 @@ def test_lora_takes_the_same_modules_and_initial_weights_whatever_the_order_of_i
         assert torch.equal(weight, layers[1][name]), name
 
 
+def test_lora_targets_naming_a_container_are_refused_with_the_module_named(tiny_pipes):
+    """peft wraps only layers: `to_out` (a ModuleList holding the Linear `to_out.0`) failed inside peft with a dump
+    of the module."""
+    adapter = adapter_for(copy.deepcopy(tiny_pipes["sd3"]))
+    with pytest.raises(ValueError, match=r"'to_out' matches transformer_blocks\.0\.attn\.to_out, a ModuleList"):
+        add_lora(adapter, rank=4, alpha=8, target_modules=["to_q", "to_out"])
+    with pytest.raises(ValueError, match="'to_nothing' matches no module of SD3Transformer2DModel"):
+        add_lora(adapter, rank=4, alpha=8, target_modules=["to_nothing"])
+
+
 def test_compiled_blocks_with_lora_match_eager_in_every_mode_the_trainer_runs(tiny_pipes, capfd):
     """Regional compilation (the trainer's `optim.compile`) of SD3.5-style blocks (dual attention, a last block
     without context output), LoRA inside: one compiled block per layer, the eager model's predictions and input

@@ -21,6 +21,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from align_diffusion.cli import main
@@ -569,6 +570,13 @@ def test_lora_round_trip_into_the_stock_pipeline(trained, saved):
     reloaded = stock("a red circle", generator=torch.Generator().manual_seed(3), **kwargs).images
     assert (reloaded - ours).abs().max() <= 1e-4
     assert (plain - ours).abs().max() > 1e-3  # the LoRA changed the model
+    # diffusers passes the metadata whole to LoraConfig: fields of peft's newest config would fail in an older peft
+    with safe_open(str(out / "lora" / "pytorch_lora_weights.safetensors"), "pt") as weights:
+        metadata = json.loads(weights.metadata()["lora_adapter_metadata"])
+    assert {key.removeprefix("transformer.") for key in metadata} <= {
+        "r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern", "use_dora", "lora_bias"}
+    assert (metadata["transformer.r"], metadata["transformer.lora_alpha"]) == (trainer.config.lora.rank,
+                                                                               trainer.config.lora.alpha)
 
 
 @pytest.mark.parametrize("family, sampler, guidance", [("flux", "flow-sde", 3.5), ("sdxl", "ddim", 2.0),

@@ -98,9 +98,14 @@ class PipelineAdapter:
 
     # --- properties -------------------------------------------------------------------------------------------
     @property
+    def denoiser_name(self) -> str:
+        """The pipeline component that denoises: `transformer` or `unet`."""
+        return "transformer" if hasattr(self.pipe, "transformer") else "unet"
+
+    @property
     def denoiser(self) -> torch.nn.Module:
         """The module LoRA attaches to: the transformer or the UNet."""
-        return self.pipe.transformer if hasattr(self.pipe, "transformer") else self.pipe.unet
+        return getattr(self.pipe, self.denoiser_name)
 
     @property
     def device(self) -> torch.device:
