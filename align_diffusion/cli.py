@@ -768,9 +768,9 @@ def run_calibrate_noise(args) -> None:
 
     if not args.config.is_file():
         raise SystemExit(f"align-diffusion calibrate-noise: no such config file {args.config}")
-    overrides = ["log_with=[]", *args.overrides]
+    overrides, processes = ["log_with=[]", *args.overrides], int(os.environ.get("WORLD_SIZE", "1"))
     try:
-        config = load_config(args.config, overrides)
+        config = load_config(args.config, overrides, processes)
     except ConfigError as error:
         raise SystemExit(f"align-diffusion calibrate-noise: bad config: {error}") from None
     if args.out.is_dir():
@@ -788,7 +788,7 @@ def run_calibrate_noise(args) -> None:
                          "table serves both)")
     if config.grpo.dense is None:  # calibration reads step rewards
         try:
-            config = load_config(args.config, [*overrides, "grpo.dense=ode"])
+            config = load_config(args.config, [*overrides, "grpo.dense=ode"], processes)
         except ConfigError as error:
             raise SystemExit(f"align-diffusion calibrate-noise: calibration reads step rewards, so it runs the config "
                              f"with grpo.dense=ode, which it does not take: {error}") from None
@@ -797,6 +797,8 @@ def run_calibrate_noise(args) -> None:
     if not any(levels[t] > 0 for t in noise_drawing_steps(config.sampling)):
         raise SystemExit(f"align-diffusion calibrate-noise: every level that draws noise calibrated to 0 ({levels}), "
                          "a table train refuses; nothing written. Try a smaller --eps2 or another number of --rounds")
+    if int(os.environ.get("RANK", "0")) != 0:  # every process of a launch calibrated the same levels
+        return
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_table(args.out, levels, sampler=config.sampling.sampler, config=str(args.config), overrides=args.overrides,
                 rounds=args.rounds, eps1=args.eps1, eps2=args.eps2)

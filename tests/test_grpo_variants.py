@@ -427,7 +427,7 @@ def test_noise_table_sets_each_steps_level_and_log_probs_follow(saved, prompt_fi
         GRPOTrainer(load_config(None, [*overrides, "resume_from=latest", "max_steps=2"]))
 
 
-def test_calibrate_noise_command_writes_a_table(saved, prompt_file, tmp_path, capsys):
+def test_calibrate_noise_command_writes_a_table(saved, prompt_file, tmp_path, capsys, monkeypatch):
     config, gdro_config = tmp_path / "config.yaml", tmp_path / "gdro.yaml"
     settings = {"model": str(saved["sd3"]), "prompts": str(prompt_file), "output_dir": str(tmp_path / "run"),
                 "reward": "jpeg", "device": "cpu", "async_rewards": False, "lora": {"rank": 4, "alpha": 8},
@@ -480,6 +480,10 @@ def test_calibrate_noise_command_writes_a_table(saved, prompt_file, tmp_path, ca
     hollow = tmp_path / "hollow"  # a model folder that validates and would fail to load: refused before it loads
     hollow.mkdir()
     (hollow / "model_index.json").write_text((saved["sd3"] / "model_index.json").read_text())
+    with monkeypatch.context() as launched:  # checked for the launch's processes, as train checks it
+        launched.setenv("WORLD_SIZE", "3")
+        with pytest.raises(SystemExit, match="grpo.batch_size 8 is not a multiple of the 3 processes"):
+            main(["calibrate-noise", str(config), "--out", str(zero), f"model={hollow}"])
     with pytest.raises(SystemExit, match="sampling.sampler: noise calibration balances the noise a stochastic"):
         main(["calibrate-noise", str(gdro_config), "--out", str(out), "sampling.sampler=ode", f"model={hollow}"])
     with pytest.raises(SystemExit, match="algorithm gdro: calibration runs GRPO's rollouts"):
