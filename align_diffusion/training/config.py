@@ -159,7 +159,9 @@ class OptimConfig:
     betas: list[float] = _help("AdamW betas", factory=lambda: [0.9, 0.999])
     warmup_steps: int = _help("linear warm-up steps, then constant", 0)
     max_grad_norm: float | None = _help("gradient-norm clip (null: none)", 1.0)
-    ema_decay: float = _help("EMA of the trained weights, used for eval and export (0: off)", 0.0)
+    ema_decay: float = _help("EMA of the trained weights, used for eval and export (0: off); its decay warms up "
+                             "as min(ema_decay, (1 + n) / (10 + n)) at optimizer step n", 0.0)
+    ema_every: int = _help("optimizer steps between EMA updates (Flow-GRPO's presets: 8)", 1)
     mixed_precision: str = _help("no, fp16 or bf16 (autocast; trained weights stay float32)", "no")
     gradient_checkpointing: bool = _help("recompute activations in the backward pass", False)
     compile: bool = _help("torch.compile the denoiser's repeated blocks: faster steps on GPU once the first ones "
@@ -509,6 +511,11 @@ def validate(config: TrainConfig, num_processes: int = 1) -> None:
         raise ConfigError(f"lora.alpha must be > 0 (the LoRA's scale is alpha / rank), got {config.lora.alpha}")
     if not 0 <= optim.ema_decay < 1:
         raise ConfigError(f"optim.ema_decay must lie in [0, 1), got {optim.ema_decay}")
+    if optim.ema_every < 1:
+        raise ConfigError(f"optim.ema_every must be >= 1, got {optim.ema_every}")
+    if optim.ema_every != 1 and optim.ema_decay == 0:
+        raise ConfigError(f"optim.ema_every: {optim.ema_every} sets how often an EMA updates, and optim.ema_decay is "
+                          "0 (no EMA)")
     if optim.compile and (error := missing_c_compiler("optim.compile")):
         raise ConfigError(error)
     if optim.mixed_precision not in ("no", "fp16", "bf16"):

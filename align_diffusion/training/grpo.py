@@ -40,6 +40,7 @@ import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.utils import convert_outputs_to_fp32, gather_object, set_seed
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -172,16 +173,38 @@ def _cat_trajectories(parts: list[Trajectory]) -> Trajectory:
 
 
 class EMA:
-    """Exponential moving average of the trained parameters."""
+    """Exponential moving average of the trained parameters, updated every `every` optimizer steps. Its decay warms
+    up as diffusers' `EMAModel` and Flow-GRPO's do: min(decay, (1 + n) / (10 + n)) at optimizer step n (from 0), so
+    the average does not stay near the initial weights for the first ~1 / (1 - decay) updates."""
 
-    def __init__(self, params: list[torch.nn.Parameter], decay: float):
-        self.params, self.decay = params, decay
+    def __init__(self, params: list[torch.nn.Parameter], decay: float, every: int = 1):
+        self.params, self.decay, self.every = params, decay, every
         self.shadow = [p.detach().clone() for p in params]
+        self.optimizer_steps = 0
 
     @torch.no_grad()
     def update(self):
+        """Called after each optimizer step."""
+        n, self.optimizer_steps = self.optimizer_steps, self.optimizer_steps + 1
+        if self.optimizer_steps % self.every:
+            return
+        decay = min(self.decay, (1 + n) / (10 + n))
         for shadow, param in zip(self.shadow, self.params):
-            shadow.lerp_(param.detach(), 1 - self.decay)
+            shadow.lerp_(param.detach(), 1 - decay)
+
+    def save(self, path: Path, names: list[str]) -> None:
+        save_file({n: s.cpu().contiguous() for n, s in zip(names, self.shadow)}, str(path),
+                  metadata={"optimizer_steps": str(self.optimizer_steps)})
+
+    def load(self, path: Path, names: list[str]) -> None:
+        with safe_open(str(path), "pt") as saved:
+            steps = (saved.metadata() or {}).get("optimizer_steps")
+            if steps is None:  # its decay had no warm-up: the average would go on otherwise than it began
+                raise ValueError(f"{path} was written before the EMA counted its optimizer steps; resume it with "
+                                 "the version that wrote it, or start a new output_dir")
+            for shadow, name in zip(self.shadow, names):
+                shadow.copy_(saved.get_tensor(name))
+        self.optimizer_steps = int(steps)
 
     @contextmanager
     def applied(self):
@@ -439,7 +462,8 @@ class GRPOTrainer:
         self.adapter.forward_module = self.model  # the distributed wrapper, when there is one, syncs gradients
         self.accelerator.register_save_state_pre_hook(self._save_trained_only)
         self.accelerator.register_load_state_pre_hook(self._load_trained_only)
-        self.ema = EMA(self.params, config.optim.ema_decay) if config.optim.ema_decay > 0 else None
+        ema_decay, ema_every = config.optim.ema_decay, config.optim.ema_every
+        self.ema = EMA(self.params, ema_decay, ema_every) if ema_decay > 0 else None
         self.step = 0
         self.train_seconds = 0.0  # wall-clock seconds of training steps (evaluations excluded)
 
@@ -457,8 +481,7 @@ class GRPOTrainer:
         if self.accelerator.is_main_process:
             save_file(self.trained_state(), str(Path(output_dir) / "trained.safetensors"))
             if self.ema is not None:
-                save_file({n: s.cpu().contiguous() for n, s in zip(self.trained_names(), self.ema.shadow)},
-                          str(Path(output_dir) / "ema.safetensors"))
+                self.ema.save(Path(output_dir) / "ema.safetensors", self.trained_names())
             state = self.reward.reward_state()
             if state:
                 torch.save(state, Path(output_dir) / "reward_state.pt")
@@ -482,9 +505,7 @@ class GRPOTrainer:
             for name, value in trained.items():
                 named[name].copy_(value)
         if self.ema is not None:
-            ema = load_file(str(Path(input_dir) / "ema.safetensors"))
-            for shadow, name in zip(self.ema.shadow, self.trained_names()):
-                shadow.copy_(ema[name])
+            self.ema.load(Path(input_dir) / "ema.safetensors", self.trained_names())
         reward_state = Path(input_dir) / "reward_state.pt"
         if reward_state.exists():
             self.reward.load_reward_state(torch.load(reward_state, weights_only=False))
@@ -540,6 +561,9 @@ class GRPOTrainer:
         if self.reward.stateful and not (path / "reward_state.pt").is_file():  # a fresh head would replace it
             raise ConfigError(f"resume_from: {path} has no reward_state.pt, which the reward {config.reward} keeps; "
                               "resume from a checkpoint of this run")
+        if config.optim.ema_decay > 0 and not (path / "ema.safetensors").is_file():
+            raise ConfigError(f"resume_from: {path} has no ema.safetensors, which this run's EMA (optim.ema_decay) "
+                              "goes on from; resume from a checkpoint of this run")
         # Checkpoints written before they recorded their run's settings are checked against output_dir's config.
         state, saved = checkpoint.read_trainer_state(path), self.output_dir / "config.yaml"
         written, current = state.get("layout", self.layout()), self.layout()  # no layout: written before they had one
