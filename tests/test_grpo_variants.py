@@ -456,6 +456,15 @@ def test_calibrate_noise_command_writes_a_table(saved, prompt_file, tmp_path, ca
     main(["calibrate-noise", str(config), "--rounds", "1", "--eps2", "0.05", "--out", str(out), "sampling.num_steps=3",
           "sampling.sampler=cps"])
     assert read_table(out, 3, "cps")[2] == 0.8  # CPS's default level
+    # A level 0 where noise can be drawn is calibrated, so that it can rise again: its deterministic step's rewards
+    # differ by nothing, which balances. CPS's last step draws none at any level: its 0 stays.
+    start = tmp_path / "start.json"
+    for sampler, moved in (("flow-sde", 0.05), ("cps", 0.0)):
+        write_table(start, [0.5, 0.5, 0.0], sampler=sampler)
+        main(["calibrate-noise", str(config), "--rounds", "1", "--eps2", "0.05", "--out", str(out),
+              "sampling.num_steps=3", f"sampling.sampler={sampler}", f"sampling.noise_table={start}",
+              "sampling.noise_level=null"])
+        assert read_table(out, 3, sampler)[2] == pytest.approx(moved), sampler
     # A table train would refuse is not written: every level that draws noise calibrated to 0 (from a = 0.05, eps1 0:
     # no step's signs balance exactly).
     zero = tmp_path / "new" / "zero.json"  # nor its folder made

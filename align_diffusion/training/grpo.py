@@ -69,7 +69,7 @@ from align_diffusion.training import checkpoint
 from align_diffusion.rewards.dense import dense_step_rewards
 from align_diffusion.training.advantages import best_worst_mask, dense_advantages
 from align_diffusion.training.config import (
-    MODEL_OPTION_FIELDS, ConfigError, TrainConfig, model_options, save_config, to_dict, validate,
+    MODEL_OPTION_FIELDS, ConfigError, TrainConfig, model_options, noise_drawing_steps, save_config, to_dict, validate,
 )
 from align_diffusion.training.lora import add_lora, export_lora
 from align_diffusion.training.noise_table import calibrate_step, read_table
@@ -832,7 +832,7 @@ class GRPOTrainer:
         levels = self.noise_levels
         if not isinstance(levels, list):
             levels = [DEFAULT_NOISE_LEVEL[self.config.sampling.sampler] if levels is None else levels] * steps
-        window = self.config.sampling.noise_window or [0, steps]
+        drawing = noise_drawing_steps(self.config.sampling)
         for round_index in range(rounds):
             self.noise_levels = levels
             rollouts = self.rollout(round_index)
@@ -843,11 +843,9 @@ class GRPOTrainer:
                                  "so no step reward says which way to move its noise level; lower the noise levels "
                                  "(sampling.noise_level or the table's) or the guidance")
             calibrated = calibrate_step(levels, deltas, eps1, eps2, LARGEST_NOISE_LEVEL[self.config.sampling.sampler])
-            # A step that drew no noise at a level above 0 (outside the noise window, or CPS's last) says nothing of
-            # its level; one at level 0 within the window is calibrated, so that it can rise again.
-            noisy = set(rollouts.trajectory.stochastic_steps)
-            levels = [new if window[0] <= t < window[1] and (t in noisy or old == 0) else old
-                      for t, (old, new) in enumerate(zip(levels, calibrated))]
+            # A step that draws no noise at any level (outside the noise window, or CPS's last) says nothing of its
+            # level; one at level 0 among those that can is calibrated, so that it can rise again.
+            levels = [new if t in drawing else old for t, (old, new) in enumerate(zip(levels, calibrated))]
             left_out = f" ({unscored} of {len(deltas)} trajectories unscored: diverged or refused)" if unscored else ""
             self.log(f"round {round_index + 1}/{rounds}: ψ = [{', '.join(f'{v:.3f}' for v in levels)}]{left_out}")
         return levels
