@@ -1488,6 +1488,10 @@ def test_ema_decay_warms_up_updates_every_nth_step_and_resumes_where_it_stopped(
         twin.update()
     assert torch.equal(resumed.shadow[0], sparse.shadow[0])
     torch.testing.assert_close(resumed.shadow[0], 0.3 * (0.3 * 18 / 11 + 2.8) + 0.7 * 7 * torch.ones(()))
+    average = resumed.shadow[0].clone()
+    with resumed.applied():  # the average in the model for the duration, the trained weight back after
+        assert torch.equal(param.detach(), average)
+    assert param.item() == 7 and torch.equal(resumed.shadow[0], average)
     save_file({"w": torch.zeros(())}, str(tmp_path / "old.safetensors"))  # an average with no count of its steps
     with pytest.raises(ValueError, match="old.safetensors was written before the EMA counted its optimizer steps"):
         resumed.load(tmp_path / "old.safetensors", ["w"])

@@ -208,17 +208,20 @@ class EMA:
 
     @contextmanager
     def applied(self):
-        """The EMA weights swapped in for the duration."""
-        saved = [p.detach().clone() for p in self.params]
-        with torch.no_grad():
-            for param, shadow in zip(self.params, self.shadow):
-                param.copy_(shadow)
+        """The EMA weights swapped in for the duration (exchanged a tensor at a time, so full fine-tuning holds no
+        third copy of the trained weights)."""
+        self._swap()
         try:
             yield
         finally:
-            with torch.no_grad():
-                for param, value in zip(self.params, saved):
-                    param.copy_(value)
+            self._swap()
+
+    @torch.no_grad()
+    def _swap(self):
+        for param, shadow in zip(self.params, self.shadow):
+            held = param.detach().clone()
+            param.copy_(shadow)
+            shadow.copy_(held)
 
 
 # --- the trainer -------------------------------------------------------------------------------------------------
