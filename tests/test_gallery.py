@@ -125,7 +125,7 @@ def test_cards_images_and_escaping(browser, folders, tmp_path):
     # The hostile prompt is text: shown verbatim, its script never ran, no element came out of it.
     hostile = cards[3]
     assert hostile.find_element(By.CSS_SELECTOR, ".prompt").text == HOSTILE
-    assert hostile.get_attribute("data-prompt") == HOSTILE
+    assert json.loads(hostile.get_attribute("data-prompt")) == HOSTILE
     assert browser.execute_script("return window.pwned") is None
     assert browser.find_elements(By.CSS_SELECTOR, ".card b") == []
     assert len(browser.find_elements(By.TAG_NAME, "script")) == 1  # the page's own
@@ -255,6 +255,9 @@ def test_label_export_feeds_the_artifact_reward_and_preference_pairs(browser, fo
         ("two green triangles", "good")]
     assert [Path(row["file"]) for row in rows] == [(a / "images" / name).resolve()
                                                    for name in ("00000.png", "00001.png", "a #2.png", "00004.png")]
+    for row in rows:  # each image named by its content and prompt, as the page keeps its label
+        content = Path(row["file"]).read_bytes()
+        assert row["image"] == hashlib.sha256(row["prompt"].encode() + b"\0" + content).hexdigest()[:32]
 
     # As the artifact reward's data: good is clean (0), artifact is 1, bad is left out.
     assert read_labelled_images(exported) == [(a / "images" / "00000.png", 0), (a / "images" / "00001.png", 1),
@@ -266,16 +269,19 @@ def test_label_export_feeds_the_artifact_reward_and_preference_pairs(browser, fo
 
 def test_a_missing_image_takes_no_label_and_a_prompts_carriage_return_is_exported_as_it_is(browser, tmp_path):
     """A missing image's label could only be kept by its path, which another folder's page may share; the HTML
-    parser would read a carriage return in an attribute as a newline."""
-    folder = make_folder(tmp_path / "f", [("line\r\nbreak\rcr", 1, 0.5, None), ("a red circle", 2, 0.5, None)])
+    parser would read a carriage return in an attribute as a newline, and NUL as U+FFFD."""
+    odd = "line\r\nbreak\rcr\0nul"
+    folder = make_folder(tmp_path / "f", [(odd, 1, 0.5, None), ("a red circle", 2, 0.5, None)])
     (folder / "images" / "00001.png").unlink()
     open_page(browser, build_gallery(folder))
     cards = visible_cards(browser)
     missing = cards[1].find_element(By.TAG_NAME, "figure")
     assert missing.find_elements(By.TAG_NAME, "button") == [] and "missing image" in missing.text
     label(browser, cards[0], "artifact")
-    rows = [json.loads(line) for line in export_labels(browser).read_text().splitlines()]
-    assert [(row["prompt"], row["label"]) for row in rows] == [("line\r\nbreak\rcr", "artifact")]
+    exported = export_labels(browser)
+    rows = [json.loads(line) for line in exported.read_text().splitlines()]
+    assert [(row["prompt"], row["label"]) for row in rows] == [(odd, "artifact")]  # NUL came out as U+FFFD
+    assert [record["prompt"] for record in read_labels(exported)] == [odd]  # its image key is of the same prompt
 
 
 def test_labels_follow_their_images_not_their_file_names_or_folders(browser, folders, tmp_path):
@@ -325,6 +331,42 @@ def test_a_browser_that_keeps_no_storage_gets_a_warning_and_working_labels(brows
         browser.execute_cdp_cmd("Page.removeScriptToEvaluateOnNewDocument", blocked)
     open_page(browser, build_gallery(a))
     assert browser.find_element(By.ID, "label-store").text == ""
+
+
+def test_labels_load_after_an_older_pages_tab_lets_go_and_a_newer_page_takes_the_store(folders, tmp_path):
+    """Waiting on an older page's tab, the export downloaded no labels, and the waiting notice stayed after the
+    labels loaded; a page of a later version waited forever on this page's open store."""
+    a, _ = folders
+    blank = tmp_path / "blank.html"  # another page of the file:// origin, the one the review pages share
+    blank.write_text("<!doctype html><title>other</title>")
+    browser = headless_chromium(download_dir=tmp_path / "downloads")  # a profile no store exists in yet
+    try:
+        browser.get(blank.as_uri())
+        older = browser.current_window_handle
+        assert browser.execute_async_script("""const done = arguments[0];
+            const opening = indexedDB.open("align-diffusion", 1);  // as a page of the first label store did
+            opening.onsuccess = () => { window.held = opening.result; done("open"); };""") == "open"
+        browser.switch_to.new_window("tab")
+        browser.get(build_gallery(a).resolve().as_uri())
+        store = browser.find_element(By.ID, "label-store")
+        WebDriverWait(browser, 10).until(lambda _: "once the tabs of older review pages are closed" in store.text)
+        assert not browser.find_element(By.ID, "export").is_enabled()
+        page = browser.current_window_handle
+        browser.switch_to.window(older)
+        browser.execute_script("window.held.close()")
+        browser.switch_to.window(page)
+        assert labels_loaded(browser) == "kept"
+        assert browser.find_element(By.ID, "export").is_enabled()
+        assert browser.find_element(By.ID, "label-store").text == ""
+        browser.switch_to.window(older)  # now a page of a later version opens the store
+        assert browser.execute_async_script("""const done = arguments[0];
+            const opening = indexedDB.open("align-diffusion", 3);
+            opening.onsuccess = () => { opening.result.close(); done("open"); };
+            opening.onblocked = () => done("blocked");""") == "open"
+        browser.switch_to.window(page)
+        assert "a newer review page took the label store" in browser.find_element(By.ID, "label-store").text
+    finally:
+        browser.quit()
 
 
 def test_labels_on_a_compare_page_name_each_side(browser, folders):
@@ -771,8 +813,30 @@ def test_a_record_of_the_wrong_shape_is_named_by_its_line(tmp_path, line, proble
 def test_a_label_file_naming_no_path_is_named_by_its_line(tmp_path):
     labels = tmp_path / "labels.jsonl"
     labels.write_text(json.dumps({"file": None, "prompt": "a red circle", "label": "good"}) + "\n")
-    with pytest.raises(ValueError, match="labels.jsonl:1: file and prompt must be text"):
+    with pytest.raises(ValueError, match="labels.jsonl:1: file must be a path, got None"):
         read_labels(labels)
+
+
+def test_an_exported_label_is_refused_once_its_file_holds_another_image(tmp_path):
+    """The export names a file; sampled again into the folder (`--overwrite`), the file shows another image, which
+    the label would have gone to."""
+    (tmp_path / "images").mkdir()
+    image = tmp_path / "images" / "00000.png"
+    Image.new("RGB", (8, 8), (200, 0, 0)).save(image)
+    key = hashlib.sha256(b"a red circle\0" + image.read_bytes()).hexdigest()[:32]
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text(json.dumps({"file": "images/00000.png", "prompt": "a red circle", "label": "artifact",
+                                  "image": key}) + "\n")
+    assert [row["label"] for row in read_labels(labels)] == ["artifact"]
+    moved = {"file": "images/00000.png", "prompt": "a blue circle", "label": "artifact", "image": key}
+    labels.with_name("moved.jsonl").write_text(json.dumps(moved) + "\n")  # the label given for another prompt
+    with pytest.raises(ValueError, match="moved.jsonl:1: .*00000.png is not the image labelled, or not for prompt "
+                                         "'a blue circle'"):
+        read_labels(labels.with_name("moved.jsonl"))
+    Image.new("RGB", (8, 8), (0, 0, 200)).save(image)
+    for read in (read_labels, read_labelled_images, preference_pairs):
+        with pytest.raises(ValueError, match="labels.jsonl:1: .*00000.png is not the image labelled"):
+            read(labels)
 
 
 def test_an_integer_score_beyond_float_range_shows_as_missing(tmp_path):

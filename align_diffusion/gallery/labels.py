@@ -1,38 +1,57 @@
-"""Reviewer labels exported from a review page: JSONL lines {"file", "prompt", "label"} with label good, artifact
-or bad. The same file trains the artifact reward (`train-reward artifact --data labels.jsonl`: good = clean,
-artifact = has artifacts, bad is left out) and gives preference pairs (good over bad or artifact, per prompt)."""
+"""Reviewer labels exported from a review page: JSONL lines {"file", "prompt", "label", "image"} with label good,
+artifact or bad (`image`: the key of the image's content and prompt; a hand-written file may leave it out). The same
+file trains the artifact reward (`train-reward artifact --data labels.jsonl`: good = clean, artifact = has
+artifacts, bad is left out) and gives preference pairs (good over bad or artifact, per prompt)."""
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
-from align_diffusion.gallery.page import LABELS
+from align_diffusion.gallery.page import LABELS, label_key
 
 
 def read_labels(path: str | Path) -> list[dict]:
-    """The label records of `path`, with `file` resolved against the file's folder when relative (and refused when
-    no image is there: a page read over HTTP exports paths relative to itself); a file labelled twice alike (merged
-    exports) once."""
+    """The label records of `path` (see `label_lines`); a file labelled twice alike (merged exports) once."""
     path = Path(path)
     rows = []
+    for number, record in label_lines(path, '{"file", "prompt", "label"}'):
+        prompt, label = record.get("prompt"), record.get("label")
+        if not isinstance(prompt, str):
+            raise ValueError(f"{path}:{number}: prompt must be text, got {prompt!r}")
+        if label not in LABELS:
+            raise ValueError(f"{path}:{number}: label must be one of {LABELS}, got {label!r}")
+        rows.append((number, {"file": record["file"], "prompt": prompt, "label": label}))
+    return once_per_file(path, rows)
+
+
+def label_lines(path: Path, expected: str) -> Iterator[tuple[int, dict]]:
+    """The JSON records of the label file `path` (`expected` names their fields) with their line numbers, `file`
+    resolved against the file's folder when relative and refused when no image is there (a page read over HTTP
+    exports paths relative to itself). A page's export names each image by its content and prompt (`image`): a
+    record is refused when its file now holds another image, as a folder sampled again reuses its file names."""
     for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):  # not splitlines: U+2028
         if not line.strip():
             continue
         try:
             record = json.loads(line)
-            file, prompt, label = record["file"], record["prompt"], record["label"]
+            file = record["file"]
         except (json.JSONDecodeError, KeyError, TypeError) as error:
-            raise ValueError(f'{path}:{number}: expected {{"file", "prompt", "label"}} ({error!r})') from None
-        if not isinstance(file, str) or not isinstance(prompt, str):
-            raise ValueError(f"{path}:{number}: file and prompt must be text, got {file!r} and {prompt!r}")
-        if label not in LABELS:
-            raise ValueError(f"{path}:{number}: label must be one of {LABELS}, got {label!r}")
-        if not (path.parent / file).is_file():
-            raise ValueError(f"{path}:{number}: image {path.parent / file} not found")
-        rows.append((number, {"file": path.parent / file, "prompt": prompt, "label": label}))
-    return once_per_file(path, rows)
+            raise ValueError(f"{path}:{number}: expected {expected} ({error!r})") from None
+        if not isinstance(file, str):
+            raise ValueError(f"{path}:{number}: file must be a path, got {file!r}")
+        image = path.parent / file
+        if not image.is_file():
+            raise ValueError(f"{path}:{number}: image {image} not found")
+        if "image" in record:
+            prompt = record.get("prompt")
+            if not isinstance(prompt, str) or record["image"] != label_key(prompt, image.read_bytes()):
+                raise ValueError(f"{path}:{number}: {image} is not the image labelled, or not for prompt {prompt!r} "
+                                 "(its file was replaced since, as sampling into a folder again replaces them): "
+                                 "label it again")
+        yield number, {**record, "file": image}
 
 
 def once_per_file(source: Path, rows: list[tuple[int, dict]]) -> list[dict]:

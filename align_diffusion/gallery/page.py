@@ -218,6 +218,11 @@ def _static(name: str) -> str:
     return (files("align_diffusion.gallery") / "static" / name).read_text(encoding="utf-8")
 
 
+def label_key(prompt: str, content: bytes) -> str:
+    """What a page keeps a label under, and exports as its `image`: the image's bytes and its prompt."""
+    return hashlib.sha256(prompt.encode() + b"\0" + content).hexdigest()[:32]
+
+
 def _image_facts(path: Path, prompt: str) -> tuple[str | None, int | None]:
     """The image's label key (None when it is not there: nothing to label) and width (None when unreadable). The
     page's script keeps a reviewer's label under the image's content and prompt, so a label follows its image
@@ -227,7 +232,7 @@ def _image_facts(path: Path, prompt: str) -> tuple[str | None, int | None]:
         content = path.read_bytes()
     except OSError:
         return None, None
-    key = hashlib.sha256(prompt.encode() + b"\0" + content).hexdigest()[:32]
+    key = label_key(prompt, content)
     try:
         return key, Image.open(io.BytesIO(content)).width
     except (UnidentifiedImageError, OSError):
@@ -299,8 +304,9 @@ def _card(index: int, prompt: str, seed, values: dict, figures: list[str], table
     seed_text = "" if seed is None else f"seed {escape(str(seed))}"
     verdict = _verdict(values.get(CORRECT))
     meta = " · ".join(part for part in (seed_text, verdict, detail) if part)
-    # A carriage return written as is would reach the script, and the exported labels, as a newline.
-    prompt_attribute = escape(prompt).replace("\r", "&#13;")
+    # As JSON, every character escaped to ASCII: the HTML parser reads a carriage return in an attribute as a newline
+    # and NUL as U+FFFD, which the script, and the exported labels, would get instead.
+    prompt_attribute = escape(json.dumps(prompt))
     return (f'<article class="card" data-index="{index}" data-prompt="{prompt_attribute}" '
             f'data-seed="{escape(str(seed if seed is not None else ""))}" '
             f'data-values="{escape(json.dumps(values, allow_nan=False))}">'

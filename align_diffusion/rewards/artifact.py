@@ -142,25 +142,16 @@ def read_labelled_images(data: str | Path) -> list[tuple[Path, int]]:
                 if earlier[0] == path:
                     pairs.append((path, label))
     elif data.is_file():
-        from align_diffusion.gallery.labels import once_per_file
+        from align_diffusion.gallery.labels import label_lines, once_per_file
 
         rows = []
-        for number, line in enumerate(data.read_text(encoding="utf-8").split("\n"), 1):  # not splitlines: U+2028
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                label = record["label"]
-                path = data.parent / record["file"]
-            except (json.JSONDecodeError, KeyError, TypeError) as error:
-                raise ValueError(f"{data}:{number}: expected {{\"file\": ..., \"label\": 0 or 1}} ({error})") from None
+        for number, record in label_lines(data, '{"file": ..., "label": 0 or 1}'):
+            label = record.get("label")
             label = REVIEW_LABELS.get(label, label) if isinstance(label, str) else label
             if isinstance(label, bool) or label not in (0, 1, "bad"):  # JSON true == 1 in Python
                 raise ValueError(f"{data}:{number}: label must be 0 (clean) or 1 (artifact), or good / artifact / "
                                  f"bad, got {label!r}")
-            if not path.is_file():
-                raise ValueError(f"{data}:{number}: image {path} not found")
-            rows.append((number, {"file": path, "label": label}))
+            rows.append((number, {"file": record["file"], "label": label}))
         pairs = [(record["file"], record["label"]) for record in once_per_file(data, rows) if record["label"] != "bad"]
     else:
         raise ValueError(f"artifact data {data} is neither a JSONL file nor a folder")

@@ -5,6 +5,7 @@
   const cards = Array.from(grid.querySelectorAll(".card"));
   const byId = (id) => document.getElementById(id);
   const valuesOf = new Map(cards.map((card) => [card, JSON.parse(card.dataset.values)]));
+  const promptOf = new Map(cards.map((card) => [card, JSON.parse(card.dataset.prompt)]));
 
   // --- filter and sort ---------------------------------------------------------------------------------------
   function value(card, name) {
@@ -19,7 +20,7 @@
     const max = parseFloat(byId("filter-max").value);
     let shown = 0;
     for (const card of cards) {
-      let keep = card.dataset.prompt.toLowerCase().includes(text);
+      let keep = promptOf.get(card).toLowerCase().includes(text);
       if (keep && name && (!isNaN(min) || !isNaN(max))) {
         const v = value(card, name);
         keep = v !== null && (isNaN(min) || v >= min) && (isNaN(max) || v <= max);
@@ -39,7 +40,7 @@
     if (order === "index") {
       compare = (a, b) => index(a) - index(b);
     } else if (order === "prompt") {
-      compare = (a, b) => a.dataset.prompt.localeCompare(b.dataset.prompt) || index(a) - index(b);
+      compare = (a, b) => promptOf.get(a).localeCompare(promptOf.get(b)) || index(a) - index(b);
     } else if (order === "seed") {
       // Missing (or non-numeric) seeds last, ties in page order.
       const seed = (card) => (card.dataset.seed === "" || isNaN(card.dataset.seed) ? null : Number(card.dataset.seed));
@@ -108,14 +109,16 @@
     countLabels();
   }
 
-  // Labels stored earlier load before any button works, so a click never races the load.
+  // Labels stored earlier load before any button works, so a click never races the load, and before the export
+  // does, which would download none of them.
   function ready(problem) {
+    if (!problem) byId("label-store").textContent = "";  // what waiting on an older page's tab said is past
     refresh(problem);
-    for (const button of buttons) button.disabled = false;
+    for (const button of [...buttons, byId("export")]) button.disabled = false;
     document.body.dataset.labels = problem ? "not-kept" : "kept";
   }
 
-  for (const button of buttons) button.disabled = true;
+  for (const button of [...buttons, byId("export")]) button.disabled = true;
   for (const figure of figures) {
     for (const button of figure.querySelectorAll("button[data-label]")) {
       button.addEventListener("click", () => {
@@ -160,6 +163,11 @@
     };
     opening.onsuccess = () => {
       database = opening.result;
+      database.onversionchange = () => {  // a page of a later version upgrades the store: it waits on this tab
+        database.close();
+        database = null;
+        refresh("a newer review page took the label store: reload this page to keep labelling");
+      };
       readLabels(ready);
     };
   } catch (error) {
@@ -172,10 +180,14 @@
     readLabels(refresh);
   });
 
-  // Paths in the export are absolute on a page opened from disk, so the file works wherever it is saved.
+  // Paths in the export are absolute on a page opened from disk, so the file works wherever it is saved: a
+  // Windows drive's without the URL's slash before it (/C:/...), a network share's with its host (//host/...).
   function exportedPath(figure) {
     const url = new URL(figure.querySelector("img").src);  // the quoted, resolved image URL
-    return url.protocol === "file:" ? decodeURIComponent(url.pathname) : figure.dataset.file;
+    if (url.protocol !== "file:") return figure.dataset.file;
+    const path = decodeURIComponent(url.pathname);
+    if (url.host) return "//" + url.host + path;
+    return /^\/[A-Za-z]:\//.test(path) ? path.slice(1) : path;
   }
 
   function download() {
@@ -183,8 +195,9 @@
       .filter((f) => labels[f.dataset.image])
       .map((f) => JSON.stringify({
         file: exportedPath(f),
-        prompt: f.closest(".card").dataset.prompt,
+        prompt: promptOf.get(f.closest(".card")),
         label: labels[f.dataset.image],
+        image: f.dataset.image,  // the image's content and prompt: a reader refuses a file that holds another since
       }));
     const blob = new Blob([lines.map((line) => line + "\n").join("")], { type: "application/x-ndjson" });
     const link = document.createElement("a");
