@@ -22,6 +22,7 @@ from align_diffusion.cli import main
 from align_diffusion.gallery import build_comparison, build_gallery, build_run_page, safe_filename
 from align_diffusion.gallery.labels import preference_pairs, read_labels
 from align_diffusion.gallery.page import read_records
+from align_diffusion.gallery.plots import plot_training
 from align_diffusion.gallery.run import read_metrics
 from align_diffusion.gallery.browser import headless_chromium
 from align_diffusion.rewards.artifact import read_labelled_images
@@ -671,6 +672,13 @@ def test_a_score_difference_beyond_float_range_is_shown_as_none(tmp_path):
     page = (tmp_path / "a" / "compare-b.html").read_text()
     values = json.loads(html.unescape(re.search(r'data-values="([^"]*)"', page).group(1)))
     assert values["r (A)"] == -1.7e308 and values["r (B)"] == 1e308 and values["Δ r"] is None
+    # The card's table says so too (it showed +inf, as a gain), and its numbers fit the card.
+    table = re.search(r'<table class="scores">.*?</table>', page).group(0)
+    assert re.findall(r"<td[^>]*>([^<]*)</td>", table)[3:] == ["-1.700e+308", "1.000e+308", "–"]
+    with SampleFolder(tmp_path / "b") as folder:  # two scores whose sum overflows: their mean does not
+        folder.add(Image.new("RGB", (8, 8)), {"prompt": "a red circle", "seed": 1, "rewards": {"r": 1e308}})
+    summary = re.search(r'class="summary">([^<]*)<', build_gallery(tmp_path / "b").read_text()).group(1)
+    assert "r mean 1.000e+308" in summary
 
 
 def test_only_small_images_are_shown_as_sharp_pixels(browser, tmp_path):
@@ -847,6 +855,14 @@ def test_an_integer_score_beyond_float_range_shows_as_missing(tmp_path):
     page = build_gallery(folder).read_text()
     values = [json.loads(html.unescape(v)) for v in re.findall(r'data-values="([^"]*)"', page)]
     assert values[0]["shapes"] is None and values[1]["shapes"] == 1.0
+
+
+def test_a_curve_with_no_finite_value_is_not_plotted(tmp_path):
+    """An infinite value is a gap like NaN: a curve of nothing else got a legend entry, and here a plot, of no
+    points."""
+    rows = [{"step": 0, "reward_mean": 0.5, "eval/shapes_strict": math.inf},
+            {"step": 1, "reward_mean": 0.6, "eval/shapes_strict": 10 ** 400}]
+    assert [path.name for path in plot_training(rows, tmp_path)] == ["reward.png"]
 
 
 def test_a_difference_that_rounds_to_zero_shows_as_no_change(tmp_path):

@@ -85,7 +85,7 @@ def safe_filename(text: str, max_length: int = 80) -> str:
     return f"untitled-{hashlib.sha256(text.encode()).hexdigest()[:8]}"  # names of other scripts stay apart
 
 
-def _finite_score(value) -> float | None:
+def finite_score(value) -> float | None:
     """`value` as a score when it is a finite number; anything else (null, NaN, text from a hand-written or older
     metadata.jsonl) is a missing score, shown as – and sorted last."""
     if not isinstance(value, (int, float)):
@@ -99,9 +99,9 @@ def _finite_score(value) -> float | None:
 
 def record_values(record: dict) -> dict[str, float | None]:
     """The numbers a card can be sorted and filtered by: each reward, and the verdict as 1 / 0."""
-    values = {name: _finite_score(value) for name, value in (record.get("rewards") or {}).items()}
+    values = {name: finite_score(value) for name, value in (record.get("rewards") or {}).items()}
     if "shapes_strict" in record:
-        values[CORRECT] = _finite_score(record["shapes_strict"])
+        values[CORRECT] = finite_score(record["shapes_strict"])
     return values
 
 
@@ -172,9 +172,7 @@ def build_comparison(folder_a: str | Path, folder_b: str | Path, out: str | Path
         value = {}
         for name in dict.fromkeys([*a, *b]):
             value[f"{name} (A)"], value[f"{name} (B)"] = a.get(name), b.get(name)
-            both = a.get(name) is not None and b.get(name) is not None
-            difference = b[name] - a[name] if both else None
-            value[f"Δ {name}"] = difference if difference is None or math.isfinite(difference) else None  # overflow
+            value[f"Δ {name}"] = _difference(a.get(name), b.get(name))
         sides = (("A", name_a, folder_a / record_a["file"]), ("B", name_b, folder_b / record_b["file"]))
         figures = [_figure(_relative(image, out.parent), f"{side}: {name}", image, record_a["prompt"])
                    for side, name, image in sides]
@@ -249,8 +247,11 @@ def _names(values: list[dict]) -> list[str]:
     return list(dict.fromkeys(name for value in values for name in value))
 
 
-def _format(value: float | None, signed: bool = False) -> str:
-    return "–" if value is None else f"{value:+.3f}" if signed else f"{value:.3f}"
+def format_score(value: float | None, signed: bool = False) -> str:
+    """Three decimals, a huge value in scientific notation, a missing one as a dash."""
+    if value is None:
+        return "–"
+    return f"{value:{'+' if signed else ''}.{'3e' if abs(value) >= 1e6 else '3f'}}"
 
 
 def _count(count: int, noun: str) -> str:
@@ -261,8 +262,8 @@ def _summary(count: int, noun: str, values: list[dict]) -> str:
     parts = [_count(count, noun)]
     for name in _names(values):
         present = [v[name] for v in values if v.get(name) is not None]
-        if present:
-            parts.append(f"{name} mean {sum(present) / len(present):.3f}")
+        if present:  # each divided first: the sum of scores near the largest float would overflow
+            parts.append(f"{name} mean {format_score(sum(v / len(present) for v in present))}")
     return " · ".join(parts)
 
 
@@ -295,7 +296,7 @@ def _steering_detail(record: dict) -> str:
     if record.get("budget") is None:
         return ""
     budget = record["budget"]
-    seconds = _finite_score(budget.get("seconds"))
+    seconds = finite_score(budget.get("seconds"))
     return escape(f"{record.get('method', '')} winner {record.get('winner')} · {budget.get('model_evals')} model evals"
                   f" · {budget.get('reward_evals')} reward evals" + ("" if seconds is None else f" · {seconds:.1f} s"))
 
@@ -315,19 +316,25 @@ def _card(index: int, prompt: str, seed, values: dict, figures: list[str], table
 
 
 def _scores_table(values: dict) -> str:
-    rows = "".join(f"<tr><th>{escape(name)}</th><td>{_format(v)}</td></tr>"
+    rows = "".join(f"<tr><th>{escape(name)}</th><td>{format_score(v)}</td></tr>"
                    for name, v in values.items() if name != CORRECT)
     return f'<table class="scores">{rows}</table>' if rows else ""
+
+
+def _difference(a: float | None, b: float | None) -> float | None:
+    """b − a, missing when either is or when it overflows."""
+    return None if a is None or b is None else finite_score(b - a)
 
 
 def _comparison_table(a: dict, b: dict) -> str:
     rows = []
     for name in dict.fromkeys([*a, *b]):
         va, vb = a.get(name), b.get(name)
-        delta = round(vb - va, 3) + 0.0 if va is not None and vb is not None else None  # as shown: no red -0.000
+        delta = _difference(va, vb)
+        delta = None if delta is None else round(delta, 3) + 0.0  # as shown: no red -0.000
         trend = "" if not delta else ' class="up"' if delta > 0 else ' class="down"'
-        rows.append(f"<tr><th>{escape(name)}</th><td>{_format(va)}</td><td>{_format(vb)}</td>"
-                    f"<td{trend}>{_format(delta, signed=True)}</td></tr>")
+        rows.append(f"<tr><th>{escape(name)}</th><td>{format_score(va)}</td><td>{format_score(vb)}</td>"
+                    f"<td{trend}>{format_score(delta, signed=True)}</td></tr>")
     header = "<tr><th></th><td>A</td><td>B</td><td>B − A</td></tr>"
     return f'<table class="scores">{header}{"".join(rows)}</table>'
 

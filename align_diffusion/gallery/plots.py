@@ -12,6 +12,7 @@ matplotlib.use("Agg")  # files only: no display on training machines
 import matplotlib.pyplot as plt  # noqa: E402
 
 from align_diffusion.files import write_atomically  # noqa: E402
+from align_diffusion.gallery.page import finite_score  # noqa: E402
 from align_diffusion.world.spec import CATEGORIES  # noqa: E402
 
 
@@ -36,9 +37,11 @@ def plot_curves(series: dict[str, tuple[list[float], list[float]]], path: str | 
 
 def _series(metrics: list[dict], keys: dict[str, str]) -> dict[str, tuple[list, list]]:
     """label → (steps, values) for each metric key with a value in at least one row, in step order (a repeated
-    step: its last value). A null (a step that scored nothing) or any other non-number is NaN, a gap in the line."""
+    step: its last value). A null (a step that scored nothing), an infinite value or any other non-number is NaN, a
+    gap in the line."""
     def number(value):
-        return value if isinstance(value, int | float) and not isinstance(value, bool) else math.nan
+        score = None if isinstance(value, bool) else finite_score(value)
+        return math.nan if score is None else score
 
     series = {}
     for label, key in keys.items():

@@ -5,7 +5,6 @@ other eval prompts after a resume) gets its gallery but no side-by-side page."""
 
 from __future__ import annotations
 
-import math
 from html import escape
 from pathlib import Path
 from urllib.parse import quote
@@ -14,6 +13,8 @@ from align_diffusion.files import write_text_atomically
 from align_diffusion.gallery.page import (
     build_comparison,
     build_gallery,
+    finite_score,
+    format_score,
     pair_key,
     read_jsonl,
     read_records,
@@ -87,7 +88,7 @@ def build_run_page(run_dir: str | Path, *, only_stale: bool = False) -> Path:
     columns = {label: key for label, key in columns.items() if any(key in row for row in evaluated)}
     rows = []
     for row in evaluated:
-        cells = "".join(f"<td>{_number(row.get(key))}</td>" for key in columns.values())
+        cells = "".join(f"<td>{format_score(finite_score(row.get(key)))}</td>" for key in columns.values())
         anchors = " ".join(f'<a href="{escape(quote(url))}">{escape(text)}</a>'
                            for text, url in links.get(f"step-{row['step']:06d}", []))
         rows.append(f"<tr><td>{row['step']}</td>{cells}<td>{anchors}</td></tr>")
@@ -112,13 +113,6 @@ def build_run_page(run_dir: str | Path, *, only_stale: bool = False) -> Path:
     out = run_dir / "index.html"
     write_text_atomically(out, page)
     return out
-
-
-def _number(value) -> str:
-    """A metric as the table shows it: three decimals, or a dash for one that is missing or not a finite number."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        return "–"
-    return f"{value:.3f}"
 
 
 def _fresh(page: Path, *folders: Path) -> bool:
