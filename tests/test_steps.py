@@ -1,6 +1,7 @@
 """Sampler steps against independently written references: torch's Normal density, the papers' formulas
 in other algebraic arrangements, and diffusers' own schedulers."""
 
+import copy
 import math
 
 import pytest
@@ -233,6 +234,46 @@ def test_ddim_eta_is_refused_exactly_where_the_step_breaks(tiny_pipes):
     # 0.0557, 0.275, 0.6722, 0.9983 and a final 0.9991: the factor (1 − ᾱ / ᾱ_prev) / (1 − ᾱ) is 0.844,
     # 0.815, 0.997 and 0.502 at steps 0–3, so η² > 1 / factor breaks 1.05 at step 2, 1.2 at steps 0–2, 3 at all.
     assert breaking == {0.5: [], 1.0: [], 1.05: [2], 1.2: [0, 1, 2], 3.0: [0, 1, 2, 3]}
+
+
+def zero_terminal_snr(pipe, prediction_type: str):
+    """`pipe` with the zero-terminal-SNR DDIM schedule of v-prediction models (SD 2.x-v style, trailing spacing)."""
+    pipe = copy.copy(pipe)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, rescale_betas_zero_snr=True,
+                                               timestep_spacing="trailing", prediction_type=prediction_type)
+    return pipe
+
+
+def test_ddim_eta_one_runs_on_a_zero_terminal_snr_schedule(tiny_pipes):
+    """At ᾱ = 0 (the first step) σ² at η = 1 is exactly 1 - ᾱ_prev; computed as a difference it came out one
+    rounding unit above, and η = 1, the ddim default, was refused (or, in the step alone, NaN)."""
+    adapter = adapter_for(zero_terminal_snr(tiny_pipes["sd"], "v_prediction"))
+    schedule = adapter.schedule(6, 32, 32)
+    assert schedule.alphas_cumprod[0] == 0
+    out = sample(adapter, ["a red circle"], num_inference_steps=6, sampler="ddim", noise_level=1.0, height=32,
+                 width=32, decode=False)
+    assert out.final_latents.isfinite().all() and out.log_probs[:, :5].isfinite().all()
+    # There the mean is √ᾱ_prev · x̂0, x̂0 = -v at ᾱ = 0: no ε̂ share is left.
+    v, x, noise = inputs(3)
+    step = ddim_step(v, x, torch.tensor(0.0), torch.tensor(0.3), 1.0, "v_prediction", noise=noise)
+    torch.testing.assert_close(step.mean, -(0.3**0.5) * v)
+
+
+def test_eps_prediction_on_a_zero_terminal_snr_schedule_is_refused(tiny_pipes):
+    adapter = adapter_for(zero_terminal_snr(tiny_pipes["sd"], "epsilon"))
+    with pytest.raises(ValueError, match="reaches ᾱ = 0 at its first step, where an ε-prediction implies no x̂0"):
+        sample(adapter, ["a red circle"], num_inference_steps=4, sampler="ode", height=32, width=32, decode=False)
+
+
+def test_a_level_is_checked_only_where_noise_is_drawn(tiny_pipes):
+    """η = 1.05 breaks DDIM's step 2 of 4 (see above); outside the noise window that step runs at η = 0."""
+    adapter = adapter_for(tiny_pipes["sd"])
+    out = sample(adapter, ["a red circle"], num_inference_steps=4, sampler="ddim", noise_level=1.05,
+                 noise_window=[0, 1, 3], height=32, width=32, decode=False)
+    assert out.stochastic_steps == [0, 1, 3] and out.final_latents.isfinite().all()
+    with pytest.raises(ValueError, match="DDIM η = 1.05 at step 2"):
+        sample(adapter, ["a red circle"], num_inference_steps=4, sampler="ddim", noise_level=1.05, height=32,
+               width=32, decode=False)
 
 
 def test_zero_steps_or_size_is_refused_not_replaced_by_the_default(tiny_pipes):

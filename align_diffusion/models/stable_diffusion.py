@@ -104,6 +104,11 @@ class StableDiffusionAdapter(PipelineAdapter):
         else:  # each step lands on the next one's timestep, which DDIM's rule misses under linspace spacing
             prev = torch.cat([ddim.timesteps[1:], torch.tensor([-1])])
         alphas_prev = [ddim.alphas_cumprod[t] if t >= 0 else ddim.final_alpha_cumprod for t in prev.tolist()]
+        if config.get("prediction_type") == "epsilon" and (ddim.alphas_cumprod[ddim.timesteps] == 0).any():
+            raise ValueError("the scheduler's zero-terminal-SNR schedule (rescale_betas_zero_snr) reaches ᾱ = 0 at its "
+                             "first step, where an ε-prediction implies no x̂0 (every sample would be NaN): such "
+                             "schedules are for v-prediction models; set prediction_type='v_prediction' if the model "
+                             "predicts v, or leave out rescale_betas_zero_snr")
         return Schedule(
             timesteps=ddim.timesteps,
             alphas_cumprod=ddim.alphas_cumprod[ddim.timesteps],

@@ -22,6 +22,7 @@ from align_diffusion.sampling.steps import (
     cps_step,
     dance_sde_step,
     ddim_step,
+    ddim_eps_share,
     ddim_variance,
     flow_ode_step,
     flow_sde_step,
@@ -85,11 +86,10 @@ def check_noise_level(sampler: str, level: float, schedule: Schedule, step_index
         raise ValueError(f"cps noise level a must lie in [0, 1], got {level} at step {step_index}")
     if sampler == "ddim":
         alpha, alpha_prev = schedule.alphas_cumprod[step_index], schedule.alphas_cumprod_prev[step_index]
-        variance = ddim_variance(alpha, alpha_prev)
-        if 1 - alpha_prev - (level * variance**0.5) ** 2 < 0:
-            largest = float(((1 - alpha_prev) / variance) ** 0.5)
+        if ddim_eps_share(alpha, alpha_prev, level) < 0:
+            largest = float(((1 - alpha_prev) / ddim_variance(alpha, alpha_prev)) ** 0.5)
             raise ValueError(f"DDIM η = {level} at step {step_index} makes σ² exceed 1 - ᾱ_prev; η may be at most "
-                             f"{largest:.4g} there (η <= 1 fits every step)")
+                             f"{largest:.6g} there (η <= 1 fits every step)")
 
 
 def check_noise_levels(sampler: str, levels: Sequence[float], schedule: Schedule) -> None:
@@ -325,7 +325,7 @@ def sample(
         raise ValueError(f"noise_window indices must lie in [0, {num_inference_steps}), got {sorted(window)}")
 
     schedule = adapter.schedule(num_inference_steps, height, width)
-    check_noise_levels(sampler, levels, schedule)
+    check_noise_levels(sampler, [level if i in window else 0.0 for i, level in enumerate(levels)], schedule)
     embeds = adapter.encode_prompt(prompts, guidance_scale, num_images_per_prompt, negative_prompt)
     if latents is None:
         x = adapter.initial_noise(generators, height, width)

@@ -141,6 +141,12 @@ def ddim_variance(alpha_prod_t, alpha_prod_t_prev):
     return (1 - alpha_prod_t_prev) / (1 - alpha_prod_t) * (1 - alpha_prod_t / alpha_prod_t_prev)
 
 
+def ddim_eps_share(alpha_prod_t, alpha_prod_t_prev, eta):
+    """1 - ᾱ_prev - σ² of a DDIM step at η, the square of its mean's ε̂ coefficient, in closed form: 1 - ᾱ_prev minus
+    the variance rounded one unit below 0 at η = 1 where ᾱ_t = 0 (a zero-terminal-SNR schedule's first step)."""
+    return (1 - alpha_prod_t_prev) * (1 - eta**2 * (1 - alpha_prod_t / alpha_prod_t_prev) / (1 - alpha_prod_t))
+
+
 def ddim_step(
     model_output,
     x,
@@ -161,5 +167,5 @@ def ddim_step(
     alpha_prod_t, alpha_prod_t_prev = _per_sample(alpha_prod_t, x), _per_sample(alpha_prod_t_prev, x)
     x0, eps = ddim_pred_x0_and_eps(model_output, x, alpha_prod_t, prediction_type)
     std = eta * ddim_variance(alpha_prod_t, alpha_prod_t_prev) ** 0.5
-    mean = alpha_prod_t_prev**0.5 * x0 + (1 - alpha_prod_t_prev - std**2) ** 0.5 * eps
+    mean = alpha_prod_t_prev**0.5 * x0 + ddim_eps_share(alpha_prod_t, alpha_prod_t_prev, eta) ** 0.5 * eps
     return _finish(mean, std, x0, noise, prev_sample, reduce)
