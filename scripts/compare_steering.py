@@ -5,7 +5,9 @@ against the budget (denoiser evaluations per prompt).
 
 Plain sampling is best-of-1. Best-of-N, FK and TTSnap run at each multiple of one sample's steps (`--budgets`);
 ReNO runs its own iteration count on a few-step sampler, and its budget is reported as spent. Each run is a sample
-folder with its review page under `--out`; `results.json`, `results.md`, `reward.png` and `accuracy.png` sum up.
+folder with its review page under `--out`; `results.json` (after each run), `results.md`, `reward.png` and
+`accuracy.png` sum up. `--resume` goes on with an interrupted comparison: finished runs are kept, the one cut short
+continues after its last prompt.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import json
 import time
 from pathlib import Path
 
+from align_diffusion.files import write_text_atomically
+from align_diffusion.gallery.page import read_records
 from align_diffusion.gallery.plots import plot_curves
 from align_diffusion.models import load_adapter
 from align_diffusion.rewards import load_reward
@@ -42,6 +46,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("outputs/steering"))
     parser.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
+    parser.add_argument("--resume", action="store_true", help="go on with the interrupted comparison in --out")
     args = parser.parse_args()
     for name in ("seeds_per_prompt", "steps", "reno_iterations", "reno_steps", "budgets"):
         values = getattr(args, name)
@@ -51,8 +56,13 @@ def parse_args() -> argparse.Namespace:
         PromptSource(args.prompts, "--prompts")
     except (ValueError, OSError) as error:
         parser.error(str(error))
-    if (args.out / "results.json").exists() and not args.overwrite:
-        parser.error(f"--out: {args.out} already holds results; pass --overwrite to replace them")
+    if args.overwrite and args.resume:
+        parser.error("--overwrite and --resume exclude each other")
+    if (args.out / "results.json").exists() and not (args.overwrite or args.resume):
+        parser.error(f"--out: {args.out} already holds results; pass --overwrite to replace them, or --resume to go "
+                     "on with them")
+    if args.prune_reward and "ttsnap" not in args.methods:
+        parser.error("--prune-reward is TTSnap's; add ttsnap to --methods")
     if "ttsnap" in args.methods:
         try:
             check_schedule(list(PRUNE_STEPS), list(KEEP), args.steps)
@@ -87,18 +97,27 @@ def main() -> None:
         runs.append((f"reno-{args.reno_iterations}it", "reno", None, dict(
             iterations=args.reno_iterations, num_inference_steps=args.reno_steps)))
 
+    settings = comparison_settings(args)
+    finished = finished_rows(args.out / "results.json", settings) if args.resume else {}
     rows = []
     for name, method, multiple, options in runs:
+        if name in finished:
+            rows.append(finished[name])
+            continue
+        folder = args.out / name
+        before = len(read_records(folder)) if args.resume and (folder / "metadata.jsonl").exists() else 0
         started = time.time()
         budget = None if multiple is None else multiple * args.steps
-        records = steer_to_folder(adapter, prompts, reward, method, args.out / name, shapes_eval=shapes,
-                                  overwrite=True, budget=budget, prune_reward=prune_reward, **{**common, **options})
+        records = steer_to_folder(adapter, prompts, reward, method, folder, shapes_eval=shapes,
+                                  overwrite=not args.resume, resume=args.resume, budget=budget,
+                                  prune_reward=prune_reward if method == "ttsnap" else None, **{**common, **options})
+        made = len(records) - before
         row = {
             "run": name, "method": method, "budget_multiple": multiple,
             "model_evals_per_prompt": sum(r["budget"]["model_evals"] for r in records) / len(records),
             "reward_evals_per_prompt": sum(r["budget"]["reward_evals"] for r in records) / len(records),
             "reward_mean": sum(r["rewards"][reward.name] for r in records) / len(records),
-            "seconds_per_prompt": (time.time() - started) / len(records),
+            "seconds_per_prompt": (time.time() - started) / made if made else None,  # of the prompts made now
         }
         if shapes:
             from PIL import Image
@@ -109,10 +128,28 @@ def main() -> None:
                        per_category=report["per_category_strict"])
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "per_category"}), flush=True)
-        (args.out / "results.json").write_text(json.dumps({"settings": vars(args) | {"out": str(args.out)},
-                                                           "prompts": len(prompts), "rows": rows}, indent=1))
+        write_text_atomically(args.out / "results.json",
+                              json.dumps({"settings": settings, "prompts": len(prompts), "rows": rows}, indent=1))
     write_table(rows, args.out / "results.md", shapes)
     write_plots(rows, args.out, shapes)
+
+
+def comparison_settings(args: argparse.Namespace) -> dict:
+    """What makes a comparison this one: every option but where it writes and how it goes on."""
+    return {name: value for name, value in vars(args).items() if name not in ("out", "overwrite", "resume")}
+
+
+def finished_rows(path: Path, settings: dict) -> dict[str, dict]:
+    """The rows (by run) of the comparison in `path`, refused when it ran with other settings."""
+    if not path.exists():
+        return {}
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    differing = [name for name in settings if saved["settings"].get(name) != settings[name]]
+    if differing:
+        raise SystemExit(f"--resume: {path} was run with other settings: "
+                         + "; ".join(f"{name} {saved['settings'].get(name)!r} there, {settings[name]!r} here"
+                                     for name in differing))
+    return {row["run"]: row for row in saved["rows"]}
 
 
 def write_table(rows: list[dict], path: Path, shapes: bool) -> None:
@@ -120,11 +157,12 @@ def write_table(rows: list[dict], path: Path, shapes: bool) -> None:
     header += " strict | graded |" if shapes else ""
     lines = [header, "|" + " --- |" * (header.count("|") - 1)]
     for row in rows:
+        seconds = "–" if row["seconds_per_prompt"] is None else f"{row['seconds_per_prompt']:.2f}"
         line = (f"| {row['run']} | {row['model_evals_per_prompt']:.0f} | {row['reward_evals_per_prompt']:.0f} | "
-                f"{row['reward_mean']:.4f} | {row['seconds_per_prompt']:.2f} |")
+                f"{row['reward_mean']:.4f} | {seconds} |")
         line += f" {row['strict']:.3f} | {row['graded']:.3f} |" if shapes else ""
         lines.append(line)
-    path.write_text("\n".join(lines) + "\n")
+    write_text_atomically(path, "\n".join(lines) + "\n")
     print(path.read_text())
 
 

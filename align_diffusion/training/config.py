@@ -162,7 +162,9 @@ class OptimConfig:
     ema_decay: float = _help("EMA of the trained weights, used for eval and export (0: off); its decay warms up "
                              "as min(ema_decay, (1 + n) / (10 + n)) at optimizer step n", 0.0)
     ema_every: int = _help("optimizer steps between EMA updates (Flow-GRPO's presets: 8)", 1)
-    mixed_precision: str = _help("no, fp16 or bf16 (autocast; trained weights stay float32)", "no")
+    mixed_precision: str = _help("no, fp16, bf16 (autocast; trained weights stay float32) or auto: bf16 where the "
+                                 "device computes it in hardware (a CPU with AMX or AVX512-BF16, a GPU that has it), "
+                                 "else no, as the run starts (its config.yaml records which)", "no")
     gradient_checkpointing: bool = _help("recompute activations in the backward pass", False)
     compile: bool = _help("torch.compile the denoiser's repeated blocks: faster steps on GPU once the first ones "
                           "have compiled (minutes)", False)
@@ -518,8 +520,8 @@ def validate(config: TrainConfig, num_processes: int = 1) -> None:
                           "0 (no EMA)")
     if optim.compile and (error := missing_c_compiler("optim.compile")):
         raise ConfigError(error)
-    if optim.mixed_precision not in ("no", "fp16", "bf16"):
-        raise ConfigError(f"optim.mixed_precision must be no, fp16 or bf16, got {optim.mixed_precision!r}")
+    if optim.mixed_precision not in ("no", "fp16", "bf16", "auto"):
+        raise ConfigError(f"optim.mixed_precision must be no, fp16, bf16 or auto, got {optim.mixed_precision!r}")
     if config.dtype not in ("float32", "float16", "bfloat16"):
         raise ConfigError(f"dtype must be float32, float16 or bfloat16, got {config.dtype!r}")
     if not config.lora.enabled and config.dtype != "float32":

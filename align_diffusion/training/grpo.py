@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 from align_diffusion.files import folder_problem, write_folder_atomically, write_text_atomically
 from align_diffusion.gallery.run import EVAL_DIR, build_run_page, eval_folder, read_metrics
 from align_diffusion.models import PipelineAdapter, PromptEmbeds, adapter_for, load_adapter
-from align_diffusion.models.base import DTYPES, compile_repeated_blocks, recorded_model_options
+from align_diffusion.models.base import DTYPES, compile_repeated_blocks, native_bf16, recorded_model_options
 from align_diffusion.names import SEED_LIMIT
 from align_diffusion.rewards import Reward, load_reward
 from align_diffusion.rewards.simple import ShapesReward
@@ -309,6 +309,9 @@ class GRPOTrainer:
     def __init__(self, config: TrainConfig, accelerator: Accelerator | None = None,
                  adapter: PipelineAdapter | None = None):
         self.config = config
+        auto_precision = config.optim.mixed_precision == "auto"
+        if auto_precision:  # resolved once, so the saved config and a resume hold which
+            config.optim.mixed_precision = "bf16" if native_bf16(config.device) else "no"
         self.output_dir = Path(config.output_dir)
         trackers = usable_trackers(config.log_with)
         if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
@@ -338,6 +341,10 @@ class GRPOTrainer:
             cpu=config.device == "cpu" or (launched > 1 and not torch.cuda.is_available() and not deepspeed),
             step_scheduler_with_optimizer=False,  # else it steps once per process for each optimizer step
         )
+        if auto_precision:
+            self.log(f"optim.mixed_precision auto: {config.optim.mixed_precision} (bfloat16 "
+                     f"{'computed in hardware' if config.optim.mixed_precision == 'bf16' else 'would be emulated'} "
+                     f"on {self.accelerator.device})")
         if (os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true" and "MASTER_ADDR" in os.environ
                 and not any(name in os.environ for name in ("WORLD_SIZE", *MPI_WORLD_SIZES))):
             warnings.warn("`accelerate launch --cpu` was asked for several processes, and its simple launcher starts "
