@@ -446,11 +446,19 @@ def add_build_world_parser(subparsers) -> None:
     parser.add_argument("--only", nargs="+", choices=WORLD_ASSETS, default=list(WORLD_ASSETS),
                         help="rebuild only these assets (the others are loaded from --out)")
     parser.add_argument("--quick", action="store_true", help="a few steps per asset: checks the plumbing only")
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                        help="train the VAE and SD3 under bfloat16 autocast (default: where the CPU computes "
+                             "bfloat16 in hardware, AMX or AVX512-BF16; off with --quick)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="torch.compile the VAE's and SD3's losses (needs a C++ compiler; default: on, off with "
+                             "--quick)")
     parser.set_defaults(run=run_build_world)
 
 
 def run_build_world(args) -> None:
-    from align_diffusion.world.build import QUICK_PLAN, build_world, built_quick, held_assets
+    from dataclasses import replace
+
+    from align_diffusion.world.build import QUICK_PLAN, BuildPlan, build_world, built_quick, held_assets
 
     if problem := folder_problem(args.out):
         raise SystemExit(f"--out: {problem}")
@@ -461,7 +469,10 @@ def run_build_world(args) -> None:
     if args.quick and held and not built_quick(args.out):  # the shipped world, or any copy of one
         raise SystemExit(f"--quick: its few-step models would replace the models in {args.out} ({', '.join(held)}), "
                          "not built by --quick; give a new or empty --out for a plumbing check")
-    report = build_world(args.out, seed=args.seed, plan=QUICK_PLAN if args.quick else None, only=args.only)
+    plan = QUICK_PLAN if args.quick else BuildPlan()
+    choices = {"bf16": args.bf16, "torch_compile": args.compile}
+    plan = replace(plan, **{name: value for name, value in choices.items() if value is not None})
+    report = build_world(args.out, seed=args.seed, plan=plan, only=args.only)
     minutes = report["total_seconds"] / 60
     print(f"built {', '.join(args.only)} in {minutes:.1f} min; report in {args.out}/build_report.json")
 

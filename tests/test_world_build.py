@@ -5,13 +5,12 @@ import json
 import math
 import re
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch._inductor.config as inductor_config
 from diffusers import DDIMScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline, StableDiffusionPipeline
 from PIL import Image
 from safetensors.torch import load_file
@@ -120,10 +119,10 @@ def test_compiled_transformer_follows_the_compact_attention_swaps(world):
 
 
 def test_build_without_a_cpp_compiler_fails_before_training(tmp_path, monkeypatch):
-    monkeypatch.setattr(inductor_config.cpp, "cxx", ("no-such-c++-compiler",))
-    with pytest.raises(RuntimeError, match="torch_compile needs a C\\+\\+ compiler"):
-        build_world(tmp_path, plan=BuildPlan(torch_compile=True), only=["vae"], log=lambda line: None)
-    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setenv("PATH", str(tmp_path / "no-bin"))
+    with pytest.raises(RuntimeError, match="BuildPlan.torch_compile: torch.compile builds its kernels with a C/C"):
+        build_world(tmp_path / "world", plan=BuildPlan(torch_compile=True), only=["vae"], log=lambda line: None)
+    assert not (tmp_path / "world").exists()
 
 
 def test_only_dino_builds_on_a_fresh_folder_without_loading_the_clip(tmp_path):
@@ -173,9 +172,9 @@ def test_a_generator_rebuilt_alone_is_the_seeds(world, tmp_path):
 def test_a_quick_build_replaces_no_world_but_a_quick_one_and_no_build_mixes_with_other_files(monkeypatch, tmp_path):
     """The shipped world, of this checkout or another, or any copy of a world: only a --quick world is replaced by
     another; a folder of other files (an eval's) takes no world."""
-    built = []
-    monkeypatch.setattr("align_diffusion.world.build.build_world", lambda out, **kwargs: built.append(Path(out)) or {
-        "total_seconds": 0})
+    built, plans = [], []
+    monkeypatch.setattr("align_diffusion.world.build.build_world", lambda out, **kwargs: built.append(Path(out)) or
+                        plans.append(kwargs["plan"]) or {"total_seconds": 0})
     with pytest.raises(SystemExit, match="--quick: its few-step models would replace the models in assets/world "
                                          r"\(clip, dino, vae, sd3, sd\)"):
         main(["build-world", "--quick"])
@@ -186,6 +185,18 @@ def test_a_quick_build_replaces_no_world_but_a_quick_one_and_no_build_mixes_with
         main(["build-world", "--quick", "--out", str(copy)])
     (copy / "build_report.json").write_text(json.dumps({"plan": asdict(QUICK_PLAN)}))
     main(["build-world", "--quick", "--out", str(copy)])
+    # A world of quick assets but one rebuilt at full length (`--only`) is not all quick: the last build's plan
+    # named in the report spoke for every asset.
+    (copy / "vae").mkdir()
+    full = {"plan": asdict(PLAN), "seed": 0}
+    (copy / "build_report.json").write_text(json.dumps({"plan": asdict(QUICK_PLAN), "built_with": {
+        "clip": {"plan": asdict(QUICK_PLAN), "seed": 0}, "vae": full}}))
+    with pytest.raises(SystemExit, match=r"would replace the models in .*copy \(clip, vae\)"):
+        main(["build-world", "--quick", "--out", str(copy)])
+    (copy / "build_report.json").write_text(json.dumps({"plan": asdict(QUICK_PLAN), "built_with": {
+        "vae": {"plan": asdict(replace(QUICK_PLAN, bf16=True)), "seed": 0}}}))  # quick steps, another precision
+    main(["build-world", "--quick", "--bf16", "--out", str(copy)])
+    assert plans[-1] == replace(QUICK_PLAN, bf16=True)
     (tmp_path / "eval").mkdir()
     (tmp_path / "eval" / "eval.json").write_text("{}")
     for quick in ([], ["--quick"]):
@@ -193,7 +204,8 @@ def test_a_quick_build_replaces_no_world_but_a_quick_one_and_no_build_mixes_with
             main(["build-world", *quick, "--out", str(tmp_path / "eval")])
     monkeypatch.chdir(tmp_path)  # assets/world here is no world
     main(["build-world", "--quick", "--out", "assets/world"])
-    assert built == [copy, Path("assets/world")]
+    assert built == [copy, copy, Path("assets/world")]
+    assert plans[0] == plans[2] == QUICK_PLAN  # --quick trains in float32, bfloat16 or not in hardware
 
 
 def test_an_interrupted_build_keeps_the_report_of_the_assets_it_finished(tmp_path, monkeypatch):
@@ -206,6 +218,19 @@ def test_an_interrupted_build_keeps_the_report_of_the_assets_it_finished(tmp_pat
     written = json.loads((tmp_path / "build_report.json").read_text())
     assert list(written["seconds"]) == ["dino"] and written["plan"] == asdict(PLAN)
     assert written["total_seconds"] == written["seconds"]["dino"]
+
+
+def test_a_rebuilt_vae_is_measured_again_and_the_report_names_each_assets_seed_and_plan(tmp_path):
+    """The reconstruction score was measured only where a generator was built: `--only vae` kept the old VAE's."""
+    build_world(tmp_path, seed=0, plan=PLAN, only=["dino", "vae"], log=lambda line: None)
+    report = json.loads((tmp_path / "build_report.json").read_text())
+    report["vae_reconstruction_strict"] = 0.97  # what a VAE trained for long would score
+    (tmp_path / "build_report.json").write_text(json.dumps(report))
+    rebuilt = build_world(tmp_path, seed=1, plan=replace(PLAN, vae_steps=1), only=["vae"], log=lambda line: None)
+    written = json.loads((tmp_path / "build_report.json").read_text())
+    assert written["vae_reconstruction_strict"] == rebuilt["vae_reconstruction_strict"] < 0.97
+    assert written["built_with"]["dino"] == {"seed": 0, "plan": asdict(PLAN)}
+    assert written["built_with"]["vae"] == {"seed": 1, "plan": asdict(replace(PLAN, vae_steps=1))}
 
 
 def test_only_merges_into_the_build_report(world):

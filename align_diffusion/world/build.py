@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,6 +20,7 @@ from diffusers import AutoencoderKL
 from transformers import AutoTokenizer, BitImageProcessor, CLIPImageProcessor, CLIPModel
 
 from align_diffusion.files import write_folder_atomically, write_text_atomically
+from align_diffusion.models.base import missing_c_compiler, native_bf16
 from align_diffusion.names import WORLD_ASSETS
 from align_diffusion.world.data import to_tensor
 from align_diffusion.world.encoders import clip_prompt_accuracy, train_clip, train_dino
@@ -44,9 +45,11 @@ IMAGE_PROCESSING = dict(size={"shortest_edge": 64}, crop_size={"height": 64, "wi
 @dataclass
 class BuildPlan:
     """Training steps per asset, and how the VAE and the SD3 generator train: under bfloat16 autocast (`bf16`, see
-    `fit`) with their losses `torch.compile`d (`torch_compile`; needs a C++ compiler, and pays off only over
-    hundreds of steps). The default plan is the one the shipped assets come from; assets/README.md has its measured
-    build (per-step times differ by up to 2× between the machines of different sessions)."""
+    `fit`; by default where the CPU computes bfloat16 in hardware, as the shipped assets' build machines did: on one
+    that emulates it a step takes 10-25× as long) with their losses `torch.compile`d (`torch_compile`; needs a C++
+    compiler, and pays off only over hundreds of steps). The default plan is the one the shipped assets come from;
+    assets/README.md has its measured build (per-step times differ by up to 2× between the machines of different
+    sessions)."""
 
     clip_steps: int = 400
     dino_steps: int = 300
@@ -54,12 +57,12 @@ class BuildPlan:
     sd3_steps: int = 4000
     sd_steps: int = 1500
     dataset_size: int = 40000
-    bf16: bool = True
+    bf16: bool = field(default_factory=lambda: native_bf16("cpu"))
     torch_compile: bool = True
 
 
 QUICK_PLAN = BuildPlan(clip_steps=20, dino_steps=10, vae_steps=20, sd3_steps=20, sd_steps=20, dataset_size=512,
-                       torch_compile=False)
+                       bf16=False, torch_compile=False)
 
 
 @torch.no_grad()
@@ -70,18 +73,6 @@ def vae_reconstruction_strict(vae: AutoencoderKL, per_prompt: int = 4) -> float:
     images = to_tensor([render_prompt(p, seed) for seed, p in enumerate(prompts)])
     reconstructions = vae.decode(vae.encode(images).latent_dist.mode()).sample
     return shapes_eval(prompts, (reconstructions / 2 + 0.5).clamp(0, 1))["overall_strict"]
-
-
-def check_cpp_compiler() -> None:
-    """Fails before any training when `torch.compile` has no C++ compiler to build its CPU kernels with."""
-    from torch._inductor.cpp_builder import get_cpp_compiler
-    from torch._inductor.exc import InvalidCxxCompiler
-
-    try:
-        get_cpp_compiler()
-    except InvalidCxxCompiler as error:
-        raise RuntimeError(f"BuildPlan.torch_compile needs a C++ compiler ({error}); install g++, or build with "
-                           "BuildPlan(torch_compile=False)") from error
 
 
 def build_world(out: str | Path, seed: int = 0, plan: BuildPlan | None = None, only=WORLD_ASSETS, log=print) -> dict:
@@ -98,19 +89,21 @@ def build_world(out: str | Path, seed: int = 0, plan: BuildPlan | None = None, o
     if missing:
         raise FileNotFoundError(f"{out} has no {' and no '.join(missing)} folder, which sd3 and sd train on: build "
                                 f"{' and '.join(missing)} first (add to --only)")
-    if plan.torch_compile and {"vae", "sd3"} & set(only):
-        check_cpp_compiler()
+    if plan.torch_compile and {"vae", "sd3"} & set(only) and (error := missing_c_compiler("BuildPlan.torch_compile")):
+        raise RuntimeError(error)
     out.mkdir(parents=True, exist_ok=True)
     # Each stage seeds itself, but a generator's initial weights and the dataset's latents are drawn from the global
     # stream the stages before leave: seeded here, a build of the same subset is the seed's too (a full build's first
     # draw is the CLIP's, which seeds itself, so it is unchanged). Reseeding before each draw would make a subset
     # match the full build, but would no longer rebuild the shipped generators.
     torch.manual_seed(seed)
-    report = {"seed": seed, "plan": asdict(plan), "seconds": {}}
+    report = {"seed": seed, "plan": asdict(plan), "seconds": {}, "built_with": {}}
     start = time.time()
+    log(f"bfloat16 autocast {'on' if plan.bf16 else 'off'}, torch.compile {'on' if plan.torch_compile else 'off'}")
 
     def done(name):
         report["seconds"][name] = round(time.time() - start - sum(report["seconds"].values()), 1)
+        report["built_with"][name] = {"seed": seed, "plan": asdict(plan)}
         log(f"== {name} saved to {out / name} ({report['seconds'][name]:.0f}s)")
         # After each asset, so an interrupted build keeps what its finished assets measured (and its plan)
         write_text_atomically(out / "build_report.json", json.dumps(merged_report(out, report), indent=1))
@@ -141,10 +134,10 @@ def build_world(out: str | Path, seed: int = 0, plan: BuildPlan | None = None, o
     if "vae" in only:
         vae = train_vae(plan.vae_steps, seed=seed, log=log, bf16=plan.bf16, torch_compile=plan.torch_compile)
         write_folder_atomically(out / "vae", vae.save_pretrained)
+        report["vae_reconstruction_strict"] = vae_reconstruction_strict(vae.eval())
         done("vae")
     if generators:
         vae = AutoencoderKL.from_pretrained(out / "vae").eval()
-        report["vae_reconstruction_strict"] = vae_reconstruction_strict(vae)
         dataset = encode_dataset(vae, plan.dataset_size, seed=seed, log=log)
     if "sd3" in only:
         pipe = train_sd3(world_sd3_pipeline(vae, clip, tokenizer), plan.sd3_steps, dataset, seed=seed, log=log,
@@ -170,18 +163,26 @@ def held_assets(out: str | Path) -> list[str]:
 
 
 def built_quick(out: str | Path) -> bool:
-    """Whether the world in `out` was built with QUICK_PLAN, by its build_report.json (the shipped world has none)."""
+    """Whether every asset of the world in `out` was built with QUICK_PLAN's steps, by its build_report.json (the
+    shipped world has none; one written before it recorded each asset's plan names the last build's)."""
+    def steps(plan: dict) -> dict:
+        return {name: value for name, value in plan.items() if name not in ("bf16", "torch_compile")}
+
     try:
-        return json.loads((Path(out) / "build_report.json").read_text(encoding="utf-8")).get("plan") == asdict(
-            QUICK_PLAN)
-    except (OSError, json.JSONDecodeError, AttributeError):
+        report = json.loads((Path(out) / "build_report.json").read_text(encoding="utf-8"))
+        plans = [report.get("built_with", {}).get(name, report)["plan"] for name in held_assets(out)]
+        return all(steps(plan) == steps(asdict(QUICK_PLAN)) for plan in plans)
+    except (OSError, json.JSONDecodeError, AttributeError, KeyError, TypeError):
         return False
 
 
 def merged_report(out: Path, report: dict) -> dict:
-    """This build's report merged into the one already in `out`: the rebuilt assets' seconds and metrics replace
-    theirs, total_seconds sums every asset's, and seed and plan are this build's."""
+    """This build's report merged into the one already in `out`: the rebuilt assets' seconds, seed and plan
+    (`built_with`) and metrics replace theirs, total_seconds sums every asset's, and seed and plan are this
+    build's."""
     path = out / "build_report.json"
-    earlier = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {"seconds": {}}
-    seconds = {**earlier["seconds"], **report["seconds"]}
-    return {**earlier, **report, "seconds": seconds, "total_seconds": round(sum(seconds.values()), 1)}
+    earlier = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    seconds = {**earlier.get("seconds", {}), **report["seconds"]}
+    built_with = {**earlier.get("built_with", {}), **report["built_with"]}
+    return {**earlier, **report, "seconds": seconds, "built_with": built_with,
+            "total_seconds": round(sum(seconds.values()), 1)}
