@@ -83,6 +83,8 @@ def main() -> None:
     args = parse_args()
     prompts = [p for _ in range(args.seeds_per_prompt) for p in PromptSource(args.prompts).all()]
     shapes = all(is_world_prompt(p) for p in prompts)  # then ShapesEval judges every image
+    settings = comparison_settings(args)
+    finished = finished_rows(args.out / "results.json", settings) if args.resume else {}  # before the model loads
     adapter = load_adapter(args.model)
     reward = load_reward(args.reward)
     prune_reward = load_reward(args.prune_reward) if args.prune_reward else None
@@ -97,8 +99,6 @@ def main() -> None:
         runs.append((f"reno-{args.reno_iterations}it", "reno", None, dict(
             iterations=args.reno_iterations, num_inference_steps=args.reno_steps)))
 
-    settings = comparison_settings(args)
-    finished = finished_rows(args.out / "results.json", settings) if args.resume else {}
     rows = []
     for name, method, multiple, options in runs:
         if name in finished:
