@@ -12,6 +12,7 @@ artifacts it never saw.
 """
 
 import argparse
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -33,18 +34,28 @@ parser.add_argument("--generator", default="assets/world/sd3",
 parser.add_argument("--count", type=int, default=1800, help="clean renders; as many corrupted ones")
 parser.add_argument("--samples", type=int, default=800, help="base-model samples, sorted into clean/ and artifact/")
 parser.add_argument("--held-out-kinds", nargs="+", default=["smear", "grid"], choices=CORRUPTIONS)
+parser.add_argument("--steps", type=int, default=20, help="the base model's sampling steps (those the reward's "
+                    "users sample with: the world presets' eval)")
+parser.add_argument("--guidance", type=float, default=2.0, help="the base model's guidance scale")
 parser.add_argument("--seed", type=int, default=0)
+parser.add_argument("--overwrite", action="store_true", help="replace a set already in --out")
 args = parser.parse_args()
-if min(args.count, args.samples) < 1:
-    parser.error(f"--count and --samples must be at least 1, got {args.count} and {args.samples}")
+if min(args.count, args.samples, args.steps) < 1:
+    parser.error(f"--count, --samples and --steps must be at least 1, got {args.count}, {args.samples}, {args.steps}")
+SUBSETS = ("clean", "artifact", "unseen")
+held = [name for name in SUBSETS if (args.out / name).is_dir() and any((args.out / name).iterdir())]
+if held and not args.overwrite:  # a smaller or other set written over it would leave the earlier one's files mixed in
+    parser.error(f"--out: {args.out} already holds a set ({', '.join(name + '/' for name in held)}); pass --overwrite "
+                 "to replace it")
 
 trained_kinds = [kind for kind in CORRUPTIONS if kind not in args.held_out_kinds]
 if not trained_kinds:
     parser.error("--held-out-kinds: holding out every corruption leaves none to train on")
 rng = np.random.default_rng(args.seed)
 prompts = split_prompts("train")
-for name in ("clean", "artifact", "unseen"):
-    (args.out / name).mkdir(parents=True, exist_ok=True)
+for name in SUBSETS:
+    shutil.rmtree(args.out / name, ignore_errors=True)
+    (args.out / name).mkdir(parents=True)
 
 
 def pick_prompt():
@@ -66,7 +77,8 @@ failures = passes = 0
 for start in tqdm(range(0, args.samples, 32), desc="base-model samples"):
     batch = sample_prompts[start : start + 32]
     generators = [torch.Generator().manual_seed(args.seed * 100_000 + start + k) for k in range(len(batch))]
-    for image in adapter.to_pil(sample(adapter, batch, generators=generators).images):
+    result = sample(adapter, batch, num_inference_steps=args.steps, guidance_scale=args.guidance, generators=generators)
+    for image in adapter.to_pil(result.images):
         if any(obj.shape is None or obj.color is None for obj in detect(np.asarray(image))):
             image.save(args.out / "artifact" / f"generated-{failures:05d}.png")
             failures += 1
