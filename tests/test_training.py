@@ -1266,16 +1266,19 @@ def test_shapes_eval_of_the_world_generator_is_logged_per_category_with_pass_at_
              + any(verdicts["two triangles"])) / 3)
 
 
-class CountedJpeg(Reward):
-    """The jpeg reward, counting the images it scores: served, it counts a whole run's, of all its processes."""
+class CountedBrightness(Reward):
+    """Mean brightness, counting the images it scores: served, it counts a whole run's, of all its processes. Smooth
+    in the pixels, unlike the JPEG size: an image the two runs batch differently may differ by a level of rounding,
+    which moved a JPEG size, and with it the advantages and the trained weights, by more than rounding (on AVX2 CPUs,
+    measured)."""
 
     def __init__(self):
-        super().__init__("jpeg")
-        self.jpeg, self.images = load_reward("jpeg"), 0
+        super().__init__("brightness")
+        self.images = 0
 
     def score(self, images, prompts, metadata):
         self.images += len(images)
-        return self.jpeg(images, prompts)
+        return images.float().mean(dim=(1, 2, 3))
 
 
 class RefusingReward(Reward):
@@ -1315,7 +1318,7 @@ def test_two_cpu_processes_match_one(saved, prompt_file, tmp_path, monkeypatch):
     # trains on one group of 4 in both runs (two processes each take 2 images of it), not on half of each group.
     # The two processes share each evaluation (at steps 0 and 2, 3 prompts × 3 images: 4 and 5), scoring each
     # image once.
-    reward = CountedJpeg()
+    reward = CountedBrightness()
     server = make_server(reward, token="secret")
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     monkeypatch.setenv("ALIGN_DIFFUSION_REWARD_TOKEN", "secret")
@@ -1355,11 +1358,17 @@ def test_two_cpu_processes_match_one(saved, prompt_file, tmp_path, monkeypatch):
     assert (double / "checkpoints" / "step-000002" / "random_states_1.pkl").is_file()  # two processes ran
     a = load_file(str(single / "checkpoints" / "step-000002" / "trained.safetensors"))
     b = load_file(str(double / "checkpoints" / "step-000002" / "trained.safetensors"))
+    # Equal up to rounding, which Adam magnifies where a gradient is near 0 (its update is about lr · sign(g)): on an
+    # AVX2 CPU the weights differed by up to 0.6 % of what training moved them; a run training on other images, or
+    # on some of them twice, moves them otherwise by a large part of that.
+    initial = GRPOTrainer(load_config(None, tiny_overrides(saved["sd3"], prompt_file, tmp_path / "initial"))
+                          ).trained_state()
     for key in a:
-        assert torch.allclose(a[key], b[key], atol=1e-5, rtol=1e-4), key
+        assert (a[key] - b[key]).abs().max() <= 2e-2 * (a[key] - initial[key]).abs().max(), key
     evaluations = [[(r["step"], r["eval/reward_mean"]) for r in metrics(run) if "eval/reward_mean" in r]
                    for run in (single, double)]
-    assert evaluations[0] == pytest.approx(evaluations[1], rel=1e-2) and [step for step, _ in evaluations[0]] == [0, 2]
+    assert [step for step, _ in evaluations[0]] == [step for step, _ in evaluations[1]] == [0, 2]
+    assert [mean for _, mean in evaluations[0]] == pytest.approx([mean for _, mean in evaluations[1]], rel=1e-2)
     single_rows, double_rows = ([r for r in metrics(run) if "reward_mean" in r] for run in (single, double))
     assert [r["reward_mean"] for r in single_rows] == pytest.approx([r["reward_mean"] for r in double_rows])
     # The training statistics are of both processes' images, not the main process's half: at step 2 the KL (and the
