@@ -142,8 +142,8 @@ def ddim_variance(alpha_prod_t, alpha_prod_t_prev):
 
 
 def ddim_eps_share(alpha_prod_t, alpha_prod_t_prev, eta):
-    """1 - ᾱ_prev - σ² of a DDIM step at η, the square of its mean's ε̂ coefficient, in closed form: 1 - ᾱ_prev minus
-    the variance rounded one unit below 0 at η = 1 where ᾱ_t = 0 (a zero-terminal-SNR schedule's first step)."""
+    """1 - ᾱ_prev - σ² of a DDIM step at η, the square of its mean's ε̂ coefficient, in closed form: taken as that
+    difference it rounded one unit below 0 at η = 1 where ᾱ_t = 0 (a zero-terminal-SNR schedule's first step)."""
     return (1 - alpha_prod_t_prev) * (1 - eta**2 * (1 - alpha_prod_t / alpha_prod_t_prev) / (1 - alpha_prod_t))
 
 
