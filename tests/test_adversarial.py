@@ -176,8 +176,9 @@ def test_a_diverged_sample_is_left_out_of_the_head_update():
 
 
 def test_trained_head_tells_clean_renders_from_the_world_generators_samples():
-    """The acceptance bar: after training at the paper's lr on 64 renders against 64 base-model samples, the sign
-    of the reward classifies 64 held-out renders and 64 held-out samples (of other prompts) with accuracy ≥ 0.8."""
+    """The acceptance bar: after training at the paper's lr on 64 renders against 64 base-model samples (at the
+    world presets' 20 steps, guidance 2), the sign of the reward classifies 64 held-out renders and 64 held-out
+    samples (of other prompts) with accuracy ≥ 0.8 (0.836 measured; 0.82 with samples at SD3's 28 steps, guidance 7)."""
     from align_diffusion.models import load_adapter
     from align_diffusion.sampling.loop import sample
 
@@ -185,8 +186,8 @@ def test_trained_head_tells_clean_renders_from_the_world_generators_samples():
     chosen = [prompts[i] for i in np.random.default_rng(0).integers(0, len(prompts), 128)]
     adapter = load_adapter("assets/world/sd3")
     generators = [torch.Generator().manual_seed(k) for k in range(128)]
-    samples = torch.cat([sample(adapter, chosen[start : start + 64], generators=generators[start : start + 64]).images
-                         for start in (0, 64)])
+    samples = torch.cat([sample(adapter, chosen[start : start + 64], num_inference_steps=20, guidance_scale=2.0,
+                                generators=generators[start : start + 64]).images for start in (0, 64)])
     references = renders(chosen, seed=50_000)
     reward = AdversarialDino(DINO)
     assert reward.optimizer.defaults["lr"] == 1e-4 and reward.optimizer.defaults["betas"] == (0.5, 0.999)
