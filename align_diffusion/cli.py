@@ -126,6 +126,15 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def launched_processes() -> int:
+    """How many processes the launcher (`accelerate launch`, torchrun) started this one among."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def add_sample_parser(subparsers) -> None:
     parser = subparsers.add_parser("sample", help="sample images from prompts into a folder")
     parser.add_argument("--model", required=True, help="diffusers model id or local folder")
@@ -734,7 +743,7 @@ def run_train(args) -> None:
         args.overrides, args.config = [args.config, *args.overrides], None
     try:
         config = load_config(args.config and home_expanded(args.config), args.overrides,
-                             num_processes=int(os.environ.get("WORLD_SIZE", "1")))
+                             num_processes=launched_processes())
     except ConfigError as error:
         raise SystemExit(f"align-diffusion train: bad config: {error}") from None
     if args.print_config:
@@ -754,7 +763,7 @@ def run_train(args) -> None:
             " before its first checkpoint; the same command with resume_from=latest starts it over")
         print(f"align-diffusion train: interrupted{goes_on}", file=sys.stderr)
         raise SystemExit(128 + signal.SIGINT) from None
-    if int(os.environ.get("RANK", "0")) == 0:  # the other processes of a launch end before the main one exports
+    if is_main_process():  # the other processes of a launch end before the main one exports
         print(f"trained weights in {folder}; metrics in {config.output_dir}/metrics.jsonl")
 
 
@@ -779,7 +788,7 @@ def run_calibrate_noise(args) -> None:
 
     if not args.config.is_file():
         raise SystemExit(f"align-diffusion calibrate-noise: no such config file {args.config}")
-    overrides, processes = ["log_with=[]", *args.overrides], int(os.environ.get("WORLD_SIZE", "1"))
+    overrides, processes = ["log_with=[]", *args.overrides], launched_processes()
     try:
         config = load_config(args.config, overrides, processes)
     except ConfigError as error:
@@ -808,7 +817,7 @@ def run_calibrate_noise(args) -> None:
     if not any(levels[t] > 0 for t in noise_drawing_steps(config.sampling)):
         raise SystemExit(f"align-diffusion calibrate-noise: every level that draws noise calibrated to 0 ({levels}), "
                          "a table train refuses; nothing written. Try a smaller --eps2 or another number of --rounds")
-    if int(os.environ.get("RANK", "0")) != 0:  # every process of a launch calibrated the same levels
+    if not is_main_process():  # every process of a launch calibrated the same levels
         return
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_table(args.out, levels, sampler=config.sampling.sampler, config=str(args.config), overrides=args.overrides,
@@ -1057,7 +1066,7 @@ def main(argv: list[str] | None = None) -> None:
     add_steer_parser(subparsers)
     add_gallery_parser(subparsers)
     args = parse_with_overrides(parser, argv)
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    launched = launched_processes()
     if launched > 1 and args.command not in ("train", "calibrate-noise"):  # those share the work between processes
         raise SystemExit(f"align-diffusion {args.command}: launched as {launched} processes, each of which would do "
                          "the whole job into the same files; run it as one process")

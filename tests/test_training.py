@@ -1267,6 +1267,11 @@ def test_shapes_eval_of_the_world_generator_is_logged_per_category_with_pass_at_
              + any(verdicts["two triangles"])) / 3)
 
 
+def initial_weights(saved, prompt_file, out) -> dict[str, torch.Tensor]:
+    """The LoRA a tiny run starts from: the same seed draws the same one, whatever the run's precision or launch."""
+    return GRPOTrainer(load_config(None, tiny_overrides(saved["sd3"], prompt_file, out))).trained_state()
+
+
 class CountedBrightness(Reward):
     """Mean brightness, counting the images it scores: served, it counts a whole run's, of all its processes. Smooth
     in the pixels, unlike the JPEG size: an image the two runs batch differently may differ by a level of rounding,
@@ -1362,8 +1367,7 @@ def test_two_cpu_processes_match_one(saved, prompt_file, tmp_path, monkeypatch):
     # Equal up to rounding, which Adam magnifies where a gradient is near 0 (its update is about lr · sign(g)): on an
     # AVX2 CPU the weights differed by up to 0.6 % of what training moved them; a run training on other images, or
     # on some of them twice, moves them otherwise by a large part of that.
-    initial = GRPOTrainer(load_config(None, tiny_overrides(saved["sd3"], prompt_file, tmp_path / "initial"))
-                          ).trained_state()
+    initial = initial_weights(saved, prompt_file, tmp_path / "initial")
     for key in a:
         assert (a[key] - b[key]).abs().max() <= 2e-2 * (a[key] - initial[key]).abs().max(), key
     evaluations = [[(r["step"], r["eval/reward_mean"]) for r in metrics(run) if "eval/reward_mean" in r]
@@ -1581,8 +1585,7 @@ def test_ema_bf16_and_checkpointing_run_and_export_the_ema_weights(saved, prompt
     exported = load_file(str(out / "lora" / "pytorch_lora_weights.safetensors"))
     # The LoRA the run started from: the same seed gives the same draw (mixed precision and checkpointing do not
     # touch the initialization, and this process keeps accelerate's default precision).
-    initial = GRPOTrainer(load_config(None, tiny_overrides(saved["sd3"], prompt_file, tmp_path / "init"))
-                          ).trained_state()
+    initial = initial_weights(saved, prompt_file, tmp_path / "init")
     assert ema.keys() == trained.keys() == initial.keys()
     for name, value in ema.items():
         key = "transformer." + name.replace(".default.", ".")

@@ -251,7 +251,8 @@ def format_score(value: float | None, signed: bool = False) -> str:
     """Three decimals, a huge value in scientific notation, a missing one as a dash."""
     if value is None:
         return "–"
-    return f"{value:{'+' if signed else ''}.{'3e' if abs(value) >= 1e6 else '3f'}}"
+    spec = ".3e" if abs(value) >= 1e6 else ".3f"
+    return format(value, "+" + spec if signed else spec)
 
 
 def _count(count: int, noun: str) -> str:
