@@ -69,6 +69,9 @@ def test_x0_mode_costs_no_model_calls(trajectory_and_adapter):
     assert torch.equal(dense.deltas.sum(1), dense.rewards[:, -1] - dense.rewards[:, 0])
     with pytest.raises(ValueError, match="mode"):
         dense_step_rewards(adapter, trajectory, Brightness(), mode="sde")
+    for max_batch in (0, -1, 2.5):  # 0 meant no cap, -1 an empty concatenation, 2.5 a TypeError of range
+        with pytest.raises(ValueError, match=f"max_batch must be a whole number >= 1, got {max_batch}"):
+            dense_step_rewards(adapter, trajectory, Brightness(), max_batch=max_batch)
 
 
 def test_completions_stop_at_the_last_stochastic_step(trajectory_and_adapter):

@@ -312,6 +312,8 @@ def test_text_feature_cache_evicts_the_least_recent_and_keeps_contexts_apart():
         with torch.autocast("cpu", dtype=autocast):
             cache(["c"], cpu, torch.float64)
     assert calls == [["ab", "c"], ["d"], ["c"], ["c"], ["c"], ["c"]]
+    cache(["e", "f", "g"], cpu, torch.float32)  # each kept row holds its own storage, not its batch's
+    assert all(feature.untyped_storage().nbytes() == 2 * 4 for feature in cache.features.values())
 
 
 def test_hpsv2_open_clip_weights_file(tiny_open_clip):
@@ -540,6 +542,18 @@ def test_a_single_reward_records_a_spec_that_reads_back_as_itself(tmp_path):
     assert load_reward(f"clip:{tmp_path}/clip=0=1").spec == f"clip:{tmp_path}/clip=0=1"
 
 
+def test_an_existing_path_ending_in_equals_a_number_is_read_whole_unless_its_head_exists_too(tmp_path):
+    """`runs/step=1000` is a folder, not `runs/step` at weight 1000; it is recorded with its weight spelled out."""
+    (tmp_path / "step=1000").symlink_to(Path(WORLD_CLIP).resolve())
+    assert [(t.arg, t.weight) for t in parse_spec(f"clip:{tmp_path}/step=1000")] == [(f"{tmp_path}/step=1000", 1.0)]
+    assert load_reward(f"clip:{tmp_path}/step=1000").spec == f"clip:{tmp_path}/step=1000=1"
+    assert parse_spec(f"clip:{tmp_path}/step=1000=0.5")[0].weight == 0.5
+    (tmp_path / "step").symlink_to(Path(WORLD_CLIP).resolve())
+    with pytest.raises(ValueError, match="is '1000' a weight\\? write one after the term"):
+        parse_spec(f"clip:{tmp_path}/step=1000")
+    assert parse_spec(f"clip:{tmp_path}/step=1000=1")[0].arg == f"{tmp_path}/step=1000"
+
+
 @pytest.mark.parametrize("spec", ["shapes=nan", "shapes=inf", "jpeg:50=-inf"])
 def test_spec_weights_must_be_finite(spec):
     with pytest.raises(ValueError, match=f"reward term '{spec}': weight .* is not finite"):
@@ -553,10 +567,18 @@ def test_a_zero_weight_is_refused(spec):
         parse_spec(spec)
 
 
-@pytest.mark.parametrize("spec", ["jpeg:abc", "jpeg:0", "jpeg:96", "jpeg:-5", "jpeg:2.5"])
+@pytest.mark.parametrize("spec", ["jpeg:abc", "jpeg:0", "jpeg:96", "jpeg:-5", "jpeg:2.5", "jpeg:1_0",
+                                  "jpeg:\u0665\u0660"])
 def test_jpeg_quality_must_be_from_1_to_95(spec):
     with pytest.raises(ValueError, match=f"reward term '{spec}': JPEG quality must be an integer from 1 to 95"):
         load_reward(spec)
+
+
+@pytest.mark.parametrize("spec", ["jpeg:", "shapes: ", "clip:=2"])
+def test_a_colon_with_nothing_after_it_is_refused(spec):
+    """`jpeg:` loaded quality 95 and `shapes:` the graded score, as if the ':' were not there."""
+    with pytest.raises(ValueError, match="nothing after ':'"):
+        parse_spec(spec)
 
 
 def test_jpeg_quality_bounds_are_accepted():

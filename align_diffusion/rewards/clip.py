@@ -42,7 +42,8 @@ class TextFeatures:
         if missing:
             with torch.no_grad():
                 encoded = F.normalize(self.encode(missing, device).float(), dim=-1)
-            self.features.update(((context, prompt), feature) for prompt, feature in zip(missing, encoded))
+            # a row's own copy: a view would keep its whole batch alive as long as any one of its rows is kept
+            self.features.update(((context, prompt), feature.clone()) for prompt, feature in zip(missing, encoded))
         for prompt in prompts:
             self.features.move_to_end((context, prompt))
         features = torch.stack([self.features[(context, prompt)] for prompt in prompts])

@@ -20,7 +20,7 @@ import torch
 
 from align_diffusion.models.base import PipelineAdapter
 from align_diffusion.rewards.base import Reward
-from align_diffusion.sampling.loop import Trajectory, take_step
+from align_diffusion.sampling.loop import Trajectory, check_count, take_step
 
 
 @dataclass
@@ -58,6 +58,8 @@ def dense_step_rewards(adapter: PipelineAdapter, trajectory: Trajectory, reward:
     """Per-step rewards of a sampled trajectory (see the module docstring); `max_batch` caps images per call."""
     if mode not in ("ode", "x0"):
         raise ValueError(f"dense reward mode must be 'ode' or 'x0', got {mode!r}")
+    if max_batch is not None:
+        check_count("max_batch", max_batch)
     prompts = trajectory.prompts
     steps = trajectory.schedule.num_steps
     if mode == "ode":

@@ -1,6 +1,7 @@
 """Image preprocessing for encoder-based rewards in pure torch (resize, center crop or pad, normalize), so gradients
-reach the pixels. It mirrors the pipelines of transformers' image processors and open_clip's eval transforms as
-their configs set them; a setting it cannot reproduce raises instead of being read differently."""
+reach the pixels. It mirrors the pipelines of transformers' image processors (their default torchvision backend:
+the `...Pil` processors pad an odd pixel before the image, not after) and open_clip's eval transforms as their
+configs set them; a setting it cannot reproduce raises instead of being read differently."""
 
 from __future__ import annotations
 

@@ -2,15 +2,17 @@
 
 A spec is one or more comma-separated terms `NAME[:ARG][=WEIGHT]`, e.g. `shapes`, `clip:assets/world/clip`,
 `pickscore`, `shapes=1.0,artifact:DIR=0.2`. The text after a term's last '=' is its weight when it is a number;
-otherwise the '=' belongs to the argument (`remote:http://host/?a=b`), so an argument that itself ends in `=NUMBER`
-needs an explicit weight. One unweighted term loads that reward; anything else loads a `WeightedRewards` whose
-score is the weighted sum (transforms.py has the normalizing alternatives).
+otherwise the '=' belongs to the argument (`remote:http://host/?a=b`). An argument that itself ends in `=NUMBER`
+is read whole when it names an existing file or folder (`clip:runs/step=1000`) and its head does not; otherwise it
+needs an explicit weight (`clip:runs/step=1000=1`). One unweighted term loads that reward; anything else loads a
+`WeightedRewards` whose score is the weighted sum (transforms.py has the normalizing alternatives).
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,8 +58,8 @@ def _same_reward(term: RewardTerm) -> tuple[str, str | None]:
     arg = term.arg or DEFAULT_ARGUMENT.get(term.name)
     if term.name == "jpeg":
         try:
-            arg = str(int(arg))
-        except ValueError:  # not a quality: the loader says so
+            arg = str(_jpeg_quality(arg))
+        except ValueError:  # the loader says so
             pass
     if term.name in ("pickscore", "hpsv2", "aesthetic"):  # their models' defaults, where the argument omits them
         from align_diffusion.rewards.clip import AESTHETIC_CLIP, HPS_ARCH, PICKSCORE_MODEL
@@ -119,14 +121,19 @@ def _aesthetic(arg, device, dtype):
     return Aesthetic(home_expanded(parts[-1]), *map(_model, parts[:-1]), device=device, dtype=dtype)
 
 
+def _jpeg_quality(arg: str | None) -> int:
+    """The quality `jpeg:QUALITY` names: ASCII digits after an optional '+' (Python's int also reads `1_0` and other
+    scripts' digits)."""
+    arg = arg or DEFAULT_ARGUMENT["jpeg"]
+    if not re.fullmatch(r"\+?[0-9]+", arg):
+        raise ValueError(f"JPEG quality must be an integer from 1 to 95, got {arg!r}")
+    return int(arg)
+
+
 def _jpeg(arg, device, dtype):
     from align_diffusion.rewards.simple import JpegCompressibility
 
-    try:
-        quality = int(arg or DEFAULT_ARGUMENT["jpeg"])
-    except ValueError:
-        raise ValueError(f"JPEG quality must be an integer from 1 to 95, got {arg!r}") from None
-    return JpegCompressibility(quality)
+    return JpegCompressibility(_jpeg_quality(arg))
 
 
 def _shapes(arg, device, dtype):
@@ -166,20 +173,37 @@ LOADERS: dict[str, Callable[[str | None, torch.device | None, torch.dtype], Rewa
 }
 
 
+def _number(text: str) -> float | None:
+    """`text` as a weight, None when it is no number (Python's float reads 1_0 as 10: a typo, not a weight)."""
+    try:
+        return None if "_" in text else float(text)
+    except ValueError:
+        return None
+
+
+def _names_path(term_text: str) -> bool:
+    """Whether the argument of `NAME:ARG` (its file, for `ARCH:FILE` pairs) is an existing file or folder."""
+    _, sep, arg = term_text.partition(":")
+    return bool(sep and arg.strip()) and Path(home_expanded(_split_pair(arg.strip())[-1])).exists()
+
+
 def _split_weight(text: str) -> tuple[str, float]:
-    """`TERM=WEIGHT` → (TERM, WEIGHT); `TERM` → (TERM, 1.0), also when an argument holds the last '='."""
+    """`TERM=WEIGHT` → (TERM, WEIGHT); `TERM` → (TERM, 1.0), also when an argument holds the last '=' (see the
+    module docstring)."""
     head, sep, tail = text.rpartition("=")
     if not sep:
         return text, 1.0
     head = head.rstrip()  # `shapes = 1`
-    try:
-        if "_" in tail:  # Python's float reads 1_0 as 10: a typo, not a weight
-            raise ValueError(tail)
-        weight = float(tail)
-    except ValueError:
+    weight = _number(tail)
+    if weight is None:
         if ":" in head:
             return text, 1.0
-        raise ValueError(f"reward term {text!r}: weight {tail!r} is not a number") from None
+        raise ValueError(f"reward term {text!r}: weight {tail!r} is not a number")
+    if ":" in head and _names_path(text):
+        if _names_path(head):
+            raise ValueError(f"reward term {text!r}: both {text.partition(':')[2]!r} and {head.partition(':')[2]!r} "
+                             f"exist; is {tail!r} a weight? write one after the term: {text}=1")
+        return text, 1.0
     if not math.isfinite(weight):
         raise ValueError(f"reward term {text!r}: weight {tail!r} is not finite")
     if weight == 0:  # 0 × NaN: the term would add nothing but its failures
@@ -193,12 +217,10 @@ def _split_weight(text: str) -> tuple[str, float]:
 
 
 def _reads_back(text: str) -> bool:
-    """Whether a term written without its weight parses back as itself (weight 1): not when it ends in `=NUMBER`,
-    which would read as a weight or be refused as one."""
-    try:
-        return _split_weight(text) == (text, 1.0)
-    except ValueError:
-        return False
+    """Whether a term written without its weight parses back as itself (weight 1) wherever it is read: not when it
+    ends in `=NUMBER`, which reads as a weight unless a path of that name exists there."""
+    head, sep, tail = text.rpartition("=")
+    return not sep or _number(tail) is None
 
 
 def parse_spec(spec: str) -> list[RewardTerm]:
@@ -209,9 +231,11 @@ def parse_spec(spec: str) -> list[RewardTerm]:
     terms = []
     for text in spec.split(","):
         text, weight = _split_weight(text.strip())
-        name, _, arg = (part.strip() for part in text.partition(":"))
+        name, colon, arg = (part.strip() for part in text.partition(":"))
         if name not in LOADERS:
             raise ValueError(f"reward term {text!r}: unknown reward {name!r}; choose from {sorted(LOADERS)}")
+        if colon and not arg:
+            raise ValueError(f"reward term {text!r}: nothing after ':'; give an argument or leave the ':' out")
         if name in ARGUMENT_NEEDED and not arg:
             raise ValueError(f"reward term {text!r}: needs {ARGUMENT_NEEDED[name]}")
         terms.append(RewardTerm(name, arg or None, weight))
