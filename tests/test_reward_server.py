@@ -207,6 +207,7 @@ def bad_bodies():
     image = png_base64(world_images()[0])
     return {
         "not json": b"{prompts: ",
+        "an integer of 5000 digits": b'{"prompts": [' + b"1" * 5000 + b"]}",  # beyond what Python's int reads
         "not an object": b"[1, 2]",
         "missing images": json.dumps({"prompts": ["a red circle"]}).encode(),
         "mismatched lengths": json.dumps({"prompts": ["a red circle", "a triangle"], "images": [image]}).encode(),
@@ -222,6 +223,11 @@ def bad_bodies():
 def test_malformed_requests_are_400(shapes_server, case):
     status, answer = request(shapes_server, "POST", "/score", bad_bodies()[case], AUTH)
     assert status == 400 and answer["error"]
+
+
+def test_a_check_with_an_integer_python_will_not_read_is_400_not_a_dropped_connection(shapes_server):
+    status, answer = request(shapes_server, "POST", "/check", b'{"height": ' + b"9" * 5000 + b"}", AUTH)
+    assert status == 400 and "body is not JSON" in answer["error"]
 
 
 def png_with_short_idat() -> bytes:
@@ -520,6 +526,25 @@ def test_a_server_restarted_with_another_reward_is_noticed_not_mixed_in():
     with serving(OverlapReward(), port=port):
         with pytest.raises(RewardError, match="now scores with reward overlap, not mean as it first said"):
             remote(images, prompts)
+
+
+def test_a_server_restarted_with_another_setting_of_its_reward_is_noticed():
+    """`jpeg:50` after `jpeg:5`: both are named `jpeg`, and the client compares the served specs."""
+    images, prompts = [Image.new("RGB", (8, 8), (51, 51, 51))] * 2, ["a", "b"]
+    with serving(load_reward("jpeg:5")) as server:
+        remote, port = RemoteReward(server.url, TOKEN), server.server_address[1]
+        assert remote(images, prompts).tolist() == load_reward("jpeg:5")(images, prompts).tolist()
+        status, health = request(server, "GET", "/health")  # without a token the name, no server path
+        assert health["reward"] == "jpeg" and request(server, "GET", "/health", headers=AUTH)[1]["reward"] == "jpeg:5"
+    with serving(load_reward("jpeg:50"), port=port):
+        with pytest.raises(RewardError, match="now scores with reward jpeg:50, not jpeg:5 as it first said"):
+            remote(images, prompts)
+    fresh = RemoteReward(server.url, TOKEN)  # a client that asks /health first, with its token
+    with serving(load_reward("jpeg:5"), port=port):
+        fresh.server_limits()
+    with serving(load_reward("jpeg:50"), port=port):
+        with pytest.raises(RewardError, match="now scores with reward jpeg:50, not jpeg:5"):
+            fresh(images, prompts)
 
 
 def test_metadata_reaches_the_reward():

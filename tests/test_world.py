@@ -252,6 +252,7 @@ def test_reads_uint8_arrays_pil_images_and_unit_float_tensors_and_refuses_the_re
         "shape .64, 64, 3.": tensor.permute(1, 2, 0),
         "uint8 and shape .32, 32, 3.": np.zeros((32, 32, 3), np.uint8),
         "got a list": image.tolist(),
+        "got a 128×64 PIL image": Image.new("RGB", (128, 64)),  # not "an ndarray": the caller gave no array
     }
     for got, wrong in refused.items():
         with pytest.raises(ValueError, match=f"ShapesEval takes a uint8 .64, 64, 3. array.*{got}"):

@@ -80,9 +80,9 @@ def encode_png(image) -> str:
 
 
 def parse_rewards(payload: bytes, batch_size: int, url: str) -> tuple[torch.Tensor, str | None]:
-    """(B,) float32 from a /score answer, null → NaN, and the name of the reward that scored them (None from a
-    server that does not say); RewardError unless it holds exactly B numbers finite in float32, or nulls (JSON has
-    no NaN or Infinity; a server that sends them anyway is broken)."""
+    """(B,) float32 from a /score answer, null → NaN, and the reward that scored them as the server names it (its
+    spec; its name from older servers; None from one that does not say); RewardError unless it holds exactly B
+    numbers finite in float32, or nulls (JSON has no NaN or Infinity; a server that sends them anyway is broken)."""
     malformed = RewardError(f"reward server {url} gave a malformed answer for {batch_size} images: {payload[:200]!r}")
     try:
         answer = json.loads(payload)
@@ -159,7 +159,7 @@ class RemoteReward(Reward):
         self.attempts = attempts
         self.backoff = backoff
         self.health: dict | None = None  # the server's /health answer, once one came
-        self.scored_by: str | None = None  # the reward the server first named
+        self.scored_by: str | None = None  # the reward (spec) the server first named
 
     def endpoint(self, name: str) -> str:
         """The URL of the server's `name` (`score`, `health`, `check`), keeping the given URL's path and query."""
@@ -239,7 +239,8 @@ class RemoteReward(Reward):
 
     def check_reward_name(self, name: str | None) -> None:
         """RewardError when the server names another reward than it first did (in /health or an earlier answer): one
-        restarted with another reward on the same address would mix two rewards' scores in one run."""
+        restarted with another reward, or another setting of it (`jpeg:50` for `jpeg:5`), on the same address would
+        mix two rewards' scores in one run."""
         if name is None:
             return
         first = self.scored_by or (self.health or {}).get("reward")

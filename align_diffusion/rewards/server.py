@@ -1,13 +1,15 @@
 """Serve any reward over HTTP, so that a trainer on one machine can score with a model loaded on another.
 
 Standard library only. `POST /score` takes `{"prompts": [...], "images": [base64 PNG, ...], "metadata": [...]}`
-(metadata optional) with `Authorization: Bearer TOKEN` and answers `{"rewards": [...], "reward": NAME}`, NaN sent as
-null, NAME the reward's (so a client notices a server restarted with another reward).
+(metadata optional) with `Authorization: Bearer TOKEN` and answers `{"rewards": [...], "reward": SPEC}`, NaN sent as
+null, SPEC the served reward's spec (`jpeg:5`, `clip:/models/clip`), so a client notices a server restarted with
+another reward or another setting of it.
 `POST /check` takes `{"prompts": [...]}`, `{"height": H, "width": W}` or both, and answers `{}`, or 400 naming the
 first prompt, or the size, the reward cannot score (`Reward.check_prompts`, `Reward.check_size`), so that a client
 learns it before it makes any image. `GET /health` answers
-`{"status": "ok", "reward": NAME, "max_body_bytes": N, "max_batch_pixels": P}` without a token, and with
-`"authorized": true / false` when a token comes along, so a client learns its limits and its token's standing
+`{"status": "ok", "reward": NAME, "max_body_bytes": N, "max_batch_pixels": P}` without a token (the reward's name,
+`jpeg`: its spec may hold the server's paths), and with `"authorized": true / false` when a token comes along (and the
+spec as `"reward"` when it is taken), so a client learns its limits and its token's standing
 before it sends a large body (on a slow link a refused body can reset the connection before the refusal is read).
 Errors answer `{"error": MESSAGE}`:
 401 bad token, 400 bad request (or input the reward refuses with ValueError), 404 unknown path, 411 no
@@ -124,7 +126,7 @@ def parse_score_request(body: bytes) -> tuple[list[Image.Image], list[str], list
 def parse_json_object(body: bytes) -> dict:
     try:
         request = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+    except (ValueError, RecursionError) as error:  # ValueError: undecodable bytes, bad JSON, an integer of 4301 digits
         raise RequestError(400, f"body is not JSON: {error}") from None
     if not isinstance(request, dict):
         raise RequestError(400, "body must be a JSON object")
@@ -210,6 +212,8 @@ class RewardRequestHandler(BaseHTTPRequestHandler):
                   "max_batch_pixels": MAX_BATCH_PIXELS}
         if "Authorization" in self.headers:
             health["authorized"] = self.authorized()
+            if health["authorized"]:
+                health["reward"] = self.server.reward.spec
         self.send_json(200, health)
 
     def do_POST(self):
@@ -252,7 +256,7 @@ class RewardRequestHandler(BaseHTTPRequestHandler):
     def score(self, images: torch.Tensor, prompts: list[str], metadata) -> tuple[int, dict]:
         """The status and answer to a batch."""
         try:
-            return 200, {"rewards": self.server.score(images, prompts, metadata), "reward": self.server.reward.name}
+            return 200, {"rewards": self.server.score(images, prompts, metadata), "reward": self.server.reward.spec}
         except ValueError as error:  # the reward refused this input (e.g. a prompt outside its grammar)
             return 400, {"error": f"reward {self.server.reward.name} refused the batch: {error}"}
         except InfiniteScore as error:

@@ -54,6 +54,8 @@ def as_pixels(image) -> np.ndarray:
     float array or a uint8 tensor included (read as the other convention, they would judge a different image).
     NaN pixels, as a diverged sample has, read as background."""
     if isinstance(image, Image.Image):
+        if image.size != (CANVAS, CANVAS):
+            raise ValueError(f"ShapesEval takes {TAKES}, got a {image.width}×{image.height} PIL image")
         image = np.asarray(eight_bit(image).convert("RGB"))
     if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.shape == (CANVAS, CANVAS, 3):
         return image.astype(np.float32)
