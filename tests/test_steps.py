@@ -131,6 +131,35 @@ def test_per_sample_noise_levels_broadcast():
         torch.testing.assert_close(batched.log_prob[k : k + 1], single.log_prob)
 
 
+STEPS_BY_LEVEL = {
+    "flow-sde": lambda v, x, level, **kw: flow_sde_step(v, x, 0.7, 0.55, level, **kw),
+    "dance-sde": lambda v, x, level, **kw: dance_sde_step(v, x, 0.7, 0.55, level, **kw),
+    "cps": lambda v, x, level, **kw: cps_step(v, x, 0.7, 0.55, level, **kw),
+    "ddim": lambda v, x, level, **kw: ddim_step(v, x, 0.3, 0.5, level, **kw),
+}
+
+
+@pytest.mark.parametrize("sampler", list(STEPS_BY_LEVEL))
+def test_per_sample_noise_levels_act_row_by_row_and_a_noiseless_row_has_no_log_prob(sampler):
+    """Levels (0.7, 0, 0.3): each row steps as the same step at its own level would alone; the level-0 row is the
+    deterministic step, and its log-prob is NaN (a point mass), where it was NaN for the whole batch or a
+    (batch, 1, 1, batch) broadcast."""
+    step = STEPS_BY_LEVEL[sampler]
+    v, x, noise = inputs(9)
+    levels = torch.tensor([0.7, 0.0, 0.3])
+    batched = step(v, x, levels, noise=noise)
+    assert batched.prev_sample.shape == x.shape and batched.log_prob.shape == (3,)
+    for k, level in enumerate(levels.tolist()):
+        alone = step(v[k : k + 1], x[k : k + 1], level, noise=noise[k : k + 1])
+        torch.testing.assert_close(batched.prev_sample[k : k + 1], alone.prev_sample)
+        if level == 0:
+            assert alone.log_prob is None and math.isnan(batched.log_prob[k])
+        else:
+            torch.testing.assert_close(batched.log_prob[k : k + 1], alone.log_prob)
+    with pytest.raises(ValueError, match=r"must have shape \(3,\), got \(2,\)"):
+        step(v, x, torch.tensor([0.7, 0.3]), noise=noise)
+
+
 def test_log_prob_sum_is_mean_times_dims():
     x, mean, _ = inputs(7)
     dims = math.prod(SHAPE[1:])

@@ -7,7 +7,8 @@ intermediate state. Flow steps use the rectified-flow convention x_t = (1 - t) x
 
 Log-probs are the Gaussian log-density of `prev_sample` under the step's transition, averaged over every non-batch
 dimension (Flow-GRPO's convention, which keeps their scale independent of resolution); pass `reduce="sum"` for the
-summed density.
+summed density. Times and noise levels are each a number or a (batch,) tensor, one per sample; a row whose level
+draws no noise takes the deterministic step, and its log-prob is NaN.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 @dataclass
 class StepOutput:
     prev_sample: torch.Tensor  # the next state x_{t-1}, float32
-    log_prob: torch.Tensor | None  # (batch,) log-density of prev_sample; None for deterministic steps
+    log_prob: torch.Tensor | None  # (batch,) log-density of prev_sample, NaN in deterministic rows; None if all are
     mean: torch.Tensor  # mean of the transition
     std: torch.Tensor  # std of the transition (broadcastable to the sample); 0 for deterministic steps
     pred_x0: torch.Tensor  # the model's clean-sample estimate at this step
@@ -40,10 +41,13 @@ def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, re
 
 
 def _per_sample(value, like: torch.Tensor) -> torch.Tensor:
-    """A scalar or a (batch,) tensor of noise levels, as float32 broadcastable against `like`."""
+    """A scalar or a (batch,) tensor of times or noise levels, as float32 broadcastable against `like`; ValueError
+    for any other shape (a (batch,) level against (batch, 1, 1, 1) times would broadcast to (batch, 1, 1, batch))."""
     value = torch.as_tensor(value, dtype=torch.float32, device=like.device)
     if value.ndim == 0:
         return value
+    if value.shape != like.shape[:1]:
+        raise ValueError(f"a per-sample time or noise level must have shape ({len(like)},), got {tuple(value.shape)}")
     return value.reshape(-1, *([1] * (like.ndim - 1)))
 
 
@@ -58,7 +62,11 @@ def _finish(mean, std, x0, noise, prev_sample, reduce) -> StepOutput:
         else:
             prev_sample = mean + std * noise.to(mean)
     prev_sample = prev_sample.to(torch.float32)
-    log_prob = None if deterministic else gaussian_log_prob(prev_sample, mean, std, reduce)
+    log_prob = None
+    if not deterministic:
+        log_prob = gaussian_log_prob(prev_sample, mean, std, reduce)
+        noiseless_rows = (std == 0).expand_as(mean).flatten(1).any(1)  # a point mass has no density
+        log_prob = log_prob.masked_fill(noiseless_rows, math.nan)
     return StepOutput(prev_sample, log_prob, mean, std, x0)
 
 
@@ -87,7 +95,7 @@ def flow_sde_step(
     v, x = v.float(), x.float()
     sigma, sigma_next = _per_sample(sigma, x), _per_sample(sigma_next, x)
     sigma_for_ratio = torch.where(sigma == 1, sigma_next, sigma)
-    noise_std = noise_level * torch.sqrt(sigma / (1 - sigma_for_ratio))
+    noise_std = _per_sample(noise_level, x) * torch.sqrt(sigma / (1 - sigma_for_ratio))
     mean = _flow_sde_mean(v, x, sigma, sigma_next, noise_std)
     std = noise_std * torch.sqrt(sigma - sigma_next)
     return _finish(mean, std, x - sigma * v, noise, prev_sample, reduce)
@@ -99,7 +107,7 @@ def dance_sde_step(
     """DanceGRPO's SDE step: the Flow-SDE drift with a constant diffusion coefficient σ_t = η, std η·√|dt|."""
     v, x = v.float(), x.float()
     sigma, sigma_next = _per_sample(sigma, x), _per_sample(sigma_next, x)
-    noise_std = torch.full_like(sigma, float(eta))
+    noise_std = _per_sample(eta, x)
     mean = _flow_sde_mean(v, x, sigma, sigma_next, noise_std)
     std = noise_std * torch.sqrt(sigma - sigma_next)
     return _finish(mean, std, x - sigma * v, noise, prev_sample, reduce)
@@ -118,7 +126,7 @@ def cps_step(
     sigma, sigma_next = _per_sample(sigma, x), _per_sample(sigma_next, x)
     x0 = x - sigma * v
     x1 = x + (1 - sigma) * v
-    std = sigma_next * math.sin(noise_level * math.pi / 2)
+    std = sigma_next * _per_sample(torch.sin(torch.as_tensor(noise_level, dtype=torch.float64) * math.pi / 2), x)
     # (1 - t_next)·x̂0 + t_next·x̂1 is exactly the Euler step; writing the mean as that plus a correction makes
     # noise level 0 reproduce the ODE step bit for bit.
     mean = x + (sigma_next - sigma) * v + (torch.sqrt(sigma_next**2 - std**2) - sigma_next) * x1
@@ -166,6 +174,7 @@ def ddim_step(
     model_output, x = model_output.float(), x.float()
     alpha_prod_t, alpha_prod_t_prev = _per_sample(alpha_prod_t, x), _per_sample(alpha_prod_t_prev, x)
     x0, eps = ddim_pred_x0_and_eps(model_output, x, alpha_prod_t, prediction_type)
+    eta = _per_sample(eta, x)
     std = eta * ddim_variance(alpha_prod_t, alpha_prod_t_prev) ** 0.5
     mean = alpha_prod_t_prev**0.5 * x0 + ddim_eps_share(alpha_prod_t, alpha_prod_t_prev, eta) ** 0.5 * eps
     return _finish(mean, std, x0, noise, prev_sample, reduce)
