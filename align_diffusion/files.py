@@ -62,8 +62,8 @@ def _flush(path: Path) -> None:
 
 def write_atomically(path: str | Path, write: Callable[[Path], None]) -> None:
     """Calls `write` on a temporary path beside `path`, flushes it to the disk, then renames it over `path`: readers
-    see the old file or the new."""
-    path = Path(path)
+    see the old file or the new. A link keeps pointing at the new file (the file it names is replaced)."""
+    path = Path(os.path.realpath(path))
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
         write(partial)
@@ -139,9 +139,10 @@ def check_outside(out: str | Path, inputs: dict[str, str | Path | None], out_nam
                              "out first")
 
 
-def home_expanded(model: str) -> str:
-    """`model` (or any path) with a leading ~ expanded, which from_pretrained leaves as it is (the shell does not
-    expand it in a config file or in `--model=~/…`); as it is where ~user names no user."""
+def home_expanded(model: str | os.PathLike) -> str:
+    """`model` (or any path) as a string with a leading ~ expanded, which from_pretrained leaves as it is (the shell
+    does not expand it in a config file or in `--model=~/…`); as it is where ~user names no user."""
+    model = os.fspath(model)
     try:
         return str(Path(model).expanduser()) if model.startswith("~") else model
     except RuntimeError:  # "Could not determine home directory": then no such file, named as written

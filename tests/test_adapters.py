@@ -4,6 +4,7 @@ import copy
 import json
 import math
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -247,6 +248,9 @@ def test_a_model_under_the_home_folder_loads_as_written(saved, tmp_path, monkeyp
     (tmp_path / "models").symlink_to(saved["sd3"])
     assert adapter_class("~/models") is SD3Adapter
     assert type(load_adapter("~/models")) is SD3Adapter
+    # A pathlib path, which from_pretrained takes (home_expanded called str's startswith on it)
+    assert adapter_class(Path("~/models")) is SD3Adapter
+    assert type(load_adapter(Path(saved["sd3"]))) is SD3Adapter
 
 
 def test_a_dtype_named_as_the_commands_name_it_loads_in_that_dtype(saved):

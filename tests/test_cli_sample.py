@@ -554,6 +554,15 @@ def test_an_output_replaced_whole_needs_its_parent_writable_and_a_dangling_link_
         "not exist"
 
 
+def test_a_file_written_through_a_link_replaces_the_file_the_link_names(tmp_path):
+    """The link stays (it was replaced by a file, and the file it named kept the old text)."""
+    (tmp_path / "real.json").write_text("old")
+    (tmp_path / "link.json").symlink_to(tmp_path / "real.json")
+    write_atomically(tmp_path / "link.json", lambda partial: partial.write_text("new"))
+    assert (tmp_path / "link.json").is_symlink() and (tmp_path / "real.json").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.json", "real.json"]
+
+
 def test_outputs_take_the_mode_a_new_file_gets_under_the_umask(tmp_path):
     """safetensors writes 0600 whatever the umask; an output follows the umask, as a file made by open does."""
     umask = os.umask(0o027)
