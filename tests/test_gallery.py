@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -446,6 +447,23 @@ def test_run_page_compares_only_evaluations_that_share_samples_with_the_first(tm
     assert all((run / link).is_file() for link in links)
 
 
+def test_run_page_orders_evaluations_by_step_number_and_skips_folders_not_named_for_one(tmp_path):
+    """step-1000000 comes after step-900000 (by name it came first, and every page compared against it); a user's
+    step-best, or step-² (a digit to str.isdigit, not to int), is no evaluation."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "eval/reward_mean": 0.5}) + "\n"
+                                               for s in (900_000, 1_000_000, 1_100_000)))
+    for name in ("step-900000", "step-1000000", "step-1100000", "step-best", "step-\u00b2"):
+        make_folder(run / "eval" / name, RECORDS_A)
+    main(["gallery", str(run)])
+    links = [link for link in re.findall(r'href="([^"]+)"', (run / "index.html").read_text())
+             if link.startswith("eval/")]
+    assert links == ["eval/step-900000/index.html", "eval/step-1000000/index.html",
+                     "eval/step-900000/compare-step-1000000.html", "eval/step-1100000/index.html",
+                     "eval/step-900000/compare-step-1100000.html"]
+
+
 def test_run_page_of_merged_and_cut_short_metrics(tmp_path):
     """Metrics that repeat a step (the last row counts), hold NaN, null or a `$` in a term's name, and an evaluation
     whose samples were written but not its scores: one table row per step, that evaluation linked."""
@@ -863,6 +881,15 @@ def test_a_curve_with_no_finite_value_is_not_plotted(tmp_path):
     rows = [{"step": 0, "reward_mean": 0.5, "eval/shapes_strict": math.inf},
             {"step": 1, "reward_mean": 0.6, "eval/shapes_strict": 10 ** 400}]
     assert [path.name for path in plot_training(rows, tmp_path)] == ["reward.png"]
+
+
+def test_a_value_between_two_gaps_of_a_long_curve_is_drawn(tmp_path):
+    """Over 30 points a curve has no markers, so a finite value whose neighbours are gaps drew nothing at all."""
+    rows = [{"step": step, "reward_mean": 0.5 if step == 20 else None} for step in range(40)]
+    (path,) = plot_training(rows, tmp_path)
+    pixels = np.asarray(Image.open(path).convert("RGB")).reshape(-1, 3).astype(int)
+    first_color = (0x1F, 0x77, 0xB4)  # matplotlib's first line colour, C0
+    assert (np.abs(pixels - first_color).sum(1) < 30).sum() >= 5
 
 
 def test_a_difference_that_rounds_to_zero_shows_as_no_change(tmp_path):

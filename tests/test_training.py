@@ -725,13 +725,21 @@ def test_a_torn_last_metrics_line_does_not_block_a_resume(trained, saved, prompt
     _, straight = trained
     shutil.copytree(straight / "checkpoints", tmp_path / "checkpoints")
     (tmp_path / "checkpoints" / "step-000003.partial").mkdir()  # a checkpoint cut short (a full disk)
+    (tmp_path / "checkpoints" / "step-000003.partial" / checkpoint.STATE).write_text("{}")  # just before its rename
+    # A user's copy of a checkpoint, a note and a folder of their own: not the trainer's, so neither read nor removed
+    # (the copy's name raised a ValueError from `latest`, the note stopped the resume, the folder was deleted).
+    shutil.copytree(tmp_path / "checkpoints" / "step-000002", tmp_path / "checkpoints" / "step-000002 copy")
+    (tmp_path / "checkpoints" / "step-notes.txt").write_text("lr 3e-4 looked best")
+    (tmp_path / "checkpoints" / "step-best-by-hand").mkdir()
+    assert checkpoint.resolve_resume("latest", tmp_path).name == "step-000002"
     rows = (straight / "metrics.jsonl").read_text().splitlines()
     older = rows[0].replace('"loss": ', '"loss": NaN, "was": ', 1)  # a bare NaN, as a hand-edited file may hold
     (tmp_path / "metrics.jsonl").write_text(older + "\n" + '{"ste')  # the disk filled up mid-line
     GRPOTrainer(load_config(None, tiny_overrides(saved["sd3"], prompt_file, tmp_path, max_steps=2,
                                                  resume_from=tmp_path / "checkpoints" / "step-000001"))).train()
     assert [r["step"] for r in metrics(tmp_path)] == [1, 2] and metrics(tmp_path)[0]["loss"] is None
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000001", "step-000002"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "step-000001", "step-000002", "step-000002 copy", "step-best-by-hand", "step-notes.txt"]
 
 
 def test_a_resume_after_the_prompt_file_changed_is_refused(trained, saved, prompt_file, tmp_path):

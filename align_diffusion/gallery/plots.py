@@ -22,7 +22,13 @@ def plot_curves(series: dict[str, tuple[list[float], list[float]]], path: str | 
     figure, axes = plt.subplots(figsize=(6, 3.6), dpi=100)
     for name, (xs, ys) in series.items():
         # A label is mathtext between dollar signs; a reward spec's path may hold one.
-        axes.plot(xs, ys, marker="o" if len(xs) <= 30 else None, markersize=3, label=name.replace("$", r"\$"))
+        (line,) = axes.plot(xs, ys, marker="o" if len(xs) <= 30 else None, markersize=3,
+                            label=name.replace("$", r"\$"))
+        if len(xs) > 30:  # a value between two gaps has no line to show it: it gets its marker
+            lone = [k for k, y in enumerate(ys) if math.isfinite(y)
+                    and not any(0 <= j < len(ys) and math.isfinite(ys[j]) for j in (k - 1, k + 1))]
+            axes.plot([xs[k] for k in lone], [ys[k] for k in lone], linestyle="none", marker="o", markersize=3,
+                      color=line.get_color())
     axes.set(xlabel=xlabel, ylabel=ylabel, title=title)
     axes.grid(alpha=0.3)
     if len(series) > 1:

@@ -5,6 +5,7 @@ other eval prompts after a resume) gets its gallery but no side-by-side page."""
 
 from __future__ import annotations
 
+import re
 from html import escape
 from pathlib import Path
 from urllib.parse import quote
@@ -27,6 +28,16 @@ EVAL_DIR = "eval"  # OUTPUT_DIR/eval/step-NNNNNN/ holds the samples of each eval
 
 def eval_folder(run_dir: str | Path, step: int) -> Path:
     return Path(run_dir) / EVAL_DIR / f"step-{step:06d}"
+
+
+def eval_folders(run_dir: str | Path) -> dict[int, Path]:
+    """step → the run's evaluation folder of it, in step order; a folder not named for a step (a user's
+    `step-best`) is none."""
+    found = {}
+    for folder in (Path(run_dir) / EVAL_DIR).glob("step-*"):
+        if folder.is_dir() and (match := re.fullmatch(r"step-([0-9]+)", folder.name)):
+            found[int(match[1])] = folder
+    return dict(sorted(found.items()))  # by number: step-1000000 after step-900000
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
@@ -57,8 +68,9 @@ def build_run_page(run_dir: str | Path, *, only_stale: bool = False) -> Path:
     run_dir = Path(run_dir)
     metrics = read_metrics(run_dir)
     plots = plot_training(metrics, run_dir / "plots")
-    folders = sorted(p.parent for p in (run_dir / EVAL_DIR).glob("step-*/metadata.jsonl")
-                     if p.parent.name.removeprefix("step-").isdigit())
+    folders_by_step = {step: folder for step, folder in eval_folders(run_dir).items()
+                       if (folder / "metadata.jsonl").is_file()}
+    folders = list(folders_by_step.values())
     links, first, first_keys = {}, None, set()
     for folder in folders:
         gallery = folder / "index.html"
@@ -77,8 +89,8 @@ def build_run_page(run_dir: str | Path, *, only_stale: bool = False) -> Path:
     # One row per step (the last, should rows repeat one), and one for each evaluation that has samples but was cut
     # short before its scores were written.
     by_step = {row["step"]: row for row in metrics if "eval/reward_mean" in row}
-    for folder in folders:
-        by_step.setdefault(int(folder.name.removeprefix("step-")), {})
+    for step in folders_by_step:
+        by_step.setdefault(step, {})
     evaluated = [by_step[step] | {"step": step} for step in sorted(by_step)]
     pass_at_k = sorted({key for row in evaluated for key in row if key.startswith("eval/shapes_pass@")},
                        key=lambda key: int(key.rpartition("@")[2]))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -25,17 +26,18 @@ def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
     return Path(output_dir) / CHECKPOINTS / f"{PREFIX}{step:06d}"
 
 
-def checkpoint_step(folder: Path) -> int:
-    return int(folder.name[len(PREFIX):])
+def checkpoint_step(folder: Path) -> int | None:
+    """The step a checkpoint folder's name says (`step-000100`); None for any other name (a user's `step-best`)."""
+    match = re.fullmatch(rf"{PREFIX}([0-9]+)", folder.name)
+    return int(match[1]) if match else None
 
 
 def completed_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
+    """Complete checkpoints, oldest first: the folders named for a step that hold the trainer's state."""
     root = Path(output_dir) / CHECKPOINTS
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.name.startswith(PREFIX) and TEMPORARY not in p.name
-             and (p / STATE).is_file()]
+    found = [p for p in root.iterdir() if checkpoint_step(p) is not None and (p / STATE).is_file()]
     return sorted(found, key=checkpoint_step)
 
 

@@ -45,7 +45,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from align_diffusion.files import folder_problem, write_folder_atomically, write_text_atomically
-from align_diffusion.gallery.run import EVAL_DIR, build_run_page, eval_folder, read_metrics
+from align_diffusion.gallery.run import EVAL_DIR, build_run_page, eval_folder, eval_folders, read_metrics
 from align_diffusion.models import PipelineAdapter, PromptEmbeds, adapter_for, load_adapter
 from align_diffusion.models.base import DTYPES, compile_repeated_blocks, native_bf16, recorded_model_options
 from align_diffusion.names import SEED_LIMIT
@@ -625,16 +625,18 @@ class GRPOTrainer:
             for abandoned in reversed(later):
                 checkpoint.discard(abandoned)
             for stale in (self.output_dir / checkpoint.CHECKPOINTS).glob(f"{checkpoint.PREFIX}*"):
-                if checkpoint.TEMPORARY in stale.name or not (stale / checkpoint.STATE).is_file():
-                    shutil.rmtree(stale)  # a checkpoint cut short in its writing, or in an earlier version's deletion
+                # a checkpoint cut short in its writing, or in an earlier version's deletion; not a user's folder
+                cut_short = checkpoint.TEMPORARY in stale.name or (
+                    checkpoint.checkpoint_step(stale) is not None and not (stale / checkpoint.STATE).is_file())
+                if cut_short and stale.is_dir() and not stale.is_symlink():
+                    shutil.rmtree(stale)
             kept = []
             if metrics_file.exists():  # a row of step 0 (the first eval) is rewritten by a run that starts over
                 kept = [row for row in read_metrics(self.output_dir) if path is not None and row["step"] <= self.step]
                 write_text_atomically(metrics_file, "".join(json.dumps(json_safe(row), allow_nan=False) + "\n"
                                                             for row in kept))  # all rows, or none lost
-            for folder in (self.output_dir / EVAL_DIR).glob("step-*"):
-                number = folder.name.removeprefix("step-")
-                if number.isdigit() and int(number) > self.step:
+            for step, folder in eval_folders(self.output_dir).items():
+                if step > self.step:
                     shutil.rmtree(folder)
                     for page in (self.output_dir / EVAL_DIR).glob(f"step-*/compare-{folder.name}.html"):
                         page.unlink()  # the first evaluation's page of it
