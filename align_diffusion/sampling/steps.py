@@ -174,7 +174,8 @@ def ddim_step(
     model_output, x = model_output.float(), x.float()
     alpha_prod_t, alpha_prod_t_prev = _per_sample(alpha_prod_t, x), _per_sample(alpha_prod_t_prev, x)
     x0, eps = ddim_pred_x0_and_eps(model_output, x, alpha_prod_t, prediction_type)
-    eta = _per_sample(eta, x)
+    if isinstance(eta, torch.Tensor):  # a number stays one: its square in the ε̂ share is then taken in float64
+        eta = _per_sample(eta, x)
     std = eta * ddim_variance(alpha_prod_t, alpha_prod_t_prev) ** 0.5
     mean = alpha_prod_t_prev**0.5 * x0 + ddim_eps_share(alpha_prod_t, alpha_prod_t_prev, eta) ** 0.5 * eps
     return _finish(mean, std, x0, noise, prev_sample, reduce)
