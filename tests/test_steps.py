@@ -156,7 +156,13 @@ def test_per_sample_noise_levels_act_row_by_row_and_a_noiseless_row_has_no_log_p
             assert alone.log_prob is None and math.isnan(batched.log_prob[k])
         else:
             torch.testing.assert_close(batched.log_prob[k : k + 1], alone.log_prob)
-    with pytest.raises(ValueError, match=r"must have shape \(3,\), got \(2,\)"):
+    # A loss that leaves the noiseless row out has a finite gradient (its density taken at std 0 made it NaN).
+    output = v.clone().requires_grad_(True)
+    step(output, x, levels, prev_sample=batched.prev_sample).log_prob[[0, 2]].sum().backward()
+    assert torch.isfinite(output.grad).all()
+    for same_levels in (levels.view(3, 1, 1, 1), levels[None]):  # one per sample, in the shapes diffusers uses
+        torch.testing.assert_close(step(v, x, same_levels, noise=noise).prev_sample, batched.prev_sample)
+    with pytest.raises(ValueError, match=r"must hold one value or 3 \(one per sample\), got shape \(2,\)"):
         step(v, x, torch.tensor([0.7, 0.3]), noise=noise)
 
 

@@ -41,13 +41,15 @@ def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, re
 
 
 def _per_sample(value, like: torch.Tensor) -> torch.Tensor:
-    """A scalar or a (batch,) tensor of times or noise levels, as float32 broadcastable against `like`; ValueError
-    for any other shape (a (batch,) level against (batch, 1, 1, 1) times would broadcast to (batch, 1, 1, batch))."""
+    """A number, or a tensor of one value or one per sample ((batch,), (batch, 1, 1, 1)), of times or noise levels, as
+    float32 broadcastable against `like`; ValueError for any other shape (a (batch,) level against (batch, 1, 1, 1)
+    times would broadcast to (batch, 1, 1, batch))."""
     value = torch.as_tensor(value, dtype=torch.float32, device=like.device)
     if value.ndim == 0:
         return value
-    if value.shape != like.shape[:1]:
-        raise ValueError(f"a per-sample time or noise level must have shape ({len(like)},), got {tuple(value.shape)}")
+    if value.numel() not in (1, len(like)) or value.squeeze().ndim > 1:
+        raise ValueError(f"a per-sample time or noise level must hold one value or {len(like)} (one per sample), got "
+                         f"shape {tuple(value.shape)}")
     return value.reshape(-1, *([1] * (like.ndim - 1)))
 
 
@@ -64,9 +66,13 @@ def _finish(mean, std, x0, noise, prev_sample, reduce) -> StepOutput:
     prev_sample = prev_sample.to(torch.float32)
     log_prob = None
     if not deterministic:
-        log_prob = gaussian_log_prob(prev_sample, mean, std, reduce)
-        noiseless_rows = (std == 0).expand_as(mean).flatten(1).any(1)  # a point mass has no density
-        log_prob = log_prob.masked_fill(noiseless_rows, math.nan)
+        noiseless = (std == 0).expand_as(mean)
+        if noiseless.any():  # a point mass has no density: NaN, scored on stand-ins so that no gradient is NaN
+            mean_or_sample, std_or_one = torch.where(noiseless, prev_sample, mean), torch.where(noiseless, 1.0, std)
+            log_prob = gaussian_log_prob(prev_sample, mean_or_sample, std_or_one, reduce)
+            log_prob = log_prob.masked_fill(noiseless.flatten(1).any(1), math.nan)
+        else:
+            log_prob = gaussian_log_prob(prev_sample, mean, std, reduce)
     return StepOutput(prev_sample, log_prob, mean, std, x0)
 
 
