@@ -62,8 +62,9 @@ def _flush(path: Path) -> None:
 
 def write_atomically(path: str | Path, write: Callable[[Path], None]) -> None:
     """Calls `write` on a temporary path beside `path`, flushes it to the disk, then renames it over `path`: readers
-    see the old file or the new. A link keeps pointing at the new file (the file it names is replaced)."""
-    path = Path(os.path.realpath(path))
+    see the old file or the new. A link to a file keeps pointing at it, and the file is replaced (beside it: its
+    folder must be writable); a link to nothing is replaced by the file."""
+    path = Path(os.path.realpath(path) if os.path.exists(path) else path)
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
         write(partial)

@@ -561,6 +561,9 @@ def test_a_file_written_through_a_link_replaces_the_file_the_link_names(tmp_path
     write_atomically(tmp_path / "link.json", lambda partial: partial.write_text("new"))
     assert (tmp_path / "link.json").is_symlink() and (tmp_path / "real.json").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link.json", "real.json"]
+    (tmp_path / "dangling.json").symlink_to(tmp_path / "gone" / "x.json")  # its target's folder does not exist
+    write_atomically(tmp_path / "dangling.json", lambda partial: partial.write_text("new"))
+    assert not (tmp_path / "dangling.json").is_symlink() and (tmp_path / "dangling.json").read_text() == "new"
 
 
 def test_outputs_take_the_mode_a_new_file_gets_under_the_umask(tmp_path):

@@ -652,6 +652,7 @@ def test_503_then_success_is_retried():
     (200, b'{"rewards": [NaN, 1.0]}'),
     (200, b'{"rewards": [1e39, 1.0]}'),  # finite in float64, infinite as the float32 it becomes
     (200, b'{"rewards": [' + b"9" * 400 + b', 1.0]}'),  # an integer beyond any float
+    (200, b'{"rewards": [' + b"9" * 5000 + b', 1.0]}'),  # an integer beyond what Python's int reads
     (400, {"error": "nope"}),
 ])
 def test_malformed_answers_and_4xx_raise_without_retry(status, body):

@@ -87,7 +87,7 @@ def parse_rewards(payload: bytes, batch_size: int, url: str) -> tuple[torch.Tens
     try:
         answer = json.loads(payload)
         rewards, name = answer["rewards"], answer.get("reward")
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError, RecursionError):
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):  # ValueError: bytes, JSON, int digits
         raise malformed from None
     if not (isinstance(rewards, list) and len(rewards) == batch_size and all(
             value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)) for value in rewards)):

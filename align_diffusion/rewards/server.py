@@ -7,11 +7,11 @@ another reward or another setting of it.
 `POST /check` takes `{"prompts": [...]}`, `{"height": H, "width": W}` or both, and answers `{}`, or 400 naming the
 first prompt, or the size, the reward cannot score (`Reward.check_prompts`, `Reward.check_size`), so that a client
 learns it before it makes any image. `GET /health` answers
-`{"status": "ok", "reward": NAME, "max_body_bytes": N, "max_batch_pixels": P}` without a token (the reward's name,
-`jpeg`: its spec may hold the server's paths), and with `"authorized": true / false` when a token comes along (and the
-spec as `"reward"` when it is taken), so a client learns its limits and its token's standing
-before it sends a large body (on a slow link a refused body can reset the connection before the refusal is read).
-Errors answer `{"error": MESSAGE}`:
+`{"status": "ok", "reward": NAME, "max_body_bytes": N, "max_batch_pixels": P}` without a token (the reward's
+name, `jpeg`, which names fewer of the server's paths than its spec), and with `"authorized": true / false` when a
+token comes along (and the spec as `"reward"` when it is taken), so a client learns its limits and its token's
+standing before it sends a large body (on a slow link a refused body can reset the connection before the refusal
+is read). Errors answer `{"error": MESSAGE}`:
 401 bad token, 400 bad request (or input the reward refuses with ValueError), 404 unknown path, 411 no
 Content-Length, 413 body too large, 422 the reward returned an infinite score (the same batch would score the same
 again), 500 the reward raised anything else or the request failed to parse in a way the server did not foresee.
