@@ -142,8 +142,8 @@ STEPS_BY_LEVEL = {
 @pytest.mark.parametrize("sampler", list(STEPS_BY_LEVEL))
 def test_per_sample_noise_levels_act_row_by_row_and_a_noiseless_row_has_no_log_prob(sampler):
     """Levels (0.7, 0, 0.3): each row steps as the same step at its own level would alone; the level-0 row is the
-    deterministic step, and its log-prob is NaN (a point mass), where it was NaN for the whole batch or a
-    (batch, 1, 1, batch) broadcast."""
+    deterministic step, and its log-prob is NaN (a point mass). A (batch,) level broadcast to (batch, 1, 1, batch)
+    before, or failed in CPS and DanceGRPO's steps."""
     step = STEPS_BY_LEVEL[sampler]
     v, x, noise = inputs(9)
     levels = torch.tensor([0.7, 0.0, 0.3])
