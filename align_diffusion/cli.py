@@ -207,6 +207,19 @@ def check_noise_level_argument(sampler: str | None, noise_level: float | None) -
         raise SystemExit(f"--noise-level: {problem}")
 
 
+def check_seed_argument(seed: int, images: int, first: int = 0) -> None:
+    """--seed, refused before anything loads unless the generator seeds of `images` images, seed + first …, fit
+    in torch's 32 bits (`checked_seed`)."""
+    from align_diffusion.sampling.loop import checked_seed
+
+    try:
+        checked_seed(seed + first, images)
+    except ValueError as error:
+        problem = (f"the images seeded from seed + {first:,} need seed in [0, 2**32 − {first + images:,}], got {seed}"
+                   if first else str(error))  # in terms of --seed, not of seed + first
+        raise SystemExit(f"--seed: {problem}") from None
+
+
 def load_for_command(args):
     """The adapter for --model (with --lora applied); `check_model_arguments` has checked what it could before."""
     import torch
@@ -343,6 +356,7 @@ def run_sample(args) -> None:
     check_sample_out(args)
     check_model_arguments(args)
     check_noise_level_argument(args.sampler, args.noise_level)
+    check_seed_argument(args.seed, len(prompts) * args.num_images_per_prompt)
     note_a_fresh_start(args)
     earlier = 0  # images a resumed run finished already
     if args.resume and (args.out / "metadata.jsonl").exists():  # before anything loads, what can be told without
@@ -415,6 +429,7 @@ def run_eval(args) -> None:
 
     from align_diffusion.files import write_text_atomically
     from align_diffusion.world.benchmark import evaluate_shapes
+    from align_diffusion.world.prompts import split_prompts
 
     if args.out.suffix == ".json" or args.out.exists() and not args.out.is_dir():
         raise SystemExit(f"--out: expected a folder (for eval.json, the samples, index.html), got {args.out}")
@@ -425,6 +440,7 @@ def run_eval(args) -> None:
     check_sample_out(args)
     check_model_arguments(args)
     check_noise_level_argument(args.sampler, args.noise_level)
+    check_seed_argument(args.seed, len(split_prompts(args.split)) * args.num_images_per_prompt)
     adapter = load_for_command(args)
     result = evaluate_shapes(
         adapter, args.split, num_images_per_prompt=args.num_images_per_prompt, num_inference_steps=args.steps,
@@ -664,6 +680,9 @@ def run_train_artifact(args) -> None:
           f"{result['heldout_clean_accuracy']:.3f}, artifacts {result['heldout_artifact_accuracy']:.3f})")
 
 
+HELD_OUT_SEEDS = 10**6  # the noise-aware student's held-out trajectories are seeded from seed + this
+
+
 def run_train_noise_aware(args) -> None:
     from align_diffusion.rewards import noise_aware
     from align_diffusion.rewards.spec import load_reward, parse_spec
@@ -687,6 +706,8 @@ def run_train_noise_aware(args) -> None:
     check_model_arguments(args)
     train_prompts = PromptSource(args.prompts, "--prompts").draw(args.seed, 0, args.train_images)
     eval_prompts = PromptSource(args.eval_prompts, "--eval-prompts").all()
+    check_seed_argument(args.seed, args.train_images)
+    check_seed_argument(args.seed, len(eval_prompts) * args.images_per_eval_prompt, first=HELD_OUT_SEEDS)
     teacher = load_reward(args.teacher, device=args.device)
     args.sampler = "ode"  # the trajectories are the ODE's; what load_for_command checks against the model
     adapter = load_for_command(args)
@@ -696,7 +717,7 @@ def run_train_noise_aware(args) -> None:
                    negative_prompt=args.negative_prompt)
     train = noise_aware.collect(adapter, teacher, train_prompts, 1, seed=args.seed, **collect)
     held_out = noise_aware.collect(adapter, teacher, eval_prompts, args.images_per_eval_prompt,
-                                   seed=args.seed + 10**6, **collect)
+                                   seed=args.seed + HELD_OUT_SEEDS, **collect)
     before = noise_aware.step_agreement(noise_aware.step_scores(teacher, held_out), held_out)
     student = noise_aware.distill(teacher, train, settings)
     after = noise_aware.step_agreement(noise_aware.step_scores(student, held_out), held_out)

@@ -652,6 +652,20 @@ def test_empty_paths_and_reward_specs_and_seeds_out_of_range_are_refused_by_name
         assert re.search(message, capsys.readouterr().err)
 
 
+def test_seeds_the_images_would_run_past_2_32_with_are_refused_before_the_model_loads(tmp_path):
+    """The model named does not exist: the seed's refusal comes first (it came once the model had loaded, and the
+    noise-aware student's held-out seeds, from seed + 10**6, wrapped past 2**32 onto other images' noise)."""
+    last = 2**32 - 1
+    for command, message in [
+            (["sample", "--prompt", "a", "--num-images-per-prompt", "2", "--seed", str(last)],
+             r"--seed: seed must be a whole number in \[0, 2\*\*32 − 2\]"),
+            (["eval", "--seed", str(last - 100)], r"--seed: seed must be a whole number in \[0, 2\*\*32 − 152\]"),
+            (["train-reward", "noise-aware", "--seed", str(last - 10**6)],
+             r"--seed: the images seeded from seed \+ 1,000,000 need seed in \[0, 2\*\*32 − 1,000,152\]")]:
+        with pytest.raises(SystemExit, match=message):
+            main([*command, "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "out")])
+
+
 def test_a_holdout_outside_the_open_unit_interval_and_a_prompts_folder_are_named(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["train-reward", "artifact", "--data", "d", "--out", "o", "--holdout", "1.5"])
