@@ -483,6 +483,7 @@ def add_build_world_parser(subparsers) -> None:
 def run_build_world(args) -> None:
     from dataclasses import replace
 
+    from align_diffusion.models.base import missing_c_compiler
     from align_diffusion.world.build import QUICK_PLAN, BuildPlan, build_world, built_quick, held_assets
 
     if problem := folder_problem(args.out):
@@ -497,6 +498,8 @@ def run_build_world(args) -> None:
     plan = QUICK_PLAN if args.quick else BuildPlan()
     choices = {"bf16": args.bf16, "torch_compile": args.compile}
     plan = replace(plan, **{name: value for name, value in choices.items() if value is not None})
+    if plan.torch_compile and {"vae", "sd3"} & set(args.only) and (error := missing_c_compiler("--compile")):
+        raise SystemExit(f"{error} (--no-compile builds without it)")  # as build_world would, naming the option
     report = build_world(args.out, seed=args.seed, plan=plan, only=args.only)
     minutes = report["total_seconds"] / 60
     print(f"built {', '.join(args.only)} in {minutes:.1f} min; report in {args.out}/build_report.json")

@@ -150,6 +150,8 @@ def test_wrong_type_is_named(saved, tmp_path):
     ("grpo.value_anchor=.nan", "grpo.value_anchor must be a finite number"),
     ("grpo.adv_clip_max=0", "grpo.adv_clip_max must be a finite number > 0, got 0.0"),
     ("max_minutes=.nan", "max_minutes must be a finite number > 0"),
+    (f"optim.lr={10**400}", "optim.lr: an integer of 1329 bits is beyond any float"),  # an OverflowError traceback
+    ("optim.lr=1" + "0" * 5000, "override optim.lr: Exceeds the limit (4300 digits)"),  # Python's int refuses it
     ("seed=-1", "seed must lie in [0, 2**32), got -1"),
     ("seed=4294967296", "seed must lie in [0, 2**32), got 4294967296"),
     ("eval.seed=-1", "eval.seed must lie in [0, 2**32), got -1"),

@@ -123,6 +123,10 @@ def test_build_without_a_cpp_compiler_fails_before_training(tmp_path, monkeypatc
     with pytest.raises(RuntimeError, match="BuildPlan.torch_compile: torch.compile builds its kernels with a C/C"):
         build_world(tmp_path / "world", plan=BuildPlan(torch_compile=True), only=["vae"], log=lambda line: None)
     assert not (tmp_path / "world").exists()
+    # The command names its own option, on by default, in one line (it ended in BuildPlan's RuntimeError traceback)
+    with pytest.raises(SystemExit, match=r"^--compile: torch.compile builds .*\(--no-compile builds without it\)$"):
+        main(["build-world", "--out", str(tmp_path / "world"), "--only", "vae"])
+    assert not (tmp_path / "world").exists()
 
 
 def test_only_dino_builds_on_a_fresh_folder_without_loading_the_clip(tmp_path):

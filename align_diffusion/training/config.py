@@ -84,6 +84,8 @@ def _parse_yaml(text: str, where: str):
         return yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as error:
         raise ConfigError(f"{where}: not valid YAML: {error}") from None
+    except ValueError as error:  # an integer of over 4300 digits, which Python's int does not read
+        raise ConfigError(f"{where}: {error}") from None
 
 
 def _help(text: str, default=dataclasses.MISSING, factory=dataclasses.MISSING):
@@ -247,7 +249,10 @@ def _check_type(value, hint, key: str):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         return [_check_type(item, args[0], f"{key}[{i}]") for i, item in enumerate(value)]
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an integer of over 308 digits
+            raise ConfigError(f"{key}: an integer of {value.bit_length()} bits is beyond any float") from None
     if hint is float and isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
         try:
             return float(value)
