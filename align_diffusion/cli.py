@@ -367,6 +367,9 @@ def run_sample(args) -> None:
         known = {"sampler": args.sampler, "negative_prompt": args.negative_prompt, **given, **model_record(args)}
         check_same_images(read_records(args.out), image_jobs(prompts, args.num_images_per_prompt, args.seed), known)
     reward = None if args.reward is None else scoring_reward("--reward", args.reward, args)
+    if earlier:  # and the reward, as loaded, before the model loads
+        check_same_images(read_records(args.out), image_jobs(prompts, args.num_images_per_prompt, args.seed),
+                          {"reward": None if reward is None else reward.spec})
     try:  # sample_to_folder checks again, once the model has loaded
         if reward is not None:
             reward.check_prompts(prompts)

@@ -889,6 +889,11 @@ def test_a_resume_that_differs_in_what_was_given_is_refused_before_anything_load
                                              "seed 1 there")]:
         with pytest.raises(SystemExit, match=re.escape(message)):
             main([*common, "--prompt", "a red circle", "two squares", "three circles", "--resume", *flags])
+    monkeypatch.undo()  # another reward is told once it loads, still before the model
+    monkeypatch.setattr("align_diffusion.cli.load_for_command", no_loading)
+    with pytest.raises(SystemExit, match=re.escape("reward was 'jpeg', this one's is 'jpeg:50'")):
+        main([*common[:-4], "--reward", "jpeg:50", *common[-2:], "--prompt", "a red circle", "two squares",
+              "--resume"])
 
 
 def test_a_resume_into_a_folder_the_other_command_wrote_says_what_it_holds(saved, tmp_path, monkeypatch):
