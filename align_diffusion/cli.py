@@ -173,10 +173,12 @@ def check_model_arguments(args) -> type[PipelineAdapter] | None:
     """The checks of --model, --lora, --sampler, --height, --width and the model and guidance options that need no
     model loaded: sample, eval and steer make them before they load anything. Returns the model's family (its adapter
     class), None for a hub id not downloaded yet."""
-    from align_diffusion.models import adapter_class, size_problem
+    from align_diffusion.models import adapter_class, missing_local_model, size_problem
     from align_diffusion.models.base import MODEL_OPTIONS, model_option_problem
     from align_diffusion.sampling.loop import guidance_problem, sampler_problem
 
+    if reason := missing_local_model(str(args.model)):  # before a reward loads, not once the model would
+        raise SystemExit(f"--model: {reason}")
     if args.lora is not None and not args.lora.is_dir():
         raise SystemExit(f"--lora: no such folder {args.lora}")
     if args.lora is not None and not any((args.lora / f"pytorch_lora_weights.{ext}").is_file()
@@ -354,9 +356,9 @@ def run_sample(args) -> None:
         raise SystemExit(f"--out: {args.out} already holds samples; pass --overwrite to replace them, or --resume to "
                          "go on with an interrupted run")
     check_sample_out(args)
+    check_seed_argument(args.seed, len(prompts) * args.num_images_per_prompt)
     check_model_arguments(args)
     check_noise_level_argument(args.sampler, args.noise_level)
-    check_seed_argument(args.seed, len(prompts) * args.num_images_per_prompt)
     note_a_fresh_start(args)
     earlier = 0  # images a resumed run finished already
     if args.resume and (args.out / "metadata.jsonl").exists():  # before anything loads, what can be told without
@@ -441,9 +443,9 @@ def run_eval(args) -> None:
         raise SystemExit(f"--out: {args.out} already holds {' and '.join(held)} (an evaluation or samples); pass "
                          "--overwrite to replace them")
     check_sample_out(args)
+    check_seed_argument(args.seed, len(split_prompts(args.split)) * args.num_images_per_prompt)
     check_model_arguments(args)
     check_noise_level_argument(args.sampler, args.noise_level)
-    check_seed_argument(args.seed, len(split_prompts(args.split)) * args.num_images_per_prompt)
     adapter = load_for_command(args)
     result = evaluate_shapes(
         adapter, args.split, num_images_per_prompt=args.num_images_per_prompt, num_inference_steps=args.steps,
@@ -709,11 +711,11 @@ def run_train_noise_aware(args) -> None:
         raise SystemExit(f"--out: {error}") from None
     check_inputs_outside_out(args.out, {"--model": args.model, "--lora": args.lora, "--teacher": term.arg,
                                         "--prompts": args.prompts, "--eval-prompts": args.eval_prompts})
-    check_model_arguments(args)
     train_prompts = PromptSource(args.prompts, "--prompts").draw(args.seed, 0, args.train_images)
     eval_prompts = PromptSource(args.eval_prompts, "--eval-prompts").all()
     check_seed_argument(args.seed, args.train_images)
     check_seed_argument(args.seed, len(eval_prompts) * args.images_per_eval_prompt, first=HELD_OUT_SEEDS)
+    check_model_arguments(args)
     teacher = load_reward(args.teacher, device=args.device)
     args.sampler = "ode"  # the trajectories are the ODE's; what load_for_command checks against the model
     adapter = load_for_command(args)

@@ -666,6 +666,15 @@ def test_seeds_the_images_would_run_past_2_32_with_are_refused_before_the_model_
             main([*command, "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "out")])
 
 
+def test_a_model_folder_that_is_not_there_is_named_before_a_reward_loads(tmp_path, monkeypatch):
+    """It was found as the model loaded, after the reward, and named `model:` where the option is --model."""
+    monkeypatch.setattr("align_diffusion.rewards.spec.load_reward", lambda *a, **k: pytest.fail("a reward loaded"))
+    for command in (["sample", "--prompt", "a red circle", "--reward", "shapes"], ["eval"],
+                    ["steer", "--method", "best-of-n", "--prompt", "a red circle", "--reward", "shapes"]):
+        with pytest.raises(SystemExit, match=f"^--model: {re.escape(str(tmp_path / 'gone'))} is no folder"):
+            main([*command, "--model", str(tmp_path / "gone"), "--out", str(tmp_path / "out")])
+
+
 def test_a_holdout_outside_the_open_unit_interval_and_a_prompts_folder_are_named(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["train-reward", "artifact", "--data", "d", "--out", "o", "--holdout", "1.5"])

@@ -876,7 +876,8 @@ def test_a_rerun_that_fails_its_checks_leaves_the_earlier_results(saved, tmp_pat
     assert after == before
 
 
-def test_steer_resume_goes_on_after_an_interrupted_run_as_if_it_had_not_stopped(saved, tmp_path, capsys):
+def test_steer_resume_goes_on_after_an_interrupted_run_as_if_it_had_not_stopped(saved, tmp_path, capsys,
+                                                                                monkeypatch):
     shared = ["--model", str(saved["sd3"]), "--reward", "jpeg", "--steps", "4", "--height", "32", "--width", "32",
               "--seed", "3"]
     common = ["steer", "--method", "fk", "--num-particles", "2", "--resample-interval", "1", *shared]
@@ -901,12 +902,13 @@ def test_steer_resume_goes_on_after_an_interrupted_run_as_if_it_had_not_stopped(
         main([*common, "--prompt", *prompts, "--negative-prompt", "dark", "--resume", "--out", str(resumed)])
     with pytest.raises(SystemExit, match="resume: the earlier run's method was 'fk', this one's is 'best-of-n'"):
         main(["steer", "--method", "best-of-n", *shared, "--prompt", *prompts, "--resume", "--out", str(resumed)])
-    # Checked before the model loads (there is none at this path), the reward by its spec, not its name.
-    elsewhere = [str(tmp_path / "no-model") if arg == str(saved["sd3"]) else arg for arg in common]
-    with pytest.raises(SystemExit, match="resume: the earlier run's reward was 'jpeg', this one's is 'jpeg:5'"):
-        main([*elsewhere, "--reward", "jpeg:5", "--prompt", *prompts, "--resume", "--out", str(resumed)])
-    with pytest.raises(SystemExit, match="resume: the earlier run's shapes_eval was False, this one's is True"):
-        main([*elsewhere, "--shapes-eval", "--prompt", *prompts, "--resume", "--out", str(resumed)])
+    # Checked before the model loads, the reward by its spec, not its name.
+    with monkeypatch.context() as patched:
+        patched.setattr("align_diffusion.cli.load_for_command", lambda args: pytest.fail("the model loaded"))
+        with pytest.raises(SystemExit, match="resume: the earlier run's reward was 'jpeg', this one's is 'jpeg:5'"):
+            main([*common, "--reward", "jpeg:5", "--prompt", *prompts, "--resume", "--out", str(resumed)])
+        with pytest.raises(SystemExit, match="resume: the earlier run's shapes_eval was False, this one's is True"):
+            main([*common, "--shapes-eval", "--prompt", *prompts, "--resume", "--out", str(resumed)])
     with pytest.raises(SystemExit, match="resume: image images/00001.png is of prompt 'two squares', seed 4; this "
                                          "run makes 'a triangle', seed 4 there"):
         main([*common, "--prompt", prompts[0], *prompts[2:], "--resume", "--out", str(resumed)])
