@@ -360,18 +360,19 @@ def run_sample(args) -> None:
     check_model_arguments(args)
     check_noise_level_argument(args.sampler, args.noise_level)
     note_a_fresh_start(args)
-    earlier = 0  # images a resumed run finished already
+    earlier_records = []  # of the images a resumed run finished already
+    jobs = image_jobs(prompts, args.num_images_per_prompt, args.seed)
     if args.resume and (args.out / "metadata.jsonl").exists():  # before anything loads, what can be told without
-        earlier = len(read_records(args.out))
+        earlier_records = read_records(args.out)
         given = {key: value for key, value in (("steps", args.steps), ("guidance", args.guidance),
                                                ("height", args.height), ("width", args.width),
                                                ("noise_level", args.noise_level)) if value is not None}
         known = {"sampler": args.sampler, "negative_prompt": args.negative_prompt, **given, **model_record(args)}
-        check_same_images(read_records(args.out), image_jobs(prompts, args.num_images_per_prompt, args.seed), known)
+        check_same_images(earlier_records, jobs, known)
     reward = None if args.reward is None else scoring_reward("--reward", args.reward, args)
-    if earlier:  # and the reward, as loaded, before the model loads
-        check_same_images(read_records(args.out), image_jobs(prompts, args.num_images_per_prompt, args.seed),
-                          {"reward": None if reward is None else reward.spec})
+    if earlier_records:  # and the reward, as loaded, before the model loads
+        check_same_images(earlier_records, jobs, {"reward": None if reward is None else reward.spec})
+    earlier = len(earlier_records)
     try:  # sample_to_folder checks again, once the model has loaded
         if reward is not None:
             reward.check_prompts(prompts)
