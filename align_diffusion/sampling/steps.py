@@ -7,8 +7,8 @@ intermediate state. Flow steps use the rectified-flow convention x_t = (1 - t) x
 
 Log-probs are the Gaussian log-density of `prev_sample` under the step's transition, averaged over every non-batch
 dimension (Flow-GRPO's convention, which keeps their scale independent of resolution); pass `reduce="sum"` for the
-summed density. Times and noise levels are each a number or a (batch,) tensor, one per sample; a row whose level
-draws no noise takes the deterministic step, and its log-prob is NaN.
+summed density. Times and noise levels are each a number or a tensor of one value per sample ((batch,), or
+diffusers' (batch, 1, 1, 1)); a row whose level draws no noise takes the deterministic step, and its log-prob is NaN.
 """
 
 from __future__ import annotations
