@@ -489,8 +489,14 @@ def add_build_world_parser(subparsers) -> None:
 def run_build_world(args) -> None:
     from dataclasses import replace
 
-    from align_diffusion.models.base import missing_c_compiler
-    from align_diffusion.world.build import QUICK_PLAN, BuildPlan, build_world, built_quick, held_assets
+    from align_diffusion.world.build import (
+        QUICK_PLAN,
+        BuildPlan,
+        build_world,
+        built_quick,
+        compile_problem,
+        held_assets,
+    )
 
     if problem := folder_problem(args.out):
         raise SystemExit(f"--out: {problem}")
@@ -504,7 +510,7 @@ def run_build_world(args) -> None:
     plan = QUICK_PLAN if args.quick else BuildPlan()
     choices = {"bf16": args.bf16, "torch_compile": args.compile}
     plan = replace(plan, **{name: value for name, value in choices.items() if value is not None})
-    if plan.torch_compile and {"vae", "sd3"} & set(args.only) and (error := missing_c_compiler("--compile")):
+    if error := compile_problem(plan, args.only, "--compile"):
         raise SystemExit(f"{error} (--no-compile builds without it)")  # as build_world would, naming the option
     report = build_world(args.out, seed=args.seed, plan=plan, only=args.only)
     minutes = report["total_seconds"] / 60

@@ -41,6 +41,15 @@ def completed_checkpoints(output_dir: str | Path) -> list[Path]:
     return sorted(found, key=checkpoint_step)
 
 
+def clear_cut_short(output_dir: str | Path) -> None:
+    """Deletes the checkpoint folders a write or a deletion left unfinished (`.partial` ones, and step folders without
+    the trainer's state, as an earlier version's deletion left them); never a user's own `step-*` file or folder."""
+    for folder in (Path(output_dir) / CHECKPOINTS).glob(f"{PREFIX}*"):
+        cut_short = TEMPORARY in folder.name or (checkpoint_step(folder) is not None and not (folder / STATE).is_file())
+        if cut_short and folder.is_dir() and not folder.is_symlink():
+            shutil.rmtree(folder)
+
+
 def resolve_resume(resume_from: str | None, output_dir: str | Path) -> Path | None:
     """The checkpoint folder `resume_from` names ('latest': the newest in output_dir, None if there is none)."""
     if resume_from is None:

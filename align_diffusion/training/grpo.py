@@ -624,12 +624,7 @@ class GRPOTrainer:
                     shutil.rmtree(self.output_dir / export, ignore_errors=True)
             for abandoned in reversed(later):
                 checkpoint.discard(abandoned)
-            for stale in (self.output_dir / checkpoint.CHECKPOINTS).glob(f"{checkpoint.PREFIX}*"):
-                # a checkpoint cut short in its writing, or in an earlier version's deletion; not a user's folder
-                cut_short = checkpoint.TEMPORARY in stale.name or (
-                    checkpoint.checkpoint_step(stale) is not None and not (stale / checkpoint.STATE).is_file())
-                if cut_short and stale.is_dir() and not stale.is_symlink():
-                    shutil.rmtree(stale)
+            checkpoint.clear_cut_short(self.output_dir)
             kept = []
             if metrics_file.exists():  # a row of step 0 (the first eval) is rewritten by a run that starts over
                 kept = [row for row in read_metrics(self.output_dir) if path is not None and row["step"] <= self.step]

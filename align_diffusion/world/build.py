@@ -75,6 +75,14 @@ def vae_reconstruction_strict(vae: AutoencoderKL, per_prompt: int = 4) -> float:
     return shapes_eval(prompts, (reconstructions / 2 + 0.5).clamp(0, 1))["overall_strict"]
 
 
+def compile_problem(plan: BuildPlan, only, option: str = "BuildPlan.torch_compile") -> str | None:
+    """The error, naming `option`, when the plan compiles the assets of `only` it would train (the VAE and the SD3
+    generator) and no C/C++ compiler is on PATH; else None."""
+    if plan.torch_compile and {"vae", "sd3"} & set(only):
+        return missing_c_compiler(option)
+    return None
+
+
 def build_world(out: str | Path, seed: int = 0, plan: BuildPlan | None = None, only=WORLD_ASSETS, log=print) -> dict:
     """Trains and saves the assets named in `only` under `out` (default plan: `BuildPlan()`); returns a report of
     times and metrics."""
@@ -89,7 +97,7 @@ def build_world(out: str | Path, seed: int = 0, plan: BuildPlan | None = None, o
     if missing:
         raise FileNotFoundError(f"{out} has no {' and no '.join(missing)} folder, which sd3 and sd train on: build "
                                 f"{' and '.join(missing)} first (add to --only)")
-    if plan.torch_compile and {"vae", "sd3"} & set(only) and (error := missing_c_compiler("BuildPlan.torch_compile")):
+    if error := compile_problem(plan, only):
         raise RuntimeError(error)
     out.mkdir(parents=True, exist_ok=True)
     # Each stage seeds itself, but a generator's initial weights and the dataset's latents are drawn from the global
