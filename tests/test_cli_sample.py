@@ -923,8 +923,10 @@ def test_a_resume_into_a_folder_the_other_command_wrote_says_what_it_holds(saved
 
 def test_ctrl_c_leaves_the_finished_images_and_says_how_to_go_on(saved, tmp_path):
     out = tmp_path / "out"
+    # Far more images than a run reaches before the signal: a test process starved of the CPU for a while must still
+    # find the run going when it sends it
     common = [sys.executable, "-m", "align_diffusion", "sample", "--model", str(saved["sd3"]), "--prompt",
-              "a red circle", "--num-images-per-prompt", "400", "--batch-size", "1", "--steps", "2", "--height", "32",
+              "a red circle", "--num-images-per-prompt", "100000", "--batch-size", "1", "--steps", "2", "--height", "32",
               "--width", "32", "--out", str(out)]
     process = subprocess.Popen(common, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metadata, deadline = out / "metadata.jsonl", time.time() + 200
@@ -937,4 +939,4 @@ def test_ctrl_c_leaves_the_finished_images_and_says_how_to_go_on(saved, tmp_path
     assert f"sample: interrupted; what it finished is in {out}, and the same command with --resume goes on" in stderr
     assert "Traceback" not in stderr
     finished = [json.loads(line) for line in metadata.read_text().splitlines() if line.endswith("}")]
-    assert 2 <= len(finished) < 400 and all((out / r["file"]).is_file() for r in finished)
+    assert 2 <= len(finished) < 100000 and all((out / r["file"]).is_file() for r in finished)
