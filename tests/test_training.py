@@ -109,6 +109,8 @@ def test_sampler_must_fit_the_model(saved):
         load_config(None, [f"model={saved['sd3']}", "sampling.sampler=ddim"])
     with pytest.raises(ConfigError, match="sampling.sampler 'flow-sde' does not fit a diffusion"):
         load_config(None, [f"model={saved['sd']}"])
+    with pytest.raises(ConfigError, match=r"sampling.sampler 'ode': GRPO trains on .* use one of \('ddim',\)"):
+        load_config(None, [f"model={saved['sd']}", "sampling.sampler=ode"])
 
 
 def test_wrong_type_is_named(saved, tmp_path):

@@ -621,7 +621,10 @@ def validate(config: TrainConfig, num_processes: int = 1) -> None:
         raise ConfigError(f"sampling.{problem[0]}: {problem[1]} (model {config.model})")
     allowed = {True: FLOW_SAMPLERS, False: DIFFUSION_SAMPLERS, None: FLOW_SAMPLERS + DIFFUSION_SAMPLERS}[is_flow]
     if config.algorithm == "grpo":
-        allowed = tuple(s for s in allowed if s != "ode")  # GRPO needs a stochastic sampler
+        allowed = tuple(s for s in allowed if s != "ode")
+        if config.sampling.sampler == "ode":
+            raise ConfigError("sampling.sampler 'ode': GRPO trains on the log-probabilities of stochastic steps, and "
+                              f"the ODE draws no noise; use one of {allowed}")
     if config.sampling.sampler not in allowed:
         kind = {True: "a flow model", False: "a diffusion (ε) model", None: "any model"}[is_flow]
         raise ConfigError(f"sampling.sampler {config.sampling.sampler!r} does not fit {kind}; use one of {allowed}")
