@@ -343,6 +343,8 @@ def test_reward_and_prompt_errors_come_before_the_model_loads(saved, prompt_file
                                        f"eval.prompts={outside}"]))
     with pytest.raises(OSError):  # and the hollow folder itself cannot load
         GRPOTrainer(load_config(None, overrides))
+    with pytest.raises(OSError):  # a run that never evaluates loads no eval reward: the model is what fails
+        GRPOTrainer(load_config(None, [*overrides, "eval.every=0", "eval.rewards=artifact:/no/such/artifact"]))
 
 
 def test_a_size_the_model_cannot_take_fails_before_the_model_loads(saved, prompt_file, tmp_path):

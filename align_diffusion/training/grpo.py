@@ -372,7 +372,7 @@ class GRPOTrainer:
         terms = zip(self.reward.keys, self.reward.rewards) if isinstance(self.reward, WeightedRewards) else [
             (self.reward.name, self.reward)]
         self.trainable_rewards = {key: reward for key, reward in terms if reward.trainable}
-        watched = config.eval.rewards
+        watched = config.eval.rewards if config.eval.every else None  # a run that never evaluates loads no model
         self.watched_reward = loaded_reward("eval.rewards", watched, device) if watched else None
         table = config.sampling.noise_table
         self.noise_levels = (read_table(table, config.sampling.num_steps, config.sampling.sampler) if table
