@@ -857,6 +857,16 @@ def test_a_python_resume_with_another_model_is_refused(saved, tmp_path):
     assert len((tmp_path / "memory" / "metadata.jsonl").read_text().splitlines()) == 2
 
 
+def test_a_run_scored_by_a_weighted_reward_resumes(saved, tmp_path):
+    """Its records hold the sum and each term's score; the resume expected the sum alone and refused every one."""
+    out, adapter, reward = tmp_path / "steered", load_adapter(str(saved["sd3"])), load_reward("jpeg,jpeg:5=0.5")
+    options = dict(budget=4, num_inference_steps=2, height=32, width=32)
+    steer_to_folder(adapter, ["a red circle"], reward, "best-of-n", out, **options)
+    assert list(json.loads((out / "metadata.jsonl").read_text())["rewards"]) == [reward.name, "jpeg", "jpeg:5"]
+    steer_to_folder(adapter, ["a red circle", "two squares"], reward, "best-of-n", out, resume=True, **options)
+    assert len((out / "metadata.jsonl").read_text().splitlines()) == 2
+
+
 def test_a_rerun_that_fails_its_checks_leaves_the_earlier_results(saved, tmp_path):
     out = tmp_path / "steered"
     common = ["steer", "--model", str(saved["sd3"]), "--reward", "jpeg", "--height", "32", "--width", "32",

@@ -259,7 +259,8 @@ def steered_already(out_dir: str | Path, prompts: list[str], reward: Reward, met
         return 0
     seed = steer_options.get("seed", 0)
     jobs = image_jobs(prompt_list(prompts), 1, seed)
-    reward_keys = list(dict.fromkeys([reward.name, *(["shapes"] if shapes_eval else [])]))
+    terms = reward.keys if isinstance(reward, WeightedRewards) else []  # recorded as steer_to_folder records them
+    reward_keys = list(dict.fromkeys([reward.name, *terms, *(["shapes"] if shapes_eval else [])]))
     run = _run_record(reward, method, shapes_eval, extra_metadata, steer_options)
     return check_resumable(read_records(out_dir), jobs, run, reward_keys)
 
