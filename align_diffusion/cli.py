@@ -997,9 +997,11 @@ def run_steer(args) -> None:
     family = check_model_arguments(args)
     check_noise_level_argument(args.sampler or ("ode" if args.method != "fk" else None),  # FK's is stochastic
                                args.noise_level)
+    if family is not None:  # read without loading the model (a hub id not downloaded yet: steer checks once loaded)
+        check_steering(family, prompts, None, args.method, budget=args.budget, seed=args.seed, **options)
     reward = scoring_reward("--reward", args.reward, args)
     prune_reward = None if args.prune_reward is None else scoring_reward("--prune-reward", args.prune_reward, args)
-    if family is not None:  # read without loading the model (a hub id not downloaded yet: steer checks once loaded)
+    if family is not None:  # again with the rewards: their prompts, differentiability, a student's fit
         check_steering(family, prompts, reward, args.method, budget=args.budget, prune_reward=prune_reward,
                        seed=args.seed, **options)
     run = dict(shapes_eval=args.shapes_eval, budget=args.budget, seed=args.seed, prune_reward=prune_reward,

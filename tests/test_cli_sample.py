@@ -310,9 +310,11 @@ def test_a_noise_level_for_the_ode_sampler_is_refused_before_loading(saved, tmp_
 ])
 def test_sampler_and_steering_options_that_do_not_fit_are_refused_before_the_model_loads(saved, tmp_path,
                                                                                          monkeypatch, command, message):
-    """The family (an adapter class read from model_index.json) tells default steps and flow or not: enough."""
+    """The family (an adapter class read from model_index.json) tells default steps and flow or not: enough. The
+    method's options come before the reward too: a remote reward without its token would fail to load."""
     monkeypatch.setattr("align_diffusion.cli.load_for_command", lambda *args: pytest.fail("loaded the model"))
-    reward = [] if "--reward" in command or command[0] == "sample" else ["--reward", "jpeg"]
+    monkeypatch.delenv("ALIGN_DIFFUSION_REWARD_TOKEN", raising=False)
+    reward = [] if "--reward" in command or command[0] == "sample" else ["--reward", "remote:http://127.0.0.1:9"]
     with pytest.raises(SystemExit, match=re.escape(message)):
         main([*command, *reward, "--model", str(saved["sd3"]), "--prompt", "a red circle", "--out",
               str(tmp_path / "a")])
@@ -926,8 +928,8 @@ def test_ctrl_c_leaves_the_finished_images_and_says_how_to_go_on(saved, tmp_path
     # Far more images than a run reaches before the signal: a test process starved of the CPU for a while must still
     # find the run going when it sends it
     common = [sys.executable, "-m", "align_diffusion", "sample", "--model", str(saved["sd3"]), "--prompt",
-              "a red circle", "--num-images-per-prompt", "100000", "--batch-size", "1", "--steps", "2", "--height", "32",
-              "--width", "32", "--out", str(out)]
+              "a red circle", "--num-images-per-prompt", "100000", "--batch-size", "1", "--steps", "2", "--height",
+              "32", "--width", "32", "--out", str(out)]
     process = subprocess.Popen(common, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metadata, deadline = out / "metadata.jsonl", time.time() + 200
     while not (metadata.is_file() and metadata.read_text().count("\n") >= 2) and process.poll() is None \

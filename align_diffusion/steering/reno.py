@@ -59,10 +59,12 @@ def _frozen(*modules):
             parameter.requires_grad_(flag)
 
 
-def check_reno_options(reward: Reward, *, iterations: int, lr: float, reg_weight: float, grad_clip: float,
+def check_reno_options(reward: Reward | None, *, iterations: int, lr: float, reg_weight: float, grad_clip: float,
                        momentum: float) -> None:
-    """The checks of ReNO's options and reward, which need no model (`steering.steer.check_steering`)."""
-    blocked = [term.name for term in getattr(reward, "rewards", [reward]) if not term.differentiable]
+    """The checks of ReNO's options and reward (None: not loaded yet), which need no model
+    (`steering.steer.check_steering`)."""
+    terms = [] if reward is None else getattr(reward, "rewards", [reward])
+    blocked = [term.name for term in terms if not term.differentiable]
     if blocked:
         raise ValueError(f"ReNO needs differentiable rewards; {', '.join(blocked)} is not (gradients cannot reach "
                          "the pixels)")

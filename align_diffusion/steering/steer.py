@@ -50,15 +50,16 @@ def method_size(method: str, budget: int, steps: int, prune_steps=None, keep=Non
 RUN_ARGUMENTS = ("index", "first_index", "seed", "progress")
 
 
-def check_steering(family: type[PipelineAdapter] | PipelineAdapter, prompts: list[str], reward: Reward, method: str,
-                   *, budget: int | None = None, prune_reward: Reward | None = None, seed: int = 0,
+def check_steering(family: type[PipelineAdapter] | PipelineAdapter, prompts: list[str], reward: Reward | None,
+                   method: str, *, budget: int | None = None, prune_reward: Reward | None = None, seed: int = 0,
                    **options) -> dict:
     """Refuses a steering run whose method, budget, options, prompts or seed do not fit, before any compute; returns
     `options`, with the size a budget buys. Candidate c of prompt j is seeded seed + j + c · SEED_STRIDE: every
     prompt's seeds are checked at once (a run failing at a later prompt would have replaced an earlier run).
     `family` is the adapter, or its class read without loading the model (`models.adapter_class`): the checks need
     only its default steps and guidance and whether it is a flow model, so a command makes them before it loads the
-    model."""
+    model. With `reward` None (and no `prune_reward`) the rewards' checks are left out: a command makes the others
+    before it loads a reward, and all of them once it has."""
     prompts = prompt_list(prompts)
     if method not in STEERING_METHODS:
         raise ValueError(f"method must be one of {STEERING_METHODS}, got {method!r}")
