@@ -1114,17 +1114,30 @@ def main(argv: list[str] | None = None) -> None:
 
     # Bad input found after loading (size, sampler, model type) or a path that does not load (a folder that is no
     # pipeline, a missing asset): one line, no traceback.
+    earlier = metadata_stamp(args)
     try:
         args.run(args)
     except (ValueError, OSError, RewardError) as error:
         raise SystemExit(f"align-diffusion {args.command}: {error}") from error
     except KeyboardInterrupt:  # Ctrl-C: a line, not a traceback, and for sample and steer how to go on
         kept = ""
-        if hasattr(args, "resume") and (args.out / "metadata.jsonl").exists():
+        if earlier is not None and args.overwrite and metadata_stamp(args) == earlier:  # before its first image
+            kept = f"; it had written nothing, and {args.out} holds the earlier run's results as they were"
+        elif hasattr(args, "resume") and (args.out / "metadata.jsonl").exists():
             instead = " in place of --overwrite" if args.overwrite else ""
             kept = f"; what it finished is in {args.out}, and the same command with --resume{instead} goes on after it"
         print(f"align-diffusion {args.command}: interrupted{kept}", file=sys.stderr)
         raise SystemExit(128 + signal.SIGINT) from None
+
+
+def metadata_stamp(args) -> tuple[int, int] | None:
+    """When the records of a command that writes a sample folder (`--resume`) were last changed and their size;
+    None for other commands and a folder without records."""
+    path = args.out / "metadata.jsonl" if hasattr(args, "resume") else None
+    if path is None or not path.is_file():
+        return None
+    stat = path.stat()
+    return stat.st_mtime_ns, stat.st_size
 
 
 if __name__ == "__main__":

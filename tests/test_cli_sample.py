@@ -923,6 +923,26 @@ def test_a_resume_into_a_folder_the_other_command_wrote_says_what_it_holds(saved
     assert {name: (tmp_path / name / "metadata.jsonl").read_text() for name in kept} == kept
 
 
+def test_ctrl_c_before_an_overwrite_wrote_anything_says_the_earlier_run_is_kept(saved, tmp_path, capsys,
+                                                                               monkeypatch):
+    """The hint to go on with --resume named the earlier run's folder, which that resume then refused."""
+    out = tmp_path / "out"
+    common = ["sample", "--model", str(saved["sd3"]), "--prompt", "a red circle", "--steps", "1", "--height", "32",
+              "--width", "32", "--out", str(out)]
+    main([*common, "--seed", "7"])
+    before = (out / "metadata.jsonl").read_bytes()
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("align_diffusion.sampling.folder.sample", ctrl_c)  # Ctrl-C during the first batch
+    with pytest.raises(SystemExit) as stopped:
+        main([*common, "--seed", "100", "--overwrite"])
+    assert stopped.value.code == 130 and (out / "metadata.jsonl").read_bytes() == before
+    assert (f"sample: interrupted; it had written nothing, and {out} holds the earlier run's results as they were"
+            in capsys.readouterr().err)
+
+
 def test_ctrl_c_leaves_the_finished_images_and_says_how_to_go_on(saved, tmp_path):
     out = tmp_path / "out"
     # Far more images than a run reaches before the signal: a test process starved of the CPU for a while must still
