@@ -13,7 +13,7 @@ from align_diffusion.models import adapter_for, load_adapter
 from align_diffusion.sampling.loop import sample
 
 from align_diffusion.world.data import to_tensor
-from align_diffusion.world.encoders import clip_prompt_accuracy
+from align_diffusion.world.encoders import clip_prompt_accuracy, world_tokenizer
 from align_diffusion.world.render import render_prompt
 
 WORLD = Path(__file__).resolve().parents[1] / "assets" / "world"
@@ -25,6 +25,15 @@ def test_image_processor_reproduces_the_training_normalization(name):
     processor = AutoImageProcessor.from_pretrained(WORLD / name)
     pixels = processor(images=[Image.fromarray(im) for im in images], return_tensors="pt").pixel_values
     torch.testing.assert_close(pixels, to_tensor(images), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("folder", ["clip", "sd/tokenizer", "sd3/tokenizer", "sd3/tokenizer_2"])
+def test_world_tokenizers_read_capitals_and_punctuation_as_the_world_words(folder):
+    """They lowercase, like CLIP's, and drop punctuation: 'A' and '.' were unknown words the models saw."""
+    tokenizer, typed = AutoTokenizer.from_pretrained(WORLD / folder), "A Red circle, left of two squares!"
+    words = tokenizer("a red circle left of two squares").input_ids
+    assert tokenizer(typed).input_ids == words and tokenizer.unk_token_id not in words
+    assert world_tokenizer()(typed).input_ids == words  # as a build makes them
 
 
 def test_world_clip_picks_the_right_prompt_among_six():

@@ -10,7 +10,7 @@ import random
 
 import torch
 import torch.nn.functional as F
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import CLIPConfig, CLIPModel, Dinov2Config, Dinov2Model, PreTrainedTokenizerFast
 
 from align_diffusion.world.data import SPECIAL_TOKENS, WORDS, balanced_prompts, render_batch, to_tensor
@@ -24,9 +24,12 @@ MAX_TOKENS = 16  # the longest prompt has 9 words, plus start and end
 
 
 def world_tokenizer() -> PreTrainedTokenizerFast:
-    """Word-level tokenizer over the world's vocabulary, with CLIP's start / end / padding conventions."""
+    """Word-level tokenizer over the world's vocabulary, with CLIP's start / end / padding conventions. Like CLIP's
+    it lowercases, and it drops punctuation, which the world's prompts hold none of: "A red circle." reads as
+    "a red circle", not as two unknown words around it."""
     vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + WORDS)}
     tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|unk|>"))
+    tokenizer.normalizer = normalizers.Sequence([normalizers.Lowercase(), normalizers.Replace(Regex(r"[^\w\s]"), " ")])
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer.post_processor = processors.TemplateProcessing(
         single="<|startoftext|> $A <|endoftext|>",
