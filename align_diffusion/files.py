@@ -4,15 +4,17 @@ too the name holds the old contents or the whole new ones, never an empty file).
 whole get the permissions an ordinary new file gets there (from the umask, or a folder's default ACL):
 safetensors 0.8 writes its files 0600, readable by their owner only, so a LoRA trained by one account would not
 load for another. (A single file is written with `open` or torch.save, which give it those permissions already.)
-And `home_expanded`, the one reading of a path that starts with ~."""
+And `home_expanded`, the one reading of a path that starts with ~, and `files_sha256`, the one fingerprint of files
+read as inputs."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import stat
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 
@@ -148,3 +150,12 @@ def home_expanded(model: str | os.PathLike) -> str:
         return str(Path(model).expanduser()) if model.startswith("~") else model
     except RuntimeError:  # "Could not determine home directory": then no such file, named as written
         return model
+
+
+def files_sha256(paths: Iterable[Path]) -> str:
+    """A SHA-256 of files' names and contents, in the order given (each file read in pieces: weights may be large)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as file:
+            digest.update(path.name.encode() + b"\0" + hashlib.file_digest(file, "sha256").digest())
+    return digest.hexdigest()

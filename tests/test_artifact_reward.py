@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from test_adversarial import paint_border, renders, save_tiny_dino
 from transformers import AutoImageProcessor, AutoModel
 
@@ -212,6 +212,21 @@ def test_shipped_world_head_ranks_clean_renders_above_kinds_it_never_saw():
         clean_scores = reward(clean, [""] * len(clean))
         unseen_scores = reward(unseen, [""] * len(unseen))
     assert (unseen_scores[None] < clean_scores[:, None]).float().mean() >= 0.8
+
+
+def test_a_head_whose_backbone_was_rebuilt_since_is_refused(tmp_path):
+    """The head reads features of the weights it was trained on: on a rebuilt DINO the shipped head scored every
+    image about 0, clean or not. A copy of the pair loads; the copy with one weight changed names the retraining."""
+    shutil.copytree("assets/world/artifact", tmp_path / "world" / "artifact")
+    shutil.copytree(DINO, tmp_path / "world" / "dino")
+    load_reward(f"artifact:{tmp_path / 'world' / 'artifact'}")
+    weights = tmp_path / "world" / "dino" / "model.safetensors"
+    tensors = load_file(weights)
+    tensors["layernorm.bias"] = tensors["layernorm.bias"] + 0.01
+    save_file(tensors, weights)
+    with pytest.raises(ValueError, match=r"artifact: .*artifact's head was trained on other weights than .*dino holds "
+                                         r"now .*train-reward artifact --backbone .*dino --out"):
+        load_reward(f"artifact:{tmp_path / 'world' / 'artifact'}")
 
 
 def test_world_head_on_a_bfloat16_backbone_scores_like_float32():

@@ -2,7 +2,8 @@
 vision backbone and a small trained head that gives P(artifact); reward = 1 − P(artifact). Added with a small
 weight to another reward, it penalizes the noise, grids, over-saturation and fragments that reward hacking breeds.
 
-A trained reward is a folder: `head.safetensors` and `artifact_reward.json` (backbone id or path, accuracies).
+A trained reward is a folder: `head.safetensors` and `artifact_reward.json` (backbone id or path, accuracies, and
+for a backbone on disk a SHA-256 of its weight files: a head read on a rebuilt backbone's features scores noise).
 Spec `artifact:DIR`. `train_artifact_reward` fits the head on labelled images (1 = has artifacts).
 """
 
@@ -22,7 +23,8 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import AutoImageProcessor, AutoModel
 
-from align_diffusion.files import check_output_folder, check_outside, home_expanded, write_folder_atomically
+from align_diffusion.files import (check_output_folder, check_outside, files_sha256, home_expanded,
+                                   write_folder_atomically)
 from align_diffusion.models.base import is_whole_number
 from align_diffusion.rewards.base import Reward, eight_bit, images_to_tensor
 from align_diffusion.rewards.preprocess import TorchImageTransform
@@ -30,6 +32,7 @@ from align_diffusion.rewards.preprocess import TorchImageTransform
 CONFIG_FILE = "artifact_reward.json"
 HEAD_FILE = "head.safetensors"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
 class FrozenBackbone(torch.nn.Module):
@@ -90,6 +93,14 @@ def resolve_backbone(folder: Path, backbone: str) -> str:
     return backbone
 
 
+def backbone_sha256(backbone: str) -> str | None:
+    """A SHA-256 of a backbone folder's weight files; None for a hub id."""
+    folder = Path(backbone)
+    if not folder.is_dir():
+        return None
+    return files_sha256(sorted(path for path in folder.iterdir() if path.suffix in WEIGHT_SUFFIXES))
+
+
 class ArtifactReward(Reward):
     """1 − P(artifact) from a folder written by `train_artifact_reward`. Differentiable."""
 
@@ -102,7 +113,13 @@ class ArtifactReward(Reward):
             raise FileNotFoundError(f"artifact: {folder} holds no {CONFIG_FILE} (train one with "
                                     "`align-diffusion train-reward artifact`)")
         config = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
-        self.backbone = FrozenBackbone(resolve_backbone(folder, config["backbone"]), device, dtype)
+        backbone = resolve_backbone(folder, config["backbone"])
+        trained_on = config.get("backbone_sha256")  # rewards trained before it was recorded are taken as they are
+        if trained_on is not None and Path(backbone).is_dir() and backbone_sha256(backbone) != trained_on:
+            raise ValueError(f"artifact: {folder}'s head was trained on other weights than {backbone} holds now (a "
+                             "backbone rebuilt or trained again since); train the head again on it: align-diffusion "
+                             f"train-reward artifact --backbone {backbone} --out {folder} --data ...")
+        self.backbone = FrozenBackbone(backbone, device, dtype)
         self.head = artifact_head(self.backbone.features)
         self.head.load_state_dict(load_file(folder / HEAD_FILE))
         self.head.to(device).eval().requires_grad_(False)
@@ -255,13 +272,14 @@ def train_artifact_reward(data, out: str | Path, backbone: str | Path, settings:
             unseen_logits = head(_features(backbone_model, unseen_files)).squeeze(-1)
             result["unseen_below_clean"] = float((unseen_logits[None] > clean_logits[:, None]).float().mean())
             result["unseen_images"] = len(unseen_files)
-    out = Path(out)
+    out, weights = Path(out), backbone_sha256(backbone)
     if Path(backbone).is_dir():
         backbone = os.path.relpath(Path(backbone).resolve(), out.resolve())
+    recorded = {"backbone": str(backbone), **({"backbone_sha256": weights} if weights else {})}
 
     def write(folder: Path) -> None:
         save_file(stored, folder / HEAD_FILE)
-        (folder / CONFIG_FILE).write_text(json.dumps({"backbone": str(backbone), **result}, indent=1))
+        (folder / CONFIG_FILE).write_text(json.dumps({**recorded, **result}, indent=1))
 
     write_folder_atomically(out, write)
     return result

@@ -5,7 +5,6 @@ so a resumed run sees the same prompts and references."""
 from __future__ import annotations
 
 import functools
-import hashlib
 import random
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from align_diffusion.files import home_expanded
+from align_diffusion.files import files_sha256, home_expanded
 from align_diffusion.rewards.base import eight_bit
 from align_diffusion.world.data import balanced_prompts
 from align_diffusion.world.prompts import split_prompts
@@ -97,12 +96,7 @@ class ReferenceSource:
     def digest(self) -> str | None:
         """A SHA-256 of the folder's image names and contents as first read, which every draw depends on (None for
         `shapes`), so a resume can tell a folder changed since; read once, not at every checkpoint."""
-        if self.folder is None:
-            return None
-        digest = hashlib.sha256()
-        for path in self.files:
-            digest.update(path.name.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
-        return digest.hexdigest()
+        return None if self.folder is None else files_sha256(self.files)
 
     def check_prompts(self, prompts: list[str]) -> None:
         """ValueError naming the first of `prompts` the references cannot be drawn for: `shapes` renders
