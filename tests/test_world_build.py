@@ -155,9 +155,11 @@ def test_an_asset_whose_save_is_cut_short_is_not_left_half_saved(tmp_path, monke
 
 def test_generators_without_their_clip_and_vae_fail_in_one_line_before_training(tmp_path):
     out = tmp_path / "fresh"
-    expected = f"{re.escape(str(out))} has no clip and no vae folder, which sd3 and sd train on: build clip and vae"
+    expected = f"{re.escape(str(out))} has no clip and no vae folder, which sd3 trains on: build clip and vae"
     with pytest.raises(SystemExit, match=expected):
         main(["build-world", "--out", str(out), "--only", "dino", "sd3", "--quick"])
+    with pytest.raises(SystemExit, match="has no vae folder, which sd3 and sd train on: build vae first"):
+        main(["build-world", "--out", str(out), "--only", "clip", "sd3", "sd", "--quick"])
     assert not out.exists()
 
 
@@ -234,6 +236,25 @@ def test_a_rebuilt_vae_is_measured_again_and_the_report_names_each_assets_seed_a
     assert written["vae_reconstruction_strict"] == rebuilt["vae_reconstruction_strict"] < 0.97
     assert written["built_with"]["dino"] == {"seed": 0, "plan": asdict(PLAN)}
     assert written["built_with"]["vae"] == {"seed": 1, "plan": asdict(replace(PLAN, vae_steps=1))}
+
+
+def test_an_asset_saved_and_then_interrupted_while_measured_is_reported_with_its_own_plan(tmp_path, monkeypatch):
+    """The report was written after the measurement: a Ctrl-C between them left the new VAE under the old VAE's
+    plan and score (a quick plan's, say, which the quick build's guard reads)."""
+    (tmp_path / "build_report.json").write_text(json.dumps({  # of a world whose VAE trained for long
+        "seconds": {"vae": 60.0}, "vae_reconstruction_strict": 0.97,
+        "built_with": {"vae": {"seed": 0, "plan": asdict(BuildPlan())}}}))
+    again = replace(PLAN, vae_steps=2)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("align_diffusion.world.build.vae_reconstruction_strict", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build_world(tmp_path, seed=1, plan=again, only=["vae"], log=lambda line: None)
+    written = json.loads((tmp_path / "build_report.json").read_text())
+    assert written["built_with"]["vae"] == {"seed": 1, "plan": asdict(again)}
+    assert written["vae_reconstruction_strict"] is None
 
 
 def test_only_merges_into_the_build_report(world):

@@ -95,8 +95,10 @@ def build_world(out: str | Path, seed: int = 0, plan: BuildPlan | None = None, o
     # The generators train on the CLIP's text tower and the VAE's latents: loaded from `out` when not built now.
     missing = [name for name in ("clip", "vae") if generators and name not in only and not (out / name).is_dir()]
     if missing:
-        raise FileNotFoundError(f"{out} has no {' and no '.join(missing)} folder, which sd3 and sd train on: build "
-                                f"{' and '.join(missing)} first (add to --only)")
+        built = [name for name in ("sd3", "sd") if name in generators]
+        raise FileNotFoundError(f"{out} has no {' and no '.join(missing)} folder, which {' and '.join(built)} "
+                                f"{'trains' if len(built) == 1 else 'train'} on: build {' and '.join(missing)} first "
+                                "(add to --only)")
     if error := compile_problem(plan, only):
         raise RuntimeError(error)
     out.mkdir(parents=True, exist_ok=True)
@@ -109,12 +111,23 @@ def build_world(out: str | Path, seed: int = 0, plan: BuildPlan | None = None, o
     start = time.time()
     log(f"bfloat16 autocast {'on' if plan.bf16 else 'off'}, torch.compile {'on' if plan.torch_compile else 'off'}")
 
-    def done(name):
+    def write_report():
+        write_text_atomically(out / "build_report.json", json.dumps(merged_report(out, report), indent=1))
+
+    def saved(name, metric=None, measure=None):
+        """Records the asset just saved (its seconds, seed and plan) at once, so a build stopped while it is
+        measured names the new asset's plan, not the one it replaced; then its `metric` by `measure()`."""
         report["seconds"][name] = round(time.time() - start - sum(report["seconds"].values()), 1)
         report["built_with"][name] = {"seed": seed, "plan": asdict(plan)}
+        if metric is not None:
+            report[metric] = None  # the asset it measured is gone
+        write_report()
         log(f"== {name} saved to {out / name} ({report['seconds'][name]:.0f}s)")
-        # After each asset, so an interrupted build keeps what its finished assets measured (and its plan)
-        write_text_atomically(out / "build_report.json", json.dumps(merged_report(out, report), indent=1))
+        if metric is not None:
+            began = time.time()
+            report[metric] = measure()
+            report["seconds"][name] = round(report["seconds"][name] + time.time() - began, 1)  # measuring, too
+            write_report()
 
     if "clip" in only:
         clip, tokenizer = train_clip(plan.clip_steps, seed=seed, log=log)
@@ -125,8 +138,7 @@ def build_world(out: str | Path, seed: int = 0, plan: BuildPlan | None = None, o
             CLIPImageProcessor(**IMAGE_PROCESSING).save_pretrained(folder)
 
         write_folder_atomically(out / "clip", save_clip)
-        report["clip_test_accuracy_6way"] = clip_prompt_accuracy(clip, tokenizer)
-        done("clip")
+        saved("clip", "clip_test_accuracy_6way", lambda: clip_prompt_accuracy(clip, tokenizer))
     elif generators:
         clip, tokenizer = CLIPModel.from_pretrained(out / "clip").eval(), AutoTokenizer.from_pretrained(out / "clip")
     if "dino" in only:
@@ -138,12 +150,11 @@ def build_world(out: str | Path, seed: int = 0, plan: BuildPlan | None = None, o
             BitImageProcessor(**IMAGE_PROCESSING).save_pretrained(folder)
 
         write_folder_atomically(out / "dino", save_dino)
-        done("dino")
+        saved("dino")
     if "vae" in only:
         vae = train_vae(plan.vae_steps, seed=seed, log=log, bf16=plan.bf16, torch_compile=plan.torch_compile)
         write_folder_atomically(out / "vae", vae.save_pretrained)
-        report["vae_reconstruction_strict"] = vae_reconstruction_strict(vae.eval())
-        done("vae")
+        saved("vae", "vae_reconstruction_strict", lambda: vae_reconstruction_strict(vae.eval()))
     if generators:
         vae = AutoencoderKL.from_pretrained(out / "vae").eval()
         dataset = encode_dataset(vae, plan.dataset_size, seed=seed, log=log)
@@ -153,14 +164,14 @@ def build_world(out: str | Path, seed: int = 0, plan: BuildPlan | None = None, o
         # Stored in float16 to keep the assets small; `from_pretrained` loads it back as float32.
         pipe.transformer.to(torch.float16)
         write_folder_atomically(out / "sd3", pipe.save_pretrained)
-        done("sd3")
+        saved("sd3")
     if "sd" in only:
         sd_vae, sd_latents = standardize_latents(vae, dataset[1])
         pipe = world_sd_pipeline(sd_vae, clip, tokenizer)
         train_sd(pipe, plan.sd_steps, (dataset[0], sd_latents), seed=seed, log=log)
         pipe.unet.to(torch.float16)  # as the SD3 transformer: float16 on disk, float32 when loaded
         write_folder_atomically(out / "sd", pipe.save_pretrained)
-        done("sd")
+        saved("sd")
     report["total_seconds"] = round(time.time() - start, 1)
     return report
 
