@@ -58,6 +58,20 @@ def test_counted_flops_of_a_linear_layer_forward_and_backward(monkeypatch):
     assert counted["flops"] == 3 * 2 * 4 * 3 * 5
 
 
+def test_counted_flops_of_attention_are_its_model_flops(monkeypatch):
+    """Forward: q·kᵀ and the weights times v, 2·b·h·s_q·s_k·d each; backward twice the forward (torch's count of a
+    CUDA backward adds the scores computed again; it counted none of the CPU's SDPA)."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    from measure import counted_flops
+
+    query = torch.randn(2, 3, 5, 4, requires_grad=True)
+    key, value = torch.randn(2, 3, 7, 4, requires_grad=True), torch.randn(2, 3, 7, 4, requires_grad=True)
+    with counted_flops() as counted:
+        torch.nn.functional.scaled_dot_product_attention(query, key, value).sum().backward()
+    forward = 2 * (2 * 2 * 3 * 5 * 7 * 4)
+    assert counted["flops"] == 3 * forward
+
+
 def test_bf16_peaks_match_the_most_specific_device_name(monkeypatch):
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     from measure import bf16_peak
@@ -135,6 +149,7 @@ def test_update_flops_equal_a_whole_update_counted(toy_reports, monkeypatch, tmp
     the same run here, checkpointing off (recomputation is not counted), gives the same numbers, op by op."""
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     from architectures import sd35_medium
+    from measure import ATTENTION_FLOPS
 
     grpo_report = toy_reports["grpo"]
     config_file = tmp_path / "config.yaml"
@@ -143,7 +158,7 @@ def test_update_flops_equal_a_whole_update_counted(toy_reports, monkeypatch, tmp
     trainer = GRPOTrainer(config, adapter=sd35_medium("cpu", torch.float32, toy=True))
     rollouts = trainer.rollout(0)
     advantages, _ = trainer.advantages(rollouts)
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping=ATTENTION_FLOPS)
     with counter:
         trainer.update(rollouts, advantages, 0)
     counted = {str(op): flops for op, flops in counter.get_flop_counts()["Global"].items()}

@@ -76,12 +76,42 @@ def measured(device: str):
         result["peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / GIB
 
 
+def attention_flops(query_shape, key_shape, value_shape) -> int:
+    """An attention forward's matmul FLOPs: the scores q·kᵀ and their weighted sum of v."""
+    batch, heads, queries, query_width = query_shape
+    keys, value_width = key_shape[-2], value_shape[-1]
+    return 2 * batch * heads * queries * keys * (query_width + value_width)
+
+
+def attention_forward_flops(query, key, value, *args, **kwargs) -> int:
+    return attention_flops(query, key, value)
+
+
+def attention_backward_flops(grad_out, query, key, value, *args, **kwargs) -> int:
+    """Twice the forward's, the model FLOPs of a backward: torch counts a third matmul, the scores the kernel
+    computes again, which MFU leaves out as it leaves out checkpointing's recomputation."""
+    return 2 * attention_flops(query, key, value)
+
+
+_SDPA = torch.ops.aten
+# SDPA's kernels (their arguments begin with query, key, value; a backward's with the gradient, then those): the
+# CUDA backwards at model FLOPs, and the CPU's flash kernel, which FlopCounterMode does not count at all
+ATTENTION_FLOPS = {
+    _SDPA._scaled_dot_product_flash_attention_backward: attention_backward_flops,
+    _SDPA._scaled_dot_product_efficient_attention_backward: attention_backward_flops,
+    _SDPA._scaled_dot_product_cudnn_attention_backward: attention_backward_flops,
+    _SDPA._scaled_dot_product_flash_attention_for_cpu: attention_forward_flops,
+    _SDPA._scaled_dot_product_flash_attention_for_cpu_backward: attention_backward_flops,
+}
+
+
 @contextlib.contextmanager
 def counted_flops():
-    """Yields a dict that receives `flops`: the matmul, convolution and attention FLOPs run inside the block,
-    forward and backward, as torch's FlopCounterMode counts them, and `flops_by_op`: {op name: FLOPs}."""
+    """Yields a dict that receives `flops`: the model FLOPs of the matmuls, convolutions and attention run inside
+    the block, forward and backward (torch's FlopCounterMode's counts, with SDPA's as `ATTENTION_FLOPS` gives
+    them), and `flops_by_op`: {op name: FLOPs}."""
     result = {}
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping=ATTENTION_FLOPS)
     with counter:
         yield result
     result["flops"] = counter.get_total_flops()
