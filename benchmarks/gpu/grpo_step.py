@@ -15,6 +15,9 @@ With `--compile` the preset runs with `optim.compile=true` (regional torch.compi
 eager, and each setting's first step, which compiles, is timed apart. With `--profile TOP` it also profiles one
 trained timestep's update: the device's busy fraction of it and the TOP ops and kernels by device time, to show
 where a low MFU goes.
+A setting, or the FLOP count, that fails other than by running out of memory (a kernel's or the compiler's error)
+is recorded with its error, its traceback logged, and the script ends with exit status 1 once the rest is measured;
+xformers that cannot run here (not installed, no CUDA) is its setting's result, found before the build.
 `--sdpa-backends` limits the attention backends PyTorch may choose (FLUX's update needed cuDNN's off on torch
 2.11 and an H200: it crashed with an illegal memory access).
 
@@ -33,7 +36,9 @@ import gc
 import itertools
 import os
 import statistics
+import sys
 import tempfile
+import traceback
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded; config validation must not try
@@ -98,6 +103,20 @@ try:  # checked before the architecture is built, which takes minutes at full si
     load_config(REPO / PRESETS[args.arch], overrides)
 except ConfigError as error:
     parser.error(f"bad config: {error}")
+# Why xformers cannot run here (its setting's result), found before the build; and which xformers ran, where it did:
+# without its own compiled kernels it runs PyTorch's
+xformers_problem, xformers_found = None, None
+if args.attention != "sdpa":
+    try:
+        import xformers
+        import xformers.ops  # noqa: F401
+    except ImportError as error:
+        xformers_problem = f"{type(error).__name__}: {error}"
+    else:
+        xformers_found = {"version": xformers.__version__, "cpp_library": getattr(xformers, "_has_cpp_library", None)}
+        if not args.device.startswith("cuda"):
+            xformers_problem = f"xformers' kernels need a CUDA device, not {args.device}"
+failed = []  # what failed other than by running out of memory: recorded, with its traceback logged, and the exit status
 adapter = ARCHITECTURES[args.arch](args.device, dtype, toy=args.toy)
 # The architecture's stock T5 length, which the published numbers were measured at (the SD3.5-M preset trains at
 # Flow-GRPO's 128).
@@ -181,7 +200,9 @@ def measure_setting(backend: str, checkpoint: bool) -> dict:
     except torch.OutOfMemoryError as error:
         failure = f"out of memory: {str(error).splitlines()[0]}"
     except RuntimeError as error:  # a compiler's or a kernel's failure is this setting's result too
+        traceback.print_exc()
         failure = f"{type(error).__name__}: {str(error).splitlines()[0]}"
+        failed.append(f"{backend} attention, checkpointing {'on' if checkpoint else 'off'}")
     if failure:  # out of the except block: its traceback no longer holds the step's tensors, which can be freed
         gc.collect()
         torch.cuda.empty_cache()
@@ -219,7 +240,7 @@ peak = args.peak_tflops or (matched[1] if matched else None)
 run = {"arch": args.arch, "toy": args.toy, "group": args.group, "micro_batch": args.micro_batch,
        "resolution": args.resolution, "dtype": str(dtype), "peak_tflops": peak,
        "peak_table_match": list(matched) if matched else None, "repeats": args.repeats,
-       "compile": args.compile, "sdpa_backends": allowed_backends,
+       "compile": args.compile, "sdpa_backends": allowed_backends, "xformers": xformers_found,
        "preset": PRESETS[args.arch], "trainer_config": to_dict(config)}
 results = {"parameters": parameter_count(denoiser), "trained_parameters": sum(p.numel() for p in trainer.params),
            "settings": []}
@@ -229,6 +250,9 @@ try:  # its rollout and update also warm up kernels and the allocator
     results.update(update_flops=flops, update_flops_by_op=flops_by_op)
 except RuntimeError as error:  # out of memory without checkpointing, say: the settings are measured all the same
     flops = None
+    if not isinstance(error, torch.OutOfMemoryError):
+        traceback.print_exc()
+        failed.append("the FLOP count")
     results["update_flops_error"] = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
     gc.collect()
     torch.cuda.empty_cache()
@@ -236,10 +260,14 @@ write_report(args.out, "grpo_step", args.device, run, results)
 sdpa_processors = denoiser.attn_processors  # what xformers replaces; its disable call does not bring them back
 for backend in ["sdpa", "xformers"] if args.attention == "both" else [args.attention]:
     if backend == "xformers":
-        try:
-            denoiser.enable_xformers_memory_efficient_attention()
-        except (ImportError, ModuleNotFoundError, ValueError) as error:
-            results["settings"].append({"attention": backend, "error": str(error)})
+        problem = xformers_problem
+        if problem is None:
+            try:
+                denoiser.enable_xformers_memory_efficient_attention()
+            except (ImportError, ValueError) as error:
+                problem = f"{type(error).__name__}: {error}"
+        if problem:
+            results["settings"].append({"attention": backend, "error": problem})
             write_report(args.out, "grpo_step", args.device, run, results)
             continue
     for checkpoint in {"off": [False], "on": [True], "both": [False, True]}[args.checkpointing]:
@@ -251,3 +279,5 @@ if args.profile:
         denoiser.reset_attention_backend()  # FLUX's processors keep theirs in a flag
     results["profile"] = profiled_update(args.profile)
     write_report(args.out, "grpo_step", args.device, run, results)
+if failed:
+    sys.exit(f"grpo_step: failed (tracebacks above): {'; '.join(failed)}; {args.out} holds what was measured")
