@@ -120,7 +120,7 @@ def build_world(out: str | Path, seed: int = 0, plan: BuildPlan | None = None, o
         report["seconds"][name] = round(time.time() - start - sum(report["seconds"].values()), 1)
         report["built_with"][name] = {"seed": seed, "plan": asdict(plan)}
         if metric is not None:
-            report[metric] = None  # the asset it measured is gone
+            report[metric] = None  # not the score of the asset this one replaced, until measured
         write_report()
         log(f"== {name} saved to {out / name} ({report['seconds'][name]:.0f}s)")
         if metric is not None:
