@@ -141,6 +141,13 @@ def test_wrong_type_is_named(saved, tmp_path):
     ("grpo.value_anchor=0.7", "grpo.value_anchor: only the value-anchored term reads it"),
     (["grpo.advantage=bnpo", "reward=jpeg"], "grpo.reward_range: bnpo maps [0, 1] to [0, 1], and jpeg scores −kB"),
     (["grpo.advantage=bnpo", "reward=jpeg:50=-1,jpeg=0.5"], "grpo.reward_range: bnpo maps [0, 1] to [0, 1]"),
+    # The README's regularized reward sums to [0, 1.5], and stopped the run at its first image above 1
+    (["grpo.advantage=bnpo", "reward=shapes,artifact:A=0.5"], "grpo.reward_range: bnpo maps [0, 1] to [0, 1], and "
+                                                              "'shapes,artifact:A=0.5' scores in [0, 1.5]"),
+    (["grpo.advantage=bnpo", "grpo.reward_range=[-1, 1]", "reward=clip:C,shapes=-1"], "and 'clip:C,shapes=-1' "
+                                                                                       "scores in [-1, 2.5]"),
+    (["grpo.advantage=bnpo", "reward=shapes,adv-dino:D=0.3", "references=shapes"],
+     "grpo.advantage: bnpo maps rewards from a fixed grpo.reward_range, and 'shapes,adv-dino:D=0.3' holds a head"),
     ("gdro.beta=.nan", "gdro: tau and beta must be finite"),
     ("max_minutes=1:30", "max_minutes: expected float, got '1:30'"),  # not YAML 1.1's base-60 number 90
     ("sampling.negative_prompt=blurry #2", "override sampling.negative_prompt: YAML reads what follows '#' as a "
@@ -186,6 +193,8 @@ def test_out_of_range_values_are_named(saved, override, message):
 def test_bnpo_takes_a_signed_reward_weighted_below_zero(saved):
     """jpeg=-0.01 scores +kB/100, never below 0: only bnpo's range check of the scores themselves applies."""
     load_config(None, [f"model={saved['sd3']}", "grpo.advantage=bnpo", "reward=jpeg=-0.01"])
+    load_config(None, [f"model={saved['sd3']}", "grpo.advantage=bnpo", "reward=shapes,artifact:A=0.5",
+                       "grpo.reward_range=[0, 1.5]"])  # the range that holds it
 
 
 def test_a_sequence_length_for_a_model_without_t5_is_named(saved):

@@ -37,10 +37,40 @@ from align_diffusion.training.noise_table import read_table
 TRAINABLE_REWARDS = ("adv-dino",)  # reward specs whose model co-trains against references
 SIGNED_REWARDS = {"jpeg": "jpeg scores −kB",  # rewards sure to score below 0, which log-taming cannot take
                   "adv-dino": "adv-dino's head learns to score the policy's images below 0"}
+# The interval a reward's scores lie in, where it is fixed (shapes: graded or 0/1; clip: 2.5 · max(cos, 0); hpsv2: a
+# cosine; jpeg: −kB): bnpo's grpo.reward_range must hold a weighted sum of them. The others' are checked as they come.
+SCORE_RANGES = {"shapes": (0.0, 1.0), "artifact": (0.0, 1.0), "clip": (0.0, 2.5), "hpsv2": (-1.0, 1.0),
+                "jpeg": (-math.inf, 0.0)}
 
 
 class ConfigError(ValueError):
     """A config that cannot run; the message names the field."""
+
+
+def check_bnpo_range(reward: str, terms, reward_range, trainable: bool) -> None:
+    """ConfigError when bnpo's fixed grpo.reward_range cannot hold the reward's scores: a co-trained head's scale
+    moves, a weighted sum of rewards with fixed intervals (`SCORE_RANGES`) spans theirs, and one sure to score below
+    0 needs a range reaching below 0."""
+    if trainable:
+        raise ConfigError(f"grpo.advantage: bnpo maps rewards from a fixed grpo.reward_range, and {reward!r} holds a "
+                          "head that trains, moving its scores' scale; use zscore or global_std")
+    low_given, high_given = reward_range
+    given = f"bnpo maps [{low_given:g}, {high_given:g}] to [0, 1]"
+    if below_zero := [term.name for term in terms if term.name in SIGNED_REWARDS and term.weight > 0]:
+        if low_given >= 0:
+            raise ConfigError(f"grpo.reward_range: {given}, and {SIGNED_REWARDS[below_zero[0]]}; give the range the "
+                              "reward lies in")
+    if any(term.name not in SCORE_RANGES for term in terms):
+        return
+    low = high = 0.0
+    for term in terms:
+        if term.weight != 0:
+            ends = [term.weight * end for end in SCORE_RANGES[term.name]]
+            low, high = low + min(ends), high + max(ends)
+    # Scores without a bound (jpeg=-0.01's kB / 100) are checked as they come
+    if not (math.isinf(low) or math.isinf(high)) and (low < low_given or high > high_given):
+        raise ConfigError(f"grpo.reward_range: {given}, and {reward!r} scores in [{low:g}, {high:g}]; give a range "
+                          "that holds it")
 
 
 class _Loader(yaml.SafeLoader):
@@ -591,11 +621,9 @@ def validate(config: TrainConfig, num_processes: int = 1) -> None:
     signed = [term.name for term in terms if term.name in SIGNED_REWARDS]
     if grpo.log_tame is not None and signed:
         raise ConfigError(f"grpo.log_tame: log-taming needs non-negative rewards, and {SIGNED_REWARDS[signed[0]]}")
-    below_zero = [term.name for term in terms if term.name in SIGNED_REWARDS and term.weight > 0]
-    if grpo.advantage == "bnpo" and below_zero and grpo.reward_range[0] >= 0:
-        raise ConfigError(f"grpo.reward_range: bnpo maps [{grpo.reward_range[0]:g}, {grpo.reward_range[1]:g}] to "
-                          f"[0, 1], and {SIGNED_REWARDS[below_zero[0]]}; give the range the reward lies in")
     trainable = any(term.name in TRAINABLE_REWARDS for term in terms)
+    if grpo.advantage == "bnpo":
+        check_bnpo_range(config.reward, terms, grpo.reward_range, trainable)
     if trainable and config.algorithm == "gdro":
         raise ConfigError(f"reward: {config.reward!r} trains against the policy's samples as they come, and GDRO "
                           "scores its offline set once; use algorithm grpo")
