@@ -586,8 +586,8 @@ def validate(config: TrainConfig, num_processes: int = 1) -> None:
     if grpo.dense is not None and grpo.value_weight:
         raise ConfigError("grpo.value_weight: the value-anchored term applies to one advantage per image, not to "
                           "dense per-step advantages")
-    if config.reward_updates < 0:
-        raise ConfigError(f"reward_updates must be >= 0, got {config.reward_updates}")
+    if config.reward_updates < 1:  # a head never updated would score by its random initial weights
+        raise ConfigError(f"reward_updates must be >= 1, got {config.reward_updates}")
     sampling = config.sampling
     if sampling.noise_table is not None:
         if sampling.noise_level is not None:
