@@ -184,6 +184,8 @@ def test_wrong_type_is_named(saved, tmp_path):
     (["sampling.sampler=cps", "sampling.noise_level=1.5"], "cps noise levels a must lie in [0, 1]"),
     (["algorithm=gdro", "sampling.sampler=ode", "sampling.noise_level=0.7"],
      "sampling.noise_level: the ode sampler draws no noise"),
+    (["algorithm=gdro", "sampling.sampler=ode", "sampling.noise_window=[0,4]"],
+     "sampling.noise_window: the ode sampler draws no noise, so a window would change nothing"),
     (["sampling.sampler=cps", "sampling.num_steps=3", "sampling.noise_window=[2,3]"], "CPS's last step draws no noise"),
 ])
 def test_out_of_range_values_are_named(saved, override, message):

@@ -658,6 +658,9 @@ def validate(config: TrainConfig, num_processes: int = 1) -> None:
         raise ConfigError(f"sampling.sampler {config.sampling.sampler!r} does not fit {kind}; use one of {allowed}")
     if problem := noise_levels_problem(sampling.sampler, levels):
         raise ConfigError(f"{key}: {problem}")
+    if sampling.sampler == "ode" and window is not None:  # it would change nothing, yet tell the offline set apart
+        raise ConfigError("sampling.noise_window: the ode sampler draws no noise, so a window would change nothing; "
+                          "leave it out, or use a stochastic sampler")
     start, end = window if window is not None else (0, sampling.num_steps)
     drawing = noise_drawing_steps(sampling)
     if config.algorithm == "gdro" and sampling.shared_noise and (
