@@ -149,6 +149,7 @@ def test_wrong_type_is_named(saved, tmp_path):
     (["grpo.advantage=bnpo", "reward=shapes,adv-dino:D=0.3", "references=shapes"],
      "grpo.advantage: bnpo maps rewards from a fixed grpo.reward_range, and 'shapes,adv-dino:D=0.3' holds a head"),
     ("gdro.beta=.nan", "gdro: tau and beta must be finite"),
+    (["grpo.best_worst_only=true", "grpo.value_weight=0.5"], "grpo.best_worst_only: the value-anchored term keeps"),
     (["reward=shapes,adv-dino:D=0.3", "references=shapes", "reward_updates=0"], "reward_updates must be >= 1, got 0"),
     ("max_minutes=1:30", "max_minutes: expected float, got '1:30'"),  # not YAML 1.1's base-60 number 90
     ("sampling.negative_prompt=blurry #2", "override sampling.negative_prompt: YAML reads what follows '#' as a "

@@ -525,6 +525,10 @@ def validate(config: TrainConfig, num_processes: int = 1) -> None:
             raise ConfigError(f"{key} must be a finite number >= 0, got {value}")
     if not math.isfinite(grpo.value_anchor):
         raise ConfigError(f"grpo.value_anchor must be a finite number, got {grpo.value_anchor}")
+    if grpo.best_worst_only and grpo.value_weight:
+        raise ConfigError("grpo.best_worst_only: the value-anchored term keeps groups whose rewards do not vary, whose "
+                          "best and worst image are one (the first), which alone would carry the group's signal; use "
+                          "grpo.best_worst_only or grpo.value_weight")
     if grpo.value_weight == 0 and grpo.value_anchor != GRPOConfig.value_anchor:
         raise ConfigError("grpo.value_anchor: only the value-anchored term reads it, and grpo.value_weight is 0; set "
                           "grpo.value_weight too, or leave the anchor out")
