@@ -63,6 +63,16 @@ def test_agreement_within_prompts_is_what_pooling_over_prompts_hides():
     assert step_agreement(scores, rollouts)["within_prompt"] == [-1.0]
 
 
+def test_an_unscored_trajectory_is_left_out_of_the_agreement_not_turning_it_nan():
+    finals = torch.tensor([10.0, 11.0, 12.0, 13.0, 0.0, 1.0, 2.0])
+    scores = torch.tensor([[1.0], [3.0], [2.0], [math.nan], [5.0], [4.0], [6.0]])
+    rollouts = Rollouts(["a"] * 4 + ["b"] * 3, torch.zeros(7, 1, 3, 8, 8), finals)
+    agreement = step_agreement(scores, rollouts)
+    kept = [0, 1, 2, 4, 5, 6]
+    assert agreement["pooled"][0] == pytest.approx(spearmanr(scores[kept, 0].numpy(), finals[kept].numpy()).statistic)
+    assert agreement["within_prompt"][0] == pytest.approx((0.5 + 0.5) / 2)  # a: ranks 0 2 1 against 0 1 2; b: 1 0 2
+
+
 def test_distillation_learns_where_the_teacher_clamps_to_zero():
     """Noise scores 0 under CLIPScore (its cosine is negative): the clamped score sends no gradient back, the
     linear score the student trains on does."""

@@ -103,18 +103,22 @@ def step_scores(reward, rollouts: Rollouts, batch_size: int = 64) -> torch.Tenso
 def step_agreement(scores: torch.Tensor, rollouts: Rollouts) -> dict[str, list[float]]:
     """Per step t, Spearman(scores at t, teacher(final)): "pooled" over all trajectories, and "within_prompt", the
     mean over prompts of it among each prompt's own trajectories (prompts whose scores all tie left out). Pruning
-    ranks the seeds of one prompt, which only the second measures; the first also credits telling prompts apart."""
-    groups = {}
-    for k, prompt in enumerate(rollouts.prompts):
-        groups.setdefault(prompt, []).append(k)
-    groups = [group for group in groups.values() if len(group) > 1]
-    within = []
+    ranks the seeds of one prompt, which only the second measures; the first also credits telling prompts apart.
+    A trajectory without a finite score at t or a finite final score is left out of step t (one would make the
+    whole step's figure NaN)."""
+    final = rollouts.teacher_final
+    pooled, within = [], []
     for t in range(scores.shape[1]):
-        each = [spearman(scores[group, t], rollouts.teacher_final[group]) for group in groups]
+        scored = torch.isfinite(scores[:, t]) & torch.isfinite(final)
+        groups = {}
+        for k, prompt in enumerate(rollouts.prompts):
+            if scored[k]:
+                groups.setdefault(prompt, []).append(k)
+        each = [spearman(scores[group, t], final[group]) for group in groups.values() if len(group) > 1]
         each = [value for value in each if not math.isnan(value)]
         within.append(sum(each) / len(each) if each else math.nan)
-    return {"pooled": [spearman(scores[:, t], rollouts.teacher_final) for t in range(scores.shape[1])],
-            "within_prompt": within}
+        pooled.append(spearman(scores[scored, t], final[scored]) if int(scored.sum()) > 1 else math.nan)
+    return {"pooled": pooled, "within_prompt": within}
 
 
 @dataclass
