@@ -210,11 +210,17 @@ def test_train_reward_noise_aware_command_records_the_generator_it_read(tmp_path
     with torch.no_grad():
         assert torch.isfinite(load_reward(f"clip:{out}")(torch.rand(1, 3, 32, 32), ["a red circle"])).all()
     # TTSnap prunes with it only at the settings whose x̂0s it learned from (there a step is the same noise level)
-    adapter, student = load_adapter(str(WORLD_SD3)), load_reward(f"clip:{out}")
+    adapter, student = load_adapter(str(WORLD_SD3), clip_skip=1), load_reward(f"clip:{out}")
     teacher = load_reward(f"clip:{WORLD_CLIP}")
     trained = dict(num_inference_steps=3, guidance_scale=2.0, negative_prompt="a green triangle")
     run = dict(num_seeds=2, prune_steps=[1], keep=[0.5])
     assert len(ttsnap(adapter, "a red circle", teacher, student, **run, **trained).details["survivors"][0]) == 1
+    # The size and the model's options shape the x̂0s too: the model at its default CLIP layer, or at 32×32
+    with pytest.raises(ValueError, match=re.escape("the student learned from x̂0s made with clip_skip 1, and this "
+                                                   "run's is None (None: the model's default)")):
+        ttsnap(load_adapter(str(WORLD_SD3)), "a red circle", teacher, student, **run, **trained)
+    with pytest.raises(ValueError, match="made with height 64, and this run's is 32"):
+        ttsnap(adapter, "a red circle", teacher, student, **run, **trained, height=32, width=32)
     # Any sequence of steps, as ttsnap takes them (an array's truth value was asked for once)
     check_steering(type(adapter), ["a red circle"], teacher, "ttsnap", prune_reward=student,
                    **dict(run, prune_steps=np.array([1, 2]), keep=[0.5, 0.5]), **trained)

@@ -210,15 +210,21 @@ def student_reports(reward) -> dict[str, dict]:
 
 
 def unfit_run(report: dict, num_inference_steps: int, guidance_scale: float, negative_prompt: str | None,
-              first_prune_step: int | None, timesteps=None) -> str | None:
+              first_prune_step: int | None, timesteps=None, made_with: dict | None = None) -> str | None:
     """Why a student trained as `report` says cannot score the x̂0s of a run with these settings (None when it can):
     a step index is a noise level only at one number of steps (and of one model's schedule at one image size: the
-    run's `timesteps`, where known, are compared with those the report records), and guidance and the negative
-    prompt shape the x̂0s; before its earliest step it saw no x̂0 at all."""
+    run's `timesteps`, where known, are compared with those the report records), and guidance, the negative
+    prompt, the image size and the model's options shape the x̂0s (`made_with`, where known: height, width and the
+    options as a record keeps them, each compared where the report records it); before its earliest step it saw no
+    x̂0 at all."""
     trained = (report.get("num_inference_steps"), report.get("guidance_scale"), report.get("negative_prompt") or None)
     earliest = report.get("settings", {}).get("earliest_step", 0)
     if trained == (num_inference_steps, guidance_scale, negative_prompt or None) and (
             first_prune_step is None or first_prune_step >= earliest):
+        for key, value in (made_with or {}).items():
+            if key in report and report[key] != value:
+                return (f"the student learned from x̂0s made with {key} {report[key]!r}, and this run's is {value!r} "
+                        "(None: the model's default): run with the settings it learned from")
         learned = report.get("timesteps")
         if timesteps is None or learned is None or torch.allclose(
                 torch.as_tensor(timesteps, dtype=torch.float64), torch.tensor(learned, dtype=torch.float64),
@@ -226,7 +232,8 @@ def unfit_run(report: dict, num_inference_steps: int, guidance_scale: float, neg
             return None
         return (f"the student learned from x̂0s at the timesteps {[round(t, 2) for t in learned]}, and this run's "
                 f"are {[round(float(t), 2) for t in timesteps]} (another model's schedule, or another image size, "
-                "at the same number of steps): run the model and size it learned from, or train a student for these")
+                "at the same number of steps): run the model and size it learned from, or train a student on this "
+                "model (at its default size, the one train-reward noise-aware samples)")
     described = ", negative prompt {!r}"
     return (f"the student learned from x̂0s of {trained[0]}-step runs at guidance {trained[1]}"
             f"{described.format(trained[2]) if trained[2] else ''}, from step {earliest} on; this run has "

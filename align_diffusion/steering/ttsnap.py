@@ -17,7 +17,7 @@ from decimal import ROUND_HALF_UP, Decimal
 
 import torch
 
-from align_diffusion.models.base import PipelineAdapter, is_whole_number
+from align_diffusion.models.base import MODEL_OPTIONS, PipelineAdapter, is_whole_number, recorded_model_options
 from align_diffusion.rewards.base import Reward
 from align_diffusion.rewards.noise_aware import student_reports, unfit_run
 from align_diffusion.sampling.loop import check_count, check_guidance, check_noise_levels, resolve_settings
@@ -59,17 +59,18 @@ def check_schedule(prune_steps: list[int], keep: list[float], num_inference_step
 
 def check_ttsnap_options(num_inference_steps: int, guidance_scale: float, negative_prompt: str | None,
                          prune_reward: Reward, *, num_seeds: int, prune_steps: list[int], keep: list[float],
-                         timesteps=None) -> None:
+                         timesteps=None, made_with: dict | None = None) -> None:
     """The checks of TTSnap's options at the run's steps and guidance, which need no model
     (`steering.steer.check_steering`): among them, that each noise-aware student among the prune reward's terms was
-    trained for such runs (with the model's `timesteps` for the run, for its schedule too)."""
+    trained for such runs (with the model's `timesteps` for the run, for its schedule too, and `made_with`, its
+    image size and options: `noise_aware.unfit_run`)."""
     prune_steps, keep = list(prune_steps), list(keep)
     check_schedule(prune_steps, keep, num_inference_steps)
     check_count("num_seeds", num_seeds)
     first_prune_step = prune_steps[0] if prune_steps else None
     for spec, report in student_reports(prune_reward).items():
         if problem := unfit_run(report, num_inference_steps, guidance_scale, negative_prompt, first_prune_step,
-                                timesteps):
+                                timesteps, made_with):
             raise ValueError(f"prune reward {spec}: {problem}")
 
 
@@ -120,8 +121,11 @@ def ttsnap(
     check_guidance(adapter, settings.guidance_scale, negative_prompt)
     prune_steps, keep = list(prune_steps), list(keep)
     schedule = adapter.schedule(settings.num_inference_steps, settings.height, settings.width)
+    options = {option: getattr(adapter, option) for option in MODEL_OPTIONS}
+    made_with = {"height": settings.height, "width": settings.width, **recorded_model_options(type(adapter), options)}
     check_ttsnap_options(settings.num_inference_steps, settings.guidance_scale, negative_prompt, prune_reward,
-                         num_seeds=num_seeds, prune_steps=prune_steps, keep=keep, timesteps=schedule.timesteps)
+                         num_seeds=num_seeds, prune_steps=prune_steps, keep=keep, timesteps=schedule.timesteps,
+                         made_with=made_with)
     check_noise_levels(sampler, settings.levels(), schedule)  # every step's, before the first model call
     budget = Budget()
     generators = candidate_generators(seed, index, num_seeds)
