@@ -3,8 +3,10 @@ exploration yields step rewards of both signs.
 
 One round samples groups with the current levels, computes the step rewards ΔR_t of every trajectory, and for each
 step t counts the positive and the negative ones: where they balance (|n₊ − n₋| ≤ ε1 · (n₊ + n₋)) the step can afford
-more noise and ψ(t) rises by ε2; elsewhere it falls by ε2 (never below 0). A step with no finite step reward (every
-trajectory diverged or went unscored) keeps its level: it gives no evidence either way. The table is a JSON file
+more noise and ψ(t) rises by ε2; elsewhere it falls by ε2 (never below 0). A step whose step rewards are all 0 (it
+changed no trajectory's score: common under a discrete reward such as `shapes`) counts as balanced and rises, so
+that more noise there may change something. A step with no finite step reward (every trajectory diverged or went
+unscored) keeps its level: it gives no evidence either way. The table is a JSON file
 {"noise_levels": [ψ(0), …, ψ(T−1)], "sampler": …, …} that `sampling.noise_table` makes the trainer's sampler read.
 
 ψ(t) is the sampler's own noise level (Flow-SDE's a, Dance-SDE's η, CPS's a, DDIM's η), not σ_t itself as in
