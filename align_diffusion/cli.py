@@ -1133,10 +1133,12 @@ def main(argv: list[str] | None = None) -> None:
 def metadata_stamp(args) -> tuple[int, int] | None:
     """When the records of a command that writes a sample folder (`--resume`) were last changed and their size;
     None for other commands and a folder without records."""
-    path = args.out / "metadata.jsonl" if hasattr(args, "resume") else None
-    if path is None or not path.is_file():
+    if not hasattr(args, "resume"):
         return None
-    stat = path.stat()
+    try:
+        stat = (args.out / "metadata.jsonl").stat()
+    except OSError:  # none there, or an --out the command itself names in its error
+        return None
     return stat.st_mtime_ns, stat.st_size
 
 

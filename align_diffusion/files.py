@@ -156,6 +156,9 @@ def files_sha256(paths: Iterable[Path]) -> str:
     """A SHA-256 of files' names and contents, in the order given (each file read in pieces: weights may be large)."""
     digest = hashlib.sha256()
     for path in paths:
+        contents = hashlib.sha256()
         with open(path, "rb") as file:
-            digest.update(path.name.encode() + b"\0" + hashlib.file_digest(file, "sha256").digest())
+            for block in iter(lambda: file.read(1 << 20), b""):
+                contents.update(block)
+        digest.update(path.name.encode() + b"\0" + contents.digest())
     return digest.hexdigest()

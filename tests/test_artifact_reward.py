@@ -219,6 +219,7 @@ def test_a_head_whose_backbone_was_rebuilt_since_is_refused(tmp_path):
     image about 0, clean or not. A copy of the pair loads; the copy with one weight changed names the retraining."""
     shutil.copytree("assets/world/artifact", tmp_path / "world" / "artifact")
     shutil.copytree(DINO, tmp_path / "world" / "dino")
+    (tmp_path / "world" / "dino" / "training_args.bin").write_bytes(b"not read by from_pretrained")
     load_reward(f"artifact:{tmp_path / 'world' / 'artifact'}")
     weights = tmp_path / "world" / "dino" / "model.safetensors"
     tensors = load_file(weights)

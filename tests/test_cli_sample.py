@@ -943,6 +943,12 @@ def test_ctrl_c_before_an_overwrite_wrote_anything_says_the_earlier_run_is_kept(
             in capsys.readouterr().err)
 
 
+def test_an_out_folder_the_system_cannot_name_fails_in_one_line(saved, tmp_path):
+    """The records' stamp taken for a Ctrl-C's message read the folder before the command's checks, and raised."""
+    with pytest.raises(SystemExit, match="align-diffusion sample: .*File name too long"):
+        main(["sample", "--model", str(saved["sd3"]), "--prompt", "a red circle", "--out", str(tmp_path / ("a" * 300))])
+
+
 def test_ctrl_c_leaves_the_finished_images_and_says_how_to_go_on(saved, tmp_path):
     out = tmp_path / "out"
     # Far more images than a run reaches before the signal: a test process starved of the CPU for a while must still

@@ -199,6 +199,9 @@ def test_bnpo_takes_a_signed_reward_weighted_below_zero(saved):
     load_config(None, [f"model={saved['sd3']}", "grpo.advantage=bnpo", "reward=jpeg=-0.01"])
     load_config(None, [f"model={saved['sd3']}", "grpo.advantage=bnpo", "reward=shapes,artifact:A=0.5",
                        "grpo.reward_range=[0, 1.5]"])  # the range that holds it
+    # Weights summing to 1 in decimals: their floats' sum passes 1 by a rounding, which the scores' check allows too
+    load_config(None, [f"model={saved['sd3']}", "grpo.advantage=bnpo",
+                       "reward=shapes=0.34,shapes:strict=0.56,artifact:A=0.1"])
 
 
 def test_a_sequence_length_for_a_model_without_t5_is_named(saved):

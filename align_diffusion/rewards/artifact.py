@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import AutoImageProcessor, AutoModel
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
 from align_diffusion.files import (check_output_folder, check_outside, files_sha256, home_expanded,
                                    write_folder_atomically)
@@ -32,7 +33,6 @@ from align_diffusion.rewards.preprocess import TorchImageTransform
 CONFIG_FILE = "artifact_reward.json"
 HEAD_FILE = "head.safetensors"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
 class FrozenBackbone(torch.nn.Module):
@@ -94,11 +94,19 @@ def resolve_backbone(folder: Path, backbone: str) -> str:
 
 
 def backbone_sha256(backbone: str) -> str | None:
-    """A SHA-256 of a backbone folder's weight files; None for a hub id."""
+    """A SHA-256 of the weight files transformers loads from a backbone folder (safetensors before a .bin, a
+    sharded checkpoint's index and shards); None for a hub id, or a folder holding none of them."""
     folder = Path(backbone)
-    if not folder.is_dir():
+    for name in (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME):
+        if (folder / name).is_file():
+            break
+    else:
         return None
-    return files_sha256(sorted(path for path in folder.iterdir() if path.suffix in WEIGHT_SUFFIXES))
+    files = [folder / name]
+    if name.endswith(".index.json"):
+        shards = json.loads(files[0].read_text(encoding="utf-8"))["weight_map"].values()
+        files += [folder / shard for shard in sorted(set(shards))]
+    return files_sha256(files)
 
 
 class ArtifactReward(Reward):
@@ -235,6 +243,7 @@ def train_artifact_reward(data, out: str | Path, backbone: str | Path, settings:
         held_out += of_class[:held]
         training += of_class[held:]
     torch.manual_seed(settings.seed)
+    weights = backbone_sha256(backbone)  # of the weights the head is trained on
     backbone_model = FrozenBackbone(backbone, device)
     train_x, test_x = (_features(backbone_model, [path for path, _ in part]) for part in (training, held_out))
     train_y, test_y = (torch.tensor([label for _, label in part], dtype=torch.float32, device=train_x.device)
@@ -272,7 +281,7 @@ def train_artifact_reward(data, out: str | Path, backbone: str | Path, settings:
             unseen_logits = head(_features(backbone_model, unseen_files)).squeeze(-1)
             result["unseen_below_clean"] = float((unseen_logits[None] > clean_logits[:, None]).float().mean())
             result["unseen_images"] = len(unseen_files)
-    out, weights = Path(out), backbone_sha256(backbone)
+    out = Path(out)
     if Path(backbone).is_dir():
         backbone = os.path.relpath(Path(backbone).resolve(), out.resolve())
     recorded = {"backbone": str(backbone), **({"backbone_sha256": weights} if weights else {})}

@@ -24,7 +24,7 @@ from align_diffusion.files import home_expanded, write_text_atomically
 from align_diffusion.models import adapter_class, missing_local_model, size_problem
 from align_diffusion.models.base import missing_c_compiler, model_option_problem, unusable_device
 from align_diffusion.rewards.spec import parse_spec
-from align_diffusion.rewards.transforms import METHODS as ADVANTAGE_METHODS
+from align_diffusion.rewards.transforms import BNPO_ROUNDING, METHODS as ADVANTAGE_METHODS
 from align_diffusion.sampling.loop import (
     DEFAULT_NOISE_LEVEL,
     DIFFUSION_SAMPLERS,
@@ -47,7 +47,7 @@ class ConfigError(ValueError):
     """A config that cannot run; the message names the field."""
 
 
-def check_bnpo_range(reward: str, terms, reward_range, trainable: bool) -> None:
+def check_bnpo_range(reward: str, terms: list, reward_range: list[float], trainable: bool) -> None:
     """ConfigError when bnpo's fixed grpo.reward_range cannot hold the reward's scores: a co-trained head's scale
     moves, a weighted sum of rewards with fixed intervals (`SCORE_RANGES`) spans theirs, and one sure to score below
     0 needs a range reaching below 0."""
@@ -62,13 +62,11 @@ def check_bnpo_range(reward: str, terms, reward_range, trainable: bool) -> None:
                               "reward lies in")
     if any(term.name not in SCORE_RANGES for term in terms):
         return
-    low = high = 0.0
-    for term in terms:
-        if term.weight != 0:
-            ends = [term.weight * end for end in SCORE_RANGES[term.name]]
-            low, high = low + min(ends), high + max(ends)
+    ends = [[term.weight * end for end in SCORE_RANGES[term.name]] for term in terms]
+    low, high = math.fsum(min(pair) for pair in ends), math.fsum(max(pair) for pair in ends)
+    slack = BNPO_ROUNDING * (high_given - low_given)  # weights summing to 1 in decimals miss it by a rounding
     # Scores without a bound (jpeg=-0.01's kB / 100) are checked as they come
-    if not (math.isinf(low) or math.isinf(high)) and (low < low_given or high > high_given):
+    if not (math.isinf(low) or math.isinf(high)) and (low < low_given - slack or high > high_given + slack):
         raise ConfigError(f"grpo.reward_range: {given}, and {reward!r} scores in [{low:g}, {high:g}]; give a range "
                           "that holds it")
 

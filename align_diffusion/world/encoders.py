@@ -26,7 +26,8 @@ MAX_TOKENS = 16  # the longest prompt has 9 words, plus start and end
 def world_tokenizer() -> PreTrainedTokenizerFast:
     """Word-level tokenizer over the world's vocabulary, with CLIP's start / end / padding conventions. Like CLIP's
     it lowercases, and it drops punctuation, which the world's prompts hold none of: "A red circle." reads as
-    "a red circle", not as two unknown words around it."""
+    "a red circle", not as two unknown words around it. (ShapesEval, the `shapes` reward and the splits keep the
+    grammar's own lowercase prompts: they refuse "A red circle.".)"""
     vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + WORDS)}
     tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|unk|>"))
     tokenizer.normalizer = normalizers.Sequence([normalizers.Lowercase(), normalizers.Replace(Regex(r"[^\w\s]"), " ")])

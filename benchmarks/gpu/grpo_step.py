@@ -155,14 +155,18 @@ def one_timestep_update():
         config.grpo.timestep_fraction = fraction
 
 
+class CountedShort(RuntimeError):
+    """The counted update left images out (a group's rewards tied), so it counted less than a full one."""
+
+
 def update_flops() -> tuple[float, dict]:
     """Model FLOPs of one update, in all and by op: one trained timestep counted (checkpointing off), times the
-    timesteps trained. RuntimeError when that update left images out (a group's rewards tied): it counted less."""
+    timesteps trained. CountedShort when that update left images out."""
     with one_timestep_update() as (rollouts, update):
         with counted_flops() as counted, torch.compiler.set_stance("force_eager"):  # counted as written, not fused
             stats = update()
     if not args.toy and stats["trained_fraction"] < 1:
-        raise RuntimeError("the counted update trained on fewer than all images (a group's rewards did not vary)")
+        raise CountedShort("the counted update trained on fewer than all images (a group's rewards did not vary)")
     timesteps = len(trainer.train_timesteps(0, rollouts.trajectory.stochastic_steps))
     return counted["flops"] * timesteps, {op: n * timesteps for op, n in counted["flops_by_op"].items()}
 
@@ -250,7 +254,7 @@ try:  # its rollout and update also warm up kernels and the allocator
     results.update(update_flops=flops, update_flops_by_op=flops_by_op)
 except RuntimeError as error:  # out of memory without checkpointing, say: the settings are measured all the same
     flops = None
-    if not isinstance(error, torch.OutOfMemoryError):
+    if not isinstance(error, (torch.OutOfMemoryError, CountedShort)):  # results of the count, not failures
         traceback.print_exc()
         failed.append("the FLOP count")
     results["update_flops_error"] = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"

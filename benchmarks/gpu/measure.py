@@ -93,15 +93,14 @@ def attention_backward_flops(grad_out, query, key, value, *args, **kwargs) -> in
     return 2 * attention_flops(query, key, value)
 
 
-_SDPA = torch.ops.aten
 # SDPA's kernels (their arguments begin with query, key, value; a backward's with the gradient, then those): the
 # CUDA backwards at model FLOPs, and the CPU's flash kernel, which FlopCounterMode does not count at all
 ATTENTION_FLOPS = {
-    _SDPA._scaled_dot_product_flash_attention_backward: attention_backward_flops,
-    _SDPA._scaled_dot_product_efficient_attention_backward: attention_backward_flops,
-    _SDPA._scaled_dot_product_cudnn_attention_backward: attention_backward_flops,
-    _SDPA._scaled_dot_product_flash_attention_for_cpu: attention_forward_flops,
-    _SDPA._scaled_dot_product_flash_attention_for_cpu_backward: attention_backward_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_backward: attention_backward_flops,
+    torch.ops.aten._scaled_dot_product_efficient_attention_backward: attention_backward_flops,
+    torch.ops.aten._scaled_dot_product_cudnn_attention_backward: attention_backward_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: attention_forward_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: attention_backward_flops,
 }
 
 
