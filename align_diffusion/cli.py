@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from align_diffusion.files import check_outside, check_output_folder, folder_problem, home_expanded
+from align_diffusion.launch import is_main_process, launched_processes
 from align_diffusion.names import (
     DEFAULT_NOISE_LEVEL, DTYPE_NAMES, FK_POTENTIALS, FK_RESAMPLING, REWARD_TOKEN_ENV, SEED_LIMIT, STEERING_METHODS,
     WORLD_ASSETS,
@@ -124,15 +125,6 @@ def default_device() -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def launched_processes() -> int:
-    """How many processes the launcher (`accelerate launch`, torchrun) started this one among."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def add_sample_parser(subparsers) -> None:

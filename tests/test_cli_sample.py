@@ -633,8 +633,11 @@ def test_a_reward_that_trains_against_samples_is_refused_for_scoring(saved, tmp_
     assert not (tmp_path / "out").exists()
 
 
-def test_a_command_launched_as_several_processes_that_would_each_do_all_of_it_is_refused(monkeypatch, tmp_path):
-    monkeypatch.setenv("WORLD_SIZE", "2")  # what `accelerate launch --num_processes 2` (torchrun) sets
+@pytest.mark.parametrize("variable", ["WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE"])
+def test_a_command_launched_as_several_processes_that_would_each_do_all_of_it_is_refused(monkeypatch, tmp_path,
+                                                                                        variable):
+    """WORLD_SIZE is what `accelerate launch --num_processes 2` (torchrun) sets; the others an MPI launch's."""
+    monkeypatch.setenv(variable, "2")
     with pytest.raises(SystemExit, match="sample: launched as 2 processes, each of which would do the whole job"):
         main(["sample", "--model", "m", "--prompt", "a", "--out", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
