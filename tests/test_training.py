@@ -1123,9 +1123,11 @@ def test_resume_refuses_another_lora_rank_or_algorithm_by_name(trained, saved, p
     state_file.write_text(json.dumps(state))
     with pytest.raises(ConfigError, match="max_sequence_length: the run that wrote .* was trained with None, not 8"):
         GRPOTrainer(load_config(None, [*overrides, "max_sequence_length=8"]))
-    # Where, how long and what it evaluates may change, and the order LoRA's target modules are listed in.
+    # Where, how long and what it evaluates may change, the micro-batch (a resume on more processes may need a
+    # smaller one), and the order LoRA's target modules are listed in.
     GRPOTrainer(load_config(None, [*overrides, "eval.every=0", "checkpoints_kept=3", "async_rewards=true",
-                                   "lora.target_modules=[to_out.0,to_v,to_k,to_q,to_k]"])).train()
+                                   "grpo.train_batch_size=2", "lora.target_modules=[to_out.0,to_v,to_k,to_q,to_k]"])
+                ).train()
     assert [r["step"] for r in metrics(tmp_path)] == [3]
 
 

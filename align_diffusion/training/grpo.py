@@ -45,6 +45,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from align_diffusion.files import folder_problem, write_folder_atomically, write_text_atomically
+from align_diffusion.launch import WORLD_SIZES, launched_processes
 from align_diffusion.gallery.run import EVAL_DIR, build_run_page, eval_folder, eval_folders, read_metrics
 from align_diffusion.models import PipelineAdapter, PromptEmbeds, adapter_for, load_adapter
 from align_diffusion.models.base import DTYPES, compile_repeated_blocks, native_bf16, recorded_model_options
@@ -117,9 +118,6 @@ class Rollouts:
     prompts: list[str]  # the prompt of every image of the step, all processes
     step_deltas: torch.Tensor | None = None  # (B_local, T) step rewards ΔR_t, with grpo.dense
 
-
-# Where an MPI launch (accelerate's `--mpirun_hostfile`) says how many processes it started.
-MPI_WORLD_SIZES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 
 
 def set_aside_diverged(rollouts: Rollouts) -> None:
@@ -231,8 +229,8 @@ class EMA:
 # what it logs and evaluates, and settings that leave its results as they were. Any other change would make the
 # resumed run a different run than its checkpoint's, so it is refused.
 RESUME_MAY_CHANGE = ("output_dir", "resume_from", "max_steps", "max_minutes", "checkpoint_every", "checkpoints_kept",
-                     "log_with", "device", "async_rewards", "sampling.batch_size", "optim.gradient_checkpointing",
-                     "optim.compile", "grpo.ratio_warn")
+                     "log_with", "device", "async_rewards", "sampling.batch_size", "grpo.train_batch_size",
+                     "optim.gradient_checkpointing", "optim.compile", "grpo.ratio_warn")
 
 
 def changed_settings(earlier: dict, current: dict) -> list[str]:
@@ -318,7 +316,7 @@ class GRPOTrainer:
             raise ValueError("FSDP is not supported: it replaces the denoiser's parameters by sharded ones, which the "
                              "trainer's clipping, EMA and checkpoints do not read; train a LoRA under DDP, or "
                              "fine-tune fully under DeepSpeed ZeRO-2 (configs/accelerate/)")
-        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        launched = launched_processes()
         asked = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")  # what `accelerate launch` was given, or "no"
         if accelerator is None and asked not in ("no", config.optim.mixed_precision):
             raise ConfigError(f"optim.mixed_precision is {config.optim.mixed_precision!r}, but the launcher asks for "
@@ -346,7 +344,7 @@ class GRPOTrainer:
                      f"{'computed in hardware' if config.optim.mixed_precision == 'bf16' else 'would be emulated'} "
                      f"on {self.accelerator.device})")
         if (os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true" and "MASTER_ADDR" in os.environ
-                and not any(name in os.environ for name in ("WORLD_SIZE", *MPI_WORLD_SIZES))):
+                and not any(name in os.environ for name in WORLD_SIZES)):
             warnings.warn("`accelerate launch --cpu` was asked for several processes, and its simple launcher starts "
                           "one: this run trains in that one. To join several on the CPU, launch with --multi_gpu "
                           "(joined by gloo) instead of --cpu")
