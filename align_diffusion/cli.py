@@ -781,7 +781,7 @@ def run_train(args) -> None:
         folder = train(config)
     except TrainingInterrupted as stopped:
         print(f"align-diffusion train: {stopped}", file=sys.stderr)
-        raise SystemExit(128 + (stopped.signum or signal.SIGINT)) from None
+        raise SystemExit(128 + (stopped.agreed or signal.SIGINT)) from None
     except KeyboardInterrupt:  # a second Ctrl-C, which stops at once: the last checkpoint is where it goes on
         from align_diffusion.training.checkpoint import checkpoint_step, resolve_resume
 

@@ -255,8 +255,9 @@ NO_NOISE_TO_CALIBRATE = ("sampling.sampler: noise calibration balances the noise
 class TrainingInterrupted(KeyboardInterrupt):
     """A run stopped by Ctrl-C or SIGTERM after finishing its step in progress and writing a checkpoint of it."""
 
-    def __init__(self, signum: int | None, step: int, output_dir: Path):
+    def __init__(self, signum: int | None, step: int, output_dir: Path, agreed: int | None = None):
         self.signum, self.step, self.output_dir = signum, step, output_dir  # signum None: another process's
+        self.agreed = agreed or signum  # the signal every process of a run stops for (its exit status tells it)
         received = signal.Signals(signum).name if signum is not None else "another process's stop signal"
         super().__init__(f"{received} received: stopped after step {step} with its checkpoint; continue with "
                          f"resume_from=latest (output_dir {output_dir})")
@@ -1058,7 +1059,7 @@ class GRPOTrainer:
         steps = range(self.step, config.max_steps)
         if self.step >= config.max_steps:
             self.log(f"step {self.step} already reaches max_steps {config.max_steps}: no step to train")
-        elif self.agreed_stop(False)[0]:  # a resumed run that had already used its time
+        elif self.agreed_stop(None)[0]:  # a resumed run that had already used its time
             self.log(f"max_minutes {config.max_minutes} already reached at step {self.step}: no step to train")
             steps = range(0)
         with tqdm(initial=self.step, total=config.max_steps, desc=config.algorithm,
@@ -1070,27 +1071,26 @@ class GRPOTrainer:
                 seconds = time.monotonic() - started
                 self.train_seconds += seconds
                 bar.update(1)
-                out_of_time, interrupted = self.agreed_stop(signals.received is not None)
+                out_of_time, stop = self.agreed_stop(signals.received)
                 last = self.step == config.max_steps or out_of_time
                 stats = {"step": self.step, **stats, "seconds": round(seconds, 2),
                          "train_minutes": round(self.train_seconds / 60, 3)}
-                if eval_every and (self.step % eval_every == 0 or last) and not interrupted:
+                if eval_every and (self.step % eval_every == 0 or last) and not stop:
                     stats.update(self.evaluate())
                 self.record(metrics_file, stats)
                 if "eval/reward_mean" in stats and accelerator.is_main_process:
                     build_run_page(self.output_dir, only_stale=True)
                 bar.set_postfix({key: f"{stats[key]:.3g}" for key in ("reward_mean", "loss", "kl") if key in stats})
-                checkpointed = last or interrupted or (config.checkpoint_every
-                                                       and self.step % config.checkpoint_every == 0)
+                checkpointed = last or stop or (config.checkpoint_every and self.step % config.checkpoint_every == 0)
                 if checkpointed:
                     self.save_checkpoint()
-                if not (interrupted or last):  # a signal during this step's evaluation or checkpoint stops it here
-                    interrupted = self.agreed_stop(signals.received is not None)[1]
-                    if interrupted and not checkpointed:
+                if not (stop or last):  # a signal during this step's evaluation or checkpoint stops it here
+                    stop = self.agreed_stop(signals.received)[1]
+                    if stop and not checkpointed:
                         self.save_checkpoint()
-                if interrupted:
+                if stop:
                     accelerator.end_training()
-                    raise TrainingInterrupted(signals.received, self.step, self.output_dir)
+                    raise TrainingInterrupted(signals.received, self.step, self.output_dir, stop)
                 if out_of_time:
                     self.log(f"stopping after step {self.step}: {self.train_seconds / 60:.1f} training minutes "
                              f"reached max_minutes {config.max_minutes}")
@@ -1099,24 +1099,25 @@ class GRPOTrainer:
         accelerator.end_training()
         return result
 
-    def agreed_stop(self, signalled: bool) -> tuple[bool, bool]:
-        """(out of time, interrupted) as every process sees them, so that all stop after the same step: the main
-        process's training seconds against max_minutes (the others' clocks also hold their waits for its
-        evaluations), and a stop signal that any process received."""
+    def agreed_stop(self, received: int | None) -> tuple[bool, int | None]:
+        """(out of time, the stop signal) as every process sees them, so that all stop after the same step: the
+        main process's training seconds against max_minutes (the others' clocks also hold their waits for its
+        evaluations), and the stop signal any process `received` (the larger number where two differ; None)."""
         if self.accelerator.num_processes == 1:
-            spent, signals = self.train_seconds, float(signalled)
+            spent, signum = self.train_seconds, received or 0
         else:
             seconds = self.train_seconds if self.accelerator.is_main_process else 0.0
-            flags = torch.tensor([seconds, float(signalled)], device=self.accelerator.device)
-            spent, signals = self.accelerator.reduce(flags, reduction="sum").tolist()
-        return self.config.max_minutes is not None and spent >= 60 * self.config.max_minutes, signals > 0
+            flags = self.accelerator.gather(torch.tensor([[seconds, float(received or 0)]],
+                                                         device=self.accelerator.device))
+            spent, signum = float(flags[:, 0].sum()), int(flags[:, 1].max())
+        return self.config.max_minutes is not None and spent >= 60 * self.config.max_minutes, signum or None
 
     def evaluation_missing(self, metrics_file: Path) -> bool:
         """Whether the step the run starts from is due an evaluation (step 0, every eval.every steps, the last: by
         max_steps or, for a run already out of time, max_minutes) that its metrics row lacks, as the main process
         reads metrics.jsonl."""
         every = self.config.eval.every
-        last = self.step == self.config.max_steps or (self.step > 0 and self.agreed_stop(False)[0])
+        last = self.step == self.config.max_steps or (self.step > 0 and self.agreed_stop(None)[0])
         if not every or not (self.step % every == 0 or last):
             return False
         missing = 0.0
