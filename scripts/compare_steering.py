@@ -13,6 +13,7 @@ continues after its last prompt.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -83,7 +84,8 @@ def main() -> None:
     args = parse_args()
     prompts = [p for _ in range(args.seeds_per_prompt) for p in PromptSource(args.prompts).all()]
     shapes = all(is_world_prompt(p) for p in prompts)  # then ShapesEval judges every image
-    settings = comparison_settings(args)
+    # The prompts themselves, not only the file's path: a file edited since holds another comparison's prompts
+    settings = {**comparison_settings(args), "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest()}
     finished = finished_rows(args.out / "results.json", settings) if args.resume else {}  # before the model loads
     adapter = load_adapter(args.model)
     reward = load_reward(args.reward)

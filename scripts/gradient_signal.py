@@ -84,6 +84,8 @@ def main() -> None:
         parser.error(f"bad config: {error}")
     if args.by_module and not config.lora.enabled:
         parser.error("--by-module needs a LoRA (lora.enabled: true)")
+    if config.grpo.updates_per_step != 1:  # each update's gradient would be one of a part of a batch
+        parser.error(f"grpo.updates_per_step is {config.grpo.updates_per_step}: one gradient a batch needs 1")
     trainer, gradients = measure(args.config, args.overrides, args.batches)
     if len(gradients) < 3:  # a batch whose groups all scored alike trains nothing, so it gives no gradient
         raise SystemExit(f"only {len(gradients)} of {args.batches} batches gave a gradient (the others' groups did "

@@ -85,6 +85,7 @@ for start in tqdm(range(0, args.samples, 32), desc="base-model samples"):
         else:
             image.save(args.out / "clean" / f"generated-{passes:05d}.png")
             passes += 1
+used = trained_kinds[: args.count], args.held_out_kinds[: args.count]  # kind k % n of image k: the first ones
 print(f"wrote {args.count} renders and {passes} clean samples to clean/, {args.count} corrupted renders "
-      f"({', '.join(trained_kinds)}) and {failures} failed samples to artifact/, in {args.out}; {args.count} "
-      f"unseen-kind images ({', '.join(args.held_out_kinds)}) in unseen/")
+      f"({', '.join(used[0])}) and {failures} failed samples to artifact/, in {args.out}; {args.count} "
+      f"unseen-kind images ({', '.join(used[1])}) in unseen/")
