@@ -66,6 +66,15 @@ def test_reading_labelled_images(tmp_path):
     (tmp_path / "one-class.jsonl").write_text(lines[0])
     with pytest.raises(ValueError, match="both clean and artifact"):
         read_labelled_images(tmp_path / "one-class.jsonl")
+    # A copy (the two sides of a compare page of folders sampled alike) is one image too: kept once, so the split
+    # cannot train on one copy and hold out the other
+    shutil.copy(tmp_path / "set" / "clean" / "0.png", tmp_path / "copy.png")
+    copied = [*lines, json.dumps({"file": "copy.png", "label": 0})]
+    (tmp_path / "copied.jsonl").write_text("\n".join(copied) + "\n")
+    assert [label for _, label in read_labelled_images(tmp_path / "copied.jsonl")] == [0, 0, 1]
+    (tmp_path / "copied.jsonl").write_text("\n".join([*lines, json.dumps({"file": "copy.png", "label": 1})]) + "\n")
+    with pytest.raises(ValueError, match="copied.jsonl:4: .*copy.png was labelled otherwise on line 1: label 0 there"):
+        read_labelled_images(tmp_path / "copied.jsonl")
 
 
 def test_training_reads_images_of_any_size_and_refuses_splits_and_folders_it_cannot_use(tmp_path):

@@ -607,8 +607,8 @@ def test_scores_that_are_no_finite_number_show_as_missing_and_the_page_still_wor
 def test_exported_labels_read_back_with_unicode_line_separators_in_prompts(tmp_path):
     (tmp_path / "images").mkdir()
     images = [tmp_path / "images" / f"{k:05d}.png" for k in range(2)]
-    for image in images:
-        Image.new("RGB", (8, 8)).save(image)
+    for k, image in enumerate(images):
+        Image.new("RGB", (8, 8), (k, 0, 0)).save(image)  # two images (one image labelled two ways is refused)
     prompt = "a red circle\u2028on a new line\u0085and another"
     labels = tmp_path / "labels.jsonl"
     # As the page's JSON.stringify writes them: the separators raw, not escaped.

@@ -5,8 +5,8 @@ artifacts, bad is left out) and gives preference pairs (good over bad or artifac
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -55,14 +55,16 @@ def label_lines(path: Path, expected: str) -> Iterator[tuple[int, dict]]:
 
 
 def once_per_file(source: Path, rows: list[tuple[int, dict]]) -> list[dict]:
-    """The records of `rows` (line number, record with a "file" path), a file's repeats dropped; ValueError when a
-    repeat says otherwise of it (one image would be both clean and an artifact, or preferred over itself)."""
-    kept: dict[str, tuple[int, dict]] = {}
+    """The records of `rows` (line number, record with a "file" path), an image's repeats dropped (by its contents:
+    a link, or a copy, such as the two sides of a compare page of folders sampled alike, is one image, which would
+    otherwise be trained on and held out at once); ValueError when a repeat says otherwise of it (one image would be
+    both clean and an artifact, or preferred over itself, or of two prompts)."""
+    kept: dict[bytes, tuple[int, dict]] = {}
     for number, record in rows:
-        file = os.path.realpath(record["file"])  # a link and its target are one image
+        file = hashlib.sha256(Path(record["file"]).read_bytes()).digest()
         differing = [] if file not in kept else [key for key in record
                                                  if key != "file" and kept[file][1][key] != record[key]]
-        if differing:  # the same file named by another path says nothing new
+        if differing:  # the same image named by another path says nothing new
             line, earlier = kept[file]
             differences = "; ".join(f"{key} {earlier[key]!r} there, {record[key]!r} here" for key in differing)
             raise ValueError(f"{source}:{number}: {record['file']} was labelled otherwise on line {line}: "
