@@ -14,7 +14,7 @@ from align_diffusion.gallery.page import LABELS, label_key
 
 
 def read_labels(path: str | Path) -> list[dict]:
-    """The label records of `path` (see `label_lines`); a file labelled twice alike (merged exports) once."""
+    """The label records of `path` (see `label_lines`); an image labelled twice alike (merged exports) once."""
     path = Path(path)
     rows = []
     for number, record in label_lines(path, '{"file", "prompt", "label"}'):
@@ -24,7 +24,7 @@ def read_labels(path: str | Path) -> list[dict]:
         if label not in LABELS:
             raise ValueError(f"{path}:{number}: label must be one of {LABELS}, got {label!r}")
         rows.append((number, {"file": record["file"], "prompt": prompt, "label": label}))
-    return once_per_file(path, rows)
+    return once_per_image(path, rows)
 
 
 def label_lines(path: Path, expected: str) -> Iterator[tuple[int, dict]]:
@@ -54,22 +54,22 @@ def label_lines(path: Path, expected: str) -> Iterator[tuple[int, dict]]:
         yield number, {**record, "file": image}
 
 
-def once_per_file(source: Path, rows: list[tuple[int, dict]]) -> list[dict]:
+def once_per_image(source: Path, rows: list[tuple[int, dict]]) -> list[dict]:
     """The records of `rows` (line number, record with a "file" path), an image's repeats dropped (by its contents:
     a link, or a copy, such as the two sides of a compare page of folders sampled alike, is one image, which would
     otherwise be trained on and held out at once); ValueError when a repeat says otherwise of it (one image would be
     both clean and an artifact, or preferred over itself, or of two prompts)."""
-    kept: dict[bytes, tuple[int, dict]] = {}
+    kept: dict[bytes, tuple[int, dict]] = {}  # by the SHA-256 of the image's contents
     for number, record in rows:
-        file = hashlib.sha256(Path(record["file"]).read_bytes()).digest()
-        differing = [] if file not in kept else [key for key in record
-                                                 if key != "file" and kept[file][1][key] != record[key]]
+        image = hashlib.sha256(Path(record["file"]).read_bytes()).digest()
+        differing = [] if image not in kept else [key for key in record
+                                                  if key != "file" and kept[image][1][key] != record[key]]
         if differing:  # the same image named by another path says nothing new
-            line, earlier = kept[file]
+            line, earlier = kept[image]
             differences = "; ".join(f"{key} {earlier[key]!r} there, {record[key]!r} here" for key in differing)
             raise ValueError(f"{source}:{number}: {record['file']} was labelled otherwise on line {line}: "
                              f"{differences}")
-        kept.setdefault(file, (number, record))
+        kept.setdefault(image, (number, record))
     return [record for _, record in kept.values()]
 
 

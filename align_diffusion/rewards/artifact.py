@@ -167,7 +167,7 @@ def read_labelled_images(data: str | Path) -> list[tuple[Path, int]]:
                 if earlier[0] == path:
                     pairs.append((path, label))
     elif data.is_file():
-        from align_diffusion.gallery.labels import label_lines, once_per_file
+        from align_diffusion.gallery.labels import label_lines, once_per_image
 
         rows = []
         for number, record in label_lines(data, '{"file": ..., "label": 0 or 1}'):
@@ -177,7 +177,7 @@ def read_labelled_images(data: str | Path) -> list[tuple[Path, int]]:
                 raise ValueError(f"{data}:{number}: label must be 0 (clean) or 1 (artifact), or good / artifact / "
                                  f"bad, got {label!r}")
             rows.append((number, {"file": record["file"], "label": label}))
-        pairs = [(record["file"], record["label"]) for record in once_per_file(data, rows) if record["label"] != "bad"]
+        pairs = [(record["file"], record["label"]) for record in once_per_image(data, rows) if record["label"] != "bad"]
     else:
         raise ValueError(f"artifact data {data} is neither a JSONL file nor a folder")
     labels = {label for _, label in pairs}
